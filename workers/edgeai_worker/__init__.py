@@ -1,0 +1,1 @@
+"""Inference and training workers for edgeai-operator (never import edgeai_operator)."""

@@ -1,0 +1,238 @@
+"""Worker configuration, from a file (JSON or YAML), the environment, or a plan stage.
+
+Precedence: defaults < file (`EDGEAI_CONFIG`) < environment (`EDGEAI_*`) < explicit
+arguments. Field names in files are snake_case or the plan's camelCase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TIERS = ("device", "edge", "cloud")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user can fix: names the field, the problem and what's accepted."""
+
+    def __init__(self, field_name: str, problem: str, accepted: str | None = None) -> None:
+        message = f"{field_name}: {problem}"
+        if accepted:
+            message += f" (accepted: {accepted})"
+        super().__init__(message)
+        self.field_name = field_name
+
+
+@dataclass(frozen=True)
+class SplitOption:
+    """A split the device stage may choose at run time: run `partition` (input -> cut) on
+    the device and forward its outputs when the uplink is in [min_mbps, max_mbps)."""
+
+    partition: Path | None  # None: forward the raw input (device runs nothing)
+    min_mbps: float = 0.0
+    max_mbps: float = float("inf")
+    predicted_latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_name: str = "model"
+    model_version: str = "1"
+    # ONNX partitions this stage serves; empty means the stage only forwards.
+    partitions: tuple[Path, ...] = ()
+    stage_index: int = 0
+    tier: str = "edge"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Replicas of the next stage ("http://host:port"); empty for the last stage.
+    next_urls: tuple[str, ...] = ()
+    forward_timeout_s: float = 30.0
+    forward_attempts: int = 3
+    max_batch: int = 1
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    intra_op_threads: int = 1
+    shutdown_grace_s: float = 10.0
+    dedupe_entries: int = 1024
+    # Device stage.
+    splits: tuple[SplitOption, ...] = ()
+    uplink_mbps: float | None = None  # fixed uplink instead of measuring it
+    skip_unchanged_threshold: float = 0.0
+    feature_noise_std: float = 0.0
+    raw_input_stays_on_device: bool = False
+    noise_seed: int | None = None
+    log_json: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ConfigError("tier", f"{self.tier!r} is not a tier", ", ".join(TIERS))
+        for name in ("max_batch", "forward_attempts", "max_queue", "intra_op_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "forward_timeout_s", "feature_noise_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.skip_unchanged_threshold < 1.0:
+            raise ConfigError(
+                "skip_unchanged_threshold",
+                f"{self.skip_unchanged_threshold} is out of range",
+                "0 (off) to below 1, a fraction of the input's value range",
+            )
+        if not (0 < self.port < 65536):
+            raise ConfigError("port", f"{self.port} is not a TCP port", "1-65535")
+        if self.raw_input_stays_on_device and self.tier == "device":
+            if not self.next_urls:
+                return
+            if not self.partitions and not any(s.partition for s in self.splits):
+                raise ConfigError(
+                    "privacy.rawInputStaysOnDevice",
+                    "the device stage holds no layers, so it would forward the raw input",
+                    "a plan with at least one layer on the device",
+                )
+
+    @property
+    def is_device(self) -> bool:
+        return self.tier == "device"
+
+
+_ALIASES = {
+    "name": "model_name",
+    "modelName": "model_name",
+    "version": "model_version",
+    "modelVersion": "model_version",
+    "stageIndex": "stage_index",
+    "index": "stage_index",
+    "next": "next_urls",
+    "nextUrls": "next_urls",
+    "forwardTimeoutS": "forward_timeout_s",
+    "forwardAttempts": "forward_attempts",
+    "maxBatch": "max_batch",
+    "maxWaitMs": "max_wait_ms",
+    "maxQueue": "max_queue",
+    "maxBodyBytes": "max_body_bytes",
+    "intraOpThreads": "intra_op_threads",
+    "shutdownGraceS": "shutdown_grace_s",
+    "uplinkMbps": "uplink_mbps",
+    "skipUnchangedThreshold": "skip_unchanged_threshold",
+    "featureNoiseStd": "feature_noise_std",
+    "rawInputStaysOnDevice": "raw_input_stays_on_device",
+    "noiseSeed": "noise_seed",
+    "logJson": "log_json",
+}
+
+
+def _split_option(obj: Mapping[str, Any], base: Path) -> SplitOption:
+    partition = obj.get("partition")
+    return SplitOption(
+        partition=(base / str(partition)) if partition else None,
+        min_mbps=float(obj.get("minMbps", obj.get("min_mbps", 0.0))),
+        max_mbps=float(obj.get("maxMbps", obj.get("max_mbps", float("inf")))),
+        predicted_latency_ms=obj.get("predictedLatencyMs", obj.get("predicted_latency_ms")),
+    )
+
+
+def _coerce(name: str, value: Any, base: Path) -> Any:
+    """Turn a file or environment value into the field's type."""
+    kinds = {f.name: f.type for f in fields(WorkerConfig)}
+    kind = str(kinds[name])
+    try:
+        if name == "partitions":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(base / str(p) for p in items if str(p))
+        if name == "next_urls":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(u).rstrip("/") for u in items if str(u))
+        if name == "splits":
+            options: list[Any] = json.loads(value) if isinstance(value, str) else list(value)
+            return tuple(_split_option(dict(option), base) for option in options)
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float | None"):
+            return None if value in (None, "") else float(value)
+        if kind.startswith("int | None"):
+            return None if value in (None, "") else int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(name, f"cannot read {value!r:.60}: {exc}") from None
+
+
+def _apply(
+    config: WorkerConfig, values: Mapping[str, Any], base: Path, source: str
+) -> WorkerConfig:
+    known = {f.name for f in fields(WorkerConfig)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _ALIASES.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{source}: {key}", "unknown setting", ", ".join(sorted(known)))
+        changes[name] = _coerce(name, value, base)
+    return replace(config, **changes)
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> WorkerConfig:
+    """Build a WorkerConfig from a file, `EDGEAI_*` variables and explicit overrides."""
+    env = os.environ if environ is None else environ
+    config = WorkerConfig()
+    if path is None and env.get("EDGEAI_CONFIG"):
+        path = Path(env["EDGEAI_CONFIG"])
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError("EDGEAI_CONFIG", f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("EDGEAI_CONFIG", f"{path} must hold a mapping of settings")
+        config = _apply(config, data, path.parent, str(path))
+    from_env = {
+        key[len("EDGEAI_") :].lower(): value
+        for key, value in env.items()
+        if key.startswith("EDGEAI_") and key != "EDGEAI_CONFIG"
+    }
+    config = _apply(config, from_env, Path.cwd(), "environment")
+    return _apply(
+        config, {k: v for k, v in overrides.items() if v is not None}, Path.cwd(), "argument"
+    )
+
+
+def stage_config(
+    plan: Mapping[str, Any],
+    stage_index: int,
+    partitions: Sequence[Path],
+    next_urls: Sequence[str] = (),
+    splits: Sequence[SplitOption] = (),
+    **overrides: Any,
+) -> WorkerConfig:
+    """The config of one stage of a Plan (`kind: Plan`), given its partition files."""
+    stages = plan.get("stages") or []
+    if not 0 <= stage_index < len(stages):
+        raise ConfigError("stage_index", f"{stage_index} is out of range", f"0-{len(stages) - 1}")
+    stage = stages[stage_index]
+    model = plan.get("model") or {}
+    name = str(overrides.pop("model_name", None) or model.get("zoo") or model.get("name", "model"))
+    return WorkerConfig(
+        model_name=name,
+        model_version=str(model.get("version", "1")),
+        partitions=tuple(partitions),
+        stage_index=stage_index,
+        tier=str(stage.get("tier", "edge")),
+        next_urls=tuple(next_urls),
+        splits=tuple(splits),
+        **overrides,
+    )

@@ -1,0 +1,184 @@
+"""onnxruntime sessions for the partitions a stage serves, with KServe's model contract:
+`load()`, `ready`, `predict()`.
+
+A stage usually serves one partition. A stage below an adaptive device stage serves one
+partition per split the device may choose; the request's input tensor names say which.
+A stage that holds no layers is an identity partition (it only forwards).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeai_worker.protocol import Array, ProtocolError
+
+# onnxruntime's type strings -> OIP datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output; -1 marks a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def check(self, array: Array, datatype: str, model: str) -> None:
+        """Raise a ProtocolError naming what differs between `array` and this spec."""
+        if datatype != self.datatype:
+            raise ProtocolError(
+                f"input '{self.name}' of model '{model}': datatype {datatype} does not match "
+                f"the model's {self.datatype}"
+            )
+        shape = array.shape
+        if len(shape) != len(self.shape) or any(
+            want not in (-1, got) for want, got in zip(self.shape, shape, strict=False)
+        ):
+            raise ProtocolError(
+                f"input '{self.name}' of model '{model}': shape {list(shape)} does not match "
+                f"the model's {list(self.shape)} (-1 = any size)"
+            )
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+class Partition:
+    """One ONNX partition in an onnxruntime session."""
+
+    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
+        self.path = path
+        self.intra_op_threads = intra_op_threads
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._session: Any = None
+        # One run at a time per session keeps the thread count bounded on small nodes.
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = [
+            TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape))
+            for i in self._session.get_inputs()
+        ]
+        self.outputs = [
+            TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape))
+            for o in self._session.get_outputs()
+        ]
+
+    @property
+    def batchable(self) -> bool:
+        """Whether every input and output has a dynamic leading (batch) dimension."""
+        return all(s.shape and s.shape[0] == -1 for s in [*self.inputs, *self.outputs])
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        with self._lock:
+            results = self._session.run(None, dict(feeds))
+        return {spec.name: np.asarray(r) for spec, r in zip(self.outputs, results, strict=True)}
+
+
+class IdentityPartition(Partition):
+    """A stage with no layers: its outputs are its inputs (it only forwards)."""
+
+    def __init__(self, tensors: Sequence[TensorSpec]) -> None:
+        super().__init__(Path("<identity>"))
+        self.inputs = list(tensors)
+        self.outputs = list(tensors)
+
+    def load(self) -> None:
+        return None
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        return dict(feeds)
+
+
+class StageRuntime:
+    """The partitions of one stage, chosen per request by the input tensor names."""
+
+    def __init__(self, model_name: str, partitions: Sequence[Partition]) -> None:
+        if not partitions:
+            raise ValueError("a stage needs at least one partition")
+        self.model_name = model_name
+        self.partitions = list(partitions)
+        self.ready = False
+
+    def load(self) -> None:
+        for partition in self.partitions:
+            partition.load()
+        self.ready = True
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The inputs a client sends: those of the first (primary) partition."""
+        return self.partitions[0].inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.partitions[0].outputs
+
+    def select(self, names: Sequence[str]) -> Partition:
+        """The partition whose inputs are exactly `names`, or a ProtocolError saying why."""
+        wanted = set(names)
+        for partition in self.partitions:
+            if {s.name for s in partition.inputs} == wanted:
+                return partition
+        accepted = " | ".join(", ".join(s.name for s in p.inputs) for p in self.partitions)
+        primary = {s.name for s in self.inputs}
+        unknown = sorted(wanted - primary)
+        missing = sorted(primary - wanted)
+        if len(self.partitions) == 1 and unknown:
+            raise ProtocolError(
+                f"input '{unknown[0]}' is not an input of model '{self.model_name}' "
+                f"(accepted: {accepted})"
+            )
+        if len(self.partitions) == 1:
+            raise ProtocolError(
+                f"model '{self.model_name}' needs input '{missing[0]}' (accepted: {accepted})"
+            )
+        raise ProtocolError(
+            f"inputs {sorted(wanted)} match no partition of model '{self.model_name}' "
+            f"(accepted sets: {accepted})"
+        )
+
+    def validate(self, tensors: Mapping[str, tuple[Array, str]]) -> Partition:
+        partition = self.select(list(tensors))
+        for spec in partition.inputs:
+            array, datatype = tensors[spec.name]
+            spec.check(array, datatype, self.model_name)
+        return partition
+
+    def predict(self, partition: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        return partition.run(feeds)
