@@ -1,0 +1,179 @@
+"""Helpers for the worker tests: small ONNX models built with onnx.helper, partitions
+cut with onnx.utils.Extractor, and real worker processes on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.utils
+from onnx import TensorProto, helper, numpy_helper
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class ChainModel:
+    """A conv chain: input -> conv/relu blocks -> global pool -> gemm -> output."""
+
+    path: Path
+    input_shape: tuple[int, ...]
+    cuts: tuple[str, ...]  # single-tensor cut points, in order
+
+
+def build_conv_chain(
+    path: Path,
+    *,
+    channels: Sequence[int] = (3, 8, 16, 16),
+    strides: Sequence[int] = (1, 2, 1),
+    hw: int = 32,
+    classes: int = 10,
+    seed: int = 0,
+    spatial_dynamic: bool = False,
+) -> ChainModel:
+    """Build and save a conv chain with a dynamic batch dimension (and, if asked,
+    dynamic height and width: the conv prefix can then run on tiles)."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    cuts: list[str] = []
+    current = "input"
+    for i, (cin, cout, stride) in enumerate(zip(channels[:-1], channels[1:], strides, strict=True)):
+        w = (rng.standard_normal((cout, cin, 3, 3)) * (1.0 / np.sqrt(cin * 9))).astype(np.float32)
+        b = (rng.standard_normal(cout) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [current, f"w{i}", f"b{i}"],
+                [f"conv{i}"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            )
+        )
+        nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu{i}"]))
+        current = f"relu{i}"
+        cuts.append(current)
+    nodes.append(helper.make_node("GlobalAveragePool", [current], ["pooled"]))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], axis=1))
+    wf = rng.standard_normal((channels[-1], classes)).astype(np.float32)
+    inits.append(numpy_helper.from_array(wf, "wf"))
+    nodes.append(helper.make_node("MatMul", ["flat", "wf"], ["output"]))
+    cuts.append("flat")
+    h: int | str = "H" if spatial_dynamic else hw
+    w_: int | str = "W" if spatial_dynamic else hw
+    graph = helper.make_graph(
+        nodes,
+        "conv_chain",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels[0], h, w_])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return ChainModel(path, (1, channels[0], hw, hw), tuple(cuts))
+
+
+def extract(model: Path, inputs: Sequence[str], outputs: Sequence[str], out: Path) -> Path:
+    onnx.utils.extract_model(str(model), str(out), list(inputs), list(outputs))
+    return out
+
+
+def run_onnx(path: Path, feeds: dict[str, Array]) -> list[Array]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [np.asarray(r) for r in session.run(None, feeds)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s")
+
+
+def start_worker(tmp: Path, settings: dict[str, Any], *, wait: bool = True) -> Worker:
+    port = int(settings.setdefault("port", free_port()))
+    config = tmp / f"worker-{port}.json"
+    config.write_text(json.dumps(settings))
+    log = tmp / f"worker-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeai_worker", "--config", str(config)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    worker = Worker(process, f"http://127.0.0.1:{port}", log)
+    if wait:
+        try:
+            wait_ready(worker.url, process)
+        except Exception:
+            worker.stop()
+            raise RuntimeError(f"worker failed to start:\n{log.read_text()}") from None
+    return worker
+
+
+@contextlib.contextmanager
+def workers(tmp: Path, *settings: dict[str, Any]) -> Iterator[list[Worker]]:
+    """Start workers (last first, so each one's next stage is up) and stop them after."""
+    started: list[Worker] = []
+    try:
+        for s in reversed(settings):
+            started.insert(0, start_worker(tmp, s))
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()

@@ -1,0 +1,517 @@
+"""The worker's aiohttp application: one stage of a partitioned model behind the Open
+Inference Protocol v2 REST API.
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live, /v2/health/ready     liveness, readiness
+    GET  /v2/models/{name}[/versions/{v}]      model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
+    GET  /metrics                              Prometheus text
+    POST /edgeai/v1/probe                      uplink probe target (reads and drops the body)
+
+A request is decoded, checked against the partition, run (through the micro-batcher, or
+the device stage's adaptive split), forwarded in binary form to the next stage if there
+is one, and answered in the form the client asked for. Errors leave through one
+middleware as `{"error": "..."}` with a 4xx for the caller's mistakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from aiohttp import web
+
+from edgeai_worker.batching import MicroBatcher
+from edgeai_worker.chain import PROBE_PATH, SERVER_TIME_HEADER, Forwarder, StageError
+from edgeai_worker.config import SplitOption, WorkerConfig
+from edgeai_worker.device import DeviceStage, Split
+from edgeai_worker.metrics import WorkerMetrics
+from edgeai_worker.protocol import (
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    Array,
+    InferRequest,
+    InferResponse,
+    ProtocolError,
+    RequestedOutput,
+    Tensor,
+    decode_request,
+    encode_response,
+    error_body,
+    parse_header_length,
+)
+from edgeai_worker.runtime import Partition, StageRuntime
+
+log = logging.getLogger("edgeai_worker")
+
+SERVER_NAME = "edgeai-worker"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Deduplicator:
+    """Remembers recent request ids (with a hash of the body, since clients may reuse an
+    id): a retry of a request this worker is running or has answered waits for, or gets,
+    the same answer instead of running the model again."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, asyncio.Future[InferResponse]] = OrderedDict()
+
+    def lookup(self, key: str) -> asyncio.Future[InferResponse] | None:
+        return self._entries.get(key)
+
+    def begin(self, key: str) -> asyncio.Future[InferResponse]:
+        future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        self._entries[key] = future
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return future
+
+    def fail(self, key: str, future: asyncio.Future[InferResponse], exc: BaseException) -> None:
+        # A failed request is forgotten so that a retry runs it again.
+        if self._entries.get(key) is future:
+            del self._entries[key]
+        if not future.done():
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: nobody else may be waiting
+
+
+@dataclass
+class WorkerState:
+    config: WorkerConfig
+    metrics: WorkerMetrics
+    runtime: StageRuntime | None = None
+    batcher: MicroBatcher | None = None
+    forwarder: Forwarder | None = None
+    device: DeviceStage | None = None
+    dedupe: Deduplicator = field(default_factory=lambda: Deduplicator(1024))
+    in_flight: int = 0
+    draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    downstream_metadata: dict[str, Any] | None = None
+
+    @property
+    def stage(self) -> str:
+        return str(self.config.stage_index)
+
+    @property
+    def ready(self) -> bool:
+        runtime_ready = self.runtime is None or self.runtime.ready
+        return runtime_ready and self.batcher is not None and not self.draining
+
+
+CONFIG = web.AppKey("config", WorkerConfig)
+STATE = web.AppKey("state", WorkerState)
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def _device_splits(config: WorkerConfig) -> list[Split]:
+    options = list(config.splits)
+    if not options:
+        first = config.partitions[0] if config.partitions else None
+        options = [SplitOption(first)]
+    return [
+        Split(
+            option,
+            Partition(option.partition, config.intra_op_threads) if option.partition else None,
+            option.partition.stem if option.partition else "raw",
+        )
+        for option in options
+    ]
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    state = app[STATE]
+    partitions: list[Partition]
+    splits: list[Split] = []
+    if config.is_device:
+        splits = _device_splits(config)
+        partitions = [s.partition for s in splits if s.partition is not None]
+    else:
+        partitions = [Partition(p, config.intra_op_threads) for p in config.partitions]
+    if partitions:
+        state.runtime = StageRuntime(config.model_name, partitions)
+        await asyncio.get_running_loop().run_in_executor(None, state.runtime.load)
+    if config.is_device:
+        state.device = DeviceStage(config, splits, state.metrics)
+    if config.next_urls:
+        state.forwarder = Forwarder(
+            config.next_urls,
+            config.model_name,
+            stage_index=config.stage_index,
+            timeout_s=config.forward_timeout_s,
+            attempts=config.forward_attempts,
+            metrics=state.metrics,
+        )
+        await state.forwarder.start()
+    state.batcher = MicroBatcher(
+        lambda partition, feeds: partition.run(feeds),
+        max_batch=config.max_batch,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
+        metrics=state.metrics,
+        stage=state.stage,
+    )
+    await state.batcher.start()
+    probe: asyncio.Task[None] | None = None
+    if state.device is not None and state.forwarder is not None and config.uplink_mbps is None:
+        probe = asyncio.create_task(_probe_uplink(state))
+    log.info(
+        "stage %s (%s) of model %s ready: %d partition(s), next=%s",
+        config.stage_index,
+        config.tier,
+        config.model_name,
+        len(partitions),
+        ",".join(config.next_urls) or "-",
+    )
+    yield
+    if probe is not None:
+        probe.cancel()
+    await state.batcher.stop()
+    if state.forwarder is not None:
+        await state.forwarder.close()
+
+
+async def _probe_uplink(state: WorkerState) -> None:
+    """Measure the uplink once the next stage answers (retrying while it starts)."""
+    assert state.forwarder is not None
+    assert state.device is not None
+    for _ in range(100):
+        try:
+            state.device.observe_uplink(await state.forwarder.probe_mbps())
+            return
+        except Exception as exc:  # the next stage may still be starting
+            log.debug("uplink probe failed: %s", exc)
+            await asyncio.sleep(0.2)
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: stop reporting ready and wait for in-flight requests to finish."""
+    state = app[STATE]
+    state.draining = True
+    if state.in_flight:
+        try:
+            await asyncio.wait_for(state.idle.wait(), state.config.shutdown_grace_s)
+        except TimeoutError:
+            log.warning("shutdown: %d request(s) still in flight after grace", state.in_flight)
+
+
+# ------------------------------------------------------------------------ middleware
+
+
+def _error_response(state: WorkerState, status: int, message: str) -> web.Response:
+    if not message.startswith("stage "):
+        message = f"stage {state.stage} ({state.config.tier}): {message}"
+    return web.Response(status=status, body=error_body(message), content_type=JSON_CONTENT_TYPE)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    is_infer = request.path.endswith("/infer")
+    if is_infer:
+        state.in_flight += 1
+        state.idle.clear()
+        state.metrics.in_flight.set(state.in_flight)
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ProtocolError as exc:
+        response = _error_response(state, exc.status, str(exc))
+    except StageError as exc:
+        response = _error_response(state, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = (
+                f"the request body is larger than the limit of {state.config.max_body_bytes} "
+                "bytes (max_body_bytes)"
+            )
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        response = _error_response(state, exc.status, message)
+    except Exception as exc:
+        log.exception("stage %s: internal error on %s", state.stage, request.path)
+        response = _error_response(state, 500, f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        if is_infer:
+            state.in_flight -= 1
+            state.metrics.in_flight.set(state.in_flight)
+            if state.in_flight == 0:
+                state.idle.set()
+    if is_infer:
+        elapsed = time.perf_counter() - started
+        state.metrics.requests.inc(stage=state.stage, code=str(response.status))
+        state.metrics.stage_latency.observe(elapsed, stage=state.stage, tier=state.config.tier)
+        response.headers[SERVER_TIME_HEADER] = f"{elapsed * 1000:.3f}"
+        if isinstance(response, web.Response) and response.body is not None:
+            state.metrics.bytes_out.inc(len(response.body), stage=state.stage)  # type: ignore[arg-type]
+    return response
+
+
+# -------------------------------------------------------------------------- handlers
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+
+async def live(request: web.Request) -> web.Response:
+    return _json({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.ready:
+        reason = "draining" if state.draining else "loading"
+        return _error_response(state, 503, f"not ready ({reason})")
+    return _json({"ready": True})
+
+
+def _check_model(state: WorkerState, request: web.Request) -> None:
+    name = request.match_info["name"]
+    config = state.config
+    if name != config.model_name:
+        raise ProtocolError(
+            f"model '{name}' is not served here (accepted: {config.model_name})", status=404
+        )
+    version = request.match_info.get("version")
+    if version is not None and version != config.model_version:
+        raise ProtocolError(
+            f"version '{version}' of model '{name}' is not served here "
+            f"(accepted: {config.model_version})",
+            status=404,
+        )
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _check_model(state, request)
+    config = state.config
+    inputs: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] = []
+    if state.runtime is not None:
+        inputs = [s.as_metadata() for s in state.runtime.inputs]
+        outputs = [s.as_metadata() for s in state.runtime.outputs]
+    if state.forwarder is not None:
+        if state.downstream_metadata is None:
+            state.downstream_metadata = await state.forwarder.metadata()
+        outputs = list(state.downstream_metadata.get("outputs", []))
+        if not inputs:
+            inputs = list(state.downstream_metadata.get("inputs", []))
+    return _json(
+        {
+            "name": config.model_name,
+            "versions": [config.model_version],
+            "platform": "onnxruntime_onnx",
+            "inputs": inputs,
+            "outputs": outputs,
+            "parameters": {"stage": config.stage_index, "tier": config.tier},
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    _check_model(state, request)
+    if not state.ready:
+        return _error_response(state, 503, f"model '{state.config.model_name}' is not ready")
+    return _json({"name": state.config.model_name, "ready": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.batcher is not None:
+        state.metrics.queue_depth.set(state.batcher.depth, stage=state.stage)
+    return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def probe(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=204)
+
+
+def _priority_and_deadline(request: InferRequest, arrived: float) -> tuple[int, float | None]:
+    priority = request.parameters.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ProtocolError(f"parameters.priority must be an integer, got {priority!r:.40}")
+    timeout_us = request.parameters.get("timeout")
+    if timeout_us is None:
+        return priority, None
+    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
+        raise ProtocolError(
+            f"parameters.timeout must be a non-negative integer of microseconds, "
+            f"got {timeout_us!r:.40}"
+        )
+    return priority, arrived + timeout_us / 1e6
+
+
+async def _run_local(
+    state: WorkerState, tensors: list[Tensor], priority: int, deadline: float | None
+) -> tuple[list[Tensor], str | None]:
+    """Run this stage's layers; returns the tensors to pass on and the split label."""
+    runtime = state.runtime
+    assert state.batcher is not None
+    by_name = {t.name: (t.array, t.datatype) for t in tensors}
+    label: str | None = None
+    if state.device is not None:
+        if runtime is not None:
+            runtime.validate(by_name)  # the model's input, whichever split runs
+        split = state.device.choose()
+        label = split.label
+        state.metrics.split.inc(option=label)
+        if split.partition is None:
+            return tensors, label
+        partition = split.partition
+    elif runtime is None:
+        return tensors, None
+    else:
+        partition = runtime.validate(by_name)
+    feeds = {name: array for name, (array, _) in by_name.items()}
+    outputs = await state.batcher.submit(partition, feeds, priority=priority, deadline=deadline)
+    if state.device is not None and state.forwarder is not None:
+        outputs = state.device.add_noise(outputs)
+    return [Tensor.from_numpy(name, array) for name, array in outputs.items()], label
+
+
+def _select_outputs(
+    state: WorkerState, request: InferRequest, outputs: list[Tensor]
+) -> list[Tensor]:
+    if request.outputs is None:
+        return outputs
+    available = {t.name: t for t in outputs}
+    chosen: list[Tensor] = []
+    for requested in request.outputs:
+        if requested.name not in available:
+            raise ProtocolError(
+                f"output '{requested.name}' is not an output of model "
+                f"'{state.config.model_name}' (accepted: {', '.join(available)})"
+            )
+        chosen.append(available[requested.name])
+    return chosen
+
+
+async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> InferResponse:
+    config = state.config
+    priority, deadline = _priority_and_deadline(request, arrived)
+    frame: Array | None = None
+    if state.device is not None:
+        frame = request.inputs[0].array
+        previous = state.device.unchanged(frame)
+        if previous is not None:
+            return replace(
+                previous, id=request.id, parameters={**previous.parameters, "edgeai_skipped": True}
+            )
+    tensors, label = await _run_local(state, request.inputs, priority, deadline)
+    if state.forwarder is None:
+        response = InferResponse(
+            config.model_name,
+            _select_outputs(state, request, tensors),
+            config.model_version,
+            request.id,
+        )
+    else:
+        parameters: dict[str, Any] = {"binary_data_output": True}
+        if priority:
+            parameters["priority"] = priority
+        if deadline is not None:
+            parameters["timeout"] = max(0, int((deadline - time.monotonic()) * 1e6))
+        outputs = (
+            [RequestedOutput(o.name, True) for o in request.outputs]
+            if request.outputs is not None
+            else None
+        )
+        forward = InferRequest(tensors, request.id or uuid.uuid4().hex, outputs, parameters)
+        result = await state.forwarder.infer(forward)
+        if state.device is not None:
+            state.device.observe_transfer(result.sent_bytes, result.elapsed_s, result.server_s)
+        response = replace(
+            result.response,
+            model_name=config.model_name,
+            model_version=config.model_version,
+            id=request.id,
+        )
+    if label is not None:
+        response.parameters = {**response.parameters, "edgeai_split": label}
+    if state.device is not None and frame is not None:
+        state.device.remember(frame, response)
+    return response
+
+
+async def infer(request: web.Request) -> web.Response:
+    arrived = time.monotonic()
+    state = request.app[STATE]
+    _check_model(state, request)
+    if state.draining:
+        raise ProtocolError("the worker is shutting down; retry on another replica", 503)
+    body = await request.read()
+    state.metrics.bytes_in.inc(len(body), stage=state.stage)
+    header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+    infer_request = decode_request(body, header_length)
+    key = None
+    if infer_request.id:
+        key = infer_request.id + ":" + hashlib.blake2b(body, digest_size=16).hexdigest()
+    if key is not None and (known := state.dedupe.lookup(key)) is not None:
+        state.metrics.deduplicated.inc(stage=state.stage)
+        response = await asyncio.shield(known)
+    else:
+        future = state.dedupe.begin(key) if key is not None else None
+        try:
+            response = await _serve(state, infer_request, arrived)
+        except BaseException as exc:
+            if future is not None and key is not None:
+                state.dedupe.fail(key, future, exc)
+            raise
+        if future is not None and not future.done():
+            future.set_result(response)
+    payload, headers = encode_response(response, infer_request)
+    return web.Response(body=payload, headers=headers)
+
+
+# ---------------------------------------------------------------------------- factory
+
+
+def create_app(config: WorkerConfig) -> web.Application:
+    """The worker application for one stage; resources open in its cleanup context."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[STATE] = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_drain)
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    for base in (model, versioned):
+        app.router.add_get(base, model_metadata)
+        app.router.add_get(base + "/ready", model_ready)
+        app.router.add_post(base + "/infer", infer)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post(PROBE_PATH, probe)
+    return app
+
+
+__all__ = ["CONFIG", "STATE", "WorkerState", "create_app"]
