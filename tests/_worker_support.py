@@ -150,12 +150,13 @@ def start_worker(tmp: Path, settings: dict[str, Any], *, wait: bool = True) -> W
     config.write_text(json.dumps(settings))
     log = tmp / f"worker-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgeai_worker", "--config", str(config)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeai_worker", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     worker = Worker(process, f"http://127.0.0.1:{port}", log)
     if wait:
         try:

@@ -1,0 +1,482 @@
+"""The worker app: OIP v2 endpoints in-process, and a real worker process that answers
+bad input with clear 4xx errors, keeps serving, works with a stock OIP client and drains
+in-flight requests on shutdown."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from _worker_support import ChainModel, Worker, build_conv_chain, run_onnx, start_worker
+from edgeai_worker.app import create_app
+from edgeai_worker.config import WorkerConfig
+from edgeai_worker.protocol import HEADER_LENGTH
+
+MAX_BODY = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> ChainModel:
+    return build_conv_chain(tmp_path_factory.mktemp("model") / "chain.onnx")
+
+
+@pytest.fixture
+def x(model: ChainModel) -> np.ndarray:
+    return np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
+
+
+def _json_request(x: np.ndarray, **extra: Any) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+        **extra,
+    }
+
+
+def _binary_request(x: np.ndarray, **extra: Any) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            **extra,
+        }
+    ).encode()
+    return header + raw, {
+        HEADER_LENGTH: str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+# --------------------------------------------------------------------- in-process
+
+
+async def test_metadata_health_and_json_inference(
+    aiohttp_client: Any, model: ChainModel, x: np.ndarray
+) -> None:
+    app = create_app(WorkerConfig(model_name="chain", partitions=(model.path,), tier="cloud"))
+    client = await aiohttp_client(app)
+    server = await (await client.get("/v2")).json()
+    assert server["name"] == "edgeai-worker"
+    assert "binary_tensor_data" in server["extensions"]
+    assert (await client.get("/v2/health/live")).status == 200
+    assert (await client.get("/v2/health/ready")).status == 200
+    assert (await client.get("/v2/models/chain/ready")).status == 200
+    assert (await client.get("/v2/models/chain/versions/1/ready")).status == 200
+    meta = await (await client.get("/v2/models/chain")).json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+    assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
+    resp = await client.post("/v2/models/chain/infer", json=_json_request(x, id="abc"))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["id"] == "abc"
+    assert body["model_name"] == "chain"
+    (out,) = body["outputs"]
+    expected = run_onnx(model.path, {"input": x})[0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-6
+    )
+
+
+async def test_binary_in_binary_out_and_metrics(
+    aiohttp_client: Any, model: ChainModel, x: np.ndarray
+) -> None:
+    app = create_app(WorkerConfig(model_name="chain", partitions=(model.path,), tier="edge"))
+    client = await aiohttp_client(app)
+    body, headers = _binary_request(x, parameters={"binary_data_output": True})
+    resp = await client.post("/v2/models/chain/versions/1/infer", data=body, headers=headers)
+    assert resp.status == 200
+    data = await resp.read()
+    length = int(resp.headers[HEADER_LENGTH])
+    header = json.loads(data[:length])
+    (out,) = header["outputs"]
+    assert out["parameters"]["binary_data_size"] == 40
+    got = np.frombuffer(data[length:], "<f4").reshape(out["shape"])
+    np.testing.assert_allclose(got, run_onnx(model.path, {"input": x})[0], rtol=1e-6)
+    text = await (await client.get("/metrics")).text()
+    assert 'edgeai_stage_latency_seconds_count{stage="0",tier="edge"} 1' in text
+    assert f'edgeai_bytes_in_total{{stage="0"}} {len(body)}' in text
+    assert 'edgeai_batch_size_count{stage="0"} 1' in text
+    assert 'edgeai_requests_total{code="200",stage="0"} 1' in text
+    assert "edgeai_queue_depth" in text
+
+
+# ------------------------------------------------------------ real worker process
+
+
+@pytest.fixture(scope="module")
+def worker(model: ChainModel, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("worker")
+    w = start_worker(
+        tmp,
+        {
+            "model_name": "chain",
+            "partitions": [str(model.path)],
+            "tier": "edge",
+            "max_body_bytes": MAX_BODY,
+        },
+    )
+    yield w
+    w.stop()
+
+
+def _http(
+    w: Worker,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    host, port = w.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _bad_inputs(x: np.ndarray) -> list[tuple[str, str, str, bytes, dict[str, str], int, str]]:
+    good_binary, good_headers = _binary_request(x)
+    wrong = np.zeros((1, 3, 16, 16), np.float32)
+    infer = "/v2/models/chain/infer"
+    js = {"Content-Type": "application/json"}
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj).encode()
+
+    request = _json_request(x)
+    renamed = json.loads(json.dumps(request))
+    renamed["inputs"][0]["name"] = "pixels"
+    as_fp64 = json.loads(json.dumps(request))
+    as_fp64["inputs"][0]["datatype"] = "FP64"
+    return [
+        ("non-JSON body", "POST", infer, b"\x00garbage{", js, 400, "is not valid JSON"),
+        (
+            "unknown model",
+            "POST",
+            "/v2/models/nope/infer",
+            dumps(request),
+            js,
+            404,
+            "model 'nope' is not served here (accepted: chain)",
+        ),
+        (
+            "unknown version",
+            "POST",
+            "/v2/models/chain/versions/9/infer",
+            dumps(request),
+            js,
+            404,
+            "version '9' of model 'chain' is not served here",
+        ),
+        (
+            "wrong input name",
+            "POST",
+            infer,
+            dumps(renamed),
+            js,
+            400,
+            "input 'pixels' is not an input of model 'chain' (accepted: input)",
+        ),
+        (
+            "wrong shape",
+            "POST",
+            infer,
+            dumps(_json_request(wrong)),
+            js,
+            400,
+            "shape [1, 3, 16, 16] does not match the model's [-1, 3, 32, 32]",
+        ),
+        (
+            "wrong dtype",
+            "POST",
+            infer,
+            dumps(as_fp64),
+            js,
+            400,
+            "datatype FP64 does not match the model's FP32",
+        ),
+        (
+            "header length not a number",
+            "POST",
+            infer,
+            good_binary,
+            {**good_headers, HEADER_LENGTH: "ten"},
+            400,
+            "Inference-Header-Content-Length must be an integer",
+        ),
+        (
+            "header length past body",
+            "POST",
+            infer,
+            good_binary,
+            {**good_headers, HEADER_LENGTH: str(len(good_binary) + 5)},
+            400,
+            "but the body has",
+        ),
+        (
+            "binary data truncated",
+            "POST",
+            infer,
+            good_binary[:-100],
+            good_headers,
+            400,
+            "runs past the end of the body",
+        ),
+        (
+            "oversized body",
+            "POST",
+            infer,
+            b"{" + b" " * (MAX_BODY + 10) + b"}",
+            js,
+            413,
+            f"larger than the limit of {MAX_BODY} bytes",
+        ),
+        (
+            "unknown datatype",
+            "POST",
+            infer,
+            dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "FLOAT", "data": [1]}]}),
+            js,
+            400,
+            "datatype 'FLOAT' is not one of BOOL",
+        ),
+        (
+            "element count",
+            "POST",
+            infer,
+            dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 3, 32, 32],
+                            "datatype": "FP32",
+                            "data": [1.0],
+                        }
+                    ]
+                }
+            ),
+            js,
+            400,
+            "data has 1 elements but shape [1, 3, 32, 32] needs 3072",
+        ),
+        (
+            "unknown output",
+            "POST",
+            infer,
+            dumps(_json_request(x, outputs=[{"name": "logits"}])),
+            js,
+            400,
+            "output 'logits' is not an output of model 'chain' (accepted: output)",
+        ),
+        (
+            "bad priority",
+            "POST",
+            infer,
+            dumps(_json_request(x, parameters={"priority": "high"})),
+            js,
+            400,
+            "parameters.priority must be an integer",
+        ),
+        ("no inputs", "POST", infer, dumps({"id": "1"}), js, 400, "the request has no 'inputs'"),
+        ("GET on infer", "GET", infer, b"", {}, 405, "method GET is not allowed"),
+        ("unknown endpoint", "GET", "/v3/models", b"", {}, 404, "no such endpoint: GET /v3/models"),
+    ]
+
+
+def test_bad_inputs_get_clear_4xx_and_worker_keeps_serving(
+    worker: Worker, model: ChainModel, x: np.ndarray
+) -> None:
+    cases = _bad_inputs(x)
+    assert len(cases) >= 12
+    for what, method, path, body, headers, status, message in cases:
+        got_status, _, got_body = _http(worker, method, path, body or None, headers)
+        assert got_status == status, f"{what}: {got_status} {got_body[:300]!r}"
+        error = json.loads(got_body)["error"]
+        assert message in error, f"{what}: {error}"
+        assert error.startswith("stage 0 (edge): "), error
+        # After every bad request the worker still answers correctly.
+        ok_status, _, ok_body = _http(
+            worker,
+            "POST",
+            "/v2/models/chain/infer",
+            json.dumps(_json_request(x)).encode(),
+            {"Content-Type": "application/json"},
+        )
+        assert ok_status == 200, f"after {what}: {ok_body[:200]!r}"
+    assert worker.process.poll() is None
+    out = json.loads(ok_body)["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-6,
+    )
+
+
+def test_raw_wire_format_as_the_spec_documents(
+    worker: Worker, model: ChainModel, x: np.ndarray
+) -> None:
+    """What Triton's binary_tensor_data extension documents: JSON header, then the raw
+    tensor; the response's header length splits JSON from binary outputs."""
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "id": "wire-1",
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 3, 32, 32],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    status, headers, body = _http(
+        worker,
+        "POST",
+        "/v2/models/chain/infer",
+        header + raw,
+        {
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert status == 200, body[:300]
+    length = int(headers["Inference-Header-Content-Length"])
+    response = json.loads(body[:length])
+    assert response["id"] == "wire-1"
+    assert response["outputs"][0]["parameters"] == {"binary_data_size": 40}
+    np.testing.assert_allclose(
+        np.frombuffer(body[length:], "<f4").reshape(1, 10),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-6,
+    )
+
+
+TRITON_CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, json
+    import numpy as np
+    import tritonclient.http as httpclient
+    url, path = sys.argv[1], sys.argv[2]
+    x = np.load(path)
+    client = httpclient.InferenceServerClient(url=url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("chain")
+    meta = client.get_model_metadata("chain")
+    results = {}
+    for binary in (True, False):
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput("output", binary_data=binary)
+        r = client.infer("chain", [inp], outputs=[out], request_id="tc-%d" % binary)
+        results[str(binary)] = r.as_numpy("output").tolist()
+    r = client.infer("chain", [inp])  # no outputs named: binary_data_output
+    results["default"] = r.as_numpy("output").tolist()
+    try:
+        client.infer("nope", [inp])
+        results["error"] = None
+    except Exception as exc:
+        results["error"] = str(exc)
+    print(json.dumps({"meta": meta, "results": results}))
+    """
+)
+
+
+def test_stock_triton_http_client_works_unchanged(
+    worker: Worker, model: ChainModel, x: np.ndarray, tmp_path: Path
+) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import tritonclient.http"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("tritonclient[http] is not installed (pip install 'tritonclient[http]')")
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TRITON_CLIENT_SCRIPT,
+            worker.url.removeprefix("http://"),
+            str(tmp_path / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["meta"]["inputs"][0]["name"] == "input"
+    expected = run_onnx(model.path, {"input": x})[0]
+    for key in ("True", "False", "default"):
+        np.testing.assert_allclose(
+            np.array(report["results"][key], np.float32), expected, rtol=1e-6
+        )
+    assert "model 'nope' is not served here" in report["results"]["error"]
+
+
+def test_shutdown_drains_in_flight_requests(
+    model: ChainModel, x: np.ndarray, tmp_path: Path
+) -> None:
+    # A long batching window keeps the request in flight while SIGTERM arrives.
+    w = start_worker(
+        tmp_path,
+        {
+            "model_name": "chain",
+            "partitions": [str(model.path)],
+            "max_batch": 8,
+            "max_wait_ms": 1500,
+            "shutdown_grace_s": 10,
+        },
+    )
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["reply"] = _http(
+            w,
+            "POST",
+            "/v2/models/chain/infer",
+            json.dumps(_json_request(x)).encode(),
+            {"Content-Type": "application/json"},
+        )
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.5)
+    w.process.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert w.process.wait(30) == 0
+    status, _, body = result["reply"]
+    assert status == 200, body[:300]
+    out = json.loads(body)["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-6,
+    )
