@@ -1,0 +1,286 @@
+"""Stages chained across worker processes on loopback: the chain reproduces the full
+model, forwards in binary form, survives a replica killed under load without losing or
+duplicating a request, and names the failing stage in errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
+
+from edgeai_worker.protocol import HEADER_LENGTH
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> ChainModel:
+    return build_conv_chain(tmp_path_factory.mktemp("chain") / "chain.onnx")
+
+
+def _partitions(model: ChainModel, cuts: list[str], tmp: Path) -> list[Path]:
+    bounds = ["input", *cuts, "output"]
+    return [
+        extract(model.path, [a], [b], tmp / f"part{i}.onnx")
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+
+
+def _binary_body(x: np.ndarray, request_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes()
+    header: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    if request_id is not None:
+        header["id"] = request_id
+    encoded = json.dumps(header).encode()
+    return encoded + raw, {HEADER_LENGTH: str(len(encoded))}
+
+
+async def _infer(
+    session: aiohttp.ClientSession, url: str, x: np.ndarray, request_id: str | None = None
+) -> tuple[int, dict[str, Any], np.ndarray | None]:
+    body, headers = _binary_body(x, request_id)
+    async with session.post(f"{url}/v2/models/chain/infer", data=body, headers=headers) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            return resp.status, json.loads(data), None
+        length = int(resp.headers[HEADER_LENGTH])
+        header = json.loads(data[:length])
+        out = np.frombuffer(data[length:], "<f4").reshape(header["outputs"][0]["shape"])
+        return 200, header, out
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_three_stage_chain_returns_the_full_models_output(
+    model: ChainModel, tmp_path: Path
+) -> None:
+    parts = _partitions(model, ["relu0", "relu2"], tmp_path)
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    settings = [
+        {
+            "model_name": "chain",
+            "port": ports[i],
+            "partitions": [str(parts[i])],
+            "tier": tier,
+            "stage_index": i,
+            "next_urls": urls[i + 1 : i + 2],
+            "uplink_mbps": 100.0 if i == 0 else None,
+        }
+        for i, tier in enumerate(["device", "edge", "cloud"])
+    ]
+    rng = np.random.default_rng(0)
+    with workers(tmp_path, *settings):
+        async with aiohttp.ClientSession() as session:
+            for i in range(5):
+                x = rng.standard_normal(model.input_shape).astype(np.float32)
+                status, header, out = await _infer(session, urls[0], x, f"r{i}")
+                assert status == 200, header
+                assert header["id"] == f"r{i}"
+                np.testing.assert_allclose(
+                    out, run_onnx(model.path, {"input": x})[0], rtol=1e-5, atol=1e-6
+                )
+            # JSON in, JSON out through the same binary chain.
+            x = rng.standard_normal(model.input_shape).astype(np.float32)
+            request = {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "data": x.tolist(),
+                    }
+                ]
+            }
+            async with session.post(f"{urls[0]}/v2/models/chain/infer", json=request) as resp:
+                body = await resp.json()
+            np.testing.assert_allclose(
+                np.array(body["outputs"][0]["data"], np.float32).reshape(1, 10),
+                run_onnx(model.path, {"input": x})[0],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            # Metadata at the entry describes the whole chain: its input, the last stage's output.
+            async with session.get(f"{urls[0]}/v2/models/chain") as resp:
+                meta = await resp.json()
+            assert [o["name"] for o in meta["outputs"]] == ["output"]
+            assert [i["name"] for i in meta["inputs"]] == ["input"]
+            # Stage 0 forwarded relu0 (8x32x32 FP32) in binary: payload plus a small JSON header.
+            async with session.get(f"{urls[0]}/metrics") as resp:
+                text = await resp.text()
+            sent = _metric(text, 'edgeai_forward_bytes_total{stage="0"}')
+            payload = 8 * 32 * 32 * 4
+            assert 6 * payload <= sent < 6 * (payload + 400)
+            # An error at the last stage comes back naming that stage.
+            bad = dict(request, outputs=[{"name": "logits"}])
+            async with session.post(f"{urls[0]}/v2/models/chain/infer", json=bad) as resp:
+                assert resp.status == 400
+                error = (await resp.json())["error"]
+            assert error.startswith("stage 2 (cloud): output 'logits' is not an output"), error
+
+
+async def test_unreachable_next_stage_is_named(model: ChainModel, tmp_path: Path) -> None:
+    parts = _partitions(model, ["relu1"], tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with workers(
+        tmp_path,
+        {
+            "model_name": "chain",
+            "partitions": [str(parts[0])],
+            "tier": "edge",
+            "next_urls": [dead],
+            "forward_attempts": 2,
+        },
+    ) as (entry,):
+        async with aiohttp.ClientSession() as session:
+            x = np.zeros(model.input_shape, np.float32)
+            status, header, _ = await _infer(session, entry.url, x)
+    assert status == 502
+    assert header["error"].startswith(f"stage 1 at {dead} failed after 2 attempt(s)"), header
+
+
+async def test_slow_next_stage_times_out_with_504(model: ChainModel, tmp_path: Path) -> None:
+    parts = _partitions(model, ["relu1"], tmp_path)
+    port = free_port()
+    slow = {
+        "model_name": "chain",
+        "port": port,
+        "partitions": [str(parts[1])],
+        "tier": "cloud",
+        "stage_index": 1,
+        "max_batch": 8,
+        "max_wait_ms": 3000,
+    }
+    entry = {
+        "model_name": "chain",
+        "partitions": [str(parts[0])],
+        "tier": "edge",
+        "next_urls": [f"http://127.0.0.1:{port}"],
+        "forward_attempts": 1,
+        "forward_timeout_s": 0.5,
+    }
+    with workers(tmp_path, entry, slow) as (front, _):
+        async with aiohttp.ClientSession() as session:
+            status, header, _ = await _infer(
+                session, front.url, np.zeros(model.input_shape, np.float32)
+            )
+    assert status == 504
+    assert header["error"].startswith("stage 1 at http://127.0.0.1:"), header
+    assert "TimeoutError" in header["error"]
+
+
+async def test_replica_killed_under_load_loses_no_request(
+    model: ChainModel, tmp_path: Path
+) -> None:
+    parts = _partitions(model, ["relu1"], tmp_path)
+    ports = [free_port(), free_port()]
+    replicas = [f"http://127.0.0.1:{p}" for p in ports]
+    # A batching window keeps requests in flight on the replicas when one is killed.
+    cloud = [
+        {
+            "model_name": "chain",
+            "port": p,
+            "partitions": [str(parts[1])],
+            "tier": "cloud",
+            "stage_index": 1,
+            "max_batch": 4,
+            "max_wait_ms": 20,
+        }
+        for p in ports
+    ]
+    edge = {
+        "model_name": "chain",
+        "partitions": [str(parts[0])],
+        "tier": "edge",
+        "next_urls": replicas,
+        "forward_attempts": 3,
+    }
+    total = 240
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal(model.input_shape).astype(np.float32) for _ in range(total)]
+    expected = [run_onnx(model.path, {"input": x})[0] for x in inputs]
+    with workers(tmp_path, edge, *cloud) as (front, victim, survivor):
+        results: dict[str, tuple[int, Any, Any]] = {}
+        sent = asyncio.Semaphore(12)
+
+        async def one(session: aiohttp.ClientSession, i: int) -> None:
+            async with sent:
+                results.setdefault(f"req-{i}", (0, None, None))
+                status, header, out = await _infer(session, front.url, inputs[i], f"req-{i}")
+                assert header.get("id", f"req-{i}") == f"req-{i}"
+                results[f"req-{i}"] = (status, header, out)
+
+        async def killer() -> None:
+            while len(results) < total // 3:
+                await asyncio.sleep(0.005)
+            victim.process.send_signal(signal.SIGKILL)
+
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(killer(), *(one(session, i) for i in range(total)))
+            async with session.get(f"{front.url}/metrics") as resp:
+                front_metrics = await resp.text()
+            async with session.get(f"{survivor.url}/metrics") as resp:
+                survivor_metrics = await resp.text()
+        assert victim.process.wait(5) == -signal.SIGKILL
+    failures = {k: v[1] for k, v in results.items() if v[0] != 200}
+    assert not failures, failures
+    assert len(results) == total
+    for i in range(total):
+        status, header, out = results[f"req-{i}"]
+        assert header["id"] == f"req-{i}"
+        np.testing.assert_allclose(out, expected[i], rtol=1e-5, atol=1e-6)
+    assert _metric(front_metrics, 'edgeai_forward_retries_total{stage="0"}') >= 1
+    assert _metric(front_metrics, 'edgeai_requests_total{code="200",stage="0"}') == total
+    # The survivor took over: it served more than its half.
+    assert _metric(survivor_metrics, 'edgeai_requests_total{code="200",stage="1"}') > total / 2
+
+
+async def test_retried_request_id_runs_once(model: ChainModel, tmp_path: Path) -> None:
+    """The same id and body arriving twice (a retry) is answered twice but run once."""
+    with workers(
+        tmp_path,
+        {
+            "model_name": "chain",
+            "partitions": [str(model.path)],
+            "tier": "cloud",
+            "max_batch": 4,
+            "max_wait_ms": 100,
+        },
+    ) as (w,):
+        x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
+        async with aiohttp.ClientSession() as session:
+            a, b = await asyncio.gather(
+                _infer(session, w.url, x, "dup"), _infer(session, w.url, x, "dup")
+            )
+            c = await _infer(session, w.url, x, "dup")
+            other = await _infer(session, w.url, x + 1, "dup")  # same id, new body: a new request
+            async with session.get(f"{w.url}/metrics") as resp:
+                text = await resp.text()
+    for status, _, out in (a, b, c):
+        assert status == 200
+        np.testing.assert_allclose(out, run_onnx(model.path, {"input": x})[0], rtol=1e-6)
+    np.testing.assert_allclose(other[2], run_onnx(model.path, {"input": x + 1})[0], rtol=1e-6)
+    assert _metric(text, 'edgeai_deduplicated_requests_total{stage="0"}') == 2
+    assert _metric(text, 'edgeai_batch_size_count{stage="0"}') == 2  # two runs for four answers
