@@ -5,6 +5,7 @@ duplicating a request, and names the failing stage in errors."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
 
+from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
 from edgeai_worker.protocol import HEADER_LENGTH
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def _partitions(model: ChainModel, cuts: list[str], tmp: Path) -> list[Path]:
     bounds = ["input", *cuts, "output"]
     return [
         extract(model.path, [a], [b], tmp / f"part{i}.onnx")
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
 
 
@@ -224,17 +225,19 @@ async def test_replica_killed_under_load_loses_no_request(
     with workers(tmp_path, edge, *cloud) as (front, victim, survivor):
         results: dict[str, tuple[int, Any, Any]] = {}
         sent = asyncio.Semaphore(12)
+        third_started = asyncio.Event()
 
         async def one(session: aiohttp.ClientSession, i: int) -> None:
             async with sent:
                 results.setdefault(f"req-{i}", (0, None, None))
+                if len(results) >= total // 3:
+                    third_started.set()
                 status, header, out = await _infer(session, front.url, inputs[i], f"req-{i}")
                 assert header.get("id", f"req-{i}") == f"req-{i}"
                 results[f"req-{i}"] = (status, header, out)
 
         async def killer() -> None:
-            while len(results) < total // 3:
-                await asyncio.sleep(0.005)
+            await third_started.wait()
             victim.process.send_signal(signal.SIGKILL)
 
         async with aiohttp.ClientSession() as session:
@@ -248,7 +251,7 @@ async def test_replica_killed_under_load_loses_no_request(
     assert not failures, failures
     assert len(results) == total
     for i in range(total):
-        status, header, out = results[f"req-{i}"]
+        _, header, out = results[f"req-{i}"]
         assert header["id"] == f"req-{i}"
         np.testing.assert_allclose(out, expected[i], rtol=1e-5, atol=1e-6)
     assert _metric(front_metrics, 'edgeai_forward_retries_total{stage="0"}') >= 1
