@@ -1,0 +1,187 @@
+"""Dynamic micro-batching on a real onnxruntime partition: merging, splitting back,
+priority then earliest-deadline-first when saturated, queue limits and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _worker_support import ChainModel, build_conv_chain, run_onnx
+from edgeai_worker.batching import DeadlineExceeded, MicroBatcher, QueueFull
+from edgeai_worker.metrics import WorkerMetrics
+from edgeai_worker.protocol import Array
+from edgeai_worker.runtime import Partition
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> ChainModel:
+    return build_conv_chain(tmp_path_factory.mktemp("batching") / "chain.onnx", hw=16)
+
+
+@pytest.fixture(scope="module")
+def partition(model: ChainModel) -> Partition:
+    p = Partition(model.path)
+    p.load()
+    return p
+
+
+def _x(model: ChainModel, seed: int, rows: int = 1) -> Array:
+    shape = (rows, *model.input_shape[1:])
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+async def test_concurrent_requests_share_one_run_and_split_back(
+    model: ChainModel, partition: Partition
+) -> None:
+    metrics = WorkerMetrics()
+    batcher = MicroBatcher(lambda p, f: p.run(f), max_batch=8, max_wait_ms=200, metrics=metrics)
+    await batcher.start()
+    try:
+        inputs = [_x(model, i) for i in range(8)]
+        started = time.perf_counter()
+        outputs = await asyncio.gather(*(batcher.submit(partition, {"input": x}) for x in inputs))
+        elapsed = time.perf_counter() - started
+    finally:
+        await batcher.stop()
+    assert partition.batchable
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_allclose(
+            out["output"], run_onnx(model.path, {"input": x})[0], rtol=1e-5, atol=1e-6
+        )
+    # Eight requests, one run of eight (the batch filled before the 200 ms window ended).
+    assert metrics.batch_size.count(stage="0") == 1
+    assert metrics.batch_size.sums[(("stage", "0"),)] == 8
+    assert elapsed < 0.2
+
+
+async def test_batch_waits_at_most_max_wait(model: ChainModel, partition: Partition) -> None:
+    metrics = WorkerMetrics()
+    batcher = MicroBatcher(lambda p, f: p.run(f), max_batch=8, max_wait_ms=30, metrics=metrics)
+    await batcher.start()
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(batcher.submit(partition, {"input": _x(model, i)}) for i in range(3))
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        await batcher.stop()
+    assert metrics.batch_size.count(stage="0") == 1  # three requests, one run
+    assert 0.03 <= elapsed < 0.5
+
+
+async def test_multi_row_requests_and_batch_limit(model: ChainModel, partition: Partition) -> None:
+    metrics = WorkerMetrics()
+    batcher = MicroBatcher(lambda p, f: p.run(f), max_batch=4, max_wait_ms=50, metrics=metrics)
+    await batcher.start()
+    try:
+        inputs = [_x(model, i, rows=2) for i in range(4)]  # 8 rows, 4 per run at most
+        outputs = await asyncio.gather(*(batcher.submit(partition, {"input": x}) for x in inputs))
+    finally:
+        await batcher.stop()
+    for x, out in zip(inputs, outputs, strict=True):
+        assert out["output"].shape == (2, 10)
+        np.testing.assert_allclose(
+            out["output"], run_onnx(model.path, {"input": x})[0], rtol=1e-5, atol=1e-6
+        )
+    assert metrics.batch_size.count(stage="0") == 2
+
+
+async def test_saturated_stage_serves_priority_then_earliest_deadline(
+    model: ChainModel, partition: Partition
+) -> None:
+    gate = threading.Event()
+    order: list[int] = []
+
+    def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        order.append(int(feeds["input"][0, 0, 0, 0]))
+        if len(order) == 1:
+            gate.wait(10)  # the first run holds the stage busy while the queue fills
+        return p.run(feeds)
+
+    batcher = MicroBatcher(run, max_batch=1)
+    await batcher.start()
+    now = time.monotonic()
+
+    def tagged(tag: int) -> Array:
+        x = _x(model, tag)
+        x[0, 0, 0, 0] = tag
+        return x
+
+    busy = asyncio.create_task(batcher.submit(partition, {"input": tagged(0)}))
+    await asyncio.sleep(0.05)
+    # (tag, priority, deadline seconds from now)
+    queued = [(1, 0, 9.0), (2, 0, 3.0), (3, 10, 8.0), (4, 10, 2.0), (5, 5, None), (6, 0, None)]
+    tasks = [
+        asyncio.create_task(
+            batcher.submit(
+                partition,
+                {"input": tagged(tag)},
+                priority=priority,
+                deadline=None if due is None else now + due,
+            )
+        )
+        for tag, priority, due in queued
+    ]
+    await asyncio.sleep(0.05)
+    assert batcher.depth == len(queued)
+    gate.set()
+    await asyncio.gather(busy, *tasks)
+    await batcher.stop()
+    assert order == [0, 4, 3, 5, 2, 1, 6]
+
+
+async def test_queue_limit_and_expired_deadline(model: ChainModel, partition: Partition) -> None:
+    gate = threading.Event()
+
+    def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        gate.wait(10)
+        return p.run(feeds)
+
+    batcher = MicroBatcher(run, max_batch=1, max_queue=2)
+    await batcher.start()
+    x = {"input": _x(model, 0)}
+    first = asyncio.create_task(batcher.submit(partition, x))
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.create_task(batcher.submit(partition, x, deadline=time.monotonic() + 0.01))]
+    waiting.append(asyncio.create_task(batcher.submit(partition, x)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull) as full:
+        await batcher.submit(partition, x)
+    assert full.value.status == 503
+    assert "queue is full (2 requests)" in str(full.value)
+    gate.set()
+    await first
+    with pytest.raises(DeadlineExceeded) as late:
+        await waiting[0]
+    assert late.value.status == 504
+    assert (await waiting[1])["output"].shape == (1, 10)
+    await batcher.stop()
+
+
+async def test_fixed_batch_model_runs_requests_one_by_one(tmp_path: Path) -> None:
+    import onnx
+
+    fixed = build_conv_chain(tmp_path / "fixed.onnx", hw=8)
+    proto = onnx.load(str(fixed.path))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, str(tmp_path / "fixed1.onnx"))
+    p = Partition(tmp_path / "fixed1.onnx")
+    p.load()
+    assert not p.batchable
+    metrics = WorkerMetrics()
+    batcher = MicroBatcher(lambda q, f: q.run(f), max_batch=8, max_wait_ms=50, metrics=metrics)
+    await batcher.start()
+    try:
+        outs = await asyncio.gather(*(batcher.submit(p, {"input": _x(fixed, i)}) for i in range(3)))
+    finally:
+        await batcher.stop()
+    assert [o["output"].shape for o in outs] == [(1, 10)] * 3
+    assert metrics.batch_size.count(stage="0") == 3
