@@ -1,0 +1,265 @@
+"""From a problem to a plan: pick the variant, solve, describe stages and transfers,
+precompute the splits for other uplink bandwidths, explain infeasibility."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from edgeai_operator.planner.model import (
+    Evaluation,
+    LayerGraph,
+    Link,
+    Problem,
+    Variant,
+)
+from edgeai_operator.planner.solvers import Solution, key, solve
+
+# uplink bandwidths (Mbps) at which alternative splits are precomputed: 1-2-5 steps
+BANDWIDTH_GRID_MBPS = (
+    *(round(m * 10.0**e, 6) for e in range(-1, 4) for m in (1, 2, 5)),
+    10000.0,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    tier: str
+    nodes: tuple[int, ...]
+    layers: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    variant: str
+    compute_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "tier": self.tier, "layers": self.layers,
+                "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "variant": self.variant, "computeMs": round(self.compute_ms, 4)}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    from_tier: str
+    to_tier: str
+    bytes: int
+    return_bytes: int
+    ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.from_tier, "to": self.to_tier, "bytes": self.bytes,
+                "returnBytes": self.return_bytes, "ms": round(self.ms, 4)}
+
+
+@dataclass(frozen=True)
+class Alternative:
+    min_mbps: float
+    max_mbps: float | None
+    cut_index: int | None
+    stages: tuple[tuple[str, str], ...]  # (tier, layers)
+    predicted_latency_ms: float
+    at_mbps: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"minMbps": self.min_mbps, "maxMbps": self.max_mbps,
+                "cutIndex": self.cut_index,
+                "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
+                "predictedLatencyMs": round(self.predicted_latency_ms, 4),
+                "atMbps": self.at_mbps}
+
+
+@dataclass(frozen=True)
+class Plan:
+    feasible: bool
+    reason: str
+    objective: str
+    variant: str | None = None
+    objective_value: float | None = None
+    predicted_latency_ms: float | None = None
+    device_energy_mj: float | None = None
+    cloud_cost: float | None = None
+    stages: tuple[Stage, ...] = ()
+    transfers: tuple[Transfer, ...] = ()
+    alternatives: tuple[Alternative, ...] = ()
+    method: str = ""
+    exact: bool = True
+    assignment: tuple[int, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+
+        return {
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "objective": self.objective,
+            "variant": self.variant,
+            "objectiveValue": num(self.objective_value),
+            "predictedLatencyMs": num(self.predicted_latency_ms),
+            "deviceEnergyMj": num(self.device_energy_mj),
+            "cloudCost": num(self.cloud_cost),
+            "stages": [s.to_dict() for s in self.stages],
+            "transfers": [t.to_dict() for t in self.transfers],
+            "alternatives": [a.to_dict() for a in self.alternatives],
+            "solver": {"method": self.method, "exact": self.exact},
+        }
+
+
+def layer_ranges(nodes: Sequence[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` -> `"0-2,5,7-8"`."""
+    parts: list[str] = []
+    run: list[int] = []
+    for v in sorted(nodes):
+        if run and v == run[-1] + 1:
+            run.append(v)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [v]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def _crossing(graph: LayerGraph, tiers: Sequence[int], k: int) -> tuple[str, ...]:
+    """Tensor names leaving tiers <= k (the inputs for k = -1)."""
+    names: list[str] = []
+    for t in graph.tensors:
+        src = 0 if t.producer < 0 else tiers[t.producer]
+        if t.producer >= 0 and src > k:
+            continue
+        above = any(tiers[c] > k for c in t.consumers) or (
+            t.is_output and k < max(tiers, default=0)
+        )
+        if k < 0 and t.producer < 0:
+            above = True
+        if above:
+            names.extend(n for n in t.names if n not in names)
+    return tuple(names)
+
+
+def _outputs(graph: LayerGraph) -> tuple[str, ...]:
+    return tuple(n for t in graph.tensors if t.is_output for n in t.names)
+
+
+def describe(problem: Problem, variant: Variant, solution: Solution) -> Plan:
+    ev = solution.evaluation
+    graph = variant.graph
+    tiers = ev.tiers
+    stages: list[Stage] = []
+    top = max(tiers, default=0)
+    for k, tier in enumerate(problem.path):
+        nodes = tuple(v for v, t in enumerate(tiers) if t == k)
+        if not nodes:
+            continue
+        inputs = _crossing(graph, tiers, k - 1) if k > 0 else tuple(
+            n for t in graph.tensors if t.producer < 0 for n in t.names)
+        outputs = _outputs(graph) if k == top else _crossing(graph, tiers, k)
+        stages.append(Stage(len(stages), tier, nodes, layer_ranges(nodes), inputs, outputs,
+                            variant.name, ev.compute_ms[k]))
+    transfers = tuple(
+        Transfer(problem.path[k], problem.path[k + 1], ev.up_bytes[k], ev.down_bytes[k],
+                 ev.hop_ms[k])
+        for k in range(len(problem.path) - 1) if ev.hop_used[k]
+    )
+    return Plan(
+        feasible=True, reason="", objective=problem.objective, variant=variant.name,
+        objective_value=ev.value(problem.objective), predicted_latency_ms=ev.latency_ms,
+        device_energy_mj=ev.device_energy_mj, cloud_cost=ev.cloud_cost,
+        stages=tuple(stages), transfers=transfers, method=solution.method,
+        exact=solution.exact, assignment=tiers,
+    )
+
+
+def candidate_variants(problem: Problem) -> list[Variant]:
+    if problem.min_accuracy is None:
+        return list(problem.variants)
+    return [v for v in problem.variants
+            if v.accuracy is not None and v.accuracy >= problem.min_accuracy]
+
+
+def best_solution(problem: Problem) -> tuple[Variant, Solution] | None:
+    best: tuple[Variant, Solution] | None = None
+    for variant in candidate_variants(problem):
+        found = solve(problem, variant.graph)
+        if found is None:
+            continue
+        if best is None or key(problem, found.evaluation) < key(problem, best[1].evaluation):
+            best = (variant, found)
+    return best
+
+
+def _reason(problem: Problem) -> str:
+    variants = candidate_variants(problem)
+    if not variants:
+        known = [f"{v.name}={v.accuracy:.3f}" for v in problem.variants if v.accuracy is not None]
+        return (f"no variant reaches the accuracy floor {problem.min_accuracy} "
+                f"(measured: {', '.join(known) or 'none'})")
+    allowed = [t for t in problem.path if t in problem.allowed]
+    if problem.raw_input_stays_on_device and "device" not in problem.allowed:
+        return "rawInputStaysOnDevice needs the device tier in the allowed tiers"
+    relaxed = replace(problem, objective="latency", slo_latency_ms=None,
+                      slo_throughput_rps=None)
+    fastest = best_solution(relaxed)
+    if fastest is None:
+        return f"no placement on the allowed tiers {allowed} respects the constraints"
+    variant, solution = fastest
+    ev = solution.evaluation
+    if problem.slo_latency_ms is not None and ev.latency_ms > problem.slo_latency_ms:
+        split = describe(relaxed, variant, solution)
+        where = " + ".join(f"{s.tier}[{s.layers}]" for s in split.stages)
+        return (f"SLO latencyP95Ms={problem.slo_latency_ms:g} cannot be met: the fastest "
+                f"placement ({variant.name}: {where}) takes {ev.latency_ms:.2f} ms")
+    if problem.slo_throughput_rps is not None:
+        return (f"SLO throughputRps={problem.slo_throughput_rps:g} cannot be met together "
+                f"with the latency SLO: the device stage would be busy longer than "
+                f"{1000.0 / problem.slo_throughput_rps:.2f} ms per request")
+    return "no feasible placement"
+
+
+def _alternatives(problem: Problem) -> tuple[Alternative, ...]:
+    if len(problem.path) < 2:
+        return ()
+    found: list[tuple[float, Evaluation, Variant]] = []
+    for mbps in BANDWIDTH_GRID_MBPS:
+        links = (Link(mbps, problem.links[0].rtt_ms), *problem.links[1:])
+        at = replace(problem, links=links)
+        best = best_solution(at)
+        if best is not None:
+            found.append((mbps, best[1].evaluation, best[0]))
+    bands: list[list[tuple[float, Evaluation, Variant]]] = []
+    for item in found:
+        if bands and bands[-1][-1][1].tiers == item[1].tiers and bands[-1][-1][2] is item[2]:
+            bands[-1].append(item)
+        else:
+            bands.append([item])
+    alternatives: list[Alternative] = []
+    for i, band in enumerate(bands):
+        lo = 0.0 if i == 0 else round(math.sqrt(bands[i - 1][-1][0] * band[0][0]), 3)
+        hi = None if i == len(bands) - 1 else round(math.sqrt(band[-1][0] * bands[i + 1][0][0]), 3)
+        mbps, ev, variant = band[len(band) // 2]
+        groups: dict[int, list[int]] = {}
+        for v, k in enumerate(ev.tiers):
+            groups.setdefault(k, []).append(v)
+        stages = tuple(
+            (problem.path[k], layer_ranges(nodes)) for k, nodes in sorted(groups.items())
+        )
+        device_nodes = groups.get(0, [])
+        cut = len(device_nodes) if variant.graph.is_chain else None
+        alternatives.append(Alternative(lo, hi, cut, stages, ev.latency_ms, mbps))
+    return tuple(alternatives)
+
+
+def plan_partitions(problem: Problem, *, alternatives: bool = True) -> Plan:
+    """The optimal plan for `problem` (see the package docstring for the model)."""
+    problem.validate()
+    best = best_solution(problem)
+    if best is None:
+        return Plan(feasible=False, reason=_reason(problem), objective=problem.objective)
+    plan = describe(problem, *best)
+    if alternatives:
+        plan = replace(plan, alternatives=_alternatives(problem))
+    return plan

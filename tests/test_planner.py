@@ -1,0 +1,322 @@
+"""The planner against brute force on random chains and DAGs, its constraints, its
+explanations, and Neurosurgeon's qualitative result on a real zoo model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import replace
+
+import onnx
+import pytest
+
+from edgeai_operator.planner import (
+    OBJECTIVES,
+    Evaluation,
+    LayerGraph,
+    Link,
+    Problem,
+    Tensor,
+    Variant,
+    brute_force,
+    evaluate,
+    feasible,
+    plan_partitions,
+    solvers,
+)
+from edgeai_operator.planner.brute import monotone_assignments
+
+PATHS = (("device", "cloud"), ("device", "edge", "cloud"))
+
+
+def _node_ms(rng: random.Random, path: tuple[str, ...], n: int) -> dict[str, tuple[float, ...]]:
+    base = [rng.uniform(0.1, 20.0) for _ in range(n)]
+    ms: dict[str, tuple[float, ...]] = {}
+    for k, tier in enumerate(path):
+        # higher tiers are usually faster, with noise so that no order is guaranteed
+        speed = rng.uniform(1.0, 4.0) ** k
+        ms[tier] = tuple(round(b / speed * rng.uniform(0.5, 1.5), 3) for b in base)
+    return ms
+
+
+def _bytes(rng: random.Random) -> int:
+    return int(10 ** rng.uniform(1, 6.5))
+
+
+def random_chain(rng: random.Random, path: tuple[str, ...], n: int) -> LayerGraph:
+    return LayerGraph.chain(_node_ms(rng, path, n), [_bytes(rng) for _ in range(n + 1)])
+
+
+def random_dag(rng: random.Random, path: tuple[str, ...], n: int) -> LayerGraph:
+    """DNN-shaped: a backbone with branches and skip connections of short reach."""
+    readers: dict[int, list[int]] = {v: [] for v in range(-1, n)}
+    for v in range(n):
+        first = rng.randint(max(-1, v - 3), v - 1) if v else -1
+        readers[first].append(v)
+        if v >= 2 and rng.random() < 0.4:
+            other = rng.randint(max(-1, v - 4), v - 1)
+            if v not in readers[other]:
+                readers[other].append(v)
+    tensors = [
+        Tensor((f"t{p + 1}",), _bytes(rng), p, tuple(sorted(readers[p])), p == n - 1)
+        for p in range(-1, n)
+    ]
+    return LayerGraph(_node_ms(rng, path, n), tuple(tensors))
+
+
+def random_problem(rng: random.Random, dag: bool, index: int) -> Problem:
+    path = PATHS[index % 2]
+    objective = OBJECTIVES[(index // 2) % 3]
+    limit = 20 if len(path) == 2 or not dag else 12
+    n = rng.randint(1, limit)
+    make = random_dag if dag else random_chain
+    graph = make(rng, path, n)
+    variants = [Variant("fp32", graph, 0.97)]
+    if rng.random() < 0.3:
+        faster = LayerGraph({t: tuple(x * 0.6 for x in ms) for t, ms in graph.node_ms.items()},
+                            graph.tensors)
+        variants.append(Variant("int8", faster, 0.95))
+    links = tuple(Link(10 ** rng.uniform(-0.5, 3), rng.uniform(0, 40)) for _ in path[1:])
+    allowed = set(path)
+    if rng.random() < 0.25:
+        allowed.discard(rng.choice(path))
+    problem = Problem(
+        variants=tuple(variants), path=path, links=links, allowed=frozenset(allowed),
+        objective=objective, raw_input_stays_on_device=rng.random() < 0.3,
+        min_accuracy=rng.choice([None, None, 0.96]),
+        cost_per_ms={"edge": rng.uniform(0, 0.3), "cloud": 1.0},
+    )
+    if rng.random() < 0.6:
+        fastest = _brute(replace(problem, objective="latency"))
+        base = fastest[1].latency_ms if fastest else 100.0
+        problem = replace(problem, slo_latency_ms=round(base * rng.uniform(0.9, 1.6), 3))
+    if rng.random() < 0.2:
+        problem = replace(problem, slo_throughput_rps=rng.uniform(5, 200))
+    return problem
+
+
+def _brute(problem: Problem) -> tuple[str, Evaluation] | None:
+    best: tuple[str, Evaluation] | None = None
+    for variant in problem.variants:
+        if problem.min_accuracy is not None and (variant.accuracy or 0) < problem.min_accuracy:
+            continue
+        ev = brute_force(problem, variant.graph)
+        if ev is not None and (best is None or (ev.value(problem.objective), ev.latency_ms)
+                               < (best[1].value(problem.objective), best[1].latency_ms)):
+            best = (variant.name, ev)
+    return best
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def _check_against_brute_force(problem: Problem) -> str:
+    expected = _brute(problem)
+    plan = plan_partitions(problem, alternatives=False)
+    if expected is None:
+        assert not plan.feasible
+        assert plan.reason
+        return "infeasible"
+    assert plan.feasible, plan.reason
+    _, best = expected
+    variant = next(v for v in problem.variants if v.name == plan.variant)
+    ev = evaluate(problem, variant.graph, plan.assignment)
+    assert feasible(problem, variant.graph, ev)
+    assert plan.objective_value is not None
+    assert plan.predicted_latency_ms is not None
+    assert _close(plan.objective_value, ev.value(problem.objective))
+    assert _close(plan.predicted_latency_ms, ev.latency_ms)
+    brute_value = best.value(problem.objective)
+    assert _close(plan.objective_value, brute_value), (plan, best)
+    assert plan.predicted_latency_ms <= best.latency_ms * (1 + 1e-6) + 1e-6
+    # the stages and transfers add up to the prediction
+    total = sum(s.compute_ms for s in plan.stages) + sum(t.ms for t in plan.transfers)
+    assert _close(total, plan.predicted_latency_ms)
+    return plan.method
+
+
+@pytest.mark.parametrize("dag", [False, True], ids=["chain", "dag"])
+def test_planner_equals_brute_force_on_random_instances(dag: bool) -> None:
+    rng = random.Random(20261128 + dag)
+    methods: dict[str, int] = {}
+    for index in range(300):
+        method = _check_against_brute_force(random_problem(rng, dag, index))
+        methods[method] = methods.get(method, 0) + 1
+    # every solver path and infeasible instances were exercised
+    expected = {"infeasible", "ideal-enumeration", "mincut" if dag else "chain-dp"}
+    assert expected <= set(methods), methods
+    assert all(count >= 5 for count in methods.values()), methods
+
+
+def test_every_exact_solver_agrees_on_chains_seen_as_dags() -> None:
+    rng = random.Random(7)
+    for index in range(60):
+        path = PATHS[index % 2]
+        graph = random_chain(rng, path, rng.randint(1, 15))
+        links = tuple(Link(10 ** rng.uniform(-0.5, 3), rng.uniform(0, 40)) for _ in path[1:])
+        problem = Problem((Variant("fp32", graph),), path, links,
+                          objective=OBJECTIVES[index % 3])
+        by_dp = solvers.chain_dp(problem, graph)
+        by_cut = solvers.mincut(problem, graph)
+        members = solvers.dag_ideals(graph)
+        assert members is not None
+        by_enum = solvers.enumerate_ideals(problem, graph, members)
+        by_brute = brute_force(problem, graph)
+        assert by_dp
+        assert by_cut
+        assert by_enum
+        assert by_brute
+        values = [e.value(problem.objective) for e in (by_dp, by_cut, by_enum, by_brute)]
+        assert all(_close(v, values[-1]) for v in values), values
+
+
+def test_dag_ideals_match_monotone_assignments() -> None:
+    rng = random.Random(3)
+    for _ in range(30):
+        graph = random_dag(rng, ("device", "cloud"), rng.randint(1, 12))
+        members = solvers.ideals(graph)
+        assert members is not None
+        two_tier = {tuple(a) for a in monotone_assignments(graph, 2)}
+        assert {tuple(int(not x) for x in row) for row in members} == two_tier
+
+
+def _fixed_chain() -> LayerGraph:
+    # device 10 ms per segment, cloud 1 ms; activations shrink after segment 2
+    return LayerGraph.chain({"device": (10.0, 10.0, 10.0, 10.0), "edge": (4.0,) * 4,
+                             "cloud": (1.0, 1.0, 1.0, 1.0)},
+                            [100_000, 200_000, 5_000, 5_000, 40])
+
+
+def test_privacy_keeps_the_raw_input_on_the_device() -> None:
+    graph = _fixed_chain()
+    base = Problem((Variant("fp32", graph),), links=(Link(1000, 1), Link(1000, 1)))
+    free = plan_partitions(base)
+    assert free.stages[0].tier != "device"  # fast links: everything offloaded
+    private = plan_partitions(replace(base, raw_input_stays_on_device=True))
+    assert private.stages[0].tier == "device"
+    assert private.stages[0].inputs == ("cut0",)
+    assert "cut0" not in private.stages[1].inputs
+    blocked = plan_partitions(replace(base, raw_input_stays_on_device=True,
+                                      allowed=frozenset({"edge", "cloud"})))
+    assert not blocked.feasible
+    assert "rawInputStaysOnDevice" in blocked.reason
+
+
+def test_infeasible_plans_say_why() -> None:
+    graph = _fixed_chain()
+    base = Problem((Variant("fp32", graph, 0.9),), links=(Link(10, 5), Link(100, 10)))
+    fastest = plan_partitions(base)
+    assert fastest.predicted_latency_ms is not None
+    tight = plan_partitions(replace(base, slo_latency_ms=fastest.predicted_latency_ms / 2))
+    assert not tight.feasible
+    assert "latencyP95Ms" in tight.reason
+    assert f"{fastest.predicted_latency_ms:.2f} ms" in tight.reason
+    accurate = plan_partitions(replace(base, min_accuracy=0.95))
+    assert not accurate.feasible
+    assert "accuracy floor 0.95" in accurate.reason
+    assert "fp32=0.900" in accurate.reason
+
+
+def test_accuracy_floor_picks_the_variant() -> None:
+    graph = _fixed_chain()
+    fast = LayerGraph({t: tuple(x / 2 for x in ms) for t, ms in graph.node_ms.items()},
+                      graph.tensors)
+    problem = Problem((Variant("fp32", graph, 0.98), Variant("int8", fast, 0.96)),
+                      links=(Link(1, 5), Link(100, 10)))
+    assert plan_partitions(problem).variant == "int8"
+    assert plan_partitions(replace(problem, min_accuracy=0.97)).variant == "fp32"
+
+
+def test_objectives_trade_latency_for_energy_and_cost() -> None:
+    graph = _fixed_chain()
+    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
+                      links=(Link(20, 5),), cost_per_ms={"cloud": 1.0})
+    fastest = plan_partitions(problem)
+    cheapest = plan_partitions(replace(problem, objective="cloudCost"))
+    frugal = plan_partitions(replace(problem, objective="deviceEnergy"))
+    assert cheapest.cloud_cost == 0.0
+    assert all(s.tier != "cloud" for s in cheapest.stages)
+    assert fastest.cloud_cost is not None
+    assert fastest.cloud_cost > 0
+    assert frugal.device_energy_mj is not None
+    assert fastest.device_energy_mj is not None
+    assert frugal.device_energy_mj <= fastest.device_energy_mj
+    # with an SLO the cheapest plan must give way to a faster, dearer one
+    assert cheapest.predicted_latency_ms is not None
+    assert fastest.predicted_latency_ms is not None
+    slo = (cheapest.predicted_latency_ms + fastest.predicted_latency_ms) / 2
+    bounded = plan_partitions(replace(problem, objective="cloudCost", slo_latency_ms=slo))
+    assert bounded.feasible
+    assert bounded.predicted_latency_ms is not None
+    assert bounded.predicted_latency_ms <= slo
+    assert bounded.cloud_cost is not None
+    assert bounded.cloud_cost > 0
+
+
+def _zoo_chain(name: str, device_gflops: float, cloud_gflops: float) -> LayerGraph:
+    from edgeai_worker import graph as onnx_graph
+    from edgeai_worker import zoo
+
+    dag = onnx_graph.analyze(onnx.load(zoo.export_onnx(name)))
+    cuts = onnx_graph.graph_cut_points(dag)
+    positions = [c.position for c in cuts]
+    flops = [sum(n.flops for n in dag.nodes[a:b]) for a, b in itertools.pairwise(positions)]
+    return LayerGraph.chain(
+        {"device": [f / device_gflops / 1e6 for f in flops],
+         "cloud": [f / cloud_gflops / 1e6 for f in flops]},
+        [c.size_bytes for c in cuts], [c.tensors for c in cuts],
+    )
+
+
+@pytest.mark.parametrize("name", ["alexnet_like", "vgg_like"])
+def test_neurosurgeon_low_bandwidth_keeps_layers_on_the_device(name: str) -> None:
+    graph = _zoo_chain(name, device_gflops=8, cloud_gflops=1500)
+    sizes = [t.size_bytes for t in graph.tensors]
+    on_device = []
+    for mbps in [10 ** (e / 10) for e in range(-5, 31)]:  # 0.3 Mbps to 1 Gbps
+        problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
+                          links=(Link(mbps, 10),))
+        plan = plan_partitions(problem, alternatives=False)
+        device = sum(1 for k in plan.assignment if k == 0)
+        on_device.append(device)
+        if 0 < device < graph.size:
+            # a split happens where activations have shrunk below the raw input
+            assert sizes[device] < sizes[0]
+            assert sizes[device] <= min(sizes[:device + 1])
+    assert on_device == sorted(on_device, reverse=True), on_device
+    assert on_device[-1] == 0, "at 1 Gbps everything is offloaded"
+    assert on_device[0] > 0, "at 0.3 Mbps the device keeps layers"
+    assert any(0 < d < graph.size for d in on_device), "some bandwidth gives a real split"
+
+
+def test_alternatives_cover_the_bandwidth_range_in_order() -> None:
+    graph = _zoo_chain("alexnet_like", device_gflops=8, cloud_gflops=1500)
+    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
+                      links=(Link(10, 10),))
+    plan = plan_partitions(problem)
+    bands = plan.alternatives
+    assert len(bands) >= 2
+    assert bands[0].min_mbps == 0
+    assert bands[-1].max_mbps is None
+    for low, high in itertools.pairwise(bands):
+        assert low.max_mbps == high.min_mbps
+        assert low.cut_index is not None
+        assert high.cut_index is not None
+        assert low.cut_index >= high.cut_index  # more bandwidth, fewer device layers
+    # the band holding 10 Mbps uses the plan's own split
+    band = next(b for b in bands if b.min_mbps <= 10 and (b.max_mbps or math.inf) > 10)
+    assert band.cut_index == sum(1 for k in plan.assignment if k == 0)
+
+
+def test_big_instances_plan_fast() -> None:
+    import time
+
+    rng = random.Random(11)
+    chain = random_chain(rng, ("device", "edge", "cloud"), 200)
+    problem = Problem((Variant("fp32", chain),), links=(Link(10, 10), Link(100, 20)))
+    started = time.perf_counter()
+    plan = plan_partitions(problem, alternatives=False)
+    assert plan.feasible
+    assert time.perf_counter() - started < 0.5  # the bench tracks the real figure
