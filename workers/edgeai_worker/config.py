@@ -200,10 +200,12 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError("EDGEAI_CONFIG", f"{path} must hold a mapping of settings")
         config = _apply(config, data, path.parent, str(path))
+    # Other tools share the EDGEAI_ prefix (EDGEAI_CACHE_DIR, ...): only known names apply.
+    known = {f.name for f in fields(WorkerConfig)}
     from_env = {
         key[len("EDGEAI_") :].lower(): value
         for key, value in env.items()
-        if key.startswith("EDGEAI_") and key != "EDGEAI_CONFIG"
+        if key.startswith("EDGEAI_") and key[len("EDGEAI_") :].lower() in known
     }
     config = _apply(config, from_env, Path.cwd(), "environment")
     return _apply(
