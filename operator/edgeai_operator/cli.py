@@ -12,6 +12,7 @@ from edgeai_operator.errors import SpecError
 # Modules that contribute commands, in the order `edgeai --help` lists them.
 COMMAND_MODULES = [
     "edgeai_operator.localcluster",
+    "edgeai_operator.plancli",
     "edgeai_operator.runlocal",
 ]
 

@@ -1,0 +1,241 @@
+"""The parts of a DNNDeployment that planning needs, validated field by field.
+
+    apiVersion: edgeai.dev/v1alpha1
+    kind: DNNDeployment
+    metadata: {name: camera-detector}
+    spec:
+      modelRef: {name: mobilenet-v2}       # or model: {zoo: mobilenet_v2, variant: int8}
+      slo: {latencyP95Ms: 80, throughputRps: 20, minAccuracy: 0.95}
+      objective: latency                   # latency | deviceEnergy | cloudCost
+      placement: {tiers: [device, edge, cloud], partitioning: auto, adaptiveSplit: true}
+      privacy: {rawInputStaysOnDevice: true, featureNoiseStd: 0.05}
+      power: {computeWatts: 4, txWatts: 1.5, rxWatts: 1.0, idleWatts: 0.3}
+      cost: {edgePerMs: 0.1, cloudPerMs: 1.0}
+
+Every problem raises `SpecError` naming the field (`spec.slo.latencyP95Ms`), what was
+wrong and what is accepted. Fields owned by other parts of the operator (devices,
+autoscaling, preprocessing, priority) are left to them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeai_operator import API_GROUP, TIERS
+from edgeai_operator.errors import SpecError
+
+OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
+PARTITIONING = ("auto", "binary")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_ZOO = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    name: str
+    model_ref: str | None
+    zoo: str | None
+    variant: str | None
+    slo_latency_ms: float | None
+    slo_throughput_rps: float | None
+    min_accuracy: float | None
+    objective: str
+    tiers: tuple[str, ...]
+    partitioning: str
+    adaptive_split: bool
+    raw_input_stays_on_device: bool
+    feature_noise_std: float
+    compute_watts: float | None
+    tx_watts: float
+    rx_watts: float
+    idle_watts: float
+    edge_cost_per_ms: float
+    cloud_cost_per_ms: float
+
+    def slo_dict(self) -> dict[str, Any]:
+        slo: dict[str, Any] = {}
+        if self.slo_latency_ms is not None:
+            slo["latencyP95Ms"] = self.slo_latency_ms
+        if self.slo_throughput_rps is not None:
+            slo["throughputRps"] = self.slo_throughput_rps
+        if self.min_accuracy is not None:
+            slo["minAccuracy"] = self.min_accuracy
+        return slo
+
+
+def _mapping(value: Any, field: str, *, required: bool = False) -> dict[str, Any]:
+    if value is None:
+        if required:
+            raise SpecError(field, "is required", "a mapping")
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(field, f"must be a mapping, got {type(value).__name__}", "a mapping")
+    return value
+
+
+def _unknown(data: dict[str, Any], field: str, known: tuple[str, ...]) -> None:
+    extra = sorted(set(data) - set(known))
+    if extra:
+        raise SpecError(field, f"unknown field(s) {extra}", ", ".join(known))
+
+
+def _number(value: Any, field: str, *, positive: bool = True, at_most: float | None = None,
+            default: float | None = None) -> float | None:
+    if value is None:
+        return default
+    low = "> 0" if positive else ">= 0"
+    accepted = f"a number {low}" + (f" and <= {at_most:g}" if at_most is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(field, f"must be a number, got {value!r}", accepted)
+    number = float(value)
+    if number != number or (number <= 0 if positive else number < 0):
+        raise SpecError(field, f"must be {'a positive' if positive else 'a non-negative'} "
+                        f"number, got {value!r}", accepted)
+    if at_most is not None and number > at_most:
+        raise SpecError(field, f"must be at most {at_most:g}, got {value!r}", accepted)
+    return number
+
+
+def _bool(value: Any, field: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(field, f"must be true or false, got {value!r}", "true, false")
+    return value
+
+
+def parse_deployment(doc: Any) -> DeploymentSpec:
+    """Validates a DNNDeployment document (as loaded from YAML)."""
+    if not isinstance(doc, dict):
+        raise SpecError("DNNDeployment", "must be a mapping", "a DNNDeployment manifest")
+    kind = doc.get("kind")
+    if kind != "DNNDeployment":
+        raise SpecError("kind", f"must be DNNDeployment, got {kind!r}", "DNNDeployment")
+    api = doc.get("apiVersion")
+    if api is not None and (not isinstance(api, str) or api.split("/")[0] != API_GROUP):
+        raise SpecError("apiVersion", f"unexpected {api!r}", f"{API_GROUP}/v1alpha1")
+    meta = _mapping(doc.get("metadata"), "metadata", required=True)
+    name = meta.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SpecError("metadata.name", f"invalid name {name!r}",
+                        "a DNS subdomain: lower-case letters, digits, '-' and '.'")
+    spec = _mapping(doc.get("spec"), "spec", required=True)
+
+    model_ref: str | None = None
+    zoo: str | None = None
+    variant: str | None = None
+    if "modelRef" in spec and "model" in spec:
+        raise SpecError("spec.model", "set either spec.modelRef or spec.model, not both",
+                        "one of them")
+    if "modelRef" in spec:
+        ref = _mapping(spec["modelRef"], "spec.modelRef")
+        _unknown(ref, "spec.modelRef", ("name",))
+        model_ref = ref.get("name")
+        if not isinstance(model_ref, str) or not _NAME.match(model_ref):
+            raise SpecError("spec.modelRef.name", f"invalid name {model_ref!r}",
+                            "the name of a DNNModel")
+    elif "model" in spec:
+        model = _mapping(spec["model"], "spec.model")
+        _unknown(model, "spec.model", ("zoo", "variant"))
+        zoo = model.get("zoo")
+        if not isinstance(zoo, str) or not _ZOO.match(zoo):
+            raise SpecError("spec.model.zoo", f"invalid zoo model name {zoo!r}",
+                            "a zoo model name such as mobilenet_v2")
+        raw_variant = model.get("variant")
+        if raw_variant is not None and not isinstance(raw_variant, str):
+            raise SpecError("spec.model.variant", f"must be a string, got {raw_variant!r}",
+                            "a variant name such as fp32, int8")
+        variant = raw_variant
+    else:
+        raise SpecError("spec.modelRef", "is required (or spec.model)",
+                        "modelRef: {name: <DNNModel>} or model: {zoo: <name>}")
+
+    slo = _mapping(spec.get("slo"), "spec.slo")
+    _unknown(slo, "spec.slo", ("latencyP95Ms", "throughputRps", "minAccuracy"))
+    latency = _number(slo.get("latencyP95Ms"), "spec.slo.latencyP95Ms")
+    throughput = _number(slo.get("throughputRps"), "spec.slo.throughputRps")
+    accuracy = _number(slo.get("minAccuracy"), "spec.slo.minAccuracy", at_most=1.0)
+
+    objective = spec.get("objective", "latency")
+    if objective not in OBJECTIVES:
+        raise SpecError("spec.objective", f"unknown objective {objective!r}",
+                        ", ".join(OBJECTIVES))
+
+    placement = _mapping(spec.get("placement"), "spec.placement")
+    _unknown(placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit"))
+    tiers_raw = placement.get("tiers", list(TIERS))
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise SpecError("spec.placement.tiers", f"must be a non-empty list, got {tiers_raw!r}",
+                        ", ".join(TIERS))
+    for i, tier in enumerate(tiers_raw):
+        if tier not in TIERS:
+            raise SpecError(f"spec.placement.tiers[{i}]", f"unknown tier {tier!r}",
+                            ", ".join(TIERS))
+    if len(set(tiers_raw)) != len(tiers_raw):
+        raise SpecError("spec.placement.tiers", f"tiers repeat in {tiers_raw}", "distinct tiers")
+    partitioning = placement.get("partitioning", "auto")
+    if partitioning not in PARTITIONING:
+        raise SpecError("spec.placement.partitioning", f"unknown mode {partitioning!r}",
+                        ", ".join(PARTITIONING))
+    adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", True)
+
+    privacy = _mapping(spec.get("privacy"), "spec.privacy")
+    _unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
+    raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice",
+                False)
+    noise = _number(privacy.get("featureNoiseStd"), "spec.privacy.featureNoiseStd",
+                    positive=False, default=0.0)
+    if raw and "device" not in tiers_raw:
+        raise SpecError("spec.privacy.rawInputStaysOnDevice",
+                        "needs the device tier, which spec.placement.tiers leaves out",
+                        "add device to spec.placement.tiers or set this to false")
+
+    power = _mapping(spec.get("power"), "spec.power")
+    _unknown(power, "spec.power", ("computeWatts", "txWatts", "rxWatts", "idleWatts"))
+    cost = _mapping(spec.get("cost"), "spec.cost")
+    _unknown(cost, "spec.cost", ("edgePerMs", "cloudPerMs"))
+
+    def watts(key: str, default: float) -> float:
+        value = _number(power.get(key), f"spec.power.{key}", positive=False, default=default)
+        assert value is not None
+        return value
+
+    def per_ms(key: str, default: float) -> float:
+        value = _number(cost.get(key), f"spec.cost.{key}", positive=False, default=default)
+        assert value is not None
+        return value
+
+    return DeploymentSpec(
+        name=name, model_ref=model_ref, zoo=zoo, variant=variant,
+        slo_latency_ms=latency, slo_throughput_rps=throughput, min_accuracy=accuracy,
+        objective=objective, tiers=tuple(tiers_raw), partitioning=partitioning,
+        adaptive_split=adaptive, raw_input_stays_on_device=raw,
+        feature_noise_std=noise or 0.0,
+        compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),
+        tx_watts=watts("txWatts", 1.5), rx_watts=watts("rxWatts", 1.0),
+        idle_watts=watts("idleWatts", 0.3),
+        edge_cost_per_ms=per_ms("edgePerMs", 0.0), cloud_cost_per_ms=per_ms("cloudPerMs", 1.0),
+    )
+
+
+def load_deployment(path: str | Path) -> DeploymentSpec:
+    """Reads the first DNNDeployment of a YAML file (other documents are skipped)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError("-f", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError("-f", f"{path} is not valid YAML: {exc}") from exc
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "DNNDeployment":
+            return parse_deployment(doc)
+    if len(docs) == 1:
+        return parse_deployment(docs[0])
+    raise SpecError("-f", f"{path} holds no DNNDeployment", "a file with kind: DNNDeployment")
