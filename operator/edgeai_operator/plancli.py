@@ -182,7 +182,8 @@ def network(topology: Topology, zone: str | None) -> tuple[dict[str, float], tup
         else:
             mbps, rtt = node.uplink_mbps, node.uplink_rtt_ms or 0.0
         if mbps is None:
-            group = node.name.rsplit("-", 2 if node.zone else 1)[0]
+            suffix = f"-{node.zone}-" if node.zone else "-"
+            group = node.name[: node.name.rindex(suffix)]
             raise SpecError(f"nodeGroups[{group}].uplinkMbps", "is required for planning",
                             "the uplink bandwidth in Mbps to the next tier up")
         links.append(Link(mbps, rtt))

@@ -1,0 +1,226 @@
+"""`edgeai plan` and `edgeai profile` end to end: the plan YAML the workers read, that
+its stages really reproduce the model, and errors that name the bad field."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from edgeai_operator import cli
+from edgeai_worker import graph, zoo
+
+TOPOLOGY = Path(__file__).resolve().parents[1] / "hack" / "topology.yaml"
+
+
+def _manifest(tmp_path: Path, spec: dict[str, Any], name: str = "dep.yaml") -> Path:
+    doc = {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
+           "metadata": {"name": "camera-detector"}, "spec": spec}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _topology(tmp_path: Path, device_mbps: float, *, edge: bool = True) -> Path:
+    data = yaml.safe_load(TOPOLOGY.read_text())
+    groups = []
+    for group in data["nodeGroups"]:
+        if group["tier"] == "device":
+            group["uplinkMbps"] = device_mbps
+        if group["tier"] == "edge" and not edge:
+            continue
+        groups.append(group)
+    data["nodeGroups"] = groups
+    path = tmp_path / f"topology-{device_mbps}-{edge}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    code = cli.main(["plan", *args, "-o", "yaml"])
+    out = capsys.readouterr().out
+    return code, yaml.safe_load(out)
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, {n: feeds[n] for n in names})
+    return dict(zip([o.name for o in session.get_outputs()], out, strict=True))
+
+
+def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
+                                    "slo": {"latencyP95Ms": 200}})
+    code, plan = _plan(capsys, "-f", str(manifest), "--topology",
+                       str(_topology(tmp_path, 40)))
+    assert code == 0
+    assert plan["kind"] == "Plan"
+    assert plan["feasible"] is True
+    assert plan["reason"] == ""
+    assert plan["model"] == {"zoo": "alexnet_like", "variant": "fp32",
+                             "input": {"name": "input", "shape": [1, 3, 224, 224],
+                                       "dtype": "FP32"}}
+    assert plan["objective"] == "latency"
+    assert plan["slo"] == {"latencyP95Ms": 200}
+    stages = plan["stages"]
+    assert len(stages) >= 2, "40 Mbps to the edge splits alexnet"
+    assert [s["index"] for s in stages] == list(range(len(stages)))
+    assert stages[0]["inputs"] == ["input"]
+    assert stages[-1]["outputs"] == ["output"]
+    for a, b in itertools.pairwise(stages):
+        assert a["outputs"] == b["inputs"]
+    total = sum(s["computeMs"] for s in stages) + sum(t["ms"] for t in plan["transfers"])
+    assert plan["predictedLatencyMs"] == pytest.approx(total, abs=1e-3)
+    assert len(plan["transfers"]) == len(stages) - 1 or stages[0]["tier"] != "device"
+    assert plan["alternatives"][0]["minMbps"] == 0
+    # the stages, run as standalone partitions one after another, are the model
+    model = onnx.load(zoo.export_onnx("alexnet_like"))
+    x = zoo.example_input("alexnet_like", seed=2)
+    feeds = {"input": x}
+    for stage in stages:
+        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]),
+                          feeds))
+    full = _run(model, {"input": x})["output"]
+    assert float(np.abs(feeds["output"] - full).max()) <= 1e-5
+
+
+def test_table_output_and_bandwidth_moves_the_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path, {"model": {"zoo": "vgg_like"}})
+    device_layers = []
+    for mbps in (1, 50, 1000):
+        code, plan = _plan(capsys, "-f", str(manifest), "--topology",
+                           str(_topology(tmp_path, mbps, edge=False)))
+        assert code == 0
+        device = [s for s in plan["stages"] if s["tier"] == "device"]
+        count = 0
+        if device:
+            low, high = device[0]["layers"].split("-")
+            count = int(high) - int(low) + 1
+        device_layers.append(count)
+    assert device_layers[0] > device_layers[-1]
+    assert device_layers == sorted(device_layers, reverse=True)
+    assert cli.main(["plan", "-f", str(manifest), "--topology", str(TOPOLOGY)]) == 0
+    table = capsys.readouterr().out
+    assert "STAGE  TIER" in table
+    assert "predicted latency" in table
+    assert "adaptive split" in table
+
+
+def test_privacy_and_binary_offloading(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    fast = str(_topology(tmp_path, 1000))
+    private = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
+                                   "privacy": {"rawInputStaysOnDevice": True}}, "p.yaml")
+    _, plan = _plan(capsys, "-f", str(private), "--topology", fast)
+    assert plan["stages"][0]["tier"] == "device"
+    assert plan["transfers"][0]["bytes"] < 602112
+    binary = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
+                                  "placement": {"partitioning": "binary"}}, "b.yaml")
+    _, plan = _plan(capsys, "-f", str(binary), "--topology", fast)
+    assert len(plan["stages"]) == 1
+    assert plan["stages"][0]["layers"] == "0-18"
+
+
+def test_infeasible_slo_exits_1_with_the_reason(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = _manifest(tmp_path, {"modelRef": {"name": "resnet18"},
+                                    "slo": {"latencyP95Ms": 0.5}})
+    code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(TOPOLOGY))
+    assert code == 1
+    assert plan["feasible"] is False
+    assert "latencyP95Ms=0.5 cannot be met" in plan["reason"]
+    assert plan["stages"] == []
+
+
+def test_profile_then_plan_with_measured_compute(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    saved = tmp_path / "profile.json"
+    assert cli.main(["profile", "digits_cnn", "--repeats", "3", "-o", "json",
+                     "--save", str(saved)]) == 0
+    captured = capsys.readouterr()
+    profile = json.loads(captured.out)
+    assert "[edgeai profile]" in captured.err  # progress goes to stderr
+    assert profile["kind"] == "Profile"
+    assert profile["accuracy"] >= 0.95
+    assert len(profile["segments"]) == len(profile["cuts"]) - 1
+    manifest = _manifest(tmp_path, {"modelRef": {"name": "digits-cnn"},
+                                    "slo": {"minAccuracy": 0.9}})
+    code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(TOPOLOGY),
+                       "--profile", str(saved))
+    assert code == 0
+    assert plan["compute"]["method"] == "measured"
+    assert plan["compute"]["hostGflops"] == profile["host"]["gflops"]
+    measured = sum(s["measuredMs"] for s in profile["segments"])
+    device_ms = plan["tiers"]["device"]["totalMs"]
+    assert device_ms == pytest.approx(measured * profile["host"]["gflops"] / 8, rel=1e-3)
+
+
+BAD_SPECS = [
+    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": -5}},
+     "spec.slo.latencyP95Ms: must be a positive number, got -5"),
+    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": "fast"}},
+     "spec.slo.latencyP95Ms: must be a number"),
+    ({"model": {"zoo": "alexnet_like"}, "slo": {"minAccuracy": 1.5}},
+     "spec.slo.minAccuracy: must be at most 1"),
+    ({"model": {"zoo": "alexnet_like"}, "objective": "fastest"},
+     "spec.objective: unknown objective 'fastest'"),
+    ({"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["device", "moon"]}},
+     "spec.placement.tiers[1]: unknown tier 'moon'"),
+    ({"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "random"}},
+     "spec.placement.partitioning: unknown mode 'random'"),
+    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP99Ms": 5}},
+     "spec.slo: unknown field(s) ['latencyP99Ms']"),
+    ({"slo": {"latencyP95Ms": 5}}, "spec.modelRef: is required"),
+    ({"model": {"zoo": "lenet5"}}, "spec.model.zoo: unknown zoo model 'lenet5'"),
+    ({"modelRef": {"name": "my-detector"}},
+     "spec.modelRef.name: DNNModel 'my-detector' cannot be resolved offline"),
+    ({"model": {"zoo": "alexnet_like"}, "privacy": {"rawInputStaysOnDevice": "yes"}},
+     "spec.privacy.rawInputStaysOnDevice: must be true or false"),
+    ({"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["cloud"]},
+      "privacy": {"rawInputStaysOnDevice": True}},
+     "spec.privacy.rawInputStaysOnDevice: needs the device tier"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), BAD_SPECS)
+def test_bad_manifests_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      spec: dict[str, Any], message: str) -> None:
+    manifest = _manifest(tmp_path, spec)
+    assert cli.main(["plan", "-f", str(manifest), "--topology", str(TOPOLOGY)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "(accepted:" in err or "DNNModel" in err
+
+
+def test_bad_cli_arguments_name_the_argument(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["profile", "digits_cnn", "--repeats", "0"]) == 2
+    assert "--repeats: must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["profile", "lenet5"]) == 2
+    assert "MODEL: unknown model 'lenet5'" in capsys.readouterr().err
+    manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"}})
+    assert cli.main(["plan", "-f", str(tmp_path / "missing.yaml")]) == 2
+    assert "-f: cannot read" in capsys.readouterr().err
+    assert cli.main(["plan", "-f", str(manifest), "--profile", str(manifest)]) == 2
+    assert "--profile: " in capsys.readouterr().err
+    data = yaml.safe_load(TOPOLOGY.read_text())
+    for group in data["nodeGroups"]:
+        group.pop("uplinkMbps", None)
+    no_links = tmp_path / "t.yaml"
+    no_links.write_text(yaml.safe_dump(data))
+    assert cli.main(["plan", "-f", str(manifest), "--topology", str(no_links)]) == 2
+    assert "nodeGroups[device].uplinkMbps: is required for planning" in capsys.readouterr().err
+    assert cli.main(["plan", "-f", str(manifest), "--zone", "zone-x"]) == 2
+    assert "--zone: unknown zone 'zone-x'" in capsys.readouterr().err
