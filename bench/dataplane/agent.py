@@ -1,0 +1,174 @@
+"""What the benchmark runs inside a namespace: profiling, an OIP client, a raw aiohttp
+echo server and the per-hop comparison. Prints one JSON object on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+
+def _connection(url: str) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(
+        parts.hostname or "", parts.port or 80, timeout=120
+    ), parts.path
+
+
+def oip_body(x: np.ndarray, request_id: str) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "id": request_id,
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + raw, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
+    from edgeai_worker.profiler import profile_model
+
+    return profile_model(
+        args.model, repeats=args.repeats, warmup=2, threads=args.threads, gflops=1.0, progress=None
+    )
+
+
+def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
+    x = np.load(args.input)
+    conn, path = _connection(args.url)
+    latencies: list[float] = []
+    splits: list[str] = []
+    for i in range(args.warmup + args.requests):
+        body, headers = oip_body(x, f"bench-{i}")
+        started = time.perf_counter()
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        elapsed = (time.perf_counter() - started) * 1000
+        if resp.status != 200:
+            raise SystemExit(f"HTTP {resp.status}: {data[:300]!r}")
+        if i >= args.warmup:
+            latencies.append(elapsed)
+            length = int(resp.getheader("Inference-Header-Content-Length") or len(data))
+            splits.append(str(json.loads(data[:length]).get("parameters", {}).get("edgeai_split")))
+    conn.close()
+    return {"latencies_ms": latencies, "median_ms": statistics.median(latencies), "splits": splits}
+
+
+def cmd_echo_server(args: argparse.Namespace) -> dict[str, Any]:
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(
+            body=body,
+            headers={
+                k: v for k, v in request.headers.items() if k == "Inference-Header-Content-Length"
+            },
+        )
+
+    app = web.Application(client_max_size=1 << 30)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_post("/echo", echo)
+    app.router.add_get("/health", health)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return {}
+
+
+def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
+    """OIP binary inference through an Identity model vs a raw echo of the same bytes,
+    interleaved so both see the same conditions."""
+    x = np.random.default_rng(0).standard_normal(json.loads(args.shape)).astype(np.float32)
+    body, headers = oip_body(x, "hop")
+    oip, oip_path = _connection(args.oip)
+    echo, echo_path = _connection(args.echo)
+    times: dict[str, list[float]] = {"oip": [], "echo": []}
+    for i in range(args.warmup + args.requests):
+        for name, conn, path in (("oip", oip, oip_path), ("echo", echo, echo_path)):
+            started = time.perf_counter()
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            elapsed = (time.perf_counter() - started) * 1000
+            if resp.status != 200 or len(data) < len(x.tobytes()):
+                raise SystemExit(f"{name}: HTTP {resp.status} {len(data)} bytes")
+            if i >= args.warmup:
+                times[name].append(elapsed)
+    return {
+        "bytes": len(body),
+        "oip_ms": statistics.median(times["oip"]),
+        "echo_ms": statistics.median(times["echo"]),
+    }
+
+
+def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
+    conn, path = _connection(args.url)
+    samples = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        conn.request("POST", path, body=b"x")
+        conn.getresponse().read()
+        samples.append((time.perf_counter() - started) * 1000)
+    return {"rtt_ms": statistics.median(samples[2:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=10)
+    p.set_defaults(func=cmd_profile)
+    c = sub.add_parser("client")
+    c.add_argument("--url", required=True)
+    c.add_argument("--input", type=Path, required=True)
+    c.add_argument("--requests", type=int, default=10)
+    c.add_argument("--warmup", type=int, default=2)
+    c.set_defaults(func=cmd_client)
+    e = sub.add_parser("echo-server")
+    e.add_argument("--host", required=True)
+    e.add_argument("--port", type=int, required=True)
+    e.set_defaults(func=cmd_echo_server)
+    h = sub.add_parser("hop")
+    h.add_argument("--oip", required=True)
+    h.add_argument("--echo", required=True)
+    h.add_argument("--shape", required=True)
+    h.add_argument("--requests", type=int, default=20)
+    h.add_argument("--warmup", type=int, default=3)
+    h.set_defaults(func=cmd_hop)
+    r = sub.add_parser("rtt")
+    r.add_argument("--url", required=True)
+    r.add_argument("--requests", type=int, default=22)
+    r.set_defaults(func=cmd_rtt)
+    args = parser.parse_args()
+    result = args.func(args)
+    print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

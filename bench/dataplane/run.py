@@ -1,0 +1,469 @@
+"""Data-plane benchmark over shaped links between network namespaces (needs root).
+
+    python bench/dataplane/run.py [--model alexnet_like] [--uplinks 1,10,100]
+
+Builds device, edge and cloud namespaces joined by veth (device<->edge shaped with
+`tc tbf` at each uplink rate in turn, edge<->cloud at the backhaul rate), gives each tier
+a CPU quota (device slowest), profiles the model per tier inside its namespace, asks the
+planner (`edgeai_operator.planner`) for a plan per uplink, runs it as real worker
+processes, and prints side by side:
+
+1. end-to-end latency / the planner's prediction (goal 0.9-1.1);
+2. partitioned latency / min(device-only, cloud-only) (goal <= 1.0);
+3. per-hop time of the OIP binary path / a raw aiohttp echo of the same bytes (<= 1.5);
+4. binary / JSON encoding of a 1x3x224x224 FP32 tensor.
+
+Namespaces and cgroups are removed on exit, also after errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from netns import TIERS, TierSpec, Topology, set_uplink, topology  # noqa: E402
+
+PYTHON = sys.executable
+AGENT = str(HERE / "agent.py")
+ECHO_PORT = 9100
+IDENTITY_PORT = 9200
+STAGE_PORT = 9300
+
+
+def agent(
+    topo: Topology, tier: str, *argv: str, limit_cpu: bool = True, timeout: float = 600
+) -> dict[str, Any]:
+    run = subprocess.run(
+        topo.wrap(tier, [PYTHON, AGENT, *argv], limit_cpu=limit_cpu),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"agent {argv[0]} in {tier} failed:\n{run.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return result
+
+
+def wait_ready(topo: Topology, tier: str, url: str, process: subprocess.Popen[bytes]) -> None:
+    probe = (
+        "import sys, time, urllib.request\n"
+        "end = time.time() + 120\n"
+        "while time.time() < end:\n"
+        "    try:\n"
+        f"        urllib.request.urlopen('{url}', timeout=2); sys.exit(0)\n"
+        "    except Exception: time.sleep(0.1)\n"
+        "sys.exit(1)\n"
+    )
+    code = subprocess.run(["ip", "netns", "exec", topo.ns(tier), PYTHON, "-c", probe]).returncode
+    if code != 0 or process.poll() is not None:
+        raise RuntimeError(f"{url} in {tier} did not become ready")
+
+
+class Fleet:
+    """Worker and helper processes started in the namespaces; stopped together."""
+
+    def __init__(self, topo: Topology, workdir: Path) -> None:
+        self.topo = topo
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, tier: str, argv: Sequence[str], log_name: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
+        with (self.workdir / f"{log_name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                self.topo.wrap(tier, argv), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self.processes.append(process)
+        return process
+
+    def worker(self, tier: str, config: dict[str, Any], name: str) -> str:
+        path = self.workdir / f"{name}.json"
+        path.write_text(json.dumps(config))
+        process = self.spawn(tier, [PYTHON, "-m", "edgeai_worker", "--config", str(path)], name)
+        url = f"http://{config['host']}:{config['port']}"
+        wait_ready(self.topo, tier, f"{url}/v2/health/ready", process)
+        return url
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        self.processes.clear()
+
+
+def tier_host(topo: Topology, tier: str) -> str:
+    return {"device": "127.0.0.1", "edge": topo.edge_down_ip, "cloud": topo.cloud_ip}[tier]
+
+
+def deploy(
+    fleet: Fleet, stages: list[dict[str, Any]], model_path: Path, name: str, uplink: float
+) -> str:
+    """Start one worker per stage (last first) and return the device's infer URL."""
+    from edgeai_operator.runlocal import build_partitions
+
+    workdir = fleet.workdir / name
+    workdir.mkdir(exist_ok=True)
+    specs = build_partitions({"stages": stages}, model_path, workdir, adaptive=False)
+    next_url: list[str] = []
+    for spec in reversed(specs):
+        tier = spec.tier
+        config = {
+            "model_name": "bench",
+            "host": tier_host(fleet.topo, tier),
+            "port": STAGE_PORT + spec.index,
+            "tier": tier,
+            "stage_index": spec.index,
+            "partitions": [str(p) for p in spec.partitions],
+            "next_urls": next_url,
+            "intra_op_threads": fleet.topo.tiers[tier].threads,
+        }
+        if tier == "device":
+            config["uplink_mbps"] = uplink
+        url = fleet.worker(tier, config, f"{name}-stage{spec.index}-{tier}")
+        next_url = [url]
+    return f"{next_url[0]}/v2/models/bench/infer"
+
+
+def full_stages(plan: Any, inputs: list[str]) -> list[dict[str, Any]]:
+    """The plan's stages, with empty forwarding stages for the tiers below its first
+    stage (requests enter at the device and travel the path)."""
+    stages = [s.to_dict() for s in plan.stages]
+    first = TIERS.index(stages[0]["tier"])
+    lead = [{"tier": t, "inputs": inputs, "outputs": inputs} for t in TIERS[:first]]
+    return lead + stages
+
+
+def encoding_ratio() -> dict[str, float]:
+    from edgeai_worker.protocol import InferRequest, Tensor, decode_request, encode_request
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    request = InferRequest([Tensor.from_numpy("input", x)])
+
+    def median_ms(fn: Any, repeats: int) -> float:
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - started) * 1000)
+        return statistics.median(samples)
+
+    binary_body, binary_headers = encode_request(request, binary=True)
+    json_body, _ = encode_request(request, binary=False)
+    length = int(binary_headers["Inference-Header-Content-Length"])
+    result = {
+        "binary_bytes": len(binary_body),
+        "json_bytes": len(json_body),
+        "binary_encode_ms": median_ms(lambda: encode_request(request, binary=True), 30),
+        "json_encode_ms": median_ms(lambda: encode_request(request, binary=False), 5),
+        "binary_decode_ms": median_ms(lambda: decode_request(binary_body, length), 30),
+        "json_decode_ms": median_ms(lambda: decode_request(json_body, None), 5),
+    }
+    result["size_ratio"] = result["binary_bytes"] / result["json_bytes"]
+    result["encode_ratio"] = result["binary_encode_ms"] / result["json_encode_ms"]
+    result["decode_ratio"] = result["binary_decode_ms"] / result["json_decode_ms"]
+    return result
+
+
+def identity_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "C", "H", "W"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", "C", "H", "W"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="alexnet_like", help="zoo model")
+    parser.add_argument("--uplinks", default="1,10,100", help="device<->edge Mbps, comma-separated")
+    parser.add_argument("--backhaul-mbps", type=float, default=100.0)
+    parser.add_argument("--requests", type=int, default=8, help="timed requests per config")
+    parser.add_argument("--profile-repeats", type=int, default=20)
+    parser.add_argument("--device-cpus", type=float, default=0.25)
+    parser.add_argument("--edge-cpus", type=float, default=1.0)
+    parser.add_argument("--cloud-threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "dataplane.json")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("error: needs root (ip netns, tc, cgroups)", file=sys.stderr)
+        return 2
+    from edgeai_operator.planner.model import LayerGraph, Link, Problem, Variant, evaluate
+    from edgeai_operator.planner.plan import plan_partitions
+    from edgeai_worker import zoo
+    from edgeai_worker.graph import cut_points
+
+    uplinks = [float(u) for u in args.uplinks.split(",")]
+    tiers = {
+        "device": TierSpec("device", args.device_cpus, 1),
+        "edge": TierSpec("edge", args.edge_cpus, 1),
+        "cloud": TierSpec("cloud", None, args.cloud_threads),
+    }
+    model_path = zoo.export_onnx(args.model)
+    import onnx
+
+    cuts = cut_points(onnx.load(str(model_path)))
+    model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
+    workdir = Path(tempfile.mkdtemp(prefix="edgeai-bench-"))
+    x = zoo.example_input(args.model)
+    np.save(workdir / "input.npy", x)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "tiers": {k: vars(v) for k, v in tiers.items()},
+        "backhaul_mbps": args.backhaul_mbps,
+        "scenarios": [],
+    }
+    print("[bench] encoding a 1x3x224x224 FP32 tensor", flush=True)
+    report["encoding"] = encoding_ratio()
+    with topology(tiers, uplinks[0], args.backhaul_mbps) as topo:
+        report["cgroups"] = topo.cgroups
+        fleet = Fleet(topo, workdir)
+        try:
+            profiles: dict[str, Any] = {}
+            for tier in TIERS:
+                print(
+                    f"[bench] profiling {args.model} on {tier} "
+                    f"({tiers[tier].cpus or 'all'} CPU, {tiers[tier].threads} thread(s))",
+                    flush=True,
+                )
+                profiles[tier] = agent(
+                    topo,
+                    tier,
+                    "profile",
+                    "--model",
+                    str(model_path),
+                    "--threads",
+                    str(tiers[tier].threads),
+                    "--repeats",
+                    str(args.profile_repeats),
+                )
+                print(
+                    f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, "
+                    f"segments sum {profiles[tier]['totalMs']:.1f} ms",
+                    flush=True,
+                )
+            report["profiles"] = {
+                t: {"wholeModelMs": p["wholeModelMs"], "totalMs": p["totalMs"]}
+                for t, p in profiles.items()
+            }
+            graph = LayerGraph.chain(
+                {t: [s["measuredMs"] for s in p["segments"]] for t, p in profiles.items()},
+                [c["sizeBytes"] for c in profiles["device"]["cuts"]],
+                [c["tensors"] for c in profiles["device"]["cuts"]],
+            )
+            nodes = len(profiles["device"]["segments"])
+            # Raw echo servers on edge and cloud; an Identity model worker on the cloud.
+            for tier in ("edge", "cloud"):
+                host = tier_host(topo, tier)
+                p = fleet.spawn(
+                    tier,
+                    [PYTHON, AGENT, "echo-server", "--host", host, "--port", str(ECHO_PORT)],
+                    f"echo-{tier}",
+                )
+                wait_ready(topo, tier, f"http://{host}:{ECHO_PORT}/health", p)
+            identity = fleet.worker(
+                "cloud",
+                {
+                    "model_name": "identity",
+                    "host": topo.cloud_ip,
+                    "port": IDENTITY_PORT,
+                    "tier": "cloud",
+                    "partitions": [str(identity_model(workdir / "identity.onnx"))],
+                    "intra_op_threads": 1,
+                },
+                "identity",
+            )
+            hops = []
+            for shape in ([1, 3, 224, 224], [1, 64, 13, 13]):
+                for where, tier in (("edge->cloud, shaped", "edge"), ("same namespace", "cloud")):
+                    print(f"[bench] per-hop overhead {shape} {where}", flush=True)
+                    hop = agent(
+                        topo,
+                        tier,
+                        "hop",
+                        "--oip",
+                        f"{identity}/v2/models/identity/infer",
+                        "--echo",
+                        f"http://{topo.cloud_ip}:{ECHO_PORT}/echo",
+                        "--shape",
+                        json.dumps(shape),
+                    )
+                    hop.update(shape=shape, path=where, ratio=hop["oip_ms"] / hop["echo_ms"])
+                    hops.append(hop)
+            report["hops"] = hops
+            for uplink in uplinks:
+                set_uplink(topo, uplink)
+                rtt0 = agent(
+                    topo, "device", "rtt", "--url", f"http://{topo.edge_down_ip}:{ECHO_PORT}/echo"
+                )["rtt_ms"]
+                rtt1 = agent(
+                    topo, "edge", "rtt", "--url", f"http://{topo.cloud_ip}:{ECHO_PORT}/echo"
+                )["rtt_ms"]
+                problem = Problem(
+                    variants=(Variant("fp32", graph),),
+                    links=(Link(uplink, rtt0), Link(args.backhaul_mbps, rtt1)),
+                )
+                plan = plan_partitions(problem, alternatives=False)
+                everything = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
+                configs = {
+                    "partitioned (planner)": (
+                        full_stages(plan, model_input),
+                        plan.predicted_latency_ms,
+                    ),
+                    "device-only": (everything, evaluate(problem, graph, [0] * nodes).latency_ms),
+                    "cloud-only": (
+                        [
+                            {"tier": "device", "inputs": model_input, "outputs": model_input},
+                            {"tier": "edge", "inputs": model_input, "outputs": model_input},
+                            {"tier": "cloud", "inputs": model_input, "outputs": model_output},
+                        ],
+                        evaluate(problem, graph, [2] * nodes).latency_ms,
+                    ),
+                }
+                scenario: dict[str, Any] = {
+                    "uplink_mbps": uplink,
+                    "rtt_ms": [rtt0, rtt1],
+                    "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
+                    "results": {},
+                }
+                for name, (stages, predicted) in configs.items():
+                    tag = f"{int(uplink)}mbps-{name.split()[0]}"
+                    print(
+                        f"[bench] uplink {uplink:g} Mbps: {name} "
+                        f"({' + '.join(s['tier'] for s in stages)})",
+                        flush=True,
+                    )
+                    # Slow configurations (seconds per request) get fewer requests.
+                    requests = args.requests if predicted < 1000 else max(3, args.requests // 2)
+                    stage_fleet = Fleet(topo, workdir)
+                    try:
+                        entry = deploy(stage_fleet, stages, model_path, tag, uplink)
+                        # The client is the device's application: in the device's namespace,
+                        # outside the device stage's CPU quota (the planner models the stages).
+                        measured = agent(
+                            topo,
+                            "device",
+                            "client",
+                            "--url",
+                            entry,
+                            "--input",
+                            str(workdir / "input.npy"),
+                            "--requests",
+                            str(requests),
+                            limit_cpu=False,
+                        )
+                    finally:
+                        stage_fleet.stop()
+                    scenario["results"][name] = {
+                        "measured_ms": measured["median_ms"],
+                        "predicted_ms": predicted,
+                        "ratio": measured["median_ms"] / predicted,
+                        "requests": requests,
+                    }
+                    print(
+                        f"[bench]   measured {measured['median_ms']:.1f} ms, "
+                        f"predicted {predicted:.1f} ms",
+                        flush=True,
+                    )
+                results = scenario["results"]
+                best_single = min(
+                    results["device-only"]["measured_ms"], results["cloud-only"]["measured_ms"]
+                )
+                scenario["partitioned_vs_best_single"] = (
+                    results["partitioned (planner)"]["measured_ms"] / best_single
+                )
+                report["scenarios"].append(scenario)
+        finally:
+            fleet.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    tiers = report["tiers"]
+    print()
+    print(
+        f"model {report['model']}; tiers: "
+        + ", ".join(
+            f"{t} {v['cpus'] or 'all'} CPU x{v['threads']} thread" for t, v in tiers.items()
+        )
+        + f"; cgroup CPU quotas {'on' if report['cgroups'] else 'OFF'}; "
+        f"edge<->cloud {report['backhaul_mbps']:g} Mbps"
+    )
+    print(
+        "profiles (whole model, ms): "
+        + ", ".join(f"{t} {p['wholeModelMs']:.1f}" for t, p in report["profiles"].items())
+    )
+    print()
+    print("1+2. end-to-end latency vs the planner (median of N requests, client on the device)")
+    print(
+        f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
+        f"{'meas/pred':>10}  plan"
+    )
+    for s in report["scenarios"]:
+        for name, r in s["results"].items():
+            plan = s["plan"] if name.startswith("partitioned") else ""
+            print(
+                f"{s['uplink_mbps']:>5g}Mb {name:<22} {r['measured_ms']:>12.1f} "
+                f"{r['predicted_ms']:>13.1f} {r['ratio']:>10.2f}  {plan}"
+            )
+        print(
+            f"{'':>7} partitioned / min(device-only, cloud-only) = "
+            f"{s['partitioned_vs_best_single']:.2f}   "
+            f"(rtt ms {s['rtt_ms'][0]:.2f}, {s['rtt_ms'][1]:.2f})"
+        )
+    print()
+    print("3. per-hop: OIP binary inference (Identity model) / raw aiohttp echo of the same bytes")
+    print(f"{'tensor':<18} {'path':<22} {'bytes':>9} {'OIP ms':>8} {'echo ms':>8} {'ratio':>6}")
+    for h in report["hops"]:
+        print(
+            f"{h['shape']!s:<18} {h['path']:<22} {h['bytes']:>9} {h['oip_ms']:>8.2f} "
+            f"{h['echo_ms']:>8.2f} {h['ratio']:>6.2f}"
+        )
+    e = report["encoding"]
+    print()
+    print("4. binary / JSON for a 1x3x224x224 FP32 tensor")
+    print(f"   size   {e['binary_bytes']} / {e['json_bytes']} bytes = {e['size_ratio']:.3f}")
+    print(
+        f"   encode {e['binary_encode_ms']:.2f} / {e['json_encode_ms']:.1f} ms "
+        f"= {e['encode_ratio']:.4f}"
+    )
+    print(
+        f"   decode {e['binary_decode_ms']:.2f} / {e['json_decode_ms']:.1f} ms "
+        f"= {e['decode_ratio']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
