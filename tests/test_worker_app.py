@@ -480,3 +480,48 @@ def test_shutdown_drains_in_flight_requests(
         run_onnx(model.path, {"input": x})[0],
         rtol=1e-6,
     )
+
+
+# ------------------------------------------------------------------------- config
+
+
+def test_config_from_file_environment_and_plan_stage(tmp_path: Path) -> None:
+    from edgeai_worker.config import ConfigError, load_config, stage_config
+
+    (tmp_path / "stage.onnx").write_bytes(b"")
+    path = tmp_path / "worker.yaml"
+    path.write_text(
+        "modelName: chain\ntier: edge\nport: 9001\npartitions: [stage.onnx]\n"
+        "nextUrls: [http://cloud-a:8000/, http://cloud-b:8000]\nmaxBatch: 8\n"
+    )
+    env = {"EDGEAI_MAX_WAIT_MS": "5", "EDGEAI_PORT": "9002", "EDGEAI_CACHE_DIR": "/elsewhere"}
+    config = load_config(path, env, tier="cloud")
+    assert config.model_name == "chain"
+    assert config.partitions == (tmp_path / "stage.onnx",)  # relative to the file
+    assert config.next_urls == ("http://cloud-a:8000", "http://cloud-b:8000")
+    assert (config.max_batch, config.max_wait_ms, config.port) == (8, 5.0, 9002)  # env wins
+    assert config.tier == "cloud"  # explicit arguments win over both
+    path.write_text("maxBatchSize: 8\n")
+    with pytest.raises(ConfigError, match="maxBatchSize: unknown setting"):
+        load_config(path, {})
+    with pytest.raises(ConfigError, match=r"tier: 'fog' is not a tier.*device, edge, cloud"):
+        load_config(None, {"EDGEAI_TIER": "fog"})
+    with pytest.raises(ConfigError, match="max_batch: must be at least 1"):
+        load_config(None, {"EDGEAI_MAX_BATCH": "0"})
+    plan = {
+        "kind": "Plan",
+        "model": {"zoo": "resnet18"},
+        "stages": [
+            {"index": 0, "tier": "device", "inputs": ["input"], "outputs": ["x"]},
+            {"index": 1, "tier": "cloud", "inputs": ["x"], "outputs": ["output"]},
+        ],
+    }
+    stage = stage_config(plan, 1, [tmp_path / "stage.onnx"], max_batch=4)
+    assert (stage.model_name, stage.tier, stage.stage_index, stage.max_batch) == (
+        "resnet18",
+        "cloud",
+        1,
+        4,
+    )
+    with pytest.raises(ConfigError, match="stage_index: 2 is out of range"):
+        stage_config(plan, 2, [])
