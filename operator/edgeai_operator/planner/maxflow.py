@@ -5,92 +5,101 @@ from __future__ import annotations
 from collections import deque
 
 INF = float("inf")
+_EPS = 1e-12
 
 
 class FlowNetwork:
     def __init__(self, size: int) -> None:
-        self.size = size
-        self.head = [-1] * size
+        self.adj: list[list[int]] = [[] for _ in range(size)]
         self.to: list[int] = []
         self.cap: list[float] = []
-        self.next: list[int] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.adj)
 
     def add_node(self) -> int:
-        self.head.append(-1)
-        self.size += 1
-        return self.size - 1
+        self.adj.append([])
+        return len(self.adj) - 1
 
     def add_edge(self, u: int, v: int, capacity: float) -> None:
+        """Edge `e` and its residual twin `e ^ 1`."""
         if capacity <= 0 or u == v:
             return
-        for a, b, c in ((u, v, capacity), (v, u, 0.0)):
-            self.to.append(b)
-            self.cap.append(c)
-            self.next.append(self.head[a])
-            self.head[a] = len(self.to) - 1
+        e = len(self.to)
+        self.to += (v, u)
+        self.cap += (capacity, 0.0)
+        self.adj[u].append(e)
+        self.adj[v].append(e + 1)
 
     def _levels(self, s: int, t: int) -> list[int] | None:
-        level = [-1] * self.size
+        adj, to, cap = self.adj, self.to, self.cap
+        level = [-1] * len(adj)
         level[s] = 0
         queue = deque([s])
-        head, to, cap, nxt = self.head, self.to, self.cap, self.next
         while queue:
             u = queue.popleft()
-            e = head[u]
-            while e != -1:
+            next_level = level[u] + 1
+            for e in adj[u]:
                 v = to[e]
-                if cap[e] > 1e-12 and level[v] < 0:
-                    level[v] = level[u] + 1
+                if level[v] < 0 and cap[e] > _EPS:
+                    level[v] = next_level
+                    if v == t:
+                        return level  # nodes at t's depth or deeper cannot help
                     queue.append(v)
-                e = nxt[e]
-        return level if level[t] >= 0 else None
+        return None
 
     def min_cut(self, s: int, t: int) -> tuple[float, list[bool]]:
         """(cut value, source side flags). The value is INF if every cut is infinite."""
+        adj, to, cap = self.adj, self.to, self.cap
         flow = 0.0
-        to, cap, nxt = self.to, self.cap, self.next
         while True:
             level = self._levels(s, t)
             if level is None:
                 break
-            current = list(self.head)
+            depth = level[t]
+            current = [0] * len(adj)
             while True:
-                # find one augmenting path in the level graph, iteratively
+                # one augmenting path in the level graph, iteratively
                 path: list[int] = []
                 u = s
                 while u != t:
-                    e = current[u]
-                    while e != -1 and not (cap[e] > 1e-12 and level[to[e]] == level[u] + 1):
-                        e = nxt[e]
-                    current[u] = e
-                    if e == -1:
+                    edges = adj[u]
+                    i = current[u]
+                    want = level[u] + 1
+                    while i < len(edges):
+                        e = edges[i]
+                        v = to[e]
+                        if cap[e] > _EPS and level[v] == want and (want < depth or v == t):
+                            break
+                        i += 1
+                    current[u] = i
+                    if i == len(edges):
                         if not path:
                             break
                         level[u] = -1  # dead end: prune it and step back
-                        back = path.pop()
-                        u = to[back ^ 1]
+                        u = to[path.pop() ^ 1]
                         continue
+                    e = edges[i]
                     path.append(e)
                     u = to[e]
                 if u != t:
                     break
                 pushed = min(cap[e] for e in path)
                 if pushed == INF:
-                    return INF, [False] * self.size
+                    return INF, [False] * len(adj)
                 for e in path:
                     cap[e] -= pushed
                     cap[e ^ 1] += pushed
                 flow += pushed
-        side = [False] * self.size
+        side = [False] * len(adj)
         side[s] = True
         queue = deque([s])
         while queue:
             u = queue.popleft()
-            e = self.head[u]
-            while e != -1:
+            for e in adj[u]:
                 v = to[e]
-                if cap[e] > 1e-12 and not side[v]:
+                if not side[v] and cap[e] > _EPS:
                     side[v] = True
                     queue.append(v)
-                e = nxt[e]
         return flow, side

@@ -6,8 +6,9 @@ constraints, or None when no assignment is feasible.
   ends at cut `c`; with prefix sums the transition is a running minimum, O(n x tiers).
 - `mincut`: DAGs, same case. A layered s-t min-cut (DADS for two tiers; for three,
   one copy of the DAG per hop with infinite edges keeping the ideals nested, as in
-  Ishikawa's multi-label construction). The per-hop RTT is not a cut function, so
-  each "number of hops used" is solved separately and the best kept: exact.
+  Ishikawa's multi-label construction). A tensor read by several nodes above a hop
+  is sent once (an auxiliary node); the hop's RTT, paid once if anything runs above
+  it, is an OR node with infinite edges to that copy of the DAG. Exact.
 - `enumerate_ideals`: anything with a latency SLO on another objective or a
   throughput floor (a constrained min-cut is NP-hard in general). Enumerates the
   downward-closed node sets (prefixes for a chain; few for DNN-shaped DAGs) and all
@@ -150,13 +151,15 @@ def _combined(a: Weights, b: Weights, factor: float) -> Weights:
                    mix(a.rtt, b.rtt))
 
 
-def _mincut_case(problem: Problem, graph: LayerGraph, w: Weights, hops: int) -> list[int] | None:
-    """Best assignment using tiers 0..hops (so hops 0..hops-1 may carry data)."""
+def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[int] | None:
+    """One s-t min-cut over `hops` copies of the DAG; copy k's source side is I_k."""
     n = graph.size
+    hops = len(problem.path) - 1
     allowed = _allowed_indices(problem)
     raw = _input_consumers(graph) if problem.raw_input_stays_on_device else set()
     net = FlowNetwork(2 + hops * n)
     s, t = 0, 1
+    add = net.add_edge
 
     def node(k: int, v: int) -> int:
         return 2 + k * n + v
@@ -168,29 +171,37 @@ def _mincut_case(problem: Problem, graph: LayerGraph, w: Weights, hops: int) -> 
             return w.compute[j] * graph.node_ms[problem.path[j]][v]
 
         # s -> (hops-1, v) -> ... -> (0, v) -> t; the edge cut is the one of v's tier
-        net.add_edge(s, node(hops - 1, v), unary(hops))
+        add(s, node(hops - 1, v), unary(hops))
         for j in range(1, hops):
-            net.add_edge(node(j, v), node(j - 1, v), unary(j))
-            net.add_edge(node(j - 1, v), node(j, v), INF)  # I_{j-1} within I_j
-        net.add_edge(node(0, v), t, unary(0))
+            add(node(j, v), node(j - 1, v), unary(j))
+            add(node(j - 1, v), node(j, v), INF)  # I_{j-1} within I_j
+        add(node(0, v), t, unary(0))
     for k in range(hops):
-        mpb = problem.links[k].ms_per_byte()
+        link = problem.links[k]
+        mpb = link.ms_per_byte()
+        # the RTT is paid once if anything runs above tier k: an OR node
+        rtt = w.rtt[k] * link.rtt_ms
+        if rtt > 0:
+            any_above = net.add_node()
+            add(s, any_above, rtt)
+            for v in range(n):
+                add(any_above, node(k, v), INF)
         for tensor in graph.tensors:
             src = s if tensor.producer < 0 else node(k, tensor.producer)
             up = w.up[k] * tensor.size_bytes * mpb
             consumers = [node(k, c) for c in tensor.consumers]
             if tensor.producer >= 0:
                 for c in consumers:
-                    net.add_edge(c, src, INF)  # a consumer below its producer is forbidden
+                    add(c, src, INF)  # a consumer below its producer is forbidden
             if len(consumers) == 1:
-                net.add_edge(src, consumers[0], up)
+                add(src, consumers[0], up)
             elif consumers:
                 aux = net.add_node()  # sent once however many consumers are above
-                net.add_edge(src, aux, up)
+                add(src, aux, up)
                 for c in consumers:
-                    net.add_edge(aux, c, INF)
+                    add(aux, c, INF)
             if tensor.is_output and tensor.producer >= 0:
-                net.add_edge(s, src, w.down[k] * tensor.size_bytes * mpb)
+                add(s, src, w.down[k] * tensor.size_bytes * mpb)
     value, side = net.min_cut(s, t)
     if value == INF:
         return None
@@ -198,37 +209,16 @@ def _mincut_case(problem: Problem, graph: LayerGraph, w: Weights, hops: int) -> 
 
 
 def mincut(problem: Problem, graph: LayerGraph, w: Weights | None = None) -> Evaluation | None:
-    n = graph.size
     if w is None:
         w = _combined(weights(problem, problem.objective), weights(problem, "latency"), TIE_EPS)
-    candidates: list[list[int]] = []
-    if _allowed_indices(problem)[0]:
-        candidates.append([0] * n)
-    if n:
-        for hops in range(1, len(problem.path)):
-            found = _mincut_case(problem, graph, w, hops)
-            if found is not None:
-                candidates.append(found)
-    best: Evaluation | None = None
-    best_value = INF
-    for assignment in candidates:
-        ev = evaluate(problem, graph, assignment)
-        if not _hard_ok(problem, graph, ev):
-            continue
-        value = _scalar(w, problem, ev)
-        if value < best_value:
-            best, best_value = ev, value
-    return best
-
-
-def _scalar(w: Weights, problem: Problem, ev: Evaluation) -> float:
-    total = sum(a * b for a, b in zip(w.compute, ev.compute_ms, strict=True))
-    for k, link in enumerate(problem.links):
-        if ev.hop_used[k]:
-            mpb = link.ms_per_byte()
-            total += (w.up[k] * ev.up_bytes[k] * mpb + w.down[k] * ev.down_bytes[k] * mpb
-                      + w.rtt[k] * link.rtt_ms)
-    return total
+    if graph.size == 0 or len(problem.path) == 1:
+        assignment: list[int] | None = [0] * graph.size
+    else:
+        assignment = _mincut_assignment(problem, graph, w)
+    if assignment is None:
+        return None
+    ev = evaluate(problem, graph, assignment)
+    return ev if _hard_ok(problem, graph, ev) else None
 
 
 def _hard_ok(problem: Problem, graph: LayerGraph, ev: Evaluation) -> bool:
