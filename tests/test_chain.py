@@ -287,3 +287,26 @@ async def test_retried_request_id_runs_once(model: ChainModel, tmp_path: Path) -
     np.testing.assert_allclose(other[2], run_onnx(model.path, {"input": x + 1})[0], rtol=1e-6)
     assert _metric(text, 'edgeai_deduplicated_requests_total{stage="0"}') == 2
     assert _metric(text, 'edgeai_batch_size_count{stage="0"}') == 2  # two runs for four answers
+
+
+async def test_requests_rotate_over_healthy_replicas(model: ChainModel, tmp_path: Path) -> None:
+    parts = _partitions(model, ["relu1"], tmp_path)
+    ports = [free_port(), free_port()]
+    cloud = [
+        {"model_name": "chain", "port": p, "partitions": [str(parts[1])], "tier": "cloud",
+         "stage_index": 1}
+        for p in ports
+    ]  # fmt: skip
+    edge = {"model_name": "chain", "partitions": [str(parts[0])], "tier": "edge",
+            "next_urls": [f"http://127.0.0.1:{p}" for p in ports]}  # fmt: skip
+    with workers(tmp_path, edge, *cloud) as (front, *replicas):
+        async with aiohttp.ClientSession() as session:
+            x = np.zeros(model.input_shape, np.float32)
+            for i in range(10):
+                assert (await _infer(session, front.url, x, f"rr-{i}"))[0] == 200
+            served = []
+            for replica in replicas:
+                async with session.get(f"{replica.url}/metrics") as resp:
+                    text = await resp.text()
+                served.append(_metric(text, 'edgeai_requests_total{code="200",stage="1"}'))
+    assert served == [5.0, 5.0]

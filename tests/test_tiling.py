@@ -136,3 +136,54 @@ def test_untileable_prefixes_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(TilingError, match="only a chain of layers can be tiled"):
         prefix_geometry(helper.make_model(residual))
+
+
+@pytest.mark.slow
+async def test_stage_runs_its_prefix_tiled_on_peers(tmp_path: Path) -> None:
+    """A stage configured with tile peers: the client sends the full input to it, the
+    conv prefix runs as 2x2 tiles on two peer processes, the stage finishes the model."""
+    import aiohttp
+
+    model = build_conv_chain(tmp_path / "chain.onnx", strides=(2, 2, 1), hw=48)
+    prefix = extract(model.path, ["input"], ["relu2"], tmp_path / "prefix.onnx")
+    suffix = extract(model.path, ["relu2"], ["output"], tmp_path / "suffix.onnx")
+    onnx.save(make_spatially_dynamic(onnx.load(str(prefix))), str(tmp_path / "dyn.onnx"))
+    peers = [_peer(tmp_path / "dyn.onnx", free_port()) for _ in range(2)]
+    for peer in peers:
+        peer["model_name"] = "chain"
+    stage = {
+        "model_name": "chain", "tier": "edge", "partitions": [str(suffix)],
+        "tile_prefix": str(tmp_path / "dyn.onnx"), "tile_grid": [2, 2],
+        "tile_peers": [f"http://127.0.0.1:{p['port']}" for p in peers],
+    }  # fmt: skip
+    x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
+    request = {
+        "inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}
+        ]
+    }
+    with workers(tmp_path, stage, *peers) as (entry, *peer_workers):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{entry.url}/v2/models/chain/infer", json=request) as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+            served = []
+            for peer in peer_workers:
+                async with session.get(f"{peer.url}/metrics") as resp:
+                    text = await resp.text()
+                served += [
+                    line for line in text.splitlines() if 'requests_total{code="200"' in line
+                ]
+            bad = dict(request, inputs=[dict(request["inputs"][0], name="pixels")])
+            async with session.post(f"{entry.url}/v2/models/chain/infer", json=bad) as resp:
+                assert resp.status == 400
+                assert "(accepted: input)" in (await resp.json())["error"]
+    out = body["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # Four tiles over two peers: each peer ran two.
+    assert sorted(float(line.split()[-1]) for line in served) == [2.0, 2.0]

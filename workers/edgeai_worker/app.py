@@ -49,6 +49,7 @@ from edgeai_worker.protocol import (
     parse_header_length,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
+from edgeai_worker.tiling import TiledPrefix
 
 log = logging.getLogger("edgeai_worker")
 
@@ -100,6 +101,7 @@ class WorkerState:
     draining: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     downstream_metadata: dict[str, Any] | None = None
+    tiler: TiledPrefix | None = None
 
     @property
     def stage(self) -> str:
@@ -158,6 +160,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             metrics=state.metrics,
         )
         await state.forwarder.start()
+    if config.tile_peers and config.tile_prefix is not None:
+        import onnx
+
+        state.tiler = TiledPrefix(
+            onnx.load(str(config.tile_prefix)),
+            config.tile_peers,
+            config.model_name,
+            config.tile_grid,
+            timeout_s=config.forward_timeout_s,
+        )
+        await state.tiler.__aenter__()
     state.batcher = MicroBatcher(
         lambda partition, feeds: partition.run(feeds),
         max_batch=config.max_batch,
@@ -184,6 +197,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await state.batcher.stop()
     if state.forwarder is not None:
         await state.forwarder.close()
+    if state.tiler is not None:
+        await state.tiler.__aexit__(None, None, None)
 
 
 async def _probe_uplink(state: WorkerState) -> None:
@@ -368,10 +383,36 @@ def _priority_and_deadline(request: InferRequest, arrived: float) -> tuple[int, 
     return priority, arrived + timeout_us / 1e6
 
 
+async def _run_tiled(state: WorkerState, tensors: list[Tensor], request_id: str) -> list[Tensor]:
+    """The conv prefix, computed as tiles on the peer workers and stitched."""
+    tiler = state.tiler
+    assert tiler is not None
+    names = [t.name for t in tensors]
+    if names != [tiler.input_name]:
+        raise ProtocolError(
+            f"inputs {names} do not match model '{state.config.model_name}' "
+            f"(accepted: {tiler.input_name})"
+        )
+    (tensor,) = tensors
+    if tensor.datatype != "FP32" or tensor.array.ndim != 4:
+        raise ProtocolError(
+            f"input '{tensor.name}': a tiled stage takes an FP32 NCHW tensor, got "
+            f"{tensor.datatype} of shape {tensor.shape}"
+        )
+    stitched = await tiler.run(tensor.array, request_id)
+    return [Tensor.from_numpy(tiler.output_name, stitched)]
+
+
 async def _run_local(
-    state: WorkerState, tensors: list[Tensor], priority: int, deadline: float | None
+    state: WorkerState,
+    tensors: list[Tensor],
+    priority: int,
+    deadline: float | None,
+    request_id: str,
 ) -> tuple[list[Tensor], str | None]:
     """Run this stage's layers; returns the tensors to pass on and the split label."""
+    if state.tiler is not None:
+        tensors = await _run_tiled(state, tensors, request_id)
     runtime = state.runtime
     assert state.batcher is not None
     by_name = {t.name: (t.array, t.datatype) for t in tensors}
@@ -424,7 +465,8 @@ async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> I
             return replace(
                 previous, id=request.id, parameters={**previous.parameters, "edgeai_skipped": True}
             )
-    tensors, label = await _run_local(state, request.inputs, priority, deadline)
+    request_id = request.id or uuid.uuid4().hex
+    tensors, label = await _run_local(state, request.inputs, priority, deadline, request_id)
     if state.forwarder is None:
         response = InferResponse(
             config.model_name,
@@ -443,7 +485,7 @@ async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> I
             if request.outputs is not None
             else None
         )
-        forward = InferRequest(tensors, request.id or uuid.uuid4().hex, outputs, parameters)
+        forward = InferRequest(tensors, request_id, outputs, parameters)
         result = await state.forwarder.infer(forward)
         if state.device is not None:
             state.device.observe_transfer(result.sent_bytes, result.elapsed_s, result.server_s)

@@ -117,7 +117,8 @@ class Forwarder:
     def _pick(self, tried: set[str]) -> str:
         """Next replica by rotation, preferring untried replicas that are not cooling down."""
         now = time.monotonic()
-        order = [self.urls[next(self._rotation)] for _ in self.urls]
+        start = next(self._rotation)
+        order = self.urls[start:] + self.urls[:start]
         for url in order:
             if url not in tried and self._down_until.get(url, 0.0) <= now:
                 return url

@@ -68,6 +68,11 @@ class WorkerConfig:
     feature_noise_std: float = 0.0
     raw_input_stays_on_device: bool = False
     noise_seed: int | None = None
+    # Input-wise partitioning: run this conv prefix as tiles on peer workers (which serve
+    # it under this model's name), then this stage's partitions on the stitched output.
+    tile_prefix: Path | None = None
+    tile_peers: tuple[str, ...] = ()
+    tile_grid: tuple[int, int] = (2, 2)
     log_json: bool = False
 
     def __post_init__(self) -> None:
@@ -84,6 +89,12 @@ class WorkerConfig:
                 "skip_unchanged_threshold",
                 f"{self.skip_unchanged_threshold} is out of range",
                 "0 (off) to below 1, a fraction of the input's value range",
+            )
+        if self.tile_peers and self.tile_prefix is None:
+            raise ConfigError("tile_prefix", "tile_peers are set but no prefix model to tile")
+        if len(self.tile_grid) != 2 or min(self.tile_grid) < 1:
+            raise ConfigError(
+                "tile_grid", f"{self.tile_grid} is not a grid", "[rows, columns] >= 1"
             )
         if not (0 < self.port < 65536):
             raise ConfigError("port", f"{self.port} is not a TCP port", "1-65535")
@@ -125,6 +136,9 @@ _ALIASES = {
     "rawInputStaysOnDevice": "raw_input_stays_on_device",
     "noiseSeed": "noise_seed",
     "logJson": "log_json",
+    "tilePrefix": "tile_prefix",
+    "tilePeers": "tile_peers",
+    "tileGrid": "tile_grid",
 }
 
 
@@ -146,7 +160,12 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name == "partitions":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(base / str(p) for p in items if str(p))
-        if name == "next_urls":
+        if name == "tile_prefix":
+            return None if value in (None, "") else base / str(value)
+        if name == "tile_grid":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items)
+        if name in ("next_urls", "tile_peers"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(u).rstrip("/") for u in items if str(u))
         if name == "splits":
