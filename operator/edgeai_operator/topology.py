@@ -43,8 +43,18 @@ from edgeai_operator.errors import SpecError
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GROUP_KEYS = {
-    "name", "tier", "zones", "countPerZone", "count", "capacity", "gflops",
-    "uplinkMbps", "uplinkRttMs", "powerWatts", "labels", "taints",
+    "name",
+    "tier",
+    "zones",
+    "countPerZone",
+    "count",
+    "capacity",
+    "gflops",
+    "uplinkMbps",
+    "uplinkRttMs",
+    "powerWatts",
+    "labels",
+    "taints",
 }
 
 
@@ -135,12 +145,16 @@ def parse_topology(data: Any) -> Topology:
             raise SpecError(f"nodeGroups[{i}]", "must be a mapping", "a node group")
         name = group.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise SpecError(f"nodeGroups[{i}].name", f"invalid name {name!r}",
-                            "a DNS label: lower-case letters, digits and '-'")
+            raise SpecError(
+                f"nodeGroups[{i}].name",
+                f"invalid name {name!r}",
+                "a DNS label: lower-case letters, digits and '-'",
+            )
         unknown = sorted(set(group) - _GROUP_KEYS)
         if unknown:
-            raise SpecError(f"nodeGroups[{name}]", f"unknown field(s) {unknown}",
-                            ", ".join(sorted(_GROUP_KEYS)))
+            raise SpecError(
+                f"nodeGroups[{name}]", f"unknown field(s) {unknown}", ", ".join(sorted(_GROUP_KEYS))
+            )
         tier = group.get("tier")
         if tier not in TIERS:
             raise SpecError(f"nodeGroups[{name}].tier", f"unknown tier {tier!r}", ", ".join(TIERS))
@@ -149,8 +163,9 @@ def parse_topology(data: Any) -> Topology:
             if not isinstance(zones, list) or not all(
                 isinstance(z, str) and _NAME.match(z) for z in zones
             ):
-                raise SpecError(f"nodeGroups[{name}].zones", f"invalid zones {zones!r}",
-                                "a list of DNS labels")
+                raise SpecError(
+                    f"nodeGroups[{name}].zones", f"invalid zones {zones!r}", "a list of DNS labels"
+                )
             count = group.get("countPerZone", 1)
             where = f"nodeGroups[{name}].countPerZone"
         else:
@@ -160,8 +175,11 @@ def parse_topology(data: Any) -> Topology:
             raise SpecError(where, f"must be a positive integer, got {count!r}", "an integer >= 1")
         capacity = group.get("capacity", {"cpu": "4", "memory": "8Gi", "pods": "110"})
         if not isinstance(capacity, dict):
-            raise SpecError(f"nodeGroups[{name}].capacity", "must be a mapping",
-                            "resource name -> quantity, e.g. {cpu: '4', memory: 8Gi}")
+            raise SpecError(
+                f"nodeGroups[{name}].capacity",
+                "must be a mapping",
+                "resource name -> quantity, e.g. {cpu: '4', memory: 8Gi}",
+            )
         capacity = {str(k): str(v) for k, v in capacity.items()}
         capacity.setdefault("pods", "110")
         labels = group.get("labels", {})
@@ -171,8 +189,11 @@ def parse_topology(data: Any) -> Topology:
         if not isinstance(taints, list) or not all(
             isinstance(t, dict) and "key" in t and "effect" in t for t in taints
         ):
-            raise SpecError(f"nodeGroups[{name}].taints", "must be a list of taints",
-                            "{key, value?, effect: NoSchedule|PreferNoSchedule|NoExecute}")
+            raise SpecError(
+                f"nodeGroups[{name}].taints",
+                "must be a list of taints",
+                "{key, value?, effect: NoSchedule|PreferNoSchedule|NoExecute}",
+            )
         gflops = _positive(name, "gflops", group.get("gflops"), required=True)
         assert gflops is not None
         common = dict(
@@ -188,10 +209,10 @@ def parse_topology(data: Any) -> Topology:
         if zones is not None:
             for zone in zones:
                 for j in range(count):
-                    nodes.append(NodeSpec(name=f"{name}-{zone}-{j}", zone=zone, **common))  # type: ignore[arg-type]
+                    nodes.append(NodeSpec(name=f"{name}-{zone}-{j}", zone=zone, **common))
         else:
             for j in range(count):
-                nodes.append(NodeSpec(name=f"{name}-{j}", zone=None, **common))  # type: ignore[arg-type]
+                nodes.append(NodeSpec(name=f"{name}-{j}", zone=None, **common))
     names = [n.name for n in nodes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -209,3 +230,49 @@ def load_topology(path: str | Path) -> Topology:
     except yaml.YAMLError as exc:
         raise SpecError("--topology", f"{path} is not valid YAML: {exc}") from exc
     return parse_topology(data)
+
+
+def _annotation_number(annotations: dict[str, str], key: str) -> float | None:
+    raw = annotations.get(key)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def node_from_object(obj: dict[str, Any]) -> NodeSpec | None:
+    """A live v1.Node as a NodeSpec; None when it carries no valid `edgeai.dev/tier`.
+
+    Measured values win over declared ones: an annotation `<key>-measured` (written
+    by workers that probe their uplink) overrides `<key>`.
+    """
+    meta = obj.get("metadata", {})
+    labels: dict[str, str] = dict(meta.get("labels") or {})
+    annotations: dict[str, str] = dict(meta.get("annotations") or {})
+    tier = labels.get(TIER_LABEL)
+    if tier not in TIERS:
+        return None
+
+    def pick(key: str) -> float | None:
+        measured = _annotation_number(annotations, f"{key}-measured")
+        return measured if measured is not None else _annotation_number(annotations, key)
+
+    capacity = {str(k): str(v) for k, v in (obj.get("status", {}).get("capacity") or {}).items()}
+    return NodeSpec(
+        name=str(meta.get("name", "")),
+        tier=tier,
+        zone=labels.get(ZONE_LABEL),
+        capacity=capacity,
+        gflops=pick(GFLOPS_ANNOTATION) or 1.0,
+        uplink_mbps=pick(UPLINK_MBPS_ANNOTATION),
+        uplink_rtt_ms=pick(UPLINK_RTT_MS_ANNOTATION),
+        power_watts=pick(POWER_WATTS_ANNOTATION),
+        labels=labels,
+        taints=tuple(
+            {str(k): str(v) for k, v in t.items()}
+            for t in (obj.get("spec", {}).get("taints") or [])
+        ),
+    )

@@ -1,0 +1,54 @@
+# edgeai-operator developer entry points. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export EDGEAI_CACHE ?= $(HOME)/.cache/edgeai
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip==25.3
+	$(VENV)/bin/pip install --quiet -e '.[worker,train,dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with the package, worker and training extras and dev tools
+
+binaries: ## Build (or reuse) the pinned kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok
+	@bash hack/build-binaries.sh >/dev/null
+
+test: install binaries crds-check ## Run the whole test suite (unit, data plane, real control plane)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install ## Tests that need neither the control plane nor network namespaces
+	$(PY) -m pytest -m "not cluster and not netns" $(PYTEST_ARGS)
+
+lint: install ## ruff check and format check
+	$(VENV)/bin/ruff check operator workers tests bench
+	$(VENV)/bin/ruff format --check operator workers tests bench
+
+format: install ## Apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix operator workers tests bench
+	$(VENV)/bin/ruff format operator workers tests bench
+
+typecheck: install ## mypy --strict on both packages
+	$(VENV)/bin/mypy
+
+cluster-up: install binaries ## Start a local control plane with kwok nodes from hack/topology.yaml
+	$(VENV)/bin/edgeai cluster up --topology hack/topology.yaml
+
+cluster-down: install ## Stop every process cluster-up started
+	$(VENV)/bin/edgeai cluster down
+
+crds: ## Copy crds/ (the one source of truth) into the Helm chart
+	mkdir -p charts/edgeai-operator/crds
+	cp crds/*.yaml charts/edgeai-operator/crds/
+
+crds-check: ## Fail when the chart's CRDs drifted from crds/
+	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
+
+.PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check
