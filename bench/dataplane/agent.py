@@ -135,6 +135,21 @@ def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
     return {"rtt_ms": statistics.median(samples[2:])}
 
 
+def cmd_metrics(args: argparse.Namespace) -> dict[str, Any]:
+    """Sums and counts of the worker's latency histograms (Prometheus text)."""
+    import urllib.request
+
+    with urllib.request.urlopen(args.url, timeout=10) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("edgeai_stage_latency_seconds_", "edgeai_stage_compute_seconds_")):
+            name, value = line.rsplit(" ", 1)
+            if name.split("{")[0].endswith(("_sum", "_count")):
+                values[name.split("{")[0]] = float(value)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -164,6 +179,9 @@ def main() -> None:
     r.add_argument("--url", required=True)
     r.add_argument("--requests", type=int, default=22)
     r.set_defaults(func=cmd_rtt)
+    m = sub.add_parser("metrics")
+    m.add_argument("--url", required=True)
+    m.set_defaults(func=cmd_metrics)
     args = parser.parse_args()
     result = args.func(args)
     print(json.dumps(result))

@@ -18,7 +18,7 @@ from pathlib import Path
 PREFIX = "eai"
 TIERS = ("device", "edge", "cloud")
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
-CPU_PERIOD_US = 10_000  # short period: a quota throttles in small slices, not 100 ms stalls
+CPU_PERIOD_US = 4_000  # short period (1 ms quota per 4 ms at 0.25 CPU): throttling in small slices
 
 
 @dataclass(frozen=True)

@@ -119,14 +119,16 @@ def tier_host(topo: Topology, tier: str) -> str:
 
 def deploy(
     fleet: Fleet, stages: list[dict[str, Any]], model_path: Path, name: str, uplink: float
-) -> str:
-    """Start one worker per stage (last first) and return the device's infer URL."""
+) -> tuple[str, list[tuple[str, str]]]:
+    """Start one worker per stage (last first); the device's infer URL and every
+    stage's (tier, URL)."""
     from edgeai_operator.runlocal import build_partitions
 
     workdir = fleet.workdir / name
     workdir.mkdir(exist_ok=True)
     specs = build_partitions({"stages": stages}, model_path, workdir, adaptive=False)
     next_url: list[str] = []
+    started: list[tuple[str, str]] = []
     for spec in reversed(specs):
         tier = spec.tier
         config = {
@@ -143,7 +145,25 @@ def deploy(
             config["uplink_mbps"] = uplink
         url = fleet.worker(tier, config, f"{name}-stage{spec.index}-{tier}")
         next_url = [url]
-    return f"{next_url[0]}/v2/models/bench/infer"
+        started.insert(0, (tier, url))
+    return f"{next_url[0]}/v2/models/bench/infer", started
+
+
+def stage_breakdown(topo: Topology, started: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Mean onnxruntime time and mean time in the stage (its downstream included) per
+    stage, from each worker's /metrics."""
+    breakdown: dict[str, dict[str, float]] = {}
+    for tier, url in started:
+        m = agent(topo, tier, "metrics", "--url", f"{url}/metrics", limit_cpu=False)
+        count = m.get("edgeai_stage_latency_seconds_count", 0.0) or 1.0
+        runs = m.get("edgeai_stage_compute_seconds_count", 0.0)
+        breakdown[tier] = {
+            "compute_ms": 1000 * m.get("edgeai_stage_compute_seconds_sum", 0.0) / runs
+            if runs
+            else 0.0,
+            "in_stage_ms": 1000 * m.get("edgeai_stage_latency_seconds_sum", 0.0) / count,
+        }
+    return breakdown
 
 
 def full_stages(plan: Any, inputs: list[str]) -> list[dict[str, Any]]:
@@ -334,20 +354,18 @@ def main() -> int:
                 )
                 plan = plan_partitions(problem, alternatives=False)
                 everything = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
+                cloud_only = [
+                    {"tier": "device", "inputs": model_input, "outputs": model_input},
+                    {"tier": "edge", "inputs": model_input, "outputs": model_input},
+                    {"tier": "cloud", "inputs": model_input, "outputs": model_output},
+                ]
                 configs = {
                     "partitioned (planner)": (
                         full_stages(plan, model_input),
-                        plan.predicted_latency_ms,
+                        evaluate(problem, graph, list(plan.assignment)),
                     ),
-                    "device-only": (everything, evaluate(problem, graph, [0] * nodes).latency_ms),
-                    "cloud-only": (
-                        [
-                            {"tier": "device", "inputs": model_input, "outputs": model_input},
-                            {"tier": "edge", "inputs": model_input, "outputs": model_input},
-                            {"tier": "cloud", "inputs": model_input, "outputs": model_output},
-                        ],
-                        evaluate(problem, graph, [2] * nodes).latency_ms,
-                    ),
+                    "device-only": (everything, evaluate(problem, graph, [0] * nodes)),
+                    "cloud-only": (cloud_only, evaluate(problem, graph, [2] * nodes)),
                 }
                 scenario: dict[str, Any] = {
                     "uplink_mbps": uplink,
@@ -355,7 +373,9 @@ def main() -> int:
                     "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
                     "results": {},
                 }
-                for name, (stages, predicted) in configs.items():
+                for name, (stages, evaluation) in configs.items():
+                    predicted = evaluation.latency_ms
+                    predicted_compute = dict(zip(TIERS, evaluation.compute_ms, strict=True))
                     tag = f"{int(uplink)}mbps-{name.split()[0]}"
                     print(
                         f"[bench] uplink {uplink:g} Mbps: {name} "
@@ -366,7 +386,7 @@ def main() -> int:
                     requests = args.requests if predicted < 1000 else max(3, args.requests // 2)
                     stage_fleet = Fleet(topo, workdir)
                     try:
-                        entry = deploy(stage_fleet, stages, model_path, tag, uplink)
+                        entry, started = deploy(stage_fleet, stages, model_path, tag, uplink)
                         # The client is the device's application: in the device's namespace,
                         # outside the device stage's CPU quota (the planner models the stages).
                         measured = agent(
@@ -381,6 +401,7 @@ def main() -> int:
                             str(requests),
                             limit_cpu=False,
                         )
+                        breakdown = stage_breakdown(topo, started)
                     finally:
                         stage_fleet.stop()
                     scenario["results"][name] = {
@@ -388,10 +409,16 @@ def main() -> int:
                         "predicted_ms": predicted,
                         "ratio": measured["median_ms"] / predicted,
                         "requests": requests,
+                        "stages": breakdown,
+                        "predicted_compute_ms": predicted_compute,
                     }
                     print(
                         f"[bench]   measured {measured['median_ms']:.1f} ms, "
-                        f"predicted {predicted:.1f} ms",
+                        f"predicted {predicted:.1f} ms; onnxruntime per stage: "
+                        + ", ".join(
+                            f"{t} {b['compute_ms']:.1f} (planner {predicted_compute[t]:.1f})"
+                            for t, b in breakdown.items()
+                        ),
                         flush=True,
                     )
                 results = scenario["results"]
@@ -438,6 +465,15 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{s['uplink_mbps']:>5g}Mb {name:<22} {r['measured_ms']:>12.1f} "
                 f"{r['predicted_ms']:>13.1f} {r['ratio']:>10.2f}  {plan}"
             )
+            if r.get("stages"):
+                print(
+                    f"{'':>31}onnxruntime ms measured/planner: "
+                    + ", ".join(
+                        f"{t} {b['compute_ms']:.1f}/{r['predicted_compute_ms'][t]:.1f}"
+                        for t, b in r["stages"].items()
+                        if b["compute_ms"] or r["predicted_compute_ms"][t]
+                    )
+                )
         print(
             f"{'':>7} partitioned / min(device-only, cloud-only) = "
             f"{s['partitioned_vs_best_single']:.2f}   "
