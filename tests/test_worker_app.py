@@ -525,3 +525,24 @@ def test_config_from_file_environment_and_plan_stage(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="stage_index: 2 is out of range"):
         stage_config(plan, 2, [])
+
+
+def test_gzip_request_body_is_accepted(worker: Worker, model: ChainModel, x: np.ndarray) -> None:
+    """tritonclient's request_compression_algorithm="gzip" sends Content-Encoding: gzip."""
+    import gzip
+
+    body = gzip.compress(json.dumps(_json_request(x, id="gz")).encode())
+    status, _, reply = _http(
+        worker,
+        "POST",
+        "/v2/models/chain/infer",
+        body,
+        {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert status == 200, reply[:300]
+    out = json.loads(reply)["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-6,
+    )
