@@ -9,8 +9,6 @@ import pytest
 
 from edgeai_worker import graph, variants, zoo
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, dict[str, object]]:

@@ -13,8 +13,6 @@ import pytest
 
 from edgeai_worker import zoo
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 @pytest.mark.parametrize("name", zoo.ZOO_NAMES)
 def test_export_follows_the_zoo_conventions(name: str) -> None:
