@@ -310,3 +310,22 @@ async def test_requests_rotate_over_healthy_replicas(model: ChainModel, tmp_path
                     text = await resp.text()
                 served.append(_metric(text, 'edgeai_requests_total{code="200",stage="1"}'))
     assert served == [5.0, 5.0]
+
+
+async def test_dedupe_record_is_bounded_by_count_and_age() -> None:
+    from edgeai_worker.app import Deduplicator
+
+    record = Deduplicator(capacity=3, ttl_s=0.2)
+    first = record.begin("a")
+    for key in ("b", "c", "d"):
+        record.begin(key)
+    assert record.lookup("a") is None  # pushed out by count
+    assert len(record) == 3
+    failed = record.lookup("d")
+    assert failed is not None
+    record.fail("d", failed, RuntimeError("boom"))
+    assert record.lookup("d") is None  # a failed request may be retried
+    await asyncio.sleep(0.25)
+    record.begin("e")
+    assert [k for k in ("b", "c", "e") if record.lookup(k) is not None] == ["e"]  # aged out
+    assert not first.done()

@@ -61,31 +61,43 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Deduplicator:
-    """Remembers recent request ids (with a hash of the body, since clients may reuse an
-    id): a retry of a request this worker is running or has answered waits for, or gets,
-    the same answer instead of running the model again."""
+    """Remembers recent request ids (with a checksum of the body, since clients may reuse
+    an id): a retry of a request this worker is running or has answered waits for, or
+    gets, the same answer instead of running the model again. Bounded by count and age
+    (a retry comes within the sender's timeout), so large answers are not kept long."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, ttl_s: float = 120.0) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[str, asyncio.Future[InferResponse]] = OrderedDict()
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[float, asyncio.Future[InferResponse]]] = OrderedDict()
 
     def lookup(self, key: str) -> asyncio.Future[InferResponse] | None:
-        return self._entries.get(key)
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None else None
 
     def begin(self, key: str) -> asyncio.Future[InferResponse]:
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        self._entries[key] = future
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        now = time.monotonic()
+        self._entries[key] = (now, future)
+        self._entries.move_to_end(key)
+        while self._entries:
+            oldest_key, (started, _) = next(iter(self._entries.items()))
+            if len(self._entries) <= self.capacity and now - started <= self.ttl_s:
+                break
+            del self._entries[oldest_key]
         return future
 
     def fail(self, key: str, future: asyncio.Future[InferResponse], exc: BaseException) -> None:
         # A failed request is forgotten so that a retry runs it again.
-        if self._entries.get(key) is future:
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] is future:
             del self._entries[key]
         if not future.done():
             future.set_exception(exc)
             future.exception()  # mark retrieved: nobody else may be waiting
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -115,6 +127,7 @@ class WorkerState:
 
 CONFIG = web.AppKey("config", WorkerConfig)
 STATE = web.AppKey("state", WorkerState)
+REQUEST_ID = "edgeai_request_id"  # key in the aiohttp request, for logs
 
 
 # ---------------------------------------------------------------------------- setup
@@ -272,6 +285,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             state.metrics.in_flight.set(state.in_flight)
             if state.in_flight == 0:
                 state.idle.set()
+    if response.status >= 400:
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        log.log(
+            level,
+            "stage %s: %s %s -> %d (request id %s): %s",
+            state.stage,
+            request.method,
+            request.path,
+            response.status,
+            request.get(REQUEST_ID, "-"),
+            response.text if isinstance(response, web.Response) else "",
+        )
     if is_infer:
         elapsed = time.perf_counter() - started
         state.metrics.requests.inc(stage=state.stage, code=str(response.status))
@@ -512,6 +537,7 @@ async def infer(request: web.Request) -> web.Response:
     state.metrics.bytes_in.inc(len(body), stage=state.stage)
     header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
     infer_request = decode_request(body, header_length)
+    request[REQUEST_ID] = infer_request.id or "-"
     key = None
     if infer_request.id:
         # The id names the request; the checksum guards against clients reusing ids.
