@@ -224,3 +224,27 @@ def test_bad_cli_arguments_name_the_argument(tmp_path: Path,
     assert "nodeGroups[device].uplinkMbps: is required for planning" in capsys.readouterr().err
     assert cli.main(["plan", "-f", str(manifest), "--zone", "zone-x"]) == 2
     assert "--zone: unknown zone 'zone-x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mbps", [5, 40])
+def test_node_granularity_plans_the_dag_and_never_loses_to_segments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mbps: float
+) -> None:
+    manifest = _manifest(tmp_path, {"model": {"zoo": "resnet18"}})
+    topology = str(_topology(tmp_path, mbps))
+    _, by_segments = _plan(capsys, "-f", str(manifest), "--topology", topology)
+    _, by_nodes = _plan(capsys, "-f", str(manifest), "--topology", topology,
+                        "--granularity", "nodes")
+    assert by_nodes["granularity"] == "nodes"
+    assert by_nodes["solver"]["method"] == "mincut"
+    # every segment split is also a node split with the same cost, so the DAG plan is
+    # at least as fast
+    assert by_nodes["predictedLatencyMs"] <= by_segments["predictedLatencyMs"] + 1e-6
+    model = onnx.load(zoo.export_onnx("resnet18"))
+    x = zoo.example_input("resnet18", seed=4)
+    feeds = {"input": x}
+    for stage in by_nodes["stages"]:
+        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]),
+                          feeds))
+    full = _run(model, {"input": x})["output"]
+    assert float(np.abs(feeds["output"] - full).max()) <= 1e-5

@@ -36,6 +36,7 @@ from edgeai_operator.planner import (
     Plan,
     PowerModel,
     Problem,
+    Tensor,
     Variant,
     plan_partitions,
 )
@@ -190,29 +191,73 @@ def network(topology: Topology, zone: str | None) -> tuple[dict[str, float], tup
     return gflops, path, tuple(links), representative["device"].power_watts
 
 
+def _host_ms(profile: dict[str, Any], gflops: float, method: str,
+             measured: list[float], flops: list[int]) -> list[float]:
+    if method == "measured":
+        return [ms * float(profile["host"]["gflops"]) / gflops for ms in measured]
+    return [f / (gflops * 1e6) for f in flops]
+
+
 def profile_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -> LayerGraph:
+    """A chain over the profile's segments (between single-tensor cuts)."""
     segments = profile["segments"]
-    node_ms: dict[str, list[float]] = {}
-    for tier, tier_gflops in gflops.items():
-        if method == "measured":
-            host = float(profile["host"]["gflops"])
-            node_ms[tier] = [float(s["measuredMs"]) * host / tier_gflops for s in segments]
-        else:
-            node_ms[tier] = [float(s["flops"]) / (tier_gflops * 1e6) for s in segments]
+    measured = [float(s.get("measuredMs", 0.0)) for s in segments]
+    flops = [int(s["flops"]) for s in segments]
+    node_ms = {t: _host_ms(profile, g, method, measured, flops) for t, g in gflops.items()}
     cuts = profile["cuts"]
     return LayerGraph.chain(node_ms, [int(c["sizeBytes"]) for c in cuts],
                             [tuple(c["tensors"]) for c in cuts])
 
 
+def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -> LayerGraph:
+    """The full DAG of compute nodes (for DADS-style cuts through residual blocks). A
+    measured segment's time is shared among its nodes in proportion to their FLOPs."""
+    import onnx
+
+    from edgeai_worker import graph
+
+    model = str(profile["model"])
+    if model not in _zoo_names():
+        raise SpecError("--granularity", f"nodes needs a zoo model, got {model!r}",
+                        "segments, or a profile of a zoo model")
+    dag = graph.analyze(onnx.load(_model_path(model, str(profile.get("variant", "fp32")))))
+    flops = [n.flops for n in dag.nodes]
+    measured = [0.0] * len(dag.nodes)
+    if method == "measured":
+        for segment in profile["segments"]:
+            low, high = (int(x) for x in str(segment["positions"]).split("-"))
+            share = flops[low:high + 1]
+            total = sum(share)
+            for i in range(low, high + 1):
+                weight = flops[i] / total if total else 1.0 / (high - low + 1)
+                measured[i] = float(segment["measuredMs"]) * weight
+    node_ms = {t: _host_ms(profile, g, method, measured, flops) for t, g in gflops.items()}
+    producer = dag.producer()
+    readers: dict[str, list[int]] = {}
+    for node in dag.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node.index)
+    names = [*dag.inputs, *(t for n in dag.nodes for t in n.outputs)]
+    tensors = tuple(
+        Tensor((name,), dag.tensors[name].size_bytes, producer.get(name, -1),
+               tuple(readers.get(name, ())), name in dag.outputs)
+        for name in names
+    )
+    return LayerGraph({t: tuple(ms) for t, ms in node_ms.items()}, tensors,
+                      tuple(n.name for n in dag.nodes))
+
+
 def build_problem(spec: DeploymentSpec, profiles: list[dict[str, Any]], topology: Topology,
-                  *, zone: str | None, method: str) -> tuple[Problem, dict[str, Any]]:
+                  *, zone: str | None, method: str,
+                  granularity: str = "segments") -> tuple[Problem, dict[str, Any]]:
     gflops, path, links, device_watts = network(topology, zone)
     variants = []
     for profile in profiles:
         if method == "measured" and not profile["host"].get("gflops"):
             raise SpecError("--compute", "measured needs a measured profile",
                             "--profile FILE from edgeai profile, or --compute analytic")
-        graph = profile_graph(profile, gflops, method)
+        build = node_graph if granularity == "nodes" else profile_graph
+        graph = build(profile, gflops, method)
         accuracy = profile.get("accuracy")
         variants.append(Variant(str(profile.get("variant", "fp32")), graph,
                                 float(accuracy) if accuracy is not None else None))
@@ -368,7 +413,9 @@ def plan_command(args: argparse.Namespace) -> int:
                                                repeats=10)]
         else:
             profiles = [analytic_profile(model)]
-    problem, context = build_problem(spec, profiles, topology, zone=args.zone, method=method)
+    problem, context = build_problem(spec, profiles, topology, zone=args.zone, method=method,
+                                     granularity=args.granularity)
+    context["granularity"] = args.granularity
     if spec.partitioning == "binary":
         plan = _binary(problem)
     else:
@@ -405,6 +452,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     plan.add_argument("--compute", choices=("auto", "measured", "analytic"), default="auto",
                       help="tier compute from measured profiles or from FLOPs")
     plan.add_argument("--zone", default=None, help="the zone whose devices to plan for")
+    plan.add_argument("--granularity", choices=("segments", "nodes"), default="segments",
+                      help="plan over segments between single-tensor cuts (chain, exact DP) "
+                      "or over every ONNX node (DAG, min-cut); layers then count nodes")
     plan.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     plan.add_argument("--save", metavar="FILE", help="also write the plan YAML to FILE")
     plan.set_defaults(func=plan_command)
