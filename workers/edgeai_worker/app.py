@@ -127,7 +127,7 @@ class WorkerState:
 
 CONFIG = web.AppKey("config", WorkerConfig)
 STATE = web.AppKey("state", WorkerState)
-REQUEST_ID = "edgeai_request_id"  # key in the aiohttp request, for logs
+REQUEST_ID = web.RequestKey("edgeai_request_id", str)  # for logs
 
 
 # ---------------------------------------------------------------------------- setup
