@@ -6,10 +6,12 @@ digits variants. Prints tables; `docs/planner.md` holds a real run.
 1. Plan time (median of 20) for a random 200-cut chain and a random 1000-node
    DNN-shaped DAG, three tiers; goals < 10 ms and < 100 ms.
 2. For mobilenet_v2, resnet18, vgg_like and alexnet_like, profiles measured on this
-   machine with onnxruntime: the cloud tier is this machine, the device tier this
+   machine with onnxruntime. Two tiers: the cloud is this machine, the device this
    machine slowed down `--slowdown` times (declared, as a node's gflops would be).
-   At 1, 10 and 100 Mbps (RTT `--rtt-ms`) the planned latency is divided by the best
-   of device-only and cloud-only; below 1 means partitioning wins.
+   Three tiers: the edge is this machine, the device `--slowdown` times slower, the
+   cloud 4x faster behind a 100 Mbps / 25 ms metro link. At 1, 10 and 100 Mbps
+   device uplink (RTT `--rtt-ms`) the planned latency is divided by the best
+   single-tier latency; below 1 means partitioning wins.
 3. The digits variants: held-out accuracy, size, and measured per-image latency.
 """
 
@@ -22,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,7 @@ from edgeai_worker import graph, profiler, variants, zoo
 
 MODELS = ("mobilenet_v2", "resnet18", "vgg_like", "alexnet_like")
 BANDWIDTHS_MBPS = (1.0, 10.0, 100.0)
+CLOUD_SPEEDUP = 4.0
 
 
 def _say(message: str) -> None:
@@ -92,7 +96,7 @@ def plan_times() -> list[tuple[str, str, float, float]]:
     dag = Problem((Variant("fp32", random_dag(1000)),), links=links)
     for label, problem, goal in (("200-cut chain", chain, 10.0), ("1000-node DAG", dag, 100.0)):
         plan = plan_partitions(problem, alternatives=False)
-        ms = _median_ms(lambda p=problem: plan_partitions(p, alternatives=False))
+        ms = _median_ms(partial(plan_partitions, problem, alternatives=False))
         rows.append((label, plan.method, ms, goal))
         _say(f"{label}: {ms:.2f} ms ({plan.method})")
     # the constrained path: cloud cost under a latency SLO needs the enumeration
@@ -107,38 +111,83 @@ def plan_times() -> list[tuple[str, str, float, float]]:
     return rows
 
 
-def measured_chain(name: str, repeats: int,
-                   slowdown: float) -> tuple[LayerGraph, dict[str, Any]]:
-    profile = profiler.profile_model(zoo.export_onnx(name), name=name, repeats=repeats,
-                                     progress=_say)
-    cloud = [float(s["measuredMs"]) for s in profile["segments"]]
-    chain = LayerGraph.chain({"device": [x * slowdown for x in cloud], "cloud": cloud},
-                             [int(c["sizeBytes"]) for c in profile["cuts"]],
-                             [tuple(c["tensors"]) for c in profile["cuts"]])
-    return chain, profile
+def measured_profile(name: str, repeats: int) -> dict[str, Any]:
+    return profiler.profile_model(zoo.export_onnx(name), name=name, repeats=repeats,
+                                  progress=_say)
 
 
-def ratios(repeats: int, slowdown: float, rtt_ms: float) -> list[dict[str, Any]]:
+def _chain(profile: dict[str, Any], speed: dict[str, float]) -> LayerGraph:
+    """Tier times = this machine's measured times / the tier's speed relative to it."""
+    host = [float(s["measuredMs"]) for s in profile["segments"]]
+    return LayerGraph.chain({t: [x / f for x in host] for t, f in speed.items()},
+                            [int(c["sizeBytes"]) for c in profile["cuts"]],
+                            [tuple(c["tensors"]) for c in profile["cuts"]])
+
+
+def ratios(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float,
+           three_tier: bool) -> list[dict[str, Any]]:
     rows = []
-    for name in MODELS:
-        chain, profile = measured_chain(name, repeats, slowdown)
+    for name, profile in profiles.items():
+        if three_tier:
+            speed = {"device": 1 / slowdown, "edge": 1.0, "cloud": CLOUD_SPEEDUP}
+        else:
+            speed = {"device": 1 / slowdown, "cloud": 1.0}
+        chain = _chain(profile, speed)
+        path = tuple(speed)
         n = chain.size
         for mbps in BANDWIDTHS_MBPS:
+            links = (Link(mbps, rtt_ms), *((Link(100, 25),) if three_tier else ()))
+            problem = Problem((Variant("fp32", chain),), path=path, links=links)
+            plan = plan_partitions(problem, alternatives=False)
+            assert plan.predicted_latency_ms is not None
+            single = {t: evaluate(problem, chain, [k] * n).latency_ms
+                      for k, t in enumerate(path)}
+            stages = " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages)
+            rows.append({"model": name, "mbps": mbps, "stages": stages,
+                         "sentBytes": plan.transfers[0].bytes if plan.transfers else 0,
+                         "planned": plan.predicted_latency_ms, "single": single,
+                         "ratio": plan.predicted_latency_ms / min(single.values()),
+                         "hostGflops": profile["host"]["gflops"]})
+    return rows
+
+
+def sweep(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float) -> None:
+    """Where between 1 and 1000 Mbps a split beats both single tiers (two tiers)."""
+    grid = [round(10 ** (e / 10), 2) for e in range(31)]
+    print("| model | Mbps where a split is planned | best ratio | at Mbps |")
+    print("|---|---|---:|---:|")
+    for name, profile in profiles.items():
+        chain = _chain(profile, {"device": 1 / slowdown, "cloud": 1.0})
+        split_at: list[float] = []
+        best = (1.0, 0.0)
+        for mbps in grid:
             problem = Problem((Variant("fp32", chain),), path=("device", "cloud"),
                               links=(Link(mbps, rtt_ms),))
             plan = plan_partitions(problem, alternatives=False)
             assert plan.predicted_latency_ms is not None
-            device_only = evaluate(problem, chain, [0] * n).latency_ms
-            cloud_only = evaluate(problem, chain, [1] * n).latency_ms
-            best_single = min(device_only, cloud_only)
-            split = sum(1 for k in plan.assignment if k == 0)
-            sent = plan.transfers[0].bytes if plan.transfers else 0
-            rows.append({"model": name, "mbps": mbps, "segments": n, "deviceSegments": split,
-                         "sentBytes": sent, "planned": plan.predicted_latency_ms,
-                         "deviceOnly": device_only, "cloudOnly": cloud_only,
-                         "ratio": plan.predicted_latency_ms / best_single,
-                         "hostGflops": profile["host"]["gflops"]})
-    return rows
+            single = min(evaluate(problem, chain, [k] * chain.size).latency_ms
+                         for k in (0, 1))
+            if len(plan.stages) > 1:
+                split_at.append(mbps)
+            best = min(best, (plan.predicted_latency_ms / single, mbps))
+        where = f"{split_at[0]:g}-{split_at[-1]:g}" if split_at else "none"
+        print(f"| {name} | {where} | {best[0]:.3f} | {best[1]:g} |")
+
+
+def _print_ratios(rows: list[dict[str, Any]]) -> None:
+    tiers = list(rows[0]["single"])
+    print("| model | Mbps | plan | sent bytes | planned ms | "
+          + " | ".join(f"{t}-only ms" for t in tiers) + " | ratio |")
+    print("|---|---:|---|---:|---:|" + "---:|" * len(tiers) + "---:|")
+    for r in rows:
+        singles = " | ".join(f"{r['single'][t]:.2f}" for t in tiers)
+        print(f"| {r['model']} | {r['mbps']:g} | {r['stages']} | {r['sentBytes']} "
+              f"| {r['planned']:.2f} | {singles} | {r['ratio']:.3f} |")
+    print("\n| model | ratio @1 Mbps | ratio @10 Mbps | ratio @100 Mbps |")
+    print("|---|---:|---:|---:|")
+    for name in MODELS:
+        cells = " | ".join(f"{r['ratio']:.3f}" for r in rows if r["model"] == name)
+        print(f"| {name} | {cells} |")
 
 
 def digits_rows() -> list[dict[str, Any]]:
@@ -149,7 +198,7 @@ def digits_rows() -> list[dict[str, Any]]:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(row["path"], options, providers=["CPUExecutionProvider"])
-        row["msPerImage"] = _median_ms(lambda s=session: s.run(None, {"input": image}), 200)
+        row["msPerImage"] = _median_ms(partial(session.run, None, {"input": image}), 200)
         row["cuts"] = len(graph.cut_points(onnx.load(row["path"])))
     return rows
 
@@ -169,23 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         goal_text = "-" if goal != goal else f"< {goal:g}"
         print(f"| {label} | {method} | {ms:.2f} | {goal_text} |")
 
-    rows = ratios(args.repeats, args.slowdown, args.rtt_ms)
-    print(f"\n## Planned latency / best of (device-only, cloud-only)\n\n"
-          f"cloud = this machine ({rows[0]['hostGflops']:g} GFLOPS measured), device = "
-          f"{args.slowdown:g}x slower, RTT {args.rtt_ms:g} ms, onnxruntime medians of "
-          f"{args.repeats}\n")
-    print("| model | Mbps | device segs | sent bytes | planned ms | device-only ms "
-          "| cloud-only ms | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['mbps']:g} | {r['deviceSegments']}/{r['segments']} "
-              f"| {r['sentBytes']} | {r['planned']:.2f} | {r['deviceOnly']:.2f} "
-              f"| {r['cloudOnly']:.2f} | {r['ratio']:.3f} |")
-    print("\n| model | ratio @1 Mbps | ratio @10 Mbps | ratio @100 Mbps |")
-    print("|---|---:|---:|---:|")
-    for name in MODELS:
-        cells = " | ".join(f"{r['ratio']:.3f}" for r in rows if r["model"] == name)
-        print(f"| {name} | {cells} |")
+    profiles = {name: measured_profile(name, args.repeats) for name in MODELS}
+    host = profiles[MODELS[0]]["host"]["gflops"]
+    print(f"\n## Planned latency / best single tier, two tiers\n\n"
+          f"cloud = this machine ({host:g} GFLOPS measured), device = {args.slowdown:g}x "
+          f"slower, device->cloud RTT {args.rtt_ms:g} ms; onnxruntime medians of "
+          f"{args.repeats} per segment\n")
+    _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=False))
+    print("\nSweep of 31 bandwidths from 1 to 1000 Mbps (log-spaced), two tiers:\n")
+    sweep(profiles, args.slowdown, args.rtt_ms)
+    print(f"\n## Planned latency / best single tier, three tiers\n\n"
+          f"edge = this machine, device = {args.slowdown:g}x slower, cloud = "
+          f"{CLOUD_SPEEDUP:g}x faster; device->edge at the given Mbps with RTT "
+          f"{args.rtt_ms:g} ms, edge->cloud 100 Mbps with RTT 25 ms\n")
+    _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=True))
 
     print("\n## digits_cnn variants (held-out digits, 450 images)\n")
     print("| variant | accuracy | size bytes | zlib bytes | nonzero params | cuts "
