@@ -170,8 +170,11 @@ def sweep(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float) -
             if len(plan.stages) > 1:
                 split_at.append(mbps)
             best = min(best, (plan.predicted_latency_ms / single, mbps))
-        where = f"{split_at[0]:g}-{split_at[-1]:g}" if split_at else "none"
-        print(f"| {name} | {where} | {best[0]:.3f} | {best[1]:g} |")
+        if split_at:
+            print(f"| {name} | {split_at[0]:g}-{split_at[-1]:g} | {best[0]:.3f} "
+                  f"| {best[1]:g} |")
+        else:
+            print(f"| {name} | none | 1.000 | - |")
 
 
 def _print_ratios(rows: list[dict[str, Any]]) -> None:
