@@ -1,0 +1,328 @@
+"""Pure builders: a DNNDeployment and its per-zone plans -> the child objects.
+
+Every object the operator creates for a deployment is built here as a plain dict and
+unit-tested as a literal (`tests/test_builders.py`); `k8s.apply` writes them. Naming:
+
+- ConfigMap `<name>-plan`: `plan-<zone>.yaml` per zone (the Plan documents workers read)
+- DaemonSet `<name>-device-<zone>`: the entry stage on the selected device nodes of a zone
+- Deployment + Service `<name>-edge-<zone>`: the edge stage next to those devices
+- Deployment + Service `<name>-cloud` (`<name>-cloud-<zone>` when zones' cloud stages
+  differ): the cloud stage
+
+A stage a plan leaves empty gets no workload, except the device entry, which then
+forwards the raw input (nothing runs on the device). Edge/cloud Deployments roll with
+`maxSurge: 1, maxUnavailable: 0`, so a moved or resized stage is make-before-break.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, ZONE_LABEL
+
+WORKER_PORT = 8080
+MANAGED_BY = {"app.kubernetes.io/managed-by": "edgeai-operator"}
+DEFAULT_IMAGE = "edgeai-worker:0.1.0"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DNNDeployment the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "DNNDeployment",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One stage workload: which tier, zone, plan stage index and replica count."""
+
+    tier: str
+    zone: str | None
+    stage: int
+    plan_key: str  # the ConfigMap key of the plan this workload serves
+    replicas: int = 1
+    next_service: str | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentOptions:
+    image: str = DEFAULT_IMAGE
+    device_selector: Mapping[str, str] = field(default_factory=dict)
+    excluded_nodes: Sequence[str] = ()
+    priority_class: str | None = None
+    cpu_request: str = "500m"
+    memory_request: str = "512Mi"
+
+
+def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict[str, str]:
+    out = {
+        **MANAGED_BY,
+        "app.kubernetes.io/name": "edgeai-worker",
+        "app.kubernetes.io/instance": owner.name,
+        "edgeai.dev/deployment": owner.name,
+        "edgeai.dev/tier": tier,
+    }
+    if stage is not None:
+        out["edgeai.dev/stage"] = str(stage)
+    if zone is not None:
+        out["edgeai.dev/zone"] = zone
+    return out
+
+
+def workload_name(owner: Owner, tier: str, zone: str | None) -> str:
+    return f"{owner.name}-{tier}-{zone}" if zone else f"{owner.name}-{tier}"
+
+
+def _metadata(owner: Owner, name: str, lbls: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": dict(lbls),
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def plan_configmap(owner: Owner, plans: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    data = {key: yaml.safe_dump(dict(plan), sort_keys=False) for key, plan in sorted(plans.items())}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, f"{owner.name}-plan", labels(owner, "plan", None, None)),
+        "data": data,
+    }
+
+
+def plan_hash(plan: Mapping[str, Any]) -> str:
+    """Changes when the plan does; in the pod template so a new plan rolls the pods."""
+    return hashlib.sha256(yaml.safe_dump(dict(plan), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _affinity(
+    tier: str, zone: str | None, excluded: Sequence[str], extra: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    exprs: list[dict[str, Any]] = [{"key": TIER_LABEL, "operator": "In", "values": [tier]}]
+    if zone is not None:
+        exprs.append({"key": ZONE_LABEL, "operator": "In", "values": [zone]})
+    for key, value in sorted((extra or {}).items()):
+        if key != TIER_LABEL:
+            exprs.append({"key": key, "operator": "In", "values": [value]})
+    if excluded:
+        exprs.append(
+            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": sorted(excluded)}
+        )
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": exprs}]
+            }
+        }
+    }
+
+
+def _pod_spec(
+    owner: Owner, w: Workload, opts: DeploymentOptions, affinity: dict[str, Any]
+) -> dict[str, Any]:
+    args = [
+        "run-stage",
+        f"--plan=/etc/edgeai/{w.plan_key}",
+        f"--stage={w.stage}",
+        f"--port={WORKER_PORT}",
+        "--host=0.0.0.0",
+    ]
+    if w.next_service:
+        args.append(f"--next=http://{w.next_service}.{owner.namespace}.svc:{WORKER_PORT}")
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
+    spec: dict[str, Any] = {
+        "affinity": affinity,
+        "containers": [
+            {
+                "name": "worker",
+                "image": opts.image,
+                "command": ["edgeai"],
+                "args": args,
+                "ports": [{"name": "http", "containerPort": WORKER_PORT}],
+                "readinessProbe": probe,
+                "livenessProbe": {
+                    "httpGet": {"path": "/v2/health/live", "port": "http"},
+                    "periodSeconds": 10,
+                },
+                "resources": {"requests": {"cpu": opts.cpu_request, "memory": opts.memory_request}},
+                "volumeMounts": [{"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}],
+            }
+        ],
+        "volumes": [{"name": "plan", "configMap": {"name": f"{owner.name}-plan"}}],
+        # Draining in-flight requests takes up to the worker's shutdown grace.
+        "terminationGracePeriodSeconds": 15,
+    }
+    if opts.priority_class:
+        spec["priorityClassName"] = opts.priority_class
+    return spec
+
+
+def _template(
+    owner: Owner, w: Workload, opts: DeploymentOptions, affinity: dict[str, Any], digest: str
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "labels": labels(owner, w.tier, w.stage, w.zone),
+            "annotations": {"edgeai.dev/plan-hash": digest},
+        },
+        "spec": _pod_spec(owner, w, opts, affinity),
+    }
+
+
+def device_daemonset(
+    owner: Owner, w: Workload, opts: DeploymentOptions, digest: str
+) -> dict[str, Any]:
+    lbls = labels(owner, "device", w.stage, w.zone)
+    affinity = _affinity("device", w.zone, opts.excluded_nodes, opts.device_selector)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _metadata(owner, workload_name(owner, "device", w.zone), lbls),
+        "spec": {
+            "selector": {"matchLabels": _selector(lbls)},
+            "updateStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": _template(owner, w, opts, affinity, digest),
+        },
+    }
+
+
+def stage_deployment(
+    owner: Owner, w: Workload, opts: DeploymentOptions, digest: str, name: str
+) -> dict[str, Any]:
+    lbls = labels(owner, w.tier, w.stage, w.zone)
+    affinity = _affinity(w.tier, w.zone, opts.excluded_nodes)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, lbls),
+        "spec": {
+            "replicas": w.replicas,
+            "selector": {"matchLabels": _selector(lbls)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": _template(owner, w, opts, affinity, digest),
+        },
+    }
+
+
+def stage_service(owner: Owner, w: Workload, name: str) -> dict[str, Any]:
+    lbls = labels(owner, w.tier, w.stage, w.zone)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, lbls),
+        "spec": {
+            "selector": _selector(lbls),
+            "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def _selector(lbls: Mapping[str, str]) -> dict[str, str]:
+    keys = ("edgeai.dev/deployment", "edgeai.dev/tier", "edgeai.dev/stage", "edgeai.dev/zone")
+    return {k: lbls[k] for k in keys if k in lbls}
+
+
+def priority_class(value: int) -> dict[str, Any]:
+    """Cluster-scoped, shared by every deployment with this priority."""
+    return {
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {"name": f"edgeai-priority-{value}", "labels": dict(MANAGED_BY)},
+        "value": value,
+        "globalDefault": False,
+        "preemptionPolicy": "PreemptLowerPriority",
+        "description": f"edgeai-operator stages of DNNDeployments with spec.priority {value}",
+    }
+
+
+def stage_signature(plan: Mapping[str, Any], tier: str) -> str | None:
+    """What a tier's stage computes (its input and output tensors), or None if empty."""
+    for stage in plan.get("stages", []):
+        if stage.get("tier") == tier:
+            return f"{','.join(stage['inputs'])}->{','.join(stage['outputs'])}"
+    return None
+
+
+def stage_index(plan: Mapping[str, Any], tier: str) -> int | None:
+    for i, stage in enumerate(plan.get("stages", [])):
+        if stage.get("tier") == tier:
+            return i
+    return None
+
+
+def build_children(
+    owner: Owner,
+    plans: Mapping[str, Mapping[str, Any]],
+    replicas: Mapping[str, int],
+    opts: DeploymentOptions,
+    default_replicas: int = 1,
+) -> list[dict[str, Any]]:
+    """Every child object for per-zone plans (`plans[zone]`, a Plan document each).
+
+    `replicas` maps a workload name to its current replica count (from the
+    autoscaler); workloads not in it start at `default_replicas`.
+    """
+    children: list[dict[str, Any]] = [
+        plan_configmap(owner, {f"plan-{z}.yaml": p for z, p in plans.items()})
+    ]
+    cloud_signatures = {stage_signature(p, "cloud") for p in plans.values()} - {None}
+    shared_cloud = len(cloud_signatures) == 1
+    emitted: set[str] = set()
+    for zone, plan in sorted(plans.items()):
+        key = f"plan-{zone}.yaml"
+        digest = plan_hash(plan)
+        cloud_idx = stage_index(plan, "cloud")
+        cloud_name = None
+        if cloud_idx is not None:
+            cloud_name = workload_name(owner, "cloud", None if shared_cloud else zone)
+        edge_idx = stage_index(plan, "edge")
+        edge_name = workload_name(owner, "edge", zone) if edge_idx is not None else None
+        if edge_idx is not None and edge_name is not None:
+            w = Workload(
+                "edge", zone, edge_idx, key, replicas.get(edge_name, default_replicas), cloud_name
+            )
+            children.append(stage_deployment(owner, w, opts, digest, edge_name))
+            children.append(stage_service(owner, w, edge_name))
+        if cloud_idx is not None and cloud_name is not None and cloud_name not in emitted:
+            emitted.add(cloud_name)
+            cz = None if shared_cloud else zone
+            w = Workload("cloud", cz, cloud_idx, key, replicas.get(cloud_name, default_replicas))
+            children.append(stage_deployment(owner, w, opts, digest, cloud_name))
+            children.append(stage_service(owner, w, cloud_name))
+        device_idx = stage_index(plan, "device")
+        first_remote = edge_name or cloud_name
+        w = Workload(
+            "device", zone, device_idx if device_idx is not None else -1, key, 1, first_remote
+        )
+        children.append(device_daemonset(owner, w, opts, digest))
+    return children
+
+
+def split_summary(plan: Mapping[str, Any]) -> str:
+    """`device:0-7 > edge:8-17`, the SPLIT column."""
+    return " > ".join(f"{s['tier']}:{s.get('layers', '?')}" for s in plan.get("stages", []))

@@ -1,0 +1,137 @@
+"""The one place that talks to the Kubernetes API (apart from kopf itself).
+
+Children are written with server-side apply under the field manager
+`edgeai-operator`, so a reconcile is idempotent: applying the same object twice is a
+no-op, and fields other managers own (the autoscaler's replicas, say) are left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError
+
+FIELD_MANAGER = "edgeai-operator"
+_lock = threading.Lock()
+
+
+@functools.cache
+def _api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@functools.cache
+def _dynamic() -> DynamicClient:
+    with _lock:
+        return DynamicClient(_api_client())
+
+
+def _resource(api_version: str, kind: str) -> Any:
+    return _dynamic().resources.get(api_version=api_version, kind=kind)
+
+
+def apply(obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply of one object (create or patch)."""
+    meta = obj["metadata"]
+    result = _resource(obj["apiVersion"], obj["kind"]).server_side_apply(
+        body=obj,
+        name=meta["name"],
+        namespace=meta.get("namespace"),
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+    )
+    out: dict[str, Any] = result.to_dict()
+    return out
+
+
+def get(api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+    try:
+        result = _resource(api_version, kind).get(name=name, namespace=namespace)
+    except NotFoundError:
+        return None
+    out: dict[str, Any] = result.to_dict()
+    return out
+
+
+def list_objects(
+    api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+) -> list[dict[str, Any]]:
+    result = _resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
+    items: list[dict[str, Any]] = result.to_dict().get("items", [])
+    return items
+
+
+def delete(api_version: str, kind: str, name: str, namespace: str | None) -> bool:
+    """Deletes with foreground propagation; False when it was already gone."""
+    try:
+        _resource(api_version, kind).delete(
+            name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+        )
+    except NotFoundError:
+        return False
+    return True
+
+
+def list_nodes() -> list[dict[str, Any]]:
+    return list_objects("v1", "Node")
+
+
+def owned_children(namespace: str, deployment: str) -> Iterable[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every object labelled as a child of the deployment."""
+    selector = f"app.kubernetes.io/managed-by=edgeai-operator,edgeai.dev/deployment={deployment}"
+    for api_version, kind in CHILD_KINDS:
+        for item in list_objects(api_version, kind, namespace, selector):
+            yield api_version, kind, item["metadata"]["name"]
+
+
+CHILD_KINDS = (
+    ("apps/v1", "DaemonSet"),
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+)
+
+
+def scale(namespace: str, name: str, replicas: int) -> None:
+    """Sets a Deployment's replicas through the scale subresource."""
+    apps = client.AppsV1Api(_api_client())
+    apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+
+
+__all__ = [
+    "CHILD_KINDS",
+    "FIELD_MANAGER",
+    "ApiException",
+    "apply",
+    "delete",
+    "get",
+    "list_nodes",
+    "list_objects",
+    "owned_children",
+    "patch_status",
+    "scale",
+]
+
+
+def patch_status(plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    """Merge-patches the status subresource of one of our custom resources."""
+    from edgeai_operator import API_GROUP, API_VERSION
+
+    custom = client.CustomObjectsApi(_api_client())
+    try:
+        custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, plural, name, {"status": status}
+        )
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile: nothing to report on
+            raise

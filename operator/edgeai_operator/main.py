@@ -1,0 +1,63 @@
+"""`edgeai operator`: run the kopf operator (cluster-wide or in namespaces)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from edgeai_operator import API_GROUP
+
+FINALIZER = f"{API_GROUP}/finalizer"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+
+
+def _run(args: argparse.Namespace) -> int:
+    import edgeai_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or [],
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            liveness_endpoint=args.liveness,
+        )
+    )
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("operator", help="run the operator against the current cluster")
+    parser.add_argument(
+        "--namespace", action="append", help="watch only this namespace (repeatable)"
+    )
+    parser.add_argument(
+        "--peering",
+        help="kopf peering object name for HA (only one operator of the peering is active); "
+        "standalone when absent",
+    )
+    parser.add_argument(
+        "--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
+    )
+    parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    parser.add_argument("--verbose", action="store_true")
+    parser.set_defaults(func=_run)
