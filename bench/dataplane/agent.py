@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import time
@@ -59,7 +60,7 @@ def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
     latencies: list[float] = []
     splits: list[str] = []
     for i in range(args.warmup + args.requests):
-        body, headers = oip_body(x, f"bench-{i}")
+        body, headers = oip_body(x, f"bench-{os.getpid()}-{i}")  # unique: workers dedupe ids
         started = time.perf_counter()
         conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()

@@ -1,6 +1,6 @@
 """Data-plane benchmark over shaped links between network namespaces (needs root).
 
-    python bench/dataplane/run.py [--model alexnet_like] [--uplinks 1,10,100]
+    python bench/dataplane/run.py [--models alexnet_like,resnet18] [--uplinks 1,10,100]
 
 Builds device, edge and cloud namespaces joined by veth (device<->edge shaped with
 `tc tbf` at each uplink rate in turn, edge<->cloud at the backhaul rate), gives each tier
@@ -149,19 +149,31 @@ def deploy(
     return f"{next_url[0]}/v2/models/bench/infer", started
 
 
-def stage_breakdown(topo: Topology, started: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+def stage_metrics(topo: Topology, started: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """Each stage's latency and onnxruntime histogram sums and counts, from /metrics."""
+    return {
+        tier: agent(topo, tier, "metrics", "--url", f"{url}/metrics", limit_cpu=False)
+        for tier, url in started
+    }
+
+
+def stage_breakdown(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
     """Mean onnxruntime time and mean time in the stage (its downstream included) per
-    stage, from each worker's /metrics."""
+    stage over the timed requests only (warm-up runs excluded)."""
     breakdown: dict[str, dict[str, float]] = {}
-    for tier, url in started:
-        m = agent(topo, tier, "metrics", "--url", f"{url}/metrics", limit_cpu=False)
-        count = m.get("edgeai_stage_latency_seconds_count", 0.0) or 1.0
-        runs = m.get("edgeai_stage_compute_seconds_count", 0.0)
+    for tier, end in after.items():
+        start = before.get(tier, {})
+
+        def delta(name: str, end: dict[str, float] = end, start: dict[str, float] = start) -> float:
+            return end.get(name, 0.0) - start.get(name, 0.0)
+
+        runs = delta("edgeai_stage_compute_seconds_count")
+        requests = delta("edgeai_stage_latency_seconds_count") or 1.0
         breakdown[tier] = {
-            "compute_ms": 1000 * m.get("edgeai_stage_compute_seconds_sum", 0.0) / runs
-            if runs
-            else 0.0,
-            "in_stage_ms": 1000 * m.get("edgeai_stage_latency_seconds_sum", 0.0) / count,
+            "compute_ms": 1000 * delta("edgeai_stage_compute_seconds_sum") / runs if runs else 0.0,
+            "in_stage_ms": 1000 * delta("edgeai_stage_latency_seconds_sum") / requests,
         }
     return breakdown
 
@@ -222,9 +234,189 @@ def identity_model(path: Path) -> Path:
     return path
 
 
+def profile_tiers(
+    topo: Topology, model: str, model_path: Path, repeats: int
+) -> tuple[Any, dict[str, Any]]:
+    """Profile the model's segments on every tier, inside its namespace and CPU quota,
+    and build the planner's layer graph from the profiles."""
+    from edgeai_operator.planner.model import LayerGraph
+
+    profiles: dict[str, Any] = {}
+    for tier in TIERS:
+        spec = topo.tiers[tier]
+        print(
+            f"[bench] profiling {model} on {tier} "
+            f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s))",
+            flush=True,
+        )
+        profiles[tier] = agent(
+            topo, tier, "profile", "--model", str(model_path), "--threads", str(spec.threads),
+            "--repeats", str(repeats),
+        )  # fmt: skip
+        print(
+            f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, "
+            f"segments sum {profiles[tier]['totalMs']:.1f} ms",
+            flush=True,
+        )
+    # Segments profiled one by one add up to less than the chained model (warm caches,
+    # no hand-over between sessions); scale each tier's segments to its whole-model time
+    # so stage predictions are about what a stage runs.
+    segment_ms = {
+        t: [s["measuredMs"] * p["wholeModelMs"] / p["totalMs"] for s in p["segments"]]
+        for t, p in profiles.items()
+    }
+    graph = LayerGraph.chain(
+        segment_ms,
+        [c["sizeBytes"] for c in profiles["device"]["cuts"]],
+        [c["tensors"] for c in profiles["device"]["cuts"]],
+    )
+    return graph, profiles
+
+
+def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
+    """OIP binary inference through an Identity model vs a raw aiohttp echo of the
+    same bytes, across the shaped edge->cloud link and within one namespace."""
+    identity = fleet.worker(
+        "cloud",
+        {
+            "model_name": "identity", "host": topo.cloud_ip, "port": IDENTITY_PORT,
+            "tier": "cloud", "partitions": [str(identity_model(workdir / "identity.onnx"))],
+        },
+        "identity",
+    )  # fmt: skip
+    hops = []
+    for shape in ([1, 3, 224, 224], [1, 64, 13, 13]):
+        for where, tier in (("edge->cloud, shaped", "edge"), ("same namespace", "cloud")):
+            print(f"[bench] per-hop overhead {shape} {where}", flush=True)
+            hop = agent(
+                topo, tier, "hop", "--oip", f"{identity}/v2/models/identity/infer",
+                "--echo", f"http://{topo.cloud_ip}:{ECHO_PORT}/echo", "--shape", json.dumps(shape),
+                limit_cpu=False,
+            )  # fmt: skip
+            hop.update(shape=shape, path=where, ratio=hop["oip_ms"] / hop["echo_ms"])
+            hops.append(hop)
+    return hops
+
+
+def run_scenarios(
+    topo: Topology,
+    workdir: Path,
+    model: str,
+    uplinks: Sequence[float],
+    backhaul_mbps: float,
+    requests: int,
+    profile_repeats: int,
+) -> dict[str, Any]:
+    """For each uplink: plan, then run the plan, device-only and cloud-only."""
+    import onnx
+
+    from edgeai_operator.planner.model import Link, Problem, Variant, evaluate
+    from edgeai_operator.planner.plan import plan_partitions
+    from edgeai_worker import zoo
+    from edgeai_worker.graph import cut_points
+
+    model_path = zoo.export_onnx(model)
+    cuts = cut_points(onnx.load(str(model_path)))
+    model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
+    input_path = workdir / f"{model}-input.npy"
+    np.save(input_path, zoo.example_input(model))
+    graph, profiles = profile_tiers(topo, model, model_path, profile_repeats)
+    nodes = len(profiles["device"]["segments"])
+    result: dict[str, Any] = {
+        "model": model,
+        "profiles": {
+            t: {"wholeModelMs": p["wholeModelMs"], "segmentsSumMs": p["totalMs"]}
+            for t, p in profiles.items()
+        },
+        "scenarios": [],
+    }
+    for uplink in uplinks:
+        set_uplink(topo, uplink)
+        echo_edge = f"http://{topo.edge_down_ip}:{ECHO_PORT}/echo"
+        echo_cloud = f"http://{topo.cloud_ip}:{ECHO_PORT}/echo"
+        rtt0 = agent(topo, "device", "rtt", "--url", echo_edge, limit_cpu=False)["rtt_ms"]
+        rtt1 = agent(topo, "edge", "rtt", "--url", echo_cloud, limit_cpu=False)["rtt_ms"]
+        problem = Problem(
+            variants=(Variant("fp32", graph),),
+            links=(Link(uplink, rtt0), Link(backhaul_mbps, rtt1)),
+        )
+        plan = plan_partitions(problem, alternatives=False)
+        device_only = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
+        cloud_only = [
+            {"tier": "device", "inputs": model_input, "outputs": model_input},
+            {"tier": "edge", "inputs": model_input, "outputs": model_input},
+            {"tier": "cloud", "inputs": model_input, "outputs": model_output},
+        ]
+        configs = {
+            "partitioned (planner)": (
+                full_stages(plan, model_input),
+                evaluate(problem, graph, list(plan.assignment)),
+            ),
+            "device-only": (device_only, evaluate(problem, graph, [0] * nodes)),
+            "cloud-only": (cloud_only, evaluate(problem, graph, [2] * nodes)),
+        }
+        scenario: dict[str, Any] = {
+            "uplink_mbps": uplink,
+            "rtt_ms": [rtt0, rtt1],
+            "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
+            "results": {},
+        }
+        for name, (stages, evaluation) in configs.items():
+            predicted = evaluation.latency_ms
+            predicted_compute = dict(zip(TIERS, evaluation.compute_ms, strict=True))
+            tag = f"{model}-{int(uplink)}mbps-{name.split()[0]}"
+            print(
+                f"[bench] {model}, uplink {uplink:g} Mbps: {name} "
+                f"({' + '.join(s['tier'] for s in stages)})",
+                flush=True,
+            )
+            # Slow configurations (seconds per request) get fewer requests.
+            count = requests if predicted < 1000 else max(3, requests // 2)
+            stage_fleet = Fleet(topo, workdir)
+            try:
+                entry, started = deploy(stage_fleet, stages, model_path, tag, uplink)
+                # The client is the device's application: in the device's namespace,
+                # outside the device stage's CPU quota (the planner models the stages).
+                agent(
+                    topo, "device", "client", "--url", entry, "--input", str(input_path),
+                    "--requests", "1", "--warmup", "2", limit_cpu=False,
+                )  # fmt: skip
+                before = stage_metrics(topo, started)
+                measured = agent(
+                    topo, "device", "client", "--url", entry, "--input", str(input_path),
+                    "--requests", str(count), "--warmup", "0", limit_cpu=False,
+                )  # fmt: skip
+                breakdown = stage_breakdown(before, stage_metrics(topo, started))
+            finally:
+                stage_fleet.stop()
+            scenario["results"][name] = {
+                "measured_ms": measured["median_ms"],
+                "predicted_ms": predicted,
+                "ratio": measured["median_ms"] / predicted,
+                "requests": count,
+                "stages": breakdown,
+                "predicted_compute_ms": predicted_compute,
+            }
+            print(
+                f"[bench]   measured {measured['median_ms']:.1f} ms, predicted {predicted:.1f} ms",
+                flush=True,
+            )
+        results = scenario["results"]
+        best_single = min(
+            results["device-only"]["measured_ms"], results["cloud-only"]["measured_ms"]
+        )
+        scenario["partitioned_vs_best_single"] = (
+            results["partitioned (planner)"]["measured_ms"] / best_single
+        )
+        result["scenarios"].append(scenario)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="alexnet_like", help="zoo model")
+    parser.add_argument(
+        "--models", default="alexnet_like,resnet18", help="zoo models, comma-separated"
+    )
     parser.add_argument("--uplinks", default="1,10,100", help="device<->edge Mbps, comma-separated")
     parser.add_argument("--backhaul-mbps", type=float, default=100.0)
     parser.add_argument("--requests", type=int, default=8, help="timed requests per config")
@@ -237,30 +429,18 @@ def main() -> int:
     if os.geteuid() != 0:
         print("error: needs root (ip netns, tc, cgroups)", file=sys.stderr)
         return 2
-    from edgeai_operator.planner.model import LayerGraph, Link, Problem, Variant, evaluate
-    from edgeai_operator.planner.plan import plan_partitions
-    from edgeai_worker import zoo
-    from edgeai_worker.graph import cut_points
-
     uplinks = [float(u) for u in args.uplinks.split(",")]
     tiers = {
         "device": TierSpec("device", args.device_cpus, 1),
         "edge": TierSpec("edge", args.edge_cpus, 1),
         "cloud": TierSpec("cloud", None, args.cloud_threads),
     }
-    model_path = zoo.export_onnx(args.model)
-    import onnx
-
-    cuts = cut_points(onnx.load(str(model_path)))
-    model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
     workdir = Path(tempfile.mkdtemp(prefix="edgeai-bench-"))
-    x = zoo.example_input(args.model)
-    np.save(workdir / "input.npy", x)
+    started = time.monotonic()
     report: dict[str, Any] = {
-        "model": args.model,
         "tiers": {k: vars(v) for k, v in tiers.items()},
         "backhaul_mbps": args.backhaul_mbps,
-        "scenarios": [],
+        "models": [],
     }
     print("[bench] encoding a 1x3x224x224 FP32 tensor", flush=True)
     report["encoding"] = encoding_ratio()
@@ -268,172 +448,29 @@ def main() -> int:
         report["cgroups"] = topo.cgroups
         fleet = Fleet(topo, workdir)
         try:
-            profiles: dict[str, Any] = {}
-            for tier in TIERS:
-                print(
-                    f"[bench] profiling {args.model} on {tier} "
-                    f"({tiers[tier].cpus or 'all'} CPU, {tiers[tier].threads} thread(s))",
-                    flush=True,
-                )
-                profiles[tier] = agent(
-                    topo,
-                    tier,
-                    "profile",
-                    "--model",
-                    str(model_path),
-                    "--threads",
-                    str(tiers[tier].threads),
-                    "--repeats",
-                    str(args.profile_repeats),
-                )
-                print(
-                    f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, "
-                    f"segments sum {profiles[tier]['totalMs']:.1f} ms",
-                    flush=True,
-                )
-            report["profiles"] = {
-                t: {"wholeModelMs": p["wholeModelMs"], "totalMs": p["totalMs"]}
-                for t, p in profiles.items()
-            }
-            graph = LayerGraph.chain(
-                {t: [s["measuredMs"] for s in p["segments"]] for t, p in profiles.items()},
-                [c["sizeBytes"] for c in profiles["device"]["cuts"]],
-                [c["tensors"] for c in profiles["device"]["cuts"]],
-            )
-            nodes = len(profiles["device"]["segments"])
-            # Raw echo servers on edge and cloud; an Identity model worker on the cloud.
             for tier in ("edge", "cloud"):
                 host = tier_host(topo, tier)
-                p = fleet.spawn(
+                process = fleet.spawn(
                     tier,
                     [PYTHON, AGENT, "echo-server", "--host", host, "--port", str(ECHO_PORT)],
                     f"echo-{tier}",
                 )
-                wait_ready(topo, tier, f"http://{host}:{ECHO_PORT}/health", p)
-            identity = fleet.worker(
-                "cloud",
-                {
-                    "model_name": "identity",
-                    "host": topo.cloud_ip,
-                    "port": IDENTITY_PORT,
-                    "tier": "cloud",
-                    "partitions": [str(identity_model(workdir / "identity.onnx"))],
-                    "intra_op_threads": 1,
-                },
-                "identity",
-            )
-            hops = []
-            for shape in ([1, 3, 224, 224], [1, 64, 13, 13]):
-                for where, tier in (("edge->cloud, shaped", "edge"), ("same namespace", "cloud")):
-                    print(f"[bench] per-hop overhead {shape} {where}", flush=True)
-                    hop = agent(
-                        topo,
-                        tier,
-                        "hop",
-                        "--oip",
-                        f"{identity}/v2/models/identity/infer",
-                        "--echo",
-                        f"http://{topo.cloud_ip}:{ECHO_PORT}/echo",
-                        "--shape",
-                        json.dumps(shape),
+                wait_ready(topo, tier, f"http://{host}:{ECHO_PORT}/health", process)
+            report["hops"] = measure_hops(topo, fleet, workdir)
+            for model in args.models.split(","):
+                report["models"].append(
+                    run_scenarios(
+                        topo, workdir, model, uplinks, args.backhaul_mbps, args.requests,
+                        args.profile_repeats,
                     )
-                    hop.update(shape=shape, path=where, ratio=hop["oip_ms"] / hop["echo_ms"])
-                    hops.append(hop)
-            report["hops"] = hops
-            for uplink in uplinks:
-                set_uplink(topo, uplink)
-                rtt0 = agent(
-                    topo, "device", "rtt", "--url", f"http://{topo.edge_down_ip}:{ECHO_PORT}/echo"
-                )["rtt_ms"]
-                rtt1 = agent(
-                    topo, "edge", "rtt", "--url", f"http://{topo.cloud_ip}:{ECHO_PORT}/echo"
-                )["rtt_ms"]
-                problem = Problem(
-                    variants=(Variant("fp32", graph),),
-                    links=(Link(uplink, rtt0), Link(args.backhaul_mbps, rtt1)),
-                )
-                plan = plan_partitions(problem, alternatives=False)
-                everything = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
-                cloud_only = [
-                    {"tier": "device", "inputs": model_input, "outputs": model_input},
-                    {"tier": "edge", "inputs": model_input, "outputs": model_input},
-                    {"tier": "cloud", "inputs": model_input, "outputs": model_output},
-                ]
-                configs = {
-                    "partitioned (planner)": (
-                        full_stages(plan, model_input),
-                        evaluate(problem, graph, list(plan.assignment)),
-                    ),
-                    "device-only": (everything, evaluate(problem, graph, [0] * nodes)),
-                    "cloud-only": (cloud_only, evaluate(problem, graph, [2] * nodes)),
-                }
-                scenario: dict[str, Any] = {
-                    "uplink_mbps": uplink,
-                    "rtt_ms": [rtt0, rtt1],
-                    "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
-                    "results": {},
-                }
-                for name, (stages, evaluation) in configs.items():
-                    predicted = evaluation.latency_ms
-                    predicted_compute = dict(zip(TIERS, evaluation.compute_ms, strict=True))
-                    tag = f"{int(uplink)}mbps-{name.split()[0]}"
-                    print(
-                        f"[bench] uplink {uplink:g} Mbps: {name} "
-                        f"({' + '.join(s['tier'] for s in stages)})",
-                        flush=True,
-                    )
-                    # Slow configurations (seconds per request) get fewer requests.
-                    requests = args.requests if predicted < 1000 else max(3, args.requests // 2)
-                    stage_fleet = Fleet(topo, workdir)
-                    try:
-                        entry, started = deploy(stage_fleet, stages, model_path, tag, uplink)
-                        # The client is the device's application: in the device's namespace,
-                        # outside the device stage's CPU quota (the planner models the stages).
-                        measured = agent(
-                            topo,
-                            "device",
-                            "client",
-                            "--url",
-                            entry,
-                            "--input",
-                            str(workdir / "input.npy"),
-                            "--requests",
-                            str(requests),
-                            limit_cpu=False,
-                        )
-                        breakdown = stage_breakdown(topo, started)
-                    finally:
-                        stage_fleet.stop()
-                    scenario["results"][name] = {
-                        "measured_ms": measured["median_ms"],
-                        "predicted_ms": predicted,
-                        "ratio": measured["median_ms"] / predicted,
-                        "requests": requests,
-                        "stages": breakdown,
-                        "predicted_compute_ms": predicted_compute,
-                    }
-                    print(
-                        f"[bench]   measured {measured['median_ms']:.1f} ms, "
-                        f"predicted {predicted:.1f} ms; onnxruntime per stage: "
-                        + ", ".join(
-                            f"{t} {b['compute_ms']:.1f} (planner {predicted_compute[t]:.1f})"
-                            for t, b in breakdown.items()
-                        ),
-                        flush=True,
-                    )
-                results = scenario["results"]
-                best_single = min(
-                    results["device-only"]["measured_ms"], results["cloud-only"]["measured_ms"]
-                )
-                scenario["partitioned_vs_best_single"] = (
-                    results["partitioned (planner)"]["measured_ms"] / best_single
-                )
-                report["scenarios"].append(scenario)
+                )  # fmt: skip
         finally:
             fleet.stop()
+    report["elapsed_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_report(report)
+    print(f"\n(raw numbers: {args.out}; {report['elapsed_s']:.0f} s)")
     return 0
 
 
@@ -441,31 +478,35 @@ def print_report(report: dict[str, Any]) -> None:
     tiers = report["tiers"]
     print()
     print(
-        f"model {report['model']}; tiers: "
+        "tiers: "
         + ", ".join(
             f"{t} {v['cpus'] or 'all'} CPU x{v['threads']} thread" for t, v in tiers.items()
         )
         + f"; cgroup CPU quotas {'on' if report['cgroups'] else 'OFF'}; "
-        f"edge<->cloud {report['backhaul_mbps']:g} Mbps"
-    )
-    print(
-        "profiles (whole model, ms): "
-        + ", ".join(f"{t} {p['wholeModelMs']:.1f}" for t, p in report["profiles"].items())
+        f"device<->edge shaped per row, edge<->cloud {report['backhaul_mbps']:g} Mbps (tc tbf)"
     )
     print()
-    print("1+2. end-to-end latency vs the planner (median of N requests, client on the device)")
-    print(
-        f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
-        f"{'meas/pred':>10}  plan"
-    )
-    for s in report["scenarios"]:
-        for name, r in s["results"].items():
-            plan = s["plan"] if name.startswith("partitioned") else ""
-            print(
-                f"{s['uplink_mbps']:>5g}Mb {name:<22} {r['measured_ms']:>12.1f} "
-                f"{r['predicted_ms']:>13.1f} {r['ratio']:>10.2f}  {plan}"
+    print("1+2. end-to-end latency vs the planner (median, client in the device namespace)")
+    for m in report["models"]:
+        print()
+        print(
+            f"model {m['model']}; profile ms, whole model / sum of segments run alone: "
+            + ", ".join(
+                f"{t} {p['wholeModelMs']:.1f}/{p['segmentsSumMs']:.1f}"
+                for t, p in m["profiles"].items()
             )
-            if r.get("stages"):
+        )
+        print(
+            f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
+            f"{'meas/pred':>10}  plan"
+        )
+        for s in m["scenarios"]:
+            for name, r in s["results"].items():
+                plan = s["plan"] if name.startswith("partitioned") else ""
+                print(
+                    f"{s['uplink_mbps']:>5g}Mb {name:<22} {r['measured_ms']:>12.1f} "
+                    f"{r['predicted_ms']:>13.1f} {r['ratio']:>10.2f}  {plan}"
+                )
                 print(
                     f"{'':>31}onnxruntime ms measured/planner: "
                     + ", ".join(
@@ -474,11 +515,11 @@ def print_report(report: dict[str, Any]) -> None:
                         if b["compute_ms"] or r["predicted_compute_ms"][t]
                     )
                 )
-        print(
-            f"{'':>7} partitioned / min(device-only, cloud-only) = "
-            f"{s['partitioned_vs_best_single']:.2f}   "
-            f"(rtt ms {s['rtt_ms'][0]:.2f}, {s['rtt_ms'][1]:.2f})"
-        )
+            print(
+                f"{'':>7} partitioned / min(device-only, cloud-only) = "
+                f"{s['partitioned_vs_best_single']:.2f}   "
+                f"(rtt ms {s['rtt_ms'][0]:.2f}, {s['rtt_ms'][1]:.2f})"
+            )
     print()
     print("3. per-hop: OIP binary inference (Identity model) / raw aiohttp echo of the same bytes")
     print(f"{'tensor':<18} {'path':<22} {'bytes':>9} {'OIP ms':>8} {'echo ms':>8} {'ratio':>6}")
