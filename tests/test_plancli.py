@@ -248,3 +248,36 @@ def test_node_granularity_plans_the_dag_and_never_loses_to_segments(
                           feeds))
     full = _run(model, {"input": x})["output"]
     assert float(np.abs(feeds["output"] - full).max()) <= 1e-5
+
+
+def test_a_full_manifest_parses_into_planning_fields() -> None:
+    from edgeai_operator.deployspec import parse_deployment
+
+    spec = parse_deployment({
+        "apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
+        "metadata": {"name": "camera-detector"},
+        "spec": {
+            "model": {"zoo": "digits_cnn", "variant": "int8-static"},
+            "slo": {"latencyP95Ms": 80, "throughputRps": 20, "minAccuracy": 0.95},
+            "objective": "deviceEnergy",
+            "placement": {"tiers": ["device", "edge"], "partitioning": "binary",
+                          "adaptiveSplit": False},
+            "privacy": {"rawInputStaysOnDevice": True, "featureNoiseStd": 0.05},
+            "power": {"computeWatts": 3, "txWatts": 2, "rxWatts": 1, "idleWatts": 0.2},
+            "cost": {"edgePerMs": 0.1, "cloudPerMs": 2},
+            "devices": {"nodeSelector": {"app": "camera"}},  # not planning's business
+        },
+    })
+    assert (spec.name, spec.zoo, spec.variant, spec.model_ref) == (
+        "camera-detector", "digits_cnn", "int8-static", None)
+    assert spec.slo_dict() == {"latencyP95Ms": 80.0, "throughputRps": 20.0,
+                               "minAccuracy": 0.95}
+    assert spec.objective == "deviceEnergy"
+    assert spec.tiers == ("device", "edge")
+    assert spec.partitioning == "binary"
+    assert spec.adaptive_split is False
+    assert spec.raw_input_stays_on_device is True
+    assert spec.feature_noise_std == 0.05
+    assert (spec.compute_watts, spec.tx_watts, spec.rx_watts, spec.idle_watts) == (
+        3.0, 2.0, 1.0, 0.2)
+    assert (spec.edge_cost_per_ms, spec.cloud_cost_per_ms) == (0.1, 2.0)
