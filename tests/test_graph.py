@@ -26,8 +26,9 @@ def _model(name: str) -> onnx.ModelProto:
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     names = [i.name for i in session.get_inputs()]
     results = session.run(None, {n: feeds[n] for n in names})
     return dict(zip([o.name for o in session.get_outputs()], results, strict=True))

@@ -21,8 +21,12 @@ TOPOLOGY = Path(__file__).resolve().parents[1] / "hack" / "topology.yaml"
 
 
 def _manifest(tmp_path: Path, spec: dict[str, Any], name: str = "dep.yaml") -> Path:
-    doc = {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
-           "metadata": {"name": "camera-detector"}, "spec": spec}
+    doc = {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "camera-detector"},
+        "spec": spec,
+    }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -59,17 +63,17 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.n
 def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
-                                    "slo": {"latencyP95Ms": 200}})
-    code, plan = _plan(capsys, "-f", str(manifest), "--topology",
-                       str(_topology(tmp_path, 40)))
+    manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": 200}})
+    code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(_topology(tmp_path, 40)))
     assert code == 0
     assert plan["kind"] == "Plan"
     assert plan["feasible"] is True
     assert plan["reason"] == ""
-    assert plan["model"] == {"zoo": "alexnet_like", "variant": "fp32",
-                             "input": {"name": "input", "shape": [1, 3, 224, 224],
-                                       "dtype": "FP32"}}
+    assert plan["model"] == {
+        "zoo": "alexnet_like",
+        "variant": "fp32",
+        "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
+    }
     assert plan["objective"] == "latency"
     assert plan["slo"] == {"latencyP95Ms": 200}
     stages = plan["stages"]
@@ -88,8 +92,7 @@ def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
     x = zoo.example_input("alexnet_like", seed=2)
     feeds = {"input": x}
     for stage in stages:
-        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]),
-                          feeds))
+        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]), feeds))
     full = _run(model, {"input": x})["output"]
     assert float(np.abs(feeds["output"] - full).max()) <= 1e-5
 
@@ -100,8 +103,9 @@ def test_table_output_and_bandwidth_moves_the_split(
     manifest = _manifest(tmp_path, {"model": {"zoo": "vgg_like"}})
     device_layers = []
     for mbps in (1, 50, 1000):
-        code, plan = _plan(capsys, "-f", str(manifest), "--topology",
-                           str(_topology(tmp_path, mbps, edge=False)))
+        code, plan = _plan(
+            capsys, "-f", str(manifest), "--topology", str(_topology(tmp_path, mbps, edge=False))
+        )
         assert code == 0
         device = [s for s in plan["stages"] if s["tier"] == "device"]
         count = 0
@@ -118,25 +122,30 @@ def test_table_output_and_bandwidth_moves_the_split(
     assert "adaptive split" in table
 
 
-def test_privacy_and_binary_offloading(tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_privacy_and_binary_offloading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fast = str(_topology(tmp_path, 1000))
-    private = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
-                                   "privacy": {"rawInputStaysOnDevice": True}}, "p.yaml")
+    private = _manifest(
+        tmp_path,
+        {"model": {"zoo": "alexnet_like"}, "privacy": {"rawInputStaysOnDevice": True}},
+        "p.yaml",
+    )
     _, plan = _plan(capsys, "-f", str(private), "--topology", fast)
     assert plan["stages"][0]["tier"] == "device"
     assert plan["transfers"][0]["bytes"] < 602112
-    binary = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"},
-                                  "placement": {"partitioning": "binary"}}, "b.yaml")
+    binary = _manifest(
+        tmp_path,
+        {"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "binary"}},
+        "b.yaml",
+    )
     _, plan = _plan(capsys, "-f", str(binary), "--topology", fast)
     assert len(plan["stages"]) == 1
     assert plan["stages"][0]["layers"] == "0-18"
 
 
-def test_infeasible_slo_exits_1_with_the_reason(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    manifest = _manifest(tmp_path, {"modelRef": {"name": "resnet18"},
-                                    "slo": {"latencyP95Ms": 0.5}})
+def test_infeasible_slo_exits_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = _manifest(tmp_path, {"modelRef": {"name": "resnet18"}, "slo": {"latencyP95Ms": 0.5}})
     code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(TOPOLOGY))
     assert code == 1
     assert plan["feasible"] is False
@@ -144,21 +153,26 @@ def test_infeasible_slo_exits_1_with_the_reason(tmp_path: Path,
     assert plan["stages"] == []
 
 
-def test_profile_then_plan_with_measured_compute(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_then_plan_with_measured_compute(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     saved = tmp_path / "profile.json"
-    assert cli.main(["profile", "digits_cnn", "--repeats", "3", "-o", "json",
-                     "--save", str(saved)]) == 0
+    assert (
+        cli.main(["profile", "digits_cnn", "--repeats", "3", "-o", "json", "--save", str(saved)])
+        == 0
+    )
     captured = capsys.readouterr()
     profile = json.loads(captured.out)
     assert "[edgeai profile]" in captured.err  # progress goes to stderr
     assert profile["kind"] == "Profile"
     assert profile["accuracy"] >= 0.95
     assert len(profile["segments"]) == len(profile["cuts"]) - 1
-    manifest = _manifest(tmp_path, {"modelRef": {"name": "digits-cnn"},
-                                    "slo": {"minAccuracy": 0.9}})
-    code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(TOPOLOGY),
-                       "--profile", str(saved))
+    manifest = _manifest(
+        tmp_path, {"modelRef": {"name": "digits-cnn"}, "slo": {"minAccuracy": 0.9}}
+    )
+    code, plan = _plan(
+        capsys, "-f", str(manifest), "--topology", str(TOPOLOGY), "--profile", str(saved)
+    )
     assert code == 0
     assert plan["compute"]["method"] == "measured"
     assert plan["compute"]["hostGflops"] == profile["host"]["gflops"]
@@ -168,35 +182,59 @@ def test_profile_then_plan_with_measured_compute(tmp_path: Path,
 
 
 BAD_SPECS = [
-    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": -5}},
-     "spec.slo.latencyP95Ms: must be a positive number, got -5"),
-    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": "fast"}},
-     "spec.slo.latencyP95Ms: must be a number"),
-    ({"model": {"zoo": "alexnet_like"}, "slo": {"minAccuracy": 1.5}},
-     "spec.slo.minAccuracy: must be at most 1"),
-    ({"model": {"zoo": "alexnet_like"}, "objective": "fastest"},
-     "spec.objective: unknown objective 'fastest'"),
-    ({"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["device", "moon"]}},
-     "spec.placement.tiers[1]: unknown tier 'moon'"),
-    ({"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "random"}},
-     "spec.placement.partitioning: unknown mode 'random'"),
-    ({"model": {"zoo": "alexnet_like"}, "slo": {"latencyP99Ms": 5}},
-     "spec.slo: unknown field(s) ['latencyP99Ms']"),
+    (
+        {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": -5}},
+        "spec.slo.latencyP95Ms: must be a positive number, got -5",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": "fast"}},
+        "spec.slo.latencyP95Ms: must be a number",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "slo": {"minAccuracy": 1.5}},
+        "spec.slo.minAccuracy: must be at most 1",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "objective": "fastest"},
+        "spec.objective: unknown objective 'fastest'",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["device", "moon"]}},
+        "spec.placement.tiers[1]: unknown tier 'moon'",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "random"}},
+        "spec.placement.partitioning: unknown mode 'random'",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP99Ms": 5}},
+        "spec.slo: unknown field(s) ['latencyP99Ms']",
+    ),
     ({"slo": {"latencyP95Ms": 5}}, "spec.modelRef: is required"),
     ({"model": {"zoo": "lenet5"}}, "spec.model.zoo: unknown zoo model 'lenet5'"),
-    ({"modelRef": {"name": "my-detector"}},
-     "spec.modelRef.name: DNNModel 'my-detector' cannot be resolved offline"),
-    ({"model": {"zoo": "alexnet_like"}, "privacy": {"rawInputStaysOnDevice": "yes"}},
-     "spec.privacy.rawInputStaysOnDevice: must be true or false"),
-    ({"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["cloud"]},
-      "privacy": {"rawInputStaysOnDevice": True}},
-     "spec.privacy.rawInputStaysOnDevice: needs the device tier"),
+    (
+        {"modelRef": {"name": "my-detector"}},
+        "spec.modelRef.name: DNNModel 'my-detector' cannot be resolved offline",
+    ),
+    (
+        {"model": {"zoo": "alexnet_like"}, "privacy": {"rawInputStaysOnDevice": "yes"}},
+        "spec.privacy.rawInputStaysOnDevice: must be true or false",
+    ),
+    (
+        {
+            "model": {"zoo": "alexnet_like"},
+            "placement": {"tiers": ["cloud"]},
+            "privacy": {"rawInputStaysOnDevice": True},
+        },
+        "spec.privacy.rawInputStaysOnDevice: needs the device tier",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("spec", "message"), BAD_SPECS)
-def test_bad_manifests_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                      spec: dict[str, Any], message: str) -> None:
+def test_bad_manifests_name_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spec: dict[str, Any], message: str
+) -> None:
     manifest = _manifest(tmp_path, spec)
     assert cli.main(["plan", "-f", str(manifest), "--topology", str(TOPOLOGY)]) == 2
     err = capsys.readouterr().err
@@ -204,8 +242,9 @@ def test_bad_manifests_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "(accepted:" in err or "DNNModel" in err
 
 
-def test_bad_cli_arguments_name_the_argument(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_cli_arguments_name_the_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(["profile", "digits_cnn", "--repeats", "0"]) == 2
     assert "--repeats: must be a positive integer, got 0" in capsys.readouterr().err
     assert cli.main(["profile", "lenet5"]) == 2
@@ -233,8 +272,9 @@ def test_node_granularity_plans_the_dag_and_never_loses_to_segments(
     manifest = _manifest(tmp_path, {"model": {"zoo": "resnet18"}})
     topology = str(_topology(tmp_path, mbps))
     _, by_segments = _plan(capsys, "-f", str(manifest), "--topology", topology)
-    _, by_nodes = _plan(capsys, "-f", str(manifest), "--topology", topology,
-                        "--granularity", "nodes")
+    _, by_nodes = _plan(
+        capsys, "-f", str(manifest), "--topology", topology, "--granularity", "nodes"
+    )
     assert by_nodes["granularity"] == "nodes"
     assert by_nodes["solver"]["method"] == "mincut"
     # every segment split is also a node split with the same cost, so the DAG plan is
@@ -244,8 +284,7 @@ def test_node_granularity_plans_the_dag_and_never_loses_to_segments(
     x = zoo.example_input("resnet18", seed=4)
     feeds = {"input": x}
     for stage in by_nodes["stages"]:
-        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]),
-                          feeds))
+        feeds.update(_run(graph.extract_partition(model, stage["inputs"], stage["outputs"]), feeds))
     full = _run(model, {"input": x})["output"]
     assert float(np.abs(feeds["output"] - full).max()) <= 1e-5
 
@@ -253,25 +292,34 @@ def test_node_granularity_plans_the_dag_and_never_loses_to_segments(
 def test_a_full_manifest_parses_into_planning_fields() -> None:
     from edgeai_operator.deployspec import parse_deployment
 
-    spec = parse_deployment({
-        "apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
-        "metadata": {"name": "camera-detector"},
-        "spec": {
-            "model": {"zoo": "digits_cnn", "variant": "int8-static"},
-            "slo": {"latencyP95Ms": 80, "throughputRps": 20, "minAccuracy": 0.95},
-            "objective": "deviceEnergy",
-            "placement": {"tiers": ["device", "edge"], "partitioning": "binary",
-                          "adaptiveSplit": False},
-            "privacy": {"rawInputStaysOnDevice": True, "featureNoiseStd": 0.05},
-            "power": {"computeWatts": 3, "txWatts": 2, "rxWatts": 1, "idleWatts": 0.2},
-            "cost": {"edgePerMs": 0.1, "cloudPerMs": 2},
-            "devices": {"nodeSelector": {"app": "camera"}},  # not planning's business
-        },
-    })
+    spec = parse_deployment(
+        {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNDeployment",
+            "metadata": {"name": "camera-detector"},
+            "spec": {
+                "model": {"zoo": "digits_cnn", "variant": "int8-static"},
+                "slo": {"latencyP95Ms": 80, "throughputRps": 20, "minAccuracy": 0.95},
+                "objective": "deviceEnergy",
+                "placement": {
+                    "tiers": ["device", "edge"],
+                    "partitioning": "binary",
+                    "adaptiveSplit": False,
+                },
+                "privacy": {"rawInputStaysOnDevice": True, "featureNoiseStd": 0.05},
+                "power": {"computeWatts": 3, "txWatts": 2, "rxWatts": 1, "idleWatts": 0.2},
+                "cost": {"edgePerMs": 0.1, "cloudPerMs": 2},
+                "devices": {"nodeSelector": {"app": "camera"}},  # not planning's business
+            },
+        }
+    )
     assert (spec.name, spec.zoo, spec.variant, spec.model_ref) == (
-        "camera-detector", "digits_cnn", "int8-static", None)
-    assert spec.slo_dict() == {"latencyP95Ms": 80.0, "throughputRps": 20.0,
-                               "minAccuracy": 0.95}
+        "camera-detector",
+        "digits_cnn",
+        "int8-static",
+        None,
+    )
+    assert spec.slo_dict() == {"latencyP95Ms": 80.0, "throughputRps": 20.0, "minAccuracy": 0.95}
     assert spec.objective == "deviceEnergy"
     assert spec.tiers == ("device", "edge")
     assert spec.partitioning == "binary"
@@ -279,5 +327,9 @@ def test_a_full_manifest_parses_into_planning_fields() -> None:
     assert spec.raw_input_stays_on_device is True
     assert spec.feature_noise_std == 0.05
     assert (spec.compute_watts, spec.tx_watts, spec.rx_watts, spec.idle_watts) == (
-        3.0, 2.0, 1.0, 0.2)
+        3.0,
+        2.0,
+        1.0,
+        0.2,
+    )
     assert (spec.edge_cost_per_ms, spec.cloud_cost_per_ms) == (0.1, 2.0)

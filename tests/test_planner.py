@@ -75,16 +75,21 @@ def random_problem(rng: random.Random, dag: bool, index: int) -> Problem:
     graph = make(rng, path, n)
     variants = [Variant("fp32", graph, 0.97)]
     if rng.random() < 0.3:
-        faster = LayerGraph({t: tuple(x * 0.6 for x in ms) for t, ms in graph.node_ms.items()},
-                            graph.tensors)
+        faster = LayerGraph(
+            {t: tuple(x * 0.6 for x in ms) for t, ms in graph.node_ms.items()}, graph.tensors
+        )
         variants.append(Variant("int8", faster, 0.95))
     links = tuple(Link(10 ** rng.uniform(-0.5, 3), rng.uniform(0, 40)) for _ in path[1:])
     allowed = set(path)
     if rng.random() < 0.25:
         allowed.discard(rng.choice(path))
     problem = Problem(
-        variants=tuple(variants), path=path, links=links, allowed=frozenset(allowed),
-        objective=objective, raw_input_stays_on_device=rng.random() < 0.3,
+        variants=tuple(variants),
+        path=path,
+        links=links,
+        allowed=frozenset(allowed),
+        objective=objective,
+        raw_input_stays_on_device=rng.random() < 0.3,
         min_accuracy=rng.choice([None, None, 0.96]),
         cost_per_ms={"edge": rng.uniform(0, 0.3), "cloud": 1.0},
     )
@@ -103,8 +108,11 @@ def _brute(problem: Problem) -> tuple[str, Evaluation] | None:
         if problem.min_accuracy is not None and (variant.accuracy or 0) < problem.min_accuracy:
             continue
         ev = brute_force(problem, variant.graph)
-        if ev is not None and (best is None or (ev.value(problem.objective), ev.latency_ms)
-                               < (best[1].value(problem.objective), best[1].latency_ms)):
+        if ev is not None and (
+            best is None
+            or (ev.value(problem.objective), ev.latency_ms)
+            < (best[1].value(problem.objective), best[1].latency_ms)
+        ):
             best = (variant.name, ev)
     return best
 
@@ -157,8 +165,7 @@ def test_every_exact_solver_agrees_on_chains_seen_as_dags() -> None:
         path = PATHS[index % 2]
         graph = random_chain(rng, path, rng.randint(1, 15))
         links = tuple(Link(10 ** rng.uniform(-0.5, 3), rng.uniform(0, 40)) for _ in path[1:])
-        problem = Problem((Variant("fp32", graph),), path, links,
-                          objective=OBJECTIVES[index % 3])
+        problem = Problem((Variant("fp32", graph),), path, links, objective=OBJECTIVES[index % 3])
         by_dp = solvers.chain_dp(problem, graph)
         by_cut = solvers.mincut(problem, graph)
         members = solvers.dag_ideals(graph)
@@ -185,9 +192,10 @@ def test_dag_ideals_match_monotone_assignments() -> None:
 
 def _fixed_chain() -> LayerGraph:
     # device 10 ms per segment, cloud 1 ms; activations shrink after segment 2
-    return LayerGraph.chain({"device": (10.0, 10.0, 10.0, 10.0), "edge": (4.0,) * 4,
-                             "cloud": (1.0, 1.0, 1.0, 1.0)},
-                            [100_000, 200_000, 5_000, 5_000, 40])
+    return LayerGraph.chain(
+        {"device": (10.0, 10.0, 10.0, 10.0), "edge": (4.0,) * 4, "cloud": (1.0, 1.0, 1.0, 1.0)},
+        [100_000, 200_000, 5_000, 5_000, 40],
+    )
 
 
 def test_privacy_keeps_the_raw_input_on_the_device() -> None:
@@ -199,8 +207,9 @@ def test_privacy_keeps_the_raw_input_on_the_device() -> None:
     assert private.stages[0].tier == "device"
     assert private.stages[0].inputs == ("cut0",)
     assert "cut0" not in private.stages[1].inputs
-    blocked = plan_partitions(replace(base, raw_input_stays_on_device=True,
-                                      allowed=frozenset({"edge", "cloud"})))
+    blocked = plan_partitions(
+        replace(base, raw_input_stays_on_device=True, allowed=frozenset({"edge", "cloud"}))
+    )
     assert not blocked.feasible
     assert "rawInputStaysOnDevice" in blocked.reason
 
@@ -222,18 +231,25 @@ def test_infeasible_plans_say_why() -> None:
 
 def test_accuracy_floor_picks_the_variant() -> None:
     graph = _fixed_chain()
-    fast = LayerGraph({t: tuple(x / 2 for x in ms) for t, ms in graph.node_ms.items()},
-                      graph.tensors)
-    problem = Problem((Variant("fp32", graph, 0.98), Variant("int8", fast, 0.96)),
-                      links=(Link(1, 5), Link(100, 10)))
+    fast = LayerGraph(
+        {t: tuple(x / 2 for x in ms) for t, ms in graph.node_ms.items()}, graph.tensors
+    )
+    problem = Problem(
+        (Variant("fp32", graph, 0.98), Variant("int8", fast, 0.96)),
+        links=(Link(1, 5), Link(100, 10)),
+    )
     assert plan_partitions(problem).variant == "int8"
     assert plan_partitions(replace(problem, min_accuracy=0.97)).variant == "fp32"
 
 
 def test_objectives_trade_latency_for_energy_and_cost() -> None:
     graph = _fixed_chain()
-    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
-                      links=(Link(20, 5),), cost_per_ms={"cloud": 1.0})
+    problem = Problem(
+        (Variant("fp32", graph),),
+        path=("device", "cloud"),
+        links=(Link(20, 5),),
+        cost_per_ms={"cloud": 1.0},
+    )
     fastest = plan_partitions(problem)
     cheapest = plan_partitions(replace(problem, objective="cloudCost"))
     frugal = plan_partitions(replace(problem, objective="deviceEnergy"))
@@ -265,9 +281,12 @@ def _zoo_chain(name: str, device_gflops: float, cloud_gflops: float) -> LayerGra
     positions = [c.position for c in cuts]
     flops = [sum(n.flops for n in dag.nodes[a:b]) for a, b in itertools.pairwise(positions)]
     return LayerGraph.chain(
-        {"device": [f / device_gflops / 1e6 for f in flops],
-         "cloud": [f / cloud_gflops / 1e6 for f in flops]},
-        [c.size_bytes for c in cuts], [c.tensors for c in cuts],
+        {
+            "device": [f / device_gflops / 1e6 for f in flops],
+            "cloud": [f / cloud_gflops / 1e6 for f in flops],
+        },
+        [c.size_bytes for c in cuts],
+        [c.tensors for c in cuts],
     )
 
 
@@ -277,15 +296,16 @@ def test_neurosurgeon_low_bandwidth_keeps_layers_on_the_device(name: str) -> Non
     sizes = [t.size_bytes for t in graph.tensors]
     on_device = []
     for mbps in [10 ** (e / 10) for e in range(-5, 31)]:  # 0.3 Mbps to 1 Gbps
-        problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
-                          links=(Link(mbps, 10),))
+        problem = Problem(
+            (Variant("fp32", graph),), path=("device", "cloud"), links=(Link(mbps, 10),)
+        )
         plan = plan_partitions(problem, alternatives=False)
         device = sum(1 for k in plan.assignment if k == 0)
         on_device.append(device)
         if 0 < device < graph.size:
             # a split happens where activations have shrunk below the raw input
             assert sizes[device] < sizes[0]
-            assert sizes[device] <= min(sizes[:device + 1])
+            assert sizes[device] <= min(sizes[: device + 1])
     assert on_device == sorted(on_device, reverse=True), on_device
     assert on_device[-1] == 0, "at 1 Gbps everything is offloaded"
     assert on_device[0] > 0, "at 0.3 Mbps the device keeps layers"
@@ -294,8 +314,7 @@ def test_neurosurgeon_low_bandwidth_keeps_layers_on_the_device(name: str) -> Non
 
 def test_alternatives_cover_the_bandwidth_range_in_order() -> None:
     graph = _zoo_chain("alexnet_like", device_gflops=8, cloud_gflops=1500)
-    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"),
-                      links=(Link(10, 10),))
+    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"), links=(Link(10, 10),))
     plan = plan_partitions(problem)
     bands = plan.alternatives
     assert len(bands) >= 2

@@ -56,13 +56,15 @@ def test_a_quantized_variant_partitions_like_the_original() -> None:
     _, _, x_test, _ = zoo.digits_split()
     x = x_test[:64]
 
-    def run(m: onnx.ModelProto, feeds: dict[str, np.ndarray],
-            optimize: bool) -> dict[str, np.ndarray]:
+    def run(
+        m: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool
+    ) -> dict[str, np.ndarray]:
         options = ort.SessionOptions()
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(m.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            m.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
         out = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
         return dict(zip([o.name for o in session.get_outputs()], out, strict=True))
 
@@ -87,8 +89,9 @@ def test_magnitude_pruning_zeroes_the_smallest_half() -> None:
     layers = torch.nn.Sequential(first, second)
 
     def magnitudes() -> torch.Tensor:
-        return torch.cat([first.weight.detach().abs().flatten(),
-                          second.weight.detach().abs().flatten()])
+        return torch.cat(
+            [first.weight.detach().abs().flatten(), second.weight.detach().abs().flatten()]
+        )
 
     before = magnitudes()
     zeros = variants.prune_magnitude(layers, 0.5)

@@ -63,14 +63,18 @@ def _median_ms(fn: Callable[[], object], runs: int = 20) -> float:
 
 def _random_ms(rng: random.Random, n: int) -> dict[str, tuple[float, ...]]:
     base = [rng.uniform(0.1, 5.0) for _ in range(n)]
-    return {"device": tuple(base), "edge": tuple(b / 8 for b in base),
-            "cloud": tuple(b / 40 for b in base)}
+    return {
+        "device": tuple(base),
+        "edge": tuple(b / 8 for b in base),
+        "cloud": tuple(b / 40 for b in base),
+    }
 
 
 def random_chain(n: int, seed: int = 0) -> LayerGraph:
     rng = random.Random(seed)
-    return LayerGraph.chain(_random_ms(rng, n), [int(10 ** rng.uniform(3, 6.5))
-                                                  for _ in range(n + 1)])
+    return LayerGraph.chain(
+        _random_ms(rng, n), [int(10 ** rng.uniform(3, 6.5)) for _ in range(n + 1)]
+    )
 
 
 def random_dag(n: int, seed: int = 0) -> LayerGraph:
@@ -103,8 +107,9 @@ def plan_times() -> list[tuple[str, str, float, float]]:
     two_tier = Problem(chain.variants, path=("device", "cloud"), links=(Link(100, 15),))
     fastest = plan_partitions(two_tier, alternatives=False)
     assert fastest.predicted_latency_ms is not None
-    slo = replace(two_tier, objective="cloudCost",
-                  slo_latency_ms=fastest.predicted_latency_ms * 1.05)
+    slo = replace(
+        two_tier, objective="cloudCost", slo_latency_ms=fastest.predicted_latency_ms * 1.05
+    )
     plan = plan_partitions(slo, alternatives=False)
     ms = _median_ms(lambda: plan_partitions(slo, alternatives=False), runs=5)
     rows.append(("200-cut chain, 2 tiers, cloudCost under SLO", plan.method, ms, float("nan")))
@@ -112,20 +117,22 @@ def plan_times() -> list[tuple[str, str, float, float]]:
 
 
 def measured_profile(name: str, repeats: int) -> dict[str, Any]:
-    return profiler.profile_model(zoo.export_onnx(name), name=name, repeats=repeats,
-                                  progress=_say)
+    return profiler.profile_model(zoo.export_onnx(name), name=name, repeats=repeats, progress=_say)
 
 
 def _chain(profile: dict[str, Any], speed: dict[str, float]) -> LayerGraph:
     """Tier times = this machine's measured times / the tier's speed relative to it."""
     host = [float(s["measuredMs"]) for s in profile["segments"]]
-    return LayerGraph.chain({t: [x / f for x in host] for t, f in speed.items()},
-                            [int(c["sizeBytes"]) for c in profile["cuts"]],
-                            [tuple(c["tensors"]) for c in profile["cuts"]])
+    return LayerGraph.chain(
+        {t: [x / f for x in host] for t, f in speed.items()},
+        [int(c["sizeBytes"]) for c in profile["cuts"]],
+        [tuple(c["tensors"]) for c in profile["cuts"]],
+    )
 
 
-def ratios(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float,
-           three_tier: bool) -> list[dict[str, Any]]:
+def ratios(
+    profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float, three_tier: bool
+) -> list[dict[str, Any]]:
     rows = []
     for name, profile in profiles.items():
         if three_tier:
@@ -140,14 +147,20 @@ def ratios(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float,
             problem = Problem((Variant("fp32", chain),), path=path, links=links)
             plan = plan_partitions(problem, alternatives=False)
             assert plan.predicted_latency_ms is not None
-            single = {t: evaluate(problem, chain, [k] * n).latency_ms
-                      for k, t in enumerate(path)}
+            single = {t: evaluate(problem, chain, [k] * n).latency_ms for k, t in enumerate(path)}
             stages = " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages)
-            rows.append({"model": name, "mbps": mbps, "stages": stages,
-                         "sentBytes": plan.transfers[0].bytes if plan.transfers else 0,
-                         "planned": plan.predicted_latency_ms, "single": single,
-                         "ratio": plan.predicted_latency_ms / min(single.values()),
-                         "hostGflops": profile["host"]["gflops"]})
+            rows.append(
+                {
+                    "model": name,
+                    "mbps": mbps,
+                    "stages": stages,
+                    "sentBytes": plan.transfers[0].bytes if plan.transfers else 0,
+                    "planned": plan.predicted_latency_ms,
+                    "single": single,
+                    "ratio": plan.predicted_latency_ms / min(single.values()),
+                    "hostGflops": profile["host"]["gflops"],
+                }
+            )
     return rows
 
 
@@ -161,31 +174,35 @@ def sweep(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float) -
         split_at: list[float] = []
         best = (1.0, 0.0)
         for mbps in grid:
-            problem = Problem((Variant("fp32", chain),), path=("device", "cloud"),
-                              links=(Link(mbps, rtt_ms),))
+            problem = Problem(
+                (Variant("fp32", chain),), path=("device", "cloud"), links=(Link(mbps, rtt_ms),)
+            )
             plan = plan_partitions(problem, alternatives=False)
             assert plan.predicted_latency_ms is not None
-            single = min(evaluate(problem, chain, [k] * chain.size).latency_ms
-                         for k in (0, 1))
+            single = min(evaluate(problem, chain, [k] * chain.size).latency_ms for k in (0, 1))
             if len(plan.stages) > 1:
                 split_at.append(mbps)
             best = min(best, (plan.predicted_latency_ms / single, mbps))
         if split_at:
-            print(f"| {name} | {split_at[0]:g}-{split_at[-1]:g} | {best[0]:.3f} "
-                  f"| {best[1]:g} |")
+            print(f"| {name} | {split_at[0]:g}-{split_at[-1]:g} | {best[0]:.3f} | {best[1]:g} |")
         else:
             print(f"| {name} | none | 1.000 | - |")
 
 
 def _print_ratios(rows: list[dict[str, Any]]) -> None:
     tiers = list(rows[0]["single"])
-    print("| model | Mbps | plan | sent bytes | planned ms | "
-          + " | ".join(f"{t}-only ms" for t in tiers) + " | ratio |")
+    print(
+        "| model | Mbps | plan | sent bytes | planned ms | "
+        + " | ".join(f"{t}-only ms" for t in tiers)
+        + " | ratio |"
+    )
     print("|---|---:|---|---:|---:|" + "---:|" * len(tiers) + "---:|")
     for r in rows:
         singles = " | ".join(f"{r['single'][t]:.2f}" for t in tiers)
-        print(f"| {r['model']} | {r['mbps']:g} | {r['stages']} | {r['sentBytes']} "
-              f"| {r['planned']:.2f} | {singles} | {r['ratio']:.3f} |")
+        print(
+            f"| {r['model']} | {r['mbps']:g} | {r['stages']} | {r['sentBytes']} "
+            f"| {r['planned']:.2f} | {singles} | {r['ratio']:.3f} |"
+        )
     print("\n| model | ratio @1 Mbps | ratio @10 Mbps | ratio @100 Mbps |")
     print("|---|---:|---:|---:|")
     for name in MODELS:
@@ -209,8 +226,9 @@ def digits_rows() -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--slowdown", type=float, default=8.0,
-                        help="device tier = this machine x SLOWDOWN")
+    parser.add_argument(
+        "--slowdown", type=float, default=8.0, help="device tier = this machine x SLOWDOWN"
+    )
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     args = parser.parse_args(argv)
 
@@ -223,27 +241,32 @@ def main(argv: list[str] | None = None) -> int:
 
     profiles = {name: measured_profile(name, args.repeats) for name in MODELS}
     host = profiles[MODELS[0]]["host"]["gflops"]
-    print(f"\n## Planned latency / best single tier, two tiers\n\n"
-          f"cloud = this machine ({host:g} GFLOPS measured), device = {args.slowdown:g}x "
-          f"slower, device->cloud RTT {args.rtt_ms:g} ms; onnxruntime medians of "
-          f"{args.repeats} per segment\n")
+    print(
+        f"\n## Planned latency / best single tier, two tiers\n\n"
+        f"cloud = this machine ({host:g} GFLOPS measured), device = {args.slowdown:g}x "
+        f"slower, device->cloud RTT {args.rtt_ms:g} ms; onnxruntime medians of "
+        f"{args.repeats} per segment\n"
+    )
     _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=False))
     print("\nSweep of 31 bandwidths from 1 to 1000 Mbps (log-spaced), two tiers:\n")
     sweep(profiles, args.slowdown, args.rtt_ms)
-    print(f"\n## Planned latency / best single tier, three tiers\n\n"
-          f"edge = this machine, device = {args.slowdown:g}x slower, cloud = "
-          f"{CLOUD_SPEEDUP:g}x faster; device->edge at the given Mbps with RTT "
-          f"{args.rtt_ms:g} ms, edge->cloud 100 Mbps with RTT 25 ms\n")
+    print(
+        f"\n## Planned latency / best single tier, three tiers\n\n"
+        f"edge = this machine, device = {args.slowdown:g}x slower, cloud = "
+        f"{CLOUD_SPEEDUP:g}x faster; device->edge at the given Mbps with RTT "
+        f"{args.rtt_ms:g} ms, edge->cloud 100 Mbps with RTT 25 ms\n"
+    )
     _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=True))
 
     print("\n## digits_cnn variants (held-out digits, 450 images)\n")
-    print("| variant | accuracy | size bytes | zlib bytes | nonzero params | cuts "
-          "| ms/image |")
+    print("| variant | accuracy | size bytes | zlib bytes | nonzero params | cuts | ms/image |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in digits_rows():
-        print(f"| {r['name']} | {r['accuracy']:.4f} | {r['sizeBytes']} "
-              f"| {r['compressedBytes']} | {r['nonzeroParameters']}/{r['parameters']} "
-              f"| {r['cuts']} | {r['msPerImage']:.3f} |")
+        print(
+            f"| {r['name']} | {r['accuracy']:.4f} | {r['sizeBytes']} "
+            f"| {r['compressedBytes']} | {r['nonzeroParameters']}/{r['parameters']} "
+            f"| {r['cuts']} | {r['msPerImage']:.3f} |"
+        )
     return 0
 
 

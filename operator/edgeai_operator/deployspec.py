@@ -84,8 +84,14 @@ def _unknown(data: dict[str, Any], field: str, known: tuple[str, ...]) -> None:
         raise SpecError(field, f"unknown field(s) {extra}", ", ".join(known))
 
 
-def _number(value: Any, field: str, *, positive: bool = True, at_most: float | None = None,
-            default: float | None = None) -> float | None:
+def _number(
+    value: Any,
+    field: str,
+    *,
+    positive: bool = True,
+    at_most: float | None = None,
+    default: float | None = None,
+) -> float | None:
     if value is None:
         return default
     low = "> 0" if positive else ">= 0"
@@ -94,8 +100,11 @@ def _number(value: Any, field: str, *, positive: bool = True, at_most: float | N
         raise SpecError(field, f"must be a number, got {value!r}", accepted)
     number = float(value)
     if number != number or (number <= 0 if positive else number < 0):
-        raise SpecError(field, f"must be {'a positive' if positive else 'a non-negative'} "
-                        f"number, got {value!r}", accepted)
+        raise SpecError(
+            field,
+            f"must be {'a positive' if positive else 'a non-negative'} number, got {value!r}",
+            accepted,
+        )
     if at_most is not None and number > at_most:
         raise SpecError(field, f"must be at most {at_most:g}, got {value!r}", accepted)
     return number
@@ -122,38 +131,52 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     meta = _mapping(doc.get("metadata"), "metadata", required=True)
     name = meta.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError("metadata.name", f"invalid name {name!r}",
-                        "a DNS subdomain: lower-case letters, digits, '-' and '.'")
+        raise SpecError(
+            "metadata.name",
+            f"invalid name {name!r}",
+            "a DNS subdomain: lower-case letters, digits, '-' and '.'",
+        )
     spec = _mapping(doc.get("spec"), "spec", required=True)
 
     model_ref: str | None = None
     zoo: str | None = None
     variant: str | None = None
     if "modelRef" in spec and "model" in spec:
-        raise SpecError("spec.model", "set either spec.modelRef or spec.model, not both",
-                        "one of them")
+        raise SpecError(
+            "spec.model", "set either spec.modelRef or spec.model, not both", "one of them"
+        )
     if "modelRef" in spec:
         ref = _mapping(spec["modelRef"], "spec.modelRef")
         _unknown(ref, "spec.modelRef", ("name",))
         model_ref = ref.get("name")
         if not isinstance(model_ref, str) or not _NAME.match(model_ref):
-            raise SpecError("spec.modelRef.name", f"invalid name {model_ref!r}",
-                            "the name of a DNNModel")
+            raise SpecError(
+                "spec.modelRef.name", f"invalid name {model_ref!r}", "the name of a DNNModel"
+            )
     elif "model" in spec:
         model = _mapping(spec["model"], "spec.model")
         _unknown(model, "spec.model", ("zoo", "variant"))
         zoo = model.get("zoo")
         if not isinstance(zoo, str) or not _ZOO.match(zoo):
-            raise SpecError("spec.model.zoo", f"invalid zoo model name {zoo!r}",
-                            "a zoo model name such as mobilenet_v2")
+            raise SpecError(
+                "spec.model.zoo",
+                f"invalid zoo model name {zoo!r}",
+                "a zoo model name such as mobilenet_v2",
+            )
         raw_variant = model.get("variant")
         if raw_variant is not None and not isinstance(raw_variant, str):
-            raise SpecError("spec.model.variant", f"must be a string, got {raw_variant!r}",
-                            "a variant name such as fp32, int8")
+            raise SpecError(
+                "spec.model.variant",
+                f"must be a string, got {raw_variant!r}",
+                "a variant name such as fp32, int8",
+            )
         variant = raw_variant
     else:
-        raise SpecError("spec.modelRef", "is required (or spec.model)",
-                        "modelRef: {name: <DNNModel>} or model: {zoo: <name>}")
+        raise SpecError(
+            "spec.modelRef",
+            "is required (or spec.model)",
+            "modelRef: {name: <DNNModel>} or model: {zoo: <name>}",
+        )
 
     slo = _mapping(spec.get("slo"), "spec.slo")
     _unknown(slo, "spec.slo", ("latencyP95Ms", "throughputRps", "minAccuracy"))
@@ -163,37 +186,41 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
 
     objective = spec.get("objective", "latency")
     if objective not in OBJECTIVES:
-        raise SpecError("spec.objective", f"unknown objective {objective!r}",
-                        ", ".join(OBJECTIVES))
+        raise SpecError("spec.objective", f"unknown objective {objective!r}", ", ".join(OBJECTIVES))
 
     placement = _mapping(spec.get("placement"), "spec.placement")
     _unknown(placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit"))
     tiers_raw = placement.get("tiers", list(TIERS))
     if not isinstance(tiers_raw, list) or not tiers_raw:
-        raise SpecError("spec.placement.tiers", f"must be a non-empty list, got {tiers_raw!r}",
-                        ", ".join(TIERS))
+        raise SpecError(
+            "spec.placement.tiers", f"must be a non-empty list, got {tiers_raw!r}", ", ".join(TIERS)
+        )
     for i, tier in enumerate(tiers_raw):
         if tier not in TIERS:
-            raise SpecError(f"spec.placement.tiers[{i}]", f"unknown tier {tier!r}",
-                            ", ".join(TIERS))
+            raise SpecError(
+                f"spec.placement.tiers[{i}]", f"unknown tier {tier!r}", ", ".join(TIERS)
+            )
     if len(set(tiers_raw)) != len(tiers_raw):
         raise SpecError("spec.placement.tiers", f"tiers repeat in {tiers_raw}", "distinct tiers")
     partitioning = placement.get("partitioning", "auto")
     if partitioning not in PARTITIONING:
-        raise SpecError("spec.placement.partitioning", f"unknown mode {partitioning!r}",
-                        ", ".join(PARTITIONING))
+        raise SpecError(
+            "spec.placement.partitioning", f"unknown mode {partitioning!r}", ", ".join(PARTITIONING)
+        )
     adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", True)
 
     privacy = _mapping(spec.get("privacy"), "spec.privacy")
     _unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
-    raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice",
-                False)
-    noise = _number(privacy.get("featureNoiseStd"), "spec.privacy.featureNoiseStd",
-                    positive=False, default=0.0)
+    raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice", False)
+    noise = _number(
+        privacy.get("featureNoiseStd"), "spec.privacy.featureNoiseStd", positive=False, default=0.0
+    )
     if raw and "device" not in tiers_raw:
-        raise SpecError("spec.privacy.rawInputStaysOnDevice",
-                        "needs the device tier, which spec.placement.tiers leaves out",
-                        "add device to spec.placement.tiers or set this to false")
+        raise SpecError(
+            "spec.privacy.rawInputStaysOnDevice",
+            "needs the device tier, which spec.placement.tiers leaves out",
+            "add device to spec.placement.tiers or set this to false",
+        )
 
     power = _mapping(spec.get("power"), "spec.power")
     _unknown(power, "spec.power", ("computeWatts", "txWatts", "rxWatts", "idleWatts"))
@@ -211,15 +238,25 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         return value
 
     return DeploymentSpec(
-        name=name, model_ref=model_ref, zoo=zoo, variant=variant,
-        slo_latency_ms=latency, slo_throughput_rps=throughput, min_accuracy=accuracy,
-        objective=objective, tiers=tuple(tiers_raw), partitioning=partitioning,
-        adaptive_split=adaptive, raw_input_stays_on_device=raw,
+        name=name,
+        model_ref=model_ref,
+        zoo=zoo,
+        variant=variant,
+        slo_latency_ms=latency,
+        slo_throughput_rps=throughput,
+        min_accuracy=accuracy,
+        objective=objective,
+        tiers=tuple(tiers_raw),
+        partitioning=partitioning,
+        adaptive_split=adaptive,
+        raw_input_stays_on_device=raw,
         feature_noise_std=noise or 0.0,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),
-        tx_watts=watts("txWatts", 1.5), rx_watts=watts("rxWatts", 1.0),
+        tx_watts=watts("txWatts", 1.5),
+        rx_watts=watts("rxWatts", 1.0),
         idle_watts=watts("idleWatts", 0.3),
-        edge_cost_per_ms=per_ms("edgePerMs", 0.0), cloud_cost_per_ms=per_ms("cloudPerMs", 1.0),
+        edge_cost_per_ms=per_ms("edgePerMs", 0.0),
+        cloud_cost_per_ms=per_ms("cloudPerMs", 1.0),
     )
 
 

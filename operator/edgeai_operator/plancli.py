@@ -66,15 +66,19 @@ def _model_path(model: str, variant: str) -> Path:
             raise SpecError("--variant", "variants are built for zoo models only", "fp32")
         return path
     if model not in zoo.ZOO_NAMES:
-        raise SpecError("MODEL", f"unknown model {model!r}",
-                        ", ".join(zoo.ZOO_NAMES) + " or a path to an .onnx file")
+        raise SpecError(
+            "MODEL",
+            f"unknown model {model!r}",
+            ", ".join(zoo.ZOO_NAMES) + " or a path to an .onnx file",
+        )
     if variant == "fp32":
         return zoo.export_onnx(model, trained=model == "digits_cnn")
     from edgeai_worker import variants
 
     if variant not in variants.VARIANT_NAMES:
-        raise SpecError("--variant", f"unknown variant {variant!r}",
-                        ", ".join(variants.VARIANT_NAMES))
+        raise SpecError(
+            "--variant", f"unknown variant {variant!r}", ", ".join(variants.VARIANT_NAMES)
+        )
     return variants.variant_path(model, variant)
 
 
@@ -82,18 +86,23 @@ def profile_command(args: argparse.Namespace) -> int:
     from edgeai_worker import profiler
 
     if args.repeats < 1:
-        raise SpecError("--repeats", f"must be a positive integer, got {args.repeats}",
-                        "an integer >= 1")
+        raise SpecError(
+            "--repeats", f"must be a positive integer, got {args.repeats}", "an integer >= 1"
+        )
     path = _model_path(args.model, args.variant)
     name = Path(args.model).stem if args.model.endswith(".onnx") else args.model
-    profile = profiler.profile_model(path, name=name, variant=args.variant,
-                                     repeats=args.repeats, threads=args.threads)
+    profile = profiler.profile_model(
+        path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
+    )
     if name == "digits_cnn":
         from edgeai_worker import variants
 
         profile["accuracy"] = round(variants.onnx_accuracy(path), 4)
-    text = (json.dumps(profile, indent=2) if args.output == "json"
-            else yaml.safe_dump(profile, sort_keys=False))
+    text = (
+        json.dumps(profile, indent=2)
+        if args.output == "json"
+        else yaml.safe_dump(profile, sort_keys=False)
+    )
     if args.save:
         Path(args.save).write_text(text)
     print(text, end="" if text.endswith("\n") else "\n")
@@ -117,8 +126,9 @@ def load_profile(path: str) -> dict[str, Any]:
         raise SpecError("--profile", f"{path} is not a profile", "the output of edgeai profile")
     for key in ("model", "cuts", "segments", "host", "input"):
         if key not in data:
-            raise SpecError(f"--profile {path}: {key}", "is missing",
-                            "the output of edgeai profile")
+            raise SpecError(
+                f"--profile {path}: {key}", "is missing", "the output of edgeai profile"
+            )
     if len(data["cuts"]) != len(data["segments"]) + 1:
         raise SpecError(f"--profile {path}: cuts", "must be one more than segments")
     return data
@@ -134,13 +144,28 @@ def analytic_profile(model: str) -> dict[str, Any]:
     cuts = graph.graph_cut_points(dag)
     _, shape, dtype = zoo.input_spec(model)
     return {
-        "kind": "Profile", "model": model, "variant": "fp32",
+        "kind": "Profile",
+        "model": model,
+        "variant": "fp32",
         "input": {"name": "input", "shape": list(shape), "dtype": dtype},
-        "host": {}, "cuts": [{"index": c.index, "tensors": list(c.tensors),
-                              "sizeBytes": c.size_bytes, "position": c.position} for c in cuts],
-        "segments": [{"index": i, "positions": f"{a.position}-{b.position - 1}",
-                      "flops": sum(n.flops for n in dag.nodes[a.position:b.position])}
-                     for i, (a, b) in enumerate(itertools.pairwise(cuts))],
+        "host": {},
+        "cuts": [
+            {
+                "index": c.index,
+                "tensors": list(c.tensors),
+                "sizeBytes": c.size_bytes,
+                "position": c.position,
+            }
+            for c in cuts
+        ],
+        "segments": [
+            {
+                "index": i,
+                "positions": f"{a.position}-{b.position - 1}",
+                "flops": sum(n.flops for n in dag.nodes[a.position : b.position]),
+            }
+            for i, (a, b) in enumerate(itertools.pairwise(cuts))
+        ],
     }
 
 
@@ -152,8 +177,9 @@ def _tier_nodes(topology: Topology, tier: str, zone: str | None) -> list[NodeSpe
     return nodes
 
 
-def network(topology: Topology, zone: str | None) -> tuple[dict[str, float], tuple[str, ...],
-                                                          tuple[Link, ...], float | None]:
+def network(
+    topology: Topology, zone: str | None
+) -> tuple[dict[str, float], tuple[str, ...], tuple[Link, ...], float | None]:
     """(GFLOPS per tier, tier path, links, device watts) for one zone."""
     zones = topology.zones()
     if zone is not None and zone not in zones:
@@ -166,8 +192,11 @@ def network(topology: Topology, zone: str | None) -> tuple[dict[str, float], tup
         if not nodes:
             continue
         # the slowest device bounds the SLO; a server tier runs on its fastest node
-        node = min(nodes, key=lambda n: n.gflops) if tier == "device" else max(
-            nodes, key=lambda n: n.gflops)
+        node = (
+            min(nodes, key=lambda n: n.gflops)
+            if tier == "device"
+            else max(nodes, key=lambda n: n.gflops)
+        )
         representative[tier] = node
         gflops[tier] = node.gflops
     if "device" not in representative:
@@ -185,14 +214,18 @@ def network(topology: Topology, zone: str | None) -> tuple[dict[str, float], tup
         if mbps is None:
             suffix = f"-{node.zone}-" if node.zone else "-"
             group = node.name[: node.name.rindex(suffix)]
-            raise SpecError(f"nodeGroups[{group}].uplinkMbps", "is required for planning",
-                            "the uplink bandwidth in Mbps to the next tier up")
+            raise SpecError(
+                f"nodeGroups[{group}].uplinkMbps",
+                "is required for planning",
+                "the uplink bandwidth in Mbps to the next tier up",
+            )
         links.append(Link(mbps, rtt))
     return gflops, path, tuple(links), representative["device"].power_watts
 
 
-def _host_ms(profile: dict[str, Any], gflops: float, method: str,
-             measured: list[float], flops: list[int]) -> list[float]:
+def _host_ms(
+    profile: dict[str, Any], gflops: float, method: str, measured: list[float], flops: list[int]
+) -> list[float]:
     if method == "measured":
         return [ms * float(profile["host"]["gflops"]) / gflops for ms in measured]
     return [f / (gflops * 1e6) for f in flops]
@@ -205,8 +238,9 @@ def profile_graph(profile: dict[str, Any], gflops: dict[str, float], method: str
     flops = [int(s["flops"]) for s in segments]
     node_ms = {t: _host_ms(profile, g, method, measured, flops) for t, g in gflops.items()}
     cuts = profile["cuts"]
-    return LayerGraph.chain(node_ms, [int(c["sizeBytes"]) for c in cuts],
-                            [tuple(c["tensors"]) for c in cuts])
+    return LayerGraph.chain(
+        node_ms, [int(c["sizeBytes"]) for c in cuts], [tuple(c["tensors"]) for c in cuts]
+    )
 
 
 def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -> LayerGraph:
@@ -218,15 +252,18 @@ def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -
 
     model = str(profile["model"])
     if model not in _zoo_names():
-        raise SpecError("--granularity", f"nodes needs a zoo model, got {model!r}",
-                        "segments, or a profile of a zoo model")
+        raise SpecError(
+            "--granularity",
+            f"nodes needs a zoo model, got {model!r}",
+            "segments, or a profile of a zoo model",
+        )
     dag = graph.analyze(onnx.load(_model_path(model, str(profile.get("variant", "fp32")))))
     flops = [n.flops for n in dag.nodes]
     measured = [0.0] * len(dag.nodes)
     if method == "measured":
         for segment in profile["segments"]:
             low, high = (int(x) for x in str(segment["positions"]).split("-"))
-            share = flops[low:high + 1]
+            share = flops[low : high + 1]
             total = sum(share)
             for i in range(low, high + 1):
                 weight = flops[i] / total if total else 1.0 / (high - low + 1)
@@ -239,52 +276,91 @@ def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -
             readers.setdefault(name, []).append(node.index)
     names = [*dag.inputs, *(t for n in dag.nodes for t in n.outputs)]
     tensors = tuple(
-        Tensor((name,), dag.tensors[name].size_bytes, producer.get(name, -1),
-               tuple(readers.get(name, ())), name in dag.outputs)
+        Tensor(
+            (name,),
+            dag.tensors[name].size_bytes,
+            producer.get(name, -1),
+            tuple(readers.get(name, ())),
+            name in dag.outputs,
+        )
         for name in names
     )
-    return LayerGraph({t: tuple(ms) for t, ms in node_ms.items()}, tensors,
-                      tuple(n.name for n in dag.nodes))
+    return LayerGraph(
+        {t: tuple(ms) for t, ms in node_ms.items()}, tensors, tuple(n.name for n in dag.nodes)
+    )
 
 
-def build_problem(spec: DeploymentSpec, profiles: list[dict[str, Any]], topology: Topology,
-                  *, zone: str | None, method: str,
-                  granularity: str = "segments") -> tuple[Problem, dict[str, Any]]:
+def build_problem(
+    spec: DeploymentSpec,
+    profiles: list[dict[str, Any]],
+    topology: Topology,
+    *,
+    zone: str | None,
+    method: str,
+    granularity: str = "segments",
+) -> tuple[Problem, dict[str, Any]]:
     gflops, path, links, device_watts = network(topology, zone)
     variants = []
     for profile in profiles:
         if method == "measured" and not profile["host"].get("gflops"):
-            raise SpecError("--compute", "measured needs a measured profile",
-                            "--profile FILE from edgeai profile, or --compute analytic")
+            raise SpecError(
+                "--compute",
+                "measured needs a measured profile",
+                "--profile FILE from edgeai profile, or --compute analytic",
+            )
         build = node_graph if granularity == "nodes" else profile_graph
         graph = build(profile, gflops, method)
         accuracy = profile.get("accuracy")
-        variants.append(Variant(str(profile.get("variant", "fp32")), graph,
-                                float(accuracy) if accuracy is not None else None))
+        variants.append(
+            Variant(
+                str(profile.get("variant", "fp32")),
+                graph,
+                float(accuracy) if accuracy is not None else None,
+            )
+        )
     if spec.variant is not None:
         variants = [v for v in variants if v.name == spec.variant]
         if not variants:
-            raise SpecError("spec.model.variant", f"no profile for variant {spec.variant!r}",
-                            ", ".join(str(p.get("variant")) for p in profiles))
+            raise SpecError(
+                "spec.model.variant",
+                f"no profile for variant {spec.variant!r}",
+                ", ".join(str(p.get("variant")) for p in profiles),
+            )
     allowed = frozenset(spec.tiers) & frozenset(path)
     if not allowed:
-        raise SpecError("spec.placement.tiers", f"none of {list(spec.tiers)} is in the topology",
-                        ", ".join(path))
-    power = PowerModel(compute_w=spec.compute_watts or device_watts or 4.0, tx_w=spec.tx_watts,
-                       rx_w=spec.rx_watts, idle_w=spec.idle_watts)
+        raise SpecError(
+            "spec.placement.tiers",
+            f"none of {list(spec.tiers)} is in the topology",
+            ", ".join(path),
+        )
+    power = PowerModel(
+        compute_w=spec.compute_watts or device_watts or 4.0,
+        tx_w=spec.tx_watts,
+        rx_w=spec.rx_watts,
+        idle_w=spec.idle_watts,
+    )
     problem = Problem(
-        variants=tuple(variants), path=path, links=links, allowed=allowed,
-        objective=spec.objective, slo_latency_ms=spec.slo_latency_ms,
+        variants=tuple(variants),
+        path=path,
+        links=links,
+        allowed=allowed,
+        objective=spec.objective,
+        slo_latency_ms=spec.slo_latency_ms,
         slo_throughput_rps=spec.slo_throughput_rps,
         raw_input_stays_on_device=spec.raw_input_stays_on_device,
-        min_accuracy=spec.min_accuracy, power=power,
+        min_accuracy=spec.min_accuracy,
+        power=power,
         cost_per_ms={"edge": spec.edge_cost_per_ms, "cloud": spec.cloud_cost_per_ms},
     )
     context = {
-        "tiers": {t: {"gflops": g, "totalMs": round(sum(variants[0].graph.node_ms[t]), 3)}
-                  for t, g in gflops.items()},
-        "links": [{"from": a, "to": b, "mbps": link.mbps, "rttMs": link.rtt_ms}
-                  for a, b, link in zip(path, path[1:], links, strict=False)],
+        "tiers": {
+            t: {"gflops": g, "totalMs": round(sum(variants[0].graph.node_ms[t]), 3)}
+            for t, g in gflops.items()
+        },
+        "links": [
+            {"from": a, "to": b, "mbps": link.mbps, "rttMs": link.rtt_ms}
+            for a, b, link in zip(path, path[1:], links, strict=False)
+        ],
     }
     return problem, context
 
@@ -296,12 +372,12 @@ def _binary(problem: Problem) -> Plan:
     for tier in problem.path:
         if tier not in problem.allowed:
             continue
-        candidate = plan_partitions(replace(problem, allowed=frozenset({tier})),
-                                    alternatives=False)
+        candidate = plan_partitions(replace(problem, allowed=frozenset({tier})), alternatives=False)
         if not candidate.feasible:
             infeasible.append(f"{tier}: {candidate.reason}")
         elif best is None or (candidate.objective_value, candidate.predicted_latency_ms) < (
-            best.objective_value, best.predicted_latency_ms
+            best.objective_value,
+            best.predicted_latency_ms,
         ):
             best = candidate
     if best is None:
@@ -309,15 +385,23 @@ def _binary(problem: Problem) -> Plan:
     return best
 
 
-def plan_document(spec: DeploymentSpec, profiles: list[dict[str, Any]], plan: Plan,
-                  context: dict[str, Any], method: str) -> dict[str, Any]:
+def plan_document(
+    spec: DeploymentSpec,
+    profiles: list[dict[str, Any]],
+    plan: Plan,
+    context: dict[str, Any],
+    method: str,
+) -> dict[str, Any]:
     profile = next((p for p in profiles if p.get("variant") == plan.variant), profiles[0])
     body = plan.to_dict()
     doc: dict[str, Any] = {
         "kind": "Plan",
         "deployment": spec.name,
-        "model": {"zoo": profile["model"], "variant": plan.variant or profile.get("variant"),
-                  "input": dict(profile["input"])},
+        "model": {
+            "zoo": profile["model"],
+            "variant": plan.variant or profile.get("variant"),
+            "input": dict(profile["input"]),
+        },
         "objective": plan.objective,
         "feasible": plan.feasible,
         "reason": plan.reason,
@@ -329,11 +413,14 @@ def plan_document(spec: DeploymentSpec, profiles: list[dict[str, Any]], plan: Pl
         "stages": body["stages"],
         "transfers": body["transfers"],
         "alternatives": body["alternatives"] if spec.adaptive_split else [],
-        "privacy": {"rawInputStaysOnDevice": spec.raw_input_stays_on_device,
-                    "featureNoiseStd": spec.feature_noise_std},
-        "compute": {"method": method,
-                    "hostGflops": profile["host"].get("gflops") if method == "measured"
-                    else None},
+        "privacy": {
+            "rawInputStaysOnDevice": spec.raw_input_stays_on_device,
+            "featureNoiseStd": spec.feature_noise_std,
+        },
+        "compute": {
+            "method": method,
+            "hostGflops": profile["host"].get("gflops") if method == "measured" else None,
+        },
         "solver": body["solver"],
         **context,
     }
@@ -341,38 +428,61 @@ def plan_document(spec: DeploymentSpec, profiles: list[dict[str, Any]], plan: Pl
 
 
 def render_table(doc: dict[str, Any]) -> str:
-    lines = [f"deployment {doc['deployment']}: model {doc['model']['zoo']} "
-             f"variant {doc['model']['variant']}, objective {doc['objective']}, "
-             f"compute {doc['compute']['method']}"]
+    lines = [
+        f"deployment {doc['deployment']}: model {doc['model']['zoo']} "
+        f"variant {doc['model']['variant']}, objective {doc['objective']}, "
+        f"compute {doc['compute']['method']}"
+    ]
     tiers = ", ".join(f"{t} {v['gflops']:g} GFLOPS" for t, v in doc["tiers"].items())
-    links = ", ".join(f"{x['from']}->{x['to']} {x['mbps']:g} Mbps/{x['rttMs']:g} ms"
-                      for x in doc["links"])
+    links = ", ".join(
+        f"{x['from']}->{x['to']} {x['mbps']:g} Mbps/{x['rttMs']:g} ms" for x in doc["links"]
+    )
     lines.append(f"tiers: {tiers}; links: {links}")
     if not doc["feasible"]:
         lines.append(f"INFEASIBLE: {doc['reason']}")
         return "\n".join(lines) + "\n"
     rows = [("STAGE", "TIER", "LAYERS", "INPUT", "OUTPUT", "COMPUTE(ms)")]
     for s in doc["stages"]:
-        rows.append((str(s["index"]), s["tier"], s["layers"], ",".join(s["inputs"]),
-                     ",".join(s["outputs"]), f"{s['computeMs']:.3f}"))
+        rows.append(
+            (
+                str(s["index"]),
+                s["tier"],
+                s["layers"],
+                ",".join(s["inputs"]),
+                ",".join(s["outputs"]),
+                f"{s['computeMs']:.3f}",
+            )
+        )
     for t in doc["transfers"]:
-        rows.append(("", f"{t['from']}->{t['to']}", "", f"{t['bytes']} B up",
-                     f"{t['returnBytes']} B back", f"{t['ms']:.3f}"))
+        rows.append(
+            (
+                "",
+                f"{t['from']}->{t['to']}",
+                "",
+                f"{t['bytes']} B up",
+                f"{t['returnBytes']} B back",
+                f"{t['ms']:.3f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     slo = doc["slo"].get("latencyP95Ms")
-    lines.append(f"predicted latency {doc['predictedLatencyMs']:.3f} ms"
-                 + (f" (SLO {slo:g} ms)" if slo is not None else "")
-                 + f", device energy {doc['deviceEnergyMj']:.2f} mJ,"
-                 f" cloud cost {doc['cloudCost']:.3f}")
+    lines.append(
+        f"predicted latency {doc['predictedLatencyMs']:.3f} ms"
+        + (f" (SLO {slo:g} ms)" if slo is not None else "")
+        + f", device energy {doc['deviceEnergyMj']:.2f} mJ,"
+        f" cloud cost {doc['cloudCost']:.3f}"
+    )
     if doc["alternatives"]:
         lines.append("adaptive split (device uplink):")
         for a in doc["alternatives"]:
             high = "inf" if a["maxMbps"] is None else f"{a['maxMbps']:g}"
             where = " + ".join(f"{s['tier']}[{s['layers']}]" for s in a["stages"])
-            lines.append(f"  {a['minMbps']:g}-{high} Mbps: {where}  "
-                         f"{a['predictedLatencyMs']:.2f} ms at {a['atMbps']:g} Mbps")
+            lines.append(
+                f"  {a['minMbps']:g}-{high} Mbps: {where}  "
+                f"{a['predictedLatencyMs']:.2f} ms at {a['atMbps']:g} Mbps"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -380,21 +490,27 @@ def _resolve_model(spec: DeploymentSpec, profiles: list[dict[str, Any]]) -> str:
     if profiles:
         names = {str(p["model"]) for p in profiles}
         if len(names) > 1:
-            raise SpecError("--profile", f"profiles of different models {sorted(names)}",
-                            "profiles of one model (one per variant)")
+            raise SpecError(
+                "--profile",
+                f"profiles of different models {sorted(names)}",
+                "profiles of one model (one per variant)",
+            )
         return names.pop()
     if spec.zoo:
         if spec.zoo not in _zoo_names():
-            raise SpecError("spec.model.zoo", f"unknown zoo model {spec.zoo!r}",
-                            ", ".join(_zoo_names()))
+            raise SpecError(
+                "spec.model.zoo", f"unknown zoo model {spec.zoo!r}", ", ".join(_zoo_names())
+            )
         return spec.zoo
     assert spec.model_ref is not None
     candidate = spec.model_ref.replace("-", "_")
     if candidate in _zoo_names():
         return candidate
-    raise SpecError("spec.modelRef.name",
-                    f"DNNModel {spec.model_ref!r} cannot be resolved offline",
-                    "a name matching a zoo model (mobilenet-v2), spec.model.zoo, or --profile")
+    raise SpecError(
+        "spec.modelRef.name",
+        f"DNNModel {spec.model_ref!r} cannot be resolved offline",
+        "a name matching a zoo model (mobilenet-v2), spec.model.zoo, or --profile",
+    )
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -409,12 +525,12 @@ def plan_command(args: argparse.Namespace) -> int:
         if method == "measured":
             from edgeai_worker import profiler
 
-            profiles = [profiler.profile_model(_model_path(model, "fp32"), name=model,
-                                               repeats=10)]
+            profiles = [profiler.profile_model(_model_path(model, "fp32"), name=model, repeats=10)]
         else:
             profiles = [analytic_profile(model)]
-    problem, context = build_problem(spec, profiles, topology, zone=args.zone, method=method,
-                                     granularity=args.granularity)
+    problem, context = build_problem(
+        spec, profiles, topology, zone=args.zone, method=method, granularity=args.granularity
+    )
     context["granularity"] = args.granularity
     if spec.partitioning == "binary":
         plan = _binary(problem)
@@ -434,7 +550,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     profile = subparsers.add_parser(
-        "profile", help="measure a model's per-segment latency, cut sizes and FLOPs")
+        "profile", help="measure a model's per-segment latency, cut sizes and FLOPs"
+    )
     profile.add_argument("model", metavar="MODEL", help="a zoo model name or an .onnx file")
     profile.add_argument("--variant", default="fp32", help="fp32 or a compressed variant")
     profile.add_argument("--repeats", type=int, default=20, help="timed runs per segment")
@@ -444,17 +561,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     profile.set_defaults(func=profile_command)
 
     plan = subparsers.add_parser(
-        "plan", help="plan a DNNDeployment's partitions over a topology (offline)")
+        "plan", help="plan a DNNDeployment's partitions over a topology (offline)"
+    )
     plan.add_argument("-f", "--file", required=True, help="a DNNDeployment manifest")
     plan.add_argument("--topology", default=str(DEFAULT_TOPOLOGY), help="a topology file")
-    plan.add_argument("--profile", action="append",
-                      help="a profile from edgeai profile (repeat once per variant)")
-    plan.add_argument("--compute", choices=("auto", "measured", "analytic"), default="auto",
-                      help="tier compute from measured profiles or from FLOPs")
+    plan.add_argument(
+        "--profile", action="append", help="a profile from edgeai profile (repeat once per variant)"
+    )
+    plan.add_argument(
+        "--compute",
+        choices=("auto", "measured", "analytic"),
+        default="auto",
+        help="tier compute from measured profiles or from FLOPs",
+    )
     plan.add_argument("--zone", default=None, help="the zone whose devices to plan for")
-    plan.add_argument("--granularity", choices=("segments", "nodes"), default="segments",
-                      help="plan over segments between single-tensor cuts (chain, exact DP) "
-                      "or over every ONNX node (DAG, min-cut); layers then count nodes")
+    plan.add_argument(
+        "--granularity",
+        choices=("segments", "nodes"),
+        default="segments",
+        help="plan over segments between single-tensor cuts (chain, exact DP) "
+        "or over every ONNX node (DAG, min-cut); layers then count nodes",
+    )
     plan.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     plan.add_argument("--save", metavar="FILE", help="also write the plan YAML to FILE")
     plan.set_defaults(func=plan_command)

@@ -29,18 +29,47 @@ import onnx.utils
 
 # bytes per element of ONNX tensor element types
 _ELEMENT_BYTES = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1,
-    onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4,
-    onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1, onnx.TensorProto.FLOAT16: 2,
-    onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT8: 1,
+    onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT16: 2,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.UINT64: 8,
     onnx.TensorProto.BFLOAT16: 2,
 }
 
 # ops costing about one FLOP per output element
 _ELEMENTWISE = {
-    "Relu", "Clip", "Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "LeakyRelu", "Erf",
-    "HardSigmoid", "HardSwish", "Sqrt", "Pow", "Exp", "Neg", "Softmax", "BatchNormalization",
-    "Gelu", "LayerNormalization", "DequantizeLinear", "QuantizeLinear", "Max", "Min",
+    "Relu",
+    "Clip",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sigmoid",
+    "Tanh",
+    "LeakyRelu",
+    "Erf",
+    "HardSigmoid",
+    "HardSwish",
+    "Sqrt",
+    "Pow",
+    "Exp",
+    "Neg",
+    "Softmax",
+    "BatchNormalization",
+    "Gelu",
+    "LayerNormalization",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "Max",
+    "Min",
 }
 
 
@@ -138,8 +167,9 @@ def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
     return default
 
 
-def _node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo],
-                weights: dict[str, tuple[int, ...]]) -> int:
+def _node_flops(
+    node: onnx.NodeProto, infos: dict[str, TensorInfo], weights: dict[str, tuple[int, ...]]
+) -> int:
     """Multiply-adds count as 2 FLOPs. Estimated from shapes; unknown ops cost 0."""
 
     def shape(name: str) -> tuple[int, ...] | None:
@@ -199,12 +229,16 @@ def analyze(model: onnx.ModelProto) -> ModelGraph:
             # fed by weights and constants only: free, recomputed where needed
             const.update(o for o in node.output if o)
             continue
-        nodes.append(LayerNode(
-            index=len(nodes), name=node.name or f"{node.op_type}_{len(nodes)}",
-            op_type=node.op_type, inputs=activation_inputs,
-            outputs=tuple(o for o in node.output if o),
-            flops=_node_flops(node, infos, weights),
-        ))
+        nodes.append(
+            LayerNode(
+                index=len(nodes),
+                name=node.name or f"{node.op_type}_{len(nodes)}",
+                op_type=node.op_type,
+                inputs=activation_inputs,
+                outputs=tuple(o for o in node.output if o),
+                flops=_node_flops(node, infos, weights),
+            )
+        )
     for t in (*inputs, *(t for n in nodes for t in (*n.inputs, *n.outputs))):
         if t not in infos:
             raise ValueError(f"tensor {t!r} has no inferred shape; cannot size cuts")
@@ -260,8 +294,14 @@ class Partitioner:
             raise ValueError("a partition needs at least one input and one output tensor")
         if set(outputs) <= set(inputs):
             raise ValueError(f"empty partition: outputs {list(outputs)} are its inputs")
-        known = {vi.name for vi in [*self.model.graph.input, *self.model.graph.value_info,
-                                     *self.model.graph.output]}
+        known = {
+            vi.name
+            for vi in [
+                *self.model.graph.input,
+                *self.model.graph.value_info,
+                *self.model.graph.output,
+            ]
+        }
         unknown = [t for t in [*inputs, *outputs] if t not in known]
         if unknown:
             raise ValueError(f"unknown tensor name(s) {unknown}")
@@ -283,15 +323,17 @@ class Partitioner:
         return sub
 
 
-def extract_partition(model: onnx.ModelProto, inputs: Sequence[str],
-                      outputs: Sequence[str]) -> onnx.ModelProto:
+def extract_partition(
+    model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]
+) -> onnx.ModelProto:
     """A standalone model computing `outputs` from `inputs`, with the initializers it
     needs. Raises ValueError if `inputs` do not separate `outputs` from the rest."""
     return Partitioner(model).extract(inputs, outputs)
 
 
-def segment_partitions(model: onnx.ModelProto,
-                       cuts: Sequence[Cut] | None = None) -> list[onnx.ModelProto]:
+def segment_partitions(
+    model: onnx.ModelProto, cuts: Sequence[Cut] | None = None
+) -> list[onnx.ModelProto]:
     """One standalone model per segment between consecutive cuts."""
     cuts = list(cuts) if cuts is not None else cut_points(model)
     partitioner = Partitioner(model)

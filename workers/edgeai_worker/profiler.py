@@ -52,12 +52,14 @@ def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSessio
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
-def _time_ms(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int,
-             repeats: int) -> tuple[float, list[np.ndarray]]:
+def _time_ms(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int, repeats: int
+) -> tuple[float, list[np.ndarray]]:
     outputs: list[np.ndarray] = []
     for _ in range(warmup):
         outputs = session.run(None, feeds)
@@ -100,10 +102,17 @@ def example_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
     return feeds
 
 
-def profile_model(model: onnx.ModelProto | str | Path, *, name: str = "model",
-                  variant: str = "fp32", repeats: int = 20, warmup: int = 3,
-                  threads: int | None = None, gflops: float | None = None,
-                  progress: Progress | None = stderr_progress) -> dict[str, Any]:
+def profile_model(
+    model: onnx.ModelProto | str | Path,
+    *,
+    name: str = "model",
+    variant: str = "fp32",
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    gflops: float | None = None,
+    progress: Progress | None = stderr_progress,
+) -> dict[str, Any]:
     """Measures every segment between single-tensor cuts (median of `repeats` after
     `warmup` runs), feeding each the previous segment's real output."""
     if not isinstance(model, onnx.ModelProto):
@@ -129,28 +138,47 @@ def profile_model(model: onnx.ModelProto | str | Path, *, name: str = "model",
         inputs = {x.name: values[x.name] for x in session.get_inputs()}
         ms, outputs = _time_ms(session, inputs, warmup, repeats)
         values.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
-        flops = sum(n.flops for n in dag.nodes[a.position:b.position])
-        segments.append({"index": i, "positions": f"{a.position}-{b.position - 1}",
-                         "flops": flops, "measuredMs": round(ms, 4)})
+        flops = sum(n.flops for n in dag.nodes[a.position : b.position])
+        segments.append(
+            {
+                "index": i,
+                "positions": f"{a.position}-{b.position - 1}",
+                "flops": flops,
+                "measuredMs": round(ms, 4),
+            }
+        )
         if (i + 1) % 5 == 0 or i + 2 == len(cuts):
-            say(f"{name}: segment {i + 1}/{len(cuts) - 1} "
-                f"({time.monotonic() - started:.1f}s elapsed)")
+            say(
+                f"{name}: segment {i + 1}/{len(cuts) - 1} "
+                f"({time.monotonic() - started:.1f}s elapsed)"
+            )
     input_vi = model.graph.input[0]
-    dims = [d.dim_value if d.HasField("dim_value") else 1
-            for d in input_vi.type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value if d.HasField("dim_value") else 1 for d in input_vi.type.tensor_type.shape.dim
+    ]
     return {
         "kind": "Profile",
         "model": name,
         "variant": variant,
-        "host": {"gflops": round(gflops, 3), "threads": threads or os.cpu_count(),
-                 "method": "median fp32 onnxruntime MatMul 1024x1024"},
+        "host": {
+            "gflops": round(gflops, 3),
+            "threads": threads or os.cpu_count(),
+            "method": "median fp32 onnxruntime MatMul 1024x1024",
+        },
         "input": {"name": input_vi.name, "shape": dims, "dtype": "FP32"},
         "repeats": repeats,
         "totalMs": round(sum(s["measuredMs"] for s in segments), 4),
         "wholeModelMs": round(whole_ms, 4),
         "totalFlops": sum(n.flops for n in dag.nodes),
-        "cuts": [{"index": c.index, "tensors": list(c.tensors), "sizeBytes": c.size_bytes,
-                  "position": c.position} for c in cuts],
+        "cuts": [
+            {
+                "index": c.index,
+                "tensors": list(c.tensors),
+                "sizeBytes": c.size_bytes,
+                "position": c.position,
+            }
+            for c in cuts
+        ],
         "segments": segments,
     }
 

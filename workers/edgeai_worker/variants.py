@@ -61,7 +61,7 @@ def _calibration_batches(model: str) -> list[np.ndarray]:
     if model == "digits_cnn":
         x_train, _, _, _ = zoo.digits_split()
         images = x_train[:CALIBRATION_IMAGES]
-        return [images[i:i + 32] for i in range(0, len(images), 32)]
+        return [images[i : i + 32] for i in range(0, len(images), 32)]
     return [zoo.example_input(model, seed=100 + i) for i in range(8)]
 
 
@@ -81,8 +81,12 @@ def _quantize(model: str, source: Path, target: Path, mode: str) -> None:
     quiet.setLevel(logging.ERROR)
     try:
         if mode == "dynamic":
-            quantize_dynamic(source, tmp, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm", "LSTM"])
+            quantize_dynamic(
+                source,
+                tmp,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
+            )
         else:
             batches = _calibration_batches(model)
 
@@ -99,9 +103,15 @@ def _quantize(model: str, source: Path, target: Path, mode: str) -> None:
                 def rewind(self) -> None:
                     self.position = 0
 
-            quantize_static(source, tmp, Reader(),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                source,
+                tmp,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+            )
     finally:
         quiet.setLevel(level)
     tmp.replace(target)
@@ -135,8 +145,11 @@ def _pruned(model: str) -> torch.nn.Module:
         return module
     module = zoo.trained_digits_cnn()
     prune_magnitude(module, PRUNE_SPARSITY)
-    masks = {id(m.weight): (m.weight != 0).float() for m in module.modules()
-             if isinstance(m, nn.Conv2d | nn.Linear)}
+    masks = {
+        id(m.weight): (m.weight != 0).float()
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    }
     # a short fine-tune with the mask held recovers most of the accuracy
     x_train, y_train, _, _ = zoo.digits_split()
     x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
@@ -146,7 +159,7 @@ def _pruned(model: str) -> torch.nn.Module:
     for _ in range(5):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 64):
-            idx = order[start:start + 64]
+            idx = order[start : start + 64]
             loss = torch.nn.functional.cross_entropy(module(x[idx]), y[idx])
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
@@ -162,8 +175,11 @@ def _student() -> torch.nn.Module:
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
 
 
@@ -215,13 +231,15 @@ def digits_variants() -> list[dict[str, Any]]:
         data = path.read_bytes()
         model = onnx.load_from_string(data)
         total, nonzero = _nonzero_parameters(model)
-        rows.append({
-            "name": variant,
-            "accuracy": round(onnx_accuracy(model), 4),
-            "sizeBytes": len(data),
-            "compressedBytes": len(zlib.compress(data, 6)),
-            "parameters": total,
-            "nonzeroParameters": nonzero,
-            "path": str(path),
-        })
+        rows.append(
+            {
+                "name": variant,
+                "accuracy": round(onnx_accuracy(model), 4),
+                "sizeBytes": len(data),
+                "compressedBytes": len(zlib.compress(data, 6)),
+                "parameters": total,
+                "nonzeroParameters": nonzero,
+                "path": str(path),
+            }
+        )
     return rows

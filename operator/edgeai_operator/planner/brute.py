@@ -33,7 +33,8 @@ def brute_force(problem: Problem, graph: LayerGraph) -> Evaluation | None:
         if not feasible(problem, graph, ev):
             continue
         if best is None or (ev.value(problem.objective), ev.latency_ms) < (
-            best.value(problem.objective), best.latency_ms
+            best.value(problem.objective),
+            best.latency_ms,
         ):
             best = ev
     return best

@@ -75,8 +75,11 @@ class LayerGraph:
     labels: tuple[str, ...] = ()
 
     @staticmethod
-    def chain(segment_ms: Mapping[str, Sequence[float]], cut_bytes: Sequence[int],
-              cut_tensors: Sequence[Sequence[str]] | None = None) -> LayerGraph:
+    def chain(
+        segment_ms: Mapping[str, Sequence[float]],
+        cut_bytes: Sequence[int],
+        cut_tensors: Sequence[Sequence[str]] | None = None,
+    ) -> LayerGraph:
         """A chain: segment `i` reads cut `i` and writes cut `i + 1`; cut 0 is the model
         input and the last cut the output."""
         n = len(cut_bytes) - 1
@@ -85,8 +88,7 @@ class LayerGraph:
             Tensor(tuple(names[i]), int(cut_bytes[i]), i - 1, (i,) if i < n else (), i == n)
             for i in range(n + 1)
         )
-        return LayerGraph({t: tuple(float(v) for v in ms) for t, ms in segment_ms.items()},
-                          tensors)
+        return LayerGraph({t: tuple(float(v) for v in ms) for t, ms in segment_ms.items()}, tensors)
 
     @property
     def size(self) -> int:
@@ -214,12 +216,20 @@ class Evaluation:
     device_busy_ms: float  # the device stage's per-request occupancy (compute or upload)
 
     def value(self, objective: str) -> float:
-        return {"latency": self.latency_ms, "deviceEnergy": self.device_energy_mj,
-                "cloudCost": self.cloud_cost}[objective]
+        return {
+            "latency": self.latency_ms,
+            "deviceEnergy": self.device_energy_mj,
+            "cloudCost": self.cloud_cost,
+        }[objective]
 
 
-def _weighted(w: Weights, compute: Sequence[float], up_ms: Sequence[float],
-              down_ms: Sequence[float], rtt_ms: Sequence[float]) -> float:
+def _weighted(
+    w: Weights,
+    compute: Sequence[float],
+    up_ms: Sequence[float],
+    down_ms: Sequence[float],
+    rtt_ms: Sequence[float],
+) -> float:
     total = sum(a * b for a, b in zip(w.compute, compute, strict=True))
     for k in range(len(up_ms)):
         total += w.up[k] * up_ms[k] + w.down[k] * down_ms[k] + w.rtt[k] * rtt_ms[k]
@@ -249,16 +259,25 @@ def evaluate(problem: Problem, graph: LayerGraph, tiers: Sequence[int]) -> Evalu
             for k in range(src):
                 down[k] += t.size_bytes
     up_ms = [up[k] * problem.links[k].ms_per_byte() if used[k] else 0.0 for k in range(hops)]
-    down_ms = [down[k] * problem.links[k].ms_per_byte() if used[k] else 0.0
-               for k in range(hops)]
+    down_ms = [down[k] * problem.links[k].ms_per_byte() if used[k] else 0.0 for k in range(hops)]
     rtt_ms = [problem.links[k].rtt_ms if used[k] else 0.0 for k in range(hops)]
     hop_ms = tuple(up_ms[k] + down_ms[k] + rtt_ms[k] for k in range(hops))
     latency = sum(compute) + sum(hop_ms)
     energy = _weighted(weights(problem, "deviceEnergy"), compute, up_ms, down_ms, rtt_ms)
     cost = _weighted(weights(problem, "cloudCost"), compute, up_ms, down_ms, rtt_ms)
     busy = max(compute[0], up_ms[0] if hops else 0.0)
-    return Evaluation(tuple(tiers), tuple(compute), used, tuple(up), tuple(down), hop_ms,
-                      latency, energy, cost, busy)
+    return Evaluation(
+        tuple(tiers),
+        tuple(compute),
+        used,
+        tuple(up),
+        tuple(down),
+        hop_ms,
+        latency,
+        energy,
+        cost,
+        busy,
+    )
 
 
 def feasible(problem: Problem, graph: LayerGraph, ev: Evaluation) -> bool:
@@ -270,8 +289,10 @@ def feasible(problem: Problem, graph: LayerGraph, ev: Evaluation) -> bool:
         src = 0 if t.producer < 0 else ev.tiers[t.producer]
         if any(ev.tiers[c] < src for c in t.consumers):
             return False  # data would flow down the path
-        if problem.raw_input_stays_on_device and t.producer < 0 and src != max(
-            (ev.tiers[c] for c in t.consumers), default=0
+        if (
+            problem.raw_input_stays_on_device
+            and t.producer < 0
+            and src != max((ev.tiers[c] for c in t.consumers), default=0)
         ):
             return False
     if problem.slo_latency_ms is not None and ev.latency_ms > problem.slo_latency_ms + 1e-9:

@@ -36,9 +36,15 @@ class Stage:
     compute_ms: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "tier": self.tier, "layers": self.layers,
-                "inputs": list(self.inputs), "outputs": list(self.outputs),
-                "variant": self.variant, "computeMs": round(self.compute_ms, 4)}
+        return {
+            "index": self.index,
+            "tier": self.tier,
+            "layers": self.layers,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "variant": self.variant,
+            "computeMs": round(self.compute_ms, 4),
+        }
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,13 @@ class Transfer:
     ms: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"from": self.from_tier, "to": self.to_tier, "bytes": self.bytes,
-                "returnBytes": self.return_bytes, "ms": round(self.ms, 4)}
+        return {
+            "from": self.from_tier,
+            "to": self.to_tier,
+            "bytes": self.bytes,
+            "returnBytes": self.return_bytes,
+            "ms": round(self.ms, 4),
+        }
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,14 @@ class Alternative:
     at_mbps: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"minMbps": self.min_mbps, "maxMbps": self.max_mbps,
-                "cutIndex": self.cut_index,
-                "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
-                "predictedLatencyMs": round(self.predicted_latency_ms, 4),
-                "atMbps": self.at_mbps}
+        return {
+            "minMbps": self.min_mbps,
+            "maxMbps": self.max_mbps,
+            "cutIndex": self.cut_index,
+            "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
+            "predictedLatencyMs": round(self.predicted_latency_ms, 4),
+            "atMbps": self.at_mbps,
+        }
 
 
 @dataclass(frozen=True)
@@ -155,30 +169,54 @@ def describe(problem: Problem, variant: Variant, solution: Solution) -> Plan:
         nodes = tuple(v for v, t in enumerate(tiers) if t == k)
         if not nodes:
             continue
-        inputs = _crossing(graph, tiers, k - 1) if k > 0 else tuple(
-            n for t in graph.tensors if t.producer < 0 for n in t.names)
+        inputs = (
+            _crossing(graph, tiers, k - 1)
+            if k > 0
+            else tuple(n for t in graph.tensors if t.producer < 0 for n in t.names)
+        )
         outputs = _outputs(graph) if k == top else _crossing(graph, tiers, k)
-        stages.append(Stage(len(stages), tier, nodes, layer_ranges(nodes), inputs, outputs,
-                            variant.name, ev.compute_ms[k]))
+        stages.append(
+            Stage(
+                len(stages),
+                tier,
+                nodes,
+                layer_ranges(nodes),
+                inputs,
+                outputs,
+                variant.name,
+                ev.compute_ms[k],
+            )
+        )
     transfers = tuple(
-        Transfer(problem.path[k], problem.path[k + 1], ev.up_bytes[k], ev.down_bytes[k],
-                 ev.hop_ms[k])
-        for k in range(len(problem.path) - 1) if ev.hop_used[k]
+        Transfer(
+            problem.path[k], problem.path[k + 1], ev.up_bytes[k], ev.down_bytes[k], ev.hop_ms[k]
+        )
+        for k in range(len(problem.path) - 1)
+        if ev.hop_used[k]
     )
     return Plan(
-        feasible=True, reason="", objective=problem.objective, variant=variant.name,
-        objective_value=ev.value(problem.objective), predicted_latency_ms=ev.latency_ms,
-        device_energy_mj=ev.device_energy_mj, cloud_cost=ev.cloud_cost,
-        stages=tuple(stages), transfers=transfers, method=solution.method,
-        exact=solution.exact, assignment=tiers,
+        feasible=True,
+        reason="",
+        objective=problem.objective,
+        variant=variant.name,
+        objective_value=ev.value(problem.objective),
+        predicted_latency_ms=ev.latency_ms,
+        device_energy_mj=ev.device_energy_mj,
+        cloud_cost=ev.cloud_cost,
+        stages=tuple(stages),
+        transfers=transfers,
+        method=solution.method,
+        exact=solution.exact,
+        assignment=tiers,
     )
 
 
 def candidate_variants(problem: Problem) -> list[Variant]:
     if problem.min_accuracy is None:
         return list(problem.variants)
-    return [v for v in problem.variants
-            if v.accuracy is not None and v.accuracy >= problem.min_accuracy]
+    return [
+        v for v in problem.variants if v.accuracy is not None and v.accuracy >= problem.min_accuracy
+    ]
 
 
 def best_solution(problem: Problem) -> tuple[Variant, Solution] | None:
@@ -196,13 +234,14 @@ def _reason(problem: Problem) -> str:
     variants = candidate_variants(problem)
     if not variants:
         known = [f"{v.name}={v.accuracy:.3f}" for v in problem.variants if v.accuracy is not None]
-        return (f"no variant reaches the accuracy floor {problem.min_accuracy} "
-                f"(measured: {', '.join(known) or 'none'})")
+        return (
+            f"no variant reaches the accuracy floor {problem.min_accuracy} "
+            f"(measured: {', '.join(known) or 'none'})"
+        )
     allowed = [t for t in problem.path if t in problem.allowed]
     if problem.raw_input_stays_on_device and "device" not in problem.allowed:
         return "rawInputStaysOnDevice needs the device tier in the allowed tiers"
-    relaxed = replace(problem, objective="latency", slo_latency_ms=None,
-                      slo_throughput_rps=None)
+    relaxed = replace(problem, objective="latency", slo_latency_ms=None, slo_throughput_rps=None)
     fastest = best_solution(relaxed)
     if fastest is None:
         return f"no placement on the allowed tiers {allowed} respects the constraints"
@@ -211,12 +250,16 @@ def _reason(problem: Problem) -> str:
     if problem.slo_latency_ms is not None and ev.latency_ms > problem.slo_latency_ms:
         split = describe(relaxed, variant, solution)
         where = " + ".join(f"{s.tier}[{s.layers}]" for s in split.stages)
-        return (f"SLO latencyP95Ms={problem.slo_latency_ms:g} cannot be met: the fastest "
-                f"placement ({variant.name}: {where}) takes {ev.latency_ms:.2f} ms")
+        return (
+            f"SLO latencyP95Ms={problem.slo_latency_ms:g} cannot be met: the fastest "
+            f"placement ({variant.name}: {where}) takes {ev.latency_ms:.2f} ms"
+        )
     if problem.slo_throughput_rps is not None:
-        return (f"SLO throughputRps={problem.slo_throughput_rps:g} cannot be met together "
-                f"with the latency SLO: the device stage would be busy longer than "
-                f"{1000.0 / problem.slo_throughput_rps:.2f} ms per request")
+        return (
+            f"SLO throughputRps={problem.slo_throughput_rps:g} cannot be met together "
+            f"with the latency SLO: the device stage would be busy longer than "
+            f"{1000.0 / problem.slo_throughput_rps:.2f} ms per request"
+        )
     return "no feasible placement"
 
 

@@ -98,10 +98,12 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
     first_ok = [allowed[0] or c == 0 for c in range(n + 1)]
     if problem.raw_input_stays_on_device and n > 0:
         first_ok[0] = False
-    best.append([
-        (wo.compute[0] * prefix[0][c], wl.compute[0] * prefix[0][c]) if first_ok[c] else inf
-        for c in range(n + 1)
-    ])
+    best.append(
+        [
+            (wo.compute[0] * prefix[0][c], wl.compute[0] * prefix[0][c]) if first_ok[c] else inf
+            for c in range(n + 1)
+        ]
+    )
     choice.append([0] * (n + 1))
     for k in range(1, tiers):
         prev = best[k - 1]
@@ -111,8 +113,10 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
         run_at = -1
         for c in range(n + 1):
             if prev[c][0] < INF:
-                g = (prev[c][0] + hop(k - 1, c, wo) - wo.compute[k] * prefix[k][c],
-                     prev[c][1] + hop(k - 1, c, wl) - wl.compute[k] * prefix[k][c])
+                g = (
+                    prev[c][0] + hop(k - 1, c, wo) - wo.compute[k] * prefix[k][c],
+                    prev[c][1] + hop(k - 1, c, wl) - wl.compute[k] * prefix[k][c],
+                )
                 if not allowed[k]:
                     run, run_at = g, c  # tier k empty: it must start where it ends
                 elif g < run:
@@ -122,8 +126,9 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
             if run_at < 0 or run[0] == INF:
                 row.append(inf)
             else:
-                row.append((run[0] + wo.compute[k] * prefix[k][c],
-                            run[1] + wl.compute[k] * prefix[k][c]))
+                row.append(
+                    (run[0] + wo.compute[k] * prefix[k][c], run[1] + wl.compute[k] * prefix[k][c])
+                )
             picks.append(run_at)
         best.append(row)
         choice.append(picks)
@@ -147,8 +152,9 @@ def _combined(a: Weights, b: Weights, factor: float) -> Weights:
     def mix(x: tuple[float, ...], y: tuple[float, ...]) -> tuple[float, ...]:
         return tuple(p + factor * q for p, q in zip(x, y, strict=True))
 
-    return Weights(mix(a.compute, b.compute), mix(a.up, b.up), mix(a.down, b.down),
-                   mix(a.rtt, b.rtt))
+    return Weights(
+        mix(a.compute, b.compute), mix(a.up, b.up), mix(a.down, b.down), mix(a.rtt, b.rtt)
+    )
 
 
 def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[int] | None:
@@ -165,6 +171,7 @@ def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[
         return 2 + k * n + v
 
     for v in range(n):
+
         def unary(j: int, v: int = v) -> float:
             if not allowed[j] or (j > 0 and v in raw):
                 return INF
@@ -260,11 +267,11 @@ def dag_ideals(graph: LayerGraph, limit: int = MAX_IDEALS) -> np.ndarray | None:
         frontier = nxt
     ordered = sorted(seen, key=lambda m: (m.bit_count(), m))
     return np.array([[(m >> v) & 1 for v in range(n)] for m in ordered], dtype=bool).reshape(
-        len(ordered), n)
+        len(ordered), n
+    )
 
 
-def enumerate_ideals(problem: Problem, graph: LayerGraph,
-                     members: np.ndarray) -> Evaluation | None:
+def enumerate_ideals(problem: Problem, graph: LayerGraph, members: np.ndarray) -> Evaluation | None:
     n = graph.size
     path = problem.path
     tiers = len(path)
@@ -353,8 +360,10 @@ def lagrangian(problem: Problem, graph: LayerGraph) -> Evaluation | None:
     wo, wl = weights(problem, problem.objective), weights(problem, "latency")
     for lam in [0.0] + [10.0**e for e in range(-3, 7)]:
         ev = mincut(problem, graph, _combined(_combined(wo, wl, lam), wl, TIE_EPS))
-        if ev is not None and feasible(problem, graph, ev) and (
-            best is None or key(problem, ev) < key(problem, best)
+        if (
+            ev is not None
+            and feasible(problem, graph, ev)
+            and (best is None or key(problem, ev) < key(problem, best))
         ):
             best = ev
     return best
