@@ -340,3 +340,35 @@ def test_big_instances_plan_fast() -> None:
     plan = plan_partitions(problem, alternatives=False)
     assert plan.feasible
     assert time.perf_counter() - started < 0.5  # the bench tracks the real figure
+
+
+def test_wide_constrained_dags_fall_back_to_a_marked_heuristic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(solvers, "MAX_IDEALS", 1)
+    rng = random.Random(5)
+    heuristic = 0
+    for index in range(40):
+        graph = random_dag(rng, ("device", "cloud"), rng.randint(4, 12))
+        problem = Problem(
+            (Variant("fp32", graph),),
+            path=("device", "cloud"),
+            links=(Link(10 ** rng.uniform(0, 2.5), rng.uniform(0, 30)),),
+            objective=("deviceEnergy", "cloudCost")[index % 2],
+        )
+        fastest = brute_force(replace(problem, objective="latency"), graph)
+        assert fastest is not None
+        problem = replace(problem, slo_latency_ms=fastest.latency_ms * rng.uniform(1.02, 1.3))
+        best = brute_force(problem, graph)
+        assert best is not None  # the fastest plan meets the SLO
+        plan = plan_partitions(problem, alternatives=False)
+        if plan.method != "lagrangian-mincut":
+            continue  # the unconstrained optimum already met the SLO: exact
+        heuristic += 1
+        assert plan.exact is False
+        # a large enough multiplier finds the fastest plan, which meets the SLO
+        assert plan.feasible
+        ev = evaluate(problem, graph, plan.assignment)
+        assert feasible(problem, graph, ev)
+        assert ev.value(problem.objective) >= best.value(problem.objective) - 1e-6
+    assert heuristic >= 5

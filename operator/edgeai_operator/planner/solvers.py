@@ -379,7 +379,7 @@ def solve(problem: Problem, graph: LayerGraph) -> Solution | None:
         return Solution(ev, method, True)
     if ev is None or not constrained(problem):
         return None  # the relaxed optimum already misses the SLO (or nothing fits)
-    members = ideals(graph)
+    members = ideals(graph, MAX_IDEALS)
     if members is None:
         found = lagrangian(problem, graph)
         return Solution(found, "lagrangian-mincut", False) if found else None
