@@ -15,7 +15,7 @@ from edgeai_operator.topology import load_topology
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     workdir: Path = tmp_path_factory.mktemp("cluster")
-    local = LocalCluster(workdir, node_monitor_grace_period_s=10)
+    local = LocalCluster(workdir)
     local.start(load_topology(DEFAULT_TOPOLOGY))
     pids = {name: proc.pid for name, proc in local.procs.items()}
     yield local

@@ -65,7 +65,8 @@ class Workload:
 class DeploymentOptions:
     image: str = DEFAULT_IMAGE
     device_selector: Mapping[str, str] = field(default_factory=dict)
-    excluded_nodes: Sequence[str] = ()
+    # (node, tier, zone) of nodes stages must leave; each workload avoids its own tier's
+    excluded_nodes: Sequence[tuple[str, str, str | None]] = ()
     priority_class: str | None = None
     cpu_request: str = "500m"
     memory_request: str = "512Mi"
@@ -80,7 +81,7 @@ def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict
         "edgeai.dev/tier": tier,
     }
     if stage is not None:
-        out["edgeai.dev/stage"] = str(stage)
+        out["edgeai.dev/stage"] = str(stage) if stage >= 0 else "entry"
     if zone is not None:
         out["edgeai.dev/zone"] = zone
     return out
@@ -115,7 +116,10 @@ def plan_hash(plan: Mapping[str, Any]) -> str:
 
 
 def _affinity(
-    tier: str, zone: str | None, excluded: Sequence[str], extra: Mapping[str, str] | None = None
+    tier: str,
+    zone: str | None,
+    excluded: Sequence[tuple[str, str, str | None]],
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     exprs: list[dict[str, Any]] = [{"key": TIER_LABEL, "operator": "In", "values": [tier]}]
     if zone is not None:
@@ -123,10 +127,9 @@ def _affinity(
     for key, value in sorted((extra or {}).items()):
         if key != TIER_LABEL:
             exprs.append({"key": key, "operator": "In", "values": [value]})
-    if excluded:
-        exprs.append(
-            {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": sorted(excluded)}
-        )
+    avoid = sorted(n for n, t, z in excluded if t == tier and (zone is None or z == zone))
+    if avoid:
+        exprs.append({"key": "kubernetes.io/hostname", "operator": "NotIn", "values": avoid})
     return {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
@@ -243,7 +246,8 @@ def stage_service(owner: Owner, w: Workload, name: str) -> dict[str, Any]:
 
 
 def _selector(lbls: Mapping[str, str]) -> dict[str, str]:
-    keys = ("edgeai.dev/deployment", "edgeai.dev/tier", "edgeai.dev/stage", "edgeai.dev/zone")
+    # Selectors are immutable: never the stage index, which a replan may change.
+    keys = ("edgeai.dev/deployment", "edgeai.dev/tier", "edgeai.dev/zone")
     return {k: lbls[k] for k in keys if k in lbls}
 
 

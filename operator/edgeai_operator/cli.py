@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "edgeai_operator.localcluster",
     "edgeai_operator.plancli",
     "edgeai_operator.runlocal",
+    "edgeai_operator.stagecmd",
     "edgeai_operator.main",
 ]
 

@@ -38,6 +38,10 @@ DEFAULT_TOPOLOGY = REPO_ROOT / "hack" / "topology.yaml"
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 SERVICE_CIDR = "10.96.0.0/16"
+# Pod IPs kwok hands out are loopback addresses: nothing on this machine ever sends
+# traffic to a private range, and a test can serve a pod's IP with a real process
+# (127.0.0.0/8 is all local on Linux).
+POD_CIDR = "127.244.0.0/16"
 # kwok stock stages: node initialisation, lease heartbeats, the general pod lifecycle,
 # and the node-not-ready chaos stage (kwok keeps renewing a node's lease as long as it
 # runs, so a single node fails by this stage's label, see `fail_node`).
@@ -195,7 +199,7 @@ class LocalCluster:
         workdir: Path = DEFAULT_WORKDIR,
         *,
         bin_dir: Path | None = None,
-        node_monitor_grace_period_s: int = 20,
+        node_monitor_grace_period_s: int = 40,
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir or ensure_binaries()
@@ -382,7 +386,7 @@ class LocalCluster:
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
                 f"--server-address=127.0.0.1:{p.kwok}",
                 "--node-ip=127.0.0.1",
-                "--cidr=10.244.0.0/16",
+                f"--cidr={POD_CIDR}",
                 "--node-lease-duration-seconds=40",
             ],
         )

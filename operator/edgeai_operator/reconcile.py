@@ -12,23 +12,43 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeai_operator import k8s
+from edgeai_operator.autoscaler import (
+    ScalePolicy,
+    Scrape,
+    StageScaler,
+    parse_metrics,
+    stage_targets,
+)
 from edgeai_operator.builders import (
+    WORKER_PORT,
     DeploymentOptions,
     Owner,
     build_children,
     priority_class,
     split_summary,
+    workload_name,
 )
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.errors import SpecError
 from edgeai_operator.planning import NodeState, ZonePlans, device_selector, plan_zones
 
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+Scraper = Callable[[str], str | None]  # pod IP -> its /metrics text, None if unreachable
+
+
+def scrape_pod(ip: str) -> str | None:
+    """GET http://<pod IP>:8080/metrics, a short timeout: a slow pod is a missing sample."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{WORKER_PORT}/metrics", timeout=1.0) as resp:
+            return resp.read().decode()  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -37,8 +57,10 @@ class DeploymentState:
 
     applied_digest: str = ""
     last_split: dict[str, str] = field(default_factory=dict)
-    last_excluded: tuple[str, ...] = ()
+    last_excluded: tuple[tuple[str, str, str | None], ...] = ()
     replicas: dict[str, int] = field(default_factory=dict)
+    scalers: dict[str, StageScaler] = field(default_factory=dict)
+    entry: StageScaler = field(default_factory=lambda: StageScaler(ScalePolicy()))
     pending_deletes: set[tuple[str, str, str]] = field(default_factory=set)
     last_status_digest: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -48,10 +70,14 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def excluded_nodes(nodes: Sequence[NodeState]) -> tuple[str, ...]:
+def excluded_nodes(nodes: Sequence[NodeState]) -> tuple[tuple[str, str, str | None], ...]:
     """Edge/cloud nodes stages must leave: NotReady, cordoned or tainted."""
     return tuple(
-        sorted(n.spec.name for n in nodes if n.spec.tier in ("edge", "cloud") and not n.usable)
+        sorted(
+            (n.spec.name, n.spec.tier, n.spec.zone)
+            for n in nodes
+            if n.spec.tier in ("edge", "cloud") and not n.usable
+        )
     )
 
 
@@ -77,6 +103,8 @@ def reconcile(
     emit: EventSink,
     *,
     image: str,
+    scrape: Scraper = scrape_pod,
+    now: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """One pass; returns the status it wrote (for tests and logs)."""
     meta = body["metadata"]
@@ -143,6 +171,7 @@ def reconcile(
     )
     autoscaling = spec_body.get("autoscaling") or {}
     min_replicas = int(autoscaling.get("minReplicas", 1))
+    observed = _autoscale(owner, spec_body, zones, state, emit, scrape, now)
     children = build_children(
         owner,
         zones.plans,
@@ -153,7 +182,7 @@ def reconcile(
 
     _report_plan_changes(zones, state, emit)
     if excluded != state.last_excluded:
-        newly = sorted(set(excluded) - set(state.last_excluded))
+        newly = sorted({e[0] for e in excluded} - {e[0] for e in state.last_excluded})
         if newly:
             emit(
                 "Normal",
@@ -193,7 +222,6 @@ def reconcile(
 
     predicted = zones.predicted_latency_ms
     slo_ms = spec.slo_latency_ms
-    observed = status.get("observed") or {}
     worst_zone = max(zones.plans, key=lambda z: float(zones.plans[z]["predictedLatencyMs"]))
     plan_status = {
         "predictedLatencyMs": round(float(predicted or 0.0), 3),
@@ -285,7 +313,100 @@ def reconcile(
             "plan": plan_status,
             "split": split_summary(zones.plans[worst_zone]),
             "replicas": replicas_text,
+            "observed": observed,
         },
+    )
+
+
+def _pods_by_workload(owner: Owner) -> dict[str, list[tuple[str, str]]]:
+    """Running pods with an IP, grouped by workload name: [(pod name, pod IP)]."""
+    pods = k8s.list_objects("v1", "Pod", owner.namespace, f"edgeai.dev/deployment={owner.name}")
+    out: dict[str, list[tuple[str, str]]] = {}
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        ip = status.get("podIP")
+        if meta.get("deletionTimestamp") or status.get("phase") != "Running" or not ip:
+            continue
+        lbls = meta.get("labels") or {}
+        name = workload_name(owner, lbls.get("edgeai.dev/tier", ""), lbls.get("edgeai.dev/zone"))
+        out.setdefault(name, []).append((meta["name"], ip))
+    return out
+
+
+def _autoscale(
+    owner: Owner,
+    spec_body: Mapping[str, Any],
+    zones: ZonePlans,
+    state: DeploymentState,
+    emit: EventSink,
+    scrape: Scraper,
+    now: Callable[[], float],
+) -> dict[str, Any]:
+    """Scrapes every stage pod, scales edge/cloud stages; returns `status.observed`."""
+    autoscaling = spec_body.get("autoscaling") or {}
+    slo_ms = float((spec_body.get("slo") or {}).get("latencyP95Ms") or 0.0)
+    t = now()
+    pods = _pods_by_workload(owner)
+    entry_scrapes: dict[str, Scrape] = {}
+    for zone, plan in sorted(zones.plans.items()):
+        targets = stage_targets(plan, slo_ms) if slo_ms else {}
+        for tier in ("edge", "cloud"):
+            if tier not in targets:
+                continue
+            shared = workload_name(owner, tier, None)
+            name = (
+                shared if tier == "cloud" and shared in pods else workload_name(owner, tier, zone)
+            )
+            if name in state.scalers and state.scalers[name].policy.target_ms != targets[tier]:
+                state.scalers[name].policy = _policy(autoscaling, targets[tier])
+            scaler = state.scalers.setdefault(
+                name, StageScaler(_policy(autoscaling, targets[tier]))
+            )
+            scrapes = {
+                p: parse_metrics(text)
+                for p, ip in pods.get(name, [])
+                if (text := scrape(ip)) is not None
+            }
+            if not scrapes:
+                continue
+            scaler.observe(t, scrapes)
+            current = state.replicas.get(name, scaler.policy.min_replicas)
+            desired, why = scaler.decide(t, current)
+            if desired != current:
+                verb = "ScaledUp" if desired > current else "ScaledDown"
+                emit("Normal", verb, f"{name}: {current} -> {desired} replicas: {why}")
+                state.replicas[name] = desired
+        device = workload_name(owner, "device", zone)
+        for p, ip in pods.get(device, []):
+            text = scrape(ip)
+            if text is not None:
+                entry_scrapes[p] = parse_metrics(text)
+    observed: dict[str, Any] = {}
+    if entry_scrapes:
+        state.entry.observe(t, entry_scrapes)
+        window = float(autoscaling.get("stableWindowSeconds", 60))
+        p95 = state.entry.p95_ms(t, window)
+        if p95 is not None:
+            observed["p95LatencyMs"] = round(p95, 2)
+            observed["requestsPerSecond"] = round(state.entry.requests(t, window) / window, 2)
+    for name, scaler in sorted(state.scalers.items()):
+        p95 = scaler.p95_ms(t, scaler.policy.stable_window_s)
+        if p95 is not None:
+            observed.setdefault("stages", {})[name] = {
+                "p95LatencyMs": round(p95, 2),
+                "targetMs": round(scaler.policy.target_ms, 2),
+            }
+    return observed
+
+
+def _policy(autoscaling: Mapping[str, Any], target_ms: float) -> ScalePolicy:
+    return ScalePolicy(
+        min_replicas=int(autoscaling.get("minReplicas", 1)),
+        max_replicas=int(autoscaling.get("maxReplicas", 8)),
+        target_ms=target_ms,
+        stable_window_s=float(autoscaling.get("stableWindowSeconds", 60)),
+        panic_window_s=float(autoscaling.get("panicWindowSeconds", 6)),
+        scale_down_delay_s=float(autoscaling.get("scaleDownDelaySeconds", 30)),
     )
 
 

@@ -1,0 +1,245 @@
+"""Child objects as literal dicts: no cluster needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeai_operator.builders import (
+    DeploymentOptions,
+    Owner,
+    Workload,
+    build_children,
+    plan_hash,
+    priority_class,
+    split_summary,
+    stage_deployment,
+)
+from edgeai_operator.conditions import set_condition
+
+OWNER = Owner(name="cam", namespace="vision", uid="u-1")
+
+
+def plan(edge: bool = True, cloud_in: str = "t2") -> dict[str, Any]:
+    stages = [{"tier": "device", "layers": "0-3", "inputs": ["input"], "outputs": ["t1"]}]
+    if edge:
+        stages.append({"tier": "edge", "layers": "4-7", "inputs": ["t1"], "outputs": ["t2"]})
+    stages.append({"tier": "cloud", "layers": "8-9", "inputs": [cloud_in], "outputs": ["output"]})
+    return {"kind": "Plan", "stages": stages, "predictedLatencyMs": 40.0}
+
+
+def test_edge_deployment_literal() -> None:
+    w = Workload("edge", "zone-a", 1, "plan-zone-a.yaml", 2, "cam-cloud")
+    opts = DeploymentOptions(
+        image="edgeai-worker:test",
+        excluded_nodes=[
+            ("edge-a-1", "edge", "zone-a"),
+            ("edge-b-0", "edge", "zone-b"),
+            ("cloud-0", "cloud", None),
+        ],
+        priority_class="edgeai-priority-100",
+    )
+    labels = {
+        "app.kubernetes.io/managed-by": "edgeai-operator",
+        "app.kubernetes.io/name": "edgeai-worker",
+        "app.kubernetes.io/instance": "cam",
+        "edgeai.dev/deployment": "cam",
+        "edgeai.dev/tier": "edge",
+        "edgeai.dev/stage": "1",
+        "edgeai.dev/zone": "zone-a",
+    }
+    assert stage_deployment(OWNER, w, opts, "abc", "cam-edge-zone-a") == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "cam-edge-zone-a",
+            "namespace": "vision",
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": "edgeai.dev/v1alpha1",
+                    "kind": "DNNDeployment",
+                    "name": "cam",
+                    "uid": "u-1",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "replicas": 2,
+            "selector": {
+                "matchLabels": {
+                    "edgeai.dev/deployment": "cam",
+                    "edgeai.dev/tier": "edge",
+                    "edgeai.dev/zone": "zone-a",
+                }
+            },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"edgeai.dev/plan-hash": "abc"}},
+                "spec": {
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "edgeai.dev/tier",
+                                                "operator": "In",
+                                                "values": ["edge"],
+                                            },
+                                            {
+                                                "key": "topology.kubernetes.io/zone",
+                                                "operator": "In",
+                                                "values": ["zone-a"],
+                                            },
+                                            {
+                                                "key": "kubernetes.io/hostname",
+                                                "operator": "NotIn",
+                                                "values": ["edge-a-1"],
+                                            },
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": "edgeai-worker:test",
+                            "command": ["edgeai"],
+                            "args": [
+                                "run-stage",
+                                "--plan=/etc/edgeai/plan-zone-a.yaml",
+                                "--stage=1",
+                                "--port=8080",
+                                "--host=0.0.0.0",
+                                "--next=http://cam-cloud.vision.svc:8080",
+                            ],
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/v2/health/ready", "port": "http"},
+                                "periodSeconds": 5,
+                            },
+                            "livenessProbe": {
+                                "httpGet": {"path": "/v2/health/live", "port": "http"},
+                                "periodSeconds": 10,
+                            },
+                            "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+                            "volumeMounts": [
+                                {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}
+                            ],
+                        }
+                    ],
+                    "volumes": [{"name": "plan", "configMap": {"name": "cam-plan"}}],
+                    "terminationGracePeriodSeconds": 15,
+                    "priorityClassName": "edgeai-priority-100",
+                },
+            },
+        },
+    }
+
+
+def _names(children: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(c["kind"], c["metadata"]["name"]) for c in children]
+
+
+def test_children_per_zone_with_one_shared_cloud_stage() -> None:
+    children = build_children(
+        OWNER,
+        {"zone-a": plan(), "zone-b": plan()},
+        {"cam-edge-zone-b": 3},
+        DeploymentOptions(device_selector={"app": "camera"}),
+    )
+    assert _names(children) == [
+        ("ConfigMap", "cam-plan"),
+        ("Deployment", "cam-edge-zone-a"),
+        ("Service", "cam-edge-zone-a"),
+        ("Deployment", "cam-cloud"),
+        ("Service", "cam-cloud"),
+        ("DaemonSet", "cam-device-zone-a"),
+        ("Deployment", "cam-edge-zone-b"),
+        ("Service", "cam-edge-zone-b"),
+        ("DaemonSet", "cam-device-zone-b"),
+    ]
+    by_name = {c["metadata"]["name"]: c for c in children if c["kind"] != "Service"}
+    assert by_name["cam-edge-zone-b"]["spec"]["replicas"] == 3
+    assert by_name["cam-edge-zone-a"]["spec"]["replicas"] == 1
+    assert set(by_name["cam-plan"]["data"]) == {"plan-zone-a.yaml", "plan-zone-b.yaml"}
+    ds = by_name["cam-device-zone-a"]["spec"]["template"]["spec"]
+    assert ds["containers"][0]["args"][-1] == "--next=http://cam-edge-zone-a.vision.svc:8080"
+    exprs = ds["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0]["matchExpressions"]
+    assert {"key": "app", "operator": "In", "values": ["camera"]} in exprs
+
+
+def test_zones_with_different_cloud_stages_get_their_own() -> None:
+    children = build_children(
+        OWNER,
+        {"zone-a": plan(), "zone-b": plan(edge=False, cloud_in="t1")},
+        {},
+        DeploymentOptions(),
+    )
+    names = _names(children)
+    assert ("Deployment", "cam-cloud-zone-a") in names
+    assert ("Deployment", "cam-cloud-zone-b") in names
+    assert ("Deployment", "cam-edge-zone-b") not in names
+    ds_b = next(c for c in children if c["metadata"]["name"] == "cam-device-zone-b")
+    assert ds_b["spec"]["template"]["spec"]["containers"][0]["args"][-1] == (
+        "--next=http://cam-cloud-zone-b.vision.svc:8080"
+    )
+
+
+def test_entry_only_device_stage_forwards_raw_input() -> None:
+    remote_only = {
+        "kind": "Plan",
+        "stages": [{"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}],
+    }
+    children = build_children(OWNER, {"z": remote_only}, {}, DeploymentOptions())
+    ds = next(c for c in children if c["kind"] == "DaemonSet")
+    assert ds["metadata"]["labels"]["edgeai.dev/stage"] == "entry"
+    assert "--stage=-1" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_plan_hash_changes_with_the_plan_only() -> None:
+    assert plan_hash(plan()) == plan_hash(plan())
+    assert plan_hash(plan()) != plan_hash(plan(edge=False))
+    assert split_summary(plan()) == "device:0-3 > edge:4-7 > cloud:8-9"
+
+
+def test_priority_class_literal() -> None:
+    assert priority_class(100) == {
+        "apiVersion": "scheduling.k8s.io/v1",
+        "kind": "PriorityClass",
+        "metadata": {
+            "name": "edgeai-priority-100",
+            "labels": {"app.kubernetes.io/managed-by": "edgeai-operator"},
+        },
+        "value": 100,
+        "globalDefault": False,
+        "preemptionPolicy": "PreemptLowerPriority",
+        "description": "edgeai-operator stages of DNNDeployments with spec.priority 100",
+    }
+
+
+def test_conditions_keep_transition_time_until_status_changes() -> None:
+    conds = set_condition([], "Available", False, "StagesNotReady", "waiting", 1, now="t0")
+    conds = set_condition(conds, "Available", False, "StagesNotReady", "still", 2, now="t1")
+    assert conds == [
+        {
+            "type": "Available",
+            "status": "False",
+            "reason": "StagesNotReady",
+            "message": "still",
+            "observedGeneration": 2,
+            "lastTransitionTime": "t0",
+        }
+    ]
+    conds = set_condition(conds, "Available", True, "StagesAvailable", "ok", 2, now="t2")
+    assert conds[0]["lastTransitionTime"] == "t2" and conds[0]["status"] == "True"

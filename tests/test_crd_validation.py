@@ -1,0 +1,206 @@
+"""Invalid manifests are rejected by the real API server (schema + CEL rules), each
+with a message naming the field; valid samples are accepted."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
+
+pytestmark = [pytest.mark.cluster]
+
+MODEL: dict[str, Any] = {
+    "apiVersion": "edgeai.dev/v1alpha1",
+    "kind": "DNNModel",
+    "metadata": {"name": "invalid-model", "namespace": "default"},
+    "spec": {
+        "source": {"zoo": "digits_cnn"},
+        "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        "variants": [{"name": "int8", "quantize": {"mode": "dynamic"}}],
+    },
+}
+DEPLOYMENT: dict[str, Any] = {
+    "apiVersion": "edgeai.dev/v1alpha1",
+    "kind": "DNNDeployment",
+    "metadata": {"name": "invalid-deployment", "namespace": "default"},
+    "spec": {
+        "modelRef": {"name": "digits"},
+        "slo": {"latencyP95Ms": 50, "minAccuracy": 0.9},
+        "placement": {"tiers": ["device", "edge", "cloud"]},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
+    },
+}
+JOB: dict[str, Any] = {
+    "apiVersion": "edgeai.dev/v1alpha1",
+    "kind": "DNNTrainingJob",
+    "metadata": {"name": "invalid-job", "namespace": "default"},
+    "spec": {
+        "model": {"zoo": "digits_cnn"},
+        "algorithm": {"mode": "fedavg", "localSteps": 10},
+        "compression": {"kind": "topk", "ratio": 0.01},
+    },
+}
+
+
+def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(base)
+    *parents, leaf = path.split(".")
+    node = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if value is _DELETE:
+        del node[leaf]
+    elif isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+    return doc
+
+
+_DELETE = object()
+
+CASES = [
+    (
+        "model: no source",
+        _with(MODEL, "spec.source", {}),
+        "spec.source: set exactly one of zoo or onnx",
+    ),
+    (
+        "model: zoo and onnx",
+        _with(MODEL, "spec.source.onnx", {"path": "/m.onnx"}),
+        "spec.source: set exactly one of zoo or onnx",
+    ),
+    ("model: unknown zoo", _with(MODEL, "spec.source.zoo", "yolo"), "spec.source.zoo"),
+    ("model: no input", _with(MODEL, "spec.input", _DELETE), "spec.input: Required value"),
+    ("model: empty shape", _with(MODEL, "spec.input.shape", []), "spec.input.shape"),
+    (
+        "model: zero dimension",
+        _with(MODEL, "spec.input.shape", [1, 0, 8, 8]),
+        "spec.input.shape[1]",
+    ),
+    ("model: dtype", _with(MODEL, "spec.input.dtype", "FLOAT"), "spec.input.dtype"),
+    ("model: variant name", _with(MODEL, "spec.variants.0.name", "INT8!"), "spec.variants[0].name"),
+    (
+        "model: two compressions",
+        _with(MODEL, "spec.variants.0.prune", {"sparsity": 0.5}),
+        "a variant sets at most one of quantize, prune or distill",
+    ),
+    (
+        "model: quantize mode",
+        _with(MODEL, "spec.variants.0.quantize.mode", "fast"),
+        "spec.variants[0].quantize.mode",
+    ),
+    (
+        "model: sparsity",
+        _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 1.5}}),
+        "spec.variants[0].prune.sparsity",
+    ),
+    ("model: repeats", _with(MODEL, "spec.profile", {"repeats": 0}), "spec.profile.repeats"),
+    (
+        "model: unknown field",
+        _with(MODEL, "spec.input.layout", "NCHW"),
+        'unknown field "spec.input.layout"',
+    ),
+    ("deployment: no slo", _with(DEPLOYMENT, "spec.slo", _DELETE), "spec.slo: Required value"),
+    (
+        "deployment: zero latency",
+        _with(DEPLOYMENT, "spec.slo.latencyP95Ms", 0),
+        "spec.slo.latencyP95Ms",
+    ),
+    (
+        "deployment: accuracy",
+        _with(DEPLOYMENT, "spec.slo.minAccuracy", 1.5),
+        "spec.slo.minAccuracy",
+    ),
+    ("deployment: objective", _with(DEPLOYMENT, "spec.objective", "speed"), "spec.objective"),
+    (
+        "deployment: tier",
+        _with(DEPLOYMENT, "spec.placement.tiers", ["device", "fog"]),
+        "spec.placement.tiers[1]",
+    ),
+    (
+        "deployment: replicas",
+        _with(DEPLOYMENT, "spec.autoscaling.minReplicas", 5),
+        "spec.autoscaling.minReplicas must not exceed maxReplicas",
+    ),
+    (
+        "deployment: privacy without device",
+        _with(
+            _with(DEPLOYMENT, "spec.privacy", {"rawInputStaysOnDevice": True}),
+            "spec.placement.tiers",
+            ["edge", "cloud"],
+        ),
+        "spec.privacy.rawInputStaysOnDevice needs 'device' in spec.placement.tiers",
+    ),
+    ("deployment: priority", _with(DEPLOYMENT, "spec.priority", -1), "spec.priority"),
+    (
+        "deployment: noise",
+        _with(DEPLOYMENT, "spec.privacy", {"featureNoiseStd": -0.1}),
+        "spec.privacy.featureNoiseStd",
+    ),
+    (
+        "deployment: no modelRef",
+        _with(DEPLOYMENT, "spec.modelRef", _DELETE),
+        "spec.modelRef: Required value",
+    ),
+    (
+        "deployment: unknown field",
+        _with(DEPLOYMENT, "spec.slo.latencyMs", 10),
+        'unknown field "spec.slo.latencyMs"',
+    ),
+    ("job: mode", _with(JOB, "spec.algorithm.mode", "sgd"), "spec.algorithm.mode"),
+    ("job: ratio", _with(JOB, "spec.compression.ratio", 2), "spec.compression.ratio"),
+]
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: LocalCluster) -> LocalCluster:
+    for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd", "--all")
+    return cluster
+
+
+def _apply(cluster: LocalCluster, doc: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            cluster.binary("kubectl"),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        input=yaml.safe_dump(doc),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(("case", "doc", "field"), CASES, ids=[c[0] for c in CASES])
+def test_invalid_manifest_rejected_naming_the_field(
+    crds: LocalCluster, case: str, doc: dict[str, Any], field: str
+) -> None:
+    result = _apply(crds, doc)
+    assert result.returncode != 0, f"{case}: accepted\n{result.stdout}"
+    assert field in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("doc", [MODEL, DEPLOYMENT, JOB], ids=["model", "deployment", "job"])
+def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:
+    result = _apply(crds, doc)
+    assert result.returncode == 0, result.stderr
+
+
+def test_examples_are_valid(crds: LocalCluster) -> None:
+    for path in sorted((REPO_ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            result = _apply(crds, doc)
+            assert result.returncode == 0, f"{path.name}: {result.stderr}"
