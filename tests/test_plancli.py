@@ -333,3 +333,48 @@ def test_a_full_manifest_parses_into_planning_fields() -> None:
         0.2,
     )
     assert (spec.edge_cost_per_ms, spec.cloud_cost_per_ms) == (0.1, 2.0)
+
+
+def test_accuracy_floor_picks_among_profiled_variants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profiles: dict[str, Path] = {}
+    accuracy: dict[str, float] = {}
+    for variant in ("fp32", "int8-static", "distilled"):
+        path = tmp_path / f"{variant}.yaml"
+        assert (
+            cli.main(
+                [
+                    "profile",
+                    "digits_cnn",
+                    "--variant",
+                    variant,
+                    "--repeats",
+                    "3",
+                    "--save",
+                    str(path),
+                ]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        profiles[variant] = path
+        accuracy[variant] = float(yaml.safe_load(path.read_text())["accuracy"])
+    args = [arg for p in profiles.values() for arg in ("--profile", str(p))]
+
+    def plan_for(floor: float, variant: str | None = None) -> dict[str, Any]:
+        model: dict[str, Any] = {"zoo": "digits_cnn"}
+        if variant:
+            model["variant"] = variant
+        manifest = _manifest(tmp_path, {"model": model, "slo": {"minAccuracy": floor}})
+        code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(TOPOLOGY), *args)
+        assert code == 0
+        return plan
+
+    latency = {v: plan_for(0.5, v)["predictedLatencyMs"] for v in profiles}
+    for floor in (0.5, (accuracy["distilled"] + accuracy["fp32"]) / 2):
+        chosen = plan_for(floor)["model"]["variant"]
+        eligible = [v for v in profiles if accuracy[v] >= floor]
+        assert accuracy[chosen] >= floor
+        assert latency[chosen] == min(latency[v] for v in eligible)
+    assert accuracy["distilled"] < accuracy["fp32"], "the floor above excludes the student"
