@@ -61,6 +61,8 @@ class DeviceStage:
         self.uplink_mbps: float | None = config.uplink_mbps
         self._rng = np.random.default_rng(config.noise_seed)
         self._metrics = metrics
+        if self.uplink_mbps is not None:
+            metrics.uplink_mbps.set(self.uplink_mbps)
         self._last_frame: Array | None = None
         self._last_response: InferResponse | None = None
         self.frames = 0
