@@ -129,23 +129,26 @@ def test_adaptive_plan_gives_device_prefixes_and_edge_suffixes(
     model: ChainModel, tmp_path: Path
 ) -> None:
     alternatives = [
-        {"minMbps": 0, "maxMbps": 5, "cutIndex": 4, "predictedLatencyMs": 9.0},  # after relu1
+        {"minMbps": 0, "maxMbps": 0.4, "cutIndex": 9, "predictedLatencyMs": 8.0},  # device only
+        {"minMbps": 0.4, "maxMbps": 0.5, "cutIndex": 8, "predictedLatencyMs": 30.0},  # past edge
+        {"minMbps": 0.5, "maxMbps": 5, "cutIndex": 4, "predictedLatencyMs": 9.0},  # after relu1
         {"minMbps": 5, "maxMbps": 50, "cutIndex": 2, "predictedLatencyMs": 4.0},  # after relu0
         {"minMbps": 50, "maxMbps": None, "cutIndex": 0, "predictedLatencyMs": 2.0},  # raw input
-        {"minMbps": 0, "maxMbps": 1, "cutIndex": 8, "predictedLatencyMs": 30.0},  # past the edge
     ]
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(_plan(model, alternatives=alternatives)))
     plan = load_plan(plan_path)
     specs = build_partitions(plan, model.path, tmp_path)
     device, edge, cloud = specs
-    assert [s.get("partition") is not None for s in device.splits] == [True, True, False]
-    assert [s["maxMbps"] for s in device.splits] == [5.0, 50.0, float("inf")]
+    assert [s.get("partition") is not None for s in device.splits] == [True, True, True, False]
+    assert [s.get("final", False) for s in device.splits] == [True, False, False, False]
+    assert [s["maxMbps"] for s in device.splits] == [0.4, 5.0, 50.0, float("inf")]
     assert len(edge.partitions) == 1 + 2  # its own, plus suffixes from cut 4 and cut 0
     assert len(cloud.partitions) == 1
     x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
     expected = run_onnx(model.path, {"input": x})[0]
     for uplink, label in (
+        (0.1, "stage0-device-whole"),
         (1.0, "stage0-device-cut4"),
         (20.0, "stage0-device-cut2"),
         (500.0, "raw"),
@@ -153,9 +156,12 @@ def test_adaptive_plan_gives_device_prefixes_and_edge_suffixes(
         run = start_local(plan, specs, tmp_path, settings={"uplink_mbps": uplink})
         try:
             body = _infer(f"{run.entry_url}/v2/models/chain/infer", x)
+            with urllib.request.urlopen(f"{run.urls[1][0]}/metrics", timeout=10) as resp:
+                edge_served = "edgeai_requests_total{" in resp.read().decode()
         finally:
             run.stop()
         assert body["parameters"]["edgeai_split"] == label
+        assert edge_served == (label != "stage0-device-whole")  # the whole model answers alone
         out = body["outputs"][0]
         np.testing.assert_allclose(
             np.array(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-5, atol=1e-6

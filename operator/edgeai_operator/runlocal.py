@@ -126,8 +126,9 @@ def _adaptive_splits(
     workdir: Path,
 ) -> None:
     """Give the device a prefix per alternative cut, and stage 1 the matching suffix.
-    Alternatives whose cut lies past stage 1's end (device-only splits) are left out:
-    the next stage could not finish them."""
+    A device-only alternative gives the device the whole model (it answers alone);
+    other alternatives whose cut lies past stage 1's end are left out: stage 1 could not
+    finish them."""
     import onnx
 
     device, after = specs[0], specs[1]
@@ -135,16 +136,22 @@ def _adaptive_splits(
     end = position.get(tuple(after.outputs))
     if end is None:
         return
+    last = len(cuts) - 1
     options: list[dict[str, Any]] = []
     for alt in alternatives:
         cut_index = alt.get("cutIndex")
-        if not isinstance(cut_index, int) or not 0 <= cut_index < end:
+        if not isinstance(cut_index, int) or not (0 <= cut_index < end or cut_index == last):
             continue
         tensors = tuple(cuts[cut_index].tensors)
         option: dict[str, Any] = {
             "minMbps": float(alt.get("minMbps") or 0.0),
             "maxMbps": float(alt["maxMbps"]) if alt.get("maxMbps") is not None else float("inf"),
         }
+        if cut_index == last:  # the whole model on the device: it answers by itself
+            whole = workdir / "stage0-device-whole.onnx"
+            onnx.save(partitioner.extract(device.inputs, tensors), str(whole))
+            options.append({**option, "partition": str(whole), "final": True})
+            continue
         if cut_index > 0:
             head = workdir / f"stage0-device-cut{cut_index}.onnx"
             onnx.save(partitioner.extract(device.inputs, tensors), str(head))

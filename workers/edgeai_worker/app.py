@@ -434,32 +434,35 @@ async def _run_local(
     priority: int,
     deadline: float | None,
     request_id: str,
-) -> tuple[list[Tensor], str | None]:
-    """Run this stage's layers; returns the tensors to pass on and the split label."""
+) -> tuple[list[Tensor], str | None, bool]:
+    """Run this stage's layers; returns the tensors to pass on, the split label, and
+    whether they are the model's outputs (a device split that holds the whole model)."""
     if state.tiler is not None:
         tensors = await _run_tiled(state, tensors, request_id)
     runtime = state.runtime
     assert state.batcher is not None
     by_name = {t.name: (t.array, t.datatype) for t in tensors}
     label: str | None = None
+    final = False
     if state.device is not None:
         if runtime is not None:
             runtime.validate(by_name)  # the model's input, whichever split runs
         split = state.device.choose()
         label = split.label
+        final = split.option.final
         state.metrics.split.inc(option=label)
         if split.partition is None:
-            return tensors, label
+            return tensors, label, False
         partition = split.partition
     elif runtime is None:
-        return tensors, None
+        return tensors, None, False
     else:
         partition = runtime.validate(by_name)
     feeds = {name: array for name, (array, _) in by_name.items()}
     outputs = await state.batcher.submit(partition, feeds, priority=priority, deadline=deadline)
-    if state.device is not None and state.forwarder is not None:
+    if state.device is not None and state.forwarder is not None and not final:
         outputs = state.device.add_noise(outputs)
-    return [Tensor.from_numpy(name, array) for name, array in outputs.items()], label
+    return [Tensor.from_numpy(name, array) for name, array in outputs.items()], label, final
 
 
 def _select_outputs(
@@ -491,8 +494,8 @@ async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> I
                 previous, id=request.id, parameters={**previous.parameters, "edgeai_skipped": True}
             )
     request_id = request.id or uuid.uuid4().hex
-    tensors, label = await _run_local(state, request.inputs, priority, deadline, request_id)
-    if state.forwarder is None:
+    tensors, label, final = await _run_local(state, request.inputs, priority, deadline, request_id)
+    if state.forwarder is None or final:
         response = InferResponse(
             config.model_name,
             _select_outputs(state, request, tensors),

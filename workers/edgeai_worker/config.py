@@ -32,12 +32,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class SplitOption:
     """A split the device stage may choose at run time: run `partition` (input -> cut) on
-    the device and forward its outputs when the uplink is in [min_mbps, max_mbps)."""
+    the device and forward its outputs when the uplink is in [min_mbps, max_mbps). A
+    `final` split holds the whole model: the device answers without forwarding."""
 
     partition: Path | None  # None: forward the raw input (device runs nothing)
     min_mbps: float = 0.0
     max_mbps: float = float("inf")
     predicted_latency_ms: float | None = None
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ def _split_option(obj: Mapping[str, Any], base: Path) -> SplitOption:
         min_mbps=float(obj.get("minMbps", obj.get("min_mbps", 0.0))),
         max_mbps=float(obj.get("maxMbps", obj.get("max_mbps", float("inf")))),
         predicted_latency_ms=obj.get("predictedLatencyMs", obj.get("predicted_latency_ms")),
+        final=bool(obj.get("final", False)),
     )
 
 
