@@ -244,6 +244,17 @@ def test_split_choice_and_uplink_estimate() -> None:
         stage.observe_transfer(1_000_000, elapsed_s=1.1, server_s=0.1)  # 8 Mbps
     assert stage.uplink_mbps == pytest.approx(8.0, rel=0.01)
     assert stage.choose() is low
-    stage.observe_uplink(1e6)
+    stage.observe_uplink(9.0)  # within 2x: averaged
+    assert stage.uplink_mbps == pytest.approx(8.3, rel=0.01)
+    assert not stage.needs_probe(interval_s=5.0)  # a sample just came
+    assert stage.needs_probe(interval_s=0.0)
+    assert stage.probe_size_bytes() == 51_875  # 50 ms at 8.3 Mbps
+    stage.observe_uplink(1e6)  # a step change replaces the estimate
+    assert stage.uplink_mbps == 1e6
+    assert stage.probe_size_bytes() == 512 * 1024
     assert stage.choose() is high  # past every range: the nearest one
+    fixed = DeviceStage(WorkerConfig(tier="device", uplink_mbps=3.0), [low, high], WorkerMetrics())
+    fixed.observe_uplink(50.0)
+    assert fixed.uplink_mbps == 3.0
+    assert not fixed.needs_probe(interval_s=0.0)
     assert json.dumps(stage.skip_rate) == "0.0"

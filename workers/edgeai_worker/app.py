@@ -18,6 +18,7 @@ middleware as `{"error": "..."}` with a 4xx for the caller's mistakes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -195,7 +196,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await state.batcher.start()
     probe: asyncio.Task[None] | None = None
     if state.device is not None and state.forwarder is not None and config.uplink_mbps is None:
-        probe = asyncio.create_task(_probe_uplink(state))
+        probe = asyncio.create_task(_monitor_uplink(state))
     log.info(
         "stage %s (%s) of model %s ready: %d partition(s), next=%s",
         config.stage_index,
@@ -207,6 +208,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     yield
     if probe is not None:
         probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
     await state.batcher.stop()
     if state.forwarder is not None:
         await state.forwarder.close()
@@ -214,17 +217,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await state.tiler.__aexit__(None, None, None)
 
 
-async def _probe_uplink(state: WorkerState) -> None:
-    """Measure the uplink once the next stage answers (retrying while it starts)."""
-    assert state.forwarder is not None
-    assert state.device is not None
-    for _ in range(100):
-        try:
-            state.device.observe_uplink(await state.forwarder.probe_mbps())
-            return
-        except Exception as exc:  # the next stage may still be starting
-            log.debug("uplink probe failed: %s", exc)
-            await asyncio.sleep(0.2)
+async def _monitor_uplink(state: WorkerState) -> None:
+    """Measure the uplink at start (retrying while the next stage starts), then probe
+    again whenever forwards have not given a sample for `uplink_probe_interval_s`."""
+    forwarder, device = state.forwarder, state.device
+    assert forwarder is not None
+    assert device is not None
+    interval = state.config.uplink_probe_interval_s
+    while True:
+        if device.needs_probe(interval):
+            try:
+                device.observe_uplink(await forwarder.probe_mbps(device.probe_size_bytes()))
+            except Exception as exc:  # the next stage may be starting or gone for now
+                log.debug("uplink probe failed: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+        await asyncio.sleep(interval / 2)
 
 
 async def _drain(app: web.Application) -> None:

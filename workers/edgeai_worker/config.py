@@ -66,6 +66,7 @@ class WorkerConfig:
     # Device stage.
     splits: tuple[SplitOption, ...] = ()
     uplink_mbps: float | None = None  # fixed uplink instead of measuring it
+    uplink_probe_interval_s: float = 2.0  # probe when forwards gave no sample this long
     skip_unchanged_threshold: float = 0.0
     feature_noise_std: float = 0.0
     raw_input_stays_on_device: bool = False
@@ -83,6 +84,8 @@ class WorkerConfig:
         for name in ("max_batch", "forward_attempts", "max_queue", "intra_op_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.uplink_probe_interval_s <= 0:
+            raise ConfigError("uplink_probe_interval_s", "must be positive")
         for name in ("max_wait_ms", "forward_timeout_s", "feature_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must not be negative, got {getattr(self, name)}")
@@ -133,6 +136,7 @@ _ALIASES = {
     "intraOpThreads": "intra_op_threads",
     "shutdownGraceS": "shutdown_grace_s",
     "uplinkMbps": "uplink_mbps",
+    "uplinkProbeIntervalS": "uplink_probe_interval_s",
     "skipUnchangedThreshold": "skip_unchanged_threshold",
     "featureNoiseStd": "feature_noise_std",
     "rawInputStaysOnDevice": "raw_input_stays_on_device",

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from edgeai_worker.protocol import Array, InferResponse
 from edgeai_worker.runtime import Partition
 
 UPLINK_SMOOTHING = 0.3  # weight of the newest uplink sample in the moving average
+STEP_FACTOR = 2.0  # a sample this many times off the estimate replaces it
 
 
 @dataclass
@@ -63,6 +65,7 @@ class DeviceStage:
         self._metrics = metrics
         if self.uplink_mbps is not None:
             metrics.uplink_mbps.set(self.uplink_mbps)
+        self.last_sample_at = float("-inf")
         self._last_frame: Array | None = None
         self._last_response: InferResponse | None = None
         self.frames = 0
@@ -85,13 +88,29 @@ class DeviceStage:
         )
 
     def observe_uplink(self, mbps: float) -> None:
+        """Fold one bandwidth sample into the estimate: a moving average, except that a
+        sample more than twice as far off replaces it (a step change in the link)."""
         if self.fixed_uplink is not None or not math.isfinite(mbps) or mbps <= 0:
             return
-        if self.uplink_mbps is None:
+        self.last_sample_at = time.monotonic()
+        estimate = self.uplink_mbps
+        if estimate is None or not estimate / STEP_FACTOR <= mbps <= estimate * STEP_FACTOR:
             self.uplink_mbps = mbps
         else:
-            self.uplink_mbps += UPLINK_SMOOTHING * (mbps - self.uplink_mbps)
+            self.uplink_mbps = estimate + UPLINK_SMOOTHING * (mbps - estimate)
         self._metrics.uplink_mbps.set(self.uplink_mbps)
+
+    def needs_probe(self, interval_s: float) -> bool:
+        """Whether the estimate is stale: no sample for `interval_s` (the chosen split may
+        send too little to measure, or nothing at all)."""
+        if self.fixed_uplink is not None:
+            return False
+        return time.monotonic() - self.last_sample_at >= interval_s
+
+    def probe_size_bytes(self) -> int:
+        """About 50 ms of traffic at the current estimate, within [32 KiB, 512 KiB]."""
+        mbps = self.uplink_mbps if self.uplink_mbps is not None else 10.0
+        return int(min(512 * 1024, max(32 * 1024, mbps * 1e6 / 8 * 0.05)))
 
     def observe_transfer(self, sent_bytes: int, elapsed_s: float, server_s: float) -> None:
         """Fold one forward into the uplink estimate. Small bodies say little about
