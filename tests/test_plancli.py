@@ -378,3 +378,14 @@ def test_accuracy_floor_picks_among_profiled_variants(
         assert accuracy[chosen] >= floor
         assert latency[chosen] == min(latency[v] for v in eligible)
     assert accuracy["distilled"] < accuracy["fp32"], "the floor above excludes the student"
+
+
+def test_profile_accepts_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = zoo.export_onnx("kws_lstm", tmp_path / "keywords.onnx")
+    assert cli.main(["profile", str(path), "--repeats", "2", "-o", "json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["model"] == "keywords"
+    assert profile["input"] == {"name": "input", "shape": [1, 49, 40], "dtype": "FP32"}
+    assert len(profile["segments"]) == len(graph.cut_points(onnx.load(path))) - 1
+    assert cli.main(["profile", str(tmp_path / "missing.onnx")]) == 2
+    assert "MODEL: no such file" in capsys.readouterr().err
