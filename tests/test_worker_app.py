@@ -4,6 +4,7 @@ in-flight requests on shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import signal
@@ -546,3 +547,27 @@ def test_gzip_request_body_is_accepted(worker: Worker, model: ChainModel, x: np.
         run_onnx(model.path, {"input": x})[0],
         rtol=1e-6,
     )
+
+
+async def test_server_time_header_excludes_the_upload(
+    aiohttp_client: Any, model: ChainModel, x: np.ndarray
+) -> None:
+    """The device subtracts Edgeai-Server-Ms from its round trip to measure the uplink,
+    so the header must not count the time the body spent arriving."""
+    client = await aiohttp_client(
+        create_app(WorkerConfig(model_name="chain", partitions=(model.path,)))
+    )
+    body, headers = _binary_request(x)
+
+    async def slow_body() -> Any:
+        yield body[:100]
+        await asyncio.sleep(0.3)  # a slow link
+        yield body[100:]
+
+    started = time.perf_counter()
+    resp = await client.post("/v2/models/chain/infer", data=slow_body(), headers=headers)
+    assert resp.status == 200
+    await resp.read()
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    assert round_trip_ms >= 300
+    assert float(resp.headers["Edgeai-Server-Ms"]) < 100

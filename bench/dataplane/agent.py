@@ -55,11 +55,20 @@ def cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
+    """Send the input `--requests` times (or for `--duration-s`), one at a time, binary in
+    and out; latencies, the device's split per request and each request's start time."""
     x = np.load(args.input)
     conn, path = _connection(args.url)
     latencies: list[float] = []
     splits: list[str] = []
-    for i in range(args.warmup + args.requests):
+    offsets: list[float] = []
+    begin = time.perf_counter()
+    i = 0
+    while True:
+        if args.duration_s is None and i >= args.warmup + args.requests:
+            break
+        if args.duration_s is not None and time.perf_counter() - begin >= args.duration_s:
+            break
         body, headers = oip_body(x, f"bench-{os.getpid()}-{i}")  # unique: workers dedupe ids
         started = time.perf_counter()
         conn.request("POST", path, body=body, headers=headers)
@@ -70,10 +79,17 @@ def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"HTTP {resp.status}: {data[:300]!r}")
         if i >= args.warmup:
             latencies.append(elapsed)
+            offsets.append(started - begin)
             length = int(resp.getheader("Inference-Header-Content-Length") or len(data))
             splits.append(str(json.loads(data[:length]).get("parameters", {}).get("edgeai_split")))
+        i += 1
     conn.close()
-    return {"latencies_ms": latencies, "median_ms": statistics.median(latencies), "splits": splits}
+    return {
+        "latencies_ms": latencies,
+        "median_ms": statistics.median(latencies),
+        "splits": splits,
+        "offsets_s": offsets,
+    }
 
 
 def cmd_echo_server(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,6 +180,7 @@ def main() -> None:
     c.add_argument("--input", type=Path, required=True)
     c.add_argument("--requests", type=int, default=10)
     c.add_argument("--warmup", type=int, default=2)
+    c.add_argument("--duration-s", type=float, help="send for this long instead")
     c.set_defaults(func=cmd_client)
     e = sub.add_parser("echo-server")
     e.add_argument("--host", required=True)

@@ -118,15 +118,22 @@ def tier_host(topo: Topology, tier: str) -> str:
 
 
 def deploy(
-    fleet: Fleet, stages: list[dict[str, Any]], model_path: Path, name: str, uplink: float
+    fleet: Fleet,
+    stages: list[dict[str, Any]],
+    model_path: Path,
+    name: str,
+    uplink: float | None,
+    alternatives: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[tuple[str, str]]]:
     """Start one worker per stage (last first); the device's infer URL and every
-    stage's (tier, URL)."""
+    stage's (tier, URL). With `alternatives`, the device gets the plan's adaptive splits
+    and measures the uplink itself (`uplink` None)."""
     from edgeai_operator.runlocal import build_partitions
 
     workdir = fleet.workdir / name
     workdir.mkdir(exist_ok=True)
-    specs = build_partitions({"stages": stages}, model_path, workdir, adaptive=False)
+    plan = {"stages": stages, "alternatives": alternatives or []}
+    specs = build_partitions(plan, model_path, workdir, adaptive=bool(alternatives))
     next_url: list[str] = []
     started: list[tuple[str, str]] = []
     for spec in reversed(specs):
@@ -141,8 +148,10 @@ def deploy(
             "next_urls": next_url,
             "intra_op_threads": fleet.topo.tiers[tier].threads,
         }
-        if tier == "device":
+        if tier == "device" and uplink is not None:
             config["uplink_mbps"] = uplink
+        if spec.splits:
+            config["splits"] = spec.splits
         url = fleet.worker(tier, config, f"{name}-stage{spec.index}-{tier}")
         next_url = [url]
         started.insert(0, (tier, url))
@@ -306,8 +315,9 @@ def run_scenarios(
     backhaul_mbps: float,
     requests: int,
     profile_repeats: int,
-) -> dict[str, Any]:
-    """For each uplink: plan, then run the plan, device-only and cloud-only."""
+) -> tuple[dict[str, Any], Any]:
+    """For each uplink: plan, then run the plan, device-only and cloud-only. Returns the
+    report and the planner's layer graph built from the profiles."""
     import onnx
 
     from edgeai_operator.planner.model import Link, Problem, Variant, evaluate
@@ -409,6 +419,106 @@ def run_scenarios(
             results["partitioned (planner)"]["measured_ms"] / best_single
         )
         result["scenarios"].append(scenario)
+    return result, graph
+
+
+def split_label(cut_index: int | None, last: int) -> str:
+    """The device stage's label for the split at `cut_index` (see runlocal)."""
+    if cut_index == 0:
+        return "raw"
+    if cut_index == last:
+        return "stage0-device-whole"
+    return f"stage0-device-cut{cut_index}"
+
+
+def run_adaptive(
+    topo: Topology,
+    workdir: Path,
+    model: str,
+    graph: Any,
+    base_uplink: float,
+    phases: Sequence[float],
+    phase_s: float,
+    backhaul_mbps: float,
+) -> dict[str, Any]:
+    """Deploy the plan for `base_uplink` with its alternatives, then change the shaped
+    uplink phase by phase under a steady stream of requests and record which split the
+    device chose for each request."""
+    import onnx
+
+    from edgeai_operator.planner.model import Link, Problem, Variant
+    from edgeai_operator.planner.plan import plan_partitions
+    from edgeai_worker import zoo
+    from edgeai_worker.graph import cut_points
+
+    model_path = zoo.export_onnx(model)
+    cuts = cut_points(onnx.load(str(model_path)))
+    model_input = list(cuts[0].tensors)
+    set_uplink(topo, base_uplink)
+    problem = Problem(
+        variants=(Variant("fp32", graph),),
+        links=(Link(base_uplink, 0.5), Link(backhaul_mbps, 0.5)),
+    )
+    plan = plan_partitions(problem)
+    alternatives = [a.to_dict() for a in plan.alternatives]
+    stages = full_stages(plan, model_input)
+    result: dict[str, Any] = {
+        "model": model,
+        "base_uplink_mbps": base_uplink,
+        "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
+        "alternatives": [
+            {k: a[k] for k in ("minMbps", "maxMbps", "cutIndex", "predictedLatencyMs")}
+            for a in alternatives
+        ],
+        "phases": [],
+    }
+    if len(stages) < 2:
+        result["skipped"] = "the plan at the base uplink has a single stage"
+        return result
+    fleet = Fleet(topo, workdir)
+    try:
+        print(f"[bench] adaptive split: {model}, plan {result['plan']}", flush=True)
+        entry, _ = deploy(fleet, stages, model_path, f"{model}-adaptive", None, alternatives)
+        input_path = workdir / f"{model}-input.npy"
+        for mbps in phases:
+            set_uplink(topo, mbps)
+            band = next(
+                (
+                    a
+                    for a in alternatives
+                    if a["minMbps"] <= mbps and (a["maxMbps"] is None or mbps < a["maxMbps"])
+                ),
+                None,
+            )
+            expected = split_label(band["cutIndex"], len(cuts) - 1) if band else "?"
+            print(f"[bench]   uplink now {mbps:g} Mbps (plan's band: {expected})", flush=True)
+            measured = agent(
+                topo, "device", "client", "--url", entry, "--input", str(input_path),
+                "--warmup", "0", "--duration-s", str(phase_s), limit_cpu=False,
+            )  # fmt: skip
+            splits, offsets = measured["splits"], measured["offsets_s"]
+            first = next((t for t, s in zip(offsets, splits, strict=True) if s == expected), None)
+            late = [
+                ms
+                for t, ms in zip(offsets, measured["latencies_ms"], strict=True)
+                if t >= phase_s / 2
+            ]
+            counts: dict[str, int] = {}
+            for label in splits:
+                counts[label] = counts.get(label, 0) + 1
+            result["phases"].append(
+                {
+                    "uplink_mbps": mbps,
+                    "expected": expected,
+                    "splits": counts,
+                    "first_expected_at_s": first,
+                    "share_expected": counts.get(expected, 0) / len(splits),
+                    "median_ms_second_half": statistics.median(late) if late else None,
+                    "requests": len(splits),
+                }
+            )
+    finally:
+        fleet.stop()
     return result
 
 
@@ -425,6 +535,12 @@ def main() -> int:
     parser.add_argument("--edge-cpus", type=float, default=1.0)
     parser.add_argument("--cloud-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "dataplane.json")
+    parser.add_argument(
+        "--adaptive-model", help="model for the adaptive-split run (default: the first; '' skips)"
+    )
+    parser.add_argument("--adaptive-base-mbps", type=float, default=100.0)
+    parser.add_argument("--adaptive-phases", default="100,1,10,100", help="uplink Mbps per phase")
+    parser.add_argument("--adaptive-phase-s", type=float, default=10.0)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("error: needs root (ip netns, tc, cgroups)", file=sys.stderr)
@@ -457,13 +573,20 @@ def main() -> int:
                 )
                 wait_ready(topo, tier, f"http://{host}:{ECHO_PORT}/health", process)
             report["hops"] = measure_hops(topo, fleet, workdir)
-            for model in args.models.split(","):
-                report["models"].append(
-                    run_scenarios(
-                        topo, workdir, model, uplinks, args.backhaul_mbps, args.requests,
-                        args.profile_repeats,
-                    )
+            models = args.models.split(",")
+            adaptive_model = args.adaptive_model if args.adaptive_model is not None else models[0]
+            for model in models:
+                result, graph = run_scenarios(
+                    topo, workdir, model, uplinks, args.backhaul_mbps, args.requests,
+                    args.profile_repeats,
                 )  # fmt: skip
+                report["models"].append(result)
+                if model == adaptive_model:
+                    report["adaptive"] = run_adaptive(
+                        topo, workdir, model, graph, args.adaptive_base_mbps,
+                        [float(p) for p in args.adaptive_phases.split(",")],
+                        args.adaptive_phase_s, args.backhaul_mbps,
+                    )  # fmt: skip
         finally:
             fleet.stop()
     report["elapsed_s"] = time.monotonic() - started
@@ -519,6 +642,30 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{'':>7} partitioned / min(device-only, cloud-only) = "
                 f"{s['partitioned_vs_best_single']:.2f}   "
                 f"(rtt ms {s['rtt_ms'][0]:.2f}, {s['rtt_ms'][1]:.2f})"
+            )
+    adaptive = report.get("adaptive")
+    if adaptive:
+        print()
+        print(
+            f"5. adaptive split: {adaptive['model']}, deployed with the plan for "
+            f"{adaptive['base_uplink_mbps']:g} Mbps ({adaptive['plan']}) and its alternatives"
+        )
+        for a in adaptive["alternatives"]:
+            print(
+                f"   band [{a['minMbps']:g}, {a['maxMbps'] if a['maxMbps'] is not None else 'inf'})"
+                f" Mbps: cut {a['cutIndex']}, predicted {a['predictedLatencyMs']:.1f} ms"
+            )
+        if adaptive.get("skipped"):
+            print(f"   skipped: {adaptive['skipped']}")
+        for ph in adaptive["phases"]:
+            first = ph["first_expected_at_s"]
+            when = f"first used after {first:.1f} s" if first is not None else "never used"
+            median = ph["median_ms_second_half"]
+            print(
+                f"   uplink {ph['uplink_mbps']:>5g} Mbps: band's split {ph['expected']} {when}, "
+                f"{ph['share_expected']:.0%} of {ph['requests']} requests; median "
+                f"{median if median is None else round(median, 1)} ms in the second half; "
+                f"splits used {ph['splits']}"
             )
     print()
     print("3. per-hop: OIP binary inference (Identity model) / raw aiohttp echo of the same bytes")

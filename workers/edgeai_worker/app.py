@@ -129,6 +129,7 @@ class WorkerState:
 CONFIG = web.AppKey("config", WorkerConfig)
 STATE = web.AppKey("state", WorkerState)
 REQUEST_ID = web.RequestKey("edgeai_request_id", str)  # for logs
+BODY_READ_AT = web.RequestKey("edgeai_body_read_at", float)  # perf_counter() after the body
 
 
 # ---------------------------------------------------------------------------- setup
@@ -309,7 +310,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         elapsed = time.perf_counter() - started
         state.metrics.requests.inc(stage=state.stage, code=str(response.status))
         state.metrics.stage_latency.observe(elapsed, stage=state.stage, tier=state.config.tier)
-        response.headers[SERVER_TIME_HEADER] = f"{elapsed * 1000:.3f}"
+        # From the whole body on: the sender subtracts this from its round trip to get
+        # the time its bytes spent on the network.
+        server_s = time.perf_counter() - request.get(BODY_READ_AT, started)
+        response.headers[SERVER_TIME_HEADER] = f"{server_s * 1000:.3f}"
         if isinstance(response, web.Response) and response.body is not None:
             state.metrics.bytes_out.inc(len(response.body), stage=state.stage)  # type: ignore[arg-type]
     return response
@@ -545,6 +549,7 @@ async def infer(request: web.Request) -> web.Response:
     if state.draining:
         raise ProtocolError("the worker is shutting down; retry on another replica", 503)
     body = await request.read()
+    request[BODY_READ_AT] = time.perf_counter()
     state.metrics.bytes_in.inc(len(body), stage=state.stage)
     header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
     infer_request = decode_request(body, header_length)
