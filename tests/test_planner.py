@@ -372,3 +372,22 @@ def test_wide_constrained_dags_fall_back_to_a_marked_heuristic(
         assert feasible(problem, graph, ev)
         assert ev.value(problem.objective) >= best.value(problem.objective) - 1e-6
     assert heuristic >= 5
+
+
+def test_band_edges_are_the_crossover_bandwidths() -> None:
+    graph = _zoo_chain("mobilenet_v2", device_gflops=8, cloud_gflops=150)
+    problem = Problem((Variant("fp32", graph),), path=("device", "cloud"), links=(Link(10, 15),))
+    bands = plan_partitions(problem).alternatives
+    assert len(bands) >= 3
+
+    def split(mbps: float) -> tuple[tuple[str, str], ...]:
+        at = replace(problem, links=(Link(mbps, 15),))
+        return tuple((s.tier, s.layers) for s in plan_partitions(at, alternatives=False).stages)
+
+    for low, high in itertools.pairwise(bands):
+        edge = high.min_mbps
+        assert split(edge * 0.995) == low.stages
+        assert split(edge * 1.005) == high.stages
+    for band in bands:
+        assert split(band.at_mbps) == band.stages
+        assert band.meets_slo

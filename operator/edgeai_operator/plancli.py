@@ -482,6 +482,7 @@ def render_table(doc: dict[str, Any]) -> str:
             lines.append(
                 f"  {a['minMbps']:g}-{high} Mbps: {where}  "
                 f"{a['predictedLatencyMs']:.2f} ms at {a['atMbps']:g} Mbps"
+                + ("" if a.get("meetsSlo", True) else " (misses the SLO)")
             )
     return "\n".join(lines) + "\n"
 

@@ -73,6 +73,7 @@ class Alternative:
     stages: tuple[tuple[str, str], ...]  # (tier, layers)
     predicted_latency_ms: float
     at_mbps: float
+    meets_slo: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ class Alternative:
             "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
             "predictedLatencyMs": round(self.predicted_latency_ms, 4),
             "atMbps": self.at_mbps,
+            "meetsSlo": self.meets_slo,
         }
 
 
@@ -263,36 +265,80 @@ def _reason(problem: Problem) -> str:
     return "no feasible placement"
 
 
+_Sample = tuple[float, Evaluation, Variant, bool]  # mbps, plan, variant, meets the SLO
+REFINE_STEPS = 10  # bisections per band edge: edges within 0.1 % of the crossover
+
+
+def _sample(problem: Problem, mbps: float) -> _Sample | None:
+    """The plan at one uplink bandwidth; where the SLO cannot be met there, the fastest
+    plan (the device still has to pick something)."""
+    at = replace(problem, links=(Link(mbps, problem.links[0].rtt_ms), *problem.links[1:]))
+    best = best_solution(at)
+    if best is not None:
+        return mbps, best[1].evaluation, best[0], True
+    relaxed = replace(at, objective="latency", slo_latency_ms=None, slo_throughput_rps=None)
+    best = best_solution(relaxed)
+    return None if best is None else (mbps, best[1].evaluation, best[0], False)
+
+
+def _same(a: _Sample, b: _Sample) -> bool:
+    return a[1].tiers == b[1].tiers and a[2] is b[2]
+
+
+def _refine(problem: Problem, low: _Sample, high: _Sample, steps: int) -> list[_Sample]:
+    """Samples strictly between two that differ, bisecting (in log space) towards each
+    change of plan."""
+    if steps == 0:
+        return []
+    mid = _sample(problem, math.sqrt(low[0] * high[0]))
+    if mid is None:
+        return []
+    if _same(mid, low):
+        return [mid, *_refine(problem, mid, high, steps - 1)]
+    if _same(mid, high):
+        return [*_refine(problem, low, mid, steps - 1), mid]
+    return [*_refine(problem, low, mid, steps - 1), mid, *_refine(problem, mid, high, steps - 1)]
+
+
 def _alternatives(problem: Problem) -> tuple[Alternative, ...]:
     if len(problem.path) < 2:
         return ()
-    found: list[tuple[float, Evaluation, Variant]] = []
-    for mbps in BANDWIDTH_GRID_MBPS:
-        links = (Link(mbps, problem.links[0].rtt_ms), *problem.links[1:])
-        at = replace(problem, links=links)
-        best = best_solution(at)
-        if best is not None:
-            found.append((mbps, best[1].evaluation, best[0]))
-    bands: list[list[tuple[float, Evaluation, Variant]]] = []
-    for item in found:
-        if bands and bands[-1][-1][1].tiers == item[1].tiers and bands[-1][-1][2] is item[2]:
+    grid = [x for x in (_sample(problem, m) for m in BANDWIDTH_GRID_MBPS) if x is not None]
+    samples: list[_Sample] = []
+    for item in grid:
+        if samples and not _same(samples[-1], item):
+            samples.extend(_refine(problem, samples[-1], item, REFINE_STEPS))
+        samples.append(item)
+    bands: list[list[_Sample]] = []
+    for item in samples:
+        if bands and _same(bands[-1][-1], item):
             bands[-1].append(item)
         else:
             bands.append([item])
     alternatives: list[Alternative] = []
     for i, band in enumerate(bands):
-        lo = 0.0 if i == 0 else round(math.sqrt(bands[i - 1][-1][0] * band[0][0]), 3)
-        hi = None if i == len(bands) - 1 else round(math.sqrt(band[-1][0] * bands[i + 1][0][0]), 3)
-        mbps, ev, variant = band[len(band) // 2]
+        lo = 0.0 if i == 0 else math.sqrt(bands[i - 1][-1][0] * band[0][0])
+        hi = None if i == len(bands) - 1 else math.sqrt(band[-1][0] * bands[i + 1][0][0])
+        centre = math.sqrt((lo or band[0][0]) * (hi or band[-1][0]))
+        mbps, ev, variant, _ = min(band, key=lambda x: abs(math.log(x[0] / centre)))
         groups: dict[int, list[int]] = {}
         for v, k in enumerate(ev.tiers):
             groups.setdefault(k, []).append(v)
         stages = tuple(
             (problem.path[k], layer_ranges(nodes)) for k, nodes in sorted(groups.items())
         )
-        device_nodes = groups.get(0, [])
-        cut = len(device_nodes) if variant.graph.is_chain else None
-        alternatives.append(Alternative(lo, hi, cut, stages, ev.latency_ms, mbps))
+        cut = len(groups.get(0, [])) if variant.graph.is_chain else None
+        alternatives.append(
+            Alternative(
+                round(lo, 4),
+                None if hi is None else round(hi, 4),
+                cut,
+                stages,
+                ev.latency_ms,
+                round(mbps, 4),
+                all(x[3] for x in band),
+            )
+        )
     return tuple(alternatives)
 
 
