@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ def _quantize(model: str, source: Path, target: Path, mode: str) -> None:
         quantize_static,
     )
 
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     # the quantizer logs advice at WARNING through the root logger
     quiet = logging.getLogger()
     level = quiet.level
