@@ -3,12 +3,23 @@ hack/topology.yaml, started once per session and torn down with every process.""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from edgeai_operator.localcluster import DEFAULT_TOPOLOGY, LocalCluster, _alive
+from edgeai_operator.localcluster import (
+    DEFAULT_TOPOLOGY,
+    REPO_ROOT,
+    LocalCluster,
+    _alive,
+    free_port,
+)
 from edgeai_operator.topology import load_topology
 
 
@@ -22,3 +33,50 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local.stop()
     left = [name for name, pid in pids.items() if _alive(pid)]
     assert not left, f"control-plane processes left running: {left}"
+
+
+@dataclass(frozen=True)
+class OperatorProcess:
+    log: Path
+    metrics_url: str
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """`edgeai operator` as a process against the session cluster."""
+    for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd", "--all")
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    port = free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.operator_kubeconfig),
+        "EDGEAI_RESYNC_SECONDS": "3",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgeai_operator.cli",
+                "operator",
+                "--log-format=json",
+                f"--metrics-port={port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        yield OperatorProcess(log, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -242,4 +242,16 @@ def test_conditions_keep_transition_time_until_status_changes() -> None:
         }
     ]
     conds = set_condition(conds, "Available", True, "StagesAvailable", "ok", 2, now="t2")
-    assert conds[0]["lastTransitionTime"] == "t2" and conds[0]["status"] == "True"
+    assert conds[0]["lastTransitionTime"] == "t2"
+    assert conds[0]["status"] == "True"
+
+
+def test_status_merge_patch_removes_dropped_keys() -> None:
+    from edgeai_operator.reconcile import merge_patch
+
+    old = {"plan": {"zones": {"a": {"split": "x"}, "c": {"split": "y"}}, "p": 1}, "gone": 2}
+    new = {"plan": {"zones": {"a": {"split": "z"}}, "p": 1}}
+    assert merge_patch(old, new) == {
+        "gone": None,
+        "plan": {"zones": {"c": None, "a": {"split": "z"}}, "p": 1},
+    }

@@ -4,13 +4,11 @@ status and events, replanning, migration, deletion and the stage pods' command."
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import OperatorProcess
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 from edgeai_operator.topology import parse_topology
 
@@ -48,33 +47,6 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
 
 def apply(cluster: LocalCluster, *docs: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
-        cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd", "--all")
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "EDGEAI_RESYNC_SECONDS": "3"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeai_operator.cli", "operator", "--log-format=json"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        yield log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        print(log.read_text()[-3000:])
 
 
 def model(name: str, zoo: str, shape: list[int]) -> dict[str, Any]:
@@ -133,7 +105,7 @@ def set_uplink(cluster: LocalCluster, mbps: float) -> None:
 
 
 def test_digits_sample_placed_on_devices_with_status_and_events(
-    cluster: LocalCluster, operator: Path
+    cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
     docs = list(yaml.safe_load_all((REPO_ROOT / "examples/digits-model.yaml").read_text()))
     docs += list(yaml.safe_load_all((REPO_ROOT / "examples/digits-deployment.yaml").read_text()))
@@ -149,9 +121,11 @@ def test_digits_sample_placed_on_devices_with_status_and_events(
     assert set(dnnm["status"]["tiers"]) == {"device", "edge", "cloud"}
     variants = {v["name"]: v for v in dnnm["status"]["variants"]}
     assert variants["fp32"]["accuracy"] > 0.9
-    assert variants["int8"]["ready"] and variants["int8"]["sizeBytes"] > 0
+    assert variants["int8"]["ready"]
+    assert variants["int8"]["sizeBytes"] > 0
     wide = cluster.kubectl("get", "dnnm", "digits", "-o", "wide")
-    assert "digits_cnn" in wide and "fp32,int8,pruned-50" in wide
+    assert "digits_cnn" in wide
+    assert "fp32,int8,pruned-50" in wide
 
     obj = wait_for("digits-reader Available", lambda: available(cluster, "digits-reader"))
     assert obj["status"]["phase"] == "Available"
@@ -168,7 +142,9 @@ def test_digits_sample_placed_on_devices_with_status_and_events(
         assert pod["status"]["phase"] == "Running"
     row = cluster.kubectl("get", "dnnd", "digits-reader").splitlines()[1].split()
     # NAME MODEL SLO PREDICTED P95 SPLIT REPLICAS... (P95 empty before traffic)
-    assert row[1] == "digits" and row[2] == "50" and float(row[3]) > 0
+    assert row[1] == "digits"
+    assert row[2] == "50"
+    assert float(row[3]) > 0
     assert "device:" in row[4]
     events = get(
         cluster,
@@ -181,13 +157,14 @@ def test_digits_sample_placed_on_devices_with_status_and_events(
 
 
 def test_bandwidth_change_replans_onto_edge_servers_of_each_zone(
-    cluster: LocalCluster, operator: Path
+    cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
     apply(cluster, model("resnet18", "resnet18", [1, 3, 224, 224]), deployment("r18", "resnet18"))
     obj = wait_for("r18 Available", lambda: available(cluster, "r18"), 180)
     # 10 Mbps: 602 KB of input costs 480 ms to send; ResNet-18 stays on the device,
     # and the SLO of 200 ms is reported as unreachable.
-    assert obj["status"]["split"].startswith("device:") and "edge" not in obj["status"]["split"]
+    assert obj["status"]["split"].startswith("device:")
+    assert "edge" not in obj["status"]["split"]
     assert condition(obj, "SLOMet")["status"] == "False"
     assert "200" in condition(obj, "SLOMet")["message"]
     set_uplink(cluster, 200)
@@ -226,7 +203,7 @@ def test_bandwidth_change_replans_onto_edge_servers_of_each_zone(
 
 
 def test_stage_pod_command_serves_the_planned_chain(
-    cluster: LocalCluster, operator: Path, tmp_path: Path
+    cluster: LocalCluster, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     """The ConfigMap plan and the pods' `edgeai run-stage` args, run as real processes."""
     apply(
@@ -252,13 +229,13 @@ def test_stage_pod_command_serves_the_planned_chain(
             ),
             180,
         )
+        cm = get(cluster, "configmap", "alex-plan")
+        edge = get(cluster, "deployment", "alex-edge-zone-a")
+        device = get(cluster, "daemonset", "alex-device-zone-a")
     finally:
         set_uplink(cluster, 10)
-    cm = get(cluster, "configmap", "alex-plan")
     plan_text = cm["data"]["plan-zone-a.yaml"]
     (tmp_path / "plan.yaml").write_text(plan_text)
-    edge = get(cluster, "deployment", "alex-edge-zone-a")
-    device = get(cluster, "daemonset", "alex-device-zone-a")
     procs: list[subprocess.Popen[bytes]] = []
     try:
         ports = {}
@@ -276,14 +253,14 @@ def test_stage_pod_command_serves_the_planned_chain(
             ]
             if tier == "device":
                 args.append(f"--next=http://127.0.0.1:{ports['edge']}")
-            log = (tmp_path / f"{tier}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "edgeai_operator.cli", *args],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+            with (tmp_path / f"{tier}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "edgeai_operator.cli", *args],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
             wait_for(f"{tier} stage ready", lambda p=port: _ready(p), 120)
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         got = _infer(ports["device"], "alexnet_like", x)
@@ -342,7 +319,7 @@ def _infer(port: int, name: str, x: np.ndarray) -> np.ndarray:
 
 
 def test_edge_node_failure_migrates_make_before_break(
-    cluster: LocalCluster, operator: Path
+    cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
     spare = parse_topology(
         {
@@ -411,7 +388,9 @@ def test_edge_node_failure_migrates_make_before_break(
         cluster.kubectl("delete", "node", spare.name, "--wait=false")
 
 
-def test_device_moving_zone_follows_its_user(cluster: LocalCluster, operator: Path) -> None:
+def test_device_moving_zone_follows_its_user(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
     wait_for("digits-reader Available", lambda: available(cluster, "digits-reader"))
     mover = "device-zone-a-2"
     t0 = time.monotonic()
@@ -448,7 +427,7 @@ def test_device_moving_zone_follows_its_user(cluster: LocalCluster, operator: Pa
 
 
 def test_no_matching_devices_is_degraded_with_an_actionable_reason(
-    cluster: LocalCluster, operator: Path
+    cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
     apply(cluster, deployment("doorbell", "digits", devices={"nodeSelector": {"app": "doorbell"}}))
     obj = wait_for(
@@ -465,7 +444,9 @@ def test_no_matching_devices_is_degraded_with_an_actionable_reason(
     assert obj["status"]["phase"] == "Degraded"
 
 
-def test_delete_removes_every_owned_object(cluster: LocalCluster, operator: Path) -> None:
+def test_delete_removes_every_owned_object(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
     wait_for("r18 Available", lambda: available(cluster, "r18"))
     owned = get(
         cluster, "daemonsets,deployments,services,configmaps", "-l", "edgeai.dev/deployment=r18"
@@ -483,4 +464,21 @@ def test_delete_removes_every_owned_object(cluster: LocalCluster, operator: Path
             )["items"]
         ),
         90,
+    )
+
+
+def test_operator_serves_its_own_metrics(operator: OperatorProcess) -> None:
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["edgeai_operator_reconciles_total"] > 0
+    assert values["edgeai_operator_applies_total"] > 0
+    assert values["edgeai_operator_models_profiled_total"] >= 3
+    assert (
+        values['edgeai_operator_reconcile_seconds_bucket{le="+Inf"}']
+        == values["edgeai_operator_reconcile_seconds_count"]
     )

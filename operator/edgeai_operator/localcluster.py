@@ -98,7 +98,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 def write_pki(pki: Path) -> None:
     """A CA, the apiserver's serving cert, an admin client cert and the service-account keys."""
     pki.mkdir(parents=True, exist_ok=True)
-    if (pki / "admin.crt").exists():
+    if (pki / "operator.crt").exists():
         return
     _openssl(
         "req",
@@ -124,6 +124,8 @@ def write_pki(pki: Path) -> None:
     for name, subject, ext in (
         ("apiserver", "/CN=kube-apiserver", sans),
         ("admin", "/O=system:masters/CN=edgeai-admin", "extendedKeyUsage=clientAuth"),
+        # The operator's own identity, so audit logs can tell its requests apart.
+        ("operator", "/O=system:masters/CN=edgeai-operator", "extendedKeyUsage=clientAuth"),
     ):
         _openssl(
             "req",
@@ -161,7 +163,7 @@ def write_pki(pki: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
-def kubeconfig_dict(server: str, pki: Path) -> dict[str, Any]:
+def kubeconfig_dict(server: str, pki: Path, user: str = "admin") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -175,8 +177,8 @@ def kubeconfig_dict(server: str, pki: Path) -> dict[str, Any]:
             {
                 "name": "edgeai-admin",
                 "user": {
-                    "client-certificate": str(pki / "admin.crt"),
-                    "client-key": str(pki / "admin.key"),
+                    "client-certificate": str(pki / f"{user}.crt"),
+                    "client-key": str(pki / f"{user}.key"),
                 },
             }
         ],
@@ -200,11 +202,15 @@ class LocalCluster:
         *,
         bin_dir: Path | None = None,
         node_monitor_grace_period_s: int = 40,
+        apiserver_args: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir or ensure_binaries()
         self.pki = workdir / "pki"
         self.kubeconfig = workdir / "kubeconfig"
+        # Same cluster, the operator's client certificate (user edgeai-operator).
+        self.operator_kubeconfig = workdir / "operator.kubeconfig"
+        self.apiserver_args = apiserver_args
         self.logs = workdir / "logs"
         self.pid_file = workdir / "pids.json"
         self.ports = Ports()
@@ -283,6 +289,9 @@ class LocalCluster:
         shutil.rmtree(self.workdir / "etcd-data", ignore_errors=True)
         write_pki(self.pki)
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig_dict(self.server, self.pki)))
+        self.operator_kubeconfig.write_text(
+            yaml.safe_dump(kubeconfig_dict(self.server, self.pki, "operator"))
+        )
         try:
             self._start_components()
             if topology is not None:
@@ -336,6 +345,7 @@ class LocalCluster:
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",
+                *self.apiserver_args,
             ],
         )
         self._wait(

@@ -9,9 +9,10 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP
+from edgeai_operator import API_GROUP, opmetrics
 
 FINALIZER = f"{API_GROUP}/finalizer"
+_metrics_port: int | None = None
 
 
 @kopf.on.startup()
@@ -26,9 +27,24 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
 
 
+@kopf.on.startup()
+async def start_metrics(memo: kopf.Memo, **_: Any) -> None:
+    if _metrics_port:
+        memo["metrics_runner"] = await opmetrics.start_server(_metrics_port)
+
+
+@kopf.on.cleanup()
+async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    runner = memo.get("metrics_runner")
+    if runner is not None:
+        await runner.cleanup()
+
+
 def _run(args: argparse.Namespace) -> int:
+    global _metrics_port
     import edgeai_operator.handlers  # noqa: F401  (registers the handlers)
 
+    _metrics_port = args.metrics_port
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -57,6 +73,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve the operator's /metrics here"
     )
     parser.add_argument("--log-format", choices=["plain", "json"], default="plain")
     parser.add_argument("--verbose", action="store_true")

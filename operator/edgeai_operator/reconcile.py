@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeai_operator import k8s
+from edgeai_operator import k8s, opmetrics
 from edgeai_operator.autoscaler import (
     ScalePolicy,
     Scrape,
@@ -68,6 +68,22 @@ class DeploymentState:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new`: keys `new` dropped become null
+    (a plain merge patch would keep them, e.g. a released zone in status.plan.zones)."""
+    patch: dict[str, Any] = {}
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            patch[key] = merge_patch(before, value)
+        else:
+            patch[key] = value
+    return patch
 
 
 def excluded_nodes(nodes: Sequence[NodeState]) -> tuple[tuple[str, str, str | None], ...]:
@@ -122,7 +138,8 @@ def reconcile(
         new_status["observedGeneration"] = generation
         digest = _digest(new_status)
         if digest != state.last_status_digest:
-            k8s.patch_status("dnndeployments", namespace, name, new_status)
+            patch = merge_patch(body.get("status") or {}, new_status)
+            k8s.patch_status("dnndeployments", namespace, name, patch)
             state.last_status_digest = digest
         return new_status
 
@@ -199,6 +216,7 @@ def reconcile(
             k8s.apply(priority_class(priority))
         for child in children:
             k8s.apply(child)
+        opmetrics.inc("edgeai_operator_applies_total", len(children))
         state.applied_digest = digest
         existing = set(k8s.owned_children(namespace, name))
         state.pending_deletes = existing - desired_keys
@@ -375,6 +393,7 @@ def _autoscale(
             if desired != current:
                 verb = "ScaledUp" if desired > current else "ScaledDown"
                 emit("Normal", verb, f"{name}: {current} -> {desired} replicas: {why}")
+                opmetrics.inc("edgeai_operator_scale_events_total")
                 state.replicas[name] = desired
         device = workload_name(owner, "device", zone)
         for p, ip in pods.get(device, []):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION
+from edgeai_operator import API_GROUP, API_VERSION, opmetrics
 from edgeai_operator.builders import DEFAULT_IMAGE
 from edgeai_operator.handlers import wakeups
 from edgeai_operator.handlers.nodes import all_nodes
@@ -41,6 +42,7 @@ async def run_deployment(
     state = DeploymentState()
     wake = wakeups.event_for(namespace, name)
     image = os.environ.get("EDGEAI_WORKER_IMAGE", DEFAULT_IMAGE)
+    opmetrics.deployments += 1
     try:
         while not stopped:
             wake.clear()
@@ -61,16 +63,21 @@ async def run_deployment(
             def emit(type_: str, reason: str, message: str, sink: list[Any] = events) -> None:
                 sink.append((type_, reason, message))
 
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(
                     reconcile, snapshot, profiles, all_nodes(node_index), state, emit, image=image
                 )
             except Exception as exc:  # keep the daemon alive; the next pass retries
+                opmetrics.inc("edgeai_operator_reconcile_errors_total")
                 logger.exception(f"reconcile of {namespace}/{name} failed: {exc}")
                 events.append(("Warning", "ReconcileFailed", str(exc)[:1000]))
+            opmetrics.inc("edgeai_operator_reconciles_total")
+            opmetrics.observe_reconcile(time.monotonic() - started)
             for type_, reason, message in events:
                 kopf.event(body, type=type_, reason=reason, message=message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=RESYNC_S)
     finally:
+        opmetrics.deployments -= 1
         wakeups.forget(namespace, name)

@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION
+from edgeai_operator import API_GROUP, API_VERSION, opmetrics
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.errors import SpecError
 from edgeai_operator.handlers import wakeups
@@ -47,6 +47,7 @@ async def profile_model(
         raise kopf.PermanentError(str(exc)) from exc
     tiers = ", ".join(f"{t} {v['totalMs']:.2f} ms" for t, v in result["tiers"].items())
     message = f"{result['cuts']} cuts, {result['flops'] / 1e6:.1f} MFLOPs; {tiers}"
+    opmetrics.inc("edgeai_operator_models_profiled_total")
     patch.status.update(result)
     patch.status["observedGeneration"] = generation
     patch.status["conditions"] = set_condition(

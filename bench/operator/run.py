@@ -1,0 +1,329 @@
+"""Operator at scale on the real control plane: N DNNDeployments over M kwok nodes.
+
+    python bench/operator/run.py [--deployments 500] [--zones 10] [--devices-per-zone 92]
+
+Prints, measured in one run:
+- the same child objects created directly (no operator): time until every pod Runs;
+- through the operator (DNNDeployment CRs): apply-to-Available p50/p99 per CR, time
+  until every pod Runs, and that time / the direct one (goal <= 1.2);
+- the operator's peak RSS (VmHWM) and API requests/s (apiserver_request_total, the
+  whole cluster and the operator's own user agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeai_operator.builders import DeploymentOptions, Owner, build_children
+from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
+from edgeai_operator.planning import NodeState, plan_zones
+from edgeai_operator.profiling import model_status
+from edgeai_operator.topology import NodeSpec, Topology
+
+USER_AGENT = "edgeai-operator"
+
+
+def topology(
+    zones: int, devices_per_zone: int, edges_per_zone: int, clouds: int, fleets: int
+) -> Topology:
+    nodes: list[NodeSpec] = []
+    device_capacity = {"cpu": "4", "memory": "4Gi", "pods": "20"}
+    for z in range(zones):
+        zone = f"zone-{z}"
+        for i in range(devices_per_zone):
+            n = z * devices_per_zone + i
+            # devices of one fleet share a zone: fleet k holds devices k, k + zones, ...
+            nodes.append(
+                NodeSpec(
+                    name=f"device-{zone}-{i}",
+                    tier="device",
+                    zone=zone,
+                    capacity=device_capacity,
+                    gflops=8,
+                    uplink_mbps=10,
+                    uplink_rtt_ms=15,
+                    power_watts=4,
+                    labels={"fleet": f"f{(i * zones + z) % fleets}", "bench": str(n)},
+                )
+            )
+        for i in range(edges_per_zone):
+            nodes.append(
+                NodeSpec(
+                    name=f"edge-{zone}-{i}",
+                    tier="edge",
+                    zone=zone,
+                    capacity={"cpu": "64", "memory": "256Gi", "pods": "250"},
+                    gflops=150,
+                    uplink_mbps=100,
+                    uplink_rtt_ms=25,
+                    power_watts=120,
+                )
+            )
+    for i in range(clouds):
+        nodes.append(
+            NodeSpec(
+                name=f"cloud-{i}",
+                tier="cloud",
+                zone=None,
+                capacity={"cpu": "96", "memory": "512Gi", "pods": "500"},
+                gflops=1500,
+                uplink_mbps=None,
+                uplink_rtt_ms=None,
+                power_watts=400,
+            )
+        )
+    return Topology(nodes=tuple(nodes))
+
+
+def deployment(name: str, namespace: str, fleet: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "modelRef": {"name": "model"},
+            "slo": {"latencyP95Ms": 200},
+            "devices": {"nodeSelector": {"fleet": fleet}},
+            "placement": {"tiers": ["device", "edge", "cloud"]},
+        },
+    }
+
+
+def apply_docs(cluster: LocalCluster, docs: list[dict[str, Any]], chunk: int = 200) -> None:
+    for i in range(0, len(docs), chunk):
+        cluster.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "-",
+            input_text=yaml.safe_dump_all(docs[i : i + chunk]),
+        )
+
+
+def pods_running(cluster: LocalCluster, namespace: str) -> tuple[int, int]:
+    items = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json"))["items"]
+    running = sum(1 for p in items if p.get("status", {}).get("phase") == "Running")
+    return running, len(items)
+
+
+def wait_pods(
+    cluster: LocalCluster, namespace: str, expected: int, t0: float, timeout_s: float
+) -> float:
+    while time.monotonic() - t0 < timeout_s:
+        running, total = pods_running(cluster, namespace)
+        if running >= expected and total == running:
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise RuntimeError(f"{namespace}: pods not Running after {timeout_s:.0f}s")
+
+
+def api_requests(cluster: LocalCluster) -> float:
+    """Every request the apiserver served so far (its apiserver_request_total)."""
+    ctx = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
+    ctx.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
+    with urllib.request.urlopen(f"{cluster.server}/metrics", context=ctx, timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+
+
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "users": ["edgeai-operator"]}, {"level": "None"}],
+}
+
+
+def operator_requests(audit_log: Path) -> int:
+    """Requests by user edgeai-operator (the operator's client certificate)."""
+    if not audit_log.exists():
+        return 0
+    return sum(1 for line in audit_log.open() if '"stage":"ResponseComplete"' in line)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deployments", type=int, default=500)
+    parser.add_argument("--zones", type=int, default=10)
+    parser.add_argument("--devices-per-zone", type=int, default=92)
+    parser.add_argument("--edges-per-zone", type=int, default=6)
+    parser.add_argument("--clouds", type=int, default=20)
+    parser.add_argument("--resync-seconds", type=float, default=30)
+    parser.add_argument("--timeout", type=float, default=1500)
+    args = parser.parse_args()
+    topo = topology(
+        args.zones, args.devices_per_zone, args.edges_per_zone, args.clouds, args.deployments
+    )
+    work = Path(tempfile.mkdtemp(prefix="edgeai-bench-operator-"))
+    (work / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
+    audit_log = work / "audit.log"
+    cluster = LocalCluster(
+        work / "cluster",
+        apiserver_args=(
+            f"--audit-policy-file={work / 'audit-policy.yaml'}",
+            f"--audit-log-path={audit_log}",
+            "--audit-log-maxsize=0",
+        ),
+    )
+    print(f"nodes {len(topo.nodes)}, deployments {args.deployments}", flush=True)
+    cluster.start()
+    operator: subprocess.Popen[bytes] | None = None
+    try:
+        t0 = time.monotonic()
+        cluster.create_nodes(topo, timeout_s=600)
+        print(f"{len(topo.nodes)} kwok nodes Ready in {time.monotonic() - t0:.1f}s", flush=True)
+        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            cluster.kubectl("apply", "--server-side", "-f", str(crd))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all")
+        for ns in ("direct", "cr"):
+            cluster.kubectl("create", "namespace", ns)
+        wait_sa = time.monotonic()
+        while (
+            any(
+                not cluster.kubectl("get", "sa", "default", "-n", ns, check=False)
+                for ns in ("direct", "cr")
+            )
+            and time.monotonic() - wait_sa < 60
+        ):
+            time.sleep(0.5)
+
+        # The plans the operator will make, computed here for the direct baseline.
+        model_spec = {
+            "source": {"zoo": "digits_cnn"},
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        }
+        status = model_status(model_spec, list(topo.nodes))
+        nodes = [NodeState(n, ready=True, schedulable=True) for n in topo.nodes]
+        fleets = [f"f{k}" for k in range(args.deployments)]
+        children: list[dict[str, Any]] = []
+        for k, fleet in enumerate(fleets):
+            body = deployment(f"d{k}", "direct", fleet)
+            body["metadata"]["uid"] = "direct"
+            _, zones = plan_zones(body, status["profiles"], nodes)
+            owner = Owner(f"d{k}", "direct", "0")
+            objs = build_children(
+                owner, zones.plans, {}, DeploymentOptions(device_selector={"fleet": fleet})
+            )
+            for obj in objs:
+                obj["metadata"].pop("ownerReferences", None)
+            children += objs
+        expected_pods = 0
+        for k in range(args.deployments):
+            fleet_devices = sum(1 for n in topo.nodes if n.labels.get("fleet") == f"f{k}")
+            expected_pods += fleet_devices
+        remote = sum(1 for c in children if c["kind"] == "Deployment")
+        expected_pods += remote
+        print(f"direct: {len(children)} objects, {expected_pods} pods", flush=True)
+        before = api_requests(cluster)
+        t0 = time.monotonic()
+        apply_docs(cluster, children)
+        direct_s = wait_pods(cluster, "direct", expected_pods, t0, args.timeout)
+        direct_rps = (api_requests(cluster) - before) / direct_s
+        print(
+            f"direct: all {expected_pods} pods Running in {direct_s:.1f}s "
+            f"({direct_rps:.0f} API requests/s)",
+            flush=True,
+        )
+
+        log = work / "operator.log"
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.operator_kubeconfig),
+            "EDGEAI_RESYNC_SECONDS": str(args.resync_seconds),
+        }
+        with log.open("wb") as out:
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "edgeai_operator.cli", "operator", "--namespace", "cr"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        model = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNModel",
+            "metadata": {"name": "model", "namespace": "cr"},
+            "spec": model_spec,
+        }
+        apply_docs(cluster, [model])
+        while "Profiled" not in cluster.kubectl(
+            "get", "dnnm", "model", "-n", "cr", "-o", "jsonpath={.status.conditions[*].type}"
+        ):
+            time.sleep(1)
+        crs = [deployment(f"d{k}", "cr", fleet) for k, fleet in enumerate(fleets)]
+        before = api_requests(cluster)
+        operator_before = operator_requests(audit_log)
+        t0 = time.monotonic()
+        applied: dict[str, float] = {}
+        for i in range(0, len(crs), 100):
+            apply_docs(cluster, crs[i : i + 100])
+            now = time.monotonic() - t0
+            for cr in crs[i : i + 100]:
+                applied[cr["metadata"]["name"]] = now
+        available: dict[str, float] = {}
+        while len(available) < len(crs) and time.monotonic() - t0 < args.timeout:
+            items = json.loads(cluster.kubectl("get", "dnnd", "-n", "cr", "-o", "json"))["items"]
+            now = time.monotonic() - t0
+            for item in items:
+                conds = item.get("status", {}).get("conditions", [])
+                if any(c["type"] == "Available" and c["status"] == "True" for c in conds):
+                    available.setdefault(item["metadata"]["name"], now)
+            time.sleep(1)
+        cr_pods_s = wait_pods(cluster, "cr", expected_pods, t0, args.timeout)
+        cr_rps = (api_requests(cluster) - before) / cr_pods_s
+        op_rps = (operator_requests(audit_log) - operator_before) / cr_pods_s
+        # Steady state: nothing changes, the daemons only resync.
+        calm_t0, calm_before = time.monotonic(), operator_requests(audit_log)
+        time.sleep(2 * args.resync_seconds)
+        calm_rps = (operator_requests(audit_log) - calm_before) / (time.monotonic() - calm_t0)
+        latencies = sorted(available[n] - applied[n] for n in available)
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        print()
+        print(f"{'metric':48} value")
+        print(f"{'DNNDeployments Available':48} {len(available)}/{len(crs)}")
+        print(f"{'apply-to-Available p50 (s)':48} {statistics.median(latencies):.1f}")
+        print(f"{'apply-to-Available p99 (s)':48} {p99:.1f}")
+        print(f"{'pods Running, direct (s)':48} {direct_s:.1f}")
+        print(f"{'pods Running, through the operator (s)':48} {cr_pods_s:.1f}")
+        print(f"{'operator / direct (goal <= 1.2)':48} {cr_pods_s / direct_s:.2f}")
+        print(f"{'API requests/s, direct phase (all clients)':48} {direct_rps:.0f}")
+        print(f"{'API requests/s, operator phase (all clients)':48} {cr_rps:.0f}")
+        print(f"{'API requests/s by the operator, rollout':48} {op_rps:.0f}")
+        print(f"{'API requests/s by the operator, steady state':48} {calm_rps:.1f}")
+        print(f"{'operator peak RSS (MiB)':48} {peak_rss_mib(operator.pid):.0f}")
+    finally:
+        if operator is not None:
+            os.killpg(operator.pid, signal.SIGTERM)
+            operator.wait(timeout=30)
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

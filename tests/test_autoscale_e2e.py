@@ -1,0 +1,270 @@
+"""Autoscaling end to end: kwok pods of the edge stage are served by real worker
+processes (the pods' own `edgeai run-stage` command) listening on the pod IPs, which
+kwok hands out from the loopback range. A load generator drives them; the operator
+scrapes their real /metrics, scales the Deployment up, and back down once calm."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+import yaml
+
+from conftest import OperatorProcess
+from edgeai_operator.localcluster import LocalCluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+NAME = "autoscaled"
+
+
+def _json(cluster: LocalCluster, *args: str) -> Any:
+    out = cluster.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(out) if out else None
+
+
+def _ready(ip: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{ip}:8080/v2/health/ready", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class ProcessKubelet:
+    """Runs each Running pod of one workload as a real process on the pod's IP, with
+    the pod's own container args (plan path rewritten to a local copy)."""
+
+    def __init__(self, cluster: LocalCluster, selector: str, plan: Path, workdir: Path) -> None:
+        self.cluster, self.selector, self.plan, self.workdir = cluster, selector, plan, workdir
+        self.procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+        self.ready: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ProcessKubelet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for _, proc in self.procs.values():
+            proc.terminate()
+        for _, proc in self.procs.values():
+            proc.wait(timeout=20)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pods = _json(self.cluster, "pods", "-l", self.selector)["items"]
+            live = {}
+            for pod in pods:
+                ip = pod.get("status", {}).get("podIP")
+                if ip and not pod["metadata"].get("deletionTimestamp"):
+                    live[pod["metadata"]["name"]] = (ip, pod)
+            for name, (ip, pod) in live.items():
+                if name not in self.procs:
+                    args = pod["spec"]["containers"][0]["args"]
+                    args = [a for a in args if not a.startswith(("--plan", "--host", "--next"))]
+                    args += [
+                        f"--plan={self.plan}",
+                        f"--host={ip}",
+                        f"--workdir={self.workdir / name}",
+                    ]
+                    with (self.workdir / f"{name}.log").open("wb") as log:
+                        self.procs[name] = (
+                            ip,
+                            subprocess.Popen(
+                                [sys.executable, "-m", "edgeai_operator.cli", *args],
+                                stdout=log,
+                                stderr=subprocess.STDOUT,
+                            ),
+                        )
+            for name in list(self.procs):
+                if name not in live:
+                    _, proc = self.procs.pop(name)
+                    proc.terminate()
+            self.ready = [ip for ip, _ in self.procs.values() if _ready(ip)]
+            self._stop.wait(0.5)
+
+
+async def _load(
+    kubelet: ProcessKubelet,
+    model: str,
+    seconds: float,
+    concurrency: int,
+    latencies: list[tuple[float, float, int]],
+) -> None:
+    """Closed-loop clients sending binary OIP v2 requests round-robin over ready pods."""
+    ip = kubelet.ready[0]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{ip}:8080/v2/models/{model}") as resp,
+    ):
+        meta = await resp.json()
+    spec = meta["inputs"][0]
+    shape = [1 if d < 0 else d for d in spec["shape"]]
+    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": spec["name"],
+                    "shape": shape,
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    body = header + data
+    deadline = time.monotonic() + seconds
+    counter = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal counter
+        while time.monotonic() < deadline:
+            targets = kubelet.ready
+            counter += 1
+            target = targets[counter % len(targets)]
+            t0 = time.monotonic()
+            async with session.post(
+                f"http://{target}:8080/v2/models/{model}/infer",
+                data=body,
+                headers={
+                    "Inference-Header-Content-Length": str(len(header)),
+                    "Content-Type": "application/octet-stream",
+                },
+            ) as r:
+                await r.read()
+                assert r.status == 200, await r.text()
+            latencies.append((t0, time.monotonic() - t0, len(targets)))
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+
+
+@pytest.fixture
+def fast_uplink(cluster: LocalCluster) -> Iterator[None]:
+    devices = [
+        n["metadata"]["name"]
+        for n in _json(cluster, "nodes", "-l", "edgeai.dev/tier=device")["items"]
+    ]
+    for node in devices:
+        cluster.kubectl("annotate", "--overwrite", "node", node, "edgeai.dev/uplink-mbps=300")
+    yield
+    for node in devices:
+        cluster.kubectl("annotate", "--overwrite", "node", node, "edgeai.dev/uplink-mbps=10")
+
+
+def _replicas(cluster: LocalCluster, workload: str) -> int:
+    obj = _json(cluster, "deployment", workload)
+    return int(obj["spec"]["replicas"]) if obj else 0
+
+
+def _wait(what: str, check: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def test_stage_scales_up_under_load_and_down_when_calm(
+    cluster: LocalCluster, operator: OperatorProcess, fast_uplink: None, tmp_path: Path
+) -> None:
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input_text=yaml.safe_dump_all(
+            [
+                {
+                    "apiVersion": "edgeai.dev/v1alpha1",
+                    "kind": "DNNModel",
+                    "metadata": {"name": "alexnet-scaled", "namespace": "default"},
+                    "spec": {
+                        "source": {"zoo": "alexnet_like"},
+                        "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
+                    },
+                },
+                {
+                    "apiVersion": "edgeai.dev/v1alpha1",
+                    "kind": "DNNDeployment",
+                    "metadata": {"name": NAME, "namespace": "default"},
+                    "spec": {
+                        "modelRef": {"name": "alexnet-scaled"},
+                        "slo": {"latencyP95Ms": 40},
+                        "devices": {"nodeSelector": {"app": "camera"}},
+                        "placement": {"tiers": ["device", "edge"]},
+                        "autoscaling": {
+                            "minReplicas": 1,
+                            "maxReplicas": 3,
+                            "stableWindowSeconds": 15,
+                            "panicWindowSeconds": 6,
+                            "scaleDownDelaySeconds": 5,
+                        },
+                    },
+                },
+            ]
+        ),
+    )
+    workload = f"{NAME}-edge-zone-a"
+    _wait("an edge stage", lambda: _replicas(cluster, workload) == 1, 240)
+    plan_text = _json(cluster, "configmap", f"{NAME}-plan")["data"]["plan-zone-a.yaml"]
+    plan = yaml.safe_load(plan_text)
+    edge_stage = next(s for s in plan["stages"] if s["tier"] == "edge")
+    (tmp_path / "plan.yaml").write_text(plan_text)
+    selector = f"edgeai.dev/deployment={NAME},edgeai.dev/tier=edge,edgeai.dev/zone=zone-a"
+    latencies: list[tuple[float, float, int]] = []
+    with ProcessKubelet(cluster, selector, tmp_path / "plan.yaml", tmp_path) as kubelet:
+        _wait("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
+        assert kubelet.ready[0].startswith("127.244.")
+        t0 = time.monotonic()
+        asyncio.run(_load(kubelet, "alexnet_like", 60, 8, latencies))
+        scaled_up = max(_replicas(cluster, workload), 1)
+        events = _json(
+            cluster,
+            "events",
+            "--field-selector",
+            f"involvedObject.kind=DNNDeployment,involvedObject.name={NAME}",
+        )["items"]
+        ups = [e["message"] for e in events if e["reason"] == "ScaledUp"]
+        assert ups, "no scale-up under load"
+        assert scaled_up >= 2
+        assert any("p95" in m and "stage target" in m and workload in m for m in ups)
+        status = _json(cluster, "dnnd", NAME)["status"]
+        assert status["observed"]["stages"][workload]["p95LatencyMs"] > 0
+        # Calm: no requests for a stable window -> back to minReplicas.
+        _wait("scale-down to 1", lambda: _replicas(cluster, workload) == 1, 90)
+        calm = time.monotonic() - t0
+    events = _json(
+        cluster,
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=DNNDeployment,involvedObject.name={NAME}",
+    )["items"]
+    downs = [e["message"] for e in events if e["reason"] == "ScaledDown"]
+    assert downs
+    one = [d for _, d, n in latencies if n == 1]
+    many = [d for _, d, n in latencies if n >= 2]
+    print(
+        f"edge stage {edge_stage['layers']}: {len(latencies)} requests; "
+        f"p95 with 1 replica {np.percentile(one, 95) * 1000 if one else float('nan'):.1f} ms, "
+        f"with >=2 replicas {np.percentile(many, 95) * 1000 if many else float('nan'):.1f} ms; "
+        f"max replicas {scaled_up}; back to 1 after {calm:.0f}s\n"
+        f"up: {ups}\ndown: {downs}"
+    )
+    cluster.kubectl("delete", "dnnd", NAME, "--wait=false")
