@@ -249,7 +249,12 @@ def test_split_choice_and_uplink_estimate() -> None:
     assert not stage.needs_probe(interval_s=5.0)  # a sample just came
     assert stage.needs_probe(interval_s=0.0)
     assert stage.probe_size_bytes() == 51_875  # 50 ms at 8.3 Mbps
-    stage.observe_uplink(1e6)  # a step change replaces the estimate
+    stage.observe_uplink(0.5)  # one stalled transfer is not a new link
+    assert stage.uplink_mbps == pytest.approx(8.3, rel=0.01)
+    stage.observe_uplink(9.0)
+    stage.observe_uplink(1e6)  # a step change: the second sample far off confirms it
+    assert stage.uplink_mbps == pytest.approx(8.51, rel=0.01)
+    stage.observe_uplink(1e6)
     assert stage.uplink_mbps == 1e6
     assert stage.probe_size_bytes() == 512 * 1024
     assert stage.choose() is high  # past every range: the nearest one

@@ -66,6 +66,7 @@ class DeviceStage:
         if self.uplink_mbps is not None:
             metrics.uplink_mbps.set(self.uplink_mbps)
         self.last_sample_at = float("-inf")
+        self._held: float | None = None  # an outlying sample waiting for confirmation
         self._last_frame: Array | None = None
         self._last_response: InferResponse | None = None
         self.frames = 0
@@ -88,17 +89,25 @@ class DeviceStage:
         )
 
     def observe_uplink(self, mbps: float) -> None:
-        """Fold one bandwidth sample into the estimate: a moving average, except that a
-        sample more than twice as far off replaces it (a step change in the link)."""
+        """Fold one bandwidth sample into the estimate: a moving average of samples within
+        2x of it; a sample further off is held back, and a second one on the same side
+        replaces the estimate with their mean (a step change in the link, not a stall)."""
         if self.fixed_uplink is not None or not math.isfinite(mbps) or mbps <= 0:
             return
         self.last_sample_at = time.monotonic()
         estimate = self.uplink_mbps
-        if estimate is None or not estimate / STEP_FACTOR <= mbps <= estimate * STEP_FACTOR:
+        if estimate is None:
             self.uplink_mbps = mbps
-        else:
+        elif estimate / STEP_FACTOR <= mbps <= estimate * STEP_FACTOR:
             self.uplink_mbps = estimate + UPLINK_SMOOTHING * (mbps - estimate)
-        self._metrics.uplink_mbps.set(self.uplink_mbps)
+            self._held = None
+        elif self._held is not None and (self._held > estimate) == (mbps > estimate):
+            self.uplink_mbps = (self._held + mbps) / 2
+            self._held = None
+        else:
+            self._held = mbps
+        if self.uplink_mbps is not None:
+            self._metrics.uplink_mbps.set(self.uplink_mbps)
 
     def needs_probe(self, interval_s: float) -> bool:
         """Whether the estimate is stale: no sample for `interval_s` (the chosen split may
