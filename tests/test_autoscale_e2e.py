@@ -94,6 +94,7 @@ class ProcessKubelet:
                 if name not in live:
                     _, proc = self.procs.pop(name)
                     proc.terminate()
+                    proc.wait(timeout=20)
             self.ready = [ip for ip, _ in self.procs.values() if _ready(ip)]
             self._stop.wait(0.5)
 

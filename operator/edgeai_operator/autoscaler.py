@@ -102,11 +102,13 @@ class PodHistory:
         if len(self.samples) < 2:
             return {}
         newest = self.samples[-1][1].buckets
-        base = next(
-            (s.buckets for t, s in self.samples if now - t <= window_s), self.samples[0][1].buckets
-        )
-        if base is newest:
-            base = self.samples[-2][1].buckets
+        # The last sample taken at or before the window's start, so the delta covers
+        # the whole window (the oldest one while history is shorter than the window).
+        base = self.samples[0][1].buckets
+        for t, sample in list(self.samples)[:-1]:
+            if now - t < window_s:
+                break
+            base = sample.buckets
         return _minus(newest, base)
 
 
@@ -131,11 +133,20 @@ class StageScaler:
     last_scale_up: float = -math.inf
     last_decision: str = ""
 
+    @property
+    def keep_s(self) -> float:
+        # Twice the stable window: "no request for a whole window" needs a sample
+        # at least a window old, whatever the scrape interval.
+        return 2 * self.policy.stable_window_s
+
     def observe(self, now: float, scrapes: Mapping[str, Scrape]) -> None:
         for pod in set(self.pods) - set(scrapes):
-            del self.pods[pod]
+            # A pod that missed a scrape keeps its history; one gone for long is dropped.
+            samples = self.pods[pod].samples
+            if not samples or now - samples[-1][0] > self.keep_s:
+                del self.pods[pod]
         for pod, scrape in scrapes.items():
-            self.pods.setdefault(pod, PodHistory()).add(now, scrape, self.policy.stable_window_s)
+            self.pods.setdefault(pod, PodHistory()).add(now, scrape, self.keep_s)
 
     def window(self, now: float, window_s: float) -> dict[float, float]:
         total: dict[float, float] = {}
@@ -178,8 +189,7 @@ class StageScaler:
         if stable is None:
             # Scraped for a whole stable window, and not one request in it.
             idle = bool(self.pods) and all(
-                h.samples and now - h.samples[0][0] >= 0.9 * p.stable_window_s
-                for h in self.pods.values()
+                h.samples and now - h.samples[0][0] >= p.stable_window_s for h in self.pods.values()
             )
             if idle and now >= self.panic_until and replicas > p.min_replicas:
                 return p.min_replicas, f"no requests in {p.stable_window_s:g} s"
