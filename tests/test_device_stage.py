@@ -251,6 +251,7 @@ def test_split_choice_and_uplink_estimate() -> None:
     assert stage.probe_size_bytes() == 51_875  # 50 ms at 8.3 Mbps
     stage.observe_uplink(0.5)  # one stalled transfer is not a new link
     assert stage.uplink_mbps == pytest.approx(8.3, rel=0.01)
+    assert stage.awaiting_confirmation
     stage.observe_uplink(9.0)
     stage.observe_uplink(1e6)  # a step change: the second sample far off confirms it
     assert stage.uplink_mbps == pytest.approx(8.51, rel=0.01)

@@ -226,7 +226,7 @@ async def _monitor_uplink(state: WorkerState) -> None:
     assert device is not None
     interval = state.config.uplink_probe_interval_s
     while True:
-        if device.needs_probe(interval):
+        if device.needs_probe(interval) or device.awaiting_confirmation:
             try:
                 device.observe_uplink(await forwarder.probe_mbps(device.probe_size_bytes()))
             except Exception as exc:  # the next stage may be starting or gone for now

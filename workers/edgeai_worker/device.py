@@ -116,6 +116,11 @@ class DeviceStage:
             return False
         return time.monotonic() - self.last_sample_at >= interval_s
 
+    @property
+    def awaiting_confirmation(self) -> bool:
+        """An outlying sample is held: measure again now rather than at the next interval."""
+        return self._held is not None
+
     def probe_size_bytes(self) -> int:
         """About 50 ms of traffic at the current estimate, within [32 KiB, 512 KiB]."""
         mbps = self.uplink_mbps if self.uplink_mbps is not None else 10.0
