@@ -545,6 +545,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("error: needs root (ip netns, tc, cgroups)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the namespaces and cgroups are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     uplinks = [float(u) for u in args.uplinks.split(",")]
     tiers = {
         "device": TierSpec("device", args.device_cpus, 1),
