@@ -188,3 +188,39 @@ def test_plan_errors_name_the_field(model: ChainModel, tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 2
     assert "error: stages[0].tier" in run.stderr
+
+
+def test_device_only_plan_with_offloading_alternatives_gets_an_edge(
+    model: ChainModel, tmp_path: Path
+) -> None:
+    """`edgeai plan` keeps everything on the device at its bandwidth but lists splits
+    that offload at others: run-local adds the edge stage those splits need."""
+    plan = _plan(model)
+    plan["stages"] = [
+        {"index": 0, "tier": "device", "layers": "0-8", "inputs": ["input"], "outputs": ["output"]}
+    ]
+    plan["alternatives"] = [
+        {"minMbps": 0.0, "maxMbps": 10.0, "cutIndex": 9, "stages": [{"tier": "device"}]},
+        {"minMbps": 10.0, "maxMbps": None, "cutIndex": 2,
+         "stages": [{"tier": "device"}, {"tier": "edge"}]},
+    ]  # fmt: skip
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    device, edge = build_partitions(load_plan(path), model.path, tmp_path)
+    assert edge.tier == "edge"
+    assert len(edge.partitions) == 1  # the suffix after cut 2 only
+    assert [s.get("final", False) for s in device.splits] == [True, False]
+    x = np.random.default_rng(5).standard_normal(model.input_shape).astype(np.float32)
+    run = start_local(load_plan(path), [device, edge], tmp_path, settings={"uplink_mbps": 50.0})
+    try:
+        body = _infer(f"{run.entry_url}/v2/models/chain/infer", x)
+    finally:
+        run.stop()
+    assert body["parameters"]["edgeai_split"] == "stage0-device-cut2"
+    out = body["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]),
+        run_onnx(model.path, {"input": x})[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )

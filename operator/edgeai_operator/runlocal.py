@@ -113,9 +113,30 @@ def build_partitions(
             spec.partitions.append(path)
         specs.append(spec)
     alternatives = plan.get("alternatives") or []
+    if adaptive and len(specs) == 1 and specs[0].tier == "device":
+        # A device-only plan whose alternatives offload at other bandwidths: add the
+        # stage they offload to, holding only the suffixes the device may hand over.
+        tier = _offload_tier(alternatives)
+        if tier is not None:
+            outputs = specs[0].outputs
+            specs.append(StageSpec(1, tier, outputs, outputs))
     if adaptive and len(specs) >= 2 and specs[0].tier == "device" and alternatives:
         _adaptive_splits(specs, alternatives, partitioner, cut_points(model), workdir)
     return specs
+
+
+def _offload_tier(alternatives: Sequence[Mapping[str, Any]]) -> str | None:
+    """The tier right after the device in the alternatives that offload (the nearest
+    such tier if they differ)."""
+    found = {
+        stages[1].get("tier")
+        for alt in alternatives
+        if isinstance(stages := alt.get("stages"), list) and len(stages) > 1
+    }
+    for tier in TIERS[1:]:
+        if tier in found:
+            return tier
+    return None
 
 
 def _adaptive_splits(
