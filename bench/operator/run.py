@@ -39,7 +39,12 @@ USER_AGENT = "edgeai-operator"
 
 
 def topology(
-    zones: int, devices_per_zone: int, edges_per_zone: int, clouds: int, fleets: int
+    zones: int,
+    devices_per_zone: int,
+    edges_per_zone: int,
+    clouds: int,
+    fleets: int,
+    uplink_mbps: float,
 ) -> Topology:
     nodes: list[NodeSpec] = []
     device_capacity = {"cpu": "4", "memory": "4Gi", "pods": "20"}
@@ -55,7 +60,7 @@ def topology(
                     zone=zone,
                     capacity=device_capacity,
                     gflops=8,
-                    uplink_mbps=10,
+                    uplink_mbps=uplink_mbps,
                     uplink_rtt_ms=15,
                     power_watts=4,
                     labels={"fleet": f"f{(i * zones + z) % fleets}", "bench": str(n)},
@@ -175,10 +180,22 @@ def main() -> int:
     parser.add_argument("--edges-per-zone", type=int, default=6)
     parser.add_argument("--clouds", type=int, default=20)
     parser.add_argument("--resync-seconds", type=float, default=30)
+    parser.add_argument("--model", default="mobilenet_v2", help="zoo model of every deployment")
+    parser.add_argument(
+        "--uplink-mbps",
+        type=float,
+        default=100,
+        help="device uplink; 100 Mbps puts MobileNetV2 on the edge servers",
+    )
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args()
     topo = topology(
-        args.zones, args.devices_per_zone, args.edges_per_zone, args.clouds, args.deployments
+        args.zones,
+        args.devices_per_zone,
+        args.edges_per_zone,
+        args.clouds,
+        args.deployments,
+        args.uplink_mbps,
     )
     work = Path(tempfile.mkdtemp(prefix="edgeai-bench-operator-"))
     (work / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
@@ -239,7 +256,17 @@ def main() -> int:
             expected_pods += fleet_devices
         remote = sum(1 for c in children if c["kind"] == "Deployment")
         expected_pods += remote
-        print(f"direct: {len(children)} objects, {expected_pods} pods", flush=True)
+        splits = {
+            len(yaml.safe_load(text)["stages"])
+            for c in children
+            if c["kind"] == "ConfigMap"
+            for text in c["data"].values()
+        }
+        print(
+            f"direct: {len(children)} objects, {expected_pods} pods "
+            f"({remote} edge/cloud Deployments; stages per plan {sorted(splits)})",
+            flush=True,
+        )
         before = api_requests(cluster)
         t0 = time.monotonic()
         apply_docs(cluster, children)

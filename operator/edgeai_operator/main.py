@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 from typing import Any
 
@@ -25,6 +26,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+async def widen_thread_pool(**_: Any) -> None:
+    # Reconcile passes run in threads and mostly wait on the API server: with many
+    # DNNDeployments, the default pool (CPUs + 4) would queue them.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="reconcile")
+    )
 
 
 @kopf.on.startup()

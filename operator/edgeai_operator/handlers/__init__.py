@@ -3,6 +3,6 @@
 Importing this package registers the handlers with kopf (see `edgeai_operator.main`).
 """
 
-from edgeai_operator.handlers import deployments, models, nodes
+from edgeai_operator.handlers import deployments, models, nodes, workloads
 
-__all__ = ["deployments", "models", "nodes"]
+__all__ = ["deployments", "models", "nodes", "workloads"]

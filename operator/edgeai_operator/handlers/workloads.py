@@ -1,0 +1,40 @@
+"""Stage workloads changing (rollout progress, availability) wake their deployment's
+daemon at once, so `Available` and make-before-break deletions follow the cluster
+instead of waiting for the next resync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from edgeai_operator.handlers import wakeups
+
+MANAGED = {"app.kubernetes.io/managed-by": "edgeai-operator"}
+
+
+def _status_fingerprint(body: kopf.Body) -> tuple[Any, ...]:
+    status = body.get("status") or {}
+    return tuple(sorted((k, str(v)) for k, v in status.items() if k != "conditions"))
+
+
+_seen: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
+def workload_changed(
+    type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str | None, **_: Any
+) -> None:
+    owner = labels.get("edgeai.dev/deployment")
+    if not owner or namespace is None:
+        return
+    key = (namespace, str(body.get("kind")), str(body.get("metadata", {}).get("name")))
+    fingerprint = _status_fingerprint(body)
+    if type == "DELETED":
+        _seen.pop(key, None)
+    elif _seen.get(key) == fingerprint:
+        return
+    else:
+        _seen[key] = fingerprint
+    wakeups.wake(namespace, owner)
