@@ -40,7 +40,7 @@ async def test_concurrent_requests_share_one_run_and_split_back(
     model: ChainModel, partition: Partition
 ) -> None:
     metrics = WorkerMetrics()
-    batcher = MicroBatcher(lambda p, f: p.run(f), max_batch=8, max_wait_ms=200, metrics=metrics)
+    batcher = MicroBatcher(lambda p, f: p.run(f), max_batch=8, max_wait_ms=3000, metrics=metrics)
     await batcher.start()
     try:
         inputs = [_x(model, i) for i in range(8)]
@@ -54,10 +54,11 @@ async def test_concurrent_requests_share_one_run_and_split_back(
         np.testing.assert_allclose(
             out["output"], run_onnx(model.path, {"input": x})[0], rtol=1e-5, atol=1e-6
         )
-    # Eight requests, one run of eight (the batch filled before the 200 ms window ended).
+    # Eight requests, one run of eight: it ran as soon as the batch was full, long before
+    # the 3 s window ended.
     assert metrics.batch_size.count(stage="0") == 1
     assert metrics.batch_size.sums[(("stage", "0"),)] == 8
-    assert elapsed < 0.2
+    assert elapsed < 1.5
 
 
 async def test_batch_waits_at_most_max_wait(model: ChainModel, partition: Partition) -> None:

@@ -115,22 +115,26 @@ async def test_fixed_uplink_picks_the_split_for_its_range(
 
 
 async def test_measured_uplink_drives_the_choice(parts: dict[str, Any], tmp_path: Path) -> None:
-    # Loopback is far faster than 500 Mbps: once measured, the device forwards raw input.
+    """No fixed uplink: the device measures loopback (how fast depends on the machine's
+    load) and each request runs the split whose range holds the measured estimate."""
+    ranges = {"head2": (0.0, 20.0), "head0": (20.0, 500.0), "raw": (500.0, float("inf"))}
     dev, edge, _ = _settings(parts, {"splits": _splits(parts, raw=True)})
     x = np.random.default_rng(1).standard_normal(parts["model"].input_shape).astype(np.float32)
+    checked = 0
     with workers(tmp_path, dev, edge) as (device, _):
         async with aiohttp.ClientSession() as session:
-            labels = [
-                (await _infer(session, device.url, x))["parameters"]["edgeai_split"]
-                for _ in range(5)
-            ]
-            body = await _infer(session, device.url, x)
-            text = await _metrics(session, device.url)
-    assert _metric(text, "edgeai_uplink_mbps") > 500
-    assert labels[-1] == "raw"
-    np.testing.assert_allclose(
-        _out(body), run_onnx(parts["model"].path, {"input": x})[0], rtol=1e-5, atol=1e-6
-    )
+            for _ in range(10):
+                before = _metric(await _metrics(session, device.url), "edgeai_uplink_mbps")
+                body = await _infer(session, device.url, x)
+                low, high = ranges[body["parameters"]["edgeai_split"]]
+                # The split is chosen from the estimate when the request arrives (a probe
+                # confirming an outlying sample may rarely move it in between).
+                checked += low <= before < high
+                np.testing.assert_allclose(
+                    _out(body), run_onnx(parts["model"].path, {"input": x})[0], rtol=1e-5, atol=1e-6
+                )
+    assert before > 0
+    assert checked >= 8
 
 
 async def test_raw_input_never_leaves_a_private_device(
