@@ -74,7 +74,7 @@ async def test_batch_waits_at_most_max_wait(model: ChainModel, partition: Partit
     finally:
         await batcher.stop()
     assert metrics.batch_size.count(stage="0") == 1  # three requests, one run
-    assert 0.03 <= elapsed < 0.5
+    assert 0.03 <= elapsed < 2.0
 
 
 async def test_multi_row_requests_and_batch_limit(model: ChainModel, partition: Partition) -> None:
