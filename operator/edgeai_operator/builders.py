@@ -8,6 +8,14 @@ unit-tested as a literal (`tests/test_builders.py`); `k8s.apply` writes them. Na
 - Deployment + Service `<name>-edge-<zone>`: the edge stage next to those devices
 - Deployment + Service `<name>-cloud` (`<name>-cloud-<zone>` when zones' cloud stages
   differ): the cloud stage
+- with `spec.sharing: backbone`, an edge stage that ends the plan is a *shared* stage
+  instead: ConfigMap + Deployment + Service `<model>-shared-edge-<zone>-<hash>`, where
+  the hash covers what the stage pods run (model, variant, the stages up to the edge,
+  the adaptive-split alternatives, the PriorityClass); every DNNDeployment with the
+  same hash uses the same workload. Each user applies it under its own field manager
+  with an ownerReference to itself (`controller: false`) and its wanted replicas in
+  the annotation `replicas.edgeai.dev/<deployment>`, so server-side apply merges the
+  owner list and the garbage collector deletes the workload with its last user.
 
 A stage a plan leaves empty gets no workload, except the device entry, which then
 forwards the raw input (nothing runs on the device). Edge/cloud Deployments roll with
@@ -38,15 +46,20 @@ class Owner:
     namespace: str
     uid: str
 
-    def reference(self) -> dict[str, Any]:
+    def reference(self, *, controller: bool = True) -> dict[str, Any]:
         return {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
             "kind": "DNNDeployment",
             "name": self.name,
             "uid": self.uid,
-            "controller": True,
+            "controller": controller,
             "blockOwnerDeletion": True,
         }
+
+    @property
+    def field_manager(self) -> str:
+        """The field manager of this owner's share of a shared workload."""
+        return f"edgeai-operator.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,11 @@ def _affinity(
 
 
 def _pod_spec(
-    owner: Owner, w: Workload, opts: DeploymentOptions, affinity: dict[str, Any]
+    owner: Owner,
+    w: Workload,
+    opts: DeploymentOptions,
+    affinity: dict[str, Any],
+    configmap: str | None = None,
 ) -> dict[str, Any]:
     args = [
         "run-stage",
@@ -170,7 +187,7 @@ def _pod_spec(
                 "volumeMounts": [{"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}],
             }
         ],
-        "volumes": [{"name": "plan", "configMap": {"name": f"{owner.name}-plan"}}],
+        "volumes": [{"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}],
         # Draining in-flight requests takes up to the worker's shutdown grace.
         "terminationGracePeriodSeconds": 15,
     }
@@ -279,17 +296,134 @@ def stage_index(plan: Mapping[str, Any], tier: str) -> int | None:
     return None
 
 
+SHARED_LABEL = "edgeai.dev/shared"
+BACKBONE_LABEL = "edgeai.dev/backbone"
+REPLICAS_ANNOTATION = "replicas.edgeai.dev/"  # + deployment name: that user's wish
+
+
+@dataclass(frozen=True)
+class SharedStage:
+    """An edge stage several DNNDeployments of a namespace can share."""
+
+    name: str
+    model: str  # the DNNModel name
+    zone: str
+    stage: int
+    plan: Mapping[str, Any]  # the Plan document the shared pods read (plan.yaml)
+
+
+def shared_edge(
+    plan: Mapping[str, Any], model: str, zone: str, opts: DeploymentOptions
+) -> SharedStage | None:
+    """The shareable edge stage of a zone's plan, or None: a plan without an edge
+    stage, or whose edge stage forwards to a (per-deployment) cloud stage."""
+    idx = stage_index(plan, "edge")
+    stages = list(plan.get("stages", []))
+    if idx is None or idx != len(stages) - 1:
+        return None
+    keys = ("tier", "layers", "inputs", "outputs")
+    doc = {
+        "kind": "Plan",
+        "model": dict(plan.get("model") or {}),
+        "stages": [{k: s[k] for k in keys if k in s} for s in stages],
+        "alternatives": list(plan.get("alternatives") or []),
+    }
+    signature = {"model": model, "zone": zone, "plan": doc, "priority": opts.priority_class}
+    digest = hashlib.sha256(yaml.safe_dump(signature, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{model}-shared-edge-{zone}-{digest}"
+    return SharedStage(name=name, model=model, zone=zone, stage=idx, plan=doc)
+
+
+def shared_labels(shared: SharedStage) -> dict[str, str]:
+    return {
+        **MANAGED_BY,
+        "app.kubernetes.io/name": "edgeai-worker",
+        "app.kubernetes.io/instance": shared.name,
+        SHARED_LABEL: "true",
+        BACKBONE_LABEL: shared.name,
+        "edgeai.dev/model": shared.model,
+        "edgeai.dev/tier": "edge",
+        "edgeai.dev/zone": shared.zone,
+        "edgeai.dev/stage": str(shared.stage),
+    }
+
+
+def shared_children(
+    owner: Owner, shared: SharedStage, replicas: int, opts: DeploymentOptions
+) -> list[dict[str, Any]]:
+    """ConfigMap, Deployment and Service of a shared edge stage, as `owner` applies
+    them (its own ownerReference and replica wish; server-side apply merges users)."""
+    lbls = shared_labels(shared)
+    meta = {
+        "name": shared.name,
+        "namespace": owner.namespace,
+        "labels": lbls,
+        "ownerReferences": [owner.reference(controller=False)],
+    }
+    w = Workload("edge", shared.zone, shared.stage, "plan.yaml", replicas)
+    affinity = _affinity("edge", shared.zone, opts.excluded_nodes)
+    selector = {BACKBONE_LABEL: shared.name}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {"plan.yaml": yaml.safe_dump(dict(shared.plan), sort_keys=False)},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                **meta,
+                "annotations": {REPLICAS_ANNOTATION + owner.name: str(replicas)},
+            },
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": selector},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+                },
+                "template": {
+                    "metadata": {
+                        "labels": lbls,
+                        "annotations": {"edgeai.dev/plan-hash": plan_hash(shared.plan)},
+                    },
+                    "spec": _pod_spec(owner, w, opts, affinity, configmap=shared.name),
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "selector": selector,
+                "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
+def is_shared(obj: Mapping[str, Any]) -> bool:
+    return (obj["metadata"].get("labels") or {}).get(SHARED_LABEL) == "true"
+
+
 def build_children(
     owner: Owner,
     plans: Mapping[str, Mapping[str, Any]],
     replicas: Mapping[str, int],
     opts: DeploymentOptions,
     default_replicas: int = 1,
+    *,
+    shared_model: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object for per-zone plans (`plans[zone]`, a Plan document each).
 
     `replicas` maps a workload name to its current replica count (from the
-    autoscaler); workloads not in it start at `default_replicas`.
+    autoscaler); workloads not in it start at `default_replicas`. With
+    `shared_model` (the DNNModel name of a deployment with `sharing: backbone`), a
+    shareable edge stage becomes the shared workload (`shared_children`).
     """
     children: list[dict[str, Any]] = [
         plan_configmap(owner, {f"plan-{z}.yaml": p for z, p in plans.items()})
@@ -306,7 +440,13 @@ def build_children(
             cloud_name = workload_name(owner, "cloud", None if shared_cloud else zone)
         edge_idx = stage_index(plan, "edge")
         edge_name = workload_name(owner, "edge", zone) if edge_idx is not None else None
-        if edge_idx is not None and edge_name is not None:
+        shared = shared_edge(plan, shared_model, zone, opts) if shared_model else None
+        if shared is not None:
+            edge_name = shared.name
+            children += shared_children(
+                owner, shared, replicas.get(shared.name, default_replicas), opts
+            )
+        elif edge_idx is not None and edge_name is not None:
             w = Workload(
                 "edge", zone, edge_idx, key, replicas.get(edge_name, default_replicas), cloud_name
             )

@@ -40,14 +40,16 @@ def _resource(api_version: str, kind: str) -> Any:
     return _dynamic().resources.get(api_version=api_version, kind=kind)
 
 
-def apply(obj: dict[str, Any]) -> dict[str, Any]:
-    """Server-side apply of one object (create or patch)."""
+def apply(obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+    """Server-side apply of one object (create or patch). A shared workload is applied
+    by each user under its own field manager: the API server then keeps each user's
+    ownerReference (a list keyed by uid) and drops it when that user applies without it."""
     meta = obj["metadata"]
     result = _resource(obj["apiVersion"], obj["kind"]).server_side_apply(
         body=obj,
         name=meta["name"],
         namespace=meta.get("namespace"),
-        field_manager=FIELD_MANAGER,
+        field_manager=field_manager,
         force_conflicts=True,
     )
     out: dict[str, Any] = result.to_dict()
@@ -94,6 +96,41 @@ def owned_children(namespace: str, deployment: str) -> Iterable[tuple[str, str, 
             yield api_version, kind, item["metadata"]["name"]
 
 
+def shared_children_of(namespace: str, uid: str) -> Iterable[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every shared workload object the owner `uid` uses:
+    its Deployments, found with one list call, and their namesake Service and ConfigMap."""
+    for item in list_objects("apps/v1", "Deployment", namespace, "edgeai.dev/shared=true"):
+        meta = item["metadata"]
+        refs = meta.get("owner_references") or meta.get("ownerReferences") or []
+        if any(ref.get("uid") == uid for ref in refs):
+            for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service")):
+                yield api_version, kind, meta["name"]
+            yield "v1", "ConfigMap", meta["name"]
+
+
+def release_shared(api_version: str, kind: str, name: str, namespace: str, owner: Any) -> int:
+    """Drops `owner`'s share of a shared workload object; returns how many users keep
+    it. The last user deletes it; another applies an empty configuration under its
+    field manager, which removes its ownerReference and replica wish (fields the other
+    users applied too stay theirs)."""
+    obj = get(api_version, kind, name, namespace)
+    if obj is None:
+        return 0
+    meta = obj["metadata"]
+    refs = meta.get("owner_references") or meta.get("ownerReferences") or []
+    others = [r for r in refs if r.get("uid") != owner.uid]
+    if not others:
+        delete(api_version, kind, name, namespace)
+        return 0
+    empty = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+    }
+    apply(empty, field_manager=owner.field_manager)
+    return len(others)
+
+
 CHILD_KINDS = (
     ("apps/v1", "DaemonSet"),
     ("apps/v1", "Deployment"),
@@ -119,7 +156,9 @@ __all__ = [
     "list_objects",
     "owned_children",
     "patch_status",
+    "release_shared",
     "scale",
+    "shared_children_of",
 ]
 
 

@@ -105,8 +105,37 @@ def profile_command(args: argparse.Namespace) -> int:
     )
     if args.save:
         Path(args.save).write_text(text)
+    if args.termination_log:
+        Path(args.termination_log).write_text(termination_summary(profile))
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
+
+
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a container's termination message
+
+
+def termination_summary(profile: dict[str, Any]) -> str:
+    """A compact JSON summary of a profile for a container's termination message
+    (Kubernetes keeps at most 4096 bytes): model, variant, repeats, host GFLOPS,
+    totalMs and the per-segment measuredMs list. Precision drops until it fits."""
+    for digits in (4, 3, 2, 1, 0):
+        summary = {
+            "kind": "ProfileSummary",
+            "model": profile["model"],
+            "variant": profile.get("variant", "fp32"),
+            "repeats": profile.get("repeats"),
+            "hostGflops": profile["host"]["gflops"],
+            "totalMs": round(float(profile["totalMs"]), 4),
+            "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
+        }
+        text = json.dumps(summary, separators=(",", ":"))
+        if len(text.encode()) < TERMINATION_LIMIT:
+            return text
+    raise SpecError(
+        "--termination-log",
+        f"{len(profile['segments'])} segments do not fit in {TERMINATION_LIMIT} bytes",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -559,6 +588,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     profile.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     profile.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     profile.add_argument("--save", metavar="FILE", help="also write the profile to FILE")
+    profile.add_argument(
+        "--termination-log",
+        metavar="PATH",
+        nargs="?",
+        const=TERMINATION_LOG,
+        default=None,
+        help="also write a compact JSON summary (< 4096 bytes) to PATH, "
+        f"default {TERMINATION_LOG} (the container's termination message)",
+    )
     profile.set_defaults(func=profile_command)
 
     plan = subparsers.add_parser(

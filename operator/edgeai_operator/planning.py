@@ -9,6 +9,15 @@ and the reasons behind anything that could not be planned. Which nodes count:
 - a zone whose edge servers are all gone is planned device -> cloud;
 - when no plan meets the SLO, the best-effort plan (min latency, no SLO) is used and
   the reason is kept, so the deployment keeps serving while `SLOMet` says why not.
+
+Compute per tier: a profile measured on one host (`host.gflops` set) is scaled to
+each tier as `edgeai plan --profile` does. Otherwise the DNNModel's profiling Jobs may
+have measured some tiers (`profiles[].measuredTiers.<tier>`: host GFLOPS and
+per-segment ms on a node of that tier). A zone is planned from those measurements
+only when every tier it could use (its topology's tiers that `spec.placement.tiers`
+allows) is measured, each tier from its own measurement (scaled by that host's GFLOPS
+over the planned node's, as above); if any such tier is not measured the whole zone
+is planned analytically (FLOPs / GFLOPS), so one plan never mixes the two.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import Any
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.plancli import build_problem, plan_document
-from edgeai_operator.planner import plan_partitions
+from edgeai_operator.planner import Problem, plan_partitions
 from edgeai_operator.topology import NodeSpec, Topology
 
 
@@ -95,7 +104,8 @@ def plan_zones(
     ]
     clouds = [n for n in servers if n.tier == "cloud"]
     zones = sorted({n.spec.zone for n in nodes if n.spec.tier == "device" and n.spec.zone})
-    method = "measured" if all(p.get("host", {}).get("gflops") for p in profiles) else "analytic"
+    single_host = all(p.get("host", {}).get("gflops") for p in profiles)
+    method = "measured" if single_host else "analytic"
     for zone in zones:
         devices = [
             n.spec
@@ -110,10 +120,18 @@ def plan_zones(
         result.devices[zone] = sorted(d.name for d in devices)
         edges = [n for n in servers if n.tier == "edge" and n.zone == zone]
         topology = Topology(nodes=tuple(devices + edges + clouds))
+        used = [t for t in spec.tiers if any(n.tier == t for n in topology.nodes)]
+        per_tier = not single_host and all(
+            t in (p.get("measuredTiers") or {}) for p in profiles for t in used
+        )
+        zone_method = "measured" if per_tier else method
         try:
-            problem, context = build_problem(
-                spec, [dict(p) for p in profiles], topology, zone=zone, method=method
-            )
+            if per_tier:
+                problem, context = _per_tier_problem(spec, profiles, topology, zone, used)
+            else:
+                problem, context = build_problem(
+                    spec, [dict(p) for p in profiles], topology, zone=zone, method=method
+                )
         except SpecError as exc:
             result.unplanned[zone] = str(exc)
             continue
@@ -126,7 +144,53 @@ def plan_zones(
                 continue
             result.slo_misses[zone] = plan.reason or "the SLO cannot be met"
             plan = best
-        doc = plan_document(spec, [dict(p) for p in profiles], plan, context, method)
+        doc = plan_document(spec, [dict(p) for p in profiles], plan, context, zone_method)
+        if per_tier:
+            doc["compute"]["measuredOn"] = {
+                t: profiles[0]["measuredTiers"][t].get("node") for t in used
+            }
         doc["zone"] = zone
         result.plans[zone] = doc
     return spec, result
+
+
+def tier_profile(profile: Mapping[str, Any], tier: str) -> dict[str, Any]:
+    """The profile as measured on a node of `tier` (host GFLOPS, per-segment ms)."""
+    measured = profile["measuredTiers"][tier]
+    times = [float(t) for t in measured["segmentsMs"]]
+    if len(times) != len(profile["segments"]):
+        raise SpecError(f"status.profiles[].measuredTiers.{tier}", "segment count differs")
+    return {
+        **profile,
+        "host": {**(profile.get("host") or {}), "gflops": float(measured["hostGflops"])},
+        "segments": [
+            {**seg, "measuredMs": ms} for seg, ms in zip(profile["segments"], times, strict=True)
+        ],
+    }
+
+
+def _per_tier_problem(
+    spec: DeploymentSpec,
+    profiles: Sequence[Mapping[str, Any]],
+    topology: Topology,
+    zone: str,
+    tiers: Sequence[str],
+) -> tuple[Problem, dict[str, Any]]:
+    """The zone's problem with each tier's compute from its own measurement."""
+    base, context = build_problem(
+        spec, [dict(p) for p in profiles], topology, zone=zone, method="analytic"
+    )
+    node_ms: list[dict[str, tuple[float, ...]]] = [dict(v.graph.node_ms) for v in base.variants]
+    for tier in tiers:
+        measured, _ = build_problem(
+            spec, [tier_profile(p, tier) for p in profiles], topology, zone=zone, method="measured"
+        )
+        for i, variant in enumerate(measured.variants):
+            node_ms[i][tier] = variant.graph.node_ms[tier]
+            if i == 0 and tier in context["tiers"]:
+                context["tiers"][tier]["totalMs"] = round(sum(node_ms[i][tier]), 3)
+    variants = tuple(
+        replace(v, graph=replace(v.graph, node_ms=ms))
+        for v, ms in zip(base.variants, node_ms, strict=True)
+    )
+    return replace(base, variants=variants), context

@@ -9,6 +9,7 @@ the source of every number is recorded in status so a user can tell.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -123,3 +124,172 @@ def model_status(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str
         "variants": reports,
         "variantNames": ",".join(r["name"] for r in reports if r.get("ready")),
     }
+
+
+# ---------------------------------------------------------------------------
+# Per-tier profiling Jobs
+#
+# For each tier of `spec.profile.tiers` (default: every tier that has nodes) the
+# operator runs `edgeai profile <zoo> --termination-log` as a Job pinned to one node
+# of the tier. Kubernetes puts the summary the profiler writes in the container's
+# `state.terminated.message`; a valid one makes the tier `source: measured`. A Job
+# that succeeds without a message (kwok runs nothing), fails, or runs past
+# `spec.profile.timeoutSeconds` (the Job's activeDeadlineSeconds) leaves the tier's
+# analytic estimate, and `status.tiers.<tier>.message` says why.
+
+PROFILE_LABELS = {"app.kubernetes.io/managed-by": "edgeai-operator"}
+DEFAULT_TIMEOUT_S = 300
+
+
+def profile_tiers(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> list[str]:
+    """`spec.profile.tiers`, or every tier that has nodes, in tier order."""
+    wanted = (spec.get("profile") or {}).get("tiers")
+    if wanted:
+        return [t for t in TIERS if t in wanted]
+    return [t for t in TIERS if any(n.tier == t for n in nodes)]
+
+
+def profile_job_name(model: str, tier: str, generation: int | None) -> str:
+    return f"{model}-profile-{tier}-{generation or 0}"
+
+
+def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -> dict[str, Any]:
+    """The Job that profiles DNNModel `model` (its body) on `node`, a node of `tier`."""
+    meta, spec = model["metadata"], model.get("spec") or {}
+    profile = spec.get("profile") or {}
+    lbls = {**PROFILE_LABELS, "edgeai.dev/model": meta["name"], "edgeai.dev/tier": tier}
+    exprs = [
+        {"key": "edgeai.dev/tier", "operator": "In", "values": [tier]},
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]},
+    ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": profile_job_name(meta["name"], tier, meta.get("generation")),
+            "namespace": meta["namespace"],
+            "labels": lbls,
+            "ownerReferences": [
+                {
+                    "apiVersion": str(model.get("apiVersion", "edgeai.dev/v1alpha1")),
+                    "kind": "DNNModel",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": int(profile.get("timeoutSeconds", DEFAULT_TIMEOUT_S)),
+            "template": {
+                "metadata": {"labels": lbls},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [{"matchExpressions": exprs}]
+                            }
+                        }
+                    },
+                    "containers": [
+                        {
+                            "name": "profile",
+                            "image": image,
+                            "command": ["edgeai"],
+                            "args": [
+                                "profile",
+                                zoo_name(spec),
+                                f"--repeats={int(profile.get('repeats', 20))}",
+                                "-o",
+                                "json",
+                                "--termination-log",
+                            ],
+                            "terminationMessagePath": "/dev/termination-log",
+                            "terminationMessagePolicy": "File",
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def parse_summary(message: str, segments: int) -> dict[str, Any]:
+    """A termination message written by `edgeai profile --termination-log`, checked;
+    raises ValueError saying what is wrong."""
+    data = json.loads(message)
+    if not isinstance(data, dict) or data.get("kind") != "ProfileSummary":
+        raise ValueError("not a ProfileSummary")
+    times = data.get("segmentsMs")
+    if not isinstance(times, list) or len(times) != segments:
+        raise ValueError(f"expected {segments} segment times, got {times!r:.80}")
+    if not all(isinstance(t, int | float) and t >= 0 for t in times):
+        raise ValueError("segment times must be non-negative numbers")
+    gflops = data.get("hostGflops")
+    if not isinstance(gflops, int | float) or gflops <= 0:
+        raise ValueError("hostGflops must be a positive number")
+    return data
+
+
+def job_result(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """(result, message or detail) of a finished profiling Job, None while it runs.
+
+    result: `message` (detail = the termination message), `noMessage`, `failed`,
+    `timedOut`."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    done = {c.get("type"): c for c in conditions if c.get("status") == "True"}
+    if "Failed" in done:
+        failed = done["Failed"]
+        if failed.get("reason") == "DeadlineExceeded":
+            deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
+            return (
+                "timedOut",
+                f"the profiling Job ran past spec.profile.timeoutSeconds ({deadline} s)",
+            )
+        return (
+            "failed",
+            f"the profiling Job failed: {failed.get('reason')}: {failed.get('message')}",
+        )
+    if "Complete" not in done:
+        return None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if terminated.get("message"):
+                return "message", str(terminated["message"])
+    return "noMessage", "the profiling Job succeeded without a termination message"
+
+
+def measured_tier(
+    analytic: Mapping[str, Any], summary: Mapping[str, Any], node: str, job: str
+) -> dict[str, Any]:
+    """`status.tiers.<tier>` from a profiling Job's summary."""
+    return {
+        **analytic,
+        "totalMs": round(float(summary["totalMs"]), 3),
+        "source": "measured",
+        "node": node,
+        "hostGflops": float(summary["hostGflops"]),
+        "job": job,
+        "jobResult": "measured",
+        "message": f"measured by Job {job} on node {node} ({summary.get('repeats')} repeats)",
+    }
+
+
+def with_measurement(
+    profile: Mapping[str, Any], tier: str, summary: Mapping[str, Any], node: str
+) -> dict[str, Any]:
+    """The profile with `measuredTiers.<tier>` (what planning reads) set."""
+    out = dict(profile)
+    out["measuredTiers"] = {
+        **(profile.get("measuredTiers") or {}),
+        tier: {
+            "node": node,
+            "hostGflops": float(summary["hostGflops"]),
+            "segmentsMs": [float(t) for t in summary["segmentsMs"]],
+        },
+    }
+    return out

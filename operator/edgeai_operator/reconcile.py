@@ -26,11 +26,15 @@ from edgeai_operator.autoscaler import (
     stage_targets,
 )
 from edgeai_operator.builders import (
+    BACKBONE_LABEL,
+    REPLICAS_ANNOTATION,
     WORKER_PORT,
     DeploymentOptions,
     Owner,
     build_children,
+    is_shared,
     priority_class,
+    shared_edge,
     split_summary,
     workload_name,
 )
@@ -62,6 +66,9 @@ class DeploymentState:
     scalers: dict[str, StageScaler] = field(default_factory=dict)
     entry: StageScaler = field(default_factory=lambda: StageScaler(ScalePolicy()))
     pending_deletes: set[tuple[str, str, str]] = field(default_factory=set)
+    # shared workloads this deployment no longer uses: its share goes once ours serve
+    pending_releases: set[tuple[str, str, str]] = field(default_factory=set)
+    shared: bool = False  # the last applied children included a shared workload
     last_status_digest: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -188,14 +195,22 @@ def reconcile(
     )
     autoscaling = spec_body.get("autoscaling") or {}
     min_replicas = int(autoscaling.get("minReplicas", 1))
-    observed = _autoscale(owner, spec_body, zones, state, emit, scrape, now)
+    shared_model = str(model_name) if spec_body.get("sharing") == "backbone" else None
+    shared_names: dict[str, str] = {}
+    for zone, plan in zones.plans.items():
+        stage = shared_edge(plan, shared_model, zone, opts) if shared_model else None
+        if stage is not None:
+            shared_names[zone] = stage.name
+    observed = _autoscale(owner, spec_body, zones, state, emit, scrape, now, shared_names)
     children = build_children(
         owner,
         zones.plans,
         {k: max(v, min_replicas) for k, v in state.replicas.items()},
         opts,
         default_replicas=max(min_replicas, 1),
+        shared_model=shared_model,
     )
+    live_replicas = _share_replicas(owner, children)
 
     _report_plan_changes(zones, state, emit)
     if excluded != state.last_excluded:
@@ -210,16 +225,26 @@ def reconcile(
         state.last_excluded = excluded
 
     desired_keys = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
-    digest = _digest(children)
+    digest = _digest([children, live_replicas])
+    first_pass = not state.applied_digest
     if digest != state.applied_digest:
         if opts.priority_class:
             k8s.apply(priority_class(priority))
         for child in children:
-            k8s.apply(child)
+            if is_shared(child):
+                k8s.apply(child, field_manager=owner.field_manager)
+            else:
+                k8s.apply(child)
         opmetrics.inc("edgeai_operator_applies_total", len(children))
         state.applied_digest = digest
         existing = set(k8s.owned_children(namespace, name))
         state.pending_deletes = existing - desired_keys
+        # Shares to give up: looked up when this deployment shares or has shared, and
+        # on its first pass (after an operator restart, say); one list call.
+        if shared_model or state.shared or first_pass:
+            used = set(k8s.shared_children_of(namespace, owner.uid))
+            state.pending_releases = used - desired_keys
+        state.shared = bool(shared_names)
 
     # Observe the workloads we asked for.
     health: dict[str, tuple[int, int]] = {}
@@ -237,6 +262,16 @@ def reconcile(
             if k8s.delete(api_version, kind, child_name, namespace):
                 emit("Normal", "StageRemoved", f"removed {kind} {child_name}: replaced and Ready")
         state.pending_deletes = set()
+    if available and state.pending_releases:
+        for api_version, kind, child_name in sorted(state.pending_releases):
+            left = k8s.release_shared(api_version, kind, child_name, namespace, owner)
+            emit(
+                "Normal",
+                "SharedStageReleased",
+                f"no longer uses shared {kind} {child_name}"
+                + (f" ({left} other user(s) keep it)" if left else " (deleted: no user left)"),
+            )
+        state.pending_releases = set()
 
     predicted = zones.predicted_latency_ms
     slo_ms = spec.slo_latency_ms
@@ -336,9 +371,40 @@ def reconcile(
     )
 
 
-def _pods_by_workload(owner: Owner) -> dict[str, list[tuple[str, str]]]:
+def _share_replicas(owner: Owner, children: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Sets each shared Deployment's replicas to the max its users want (their
+    `replicas.edgeai.dev/<name>` annotations; users still among its owners); returns
+    the live replicas, so a change by another user re-applies ours."""
+    live_replicas: dict[str, int] = {}
+    for child in children:
+        if child["kind"] != "Deployment" or not is_shared(child):
+            continue
+        live = k8s.get("apps/v1", "Deployment", child["metadata"]["name"], owner.namespace)
+        if live is None:
+            continue
+        meta = live["metadata"]
+        users = {
+            ref["name"]
+            for ref in meta.get("owner_references") or meta.get("ownerReferences") or []
+            if ref.get("kind") == "DNNDeployment" and ref["name"] != owner.name
+        }
+        wants = [int(child["spec"]["replicas"])]
+        for key, value in (meta.get("annotations") or {}).items():
+            user = key.removeprefix(REPLICAS_ANNOTATION)
+            if key.startswith(REPLICAS_ANNOTATION) and user in users and str(value).isdigit():
+                wants.append(int(value))
+        child["spec"]["replicas"] = max(wants)
+        live_replicas[child["metadata"]["name"]] = int(
+            (live.get("spec") or {}).get("replicas") or 0
+        )
+    return live_replicas
+
+
+def _pods_by_workload(owner: Owner, shared: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:
     """Running pods with an IP, grouped by workload name: [(pod name, pod IP)]."""
     pods = k8s.list_objects("v1", "Pod", owner.namespace, f"edgeai.dev/deployment={owner.name}")
+    for name in sorted(set(shared)):
+        pods += k8s.list_objects("v1", "Pod", owner.namespace, f"{BACKBONE_LABEL}={name}")
     out: dict[str, list[tuple[str, str]]] = {}
     for pod in pods:
         meta, status = pod["metadata"], pod.get("status") or {}
@@ -346,7 +412,9 @@ def _pods_by_workload(owner: Owner) -> dict[str, list[tuple[str, str]]]:
         if meta.get("deletionTimestamp") or status.get("phase") != "Running" or not ip:
             continue
         lbls = meta.get("labels") or {}
-        name = workload_name(owner, lbls.get("edgeai.dev/tier", ""), lbls.get("edgeai.dev/zone"))
+        name = lbls.get(BACKBONE_LABEL) or workload_name(
+            owner, lbls.get("edgeai.dev/tier", ""), lbls.get("edgeai.dev/zone")
+        )
         out.setdefault(name, []).append((meta["name"], ip))
     return out
 
@@ -359,22 +427,30 @@ def _autoscale(
     emit: EventSink,
     scrape: Scraper,
     now: Callable[[], float],
+    shared: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Scrapes every stage pod, scales edge/cloud stages; returns `status.observed`."""
+    """Scrapes every stage pod, scales edge/cloud stages; returns `status.observed`.
+    `shared` maps a zone to its shared edge workload: this deployment's scaler there
+    says what it wants; the shared workload runs the max of its users' wishes."""
+    shared = shared or {}
     autoscaling = spec_body.get("autoscaling") or {}
     slo_ms = float((spec_body.get("slo") or {}).get("latencyP95Ms") or 0.0)
     t = now()
-    pods = _pods_by_workload(owner)
+    pods = _pods_by_workload(owner, list(shared.values()))
     entry_scrapes: dict[str, Scrape] = {}
     for zone, plan in sorted(zones.plans.items()):
         targets = stage_targets(plan, slo_ms) if slo_ms else {}
         for tier in ("edge", "cloud"):
             if tier not in targets:
                 continue
-            shared = workload_name(owner, tier, None)
+            shared_cloud = workload_name(owner, tier, None)
             name = (
-                shared if tier == "cloud" and shared in pods else workload_name(owner, tier, zone)
+                shared_cloud
+                if tier == "cloud" and shared_cloud in pods
+                else workload_name(owner, tier, zone)
             )
+            if tier == "edge" and zone in shared:
+                name = shared[zone]
             if name in state.scalers and state.scalers[name].policy.target_ms != targets[tier]:
                 state.scalers[name].policy = _policy(autoscaling, targets[tier])
             scaler = state.scalers.setdefault(

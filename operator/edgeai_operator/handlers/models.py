@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION, opmetrics
+from edgeai_operator import API_GROUP, API_VERSION, k8s, opmetrics, profiling
+from edgeai_operator.builders import DEFAULT_IMAGE
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.errors import SpecError
 from edgeai_operator.handlers import wakeups
@@ -46,6 +49,8 @@ async def profile_model(
         patch.status["observedGeneration"] = generation
         raise kopf.PermanentError(str(exc)) from exc
     tiers = ", ".join(f"{t} {v['totalMs']:.2f} ms" for t, v in result["tiers"].items())
+    for tier in result["tiers"].values():  # a new generation's Jobs report afresh
+        tier.update(dict.fromkeys(("job", "jobResult", "node", "hostGflops", "message")))
     message = f"{result['cuts']} cuts, {result['flops'] / 1e6:.1f} MFLOPs; {tiers}"
     opmetrics.inc("edgeai_operator_models_profiled_total")
     patch.status.update(result)
@@ -67,3 +72,106 @@ def model_index(
     # The index sees the profile land: deployments waiting for it can plan now.
     wakeups.wake_model_users(namespace, name)
     return {(namespace, name): [dict(p) for p in profiles]}
+
+
+PROFILE_POLL_S = float(os.environ.get("EDGEAI_PROFILE_POLL_SECONDS", "5"))
+
+
+@kopf.timer(API_GROUP, API_VERSION, "dnnmodels", interval=PROFILE_POLL_S)
+async def profile_jobs(
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    name: str,
+    namespace: str | None,
+    patch: kopf.Patch,
+    body: kopf.Body,
+    **kwargs: Any,
+) -> None:
+    """Runs a profiling Job per tier and turns finished ones into `status.tiers`.
+
+    Never waits on a Job: each tick creates missing Jobs and reads finished ones."""
+    if status.get("observedGeneration") != meta.get("generation") or not status.get("profiles"):
+        return  # the analytic profile of this generation is not written yet
+    node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
+    model = {
+        "apiVersion": body.get("apiVersion"),
+        "metadata": {**dict(meta), "namespace": namespace or "default"},
+        "spec": dict(spec),
+    }
+    updates, events = await asyncio.to_thread(
+        profile_jobs_pass, model, dict(status), all_nodes(node_index)
+    )
+    if not updates:
+        return
+    patch.status.update(updates)
+    for reason, message in events:
+        kopf.info(body, reason=reason, message=message)
+    if "profiles" in updates:
+        wakeups.wake_model_users(namespace or "default", name)
+
+
+def profile_jobs_pass(
+    model: Mapping[str, Any], status: Mapping[str, Any], nodes: Sequence[NodeState]
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """One tick: (status updates, events). Creates missing Jobs, reads finished ones."""
+    meta, spec = model["metadata"], model["spec"]
+    namespace, generation = meta["namespace"], meta.get("generation")
+    image = os.environ.get("EDGEAI_WORKER_IMAGE", DEFAULT_IMAGE)
+    tiers_status: dict[str, Any] = dict(status.get("tiers") or {})
+    profiles = [dict(p) for p in status.get("profiles") or []]
+    tiers: dict[str, Any] = {}
+    events: list[tuple[str, str]] = []
+    for tier in profiling.profile_tiers(spec, [n.spec for n in nodes]):
+        entry = dict(tiers_status.get(tier) or {})
+        job_name = profiling.profile_job_name(meta["name"], tier, generation)
+        if entry.get("job") == job_name and entry.get("jobResult"):
+            continue  # this generation's Job has reported
+        job = k8s.get("batch/v1", "Job", job_name, namespace)
+        if job is None:
+            candidates = sorted(n.spec.name for n in nodes if n.spec.tier == tier and n.usable)
+            if not candidates:
+                why = f"no Ready, schedulable {tier} node to profile on; analytic estimate"
+                if entry.get("message") != why:
+                    tiers[tier] = {"message": why}
+                continue
+            node = candidates[0]
+            k8s.apply(profiling.profile_job(model, tier, node, image=image))
+            tiers[tier] = {"job": job_name, "message": f"profiling on node {node} (Job {job_name})"}
+            continue
+        pods = k8s.list_objects("v1", "Pod", namespace, f"batch.kubernetes.io/job-name={job_name}")
+        result = profiling.job_result(job, pods)
+        if result is None:
+            continue
+        kind, detail = result
+        node = next((p["spec"].get("nodeName") for p in pods if p.get("spec")), None) or "?"
+        if kind == "message":
+            fp32 = next((i for i, p in enumerate(profiles) if p.get("variant") == "fp32"), 0)
+            try:
+                summary = profiling.parse_summary(detail, len(profiles[fp32]["segments"]))
+            except (ValueError, IndexError, KeyError) as exc:
+                kind, detail = "invalidMessage", f"the profiling Job's message is invalid: {exc}"
+            else:
+                tiers[tier] = profiling.measured_tier(entry, summary, node, job_name)
+                profiles[fp32] = profiling.with_measurement(profiles[fp32], tier, summary, node)
+                events.append(
+                    (
+                        "TierProfiled",
+                        f"{tier}: {tiers[tier]['message']}, {tiers[tier]['totalMs']:.2f} ms",
+                    )
+                )
+                continue
+        tiers[tier] = {
+            "source": entry.get("source", "analytic"),
+            "job": job_name,
+            "jobResult": kind,
+            "node": node,
+            "message": f"{detail}; keeping the analytic estimate",
+        }
+        events.append(("TierProfileFailed", f"{tier}: {tiers[tier]['message']}"))
+    updates: dict[str, Any] = {}
+    if tiers:
+        updates["tiers"] = tiers
+    if any(t.get("jobResult") == "measured" for t in tiers.values()):
+        updates["profiles"] = profiles
+    return updates, events

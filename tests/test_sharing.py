@@ -1,0 +1,276 @@
+"""Shared backbone (`spec.sharing: backbone`): DNNDeployments whose plans give an
+identical edge stage share one edge Deployment+Service per zone, owned by all of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgeai_operator.builders import DeploymentOptions, Owner, build_children, shared_edge
+from edgeai_operator.localcluster import LocalCluster
+from edgeai_operator.runlocal import load_plan
+from edgeai_operator.stagecmd import stage_settings
+
+NS = "default"
+SHARED = "digits-shared-edge-zone-a-672c938b"
+
+
+def _plan(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "kind": "Plan",
+        "deployment": "ignored",
+        "model": {
+            "zoo": "digits_cnn",
+            "variant": "fp32",
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        },
+        "predictedLatencyMs": 20.0,
+        "stages": stages,
+        "alternatives": [],
+    }
+
+
+EDGE_ONLY = _plan(
+    [
+        {
+            "index": 0,
+            "tier": "edge",
+            "layers": "0-8",
+            "inputs": ["input"],
+            "outputs": ["output"],
+            "variant": "fp32",
+            "computeMs": 0.0045,
+        }
+    ]
+)
+A = Owner("cam-a", NS, "uid-a")
+B = Owner("cam-b", NS, "uid-b")
+
+
+def _by_name(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def test_users_of_one_edge_stage_build_the_same_shared_workload() -> None:
+    opts = DeploymentOptions(image="img:1")
+    a = _by_name(build_children(A, {"zone-a": EDGE_ONLY}, {}, opts, shared_model="digits"))
+    b = _by_name(build_children(B, {"zone-a": EDGE_ONLY}, {SHARED: 3}, opts, shared_model="digits"))
+    assert sorted(a) == [
+        ("ConfigMap", "cam-a-plan"),
+        ("ConfigMap", SHARED),
+        ("DaemonSet", "cam-a-device-zone-a"),
+        ("Deployment", SHARED),
+        ("Service", SHARED),
+    ]
+    for kind in ("ConfigMap", "Deployment", "Service"):
+        meta = a[(kind, SHARED)]["metadata"]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "edgeai.dev/v1alpha1",
+                "kind": "DNNDeployment",
+                "name": "cam-a",
+                "uid": "uid-a",
+                "controller": False,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"] == {
+            "app.kubernetes.io/managed-by": "edgeai-operator",
+            "app.kubernetes.io/name": "edgeai-worker",
+            "app.kubernetes.io/instance": SHARED,
+            "edgeai.dev/shared": "true",
+            "edgeai.dev/backbone": SHARED,
+            "edgeai.dev/model": "digits",
+            "edgeai.dev/tier": "edge",
+            "edgeai.dev/zone": "zone-a",
+            "edgeai.dev/stage": "0",
+        }
+        assert b[(kind, SHARED)]["metadata"]["ownerReferences"][0]["uid"] == "uid-b"
+    deploy_a, deploy_b = a[("Deployment", SHARED)], b[("Deployment", SHARED)]
+    # Each user states its own replica wish; the pod template is the same for both.
+    assert deploy_a["metadata"]["annotations"] == {"replicas.edgeai.dev/cam-a": "1"}
+    assert deploy_b["metadata"]["annotations"] == {"replicas.edgeai.dev/cam-b": "3"}
+    assert deploy_a["spec"]["selector"] == {"matchLabels": {"edgeai.dev/backbone": SHARED}}
+    template_a = deploy_a["spec"]["template"]
+    assert template_a == deploy_b["spec"]["template"]
+    assert template_a["spec"]["volumes"] == [{"name": "plan", "configMap": {"name": SHARED}}]
+    assert template_a["spec"]["containers"][0]["args"][:3] == [
+        "run-stage",
+        "--plan=/etc/edgeai/plan.yaml",
+        "--stage=0",
+    ]
+    assert a[("ConfigMap", SHARED)]["data"] == b[("ConfigMap", SHARED)]["data"]
+    assert a[("Service", SHARED)]["spec"]["selector"] == {"edgeai.dev/backbone": SHARED}
+    # The device entry forwards to the shared Service.
+    device = a[("DaemonSet", "cam-a-device-zone-a")]["spec"]["template"]["spec"]
+    assert device["containers"][0]["args"][-1] == (f"--next=http://{SHARED}.default.svc:8080")
+
+
+def test_shared_plan_is_a_runnable_stage(tmp_path: Path) -> None:
+    children = build_children(
+        A, {"zone-a": EDGE_ONLY}, {}, DeploymentOptions(), shared_model="digits"
+    )
+    configmap = _by_name(children)[("ConfigMap", SHARED)]
+    path = tmp_path / "plan.yaml"
+    path.write_text(configmap["data"]["plan.yaml"])
+    args = argparse.Namespace(
+        plan=str(path), host="127.0.0.1", port=8080, next=None, workdir=str(tmp_path)
+    )
+    settings = stage_settings(load_plan(path), 0, args)
+    assert settings["tier"] == "edge"
+    assert len(settings["partitions"]) == 1
+
+
+def test_what_is_not_shared() -> None:
+    opts = DeploymentOptions()
+    # Without sharing: the deployment's own edge workload, as before.
+    names = {c["metadata"]["name"] for c in build_children(A, {"zone-a": EDGE_ONLY}, {}, opts)}
+    assert "cam-a-edge-zone-a" in names
+    assert SHARED not in names
+    # Another zone, model or PriorityClass is another shared workload.
+    assert shared_edge(EDGE_ONLY, "digits", "zone-a", opts).name == SHARED  # type: ignore[union-attr]
+    assert shared_edge(EDGE_ONLY, "digits", "zone-b", opts).name != SHARED  # type: ignore[union-attr]
+    assert shared_edge(EDGE_ONLY, "other", "zone-a", opts).name != SHARED  # type: ignore[union-attr]
+    urgent = DeploymentOptions(priority_class="edgeai-priority-5")
+    assert shared_edge(EDGE_ONLY, "digits", "zone-a", urgent).name != SHARED  # type: ignore[union-attr]
+    # An edge stage that forwards to a cloud stage is not shared (its next hop is
+    # the deployment's own cloud stage).
+    two = _plan(
+        [
+            {"index": 0, "tier": "edge", "layers": "0-3", "inputs": ["input"], "outputs": ["t"]},
+            {"index": 1, "tier": "cloud", "layers": "4-8", "inputs": ["t"], "outputs": ["output"]},
+        ]
+    )
+    assert shared_edge(two, "digits", "zone-a", opts) is None
+    names = {
+        c["metadata"]["name"]
+        for c in build_children(A, {"zone-a": two}, {}, opts, shared_model="digits")
+    }
+    assert {"cam-a-edge-zone-a", "cam-a-cloud"} <= names
+
+
+# ---------------------------------------------------------------------------
+# Against the real control plane
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _get(cluster: LocalCluster, *args: str) -> Any:
+    out = cluster.kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(out) if out else None
+
+
+def _deployment(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "modelRef": {"name": "shared-digits"},
+            "slo": {"latencyP95Ms": 200},
+            "devices": {"nodeSelector": {"app": "camera"}},
+            "placement": {"tiers": ["edge"]},
+            "sharing": "backbone",
+        },
+    }
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_two_deployments_share_one_edge_stage_per_zone(
+    cluster: LocalCluster, operator: Any
+) -> None:
+    model = {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNModel",
+        "metadata": {"name": "shared-digits", "namespace": NS},
+        "spec": {
+            "source": {"zoo": "digits_cnn"},
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        },
+    }
+    docs = [model, _deployment("share-a"), _deployment("share-b")]
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
+
+    def shared() -> list[dict[str, Any]]:
+        items = _get(cluster, "deployments", "-l", "edgeai.dev/shared=true")["items"]
+        return [d for d in items if d["metadata"]["name"].startswith("shared-digits-")]
+
+    def available(name: str) -> Any:
+        obj = _get(cluster, "dnnd", name)
+        conds = (obj or {}).get("status", {}).get("conditions", [])
+        ok = any(c["type"] == "Available" and c["status"] == "True" for c in conds)
+        return obj if ok else None
+
+    def two_owners() -> Any:
+        items = shared()
+        return (
+            len(items) == 2
+            and all(len(d["metadata"].get("ownerReferences", [])) == 2 for d in items)
+            and items
+        )
+
+    items = _wait_for("a shared edge Deployment per zone with two owners", two_owners, 180)
+    zones = sorted(d["metadata"]["labels"]["edgeai.dev/zone"] for d in items)
+    assert zones == ["zone-a", "zone-b"]
+    uids = {_get(cluster, "dnnd", n)["metadata"]["uid"] for n in ("share-a", "share-b")}
+    for d in items:
+        name = d["metadata"]["name"]
+        zone = d["metadata"]["labels"]["edgeai.dev/zone"]
+        assert name.startswith(f"shared-digits-shared-edge-{zone}-")
+        refs = d["metadata"]["ownerReferences"]
+        assert {r["uid"] for r in refs} == uids
+        assert all(r["controller"] is False for r in refs)
+        assert _get(cluster, "service", name) is not None
+        for user in ("share-a", "share-b"):
+            ds = _get(cluster, "daemonset", f"{user}-device-{zone}")
+            args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert f"--next=http://{name}.{NS}.svc:8080" in args
+    # Neither user has an edge Deployment of its own.
+    own = _get(cluster, "deployments", "-l", "edgeai.dev/deployment in (share-a,share-b)")
+    assert own["items"] == []
+    for user in ("share-a", "share-b"):
+
+        def user_available(u: str = user) -> Any:
+            return available(u)
+
+        obj = _wait_for(f"{user} Available", user_available, 120)
+        for d in items:
+            assert f"{d['metadata']['name']}:" in obj["status"]["replicas"]
+
+    cluster.kubectl("delete", "dnnd", "share-a", "--timeout=60s")
+
+    def one_owner() -> Any:
+        items = shared()
+        return (
+            len(items) == 2
+            and all(len(d["metadata"].get("ownerReferences", [])) == 1 for d in items)
+            and items
+        )
+
+    items = _wait_for("the shared workloads left with one owner", one_owner, 90)
+    b_uid = _get(cluster, "dnnd", "share-b")["metadata"]["uid"]
+    assert all(d["metadata"]["ownerReferences"][0]["uid"] == b_uid for d in items)
+    assert available("share-b")
+
+    cluster.kubectl("delete", "dnnd", "share-b", "--timeout=60s")
+    _wait_for("the shared workloads garbage-collected", lambda: not shared(), 90)
+    services = _get(cluster, "services", "-l", "edgeai.dev/shared=true")["items"]
+    assert not [s for s in services if s["metadata"]["name"].startswith("shared-digits-")]
+    cluster.kubectl("delete", "dnnm", "shared-digits", "--timeout=60s")
