@@ -180,7 +180,12 @@ def main() -> int:
     parser.add_argument("--edges-per-zone", type=int, default=6)
     parser.add_argument("--clouds", type=int, default=20)
     parser.add_argument("--resync-seconds", type=float, default=30)
-    parser.add_argument("--model", default="mobilenet_v2", help="zoo model of every deployment")
+    parser.add_argument(
+        "--model",
+        default="digits_cnn",
+        help="zoo model of every deployment (digits_cnn plans device-only: DaemonSets; "
+        "mobilenet_v2 at 100 Mbps adds an edge Deployment per deployment)",
+    )
     parser.add_argument(
         "--uplink-mbps",
         type=float,
@@ -231,9 +236,12 @@ def main() -> int:
             time.sleep(0.5)
 
         # The plans the operator will make, computed here for the direct baseline.
+        from edgeai_worker import zoo
+
+        _, shape, dtype = zoo.input_spec(args.model)
         model_spec = {
-            "source": {"zoo": "digits_cnn"},
-            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            "source": {"zoo": args.model},
+            "input": {"name": "input", "shape": list(shape), "dtype": dtype},
         }
         status = model_status(model_spec, list(topo.nodes))
         nodes = [NodeState(n, ready=True, schedulable=True) for n in topo.nodes]
