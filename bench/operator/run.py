@@ -207,6 +207,9 @@ def main() -> int:
     audit_log = work / "audit.log"
     cluster = LocalCluster(
         work / "cluster",
+        # 1000 kwok leases on 2 cores: renewals run late under load, and a node
+        # counted NotReady would take its pods' readiness with it.
+        node_monitor_grace_period_s=180,
         apiserver_args=(
             f"--audit-policy-file={work / 'audit-policy.yaml'}",
             f"--audit-log-path={audit_log}",

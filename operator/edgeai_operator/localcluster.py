@@ -397,7 +397,9 @@ class LocalCluster:
                 f"--server-address=127.0.0.1:{p.kwok}",
                 "--node-ip=127.0.0.1",
                 f"--cidr={POD_CIDR}",
-                "--node-lease-duration-seconds=40",
+                # kwok renews leases well within this; the grace period (>= it) decides
+                # how late a renewal may be before the node counts as NotReady.
+                f"--node-lease-duration-seconds={min(self.node_monitor_grace_period_s, 40)}",
             ],
         )
         self._wait(
