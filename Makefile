@@ -44,6 +44,17 @@ cluster-up: install binaries ## Start a local control plane with kwok nodes from
 cluster-down: install ## Stop every process cluster-up started
 	$(VENV)/bin/edgeai cluster down
 
+bench-planner: install ## Planner speed, planned vs single-tier latency, digits variants
+	$(PY) bench/planner/run.py
+
+bench-dataplane: install ## Workers across device/edge/cloud network namespaces with tc-shaped links (root)
+	$(PY) bench/dataplane/run.py
+
+bench-operator: install binaries ## 500 DNNDeployments over 1000 kwok nodes: operator vs direct
+	$(PY) bench/operator/run.py
+
+bench: bench-planner bench-dataplane bench-operator ## All benchmarks
+
 crds: ## Copy crds/ (the one source of truth) into the Helm chart
 	mkdir -p charts/edgeai-operator/crds
 	cp crds/*.yaml charts/edgeai-operator/crds/
@@ -51,4 +62,5 @@ crds: ## Copy crds/ (the one source of truth) into the Helm chart
 crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
-.PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check
+.PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
+	bench bench-planner bench-dataplane bench-operator
