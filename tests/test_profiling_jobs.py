@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -252,7 +251,7 @@ def _get(cluster: LocalCluster, *args: str) -> Any:
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_model_gets_one_owned_profiling_job_per_tier(
-    cluster: LocalCluster, operator: Any, tmp_path: Path
+    cluster: LocalCluster, operator: Any, profiled: tuple[dict[str, Any], str]
 ) -> None:
     model = {
         "apiVersion": "edgeai.dev/v1alpha1",
@@ -309,6 +308,62 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     assert profile_jobs_pass(
         {**body, "metadata": {**body["metadata"], "namespace": NS}}, status, []
     ) == ({}, [])
+
+    # A pod that did write a termination message, as a kubelet reports it (kwok runs
+    # nothing, so the test puts the real profiler's message in the pod's status):
+    # the operator reads it and the edge tier becomes measured.
+    _, message = profiled
+    summary = json.loads(message)
+    edge_job = by_tier["edge"]["metadata"]["name"]
+    pod = _get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={edge_job}")["items"][0]
+    statuses = pod["status"].get("containerStatuses") or [
+        {"name": "profile", "image": "edgeai-worker:0.1.0", "imageID": "", "ready": False}
+        | {"restartCount": 0, "state": {"terminated": {"exitCode": 0}}}
+    ]
+    terminated = {**statuses[0]["state"].get("terminated", {}), "message": message}
+    statuses[0]["state"] = {"terminated": terminated}
+    patch = json.dumps({"status": {"containerStatuses": statuses}})
+    cluster.kubectl(
+        "patch", "pod", pod["metadata"]["name"], "--subresource=status", "--type=merge", "-p", patch
+    )
+    again = json.dumps({"status": {"tiers": {"edge": {"jobResult": None}}}})
+    cluster.kubectl("patch", "dnnm", "pj", "--subresource=status", "--type=merge", "-p", again)
+
+    def measured() -> Any:
+        status = _get(cluster, "dnnm", "pj")["status"]
+        return status["tiers"]["edge"].get("source") == "measured" and status
+
+    status = _wait_for("the edge tier measured", measured, 60)
+    edge = status["tiers"]["edge"]
+    assert edge["jobResult"] == "measured"
+    assert edge["node"] == pod["spec"]["nodeName"]
+    assert edge["totalMs"] == round(summary["totalMs"], 3)
+    assert edge["hostGflops"] == summary["hostGflops"]
+    assert status["tiers"]["device"]["source"] == "analytic"
+    stored = status["profiles"][0]["measuredTiers"]["edge"]
+    assert stored["segmentsMs"] == pytest.approx(summary["segmentsMs"])
+    # An edge-only deployment uses only measured tiers: its plan says so.
+    deployment = {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "pjd", "namespace": NS},
+        "spec": {
+            "modelRef": {"name": "pj"},
+            "slo": {"latencyP95Ms": 200},
+            "devices": {"nodeSelector": {"app": "camera"}},
+            "placement": {"tiers": ["edge"]},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
+
+    def plan() -> Any:
+        cm = _get(cluster, "configmap", "pjd-plan")
+        return cm and yaml.safe_load(cm["data"]["plan-zone-a.yaml"])
+
+    doc = _wait_for("pjd planned", plan, 60)
+    assert doc["compute"]["method"] == "measured"
+    assert doc["compute"]["measuredOn"] == {"edge": pod["spec"]["nodeName"]}
+    cluster.kubectl("delete", "dnnd", "pjd", "--timeout=60s")
 
     cluster.kubectl("delete", "dnnm", "pj", "--timeout=60s")
     _wait_for("profiling Jobs garbage-collected", lambda: not jobs(), 90)
