@@ -26,8 +26,16 @@ _seen: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 def workload_changed(
     type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str | None, **_: Any
 ) -> None:
-    owner = labels.get("edgeai.dev/deployment")
-    if not owner or namespace is None:
+    # A deployment's own workloads carry its label; a shared one lists every user
+    # among its ownerReferences.
+    owners = {
+        str(ref.get("name"))
+        for ref in body.get("metadata", {}).get("ownerReferences") or []
+        if ref.get("kind") == "DNNDeployment"
+    }
+    if labels.get("edgeai.dev/deployment"):
+        owners.add(str(labels["edgeai.dev/deployment"]))
+    if not owners or namespace is None:
         return
     key = (namespace, str(body.get("kind")), str(body.get("metadata", {}).get("name")))
     fingerprint = _status_fingerprint(body)
@@ -37,4 +45,5 @@ def workload_changed(
         return
     else:
         _seen[key] = fingerprint
-    wakeups.wake(namespace, owner)
+    for owner in owners:
+        wakeups.wake(namespace, owner)
