@@ -14,23 +14,18 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 import yaml
 
+from _cluster_support import get, wait_for
 from conftest import OperatorProcess
 from edgeai_operator.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 NAME = "autoscaled"
-
-
-def _json(cluster: LocalCluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out) if out else None
 
 
 def _ready(ip: str) -> bool:
@@ -66,7 +61,7 @@ class ProcessKubelet:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            pods = _json(self.cluster, "pods", "-l", self.selector)["items"]
+            pods = get(self.cluster, "pods", "-l", self.selector)["items"]
             live = {}
             for pod in pods:
                 ip = pod.get("status", {}).get("podIP")
@@ -160,7 +155,7 @@ async def _load(
 def fast_uplink(cluster: LocalCluster) -> Iterator[None]:
     devices = [
         n["metadata"]["name"]
-        for n in _json(cluster, "nodes", "-l", "edgeai.dev/tier=device")["items"]
+        for n in get(cluster, "nodes", "-l", "edgeai.dev/tier=device")["items"]
     ]
     for node in devices:
         cluster.kubectl("annotate", "--overwrite", "node", node, "edgeai.dev/uplink-mbps=300")
@@ -170,17 +165,8 @@ def fast_uplink(cluster: LocalCluster) -> Iterator[None]:
 
 
 def _replicas(cluster: LocalCluster, workload: str) -> int:
-    obj = _json(cluster, "deployment", workload)
+    obj = get(cluster, "deployment", workload)
     return int(obj["spec"]["replicas"]) if obj else 0
-
-
-def _wait(what: str, check: Any, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def test_stage_scales_up_under_load_and_down_when_calm(
@@ -223,20 +209,20 @@ def test_stage_scales_up_under_load_and_down_when_calm(
         ),
     )
     workload = f"{NAME}-edge-zone-a"
-    _wait("an edge stage", lambda: _replicas(cluster, workload) == 1, 240)
-    plan_text = _json(cluster, "configmap", f"{NAME}-plan")["data"]["plan-zone-a.yaml"]
+    wait_for("an edge stage", lambda: _replicas(cluster, workload) == 1, 240)
+    plan_text = get(cluster, "configmap", f"{NAME}-plan")["data"]["plan-zone-a.yaml"]
     plan = yaml.safe_load(plan_text)
     edge_stage = next(s for s in plan["stages"] if s["tier"] == "edge")
     (tmp_path / "plan.yaml").write_text(plan_text)
     selector = f"edgeai.dev/deployment={NAME},edgeai.dev/tier=edge,edgeai.dev/zone=zone-a"
     latencies: list[tuple[float, float, int]] = []
     with ProcessKubelet(cluster, selector, tmp_path / "plan.yaml", tmp_path) as kubelet:
-        _wait("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
+        wait_for("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
         assert kubelet.ready[0].startswith("127.244.")
         t0 = time.monotonic()
         asyncio.run(_load(kubelet, "alexnet_like", 60, 8, latencies))
         scaled_up = max(_replicas(cluster, workload), 1)
-        events = _json(
+        events = get(
             cluster,
             "events",
             "--field-selector",
@@ -246,12 +232,12 @@ def test_stage_scales_up_under_load_and_down_when_calm(
         assert ups, "no scale-up under load"
         assert scaled_up >= 2
         assert any("p95" in m and "stage target" in m and workload in m for m in ups)
-        status = _json(cluster, "dnnd", NAME)["status"]
+        status = get(cluster, "dnnd", NAME)["status"]
         assert status["observed"]["stages"][workload]["p95LatencyMs"] > 0
         # Calm: no requests for a stable window -> back to minReplicas.
-        _wait("scale-down to 1", lambda: _replicas(cluster, workload) == 1, 90)
+        wait_for("scale-down to 1", lambda: _replicas(cluster, workload) == 1, 90)
         calm = time.monotonic() - t0
-    events = _json(
+    events = get(
         cluster,
         "events",
         "--field-selector",

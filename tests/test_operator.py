@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +15,13 @@ import numpy as np
 import pytest
 import yaml
 
+from _cluster_support import apply, condition, get, wait_for
 from conftest import OperatorProcess
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 from edgeai_operator.topology import parse_topology
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 NS = "default"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
-
-
-def get(cluster: LocalCluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out) if out else None
-
-
-def condition(obj: Any, type_: str) -> dict[str, Any]:
-    conds = (obj or {}).get("status", {}).get("conditions", [])
-    return next((c for c in conds if c["type"] == type_), {})
-
-
-def apply(cluster: LocalCluster, *docs: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
 
 
 def model(name: str, zoo: str, shape: list[int]) -> dict[str, Any]:

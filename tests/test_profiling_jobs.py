@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
 
+from _cluster_support import get, wait_for
 from edgeai_operator import profiling
 from edgeai_operator.handlers.models import profile_jobs_pass
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY, LocalCluster
@@ -232,22 +231,6 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
 # Against the real control plane
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
-
-
-def _get(cluster: LocalCluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out) if out else None
-
-
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_model_gets_one_owned_profiling_job_per_tier(
@@ -267,10 +250,10 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     selector = "edgeai.dev/model=pj"
 
     def jobs() -> list[dict[str, Any]]:
-        return list(_get(cluster, "jobs", "-l", selector)["items"])
+        return list(get(cluster, "jobs", "-l", selector)["items"])
 
-    _wait_for("three profiling Jobs", lambda: len(jobs()) == 3, 120)
-    uid = _get(cluster, "dnnm", "pj")["metadata"]["uid"]
+    wait_for("three profiling Jobs", lambda: len(jobs()) == 3, 120)
+    uid = get(cluster, "dnnm", "pj")["metadata"]["uid"]
     by_tier = {j["metadata"]["labels"]["edgeai.dev/tier"]: j for j in jobs()}
     assert sorted(by_tier) == ["cloud", "device", "edge"]
     for tier, job in by_tier.items():
@@ -280,19 +263,19 @@ def test_model_gets_one_owned_profiling_job_per_tier(
         name = job["metadata"]["name"]
 
         def bound(name: str = name) -> Any:
-            pods = _get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={name}")["items"]
+            pods = get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={name}")["items"]
             return pods and pods[0]["spec"].get("nodeName") and pods[0]
 
-        pod = _wait_for(f"{name}'s pod bound", bound, 60)
-        node = _get(cluster, "node", pod["spec"]["nodeName"])
+        pod = wait_for(f"{name}'s pod bound", bound, 60)
+        node = get(cluster, "node", pod["spec"]["nodeName"])
         assert node["metadata"]["labels"]["edgeai.dev/tier"] == tier
 
     def reported() -> Any:
-        tiers = _get(cluster, "dnnm", "pj")["status"].get("tiers", {})
+        tiers = get(cluster, "dnnm", "pj")["status"].get("tiers", {})
         done = [t for t in tiers.values() if t.get("jobResult")]
         return len(done) == 3 and tiers
 
-    tiers = _wait_for("every tier's Job reported", reported, 120)
+    tiers = wait_for("every tier's Job reported", reported, 120)
     for tier, entry in tiers.items():
         # kwok completes the pods without running them: no termination message.
         assert entry["source"] == "analytic"
@@ -303,8 +286,8 @@ def test_model_gets_one_owned_profiling_job_per_tier(
         assert entry["totalMs"] >= 0  # the analytic estimate is kept
         assert entry["gflops"] > 0
     # The timer's next pass has nothing left to do for this generation.
-    status = _get(cluster, "dnnm", "pj")["status"]
-    body = _get(cluster, "dnnm", "pj")
+    status = get(cluster, "dnnm", "pj")["status"]
+    body = get(cluster, "dnnm", "pj")
     assert profile_jobs_pass(
         {**body, "metadata": {**body["metadata"], "namespace": NS}}, status, []
     ) == ({}, [])
@@ -315,7 +298,7 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     _, message = profiled
     summary = json.loads(message)
     edge_job = by_tier["edge"]["metadata"]["name"]
-    pod = _get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={edge_job}")["items"][0]
+    pod = get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={edge_job}")["items"][0]
     statuses = pod["status"].get("containerStatuses") or [
         {"name": "profile", "image": "edgeai-worker:0.1.0", "imageID": "", "ready": False}
         | {"restartCount": 0, "state": {"terminated": {"exitCode": 0}}}
@@ -330,10 +313,10 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     cluster.kubectl("patch", "dnnm", "pj", "--subresource=status", "--type=merge", "-p", again)
 
     def measured() -> Any:
-        status = _get(cluster, "dnnm", "pj")["status"]
+        status = get(cluster, "dnnm", "pj")["status"]
         return status["tiers"]["edge"].get("source") == "measured" and status
 
-    status = _wait_for("the edge tier measured", measured, 60)
+    status = wait_for("the edge tier measured", measured, 60)
     edge = status["tiers"]["edge"]
     assert edge["jobResult"] == "measured"
     assert edge["node"] == pod["spec"]["nodeName"]
@@ -357,13 +340,13 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
 
     def plan() -> Any:
-        cm = _get(cluster, "configmap", "pjd-plan")
+        cm = get(cluster, "configmap", "pjd-plan")
         return cm and yaml.safe_load(cm["data"]["plan-zone-a.yaml"])
 
-    doc = _wait_for("pjd planned", plan, 60)
+    doc = wait_for("pjd planned", plan, 60)
     assert doc["compute"]["method"] == "measured"
     assert doc["compute"]["measuredOn"] == {"edge": pod["spec"]["nodeName"]}
     cluster.kubectl("delete", "dnnd", "pjd", "--timeout=60s")
 
     cluster.kubectl("delete", "dnnm", "pj", "--timeout=60s")
-    _wait_for("profiling Jobs garbage-collected", lambda: not jobs(), 90)
+    wait_for("profiling Jobs garbage-collected", lambda: not jobs(), 90)

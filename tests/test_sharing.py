@@ -4,15 +4,13 @@ identical edge stage share one edge Deployment+Service per zone, owned by all of
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from _cluster_support import get, wait_for
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children, shared_edge
 from edgeai_operator.localcluster import LocalCluster
 from edgeai_operator.runlocal import load_plan
@@ -160,22 +158,6 @@ def test_what_is_not_shared() -> None:
 # Against the real control plane
 
 
-def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
-
-
-def _get(cluster: LocalCluster, *args: str) -> Any:
-    out = cluster.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out) if out else None
-
-
 def _deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "edgeai.dev/v1alpha1",
@@ -209,11 +191,11 @@ def test_two_deployments_share_one_edge_stage_per_zone(
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
 
     def shared() -> list[dict[str, Any]]:
-        items = _get(cluster, "deployments", "-l", "edgeai.dev/shared=true")["items"]
+        items = get(cluster, "deployments", "-l", "edgeai.dev/shared=true")["items"]
         return [d for d in items if d["metadata"]["name"].startswith("shared-digits-")]
 
     def available(name: str) -> Any:
-        obj = _get(cluster, "dnnd", name)
+        obj = get(cluster, "dnnd", name)
         conds = (obj or {}).get("status", {}).get("conditions", [])
         ok = any(c["type"] == "Available" and c["status"] == "True" for c in conds)
         return obj if ok else None
@@ -226,10 +208,10 @@ def test_two_deployments_share_one_edge_stage_per_zone(
             and items
         )
 
-    items = _wait_for("a shared edge Deployment per zone with two owners", two_owners, 180)
+    items = wait_for("a shared edge Deployment per zone with two owners", two_owners, 180)
     zones = sorted(d["metadata"]["labels"]["edgeai.dev/zone"] for d in items)
     assert zones == ["zone-a", "zone-b"]
-    uids = {_get(cluster, "dnnd", n)["metadata"]["uid"] for n in ("share-a", "share-b")}
+    uids = {get(cluster, "dnnd", n)["metadata"]["uid"] for n in ("share-a", "share-b")}
     for d in items:
         name = d["metadata"]["name"]
         zone = d["metadata"]["labels"]["edgeai.dev/zone"]
@@ -237,20 +219,20 @@ def test_two_deployments_share_one_edge_stage_per_zone(
         refs = d["metadata"]["ownerReferences"]
         assert {r["uid"] for r in refs} == uids
         assert all(r["controller"] is False for r in refs)
-        assert _get(cluster, "service", name) is not None
+        assert get(cluster, "service", name) is not None
         for user in ("share-a", "share-b"):
-            ds = _get(cluster, "daemonset", f"{user}-device-{zone}")
+            ds = get(cluster, "daemonset", f"{user}-device-{zone}")
             args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
             assert f"--next=http://{name}.{NS}.svc:8080" in args
     # Neither user has an edge Deployment of its own.
-    own = _get(cluster, "deployments", "-l", "edgeai.dev/deployment in (share-a,share-b)")
+    own = get(cluster, "deployments", "-l", "edgeai.dev/deployment in (share-a,share-b)")
     assert own["items"] == []
     for user in ("share-a", "share-b"):
 
         def user_available(u: str = user) -> Any:
             return available(u)
 
-        obj = _wait_for(f"{user} Available", user_available, 120)
+        obj = wait_for(f"{user} Available", user_available, 120)
         for d in items:
             assert f"{d['metadata']['name']}:" in obj["status"]["replicas"]
 
@@ -264,13 +246,13 @@ def test_two_deployments_share_one_edge_stage_per_zone(
             and items
         )
 
-    items = _wait_for("the shared workloads left with one owner", one_owner, 90)
-    b_uid = _get(cluster, "dnnd", "share-b")["metadata"]["uid"]
+    items = wait_for("the shared workloads left with one owner", one_owner, 90)
+    b_uid = get(cluster, "dnnd", "share-b")["metadata"]["uid"]
     assert all(d["metadata"]["ownerReferences"][0]["uid"] == b_uid for d in items)
     assert available("share-b")
 
     cluster.kubectl("delete", "dnnd", "share-b", "--timeout=60s")
-    _wait_for("the shared workloads garbage-collected", lambda: not shared(), 90)
-    services = _get(cluster, "services", "-l", "edgeai.dev/shared=true")["items"]
+    wait_for("the shared workloads garbage-collected", lambda: not shared(), 90)
+    services = get(cluster, "services", "-l", "edgeai.dev/shared=true")["items"]
     assert not [s for s in services if s["metadata"]["name"].startswith("shared-digits-")]
     cluster.kubectl("delete", "dnnm", "shared-digits", "--timeout=60s")
