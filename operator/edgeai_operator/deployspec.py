@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgeai_operator import API_GROUP, TIERS
-from edgeai_operator.errors import SpecError
+from edgeai_operator.errors import SpecError, read_yaml_documents
 
 OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
 PARTITIONING = ("auto", "binary")
@@ -262,14 +260,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
 
 def load_deployment(path: str | Path) -> DeploymentSpec:
     """Reads the first DNNDeployment of a YAML file (other documents are skipped)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SpecError("-f", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError("-f", f"{path} is not valid YAML: {exc}") from exc
+    docs = read_yaml_documents(path, "-f")
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == "DNNDeployment":
             return parse_deployment(doc)

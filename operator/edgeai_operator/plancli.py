@@ -29,7 +29,7 @@ import yaml
 
 from edgeai_operator import TIERS
 from edgeai_operator.deployspec import DeploymentSpec, load_deployment
-from edgeai_operator.errors import SpecError
+from edgeai_operator.errors import SpecError, read_yaml_documents
 from edgeai_operator.planner import (
     LayerGraph,
     Link,
@@ -143,14 +143,8 @@ def termination_summary(profile: dict[str, Any]) -> str:
 
 
 def load_profile(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SpecError("--profile", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError("--profile", f"{path} is not YAML or JSON: {exc}") from exc
+    docs = read_yaml_documents(path, "--profile")
+    data = docs[0] if len(docs) == 1 else None
     if not isinstance(data, dict) or data.get("kind") != "Profile":
         raise SpecError("--profile", f"{path} is not a profile", "the output of edgeai profile")
     for key in ("model", "cuts", "segments", "host", "input"):

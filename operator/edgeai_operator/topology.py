@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edgeai_operator import (
     GFLOPS_ANNOTATION,
     POWER_WATTS_ANNOTATION,
@@ -38,7 +36,7 @@ from edgeai_operator import (
     UPLINK_RTT_MS_ANNOTATION,
     ZONE_LABEL,
 )
-from edgeai_operator.errors import SpecError
+from edgeai_operator.errors import SpecError, read_yaml_documents
 
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -221,15 +219,8 @@ def parse_topology(data: Any) -> Topology:
 
 
 def load_topology(path: str | Path) -> Topology:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SpecError("--topology", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError("--topology", f"{path} is not valid YAML: {exc}") from exc
-    return parse_topology(data)
+    docs = read_yaml_documents(path, "--topology")
+    return parse_topology(docs[0] if len(docs) == 1 else None)
 
 
 def _annotation_number(annotations: dict[str, str], key: str) -> float | None:
