@@ -82,3 +82,16 @@ def test_live_node_measured_annotation_wins_and_untiered_nodes_are_skipped() -> 
     assert (live.tier, live.zone, live.gflops, live.uplink_mbps) == ("device", "z1", 5.0, 3.5)
     del obj["metadata"]["labels"]["edgeai.dev/tier"]
     assert node_from_object(obj) is None
+
+
+def test_live_node_without_uplink_is_named_in_the_planning_error() -> None:
+    from edgeai_operator.plancli import network
+    from edgeai_operator.topology import NodeSpec, Topology
+
+    def node(name: str, tier: str, mbps: float | None) -> NodeSpec:
+        return NodeSpec(name, tier, "z", {}, 10.0, mbps, None, None)
+
+    topo = Topology((node("phone", "device", None), node("gateway", "edge", 100.0)))
+    with pytest.raises(SpecError) as err:
+        network(topo, "z")
+    assert err.value.field == "node phone annotation edgeai.dev/uplink-mbps"

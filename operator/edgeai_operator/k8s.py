@@ -74,7 +74,8 @@ def list_objects(
 
 
 def delete(api_version: str, kind: str, name: str, namespace: str | None) -> bool:
-    """Deletes with foreground propagation; False when it was already gone."""
+    """Deletes with background propagation (the garbage collector removes dependents);
+    False when it was already gone."""
     try:
         _resource(api_version, kind).delete(
             name=name, namespace=namespace, body={"propagationPolicy": "Background"}

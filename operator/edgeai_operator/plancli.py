@@ -236,9 +236,13 @@ def network(
             mbps, rtt = node.uplink_mbps, node.uplink_rtt_ms or 0.0
         if mbps is None:
             suffix = f"-{node.zone}-" if node.zone else "-"
-            group = node.name[: node.name.rindex(suffix)]
+            if suffix in node.name:  # a node of a topology file's group
+                group = node.name[: node.name.rindex(suffix)]
+                field = f"nodeGroups[{group}].uplinkMbps"
+            else:  # a live node named otherwise
+                field = f"node {node.name} annotation edgeai.dev/uplink-mbps"
             raise SpecError(
-                f"nodeGroups[{group}].uplinkMbps",
+                field,
                 "is required for planning",
                 "the uplink bandwidth in Mbps to the next tier up",
             )
