@@ -25,6 +25,7 @@ forwards the raw input (nothing runs on the device). Edge/cloud Deployments roll
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,8 +101,16 @@ def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict
     return out
 
 
+def dns_label(text: str) -> str:
+    """`text` if it fits a DNS label (Service names, label values: 63 characters);
+    otherwise its first 54 characters and a hash of the whole, still unique."""
+    if len(text) <= 63:
+        return text
+    return f"{text[:54].rstrip('-.')}-{_hash(text, 8)}"
+
+
 def workload_name(owner: Owner, tier: str, zone: str | None) -> str:
-    return f"{owner.name}-{tier}-{zone}" if zone else f"{owner.name}-{tier}"
+    return dns_label(f"{owner.name}-{tier}-{zone}" if zone else f"{owner.name}-{tier}")
 
 
 def _metadata(owner: Owner, name: str, lbls: Mapping[str, str]) -> dict[str, Any]:
@@ -113,8 +122,21 @@ def _metadata(owner: Owner, name: str, lbls: Mapping[str, str]) -> dict[str, Any
     }
 
 
+# libyaml's emitter when PyYAML has it (its wheels do): ~20x the pure-Python one.
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _yaml(obj: Mapping[str, Any]) -> str:
+    return yaml.dump(dict(obj), Dumper=_DUMPER, sort_keys=False)
+
+
+def _hash(obj: Any, length: int) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def plan_configmap(owner: Owner, plans: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    data = {key: yaml.safe_dump(dict(plan), sort_keys=False) for key, plan in sorted(plans.items())}
+    data = {key: _yaml(plan) for key, plan in sorted(plans.items())}
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -125,7 +147,7 @@ def plan_configmap(owner: Owner, plans: Mapping[str, Mapping[str, Any]]) -> dict
 
 def plan_hash(plan: Mapping[str, Any]) -> str:
     """Changes when the plan does; in the pod template so a new plan rolls the pods."""
-    return hashlib.sha256(yaml.safe_dump(dict(plan), sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(dict(plan), 16)
 
 
 def _affinity(
@@ -329,8 +351,8 @@ def shared_edge(
         "alternatives": list(plan.get("alternatives") or []),
     }
     signature = {"model": model, "zone": zone, "plan": doc, "priority": opts.priority_class}
-    digest = hashlib.sha256(yaml.safe_dump(signature, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{model}-shared-edge-{zone}-{digest}"
+    digest = _hash(signature, 8)
+    name = dns_label(f"{model}-shared-edge-{zone}-{digest}")
     return SharedStage(name=name, model=model, zone=zone, stage=idx, plan=doc)
 
 
@@ -368,7 +390,7 @@ def shared_children(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta,
-            "data": {"plan.yaml": yaml.safe_dump(dict(shared.plan), sort_keys=False)},
+            "data": {"plan.yaml": _yaml(shared.plan)},
         },
         {
             "apiVersion": "apps/v1",

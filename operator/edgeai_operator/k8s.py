@@ -36,7 +36,9 @@ def _dynamic() -> DynamicClient:
         return DynamicClient(_api_client())
 
 
+@functools.cache
 def _resource(api_version: str, kind: str) -> Any:
+    # the discovery search is a scan of every API resource: once per kind is enough
     return _dynamic().resources.get(api_version=api_version, kind=kind)
 
 

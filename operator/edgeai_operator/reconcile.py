@@ -38,12 +38,15 @@ from edgeai_operator.builders import (
     split_summary,
     workload_name,
 )
+from edgeai_operator.cache import ClusterView, LiveView
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.errors import SpecError
 from edgeai_operator.planning import NodeState, ZonePlans, device_selector, plan_zones
 
 EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
 Scraper = Callable[[str], str | None]  # pod IP -> its /metrics text, None if unreachable
+# Passes woken in a burst (a rollout's status updates) scrape the stages at most this often.
+SCRAPE_INTERVAL_S = 2.0
 
 
 def scrape_pod(ip: str) -> str | None:
@@ -70,6 +73,14 @@ class DeploymentState:
     pending_releases: set[tuple[str, str, str]] = field(default_factory=set)
     shared: bool = False  # the last applied children included a shared workload
     last_status_digest: str = ""
+    # children applied so far (what a changed plan may leave obsolete)
+    applied_keys: set[tuple[str, str, str]] = field(default_factory=set)
+    # the last plan and what it was computed from: (generation, profiles, node epoch)
+    plan_inputs: tuple[Any, ...] | None = None
+    plan: Any = None
+    plan_profiles: Any = None
+    last_scrape: float = float("-inf")
+    observed: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -105,17 +116,22 @@ def excluded_nodes(nodes: Sequence[NodeState]) -> tuple[tuple[str, str, str | No
 
 
 def workload_health(obj: Mapping[str, Any]) -> tuple[int, int]:
-    """(available, desired) replicas of a Deployment or DaemonSet."""
+    """(available, desired) replicas of a Deployment or DaemonSet. Until its controller
+    has seen the latest spec (status.observedGeneration), none count as available: the
+    status still describes the previous template."""
     status = obj.get("status") or {}
+    generation = int((obj.get("metadata") or {}).get("generation") or 0)
+    current = int(status.get("observedGeneration") or 0) >= generation
     if obj["kind"] == "DaemonSet":
-        return int(status.get("number_available") or status.get("numberAvailable") or 0), int(
-            status.get("desired_number_scheduled") or status.get("desiredNumberScheduled") or 0
-        )
+        available = int(status.get("numberAvailable") or 0)
+        updated = int(status.get("updatedNumberScheduled") or 0)
+        desired = int(status.get("desiredNumberScheduled") or 0)
+        return (min(available, updated) if current else 0), desired
     spec_replicas = int((obj.get("spec") or {}).get("replicas") or 0)
-    available = int(status.get("available_replicas") or status.get("availableReplicas") or 0)
-    updated = int(status.get("updated_replicas") or status.get("updatedReplicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
     # A rollout still in progress (old pods on a failed node, say) is not yet available.
-    return (min(available, updated), spec_replicas)
+    return (min(available, updated) if current else 0), spec_replicas
 
 
 def reconcile(
@@ -128,8 +144,15 @@ def reconcile(
     image: str,
     scrape: Scraper = scrape_pod,
     now: Callable[[], float] = time.monotonic,
+    view: ClusterView | None = None,
+    node_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """One pass; returns the status it wrote (for tests and logs)."""
+    """One pass; returns the status it wrote (for tests and logs).
+
+    `view` reads workloads and pods (the operator passes its watch cache; default: the
+    API server). `node_epoch` counts placement-relevant node changes: with it, a pass
+    whose spec, profiles and nodes are unchanged reuses the last plan."""
+    view = view or LiveView()
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     generation = meta.get("generation")
@@ -162,8 +185,15 @@ def reconcile(
         )
         return finish("Pending", {})
 
+    inputs = (generation, id(profiles), node_epoch)
     try:
-        spec, zones = plan_zones(body, profiles, nodes, excluded=())
+        if node_epoch is not None and state.plan_inputs == inputs:
+            spec, zones = state.plan
+        else:
+            spec, zones = plan_zones(body, profiles, nodes, excluded=())
+            # `profiles` is kept referenced so its id stays its own
+            state.plan_inputs, state.plan = inputs, (spec, zones)
+            state.plan_profiles = profiles
     except SpecError as exc:
         conditions = set_condition(
             conditions, "Planned", False, "InvalidSpec", str(exc), generation
@@ -201,7 +231,13 @@ def reconcile(
         stage = shared_edge(plan, shared_model, zone, opts) if shared_model else None
         if stage is not None:
             shared_names[zone] = stage.name
-    observed = _autoscale(owner, spec_body, zones, state, emit, scrape, now, shared_names)
+    t = now()
+    if t - state.last_scrape >= SCRAPE_INTERVAL_S:
+        state.observed = _autoscale(
+            owner, spec_body, zones, state, emit, scrape, t, view, shared_names
+        )
+        state.last_scrape = t
+    observed = state.observed
     children = build_children(
         owner,
         zones.plans,
@@ -210,7 +246,7 @@ def reconcile(
         default_replicas=max(min_replicas, 1),
         shared_model=shared_model,
     )
-    live_replicas = _share_replicas(owner, children)
+    live_replicas = _share_replicas(owner, children, view)
 
     _report_plan_changes(zones, state, emit)
     if excluded != state.last_excluded:
@@ -230,18 +266,24 @@ def reconcile(
     if digest != state.applied_digest:
         if opts.priority_class:
             k8s.apply(priority_class(priority))
+        # On the first pass of a deployment that was reconciled before (an operator
+        # restart), what exists is listed; after that this daemon knows what it applied.
+        # A deployment never reconciled (no status yet) has no children to find.
+        recovering = first_pass and bool(body.get("status"))
+        if recovering:
+            state.applied_keys |= set(k8s.owned_children(namespace, name))
+        state.applied_keys |= {k for k in desired_keys if not _is_shared_key(children, k)}
         for child in children:
             if is_shared(child):
-                k8s.apply(child, field_manager=owner.field_manager)
+                view.remember(k8s.apply(child, field_manager=owner.field_manager))
             else:
-                k8s.apply(child)
+                view.remember(k8s.apply(child))
         opmetrics.inc("edgeai_operator_applies_total", len(children))
         state.applied_digest = digest
-        existing = set(k8s.owned_children(namespace, name))
-        state.pending_deletes = existing - desired_keys
+        state.pending_deletes = state.applied_keys - desired_keys
         # Shares to give up: looked up when this deployment shares or has shared, and
-        # on its first pass (after an operator restart, say); one list call.
-        if shared_model or state.shared or first_pass:
+        # when recovering; one list call.
+        if shared_model or state.shared or recovering:
             used = set(k8s.shared_children_of(namespace, owner.uid))
             state.pending_releases = used - desired_keys
         state.shared = bool(shared_names)
@@ -251,7 +293,7 @@ def reconcile(
     for api_version, kind, child_name in sorted(desired_keys):
         if kind not in ("Deployment", "DaemonSet"):
             continue
-        obj = k8s.get(api_version, kind, child_name, namespace)
+        obj = view.workload(api_version, kind, child_name, namespace)
         if obj is not None:
             health[child_name] = workload_health(obj)
     available = bool(health) and all(a >= d and d > 0 for a, d in health.values())
@@ -261,6 +303,7 @@ def reconcile(
         for api_version, kind, child_name in sorted(state.pending_deletes):
             if k8s.delete(api_version, kind, child_name, namespace):
                 emit("Normal", "StageRemoved", f"removed {kind} {child_name}: replaced and Ready")
+            state.applied_keys.discard((api_version, kind, child_name))
         state.pending_deletes = set()
     if available and state.pending_releases:
         for api_version, kind, child_name in sorted(state.pending_releases):
@@ -371,7 +414,16 @@ def reconcile(
     )
 
 
-def _share_replicas(owner: Owner, children: Sequence[dict[str, Any]]) -> dict[str, int]:
+def _is_shared_key(children: Sequence[dict[str, Any]], key: tuple[str, str, str]) -> bool:
+    return any(
+        (c["apiVersion"], c["kind"], c["metadata"]["name"]) == key and is_shared(c)
+        for c in children
+    )
+
+
+def _share_replicas(
+    owner: Owner, children: Sequence[dict[str, Any]], view: ClusterView
+) -> dict[str, int]:
     """Sets each shared Deployment's replicas to the max its users want (their
     `replicas.edgeai.dev/<name>` annotations; users still among its owners); returns
     the live replicas, so a change by another user re-applies ours."""
@@ -379,7 +431,7 @@ def _share_replicas(owner: Owner, children: Sequence[dict[str, Any]]) -> dict[st
     for child in children:
         if child["kind"] != "Deployment" or not is_shared(child):
             continue
-        live = k8s.get("apps/v1", "Deployment", child["metadata"]["name"], owner.namespace)
+        live = view.workload("apps/v1", "Deployment", child["metadata"]["name"], owner.namespace)
         if live is None:
             continue
         meta = live["metadata"]
@@ -400,11 +452,13 @@ def _share_replicas(owner: Owner, children: Sequence[dict[str, Any]]) -> dict[st
     return live_replicas
 
 
-def _pods_by_workload(owner: Owner, shared: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:
+def _pods_by_workload(
+    owner: Owner, view: ClusterView, shared: Sequence[str] = ()
+) -> dict[str, list[tuple[str, str]]]:
     """Running pods with an IP, grouped by workload name: [(pod name, pod IP)]."""
-    pods = k8s.list_objects("v1", "Pod", owner.namespace, f"edgeai.dev/deployment={owner.name}")
+    pods = view.pods(owner.namespace, "edgeai.dev/deployment", owner.name)
     for name in sorted(set(shared)):
-        pods += k8s.list_objects("v1", "Pod", owner.namespace, f"{BACKBONE_LABEL}={name}")
+        pods += view.pods(owner.namespace, BACKBONE_LABEL, name)
     out: dict[str, list[tuple[str, str]]] = {}
     for pod in pods:
         meta, status = pod["metadata"], pod.get("status") or {}
@@ -426,7 +480,8 @@ def _autoscale(
     state: DeploymentState,
     emit: EventSink,
     scrape: Scraper,
-    now: Callable[[], float],
+    t: float,
+    view: ClusterView,
     shared: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Scrapes every stage pod, scales edge/cloud stages; returns `status.observed`.
@@ -435,8 +490,7 @@ def _autoscale(
     shared = shared or {}
     autoscaling = spec_body.get("autoscaling") or {}
     slo_ms = float((spec_body.get("slo") or {}).get("latencyP95Ms") or 0.0)
-    t = now()
-    pods = _pods_by_workload(owner, list(shared.values()))
+    pods = _pods_by_workload(owner, view, list(shared.values()))
     entry_scrapes: dict[str, Scrape] = {}
     for zone, plan in sorted(zones.plans.items()):
         targets = stage_targets(plan, slo_ms) if slo_ms else {}

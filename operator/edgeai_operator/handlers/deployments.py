@@ -13,12 +13,16 @@ import kopf
 
 from edgeai_operator import API_GROUP, API_VERSION, opmetrics
 from edgeai_operator.builders import DEFAULT_IMAGE
-from edgeai_operator.handlers import wakeups
+from edgeai_operator.handlers import nodes, wakeups
 from edgeai_operator.handlers.nodes import all_nodes
+from edgeai_operator.handlers.workloads import CACHE
 from edgeai_operator.planning import NodeState
 from edgeai_operator.reconcile import DeploymentState, reconcile
 
 RESYNC_S = float(os.environ.get("EDGEAI_RESYNC_SECONDS", "10"))
+# A wake-up waits this long for the rest of its burst (a rollout's status updates, a
+# node change waking every daemon), so one pass answers them all.
+DEBOUNCE_S = float(os.environ.get("EDGEAI_DEBOUNCE_SECONDS", "0.5"))
 
 
 @kopf.on.update(API_GROUP, API_VERSION, "dnndeployments", field="spec")
@@ -66,7 +70,15 @@ async def run_deployment(
             started = time.monotonic()
             try:
                 await asyncio.to_thread(
-                    reconcile, snapshot, profiles, all_nodes(node_index), state, emit, image=image
+                    reconcile,
+                    snapshot,
+                    profiles,
+                    all_nodes(node_index),
+                    state,
+                    emit,
+                    image=image,
+                    view=CACHE,
+                    node_epoch=nodes.epoch(),
                 )
             except Exception as exc:  # keep the daemon alive; the next pass retries
                 opmetrics.inc("edgeai_operator_reconcile_errors_total")
@@ -78,6 +90,7 @@ async def run_deployment(
                 kopf.event(body, type=type_, reason=reason, message=message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=RESYNC_S)
+                await asyncio.sleep(DEBOUNCE_S)
     finally:
         opmetrics.deployments -= 1
         wakeups.forget(namespace, name)

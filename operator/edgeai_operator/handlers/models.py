@@ -105,6 +105,19 @@ async def profile_jobs(
     if not updates:
         return
     patch.status.update(updates)
+    merged = {t: dict(v) for t, v in (status.get("tiers") or {}).items()}
+    for tier, entry in (updates.get("tiers") or {}).items():
+        merged.setdefault(tier, {}).update(entry)
+    reason, message = profiling.profiled_condition(merged)
+    if reason != "AnalyticEstimate":
+        patch.status["conditions"] = set_condition(
+            list(status.get("conditions") or []),
+            "Profiled",
+            True,
+            reason,
+            message,
+            meta.get("generation"),
+        )
     for reason, message in events:
         kopf.info(body, reason=reason, message=message)
     if "profiles" in updates:

@@ -28,10 +28,17 @@ def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
 
 
 _seen: dict[str, tuple[Any, ...]] = {}
+# Counts placement-relevant node changes: a plan computed at one epoch stays valid
+# until the next (kopf updates the index before it runs this module's event handler).
+_epoch = 0
+
+
+def epoch() -> int:
+    return _epoch
 
 
 @kopf.index("", "v1", "nodes")
-def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeState] | None:
+async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeState] | None:
     spec = node_from_object(dict(body))
     if spec is None:
         return None
@@ -39,15 +46,17 @@ def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeState] | N
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(name: str, type: str | None, body: kopf.Body, **_: Any) -> None:
+async def node_changed(name: str, type: str | None, body: kopf.Body, **_: Any) -> None:
+    global _epoch
     if type == "DELETED":
         _seen.pop(name, None)
-        wakeups.wake_all()
-        return
-    fingerprint = _fingerprint(body)
-    if _seen.get(name) != fingerprint:
+    else:
+        fingerprint = _fingerprint(body)
+        if _seen.get(name) == fingerprint:
+            return
         _seen[name] = fingerprint
-        wakeups.wake_all()
+    _epoch += 1
+    wakeups.wake_all()
 
 
 def all_nodes(index: kopf.Index[str, NodeState]) -> list[NodeState]:

@@ -1,6 +1,10 @@
-"""Stage workloads changing (rollout progress, availability) wake their deployment's
-daemon at once, so `Available` and make-before-break deletions follow the cluster
-instead of waiting for the next resync."""
+"""Stage workloads and their pods, as the watches deliver them.
+
+Each event updates the operator's watch cache (cache.py), which reconcile passes read
+instead of asking the API server. A workload's status changing (rollout progress,
+availability) wakes its deployment's daemon at once, so `Available` and
+make-before-break deletions follow the cluster instead of waiting for the next resync.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from typing import Any
 
 import kopf
 
+from edgeai_operator.cache import WatchCache
 from edgeai_operator.handlers import wakeups
 
 MANAGED = {"app.kubernetes.io/managed-by": "edgeai-operator"}
+
+CACHE = WatchCache()
 
 
 def _status_fingerprint(body: kopf.Body) -> tuple[Any, ...]:
@@ -23,9 +30,16 @@ _seen: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
-def workload_changed(
+async def workload_changed(
     type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str | None, **_: Any
 ) -> None:
+    if namespace is None:
+        return
+    kind, name = str(body.get("kind")), str(body.get("metadata", {}).get("name"))
+    if type == "DELETED":
+        CACHE.drop_workload(namespace, kind, name)
+    else:
+        CACHE.put_workload(body)
     # A deployment's own workloads carry its label; a shared one lists every user
     # among its ownerReferences.
     owners = {
@@ -35,9 +49,9 @@ def workload_changed(
     }
     if labels.get("edgeai.dev/deployment"):
         owners.add(str(labels["edgeai.dev/deployment"]))
-    if not owners or namespace is None:
+    if not owners:
         return
-    key = (namespace, str(body.get("kind")), str(body.get("metadata", {}).get("name")))
+    key = (namespace, kind, name)
     fingerprint = _status_fingerprint(body)
     if type == "DELETED":
         _seen.pop(key, None)
@@ -47,3 +61,15 @@ def workload_changed(
         _seen[key] = fingerprint
     for owner in owners:
         wakeups.wake(namespace, owner)
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+async def stage_pod_changed(
+    type: str | None, body: kopf.Body, namespace: str | None, **_: Any
+) -> None:
+    if namespace is None:
+        return
+    if type == "DELETED":
+        CACHE.drop_pod(namespace, str(body.get("metadata", {}).get("name")))
+    else:
+        CACHE.put_pod(body)

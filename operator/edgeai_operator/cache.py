@@ -1,0 +1,137 @@
+"""What a reconcile pass reads about its stages: workloads and their pods.
+
+Two views with one interface. `LiveView` asks the API server each time. `WatchCache`
+is filled by the operator's watches (handlers/workloads.py) — the informer pattern:
+a pass that only observes costs no API request, which is what lets one operator keep
+hundreds of DNNDeployments without loading the control plane it shares with them.
+A workload the watch has not delivered yet (just created, say) is read live once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from edgeai_operator import k8s
+
+
+class ClusterView(Protocol):
+    def workload(
+        self, api_version: str, kind: str, name: str, namespace: str
+    ) -> dict[str, Any] | None: ...
+
+    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]: ...
+
+    def remember(self, obj: Mapping[str, Any]) -> None: ...
+
+
+class LiveView:
+    """Every read is an API request."""
+
+    def workload(
+        self, api_version: str, kind: str, name: str, namespace: str
+    ) -> dict[str, Any] | None:
+        return k8s.get(api_version, kind, name, namespace)
+
+    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
+        return k8s.list_objects("v1", "Pod", namespace, f"{label}={value}")
+
+    def remember(self, obj: Mapping[str, Any]) -> None:
+        return None
+
+
+def _slim(body: Mapping[str, Any], spec_keys: tuple[str, ...]) -> dict[str, Any]:
+    """The parts a pass reads, so the cache holds kilobytes, not pod templates."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    return {
+        "apiVersion": body.get("apiVersion") or body.get("api_version"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: meta.get(k)
+            for k in (
+                "name",
+                "namespace",
+                "generation",
+                "labels",
+                "annotations",
+                "ownerReferences",
+                "deletionTimestamp",
+            )
+        },
+        "spec": {k: spec.get(k) for k in spec_keys if k in spec},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+class WatchCache:
+    """Workloads and pods as the watches last delivered them (thread-safe: passes run
+    in threads, the watches on the event loop)."""
+
+    def __init__(self, fallback: ClusterView | None = None) -> None:
+        self._lock = threading.Lock()
+        self._workloads: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._fallback = fallback or LiveView()
+
+    # -- fed by the watches -------------------------------------------------------
+    def put_workload(self, body: Mapping[str, Any]) -> None:
+        slim = _slim(body, ("replicas",))
+        meta = slim["metadata"]
+        key = (str(meta["namespace"]), str(slim["kind"]), str(meta["name"]))
+        with self._lock:
+            old = self._workloads.get(key)
+            # A watch event older than what an apply returned must not win.
+            if old is not None and _generation(old) > _generation(slim):
+                return
+            self._workloads[key] = slim
+
+    def drop_workload(self, namespace: str, kind: str, name: str) -> None:
+        with self._lock:
+            self._workloads.pop((namespace, kind, name), None)
+
+    def put_pod(self, body: Mapping[str, Any]) -> None:
+        slim = _slim(body, ())
+        meta = slim["metadata"]
+        with self._lock:
+            self._pods[(str(meta["namespace"]), str(meta["name"]))] = slim
+
+    def drop_pod(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._pods.pop((namespace, name), None)
+
+    # -- read by the passes -------------------------------------------------------
+    def workload(
+        self, api_version: str, kind: str, name: str, namespace: str
+    ) -> dict[str, Any] | None:
+        with self._lock:
+            cached = self._workloads.get((namespace, kind, name))
+        if cached is not None:
+            return cached
+        live = self._fallback.workload(api_version, kind, name, namespace)
+        if live is not None:
+            self.remember(live)
+        return live
+
+    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                pod
+                for (ns, _), pod in self._pods.items()
+                if ns == namespace and (pod["metadata"].get("labels") or {}).get(label) == value
+            ]
+
+    def remember(self, obj: Mapping[str, Any]) -> None:
+        """Records what an apply or a live read returned (a newer generation than the
+        watch may have delivered yet)."""
+        if obj.get("kind") in ("Deployment", "DaemonSet"):
+            self.put_workload(obj)
+
+    def sizes(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._workloads), len(self._pods)
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    return int((obj.get("metadata") or {}).get("generation") or 0)
