@@ -179,6 +179,20 @@ def test_children_per_zone_with_one_shared_cloud_stage() -> None:
     assert {"key": "app", "operator": "In", "values": ["camera"]} in exprs
 
 
+def test_long_zone_names_are_shortened_to_dns_labels_and_stay_unique() -> None:
+    owner = Owner(name="c" * 40, namespace="vision", uid="u-1")
+    zones = {"z" * 40 + "-north": plan(), "z" * 40 + "-south": plan()}
+    children = build_children(owner, zones, {}, DeploymentOptions())
+    names = [c["metadata"]["name"] for c in children]
+    assert all(len(n) <= 63 for n in names), names
+    assert len(set(_names(children))) == len(children)  # no two objects collide
+    services = {c["metadata"]["name"] for c in children if c["kind"] == "Service"}
+    for ds in (c for c in children if c["kind"] == "DaemonSet"):
+        nxt = ds["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+        host = nxt.removeprefix("--next=http://").split(".")[0]
+        assert host in services  # the device stage forwards to the shortened Service
+
+
 def test_zones_with_different_cloud_stages_get_their_own() -> None:
     children = build_children(
         OWNER,

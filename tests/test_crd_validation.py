@@ -153,6 +153,16 @@ CASES = [
         _with(DEPLOYMENT, "spec.slo.latencyMs", 10),
         'unknown field "spec.slo.latencyMs"',
     ),
+    (
+        "deployment: name too long",
+        _with(DEPLOYMENT, "metadata.name", "d" * 41),
+        "metadata.name must be at most 40 characters",
+    ),
+    (
+        "model: name too long",
+        _with(MODEL, "metadata.name", "m" * 41),
+        "metadata.name must be at most 40 characters",
+    ),
     ("job: mode", _with(JOB, "spec.algorithm.mode", "sgd"), "spec.algorithm.mode"),
     ("job: ratio", _with(JOB, "spec.compression.ratio", 2), "spec.compression.ratio"),
 ]

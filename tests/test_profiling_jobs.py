@@ -174,6 +174,18 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     assert zones.plans["zone-a"]["compute"]["method"] == "measured"
 
 
+def test_profiled_condition_says_which_tiers_are_measured() -> None:
+    analytic = {"source": "analytic", "totalMs": 3.0}
+    measured = {"source": "measured", "totalMs": 1.25}
+    assert profiling.profiled_condition({"device": analytic, "edge": analytic})[0] == (
+        "AnalyticEstimate"
+    )
+    reason, message = profiling.profiled_condition({"device": analytic, "edge": measured})
+    assert reason == "PartlyMeasured"
+    assert message == "edge 1.25 ms measured, device 3.00 ms analytic"
+    assert profiling.profiled_condition({"edge": measured, "cloud": measured})[0] == "Measured"
+
+
 def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
     model: dict[str, Any] = {
         "apiVersion": "edgeai.dev/v1alpha1",
@@ -323,6 +335,10 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     assert edge["totalMs"] == round(summary["totalMs"], 3)
     assert edge["hostGflops"] == summary["hostGflops"]
     assert status["tiers"]["device"]["source"] == "analytic"
+    profiled_cond = next(c for c in status["conditions"] if c["type"] == "Profiled")
+    assert profiled_cond["reason"] == "PartlyMeasured"
+    parts = {p.split()[0]: p.split()[-1] for p in profiled_cond["message"].split(", ")}
+    assert parts == {"edge": "measured", "device": "analytic", "cloud": "analytic"}
     stored = status["profiles"][0]["measuredTiers"]["edge"]
     assert stored["segmentsMs"] == pytest.approx(summary["segmentsMs"])
     # An edge-only deployment uses only measured tiers: its plan says so.

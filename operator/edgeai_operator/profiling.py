@@ -293,3 +293,19 @@ def with_measurement(
         },
     }
     return out
+
+
+def profiled_condition(tiers: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """(reason, message) of the `Profiled` condition once Jobs have reported: which
+    tiers are measured and which keep the analytic estimate."""
+    measured = sorted(t for t, v in tiers.items() if v.get("source") == "measured")
+    analytic = sorted(t for t in tiers if t not in measured)
+    if not measured:
+        reason = "AnalyticEstimate"
+    elif analytic:
+        reason = "PartlyMeasured"
+    else:
+        reason = "Measured"
+    parts = [f"{t} {float(tiers[t].get('totalMs') or 0):.2f} ms measured" for t in measured]
+    parts += [f"{t} {float(tiers[t].get('totalMs') or 0):.2f} ms analytic" for t in analytic]
+    return reason, ", ".join(parts)
