@@ -83,7 +83,11 @@ def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
     assert stages[-1]["outputs"] == ["output"]
     for a, b in itertools.pairwise(stages):
         assert a["outputs"] == b["inputs"]
-    total = sum(s["computeMs"] for s in stages) + sum(t["ms"] for t in plan["transfers"])
+    total = (
+        sum(s["computeMs"] for s in stages)
+        + sum(t["ms"] for t in plan["transfers"])
+        + sum(plan["servingMs"].values())
+    )
     assert plan["predictedLatencyMs"] == pytest.approx(total, abs=1e-3)
     assert len(plan["transfers"]) == len(stages) - 1 or stages[0]["tier"] != "device"
     assert plan["alternatives"][0]["minMbps"] == 0
@@ -179,6 +183,18 @@ def test_profile_then_plan_with_measured_compute(
     measured = sum(s["measuredMs"] for s in profile["segments"])
     device_ms = plan["tiers"]["device"]["totalMs"]
     assert device_ms == pytest.approx(measured * profile["host"]["gflops"] / 8, rel=1e-3)
+    # the serving overhead measured through a worker, scaled to the 8 GFLOPS device
+    # like compute, is part of the prediction
+    assert profile["servingMs"] > 0
+    device_serving = profile["servingMs"] * profile["host"]["gflops"] / 8
+    assert plan["servingMs"]["device"] == pytest.approx(device_serving, rel=1e-3)
+    assert plan["tiers"]["device"]["servingMs"] == pytest.approx(device_serving, rel=1e-3)
+    total = (
+        sum(s["computeMs"] for s in plan["stages"])
+        + sum(t["ms"] for t in plan["transfers"])
+        + sum(plan["servingMs"].values())
+    )
+    assert plan["predictedLatencyMs"] == pytest.approx(total, abs=1e-3)
 
 
 BAD_SPECS = [

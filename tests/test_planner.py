@@ -93,6 +93,11 @@ def random_problem(rng: random.Random, dag: bool, index: int) -> Problem:
         min_accuracy=rng.choice([None, None, 0.96]),
         cost_per_ms={"edge": rng.uniform(0, 0.3), "cloud": 1.0},
     )
+    if index % 3:
+        # fixed per-request serving overheads, some tiers without one
+        problem = replace(
+            problem, serving_ms={t: rng.uniform(0, 30) for t in path if rng.random() < 0.8}
+        )
     if rng.random() < 0.6:
         fastest = _brute(replace(problem, objective="latency"))
         base = fastest[1].latency_ms if fastest else 100.0
@@ -140,8 +145,12 @@ def _check_against_brute_force(problem: Problem) -> str:
     brute_value = best.value(problem.objective)
     assert _close(plan.objective_value, brute_value), (plan, best)
     assert plan.predicted_latency_ms <= best.latency_ms * (1 + 1e-6) + 1e-6
-    # the stages and transfers add up to the prediction
-    total = sum(s.compute_ms for s in plan.stages) + sum(t.ms for t in plan.transfers)
+    # the stages, the serving overheads and the transfers add up to the prediction
+    total = (
+        sum(s.compute_ms for s in plan.stages)
+        + sum(plan.serving_ms.values())
+        + sum(t.ms for t in plan.transfers)
+    )
     assert _close(total, plan.predicted_latency_ms)
     return plan.method
 
@@ -165,7 +174,13 @@ def test_every_exact_solver_agrees_on_chains_seen_as_dags() -> None:
         path = PATHS[index % 2]
         graph = random_chain(rng, path, rng.randint(1, 15))
         links = tuple(Link(10 ** rng.uniform(-0.5, 3), rng.uniform(0, 40)) for _ in path[1:])
-        problem = Problem((Variant("fp32", graph),), path, links, objective=OBJECTIVES[index % 3])
+        problem = Problem(
+            (Variant("fp32", graph),),
+            path,
+            links,
+            objective=OBJECTIVES[index % 3],
+            serving_ms={t: rng.uniform(0, 20) for t in path},
+        )
         by_dp = solvers.chain_dp(problem, graph)
         by_cut = solvers.mincut(problem, graph)
         members = solvers.dag_ideals(graph)

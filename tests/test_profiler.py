@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import yaml
 
 from edgeai_worker import graph, profiler, zoo
@@ -29,12 +32,15 @@ def test_profile_measures_every_segment_and_reports_progress() -> None:
     )
     assert all(s["measuredMs"] > 0 for s in segments)
     assert math.isclose(profile["totalMs"], sum(s["measuredMs"] for s in segments), abs_tol=1e-3)
+    # the segments are shares of the whole model, measured chained as a stage runs them
+    assert math.isclose(profile["totalMs"], profile["wholeModelMs"], rel_tol=1e-3)
+    assert profile["chainMs"] > 0
     # the heaviest segment (a conv) takes longer than the lightest (a ReLU or a pool)
     heavy = max(segments, key=lambda s: s["flops"])
     light = min(segments, key=lambda s: s["flops"])
     assert heavy["measuredMs"] > light["measuredMs"]
     assert profile["host"]["gflops"] == 10.0
-    assert any("segment 5/" in m for m in messages)
+    assert any("pass 4/4 over 19 segments" in m for m in messages)
     assert any("whole model" in m for m in messages)
     # plain data: survives YAML
     assert yaml.safe_load(yaml.safe_dump(profile)) == profile
@@ -50,3 +56,21 @@ def test_tier_estimates_scale_with_declared_speed() -> None:
     assert profiler.scaled_ms(profile, 40.0) == [2.0, 0.5]
     assert profiler.scaled_ms(profile, 10.0) == [8.0, 2.0]
     assert profiler.analytic_ms([8_000_000, 0], 8.0) == [1.0, 0.0]
+
+
+def test_serving_model_answers_one_number_per_sample(tmp_path: Path) -> None:
+    path = profiler.serving_model([1, 3, 8, 8], tmp_path / "serving.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.arange(2 * 3 * 8 * 8, dtype=np.float32).reshape(2, 3, 8, 8)
+    (out,) = session.run(None, {"input": x})
+    assert out.shape == (2, 1)
+    assert np.allclose(out[:, 0], x.reshape(2, -1).mean(axis=1))
+
+
+def test_serving_overhead_is_measured_through_a_real_worker() -> None:
+    messages: list[str] = []
+    ms = profiler.serving_overhead_ms(
+        [1, 3, 16, 16], requests=5, warmup=2, progress=messages.append
+    )
+    assert ms > 0
+    assert any("through a worker" in m for m in messages)

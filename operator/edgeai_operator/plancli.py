@@ -91,9 +91,22 @@ def profile_command(args: argparse.Namespace) -> int:
         )
     path = _model_path(args.model, args.variant)
     name = Path(args.model).stem if args.model.endswith(".onnx") else args.model
+    if args.serving_requests < 0:
+        raise SpecError(
+            "--serving-requests",
+            f"must not be negative, got {args.serving_requests}",
+            "an integer >= 0 (0 skips the measurement)",
+        )
     profile = profiler.profile_model(
         path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
     )
+    if args.serving_requests:
+        profile["servingMs"] = round(
+            profiler.serving_overhead_ms(
+                profile["input"]["shape"], requests=args.serving_requests, threads=args.threads
+            ),
+            4,
+        )
     if name == "digits_cnn":
         from edgeai_worker import variants
 
@@ -118,7 +131,8 @@ TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a container's termination 
 def termination_summary(profile: dict[str, Any]) -> str:
     """A compact JSON summary of a profile for a container's termination message
     (Kubernetes keeps at most 4096 bytes): model, variant, repeats, host GFLOPS,
-    totalMs and the per-segment measuredMs list. Precision drops until it fits."""
+    totalMs, the per-segment measuredMs list and servingMs when measured. Precision
+    drops until it fits."""
     for digits in (4, 3, 2, 1, 0):
         summary = {
             "kind": "ProfileSummary",
@@ -129,6 +143,8 @@ def termination_summary(profile: dict[str, Any]) -> str:
             "totalMs": round(float(profile["totalMs"]), 4),
             "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
         }
+        if profile.get("servingMs") is not None:
+            summary["servingMs"] = round(float(profile["servingMs"]), 4)
         text = json.dumps(summary, separators=(",", ":"))
         if len(text.encode()) < TERMINATION_LIMIT:
             return text
@@ -317,6 +333,18 @@ def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -
     )
 
 
+def serving_ms(profiles: list[dict[str, Any]], gflops: dict[str, float]) -> dict[str, float]:
+    """Each tier's fixed per-request serving overhead: a profile's measured `servingMs`
+    (see `edgeai_worker.profiler`) scaled like compute, host GFLOPS over the tier's.
+    Empty (no overhead) when no profile measured it."""
+    for profile in profiles:
+        measured = profile.get("servingMs")
+        host = (profile.get("host") or {}).get("gflops")
+        if measured is not None and host:
+            return {t: float(measured) * float(host) / g for t, g in gflops.items()}
+    return {}
+
+
 def build_problem(
     spec: DeploymentSpec,
     profiles: list[dict[str, Any]],
@@ -353,6 +381,7 @@ def build_problem(
                 f"no profile for variant {spec.variant!r}",
                 ", ".join(str(p.get("variant")) for p in profiles),
             )
+    serving = serving_ms(profiles, gflops)
     allowed = frozenset(spec.tiers) & frozenset(path)
     if not allowed:
         raise SpecError(
@@ -378,10 +407,15 @@ def build_problem(
         min_accuracy=spec.min_accuracy,
         power=power,
         cost_per_ms={"edge": spec.edge_cost_per_ms, "cloud": spec.cloud_cost_per_ms},
+        serving_ms=serving,
     )
     context = {
         "tiers": {
-            t: {"gflops": g, "totalMs": round(sum(variants[0].graph.node_ms[t]), 3)}
+            t: {
+                "gflops": g,
+                "totalMs": round(sum(variants[0].graph.node_ms[t]), 3),
+                **({"servingMs": round(serving[t], 3)} if t in serving else {}),
+            }
             for t, g in gflops.items()
         },
         "links": [
@@ -439,6 +473,7 @@ def plan_document(
         "slo": spec.slo_dict(),
         "stages": body["stages"],
         "transfers": body["transfers"],
+        "servingMs": body["servingMs"],
         "alternatives": body["alternatives"] if spec.adaptive_split else [],
         "privacy": {
             "rawInputStaysOnDevice": spec.raw_input_stays_on_device,
@@ -491,6 +526,8 @@ def render_table(doc: dict[str, Any]) -> str:
                 f"{t['ms']:.3f}",
             )
         )
+    for tier, ms in doc.get("servingMs", {}).items():
+        rows.append(("", tier, "serving", "", "", f"{ms:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -584,6 +621,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     profile.add_argument("--variant", default="fp32", help="fp32 or a compressed variant")
     profile.add_argument("--repeats", type=int, default=20, help="timed runs per segment")
     profile.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    profile.add_argument(
+        "--serving-requests",
+        type=int,
+        default=30,
+        help="requests through a worker to measure the fixed per-request serving "
+        "overhead (servingMs); 0 skips it",
+    )
     profile.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     profile.add_argument("--save", metavar="FILE", help="also write the profile to FILE")
     profile.add_argument(

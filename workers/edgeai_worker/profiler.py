@@ -9,11 +9,27 @@ A profile is plain data (`dict` ready for YAML/JSON) of this shape:
     host: {gflops: 61.3, method: "...", threads: 2}
     input: {name: input, shape: [1, 3, 224, 224], dtype: FP32}
     repeats: 20
-    totalMs: 95.1              # sum of the segments' medians
-    wholeModelMs: 88.0         # the unsplit model, for comparison
+    totalMs: 88.0              # sum of the segments' measuredMs (= wholeModelMs)
+    wholeModelMs: 88.0         # the unsplit model, median of `repeats` runs
+    chainMs: 95.1              # the segments as separate sessions, chained, median
+    servingMs: 3.1             # fixed per-request serving overhead (absent if not measured)
     totalFlops: 3633038848
     cuts: [{index, tensors, sizeBytes, position}]
     segments: [{index, positions: "a-b", flops, measuredMs}]
+
+Segments are timed as they run in a stage: one after the other, each fed the previous
+one's output, `repeats` times over the whole chain (a segment timed alone, again and
+again, finds its weights in the cache and, under a CPU quota, rarely meets the
+throttling a longer run meets, so per-segment medians add up to as little as 60 % of
+the model). Each segment's `measuredMs` is its share of the chained time (means over
+the passes) times the whole model's median, so the segments of any split add up to
+what they take inside the model, and all of them to the whole model.
+
+`servingMs` is the fixed cost of serving one request, measured through a real worker
+(`python -m edgeai_worker`) with a tiny model that takes the model's input: the median
+round trip of binary OIP requests on loopback (HTTP receive, decode, the hand-off to
+onnxruntime, encode, answer), what every stage pays per request on top of compute
+and transfer time. The planner scales it to a tier like compute.
 
 Host GFLOPS is the median throughput of an fp32 onnxruntime MatMul (1024 x 1024), the
 same kind of number a node's `edgeai.dev/gflops` annotation declares, so that a
@@ -23,14 +39,20 @@ tier's time is `measuredMs x host.gflops / tier.gflops`. The analytic alternativ
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import onnx
@@ -38,6 +60,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgeai_worker import graph as onnx_graph
+from edgeai_worker.protocol import InferRequest, Tensor, encode_request
 
 Progress = Callable[[str], None]
 
@@ -102,6 +125,21 @@ def example_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
     return feeds
 
 
+def _chained_pass(
+    sessions: Sequence[ort.InferenceSession], feeds: dict[str, np.ndarray]
+) -> list[float]:
+    """One run of the segments in order, each fed the previous ones' outputs; ms each."""
+    values = dict(feeds)
+    times: list[float] = []
+    for session in sessions:
+        inputs = {x.name: values[x.name] for x in session.get_inputs()}
+        started = time.perf_counter()
+        outputs = session.run(None, inputs)
+        times.append((time.perf_counter() - started) * 1000.0)
+        values.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+    return times
+
+
 def profile_model(
     model: onnx.ModelProto | str | Path,
     *,
@@ -113,8 +151,8 @@ def profile_model(
     gflops: float | None = None,
     progress: Progress | None = stderr_progress,
 ) -> dict[str, Any]:
-    """Measures every segment between single-tensor cuts (median of `repeats` after
-    `warmup` runs), feeding each the previous segment's real output."""
+    """Measures the whole model and every segment between single-tensor cuts (see the
+    module docstring), after `warmup` runs of each."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if repeats < 1:
@@ -129,29 +167,33 @@ def profile_model(
     whole_ms, _ = _time_ms(_session(model, threads), feeds, warmup, repeats)
     say(f"{name}: whole model {whole_ms:.2f} ms; {len(cuts) - 1} segments to measure")
     partitioner = onnx_graph.Partitioner(model)
-    segments: list[dict[str, Any]] = []
-    values = dict(feeds)
+    sessions = [
+        _session(partitioner.extract(a.tensors, b.tensors), threads)
+        for a, b in itertools.pairwise(cuts)
+    ]
     started = time.monotonic()
-    for i, (a, b) in enumerate(itertools.pairwise(cuts)):
-        part = partitioner.extract(a.tensors, b.tensors)
-        session = _session(part, threads)
-        inputs = {x.name: values[x.name] for x in session.get_inputs()}
-        ms, outputs = _time_ms(session, inputs, warmup, repeats)
-        values.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
-        flops = sum(n.flops for n in dag.nodes[a.position : b.position])
-        segments.append(
-            {
-                "index": i,
-                "positions": f"{a.position}-{b.position - 1}",
-                "flops": flops,
-                "measuredMs": round(ms, 4),
-            }
-        )
-        if (i + 1) % 5 == 0 or i + 2 == len(cuts):
+    passes: list[list[float]] = []
+    for done in range(warmup + repeats):
+        times = _chained_pass(sessions, feeds)
+        if done >= warmup:
+            passes.append(times)
+        if (done + 1) % 5 == 0 or done + 1 == warmup + repeats:
             say(
-                f"{name}: segment {i + 1}/{len(cuts) - 1} "
+                f"{name}: pass {done + 1}/{warmup + repeats} over {len(sessions)} segments "
                 f"({time.monotonic() - started:.1f}s elapsed)"
             )
+    chain_ms = statistics.median(sum(p) for p in passes)
+    means = [statistics.fmean(p[i] for p in passes) for i in range(len(sessions))]
+    total_mean = sum(means) or 1.0
+    segments: list[dict[str, Any]] = [
+        {
+            "index": i,
+            "positions": f"{a.position}-{b.position - 1}",
+            "flops": sum(n.flops for n in dag.nodes[a.position : b.position]),
+            "measuredMs": round(whole_ms * mean / total_mean, 4),
+        }
+        for i, ((a, b), mean) in enumerate(zip(itertools.pairwise(cuts), means, strict=True))
+    ]
     input_vi = model.graph.input[0]
     dims = [
         d.dim_value if d.HasField("dim_value") else 1 for d in input_vi.type.tensor_type.shape.dim
@@ -169,6 +211,7 @@ def profile_model(
         "repeats": repeats,
         "totalMs": round(sum(s["measuredMs"] for s in segments), 4),
         "wholeModelMs": round(whole_ms, 4),
+        "chainMs": round(chain_ms, 4),
         "totalFlops": sum(n.flops for n in dag.nodes),
         "cuts": [
             {
@@ -192,3 +235,121 @@ def scaled_ms(profile: dict[str, Any], tier_gflops: float) -> list[float]:
 def analytic_ms(flops: Sequence[int], tier_gflops: float) -> list[float]:
     """A tier's per-segment time from FLOPs alone, at the tier's declared GFLOPS."""
     return [f / (tier_gflops * 1e6) for f in flops]
+
+
+# ---------------------------------------------------------------------------- serving
+
+SERVING_MODEL_NAME = "serving-probe"
+
+
+def serving_model(input_shape: Sequence[int], path: Path) -> Path:
+    """A tiny model that takes an FP32 input of `input_shape` (any batch) and answers
+    one number per sample: it costs a worker next to nothing but the serving itself."""
+    dims: list[int | str] = ["N", *(int(d) for d in input_shape[1:])]
+    g = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("ReduceMean", ["flat"], ["output"], axes=[1], keepdims=1),
+        ],
+        "serving_probe",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 1])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(path))
+    return path
+
+
+def time_binary_requests(
+    url: str, input_shape: Sequence[int], *, requests: int, warmup: int
+) -> list[float]:
+    """Round trips (ms) of binary OIP requests with a random FP32 input of
+    `input_shape`, one at a time on one keep-alive connection; warm-up excluded."""
+    parts = urlsplit(url)
+    x = np.random.default_rng(0).standard_normal(list(input_shape)).astype("<f4")
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
+    samples: list[float] = []
+    try:
+        for i in range(warmup + requests):
+            request = InferRequest(
+                [Tensor.from_numpy("input", x)],
+                f"serving-{os.getpid()}-{i}",  # unique: workers answer a repeated id once
+                None,
+                {"binary_data_output": True},
+            )
+            body, headers = encode_request(request, binary=True)
+            started = time.perf_counter()
+            conn.request("POST", parts.path, body=body, headers=headers)
+            response = conn.getresponse()
+            answer = response.read()
+            elapsed = (time.perf_counter() - started) * 1000.0
+            if response.status != 200:
+                raise RuntimeError(f"serving probe: HTTP {response.status}: {answer[:200]!r}")
+            if i >= warmup:
+                samples.append(elapsed)
+    finally:
+        conn.close()
+    return samples
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the serving-probe worker exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the serving-probe worker was not ready after {timeout_s:.0f} s")
+
+
+def serving_overhead_ms(
+    input_shape: Sequence[int],
+    *,
+    requests: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+    progress: Progress | None = stderr_progress,
+) -> float:
+    """The fixed per-request serving cost on this machine (see the module docstring):
+    a real worker process serving `serving_model`, the median of `requests` round
+    trips."""
+    say = progress or (lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
+        model = serving_model(input_shape, Path(tmp) / "serving.onnx")
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
+        env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
+        command = [
+            sys.executable, "-m", "edgeai_worker", "--host", "127.0.0.1", "--port", str(port),
+            "--model-name", SERVING_MODEL_NAME, "--partition", str(model),
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_ready(f"{base}/v2/health/ready", process, 60.0)
+            say(f"serving overhead: {requests} requests of {list(input_shape)} through a worker")
+            samples = time_binary_requests(
+                f"{base}/v2/models/{SERVING_MODEL_NAME}/infer",
+                input_shape,
+                requests=requests,
+                warmup=warmup,
+            )
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+    return statistics.median(samples)

@@ -17,10 +17,20 @@ Cost of an assignment (what `evaluate` computes; solvers must agree with it):
   tensors crossing `I_k` (the raw input counts as produced on the device) and
   down_bytes the model outputs produced above tier `k` (the answer returns the same
   way). An empty middle stage forwards its input unchanged.
-- latency = compute + transfers (one request, no overlap between stages).
-- deviceEnergy (mJ) = device compute ms x computeWatts + hop-0 upload ms x txWatts
-  + hop-0 download ms x rxWatts + every other ms of the request x idleWatts.
-- cloudCost = sum over tiers of compute ms x costPerMs[tier] (transfers are free).
+- serving: every tier the request passes through pays that tier's fixed per-request
+  serving overhead `serving_ms[tier]` once (receiving and decoding the request, the
+  hand-off to the runtime, encoding and sending the answer, measured with a tiny model
+  by `edgeai profile`). The request enters at the device, so the device always pays
+  it, and tier `k + 1` pays it iff hop `k` is used (an empty middle stage forwards,
+  which costs the same). Tiers absent from `serving_ms` pay 0.
+- latency = compute + serving + transfers (one request, no overlap between stages).
+- deviceEnergy (mJ) = (device compute + serving) ms x computeWatts + hop-0 upload ms x
+  txWatts + hop-0 download ms x rxWatts + every other ms of the request x idleWatts.
+- cloudCost = sum over tiers of (compute + serving) ms x costPerMs[tier] (transfers are
+  free).
+
+Since tier `k + 1`'s serving overhead is paid exactly when hop `k`'s RTT is, solvers
+treat it as part of that hop's fixed cost (weighted as compute of tier `k + 1`).
 """
 
 from __future__ import annotations
@@ -152,6 +162,17 @@ class Problem:
     min_accuracy: float | None = None
     power: PowerModel = PowerModel()
     cost_per_ms: Mapping[str, float] = field(default_factory=lambda: {"cloud": 1.0})
+    # tier -> fixed per-request serving overhead in ms (see the module docstring)
+    serving_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def serving(self, k: int) -> float:
+        """The serving overhead of the `k`-th tier on the path."""
+        return float(self.serving_ms.get(self.path[k], 0.0))
+
+    def fixed_hop_cost(self, k: int, w: Weights) -> float:
+        """What using hop `k` costs under `w` whatever it carries: its RTT and the
+        serving overhead of the tier above it."""
+        return w.rtt[k] * self.links[k].rtt_ms + w.compute[k + 1] * self.serving(k + 1)
 
     def validate(self) -> None:
         if not self.path or self.path[0] != "device":
@@ -163,6 +184,9 @@ class Problem:
         for link in self.links:
             if not (link.mbps > 0 and link.rtt_ms >= 0):
                 raise ValueError(f"bad link {link}")
+        for tier, ms in self.serving_ms.items():
+            if not (0 <= ms < float("inf")):
+                raise ValueError(f"bad serving overhead {ms!r} ms for tier {tier!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}")
         if not self.allowed & set(self.path):
@@ -214,6 +238,7 @@ class Evaluation:
     device_energy_mj: float
     cloud_cost: float
     device_busy_ms: float  # the device stage's per-request occupancy (compute or upload)
+    serving_ms: tuple[float, ...] = ()  # per tier on the path; 0 where the request never goes
 
     def value(self, objective: str) -> float:
         return {
@@ -262,10 +287,12 @@ def evaluate(problem: Problem, graph: LayerGraph, tiers: Sequence[int]) -> Evalu
     down_ms = [down[k] * problem.links[k].ms_per_byte() if used[k] else 0.0 for k in range(hops)]
     rtt_ms = [problem.links[k].rtt_ms if used[k] else 0.0 for k in range(hops)]
     hop_ms = tuple(up_ms[k] + down_ms[k] + rtt_ms[k] for k in range(hops))
-    latency = sum(compute) + sum(hop_ms)
-    energy = _weighted(weights(problem, "deviceEnergy"), compute, up_ms, down_ms, rtt_ms)
-    cost = _weighted(weights(problem, "cloudCost"), compute, up_ms, down_ms, rtt_ms)
-    busy = max(compute[0], up_ms[0] if hops else 0.0)
+    serving = tuple(problem.serving(k) if k == 0 or used[k - 1] else 0.0 for k in range(len(path)))
+    busy_tiers = [c + o for c, o in zip(compute, serving, strict=True)]
+    latency = sum(busy_tiers) + sum(hop_ms)
+    energy = _weighted(weights(problem, "deviceEnergy"), busy_tiers, up_ms, down_ms, rtt_ms)
+    cost = _weighted(weights(problem, "cloudCost"), busy_tiers, up_ms, down_ms, rtt_ms)
+    busy = max(busy_tiers[0], up_ms[0] if hops else 0.0)
     return Evaluation(
         tuple(tiers),
         tuple(compute),
@@ -277,6 +304,7 @@ def evaluate(problem: Problem, graph: LayerGraph, tiers: Sequence[int]) -> Evalu
         energy,
         cost,
         busy,
+        serving,
     )
 
 

@@ -4,7 +4,7 @@ precompute the splits for other uplink bandwidths, explain infeasibility."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -103,6 +103,9 @@ class Plan:
     method: str = ""
     exact: bool = True
     assignment: tuple[int, ...] = field(default=(), repr=False)
+    # tier -> fixed serving overhead paid per request, for the tiers the request passes
+    # through that have one (forwarding-only tiers included)
+    serving_ms: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         def num(x: float | None) -> float | None:
@@ -120,6 +123,7 @@ class Plan:
             "stages": [s.to_dict() for s in self.stages],
             "transfers": [t.to_dict() for t in self.transfers],
             "alternatives": [a.to_dict() for a in self.alternatives],
+            "servingMs": {t: round(ms, 4) for t, ms in self.serving_ms.items()},
             "solver": {"method": self.method, "exact": self.exact},
         }
 
@@ -210,6 +214,7 @@ def describe(problem: Problem, variant: Variant, solution: Solution) -> Plan:
         method=solution.method,
         exact=solution.exact,
         assignment=tiers,
+        serving_ms={t: ms for t, ms in zip(problem.path, ev.serving_ms, strict=True) if ms > 0},
     )
 
 

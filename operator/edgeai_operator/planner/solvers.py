@@ -7,8 +7,9 @@ constraints, or None when no assignment is feasible.
 - `mincut`: DAGs, same case. A layered s-t min-cut (DADS for two tiers; for three,
   one copy of the DAG per hop with infinite edges keeping the ideals nested, as in
   Ishikawa's multi-label construction). A tensor read by several nodes above a hop
-  is sent once (an auxiliary node); the hop's RTT, paid once if anything runs above
-  it, is an OR node with infinite edges to that copy of the DAG. Exact.
+  is sent once (an auxiliary node); the hop's RTT and the serving overhead of the
+  tier above, paid once if anything runs above it, are an OR node with infinite edges
+  to that copy of the DAG. Exact.
 - `enumerate_ideals`: anything with a latency SLO on another objective or a
   throughput floor (a constrained min-cut is NP-hard in general). Enumerates the
   downward-closed node sets (prefixes for a chain; few for DNN-shaped DAGs) and all
@@ -87,9 +88,8 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
     def hop(k: int, c: int, w: Weights) -> float:
         if c >= n:
             return 0.0
-        link = problem.links[k]
-        mpb = link.ms_per_byte()
-        return w.up[k] * sizes[c] * mpb + w.down[k] * out * mpb + w.rtt[k] * link.rtt_ms
+        mpb = problem.links[k].ms_per_byte()
+        return w.up[k] * sizes[c] * mpb + w.down[k] * out * mpb + problem.fixed_hop_cost(k, w)
 
     inf = (INF, INF)
     # best[k][c]: cost of running nodes [0, c) on tiers <= k; choice[k][c]: where tier k began
@@ -98,9 +98,15 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
     first_ok = [allowed[0] or c == 0 for c in range(n + 1)]
     if problem.raw_input_stays_on_device and n > 0:
         first_ok[0] = False
+    device_serving = problem.serving(0)  # paid by every assignment
     best.append(
         [
-            (wo.compute[0] * prefix[0][c], wl.compute[0] * prefix[0][c]) if first_ok[c] else inf
+            (
+                wo.compute[0] * (prefix[0][c] + device_serving),
+                wl.compute[0] * (prefix[0][c] + device_serving),
+            )
+            if first_ok[c]
+            else inf
             for c in range(n + 1)
         ]
     )
@@ -186,11 +192,12 @@ def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[
     for k in range(hops):
         link = problem.links[k]
         mpb = link.ms_per_byte()
-        # the RTT is paid once if anything runs above tier k: an OR node
-        rtt = w.rtt[k] * link.rtt_ms
-        if rtt > 0:
+        # the RTT and the serving overhead above are paid once if anything runs above
+        # tier k: an OR node
+        fixed = problem.fixed_hop_cost(k, w)
+        if fixed > 0:
             any_above = net.add_node()
-            add(s, any_above, rtt)
+            add(s, any_above, fixed)
             for v in range(n):
                 add(any_above, node(k, v), INF)
         for tensor in graph.tensors:
@@ -320,17 +327,19 @@ def enumerate_ideals(problem: Problem, graph: LayerGraph, members: np.ndarray) -
             else:
                 ok &= full[idx[k - 1]]
     up_ms, down_ms, rtt_ms = [], [], []
+    serving = [np.full(count, problem.serving(0))]
     for k in range(tiers - 1):
         used = ~full[idx[k]]
         mpb = problem.links[k].ms_per_byte()
         up_ms.append(up_bytes[idx[k]] * mpb * used)
         down_ms.append(down_bytes[idx[k]] * mpb * used)
         rtt_ms.append(problem.links[k].rtt_ms * used)
+        serving.append(problem.serving(k + 1) * used)
     if problem.raw_input_stays_on_device and tiers > 1 and n:
         ok &= raw_ok[idx[0]]
 
     def total(w: Weights) -> np.ndarray:
-        out = sum((w.compute[k] * compute[k] for k in range(tiers)), np.zeros(count))
+        out = sum((w.compute[k] * (compute[k] + serving[k]) for k in range(tiers)), np.zeros(count))
         for k in range(tiers - 1):
             out = out + w.up[k] * up_ms[k] + w.down[k] * down_ms[k] + w.rtt[k] * rtt_ms[k]
         return out
@@ -340,7 +349,7 @@ def enumerate_ideals(problem: Problem, graph: LayerGraph, members: np.ndarray) -
     if problem.slo_latency_ms is not None:
         ok &= latency <= problem.slo_latency_ms + 1e-9
     if problem.slo_throughput_rps is not None:
-        busy = np.maximum(compute[0], up_ms[0] if up_ms else 0.0)
+        busy = np.maximum(compute[0] + serving[0], up_ms[0] if up_ms else 0.0)
         ok &= busy <= 1000.0 / problem.slo_throughput_rps + 1e-9
     candidates = np.nonzero(ok)[0]
     if not len(candidates):
