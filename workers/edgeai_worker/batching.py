@@ -5,6 +5,11 @@ arrival). A single runner takes the head, waits up to `max_wait_ms` for more req
 that can share its run (same partition, same per-sample shapes), concatenates them along
 the batch axis, runs once, and splits the outputs back. When the stage is saturated the
 queue order is what decides who runs next: priority, then earliest deadline.
+
+Runs go to an executor thread so the event loop keeps serving, except for partitions
+whose recent runs took less than `INLINE_BELOW_S` (a forwarding identity, a tiny
+head): for those the two thread hand-offs cost more than the run, so they run on the
+loop.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from edgeai_worker.protocol import Array, ProtocolError
 from edgeai_worker.runtime import Partition
 
 RunFn = Callable[[Partition, Mapping[str, Array]], dict[str, Array]]
+
+INLINE_BELOW_S = 0.001
+# weight of the newest run in a partition's moving average of compute time
+_AVERAGE_WEIGHT = 0.2
 
 
 @dataclass(order=True)
@@ -82,6 +91,9 @@ class MicroBatcher:
         self._seq = itertools.count()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # partition id -> moving average of its compute seconds; a partition not yet
+        # run is absent and runs in the executor
+        self._average_s: dict[int, float] = {}
 
     @property
     def depth(self) -> int:
@@ -174,12 +186,17 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                outputs, compute_s = await loop.run_in_executor(None, self._run_batch, batch)
+                if self._average_s.get(id(head.partition), INLINE_BELOW_S) < INLINE_BELOW_S:
+                    outputs, compute_s = self._run_batch(batch)
+                else:
+                    outputs, compute_s = await loop.run_in_executor(None, self._run_batch, batch)
             except Exception as exc:  # the runtime's error goes to every caller in the batch
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            average = self._average_s.get(id(head.partition), compute_s)
+            self._average_s[id(head.partition)] = average + _AVERAGE_WEIGHT * (compute_s - average)
             if self._metrics is not None:
                 rows = sum(item.rows for item in batch) if len(batch) > 1 else 1
                 self._metrics.batch_size.observe(rows, stage=self._stage)
