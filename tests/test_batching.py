@@ -186,3 +186,33 @@ async def test_fixed_batch_model_runs_requests_one_by_one(tmp_path: Path) -> Non
         await batcher.stop()
     assert [o["output"].shape for o in outs] == [(1, 10)] * 3
     assert metrics.batch_size.count(stage="0") == 3
+
+
+async def test_fast_runs_stay_on_the_event_loop_and_slow_ones_do_not(
+    model: ChainModel, partition: Partition
+) -> None:
+    threads: list[str] = []
+    delay_s = {"value": 0.0}
+
+    def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        threads.append(threading.current_thread().name)
+        time.sleep(delay_s["value"])
+        return p.run(feeds)
+
+    batcher = MicroBatcher(run, max_batch=1)
+    await batcher.start()
+    loop_thread = threading.current_thread().name
+    x = {"input": _x(model, 0)}
+    (expected,) = run_onnx(model.path, x)
+    for _ in range(3):
+        (out,) = (await batcher.submit(partition, x)).values()
+        assert np.allclose(out, expected, rtol=1e-6, atol=1e-6)
+    # the first run (nothing known yet) goes to the executor, the fast ones after it not
+    assert threads[0] != loop_thread
+    assert threads[1:] == [loop_thread, loop_thread]
+    # runs that become slow move back to the executor once the average says so
+    delay_s["value"] = 0.02
+    for _ in range(3):
+        await batcher.submit(partition, x)
+    assert threads[-1] != loop_thread
+    await batcher.stop()
