@@ -56,39 +56,53 @@ def cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
     """Send the input `--requests` times (or for `--duration-s`), one at a time, binary in
-    and out; latencies, the device's split per request and each request's start time."""
+    and out; latencies, the device's split per request and each request's start time.
+    With several `--url`s the requests go to each in turn (`--counts` per URL), so that
+    all see the same conditions; `per_url` has each one's latencies."""
     x = np.load(args.input)
-    conn, path = _connection(args.url)
-    latencies: list[float] = []
+    targets = [_connection(url) for url in args.url]
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else None
+    if counts is None:
+        counts = [args.requests] * len(targets)
+    if len(counts) != len(targets):
+        raise SystemExit(f"{len(counts)} counts for {len(targets)} URLs")
+    latencies: list[list[float]] = [[] for _ in targets]
     splits: list[str] = []
     offsets: list[float] = []
     begin = time.perf_counter()
     i = 0
     while True:
-        if args.duration_s is None and i >= args.warmup + args.requests:
+        if args.duration_s is None and i >= args.warmup + max(counts):
             break
         if args.duration_s is not None and time.perf_counter() - begin >= args.duration_s:
             break
-        body, headers = oip_body(x, f"bench-{os.getpid()}-{i}")  # unique: workers dedupe ids
-        started = time.perf_counter()
-        conn.request("POST", path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        elapsed = (time.perf_counter() - started) * 1000
-        if resp.status != 200:
-            raise SystemExit(f"HTTP {resp.status}: {data[:300]!r}")
-        if i >= args.warmup:
-            latencies.append(elapsed)
-            offsets.append(started - begin)
-            length = int(resp.getheader("Inference-Header-Content-Length") or len(data))
-            splits.append(str(json.loads(data[:length]).get("parameters", {}).get("edgeai_split")))
+        for j, (conn, path) in enumerate(targets):
+            if args.duration_s is None and i >= args.warmup + counts[j]:
+                continue
+            body, headers = oip_body(x, f"bench-{os.getpid()}-{i}-{j}")  # workers dedupe ids
+            started = time.perf_counter()
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            elapsed = (time.perf_counter() - started) * 1000
+            if resp.status != 200:
+                raise SystemExit(f"HTTP {resp.status}: {data[:300]!r}")
+            if i >= args.warmup:
+                latencies[j].append(elapsed)
+                if j == 0:
+                    offsets.append(started - begin)
+                    length = int(resp.getheader("Inference-Header-Content-Length") or len(data))
+                    header = json.loads(data[:length])
+                    splits.append(str(header.get("parameters", {}).get("edgeai_split")))
         i += 1
-    conn.close()
+    for conn, _ in targets:
+        conn.close()
     return {
-        "latencies_ms": latencies,
-        "median_ms": statistics.median(latencies),
+        "latencies_ms": latencies[0],
+        "median_ms": statistics.median(latencies[0]),
         "splits": splits,
         "offsets_s": offsets,
+        "per_url": [{"median_ms": statistics.median(t), "latencies_ms": t} for t in latencies],
     }
 
 
@@ -141,6 +155,16 @@ def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_serving(args: argparse.Namespace) -> dict[str, Any]:
+    """Median round trip of binary requests through a serving-probe worker."""
+    from edgeai_worker.profiler import time_binary_requests
+
+    samples = time_binary_requests(
+        args.url, json.loads(args.shape), requests=args.requests, warmup=args.warmup
+    )
+    return {"serving_ms": statistics.median(samples), "samples_ms": samples}
+
+
 def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
     conn, path = _connection(args.url)
     samples = []
@@ -176,9 +200,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.set_defaults(func=cmd_profile)
     c = sub.add_parser("client")
-    c.add_argument("--url", required=True)
+    c.add_argument("--url", action="append", required=True, help="repeat: sent to in turn")
     c.add_argument("--input", type=Path, required=True)
     c.add_argument("--requests", type=int, default=10)
+    c.add_argument("--counts", help="requests per --url, comma-separated (default --requests)")
     c.add_argument("--warmup", type=int, default=2)
     c.add_argument("--duration-s", type=float, help="send for this long instead")
     c.set_defaults(func=cmd_client)
@@ -193,6 +218,12 @@ def main() -> None:
     h.add_argument("--requests", type=int, default=20)
     h.add_argument("--warmup", type=int, default=3)
     h.set_defaults(func=cmd_hop)
+    v = sub.add_parser("serving")
+    v.add_argument("--url", required=True)
+    v.add_argument("--shape", required=True)
+    v.add_argument("--requests", type=int, default=30)
+    v.add_argument("--warmup", type=int, default=5)
+    v.set_defaults(func=cmd_serving)
     r = sub.add_parser("rtt")
     r.add_argument("--url", required=True)
     r.add_argument("--requests", type=int, default=22)

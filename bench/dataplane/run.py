@@ -43,6 +43,7 @@ AGENT = str(HERE / "agent.py")
 ECHO_PORT = 9100
 IDENTITY_PORT = 9200
 STAGE_PORT = 9300
+SERVING_PORT = 9400
 
 
 def agent(
@@ -124,6 +125,7 @@ def deploy(
     name: str,
     uplink: float | None,
     alternatives: list[dict[str, Any]] | None = None,
+    port_base: int = STAGE_PORT,
 ) -> tuple[str, list[tuple[str, str]]]:
     """Start one worker per stage (last first); the device's infer URL and every
     stage's (tier, URL). With `alternatives`, the device gets the plan's adaptive splits
@@ -141,7 +143,7 @@ def deploy(
         config = {
             "model_name": "bench",
             "host": tier_host(fleet.topo, tier),
-            "port": STAGE_PORT + spec.index,
+            "port": port_base + spec.index,
             "tier": tier,
             "stage_index": spec.index,
             "partitions": [str(p) for p in spec.partitions],
@@ -243,14 +245,52 @@ def identity_model(path: Path) -> Path:
     return path
 
 
+def measure_serving(
+    topo: Topology, workdir: Path, tier: str, input_shape: list[int], requests: int
+) -> float:
+    """The tier's fixed per-request serving overhead: a real worker serving the
+    profiler's tiny serving-probe model inside the tier's namespace and CPU quota, and a
+    client in the namespace outside the quota (as the application, or the stage below,
+    is), median round trip of binary requests with the model's input shape."""
+    from edgeai_worker.profiler import SERVING_MODEL_NAME, serving_model
+
+    model = serving_model(input_shape, workdir / f"serving-{'x'.join(map(str, input_shape))}.onnx")
+    fleet = Fleet(topo, workdir)
+    try:
+        url = fleet.worker(
+            tier,
+            {
+                "model_name": SERVING_MODEL_NAME, "host": tier_host(topo, tier),
+                "port": SERVING_PORT, "tier": tier, "partitions": [str(model)],
+                "intra_op_threads": topo.tiers[tier].threads,
+            },
+            f"serving-{tier}",
+        )  # fmt: skip
+        result = agent(
+            topo, tier, "serving", "--url", f"{url}/v2/models/{SERVING_MODEL_NAME}/infer",
+            "--shape", json.dumps(input_shape), "--requests", str(requests), limit_cpu=False,
+        )  # fmt: skip
+    finally:
+        fleet.stop()
+    return float(result["serving_ms"])
+
+
 def profile_tiers(
-    topo: Topology, model: str, model_path: Path, repeats: int
-) -> tuple[Any, dict[str, Any]]:
-    """Profile the model's segments on every tier, inside its namespace and CPU quota,
-    and build the planner's layer graph from the profiles."""
+    topo: Topology,
+    workdir: Path,
+    model: str,
+    model_path: Path,
+    input_shape: list[int],
+    repeats: int,
+    serving_requests: int,
+) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """Profile the model's segments (chained, as shares of the whole model) and the
+    fixed serving overhead on every tier, inside its namespace and CPU quota; the
+    planner's layer graph and serving overheads from them."""
     from edgeai_operator.planner.model import LayerGraph
 
     profiles: dict[str, Any] = {}
+    serving: dict[str, float] = {}
     for tier in TIERS:
         spec = topo.tiers[tier]
         print(
@@ -262,24 +302,19 @@ def profile_tiers(
             topo, tier, "profile", "--model", str(model_path), "--threads", str(spec.threads),
             "--repeats", str(repeats),
         )  # fmt: skip
+        if serving_requests:
+            serving[tier] = measure_serving(topo, workdir, tier, input_shape, serving_requests)
         print(
-            f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, "
-            f"segments sum {profiles[tier]['totalMs']:.1f} ms",
+            f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, segments "
+            f"chained {profiles[tier]['chainMs']:.1f} ms, serving {serving.get(tier, 0):.1f} ms",
             flush=True,
         )
-    # Segments profiled one by one add up to less than the chained model (warm caches,
-    # no hand-over between sessions); scale each tier's segments to its whole-model time
-    # so stage predictions are about what a stage runs.
-    segment_ms = {
-        t: [s["measuredMs"] * p["wholeModelMs"] / p["totalMs"] for s in p["segments"]]
-        for t, p in profiles.items()
-    }
     graph = LayerGraph.chain(
-        segment_ms,
+        {t: [s["measuredMs"] for s in p["segments"]] for t, p in profiles.items()},
         [c["sizeBytes"] for c in profiles["device"]["cuts"]],
         [c["tensors"] for c in profiles["device"]["cuts"]],
     )
-    return graph, profiles
+    return graph, profiles, serving
 
 
 def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
@@ -315,9 +350,11 @@ def run_scenarios(
     backhaul_mbps: float,
     requests: int,
     profile_repeats: int,
-) -> tuple[dict[str, Any], Any]:
+    serving_requests: int,
+) -> tuple[dict[str, Any], Any, dict[str, float]]:
     """For each uplink: plan, then run the plan, device-only and cloud-only. Returns the
-    report and the planner's layer graph built from the profiles."""
+    report, the planner's layer graph built from the profiles and the tiers' serving
+    overheads."""
     import onnx
 
     from edgeai_operator.planner.model import Link, Problem, Variant, evaluate
@@ -330,14 +367,18 @@ def run_scenarios(
     model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
     input_path = workdir / f"{model}-input.npy"
     np.save(input_path, zoo.example_input(model))
-    graph, profiles = profile_tiers(topo, model, model_path, profile_repeats)
+    graph, profiles, serving = profile_tiers(
+        topo, workdir, model, model_path, list(zoo.example_input(model).shape),
+        profile_repeats, serving_requests,
+    )  # fmt: skip
     nodes = len(profiles["device"]["segments"])
     result: dict[str, Any] = {
         "model": model,
         "profiles": {
-            t: {"wholeModelMs": p["wholeModelMs"], "segmentsSumMs": p["totalMs"]}
+            t: {"wholeModelMs": p["wholeModelMs"], "chainMs": p["chainMs"]}
             for t, p in profiles.items()
         },
+        "serving_ms": serving,
         "scenarios": [],
     }
     for uplink in uplinks:
@@ -349,6 +390,7 @@ def run_scenarios(
         problem = Problem(
             variants=(Variant("fp32", graph),),
             links=(Link(uplink, rtt0), Link(backhaul_mbps, rtt1)),
+            serving_ms=serving,
         )
         plan = plan_partitions(problem, alternatives=False)
         device_only = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
@@ -357,60 +399,85 @@ def run_scenarios(
             {"tier": "edge", "inputs": model_input, "outputs": model_input},
             {"tier": "cloud", "inputs": model_input, "outputs": model_output},
         ]
+        single = {"device-only": [0] * nodes, "cloud-only": [2] * nodes}
+        same_as = next((k for k, a in single.items() if list(plan.assignment) == a), None)
         configs = {
             "partitioned (planner)": (
                 full_stages(plan, model_input),
                 evaluate(problem, graph, list(plan.assignment)),
             ),
-            "device-only": (device_only, evaluate(problem, graph, [0] * nodes)),
-            "cloud-only": (cloud_only, evaluate(problem, graph, [2] * nodes)),
+            "device-only": (device_only, evaluate(problem, graph, single["device-only"])),
+            "cloud-only": (cloud_only, evaluate(problem, graph, single["cloud-only"])),
         }
         scenario: dict[str, Any] = {
             "uplink_mbps": uplink,
             "rtt_ms": [rtt0, rtt1],
             "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
+            "plan_is": same_as,
             "results": {},
         }
-        for name, (stages, evaluation) in configs.items():
-            predicted = evaluation.latency_ms
-            predicted_compute = dict(zip(TIERS, evaluation.compute_ms, strict=True))
-            tag = f"{model}-{int(uplink)}mbps-{name.split()[0]}"
-            print(
-                f"[bench] {model}, uplink {uplink:g} Mbps: {name} "
-                f"({' + '.join(s['tier'] for s in stages)})",
-                flush=True,
-            )
+        # A plan that is a single-tier configuration is that deployment: it runs once.
+        deployed = [name for name in configs if not (same_as and name.startswith("partitioned"))]
+        print(
+            f"[bench] {model}, uplink {uplink:g} Mbps: plan {scenario['plan']}"
+            + (f" (= {same_as})" if same_as else "")
+            + f"; deploying {', '.join(deployed)} side by side",
+            flush=True,
+        )
+        stage_fleet = Fleet(topo, workdir)
+        try:
+            entries: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+            for j, name in enumerate(deployed):
+                tag = f"{model}-{int(uplink)}mbps-{name.split()[0]}"
+                entries[name] = deploy(
+                    stage_fleet, configs[name][0], model_path, tag, uplink,
+                    port_base=STAGE_PORT + 10 * j,
+                )  # fmt: skip
+            urls = [entries[name][0] for name in deployed]
             # Slow configurations (seconds per request) get fewer requests.
-            count = requests if predicted < 1000 else max(3, requests // 2)
-            stage_fleet = Fleet(topo, workdir)
-            try:
-                entry, started = deploy(stage_fleet, stages, model_path, tag, uplink)
-                # The client is the device's application: in the device's namespace,
-                # outside the device stage's CPU quota (the planner models the stages).
-                agent(
-                    topo, "device", "client", "--url", entry, "--input", str(input_path),
-                    "--requests", "1", "--warmup", "2", limit_cpu=False,
-                )  # fmt: skip
-                before = stage_metrics(topo, started)
-                measured = agent(
-                    topo, "device", "client", "--url", entry, "--input", str(input_path),
-                    "--requests", str(count), "--warmup", "0", limit_cpu=False,
-                )  # fmt: skip
-                breakdown = stage_breakdown(before, stage_metrics(topo, started))
-            finally:
-                stage_fleet.stop()
-            scenario["results"][name] = {
-                "measured_ms": measured["median_ms"],
+            counts = [
+                requests if configs[name][1].latency_ms < 1000 else max(3, requests // 2)
+                for name in deployed
+            ]
+            # The client is the device's application: in the device's namespace,
+            # outside the device stage's CPU quota (the planner models the stages). It
+            # sends to the deployments in turn, so all see the same machine load.
+            client_args = [a for url in urls for a in ("--url", url)]
+            agent(
+                topo, "device", "client", *client_args, "--input", str(input_path),
+                "--requests", "1", "--warmup", "2", limit_cpu=False,
+            )  # fmt: skip
+            before = {name: stage_metrics(topo, entries[name][1]) for name in deployed}
+            measured = agent(
+                topo, "device", "client", *client_args, "--input", str(input_path),
+                "--counts", ",".join(map(str, counts)), "--warmup", "0", limit_cpu=False,
+            )  # fmt: skip
+            after = {name: stage_metrics(topo, entries[name][1]) for name in deployed}
+        finally:
+            stage_fleet.stop()
+        for i, name in enumerate(deployed):
+            evaluation = configs[name][1]
+            predicted = evaluation.latency_ms
+            median = measured["per_url"][i]["median_ms"]
+            row = {
+                "measured_ms": median,
                 "predicted_ms": predicted,
-                "ratio": measured["median_ms"] / predicted,
-                "requests": count,
-                "stages": breakdown,
-                "predicted_compute_ms": predicted_compute,
+                "ratio": median / predicted,
+                "requests": counts[i],
+                "stages": stage_breakdown(before[name], after[name]),
+                "predicted_compute_ms": dict(zip(TIERS, evaluation.compute_ms, strict=True)),
+                "predicted_serving_ms": dict(zip(TIERS, evaluation.serving_ms, strict=True)),
             }
+            scenario["results"][name] = row
             print(
-                f"[bench]   measured {measured['median_ms']:.1f} ms, predicted {predicted:.1f} ms",
+                f"[bench]   {name}: measured {median:.1f} ms, predicted {predicted:.1f} ms",
                 flush=True,
             )
+        if same_as:
+            scenario["results"] = {
+                "partitioned (planner)": {**scenario["results"][same_as], "same_as": same_as},
+                **scenario["results"],
+            }
         results = scenario["results"]
         best_single = min(
             results["device-only"]["measured_ms"], results["cloud-only"]["measured_ms"]
@@ -419,7 +486,7 @@ def run_scenarios(
             results["partitioned (planner)"]["measured_ms"] / best_single
         )
         result["scenarios"].append(scenario)
-    return result, graph
+    return result, graph, serving
 
 
 def split_label(cut_index: int | None, last: int) -> str:
@@ -436,6 +503,7 @@ def run_adaptive(
     workdir: Path,
     model: str,
     graph: Any,
+    serving: dict[str, float],
     base_uplink: float,
     phases: Sequence[float],
     phase_s: float,
@@ -458,6 +526,7 @@ def run_adaptive(
     problem = Problem(
         variants=(Variant("fp32", graph),),
         links=(Link(base_uplink, 0.5), Link(backhaul_mbps, 0.5)),
+        serving_ms=serving,
     )
     plan = plan_partitions(problem)
     alternatives = [a.to_dict() for a in plan.alternatives]
@@ -531,6 +600,12 @@ def main() -> int:
     parser.add_argument("--backhaul-mbps", type=float, default=100.0)
     parser.add_argument("--requests", type=int, default=8, help="timed requests per config")
     parser.add_argument("--profile-repeats", type=int, default=20)
+    parser.add_argument(
+        "--serving-requests",
+        type=int,
+        default=30,
+        help="requests per tier measuring the fixed serving overhead (0: the planner gets none)",
+    )
     parser.add_argument("--device-cpus", type=float, default=0.25)
     parser.add_argument("--edge-cpus", type=float, default=1.0)
     parser.add_argument("--cloud-threads", type=int, default=2)
@@ -578,14 +653,14 @@ def main() -> int:
             models = args.models.split(",")
             adaptive_model = args.adaptive_model if args.adaptive_model is not None else models[0]
             for model in models:
-                result, graph = run_scenarios(
+                result, graph, serving = run_scenarios(
                     topo, workdir, model, uplinks, args.backhaul_mbps, args.requests,
-                    args.profile_repeats,
+                    args.profile_repeats, args.serving_requests,
                 )  # fmt: skip
                 report["models"].append(result)
                 if model == adaptive_model:
                     report["adaptive"] = run_adaptive(
-                        topo, workdir, model, graph, args.adaptive_base_mbps,
+                        topo, workdir, model, graph, serving, args.adaptive_base_mbps,
                         [float(p) for p in args.adaptive_phases.split(",")],
                         args.adaptive_phase_s, args.backhaul_mbps,
                     )  # fmt: skip
@@ -615,11 +690,14 @@ def print_report(report: dict[str, Any]) -> None:
     for m in report["models"]:
         print()
         print(
-            f"model {m['model']}; profile ms, whole model / sum of segments run alone: "
+            f"model {m['model']}; profile ms, whole model / segments chained: "
             + ", ".join(
-                f"{t} {p['wholeModelMs']:.1f}/{p['segmentsSumMs']:.1f}"
-                for t, p in m["profiles"].items()
+                f"{t} {p['wholeModelMs']:.1f}/{p['chainMs']:.1f}" for t, p in m["profiles"].items()
             )
+        )
+        print(
+            "serving overhead ms per request (tiny model through a worker): "
+            + (", ".join(f"{t} {ms:.1f}" for t, ms in m["serving_ms"].items()) or "not measured")
         )
         print(
             f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
@@ -628,10 +706,15 @@ def print_report(report: dict[str, Any]) -> None:
         for s in m["scenarios"]:
             for name, r in s["results"].items():
                 plan = s["plan"] if name.startswith("partitioned") else ""
+                if r.get("same_as"):
+                    plan += f"  (= {r['same_as']}: that deployment's measurement)"
                 print(
                     f"{s['uplink_mbps']:>5g}Mb {name:<22} {r['measured_ms']:>12.1f} "
                     f"{r['predicted_ms']:>13.1f} {r['ratio']:>10.2f}  {plan}"
                 )
+                if r.get("same_as"):
+                    continue
+                serving = sum(r.get("predicted_serving_ms", {}).values())
                 print(
                     f"{'':>31}onnxruntime ms measured/planner: "
                     + ", ".join(
@@ -639,6 +722,7 @@ def print_report(report: dict[str, Any]) -> None:
                         for t, b in r["stages"].items()
                         if b["compute_ms"] or r["predicted_compute_ms"][t]
                     )
+                    + f"; planner's serving ms {serving:.1f}"
                 )
             print(
                 f"{'':>7} partitioned / min(device-only, cloud-only) = "

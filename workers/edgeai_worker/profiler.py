@@ -69,12 +69,18 @@ def stderr_progress(message: str) -> None:
     print(f"[edgeai profile] {message}", file=sys.stderr, flush=True)
 
 
-def _session(model: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto, threads: int | None, *, spinning: bool = True
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        # Chained sessions: a session's idle threads would spin on while the next
+        # session runs and slow it down, which no stage (one session) sees.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -168,7 +174,7 @@ def profile_model(
     say(f"{name}: whole model {whole_ms:.2f} ms; {len(cuts) - 1} segments to measure")
     partitioner = onnx_graph.Partitioner(model)
     sessions = [
-        _session(partitioner.extract(a.tensors, b.tensors), threads)
+        _session(partitioner.extract(a.tensors, b.tensors), threads, spinning=False)
         for a, b in itertools.pairwise(cuts)
     ]
     started = time.monotonic()
