@@ -130,7 +130,9 @@ def get_json(cluster: LocalCluster, path: str) -> Any:
 
 
 def pods_running(cluster: LocalCluster, namespace: str) -> tuple[int, int]:
-    items = get_json(cluster, f"/api/v1/namespaces/{namespace}/pods")["items"]
+    # stage pods only (the operator's profiling Job pods complete and stay)
+    path = f"/api/v1/namespaces/{namespace}/pods?labelSelector=edgeai.dev%2Fdeployment"
+    items = get_json(cluster, path)["items"]
     running = sum(1 for p in items if p.get("status", {}).get("phase") == "Running")
     return running, len(items)
 
@@ -208,6 +210,8 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args()
+    # SIGTERM (a stopped run) unwinds like Ctrl-C, so the cluster and operator stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     topo = topology(
         args.zones,
         args.devices_per_zone,

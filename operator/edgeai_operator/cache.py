@@ -73,6 +73,8 @@ class WatchCache:
         self._lock = threading.Lock()
         self._workloads: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        # (namespace, label, value) -> names of the pods carrying it
+        self._pods_by_label: dict[tuple[str, str, str], set[str]] = {}
         self._fallback = fallback or LiveView()
 
     # -- fed by the watches -------------------------------------------------------
@@ -94,12 +96,26 @@ class WatchCache:
     def put_pod(self, body: Mapping[str, Any]) -> None:
         slim = _slim(body, ())
         meta = slim["metadata"]
+        namespace, name = str(meta["namespace"]), str(meta["name"])
         with self._lock:
-            self._pods[(str(meta["namespace"]), str(meta["name"]))] = slim
+            self._unindex_pod(namespace, name)
+            self._pods[(namespace, name)] = slim
+            for label, value in (meta.get("labels") or {}).items():
+                self._pods_by_label.setdefault((namespace, label, value), set()).add(name)
 
     def drop_pod(self, namespace: str, name: str) -> None:
         with self._lock:
+            self._unindex_pod(namespace, name)
             self._pods.pop((namespace, name), None)
+
+    def _unindex_pod(self, namespace: str, name: str) -> None:
+        old = self._pods.get((namespace, name))
+        for label, value in ((old or {}).get("metadata", {}).get("labels") or {}).items():
+            names = self._pods_by_label.get((namespace, label, value))
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self._pods_by_label[(namespace, label, value)]
 
     # -- read by the passes -------------------------------------------------------
     def workload(
@@ -116,11 +132,8 @@ class WatchCache:
 
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [
-                pod
-                for (ns, _), pod in self._pods.items()
-                if ns == namespace and (pod["metadata"].get("labels") or {}).get(label) == value
-            ]
+            names = sorted(self._pods_by_label.get((namespace, label, value), ()))
+            return [self._pods[(namespace, name)] for name in names]
 
     def remember(self, obj: Mapping[str, Any]) -> None:
         """Records what an apply or a live read returned (a newer generation than the

@@ -47,6 +47,9 @@ EventSink = Callable[[str, str, str], None]  # (type Normal|Warning, reason, mes
 Scraper = Callable[[str], str | None]  # pod IP -> its /metrics text, None if unreachable
 # Passes woken in a burst (a rollout's status updates) scrape the stages at most this often.
 SCRAPE_INTERVAL_S = 2.0
+# A pod that did not answer its last scrapes (not serving yet, unreachable) is tried
+# again after 2, 4, ... up to this many seconds, not on every pass.
+SCRAPE_BACKOFF_MAX_S = 30.0
 
 
 def scrape_pod(ip: str) -> str | None:
@@ -81,6 +84,10 @@ class DeploymentState:
     plan_profiles: Any = None
     last_scrape: float = float("-inf")
     observed: dict[str, Any] = field(default_factory=dict)
+    # (pod name, IP) -> (failed scrapes in a row, when to try again)
+    scrape_backoff: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    children_inputs: tuple[Any, ...] | None = None
+    desired_keys: set[tuple[str, str, str]] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -238,15 +245,27 @@ def reconcile(
         )
         state.last_scrape = t
     observed = state.observed
-    children = build_children(
-        owner,
-        zones.plans,
-        {k: max(v, min_replicas) for k, v in state.replicas.items()},
-        opts,
-        default_replicas=max(min_replicas, 1),
-        shared_model=shared_model,
+    replicas = {k: max(v, min_replicas) for k, v in state.replicas.items()}
+    # Children depend on the plan, the replicas and the excluded nodes only (and, when
+    # shared, on other users' wishes): unchanged inputs, unchanged children.
+    child_inputs = (
+        (inputs, tuple(sorted(replicas.items())), excluded, image, opts.priority_class)
+        if node_epoch is not None and not shared_model
+        else None
     )
-    live_replicas = _share_replicas(owner, children, view)
+    children: list[dict[str, Any]] = []
+    live_replicas: dict[str, int] = {}
+    unchanged = child_inputs is not None and child_inputs == state.children_inputs
+    if not unchanged:
+        children = build_children(
+            owner,
+            zones.plans,
+            replicas,
+            opts,
+            default_replicas=max(min_replicas, 1),
+            shared_model=shared_model,
+        )
+        live_replicas = _share_replicas(owner, children, view)
 
     _report_plan_changes(zones, state, emit)
     if excluded != state.last_excluded:
@@ -260,8 +279,12 @@ def reconcile(
             )
         state.last_excluded = excluded
 
-    desired_keys = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
-    digest = _digest([children, live_replicas])
+    if unchanged:
+        desired_keys = state.desired_keys
+        digest = state.applied_digest
+    else:
+        desired_keys = {(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in children}
+        digest = _digest([children, live_replicas])
     first_pass = not state.applied_digest
     if digest != state.applied_digest:
         if opts.priority_class:
@@ -287,6 +310,8 @@ def reconcile(
             used = set(k8s.shared_children_of(namespace, owner.uid))
             state.pending_releases = used - desired_keys
         state.shared = bool(shared_names)
+    state.desired_keys = desired_keys
+    state.children_inputs = child_inputs
 
     # Observe the workloads we asked for.
     health: dict[str, tuple[int, int]] = {}
@@ -473,6 +498,21 @@ def _pods_by_workload(
     return out
 
 
+def _scrape(state: DeploymentState, scrape: Scraper, pod: str, ip: str, t: float) -> Scrape | None:
+    """One pod's parsed /metrics, None when it does not answer (then backed off)."""
+    key = (pod, ip)
+    failures, retry_at = state.scrape_backoff.get(key, (0, t))
+    if t < retry_at:
+        return None
+    text = scrape(ip)
+    if text is None:
+        delay = min(SCRAPE_BACKOFF_MAX_S, 2.0 ** (failures + 1))
+        state.scrape_backoff[key] = (failures + 1, t + delay)
+        return None
+    state.scrape_backoff.pop(key, None)
+    return parse_metrics(text)
+
+
 def _autoscale(
     owner: Owner,
     spec_body: Mapping[str, Any],
@@ -491,6 +531,9 @@ def _autoscale(
     autoscaling = spec_body.get("autoscaling") or {}
     slo_ms = float((spec_body.get("slo") or {}).get("latencyP95Ms") or 0.0)
     pods = _pods_by_workload(owner, view, list(shared.values()))
+    live = {(p, ip) for members in pods.values() for p, ip in members}
+    for key in set(state.scrape_backoff) - live:
+        del state.scrape_backoff[key]
     entry_scrapes: dict[str, Scrape] = {}
     for zone, plan in sorted(zones.plans.items()):
         targets = stage_targets(plan, slo_ms) if slo_ms else {}
@@ -511,9 +554,9 @@ def _autoscale(
                 name, StageScaler(_policy(autoscaling, targets[tier]))
             )
             scrapes = {
-                p: parse_metrics(text)
+                p: m
                 for p, ip in pods.get(name, [])
-                if (text := scrape(ip)) is not None
+                if (m := _scrape(state, scrape, p, ip, t)) is not None
             }
             if not scrapes:
                 continue
@@ -527,9 +570,9 @@ def _autoscale(
                 state.replicas[name] = desired
         device = workload_name(owner, "device", zone)
         for p, ip in pods.get(device, []):
-            text = scrape(ip)
-            if text is not None:
-                entry_scrapes[p] = parse_metrics(text)
+            m = _scrape(state, scrape, p, ip, t)
+            if m is not None:
+                entry_scrapes[p] = m
     observed: dict[str, Any] = {}
     if entry_scrapes:
         state.entry.observe(t, entry_scrapes)

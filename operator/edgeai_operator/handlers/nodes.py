@@ -59,5 +59,13 @@ async def node_changed(name: str, type: str | None, body: kopf.Body, **_: Any) -
     wakeups.wake_all()
 
 
+_listed: tuple[int, list[NodeState]] | None = None
+
+
 def all_nodes(index: kopf.Index[str, NodeState]) -> list[NodeState]:
-    return [state for store in index.values() for state in store]
+    """Every indexed node; one list per node epoch (heartbeats re-index a node with
+    the same placement-relevant state, so the list of the epoch still holds)."""
+    global _listed
+    if _listed is None or _listed[0] != _epoch:
+        _listed = (_epoch, [state for store in index.values() for state in store])
+    return _listed[1]

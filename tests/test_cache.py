@@ -1,0 +1,122 @@
+"""The watch cache reconcile passes read (no cluster: watch events as dicts), and the
+scrape back-off for pods that do not answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeai_operator.cache import WatchCache
+from edgeai_operator.reconcile import DeploymentState, _scrape
+
+
+class CountingView:
+    """A second view that records what the cache asked it for."""
+
+    def __init__(self, objects: dict[str, dict[str, Any]]) -> None:
+        self.objects = objects
+        self.asked: list[str] = []
+
+    def workload(
+        self, api_version: str, kind: str, name: str, namespace: str
+    ) -> dict[str, Any] | None:
+        self.asked.append(name)
+        return self.objects.get(name)
+
+    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
+        raise AssertionError("pods come from the watch only")
+
+    def remember(self, obj: Any) -> None:
+        return None
+
+
+def _ds(name: str, generation: int, observed: int, available: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "generation": generation,
+            "labels": {"edgeai.dev/deployment": "cam"},
+            "managedFields": [{"manager": "x"}],
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "big"}]}}},
+        "status": {"observedGeneration": observed, "numberAvailable": available},
+    }
+
+
+def _pod(name: str, labels: dict[str, str], ip: str = "127.244.0.9") -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ns", "labels": labels},
+        "spec": {"nodeName": "n"},
+        "status": {"phase": "Running", "podIP": ip},
+    }
+
+
+def test_workloads_come_from_the_watch_and_an_unseen_one_is_read_live_once() -> None:
+    live = CountingView({"cam-device-b": _ds("cam-device-b", 1, 1, 2)})
+    cache = WatchCache(fallback=live)
+    cache.put_workload(_ds("cam-device-a", 3, 3, 2))
+    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
+    assert got is not None
+    assert got["status"]["numberAvailable"] == 2
+    assert "template" not in got["spec"]  # slim copies
+    assert "managedFields" not in got["metadata"]
+    assert live.asked == []
+    assert cache.workload("apps/v1", "DaemonSet", "cam-device-b", "ns") is not None
+    assert cache.workload("apps/v1", "DaemonSet", "cam-device-b", "ns") is not None
+    assert live.asked == ["cam-device-b"]  # then remembered
+    assert cache.workload("apps/v1", "DaemonSet", "missing", "ns") is None
+    cache.drop_workload("ns", "DaemonSet", "cam-device-a")
+    assert cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns") is None
+    assert live.asked == ["cam-device-b", "missing", "cam-device-a"]
+
+
+def test_a_late_watch_event_does_not_replace_a_newer_generation() -> None:
+    cache = WatchCache(fallback=CountingView({}))
+    cache.remember(_ds("cam-device-a", 4, 3, 2))  # what an apply returned
+    cache.put_workload(_ds("cam-device-a", 3, 3, 2))  # the watch catching up
+    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
+    assert got is not None
+    assert got["metadata"]["generation"] == 4
+    cache.put_workload(_ds("cam-device-a", 4, 4, 1))  # same generation: newer status
+    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
+    assert got is not None
+    assert got["status"]["observedGeneration"] == 4
+
+
+def test_pods_are_found_by_label_and_follow_relabels_and_deletes() -> None:
+    cache = WatchCache(fallback=CountingView({}))
+    cache.put_pod(_pod("p1", {"edgeai.dev/deployment": "cam"}))
+    cache.put_pod(_pod("p2", {"edgeai.dev/deployment": "cam"}))
+    cache.put_pod(_pod("p3", {"edgeai.dev/deployment": "other"}))
+    names = [p["metadata"]["name"] for p in cache.pods("ns", "edgeai.dev/deployment", "cam")]
+    assert names == ["p1", "p2"]
+    assert cache.pods("other-ns", "edgeai.dev/deployment", "cam") == []
+    cache.put_pod(_pod("p2", {"edgeai.dev/deployment": "other"}))  # relabelled
+    cache.drop_pod("ns", "p1")
+    assert cache.pods("ns", "edgeai.dev/deployment", "cam") == []
+    names = [p["metadata"]["name"] for p in cache.pods("ns", "edgeai.dev/deployment", "other")]
+    assert names == ["p2", "p3"]
+    assert cache.sizes() == (0, 2)
+
+
+def test_a_pod_that_does_not_answer_is_backed_off_then_retried() -> None:
+    answers: dict[str, str | None] = {"127.244.0.9": None}
+    calls: list[float] = []
+    clock = [0.0]
+
+    def scrape(ip: str) -> str | None:
+        calls.append(clock[0])
+        return answers[ip]
+
+    state = DeploymentState()
+    for t in range(0, 80):
+        clock[0] = float(t)
+        assert _scrape(state, scrape, "p", "127.244.0.9", float(t)) is None
+    # tried at 0, then after 2, 4, 8, 16, 30, 30 s: not 80 times
+    assert calls == [0.0, 2.0, 6.0, 14.0, 30.0, 60.0]
+    answers["127.244.0.9"] = "edgeai_requests_total 3\n"
+    clock[0] = 90.0
+    assert _scrape(state, scrape, "p", "127.244.0.9", 90.0) is not None
+    assert state.scrape_backoff == {}  # answered: no back-off left
