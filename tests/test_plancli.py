@@ -186,9 +186,15 @@ def test_profile_then_plan_with_measured_compute(
     # the serving overhead measured through a worker, scaled to the 8 GFLOPS device
     # like compute, is part of the prediction
     assert profile["servingMs"] > 0
-    device_serving = profile["servingMs"] * profile["host"]["gflops"] / 8
-    assert plan["servingMs"]["device"] == pytest.approx(device_serving, rel=1e-3)
+    assert profile["forwardingMs"] >= 0
+    scale = profile["host"]["gflops"] / 8
+    device_serving = profile["servingMs"] * scale
     assert plan["tiers"]["device"]["servingMs"] == pytest.approx(device_serving, rel=1e-3)
+    device_forwarding = profile["forwardingMs"] * scale
+    assert plan["tiers"]["device"]["forwardingMs"] == pytest.approx(device_forwarding, abs=1e-3)
+    offloads = len(plan["stages"]) > 1 or plan["stages"][0]["tier"] != "device"
+    device_total = device_serving + (device_forwarding if offloads else 0.0)
+    assert plan["servingMs"]["device"] == pytest.approx(device_total, rel=1e-3)
     total = (
         sum(s["computeMs"] for s in plan["stages"])
         + sum(t["ms"] for t in plan["transfers"])

@@ -96,7 +96,9 @@ def random_problem(rng: random.Random, dag: bool, index: int) -> Problem:
     if index % 3:
         # fixed per-request serving overheads, some tiers without one
         problem = replace(
-            problem, serving_ms={t: rng.uniform(0, 30) for t in path if rng.random() < 0.8}
+            problem,
+            serving_ms={t: rng.uniform(0, 30) for t in path if rng.random() < 0.8},
+            forwarding_ms={t: rng.uniform(0, 10) for t in path[:-1] if rng.random() < 0.8},
         )
     if rng.random() < 0.6:
         fastest = _brute(replace(problem, objective="latency"))
@@ -180,6 +182,7 @@ def test_every_exact_solver_agrees_on_chains_seen_as_dags() -> None:
             links,
             objective=OBJECTIVES[index % 3],
             serving_ms={t: rng.uniform(0, 20) for t in path},
+            forwarding_ms={t: rng.uniform(0, 10) for t in path[:-1]},
         )
         by_dp = solvers.chain_dp(problem, graph)
         by_cut = solvers.mincut(problem, graph)

@@ -67,10 +67,17 @@ def test_serving_model_answers_one_number_per_sample(tmp_path: Path) -> None:
     assert np.allclose(out[:, 0], x.reshape(2, -1).mean(axis=1))
 
 
-def test_serving_overhead_is_measured_through_a_real_worker() -> None:
+def test_serving_overheads_are_measured_through_real_workers() -> None:
     messages: list[str] = []
-    ms = profiler.serving_overhead_ms(
+    serving, forwarding = profiler.serving_overheads_ms(
         [1, 3, 16, 16], requests=5, warmup=2, progress=messages.append
     )
-    assert ms > 0
-    assert any("through a worker" in m for m in messages)
+    assert serving > 0
+    assert forwarding >= 0
+    assert any("forward-only worker" in m for m in messages)
+
+
+def test_forwarding_is_what_a_forward_only_stage_adds_beyond_serving() -> None:
+    # through the front stage: its serving + forwarding + the probe's serving
+    assert profiler.overheads_from_round_trips([2.0, 3.0, 2.5], [7.0, 6.0, 6.5]) == (2.5, 1.5)
+    assert profiler.overheads_from_round_trips([2.0], [3.0]) == (2.0, 0.0)

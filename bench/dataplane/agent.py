@@ -156,13 +156,18 @@ def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serving(args: argparse.Namespace) -> dict[str, Any]:
-    """Median round trip of binary requests through a serving-probe worker."""
-    from edgeai_worker.profiler import time_binary_requests
+    """Serving and forwarding overheads: round trips straight to a serving-probe worker
+    and through a forward-only worker in front of it, in turn."""
+    from edgeai_worker.profiler import overheads_from_round_trips, time_binary_requests
 
-    samples = time_binary_requests(
-        args.url, json.loads(args.shape), requests=args.requests, warmup=args.warmup
+    direct, forwarded = time_binary_requests(
+        [args.url, args.front_url],
+        json.loads(args.shape),
+        requests=args.requests,
+        warmup=args.warmup,
     )
-    return {"serving_ms": statistics.median(samples), "samples_ms": samples}
+    serving, forwarding = overheads_from_round_trips(direct, forwarded)
+    return {"serving_ms": serving, "forwarding_ms": forwarding}
 
 
 def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +224,8 @@ def main() -> None:
     h.add_argument("--warmup", type=int, default=3)
     h.set_defaults(func=cmd_hop)
     v = sub.add_parser("serving")
-    v.add_argument("--url", required=True)
+    v.add_argument("--url", required=True, help="the serving-probe worker's infer URL")
+    v.add_argument("--front-url", required=True, help="the forward-only worker's infer URL")
     v.add_argument("--shape", required=True)
     v.add_argument("--requests", type=int, default=30)
     v.add_argument("--warmup", type=int, default=5)

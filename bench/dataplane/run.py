@@ -245,34 +245,47 @@ def identity_model(path: Path) -> Path:
     return path
 
 
-def measure_serving(
+def measure_overheads(
     topo: Topology, workdir: Path, tier: str, input_shape: list[int], requests: int
-) -> float:
-    """The tier's fixed per-request serving overhead: a real worker serving the
-    profiler's tiny serving-probe model inside the tier's namespace and CPU quota, and a
-    client in the namespace outside the quota (as the application, or the stage below,
-    is), median round trip of binary requests with the model's input shape."""
+) -> tuple[float, float]:
+    """The tier's fixed per-request serving and forwarding overheads: a real worker
+    serving the profiler's tiny serving-probe model and a forward-only worker in front
+    of it, both inside the tier's namespace and CPU quota, and a client in the
+    namespace outside the quota (as the application, or the stage below, is) sending
+    binary requests with the model's input shape to each in turn."""
     from edgeai_worker.profiler import SERVING_MODEL_NAME, serving_model
 
     model = serving_model(input_shape, workdir / f"serving-{'x'.join(map(str, input_shape))}.onnx")
+    host = tier_host(topo, tier)
     fleet = Fleet(topo, workdir)
     try:
-        url = fleet.worker(
+        common = {"model_name": SERVING_MODEL_NAME, "host": host, "tier": tier}
+        threads = topo.tiers[tier].threads
+        probe = fleet.worker(
             tier,
             {
-                "model_name": SERVING_MODEL_NAME, "host": tier_host(topo, tier),
-                "port": SERVING_PORT, "tier": tier, "partitions": [str(model)],
-                "intra_op_threads": topo.tiers[tier].threads,
+                **common,
+                "port": SERVING_PORT,
+                "partitions": [str(model)],
+                "intra_op_threads": threads,
             },
             f"serving-{tier}",
-        )  # fmt: skip
+        )
+        # a device stage fixes its uplink estimate here: its probes would load the quota
+        fixed = {"uplink_mbps": 1000.0} if tier == "device" else {}
+        front = fleet.worker(
+            tier,
+            {**common, **fixed, "port": SERVING_PORT + 1, "next_urls": [probe]},
+            f"forwarding-{tier}",
+        )
+        path = f"/v2/models/{SERVING_MODEL_NAME}/infer"
         result = agent(
-            topo, tier, "serving", "--url", f"{url}/v2/models/{SERVING_MODEL_NAME}/infer",
+            topo, tier, "serving", "--url", probe + path, "--front-url", front + path,
             "--shape", json.dumps(input_shape), "--requests", str(requests), limit_cpu=False,
         )  # fmt: skip
     finally:
         fleet.stop()
-    return float(result["serving_ms"])
+    return float(result["serving_ms"]), float(result["forwarding_ms"])
 
 
 def profile_tiers(
@@ -283,14 +296,15 @@ def profile_tiers(
     input_shape: list[int],
     repeats: int,
     serving_requests: int,
-) -> tuple[Any, dict[str, Any], dict[str, float]]:
+) -> tuple[Any, dict[str, Any], dict[str, dict[str, float]]]:
     """Profile the model's segments (chained, as shares of the whole model) and the
-    fixed serving overhead on every tier, inside its namespace and CPU quota; the
+    fixed serving and forwarding overheads on every tier, inside its namespace and CPU quota; the
     planner's layer graph and serving overheads from them."""
     from edgeai_operator.planner.model import LayerGraph
 
     profiles: dict[str, Any] = {}
     serving: dict[str, float] = {}
+    forwarding: dict[str, float] = {}
     for tier in TIERS:
         spec = topo.tiers[tier]
         print(
@@ -303,10 +317,13 @@ def profile_tiers(
             "--repeats", str(repeats),
         )  # fmt: skip
         if serving_requests:
-            serving[tier] = measure_serving(topo, workdir, tier, input_shape, serving_requests)
+            serving[tier], forwarding[tier] = measure_overheads(
+                topo, workdir, tier, input_shape, serving_requests
+            )
         print(
             f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, segments "
-            f"chained {profiles[tier]['chainMs']:.1f} ms, serving {serving.get(tier, 0):.1f} ms",
+            f"chained {profiles[tier]['chainMs']:.1f} ms, serving {serving.get(tier, 0):.1f} "
+            f"ms, forwarding {forwarding.get(tier, 0):.1f} ms",
             flush=True,
         )
     graph = LayerGraph.chain(
@@ -314,7 +331,7 @@ def profile_tiers(
         [c["sizeBytes"] for c in profiles["device"]["cuts"]],
         [c["tensors"] for c in profiles["device"]["cuts"]],
     )
-    return graph, profiles, serving
+    return graph, profiles, {"serving": serving, "forwarding": forwarding}
 
 
 def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
@@ -351,10 +368,10 @@ def run_scenarios(
     requests: int,
     profile_repeats: int,
     serving_requests: int,
-) -> tuple[dict[str, Any], Any, dict[str, float]]:
+) -> tuple[dict[str, Any], Any, dict[str, dict[str, float]]]:
     """For each uplink: plan, then run the plan, device-only and cloud-only. Returns the
     report, the planner's layer graph built from the profiles and the tiers' serving
-    overheads."""
+    and forwarding overheads."""
     import onnx
 
     from edgeai_operator.planner.model import Link, Problem, Variant, evaluate
@@ -367,7 +384,7 @@ def run_scenarios(
     model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
     input_path = workdir / f"{model}-input.npy"
     np.save(input_path, zoo.example_input(model))
-    graph, profiles, serving = profile_tiers(
+    graph, profiles, overheads = profile_tiers(
         topo, workdir, model, model_path, list(zoo.example_input(model).shape),
         profile_repeats, serving_requests,
     )  # fmt: skip
@@ -378,7 +395,8 @@ def run_scenarios(
             t: {"wholeModelMs": p["wholeModelMs"], "chainMs": p["chainMs"]}
             for t, p in profiles.items()
         },
-        "serving_ms": serving,
+        "serving_ms": overheads["serving"],
+        "forwarding_ms": overheads["forwarding"],
         "scenarios": [],
     }
     for uplink in uplinks:
@@ -390,7 +408,8 @@ def run_scenarios(
         problem = Problem(
             variants=(Variant("fp32", graph),),
             links=(Link(uplink, rtt0), Link(backhaul_mbps, rtt1)),
-            serving_ms=serving,
+            serving_ms=overheads["serving"],
+            forwarding_ms=overheads["forwarding"],
         )
         plan = plan_partitions(problem, alternatives=False)
         device_only = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
@@ -486,7 +505,7 @@ def run_scenarios(
             results["partitioned (planner)"]["measured_ms"] / best_single
         )
         result["scenarios"].append(scenario)
-    return result, graph, serving
+    return result, graph, overheads
 
 
 def split_label(cut_index: int | None, last: int) -> str:
@@ -503,7 +522,7 @@ def run_adaptive(
     workdir: Path,
     model: str,
     graph: Any,
-    serving: dict[str, float],
+    overheads: dict[str, dict[str, float]],
     base_uplink: float,
     phases: Sequence[float],
     phase_s: float,
@@ -526,7 +545,8 @@ def run_adaptive(
     problem = Problem(
         variants=(Variant("fp32", graph),),
         links=(Link(base_uplink, 0.5), Link(backhaul_mbps, 0.5)),
-        serving_ms=serving,
+        serving_ms=overheads["serving"],
+        forwarding_ms=overheads["forwarding"],
     )
     plan = plan_partitions(problem)
     alternatives = [a.to_dict() for a in plan.alternatives]
@@ -604,7 +624,8 @@ def main() -> int:
         "--serving-requests",
         type=int,
         default=30,
-        help="requests per tier measuring the fixed serving overhead (0: the planner gets none)",
+        help="requests per tier measuring the fixed serving and forwarding overheads "
+        "(0: the planner gets none)",
     )
     parser.add_argument("--device-cpus", type=float, default=0.25)
     parser.add_argument("--edge-cpus", type=float, default=1.0)
@@ -653,14 +674,14 @@ def main() -> int:
             models = args.models.split(",")
             adaptive_model = args.adaptive_model if args.adaptive_model is not None else models[0]
             for model in models:
-                result, graph, serving = run_scenarios(
+                result, graph, overheads = run_scenarios(
                     topo, workdir, model, uplinks, args.backhaul_mbps, args.requests,
                     args.profile_repeats, args.serving_requests,
                 )  # fmt: skip
                 report["models"].append(result)
                 if model == adaptive_model:
                     report["adaptive"] = run_adaptive(
-                        topo, workdir, model, graph, serving, args.adaptive_base_mbps,
+                        topo, workdir, model, graph, overheads, args.adaptive_base_mbps,
                         [float(p) for p in args.adaptive_phases.split(",")],
                         args.adaptive_phase_s, args.backhaul_mbps,
                     )  # fmt: skip
@@ -696,8 +717,13 @@ def print_report(report: dict[str, Any]) -> None:
             )
         )
         print(
-            "serving overhead ms per request (tiny model through a worker): "
-            + (", ".join(f"{t} {ms:.1f}" for t, ms in m["serving_ms"].items()) or "not measured")
+            "overhead ms per request, serving/forwarding (tiny model through workers): "
+            + (
+                ", ".join(
+                    f"{t} {ms:.1f}/{m['forwarding_ms'][t]:.1f}" for t, ms in m["serving_ms"].items()
+                )
+                or "not measured"
+            )
         )
         print(
             f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
@@ -722,7 +748,7 @@ def print_report(report: dict[str, Any]) -> None:
                         for t, b in r["stages"].items()
                         if b["compute_ms"] or r["predicted_compute_ms"][t]
                     )
-                    + f"; planner's serving ms {serving:.1f}"
+                    + f"; planner's serving+forwarding ms {serving:.1f}"
                 )
             print(
                 f"{'':>7} partitioned / min(device-only, cloud-only) = "

@@ -101,12 +101,11 @@ def profile_command(args: argparse.Namespace) -> int:
         path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
     )
     if args.serving_requests:
-        profile["servingMs"] = round(
-            profiler.serving_overhead_ms(
-                profile["input"]["shape"], requests=args.serving_requests, threads=args.threads
-            ),
-            4,
+        serving, forwarding = profiler.serving_overheads_ms(
+            profile["input"]["shape"], requests=args.serving_requests, threads=args.threads
         )
+        profile["servingMs"] = round(serving, 4)
+        profile["forwardingMs"] = round(forwarding, 4)
     if name == "digits_cnn":
         from edgeai_worker import variants
 
@@ -131,8 +130,8 @@ TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a container's termination 
 def termination_summary(profile: dict[str, Any]) -> str:
     """A compact JSON summary of a profile for a container's termination message
     (Kubernetes keeps at most 4096 bytes): model, variant, repeats, host GFLOPS,
-    totalMs, the per-segment measuredMs list and servingMs when measured. Precision
-    drops until it fits."""
+    totalMs, the per-segment measuredMs list, and servingMs and forwardingMs when
+    measured. Precision drops until it fits."""
     for digits in (4, 3, 2, 1, 0):
         summary = {
             "kind": "ProfileSummary",
@@ -143,8 +142,9 @@ def termination_summary(profile: dict[str, Any]) -> str:
             "totalMs": round(float(profile["totalMs"]), 4),
             "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
         }
-        if profile.get("servingMs") is not None:
-            summary["servingMs"] = round(float(profile["servingMs"]), 4)
+        for key in ("servingMs", "forwardingMs"):
+            if profile.get(key) is not None:
+                summary[key] = round(float(profile[key]), 4)
         text = json.dumps(summary, separators=(",", ":"))
         if len(text.encode()) < TERMINATION_LIMIT:
             return text
@@ -333,16 +333,23 @@ def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -
     )
 
 
-def serving_ms(profiles: list[dict[str, Any]], gflops: dict[str, float]) -> dict[str, float]:
-    """Each tier's fixed per-request serving overhead: a profile's measured `servingMs`
-    (see `edgeai_worker.profiler`) scaled like compute, host GFLOPS over the tier's.
-    Empty (no overhead) when no profile measured it."""
+def overheads_ms(
+    profiles: list[dict[str, Any]], gflops: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each tier's fixed per-request serving and forwarding overheads: a profile's
+    measured `servingMs` and `forwardingMs` (see `edgeai_worker.profiler`) scaled like
+    compute, host GFLOPS over the tier's. Empty (no overhead) when no profile measured
+    them."""
     for profile in profiles:
-        measured = profile.get("servingMs")
         host = (profile.get("host") or {}).get("gflops")
-        if measured is not None and host:
-            return {t: float(measured) * float(host) / g for t, g in gflops.items()}
-    return {}
+        if profile.get("servingMs") is not None and host:
+            scale = {t: float(host) / g for t, g in gflops.items()}
+            forwarding = float(profile.get("forwardingMs") or 0.0)
+            return (
+                {t: float(profile["servingMs"]) * r for t, r in scale.items()},
+                {t: forwarding * r for t, r in scale.items()},
+            )
+    return {}, {}
 
 
 def build_problem(
@@ -381,7 +388,7 @@ def build_problem(
                 f"no profile for variant {spec.variant!r}",
                 ", ".join(str(p.get("variant")) for p in profiles),
             )
-    serving = serving_ms(profiles, gflops)
+    serving, forwarding = overheads_ms(profiles, gflops)
     allowed = frozenset(spec.tiers) & frozenset(path)
     if not allowed:
         raise SpecError(
@@ -408,6 +415,7 @@ def build_problem(
         power=power,
         cost_per_ms={"edge": spec.edge_cost_per_ms, "cloud": spec.cloud_cost_per_ms},
         serving_ms=serving,
+        forwarding_ms=forwarding,
     )
     context = {
         "tiers": {
@@ -415,6 +423,7 @@ def build_problem(
                 "gflops": g,
                 "totalMs": round(sum(variants[0].graph.node_ms[t]), 3),
                 **({"servingMs": round(serving[t], 3)} if t in serving else {}),
+                **({"forwardingMs": round(forwarding[t], 3)} if t in forwarding else {}),
             }
             for t, g in gflops.items()
         },
@@ -625,8 +634,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--serving-requests",
         type=int,
         default=30,
-        help="requests through a worker to measure the fixed per-request serving "
-        "overhead (servingMs); 0 skips it",
+        help="requests through a worker to measure the fixed per-request serving and "
+        "forwarding overheads (servingMs, forwardingMs); 0 skips them",
     )
     profile.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     profile.add_argument("--save", metavar="FILE", help="also write the profile to FILE")

@@ -13,6 +13,7 @@ A profile is plain data (`dict` ready for YAML/JSON) of this shape:
     wholeModelMs: 88.0         # the unsplit model, median of `repeats` runs
     chainMs: 95.1              # the segments as separate sessions, chained, median
     servingMs: 3.1             # fixed per-request serving overhead (absent if not measured)
+    forwardingMs: 1.2          # and what forwarding to the next stage adds
     totalFlops: 3633038848
     cuts: [{index, tensors, sizeBytes, position}]
     segments: [{index, positions: "a-b", flops, measuredMs}]
@@ -29,7 +30,10 @@ what they take inside the model, and all of them to the whole model.
 (`python -m edgeai_worker`) with a tiny model that takes the model's input: the median
 round trip of binary OIP requests on loopback (HTTP receive, decode, the hand-off to
 onnxruntime, encode, answer), what every stage pays per request on top of compute
-and transfer time. The planner scales it to a tier like compute.
+and transfer time. `forwardingMs` is what a stage pays on top of that when it forwards
+(encoding the tensors, sending them, relaying the answer): the round trip through a
+forward-only worker in front of the first one, minus twice the direct one. The planner
+scales both to a tier like compute.
 
 Host GFLOPS is the median throughput of an fp32 onnxruntime MatMul (1024 x 1024), the
 same kind of number a node's `edgeai.dev/gflops` annotation declares, so that a
@@ -267,35 +271,52 @@ def serving_model(input_shape: Sequence[int], path: Path) -> Path:
 
 
 def time_binary_requests(
-    url: str, input_shape: Sequence[int], *, requests: int, warmup: int
-) -> list[float]:
+    urls: Sequence[str], input_shape: Sequence[int], *, requests: int, warmup: int
+) -> list[list[float]]:
     """Round trips (ms) of binary OIP requests with a random FP32 input of
-    `input_shape`, one at a time on one keep-alive connection; warm-up excluded."""
-    parts = urlsplit(url)
+    `input_shape`, one at a time, to each URL in turn (one keep-alive connection each,
+    so all see the same conditions); per URL, warm-up excluded."""
     x = np.random.default_rng(0).standard_normal(list(input_shape)).astype("<f4")
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
-    samples: list[float] = []
+    targets = []
+    for url in urls:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
+        targets.append((conn, parts.path))
+    samples: list[list[float]] = [[] for _ in targets]
     try:
         for i in range(warmup + requests):
-            request = InferRequest(
-                [Tensor.from_numpy("input", x)],
-                f"serving-{os.getpid()}-{i}",  # unique: workers answer a repeated id once
-                None,
-                {"binary_data_output": True},
-            )
-            body, headers = encode_request(request, binary=True)
-            started = time.perf_counter()
-            conn.request("POST", parts.path, body=body, headers=headers)
-            response = conn.getresponse()
-            answer = response.read()
-            elapsed = (time.perf_counter() - started) * 1000.0
-            if response.status != 200:
-                raise RuntimeError(f"serving probe: HTTP {response.status}: {answer[:200]!r}")
-            if i >= warmup:
-                samples.append(elapsed)
+            for j, (conn, path) in enumerate(targets):
+                request = InferRequest(
+                    [Tensor.from_numpy("input", x)],
+                    f"serving-{os.getpid()}-{i}-{j}",  # unique: workers answer an id once
+                    None,
+                    {"binary_data_output": True},
+                )
+                body, headers = encode_request(request, binary=True)
+                started = time.perf_counter()
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                answer = response.read()
+                elapsed = (time.perf_counter() - started) * 1000.0
+                if response.status != 200:
+                    raise RuntimeError(f"serving probe: HTTP {response.status}: {answer[:200]!r}")
+                if i >= warmup:
+                    samples[j].append(elapsed)
     finally:
-        conn.close()
+        for conn, _ in targets:
+            conn.close()
     return samples
+
+
+def overheads_from_round_trips(
+    direct_ms: Sequence[float], forwarded_ms: Sequence[float]
+) -> tuple[float, float]:
+    """(serving, forwarding) ms from round trips straight to a serving-probe worker and
+    through a forward-only worker in front of it, on the same machine: the forward-only
+    stage costs its own serving plus the forwarding, so forwarding = forwarded - 2 x
+    direct (medians; never below 0)."""
+    serving = statistics.median(direct_ms)
+    return serving, max(0.0, statistics.median(forwarded_ms) - 2.0 * serving)
 
 
 def _free_port() -> int:
@@ -317,45 +338,56 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) ->
     raise RuntimeError(f"the serving-probe worker was not ready after {timeout_s:.0f} s")
 
 
-def serving_overhead_ms(
+def serving_overheads_ms(
     input_shape: Sequence[int],
     *,
     requests: int = 30,
     warmup: int = 5,
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
-) -> float:
-    """The fixed per-request serving cost on this machine (see the module docstring):
-    a real worker process serving `serving_model`, the median of `requests` round
-    trips."""
+) -> tuple[float, float]:
+    """The fixed per-request (serving, forwarding) costs on this machine (see the module
+    docstring): a real worker process serving `serving_model` and a forward-only worker
+    in front of it, `requests` round trips to each in turn."""
     say = progress or (lambda _: None)
-    with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
-        model = serving_model(input_shape, Path(tmp) / "serving.onnx")
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
-        env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
+    env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int, *argv: str) -> str:
         command = [
             sys.executable, "-m", "edgeai_worker", "--host", "127.0.0.1", "--port", str(port),
-            "--model-name", SERVING_MODEL_NAME, "--partition", str(model),
+            "--model-name", SERVING_MODEL_NAME, *argv,
         ]  # fmt: skip
-        process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        processes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(f"{base}/v2/health/ready", processes[-1], 60.0)
+        return base
+
+    with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
+        model = serving_model(input_shape, Path(tmp) / "serving.onnx")
         try:
-            base = f"http://127.0.0.1:{port}"
-            _wait_ready(f"{base}/v2/health/ready", process, 60.0)
-            say(f"serving overhead: {requests} requests of {list(input_shape)} through a worker")
-            samples = time_binary_requests(
-                f"{base}/v2/models/{SERVING_MODEL_NAME}/infer",
+            probe = start(_free_port(), "--partition", str(model))
+            front = start(_free_port(), "--next", probe)
+            say(
+                f"serving overhead: {requests} requests of {list(input_shape)} through a "
+                "worker, and through a forward-only worker in front of it"
+            )
+            direct, forwarded = time_binary_requests(
+                [f"{url}/v2/models/{SERVING_MODEL_NAME}/infer" for url in (probe, front)],
                 input_shape,
                 requests=requests,
                 warmup=warmup,
             )
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-    return statistics.median(samples)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+    return overheads_from_round_trips(direct, forwarded)

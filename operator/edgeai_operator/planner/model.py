@@ -22,15 +22,18 @@ Cost of an assignment (what `evaluate` computes; solvers must agree with it):
   hand-off to the runtime, encoding and sending the answer, measured with a tiny model
   by `edgeai profile`). The request enters at the device, so the device always pays
   it, and tier `k + 1` pays it iff hop `k` is used (an empty middle stage forwards,
-  which costs the same). Tiers absent from `serving_ms` pay 0.
+  and pays it too). A tier that forwards (hop `k` used) also pays `forwarding_ms[tier]`
+  (encoding the tensors for the next stage, sending them, taking its answer back).
+  Tiers absent from these mappings pay 0.
 - latency = compute + serving + transfers (one request, no overlap between stages).
 - deviceEnergy (mJ) = (device compute + serving) ms x computeWatts + hop-0 upload ms x
   txWatts + hop-0 download ms x rxWatts + every other ms of the request x idleWatts.
 - cloudCost = sum over tiers of (compute + serving) ms x costPerMs[tier] (transfers are
   free).
 
-Since tier `k + 1`'s serving overhead is paid exactly when hop `k`'s RTT is, solvers
-treat it as part of that hop's fixed cost (weighted as compute of tier `k + 1`).
+Tier `k + 1`'s serving overhead and tier `k`'s forwarding overhead are paid exactly
+when hop `k`'s RTT is, so solvers treat them as part of that hop's fixed cost
+(weighted as compute of their tiers).
 """
 
 from __future__ import annotations
@@ -162,17 +165,28 @@ class Problem:
     min_accuracy: float | None = None
     power: PowerModel = PowerModel()
     cost_per_ms: Mapping[str, float] = field(default_factory=lambda: {"cloud": 1.0})
-    # tier -> fixed per-request serving overhead in ms (see the module docstring)
+    # tier -> fixed per-request serving and forwarding overheads in ms (see the module
+    # docstring)
     serving_ms: Mapping[str, float] = field(default_factory=dict)
+    forwarding_ms: Mapping[str, float] = field(default_factory=dict)
 
     def serving(self, k: int) -> float:
         """The serving overhead of the `k`-th tier on the path."""
         return float(self.serving_ms.get(self.path[k], 0.0))
 
+    def forwarding(self, k: int) -> float:
+        """The forwarding overhead of the `k`-th tier on the path."""
+        return float(self.forwarding_ms.get(self.path[k], 0.0))
+
     def fixed_hop_cost(self, k: int, w: Weights) -> float:
-        """What using hop `k` costs under `w` whatever it carries: its RTT and the
-        serving overhead of the tier above it."""
-        return w.rtt[k] * self.links[k].rtt_ms + w.compute[k + 1] * self.serving(k + 1)
+        """What using hop `k` costs under `w` whatever it carries: its RTT, the
+        forwarding overhead of the tier below and the serving overhead of the tier
+        above."""
+        return (
+            w.rtt[k] * self.links[k].rtt_ms
+            + w.compute[k] * self.forwarding(k)
+            + w.compute[k + 1] * self.serving(k + 1)
+        )
 
     def validate(self) -> None:
         if not self.path or self.path[0] != "device":
@@ -184,9 +198,10 @@ class Problem:
         for link in self.links:
             if not (link.mbps > 0 and link.rtt_ms >= 0):
                 raise ValueError(f"bad link {link}")
-        for tier, ms in self.serving_ms.items():
-            if not (0 <= ms < float("inf")):
-                raise ValueError(f"bad serving overhead {ms!r} ms for tier {tier!r}")
+        for what, overheads in (("serving", self.serving_ms), ("forwarding", self.forwarding_ms)):
+            for tier, ms in overheads.items():
+                if not (0 <= ms < float("inf")):
+                    raise ValueError(f"bad {what} overhead {ms!r} ms for tier {tier!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}")
         if not self.allowed & set(self.path):
@@ -238,7 +253,9 @@ class Evaluation:
     device_energy_mj: float
     cloud_cost: float
     device_busy_ms: float  # the device stage's per-request occupancy (compute or upload)
-    serving_ms: tuple[float, ...] = ()  # per tier on the path; 0 where the request never goes
+    # fixed overhead (serving, and forwarding where it forwards) per tier on the path;
+    # 0 where the request never goes
+    serving_ms: tuple[float, ...] = ()
 
     def value(self, objective: str) -> float:
         return {
@@ -287,7 +304,11 @@ def evaluate(problem: Problem, graph: LayerGraph, tiers: Sequence[int]) -> Evalu
     down_ms = [down[k] * problem.links[k].ms_per_byte() if used[k] else 0.0 for k in range(hops)]
     rtt_ms = [problem.links[k].rtt_ms if used[k] else 0.0 for k in range(hops)]
     hop_ms = tuple(up_ms[k] + down_ms[k] + rtt_ms[k] for k in range(hops))
-    serving = tuple(problem.serving(k) if k == 0 or used[k - 1] else 0.0 for k in range(len(path)))
+    serving = tuple(
+        (problem.serving(k) if k == 0 or used[k - 1] else 0.0)
+        + (problem.forwarding(k) if k < hops and used[k] else 0.0)
+        for k in range(len(path))
+    )
     busy_tiers = [c + o for c, o in zip(compute, serving, strict=True)]
     latency = sum(busy_tiers) + sum(hop_ms)
     energy = _weighted(weights(problem, "deviceEnergy"), busy_tiers, up_ms, down_ms, rtt_ms)

@@ -103,8 +103,8 @@ class Plan:
     method: str = ""
     exact: bool = True
     assignment: tuple[int, ...] = field(default=(), repr=False)
-    # tier -> fixed serving overhead paid per request, for the tiers the request passes
-    # through that have one (forwarding-only tiers included)
+    # tier -> fixed overhead paid per request (serving, and forwarding where the tier
+    # forwards), for the tiers the request passes through that have one
     serving_ms: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,9 +7,9 @@ constraints, or None when no assignment is feasible.
 - `mincut`: DAGs, same case. A layered s-t min-cut (DADS for two tiers; for three,
   one copy of the DAG per hop with infinite edges keeping the ideals nested, as in
   Ishikawa's multi-label construction). A tensor read by several nodes above a hop
-  is sent once (an auxiliary node); the hop's RTT and the serving overhead of the
-  tier above, paid once if anything runs above it, are an OR node with infinite edges
-  to that copy of the DAG. Exact.
+  is sent once (an auxiliary node); the hop's fixed cost (RTT, forwarding overhead
+  below, serving overhead above), paid once if anything runs above it, is an OR node
+  with infinite edges to that copy of the DAG. Exact.
 - `enumerate_ideals`: anything with a latency SLO on another objective or a
   throughput floor (a constrained min-cut is NP-hard in general). Enumerates the
   downward-closed node sets (prefixes for a chain; few for DNN-shaped DAGs) and all
@@ -192,8 +192,8 @@ def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[
     for k in range(hops):
         link = problem.links[k]
         mpb = link.ms_per_byte()
-        # the RTT and the serving overhead above are paid once if anything runs above
-        # tier k: an OR node
+        # the RTT and the overheads of forwarding and serving are paid once if anything
+        # runs above tier k: an OR node
         fixed = problem.fixed_hop_cost(k, w)
         if fixed > 0:
             any_above = net.add_node()
@@ -334,6 +334,7 @@ def enumerate_ideals(problem: Problem, graph: LayerGraph, members: np.ndarray) -
         up_ms.append(up_bytes[idx[k]] * mpb * used)
         down_ms.append(down_bytes[idx[k]] * mpb * used)
         rtt_ms.append(problem.links[k].rtt_ms * used)
+        serving[k] = serving[k] + problem.forwarding(k) * used
         serving.append(problem.serving(k + 1) * used)
     if problem.raw_input_stays_on_device and tiers > 1 and n:
         ok &= raw_ok[idx[0]]
