@@ -59,6 +59,8 @@ def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
     and out; latencies, the device's split per request and each request's start time.
     With several `--url`s the requests go to each in turn (`--counts` per URL), so that
     all see the same conditions; `per_url` has each one's latencies."""
+    from edgeai_worker.profiler import post_timed
+
     x = np.load(args.input)
     targets = [_connection(url) for url in args.url]
     counts = [int(c) for c in args.counts.split(",")] if args.counts else None
@@ -81,12 +83,7 @@ def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             body, headers = oip_body(x, f"bench-{os.getpid()}-{i}-{j}")  # workers dedupe ids
             started = time.perf_counter()
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            elapsed = (time.perf_counter() - started) * 1000
-            if resp.status != 200:
-                raise SystemExit(f"HTTP {resp.status}: {data[:300]!r}")
+            elapsed, resp, data = post_timed(conn, path, body, headers)
             if i >= args.warmup:
                 latencies[j].append(elapsed)
                 if j == 0:

@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -270,6 +270,20 @@ def serving_model(input_shape: Sequence[int], path: Path) -> Path:
     return path
 
 
+def post_timed(
+    conn: http.client.HTTPConnection, path: str, body: bytes, headers: Mapping[str, str]
+) -> tuple[float, http.client.HTTPResponse, bytes]:
+    """POST and read the answer: (ms, response, body); raises unless it is a 200."""
+    started = time.perf_counter()
+    conn.request("POST", path, body=body, headers=dict(headers))
+    response = conn.getresponse()
+    answer = response.read()
+    elapsed = (time.perf_counter() - started) * 1000.0
+    if response.status != 200:
+        raise RuntimeError(f"POST {path}: HTTP {response.status}: {answer[:300]!r}")
+    return elapsed, response, answer
+
+
 def time_binary_requests(
     urls: Sequence[str], input_shape: Sequence[int], *, requests: int, warmup: int
 ) -> list[list[float]]:
@@ -293,13 +307,7 @@ def time_binary_requests(
                     {"binary_data_output": True},
                 )
                 body, headers = encode_request(request, binary=True)
-                started = time.perf_counter()
-                conn.request("POST", path, body=body, headers=headers)
-                response = conn.getresponse()
-                answer = response.read()
-                elapsed = (time.perf_counter() - started) * 1000.0
-                if response.status != 200:
-                    raise RuntimeError(f"serving probe: HTTP {response.status}: {answer[:200]!r}")
+                elapsed, _, _ = post_timed(conn, path, body, headers)
                 if i >= warmup:
                     samples[j].append(elapsed)
     finally:
