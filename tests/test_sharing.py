@@ -17,7 +17,7 @@ from edgeai_operator.runlocal import load_plan
 from edgeai_operator.stagecmd import stage_settings
 
 NS = "default"
-SHARED = "digits-shared-edge-zone-a-672c938b"
+SHARED = "digits-shared-edge-zone-a-f0f810a1"
 
 
 def _plan(stages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,9 +25,24 @@ RESYNC_S = float(os.environ.get("EDGEAI_RESYNC_SECONDS", "10"))
 DEBOUNCE_S = float(os.environ.get("EDGEAI_DEBOUNCE_SECONDS", "0.5"))
 
 
-@kopf.on.update(API_GROUP, API_VERSION, "dnndeployments", field="spec")
-def spec_changed(name: str, namespace: str | None, **_: Any) -> None:
-    wakeups.wake(namespace or "", name)
+_generations: dict[tuple[str, str], Any] = {}
+
+
+@kopf.on.event(API_GROUP, API_VERSION, "dnndeployments")
+async def spec_changed(
+    type: str | None, name: str, namespace: str | None, meta: kopf.Meta, **_: Any
+) -> None:
+    """A new generation (a spec change) wakes the daemon. An event handler, not an
+    update handler: it keeps no last-handled state in the object, so kopf writes
+    nothing to a DNNDeployment but its finalizer."""
+    key = (namespace or "", name)
+    if type == "DELETED":
+        _generations.pop(key, None)
+        return
+    generation = meta.get("generation")
+    if _generations.get(key) != generation:
+        _generations[key] = generation
+        wakeups.wake(*key)
 
 
 @kopf.daemon(API_GROUP, API_VERSION, "dnndeployments", cancellation_timeout=10)
