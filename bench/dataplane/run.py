@@ -618,12 +618,12 @@ def main() -> int:
     )
     parser.add_argument("--uplinks", default="1,10,100", help="device<->edge Mbps, comma-separated")
     parser.add_argument("--backhaul-mbps", type=float, default=100.0)
-    parser.add_argument("--requests", type=int, default=8, help="timed requests per config")
+    parser.add_argument("--requests", type=int, default=12, help="timed requests per config")
     parser.add_argument("--profile-repeats", type=int, default=20)
     parser.add_argument(
         "--serving-requests",
         type=int,
-        default=30,
+        default=60,
         help="requests per tier measuring the fixed serving and forwarding overheads "
         "(0: the planner gets none)",
     )

@@ -633,7 +633,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     profile.add_argument(
         "--serving-requests",
         type=int,
-        default=30,
+        default=60,
         help="requests through a worker to measure the fixed per-request serving and "
         "forwarding overheads (servingMs, forwardingMs); 0 skips them",
     )

@@ -27,13 +27,13 @@ the passes) times the whole model's median, so the segments of any split add up 
 what they take inside the model, and all of them to the whole model.
 
 `servingMs` is the fixed cost of serving one request, measured through a real worker
-(`python -m edgeai_worker`) with a tiny model that takes the model's input: the median
-round trip of binary OIP requests on loopback (HTTP receive, decode, the hand-off to
-onnxruntime, encode, answer), what every stage pays per request on top of compute
-and transfer time. `forwardingMs` is what a stage pays on top of that when it forwards
-(encoding the tensors, sending them, relaying the answer): the round trip through a
-forward-only worker in front of the first one, minus twice the direct one. The planner
-scales both to a tier like compute.
+(`python -m edgeai_worker`) with a tiny model that takes the model's input: the
+round trip (interquartile mean) of binary OIP requests on loopback (HTTP receive,
+decode, the hand-off to onnxruntime, encode, answer), what every stage pays per
+request on top of compute and transfer time. `forwardingMs` is what a stage pays on
+top of that when it forwards (encoding the tensors, sending them, relaying the
+answer): the round trip through a forward-only worker in front of the first one,
+minus twice the direct one. The planner scales both to a tier like compute.
 
 Host GFLOPS is the median throughput of an fp32 onnxruntime MatMul (1024 x 1024), the
 same kind of number a node's `edgeai.dev/gflops` annotation declares, so that a
@@ -316,15 +316,24 @@ def time_binary_requests(
     return samples
 
 
+def central_mean(values: Sequence[float]) -> float:
+    """The mean of the middle half (the interquartile mean): steadier than the median
+    where a CPU quota makes times bimodal (a run throttled or not), and unmoved by
+    the outliers of a shared machine."""
+    ordered = sorted(values)
+    cut = len(ordered) // 4
+    return statistics.fmean(ordered[cut : len(ordered) - cut])
+
+
 def overheads_from_round_trips(
     direct_ms: Sequence[float], forwarded_ms: Sequence[float]
 ) -> tuple[float, float]:
     """(serving, forwarding) ms from round trips straight to a serving-probe worker and
     through a forward-only worker in front of it, on the same machine: the forward-only
     stage costs its own serving plus the forwarding, so forwarding = forwarded - 2 x
-    direct (medians; never below 0)."""
-    serving = statistics.median(direct_ms)
-    return serving, max(0.0, statistics.median(forwarded_ms) - 2.0 * serving)
+    direct (`central_mean`s; never below 0)."""
+    serving = central_mean(direct_ms)
+    return serving, max(0.0, central_mean(forwarded_ms) - 2.0 * serving)
 
 
 def _free_port() -> int:
@@ -349,7 +358,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) ->
 def serving_overheads_ms(
     input_shape: Sequence[int],
     *,
-    requests: int = 30,
+    requests: int = 60,
     warmup: int = 5,
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
