@@ -421,9 +421,9 @@ def build_problem(
         "tiers": {
             t: {
                 "gflops": g,
-                "totalMs": round(sum(variants[0].graph.node_ms[t]), 3),
-                **({"servingMs": round(serving[t], 3)} if t in serving else {}),
-                **({"forwardingMs": round(forwarding[t], 3)} if t in forwarding else {}),
+                "totalMs": round(sum(variants[0].graph.node_ms[t]), 4),
+                **({"servingMs": round(serving[t], 4)} if t in serving else {}),
+                **({"forwardingMs": round(forwarding[t], 4)} if t in forwarding else {}),
             }
             for t, g in gflops.items()
         },
