@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,10 +34,52 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     assert not left, f"control-plane processes left running: {left}"
 
 
-@dataclass(frozen=True)
 class OperatorProcess:
-    log: Path
-    metrics_url: str
+    """`edgeai operator` as a child process; stop() and start() again to restart it."""
+
+    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+        self.log = log
+        port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self._cmd = [
+            sys.executable,
+            "-m",
+            "edgeai_operator.cli",
+            "operator",
+            "--log-format=json",
+            f"--metrics-port={port}",
+        ]
+        self._env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.operator_kubeconfig),
+            "EDGEAI_RESYNC_SECONDS": "3",
+        }
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self._proc = subprocess.Popen(
+                self._cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -49,34 +90,9 @@ def operator(
     for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd", "--all")
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    port = free_port()
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster.operator_kubeconfig),
-        "EDGEAI_RESYNC_SECONDS": "3",
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edgeai_operator.cli",
-                "operator",
-                "--log-format=json",
-                f"--metrics-port={port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
     try:
-        yield OperatorProcess(log, f"http://127.0.0.1:{port}/metrics")
+        yield process
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        process.stop()

@@ -425,6 +425,52 @@ def test_no_matching_devices_is_degraded_with_an_actionable_reason(
     assert obj["status"]["phase"] == "Degraded"
 
 
+def test_restarted_operator_finishes_a_change_made_while_it_was_down(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    """A restarted operator knows nothing it applied before: it finds the deployment's
+    children by label, so a zone the spec dropped meanwhile is still cleaned up."""
+    wait_for("digits-reader Available", lambda: available(cluster, "digits-reader"))
+    assert get(cluster, "daemonset", "digits-reader-device-zone-b") is not None
+    operator.stop()
+    selector = {"app": "camera", "topology.kubernetes.io/zone": "zone-a"}
+    try:
+        patch = json.dumps({"spec": {"devices": {"nodeSelector": selector}}})
+        cluster.kubectl("patch", "dnnd", "digits-reader", "--type=merge", "-p", patch)
+        time.sleep(2)
+        # nothing acts on it while the operator is down
+        assert get(cluster, "daemonset", "digits-reader-device-zone-b") is not None
+        operator.start()
+
+        def converged() -> Any:
+            obj = available(cluster, "digits-reader")
+            return (
+                obj
+                and obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+                and sorted(obj["status"]["plan"]["zones"]) == ["zone-a"]
+                and get(cluster, "daemonset", "digits-reader-device-zone-b") is None
+                and obj
+            )
+
+        wait_for("zone-b stage removed after the restart", converged, 90)
+        assert get(cluster, "daemonset", "digits-reader-device-zone-a") is not None
+    finally:
+        if not operator.running:
+            operator.start()
+        # a merge patch keeps map keys it does not mention: null removes the zone
+        restore = {"app": "camera", "topology.kubernetes.io/zone": None}
+        patch = json.dumps({"spec": {"devices": {"nodeSelector": restore}}})
+        cluster.kubectl("patch", "dnnd", "digits-reader", "--type=merge", "-p", patch)
+    wait_for(
+        "zone-b served again",
+        lambda: (
+            (obj := available(cluster, "digits-reader"))
+            and sorted(obj["status"]["plan"]["zones"]) == ["zone-a", "zone-b"]
+        ),
+        90,
+    )
+
+
 def test_delete_removes_every_owned_object(
     cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
