@@ -162,6 +162,9 @@ def test_stage_targets_subtract_what_comes_before() -> None:
         ],
     }
     assert stage_targets(plan, 100.0) == {"device": 100.0, "edge": 75.0, "cloud": 25.0}
+    # the fixed serving overheads the plan counts are spent too
+    plan["servingMs"] = {"device": 4.0, "edge": 2.0, "cloud": 1.0}
+    assert stage_targets(plan, 100.0) == {"device": 100.0, "edge": 71.0, "cloud": 19.0}
 
 
 def test_idle_detection_works_with_slow_scrapes() -> None:

@@ -169,6 +169,14 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     assert plan["tiers"]["edge"]["totalMs"] == pytest.approx(
         total * summary["hostGflops"] / 150.0, abs=1e-3
     )
+    # So are the fixed per-request serving overheads each Job measured through a worker.
+    assert summary["servingMs"] > 0
+    for tier, gflops in (("device", 8.0), ("edge", 150.0)):
+        expected = summary["servingMs"] * summary["hostGflops"] / gflops
+        assert plan["tiers"][tier]["servingMs"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    assert plan["servingMs"]["device"] == pytest.approx(
+        plan["tiers"]["device"]["servingMs"], abs=1e-3
+    )
     # A device-only deployment needs only the device measured.
     _, zones = plan_zones(_deployment(["device"]), [device], _nodes())
     assert zones.plans["zone-a"]["compute"]["method"] == "measured"

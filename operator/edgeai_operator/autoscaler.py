@@ -219,7 +219,8 @@ class StageScaler:
 
 
 def stage_targets(plan: Mapping[str, object], slo_ms: float) -> dict[str, float]:
-    """Per tier: the SLO minus what the plan spends before the stage starts."""
+    """Per tier: the SLO minus what the plan spends before the stage starts (earlier
+    stages' compute and serving overheads, transfers up to this stage)."""
     stages = plan.get("stages")
     transfers = plan.get("transfers")
     if not isinstance(stages, list):
@@ -231,9 +232,12 @@ def stage_targets(plan: Mapping[str, object], slo_ms: float) -> dict[str, float]
         for t in (transfers if isinstance(transfers, list) else [])
         if isinstance(t, dict)
     }
+    serving = plan.get("servingMs")
+    serving_ms = serving if isinstance(serving, dict) else {}
     for stage in stages:
         tier = str(stage.get("tier"))
         spent += transfer_ms.get(tier, 0.0)
         out[tier] = max(slo_ms - spent, 1.0)
-        spent += float(stage.get("computeMs", 0.0))
+        # what the stage costs the request: its layers and its fixed serving overhead
+        spent += float(stage.get("computeMs", 0.0)) + float(serving_ms.get(tier, 0.0))
     return out

@@ -160,13 +160,19 @@ def tier_profile(profile: Mapping[str, Any], tier: str) -> dict[str, Any]:
     times = [float(t) for t in measured["segmentsMs"]]
     if len(times) != len(profile["segments"]):
         raise SpecError(f"status.profiles[].measuredTiers.{tier}", "segment count differs")
-    return {
+    out = {
         **profile,
         "host": {**(profile.get("host") or {}), "gflops": float(measured["hostGflops"])},
         "segments": [
             {**seg, "measuredMs": ms} for seg, ms in zip(profile["segments"], times, strict=True)
         ],
     }
+    # Serving overheads measured on that node replace any measured elsewhere.
+    for key in ("servingMs", "forwardingMs"):
+        out.pop(key, None)
+        if measured.get(key) is not None:
+            out[key] = float(measured[key])
+    return out
 
 
 def _per_tier_problem(
@@ -181,10 +187,16 @@ def _per_tier_problem(
         spec, [dict(p) for p in profiles], topology, zone=zone, method="analytic"
     )
     node_ms: list[dict[str, tuple[float, ...]]] = [dict(v.graph.node_ms) for v in base.variants]
+    serving: dict[str, float] = {}
+    forwarding: dict[str, float] = {}
     for tier in tiers:
         measured, _ = build_problem(
             spec, [tier_profile(p, tier) for p in profiles], topology, zone=zone, method="measured"
         )
+        # each tier's overheads from its own node's measurement (scaled to the tier)
+        if tier in measured.serving_ms:
+            serving[tier] = float(measured.serving_ms[tier])
+            forwarding[tier] = float(measured.forwarding_ms.get(tier, 0.0))
         for i, variant in enumerate(measured.variants):
             node_ms[i][tier] = variant.graph.node_ms[tier]
             if i == 0 and tier in context["tiers"]:
@@ -193,4 +205,11 @@ def _per_tier_problem(
         replace(v, graph=replace(v.graph, node_ms=ms))
         for v, ms in zip(base.variants, node_ms, strict=True)
     )
-    return replace(base, variants=variants), context
+    if set(serving) != set(tiers):
+        # like compute, overheads come from every tier's measurement or from none
+        serving, forwarding = {}, {}
+    for tier, ms in serving.items():
+        if tier in context["tiers"]:
+            context["tiers"][tier]["servingMs"] = round(ms, 4)
+            context["tiers"][tier]["forwardingMs"] = round(forwarding[tier], 4)
+    return replace(base, variants=variants, serving_ms=serving, forwarding_ms=forwarding), context

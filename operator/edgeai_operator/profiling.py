@@ -231,6 +231,10 @@ def parse_summary(message: str, segments: int) -> dict[str, Any]:
     gflops = data.get("hostGflops")
     if not isinstance(gflops, int | float) or gflops <= 0:
         raise ValueError("hostGflops must be a positive number")
+    for key in ("servingMs", "forwardingMs"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int | float) or value < 0):
+            raise ValueError(f"{key} must be a non-negative number")
     return data
 
 
@@ -290,6 +294,12 @@ def with_measurement(
             "node": node,
             "hostGflops": float(summary["hostGflops"]),
             "segmentsMs": [float(t) for t in summary["segmentsMs"]],
+            # the fixed per-request costs of serving there, when the Job measured them
+            **{
+                key: float(summary[key])
+                for key in ("servingMs", "forwardingMs")
+                if summary.get(key) is not None
+            },
         },
     }
     return out

@@ -618,12 +618,17 @@ def _report_plan_changes(zones: ZonePlans, state: DeploymentState, emit: EventSi
             f"{link['from']}->{link['to']} {link['mbps']:g} Mbps/{link['rttMs']:g} ms"
             for link in plan.get("links", [])
         )
+        serving = ", ".join(
+            f"{tier} {float(ms):.1f} ms" for tier, ms in (plan.get("servingMs") or {}).items()
+        )
         verb = "Replanned" if zone in state.last_split else "Planned"
         emit(
             "Normal",
             verb,
             f"zone {zone}: split {split}, predicted {float(plan['predictedLatencyMs']):.1f} ms "
-            f"(compute {compute}; transfer {transfers or 'none'}; links {links})",
+            f"(compute {compute}; "
+            + (f"serving {serving}; " if serving else "")
+            + f"transfer {transfers or 'none'}; links {links})",
         )
         state.last_split[zone] = split
     for zone in set(state.last_split) - set(zones.plans):
