@@ -94,11 +94,13 @@ def random_problem(rng: random.Random, dag: bool, index: int) -> Problem:
         cost_per_ms={"edge": rng.uniform(0, 0.3), "cloud": 1.0},
     )
     if index % 3:
-        # fixed per-request serving overheads, some tiers without one
+        # per-request serving overheads, fixed and per byte, some tiers without one
         problem = replace(
             problem,
             serving_ms={t: rng.uniform(0, 30) for t in path if rng.random() < 0.8},
             forwarding_ms={t: rng.uniform(0, 10) for t in path[:-1] if rng.random() < 0.8},
+            serving_ms_per_mb={t: 10 ** rng.uniform(0, 3) for t in path if rng.random() < 0.7},
+            forwarding_ms_per_mb={t: 10 ** rng.uniform(0, 3) for t in path if rng.random() < 0.7},
         )
     if rng.random() < 0.6:
         fastest = _brute(replace(problem, objective="latency"))
@@ -183,6 +185,8 @@ def test_every_exact_solver_agrees_on_chains_seen_as_dags() -> None:
             objective=OBJECTIVES[index % 3],
             serving_ms={t: rng.uniform(0, 20) for t in path},
             forwarding_ms={t: rng.uniform(0, 10) for t in path[:-1]},
+            serving_ms_per_mb={t: 10 ** rng.uniform(0, 3) for t in path},
+            forwarding_ms_per_mb={t: 10 ** rng.uniform(0, 3) for t in path[:-1]},
         )
         by_dp = solvers.chain_dp(problem, graph)
         by_cut = solvers.mincut(problem, graph)
@@ -214,6 +218,34 @@ def _fixed_chain() -> LayerGraph:
         {"device": (10.0, 10.0, 10.0, 10.0), "edge": (4.0,) * 4, "cloud": (1.0, 1.0, 1.0, 1.0)},
         [100_000, 200_000, 5_000, 5_000, 40],
     )
+
+
+def test_per_byte_overheads_are_charged_on_the_bytes_each_tier_receives_and_forwards() -> None:
+    graph = _fixed_chain()
+    base = Problem((Variant("fp32", graph),), links=(Link(100, 1), Link(100, 1)))
+    per_mb = replace(
+        base,
+        serving_ms={"device": 2.0, "edge": 1.0, "cloud": 1.0},
+        serving_ms_per_mb={"device": 10.0, "edge": 20.0, "cloud": 40.0},
+        forwarding_ms_per_mb={"device": 5.0, "edge": 3.0},
+    )
+    # device runs segments 0-1, edge 2, cloud 3: the device receives the 100 KB input
+    # and forwards cut 2 (5 KB), the edge receives it and forwards cut 3 (5 KB)
+    tiers = [0, 0, 1, 2]
+    plain, charged = evaluate(base, graph, tiers), evaluate(per_mb, graph, tiers)
+    assert charged.serving_ms == pytest.approx(
+        (2.0 + 10.0 * 0.1 + 5.0 * 0.005, 1.0 + 20.0 * 0.005 + 3.0 * 0.005, 1.0 + 40.0 * 0.005)
+    )
+    assert charged.latency_ms == pytest.approx(plain.latency_ms + sum(charged.serving_ms))
+    # an empty middle stage receives and forwards what crosses it
+    passing = evaluate(per_mb, graph, [0, 2, 2, 2])
+    assert passing.serving_ms[1] == pytest.approx(1.0 + (20.0 + 3.0) * 0.2)
+    # forwarding the 100 KB input costs the device 20 ms more than the 5 KB of cut 2:
+    # the plan that offloads everything keeps the first two segments instead
+    assert plan_partitions(base, alternatives=False).assignment == (1, 1, 2, 2)
+    heavy = replace(base, forwarding_ms_per_mb={"device": 200.0})
+    assert _check_against_brute_force(heavy) == "chain-dp"
+    assert plan_partitions(heavy, alternatives=False).assignment == (0, 0, 2, 2)
 
 
 def test_privacy_keeps_the_raw_input_on_the_device() -> None:

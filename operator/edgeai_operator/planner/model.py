@@ -24,6 +24,10 @@ Cost of an assignment (what `evaluate` computes; solvers must agree with it):
   it, and tier `k + 1` pays it iff hop `k` is used (an empty middle stage forwards,
   and pays it too). A tier that forwards (hop `k` used) also pays `forwarding_ms[tier]`
   (encoding the tensors for the next stage, sending them, taking its answer back).
+  Both have a per-byte part as well, `serving_ms_per_mb[tier]` and
+  `forwarding_ms_per_mb[tier]` (ms per 10^6 bytes): a tier pays it on the bytes it
+  receives (the raw input for the device, hop `k`'s up_bytes for tier `k + 1`) and,
+  when it forwards, on the bytes it passes on (hop `k`'s up_bytes for tier `k`).
   Tiers absent from these mappings pay 0.
 - latency = compute + serving + transfers (one request, no overlap between stages).
 - deviceEnergy (mJ) = (device compute + serving) ms x computeWatts + hop-0 upload ms x
@@ -33,7 +37,10 @@ Cost of an assignment (what `evaluate` computes; solvers must agree with it):
 
 Tier `k + 1`'s serving overhead and tier `k`'s forwarding overhead are paid exactly
 when hop `k`'s RTT is, so solvers treat them as part of that hop's fixed cost
-(weighted as compute of their tiers).
+(weighted as compute of their tiers); their per-byte parts scale with hop `k`'s
+up_bytes exactly as its upload time does, so solvers add them to that hop's cost per
+uploaded byte (`Problem.hop_byte_cost`). The device's per-byte serving on the raw
+input is the same for every assignment of a variant.
 """
 
 from __future__ import annotations
@@ -169,6 +176,9 @@ class Problem:
     # docstring)
     serving_ms: Mapping[str, float] = field(default_factory=dict)
     forwarding_ms: Mapping[str, float] = field(default_factory=dict)
+    # tier -> their per-byte parts, in ms per 10^6 bytes received / forwarded
+    serving_ms_per_mb: Mapping[str, float] = field(default_factory=dict)
+    forwarding_ms_per_mb: Mapping[str, float] = field(default_factory=dict)
 
     def serving(self, k: int) -> float:
         """The serving overhead of the `k`-th tier on the path."""
@@ -177,6 +187,30 @@ class Problem:
     def forwarding(self, k: int) -> float:
         """The forwarding overhead of the `k`-th tier on the path."""
         return float(self.forwarding_ms.get(self.path[k], 0.0))
+
+    def serving_per_byte(self, k: int) -> float:
+        """The per-byte serving overhead (ms per byte received) of the `k`-th tier."""
+        return float(self.serving_ms_per_mb.get(self.path[k], 0.0)) / 1e6
+
+    def forwarding_per_byte(self, k: int) -> float:
+        """The per-byte forwarding overhead (ms per byte passed on) of the `k`-th tier."""
+        return float(self.forwarding_ms_per_mb.get(self.path[k], 0.0)) / 1e6
+
+    def device_serving(self, graph: LayerGraph) -> float:
+        """The device's serving overhead, fixed and on the raw input: every assignment
+        of `graph` pays it."""
+        raw = sum(t.size_bytes for t in graph.tensors if t.producer < 0)
+        return self.serving(0) + self.serving_per_byte(0) * raw
+
+    def hop_byte_cost(self, k: int, w: Weights) -> float:
+        """What each byte uploaded over hop `k` costs under `w`: its transfer time, and
+        the per-byte forwarding overhead of the tier below and serving overhead of the
+        tier above."""
+        return (
+            w.up[k] * self.links[k].ms_per_byte()
+            + w.compute[k] * self.forwarding_per_byte(k)
+            + w.compute[k + 1] * self.serving_per_byte(k + 1)
+        )
 
     def fixed_hop_cost(self, k: int, w: Weights) -> float:
         """What using hop `k` costs under `w` whatever it carries: its RTT, the
@@ -198,7 +232,12 @@ class Problem:
         for link in self.links:
             if not (link.mbps > 0 and link.rtt_ms >= 0):
                 raise ValueError(f"bad link {link}")
-        for what, overheads in (("serving", self.serving_ms), ("forwarding", self.forwarding_ms)):
+        for what, overheads in (
+            ("serving", self.serving_ms),
+            ("forwarding", self.forwarding_ms),
+            ("per-MB serving", self.serving_ms_per_mb),
+            ("per-MB forwarding", self.forwarding_ms_per_mb),
+        ):
             for tier, ms in overheads.items():
                 if not (0 <= ms < float("inf")):
                     raise ValueError(f"bad {what} overhead {ms!r} ms for tier {tier!r}")
@@ -253,8 +292,8 @@ class Evaluation:
     device_energy_mj: float
     cloud_cost: float
     device_busy_ms: float  # the device stage's per-request occupancy (compute or upload)
-    # fixed overhead (serving, and forwarding where it forwards) per tier on the path;
-    # 0 where the request never goes
+    # overhead (serving, and forwarding where it forwards; fixed and per byte) per tier
+    # on the path; 0 where the request never goes
     serving_ms: tuple[float, ...] = ()
 
     def value(self, objective: str) -> float:
@@ -305,8 +344,17 @@ def evaluate(problem: Problem, graph: LayerGraph, tiers: Sequence[int]) -> Evalu
     rtt_ms = [problem.links[k].rtt_ms if used[k] else 0.0 for k in range(hops)]
     hop_ms = tuple(up_ms[k] + down_ms[k] + rtt_ms[k] for k in range(hops))
     serving = tuple(
-        (problem.serving(k) if k == 0 or used[k - 1] else 0.0)
-        + (problem.forwarding(k) if k < hops and used[k] else 0.0)
+        (problem.device_serving(graph) if k == 0 else 0.0)
+        + (
+            problem.serving(k) + problem.serving_per_byte(k) * up[k - 1]
+            if k > 0 and used[k - 1]
+            else 0.0
+        )
+        + (
+            problem.forwarding(k) + problem.forwarding_per_byte(k) * up[k]
+            if k < hops and used[k]
+            else 0.0
+        )
         for k in range(len(path))
     )
     busy_tiers = [c + o for c, o in zip(compute, serving, strict=True)]

@@ -7,9 +7,11 @@ constraints, or None when no assignment is feasible.
 - `mincut`: DAGs, same case. A layered s-t min-cut (DADS for two tiers; for three,
   one copy of the DAG per hop with infinite edges keeping the ideals nested, as in
   Ishikawa's multi-label construction). A tensor read by several nodes above a hop
-  is sent once (an auxiliary node); the hop's fixed cost (RTT, forwarding overhead
-  below, serving overhead above), paid once if anything runs above it, is an OR node
-  with infinite edges to that copy of the DAG. Exact.
+  is sent once (an auxiliary node) and costs its bytes at the hop's cost per byte
+  (transfer, and the per-byte forwarding and serving overheads on either side); the
+  hop's fixed cost (RTT, forwarding overhead below, serving overhead above), paid
+  once if anything runs above it, is an OR node with infinite edges to that copy of
+  the DAG. Exact.
 - `enumerate_ideals`: anything with a latency SLO on another objective or a
   throughput floor (a constrained min-cut is NP-hard in general). Enumerates the
   downward-closed node sets (prefixes for a chain; few for DNN-shaped DAGs) and all
@@ -89,7 +91,11 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
         if c >= n:
             return 0.0
         mpb = problem.links[k].ms_per_byte()
-        return w.up[k] * sizes[c] * mpb + w.down[k] * out * mpb + problem.fixed_hop_cost(k, w)
+        return (
+            sizes[c] * problem.hop_byte_cost(k, w)
+            + w.down[k] * out * mpb
+            + problem.fixed_hop_cost(k, w)
+        )
 
     inf = (INF, INF)
     # best[k][c]: cost of running nodes [0, c) on tiers <= k; choice[k][c]: where tier k began
@@ -98,7 +104,7 @@ def chain_dp(problem: Problem, graph: LayerGraph) -> Evaluation | None:
     first_ok = [allowed[0] or c == 0 for c in range(n + 1)]
     if problem.raw_input_stays_on_device and n > 0:
         first_ok[0] = False
-    device_serving = problem.serving(0)  # paid by every assignment
+    device_serving = problem.device_serving(graph)  # paid by every assignment
     best.append(
         [
             (
@@ -190,8 +196,8 @@ def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[
             add(node(j - 1, v), node(j, v), INF)  # I_{j-1} within I_j
         add(node(0, v), t, unary(0))
     for k in range(hops):
-        link = problem.links[k]
-        mpb = link.ms_per_byte()
+        mpb = problem.links[k].ms_per_byte()
+        per_byte = problem.hop_byte_cost(k, w)
         # the RTT and the overheads of forwarding and serving are paid once if anything
         # runs above tier k: an OR node
         fixed = problem.fixed_hop_cost(k, w)
@@ -202,7 +208,7 @@ def _mincut_assignment(problem: Problem, graph: LayerGraph, w: Weights) -> list[
                 add(any_above, node(k, v), INF)
         for tensor in graph.tensors:
             src = s if tensor.producer < 0 else node(k, tensor.producer)
-            up = w.up[k] * tensor.size_bytes * mpb
+            up = tensor.size_bytes * per_byte
             consumers = [node(k, c) for c in tensor.consumers]
             if tensor.producer >= 0:
                 for c in consumers:
@@ -327,15 +333,18 @@ def enumerate_ideals(problem: Problem, graph: LayerGraph, members: np.ndarray) -
             else:
                 ok &= full[idx[k - 1]]
     up_ms, down_ms, rtt_ms = [], [], []
-    serving = [np.full(count, problem.serving(0))]
+    serving = [np.full(count, problem.device_serving(graph))]
     for k in range(tiers - 1):
         used = ~full[idx[k]]
         mpb = problem.links[k].ms_per_byte()
         up_ms.append(up_bytes[idx[k]] * mpb * used)
         down_ms.append(down_bytes[idx[k]] * mpb * used)
         rtt_ms.append(problem.links[k].rtt_ms * used)
-        serving[k] = serving[k] + problem.forwarding(k) * used
-        serving.append(problem.serving(k + 1) * used)
+        sent = up_bytes[idx[k]]
+        serving[k] = (
+            serving[k] + (problem.forwarding(k) + problem.forwarding_per_byte(k) * sent) * used
+        )
+        serving.append((problem.serving(k + 1) + problem.serving_per_byte(k + 1) * sent) * used)
     if problem.raw_input_stays_on_device and tiers > 1 and n:
         ok &= raw_ok[idx[0]]
 
