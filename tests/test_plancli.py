@@ -183,18 +183,25 @@ def test_profile_then_plan_with_measured_compute(
     measured = sum(s["measuredMs"] for s in profile["segments"])
     device_ms = plan["tiers"]["device"]["totalMs"]
     assert device_ms == pytest.approx(measured * profile["host"]["gflops"] / 8, rel=1e-3)
-    # the serving overhead measured through a worker, scaled to the 8 GFLOPS device
-    # like compute, is part of the prediction
+    # the serving overheads measured through a worker, fixed and per MB, scaled to the
+    # 8 GFLOPS device like compute, are part of the prediction
     assert profile["servingMs"] > 0
-    assert profile["forwardingMs"] >= 0
+    assert min(profile[k] for k in ("forwardingMs", "servingMsPerMB", "forwardingMsPerMB")) >= 0
     scale = profile["host"]["gflops"] / 8
-    device_serving = profile["servingMs"] * scale
-    assert plan["tiers"]["device"]["servingMs"] == pytest.approx(device_serving, rel=1e-3)
-    device_forwarding = profile["forwardingMs"] * scale
-    assert plan["tiers"]["device"]["forwardingMs"] == pytest.approx(device_forwarding, abs=1e-3)
-    offloads = len(plan["stages"]) > 1 or plan["stages"][0]["tier"] != "device"
-    device_total = device_serving + (device_forwarding if offloads else 0.0)
-    assert plan["servingMs"]["device"] == pytest.approx(device_total, rel=1e-3)
+    device = {
+        key: profile[key] * scale
+        for key in ("servingMs", "servingMsPerMB", "forwardingMs", "forwardingMsPerMB")
+    }
+    for key, ms in device.items():
+        assert plan["tiers"]["device"][key] == pytest.approx(ms, rel=1e-3, abs=1e-3)
+    # the device receives the raw input, and forwards what the first hop carries
+    device_total = (
+        device["servingMs"] + device["servingMsPerMB"] * profile["cuts"][0]["sizeBytes"] / 1e6
+    )
+    if len(plan["stages"]) > 1 or plan["stages"][0]["tier"] != "device":
+        forwarded = plan["transfers"][0]["bytes"]
+        device_total += device["forwardingMs"] + device["forwardingMsPerMB"] * forwarded / 1e6
+    assert plan["servingMs"]["device"] == pytest.approx(device_total, rel=1e-3, abs=1e-3)
     total = (
         sum(s["computeMs"] for s in plan["stages"])
         + sum(t["ms"] for t in plan["transfers"])

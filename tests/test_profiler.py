@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import yaml
 
 from edgeai_worker import graph, profiler, zoo
@@ -67,14 +68,43 @@ def test_serving_model_answers_one_number_per_sample(tmp_path: Path) -> None:
     assert np.allclose(out[:, 0], x.reshape(2, -1).mean(axis=1))
 
 
+def test_serving_model_takes_any_size_of_its_rank(tmp_path: Path) -> None:
+    path = profiler.serving_model([1, 3, 8, 8], tmp_path / "serving.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in profiler.fit_shapes([1, 3, 8, 8]):
+        (out,) = session.run(None, {"input": np.ones(shape, np.float32)})
+        assert out.tolist() == [[1.0]]
+
+
 def test_serving_overheads_are_measured_through_real_workers() -> None:
     messages: list[str] = []
-    serving, forwarding = profiler.serving_overheads_ms(
+    overheads = profiler.serving_overheads(
         [1, 3, 16, 16], requests=5, warmup=2, progress=messages.append
     )
-    assert serving > 0
-    assert forwarding >= 0
-    assert any("forward-only worker" in m for m in messages)
+    assert set(overheads) == {"servingMs", "servingMsPerMB", "forwardingMs", "forwardingMsPerMB"}
+    assert overheads["servingMs"] + overheads["servingMsPerMB"] > 0
+    assert all(ms >= 0 for ms in overheads.values())
+    assert any("forward-only worker" in m and "[1, 1, 1, 262144]" in m for m in messages)
+
+
+def test_overheads_fit_a_fixed_part_and_one_per_byte() -> None:
+    fit = profiler.fit_overheads(4, (2.0, 1.0), 1_000_004, (5.0, 1.5))
+    # the fixed part is the line's value at 0 bytes
+    expected = {
+        "servingMs": 2.0 - 3.0 * 4e-6,
+        "servingMsPerMB": 3.0,
+        "forwardingMs": 1.0 - 0.5 * 4e-6,
+        "forwardingMsPerMB": 0.5,
+    }
+    assert fit == pytest.approx(expected, rel=1e-9)
+    # noise that makes the small payload dearer: no per-byte part, the large one's cost
+    fit = profiler.fit_overheads(4, (2.0, 1.0), 600_000, (1.8, 1.5))
+    assert fit["servingMsPerMB"] == 0.0
+    assert fit["servingMs"] == 1.8
+    assert profiler.tensor_bytes([1, 3, 224, 224]) == 602_112
+    # the model's input where it is large enough; else 1 MiB, so the slope is not noise
+    assert profiler.fit_shapes([1, 3, 512, 512]) == ([1, 1, 1, 1], [1, 3, 512, 512])
+    assert profiler.fit_shapes([1, 3, 224, 224]) == ([1, 1, 1, 1], [1, 1, 1, 262_144])
 
 
 def test_forwarding_is_what_a_forward_only_stage_adds_beyond_serving() -> None:

@@ -153,18 +153,29 @@ def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serving(args: argparse.Namespace) -> dict[str, Any]:
-    """Serving and forwarding overheads: round trips straight to a serving-probe worker
-    and through a forward-only worker in front of it, in turn."""
-    from edgeai_worker.profiler import overheads_from_round_trips, time_binary_requests
+    """Serving and forwarding overheads, fixed and per MB (the profile's keys): round
+    trips straight to a serving-probe worker and through a forward-only worker in front
+    of it, with the model's input and with a one-element tensor, in turn."""
+    from edgeai_worker.profiler import (
+        fit_overheads,
+        fit_shapes,
+        overheads_from_round_trips,
+        tensor_bytes,
+        time_binary_requests,
+    )
 
-    direct, forwarded = time_binary_requests(
-        [args.url, args.front_url],
-        json.loads(args.shape),
+    small, large = fit_shapes(json.loads(args.shape))
+    direct, forwarded, small_direct, small_forwarded = time_binary_requests(
+        [(args.url, large), (args.front_url, large), (args.url, small), (args.front_url, small)],
         requests=args.requests,
         warmup=args.warmup,
     )
-    serving, forwarding = overheads_from_round_trips(direct, forwarded)
-    return {"serving_ms": serving, "forwarding_ms": forwarding}
+    return fit_overheads(
+        tensor_bytes(small),
+        overheads_from_round_trips(small_direct, small_forwarded),
+        tensor_bytes(large),
+        overheads_from_round_trips(direct, forwarded),
+    )
 
 
 def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,6 +44,13 @@ ECHO_PORT = 9100
 IDENTITY_PORT = 9200
 STAGE_PORT = 9300
 SERVING_PORT = 9400
+# the planner's overhead fields (`Problem`) and the profile keys they are measured as
+OVERHEAD_FIELDS = {
+    "serving_ms": "servingMs",
+    "serving_ms_per_mb": "servingMsPerMB",
+    "forwarding_ms": "forwardingMs",
+    "forwarding_ms_per_mb": "forwardingMsPerMB",
+}
 
 
 def agent(
@@ -247,12 +254,14 @@ def identity_model(path: Path) -> Path:
 
 def measure_overheads(
     topo: Topology, workdir: Path, tier: str, input_shape: list[int], requests: int
-) -> tuple[float, float]:
-    """The tier's fixed per-request serving and forwarding overheads: a real worker
-    serving the profiler's tiny serving-probe model and a forward-only worker in front
-    of it, both inside the tier's namespace and CPU quota, and a client in the
-    namespace outside the quota (as the application, or the stage below, is) sending
-    binary requests with the model's input shape to each in turn."""
+) -> dict[str, float]:
+    """The tier's per-request serving and forwarding overheads, fixed and per MB (the
+    profile's `servingMs`, `servingMsPerMB`, `forwardingMs`, `forwardingMsPerMB`): a
+    real worker serving the profiler's tiny serving-probe model and a forward-only
+    worker in front of it, both inside the tier's namespace and CPU quota, and a client
+    in the namespace outside the quota (as the application, or the stage below, is)
+    sending binary requests with the model's input and with a one-element tensor to
+    each in turn."""
     from edgeai_worker.profiler import SERVING_MODEL_NAME, serving_model
 
     model = serving_model(input_shape, workdir / f"serving-{'x'.join(map(str, input_shape))}.onnx")
@@ -285,7 +294,7 @@ def measure_overheads(
         )  # fmt: skip
     finally:
         fleet.stop()
-    return float(result["serving_ms"]), float(result["forwarding_ms"])
+    return {key: float(ms) for key, ms in result.items()}
 
 
 def profile_tiers(
@@ -298,13 +307,13 @@ def profile_tiers(
     serving_requests: int,
 ) -> tuple[Any, dict[str, Any], dict[str, dict[str, float]]]:
     """Profile the model's segments (chained, as shares of the whole model) and the
-    fixed serving and forwarding overheads on every tier, inside its namespace and CPU quota; the
-    planner's layer graph and serving overheads from them."""
+    serving and forwarding overheads (fixed and per MB) on every tier, inside its
+    namespace and CPU quota; the planner's layer graph and overheads from them
+    (`OVERHEAD_FIELDS`: the `Problem` fields, tier -> ms)."""
     from edgeai_operator.planner.model import LayerGraph
 
     profiles: dict[str, Any] = {}
-    serving: dict[str, float] = {}
-    forwarding: dict[str, float] = {}
+    overheads: dict[str, dict[str, float]] = {field: {} for field in OVERHEAD_FIELDS}
     for tier in TIERS:
         spec = topo.tiers[tier]
         print(
@@ -317,13 +326,16 @@ def profile_tiers(
             "--repeats", str(repeats),
         )  # fmt: skip
         if serving_requests:
-            serving[tier], forwarding[tier] = measure_overheads(
-                topo, workdir, tier, input_shape, serving_requests
-            )
+            measured = measure_overheads(topo, workdir, tier, input_shape, serving_requests)
+            for field, key in OVERHEAD_FIELDS.items():
+                overheads[field][tier] = measured[key]
         print(
             f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, segments "
-            f"chained {profiles[tier]['chainMs']:.1f} ms, serving {serving.get(tier, 0):.1f} "
-            f"ms, forwarding {forwarding.get(tier, 0):.1f} ms",
+            f"chained {profiles[tier]['chainMs']:.1f} ms, overheads ms (+ ms/MB) "
+            f"serving {overheads['serving_ms'].get(tier, 0):.1f} "
+            f"(+{overheads['serving_ms_per_mb'].get(tier, 0):.1f}), forwarding "
+            f"{overheads['forwarding_ms'].get(tier, 0):.1f} "
+            f"(+{overheads['forwarding_ms_per_mb'].get(tier, 0):.1f})",
             flush=True,
         )
     graph = LayerGraph.chain(
@@ -331,7 +343,7 @@ def profile_tiers(
         [c["sizeBytes"] for c in profiles["device"]["cuts"]],
         [c["tensors"] for c in profiles["device"]["cuts"]],
     )
-    return graph, profiles, {"serving": serving, "forwarding": forwarding}
+    return graph, profiles, overheads
 
 
 def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
@@ -395,8 +407,7 @@ def run_scenarios(
             t: {"wholeModelMs": p["wholeModelMs"], "chainMs": p["chainMs"]}
             for t, p in profiles.items()
         },
-        "serving_ms": overheads["serving"],
-        "forwarding_ms": overheads["forwarding"],
+        **overheads,
         "scenarios": [],
     }
     for uplink in uplinks:
@@ -408,8 +419,10 @@ def run_scenarios(
         problem = Problem(
             variants=(Variant("fp32", graph),),
             links=(Link(uplink, rtt0), Link(backhaul_mbps, rtt1)),
-            serving_ms=overheads["serving"],
-            forwarding_ms=overheads["forwarding"],
+            serving_ms=overheads["serving_ms"],
+            serving_ms_per_mb=overheads["serving_ms_per_mb"],
+            forwarding_ms=overheads["forwarding_ms"],
+            forwarding_ms_per_mb=overheads["forwarding_ms_per_mb"],
         )
         plan = plan_partitions(problem, alternatives=False)
         device_only = [{"tier": "device", "inputs": model_input, "outputs": model_output}]
@@ -545,8 +558,10 @@ def run_adaptive(
     problem = Problem(
         variants=(Variant("fp32", graph),),
         links=(Link(base_uplink, 0.5), Link(backhaul_mbps, 0.5)),
-        serving_ms=overheads["serving"],
-        forwarding_ms=overheads["forwarding"],
+        serving_ms=overheads["serving_ms"],
+        serving_ms_per_mb=overheads["serving_ms_per_mb"],
+        forwarding_ms=overheads["forwarding_ms"],
+        forwarding_ms_per_mb=overheads["forwarding_ms_per_mb"],
     )
     plan = plan_partitions(problem)
     alternatives = [a.to_dict() for a in plan.alternatives]
@@ -716,11 +731,14 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{t} {p['wholeModelMs']:.1f}/{p['chainMs']:.1f}" for t, p in m["profiles"].items()
             )
         )
+        per_mb = {f: m.get(f"{f}_per_mb", {}) for f in ("serving_ms", "forwarding_ms")}
         print(
-            "overhead ms per request, serving/forwarding (tiny model through workers): "
+            "overhead per request, serving/forwarding ms + ms/MB (tiny model through workers): "
             + (
                 ", ".join(
-                    f"{t} {ms:.1f}/{m['forwarding_ms'][t]:.1f}" for t, ms in m["serving_ms"].items()
+                    f"{t} {ms:.1f}+{per_mb['serving_ms'].get(t, 0):.1f}/"
+                    f"{m['forwarding_ms'][t]:.1f}+{per_mb['forwarding_ms'].get(t, 0):.1f}"
+                    for t, ms in m["serving_ms"].items()
                 )
                 or "not measured"
             )

@@ -101,11 +101,10 @@ def profile_command(args: argparse.Namespace) -> int:
         path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
     )
     if args.serving_requests:
-        serving, forwarding = profiler.serving_overheads_ms(
+        overheads = profiler.serving_overheads(
             profile["input"]["shape"], requests=args.serving_requests, threads=args.threads
         )
-        profile["servingMs"] = round(serving, 4)
-        profile["forwardingMs"] = round(forwarding, 4)
+        profile.update({key: round(ms, 4) for key, ms in overheads.items()})
     if name == "digits_cnn":
         from edgeai_worker import variants
 
@@ -124,14 +123,16 @@ def profile_command(args: argparse.Namespace) -> int:
 
 
 TERMINATION_LOG = "/dev/termination-log"
+# a profile's serving and forwarding overheads, fixed and per 10^6 bytes
+OVERHEAD_KEYS = ("servingMs", "servingMsPerMB", "forwardingMs", "forwardingMsPerMB")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a container's termination message
 
 
 def termination_summary(profile: dict[str, Any]) -> str:
     """A compact JSON summary of a profile for a container's termination message
     (Kubernetes keeps at most 4096 bytes): model, variant, repeats, host GFLOPS,
-    totalMs, the per-segment measuredMs list, and servingMs and forwardingMs when
-    measured. Precision drops until it fits."""
+    totalMs, the per-segment measuredMs list, and the serving and forwarding overheads
+    (`OVERHEAD_KEYS`) when measured. Precision drops until it fits."""
     for digits in (4, 3, 2, 1, 0):
         summary = {
             "kind": "ProfileSummary",
@@ -142,7 +143,7 @@ def termination_summary(profile: dict[str, Any]) -> str:
             "totalMs": round(float(profile["totalMs"]), 4),
             "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
         }
-        for key in ("servingMs", "forwardingMs"):
+        for key in OVERHEAD_KEYS:
             if profile.get(key) is not None:
                 summary[key] = round(float(profile[key]), 4)
         text = json.dumps(summary, separators=(",", ":"))
@@ -335,21 +336,28 @@ def node_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -
 
 def overheads_ms(
     profiles: list[dict[str, Any]], gflops: dict[str, float]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Each tier's fixed per-request serving and forwarding overheads: a profile's
-    measured `servingMs` and `forwardingMs` (see `edgeai_worker.profiler`) scaled like
+) -> dict[str, dict[str, float]]:
+    """Each tier's per-request serving and forwarding overheads, as the `Problem` fields
+    `serving_ms`, `serving_ms_per_mb`, `forwarding_ms`, `forwarding_ms_per_mb`: a
+    profile's measured `servingMs`, `servingMsPerMB`, `forwardingMs` and
+    `forwardingMsPerMB` (see `edgeai_worker.profiler`; absent ones are 0) scaled like
     compute, host GFLOPS over the tier's. Empty (no overhead) when no profile measured
-    them."""
+    `servingMs`."""
+    fields = {
+        "serving_ms": "servingMs",
+        "serving_ms_per_mb": "servingMsPerMB",
+        "forwarding_ms": "forwardingMs",
+        "forwarding_ms_per_mb": "forwardingMsPerMB",
+    }
     for profile in profiles:
         host = (profile.get("host") or {}).get("gflops")
         if profile.get("servingMs") is not None and host:
             scale = {t: float(host) / g for t, g in gflops.items()}
-            forwarding = float(profile.get("forwardingMs") or 0.0)
-            return (
-                {t: float(profile["servingMs"]) * r for t, r in scale.items()},
-                {t: forwarding * r for t, r in scale.items()},
-            )
-    return {}, {}
+            return {
+                name: {t: float(profile.get(key) or 0.0) * r for t, r in scale.items()}
+                for name, key in fields.items()
+            }
+    return {name: {} for name in fields}
 
 
 def build_problem(
@@ -388,7 +396,7 @@ def build_problem(
                 f"no profile for variant {spec.variant!r}",
                 ", ".join(str(p.get("variant")) for p in profiles),
             )
-    serving, forwarding = overheads_ms(profiles, gflops)
+    overheads = overheads_ms(profiles, gflops)
     allowed = frozenset(spec.tiers) & frozenset(path)
     if not allowed:
         raise SpecError(
@@ -414,16 +422,26 @@ def build_problem(
         min_accuracy=spec.min_accuracy,
         power=power,
         cost_per_ms={"edge": spec.edge_cost_per_ms, "cloud": spec.cloud_cost_per_ms},
-        serving_ms=serving,
-        forwarding_ms=forwarding,
+        serving_ms=overheads["serving_ms"],
+        serving_ms_per_mb=overheads["serving_ms_per_mb"],
+        forwarding_ms=overheads["forwarding_ms"],
+        forwarding_ms_per_mb=overheads["forwarding_ms_per_mb"],
     )
     context = {
         "tiers": {
             t: {
                 "gflops": g,
                 "totalMs": round(sum(variants[0].graph.node_ms[t]), 4),
-                **({"servingMs": round(serving[t], 4)} if t in serving else {}),
-                **({"forwardingMs": round(forwarding[t], 4)} if t in forwarding else {}),
+                **{
+                    key: round(overheads[name][t], 4)
+                    for name, key in (
+                        ("serving_ms", "servingMs"),
+                        ("serving_ms_per_mb", "servingMsPerMB"),
+                        ("forwarding_ms", "forwardingMs"),
+                        ("forwarding_ms_per_mb", "forwardingMsPerMB"),
+                    )
+                    if t in overheads[name]
+                },
             }
             for t, g in gflops.items()
         },

@@ -13,7 +13,9 @@ A profile is plain data (`dict` ready for YAML/JSON) of this shape:
     wholeModelMs: 88.0         # the unsplit model, median of `repeats` runs
     chainMs: 95.1              # the segments as separate sessions, chained, median
     servingMs: 3.1             # fixed per-request serving overhead (absent if not measured)
-    forwardingMs: 1.2          # and what forwarding to the next stage adds
+    servingMsPerMB: 2.4        # and per 10^6 bytes the stage receives
+    forwardingMs: 1.2          # what forwarding to the next stage adds, fixed
+    forwardingMsPerMB: 0.8     # and per 10^6 bytes it passes on
     totalFlops: 3633038848
     cuts: [{index, tensors, sizeBytes, position}]
     segments: [{index, positions: "a-b", flops, measuredMs}]
@@ -26,14 +28,20 @@ the model). Each segment's `measuredMs` is its share of the chained time (means 
 the passes) times the whole model's median, so the segments of any split add up to
 what they take inside the model, and all of them to the whole model.
 
-`servingMs` is the fixed cost of serving one request, measured through a real worker
-(`python -m edgeai_worker`) with a tiny model that takes the model's input: the
-round trip (interquartile mean) of binary OIP requests on loopback (HTTP receive,
+`servingMs` is the cost of serving one request, measured through a real worker
+(`python -m edgeai_worker`) with a tiny model that takes an input of the model's rank:
+the round trip (interquartile mean) of binary OIP requests on loopback (HTTP receive,
 decode, the hand-off to onnxruntime, encode, answer), what every stage pays per
 request on top of compute and transfer time. `forwardingMs` is what a stage pays on
 top of that when it forwards (encoding the tensors, sending them, relaying the
 answer): the round trip through a forward-only worker in front of the first one,
-minus twice the direct one. The planner scales both to a tier like compute.
+minus twice the direct one. Both are measured twice, with the model's input (at
+least 1 MiB: `MIN_FIT_BYTES`) and with a one-element tensor of the same rank,
+interleaved, and fitted as a fixed part
+(`servingMs`, `forwardingMs`) plus a part per 10^6 bytes of tensor the stage receives
+or passes on (`servingMsPerMB`, `forwardingMsPerMB`): a stage that receives a small
+activation pays less than one that receives the raw input. The planner scales all
+four to a tier like compute.
 
 Host GFLOPS is the median throughput of an fp32 onnxruntime MatMul (1024 x 1024), the
 same kind of number a node's `edgeai.dev/gflops` annotation declares, so that a
@@ -253,9 +261,10 @@ SERVING_MODEL_NAME = "serving-probe"
 
 
 def serving_model(input_shape: Sequence[int], path: Path) -> Path:
-    """A tiny model that takes an FP32 input of `input_shape` (any batch) and answers
-    one number per sample: it costs a worker next to nothing but the serving itself."""
-    dims: list[int | str] = ["N", *(int(d) for d in input_shape[1:])]
+    """A tiny model that takes an FP32 input of `input_shape`'s rank (any size) and
+    answers one number per sample: it costs a worker next to nothing but the serving
+    itself."""
+    dims: list[int | str] = ["N", *(f"d{i}" for i in range(1, len(input_shape)))]
     g = helper.make_graph(
         [
             helper.make_node("Flatten", ["input"], ["flat"], axis=1),
@@ -285,21 +294,22 @@ def post_timed(
 
 
 def time_binary_requests(
-    urls: Sequence[str], input_shape: Sequence[int], *, requests: int, warmup: int
+    targets: Sequence[tuple[str, Sequence[int]]], *, requests: int, warmup: int
 ) -> list[list[float]]:
-    """Round trips (ms) of binary OIP requests with a random FP32 input of
-    `input_shape`, one at a time, to each URL in turn (one keep-alive connection each,
-    so all see the same conditions); per URL, warm-up excluded."""
-    x = np.random.default_rng(0).standard_normal(list(input_shape)).astype("<f4")
-    targets = []
-    for url in urls:
+    """Round trips (ms) of binary OIP requests, one at a time, to each (URL, FP32 input
+    shape) target in turn with a random input of that shape (one keep-alive connection
+    each, so all see the same conditions); per target, warm-up excluded."""
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(list(shape)).astype("<f4") for _, shape in targets]
+    connections = []
+    for url, _ in targets:
         parts = urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
-        targets.append((conn, parts.path))
+        connections.append((conn, parts.path))
     samples: list[list[float]] = [[] for _ in targets]
     try:
         for i in range(warmup + requests):
-            for j, (conn, path) in enumerate(targets):
+            for j, ((conn, path), x) in enumerate(zip(connections, inputs, strict=True)):
                 request = InferRequest(
                     [Tensor.from_numpy("input", x)],
                     f"serving-{os.getpid()}-{i}-{j}",  # unique: workers answer an id once
@@ -311,7 +321,7 @@ def time_binary_requests(
                 if i >= warmup:
                     samples[j].append(elapsed)
     finally:
-        for conn, _ in targets:
+        for conn, _ in connections:
             conn.close()
     return samples
 
@@ -336,6 +346,46 @@ def overheads_from_round_trips(
     return serving, max(0.0, central_mean(forwarded_ms) - 2.0 * serving)
 
 
+# the large payload of the fit is at least this big: between a one-element tensor and
+# a model's few-KB input the slope would be noise
+MIN_FIT_BYTES = 1 << 20
+
+
+def fit_shapes(input_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The (small, large) FP32 shapes of `input_shape`'s rank the overheads are
+    measured with: one element, and the model's input (or `MIN_FIT_BYTES` where the
+    input is smaller)."""
+    small = [1] * len(input_shape)
+    if tensor_bytes(input_shape) >= MIN_FIT_BYTES:
+        return small, [int(d) for d in input_shape]
+    return small, [*small[:-1], MIN_FIT_BYTES // 4]
+
+
+def fit_overheads(
+    small_bytes: int,
+    small: tuple[float, float],
+    large_bytes: int,
+    large: tuple[float, float],
+) -> dict[str, float]:
+    """The profile's `servingMs`, `servingMsPerMB`, `forwardingMs`,
+    `forwardingMsPerMB` from (serving, forwarding) ms measured with tensors of
+    `small_bytes` and `large_bytes`: the line through the two points, or, where noise
+    tilts it down (or there is one size), a flat line at the large payload's costs; the
+    fixed part is never below 0."""
+    out: dict[str, float] = {}
+    for i, name in enumerate(("serving", "forwarding")):
+        span = large_bytes - small_bytes
+        slope = max(0.0, (large[i] - small[i]) / span) if span > 0 else 0.0
+        out[f"{name}Ms"] = max(0.0, large[i] - slope * large_bytes)
+        out[f"{name}MsPerMB"] = slope * 1e6
+    return out
+
+
+def tensor_bytes(shape: Sequence[int]) -> int:
+    """Bytes of an FP32 tensor of `shape`."""
+    return 4 * int(np.prod([int(d) for d in shape]))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -355,17 +405,18 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) ->
     raise RuntimeError(f"the serving-probe worker was not ready after {timeout_s:.0f} s")
 
 
-def serving_overheads_ms(
+def serving_overheads(
     input_shape: Sequence[int],
     *,
     requests: int = 60,
     warmup: int = 5,
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
-) -> tuple[float, float]:
-    """The fixed per-request (serving, forwarding) costs on this machine (see the module
-    docstring): a real worker process serving `serving_model` and a forward-only worker
-    in front of it, `requests` round trips to each in turn."""
+) -> dict[str, float]:
+    """The per-request serving and forwarding costs on this machine, fixed and per MB
+    (the profile's keys; see the module docstring): a real worker process serving
+    `serving_model` and a forward-only worker in front of it, `requests` round trips
+    to each with the model's input and with a one-element tensor, in turn."""
     say = progress or (lambda _: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
@@ -388,13 +439,19 @@ def serving_overheads_ms(
         try:
             probe = start(_free_port(), "--partition", str(model))
             front = start(_free_port(), "--next", probe)
+            small, large = fit_shapes(input_shape)
             say(
-                f"serving overhead: {requests} requests of {list(input_shape)} through a "
-                "worker, and through a forward-only worker in front of it"
+                f"serving overhead: {requests} requests each of {large} and {small} "
+                "through a worker, and through a forward-only worker in front of it"
             )
-            direct, forwarded = time_binary_requests(
-                [f"{url}/v2/models/{SERVING_MODEL_NAME}/infer" for url in (probe, front)],
-                input_shape,
+            path = f"/v2/models/{SERVING_MODEL_NAME}/infer"
+            direct, forwarded, small_direct, small_forwarded = time_binary_requests(
+                [
+                    (probe + path, large),
+                    (front + path, large),
+                    (probe + path, small),
+                    (front + path, small),
+                ],
                 requests=requests,
                 warmup=warmup,
             )
@@ -407,4 +464,9 @@ def serving_overheads_ms(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(5)
-    return overheads_from_round_trips(direct, forwarded)
+    return fit_overheads(
+        tensor_bytes(small),
+        overheads_from_round_trips(small_direct, small_forwarded),
+        tensor_bytes(large),
+        overheads_from_round_trips(direct, forwarded),
+    )
