@@ -5,6 +5,7 @@ the Jobs the operator runs on nodes of each tier."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from typing import Any
@@ -174,8 +175,12 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     for tier, gflops in (("device", 8.0), ("edge", 150.0)):
         expected = summary["servingMs"] * summary["hostGflops"] / gflops
         assert plan["tiers"][tier]["servingMs"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    # the device pays the fixed part and the per-MB part on the raw input it receives
+    device_tier = plan["tiers"]["device"]
+    input_bytes = 4 * math.prod(base["input"]["shape"])  # FP32
     assert plan["servingMs"]["device"] == pytest.approx(
-        plan["tiers"]["device"]["servingMs"], abs=1e-3
+        device_tier["servingMs"] + device_tier.get("servingMsPerMB", 0.0) * input_bytes / 1e6,
+        abs=1e-3,
     )
     # A device-only deployment needs only the device measured.
     _, zones = plan_zones(_deployment(["device"]), [device], _nodes())

@@ -28,7 +28,7 @@ from typing import Any
 
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
-from edgeai_operator.plancli import build_problem, plan_document
+from edgeai_operator.plancli import OVERHEAD_KEYS, build_problem, plan_document
 from edgeai_operator.planner import Problem, plan_partitions
 from edgeai_operator.topology import NodeSpec, Topology
 
@@ -168,7 +168,7 @@ def tier_profile(profile: Mapping[str, Any], tier: str) -> dict[str, Any]:
         ],
     }
     # Serving overheads measured on that node replace any measured elsewhere.
-    for key in ("servingMs", "forwardingMs"):
+    for key in OVERHEAD_KEYS:
         out.pop(key, None)
         if measured.get(key) is not None:
             out[key] = float(measured[key])
@@ -187,16 +187,16 @@ def _per_tier_problem(
         spec, [dict(p) for p in profiles], topology, zone=zone, method="analytic"
     )
     node_ms: list[dict[str, tuple[float, ...]]] = [dict(v.graph.node_ms) for v in base.variants]
-    serving: dict[str, float] = {}
-    forwarding: dict[str, float] = {}
+    fields = ("serving_ms", "serving_ms_per_mb", "forwarding_ms", "forwarding_ms_per_mb")
+    overheads: dict[str, dict[str, float]] = {f: {} for f in fields}
     for tier in tiers:
         measured, _ = build_problem(
             spec, [tier_profile(p, tier) for p in profiles], topology, zone=zone, method="measured"
         )
         # each tier's overheads from its own node's measurement (scaled to the tier)
         if tier in measured.serving_ms:
-            serving[tier] = float(measured.serving_ms[tier])
-            forwarding[tier] = float(measured.forwarding_ms.get(tier, 0.0))
+            for f in fields:
+                overheads[f][tier] = float(getattr(measured, f).get(tier, 0.0))
         for i, variant in enumerate(measured.variants):
             node_ms[i][tier] = variant.graph.node_ms[tier]
             if i == 0 and tier in context["tiers"]:
@@ -205,11 +205,19 @@ def _per_tier_problem(
         replace(v, graph=replace(v.graph, node_ms=ms))
         for v, ms in zip(base.variants, node_ms, strict=True)
     )
-    if set(serving) != set(tiers):
+    if set(overheads["serving_ms"]) != set(tiers):
         # like compute, overheads come from every tier's measurement or from none
-        serving, forwarding = {}, {}
-    for tier, ms in serving.items():
+        overheads = {f: {} for f in fields}
+    for tier in overheads["serving_ms"]:
         if tier in context["tiers"]:
-            context["tiers"][tier]["servingMs"] = round(ms, 4)
-            context["tiers"][tier]["forwardingMs"] = round(forwarding[tier], 4)
-    return replace(base, variants=variants, serving_ms=serving, forwarding_ms=forwarding), context
+            for f, key in zip(fields, OVERHEAD_KEYS, strict=True):
+                context["tiers"][tier][key] = round(overheads[f][tier], 4)
+    problem = replace(
+        base,
+        variants=variants,
+        serving_ms=overheads["serving_ms"],
+        serving_ms_per_mb=overheads["serving_ms_per_mb"],
+        forwarding_ms=overheads["forwarding_ms"],
+        forwarding_ms_per_mb=overheads["forwarding_ms_per_mb"],
+    )
+    return problem, context

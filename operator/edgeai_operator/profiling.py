@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
-from edgeai_operator.plancli import analytic_profile
+from edgeai_operator.plancli import OVERHEAD_KEYS, analytic_profile
 from edgeai_operator.topology import NodeSpec
 
 # spec.variants[] kind -> the variant builder's name (edgeai_worker.variants)
@@ -231,7 +231,7 @@ def parse_summary(message: str, segments: int) -> dict[str, Any]:
     gflops = data.get("hostGflops")
     if not isinstance(gflops, int | float) or gflops <= 0:
         raise ValueError("hostGflops must be a positive number")
-    for key in ("servingMs", "forwardingMs"):
+    for key in OVERHEAD_KEYS:
         value = data.get(key)
         if value is not None and (not isinstance(value, int | float) or value < 0):
             raise ValueError(f"{key} must be a non-negative number")
@@ -295,11 +295,7 @@ def with_measurement(
             "hostGflops": float(summary["hostGflops"]),
             "segmentsMs": [float(t) for t in summary["segmentsMs"]],
             # the fixed per-request costs of serving there, when the Job measured them
-            **{
-                key: float(summary[key])
-                for key in ("servingMs", "forwardingMs")
-                if summary.get(key) is not None
-            },
+            **{key: float(summary[key]) for key in OVERHEAD_KEYS if summary.get(key) is not None},
         },
     }
     return out
