@@ -425,6 +425,47 @@ def test_no_matching_devices_is_degraded_with_an_actionable_reason(
     assert obj["status"]["phase"] == "Degraded"
 
 
+def test_delete_removes_every_owned_object(
+    cluster: LocalCluster, operator: OperatorProcess
+) -> None:
+    wait_for("r18 Available", lambda: available(cluster, "r18"))
+    owned = get(
+        cluster, "daemonsets,deployments,services,configmaps", "-l", "edgeai.dev/deployment=r18"
+    )["items"]
+    assert len(owned) >= 3
+    cluster.kubectl("delete", "dnnd", "r18", "--timeout=60s")
+    wait_for(
+        "r18 children garbage-collected",
+        lambda: (
+            not get(
+                cluster,
+                "daemonsets,deployments,services,configmaps,pods",
+                "-l",
+                "edgeai.dev/deployment=r18",
+            )["items"]
+        ),
+        90,
+    )
+
+
+def test_operator_serves_its_own_metrics(operator: OperatorProcess) -> None:
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["edgeai_operator_reconciles_total"] > 0
+    assert values["edgeai_operator_applies_total"] > 0
+    assert values["edgeai_operator_models_profiled_total"] >= 3
+    assert (
+        values['edgeai_operator_reconcile_seconds_bucket{le="+Inf"}']
+        == values["edgeai_operator_reconcile_seconds_count"]
+    )
+
+
+# Last in this module: the restarted process starts its own /metrics counters afresh.
 def test_restarted_operator_finishes_a_change_made_while_it_was_down(
     cluster: LocalCluster, operator: OperatorProcess
 ) -> None:
@@ -468,44 +509,4 @@ def test_restarted_operator_finishes_a_change_made_while_it_was_down(
             and sorted(obj["status"]["plan"]["zones"]) == ["zone-a", "zone-b"]
         ),
         90,
-    )
-
-
-def test_delete_removes_every_owned_object(
-    cluster: LocalCluster, operator: OperatorProcess
-) -> None:
-    wait_for("r18 Available", lambda: available(cluster, "r18"))
-    owned = get(
-        cluster, "daemonsets,deployments,services,configmaps", "-l", "edgeai.dev/deployment=r18"
-    )["items"]
-    assert len(owned) >= 3
-    cluster.kubectl("delete", "dnnd", "r18", "--timeout=60s")
-    wait_for(
-        "r18 children garbage-collected",
-        lambda: (
-            not get(
-                cluster,
-                "daemonsets,deployments,services,configmaps,pods",
-                "-l",
-                "edgeai.dev/deployment=r18",
-            )["items"]
-        ),
-        90,
-    )
-
-
-def test_operator_serves_its_own_metrics(operator: OperatorProcess) -> None:
-    with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    values = {
-        line.split()[0]: float(line.split()[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-    assert values["edgeai_operator_reconciles_total"] > 0
-    assert values["edgeai_operator_applies_total"] > 0
-    assert values["edgeai_operator_models_profiled_total"] >= 3
-    assert (
-        values['edgeai_operator_reconcile_seconds_bucket{le="+Inf"}']
-        == values["edgeai_operator_reconcile_seconds_count"]
     )
