@@ -121,12 +121,16 @@ def apply_docs(cluster: LocalCluster, docs: list[dict[str, Any]], chunk: int = 2
         )
 
 
-def get_json(cluster: LocalCluster, path: str) -> Any:
+def get_raw(cluster: LocalCluster, path: str) -> bytes:
     """GET an API path as the admin (cheaper to poll with than a kubectl process)."""
     ctx = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
     ctx.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
     with urllib.request.urlopen(f"{cluster.server}{path}", context=ctx, timeout=60) as resp:
-        return json.loads(resp.read())
+        return resp.read()  # type: ignore[no-any-return]
+
+
+def get_json(cluster: LocalCluster, path: str) -> Any:
+    return json.loads(get_raw(cluster, path))
 
 
 def pods_running(cluster: LocalCluster, namespace: str) -> tuple[int, int]:
@@ -176,10 +180,7 @@ def wait_workloads_available(
 
 def api_requests(cluster: LocalCluster) -> float:
     """Every request the apiserver served so far (its apiserver_request_total)."""
-    ctx = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
-    ctx.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
-    with urllib.request.urlopen(f"{cluster.server}/metrics", context=ctx, timeout=30) as resp:
-        text = resp.read().decode()
+    text = get_raw(cluster, "/metrics").decode()
     return sum(
         float(m.group(1))
         for m in re.finditer(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.M)

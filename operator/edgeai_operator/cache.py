@@ -78,7 +78,8 @@ class WatchCache:
         self._fallback = fallback or LiveView()
 
     # -- fed by the watches -------------------------------------------------------
-    def put_workload(self, body: Mapping[str, Any]) -> None:
+    def put_workload(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Stores the workload; returns what was stored before (None if nothing)."""
         slim = _slim(body, ("replicas",))
         meta = slim["metadata"]
         key = (str(meta["namespace"]), str(slim["kind"]), str(meta["name"]))
@@ -86,8 +87,9 @@ class WatchCache:
             old = self._workloads.get(key)
             # A watch event older than what an apply returned must not win.
             if old is not None and _generation(old) > _generation(slim):
-                return
+                return old
             self._workloads[key] = slim
+            return old
 
     def drop_workload(self, namespace: str, kind: str, name: str) -> None:
         with self._lock:
@@ -139,7 +141,7 @@ class WatchCache:
         """Records what an apply or a live read returned (a newer generation than the
         watch may have delivered yet)."""
         if obj.get("kind") in ("Deployment", "DaemonSet"):
-            self.put_workload(obj)
+            self.put_workload(obj)  # nothing to compare with: the watch wakes owners
 
     def sizes(self) -> tuple[int, int]:
         with self._lock:

@@ -124,7 +124,14 @@ def profile_command(args: argparse.Namespace) -> int:
 
 TERMINATION_LOG = "/dev/termination-log"
 # a profile's serving and forwarding overheads, fixed and per 10^6 bytes
-OVERHEAD_KEYS = ("servingMs", "servingMsPerMB", "forwardingMs", "forwardingMsPerMB")
+# `Problem` field -> the profile/plan key of each per-request overhead
+OVERHEAD_FIELDS = {
+    "serving_ms": "servingMs",
+    "serving_ms_per_mb": "servingMsPerMB",
+    "forwarding_ms": "forwardingMs",
+    "forwarding_ms_per_mb": "forwardingMsPerMB",
+}
+OVERHEAD_KEYS = tuple(OVERHEAD_FIELDS.values())
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a container's termination message
 
 
@@ -343,21 +350,15 @@ def overheads_ms(
     `forwardingMsPerMB` (see `edgeai_worker.profiler`; absent ones are 0) scaled like
     compute, host GFLOPS over the tier's. Empty (no overhead) when no profile measured
     `servingMs`."""
-    fields = {
-        "serving_ms": "servingMs",
-        "serving_ms_per_mb": "servingMsPerMB",
-        "forwarding_ms": "forwardingMs",
-        "forwarding_ms_per_mb": "forwardingMsPerMB",
-    }
     for profile in profiles:
         host = (profile.get("host") or {}).get("gflops")
         if profile.get("servingMs") is not None and host:
             scale = {t: float(host) / g for t, g in gflops.items()}
             return {
                 name: {t: float(profile.get(key) or 0.0) * r for t, r in scale.items()}
-                for name, key in fields.items()
+                for name, key in OVERHEAD_FIELDS.items()
             }
-    return {name: {} for name in fields}
+    return {name: {} for name in OVERHEAD_FIELDS}
 
 
 def build_problem(
@@ -434,12 +435,7 @@ def build_problem(
                 "totalMs": round(sum(variants[0].graph.node_ms[t]), 4),
                 **{
                     key: round(overheads[name][t], 4)
-                    for name, key in (
-                        ("serving_ms", "servingMs"),
-                        ("serving_ms_per_mb", "servingMsPerMB"),
-                        ("forwarding_ms", "forwardingMs"),
-                        ("forwarding_ms_per_mb", "forwardingMsPerMB"),
-                    )
+                    for name, key in OVERHEAD_FIELDS.items()
                     if t in overheads[name]
                 },
             }

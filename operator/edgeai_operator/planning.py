@@ -28,7 +28,7 @@ from typing import Any
 
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
-from edgeai_operator.plancli import OVERHEAD_KEYS, build_problem, plan_document
+from edgeai_operator.plancli import OVERHEAD_FIELDS, OVERHEAD_KEYS, build_problem, plan_document
 from edgeai_operator.planner import Problem, plan_partitions
 from edgeai_operator.topology import NodeSpec, Topology
 
@@ -187,15 +187,14 @@ def _per_tier_problem(
         spec, [dict(p) for p in profiles], topology, zone=zone, method="analytic"
     )
     node_ms: list[dict[str, tuple[float, ...]]] = [dict(v.graph.node_ms) for v in base.variants]
-    fields = ("serving_ms", "serving_ms_per_mb", "forwarding_ms", "forwarding_ms_per_mb")
-    overheads: dict[str, dict[str, float]] = {f: {} for f in fields}
+    overheads: dict[str, dict[str, float]] = {f: {} for f in OVERHEAD_FIELDS}
     for tier in tiers:
         measured, _ = build_problem(
             spec, [tier_profile(p, tier) for p in profiles], topology, zone=zone, method="measured"
         )
         # each tier's overheads from its own node's measurement (scaled to the tier)
         if tier in measured.serving_ms:
-            for f in fields:
+            for f in OVERHEAD_FIELDS:
                 overheads[f][tier] = float(getattr(measured, f).get(tier, 0.0))
         for i, variant in enumerate(measured.variants):
             node_ms[i][tier] = variant.graph.node_ms[tier]
@@ -207,10 +206,10 @@ def _per_tier_problem(
     )
     if set(overheads["serving_ms"]) != set(tiers):
         # like compute, overheads come from every tier's measurement or from none
-        overheads = {f: {} for f in fields}
+        overheads = {f: {} for f in OVERHEAD_FIELDS}
     for tier in overheads["serving_ms"]:
         if tier in context["tiers"]:
-            for f, key in zip(fields, OVERHEAD_KEYS, strict=True):
+            for f, key in OVERHEAD_FIELDS.items():
                 context["tiers"][tier][key] = round(overheads[f][tier], 4)
     problem = replace(
         base,

@@ -295,7 +295,11 @@ def reconcile(
         recovering = first_pass and bool(body.get("status"))
         if recovering:
             state.applied_keys |= set(k8s.owned_children(namespace, name))
-        state.applied_keys |= {k for k in desired_keys if not _is_shared_key(children, k)}
+        state.applied_keys |= {
+            (c["apiVersion"], c["kind"], c["metadata"]["name"])
+            for c in children
+            if not is_shared(c)
+        }
         for child in children:
             if is_shared(child):
                 view.remember(k8s.apply(child, field_manager=owner.field_manager))
@@ -436,13 +440,6 @@ def reconcile(
             "replicas": replicas_text,
             "observed": observed,
         },
-    )
-
-
-def _is_shared_key(children: Sequence[dict[str, Any]], key: tuple[str, str, str]) -> bool:
-    return any(
-        (c["apiVersion"], c["kind"], c["metadata"]["name"]) == key and is_shared(c)
-        for c in children
     )
 
 

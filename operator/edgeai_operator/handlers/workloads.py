@@ -8,6 +8,7 @@ make-before-break deletions follow the cluster instead of waiting for the next r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -20,12 +21,10 @@ MANAGED = {"app.kubernetes.io/managed-by": "edgeai-operator"}
 CACHE = WatchCache()
 
 
-def _status_fingerprint(body: kopf.Body) -> tuple[Any, ...]:
-    status = body.get("status") or {}
-    return tuple(sorted((k, str(v)) for k, v in status.items() if k != "conditions"))
-
-
-_seen: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+def _progress(obj: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The status fields that say how a rollout stands (conditions only repeat them)."""
+    status = (obj or {}).get("status") or {}
+    return {k: v for k, v in status.items() if k != "conditions"}
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
@@ -38,8 +37,8 @@ async def workload_changed(
     kind, name = str(body.get("kind")), str(body.get("metadata", {}).get("name"))
     if type == "DELETED":
         CACHE.drop_workload(namespace, kind, name)
-    else:
-        CACHE.put_workload(body)
+    elif _progress(CACHE.put_workload(body)) == _progress(body):
+        return  # a change owners need not see (metadata, or the same status again)
     # A deployment's own workloads carry its label; a shared one lists every user
     # among its ownerReferences.
     owners = {
@@ -49,16 +48,6 @@ async def workload_changed(
     }
     if labels.get("edgeai.dev/deployment"):
         owners.add(str(labels["edgeai.dev/deployment"]))
-    if not owners:
-        return
-    key = (namespace, kind, name)
-    fingerprint = _status_fingerprint(body)
-    if type == "DELETED":
-        _seen.pop(key, None)
-    elif _seen.get(key) == fingerprint:
-        return
-    else:
-        _seen[key] = fingerprint
     for owner in owners:
         wakeups.wake(namespace, owner)
 
