@@ -5,6 +5,7 @@ duplicating a request, and names the failing stage in errors."""
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import signal
@@ -54,9 +55,15 @@ def _binary_body(x: np.ndarray, request_id: str | None = None) -> tuple[bytes, d
 
 
 async def _infer(
-    session: aiohttp.ClientSession, url: str, x: np.ndarray, request_id: str | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    x: np.ndarray,
+    request_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> tuple[int, dict[str, Any], np.ndarray | None]:
     body, headers = _binary_body(x, request_id)
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     async with session.post(f"{url}/v2/models/chain/infer", data=body, headers=headers) as resp:
         data = await resp.read()
         if resp.status != 200:
@@ -260,8 +267,9 @@ async def test_replica_killed_under_load_loses_no_request(
     assert _metric(survivor_metrics, 'edgeai_requests_total{code="200",stage="1"}') > total / 2
 
 
-async def test_retried_request_id_runs_once(model: ChainModel, tmp_path: Path) -> None:
-    """The same id and body arriving twice (a retry) is answered twice but run once."""
+async def test_retried_request_runs_once(model: ChainModel, tmp_path: Path) -> None:
+    """The same Idempotency-Key and body arriving again (a retry) is answered each time
+    but run once; a reused request id alone is not a retry."""
     with workers(
         tmp_path,
         {
@@ -275,18 +283,21 @@ async def test_retried_request_id_runs_once(model: ChainModel, tmp_path: Path) -
         x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
         async with aiohttp.ClientSession() as session:
             a, b = await asyncio.gather(
-                _infer(session, w.url, x, "dup"), _infer(session, w.url, x, "dup")
+                _infer(session, w.url, x, "dup", "key-1"), _infer(session, w.url, x, "dup", "key-1")
             )
-            c = await _infer(session, w.url, x, "dup")
-            other = await _infer(session, w.url, x + 1, "dup")  # same id, new body: a new request
+            c = await _infer(session, w.url, x, "dup", "key-1")
+            other = await _infer(session, w.url, x + 1, "dup", "key-2")  # another key: new request
+            same_id = await _infer(session, w.url, x + 2, "dup")  # an id reused without a key
             async with session.get(f"{w.url}/metrics") as resp:
                 text = await resp.text()
-    for status, _, out in (a, b, c):
+    for status, header, out in (a, b, c):
         assert status == 200
+        assert header["id"] == "dup"
         np.testing.assert_allclose(out, run_onnx(model.path, {"input": x})[0], rtol=1e-6)
     np.testing.assert_allclose(other[2], run_onnx(model.path, {"input": x + 1})[0], rtol=1e-6)
+    np.testing.assert_allclose(same_id[2], run_onnx(model.path, {"input": x + 2})[0], rtol=1e-6)
     assert _metric(text, 'edgeai_deduplicated_requests_total{stage="0"}') == 2
-    assert _metric(text, 'edgeai_batch_size_count{stage="0"}') == 2  # two runs for four answers
+    assert _metric(text, 'edgeai_batch_size_count{stage="0"}') == 3  # three runs, five answers
 
 
 async def test_requests_rotate_over_healthy_replicas(model: ChainModel, tmp_path: Path) -> None:
@@ -329,3 +340,63 @@ async def test_dedupe_record_is_bounded_by_count_and_age() -> None:
     record.begin("e")
     assert [k for k in ("b", "c", "e") if record.lookup(k) is not None] == ["e"]  # aged out
     assert not first.done()
+
+
+def _identity_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = ["N", "C", "H", "W"]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+async def test_large_tensors_cross_a_hop_intact(tmp_path: Path) -> None:
+    """Bodies above the size the worker joins before writing (its response, and the
+    request a stage forwards) go out as the JSON header and the array's own bytes:
+    a 1x3x224x224 tensor comes back bit for bit, in binary and in JSON."""
+    from edgeai_worker.body import JOIN_BELOW_BYTES
+
+    identity = _identity_model(tmp_path / "identity.onnx")
+    port = free_port()
+    front = {"model_name": "chain", "tier": "edge", "next_urls": [f"http://127.0.0.1:{port}"]}
+    back = {"model_name": "chain", "port": port, "partitions": [str(identity)],
+            "tier": "cloud", "stage_index": 1}  # fmt: skip
+    x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert x.nbytes > JOIN_BELOW_BYTES
+    with workers(tmp_path, front, back) as (w, direct):
+        async with aiohttp.ClientSession() as session:
+            for url in (w.url, direct.url):
+                for i in range(3):
+                    status, header, out = await _infer(session, url, x + i, f"big-{i}")
+                    assert status == 200, header
+                    assert header["outputs"][0]["parameters"]["binary_data_size"] == x.nbytes
+                    assert out is not None
+                    assert np.array_equal(out, x + i)
+            request = {
+                "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.reshape(-1).tolist()}],
+            }  # fmt: skip
+            body = io.BytesIO(json.dumps(request).encode())  # aiohttp warns on large bytes
+            headers = {"Content-Type": "application/json"}
+            async with session.post(
+                f"{w.url}/v2/models/chain/infer", data=body, headers=headers
+            ) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "application/json"
+                answer = await resp.json()
+            async with session.get(f"{w.url}/metrics") as resp:
+                text = await resp.text()
+    data = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(x.shape)
+    assert np.array_equal(data, x)
+    # What the front stage forwarded: four requests of the tensor and a JSON header each.
+    forwarded = _metric(text, 'edgeai_forward_bytes_total{stage="0"}')
+    assert 4 * x.nbytes < forwarded < 4 * (x.nbytes + 1024)

@@ -87,6 +87,49 @@ def test_serving_overheads_are_measured_through_real_workers() -> None:
     assert any("forward-only worker" in m and "[1, 1, 1, 262144]" in m for m in messages)
 
 
+def test_serving_overhead_is_calibrated_with_the_model_itself() -> None:
+    """Given the model, a worker serving it answers requests that report their compute
+    time; the fixed serving part is set from what those requests spent beyond it."""
+    messages: list[str] = []
+    path = zoo.export_onnx("digits_cnn")
+    overheads = profiler.serving_overheads(
+        [1, 1, 8, 8], requests=6, warmup=2, progress=messages.append, model=path
+    )
+    assert set(overheads) == {"servingMs", "servingMsPerMB", "forwardingMs", "forwardingMsPerMB"}
+    assert all(ms >= 0 for ms in overheads.values())
+    assert any("serving the model" in m for m in messages)
+
+
+def test_time_model_requests_reports_round_trip_and_compute(tmp_path: Path) -> None:
+    from _worker_support import start_worker
+
+    path = zoo.export_onnx("digits_cnn")
+    worker = start_worker(tmp_path, {"model_name": "digits", "partitions": [str(path)]})
+    try:
+        feeds = profiler.example_feed(onnx.load(str(path)))
+        samples = profiler.time_model_requests(
+            f"{worker.url}/v2/models/digits/infer", feeds, requests=4, warmup=1
+        )
+    finally:
+        worker.stop()
+    assert len(samples) == 4
+    for round_trip, compute in samples:
+        assert 0 < compute < round_trip
+
+
+def test_calibration_keeps_the_slope_and_moves_the_fixed_part() -> None:
+    fitted = {"servingMs": 14.0, "servingMsPerMB": 20.0, "forwardingMs": 1.0,
+              "forwardingMsPerMB": 2.0}  # fmt: skip
+    # round trip - compute: 12, 13, 14, 15 and an outlier of 100; the middle three: 14
+    samples = [(62.0, 50.0), (60.0, 47.0), (64.0, 50.0), (63.0, 48.0), (140.0, 40.0)]
+    calibrated = profiler.calibrate_serving(fitted, 500_000, samples)
+    assert calibrated["servingMs"] == pytest.approx(14.0 - 20.0 * 0.5)
+    assert {k: calibrated[k] for k in ("servingMsPerMB", "forwardingMs", "forwardingMsPerMB")} == {
+        "servingMsPerMB": 20.0, "forwardingMs": 1.0, "forwardingMsPerMB": 2.0}  # fmt: skip
+    # never below zero
+    assert profiler.calibrate_serving(fitted, 2_000_000, samples)["servingMs"] == 0.0
+
+
 def test_overheads_fit_a_fixed_part_and_one_per_byte() -> None:
     fit = profiler.fit_overheads(4, (2.0, 1.0), 1_000_004, (5.0, 1.5))
     # the fixed part is the line's value at 0 bytes

@@ -130,11 +130,12 @@ def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
     """OIP binary inference through an Identity model vs a raw echo of the same bytes,
     interleaved so both see the same conditions."""
     x = np.random.default_rng(0).standard_normal(json.loads(args.shape)).astype(np.float32)
-    body, headers = oip_body(x, "hop")
     oip, oip_path = _connection(args.oip)
     echo, echo_path = _connection(args.echo)
     times: dict[str, list[float]] = {"oip": [], "echo": []}
     for i in range(args.warmup + args.requests):
+        # A new id each time, as the application sends: every OIP request is run.
+        body, headers = oip_body(x, f"hop-{os.getpid()}-{i:06d}")
         for name, conn, path in (("oip", oip, oip_path), ("echo", echo, echo_path)):
             started = time.perf_counter()
             conn.request("POST", path, body=body, headers=headers)
@@ -176,6 +177,18 @@ def cmd_serving(args: argparse.Namespace) -> dict[str, Any]:
         tensor_bytes(large),
         overheads_from_round_trips(direct, forwarded),
     )
+
+
+def cmd_model_serving(args: argparse.Namespace) -> dict[str, Any]:
+    """Round trips to a worker serving the model itself, each with the worker's own
+    onnxruntime time (the profiler's calibration of the fixed serving part)."""
+    import onnx
+
+    from edgeai_worker.profiler import example_feed, time_model_requests
+
+    feeds = example_feed(onnx.load(str(args.model), load_external_data=False))
+    samples = time_model_requests(args.url, feeds, requests=args.requests, warmup=args.warmup)
+    return {"samples": samples, "inputBytes": sum(int(a.nbytes) for a in feeds.values())}
 
 
 def cmd_rtt(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,7 +241,7 @@ def main() -> None:
     h.add_argument("--oip", required=True)
     h.add_argument("--echo", required=True)
     h.add_argument("--shape", required=True)
-    h.add_argument("--requests", type=int, default=20)
+    h.add_argument("--requests", type=int, default=60)
     h.add_argument("--warmup", type=int, default=3)
     h.set_defaults(func=cmd_hop)
     v = sub.add_parser("serving")
@@ -238,6 +251,12 @@ def main() -> None:
     v.add_argument("--requests", type=int, default=30)
     v.add_argument("--warmup", type=int, default=5)
     v.set_defaults(func=cmd_serving)
+    ms = sub.add_parser("model-serving")
+    ms.add_argument("--url", required=True, help="infer URL of a worker serving the model")
+    ms.add_argument("--model", type=Path, required=True)
+    ms.add_argument("--requests", type=int, default=30)
+    ms.add_argument("--warmup", type=int, default=3)
+    ms.set_defaults(func=cmd_model_serving)
     r = sub.add_parser("rtt")
     r.add_argument("--url", required=True)
     r.add_argument("--requests", type=int, default=22)

@@ -253,16 +253,29 @@ def identity_model(path: Path) -> Path:
 
 
 def measure_overheads(
-    topo: Topology, workdir: Path, tier: str, input_shape: list[int], requests: int
-) -> dict[str, float]:
+    topo: Topology,
+    workdir: Path,
+    tier: str,
+    input_shape: list[int],
+    requests: int,
+    model_path: Path,
+) -> tuple[dict[str, float], dict[str, float]]:
     """The tier's per-request serving and forwarding overheads, fixed and per MB (the
     profile's `servingMs`, `servingMsPerMB`, `forwardingMs`, `forwardingMsPerMB`): a
     real worker serving the profiler's tiny serving-probe model and a forward-only
     worker in front of it, both inside the tier's namespace and CPU quota, and a client
     in the namespace outside the quota (as the application, or the stage below, is)
     sending binary requests with the model's input and with a one-element tensor to
-    each in turn."""
-    from edgeai_worker.profiler import SERVING_MODEL_NAME, serving_model
+    each in turn; then the fixed serving part calibrated on a worker serving the model
+    itself, in the same quota (`profiler.calibrate_serving`). Also returns what the
+    calibration saw: the probe's fixed part, and the model's round trip, compute and
+    serving overhead (means of the middle half)."""
+    from edgeai_worker.profiler import (
+        SERVING_MODEL_NAME,
+        calibrate_serving,
+        central_mean,
+        serving_model,
+    )
 
     model = serving_model(input_shape, workdir / f"serving-{'x'.join(map(str, input_shape))}.onnx")
     host = tier_host(topo, tier)
@@ -292,9 +305,33 @@ def measure_overheads(
             topo, tier, "serving", "--url", probe + path, "--front-url", front + path,
             "--shape", json.dumps(input_shape), "--requests", str(requests), limit_cpu=False,
         )  # fmt: skip
+        served = fleet.worker(
+            tier,
+            {
+                **common,
+                "model_name": "model",
+                "port": SERVING_PORT + 2,
+                "partitions": [str(model_path)],
+                "intra_op_threads": threads,
+            },
+            f"model-serving-{tier}",
+        )
+        with_model = agent(
+            topo, tier, "model-serving", "--url", f"{served}/v2/models/model/infer",
+            "--model", str(model_path), "--requests", str(max(10, requests // 2)),
+            limit_cpu=False,
+        )  # fmt: skip
     finally:
         fleet.stop()
-    return {key: float(ms) for key, ms in result.items()}
+    probe_fit = {key: float(ms) for key, ms in result.items()}
+    samples = [(float(rt), float(c)) for rt, c in with_model["samples"]]
+    calibration = {
+        "probeServingMs": probe_fit["servingMs"],
+        "roundTripMs": central_mean([rt for rt, _ in samples]),
+        "computeMs": central_mean([c for _, c in samples]),
+        "overheadMs": central_mean([max(0.0, rt - c) for rt, c in samples]),
+    }
+    return calibrate_serving(probe_fit, int(with_model["inputBytes"]), samples), calibration
 
 
 def profile_tiers(
@@ -326,9 +363,12 @@ def profile_tiers(
             "--repeats", str(repeats),
         )  # fmt: skip
         if serving_requests:
-            measured = measure_overheads(topo, workdir, tier, input_shape, serving_requests)
+            measured, calibration = measure_overheads(
+                topo, workdir, tier, input_shape, serving_requests, model_path
+            )
             for field, key in OVERHEAD_FIELDS.items():
                 overheads[field][tier] = measured[key]
+            profiles[tier]["servingCalibration"] = calibration
         print(
             f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, segments "
             f"chained {profiles[tier]['chainMs']:.1f} ms, overheads ms (+ ms/MB) "
@@ -404,7 +444,15 @@ def run_scenarios(
     result: dict[str, Any] = {
         "model": model,
         "profiles": {
-            t: {"wholeModelMs": p["wholeModelMs"], "chainMs": p["chainMs"]}
+            t: {
+                "wholeModelMs": p["wholeModelMs"],
+                "chainMs": p["chainMs"],
+                **(
+                    {"servingCalibration": p["servingCalibration"]}
+                    if "servingCalibration" in p
+                    else {}
+                ),
+            }
             for t, p in profiles.items()
         },
         **overheads,
@@ -733,7 +781,8 @@ def print_report(report: dict[str, Any]) -> None:
         )
         per_mb = {f: m.get(f"{f}_per_mb", {}) for f in ("serving_ms", "forwarding_ms")}
         print(
-            "overhead per request, serving/forwarding ms + ms/MB (tiny model through workers): "
+            "overhead per request, serving/forwarding ms + ms/MB (tiny model through workers, "
+            "serving's fixed part calibrated below): "
             + (
                 ", ".join(
                     f"{t} {ms:.1f}+{per_mb['serving_ms'].get(t, 0):.1f}/"
@@ -743,6 +792,21 @@ def print_report(report: dict[str, Any]) -> None:
                 or "not measured"
             )
         )
+        calibrated = {
+            t: p["servingCalibration"]
+            for t, p in m["profiles"].items()
+            if "servingCalibration" in p
+        }
+        if calibrated:
+            print(
+                "serving overhead at the model's input, a worker serving the model "
+                "(round trip - its onnxruntime ms), sets the fixed part (the probe's in brackets): "
+                + ", ".join(
+                    f"{t} {c['roundTripMs']:.1f}-{c['computeMs']:.1f} = {c['overheadMs']:.1f} "
+                    f"({m['serving_ms'][t]:.1f}; {c['probeServingMs']:.1f})"
+                    for t, c in calibrated.items()
+                )
+            )
         print(
             f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
             f"{'meas/pred':>10}  plan"

@@ -102,7 +102,10 @@ def profile_command(args: argparse.Namespace) -> int:
     )
     if args.serving_requests:
         overheads = profiler.serving_overheads(
-            profile["input"]["shape"], requests=args.serving_requests, threads=args.threads
+            profile["input"]["shape"],
+            requests=args.serving_requests,
+            threads=args.threads,
+            model=path,
         )
         profile.update({key: round(ms, 4) for key, ms in overheads.items()})
     if name == "digits_cnn":

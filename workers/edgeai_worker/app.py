@@ -22,7 +22,6 @@ import contextlib
 import logging
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,15 @@ from typing import Any
 from aiohttp import web
 
 from edgeai_worker.batching import MicroBatcher
-from edgeai_worker.chain import PROBE_PATH, SERVER_TIME_HEADER, Forwarder, StageError
+from edgeai_worker.body import body_size, parts_response, read_body
+from edgeai_worker.chain import (
+    COMPUTE_TIME_HEADER,
+    IDEMPOTENCY_HEADER,
+    PROBE_PATH,
+    SERVER_TIME_HEADER,
+    Forwarder,
+    StageError,
+)
 from edgeai_worker.config import SplitOption, WorkerConfig
 from edgeai_worker.device import DeviceStage, Split
 from edgeai_worker.metrics import WorkerMetrics
@@ -45,7 +52,7 @@ from edgeai_worker.protocol import (
     RequestedOutput,
     Tensor,
     decode_request,
-    encode_response,
+    encode_response_parts,
     error_body,
     parse_header_length,
 )
@@ -62,10 +69,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Deduplicator:
-    """Remembers recent request ids (with a checksum of the body, since clients may reuse
-    an id): a retry of a request this worker is running or has answered waits for, or
-    gets, the same answer instead of running the model again. Bounded by count and age
-    (a retry comes within the sender's timeout), so large answers are not kept long."""
+    """Remembers recent idempotency keys (the `Idempotency-Key` header a forwarding stage,
+    or any client, sends with every attempt of one request): a retry of a request this
+    worker is running or has answered waits for, or gets, the same answer instead of
+    running the model again. Bounded by count and age (a retry comes within the
+    sender's timeout), so large answers are not kept long."""
 
     def __init__(self, capacity: int, ttl_s: float = 120.0) -> None:
         self.capacity = capacity
@@ -130,6 +138,7 @@ CONFIG = web.AppKey("config", WorkerConfig)
 STATE = web.AppKey("state", WorkerState)
 REQUEST_ID = web.RequestKey("edgeai_request_id", str)  # for logs
 BODY_READ_AT = web.RequestKey("edgeai_body_read_at", float)  # perf_counter() after the body
+COMPUTE_S = web.RequestKey("edgeai_compute_s", float)  # onnxruntime seconds of this request
 
 
 # ---------------------------------------------------------------------------- setup
@@ -314,8 +323,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # the time its bytes spent on the network.
         server_s = time.perf_counter() - request.get(BODY_READ_AT, started)
         response.headers[SERVER_TIME_HEADER] = f"{server_s * 1000:.3f}"
-        if isinstance(response, web.Response) and response.body is not None:
-            state.metrics.bytes_out.inc(len(response.body), stage=state.stage)  # type: ignore[arg-type]
+        if COMPUTE_S in request:
+            response.headers[COMPUTE_TIME_HEADER] = f"{request[COMPUTE_S] * 1000:.3f}"
+        state.metrics.bytes_out.inc(body_size(response), stage=state.stage)
     return response
 
 
@@ -446,9 +456,11 @@ async def _run_local(
     priority: int,
     deadline: float | None,
     request_id: str,
+    compute: list[float],
 ) -> tuple[list[Tensor], str | None, bool]:
     """Run this stage's layers; returns the tensors to pass on, the split label, and
-    whether they are the model's outputs (a device split that holds the whole model)."""
+    whether they are the model's outputs (a device split that holds the whole model).
+    The seconds onnxruntime took are appended to `compute`."""
     if state.tiler is not None:
         tensors = await _run_tiled(state, tensors, request_id)
     runtime = state.runtime
@@ -471,7 +483,10 @@ async def _run_local(
     else:
         partition = runtime.validate(by_name)
     feeds = {name: array for name, (array, _) in by_name.items()}
-    outputs = await state.batcher.submit(partition, feeds, priority=priority, deadline=deadline)
+    outputs, compute_s = await state.batcher.submit_timed(
+        partition, feeds, priority=priority, deadline=deadline
+    )
+    compute.append(compute_s)
     if state.device is not None and state.forwarder is not None and not final:
         outputs = state.device.add_noise(outputs)
     return [Tensor.from_numpy(name, array) for name, array in outputs.items()], label, final
@@ -494,7 +509,9 @@ def _select_outputs(
     return chosen
 
 
-async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> InferResponse:
+async def _serve(
+    state: WorkerState, request: InferRequest, arrived: float, compute: list[float]
+) -> InferResponse:
     config = state.config
     priority, deadline = _priority_and_deadline(request, arrived)
     frame: Array | None = None
@@ -506,7 +523,9 @@ async def _serve(state: WorkerState, request: InferRequest, arrived: float) -> I
                 previous, id=request.id, parameters={**previous.parameters, "edgeai_skipped": True}
             )
     request_id = request.id or uuid.uuid4().hex
-    tensors, label, final = await _run_local(state, request.inputs, priority, deadline, request_id)
+    tensors, label, final = await _run_local(
+        state, request.inputs, priority, deadline, request_id, compute
+    )
     if state.forwarder is None or final:
         response = InferResponse(
             config.model_name,
@@ -548,31 +567,35 @@ async def infer(request: web.Request) -> web.Response:
     _check_model(state, request)
     if state.draining:
         raise ProtocolError("the worker is shutting down; retry on another replica", 503)
-    body = await request.read()
+    body = await read_body(request, state.config.max_body_bytes)
     request[BODY_READ_AT] = time.perf_counter()
     state.metrics.bytes_in.inc(len(body), stage=state.stage)
     header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
     infer_request = decode_request(body, header_length)
     request[REQUEST_ID] = infer_request.id or "-"
-    key = None
-    if infer_request.id:
-        # The id names the request; the checksum guards against clients reusing ids.
-        key = f"{infer_request.id}:{len(body)}:{zlib.crc32(body):08x}"
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None:
+        # The sender's key names one request over all its attempts (no checksum of the
+        # body: that would cost more than the rest of the request's handling); a key
+        # reused with a body of another length is another request.
+        key = f"{key}:{len(body)}"
     if key is not None and (known := state.dedupe.lookup(key)) is not None:
         state.metrics.deduplicated.inc(stage=state.stage)
         response = await asyncio.shield(known)
     else:
         future = state.dedupe.begin(key) if key is not None else None
         try:
-            response = await _serve(state, infer_request, arrived)
+            compute: list[float] = []
+            response = await _serve(state, infer_request, arrived, compute)
+            if compute:
+                request[COMPUTE_S] = sum(compute)
         except BaseException as exc:
             if future is not None and key is not None:
                 state.dedupe.fail(key, future, exc)
             raise
         if future is not None and not future.done():
             future.set_result(response)
-    payload, headers = encode_response(response, infer_request)
-    return web.Response(body=payload, headers=headers)
+    return parts_response(*encode_response_parts(response, infer_request))
 
 
 # ---------------------------------------------------------------------------- factory

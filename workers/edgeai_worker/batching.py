@@ -9,7 +9,8 @@ queue order is what decides who runs next: priority, then earliest deadline.
 Runs go to an executor thread so the event loop keeps serving, except for partitions
 whose recent runs took less than `INLINE_BELOW_S` (a forwarding identity, a tiny
 head): for those the two thread hand-offs cost more than the run, so they run on the
-loop.
+loop, and a request that finds nothing queued or running and no batch to wait for runs
+at once in its own handler (the runner would take it next anyway).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _Item:
     key: tuple[int, float, int]
     partition: Partition = field(compare=False)
     feeds: Mapping[str, Array] = field(compare=False)
-    future: asyncio.Future[dict[str, Array]] = field(compare=False)
+    future: asyncio.Future[tuple[dict[str, Array], float]] = field(compare=False)
     deadline: float = field(compare=False)
 
     def signature(self) -> tuple[Any, ...]:
@@ -94,6 +95,7 @@ class MicroBatcher:
         # partition id -> moving average of its compute seconds; a partition not yet
         # run is absent and runs in the executor
         self._average_s: dict[int, float] = {}
+        self._running = False  # the runner is running a batch
 
     @property
     def depth(self) -> int:
@@ -121,15 +123,55 @@ class MicroBatcher:
         deadline: float | None = None,
     ) -> dict[str, Array]:
         """Queue one request and wait for its outputs. `deadline` is `time.monotonic()`."""
+        outputs, _ = await self.submit_timed(partition, feeds, priority=priority, deadline=deadline)
+        return outputs
+
+    async def submit_timed(
+        self,
+        partition: Partition,
+        feeds: Mapping[str, Array],
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> tuple[dict[str, Array], float]:
+        """`submit`, and the seconds of the run that computed the outputs (the whole
+        batch's run where the request was batched)."""
+        if (
+            not self._heap
+            and not self._running
+            and (self.max_batch == 1 or not partition.batchable)
+            and self._average_s.get(id(partition), INLINE_BELOW_S) < INLINE_BELOW_S
+        ):
+            # Nothing queued or running and nothing to wait for: a fast partition runs
+            # here and now, as the runner would, without the two task switches.
+            return self._run_now(partition, feeds)
         if len(self._heap) >= self.max_queue:
             raise QueueFull(self.max_queue)
         due = deadline if deadline is not None else float("inf")
-        future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[dict[str, Array], float]] = (
+            asyncio.get_running_loop().create_future()
+        )
         item = _Item((-priority, due, next(self._seq)), partition, feeds, future, due)
         heapq.heappush(self._heap, item)
         self._update_depth()
         self._arrived.set()
         return await future
+
+    def _run_now(
+        self, partition: Partition, feeds: Mapping[str, Array]
+    ) -> tuple[dict[str, Array], float]:
+        started = time.perf_counter()
+        outputs = self._run(partition, feeds)
+        compute_s = time.perf_counter() - started
+        self._record(partition, compute_s, 1)
+        return outputs, compute_s
+
+    def _record(self, partition: Partition, compute_s: float, rows: int) -> None:
+        average = self._average_s.get(id(partition), compute_s)
+        self._average_s[id(partition)] = average + _AVERAGE_WEIGHT * (compute_s - average)
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(rows, stage=self._stage)
+            self._metrics.compute_latency.observe(compute_s, stage=self._stage)
 
     def _update_depth(self) -> None:
         if self._metrics is not None:
@@ -185,6 +227,7 @@ class MicroBatcher:
             batch = [item for item in batch if not item.future.cancelled()]
             if not batch:
                 continue
+            self._running = True
             try:
                 if self._average_s.get(id(head.partition), INLINE_BELOW_S) < INLINE_BELOW_S:
                     outputs, compute_s = self._run_batch(batch)
@@ -195,15 +238,13 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            average = self._average_s.get(id(head.partition), compute_s)
-            self._average_s[id(head.partition)] = average + _AVERAGE_WEIGHT * (compute_s - average)
-            if self._metrics is not None:
-                rows = sum(item.rows for item in batch) if len(batch) > 1 else 1
-                self._metrics.batch_size.observe(rows, stage=self._stage)
-                self._metrics.compute_latency.observe(compute_s, stage=self._stage)
+            finally:
+                self._running = False
+            rows = sum(item.rows for item in batch) if len(batch) > 1 else 1
+            self._record(head.partition, compute_s, rows)
             for item, result in zip(batch, outputs, strict=True):
                 if not item.future.done():
-                    item.future.set_result(result)
+                    item.future.set_result((result, compute_s))
 
     def _run_batch(self, batch: list[_Item]) -> tuple[list[dict[str, Array]], float]:
         started = time.perf_counter()

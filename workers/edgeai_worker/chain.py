@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from edgeai_worker.body import PartsPayload
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
@@ -30,13 +32,18 @@ from edgeai_worker.protocol import (
     InferResponse,
     ProtocolError,
     decode_response,
-    encode_request,
+    encode_request_parts,
     parse_header_length,
 )
 
 # Header in which a stage reports how long it (and the stages after it) took, so the
 # stage before it can tell network time from compute time when measuring the uplink.
 SERVER_TIME_HEADER = "Edgeai-Server-Ms"
+# What onnxruntime took of that, for this request (its batch's run), on this stage only.
+COMPUTE_TIME_HEADER = "Edgeai-Compute-Ms"
+# One value per request, sent with each of its attempts: the receiver answers a retry
+# it has already run (or is running) without running the model again.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 PROBE_PATH = "/edgeai/v1/probe"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 
@@ -131,7 +138,9 @@ class Forwarder:
         return f"stage {self.next_stage} at {url}"
 
     async def infer(self, request: InferRequest) -> ForwardResult:
-        body, headers = encode_request(request, binary=True)
+        parts, headers = encode_request_parts(request, binary=True)
+        body = PartsPayload(parts, headers.pop("Content-Type"))
+        headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
         path = f"/v2/models/{quote(self.model_name, safe='')}/infer"
         tried: set[str] = set()
         last_error = ""
@@ -157,10 +166,10 @@ class Forwarder:
                 except ProtocolError as exc:
                     raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
                 if self._metrics is not None:
-                    self._metrics.forward_bytes.inc(len(body), stage=str(self.next_stage - 1))
+                    self._metrics.forward_bytes.inc(body.size or 0, stage=str(self.next_stage - 1))
                 return ForwardResult(
                     response,
-                    len(body),
+                    body.size or 0,
                     time.perf_counter() - started,
                     float(server_ms) / 1000.0 if server_ms else 0.0,
                     url,

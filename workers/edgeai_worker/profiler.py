@@ -40,7 +40,12 @@ least 1 MiB: `MIN_FIT_BYTES`) and with a one-element tensor of the same rank,
 interleaved, and fitted as a fixed part
 (`servingMs`, `forwardingMs`) plus a part per 10^6 bytes of tensor the stage receives
 or passes on (`servingMsPerMB`, `forwardingMsPerMB`): a stage that receives a small
-activation pays less than one that receives the raw input. The planner scales all
+activation pays less than one that receives the raw input. Given the model, a worker
+serving the model itself then answers as many requests, each reporting its
+onnxruntime time (`Edgeai-Compute-Ms`), and `servingMs` is set so that a request of
+the model's input costs what those requests spent beyond their compute
+(`calibrate_serving`): on a CPU-limited node a request that computes meets the
+quota's throttling differently from one to the tiny model. The planner scales all
 four to a tier like compute.
 
 Host GFLOPS is the median throughput of an fp32 onnxruntime MatMul (1024 x 1024), the
@@ -326,6 +331,52 @@ def time_binary_requests(
     return samples
 
 
+def time_model_requests(
+    url: str, feeds: Mapping[str, np.ndarray], *, requests: int, warmup: int
+) -> list[tuple[float, float]]:
+    """(round trip ms, the worker's onnxruntime ms) of binary OIP requests of `feeds`
+    to a worker serving a model, one at a time on one keep-alive connection, warm-up
+    excluded; the compute time is the worker's `Edgeai-Compute-Ms` answer header."""
+    from edgeai_worker.chain import COMPUTE_TIME_HEADER
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=120)
+    samples: list[tuple[float, float]] = []
+    try:
+        for i in range(warmup + requests):
+            request = InferRequest(
+                [Tensor.from_numpy(name, array) for name, array in feeds.items()],
+                f"model-serving-{os.getpid()}-{i}",
+                None,
+                {"binary_data_output": True},
+            )
+            body, headers = encode_request(request, binary=True)
+            elapsed, response, _ = post_timed(conn, parts.path, body, headers)
+            compute = response.getheader(COMPUTE_TIME_HEADER)
+            if compute is None:
+                raise RuntimeError(f"{url} sent no {COMPUTE_TIME_HEADER} header")
+            if i >= warmup:
+                samples.append((elapsed, float(compute)))
+    finally:
+        conn.close()
+    return samples
+
+
+def calibrate_serving(
+    overheads: Mapping[str, float], input_bytes: int, model_samples: Sequence[tuple[float, float]]
+) -> dict[str, float]:
+    """`overheads` with `servingMs` set so that serving a request of `input_bytes` costs
+    what a worker serving the model itself added to its onnxruntime time
+    (`central_mean` of round trip - compute over `model_samples`); the per-MB slope
+    stays the probe's. On a CPU-limited tier the tiny probe model meets the quota's
+    throttling differently from a request that also computes, so its fixed part alone
+    over- or under-states what a stage of the model pays."""
+    with_model = central_mean([max(0.0, rt - compute) for rt, compute in model_samples])
+    out = dict(overheads)
+    out["servingMs"] = max(0.0, with_model - out.get("servingMsPerMB", 0.0) * input_bytes / 1e6)
+    return out
+
+
 def central_mean(values: Sequence[float]) -> float:
     """The mean of the middle half (the interquartile mean): steadier than the median
     where a CPU quota makes times bimodal (a run throttled or not), and unmoved by
@@ -412,11 +463,14 @@ def serving_overheads(
     warmup: int = 5,
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
+    model: Path | None = None,
 ) -> dict[str, float]:
     """The per-request serving and forwarding costs on this machine, fixed and per MB
     (the profile's keys; see the module docstring): a real worker process serving
     `serving_model` and a forward-only worker in front of it, `requests` round trips
-    to each with the model's input and with a one-element tensor, in turn."""
+    to each with the model's input and with a one-element tensor, in turn. With
+    `model`, a worker serving that model answers `requests` more, and the fixed
+    serving part is calibrated on them (`calibrate_serving`)."""
     say = progress or (lambda _: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
@@ -434,10 +488,11 @@ def serving_overheads(
         _wait_ready(f"{base}/v2/health/ready", processes[-1], 60.0)
         return base
 
+    feeds: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
-        model = serving_model(input_shape, Path(tmp) / "serving.onnx")
+        probe_model = serving_model(input_shape, Path(tmp) / "serving.onnx")
         try:
-            probe = start(_free_port(), "--partition", str(model))
+            probe = start(_free_port(), "--partition", str(probe_model))
             front = start(_free_port(), "--next", probe)
             small, large = fit_shapes(input_shape)
             say(
@@ -455,6 +510,14 @@ def serving_overheads(
                 requests=requests,
                 warmup=warmup,
             )
+            model_samples: list[tuple[float, float]] = []
+            if model is not None:
+                feeds = example_feed(onnx.load(str(model), load_external_data=False))
+                served = start(_free_port(), "--partition", str(model))
+                say(f"serving overhead: {requests} requests through a worker serving the model")
+                model_samples = time_model_requests(
+                    served + path, feeds, requests=requests, warmup=warmup
+                )
         finally:
             for process in processes:
                 process.terminate()
@@ -464,9 +527,12 @@ def serving_overheads(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(5)
-    return fit_overheads(
+    fitted = fit_overheads(
         tensor_bytes(small),
         overheads_from_round_trips(small_direct, small_forwarded),
         tensor_bytes(large),
         overheads_from_round_trips(direct, forwarded),
     )
+    if not model_samples:
+        return fitted
+    return calibrate_serving(fitted, sum(a.nbytes for a in feeds.values()), model_samples)

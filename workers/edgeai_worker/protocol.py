@@ -74,7 +74,7 @@ class Tensor:
 
     @property
     def shape(self) -> list[int]:
-        return [int(d) for d in self.array.shape]
+        return list(self.array.shape)
 
     @classmethod
     def from_numpy(cls, name: str, array: Array, datatype: str | None = None) -> Tensor:
@@ -113,8 +113,15 @@ class InferResponse:
     parameters: JsonObject = field(default_factory=dict)
 
 
+# numpy dtype string ("<f4", "|u1", ...) -> OIP datatype, for the common exact matches
+_DATATYPE_OF_DTYPE = {dtype.str: name for name, dtype in DATATYPES.items() if name != "BYTES"}
+
+
 def datatype_of(array: Array) -> str:
     """The OIP datatype of a numpy array."""
+    known = _DATATYPE_OF_DTYPE.get(array.dtype.str)
+    if known is not None:
+        return known
     if array.dtype == np.object_ or array.dtype.kind in "SU":
         return "BYTES"
     for name, dtype in DATATYPES.items():
@@ -239,7 +246,7 @@ def tensor_bytes(array: Array, datatype: str) -> bytes:
 
 def _tensor_buffer(array: Array, datatype: str) -> bytes | memoryview:
     """`tensor_bytes` without a copy where the array already has the wire layout (the
-    encoder joins these into the body once)."""
+    worker writes these to the socket as they are)."""
     if datatype == "BYTES":
         return tensor_bytes(array, datatype)
     flat = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).reshape(-1)
@@ -339,7 +346,9 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
     return length
 
 
-def _split_body(body: bytes, header_length: int | None) -> tuple[JsonObject, memoryview | None]:
+def _split_body(
+    body: bytes | bytearray, header_length: int | None
+) -> tuple[JsonObject, memoryview | None]:
     json_part = body if header_length is None else body[:header_length]
     try:
         header = json.loads(json_part)
@@ -379,7 +388,7 @@ def _parameters(header: Mapping[str, Any], where: str) -> JsonObject:
 # ----------------------------------------------------------------------- requests
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
+def decode_request(body: bytes | bytearray, header_length: int | None) -> InferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors)."""
     header, binary = _split_body(body, header_length)
     if "inputs" not in header:
@@ -409,17 +418,24 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     return InferRequest(inputs, _optional_id(header), outputs, parameters)
 
 
-def _encode(header: JsonObject, binaries: list[bytes | memoryview]) -> tuple[bytes, dict[str, str]]:
+Parts = list[bytes | memoryview]
+
+
+def _encode(header: JsonObject, binaries: Parts) -> tuple[Parts, dict[str, str]]:
+    """The body as its parts: the JSON header, then each binary tensor's bytes (views
+    of the arrays, not copies), and the HTTP headers that describe it."""
     json_bytes = json.dumps(header, separators=(",", ":")).encode()
     if not binaries:
-        return json_bytes, {"Content-Type": JSON_CONTENT_TYPE}
+        return [json_bytes], {"Content-Type": JSON_CONTENT_TYPE}
     headers = {HEADER_LENGTH: str(len(json_bytes)), "Content-Type": BINARY_CONTENT_TYPE}
-    return b"".join([json_bytes, *binaries]), headers
+    return [json_bytes, *binaries], headers
 
 
-def _tensor_header(
-    tensor: Tensor, binary: bool, binaries: list[bytes | memoryview], where: str
-) -> JsonObject:
+def join_parts(parts: Parts) -> bytes:
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+
+
+def _tensor_header(tensor: Tensor, binary: bool, binaries: Parts, where: str) -> JsonObject:
     obj: JsonObject = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
     params = dict(tensor.parameters)
     if binary:
@@ -435,7 +451,15 @@ def _tensor_header(
 
 def encode_request(request: InferRequest, binary: bool = True) -> tuple[bytes, dict[str, str]]:
     """Serialise a request; with `binary`, every input goes as binary tensor data."""
-    binaries: list[bytes | memoryview] = []
+    parts, headers = encode_request_parts(request, binary)
+    return join_parts(parts), headers
+
+
+def encode_request_parts(
+    request: InferRequest, binary: bool = True
+) -> tuple[Parts, dict[str, str]]:
+    """`encode_request` as the body's parts, for writing without joining them."""
+    binaries: Parts = []
     header: JsonObject = {
         "inputs": [_tensor_header(t, binary, binaries, f"input '{t.name}'") for t in request.inputs]
     }
@@ -462,7 +486,15 @@ def encode_response(
     response: InferResponse, request: InferRequest | None = None
 ) -> tuple[bytes, dict[str, str]]:
     """Serialise a response; outputs the request asked for in binary go as binary data."""
-    binaries: list[bytes | memoryview] = []
+    parts, headers = encode_response_parts(response, request)
+    return join_parts(parts), headers
+
+
+def encode_response_parts(
+    response: InferResponse, request: InferRequest | None = None
+) -> tuple[Parts, dict[str, str]]:
+    """`encode_response` as the body's parts, for writing without joining them."""
+    binaries: Parts = []
     outputs = [
         _tensor_header(
             t,
