@@ -127,16 +127,21 @@ def cmd_echo_server(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
-    """OIP binary inference through an Identity model vs a raw echo of the same bytes,
-    interleaved so both see the same conditions."""
+    """An OIP binary inference request to a stage without a model (our binary path:
+    the HTTP exchange, decoding and checking the request, encoding the answer), the
+    same through an Identity model (onnxruntime's run added), and a raw echo of the
+    same bytes, interleaved so all see the same conditions."""
     x = np.random.default_rng(0).standard_normal(json.loads(args.shape)).astype(np.float32)
-    oip, oip_path = _connection(args.oip)
-    echo, echo_path = _connection(args.echo)
-    times: dict[str, list[float]] = {"oip": [], "echo": []}
+    targets = [
+        ("oip", *_connection(args.oip)),
+        ("model", *_connection(args.oip_model)),
+        ("echo", *_connection(args.echo)),
+    ]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in targets}
     for i in range(args.warmup + args.requests):
         # A new id each time, as the application sends: every OIP request is run.
         body, headers = oip_body(x, f"hop-{os.getpid()}-{i:06d}")
-        for name, conn, path in (("oip", oip, oip_path), ("echo", echo, echo_path)):
+        for name, conn, path in targets:
             started = time.perf_counter()
             conn.request("POST", path, body=body, headers=headers)
             resp = conn.getresponse()
@@ -149,6 +154,7 @@ def cmd_hop(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bytes": len(body),
         "oip_ms": statistics.median(times["oip"]),
+        "model_ms": statistics.median(times["model"]),
         "echo_ms": statistics.median(times["echo"]),
     }
 
@@ -238,7 +244,8 @@ def main() -> None:
     e.add_argument("--port", type=int, required=True)
     e.set_defaults(func=cmd_echo_server)
     h = sub.add_parser("hop")
-    h.add_argument("--oip", required=True)
+    h.add_argument("--oip", required=True, help="infer URL of a stage without a model")
+    h.add_argument("--oip-model", required=True, help="infer URL of a stage with a model")
     h.add_argument("--echo", required=True)
     h.add_argument("--shape", required=True)
     h.add_argument("--requests", type=int, default=60)

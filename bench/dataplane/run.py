@@ -10,7 +10,8 @@ processes, and prints side by side:
 
 1. end-to-end latency / the planner's prediction (goal 0.9-1.1);
 2. partitioned latency / min(device-only, cloud-only) (goal <= 1.0);
-3. per-hop time of the OIP binary path / a raw aiohttp echo of the same bytes (<= 1.5);
+3. per-hop time of the OIP binary path (a stage without a model; also through an Identity
+   model) / a raw aiohttp echo of the same bytes (<= 1.5);
 4. binary / JSON encoding of a 1x3x224x224 FP32 tensor.
 
 Namespaces and cgroups are removed on exit, also after errors and Ctrl-C.
@@ -387,8 +388,15 @@ def profile_tiers(
 
 
 def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
-    """OIP binary inference through an Identity model vs a raw aiohttp echo of the
-    same bytes, across the shaped edge->cloud link and within one namespace."""
+    """OIP binary inference to a stage without a model (it answers its input: the
+    binary path alone) and through an Identity model vs a raw aiohttp echo of the same
+    bytes, across the shaped edge->cloud link and within one namespace."""
+    passthrough = fleet.worker(
+        "cloud",
+        {"model_name": "identity", "host": topo.cloud_ip, "port": IDENTITY_PORT + 1,
+         "tier": "cloud"},
+        "passthrough",
+    )  # fmt: skip
     identity = fleet.worker(
         "cloud",
         {
@@ -402,11 +410,17 @@ def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, 
         for where, tier in (("edge->cloud, shaped", "edge"), ("same namespace", "cloud")):
             print(f"[bench] per-hop overhead {shape} {where}", flush=True)
             hop = agent(
-                topo, tier, "hop", "--oip", f"{identity}/v2/models/identity/infer",
+                topo, tier, "hop", "--oip", f"{passthrough}/v2/models/identity/infer",
+                "--oip-model", f"{identity}/v2/models/identity/infer",
                 "--echo", f"http://{topo.cloud_ip}:{ECHO_PORT}/echo", "--shape", json.dumps(shape),
                 limit_cpu=False,
             )  # fmt: skip
-            hop.update(shape=shape, path=where, ratio=hop["oip_ms"] / hop["echo_ms"])
+            hop.update(
+                shape=shape,
+                path=where,
+                ratio=hop["oip_ms"] / hop["echo_ms"],
+                model_ratio=hop["model_ms"] / hop["echo_ms"],
+            )
             hops.append(hop)
     return hops
 
@@ -681,7 +695,7 @@ def main() -> int:
     )
     parser.add_argument("--uplinks", default="1,10,100", help="device<->edge Mbps, comma-separated")
     parser.add_argument("--backhaul-mbps", type=float, default=100.0)
-    parser.add_argument("--requests", type=int, default=12, help="timed requests per config")
+    parser.add_argument("--requests", type=int, default=20, help="timed requests per config")
     parser.add_argument("--profile-repeats", type=int, default=20)
     parser.add_argument(
         "--serving-requests",
@@ -862,12 +876,19 @@ def print_report(report: dict[str, Any]) -> None:
                 f"splits used {ph['splits']}"
             )
     print()
-    print("3. per-hop: OIP binary inference (Identity model) / raw aiohttp echo of the same bytes")
-    print(f"{'tensor':<18} {'path':<22} {'bytes':>9} {'OIP ms':>8} {'echo ms':>8} {'ratio':>6}")
+    print(
+        "3. per-hop: OIP binary inference to a stage without a model (the binary path) "
+        "/ raw aiohttp echo of the same bytes; and through an Identity model (+ onnxruntime)"
+    )
+    print(
+        f"{'tensor':<18} {'path':<22} {'bytes':>9} {'OIP ms':>8} {'echo ms':>8} {'ratio':>6}"
+        f" {'Identity ms':>12} {'ratio':>6}"
+    )
     for h in report["hops"]:
         print(
             f"{h['shape']!s:<18} {h['path']:<22} {h['bytes']:>9} {h['oip_ms']:>8.2f} "
-            f"{h['echo_ms']:>8.2f} {h['ratio']:>6.2f}"
+            f"{h['echo_ms']:>8.2f} {h['ratio']:>6.2f} {h['model_ms']:>12.2f} "
+            f"{h['model_ratio']:>6.2f}"
         )
     e = report["encoding"]
     print()

@@ -138,13 +138,17 @@ def datatype_of(array: Array) -> str:
 
 
 def _shape(value: Any, where: str) -> list[int]:
+    if type(value) is list:
+        for d in value:
+            if type(d) is not int or d < 0:  # bool is not int here
+                break
+        else:
+            return value
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in value
     ):
         raise ProtocolError(f"{where}.shape must be a list of integers, got {value!r:.80}")
-    if any(d < 0 for d in value):
-        raise ProtocolError(f"{where}.shape has a negative dimension: {value}")
-    return list(value)
+    raise ProtocolError(f"{where}.shape has a negative dimension: {value}")
 
 
 def _element_count(shape: Sequence[int]) -> int:
@@ -351,7 +355,7 @@ def _split_body(
 ) -> tuple[JsonObject, memoryview | None]:
     json_part = body if header_length is None else body[:header_length]
     try:
-        header = json.loads(json_part)
+        header = json.loads(json_part.decode("utf-8"))  # OIP's JSON is UTF-8
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         what = "body" if header_length is None else f"first {header_length} bytes of the body"
         raise ProtocolError(f"the {what} is not valid JSON: {exc}") from None
@@ -419,12 +423,13 @@ def decode_request(body: bytes | bytearray, header_length: int | None) -> InferR
 
 
 Parts = list[bytes | memoryview]
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _encode(header: JsonObject, binaries: Parts) -> tuple[Parts, dict[str, str]]:
     """The body as its parts: the JSON header, then each binary tensor's bytes (views
     of the arrays, not copies), and the HTTP headers that describe it."""
-    json_bytes = json.dumps(header, separators=(",", ":")).encode()
+    json_bytes = _COMPACT_JSON.encode(header).encode()
     if not binaries:
         return [json_bytes], {"Content-Type": JSON_CONTENT_TYPE}
     headers = {HEADER_LENGTH: str(len(json_bytes)), "Content-Type": BINARY_CONTENT_TYPE}
