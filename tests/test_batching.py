@@ -216,3 +216,41 @@ async def test_fast_runs_stay_on_the_event_loop_and_slow_ones_do_not(
         await batcher.submit(partition, x)
     assert threads[-1] != loop_thread
     await batcher.stop()
+
+
+async def test_a_fast_run_with_nothing_queued_is_answered_without_a_task_switch(
+    model: ChainModel, partition: Partition
+) -> None:
+    """With nothing queued or running and no batch to wait for, a fast partition runs in
+    the caller's own task (the runner would take it next anyway): the event loop runs
+    nothing else meanwhile. With batching on, the request goes through the queue."""
+    loop = asyncio.get_running_loop()
+    x = {"input": _x(model, 3)}
+    (expected,) = run_onnx(model.path, x)
+    metrics = WorkerMetrics()
+    single = MicroBatcher(lambda p, f: p.run(f), max_batch=1, metrics=metrics)
+    batching = MicroBatcher(lambda p, f: p.run(f), max_batch=4, max_wait_ms=1)
+    await single.start()
+    await batching.start()
+    try:
+        await single.submit(partition, x)  # the first run (nothing known yet): the executor
+        await batching.submit(partition, x)
+        other: list[str] = []
+        loop.call_soon(other.append, "ran")
+        outputs, compute_s = await single.submit_timed(partition, x)
+        assert other == []  # answered without yielding to the loop
+        await asyncio.sleep(0)
+        assert other == ["ran"]
+        other.clear()
+        loop.call_soon(other.append, "ran")
+        batched = await batching.submit(partition, x)
+        assert other == ["ran"]  # through the queue and the runner task
+    finally:
+        await single.stop()
+        await batching.stop()
+    for out in (outputs["output"], batched["output"]):
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert compute_s > 0
+    # the fast path keeps the same books: two runs, their compute times observed
+    assert metrics.batch_size.count(stage="0") == 2
+    assert metrics.compute_latency.count(stage="0") == 2
