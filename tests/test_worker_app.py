@@ -547,6 +547,43 @@ def test_gzip_request_body_is_accepted(worker: Worker, model: ChainModel, x: np.
     )
 
 
+def test_a_client_gone_mid_body_is_its_error_and_the_worker_keeps_serving(
+    worker: Worker, x: np.ndarray
+) -> None:
+    """A body cut short by the client closing its side is counted as a 400 that says
+    how much of `Content-Length` arrived, not as an internal error."""
+    import socket
+    import time
+
+    def count(code: str) -> float:
+        _, _, text = _http(worker, "GET", "/metrics")
+        for line in text.decode().splitlines():
+            if line.startswith(f'edgeai_requests_total{{code="{code}",stage="0"}} '):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count("400"), count("500")
+    host, port = worker.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/chain/infer HTTP/1.1\r\nHost: worker\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            b'{"inputs": ['
+        )
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    deadline = time.monotonic() + 10
+    while count("400") == before[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (count("400"), count("500")) == (before[0] + 1, before[1])
+    log = worker.log.read_text()
+    assert "the body ended after 12 of its 1000 bytes (Content-Length)" in log
+    body, headers = _binary_request(x)
+    status, _, _ = _http(worker, "POST", "/v2/models/chain/infer", body, headers)
+    assert status == 200
+
+
 async def test_server_time_header_excludes_the_upload(
     aiohttp_client: Any, model: ChainModel, x: np.ndarray
 ) -> None:

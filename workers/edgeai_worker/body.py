@@ -89,7 +89,10 @@ async def read_body(request: web.Request, max_bytes: int) -> bytearray | bytes:
     filled = 0
     stream = request.content
     while filled < length:
-        chunk = await stream.readany()
+        try:
+            chunk = await stream.readany()
+        except ConnectionError:  # the client went away mid-body: its mistake, not ours
+            break
         if not chunk:
             break
         end = filled + len(chunk)
@@ -99,6 +102,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytearray | bytes:
         filled = end
     if filled < length:
         raise web.HTTPBadRequest(
-            text=f"the body ended after {filled} of its {length} bytes (Content-Length)"
+            text=f"the body ended after {filled} of its {length} bytes (Content-Length); "
+            "the connection was closed"
         )
     return buffer
