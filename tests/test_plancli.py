@@ -418,18 +418,3 @@ def test_profile_accepts_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert len(profile["segments"]) == len(graph.cut_points(onnx.load(path))) - 1
     assert cli.main(["profile", str(tmp_path / "missing.onnx")]) == 2
     assert "MODEL: no such file" in capsys.readouterr().err
-
-
-def test_profile_times_prefixes_for_the_first_stage(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    log = tmp_path / "termination-log"
-    args = ["profile", "digits_cnn", "--repeats", "2", "--serving-requests", "0", "-o", "json"]
-    assert cli.main([*args, "--prefixes-rest-ms", "1", "--termination-log", str(log)]) == 0
-    profile = json.loads(capsys.readouterr().out)
-    assert len(profile["prefixMs"]) == len(profile["segments"]) - 1
-    summary = json.loads(log.read_text())
-    assert summary["firstStage"] is True
-    assert sum(summary["segmentsMs"]) == pytest.approx(profile["wholeModelMs"], abs=1e-3)
-    assert cli.main([*args, "--prefixes-rest-ms", "-5"]) == 2
-    assert "--prefixes-rest-ms: must not be negative, got -5.0" in capsys.readouterr().err

@@ -87,41 +87,6 @@ def test_serving_overheads_are_measured_through_real_workers() -> None:
     assert any("forward-only worker" in m and "[1, 1, 1, 262144]" in m for m in messages)
 
 
-def test_prefixes_are_timed_as_a_first_stage_runs_them() -> None:
-    model = onnx.load(zoo.export_onnx("alexnet_like"))
-    profile = profiler.profile_model(
-        model, repeats=3, warmup=1, gflops=10.0, progress=None, prefixes_rest_ms=2.0
-    )
-    prefixes = profile["prefixMs"]
-    assert len(prefixes) == len(profile["segments"]) - 1  # every prefix but the whole model
-    assert all(ms > 0 for ms in prefixes)
-    # the first conv block alone costs less than all but it (the last prefix)
-    assert prefixes[0] < prefixes[-1]
-    device = profiler.first_stage_ms(profile)
-    assert len(device) == len(profile["segments"])
-    assert all(ms >= 0 for ms in device)
-    # a split's device part costs what its prefix took alone; the whole model, back to back
-    assert math.isclose(sum(device), profile["wholeModelMs"], rel_tol=1e-9)
-    assert math.isclose(device[0], min(prefixes[0], profile["wholeModelMs"]), rel_tol=1e-9)
-    assert "prefixMs" not in profiler.profile_model(model, repeats=1, warmup=0, gflops=1.0,
-                                                    progress=None)  # fmt: skip
-
-
-def test_first_stage_times_are_differences_of_non_decreasing_prefixes() -> None:
-    profile = {
-        "wholeModelMs": 10.0,
-        "segments": [{"measuredMs": ms} for ms in (4.0, 3.0, 2.0, 1.0)],
-        "prefixMs": [1.0, 3.0, 2.5],  # noise: the third prefix measured below the second
-    }
-    assert profiler.first_stage_ms(profile) == [1.0, 2.0, 0.0, 7.0]
-    # a prefix measured above the whole model is capped at it
-    profile["prefixMs"] = [1.0, 12.0, 12.0]
-    assert profiler.first_stage_ms(profile) == [1.0, 9.0, 0.0, 0.0]
-    # without prefixes: the segments' shares
-    del profile["prefixMs"]
-    assert profiler.first_stage_ms(profile) == [4.0, 3.0, 2.0, 1.0]
-
-
 def test_serving_overhead_is_calibrated_with_the_model_itself() -> None:
     """Given the model, a worker serving it answers requests that report their compute
     time; the fixed serving part is set from what those requests spent beyond it."""

@@ -70,24 +70,6 @@ def test_termination_log_summary_is_small_and_round_trips(
     assert profiling.parse_summary(message, segments) == summary
 
 
-def test_termination_summary_of_a_first_stage_profile_reproduces_its_prefixes() -> None:
-    profile = {
-        "model": "m",
-        "host": {"gflops": 2.0},
-        "totalMs": 10.0,
-        "wholeModelMs": 10.0,
-        "segments": [{"measuredMs": ms} for ms in (4.0, 3.0, 2.0, 1.0)],
-        "prefixMs": [1.0, 3.0, 6.0],
-    }
-    summary = profiling.parse_summary(termination_summary(profile), 4)
-    assert summary["segmentsMs"] == [1.0, 2.0, 3.0, 4.0]
-    assert summary["firstStage"] is True
-    del profile["prefixMs"]
-    summary = profiling.parse_summary(termination_summary(profile), 4)
-    assert summary["segmentsMs"] == [4.0, 3.0, 2.0, 1.0]
-    assert "firstStage" not in summary
-
-
 def test_termination_summary_drops_precision_to_fit() -> None:
     profile = {
         "model": "big",
@@ -259,10 +241,6 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
         "json",
         "--termination-log",
     ]
-    # the device runs the first stage of every split: its Job times the prefixes rested
-    device = profiling.profile_job(model, "device", "device-zone-a-0", image="img:1")
-    args = device["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:4] == ["profile", "digits_cnn", "--repeats=5", "--prefixes-rest-ms=20"]
     assert profiling.profile_tiers(model["spec"], [n.spec for n in _nodes()]) == [
         "device",
         "edge",

@@ -50,13 +50,7 @@ def cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
     from edgeai_worker.profiler import profile_model
 
     return profile_model(
-        args.model,
-        repeats=args.repeats,
-        warmup=2,
-        threads=args.threads,
-        gflops=1.0,
-        progress=None,
-        prefixes_rest_ms=args.prefixes_rest_ms,
+        args.model, repeats=args.repeats, warmup=2, threads=args.threads, gflops=1.0, progress=None
     )
 
 
@@ -236,7 +230,6 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--prefixes-rest-ms", type=float, help="also time each prefix, rested")
     p.set_defaults(func=cmd_profile)
     c = sub.add_parser("client")
     c.add_argument("--url", action="append", required=True, help="repeat: sent to in turn")

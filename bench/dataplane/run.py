@@ -37,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from netns import CPU_PERIOD_US, TIERS, TierSpec, Topology, set_uplink, topology  # noqa: E402
+from netns import TIERS, TierSpec, Topology, set_uplink, topology  # noqa: E402
 
 PYTHON = sys.executable
 AGENT = str(HERE / "agent.py")
@@ -45,8 +45,6 @@ ECHO_PORT = 9100
 IDENTITY_PORT = 9200
 STAGE_PORT = 9300
 SERVING_PORT = 9400
-# Rest before each timed prefix on the device: five of its quota periods.
-PREFIX_REST_MS = 5 * CPU_PERIOD_US / 1000
 # the planner's overhead fields (`Problem`) and the profile keys they are measured as
 OVERHEAD_FIELDS = {
     "serving_ms": "servingMs",
@@ -351,7 +349,6 @@ def profile_tiers(
     namespace and CPU quota; the planner's layer graph and overheads from them
     (`OVERHEAD_FIELDS`: the `Problem` fields, tier -> ms)."""
     from edgeai_operator.planner.model import LayerGraph
-    from edgeai_worker.profiler import first_stage_ms
 
     profiles: dict[str, Any] = {}
     overheads: dict[str, dict[str, float]] = {field: {} for field in OVERHEAD_FIELDS}
@@ -362,11 +359,9 @@ def profile_tiers(
             f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s))",
             flush=True,
         )
-        # The device runs the first stage: its prefixes are timed as it runs them.
-        rested = ["--prefixes-rest-ms", str(PREFIX_REST_MS)] if tier == "device" else []
         profiles[tier] = agent(
             topo, tier, "profile", "--model", str(model_path), "--threads", str(spec.threads),
-            "--repeats", str(repeats), *rested,
+            "--repeats", str(repeats),
         )  # fmt: skip
         if serving_requests:
             measured, calibration = measure_overheads(
@@ -385,10 +380,7 @@ def profile_tiers(
             flush=True,
         )
     graph = LayerGraph.chain(
-        {
-            t: first_stage_ms(p) if t == "device" else [s["measuredMs"] for s in p["segments"]]
-            for t, p in profiles.items()
-        },
+        {t: [s["measuredMs"] for s in p["segments"]] for t, p in profiles.items()},
         [c["sizeBytes"] for c in profiles["device"]["cuts"]],
         [c["tensors"] for c in profiles["device"]["cuts"]],
     )

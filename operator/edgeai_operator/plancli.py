@@ -97,19 +97,8 @@ def profile_command(args: argparse.Namespace) -> int:
             f"must not be negative, got {args.serving_requests}",
             "an integer >= 0 (0 skips the measurement)",
         )
-    if args.prefixes_rest_ms is not None and args.prefixes_rest_ms < 0:
-        raise SpecError(
-            "--prefixes-rest-ms",
-            f"must not be negative, got {args.prefixes_rest_ms}",
-            "milliseconds >= 0",
-        )
     profile = profiler.profile_model(
-        path,
-        name=name,
-        variant=args.variant,
-        repeats=args.repeats,
-        threads=args.threads,
-        prefixes_rest_ms=args.prefixes_rest_ms,
+        path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
     )
     if args.serving_requests:
         overheads = profiler.serving_overheads(
@@ -153,13 +142,7 @@ def termination_summary(profile: dict[str, Any]) -> str:
     """A compact JSON summary of a profile for a container's termination message
     (Kubernetes keeps at most 4096 bytes): model, variant, repeats, host GFLOPS,
     totalMs, the per-segment measuredMs list, and the serving and forwarding overheads
-    (`OVERHEAD_KEYS`) when measured. A profile with rested prefix times (`prefixMs`,
-    measured on the tier that runs the first stage) sends the segment times that
-    reproduce them (`profiler.first_stage_ms`) and says so (`firstStage`). Precision
-    drops until it fits."""
-    from edgeai_worker.profiler import first_stage_ms
-
-    times = first_stage_ms(profile)
+    (`OVERHEAD_KEYS`) when measured. Precision drops until it fits."""
     for digits in (4, 3, 2, 1, 0):
         summary = {
             "kind": "ProfileSummary",
@@ -168,10 +151,8 @@ def termination_summary(profile: dict[str, Any]) -> str:
             "repeats": profile.get("repeats"),
             "hostGflops": profile["host"]["gflops"],
             "totalMs": round(float(profile["totalMs"]), 4),
-            "segmentsMs": [round(ms, digits) for ms in times],
+            "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
         }
-        if profile.get("prefixMs"):
-            summary["firstStage"] = True
         for key in OVERHEAD_KEYS:
             if profile.get(key) is not None:
                 summary[key] = round(float(profile[key]), 4)
@@ -672,14 +653,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=60,
         help="requests through a worker to measure the fixed per-request serving and "
         "forwarding overheads (servingMs, forwardingMs); 0 skips them",
-    )
-    profile.add_argument(
-        "--prefixes-rest-ms",
-        type=float,
-        default=None,
-        metavar="MS",
-        help="also time every prefix of the model as its own session after MS of rest, "
-        "as the first stage (the device) runs it (prefixMs)",
     )
     profile.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     profile.add_argument("--save", metavar="FILE", help="also write the profile to FILE")

@@ -153,15 +153,6 @@ def profile_job_name(model: str, tier: str, generation: int | None) -> str:
     return f"{model}-profile-{tier}-{generation or 0}"
 
 
-# The device runs the first stage of every split: a prefix, then idle while later
-# stages work. Its Job times each prefix that way, after this much rest.
-FIRST_STAGE_REST_MS = 20
-
-
-def first_stage_args(tier: str) -> list[str]:
-    return [f"--prefixes-rest-ms={FIRST_STAGE_REST_MS}"] if tier == "device" else []
-
-
 def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -> dict[str, Any]:
     """The Job that profiles DNNModel `model` (its body) on `node`, a node of `tier`."""
     meta, spec = model["metadata"], model.get("spec") or {}
@@ -212,7 +203,6 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
                                 "profile",
                                 zoo_name(spec),
                                 f"--repeats={int(profile.get('repeats', 20))}",
-                                *first_stage_args(tier),
                                 "-o",
                                 "json",
                                 "--termination-log",

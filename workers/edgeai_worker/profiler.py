@@ -163,52 +163,6 @@ def _chained_pass(
     return times
 
 
-def _prefix_ms(
-    partitioner: onnx_graph.Partitioner,
-    cuts: Sequence[onnx_graph.Cut],
-    feeds: dict[str, np.ndarray],
-    *,
-    threads: int | None,
-    repeats: int,
-    warmup: int,
-    rest_ms: float,
-) -> list[float]:
-    """Median ms of each prefix but the whole model (the layers up to cut 1, 2, ...,
-    n-1) run as its own session, as a first stage runs it: after `rest_ms` idle, the
-    prefixes taken in turn in each of `repeats` rounds."""
-    sessions = [
-        _session(partitioner.extract(cuts[0].tensors, cut.tensors), threads) for cut in cuts[1:-1]
-    ]
-    samples: list[list[float]] = [[] for _ in sessions]
-    for done in range(warmup + repeats):
-        for i, session in enumerate(sessions):
-            inputs = {x.name: feeds[x.name] for x in session.get_inputs()}
-            time.sleep(rest_ms / 1000.0)
-            started = time.perf_counter()
-            session.run(None, inputs)
-            if done >= warmup:
-                samples[i].append((time.perf_counter() - started) * 1000.0)
-    return [statistics.median(s) for s in samples]
-
-
-def first_stage_ms(profile: Mapping[str, Any]) -> list[float]:
-    """Per-segment ms for the tier that runs the model's first stage (the device): a
-    split there runs a prefix and then idles while later stages work, so its prefixes
-    cost what they took as their own sessions after a rest (`prefixMs`), and the whole
-    model what it took back to back (`wholeModelMs`, the device-only stage). The
-    segments are the differences, prefixes made non-decreasing; without `prefixMs`
-    the segments' `measuredMs`."""
-    segments = [float(s["measuredMs"]) for s in profile["segments"]]
-    prefixes = profile.get("prefixMs")
-    if not prefixes:
-        return segments
-    whole = float(profile["wholeModelMs"])
-    totals: list[float] = []
-    for ms in [*map(float, prefixes), whole]:
-        totals.append(min(max(ms, totals[-1] if totals else 0.0), whole))
-    return [b - a for a, b in itertools.pairwise([0.0, *totals])]
-
-
 def profile_model(
     model: onnx.ModelProto | str | Path,
     *,
@@ -219,12 +173,9 @@ def profile_model(
     threads: int | None = None,
     gflops: float | None = None,
     progress: Progress | None = stderr_progress,
-    prefixes_rest_ms: float | None = None,
 ) -> dict[str, Any]:
     """Measures the whole model and every segment between single-tensor cuts (see the
-    module docstring), after `warmup` runs of each. With `prefixes_rest_ms`, also each
-    prefix as its own session after that much rest (`prefixMs`, see
-    `first_stage_ms`)."""
+    module docstring), after `warmup` runs of each."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if repeats < 1:
@@ -266,13 +217,6 @@ def profile_model(
         }
         for i, ((a, b), mean) in enumerate(zip(itertools.pairwise(cuts), means, strict=True))
     ]
-    prefix_ms: list[float] | None = None
-    if prefixes_rest_ms is not None:
-        say(f"{name}: {len(cuts) - 2} prefixes, each after {prefixes_rest_ms:g} ms of rest")
-        prefix_ms = _prefix_ms(
-            partitioner, cuts, feeds, threads=threads, repeats=repeats, warmup=warmup,
-            rest_ms=prefixes_rest_ms,
-        )  # fmt: skip
     input_vi = model.graph.input[0]
     dims = [
         d.dim_value if d.HasField("dim_value") else 1 for d in input_vi.type.tensor_type.shape.dim
@@ -302,7 +246,6 @@ def profile_model(
             for c in cuts
         ],
         "segments": segments,
-        **({"prefixMs": [round(ms, 4) for ms in prefix_ms]} if prefix_ms is not None else {}),
     }
 
 
