@@ -188,22 +188,34 @@ async def test_fixed_batch_model_runs_requests_one_by_one(tmp_path: Path) -> Non
     assert metrics.batch_size.count(stage="0") == 3
 
 
+class _Clock:
+    """The batcher's clock in tests: runs take what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_fast_runs_stay_on_the_event_loop_and_slow_ones_do_not(
     model: ChainModel, partition: Partition
 ) -> None:
     threads: list[str] = []
-    delay_s = {"value": 0.0}
+    delay_s = {"value": 0.0001}
+    clock = _Clock()
 
     def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        # Each run takes `delay_s` on the batcher's clock, however loaded the machine.
         threads.append(threading.current_thread().name)
-        time.sleep(delay_s["value"])
+        clock.now += delay_s["value"]
         return p.run(feeds)
 
-    batcher = MicroBatcher(run, max_batch=1)
-    await batcher.start()
-    loop_thread = threading.current_thread().name
+    batcher = MicroBatcher(run, max_batch=1, clock=clock)
     x = {"input": _x(model, 0)}
     (expected,) = run_onnx(model.path, x)
+    await batcher.start()
+    loop_thread = threading.current_thread().name
     for _ in range(3):
         (out,) = (await batcher.submit(partition, x)).values()
         assert np.allclose(out, expected, rtol=1e-6, atol=1e-6)
@@ -224,12 +236,18 @@ async def test_a_fast_run_with_nothing_queued_is_answered_without_a_task_switch(
     """With nothing queued or running and no batch to wait for, a fast partition runs in
     the caller's own task (the runner would take it next anyway): the event loop runs
     nothing else meanwhile. With batching on, the request goes through the queue."""
+
+    clock = _Clock()
+
+    def double(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        clock.now += 0.0001  # a run of 0.1 ms on the batcher's clock
+        return {"output": feeds["input"] * 2}
+
     loop = asyncio.get_running_loop()
     x = {"input": _x(model, 3)}
-    (expected,) = run_onnx(model.path, x)
     metrics = WorkerMetrics()
-    single = MicroBatcher(lambda p, f: p.run(f), max_batch=1, metrics=metrics)
-    batching = MicroBatcher(lambda p, f: p.run(f), max_batch=4, max_wait_ms=1)
+    single = MicroBatcher(double, max_batch=1, metrics=metrics, clock=clock)
+    batching = MicroBatcher(double, max_batch=4, max_wait_ms=1, clock=clock)
     await single.start()
     await batching.start()
     try:
@@ -248,9 +266,10 @@ async def test_a_fast_run_with_nothing_queued_is_answered_without_a_task_switch(
     finally:
         await single.stop()
         await batching.stop()
+    assert partition.batchable
     for out in (outputs["output"], batched["output"]):
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    assert compute_s > 0
+        np.testing.assert_array_equal(out, x["input"] * 2)
+    assert compute_s == pytest.approx(0.0001)
     # the fast path keeps the same books: two runs, their compute times observed
     assert metrics.batch_size.count(stage="0") == 2
     assert metrics.compute_latency.count(stage="0") == 2

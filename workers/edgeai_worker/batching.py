@@ -81,8 +81,10 @@ class MicroBatcher:
         max_queue: int = 1024,
         metrics: WorkerMetrics | None = None,
         stage: str = "0",
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._run = run
+        self._clock = clock  # times the runs (tests pass their own)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -160,9 +162,9 @@ class MicroBatcher:
     def _run_now(
         self, partition: Partition, feeds: Mapping[str, Array]
     ) -> tuple[dict[str, Array], float]:
-        started = time.perf_counter()
+        started = self._clock()
         outputs = self._run(partition, feeds)
-        compute_s = time.perf_counter() - started
+        compute_s = self._clock() - started
         self._record(partition, compute_s, 1)
         return outputs, compute_s
 
@@ -247,7 +249,7 @@ class MicroBatcher:
                     item.future.set_result((result, compute_s))
 
     def _run_batch(self, batch: list[_Item]) -> tuple[list[dict[str, Array]], float]:
-        started = time.perf_counter()
+        started = self._clock()
         partition = batch[0].partition
         if len(batch) == 1:
             results = [self._run(partition, batch[0].feeds)]
@@ -260,4 +262,4 @@ class MicroBatcher:
             bounds = np.cumsum([item.rows for item in batch])[:-1]
             split = {name: np.split(array, bounds, axis=0) for name, array in merged.items()}
             results = [{name: split[name][i] for name in merged} for i in range(len(batch))]
-        return results, time.perf_counter() - started
+        return results, self._clock() - started
