@@ -325,7 +325,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response.headers[SERVER_TIME_HEADER] = f"{server_s * 1000:.3f}"
         if COMPUTE_S in request:
             response.headers[COMPUTE_TIME_HEADER] = f"{request[COMPUTE_S] * 1000:.3f}"
-        state.metrics.bytes_out.inc(body_size(response), stage=state.stage)
+        state.metrics.bytes_out.inc(body_size(getattr(response, "body", None)), stage=state.stage)
     return response
 
 

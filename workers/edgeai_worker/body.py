@@ -17,7 +17,8 @@ from aiohttp.payload import Payload
 
 from edgeai_worker.protocol import Parts, join_parts
 
-# Bodies smaller than this are joined and written at once.
+# Bodies smaller than this are joined and sent at once: the copy costs less than
+# another system call and wake-up.
 JOIN_BELOW_BYTES = 256 * 1024
 
 
@@ -35,10 +36,6 @@ class PartsPayload(Payload):
         return b"".join(self._parts).decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        if self._total < JOIN_BELOW_BYTES:
-            # One send: the copy costs less than another system call and wake-up.
-            await writer.write(join_parts(self._parts))
-            return
         for part in self._parts:
             await writer.write(part)
 
@@ -57,17 +54,25 @@ class PartsPayload(Payload):
             remaining -= len(chunk)
 
 
-def parts_response(parts: Parts, headers: dict[str, str]) -> web.Response:
-    """A response whose body is `parts` (headers as `encode_response_parts` gives)."""
+def body_of(parts: Parts, headers: dict[str, str]) -> tuple[bytes | PartsPayload, dict[str, str]]:
+    """The body to send for `parts` and the HTTP headers to send with it (as
+    `encode_*_parts` give them): a small body joined, a large one as its parts (the
+    payload carries the content type)."""
     if len(parts) == 1 or sum(len(p) for p in parts) < JOIN_BELOW_BYTES:
-        return web.Response(body=join_parts(parts), headers=headers)
+        return join_parts(parts), headers
     headers = dict(headers)
     content_type = headers.pop("Content-Type")
-    return web.Response(body=PartsPayload(parts, content_type), headers=headers)
+    return PartsPayload(parts, content_type), headers
 
 
-def body_size(response: web.StreamResponse) -> int:
-    body: Any = getattr(response, "body", None)
+def parts_response(parts: Parts, headers: dict[str, str]) -> web.Response:
+    """A response whose body is `parts` (headers as `encode_response_parts` gives)."""
+    body, headers = body_of(parts, headers)
+    return web.Response(body=body, headers=headers)
+
+
+def body_size(body: Any) -> int:
+    """Bytes of a body as `body_of` gives it (or a response's `body`; None is 0)."""
     if isinstance(body, Payload):
         return body.size or 0
     return len(body) if body is not None else 0

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from edgeai_worker.body import PartsPayload
+from edgeai_worker.body import body_of, body_size
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
@@ -138,8 +138,8 @@ class Forwarder:
         return f"stage {self.next_stage} at {url}"
 
     async def infer(self, request: InferRequest) -> ForwardResult:
-        parts, headers = encode_request_parts(request, binary=True)
-        body = PartsPayload(parts, headers.pop("Content-Type"))
+        body, headers = body_of(*encode_request_parts(request, binary=True))
+        sent = body_size(body)
         headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
         path = f"/v2/models/{quote(self.model_name, safe='')}/infer"
         tried: set[str] = set()
@@ -166,10 +166,10 @@ class Forwarder:
                 except ProtocolError as exc:
                     raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
                 if self._metrics is not None:
-                    self._metrics.forward_bytes.inc(body.size or 0, stage=str(self.next_stage - 1))
+                    self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
                 return ForwardResult(
                     response,
-                    body.size or 0,
+                    sent,
                     time.perf_counter() - started,
                     float(server_ms) / 1000.0 if server_ms else 0.0,
                     url,

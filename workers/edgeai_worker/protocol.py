@@ -138,17 +138,13 @@ def datatype_of(array: Array) -> str:
 
 
 def _shape(value: Any, where: str) -> list[int]:
-    if type(value) is list:
-        for d in value:
-            if type(d) is not int or d < 0:  # bool is not int here
-                break
-        else:
-            return value
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in value
     ):
         raise ProtocolError(f"{where}.shape must be a list of integers, got {value!r:.80}")
-    raise ProtocolError(f"{where}.shape has a negative dimension: {value}")
+    if any(d < 0 for d in value):
+        raise ProtocolError(f"{where}.shape has a negative dimension: {value}")
+    return list(value)
 
 
 def _element_count(shape: Sequence[int]) -> int:

@@ -174,11 +174,7 @@ class StageRuntime:
         )
 
     def validate(self, tensors: Mapping[str, tuple[Array, str]]) -> Partition:
-        primary = self.partitions[0]
-        if len(tensors) == len(primary.inputs) and all(s.name in tensors for s in primary.inputs):
-            partition = primary  # the usual case, without building sets
-        else:
-            partition = self.select(list(tensors))
+        partition = self.select(list(tensors))
         for spec in partition.inputs:
             array, datatype = tensors[spec.name]
             spec.check(array, datatype, self.model_name)
