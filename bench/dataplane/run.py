@@ -4,10 +4,9 @@
 
 Builds device, edge and cloud namespaces joined by veth (device<->edge shaped with
 `tc tbf` at each uplink rate in turn, edge<->cloud at the backhaul rate), gives each tier
-a CPU quota (device slowest), measures each tier's serving and forwarding overheads, and
-per uplink profiles the model on every tier inside its namespace, asks the planner
-(`edgeai_operator.planner`) for a plan, runs it as real worker processes, and prints side
-by side:
+a CPU quota (device slowest), profiles the model per tier inside its namespace, asks the
+planner (`edgeai_operator.planner`) for a plan per uplink, runs it as real worker
+processes, and prints side by side:
 
 1. end-to-end latency / the planner's prediction (goal 0.9-1.1);
 2. partitioned latency / min(device-only, cloud-only) (goal <= 1.0);
@@ -336,63 +335,56 @@ def measure_overheads(
     return calibrate_serving(probe_fit, int(with_model["inputBytes"]), samples), calibration
 
 
-def tier_overheads(
+def profile_tiers(
     topo: Topology,
     workdir: Path,
     model: str,
     model_path: Path,
     input_shape: list[int],
+    repeats: int,
     serving_requests: int,
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """The serving and forwarding overheads (fixed and per MB) of every tier, inside its
-    namespace and CPU quota (`OVERHEAD_FIELDS`: the `Problem` fields, tier -> ms), and
-    what each tier's calibration saw."""
-    overheads: dict[str, dict[str, float]] = {field: {} for field in OVERHEAD_FIELDS}
-    calibrations: dict[str, dict[str, float]] = {}
-    if not serving_requests:
-        return overheads, calibrations
-    for tier in TIERS:
-        print(f"[bench] serving and forwarding overheads of {model} on {tier}", flush=True)
-        measured, calibrations[tier] = measure_overheads(
-            topo, workdir, tier, input_shape, serving_requests, model_path
-        )
-        for field, key in OVERHEAD_FIELDS.items():
-            overheads[field][tier] = measured[key]
-        print(
-            f"[bench]   serving {overheads['serving_ms'][tier]:.1f} "
-            f"(+{overheads['serving_ms_per_mb'][tier]:.1f}/MB), forwarding "
-            f"{overheads['forwarding_ms'][tier]:.1f} "
-            f"(+{overheads['forwarding_ms_per_mb'][tier]:.1f}/MB) ms",
-            flush=True,
-        )
-    return overheads, calibrations
-
-
-def profile_tiers(
-    topo: Topology, model: str, model_path: Path, repeats: int
-) -> tuple[Any, dict[str, Any]]:
-    """Profile the model's segments (chained, as shares of the whole model) on every
-    tier, inside its namespace and CPU quota; the planner's layer graph from them."""
+) -> tuple[Any, dict[str, Any], dict[str, dict[str, float]]]:
+    """Profile the model's segments (chained, as shares of the whole model) and the
+    serving and forwarding overheads (fixed and per MB) on every tier, inside its
+    namespace and CPU quota; the planner's layer graph and overheads from them
+    (`OVERHEAD_FIELDS`: the `Problem` fields, tier -> ms)."""
     from edgeai_operator.planner.model import LayerGraph
 
     profiles: dict[str, Any] = {}
+    overheads: dict[str, dict[str, float]] = {field: {} for field in OVERHEAD_FIELDS}
     for tier in TIERS:
         spec = topo.tiers[tier]
+        print(
+            f"[bench] profiling {model} on {tier} "
+            f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s))",
+            flush=True,
+        )
         profiles[tier] = agent(
             topo, tier, "profile", "--model", str(model_path), "--threads", str(spec.threads),
             "--repeats", str(repeats),
         )  # fmt: skip
-    print(
-        f"[bench] profiled {model}, whole model / segments chained ms: "
-        + ", ".join(f"{t} {p['wholeModelMs']:.1f}/{p['chainMs']:.1f}" for t, p in profiles.items()),
-        flush=True,
-    )
+        if serving_requests:
+            measured, calibration = measure_overheads(
+                topo, workdir, tier, input_shape, serving_requests, model_path
+            )
+            for field, key in OVERHEAD_FIELDS.items():
+                overheads[field][tier] = measured[key]
+            profiles[tier]["servingCalibration"] = calibration
+        print(
+            f"[bench]   whole model {profiles[tier]['wholeModelMs']:.1f} ms, segments "
+            f"chained {profiles[tier]['chainMs']:.1f} ms, overheads ms (+ ms/MB) "
+            f"serving {overheads['serving_ms'].get(tier, 0):.1f} "
+            f"(+{overheads['serving_ms_per_mb'].get(tier, 0):.1f}), forwarding "
+            f"{overheads['forwarding_ms'].get(tier, 0):.1f} "
+            f"(+{overheads['forwarding_ms_per_mb'].get(tier, 0):.1f})",
+            flush=True,
+        )
     graph = LayerGraph.chain(
         {t: [s["measuredMs"] for s in p["segments"]] for t, p in profiles.items()},
         [c["sizeBytes"] for c in profiles["device"]["cuts"]],
         [c["tensors"] for c in profiles["device"]["cuts"]],
     )
-    return graph, profiles
+    return graph, profiles, overheads
 
 
 def measure_hops(topo: Topology, fleet: Fleet, workdir: Path) -> list[dict[str, Any]]:
@@ -443,10 +435,9 @@ def run_scenarios(
     profile_repeats: int,
     serving_requests: int,
 ) -> tuple[dict[str, Any], Any, dict[str, dict[str, float]]]:
-    """For each uplink: measure every tier's serving and forwarding overheads, profile
-    the model on every tier, plan, then run the plan, device-only and cloud-only.
-    Returns the report and the last row's layer graph (from its profiles) and
-    overheads."""
+    """For each uplink: plan, then run the plan, device-only and cloud-only. Returns the
+    report, the planner's layer graph built from the profiles and the tiers' serving
+    and forwarding overheads."""
     import onnx
 
     from edgeai_operator.planner.model import Link, Problem, Variant, evaluate
@@ -459,21 +450,30 @@ def run_scenarios(
     model_input, model_output = list(cuts[0].tensors), list(cuts[-1].tensors)
     input_path = workdir / f"{model}-input.npy"
     np.save(input_path, zoo.example_input(model))
-    result: dict[str, Any] = {"model": model, "scenarios": []}
-    graph: Any = None
-    overheads: dict[str, dict[str, float]] = {}
+    graph, profiles, overheads = profile_tiers(
+        topo, workdir, model, model_path, list(zoo.example_input(model).shape),
+        profile_repeats, serving_requests,
+    )  # fmt: skip
+    nodes = len(profiles["device"]["segments"])
+    result: dict[str, Any] = {
+        "model": model,
+        "profiles": {
+            t: {
+                "wholeModelMs": p["wholeModelMs"],
+                "chainMs": p["chainMs"],
+                **(
+                    {"servingCalibration": p["servingCalibration"]}
+                    if "servingCalibration" in p
+                    else {}
+                ),
+            }
+            for t, p in profiles.items()
+        },
+        **overheads,
+        "scenarios": [],
+    }
     for uplink in uplinks:
         set_uplink(topo, uplink)
-        # Every row is measured afresh right before it is planned and run (overheads,
-        # then the compute profile): on a quarter CPU the device's speed drifts by
-        # 10-15 % over minutes, and a profile taken minutes earlier would be the
-        # prediction for a different machine.
-        overheads, calibrations = tier_overheads(
-            topo, workdir, model, model_path, list(zoo.example_input(model).shape),
-            serving_requests,
-        )  # fmt: skip
-        graph, profiles = profile_tiers(topo, model, model_path, profile_repeats)
-        nodes = len(profiles["device"]["segments"])
         echo_edge = f"http://{topo.edge_down_ip}:{ECHO_PORT}/echo"
         echo_cloud = f"http://{topo.cloud_ip}:{ECHO_PORT}/echo"
         rtt0 = agent(topo, "device", "rtt", "--url", echo_edge, limit_cpu=False)["rtt_ms"]
@@ -505,12 +505,6 @@ def run_scenarios(
         }
         scenario: dict[str, Any] = {
             "uplink_mbps": uplink,
-            "profiles": {
-                t: {"wholeModelMs": p["wholeModelMs"], "chainMs": p["chainMs"]}
-                for t, p in profiles.items()
-            },
-            "servingCalibration": calibrations,
-            **overheads,
             "rtt_ms": [rtt0, rtt1],
             "plan": " + ".join(f"{s.tier}[{s.layers}]" for s in plan.stages),
             "plan_is": same_as,
@@ -778,37 +772,6 @@ def main() -> int:
     return 0
 
 
-def print_row_inputs(s: dict[str, Any]) -> None:
-    """What a row's prediction was made from, measured right before the row."""
-    print(
-        f"{s['uplink_mbps']:>5g}Mb measured before the row: compute ms, whole model / "
-        "segments chained: "
-        + ", ".join(
-            f"{t} {p['wholeModelMs']:.1f}/{p['chainMs']:.1f}" for t, p in s["profiles"].items()
-        )
-    )
-    if not s["serving_ms"]:
-        print(f"{'':>8}overheads not measured")
-        return
-    print(
-        f"{'':>8}overhead ms, serving + per MB / forwarding + per MB: "
-        + ", ".join(
-            f"{t} {ms:.1f}+{s['serving_ms_per_mb'][t]:.1f}/"
-            f"{s['forwarding_ms'][t]:.1f}+{s['forwarding_ms_per_mb'][t]:.1f}"
-            for t, ms in s["serving_ms"].items()
-        )
-    )
-    print(
-        f"{'':>8}serving at the model's input, round trip - onnxruntime = overhead "
-        "(sets the fixed part; the tiny probe's in brackets): "
-        + ", ".join(
-            f"{t} {c['roundTripMs']:.1f}-{c['computeMs']:.1f} = {c['overheadMs']:.1f} "
-            f"({c['probeServingMs']:.1f})"
-            for t, c in s["servingCalibration"].items()
-        )
-    )
-
-
 def print_report(report: dict[str, Any]) -> None:
     tiers = report["tiers"]
     print()
@@ -824,13 +787,45 @@ def print_report(report: dict[str, Any]) -> None:
     print("1+2. end-to-end latency vs the planner (median, client in the device namespace)")
     for m in report["models"]:
         print()
-        print(f"model {m['model']}")
+        print(
+            f"model {m['model']}; profile ms, whole model / segments chained: "
+            + ", ".join(
+                f"{t} {p['wholeModelMs']:.1f}/{p['chainMs']:.1f}" for t, p in m["profiles"].items()
+            )
+        )
+        per_mb = {f: m.get(f"{f}_per_mb", {}) for f in ("serving_ms", "forwarding_ms")}
+        print(
+            "overhead per request, serving/forwarding ms + ms/MB (tiny model through workers, "
+            "serving's fixed part calibrated below): "
+            + (
+                ", ".join(
+                    f"{t} {ms:.1f}+{per_mb['serving_ms'].get(t, 0):.1f}/"
+                    f"{m['forwarding_ms'][t]:.1f}+{per_mb['forwarding_ms'].get(t, 0):.1f}"
+                    for t, ms in m["serving_ms"].items()
+                )
+                or "not measured"
+            )
+        )
+        calibrated = {
+            t: p["servingCalibration"]
+            for t, p in m["profiles"].items()
+            if "servingCalibration" in p
+        }
+        if calibrated:
+            print(
+                "serving overhead at the model's input, a worker serving the model "
+                "(round trip - its onnxruntime ms), sets the fixed part (the probe's in brackets): "
+                + ", ".join(
+                    f"{t} {c['roundTripMs']:.1f}-{c['computeMs']:.1f} = {c['overheadMs']:.1f} "
+                    f"({m['serving_ms'][t]:.1f}; {c['probeServingMs']:.1f})"
+                    for t, c in calibrated.items()
+                )
+            )
         print(
             f"{'uplink':>7} {'config':<22} {'measured ms':>12} {'predicted ms':>13} "
             f"{'meas/pred':>10}  plan"
         )
         for s in m["scenarios"]:
-            print_row_inputs(s)
             for name, r in s["results"].items():
                 plan = s["plan"] if name.startswith("partitioned") else ""
                 if r.get("same_as"):
