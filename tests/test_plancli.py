@@ -276,6 +276,8 @@ def test_bad_cli_arguments_name_the_argument(
 ) -> None:
     assert cli.main(["profile", "digits_cnn", "--repeats", "0"]) == 2
     assert "--repeats: must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["profile", "digits_cnn", "--idle-ms", "-5"]) == 2
+    assert "--idle-ms: must be in 0-10000, got -5" in capsys.readouterr().err
     assert cli.main(["profile", "lenet5"]) == 2
     assert "MODEL: unknown model 'lenet5'" in capsys.readouterr().err
     manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"}})

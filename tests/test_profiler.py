@@ -41,10 +41,23 @@ def test_profile_measures_every_segment_and_reports_progress() -> None:
     light = min(segments, key=lambda s: s["flops"])
     assert heavy["measuredMs"] > light["measuredMs"]
     assert profile["host"]["gflops"] == 10.0
-    assert any("pass 4/4 over 19 segments" in m for m in messages)
+    assert any("pass 4/4 over the model and 19 segments" in m for m in messages)
     assert any("whole model" in m for m in messages)
     # plain data: survives YAML
     assert yaml.safe_load(yaml.safe_dump(profile)) == profile
+
+
+def test_every_timed_run_follows_the_idle_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(profiler.time, "sleep", slept.append)
+    profile = profiler.profile_model(
+        zoo.export_onnx("digits_cnn"), repeats=4, warmup=2, gflops=1.0, idle_ms=30, progress=None
+    )
+    # four timed whole-model runs and four timed chained passes; warm-up runs unpaused
+    assert slept == [0.03] * 8
+    assert profile["idleMs"] == 30
+    with pytest.raises(ValueError, match="idle_ms must be in 0-10000, got -1"):
+        profiler.profile_model(zoo.export_onnx("digits_cnn"), gflops=1.0, idle_ms=-1)
 
 
 def test_host_gflops_is_a_plausible_cpu_figure() -> None:

@@ -26,7 +26,7 @@ NS = "default"
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """A real `edgeai profile digits_cnn --repeats 2 --termination-log FILE` run:
+    """A real `edgeai profile digits_cnn --repeats 2 --idle-ms 20 --termination-log FILE` run:
     (the profile it printed, the termination message it wrote)."""
     log = tmp_path_factory.mktemp("profile") / "termination-log"
     out = subprocess.run(
@@ -38,6 +38,8 @@ def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
             "digits_cnn",
             "--repeats",
             "2",
+            "--idle-ms",
+            "20",
             "-o",
             "json",
             "--termination-log",
@@ -60,6 +62,7 @@ def test_termination_log_summary_is_small_and_round_trips(
     assert summary["kind"] == "ProfileSummary"
     assert summary["model"] == "digits_cnn"
     assert summary["repeats"] == 2
+    assert summary["idleMs"] == profile["idleMs"] == 20
     assert summary["hostGflops"] == profile["host"]["gflops"]
     assert summary["totalMs"] == pytest.approx(profile["totalMs"], abs=1e-4)
     assert summary["segmentsMs"] == pytest.approx(
@@ -112,6 +115,7 @@ def test_termination_message_becomes_a_measured_tier(
     assert tier["node"] == "edge-zone-a-0"
     assert tier["totalMs"] == round(summary["totalMs"], 3)
     assert tier["jobResult"] == "measured"
+    assert tier["message"].endswith("(2 repeats, each after 20 ms idle)")
     assert tier["gflops"] == 150.0
     measured = profiling.with_measurement(base, "edge", summary, "edge-zone-a-0")
     assert measured["measuredTiers"]["edge"]["segmentsMs"] == summary["segmentsMs"]
@@ -128,6 +132,8 @@ def test_termination_message_becomes_a_measured_tier(
         profiling.parse_summary(message, len(base["segments"]) + 1)
     with pytest.raises(ValueError, match="not a ProfileSummary"):
         profiling.parse_summary('{"kind": "Profile"}', 1)
+    with pytest.raises(ValueError, match="idleMs must be a non-negative number"):
+        profiling.parse_summary(json.dumps({**summary, "idleMs": "slow"}), len(base["segments"]))
 
 
 def _nodes() -> list[NodeState]:
@@ -237,6 +243,7 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
         "profile",
         "digits_cnn",
         "--repeats=5",
+        "--idle-ms=100",
         "-o",
         "json",
         "--termination-log",

@@ -56,7 +56,8 @@ def cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
     """Send the input `--requests` times (or for `--duration-s`), one at a time, binary in
-    and out; latencies, the device's split per request and each request's start time.
+    and out (each after `--pause-ms` idle); latencies, the device's split per request and
+    each request's start time.
     With several `--url`s the requests go to each in turn (`--counts` per URL), so that
     all see the same conditions; `per_url` has each one's latencies."""
     from edgeai_worker.profiler import post_timed
@@ -82,6 +83,7 @@ def cmd_client(args: argparse.Namespace) -> dict[str, Any]:
             if args.duration_s is None and i >= args.warmup + counts[j]:
                 continue
             body, headers = oip_body(x, f"bench-{os.getpid()}-{i}-{j}")  # workers dedupe ids
+            time.sleep(args.pause_ms / 1000.0)
             started = time.perf_counter()
             elapsed, resp, data = post_timed(conn, path, body, headers)
             if i >= args.warmup:
@@ -238,6 +240,7 @@ def main() -> None:
     c.add_argument("--counts", help="requests per --url, comma-separated (default --requests)")
     c.add_argument("--warmup", type=int, default=2)
     c.add_argument("--duration-s", type=float, help="send for this long instead")
+    c.add_argument("--pause-ms", type=float, default=0.0, help="idle before each request")
     c.set_defaults(func=cmd_client)
     e = sub.add_parser("echo-server")
     e.add_argument("--host", required=True)

@@ -1,6 +1,7 @@
 """Three network namespaces (device, edge, cloud) on a path joined by veth pairs, links
-shaped with `tc tbf`, and a CPU quota per tier (cgroup v1 `cpu` controller) so the
-device computes slower than the edge and the cloud on one host.
+shaped with `tc tbf`, and a CPU quota per tier (cgroup v1 `cpu` controller) or, for a
+tier with a `slowdown`, onnxruntime slowed by that factor in its Python processes
+(`slowcpu.py`), so the device computes slower than the edge and the cloud on one host.
 
     device 10.210.1.1 <-veth-> 10.210.1.2 edge 10.210.2.1 <-veth-> 10.210.2.2 cloud
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 PREFIX = "eai"
 TIERS = ("device", "edge", "cloud")
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+SLOWCPU = Path(__file__).resolve().parent / "slowcpu.py"
 CPU_PERIOD_US = 4_000  # short period (1 ms quota per 4 ms at 0.25 CPU): throttling in small slices
 
 
@@ -26,6 +28,7 @@ class TierSpec:
     name: str
     cpus: float | None  # CPU quota in cores; None: unlimited
     threads: int
+    slowdown: float = 1.0  # onnxruntime runs take this many times their CPU time
 
 
 @dataclass
@@ -50,7 +53,11 @@ class Topology:
         return CGROUP_ROOT / f"{PREFIX}-bench-{tier}"
 
     def wrap(self, tier: str, argv: Sequence[str], *, limit_cpu: bool = True) -> list[str]:
-        """A command line that runs `argv` in the tier's namespace (and CPU cgroup)."""
+        """A command line that runs `argv` in the tier's namespace (and CPU cgroup; a
+        Python program, at the tier's slowdown). `limit_cpu=False`: neither."""
+        slowdown = self.tiers[tier].slowdown
+        if limit_cpu and slowdown != 1.0 and argv[0] == sys.executable:
+            argv = [argv[0], str(SLOWCPU), f"{slowdown:g}", *argv[1:]]
         inner = ["ip", "netns", "exec", self.ns(tier), *argv]
         if not self.cgroups or not limit_cpu:
             return inner

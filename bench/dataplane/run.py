@@ -4,7 +4,8 @@
 
 Builds device, edge and cloud namespaces joined by veth (device<->edge shaped with
 `tc tbf` at each uplink rate in turn, edge<->cloud at the backhaul rate), gives each tier
-a CPU quota (device slowest), profiles the model per tier inside its namespace, asks the
+a CPU quota or slows its onnxruntime down (device slowest: 4x by default, see
+`slowcpu.py`), profiles the model per tier inside its namespace, asks the
 planner (`edgeai_operator.planner`) for a plan per uplink, runs it as real worker
 processes, and prints side by side:
 
@@ -444,6 +445,7 @@ def run_scenarios(
     from edgeai_operator.planner.plan import plan_partitions
     from edgeai_worker import zoo
     from edgeai_worker.graph import cut_points
+    from edgeai_worker.profiler import IDLE_MS
 
     model_path = zoo.export_onnx(model)
     cuts = cut_points(onnx.load(str(model_path)))
@@ -535,8 +537,12 @@ def run_scenarios(
             ]
             # The client is the device's application: in the device's namespace,
             # outside the device stage's CPU quota (the planner models the stages). It
-            # sends to the deployments in turn, so all see the same machine load.
+            # sends to the deployments in turn, so all see the same machine load, and
+            # each request after as much idleness as the profile's runs had: the
+            # planner predicts a request to an idle chain (back to back, on this host,
+            # the device computed up to 15 % faster in the row with the fastest turns).
             client_args = [a for url in urls for a in ("--url", url)]
+            client_args += ["--pause-ms", f"{IDLE_MS:g}"]
             agent(
                 topo, "device", "client", *client_args, "--input", str(input_path),
                 "--requests", "1", "--warmup", "2", limit_cpu=False,
@@ -704,7 +710,19 @@ def main() -> int:
         help="requests per tier measuring the fixed serving and forwarding overheads "
         "(0: the planner gets none)",
     )
-    parser.add_argument("--device-cpus", type=float, default=0.25)
+    parser.add_argument(
+        "--device-slowdown",
+        type=float,
+        default=4.0,
+        help="the device computes onnxruntime this many times slower than the host "
+        "(slowcpu.py; 1: host speed)",
+    )
+    parser.add_argument(
+        "--device-cpus",
+        type=float,
+        default=None,
+        help="a CFS quota for the device tier in CPUs (e.g. 0.25 with --device-slowdown 1)",
+    )
     parser.add_argument("--edge-cpus", type=float, default=1.0)
     parser.add_argument("--cloud-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "dataplane.json")
@@ -722,7 +740,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     uplinks = [float(u) for u in args.uplinks.split(",")]
     tiers = {
-        "device": TierSpec("device", args.device_cpus, 1),
+        "device": TierSpec("device", args.device_cpus, 1, args.device_slowdown),
         "edge": TierSpec("edge", args.edge_cpus, 1),
         "cloud": TierSpec("cloud", None, args.cloud_threads),
     }
@@ -778,7 +796,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         "tiers: "
         + ", ".join(
-            f"{t} {v['cpus'] or 'all'} CPU x{v['threads']} thread" for t, v in tiers.items()
+            f"{t} {v['cpus'] or 'all'} CPU x{v['threads']} thread"
+            + (f" onnxruntime {v['slowdown']:g}x slower" if v.get("slowdown", 1) != 1 else "")
+            for t, v in tiers.items()
         )
         + f"; cgroup CPU quotas {'on' if report['cgroups'] else 'OFF'}; "
         f"device<->edge shaped per row, edge<->cloud {report['backhaul_mbps']:g} Mbps (tc tbf)"

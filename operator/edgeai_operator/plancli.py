@@ -97,8 +97,18 @@ def profile_command(args: argparse.Namespace) -> int:
             f"must not be negative, got {args.serving_requests}",
             "an integer >= 0 (0 skips the measurement)",
         )
+    idle_ms = profiler.IDLE_MS if args.idle_ms is None else args.idle_ms
+    if not 0 <= idle_ms <= 10_000:
+        raise SpecError(
+            "--idle-ms", f"must be in 0-10000, got {args.idle_ms:g}", "milliseconds, 0-10000"
+        )
     profile = profiler.profile_model(
-        path, name=name, variant=args.variant, repeats=args.repeats, threads=args.threads
+        path,
+        name=name,
+        variant=args.variant,
+        repeats=args.repeats,
+        threads=args.threads,
+        idle_ms=idle_ms,
     )
     if args.serving_requests:
         overheads = profiler.serving_overheads(
@@ -149,6 +159,7 @@ def termination_summary(profile: dict[str, Any]) -> str:
             "model": profile["model"],
             "variant": profile.get("variant", "fp32"),
             "repeats": profile.get("repeats"),
+            "idleMs": profile.get("idleMs"),
             "hostGflops": profile["host"]["gflops"],
             "totalMs": round(float(profile["totalMs"]), 4),
             "segmentsMs": [round(float(s["measuredMs"]), digits) for s in profile["segments"]],
@@ -647,6 +658,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     profile.add_argument("--variant", default="fp32", help="fp32 or a compressed variant")
     profile.add_argument("--repeats", type=int, default=20, help="timed runs per segment")
     profile.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    profile.add_argument(
+        "--idle-ms",
+        type=float,
+        default=None,
+        help="idleness before each timed run, as a request finds a stage that is not "
+        "saturated (default 100; 0 times runs back to back)",
+    )
     profile.add_argument(
         "--serving-requests",
         type=int,

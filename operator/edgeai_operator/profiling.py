@@ -203,6 +203,7 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
                                 "profile",
                                 zoo_name(spec),
                                 f"--repeats={int(profile.get('repeats', 20))}",
+                                f"--idle-ms={int(profile.get('idleMs', 100))}",
                                 "-o",
                                 "json",
                                 "--termination-log",
@@ -231,7 +232,7 @@ def parse_summary(message: str, segments: int) -> dict[str, Any]:
     gflops = data.get("hostGflops")
     if not isinstance(gflops, int | float) or gflops <= 0:
         raise ValueError("hostGflops must be a positive number")
-    for key in OVERHEAD_KEYS:
+    for key in (*OVERHEAD_KEYS, "idleMs"):
         value = data.get(key)
         if value is not None and (not isinstance(value, int | float) or value < 0):
             raise ValueError(f"{key} must be a non-negative number")
@@ -271,6 +272,8 @@ def measured_tier(
     analytic: Mapping[str, Any], summary: Mapping[str, Any], node: str, job: str
 ) -> dict[str, Any]:
     """`status.tiers.<tier>` from a profiling Job's summary."""
+    idle_ms = summary.get("idleMs")
+    idle = "" if idle_ms is None else f", each after {idle_ms:g} ms idle"
     return {
         **analytic,
         "totalMs": round(float(summary["totalMs"]), 3),
@@ -279,7 +282,7 @@ def measured_tier(
         "hostGflops": float(summary["hostGflops"]),
         "job": job,
         "jobResult": "measured",
-        "message": f"measured by Job {job} on node {node} ({summary.get('repeats')} repeats)",
+        "message": f"measured by Job {job} on node {node} ({summary.get('repeats')} repeats{idle})",
     }
 
 
