@@ -265,8 +265,8 @@ def measure_overheads(
     """The tier's per-request serving and forwarding overheads, fixed and per MB (the
     profile's `servingMs`, `servingMsPerMB`, `forwardingMs`, `forwardingMsPerMB`): a
     real worker serving the profiler's tiny serving-probe model and a forward-only
-    worker in front of it, both inside the tier's namespace and CPU quota, and a client
-    in the namespace outside the quota (as the application, or the stage below, is)
+    worker in front of it, both inside the tier's namespace and CPU quota or slowdown, and
+    a client in the namespace outside them (as the application, or the stage below, is)
     sending binary requests with the model's input and with a one-element tensor to
     each in turn; then the fixed serving part calibrated on a worker serving the model
     itself, in the same quota (`profiler.calibrate_serving`). Also returns what the
@@ -347,7 +347,7 @@ def profile_tiers(
 ) -> tuple[Any, dict[str, Any], dict[str, dict[str, float]]]:
     """Profile the model's segments (chained, as shares of the whole model) and the
     serving and forwarding overheads (fixed and per MB) on every tier, inside its
-    namespace and CPU quota; the planner's layer graph and overheads from them
+    namespace and CPU quota or slowdown; the planner's layer graph and overheads from them
     (`OVERHEAD_FIELDS`: the `Problem` fields, tier -> ms)."""
     from edgeai_operator.planner.model import LayerGraph
 
@@ -357,7 +357,8 @@ def profile_tiers(
         spec = topo.tiers[tier]
         print(
             f"[bench] profiling {model} on {tier} "
-            f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s))",
+            f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s)"
+            + (f", onnxruntime {spec.slowdown:g}x slower)" if spec.slowdown != 1 else ")"),
             flush=True,
         )
         profiles[tier] = agent(
@@ -536,7 +537,7 @@ def run_scenarios(
                 for name in deployed
             ]
             # The client is the device's application: in the device's namespace,
-            # outside the device stage's CPU quota (the planner models the stages). It
+            # outside the device stage's slowdown (the planner models the stages). It
             # sends to the deployments in turn, so all see the same machine load, and
             # each request after as much idleness as the profile's runs had: the
             # planner predicts a request to an idle chain (back to back, on this host,
