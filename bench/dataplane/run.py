@@ -541,7 +541,7 @@ def run_scenarios(
             # sends to the deployments in turn, so all see the same machine load, and
             # each request after as much idleness as the profile's runs had: the
             # planner predicts a request to an idle chain (back to back, on this host,
-            # the device computed up to 15 % faster in the row with the fastest turns).
+            # the device computed up to 16 % faster in the row with the fastest turns).
             client_args = [a for url in urls for a in ("--url", url)]
             client_args += ["--pause-ms", f"{IDLE_MS:g}"]
             agent(
@@ -736,6 +736,11 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("error: needs root (ip netns, tc, cgroups)", file=sys.stderr)
+        return 2
+    if not args.device_slowdown >= 1:
+        print(
+            f"error: --device-slowdown must be >= 1, got {args.device_slowdown:g}", file=sys.stderr
+        )
         return 2
     # SIGTERM unwinds like Ctrl-C, so the namespaces and cgroups are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
