@@ -30,6 +30,10 @@ class TierSpec:
     threads: int
     slowdown: float = 1.0  # onnxruntime runs take this many times their CPU time
 
+    def describe(self) -> str:
+        slower = f" onnxruntime {self.slowdown:g}x slower" if self.slowdown != 1 else ""
+        return f"{self.cpus or 'all'} CPU x{self.threads} thread{slower}"
+
 
 @dataclass
 class Topology:

@@ -355,12 +355,7 @@ def profile_tiers(
     overheads: dict[str, dict[str, float]] = {field: {} for field in OVERHEAD_FIELDS}
     for tier in TIERS:
         spec = topo.tiers[tier]
-        print(
-            f"[bench] profiling {model} on {tier} "
-            f"({spec.cpus or 'all'} CPU, {spec.threads} thread(s)"
-            + (f", onnxruntime {spec.slowdown:g}x slower)" if spec.slowdown != 1 else ")"),
-            flush=True,
-        )
+        print(f"[bench] profiling {model} on {tier} ({spec.describe()})", flush=True)
         profiles[tier] = agent(
             topo, tier, "profile", "--model", str(model_path), "--threads", str(spec.threads),
             "--repeats", str(repeats),
@@ -801,11 +796,7 @@ def print_report(report: dict[str, Any]) -> None:
     print()
     print(
         "tiers: "
-        + ", ".join(
-            f"{t} {v['cpus'] or 'all'} CPU x{v['threads']} thread"
-            + (f" onnxruntime {v['slowdown']:g}x slower" if v.get("slowdown", 1) != 1 else "")
-            for t, v in tiers.items()
-        )
+        + ", ".join(f"{t} {TierSpec(**v).describe()}" for t, v in tiers.items())
         + f"; cgroup CPU quotas {'on' if report['cgroups'] else 'OFF'}; "
         f"device<->edge shaped per row, edge<->cloud {report['backhaul_mbps']:g} Mbps (tc tbf)"
     )

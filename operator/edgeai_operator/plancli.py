@@ -98,9 +98,10 @@ def profile_command(args: argparse.Namespace) -> int:
             "an integer >= 0 (0 skips the measurement)",
         )
     idle_ms = profiler.IDLE_MS if args.idle_ms is None else args.idle_ms
-    if not 0 <= idle_ms <= 10_000:
+    if not 0 <= idle_ms <= profiler.MAX_IDLE_MS:
+        bound = f"0-{profiler.MAX_IDLE_MS}"
         raise SpecError(
-            "--idle-ms", f"must be in 0-10000, got {args.idle_ms:g}", "milliseconds, 0-10000"
+            "--idle-ms", f"must be in {bound}, got {args.idle_ms:g}", f"milliseconds, {bound}"
         )
     profile = profiler.profile_model(
         path,

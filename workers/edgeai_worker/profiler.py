@@ -96,6 +96,7 @@ Progress = Callable[[str], None]
 # Idleness before each timed run (see the module docstring). The zoo's alexnet_like on
 # one thread: medians of 9.2-10.2 ms back to back, 11.4-12.3 ms after 20-500 ms idle.
 IDLE_MS = 100.0
+MAX_IDLE_MS = 10_000
 
 
 def stderr_progress(message: str) -> None:
@@ -198,8 +199,8 @@ def profile_model(
         model = onnx.load(str(model))
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not 0 <= idle_ms <= 10_000:
-        raise ValueError(f"idle_ms must be in 0-10000, got {idle_ms}")
+    if not 0 <= idle_ms <= MAX_IDLE_MS:
+        raise ValueError(f"idle_ms must be in 0-{MAX_IDLE_MS}, got {idle_ms}")
     idle_s = idle_ms / 1000.0
     say = progress or (lambda _: None)
     dag = onnx_graph.analyze(model)
