@@ -24,8 +24,8 @@ binaries: ## Build (or reuse) the pinned kube-apiserver, controller-manager, sch
 test: install binaries crds-check ## Run the whole test suite (unit, data plane, real control plane)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: install ## Tests that need neither the control plane nor network namespaces
-	$(PY) -m pytest -m "not cluster and not netns" $(PYTEST_ARGS)
+test-unit: install ## Tests that need no control plane
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check operator workers tests bench
