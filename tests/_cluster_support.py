@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import yaml
 
 from edgeai_operator.localcluster import LocalCluster
+from edgeai_operator.topology import parse_topology
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
@@ -20,11 +22,29 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90) -> Any:
         last = check()
         if last:
             return last
-        time.sleep(0.5)
+        time.sleep(0.5)  # the poll interval; each check is a kubectl call
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
 
 
-def get(cluster: LocalCluster, *args: str) -> Any:
+class Kubectl(Protocol):
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str: ...
+
+
+class Namespace:
+    """One test's namespace on the shared cluster: `kubectl` runs in it (cluster-scoped
+    objects such as nodes are unaffected), `cluster` is the control plane itself."""
+
+    def __init__(self, cluster: LocalCluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        return self.cluster.kubectl(
+            "--namespace", self.name, *args, input_text=input_text, check=check
+        )
+
+
+def get(cluster: Kubectl, *args: str) -> Any:
     """`kubectl get ARGS -o json`, parsed; None when the object does not exist."""
     out = cluster.kubectl("get", *args, "-o", "json", check=False)
     return json.loads(out) if out else None
@@ -35,5 +55,51 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
     return next((c for c in conds if c["type"] == type_), {})
 
 
-def apply(cluster: LocalCluster, *docs: dict[str, Any]) -> None:
+def apply(cluster: Kubectl, *docs: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
+
+
+@contextlib.contextmanager
+def annotated_nodes(
+    cluster: LocalCluster, nodes: list[str], key: str, value: str
+) -> Iterator[None]:
+    """Sets one annotation on shared (cluster-scoped) nodes for the block, then puts back
+    each node's earlier value, so no other test sees the change."""
+    saved = {n: get(cluster, "node", n)["metadata"].get("annotations", {}).get(key) for n in nodes}
+    try:
+        for node in nodes:
+            cluster.kubectl("annotate", "--overwrite", "node", node, f"{key}={value}")
+        yield
+    finally:
+        for node, old in saved.items():
+            if old is None:
+                cluster.kubectl("annotate", "node", node, f"{key}-")
+            else:
+                cluster.kubectl("annotate", "--overwrite", "node", node, f"{key}={old}")
+
+
+@contextlib.contextmanager
+def failed_node(cluster: LocalCluster, node: str, reason: str) -> Iterator[None]:
+    """`cluster.fail_node` for the block; afterwards the node is recovered and Ready again."""
+    try:
+        cluster.fail_node(node, reason=reason)
+        yield
+    finally:
+        cluster.recover_node(node)
+        wait_for(f"{node} Ready again", lambda: node in cluster.ready_nodes(), 60)
+
+
+@contextlib.contextmanager
+def spare_edge_node(cluster: LocalCluster, name: str, zone: str) -> Iterator[str]:
+    """One more edge server (a kwok node) in `zone` for the block; yields its node name.
+    Nodes are shared by every test: it is deleted afterwards, and waited for."""
+    group = {"name": name, "tier": "edge", "zones": [zone], "gflops": 150, "uplinkMbps": 100}
+    node = parse_topology({"kind": "Topology", "nodeGroups": [group | {"uplinkRttMs": 25}]})
+    spare = node.nodes[0]
+    cluster.kubectl("create", "-f", "-", input_text=yaml.safe_dump(spare.manifest()))
+    try:
+        wait_for(f"{spare.name} Ready", lambda: spare.name in cluster.ready_nodes())
+        yield spare.name
+    finally:
+        cluster.kubectl("delete", "node", spare.name, "--wait=false")
+        wait_for(f"{spare.name} gone", lambda: get(cluster, "node", spare.name) is None, 60)

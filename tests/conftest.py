@@ -1,9 +1,11 @@
 """Shared fixtures. `cluster` is a real control plane on loopback with kwok nodes from
-hack/topology.yaml, started once per session and torn down with every process."""
+hack/topology.yaml, started once per session and torn down with every process; `ns` is
+a namespace of the test's own on it, so no test sees another's objects."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from _cluster_support import Namespace, get, wait_for
 from edgeai_operator.localcluster import (
     DEFAULT_TOPOLOGY,
     REPO_ROOT,
@@ -32,6 +35,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local.stop()
     left = [name for name, pid in pids.items() if _alive(pid)]
     assert not left, f"control-plane processes left running: {left}"
+
+
+@pytest.fixture
+def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """A fresh namespace named after the test; deleted afterwards without waiting for
+    its objects to go (the operator's finalizers release them in the background)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{os.urandom(3).hex()}"
+    cluster.kubectl("create", "namespace", name)
+    namespace = Namespace(cluster, name)
+    # Pods are refused until the service-account controller has made `default`.
+    wait_for(f"namespace {name} ready", lambda: get(namespace, "serviceaccount", "default"), 30)
+    try:
+        yield namespace
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 class OperatorProcess:

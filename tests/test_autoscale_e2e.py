@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,78 +15,13 @@ import numpy as np
 import pytest
 import yaml
 
-from _cluster_support import get, wait_for
+from _cluster_support import Kubectl, Namespace, annotated_nodes, get, wait_for
+from _process_kubelet import ProcessKubelet
 from conftest import OperatorProcess
-from edgeai_operator.localcluster import LocalCluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Load for a minute, then a calm stable window: longer than the default timeout allows.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 NAME = "autoscaled"
-
-
-def _ready(ip: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{ip}:8080/v2/health/ready", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-class ProcessKubelet:
-    """Runs each Running pod of one workload as a real process on the pod's IP, with
-    the pod's own container args (plan path rewritten to a local copy)."""
-
-    def __init__(self, cluster: LocalCluster, selector: str, plan: Path, workdir: Path) -> None:
-        self.cluster, self.selector, self.plan, self.workdir = cluster, selector, plan, workdir
-        self.procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
-        self.ready: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> ProcessKubelet:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        for _, proc in self.procs.values():
-            proc.terminate()
-        for _, proc in self.procs.values():
-            proc.wait(timeout=20)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            pods = get(self.cluster, "pods", "-l", self.selector)["items"]
-            live = {}
-            for pod in pods:
-                ip = pod.get("status", {}).get("podIP")
-                if ip and not pod["metadata"].get("deletionTimestamp"):
-                    live[pod["metadata"]["name"]] = (ip, pod)
-            for name, (ip, pod) in live.items():
-                if name not in self.procs:
-                    args = pod["spec"]["containers"][0]["args"]
-                    args = [a for a in args if not a.startswith(("--plan", "--host", "--next"))]
-                    args += [
-                        f"--plan={self.plan}",
-                        f"--host={ip}",
-                        f"--workdir={self.workdir / name}",
-                    ]
-                    with (self.workdir / f"{name}.log").open("wb") as log:
-                        self.procs[name] = (
-                            ip,
-                            subprocess.Popen(
-                                [sys.executable, "-m", "edgeai_operator.cli", *args],
-                                stdout=log,
-                                stderr=subprocess.STDOUT,
-                            ),
-                        )
-            for name in list(self.procs):
-                if name not in live:
-                    _, proc = self.procs.pop(name)
-                    proc.terminate()
-                    proc.wait(timeout=20)
-            self.ready = [ip for ip, _ in self.procs.values() if _ready(ip)]
-            self._stop.wait(0.5)
 
 
 async def _load(
@@ -151,27 +81,23 @@ async def _load(
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
 
 
-@pytest.fixture
-def fast_uplink(cluster: LocalCluster) -> Iterator[None]:
-    devices = [
-        n["metadata"]["name"]
-        for n in get(cluster, "nodes", "-l", "edgeai.dev/tier=device")["items"]
-    ]
-    for node in devices:
-        cluster.kubectl("annotate", "--overwrite", "node", node, "edgeai.dev/uplink-mbps=300")
-    yield
-    for node in devices:
-        cluster.kubectl("annotate", "--overwrite", "node", node, "edgeai.dev/uplink-mbps=10")
-
-
-def _replicas(cluster: LocalCluster, workload: str) -> int:
+def _replicas(cluster: Kubectl, workload: str) -> int:
     obj = get(cluster, "deployment", workload)
     return int(obj["spec"]["replicas"]) if obj else 0
 
 
 def test_stage_scales_up_under_load_and_down_when_calm(
-    cluster: LocalCluster, operator: OperatorProcess, fast_uplink: None, tmp_path: Path
+    ns: Namespace, operator: OperatorProcess, tmp_path: Path
 ) -> None:
+    devices = [
+        n["metadata"]["name"]
+        for n in get(ns.cluster, "nodes", "-l", "edgeai.dev/tier=device")["items"]
+    ]
+    with annotated_nodes(ns.cluster, devices, "edgeai.dev/uplink-mbps", "300"):
+        _scale_up_and_down(ns, tmp_path)
+
+
+def _scale_up_and_down(cluster: Namespace, tmp_path: Path) -> None:
     cluster.kubectl(
         "apply",
         "-f",
@@ -181,7 +107,7 @@ def test_stage_scales_up_under_load_and_down_when_calm(
                 {
                     "apiVersion": "edgeai.dev/v1alpha1",
                     "kind": "DNNModel",
-                    "metadata": {"name": "alexnet-scaled", "namespace": "default"},
+                    "metadata": {"name": "alexnet-scaled"},
                     "spec": {
                         "source": {"zoo": "alexnet_like"},
                         "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
@@ -190,7 +116,7 @@ def test_stage_scales_up_under_load_and_down_when_calm(
                 {
                     "apiVersion": "edgeai.dev/v1alpha1",
                     "kind": "DNNDeployment",
-                    "metadata": {"name": NAME, "namespace": "default"},
+                    "metadata": {"name": NAME},
                     "spec": {
                         "modelRef": {"name": "alexnet-scaled"},
                         "slo": {"latencyP95Ms": 40},
@@ -213,10 +139,9 @@ def test_stage_scales_up_under_load_and_down_when_calm(
     plan_text = get(cluster, "configmap", f"{NAME}-plan")["data"]["plan-zone-a.yaml"]
     plan = yaml.safe_load(plan_text)
     edge_stage = next(s for s in plan["stages"] if s["tier"] == "edge")
-    (tmp_path / "plan.yaml").write_text(plan_text)
     selector = f"edgeai.dev/deployment={NAME},edgeai.dev/tier=edge,edgeai.dev/zone=zone-a"
     latencies: list[tuple[float, float, int]] = []
-    with ProcessKubelet(cluster, selector, tmp_path / "plan.yaml", tmp_path) as kubelet:
+    with ProcessKubelet(cluster, selector, tmp_path) as kubelet:
         wait_for("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
         assert kubelet.ready[0].startswith("127.244.")
         t0 = time.monotonic()
@@ -254,4 +179,3 @@ def test_stage_scales_up_under_load_and_down_when_calm(
         f"max replicas {scaled_up}; back to 1 after {calm:.0f}s\n"
         f"up: {ups}\ndown: {downs}"
     )
-    cluster.kubectl("delete", "dnnd", NAME, "--wait=false")

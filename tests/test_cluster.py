@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kubernetes import client, config, watch
 
+from _cluster_support import Namespace, failed_node, wait_for
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -41,7 +42,8 @@ def test_topology_nodes_ready_with_labels(cluster: LocalCluster) -> None:
     assert cluster.ready_nodes() >= {n["metadata"]["name"] for n in nodes}
 
 
-def test_crds_applied_and_served(cluster: LocalCluster) -> None:
+def test_crds_applied_and_served(ns: Namespace) -> None:
+    cluster = ns.cluster
     for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
     cluster.kubectl(
@@ -55,31 +57,32 @@ def test_crds_applied_and_served(cluster: LocalCluster) -> None:
     model = {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNModel",
-        "metadata": {"name": "digits", "namespace": "default"},
+        "metadata": {"name": "digits"},
         "spec": {
             "source": {"zoo": "digits_cnn"},
             "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
         },
     }
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(model))
-    got = json.loads(cluster.kubectl("get", "dnnm", "digits", "-o", "json"))
+    ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(model))
+    got = json.loads(ns.kubectl("get", "dnnm", "digits", "-o", "json"))
     assert got["spec"]["input"]["shape"] == [1, 1, 8, 8]
-    listed = cluster.kubectl("get", "edgeai", "-o", "name")
+    listed = ns.kubectl("get", "edgeai", "-o", "name")
     assert "dnnmodel.edgeai.dev/digits" in listed
     bad = dict(
         model,
-        metadata={"name": "bad", "namespace": "default"},
+        metadata={"name": "bad"},
         spec={**model["spec"], "source": {}},
     )
-    out = _kubectl_fails(cluster, "apply", "-f", "-", input_text=yaml.safe_dump(bad))
+    out = _kubectl_fails(ns, "apply", "-f", "-", input_text=yaml.safe_dump(bad))
     assert "spec.source: set exactly one of zoo or onnx" in out
 
 
-def _kubectl_fails(cluster: LocalCluster, *args: str, input_text: str) -> str:
+def _kubectl_fails(ns: Namespace, *args: str, input_text: str) -> str:
     import subprocess
 
+    cluster = ns.cluster
     result = subprocess.run(
-        [cluster.binary("kubectl"), "--kubeconfig", str(cluster.kubeconfig), *args],
+        [cluster.binary("kubectl"), "--kubeconfig", str(cluster.kubeconfig), "-n", ns.name, *args],
         input=input_text,
         capture_output=True,
         text=True,
@@ -89,13 +92,11 @@ def _kubectl_fails(cluster: LocalCluster, *args: str, input_text: str) -> str:
     return result.stderr
 
 
-def test_scheduler_binds_edge_affinity_pods_to_edge_nodes_running(
-    cluster: LocalCluster,
-) -> None:
+def test_scheduler_binds_edge_affinity_pods_to_edge_nodes_running(ns: Namespace) -> None:
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": "edge-only", "namespace": "default"},
+        "metadata": {"name": "edge-only"},
         "spec": {
             "replicas": 4,
             "selector": {"matchLabels": {"app": "edge-only"}},
@@ -130,9 +131,9 @@ def test_scheduler_binds_edge_affinity_pods_to_edge_nodes_running(
             },
         },
     }
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
-    cluster.kubectl("rollout", "status", "deployment/edge-only", "--timeout=60s")
-    pods = json.loads(cluster.kubectl("get", "pods", "-l", "app=edge-only", "-o", "json"))
+    ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
+    ns.kubectl("rollout", "status", "deployment/edge-only", "--timeout=60s")
+    pods = json.loads(ns.kubectl("get", "pods", "-l", "app=edge-only", "-o", "json"))
     assert len(pods["items"]) == 4
     edge_nodes = {"edge-zone-a-0", "edge-zone-b-0"}
     for pod in pods["items"]:
@@ -149,35 +150,32 @@ def test_node_not_ready_observed_through_watch(
     core = client.CoreV1Api(api)
     victim = "device-zone-b-2"
     start = core.list_node()
-    cluster.fail_node(victim, reason="PowerLost")
-    t0 = time.monotonic()
-    seen = None
-    stream = watch.Watch()
-    for event in stream.stream(
-        core.list_node,
-        resource_version=start.metadata.resource_version,
-        field_selector=f"metadata.name={victim}",
-        timeout_seconds=60,
-    ):
-        node = event["object"]
-        ready = next(c for c in node.status.conditions if c.type == "Ready")
-        if ready.status != "True":
-            seen = (event["type"], ready.status, ready.reason)
-            stream.stop()
-    assert seen == ("MODIFIED", "False", "PowerLost"), seen
-    print(f"node NotReady observed {time.monotonic() - t0:.1f}s after the failure")
-    # The real node-lifecycle controller reacts to it: the not-ready NoExecute taint.
-    deadline = time.monotonic() + 30
-    taints: list[str] = []
-    while time.monotonic() < deadline and "node.kubernetes.io/not-ready" not in taints:
-        taints = [t.key for t in (core.read_node(victim).spec.taints or [])]
-        time.sleep(0.5)
-    assert "node.kubernetes.io/not-ready" in taints
-    cluster.recover_node(victim)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and victim not in cluster.ready_nodes():
-        time.sleep(0.5)
-    assert victim in cluster.ready_nodes()
+    with failed_node(cluster, victim, "PowerLost"):
+        t0 = time.monotonic()
+        seen = None
+        stream = watch.Watch()
+        for event in stream.stream(
+            core.list_node,
+            resource_version=start.metadata.resource_version,
+            field_selector=f"metadata.name={victim}",
+            timeout_seconds=60,
+        ):
+            node = event["object"]
+            ready = next(c for c in node.status.conditions if c.type == "Ready")
+            if ready.status != "True":
+                seen = (event["type"], ready.status, ready.reason)
+                stream.stop()
+        assert seen == ("MODIFIED", "False", "PowerLost"), seen
+        print(f"node NotReady observed {time.monotonic() - t0:.1f}s after the failure")
+        # The real node-lifecycle controller reacts to it: the not-ready NoExecute taint.
+        wait_for(
+            "the not-ready taint",
+            lambda: (
+                "node.kubernetes.io/not-ready"
+                in [t.key for t in (core.read_node(victim).spec.taints or [])]
+            ),
+            30,
+        )
 
 
 def test_kubeconfig_points_at_loopback(cluster: LocalCluster) -> None:

@@ -1,0 +1,370 @@
+"""A kubelet and a kube-proxy for kwok pods, as far as the cluster tests need them.
+
+kwok simulates a pod's lifecycle without running anything. `ProcessKubelet` runs each
+selected pod's own container args (`edgeai run-stage ...`) as a real process on the
+pod's IP (kwok hands them out from 127.244.0.0/16, all loopback), with the plan
+ConfigMap the pod mounts written to a local directory, and stops the process (SIGTERM,
+as a kubelet does) once the pod is being deleted. A failed node's kubelet stops
+reporting but its containers keep running: so does a process here, until its pod is
+deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's own
+readinessProbe against its process and writes the outcome to the pod's Ready condition,
+so the endpoint-slice controller only lists processes that answer.
+
+`ServiceProxy` does what kube-proxy does for the namespace's Services: each Service
+gets a loopback address, and each connection to it goes to one Ready endpoint of the
+Service's EndpointSlices (round robin), as kube-proxy's iptables rules do; with none it
+closes the connection, as kube-proxy's reject rule does. A pod's `--next` names the
+Service by its DNS name, which nothing here resolves: the kubelet rewrites that host to
+the Service's loopback address.
+
+Both follow the API server through watches (`Informer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from _cluster_support import Namespace
+
+Obj = dict[str, Any]
+
+
+class Informer:
+    """The objects of one kind in one namespace, kept current by a list and a watch on
+    the API server in a thread; `on_change(objects)` runs after every change."""
+
+    def __init__(
+        self,
+        ns: Namespace,
+        list_fn: Callable[[client.ApiClient], Callable[..., Any]],
+        selector: str = "",
+        on_change: Callable[[dict[str, Obj]], None] | None = None,
+    ) -> None:
+        self.api = config.new_client_from_config(config_file=str(ns.cluster.kubeconfig))
+        self.list = list_fn(self.api)
+        self.namespace, self.selector, self.on_change = ns.name, selector, on_change
+        self.objects: dict[str, Obj] = {}
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Informer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        self.api.close()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(dict(self.objects))
+
+    def _run(self) -> None:
+        version = ""
+        while not self._stop.is_set():
+            if not version:
+                resp = self.list(
+                    self.namespace, label_selector=self.selector, _preload_content=False
+                )
+                listed = json.loads(resp.data)
+                self.objects = {o["metadata"]["name"]: o for o in listed["items"]}
+                version = listed["metadata"]["resourceVersion"]
+                self._changed()
+                self.synced.set()
+            try:
+                version = self._watch(version)
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+                version = ""  # the version expired: list afresh
+
+    def _watch(self, version: str) -> str:
+        """Applies watch events from `version` on; returns the version to go on from."""
+        # A short server-side timeout: the loop sees `stop` within it.
+        for event in watch.Watch().stream(
+            self.list,
+            self.namespace,
+            label_selector=self.selector,
+            resource_version=version,
+            timeout_seconds=2,
+            allow_watch_bookmarks=True,
+        ):
+            obj = event["raw_object"]
+            version = obj["metadata"]["resourceVersion"]
+            if event["type"] == "DELETED":
+                self.objects.pop(obj["metadata"]["name"], None)
+            elif event["type"] != "BOOKMARK":
+                self.objects[obj["metadata"]["name"]] = obj
+            if event["type"] != "BOOKMARK":
+                self._changed()
+            if self._stop.is_set():
+                break
+        return version
+
+
+def is_ready(pod: Obj) -> bool:
+    """The pod's Ready condition is True and it is not being deleted."""
+    conds = pod.get("status", {}).get("conditions") or []
+    return not pod["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in conds
+    )
+
+
+class ServiceProxy:
+    """kube-proxy for one namespace's Services, on loopback addresses 127.245.0.x."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+        self.addresses: dict[str, str] = {}  # Service name -> its loopback address
+        self.rejected = 0  # connections closed for want of a Ready endpoint
+        self._endpoints: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        self._rotation = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.Server] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._services = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_service)
+        self._services.on_change = self._on_services
+        self._slices = Informer(
+            ns, lambda a: client.DiscoveryV1Api(a).list_namespaced_endpoint_slice
+        )
+        self._slices.on_change = self._on_slices
+
+    def __enter__(self) -> ServiceProxy:
+        self._thread.start()
+        self._services.start()
+        self._slices.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._services.stop()
+        self._slices.stop()
+        for server in self._servers:
+            self._loop.call_soon_threadsafe(server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def url(self, url: str) -> str | None:
+        """`url` with a Service's DNS name replaced by its address; None if unknown yet."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        name, _, rest = host.partition(".")
+        if rest not in ("", f"{self.ns.name}.svc", f"{self.ns.name}.svc.cluster.local"):
+            return url
+        if name not in self.addresses:
+            return None
+        netloc = self.addresses[name] + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def _on_services(self, services: dict[str, Obj]) -> None:
+        for name, svc in services.items():
+            if name not in self.addresses:
+                address = f"127.245.0.{len(self.addresses) + 1}"
+                for port in svc["spec"]["ports"]:
+                    started = asyncio.run_coroutine_threadsafe(
+                        self._listen(name, address, port["port"], port.get("name", "")),
+                        self._loop,
+                    )
+                    self._servers.append(started.result(timeout=10))
+                self.addresses[name] = address
+
+    def _on_slices(self, slices: dict[str, Obj]) -> None:
+        endpoints: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        for eps in slices.values():
+            service = eps["metadata"].get("labels", {}).get("kubernetes.io/service-name")
+            by_port = endpoints.setdefault(service, {})
+            for port in eps.get("ports") or []:
+                targets = by_port.setdefault(port.get("name", ""), [])
+                for ep in eps.get("endpoints") or []:
+                    # Unset means ready (discovery.k8s.io/v1); kube-proxy reads it so.
+                    if ep.get("conditions", {}).get("ready") is not False:
+                        targets += [(a, int(port["port"])) for a in ep["addresses"]]
+        self._endpoints = endpoints
+
+    async def _listen(self, service: str, address: str, port: int, port_name: str) -> Any:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            targets = self._endpoints.get(service, {}).get(port_name, [])
+            if not targets:
+                self.rejected += 1
+                writer.close()
+                return
+            ip, target_port = targets[next(self._rotation) % len(targets)]
+            try:
+                up_reader, up_writer = await asyncio.open_connection(ip, target_port)
+            except OSError:
+                writer.close()  # the endpoint's process is gone: the client sees a reset
+                return
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        return await asyncio.start_server(handle, address, port)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+def _probe_ok(pod: Obj, ip: str) -> bool:
+    container = pod["spec"]["containers"][0]
+    probe = container["readinessProbe"]["httpGet"]
+    port = probe["port"]
+    if isinstance(port, str):  # a named container port
+        port = next(p["containerPort"] for p in container["ports"] if p.get("name") == port)
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}{probe['path']}", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class ProcessKubelet:
+    """Runs the selected pods of one namespace as real processes on their pod IPs."""
+
+    def __init__(
+        self, ns: Namespace, selector: str, workdir: Path, proxy: ServiceProxy | None = None
+    ) -> None:
+        self.ns, self.workdir, self.proxy = ns, workdir, proxy
+        self.procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+        self.serving: dict[str, bool] = {}  # pod name -> its process passes the probe
+        self._reported: dict[str, bool] = {}  # pod name -> Ready written to the API
+        self._stopping: list[threading.Thread] = []
+        self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod, selector)
+        self._core = client.CoreV1Api(self._pods.api)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @property
+    def ready(self) -> list[str]:
+        """IPs of the pods whose processes pass their readiness probe."""
+        return [self.procs[n][0] for n, ok in list(self.serving.items()) if ok and n in self.procs]
+
+    def __enter__(self) -> ProcessKubelet:
+        self._pods.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._pods.stop()
+        for name in list(self.procs):
+            self._kill(name)
+        for thread in self._stopping:
+            thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        self._pods.synced.wait(30)
+        while not self._stop.is_set():
+            pods = dict(self._pods.objects)
+            for name, pod in pods.items():
+                ip = pod.get("status", {}).get("podIP")
+                if ip and not pod["metadata"].get("deletionTimestamp") and name not in self.procs:
+                    self._start(name, ip, pod)
+            for name in list(self.procs):
+                pod = pods.get(name)
+                if pod is None or pod["metadata"].get("deletionTimestamp"):
+                    self._kill(name)
+                else:
+                    self._probe(name, pod)
+            # The probe period: each pass probes every process once.
+            self._stop.wait(0.2)
+
+    def _args(self, name: str, ip: str, pod: Obj) -> list[str] | None:
+        container = pod["spec"]["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+        local: dict[str, Path] = {}
+        for volume in pod["spec"].get("volumes", []):
+            if "configMap" in volume and volume["name"] in mounts:
+                cm = self._core.read_namespaced_config_map(
+                    volume["configMap"]["name"], self.ns.name
+                )
+                path = self.workdir / name / volume["name"]
+                path.mkdir(parents=True, exist_ok=True)
+                for key, text in (cm.data or {}).items():
+                    (path / key).write_text(text)
+                local[mounts[volume["name"]]] = path
+        args: list[str] = []
+        for arg in container["args"]:
+            flag, _, value = arg.partition("=")
+            if flag == "--host":
+                value = ip
+            elif flag == "--next":
+                if self.proxy is None:
+                    raise AssertionError(
+                        f"pod {name} forwards to {value}: give the kubelet a proxy"
+                    )
+                resolved = self.proxy.url(value)
+                if resolved is None:
+                    return None  # the Service is not known yet: try on the next pass
+                value = resolved
+            for mount, path in local.items():
+                if value.startswith(mount + "/"):
+                    value = str(path) + value[len(mount) :]
+            args.append(f"{flag}={value}" if value else arg)
+        return [*args, f"--workdir={self.workdir / name / 'work'}"]
+
+    def _start(self, name: str, ip: str, pod: Obj) -> None:
+        args = self._args(name, ip, pod)
+        if args is None:
+            return
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeai_operator.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = (ip, proc)
+
+    def _probe(self, name: str, pod: Obj) -> None:
+        ip, _ = self.procs[name]
+        ok = _probe_ok(pod, ip)
+        self.serving[name] = ok
+        # Like a kubelet, write only what changed, and only once the container runs
+        # (kwok's pod-ready stage); a failed node's pods are left as the node
+        # controller marked them, since this process's result did not change.
+        if pod["status"].get("phase") != "Running" or self._reported.get(name) == ok:
+            return
+        status = "True" if ok else "False"
+        self._core.patch_namespaced_pod_status(
+            name,
+            self.ns.name,
+            {
+                "status": {
+                    "conditions": [
+                        {"type": "Ready", "status": status},
+                        {"type": "ContainersReady", "status": status},
+                    ]
+                }
+            },
+            _content_type="application/strategic-merge-patch+json",
+        )
+        self._reported[name] = ok
+
+    def _kill(self, name: str) -> None:
+        _, proc = self.procs.pop(name)
+        self.serving.pop(name, None)
+        proc.terminate()
+        # The worker drains its requests before it exits; do not hold up the loop.
+        thread = threading.Thread(target=proc.wait, kwargs={"timeout": 30}, daemon=True)
+        thread.start()
+        self._stopping.append(thread)
