@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from _worker_support import ChainModel, Worker, build_conv_chain, run_onnx, start_worker
-from edgeai_worker.app import create_app
-from edgeai_worker.config import WorkerConfig
+from edgeai_worker.app import STATE, create_app
+from edgeai_worker.config import WorkerConfig, load_config
 from edgeai_worker.protocol import HEADER_LENGTH
 
 MAX_BODY = 256 * 1024
@@ -73,6 +73,70 @@ def _binary_request(x: np.ndarray, **extra: Any) -> tuple[bytes, dict[str, str]]
 
 
 # --------------------------------------------------------------------- in-process
+
+
+async def _until(condition: Any, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize(("default_priority", "served"), [(5, [0, 2, 1]), (0, [0, 1, 2])])
+async def test_a_saturated_stage_queues_a_request_without_priority_at_its_default(
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    model: ChainModel,
+    x: np.ndarray,
+    default_priority: int,
+    served: list[int],
+) -> None:
+    """Request 1 carries priority 1, request 2 none: at a stage whose default priority
+    is 5 request 2 runs first; at default 0 it runs after request 1."""
+    from edgeai_worker.runtime import Partition
+
+    gate = threading.Event()
+    order: list[int] = []
+    run = Partition.run
+
+    def gated(self: Partition, feeds: Any) -> Any:
+        order.append(int(feeds["input"][0, 0, 0, 0]))
+        if len(order) == 1:
+            gate.wait(10)  # the first request holds the stage busy while the others queue
+        return run(self, feeds)
+
+    monkeypatch.setattr(Partition, "run", gated)
+    config = WorkerConfig(
+        model_name="chain", partitions=(model.path,), default_priority=default_priority
+    )
+    app = create_app(config)
+    client = await aiohttp_client(app)
+
+    def post(tag: int, **parameters: int) -> Any:
+        tagged = x.copy()
+        tagged[0, 0, 0, 0] = tag
+        body = _json_request(tagged, parameters=parameters) if parameters else _json_request(tagged)
+        return asyncio.create_task(client.post("/v2/models/chain/infer", json=body))
+
+    busy = post(0)
+    await _until(lambda: order == [0], "the first request to run")
+    batcher = app[STATE].batcher
+    queued = [post(1, priority=1)]
+    await _until(lambda: batcher.depth == 1, "request 1 to queue")
+    queued.append(post(2))
+    await _until(lambda: batcher.depth == 2, "request 2 to queue")
+    gate.set()
+    responses = await asyncio.gather(busy, *queued)
+    assert [r.status for r in responses] == [200, 200, 200]
+    assert order == served
+
+
+def test_default_priority_is_read_from_a_stage_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "stage.yaml"
+    path.write_text("defaultPriority: 7\n")
+    assert load_config(path, environ={}).default_priority == 7
+    assert load_config(None, environ={"EDGEAI_DEFAULT_PRIORITY": "3"}).default_priority == 3
 
 
 async def test_metadata_health_and_json_inference(

@@ -415,8 +415,12 @@ async def probe(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _priority_and_deadline(request: InferRequest, arrived: float) -> tuple[int, float | None]:
-    priority = request.parameters.get("priority", 0)
+def _priority_and_deadline(
+    request: InferRequest, arrived: float, default_priority: int
+) -> tuple[int, float | None]:
+    """The request's queue priority (its own `parameters.priority`, else the stage's
+    default) and its deadline in `time.monotonic()` seconds, if it set a timeout."""
+    priority = request.parameters.get("priority", default_priority)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ProtocolError(f"parameters.priority must be an integer, got {priority!r:.40}")
     timeout_us = request.parameters.get("timeout")
@@ -513,7 +517,7 @@ async def _serve(
     state: WorkerState, request: InferRequest, arrived: float, compute: list[float]
 ) -> InferResponse:
     config = state.config
-    priority, deadline = _priority_and_deadline(request, arrived)
+    priority, deadline = _priority_and_deadline(request, arrived, config.default_priority)
     frame: Array | None = None
     if state.device is not None:
         frame = request.inputs[0].array
@@ -535,7 +539,8 @@ async def _serve(
         )
     else:
         parameters: dict[str, Any] = {"binary_data_output": True}
-        if priority:
+        # the next stage queues it as this one did, whatever that stage's default
+        if priority or "priority" in request.parameters:
             parameters["priority"] = priority
         if deadline is not None:
             parameters["timeout"] = max(0, int((deadline - time.monotonic()) * 1e6))

@@ -63,6 +63,9 @@ class WorkerConfig:
     intra_op_threads: int = 1
     shutdown_grace_s: float = 10.0
     dedupe_entries: int = 1024
+    # The queue priority of a request that carries no `parameters.priority` (the
+    # deployment's spec.priority): a saturated stage serves higher priorities first.
+    default_priority: int = 0
     # Device stage.
     splits: tuple[SplitOption, ...] = ()
     uplink_mbps: float | None = None  # fixed uplink instead of measuring it
@@ -135,6 +138,7 @@ _ALIASES = {
     "maxBodyBytes": "max_body_bytes",
     "intraOpThreads": "intra_op_threads",
     "shutdownGraceS": "shutdown_grace_s",
+    "defaultPriority": "default_priority",
     "uplinkMbps": "uplink_mbps",
     "uplinkProbeIntervalS": "uplink_probe_interval_s",
     "skipUnchangedThreshold": "skip_unchanged_threshold",
