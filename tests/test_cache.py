@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeai_operator.cache import WatchCache
-from edgeai_operator.reconcile import DeploymentState, _scrape
+from edgeai_operator.reconcile import scrape_pods
 
 
 class CountingView:
@@ -101,22 +101,79 @@ def test_pods_are_found_by_label_and_follow_relabels_and_deletes() -> None:
     assert cache.sizes() == (0, 2)
 
 
+def _running(name: str, ip: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {"phase": "Running", "podIP": ip}}
+
+
 def test_a_pod_that_does_not_answer_is_backed_off_then_retried() -> None:
     answers: dict[str, str | None] = {"127.244.0.9": None}
     calls: list[float] = []
-    clock = [0.0]
 
     def scrape(ip: str) -> str | None:
-        calls.append(clock[0])
+        calls.append(clock)
         return answers[ip]
 
-    state = DeploymentState()
+    backoff: dict[tuple[str, str], tuple[int, float]] = {}
+    pods = [_running("p", "127.244.0.9")]
     for t in range(0, 80):
-        clock[0] = float(t)
-        assert _scrape(state, scrape, "p", "127.244.0.9", float(t)) is None
+        clock = float(t)
+        scrapes, backoff = scrape_pods(pods, backoff, scrape, clock)
+        assert scrapes == {}
     # tried at 0, then after 2, 4, 8, 16, 30, 30 s: not 80 times
     assert calls == [0.0, 2.0, 6.0, 14.0, 30.0, 60.0]
     answers["127.244.0.9"] = "edgeai_requests_total 3\n"
-    clock[0] = 90.0
-    assert _scrape(state, scrape, "p", "127.244.0.9", 90.0) is not None
-    assert state.scrape_backoff == {}  # answered: no back-off left
+    clock = 90.0
+    scrapes, backoff = scrape_pods(pods, backoff, scrape, clock)
+    assert set(scrapes) == {"p"}
+    assert backoff == {}  # answered: no back-off left
+
+
+def test_a_gone_pod_leaves_no_back_off() -> None:
+    backoff = {("gone", "127.244.0.8"): (3, 100.0)}
+    _, left = scrape_pods([_running("p", "127.244.0.9")], backoff, lambda ip: "", 5.0)
+    assert left == {}
+
+
+def test_workloads_are_found_by_the_deployments_they_serve() -> None:
+    cache = WatchCache(fallback=CountingView({}))
+    own = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": "cam-device-a",
+            "namespace": "ns",
+            "generation": 1,
+            "labels": {"edgeai.dev/deployment": "cam"},
+        },
+    }
+    shared = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "m-shared-edge-a-1",
+            "namespace": "ns",
+            "generation": 1,
+            "labels": {"edgeai.dev/shared": "true"},
+            "owner_references": [
+                {"kind": "DNNDeployment", "name": "cam", "uid": "1"},
+                {"kind": "DNNDeployment", "name": "door", "uid": "2"},
+            ],
+        },
+    }
+    cache.put_workload(own)
+    cache.put_workload(shared)
+    assert [w["metadata"]["name"] for w in cache.workloads_of("ns", "cam")] == [
+        "cam-device-a",
+        "m-shared-edge-a-1",
+    ]
+    assert [w["metadata"]["name"] for w in cache.workloads_of("ns", "door")] == [
+        "m-shared-edge-a-1"
+    ]
+    # a user leaves the shared stage: it no longer serves that user
+    shared["metadata"]["owner_references"] = shared["metadata"]["owner_references"][1:]
+    shared["metadata"]["generation"] = 2
+    cache.put_workload(shared)
+    assert [w["metadata"]["name"] for w in cache.workloads_of("ns", "cam")] == ["cam-device-a"]
+    cache.drop_workload("ns", "Deployment", "m-shared-edge-a-1")
+    assert cache.workloads_of("ns", "door") == []
+    assert cache.workloads_of("other", "cam") == []

@@ -23,6 +23,12 @@ class ClusterView(Protocol):
 
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]: ...
 
+    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]: ...
+
+    def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]: ...
+
+    def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]: ...
+
     def remember(self, obj: Mapping[str, Any]) -> None: ...
 
 
@@ -37,13 +43,48 @@ class LiveView:
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
         return k8s.list_objects("v1", "Pod", namespace, f"{label}={value}")
 
+    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        own = f"{DEPLOYMENT_LABEL}={deployment}"
+        found = [
+            item
+            for api_version, kind in WORKLOADS
+            for item in k8s.list_objects(api_version, kind, namespace, own)
+        ]
+        shared = k8s.list_objects("apps/v1", "Deployment", namespace, f"{SHARED_LABEL}=true")
+        return found + [w for w in shared if deployment in owner_names(w)]
+
+    def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
+        return list(k8s.owned_children(namespace, deployment))
+
+    def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]:
+        return list(k8s.shared_children_of(namespace, uid))
+
     def remember(self, obj: Mapping[str, Any]) -> None:
         return None
 
 
+DEPLOYMENT_LABEL = "edgeai.dev/deployment"
+SHARED_LABEL = "edgeai.dev/shared"
+WORKLOADS = (("apps/v1", "Deployment"), ("apps/v1", "DaemonSet"))
+
+
+def owner_names(body: Mapping[str, Any]) -> set[str]:
+    """The DNNDeployments a workload serves: its deployment label, and every
+    DNNDeployment among its ownerReferences (a shared stage lists each user)."""
+    meta = body.get("metadata") or {}
+    refs = meta.get("ownerReferences") or meta.get("owner_references") or []
+    names = {str(r.get("name")) for r in refs if r.get("kind") == "DNNDeployment"}
+    label = (meta.get("labels") or {}).get(DEPLOYMENT_LABEL)
+    if label:
+        names.add(str(label))
+    return names
+
+
 def _slim(body: Mapping[str, Any], spec_keys: tuple[str, ...]) -> dict[str, Any]:
     """The parts a pass reads, so the cache holds kilobytes, not pod templates."""
-    meta = body.get("metadata") or {}
+    meta = dict(body.get("metadata") or {})
+    if "ownerReferences" not in meta and "owner_references" in meta:
+        meta["ownerReferences"] = meta["owner_references"]  # the client's snake_case
     spec = body.get("spec") or {}
     return {
         "apiVersion": body.get("apiVersion") or body.get("api_version"),
@@ -75,6 +116,8 @@ class WatchCache:
         self._pods: dict[tuple[str, str], dict[str, Any]] = {}
         # (namespace, label, value) -> names of the pods carrying it
         self._pods_by_label: dict[tuple[str, str, str], set[str]] = {}
+        # (namespace, DNNDeployment) -> (kind, name) of the workloads serving it
+        self._workloads_by_owner: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._fallback = fallback or LiveView()
 
     # -- fed by the watches -------------------------------------------------------
@@ -88,12 +131,24 @@ class WatchCache:
             # A watch event older than what an apply returned must not win.
             if old is not None and _generation(old) > _generation(slim):
                 return old
+            self._unindex_workload(key)
             self._workloads[key] = slim
+            for owner in owner_names(slim):
+                self._workloads_by_owner.setdefault((key[0], owner), set()).add(key[1:])
             return old
 
     def drop_workload(self, namespace: str, kind: str, name: str) -> None:
         with self._lock:
+            self._unindex_workload((namespace, kind, name))
             self._workloads.pop((namespace, kind, name), None)
+
+    def _unindex_workload(self, key: tuple[str, str, str]) -> None:
+        for owner in owner_names(self._workloads.get(key) or {}):
+            keys = self._workloads_by_owner.get((key[0], owner))
+            if keys is not None:
+                keys.discard(key[1:])
+                if not keys:
+                    del self._workloads_by_owner[(key[0], owner)]
 
     def put_pod(self, body: Mapping[str, Any]) -> None:
         slim = _slim(body, ())
@@ -136,6 +191,17 @@ class WatchCache:
         with self._lock:
             names = sorted(self._pods_by_label.get((namespace, label, value), ()))
             return [self._pods[(namespace, name)] for name in names]
+
+    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        with self._lock:
+            keys = sorted(self._workloads_by_owner.get((namespace, deployment), ()))
+            return [self._workloads[(namespace, kind, name)] for kind, name in keys]
+
+    def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
+        return self._fallback.owned_children(namespace, deployment)
+
+    def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]:
+        return self._fallback.shared_children_of(namespace, uid)
 
     def remember(self, obj: Mapping[str, Any]) -> None:
         """Records what an apply or a live read returned (a newer generation than the

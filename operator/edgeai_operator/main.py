@@ -11,9 +11,9 @@ from typing import Any
 import kopf
 
 from edgeai_operator import API_GROUP, opmetrics
+from edgeai_operator.context import MEMO_KEY, OperatorContext, Settings, context_of
 
 FINALIZER = f"{API_GROUP}/finalizer"
-_metrics_port: int | None = None
 
 
 @kopf.on.startup()
@@ -39,8 +39,9 @@ async def widen_thread_pool(**_: Any) -> None:
 
 @kopf.on.startup()
 async def start_metrics(memo: kopf.Memo, **_: Any) -> None:
-    if _metrics_port:
-        memo["metrics_runner"] = await opmetrics.start_server(_metrics_port)
+    port = context_of(memo).settings.metrics_port
+    if port:
+        memo["metrics_runner"] = await opmetrics.start_server(port)
 
 
 @kopf.on.cleanup()
@@ -51,10 +52,10 @@ async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    global _metrics_port
-    import edgeai_operator.handlers  # noqa: F401  (registers the handlers)
+    from edgeai_operator import handlers  # registers the handlers
 
-    _metrics_port = args.metrics_port
+    settings = Settings.from_env(metrics_port=args.metrics_port)
+    handlers.models.register_timers(settings.profile_poll_s)
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
@@ -66,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
             standalone=args.peering is None,
             peering_name=args.peering,
             liveness_endpoint=args.liveness,
+            memo=kopf.Memo({MEMO_KEY: OperatorContext(settings=settings)}),
         )
     )
     return 0

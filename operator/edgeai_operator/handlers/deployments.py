@@ -1,48 +1,91 @@
 """DNNDeployment: one daemon per object runs reconcile passes (reconcile.py) when the
-spec, its model or a node changes, and every RESYNC_S seconds otherwise."""
+spec, its model or a node changes, and every `resync_s` seconds otherwise."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from typing import Any
 
 import kopf
 
 from edgeai_operator import API_GROUP, API_VERSION, opmetrics
-from edgeai_operator.builders import DEFAULT_IMAGE
-from edgeai_operator.handlers import nodes, wakeups
+from edgeai_operator.context import OperatorContext, context_of
+from edgeai_operator.decide import DeploymentState, Event
 from edgeai_operator.handlers.nodes import all_nodes
-from edgeai_operator.handlers.workloads import CACHE
 from edgeai_operator.planning import NodeState
-from edgeai_operator.reconcile import DeploymentState, reconcile
-
-RESYNC_S = float(os.environ.get("EDGEAI_RESYNC_SECONDS", "10"))
-# A wake-up waits this long for the rest of its burst (a rollout's status updates, a
-# node change waking every daemon), so one pass answers them all.
-DEBOUNCE_S = float(os.environ.get("EDGEAI_DEBOUNCE_SECONDS", "0.5"))
-
-
-_generations: dict[tuple[str, str], Any] = {}
+from edgeai_operator.reconcile import reconcile
+from edgeai_operator.writer import KubeWriter
 
 
 @kopf.on.event(API_GROUP, API_VERSION, "dnndeployments")
 async def spec_changed(
-    type: str | None, name: str, namespace: str | None, meta: kopf.Meta, **_: Any
+    type: str | None,
+    name: str,
+    namespace: str | None,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     """A new generation (a spec change) wakes the daemon. An event handler, not an
     update handler: it keeps no last-handled state in the object, so kopf writes
     nothing to a DNNDeployment but its finalizer."""
+    ctx = context_of(memo)
     key = (namespace or "", name)
     if type == "DELETED":
-        _generations.pop(key, None)
+        ctx.generations.pop(key, None)
         return
     generation = meta.get("generation")
-    if _generations.get(key) != generation:
-        _generations[key] = generation
-        wakeups.wake(*key)
+    if ctx.generations.get(key) != generation:
+        ctx.generations[key] = generation
+        ctx.wakeups.wake(*key)
+
+
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.get("metadata", {})),
+        "spec": dict(body.get("spec", {})),
+        "status": dict(body.get("status", {})),
+    }
+
+
+async def _pass(
+    ctx: OperatorContext,
+    body: kopf.Body,
+    state: DeploymentState,
+    profiles: list[dict[str, Any]] | None,
+    nodes: list[NodeState],
+    logger: kopf.Logger,
+) -> DeploymentState:
+    """One reconcile pass in a thread; its Events are posted here (kopf knows the
+    object). A pass that raised keeps the old state: the next pass retries."""
+    events: list[Event] = []
+    started = time.monotonic()
+    try:
+        decision = await asyncio.to_thread(
+            reconcile,
+            _snapshot(body),
+            profiles,
+            nodes,
+            state,
+            KubeWriter(events.append),
+            ctx.cache,
+            image=ctx.settings.worker_image,
+            node_epoch=ctx.nodes.epoch,
+        )
+        state = decision.state
+    except Exception as exc:  # keep the daemon alive
+        opmetrics.inc("edgeai_operator_reconcile_errors_total")
+        logger.exception(f"reconcile failed: {exc}")
+        events.append(Event("Warning", "ReconcileFailed", str(exc)[:1000]))
+    opmetrics.inc("edgeai_operator_reconciles_total")
+    opmetrics.observe_reconcile(time.monotonic() - started)
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    return state
 
 
 @kopf.daemon(API_GROUP, API_VERSION, "dnndeployments", cancellation_timeout=10)
@@ -52,60 +95,29 @@ async def run_deployment(
     body: kopf.Body,
     stopped: kopf.DaemonStopped,
     logger: kopf.Logger,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     # kopf passes each index as a keyword named after its function.
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
     model_index: kopf.Index[tuple[str, str], list[dict[str, Any]]] = kwargs["model_index"]
+    ctx = context_of(memo)
     namespace = namespace or "default"  # DNNDeployment is namespaced
     state = DeploymentState()
-    wake = wakeups.event_for(namespace, name)
-    image = os.environ.get("EDGEAI_WORKER_IMAGE", DEFAULT_IMAGE)
+    wake = ctx.wakeups.event_for(namespace, name)
     opmetrics.deployments += 1
     try:
         while not stopped:
             wake.clear()
-            snapshot = {
-                "apiVersion": body.get("apiVersion"),
-                "kind": body.get("kind"),
-                "metadata": dict(body.get("metadata", {})),
-                "spec": dict(body.get("spec", {})),
-                "status": dict(body.get("status", {})),
-            }
-            spec: dict[str, Any] = snapshot["spec"] or {}
-            model = str((spec.get("modelRef") or {}).get("name", ""))
-            wakeups.track_model(namespace, name, model)
+            model = str((body.get("spec", {}).get("modelRef") or {}).get("name", ""))
+            ctx.wakeups.track_model(namespace, name, model)
             store = model_index.get((namespace, model))
             profiles = next(iter(store), None) if store is not None else None
-            events: list[tuple[str, str, str]] = []
-
-            def emit(type_: str, reason: str, message: str, sink: list[Any] = events) -> None:
-                sink.append((type_, reason, message))
-
-            started = time.monotonic()
-            try:
-                await asyncio.to_thread(
-                    reconcile,
-                    snapshot,
-                    profiles,
-                    all_nodes(node_index),
-                    state,
-                    emit,
-                    image=image,
-                    view=CACHE,
-                    node_epoch=nodes.epoch(),
-                )
-            except Exception as exc:  # keep the daemon alive; the next pass retries
-                opmetrics.inc("edgeai_operator_reconcile_errors_total")
-                logger.exception(f"reconcile of {namespace}/{name} failed: {exc}")
-                events.append(("Warning", "ReconcileFailed", str(exc)[:1000]))
-            opmetrics.inc("edgeai_operator_reconciles_total")
-            opmetrics.observe_reconcile(time.monotonic() - started)
-            for type_, reason, message in events:
-                kopf.event(body, type=type_, reason=reason, message=message)
+            nodes = all_nodes(memo, node_index)
+            state = await _pass(ctx, body, state, profiles, nodes, logger)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=RESYNC_S)
-                await asyncio.sleep(DEBOUNCE_S)
+                await asyncio.wait_for(wake.wait(), timeout=ctx.settings.resync_s)
+                await asyncio.sleep(ctx.settings.debounce_s)
     finally:
         opmetrics.deployments -= 1
-        wakeups.forget(namespace, name)
+        ctx.wakeups.forget(namespace, name)

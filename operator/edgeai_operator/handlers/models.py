@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
 
 from edgeai_operator import API_GROUP, API_VERSION, k8s, opmetrics, profiling
-from edgeai_operator.builders import DEFAULT_IMAGE
 from edgeai_operator.conditions import set_condition
+from edgeai_operator.context import context_of
 from edgeai_operator.errors import SpecError
-from edgeai_operator.handlers import wakeups
 from edgeai_operator.handlers.nodes import all_nodes
 from edgeai_operator.planning import NodeState
 from edgeai_operator.profiling import model_status
@@ -31,6 +29,7 @@ async def profile_model(
     patch: kopf.Patch,
     body: kopf.Body,
     logger: kopf.Logger,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
@@ -38,7 +37,7 @@ async def profile_model(
     namespace = namespace or "default"
     if status.get("observedGeneration") == generation and status.get("profiles"):
         return  # resumed with an up-to-date profile
-    nodes = [n.spec for n in all_nodes(node_index)]
+    nodes = [n.spec for n in all_nodes(memo, node_index)]
     conditions = list(status.get("conditions") or [])
     try:
         result = await asyncio.to_thread(model_status, dict(spec), nodes)
@@ -64,20 +63,16 @@ async def profile_model(
 
 @kopf.index(API_GROUP, API_VERSION, "dnnmodels")
 def model_index(
-    name: str, namespace: str | None, status: kopf.Status, **_: Any
+    name: str, namespace: str | None, status: kopf.Status, memo: kopf.Memo, **_: Any
 ) -> dict[tuple[str, str], list[dict[str, Any]]] | None:
     profiles = status.get("profiles")
     if not profiles or namespace is None:
         return None
     # The index sees the profile land: deployments waiting for it can plan now.
-    wakeups.wake_model_users(namespace, name)
+    context_of(memo).wakeups.wake_model_users(namespace, name)
     return {(namespace, name): [dict(p) for p in profiles]}
 
 
-PROFILE_POLL_S = float(os.environ.get("EDGEAI_PROFILE_POLL_SECONDS", "5"))
-
-
-@kopf.timer(API_GROUP, API_VERSION, "dnnmodels", interval=PROFILE_POLL_S)
 async def profile_jobs(
     spec: kopf.Spec,
     status: kopf.Status,
@@ -86,6 +81,7 @@ async def profile_jobs(
     namespace: str | None,
     patch: kopf.Patch,
     body: kopf.Body,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     """Runs a profiling Job per tier and turns finished ones into `status.tiers`.
@@ -99,8 +95,13 @@ async def profile_jobs(
         "metadata": {**dict(meta), "namespace": namespace or "default"},
         "spec": dict(spec),
     }
+    ctx = context_of(memo)
     updates, events = await asyncio.to_thread(
-        profile_jobs_pass, model, dict(status), all_nodes(node_index)
+        profile_jobs_pass,
+        model,
+        dict(status),
+        all_nodes(memo, node_index),
+        image=ctx.settings.worker_image,
     )
     if not updates:
         return
@@ -121,16 +122,19 @@ async def profile_jobs(
     for reason, message in events:
         kopf.info(body, reason=reason, message=message)
     if "profiles" in updates:
-        wakeups.wake_model_users(namespace or "default", name)
+        ctx.wakeups.wake_model_users(namespace or "default", name)
 
 
 def profile_jobs_pass(
-    model: Mapping[str, Any], status: Mapping[str, Any], nodes: Sequence[NodeState]
+    model: Mapping[str, Any],
+    status: Mapping[str, Any],
+    nodes: Sequence[NodeState],
+    *,
+    image: str,
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """One tick: (status updates, events). Creates missing Jobs, reads finished ones."""
     meta, spec = model["metadata"], model["spec"]
     namespace, generation = meta["namespace"], meta.get("generation")
-    image = os.environ.get("EDGEAI_WORKER_IMAGE", DEFAULT_IMAGE)
     tiers_status: dict[str, Any] = dict(status.get("tiers") or {})
     profiles = [dict(p) for p in status.get("profiles") or []]
     tiers: dict[str, Any] = {}
@@ -188,3 +192,9 @@ def profile_jobs_pass(
     if any(t.get("jobResult") == "measured" for t in tiers.values()):
         updates["profiles"] = profiles
     return updates, events
+
+
+def register_timers(interval_s: float) -> None:
+    """The profiling-Job timer, at the interval the settings give (known only once
+    `edgeai operator` has read them)."""
+    kopf.timer(API_GROUP, API_VERSION, "dnnmodels", interval=interval_s)(profile_jobs)

@@ -6,15 +6,13 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator.handlers import wakeups
+from edgeai_operator.context import context_of
 from edgeai_operator.planning import NodeState, node_state
 from edgeai_operator.topology import node_from_object
 
-# Only these parts of a node change placement; heartbeats alone do not.
-_RELEVANT = ("labels", "annotations", "unschedulable", "taints", "ready")
-
 
 def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
+    """Only these parts of a node change placement; heartbeats alone do not."""
     conditions = body.get("status", {}).get("conditions") or []
     ready = next((c.get("status") for c in conditions if c.get("type") == "Ready"), None)
     meta = body.get("metadata", {})
@@ -27,16 +25,6 @@ def _fingerprint(body: kopf.Body) -> tuple[Any, ...]:
     )
 
 
-_seen: dict[str, tuple[Any, ...]] = {}
-# Counts placement-relevant node changes: a plan computed at one epoch stays valid
-# until the next (kopf updates the index before it runs this module's event handler).
-_epoch = 0
-
-
-def epoch() -> int:
-    return _epoch
-
-
 @kopf.index("", "v1", "nodes")
 async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeState] | None:
     spec = node_from_object(dict(body))
@@ -46,26 +34,16 @@ async def node_index(name: str, body: kopf.Body, **_: Any) -> dict[str, NodeStat
 
 
 @kopf.on.event("", "v1", "nodes")
-async def node_changed(name: str, type: str | None, body: kopf.Body, **_: Any) -> None:
-    global _epoch
-    if type == "DELETED":
-        _seen.pop(name, None)
-    else:
-        fingerprint = _fingerprint(body)
-        if _seen.get(name) == fingerprint:
-            return
-        _seen[name] = fingerprint
-    _epoch += 1
-    wakeups.wake_all()
+async def node_changed(
+    name: str, type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    # kopf updates the index before it runs this handler: a new epoch sees the change.
+    ctx = context_of(memo)
+    if ctx.nodes.changed(name, None if type == "DELETED" else _fingerprint(body)):
+        ctx.wakeups.wake_all()
 
 
-_listed: tuple[int, list[NodeState]] | None = None
-
-
-def all_nodes(index: kopf.Index[str, NodeState]) -> list[NodeState]:
+def all_nodes(memo: kopf.Memo, index: kopf.Index[str, NodeState]) -> list[NodeState]:
     """Every indexed node; one list per node epoch (heartbeats re-index a node with
     the same placement-relevant state, so the list of the epoch still holds)."""
-    global _listed
-    if _listed is None or _listed[0] != _epoch:
-        _listed = (_epoch, [state for store in index.values() for state in store])
-    return _listed[1]
+    return context_of(memo).nodes.nodes(index.values())

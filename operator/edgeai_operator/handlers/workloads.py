@@ -13,12 +13,10 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator.cache import WatchCache
-from edgeai_operator.handlers import wakeups
+from edgeai_operator.cache import owner_names
+from edgeai_operator.context import context_of
 
 MANAGED = {"app.kubernetes.io/managed-by": "edgeai-operator"}
-
-CACHE = WatchCache()
 
 
 def _progress(obj: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -30,35 +28,30 @@ def _progress(obj: Mapping[str, Any] | None) -> dict[str, Any]:
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 @kopf.on.event("apps", "v1", "daemonsets", labels=MANAGED)
 async def workload_changed(
-    type: str | None, body: kopf.Body, labels: kopf.Labels, namespace: str | None, **_: Any
+    type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     if namespace is None:
         return
+    ctx = context_of(memo)
     kind, name = str(body.get("kind")), str(body.get("metadata", {}).get("name"))
     if type == "DELETED":
-        CACHE.drop_workload(namespace, kind, name)
-    elif _progress(CACHE.put_workload(body)) == _progress(body):
+        ctx.cache.drop_workload(namespace, kind, name)
+    elif _progress(ctx.cache.put_workload(body)) == _progress(body):
         return  # a change owners need not see (metadata, or the same status again)
     # A deployment's own workloads carry its label; a shared one lists every user
     # among its ownerReferences.
-    owners = {
-        str(ref.get("name"))
-        for ref in body.get("metadata", {}).get("ownerReferences") or []
-        if ref.get("kind") == "DNNDeployment"
-    }
-    if labels.get("edgeai.dev/deployment"):
-        owners.add(str(labels["edgeai.dev/deployment"]))
-    for owner in owners:
-        wakeups.wake(namespace, owner)
+    for owner in owner_names(body):
+        ctx.wakeups.wake(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
 async def stage_pod_changed(
-    type: str | None, body: kopf.Body, namespace: str | None, **_: Any
+    type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     if namespace is None:
         return
+    cache = context_of(memo).cache
     if type == "DELETED":
-        CACHE.drop_pod(namespace, str(body.get("metadata", {}).get("name")))
+        cache.drop_pod(namespace, str(body.get("metadata", {}).get("name")))
     else:
-        CACHE.put_pod(body)
+        cache.put_pod(body)

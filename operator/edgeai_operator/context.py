@@ -1,0 +1,138 @@
+"""The operator process's state, in one object kept in kopf's `memo`.
+
+`Settings` are read once at start-up from the environment and the `edgeai operator`
+flags. `OperatorContext` holds what the handlers share: the settings, the watch
+cache of stage workloads and pods, the daemons' wake-up signals, and the node
+tracker (which node changes matter for placement). Handlers reach it through the
+`memo` kopf passes them (`context_of(memo)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeai_operator.builders import DEFAULT_IMAGE
+from edgeai_operator.cache import WatchCache
+from edgeai_operator.errors import SpecError
+from edgeai_operator.planning import NodeState
+
+MEMO_KEY = "edgeai"
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise SpecError(name, f"must be a positive number of seconds, got {raw!r}", "e.g. 10")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How this operator process runs (environment variables, then flags)."""
+
+    worker_image: str = DEFAULT_IMAGE  # EDGEAI_WORKER_IMAGE: stage pods and profiling Jobs
+    resync_s: float = 10.0  # EDGEAI_RESYNC_SECONDS: a daemon's pass when nothing woke it
+    debounce_s: float = 0.5  # EDGEAI_DEBOUNCE_SECONDS: a wake-up waits for its burst
+    profile_poll_s: float = 5.0  # EDGEAI_PROFILE_POLL_SECONDS: profiling Jobs are read
+    metrics_port: int | None = None  # --metrics-port
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, metrics_port: int | None = None
+    ) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            worker_image=env.get("EDGEAI_WORKER_IMAGE") or DEFAULT_IMAGE,
+            resync_s=_seconds(env, "EDGEAI_RESYNC_SECONDS", cls.resync_s),
+            debounce_s=_seconds(env, "EDGEAI_DEBOUNCE_SECONDS", cls.debounce_s),
+            profile_poll_s=_seconds(env, "EDGEAI_PROFILE_POLL_SECONDS", cls.profile_poll_s),
+            metrics_port=metrics_port,
+        )
+
+
+class Wakeups:
+    """Wake-up signals of the per-deployment daemons (spec, model or node changes)."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        # namespace/name of a deployment -> the DNNModel it references
+        self._model_of: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def event_for(self, namespace: str, name: str) -> asyncio.Event:
+        return self._events.setdefault((namespace, name), asyncio.Event())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._events.pop((namespace, name), None)
+        self._model_of.pop((namespace, name), None)
+
+    def track_model(self, namespace: str, name: str, model: str) -> None:
+        self._model_of[(namespace, name)] = (namespace, model)
+
+    def wake(self, namespace: str, name: str) -> None:
+        event = self._events.get((namespace, name))
+        if event is not None:
+            event.set()
+
+    def wake_all(self) -> None:
+        for event in self._events.values():
+            event.set()
+
+    def wake_model_users(self, namespace: str, model: str) -> None:
+        for key, ref in self._model_of.items():
+            if ref == (namespace, model):
+                self.wake(*key)
+
+
+@dataclass
+class NodeTracker:
+    """Counts placement-relevant node changes (the epoch): a plan computed at one
+    epoch stays valid until the next; heartbeats alone do not move it."""
+
+    epoch: int = 0
+    seen: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    listed: tuple[int, list[NodeState]] | None = None
+
+    def changed(self, name: str, fingerprint: tuple[Any, ...] | None) -> bool:
+        """Records a node's placement-relevant state (None: deleted); True when it moved."""
+        if fingerprint is None:
+            self.seen.pop(name, None)
+        elif self.seen.get(name) == fingerprint:
+            return False
+        else:
+            self.seen[name] = fingerprint
+        self.epoch += 1
+        return True
+
+    def nodes(self, stores: Any) -> list[NodeState]:
+        """Every indexed node (`stores`: the kopf index's values); one list per epoch."""
+        if self.listed is None or self.listed[0] != self.epoch:
+            self.listed = (self.epoch, [state for store in stores for state in store])
+        return self.listed[1]
+
+
+@dataclass
+class OperatorContext:
+    settings: Settings = field(default_factory=Settings)
+    cache: WatchCache = field(default_factory=WatchCache)
+    wakeups: Wakeups = field(default_factory=Wakeups)
+    nodes: NodeTracker = field(default_factory=NodeTracker)
+    # the last generation of each DNNDeployment whose change woke its daemon
+    generations: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+def context_of(memo: Any) -> OperatorContext:
+    """The context `edgeai operator` put in kopf's memo."""
+    ctx = memo.get(MEMO_KEY) if isinstance(memo, Mapping) else None
+    if not isinstance(ctx, OperatorContext):
+        raise RuntimeError("the operator context is missing from kopf's memo")
+    return ctx

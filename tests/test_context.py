@@ -1,0 +1,76 @@
+"""The operator process's settings and shared state (context.py), no cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edgeai_operator.context import (
+    MEMO_KEY,
+    NodeTracker,
+    OperatorContext,
+    Settings,
+    Wakeups,
+    context_of,
+)
+from edgeai_operator.errors import SpecError
+
+
+def test_settings_come_from_the_environment_once() -> None:
+    settings = Settings.from_env(
+        {
+            "EDGEAI_WORKER_IMAGE": "registry.local/edgeai-worker:1.2",
+            "EDGEAI_RESYNC_SECONDS": "3",
+            "EDGEAI_DEBOUNCE_SECONDS": "0.25",
+        },
+        metrics_port=9100,
+    )
+    assert settings == Settings(
+        worker_image="registry.local/edgeai-worker:1.2",
+        resync_s=3.0,
+        debounce_s=0.25,
+        profile_poll_s=5.0,
+        metrics_port=9100,
+    )
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_bad_interval_names_its_variable(value: str) -> None:
+    with pytest.raises(SpecError, match="EDGEAI_RESYNC_SECONDS"):
+        Settings.from_env({"EDGEAI_RESYNC_SECONDS": value})
+
+
+def test_the_node_epoch_moves_only_when_placement_could() -> None:
+    tracker = NodeTracker()
+    assert tracker.changed("edge-0", ("labels", "Ready"))
+    assert not tracker.changed("edge-0", ("labels", "Ready"))  # a heartbeat
+    assert tracker.changed("edge-0", ("labels", "NotReady"))
+    assert tracker.changed("edge-0", None)  # deleted
+    assert tracker.epoch == 3
+    first = tracker.nodes([["a"], ["b"]])
+    assert tracker.nodes([["other"]]) is first  # one list per epoch
+    tracker.changed("edge-1", ("x",))
+    assert tracker.nodes([["other"]]) == ["other"]
+
+
+async def test_wakeups_reach_the_daemons_of_a_model() -> None:
+    wakeups = Wakeups()
+    cam, door = wakeups.event_for("ns", "cam"), wakeups.event_for("ns", "door")
+    wakeups.track_model("ns", "cam", "digits")
+    wakeups.track_model("ns", "door", "resnet")
+    wakeups.wake_model_users("ns", "digits")
+    assert cam.is_set()
+    assert not door.is_set()
+    wakeups.forget("ns", "cam")
+    wakeups.wake_all()
+    assert door.is_set()
+    await asyncio.sleep(0)
+
+
+def test_handlers_find_the_context_in_the_memo() -> None:
+    ctx = OperatorContext()
+    assert context_of({MEMO_KEY: ctx}) is ctx
+    with pytest.raises(RuntimeError, match="memo"):
+        context_of({})
