@@ -27,9 +27,10 @@ test: install binaries crds-check ## Run the whole test suite (unit, data plane,
 test-unit: install ## Tests that need no control plane
 	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
-lint: install ## ruff check and format check
+lint: install ## ruff check and format check; import layering (lint-imports, see pyproject.toml)
 	$(VENV)/bin/ruff check operator workers tests bench
 	$(VENV)/bin/ruff format --check operator workers tests bench
+	$(VENV)/bin/lint-imports
 
 format: install ## Apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix operator workers tests bench

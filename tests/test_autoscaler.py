@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from edgeai_operator.autoscaler import (
     quantile,
     stage_targets,
 )
+from edgeai_operator.plandoc import PlanDocument
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -150,21 +152,24 @@ def test_bounds_are_respected() -> None:
 
 
 def test_stage_targets_subtract_what_comes_before() -> None:
-    plan = {
+    doc: dict[str, Any] = {
+        "model": {"zoo": "digits_cnn", "input": {"shape": [1, 1, 8, 8], "dtype": "FP32"}},
         "stages": [
-            {"tier": "device", "computeMs": 10.0},
-            {"tier": "edge", "computeMs": 20.0},
-            {"tier": "cloud", "computeMs": 5.0},
+            {"tier": "device", "computeMs": 10.0, "inputs": ["input"], "outputs": ["a"]},
+            {"tier": "edge", "computeMs": 20.0, "inputs": ["a"], "outputs": ["b"]},
+            {"tier": "cloud", "computeMs": 5.0, "inputs": ["b"], "outputs": ["output"]},
         ],
         "transfers": [
-            {"from": "device", "to": "edge", "ms": 15.0},
-            {"from": "edge", "to": "cloud", "ms": 30.0},
+            {"from": "device", "to": "edge", "bytes": 10, "ms": 15.0},
+            {"from": "edge", "to": "cloud", "bytes": 10, "ms": 30.0},
         ],
     }
-    assert stage_targets(plan, 100.0) == {"device": 100.0, "edge": 75.0, "cloud": 25.0}
+    targets = stage_targets(PlanDocument.from_dict(doc), 100.0)
+    assert targets == {"device": 100.0, "edge": 75.0, "cloud": 25.0}
     # the fixed serving overheads the plan counts are spent too
-    plan["servingMs"] = {"device": 4.0, "edge": 2.0, "cloud": 1.0}
-    assert stage_targets(plan, 100.0) == {"device": 100.0, "edge": 71.0, "cloud": 19.0}
+    doc["servingMs"] = {"device": 4.0, "edge": 2.0, "cloud": 1.0}
+    targets = stage_targets(PlanDocument.from_dict(doc), 100.0)
+    assert targets == {"device": 100.0, "edge": 71.0, "cloud": 19.0}
 
 
 def test_idle_detection_works_with_slow_scrapes() -> None:

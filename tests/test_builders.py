@@ -11,20 +11,23 @@ from edgeai_operator.builders import (
     build_children,
     plan_hash,
     priority_class,
-    split_summary,
     stage_deployment,
 )
 from edgeai_operator.conditions import set_condition
+from edgeai_operator.plandoc import PlanDocument
 
 OWNER = Owner(name="cam", namespace="vision", uid="u-1")
 
 
-def plan(edge: bool = True, cloud_in: str = "t2") -> dict[str, Any]:
+MODEL = {"zoo": "digits_cnn", "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}}
+
+
+def plan(edge: bool = True, cloud_in: str = "t2") -> PlanDocument:
     stages = [{"tier": "device", "layers": "0-3", "inputs": ["input"], "outputs": ["t1"]}]
     if edge:
         stages.append({"tier": "edge", "layers": "4-7", "inputs": ["t1"], "outputs": ["t2"]})
     stages.append({"tier": "cloud", "layers": "8-9", "inputs": [cloud_in], "outputs": ["output"]})
-    return {"kind": "Plan", "stages": stages, "predictedLatencyMs": 40.0}
+    return PlanDocument.from_dict({"model": MODEL, "stages": stages, "predictedLatencyMs": 40.0})
 
 
 def test_edge_deployment_literal() -> None:
@@ -211,10 +214,14 @@ def test_zones_with_different_cloud_stages_get_their_own() -> None:
 
 
 def test_entry_only_device_stage_forwards_raw_input() -> None:
-    remote_only = {
-        "kind": "Plan",
-        "stages": [{"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}],
-    }
+    remote_only = PlanDocument.from_dict(
+        {
+            "model": MODEL,
+            "stages": [
+                {"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}
+            ],
+        }
+    )
     children = build_children(OWNER, {"z": remote_only}, {}, DeploymentOptions())
     ds = next(c for c in children if c["kind"] == "DaemonSet")
     assert ds["metadata"]["labels"]["edgeai.dev/stage"] == "entry"
@@ -223,8 +230,8 @@ def test_entry_only_device_stage_forwards_raw_input() -> None:
 
 def test_plan_hash_changes_with_the_plan_only() -> None:
     assert plan_hash(plan()) == plan_hash(plan())
-    assert plan_hash(plan()) != plan_hash(plan(edge=False))
-    assert split_summary(plan()) == "device:0-3 > edge:4-7 > cloud:8-9"
+    assert plan_hash(plan()) != plan_hash(plan(edge=False, cloud_in="t1"))
+    assert plan().split == "device:0-3 > edge:4-7 > cloud:8-9"
 
 
 def test_priority_class_literal() -> None:
@@ -261,7 +268,7 @@ def test_conditions_keep_transition_time_until_status_changes() -> None:
 
 
 def test_status_merge_patch_removes_dropped_keys() -> None:
-    from edgeai_operator.reconcile import merge_patch
+    from edgeai_operator.decide import merge_patch
 
     old = {"plan": {"zones": {"a": {"split": "x"}, "c": {"split": "y"}}, "p": 1}, "gone": 2}
     new = {"plan": {"zones": {"a": {"split": "z"}}, "p": 1}}

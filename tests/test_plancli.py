@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from edgeai_operator import cli
+from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
 from edgeai_worker import graph, zoo
 
 TOPOLOGY = Path(__file__).resolve().parents[1] / "hack" / "topology.yaml"
@@ -63,10 +64,22 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.n
 def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = _manifest(tmp_path, {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP95Ms": 200}})
+    manifest = _manifest(
+        tmp_path,
+        {
+            "model": {"zoo": "alexnet_like"},
+            "slo": {"latencyP95Ms": 200},
+            "placement": {"adaptiveSplit": True},
+        },
+    )
     code, plan = _plan(capsys, "-f", str(manifest), "--topology", str(_topology(tmp_path, 40)))
     assert code == 0
     assert plan["kind"] == "Plan"
+    assert plan["version"] == PLAN_VERSION
+    # what `edgeai plan` saves is what stages and run-local read back, unchanged
+    assert PlanDocument.from_dict(plan).to_dict() == plan
+    assert plan["preprocessing"] == {"skipUnchangedThreshold": 0.0}
+    assert plan["priority"] == 0
     assert plan["feasible"] is True
     assert plan["reason"] == ""
     assert plan["model"] == {
@@ -104,7 +117,9 @@ def test_plan_yaml_has_the_worker_contract_and_its_stages_reproduce_the_model(
 def test_table_output_and_bandwidth_moves_the_split(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = _manifest(tmp_path, {"model": {"zoo": "vgg_like"}})
+    manifest = _manifest(
+        tmp_path, {"model": {"zoo": "vgg_like"}, "placement": {"adaptiveSplit": True}}
+    )
     device_layers = []
     for mbps in (1, 50, 1000):
         code, plan = _plan(
@@ -138,7 +153,7 @@ def test_privacy_and_binary_offloading(tmp_path: Path, capsys: pytest.CaptureFix
     assert plan["transfers"][0]["bytes"] < 602112
     binary = _manifest(
         tmp_path,
-        {"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "binary"}},
+        {"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "none"}},
         "b.yaml",
     )
     _, plan = _plan(capsys, "-f", str(binary), "--topology", fast)
@@ -225,7 +240,7 @@ BAD_SPECS = [
     ),
     (
         {"model": {"zoo": "alexnet_like"}, "objective": "fastest"},
-        "spec.objective: unknown objective 'fastest'",
+        "spec.objective: unknown value 'fastest'",
     ),
     (
         {"model": {"zoo": "alexnet_like"}, "placement": {"tiers": ["device", "moon"]}},
@@ -233,7 +248,7 @@ BAD_SPECS = [
     ),
     (
         {"model": {"zoo": "alexnet_like"}, "placement": {"partitioning": "random"}},
-        "spec.placement.partitioning: unknown mode 'random'",
+        "spec.placement.partitioning: unknown value 'random'",
     ),
     (
         {"model": {"zoo": "alexnet_like"}, "slo": {"latencyP99Ms": 5}},
@@ -334,7 +349,7 @@ def test_a_full_manifest_parses_into_planning_fields() -> None:
                 "objective": "deviceEnergy",
                 "placement": {
                     "tiers": ["device", "edge"],
-                    "partitioning": "binary",
+                    "partitioning": "none",
                     "adaptiveSplit": False,
                 },
                 "privacy": {"rawInputStaysOnDevice": True, "featureNoiseStd": 0.05},
@@ -353,7 +368,7 @@ def test_a_full_manifest_parses_into_planning_fields() -> None:
     assert spec.slo_dict() == {"latencyP95Ms": 80.0, "throughputRps": 20.0, "minAccuracy": 0.95}
     assert spec.objective == "deviceEnergy"
     assert spec.tiers == ("device", "edge")
-    assert spec.partitioning == "binary"
+    assert spec.partitioning == "none"
     assert spec.adaptive_split is False
     assert spec.raw_input_stays_on_device is True
     assert spec.feature_noise_std == 0.05

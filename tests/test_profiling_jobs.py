@@ -17,8 +17,8 @@ from _cluster_support import get, wait_for
 from edgeai_operator import profiling
 from edgeai_operator.handlers.models import profile_jobs_pass
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY, LocalCluster
-from edgeai_operator.plancli import analytic_profile, termination_summary
 from edgeai_operator.planning import NodeState, plan_zones
+from edgeai_operator.problem import analytic_profile, termination_summary
 from edgeai_operator.topology import load_topology
 
 NS = "default"
@@ -163,34 +163,34 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     both = profiling.with_measurement(device, "edge", summary, "edge-zone-a-0")
     body = _deployment(["device", "edge"])
     _, zones = plan_zones(body, [device], _nodes())
-    assert zones.plans["zone-a"]["compute"]["method"] == "analytic"
+    assert zones.plans["zone-a"].compute_method == "analytic"
     _, zones = plan_zones(body, [both], _nodes())
     plan = zones.plans["zone-a"]
-    assert plan["compute"]["method"] == "measured"
-    assert plan["compute"]["measuredOn"] == {"device": "device-zone-a-0", "edge": "edge-zone-a-0"}
+    assert plan.compute_method == "measured"
+    assert plan.measured_on == {"device": "device-zone-a-0", "edge": "edge-zone-a-0"}
     # Each tier's time is its own measurement scaled by host GFLOPS / node GFLOPS.
     total = sum(summary["segmentsMs"])
-    assert plan["tiers"]["device"]["totalMs"] == pytest.approx(
+    assert plan.tiers["device"]["totalMs"] == pytest.approx(
         total * summary["hostGflops"] / 8.0, abs=1e-3
     )
-    assert plan["tiers"]["edge"]["totalMs"] == pytest.approx(
+    assert plan.tiers["edge"]["totalMs"] == pytest.approx(
         total * summary["hostGflops"] / 150.0, abs=1e-3
     )
     # So are the fixed per-request serving overheads each Job measured through a worker.
     assert summary["servingMs"] > 0
     for tier, gflops in (("device", 8.0), ("edge", 150.0)):
         expected = summary["servingMs"] * summary["hostGflops"] / gflops
-        assert plan["tiers"][tier]["servingMs"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        assert plan.tiers[tier]["servingMs"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
     # the device pays the fixed part and the per-MB part on the raw input it receives
-    device_tier = plan["tiers"]["device"]
+    device_tier = plan.tiers["device"]
     input_bytes = 4 * math.prod(base["input"]["shape"])  # FP32
-    assert plan["servingMs"]["device"] == pytest.approx(
+    assert plan.serving_ms["device"] == pytest.approx(
         device_tier["servingMs"] + device_tier.get("servingMsPerMB", 0.0) * input_bytes / 1e6,
         abs=1e-3,
     )
     # A device-only deployment needs only the device measured.
     _, zones = plan_zones(_deployment(["device"]), [device], _nodes())
-    assert zones.plans["zone-a"]["compute"]["method"] == "measured"
+    assert zones.plans["zone-a"].compute_method == "measured"
 
 
 def test_profiled_condition_says_which_tiers_are_measured() -> None:

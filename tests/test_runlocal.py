@@ -18,7 +18,8 @@ import yaml
 
 from _worker_support import ChainModel, build_conv_chain, run_onnx
 from edgeai_operator.errors import SpecError
-from edgeai_operator.runlocal import build_partitions, load_plan, start_local
+from edgeai_operator.localworkers import start_local
+from edgeai_operator.partitions import build_partitions, load_plan
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +139,7 @@ def test_adaptive_plan_gives_device_prefixes_and_edge_suffixes(
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(_plan(model, alternatives=alternatives)))
     plan = load_plan(plan_path)
-    specs = build_partitions(plan, model.path, tmp_path)
+    specs = build_partitions(plan.stages, plan.alternatives, model.path, tmp_path)
     device, edge, cloud = specs
     assert [s.get("partition") is not None for s in device.splits] == [True, True, True, False]
     assert [s.get("final", False) for s in device.splits] == [True, False, False, False]
@@ -187,7 +188,7 @@ def test_plan_errors_name_the_field(model: ChainModel, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2
-    assert "error: stages[0].tier" in run.stderr
+    assert "error: plan.stages[0].tier" in run.stderr
 
 
 def test_device_only_plan_with_offloading_alternatives_gets_an_edge(
@@ -206,12 +207,13 @@ def test_device_only_plan_with_offloading_alternatives_gets_an_edge(
     ]  # fmt: skip
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
-    device, edge = build_partitions(load_plan(path), model.path, tmp_path)
+    loaded = load_plan(path)
+    device, edge = build_partitions(loaded.stages, loaded.alternatives, model.path, tmp_path)
     assert edge.tier == "edge"
     assert len(edge.partitions) == 1  # the suffix after cut 2 only
     assert [s.get("final", False) for s in device.splits] == [True, False]
     x = np.random.default_rng(5).standard_normal(model.input_shape).astype(np.float32)
-    run = start_local(load_plan(path), [device, edge], tmp_path, settings={"uplink_mbps": 50.0})
+    run = start_local(loaded, [device, edge], tmp_path, settings={"uplink_mbps": 50.0})
     try:
         body = _infer(f"{run.entry_url}/v2/models/chain/infer", x)
     finally:

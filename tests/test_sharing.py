@@ -3,7 +3,7 @@ identical edge stage share one edge Deployment+Service per zone, owned by all of
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +13,28 @@ import yaml
 from _cluster_support import get, wait_for
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children, shared_edge
 from edgeai_operator.localcluster import LocalCluster
-from edgeai_operator.runlocal import load_plan
-from edgeai_operator.stagecmd import stage_settings
+from edgeai_operator.partitions import load_plan, stage_settings
+from edgeai_operator.plandoc import PlanDocument
 
 NS = "default"
-SHARED = "digits-shared-edge-zone-a-f0f810a1"
+SHARED = "digits-shared-edge-zone-a-db0a097b"
 
 
-def _plan(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "kind": "Plan",
-        "deployment": "ignored",
-        "model": {
-            "zoo": "digits_cnn",
-            "variant": "fp32",
-            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
-        },
-        "predictedLatencyMs": 20.0,
-        "stages": stages,
-        "alternatives": [],
-    }
+def _plan(stages: list[dict[str, Any]]) -> PlanDocument:
+    return PlanDocument.from_dict(
+        {
+            "kind": "Plan",
+            "deployment": "ignored",
+            "model": {
+                "zoo": "digits_cnn",
+                "variant": "fp32",
+                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            },
+            "predictedLatencyMs": 20.0,
+            "stages": stages,
+            "alternatives": [],
+        }
+    )
 
 
 EDGE_ONLY = _plan(
@@ -118,12 +120,13 @@ def test_shared_plan_is_a_runnable_stage(tmp_path: Path) -> None:
     configmap = _by_name(children)[("ConfigMap", SHARED)]
     path = tmp_path / "plan.yaml"
     path.write_text(configmap["data"]["plan.yaml"])
-    args = argparse.Namespace(
-        plan=str(path), host="127.0.0.1", port=8080, next=None, workdir=str(tmp_path)
+    settings = stage_settings(
+        load_plan(path), 0, plan_path=path, workdir=tmp_path, host="127.0.0.1", port=8080
     )
-    settings = stage_settings(load_plan(path), 0, args)
     assert settings["tier"] == "edge"
     assert len(settings["partitions"]) == 1
+    assert settings["default_priority"] == 0
+    assert "skip_unchanged_threshold" not in settings  # the device stage's setting
 
 
 def test_what_is_not_shared() -> None:
@@ -132,8 +135,11 @@ def test_what_is_not_shared() -> None:
     names = {c["metadata"]["name"] for c in build_children(A, {"zone-a": EDGE_ONLY}, {}, opts)}
     assert "cam-a-edge-zone-a" in names
     assert SHARED not in names
-    # Another zone, model or PriorityClass is another shared workload.
+    # Another zone, model or PriorityClass is another shared workload; another
+    # deployment's prediction for the same stages is the same one.
     assert shared_edge(EDGE_ONLY, "digits", "zone-a", opts).name == SHARED  # type: ignore[union-attr]
+    other = replace(EDGE_ONLY, deployment="cam-b", predicted_latency_ms=99.0)
+    assert shared_edge(other, "digits", "zone-a", opts).name == SHARED  # type: ignore[union-attr]
     assert shared_edge(EDGE_ONLY, "digits", "zone-b", opts).name != SHARED  # type: ignore[union-attr]
     assert shared_edge(EDGE_ONLY, "other", "zone-a", opts).name != SHARED  # type: ignore[union-attr]
     urgent = DeploymentOptions(priority_class="edgeai-priority-5")

@@ -85,7 +85,7 @@ def test_live_node_measured_annotation_wins_and_untiered_nodes_are_skipped() -> 
 
 
 def test_live_node_without_uplink_is_named_in_the_planning_error() -> None:
-    from edgeai_operator.plancli import network
+    from edgeai_operator.problem import network
     from edgeai_operator.topology import NodeSpec, Topology
 
     def node(name: str, tier: str, mbps: float | None) -> NodeSpec:

@@ -139,12 +139,23 @@ def deploy(
     """Start one worker per stage (last first); the device's infer URL and every
     stage's (tier, URL). With `alternatives`, the device gets the plan's adaptive splits
     and measures the uplink itself (`uplink` None)."""
-    from edgeai_operator.runlocal import build_partitions
+    from edgeai_operator.partitions import build_partitions
+    from edgeai_operator.plandoc import PlanAlternative, PlanStage
 
     workdir = fleet.workdir / name
     workdir.mkdir(exist_ok=True)
-    plan = {"stages": stages, "alternatives": alternatives or []}
-    specs = build_partitions(plan, model_path, workdir, adaptive=bool(alternatives))
+    plan_stages = [
+        PlanStage(i, s["tier"], s.get("layers", "?"), tuple(s["inputs"]), tuple(s["outputs"]),
+                  None, 0.0)
+        for i, s in enumerate(stages)
+    ]  # fmt: skip
+    splits = [
+        PlanAlternative(a["minMbps"], a["maxMbps"], a["cutIndex"],
+                        tuple((x["tier"], x["layers"]) for x in a["stages"]),
+                        a["predictedLatencyMs"], a["atMbps"])
+        for a in alternatives or []
+    ]  # fmt: skip
+    specs = build_partitions(plan_stages, splits, model_path, workdir, adaptive=bool(alternatives))
     next_url: list[str] = []
     started: list[tuple[str, str]] = []
     for spec in reversed(specs):

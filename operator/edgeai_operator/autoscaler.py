@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from edgeai_operator.plandoc import PlanDocument
+
 LATENCY_METRIC = "edgeai_stage_latency_seconds"
 IN_FLIGHT_METRIC = "edgeai_in_flight_requests"
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
@@ -218,26 +220,15 @@ class StageScaler:
         return replicas, f"p95 {stable:.1f} ms within the stage target {target:.1f} ms"
 
 
-def stage_targets(plan: Mapping[str, object], slo_ms: float) -> dict[str, float]:
+def stage_targets(plan: PlanDocument, slo_ms: float) -> dict[str, float]:
     """Per tier: the SLO minus what the plan spends before the stage starts (earlier
     stages' compute and serving overheads, transfers up to this stage)."""
-    stages = plan.get("stages")
-    transfers = plan.get("transfers")
-    if not isinstance(stages, list):
-        return {}
     spent = 0.0
     out: dict[str, float] = {}
-    transfer_ms = {
-        str(t.get("to")): float(t.get("ms", 0.0))
-        for t in (transfers if isinstance(transfers, list) else [])
-        if isinstance(t, dict)
-    }
-    serving = plan.get("servingMs")
-    serving_ms = serving if isinstance(serving, dict) else {}
-    for stage in stages:
-        tier = str(stage.get("tier"))
-        spent += transfer_ms.get(tier, 0.0)
-        out[tier] = max(slo_ms - spent, 1.0)
+    transfer_ms = {t.to_tier: t.ms for t in plan.transfers}
+    for stage in plan.stages:
+        spent += transfer_ms.get(stage.tier, 0.0)
+        out[stage.tier] = max(slo_ms - spent, 1.0)
         # what the stage costs the request: its layers and its fixed serving overhead
-        spent += float(stage.get("computeMs", 0.0)) + float(serving_ms.get(tier, 0.0))
+        spent += stage.compute_ms + plan.serving_ms.get(stage.tier, 0.0)
     return out

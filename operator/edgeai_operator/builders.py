@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, ZONE_LABEL
+from edgeai_operator.plandoc import PlanDocument, PlanStage
 
 WORKER_PORT = 8080
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgeai-operator"}
@@ -135,8 +136,8 @@ def _hash(obj: Any, length: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def plan_configmap(owner: Owner, plans: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    data = {key: _yaml(plan) for key, plan in sorted(plans.items())}
+def plan_configmap(owner: Owner, plans: Mapping[str, PlanDocument]) -> dict[str, Any]:
+    data = {key: _yaml(plan.to_dict()) for key, plan in sorted(plans.items())}
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -145,9 +146,9 @@ def plan_configmap(owner: Owner, plans: Mapping[str, Mapping[str, Any]]) -> dict
     }
 
 
-def plan_hash(plan: Mapping[str, Any]) -> str:
+def plan_hash(plan: PlanDocument) -> str:
     """Changes when the plan does; in the pod template so a new plan rolls the pods."""
-    return _hash(dict(plan), 16)
+    return _hash(plan.to_dict(), 16)
 
 
 def _affinity(
@@ -303,21 +304,6 @@ def priority_class(value: int) -> dict[str, Any]:
     }
 
 
-def stage_signature(plan: Mapping[str, Any], tier: str) -> str | None:
-    """What a tier's stage computes (its input and output tensors), or None if empty."""
-    for stage in plan.get("stages", []):
-        if stage.get("tier") == tier:
-            return f"{','.join(stage['inputs'])}->{','.join(stage['outputs'])}"
-    return None
-
-
-def stage_index(plan: Mapping[str, Any], tier: str) -> int | None:
-    for i, stage in enumerate(plan.get("stages", [])):
-        if stage.get("tier") == tier:
-            return i
-    return None
-
-
 SHARED_LABEL = "edgeai.dev/shared"
 BACKBONE_LABEL = "edgeai.dev/backbone"
 REPLICAS_ANNOTATION = "replicas.edgeai.dev/"  # + deployment name: that user's wish
@@ -331,26 +317,35 @@ class SharedStage:
     model: str  # the DNNModel name
     zone: str
     stage: int
-    plan: Mapping[str, Any]  # the Plan document the shared pods read (plan.yaml)
+    plan: PlanDocument  # the plan the shared pods read (plan.yaml)
 
 
 def shared_edge(
-    plan: Mapping[str, Any], model: str, zone: str, opts: DeploymentOptions
+    plan: PlanDocument, model: str, zone: str, opts: DeploymentOptions
 ) -> SharedStage | None:
     """The shareable edge stage of a zone's plan, or None: a plan without an edge
-    stage, or whose edge stage forwards to a (per-deployment) cloud stage."""
-    idx = stage_index(plan, "edge")
-    stages = list(plan.get("stages", []))
-    if idx is None or idx != len(stages) - 1:
+    stage, or whose edge stage forwards to a (per-deployment) cloud stage. The shared
+    plan keeps only what the stage pods run: the model, the stages' tensors and layers,
+    the adaptive-split alternatives and the request priority."""
+    idx = plan.stage_index("edge")
+    if idx is None or idx != len(plan.stages) - 1:
         return None
-    keys = ("tier", "layers", "inputs", "outputs")
-    doc = {
-        "kind": "Plan",
-        "model": dict(plan.get("model") or {}),
-        "stages": [{k: s[k] for k in keys if k in s} for s in stages],
-        "alternatives": list(plan.get("alternatives") or []),
+    doc = PlanDocument(
+        deployment="",
+        model=plan.model,
+        stages=tuple(
+            PlanStage(s.index, s.tier, s.layers, s.inputs, s.outputs, None, 0.0)
+            for s in plan.stages
+        ),
+        alternatives=plan.alternatives,
+        priority=plan.priority,
+    )
+    signature = {
+        "model": model,
+        "zone": zone,
+        "plan": doc.to_dict(),
+        "priority": opts.priority_class,
     }
-    signature = {"model": model, "zone": zone, "plan": doc, "priority": opts.priority_class}
     digest = _hash(signature, 8)
     name = dns_label(f"{model}-shared-edge-{zone}-{digest}")
     return SharedStage(name=name, model=model, zone=zone, stage=idx, plan=doc)
@@ -390,7 +385,7 @@ def shared_children(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta,
-            "data": {"plan.yaml": _yaml(shared.plan)},
+            "data": {"plan.yaml": _yaml(shared.plan.to_dict())},
         },
         {
             "apiVersion": "apps/v1",
@@ -433,14 +428,14 @@ def is_shared(obj: Mapping[str, Any]) -> bool:
 
 def build_children(
     owner: Owner,
-    plans: Mapping[str, Mapping[str, Any]],
+    plans: Mapping[str, PlanDocument],
     replicas: Mapping[str, int],
     opts: DeploymentOptions,
     default_replicas: int = 1,
     *,
     shared_model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child object for per-zone plans (`plans[zone]`, a Plan document each).
+    """Every child object for per-zone plans (`plans[zone]`).
 
     `replicas` maps a workload name to its current replica count (from the
     autoscaler); workloads not in it start at `default_replicas`. With
@@ -450,17 +445,17 @@ def build_children(
     children: list[dict[str, Any]] = [
         plan_configmap(owner, {f"plan-{z}.yaml": p for z, p in plans.items()})
     ]
-    cloud_signatures = {stage_signature(p, "cloud") for p in plans.values()} - {None}
+    cloud_signatures = {s.signature for p in plans.values() if (s := p.stage("cloud"))}
     shared_cloud = len(cloud_signatures) == 1
     emitted: set[str] = set()
     for zone, plan in sorted(plans.items()):
         key = f"plan-{zone}.yaml"
         digest = plan_hash(plan)
-        cloud_idx = stage_index(plan, "cloud")
+        cloud_idx = plan.stage_index("cloud")
         cloud_name = None
         if cloud_idx is not None:
             cloud_name = workload_name(owner, "cloud", None if shared_cloud else zone)
-        edge_idx = stage_index(plan, "edge")
+        edge_idx = plan.stage_index("edge")
         edge_name = workload_name(owner, "edge", zone) if edge_idx is not None else None
         shared = shared_edge(plan, shared_model, zone, opts) if shared_model else None
         if shared is not None:
@@ -480,15 +475,10 @@ def build_children(
             w = Workload("cloud", cz, cloud_idx, key, replicas.get(cloud_name, default_replicas))
             children.append(stage_deployment(owner, w, opts, digest, cloud_name))
             children.append(stage_service(owner, w, cloud_name))
-        device_idx = stage_index(plan, "device")
+        device_idx = plan.stage_index("device")
         first_remote = edge_name or cloud_name
         w = Workload(
             "device", zone, device_idx if device_idx is not None else -1, key, 1, first_remote
         )
         children.append(device_daemonset(owner, w, opts, digest))
     return children
-
-
-def split_summary(plan: Mapping[str, Any]) -> str:
-    """`device:0-7 > edge:8-17`, the SPLIT column."""
-    return " > ".join(f"{s['tier']}:{s.get('layers', '?')}" for s in plan.get("stages", []))

@@ -1,12 +1,14 @@
 """Plans for a DNNDeployment on the live cluster: one plan per zone with selected devices.
 
 Pure: takes the deployment body, the DNNModel's stored profiles and the nodes (as
-`NodeSpec`s), returns per-zone Plan documents (the same shape `edgeai plan` prints)
+`NodeSpec`s), returns per-zone `PlanDocument`s (what `edgeai plan` prints)
 and the reasons behind anything that could not be planned. Which nodes count:
 
 - devices: tier `device`, matching `spec.devices.nodeSelector`, Ready;
 - edge servers of the zone and cloud nodes: Ready, schedulable, not excluded;
 - a zone whose edge servers are all gone is planned device -> cloud;
+- `spec.placement.partitioning: none` places the whole model on the single best tier
+  (the same solve as `edgeai plan`), `auto` splits it across tiers;
 - when no plan meets the SLO, the best-effort plan (min latency, no SLO) is used and
   the reason is kept, so the deployment keeps serving while `SLOMet` says why not.
 
@@ -28,8 +30,15 @@ from typing import Any
 
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
-from edgeai_operator.plancli import OVERHEAD_FIELDS, OVERHEAD_KEYS, build_problem, plan_document
-from edgeai_operator.planner import Problem, plan_partitions
+from edgeai_operator.plandoc import PlanDocument
+from edgeai_operator.planner import Problem
+from edgeai_operator.problem import (
+    OVERHEAD_FIELDS,
+    OVERHEAD_KEYS,
+    build_problem,
+    plan_document,
+    solve,
+)
 from edgeai_operator.topology import NodeSpec, Topology
 
 
@@ -48,7 +57,7 @@ class NodeState:
 
 @dataclass
 class ZonePlans:
-    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plans: dict[str, PlanDocument] = field(default_factory=dict)
     # zone -> why its plan misses the SLO (the plan is best effort)
     slo_misses: dict[str, str] = field(default_factory=dict)
     # zone -> why it has no plan at all
@@ -57,7 +66,7 @@ class ZonePlans:
 
     @property
     def predicted_latency_ms(self) -> float | None:
-        values = [float(p["predictedLatencyMs"]) for p in self.plans.values()]
+        values = [p.predicted_latency_ms or 0.0 for p in self.plans.values()]
         return max(values) if values else None
 
 
@@ -135,22 +144,27 @@ def plan_zones(
         except SpecError as exc:
             result.unplanned[zone] = str(exc)
             continue
-        plan = plan_partitions(problem)
+        plan = solve(spec, problem)
         if not plan.feasible:
             relaxed = replace(problem, slo_latency_ms=None, slo_throughput_rps=None)
-            best = plan_partitions(relaxed)
+            best = solve(spec, relaxed)
             if not best.feasible:
                 result.unplanned[zone] = plan.reason or best.reason or "no feasible placement"
                 continue
             result.slo_misses[zone] = plan.reason or "the SLO cannot be met"
             plan = best
-        doc = plan_document(spec, [dict(p) for p in profiles], plan, context, zone_method)
-        if per_tier:
-            doc["compute"]["measuredOn"] = {
-                t: profiles[0]["measuredTiers"][t].get("node") for t in used
-            }
-        doc["zone"] = zone
-        result.plans[zone] = doc
+        measured_on = (
+            {t: profiles[0]["measuredTiers"][t].get("node") for t in used} if per_tier else None
+        )
+        result.plans[zone] = plan_document(
+            spec,
+            [dict(p) for p in profiles],
+            plan,
+            context,
+            zone_method,
+            zone=zone,
+            measured_on=measured_on,
+        )
     return spec, result
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
-from edgeai_operator.plancli import OVERHEAD_KEYS, analytic_profile
+from edgeai_operator.problem import OVERHEAD_KEYS, analytic_profile
 from edgeai_operator.topology import NodeSpec
 
 # spec.variants[] kind -> the variant builder's name (edgeai_worker.variants)

@@ -1,0 +1,128 @@
+"""A plan's stages as local worker processes on loopback (`edgeai run-local`, tests,
+demos): `start_local` starts one `edgeai-worker` process per stage replica, the last
+stage first so each one's next stage is up, and returns once every one is ready;
+`LocalRun.stop` stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeai_operator.errors import SpecError
+from edgeai_operator.partitions import StageSpec
+from edgeai_operator.plandoc import PlanDocument
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SpecError("run-local", f"the worker for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.05)
+    raise SpecError("run-local", f"the worker at {url} was not ready in {timeout_s:.0f} s")
+
+
+@dataclass
+class LocalRun:
+    processes: list[subprocess.Popen[bytes]]
+    urls: list[list[str]]  # per stage, its replicas
+    model_name: str
+
+    @property
+    def entry_url(self) -> str:
+        return self.urls[0][0]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def start_local(
+    plan: PlanDocument,
+    specs: Sequence[StageSpec],
+    workdir: Path,
+    *,
+    replicas: int = 1,
+    settings: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> LocalRun:
+    """Start the workers, last stage first; returns once every one is ready."""
+    name = plan.model.name
+    extra = dict(settings or {})
+    device_only = {
+        "uplink_mbps", "skip_unchanged_threshold", "feature_noise_std",
+        "raw_input_stays_on_device", "noise_seed",
+    }  # fmt: skip
+    run = LocalRun([], [[] for _ in specs], name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
+    try:
+        for spec in reversed(specs):
+            count = 1 if spec.tier == "device" else replicas
+            next_urls = run.urls[spec.index + 1] if spec.index + 1 < len(specs) else []
+            for r in range(count):
+                port = _free_port()
+                config: dict[str, Any] = {
+                    "model_name": name, "port": port, "tier": spec.tier,
+                    "stage_index": spec.index, "next_urls": next_urls,
+                    "partitions": [str(p) for p in spec.partitions],
+                    "splits": spec.splits,
+                }  # fmt: skip
+                config.update(
+                    {
+                        k: v
+                        for k, v in extra.items()
+                        if spec.tier == "device" or k not in device_only
+                    }
+                )
+                path = workdir / f"stage{spec.index}-{r}.json"
+                path.write_text(json.dumps(config, indent=2))
+                log_path = workdir / f"stage{spec.index}-{r}.log"
+                with log_path.open("wb") as out:
+                    process = subprocess.Popen(
+                        [sys.executable, "-m", "edgeai_worker", "--config", str(path)],
+                        stdout=out, stderr=subprocess.STDOUT, env=env,
+                    )  # fmt: skip
+                run.processes.append(process)
+                url = f"http://127.0.0.1:{port}"
+                _wait_ready(url, process, 60.0)
+                run.urls[spec.index].append(url)
+                if log is not None:
+                    print(
+                        f"stage {spec.index} ({spec.tier}) replica {r}: {url} "
+                        f"[{len(spec.partitions)} partition(s), log {log_path}]",
+                        file=log, flush=True,
+                    )  # fmt: skip
+    except BaseException:
+        run.stop()
+        raise
+    return run

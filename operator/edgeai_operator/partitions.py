@@ -1,0 +1,202 @@
+"""From a plan to the files and settings its stage workers run.
+
+`load_plan` reads a Plan file into a `PlanDocument`; `model_file` finds the ONNX file
+of the planned model (and variant); `build_partitions` cuts it into each stage's
+partition(s). With a device stage first and adaptive-split alternatives, the device
+holds every prefix its split may choose and the next stage the matching suffixes.
+`stage_settings` is the worker config of one stage of a plan (what `edgeai run-stage`
+serves in a stage pod).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeai_operator import TIERS
+from edgeai_operator.errors import SpecError, read_yaml_documents
+from edgeai_operator.plandoc import PlanAlternative, PlanDocument, PlanStage
+
+
+@dataclass
+class StageSpec:
+    """One stage as workers run it: its partition files and, on the device, the
+    adaptive split's options (`edgeai_worker.config.WorkerConfig.splits`)."""
+
+    index: int
+    tier: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    partitions: list[Path] = field(default_factory=list)
+    splits: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_plan(path: Path, option: str = "-f") -> PlanDocument:
+    """The Plan document in the file `path` (`option` names it in errors)."""
+    docs = read_yaml_documents(path, option)
+    if len(docs) != 1:
+        raise SpecError(option, f"{path} holds {len(docs)} documents", "one Plan document")
+    return PlanDocument.from_dict(docs[0])
+
+
+def model_file(plan: PlanDocument, plan_path: Path) -> Path:
+    """The ONNX file of the plan's model: `model.path` (relative to the plan file), or
+    the zoo model in the planned variant."""
+    model = plan.model
+    if model.path:
+        path = (plan_path.parent / model.path).resolve()
+        if not path.exists():
+            raise SpecError("plan.model.path", f"{path} does not exist")
+        return path
+    assert model.zoo is not None  # PlanDocument.from_dict requires a zoo name or a path
+    from edgeai_worker import zoo
+
+    if model.zoo not in zoo.ZOO_NAMES:
+        raise SpecError("plan.model.zoo", f"unknown model {model.zoo!r}", ", ".join(zoo.ZOO_NAMES))
+    if model.variant not in (None, "fp32"):
+        from edgeai_worker import variants
+
+        if model.variant not in variants.VARIANT_NAMES:
+            raise SpecError(
+                "plan.model.variant",
+                f"unknown variant {model.variant!r}",
+                ", ".join(variants.VARIANT_NAMES),
+            )
+        return variants.variant_path(model.zoo, model.variant)
+    return zoo.export_onnx(model.zoo, trained=model.trained)
+
+
+def build_partitions(
+    stages: Sequence[PlanStage],
+    alternatives: Sequence[PlanAlternative],
+    model_path: Path,
+    workdir: Path,
+    *,
+    adaptive: bool = True,
+) -> list[StageSpec]:
+    """Cut the model into each stage's partition files (and the adaptive split's)."""
+    import onnx
+
+    from edgeai_worker.graph import Partitioner, cut_points
+
+    model = onnx.load(str(model_path))
+    partitioner = Partitioner(model)
+    specs: list[StageSpec] = []
+    for i, stage in enumerate(stages):
+        spec = StageSpec(i, stage.tier, stage.inputs, stage.outputs)
+        if set(spec.outputs) != set(spec.inputs):  # an empty stage only forwards
+            try:
+                sub = partitioner.extract(spec.inputs, spec.outputs)
+            except ValueError as exc:
+                raise SpecError(f"plan.stages[{i}]", str(exc)) from None
+            path = workdir / f"stage{i}-{spec.tier}.onnx"
+            onnx.save(sub, str(path))
+            spec.partitions.append(path)
+        specs.append(spec)
+    if adaptive and len(specs) == 1 and specs[0].tier == "device":
+        # A device-only plan whose alternatives offload at other bandwidths: add the
+        # stage they offload to, holding only the suffixes the device may hand over.
+        tier = _offload_tier(alternatives)
+        if tier is not None:
+            outputs = specs[0].outputs
+            specs.append(StageSpec(1, tier, outputs, outputs))
+    if adaptive and len(specs) >= 2 and specs[0].tier == "device" and alternatives:
+        _adaptive_splits(specs, alternatives, partitioner, cut_points(model), workdir)
+    return specs
+
+
+def _offload_tier(alternatives: Sequence[PlanAlternative]) -> str | None:
+    """The tier right after the device in the alternatives that offload (the nearest
+    such tier if they differ)."""
+    found = {alt.stages[1][0] for alt in alternatives if len(alt.stages) > 1}
+    return next((tier for tier in TIERS[1:] if tier in found), None)
+
+
+def _adaptive_splits(
+    specs: list[StageSpec],
+    alternatives: Sequence[PlanAlternative],
+    partitioner: Any,
+    cuts: Sequence[Any],
+    workdir: Path,
+) -> None:
+    """Give the device a prefix per alternative cut, and stage 1 the matching suffix.
+    A device-only alternative gives the device the whole model (it answers alone);
+    other alternatives whose cut lies past stage 1's end are left out: stage 1 could not
+    finish them."""
+    import onnx
+
+    device, after = specs[0], specs[1]
+    position = {tuple(c.tensors): c.index for c in cuts}
+    end = position.get(tuple(after.outputs))
+    if end is None:
+        return
+    last = len(cuts) - 1
+    options: list[dict[str, Any]] = []
+    for alt in alternatives:
+        cut_index = alt.cut_index
+        if cut_index is None or not (0 <= cut_index < end or cut_index == last):
+            continue
+        tensors = tuple(cuts[cut_index].tensors)
+        option: dict[str, Any] = {
+            "minMbps": alt.min_mbps,
+            "maxMbps": alt.max_mbps if alt.max_mbps is not None else float("inf"),
+        }
+        if cut_index == last:  # the whole model on the device: it answers by itself
+            whole = workdir / "stage0-device-whole.onnx"
+            onnx.save(partitioner.extract(device.inputs, tensors), str(whole))
+            options.append({**option, "partition": str(whole), "final": True})
+            continue
+        if cut_index > 0:
+            head = workdir / f"stage0-device-cut{cut_index}.onnx"
+            onnx.save(partitioner.extract(device.inputs, tensors), str(head))
+            option["partition"] = str(head)
+        if tensors != device.outputs:
+            tail = workdir / f"stage1-{after.tier}-from-cut{cut_index}.onnx"
+            onnx.save(partitioner.extract(tensors, after.outputs), str(tail))
+            after.partitions.append(tail)
+        options.append(option)
+    if len(options) > 1:
+        device.splits = options
+
+
+def stage_settings(
+    plan: PlanDocument,
+    stage: int,
+    *,
+    plan_path: Path,
+    workdir: Path,
+    host: str,
+    port: int,
+    next_urls: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The worker config of one stage (see `edgeai_worker.config.WorkerConfig`):
+    its partitions cut into `workdir`, the device stage's privacy and change detection,
+    and every stage's default request priority. Stage -1 is the device entry of a plan
+    that runs nothing on the device: it serves the model name and forwards."""
+    if not -1 <= stage < len(plan.stages):
+        raise SpecError("--stage", f"{stage} is out of range", f"-1 to {len(plan.stages) - 1}")
+    tier = "device" if stage == -1 else plan.stages[stage].tier
+    settings: dict[str, Any] = {
+        "model_name": plan.model.name,
+        "host": host,
+        "port": port,
+        "tier": tier,
+        "stage_index": max(stage, 0),
+        "next_urls": list(next_urls),
+        "partitions": [],
+        # requests without a priority of their own queue at the deployment's priority
+        "default_priority": plan.priority,
+    }
+    if stage >= 0:
+        specs = build_partitions(
+            plan.stages, plan.alternatives, model_file(plan, plan_path), workdir
+        )
+        settings["partitions"] = [str(p) for p in specs[stage].partitions]
+        settings["splits"] = specs[stage].splits
+    if tier == "device":
+        settings["raw_input_stays_on_device"] = plan.raw_input_stays_on_device
+        settings["feature_noise_std"] = plan.feature_noise_std
+        settings["skip_unchanged_threshold"] = plan.skip_unchanged_threshold
+    return settings

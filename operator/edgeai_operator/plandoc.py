@@ -1,0 +1,496 @@
+"""The plan document: where each part of a model runs, as one typed value.
+
+A `PlanDocument` is what crosses process boundaries: `edgeai plan` prints and saves
+it, the operator keeps one per zone and writes it to the plan ConfigMap, stage pods
+(`edgeai run-stage`) and `edgeai run-local` read it back. `to_dict()` gives the YAML
+form (camelCase keys, `kind: Plan`, `version`); `from_dict()` reads that form back and
+refuses a document it cannot honour with a `SpecError` naming the field, e.g.
+`plan.stages[1].inputs`. Hand-written plans (run-local) may leave out everything but
+`model` and `stages`; a document without `version` is read as version 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from edgeai_operator import TIERS
+from edgeai_operator.errors import SpecError
+
+PLAN_VERSION = 1
+PLAN_KIND = "Plan"
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input: its name, shape and OIP v2 datatype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a stage needs to load exactly the model that was planned."""
+
+    name: str  # the served model name (the zoo name, or the file's stem)
+    zoo: str | None
+    path: str | None  # an ONNX file, relative to the plan file (run-local)
+    trained: bool
+    variant: str | None
+    input: TensorSpec
+    digest: str | None = None  # sha256 of the artefact
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name != (self.zoo or _stem(self.path)):
+            out["name"] = self.name
+        if self.zoo is not None:
+            out["zoo"] = self.zoo
+        if self.path is not None:
+            out["path"] = self.path
+        if self.trained:
+            out["trained"] = True
+        out["variant"] = self.variant
+        out["input"] = self.input.to_dict()
+        if self.digest is not None:
+            out["digest"] = self.digest
+        return out
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    index: int
+    tier: str
+    layers: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    variant: str | None
+    compute_ms: float
+
+    @property
+    def signature(self) -> str:
+        """What the stage computes: `in1,in2->out`."""
+        return f"{','.join(self.inputs)}->{','.join(self.outputs)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "tier": self.tier,
+            "layers": self.layers,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "variant": self.variant,
+            "computeMs": self.compute_ms,
+        }
+
+
+@dataclass(frozen=True)
+class PlanTransfer:
+    from_tier: str
+    to_tier: str
+    bytes: int
+    return_bytes: int
+    ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from": self.from_tier,
+            "to": self.to_tier,
+            "bytes": self.bytes,
+            "returnBytes": self.return_bytes,
+            "ms": self.ms,
+        }
+
+
+@dataclass(frozen=True)
+class PlanLink:
+    from_tier: str
+    to_tier: str
+    mbps: float
+    rtt_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.from_tier, "to": self.to_tier, "mbps": self.mbps, "rttMs": self.rtt_ms}
+
+
+@dataclass(frozen=True)
+class PlanAlternative:
+    """A split the device may switch to when its measured uplink is in
+    [min_mbps, max_mbps) (None: unbounded)."""
+
+    min_mbps: float
+    max_mbps: float | None
+    cut_index: int | None
+    stages: tuple[tuple[str, str], ...]  # (tier, layers)
+    predicted_latency_ms: float
+    at_mbps: float
+    meets_slo: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "minMbps": self.min_mbps,
+            "maxMbps": self.max_mbps,
+            "cutIndex": self.cut_index,
+            "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
+            "predictedLatencyMs": self.predicted_latency_ms,
+            "atMbps": self.at_mbps,
+            "meetsSlo": self.meets_slo,
+        }
+
+
+@dataclass(frozen=True)
+class PlanDocument:
+    deployment: str
+    model: ModelIdentity
+    stages: tuple[PlanStage, ...]
+    transfers: tuple[PlanTransfer, ...] = ()
+    links: tuple[PlanLink, ...] = ()
+    serving_ms: Mapping[str, float] = field(default_factory=dict)
+    predicted_latency_ms: float | None = None
+    feasible: bool = True
+    reason: str = ""
+    objective: str = "latency"
+    zone: str | None = None
+    # the device stage's change detection (spec.preprocessing.skipUnchangedThreshold)
+    skip_unchanged_threshold: float = 0.0
+    priority: int = 0  # default request priority at a saturated stage (spec.priority)
+    raw_input_stays_on_device: bool = False
+    feature_noise_std: float = 0.0
+    objective_value: float | None = None
+    device_energy_mj: float | None = None
+    cloud_cost: float | None = None
+    slo: Mapping[str, float] = field(default_factory=dict)
+    alternatives: tuple[PlanAlternative, ...] = ()
+    compute_method: str | None = None  # measured | analytic
+    host_gflops: float | None = None
+    measured_on: Mapping[str, str | None] | None = None  # tier -> node profiled on
+    solver_method: str | None = None
+    solver_exact: bool = True
+    # tier -> {gflops, totalMs, servingMs, ...}: what the plan was computed from
+    tiers: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    granularity: str | None = None  # segments | nodes (edgeai plan)
+    version: int = PLAN_VERSION
+
+    def stage(self, tier: str) -> PlanStage | None:
+        return next((s for s in self.stages if s.tier == tier), None)
+
+    def stage_index(self, tier: str) -> int | None:
+        return next((i for i, s in enumerate(self.stages) if s.tier == tier), None)
+
+    @property
+    def split(self) -> str:
+        """`device:0-7 > edge:8-17`, the SPLIT column."""
+        return " > ".join(f"{s.tier}:{s.layers}" for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "kind": PLAN_KIND,
+            "version": self.version,
+            "deployment": self.deployment,
+        }
+        if self.zone is not None:
+            doc["zone"] = self.zone
+        compute: dict[str, Any] = {"method": self.compute_method, "hostGflops": self.host_gflops}
+        if self.measured_on is not None:
+            compute["measuredOn"] = dict(self.measured_on)
+        doc.update(
+            {
+                "model": self.model.to_dict(),
+                "objective": self.objective,
+                "feasible": self.feasible,
+                "reason": self.reason,
+                "predictedLatencyMs": self.predicted_latency_ms,
+                "objectiveValue": self.objective_value,
+                "deviceEnergyMj": self.device_energy_mj,
+                "cloudCost": self.cloud_cost,
+                "slo": dict(self.slo),
+                "stages": [s.to_dict() for s in self.stages],
+                "transfers": [t.to_dict() for t in self.transfers],
+                "servingMs": dict(self.serving_ms),
+                "alternatives": [a.to_dict() for a in self.alternatives],
+                "privacy": {
+                    "rawInputStaysOnDevice": self.raw_input_stays_on_device,
+                    "featureNoiseStd": self.feature_noise_std,
+                },
+                "preprocessing": {"skipUnchangedThreshold": self.skip_unchanged_threshold},
+                "priority": self.priority,
+                "compute": compute,
+                "solver": {"method": self.solver_method, "exact": self.solver_exact},
+                "tiers": {t: dict(v) for t, v in self.tiers.items()},
+                "links": [link.to_dict() for link in self.links],
+            }
+        )
+        if self.granularity is not None:
+            doc["granularity"] = self.granularity
+        return doc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, field: str = "plan") -> PlanDocument:
+        """The document `data` (the `to_dict()` form); `field` prefixes the names in
+        errors (the file or option the document came from)."""
+        r = _Reader(field)
+        if not isinstance(data, Mapping):
+            raise SpecError(field, "must be a mapping", "a Plan document (kind: Plan)")
+        if data.get("kind", PLAN_KIND) != PLAN_KIND:
+            raise SpecError(f"{field}.kind", f"{data.get('kind')!r}", PLAN_KIND)
+        version = r.integer(data, "version", default=PLAN_VERSION)
+        if not 1 <= version <= PLAN_VERSION:
+            raise SpecError(
+                f"{field}.version",
+                f"{version} is not a plan version this release reads",
+                ", ".join(str(v) for v in range(1, PLAN_VERSION + 1)),
+            )
+        feasible = r.boolean(data, "feasible", default=True)
+        stages = r.items(data, "stages", _stage, required=True)
+        if not stages and feasible:  # only an infeasible plan places nothing
+            raise SpecError(f"{field}.stages", "the plan has no stages", "a list of stages")
+        for i in range(1, len(stages)):
+            if stages[i].inputs != stages[i - 1].outputs:
+                raise SpecError(
+                    f"{field}.stages[{i}].inputs",
+                    f"{list(stages[i].inputs)} are not stage {i - 1}'s outputs "
+                    f"{list(stages[i - 1].outputs)}",
+                )
+        privacy = r.mapping(data, "privacy")
+        preprocessing = r.mapping(data, "preprocessing")
+        compute = r.mapping(data, "compute")
+        solver = r.mapping(data, "solver")
+        sub = _Reader(f"{field}.privacy")
+        raw_stays = sub.boolean(privacy, "rawInputStaysOnDevice", default=False)
+        noise = sub.number(privacy, "featureNoiseStd", default=0.0)
+        skip = _Reader(f"{field}.preprocessing").number(
+            preprocessing, "skipUnchangedThreshold", default=0.0
+        )
+        cr = _Reader(f"{field}.compute")
+        measured_on = cr.mapping(compute, "measuredOn") if "measuredOn" in compute else None
+        tiers, tr = r.mapping(data, "tiers"), _Reader(f"{field}.tiers")
+        return cls(
+            deployment=r.text(data, "deployment", default=""),
+            model=_model(r.mapping(data, "model", required=True), f"{field}.model"),
+            stages=stages,
+            transfers=r.items(data, "transfers", _transfer),
+            links=r.items(data, "links", _link),
+            serving_ms=r.numbers(data, "servingMs"),
+            predicted_latency_ms=r.optional_number(data, "predictedLatencyMs"),
+            feasible=feasible,
+            reason=r.text(data, "reason", default=""),
+            objective=r.text(data, "objective", default="latency"),
+            zone=r.optional_text(data, "zone"),
+            skip_unchanged_threshold=skip,
+            priority=r.integer(data, "priority", default=0),
+            raw_input_stays_on_device=raw_stays,
+            feature_noise_std=noise,
+            objective_value=r.optional_number(data, "objectiveValue"),
+            device_energy_mj=r.optional_number(data, "deviceEnergyMj"),
+            cloud_cost=r.optional_number(data, "cloudCost"),
+            slo=r.numbers(data, "slo"),
+            alternatives=r.items(data, "alternatives", _alternative),
+            compute_method=cr.optional_text(compute, "method"),
+            host_gflops=cr.optional_number(compute, "hostGflops"),
+            measured_on=(
+                None
+                if measured_on is None
+                else {str(k): None if v is None else str(v) for k, v in measured_on.items()}
+            ),
+            solver_method=_Reader(f"{field}.solver").optional_text(solver, "method"),
+            solver_exact=_Reader(f"{field}.solver").boolean(solver, "exact", default=True),
+            tiers={str(t): tr.numbers(tiers, t) for t in tiers},
+            granularity=r.optional_text(data, "granularity"),
+            version=version,
+        )
+
+
+def _stem(path: str | None) -> str:
+    if path is None:
+        return "model"
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    return name.removesuffix(".onnx")
+
+
+class _Reader:
+    """Typed reads of one mapping's keys; errors name `<prefix>.<key>`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _get(self, data: Mapping[str, Any], key: str, required: bool) -> Any:
+        if data.get(key) is None and required:
+            raise SpecError(f"{self.prefix}.{key}", "is missing")
+        return data.get(key)
+
+    def _bad(self, key: str, value: Any, accepted: str) -> SpecError:
+        return SpecError(f"{self.prefix}.{key}", f"{value!r} is not valid", accepted)
+
+    def text(self, data: Mapping[str, Any], key: str, default: str | None = None) -> str:
+        value = self._get(data, key, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, value, "a string")
+        return value
+
+    def optional_text(self, data: Mapping[str, Any], key: str) -> str | None:
+        return None if data.get(key) is None else self.text(data, key)
+
+    def optional_number(self, data: Mapping[str, Any], key: str) -> float | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(key, value, "a number")
+        return float(value)
+
+    def number(self, data: Mapping[str, Any], key: str, default: float | None = None) -> float:
+        value = self.optional_number(data, key)
+        if value is None:
+            if default is None:
+                raise SpecError(f"{self.prefix}.{key}", "is missing", "a number")
+            return default
+        return value
+
+    def integer(self, data: Mapping[str, Any], key: str, default: int | None = None) -> int:
+        value = self._get(data, key, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, value, "an integer")
+        return value
+
+    def boolean(self, data: Mapping[str, Any], key: str, default: bool) -> bool:
+        value = data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def mapping(
+        self, data: Mapping[str, Any], key: str, *, required: bool = False
+    ) -> Mapping[str, Any]:
+        value = self._get(data, key, required)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self._bad(key, value, "a mapping")
+        return value
+
+    def numbers(self, data: Mapping[str, Any], key: str) -> dict[str, float]:
+        sub = _Reader(f"{self.prefix}.{key}")
+        return {str(k): sub.number(m, k) for m in [self.mapping(data, key)] for k in m}
+
+    def names(self, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+        value = self._get(data, key, True)
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise SpecError(f"{self.prefix}.{key}", "must be a list of tensor names")
+        return tuple(value)
+
+    def items(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        read: Callable[[Mapping[str, Any], _Reader, int], _T],
+        *,
+        required: bool = False,
+    ) -> tuple[_T, ...]:
+        value = self._get(data, key, required)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self._bad(key, value, "a list")
+        out: list[_T] = []
+        for i, item in enumerate(value):
+            where = f"{self.prefix}.{key}[{i}]"
+            if not isinstance(item, Mapping):
+                raise SpecError(where, "must be a mapping")
+            out.append(read(item, _Reader(where), i))
+        return tuple(out)
+
+
+def _tier(r: _Reader, data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value not in TIERS:
+        raise SpecError(f"{r.prefix}.{key}", f"{value!r}", ", ".join(TIERS))
+    return str(value)
+
+
+def _stage(data: Mapping[str, Any], r: _Reader, i: int) -> PlanStage:
+    return PlanStage(
+        index=r.integer(data, "index", default=i),
+        tier=_tier(r, data, "tier"),
+        layers=r.text(data, "layers", default="?"),
+        inputs=r.names(data, "inputs"),
+        outputs=r.names(data, "outputs"),
+        variant=r.optional_text(data, "variant"),
+        compute_ms=r.number(data, "computeMs", default=0.0),
+    )
+
+
+def _transfer(data: Mapping[str, Any], r: _Reader, _: int) -> PlanTransfer:
+    return PlanTransfer(
+        from_tier=_tier(r, data, "from"),
+        to_tier=_tier(r, data, "to"),
+        bytes=r.integer(data, "bytes"),
+        return_bytes=r.integer(data, "returnBytes", default=0),
+        ms=r.number(data, "ms"),
+    )
+
+
+def _link(data: Mapping[str, Any], r: _Reader, _: int) -> PlanLink:
+    return PlanLink(
+        from_tier=_tier(r, data, "from"),
+        to_tier=_tier(r, data, "to"),
+        mbps=r.number(data, "mbps"),
+        rtt_ms=r.number(data, "rttMs", default=0.0),
+    )
+
+
+def _alternative(data: Mapping[str, Any], r: _Reader, _: int) -> PlanAlternative:
+    def stage(item: Mapping[str, Any], sr: _Reader, __: int) -> tuple[str, str]:
+        return _tier(sr, item, "tier"), sr.text(item, "layers", default="?")
+
+    cut = data.get("cutIndex")
+    return PlanAlternative(
+        min_mbps=r.number(data, "minMbps", default=0.0),
+        max_mbps=r.optional_number(data, "maxMbps"),
+        cut_index=None if cut is None else r.integer(data, "cutIndex"),
+        stages=r.items(data, "stages", stage),
+        predicted_latency_ms=r.number(data, "predictedLatencyMs", default=0.0),
+        at_mbps=r.number(data, "atMbps", default=0.0),
+        meets_slo=r.boolean(data, "meetsSlo", default=True),
+    )
+
+
+def _model(data: Mapping[str, Any], where: str) -> ModelIdentity:
+    r = _Reader(where)
+    zoo, path = r.optional_text(data, "zoo"), r.optional_text(data, "path")
+    if zoo is None and path is None:
+        raise SpecError(where, "names no model", "{zoo: NAME} or {path: FILE.onnx}")
+    spec = r.mapping(data, "input", required=True)
+    ir = _Reader(f"{where}.input")
+    shape = spec.get("shape")
+    if not isinstance(shape, Sequence) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise SpecError(f"{where}.input.shape", f"{shape!r}", "a list of integers")
+    tensor = TensorSpec(
+        ir.text(spec, "name", default="input"), tuple(shape), ir.text(spec, "dtype", "FP32")
+    )
+    return ModelIdentity(
+        name=r.text(data, "name", default=zoo or _stem(path)),
+        zoo=zoo,
+        path=path,
+        trained=r.boolean(data, "trained", default=False),
+        variant=r.optional_text(data, "variant"),
+        input=tensor,
+        digest=r.optional_text(data, "digest"),
+    )
