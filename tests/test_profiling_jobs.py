@@ -209,7 +209,11 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
     model: dict[str, Any] = {
         "apiVersion": "edgeai.dev/v1alpha1",
         "metadata": {"name": "m", "namespace": NS, "uid": "u-1", "generation": 2},
-        "spec": {"source": {"zoo": "digits_cnn"}, "profile": {"repeats": 5}},
+        "spec": {
+            "source": {"zoo": "digits_cnn"},
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            "profile": {"repeats": 5},
+        },
     }
     job = profiling.profile_job(model, "edge", "edge-zone-a-0", image="img:1")
     assert job["metadata"]["name"] == "m-profile-edge-2"
@@ -253,7 +257,9 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
         "edge",
         "cloud",
     ]
-    assert profiling.profile_tiers({"profile": {"tiers": ["cloud", "device"]}}, []) == [
+    assert profiling.profile_tiers(
+        {**model["spec"], "profile": {"tiers": ["cloud", "device"]}}, []
+    ) == [
         "device",
         "cloud",
     ]

@@ -1,4 +1,4 @@
-"""The parts of a DNNDeployment that planning needs, validated field by field.
+"""A DNNDeployment, validated field by field into one typed `DeploymentSpec`.
 
     apiVersion: edgeai.dev/v1alpha1
     kind: DNNDeployment
@@ -7,19 +7,25 @@
       modelRef: {name: mobilenet-v2}       # or model: {zoo: mobilenet_v2, variant: int8}
       slo: {latencyP95Ms: 80, throughputRps: 20, minAccuracy: 0.95}
       objective: latency                   # latency | deviceEnergy | cloudCost
+      devices: {nodeSelector: {app: camera}}
       placement: {tiers: [device, edge, cloud], partitioning: auto, adaptiveSplit: true}
       privacy: {rawInputStaysOnDevice: true, featureNoiseStd: 0.05}
+      preprocessing: {skipUnchangedThreshold: 0.02}
+      autoscaling: {minReplicas: 1, maxReplicas: 8, stableWindowSeconds: 60}
+      priority: 100
+      sharing: none                        # none | backbone
       power: {computeWatts: 4, txWatts: 1.5, rxWatts: 1.0, idleWatts: 0.3}
       cost: {edgePerMs: 0.1, cloudPerMs: 1.0}
 
-Every problem raises `SpecError` naming the field (`spec.slo.latencyP95Ms`), what was
-wrong and what is accepted. Fields owned by other parts of the operator (devices,
-autoscaling, preprocessing, priority) are left to them.
+`spec.model` (a zoo model without a DNNModel) is for `edgeai plan` and `run-local`;
+the CRD offers `modelRef` only. Every problem raises `SpecError` naming the field
+(`spec.slo.latencyP95Ms`), what was wrong and what is accepted.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +34,39 @@ from edgeai_operator import API_GROUP, TIERS
 from edgeai_operator.errors import SpecError, read_yaml_documents
 
 OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
-PARTITIONING = ("auto", "binary")
+# none: no partitioning, the whole model on the one best tier
+PARTITIONING = ("auto", "none")
+SHARING = ("none", "backbone")
+MAX_PRIORITY = 1_000_000_000
+MAX_REPLICAS = 1000
+_SPEC_FIELDS = (
+    "modelRef",
+    "model",
+    "slo",
+    "objective",
+    "devices",
+    "placement",
+    "privacy",
+    "preprocessing",
+    "autoscaling",
+    "priority",
+    "sharing",
+    "power",
+    "cost",
+)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _ZOO = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """`spec.autoscaling`, the bounds and windows of `autoscaler.ScalePolicy`."""
+
+    min_replicas: int = 1
+    max_replicas: int = 8
+    stable_window_s: int = 60
+    panic_window_s: int = 6
+    scale_down_delay_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -54,6 +90,11 @@ class DeploymentSpec:
     idle_watts: float
     edge_cost_per_ms: float
     cloud_cost_per_ms: float
+    device_selector: Mapping[str, str]
+    autoscaling: Autoscaling
+    sharing: str | None  # backbone, or None: this deployment's own workloads
+    priority: int
+    skip_unchanged_threshold: float
 
     def slo_dict(self) -> dict[str, Any]:
         slo: dict[str, Any] = {}
@@ -66,20 +107,23 @@ class DeploymentSpec:
         return slo
 
 
-def _mapping(value: Any, field: str, *, required: bool = False) -> dict[str, Any]:
+def spec_mapping(value: Any, path: str, *, required: bool = False) -> dict[str, Any]:
+    """`value` as a dict; SpecError naming `path` when it is missing (and required)
+    or not a mapping."""
     if value is None:
         if required:
-            raise SpecError(field, "is required", "a mapping")
+            raise SpecError(path, "is required", "a mapping")
         return {}
-    if not isinstance(value, dict):
-        raise SpecError(field, f"must be a mapping, got {type(value).__name__}", "a mapping")
-    return value
+    if not isinstance(value, Mapping):
+        raise SpecError(path, f"must be a mapping, got {type(value).__name__}", "a mapping")
+    return dict(value)
 
 
-def _unknown(data: dict[str, Any], field: str, known: tuple[str, ...]) -> None:
+def reject_unknown(data: Mapping[str, Any], path: str, known: tuple[str, ...]) -> None:
+    """SpecError naming `path` when `data` holds keys outside `known`."""
     extra = sorted(set(data) - set(known))
     if extra:
-        raise SpecError(field, f"unknown field(s) {extra}", ", ".join(known))
+        raise SpecError(path, f"unknown field(s) {extra}", ", ".join(known))
 
 
 def _number(
@@ -88,12 +132,14 @@ def _number(
     *,
     positive: bool = True,
     at_most: float | None = None,
+    below: float | None = None,
     default: float | None = None,
 ) -> float | None:
     if value is None:
         return default
     low = "> 0" if positive else ">= 0"
     accepted = f"a number {low}" + (f" and <= {at_most:g}" if at_most is not None else "")
+    accepted += f" and < {below:g}" if below is not None else ""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(field, f"must be a number, got {value!r}", accepted)
     number = float(value)
@@ -105,7 +151,27 @@ def _number(
         )
     if at_most is not None and number > at_most:
         raise SpecError(field, f"must be at most {at_most:g}, got {value!r}", accepted)
+    if below is not None and number >= below:
+        raise SpecError(field, f"must be below {below:g}, got {value!r}", accepted)
     return number
+
+
+def spec_integer(value: Any, path: str, low: int, high: int, default: int) -> int:
+    """An integer field in [low, high], `default` when absent; SpecError naming `path`."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(
+            path, f"must be an integer in [{low}, {high}], got {value!r}", f"{low} to {high}"
+        )
+    return value
+
+
+def spec_choice(value: Any, path: str, accepted: tuple[Any, ...]) -> Any:
+    """`value` if it is one of `accepted`; SpecError naming `path` otherwise."""
+    if isinstance(value, bool) or value not in accepted:
+        raise SpecError(path, f"unknown value {value!r}", ", ".join(str(a) for a in accepted))
+    return value
 
 
 def _bool(value: Any, field: str, default: bool) -> bool:
@@ -118,7 +184,7 @@ def _bool(value: Any, field: str, default: bool) -> bool:
 
 def parse_deployment(doc: Any) -> DeploymentSpec:
     """Validates a DNNDeployment document (as loaded from YAML)."""
-    if not isinstance(doc, dict):
+    if not isinstance(doc, Mapping):
         raise SpecError("DNNDeployment", "must be a mapping", "a DNNDeployment manifest")
     kind = doc.get("kind")
     if kind != "DNNDeployment":
@@ -126,7 +192,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     api = doc.get("apiVersion")
     if api is not None and (not isinstance(api, str) or api.split("/")[0] != API_GROUP):
         raise SpecError("apiVersion", f"unexpected {api!r}", f"{API_GROUP}/v1alpha1")
-    meta = _mapping(doc.get("metadata"), "metadata", required=True)
+    meta = spec_mapping(doc.get("metadata"), "metadata", required=True)
     name = meta.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise SpecError(
@@ -134,7 +200,8 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             f"invalid name {name!r}",
             "a DNS subdomain: lower-case letters, digits, '-' and '.'",
         )
-    spec = _mapping(doc.get("spec"), "spec", required=True)
+    spec = spec_mapping(doc.get("spec"), "spec", required=True)
+    reject_unknown(spec, "spec", _SPEC_FIELDS)
 
     model_ref: str | None = None
     zoo: str | None = None
@@ -144,16 +211,16 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             "spec.model", "set either spec.modelRef or spec.model, not both", "one of them"
         )
     if "modelRef" in spec:
-        ref = _mapping(spec["modelRef"], "spec.modelRef")
-        _unknown(ref, "spec.modelRef", ("name",))
+        ref = spec_mapping(spec["modelRef"], "spec.modelRef")
+        reject_unknown(ref, "spec.modelRef", ("name",))
         model_ref = ref.get("name")
         if not isinstance(model_ref, str) or not _NAME.match(model_ref):
             raise SpecError(
                 "spec.modelRef.name", f"invalid name {model_ref!r}", "the name of a DNNModel"
             )
     elif "model" in spec:
-        model = _mapping(spec["model"], "spec.model")
-        _unknown(model, "spec.model", ("zoo", "variant"))
+        model = spec_mapping(spec["model"], "spec.model")
+        reject_unknown(model, "spec.model", ("zoo", "variant"))
         zoo = model.get("zoo")
         if not isinstance(zoo, str) or not _ZOO.match(zoo):
             raise SpecError(
@@ -176,18 +243,18 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             "modelRef: {name: <DNNModel>} or model: {zoo: <name>}",
         )
 
-    slo = _mapping(spec.get("slo"), "spec.slo")
-    _unknown(slo, "spec.slo", ("latencyP95Ms", "throughputRps", "minAccuracy"))
+    slo = spec_mapping(spec.get("slo"), "spec.slo")
+    reject_unknown(slo, "spec.slo", ("latencyP95Ms", "throughputRps", "minAccuracy"))
     latency = _number(slo.get("latencyP95Ms"), "spec.slo.latencyP95Ms")
     throughput = _number(slo.get("throughputRps"), "spec.slo.throughputRps")
-    accuracy = _number(slo.get("minAccuracy"), "spec.slo.minAccuracy", at_most=1.0)
+    accuracy = _number(
+        slo.get("minAccuracy"), "spec.slo.minAccuracy", positive=False, at_most=1.0
+    )
 
-    objective = spec.get("objective", "latency")
-    if objective not in OBJECTIVES:
-        raise SpecError("spec.objective", f"unknown objective {objective!r}", ", ".join(OBJECTIVES))
+    objective = spec_choice(spec.get("objective", "latency"), "spec.objective", OBJECTIVES)
 
-    placement = _mapping(spec.get("placement"), "spec.placement")
-    _unknown(placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit"))
+    placement = spec_mapping(spec.get("placement"), "spec.placement")
+    reject_unknown(placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit"))
     tiers_raw = placement.get("tiers", list(TIERS))
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise SpecError(
@@ -200,18 +267,20 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             )
     if len(set(tiers_raw)) != len(tiers_raw):
         raise SpecError("spec.placement.tiers", f"tiers repeat in {tiers_raw}", "distinct tiers")
-    partitioning = placement.get("partitioning", "auto")
-    if partitioning not in PARTITIONING:
-        raise SpecError(
-            "spec.placement.partitioning", f"unknown mode {partitioning!r}", ", ".join(PARTITIONING)
-        )
-    adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", True)
+    partitioning = spec_choice(
+        placement.get("partitioning", "auto"), "spec.placement.partitioning", PARTITIONING
+    )
+    adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", False)
 
-    privacy = _mapping(spec.get("privacy"), "spec.privacy")
-    _unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
+    privacy = spec_mapping(spec.get("privacy"), "spec.privacy")
+    reject_unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
     raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice", False)
     noise = _number(
-        privacy.get("featureNoiseStd"), "spec.privacy.featureNoiseStd", positive=False, default=0.0
+        privacy.get("featureNoiseStd"),
+        "spec.privacy.featureNoiseStd",
+        positive=False,
+        at_most=10.0,
+        default=0.0,
     )
     if raw and "device" not in tiers_raw:
         raise SpecError(
@@ -220,10 +289,22 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             "add device to spec.placement.tiers or set this to false",
         )
 
-    power = _mapping(spec.get("power"), "spec.power")
-    _unknown(power, "spec.power", ("computeWatts", "txWatts", "rxWatts", "idleWatts"))
-    cost = _mapping(spec.get("cost"), "spec.cost")
-    _unknown(cost, "spec.cost", ("edgePerMs", "cloudPerMs"))
+    preprocessing = spec_mapping(spec.get("preprocessing"), "spec.preprocessing")
+    reject_unknown(preprocessing, "spec.preprocessing", ("skipUnchangedThreshold",))
+    # the device stage compares frames with a fraction of the value range below 1
+    skip = _number(
+        preprocessing.get("skipUnchangedThreshold"),
+        "spec.preprocessing.skipUnchangedThreshold",
+        positive=False,
+        below=1.0,
+        default=0.0,
+    )
+    sharing = spec_choice(spec.get("sharing", "none"), "spec.sharing", SHARING)
+
+    power = spec_mapping(spec.get("power"), "spec.power")
+    reject_unknown(power, "spec.power", ("computeWatts", "txWatts", "rxWatts", "idleWatts"))
+    cost = spec_mapping(spec.get("cost"), "spec.cost")
+    reject_unknown(cost, "spec.cost", ("edgePerMs", "cloudPerMs"))
 
     def watts(key: str, default: float) -> float:
         value = _number(power.get(key), f"spec.power.{key}", positive=False, default=default)
@@ -255,7 +336,59 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         idle_watts=watts("idleWatts", 0.3),
         edge_cost_per_ms=per_ms("edgePerMs", 0.0),
         cloud_cost_per_ms=per_ms("cloudPerMs", 1.0),
+        device_selector=_device_selector(spec),
+        autoscaling=_autoscaling(spec),
+        sharing=sharing if sharing != "none" else None,
+        priority=spec_integer(spec.get("priority"), "spec.priority", 0, MAX_PRIORITY, 0),
+        skip_unchanged_threshold=skip or 0.0,
     )
+
+
+def _device_selector(spec: Mapping[str, Any]) -> dict[str, str]:
+    devices = spec_mapping(spec.get("devices"), "spec.devices")
+    reject_unknown(devices, "spec.devices", ("nodeSelector",))
+    selector = spec_mapping(devices.get("nodeSelector"), "spec.devices.nodeSelector")
+    for key, value in selector.items():
+        if not isinstance(value, str):
+            raise SpecError(
+                f"spec.devices.nodeSelector.{key}",
+                f"must be a string, got {value!r}",
+                "a label value",
+            )
+    return {str(k): v for k, v in selector.items()}
+
+
+def _autoscaling(spec: Mapping[str, Any]) -> Autoscaling:
+    data = spec_mapping(spec.get("autoscaling"), "spec.autoscaling")
+    reject_unknown(
+        data,
+        "spec.autoscaling",
+        (
+            "minReplicas",
+            "maxReplicas",
+            "stableWindowSeconds",
+            "panicWindowSeconds",
+            "scaleDownDelaySeconds",
+        ),
+    )
+
+    def seconds(key: str, low: int, high: int, default: int) -> int:
+        return spec_integer(data.get(key), f"spec.autoscaling.{key}", low, high, default)
+
+    policy = Autoscaling(
+        min_replicas=seconds("minReplicas", 0, MAX_REPLICAS, 1),
+        max_replicas=seconds("maxReplicas", 1, MAX_REPLICAS, 8),
+        stable_window_s=seconds("stableWindowSeconds", 2, 3600, 60),
+        panic_window_s=seconds("panicWindowSeconds", 1, 600, 6),
+        scale_down_delay_s=seconds("scaleDownDelaySeconds", 0, 3600, 30),
+    )
+    if policy.min_replicas > policy.max_replicas:
+        raise SpecError(
+            "spec.autoscaling.minReplicas",
+            f"{policy.min_replicas} exceeds maxReplicas {policy.max_replicas}",
+            "at most maxReplicas",
+        )
+    return policy
 
 
 def load_deployment(path: str | Path) -> DeploymentSpec:

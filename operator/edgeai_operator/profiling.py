@@ -1,5 +1,8 @@
-"""DNNModel status: the model's cut points and per-segment costs, per-tier estimates
-and its variants' accuracy and size.
+"""DNNModel status: the model's cut points and per-segment costs, per-tier estimates,
+its variants' accuracy and size and one graph profile per ready variant.
+
+The spec is read through `modelspec.parse_model_spec`; `spec.input` must fit the
+model's own input.
 
 The graph profile (cuts, tensor sizes, FLOPs per segment) comes from the ONNX graph
 itself. Per-tier latency is FLOPs / the tier's effective GFLOPS (`edgeai.dev/gflops`
@@ -9,34 +12,24 @@ the source of every number is recorded in status so a user can tell.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
+from edgeai_operator.modelspec import InputSpec, ModelSpec, VariantSpec, parse_model_spec
 from edgeai_operator.problem import OVERHEAD_KEYS, analytic_profile
 from edgeai_operator.topology import NodeSpec
 
-# spec.variants[] kind -> the variant builder's name (edgeai_worker.variants)
-_VARIANT_BUILDERS = {
-    ("quantize", "dynamic"): "int8-dynamic",
-    ("quantize", "static"): "int8-static",
-    ("prune", None): "pruned-50",
-    ("distill", None): "distilled",
-}
+if TYPE_CHECKING:
+    import onnx
 
-
-def zoo_name(spec: Mapping[str, Any]) -> str:
-    source = spec.get("source") or {}
-    if "zoo" in source:
-        return str(source["zoo"])
-    raise SpecError(
-        "spec.source.onnx",
-        "ONNX sources are not profiled by this operator version",
-        "spec.source.zoo with a zoo model name",
-    )
+# ONNX element types of the model inputs spec.input.dtype can name
+_ONNX_DTYPES = {1: "FP32", 10: "FP16", 3: "INT8", 2: "UINT8", 6: "INT32", 7: "INT64"}
 
 
 def tier_estimates(profile: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str, Any]:
@@ -56,49 +49,57 @@ def tier_estimates(profile: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dic
     return tiers
 
 
-def variant_builder(variant: Mapping[str, Any]) -> str:
-    name = str(variant.get("name", "?"))
-    if "quantize" in variant:
-        mode = (variant["quantize"] or {}).get("mode")
-        return _VARIANT_BUILDERS[("quantize", mode)]
-    if "prune" in variant:
-        sparsity = float((variant["prune"] or {}).get("sparsity", 0.5))
-        if abs(sparsity - 0.5) > 1e-9:
-            raise SpecError(
-                f"spec.variants[{name}].prune.sparsity",
-                f"{sparsity:g} is not built by this operator version",
-                "0.5",
-            )
-        return _VARIANT_BUILDERS[("prune", None)]
-    if "distill" in variant:
-        return _VARIANT_BUILDERS[("distill", None)]
-    return "fp32"
+def check_input(declared: InputSpec, model: onnx.ModelProto) -> None:
+    """Raises SpecError naming `spec.input.<field>` where `declared` differs from the
+    model's first graph input; a symbolic dimension (the batch) matches any size."""
+    initializers = {t.name for t in model.graph.initializer}
+    actual = next(i for i in model.graph.input if i.name not in initializers)
+    tensor = actual.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+    shape = "[" + ", ".join(str(d) for d in dims) + "]"
+    if declared.name != actual.name:
+        raise SpecError(
+            "spec.input.name", f"{declared.name!r} is not the model's input", repr(actual.name)
+        )
+    fits = len(dims) == len(declared.shape) and all(
+        isinstance(d, str) or d == want for d, want in zip(dims, declared.shape, strict=True)
+    )
+    if not fits:
+        raise SpecError(
+            "spec.input.shape",
+            f"{list(declared.shape)} does not fit the model's input {actual.name!r} {shape}",
+            f"{shape}, a named dimension taking any size",
+        )
+    dtype = _ONNX_DTYPES.get(tensor.elem_type, f"ONNX type {tensor.elem_type}")
+    if declared.dtype != dtype:
+        raise SpecError(
+            "spec.input.dtype", f"{declared.dtype} is not the model's input type", dtype
+        )
 
 
-def variant_report(model: str, variant: Mapping[str, Any]) -> dict[str, Any]:
-    """Accuracy (held-out digits) and size of one variant, or why it is unavailable."""
-    name = str(variant.get("name"))
-    try:
-        builder = variant_builder(variant)
-    except SpecError as exc:
-        return {"name": name, "ready": False, "message": str(exc)}
-    if model != "digits_cnn" and builder != "fp32":
-        return {
-            "name": name,
-            "kind": builder,
-            "ready": False,
-            "message": f"{builder} variants are built for digits_cnn (it has labelled data)",
-        }
+def _variant_file(model: str, variant: VariantSpec) -> Path:
     from edgeai_worker import variants, zoo
 
-    path = (
-        zoo.export_onnx(model, trained=model == "digits_cnn")
-        if builder == "fp32"
-        else variants.variant_path(model, builder)
-    )
+    if variant.builder == "fp32":
+        return zoo.export_onnx(model, trained=model == "digits_cnn")
+    return variants.variant_path(model, variant.builder)
+
+
+def variant_report(model: str, variant: VariantSpec) -> dict[str, Any]:
+    """Accuracy (held-out digits) and size of one variant, or why it is unavailable."""
+    if model != "digits_cnn" and variant.builder != "fp32":
+        return {
+            "name": variant.name,
+            "kind": variant.builder,
+            "ready": False,
+            "message": f"{variant.builder} variants are built for digits_cnn (labelled data)",
+        }
+    from edgeai_worker import variants
+
+    path = _variant_file(model, variant)
     report: dict[str, Any] = {
-        "name": name,
-        "kind": builder,
+        "name": variant.name,
+        "kind": variant.builder,
         "ready": True,
         "sizeBytes": path.stat().st_size,
     }
@@ -107,20 +108,73 @@ def variant_report(model: str, variant: Mapping[str, Any]) -> dict[str, Any]:
     return report
 
 
+def variant_profile(model: ModelSpec, variant: VariantSpec) -> dict[str, Any]:
+    """The analytic profile of one variant's own ONNX graph: its cut points, tensor
+    sizes and FLOPs per segment (quantizing or pruning changes the graph, so a
+    variant is not the fp32 profile under another name). `build` names the file
+    `edgeai_worker.variants` builds for it."""
+    import onnx
+
+    from edgeai_worker import graph
+
+    dag = graph.analyze(onnx.load(_variant_file(model.zoo, variant)))
+    cuts = graph.graph_cut_points(dag)
+    return {
+        "kind": "Profile",
+        "model": model.zoo,
+        "variant": variant.name,
+        "build": variant.builder,
+        "input": {
+            "name": model.input.name,
+            "shape": list(model.input.shape),
+            "dtype": model.input.dtype,
+        },
+        "host": {},
+        "cuts": [
+            {
+                "index": c.index,
+                "tensors": list(c.tensors),
+                "sizeBytes": c.size_bytes,
+                "position": c.position,
+            }
+            for c in cuts
+        ],
+        "segments": [
+            {
+                "index": i,
+                "positions": f"{a.position}-{b.position - 1}",
+                "flops": sum(n.flops for n in dag.nodes[a.position : b.position]),
+            }
+            for i, (a, b) in enumerate(itertools.pairwise(cuts))
+        ],
+    }
+
+
 def model_status(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str, Any]:
-    model = zoo_name(spec)
-    profile = analytic_profile(model)
-    declared = spec.get("variants") or []
-    reports = [variant_report(model, {"name": "fp32"})]
-    reports += [variant_report(model, v) for v in declared if v.get("name") != "fp32"]
-    fp32 = reports[0]
-    if fp32.get("accuracy") is not None:
-        profile["accuracy"] = fp32["accuracy"]
+    """A DNNModel's status from its spec: the fp32 graph profile (cuts, FLOPs, per-tier
+    estimates), a report per variant and one profile per ready variant, each with
+    the variant's accuracy, so planning can pick a variant for `slo.minAccuracy`.
+    Raises SpecError for a spec that does not fit the model (`spec.input`)."""
+    import onnx
+
+    model = parse_model_spec(spec)
+    check_input(model.input, onnx.load(_variant_file(model.zoo, model.variants[0])))
+    profile = analytic_profile(model.zoo)
+    reports = [variant_report(model.zoo, v) for v in model.variants]
+    profiles = []
+    for variant, report in zip(model.variants, reports, strict=True):
+        if not report["ready"]:
+            continue
+        # fp32 keeps the profile the profiling Jobs measure (edgeai profile <zoo>)
+        found = profile if variant.name == "fp32" else variant_profile(model, variant)
+        if report.get("accuracy") is not None:
+            found["accuracy"] = report["accuracy"]
+        profiles.append(found)
     return {
         "cuts": len(profile["cuts"]),
         "flops": sum(int(s["flops"]) for s in profile["segments"]),
         "tiers": tier_estimates(profile, nodes),
-        "profiles": [profile],
+        "profiles": profiles,
         "variants": reports,
         "variantNames": ",".join(r["name"] for r in reports if r.get("ready")),
     }
@@ -138,14 +192,13 @@ def model_status(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str
 # analytic estimate, and `status.tiers.<tier>.message` says why.
 
 PROFILE_LABELS = {"app.kubernetes.io/managed-by": "edgeai-operator"}
-DEFAULT_TIMEOUT_S = 300
 
 
 def profile_tiers(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> list[str]:
     """`spec.profile.tiers`, or every tier that has nodes, in tier order."""
-    wanted = (spec.get("profile") or {}).get("tiers")
+    wanted = parse_model_spec(spec).profile.tiers
     if wanted:
-        return [t for t in TIERS if t in wanted]
+        return list(wanted)
     return [t for t in TIERS if any(n.tier == t for n in nodes)]
 
 
@@ -155,8 +208,8 @@ def profile_job_name(model: str, tier: str, generation: int | None) -> str:
 
 def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -> dict[str, Any]:
     """The Job that profiles DNNModel `model` (its body) on `node`, a node of `tier`."""
-    meta, spec = model["metadata"], model.get("spec") or {}
-    profile = spec.get("profile") or {}
+    meta = model["metadata"]
+    spec = parse_model_spec(model.get("spec"))
     lbls = {**PROFILE_LABELS, "edgeai.dev/model": meta["name"], "edgeai.dev/tier": tier}
     exprs = [
         {"key": "edgeai.dev/tier", "operator": "In", "values": [tier]},
@@ -182,7 +235,7 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
         },
         "spec": {
             "backoffLimit": 0,
-            "activeDeadlineSeconds": int(profile.get("timeoutSeconds", DEFAULT_TIMEOUT_S)),
+            "activeDeadlineSeconds": spec.profile.timeout_s,
             "template": {
                 "metadata": {"labels": lbls},
                 "spec": {
@@ -201,9 +254,9 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
                             "command": ["edgeai"],
                             "args": [
                                 "profile",
-                                zoo_name(spec),
-                                f"--repeats={int(profile.get('repeats', 20))}",
-                                f"--idle-ms={int(profile.get('idleMs', 100))}",
+                                spec.zoo,
+                                f"--repeats={spec.profile.repeats}",
+                                f"--idle-ms={spec.profile.idle_ms}",
                                 "-o",
                                 "json",
                                 "--termination-log",

@@ -243,7 +243,7 @@ def _reason(problem: Problem) -> str:
         known = [f"{v.name}={v.accuracy:.3f}" for v in problem.variants if v.accuracy is not None]
         return (
             f"no variant reaches the accuracy floor {problem.min_accuracy} "
-            f"(measured: {', '.join(known) or 'none'})"
+            f"(spec.slo.minAccuracy; measured: {', '.join(known) or 'none'})"
         )
     allowed = [t for t in problem.path if t in problem.allowed]
     if problem.raw_input_stays_on_device and "device" not in problem.allowed:
