@@ -56,6 +56,15 @@ bench-operator: install binaries ## 500 DNNDeployments over 1000 kwok nodes: ope
 
 bench: bench-planner bench-dataplane bench-operator ## All benchmarks
 
+docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
+	$(PY) bench/render_numbers.py
+
+docs-numbers-check: install ## Fail when a table in README.md or docs/ differs from what docs/results/ renders
+	$(PY) bench/render_numbers.py --check
+
+# make lint also checks the rendered numbers (a prerequisite added on its own line).
+lint: docs-numbers-check
+
 crds: ## Copy crds/ (the one source of truth) into the Helm chart
 	mkdir -p charts/edgeai-operator/crds
 	cp crds/*.yaml charts/edgeai-operator/crds/
@@ -64,4 +73,4 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
-	bench bench-planner bench-dataplane bench-operator
+	bench bench-planner bench-dataplane bench-operator docs-numbers docs-numbers-check

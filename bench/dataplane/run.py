@@ -15,7 +15,9 @@ processes, and prints side by side:
    model) / a raw aiohttp echo of the same bytes (<= 1.5);
 4. binary / JSON encoding of a 1x3x224x224 FP32 tensor.
 
-Namespaces and cgroups are removed on exit, also after errors and Ctrl-C.
+The full report goes to `--out` (bench/results/dataplane.json); its summary is added as
+run `--label` to docs/results/dataplane.json, which `make docs-numbers` renders into the
+docs. Namespaces and cgroups are removed on exit, also after errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # the renderer beside the benches
 
 from netns import TIERS, TierSpec, Topology, set_uplink, topology  # noqa: E402
+
+import render_numbers  # noqa: E402
 
 PYTHON = sys.executable
 AGENT = str(HERE / "agent.py")
@@ -734,6 +740,15 @@ def main() -> int:
     parser.add_argument("--cloud-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE.parent / "results" / "dataplane.json")
     parser.add_argument(
+        "--results",
+        type=Path,
+        default=render_numbers.RESULTS_DIR / "dataplane.json",
+        help="the committed results this run's summary is added to",
+    )
+    parser.add_argument(
+        "--label", help="the run's name in the results (default: its start time, UTC)"
+    )
+    parser.add_argument(
         "--adaptive-model", help="model for the adaptive-split run (default: the first; '' skips)"
     )
     parser.add_argument("--adaptive-base-mbps", type=float, default=100.0)
@@ -798,7 +813,14 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_report(report)
-    print(f"\n(raw numbers: {args.out}; {report['elapsed_s']:.0f} s)")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results = json.loads(args.results.read_text())
+    results["runs"].append(render_numbers.dataplane_run_summary(report, args.label or date, date))
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"\n(raw numbers: {args.out}; summary added to {args.results}, which make "
+        f"docs-numbers renders; {report['elapsed_s']:.0f} s)"
+    )
     return 0
 
 

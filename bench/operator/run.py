@@ -2,7 +2,8 @@
 
     python bench/operator/run.py [--deployments 500] [--zones 10] [--devices-per-zone 92]
 
-Prints, measured in one run:
+Prints, measured in one run, and writes as JSON (`--out`, default
+`docs/results/operator.json`, which `make docs-numbers` renders into the docs):
 - the same child objects created directly (no operator): time until every pod Runs;
 - through the operator (DNNDeployment CRs): apply-to-Available p50/p99 per CR, time
   until every pod Runs, and that time / the direct one (goal <= 1.2);
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,9 @@ from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 from edgeai_operator.planning import NodeState, plan_zones
 from edgeai_operator.profiling import model_status
 from edgeai_operator.topology import NodeSpec, Topology
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the renderer beside the benches
+import render_numbers
 
 USER_AGENT = "edgeai-operator"
 
@@ -236,6 +241,17 @@ def main() -> int:
         help="device uplink; 100 Mbps puts MobileNetV2 on the edge servers",
     )
     parser.add_argument("--timeout", type=float, default=1500)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=render_numbers.RESULTS_DIR / "operator.json",
+        help="where the JSON result goes (default: the file the docs are rendered from)",
+    )
+    parser.add_argument(
+        "--conditions",
+        default="this machine, nothing else running",
+        help="what else ran on the machine, recorded with the result",
+    )
     args = parser.parse_args()
     # SIGTERM (a stopped run) unwinds like Ctrl-C, so the cluster and operator stop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -412,25 +428,36 @@ def main() -> int:
         calm_cpu = (cpu_seconds(operator.pid) - cpu_rollout) / calm_s
         latencies = sorted(available[n] - applied[n] for n in available)
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-        print()
-        print(f"{'metric':48} value")
-        print(f"{'DNNDeployments Available':48} {len(available)}/{len(crs)}")
-        print(f"{'apply-to-Available p50 (s)':48} {statistics.median(latencies):.1f}")
-        print(f"{'apply-to-Available p99 (s)':48} {p99:.1f}")
         last = max(available.values())
-        print(f"{'last DNNDeployment Available (s)':48} {last:.1f}")
-        print(f"{'direct workloads all available (s)':48} {direct_available_s:.1f}")
-        print(f"{'operator / direct, all available':48} {last / direct_available_s:.2f}")
-        print(f"{'pods Running, direct (s)':48} {direct_s:.1f}")
-        print(f"{'pods Running, through the operator (s)':48} {cr_pods_s:.1f}")
-        print(f"{'operator / direct (goal <= 1.2)':48} {cr_pods_s / direct_s:.2f}")
-        print(f"{'API requests/s, direct phase (all clients)':48} {direct_rps:.0f}")
-        print(f"{'API requests/s, operator phase (all clients)':48} {cr_rps:.0f}")
-        print(f"{'API requests/s by the operator, rollout':48} {op_rps:.0f}")
-        print(f"{'API requests/s by the operator, steady state':48} {calm_rps:.1f}")
-        print(f"{'operator CPU s, start to rollout done':48} {cpu_rollout:.1f}")
-        print(f"{'operator CPU share, steady state (of one core)':48} {calm_cpu:.3f}")
-        print(f"{'operator peak RSS (MiB)':48} {peak_rss_mib(operator.pid):.0f}")
+        run = {
+            "label": "run 1",
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "scale": f"{len(crs)} DNNDeployments of {args.model}, {expected_pods} stage pods "
+            f"on {len(topo.nodes)} kwok nodes",
+            "conditions": args.conditions,
+            "deploymentsAvailable": f"{len(available)}/{len(crs)}",
+            "applyToAvailableP50S": statistics.median(latencies),
+            "applyToAvailableP99S": p99,
+            "lastAvailableS": last,
+            "directAvailableS": direct_available_s,
+            "availableRatio": last / direct_available_s,
+            "directPodsRunningS": direct_s,
+            "operatorPodsRunningS": cr_pods_s,
+            "podsRunningRatio": cr_pods_s / direct_s,
+            "directRequestsPerS": direct_rps,
+            "operatorPhaseRequestsPerS": cr_rps,
+            "operatorRequestsPerSRollout": op_rps,
+            "operatorRequestsPerSSteady": calm_rps,
+            "operatorCpuSRollout": cpu_rollout,
+            "operatorCpuShareSteady": calm_cpu,
+            "operatorPeakRssMiB": peak_rss_mib(operator.pid),
+        }
+        report = {"bench": "operator", "command": " ".join(sys.argv), "runs": [run]}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print()
+        print(render_numbers.operator_table(report))
+        print(f"\n(written to {args.out}; make docs-numbers renders it into the docs)")
     finally:
         if operator is not None:
             os.killpg(operator.pid, signal.SIGTERM)

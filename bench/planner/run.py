@@ -1,7 +1,8 @@
 """Planner benchmark: planning time, partitioned vs best single-tier latency, and the
-digits variants. Prints tables; `docs/planner.md` holds a real run.
+digits variants. Writes the numbers as JSON (`--out`, default `docs/results/planner.json`,
+which `make docs-numbers` renders into `docs/planner.md`) and prints the same tables.
 
-    python bench/planner/run.py [--repeats 10] [--slowdown 8] [--rtt-ms 20]
+    python bench/planner/run.py [--repeats 10] [--slowdown 8] [--rtt-ms 20] [--out FILE]
 
 1. Plan time (median of 20) for a random 200-cut chain and a random 1000-node
    DNN-shaped DAG, three tiers; goals < 10 ms and < 100 ms.
@@ -18,13 +19,17 @@ digits variants. Prints tables; `docs/planner.md` holds a real run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,9 +47,23 @@ from edgeai_operator.planner import (
 )
 from edgeai_worker import graph, profiler, variants, zoo
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the renderer beside the benches prints the tables
+
+import render_numbers  # noqa: E402
+
 MODELS = ("mobilenet_v2", "resnet18", "vgg_like", "alexnet_like")
 BANDWIDTHS_MBPS = (1.0, 10.0, 100.0)
 CLOUD_SPEEDUP = 4.0
+# what the result keeps of each digits variant (not its cache path)
+DIGITS_KEYS = (
+    "name",
+    "accuracy",
+    "sizeBytes",
+    "compressedBytes",
+    "nonzeroParameters",
+    "parameters",
+)
 
 
 def _say(message: str) -> None:
@@ -93,7 +112,7 @@ def random_dag(n: int, seed: int = 0) -> LayerGraph:
     return LayerGraph(_random_ms(rng, n), tensors)
 
 
-def plan_times() -> list[tuple[str, str, float, float]]:
+def plan_times() -> list[dict[str, Any]]:
     links = (Link(10, 15), Link(100, 25))
     rows = []
     chain = Problem((Variant("fp32", random_chain(200)),), links=links)
@@ -101,7 +120,7 @@ def plan_times() -> list[tuple[str, str, float, float]]:
     for label, problem, goal in (("200-cut chain", chain, 10.0), ("1000-node DAG", dag, 100.0)):
         plan = plan_partitions(problem, alternatives=False)
         ms = _median_ms(partial(plan_partitions, problem, alternatives=False))
-        rows.append((label, plan.method, ms, goal))
+        rows.append({"instance": label, "solver": plan.method, "ms": ms, "goalMs": goal})
         _say(f"{label}: {ms:.2f} ms ({plan.method})")
     # the constrained path: cloud cost under a latency SLO needs the enumeration
     two_tier = Problem(chain.variants, path=("device", "cloud"), links=(Link(100, 15),))
@@ -112,7 +131,14 @@ def plan_times() -> list[tuple[str, str, float, float]]:
     )
     plan = plan_partitions(slo, alternatives=False)
     ms = _median_ms(lambda: plan_partitions(slo, alternatives=False), runs=5)
-    rows.append(("200-cut chain, 2 tiers, cloudCost under SLO", plan.method, ms, float("nan")))
+    rows.append(
+        {
+            "instance": "200-cut chain, 2 tiers, cloudCost under SLO",
+            "solver": plan.method,
+            "ms": ms,
+            "goalMs": None,
+        }
+    )
     return rows
 
 
@@ -158,17 +184,17 @@ def ratios(
                     "planned": plan.predicted_latency_ms,
                     "single": single,
                     "ratio": plan.predicted_latency_ms / min(single.values()),
-                    "hostGflops": profile["host"]["gflops"],
                 }
             )
     return rows
 
 
-def sweep(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float) -> None:
+def sweep(
+    profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float
+) -> list[dict[str, Any]]:
     """Where between 1 and 1000 Mbps a split beats both single tiers (two tiers)."""
     grid = [round(10 ** (e / 10), 2) for e in range(31)]
-    print("| model | Mbps where a split is planned | best ratio | at Mbps |")
-    print("|---|---|---:|---:|")
+    rows = []
     for name, profile in profiles.items():
         chain = _chain(profile, {"device": 1 / slowdown, "cloud": 1.0})
         split_at: list[float] = []
@@ -183,43 +209,33 @@ def sweep(profiles: dict[str, dict[str, Any]], slowdown: float, rtt_ms: float) -
             if len(plan.stages) > 1:
                 split_at.append(mbps)
             best = min(best, (plan.predicted_latency_ms / single, mbps))
-        if split_at:
-            print(f"| {name} | {split_at[0]:g}-{split_at[-1]:g} | {best[0]:.3f} | {best[1]:g} |")
-        else:
-            print(f"| {name} | none | 1.000 | - |")
-
-
-def _print_ratios(rows: list[dict[str, Any]]) -> None:
-    tiers = list(rows[0]["single"])
-    print(
-        "| model | Mbps | plan | sent bytes | planned ms | "
-        + " | ".join(f"{t}-only ms" for t in tiers)
-        + " | ratio |"
-    )
-    print("|---|---:|---|---:|---:|" + "---:|" * len(tiers) + "---:|")
-    for r in rows:
-        singles = " | ".join(f"{r['single'][t]:.2f}" for t in tiers)
-        print(
-            f"| {r['model']} | {r['mbps']:g} | {r['stages']} | {r['sentBytes']} "
-            f"| {r['planned']:.2f} | {singles} | {r['ratio']:.3f} |"
+        rows.append(
+            {
+                "model": name,
+                "splitMbps": split_at,
+                "bestRatio": best[0],
+                "atMbps": best[1] if split_at else None,
+            }
         )
-    print("\n| model | ratio @1 Mbps | ratio @10 Mbps | ratio @100 Mbps |")
-    print("|---|---:|---:|---:|")
-    for name in MODELS:
-        cells = " | ".join(f"{r['ratio']:.3f}" for r in rows if r["model"] == name)
-        print(f"| {name} | {cells} |")
+    return rows
 
 
 def digits_rows() -> list[dict[str, Any]]:
     _, _, x_test, _ = zoo.digits_split()
-    rows = variants.digits_variants()
     image = np.ascontiguousarray(x_test[:1])
-    for row in rows:
+    rows = []
+    for variant in variants.digits_variants():
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(row["path"], options, providers=["CPUExecutionProvider"])
-        row["msPerImage"] = _median_ms(partial(session.run, None, {"input": image}), 200)
-        row["cuts"] = len(graph.cut_points(onnx.load(row["path"])))
+        path = variant["path"]
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        rows.append(
+            {
+                **{k: variant[k] for k in DIGITS_KEYS},
+                "cuts": len(graph.cut_points(onnx.load(path))),
+                "msPerImage": _median_ms(partial(session.run, None, {"input": image}), 200),
+            }
+        )
     return rows
 
 
@@ -230,43 +246,42 @@ def main(argv: list[str] | None = None) -> int:
         "--slowdown", type=float, default=8.0, help="device tier = this machine x SLOWDOWN"
     )
     parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=render_numbers.RESULTS_DIR / "planner.json",
+        help="where the JSON result goes (default: the file docs/planner.md is rendered from)",
+    )
     args = parser.parse_args(argv)
 
-    print("## Planning time (median of 20, this machine)\n")
-    print("| instance | solver | ms | goal ms |")
-    print("|---|---|---:|---:|")
-    for label, method, ms, goal in plan_times():
-        goal_text = "-" if goal != goal else f"< {goal:g}"
-        print(f"| {label} | {method} | {ms:.2f} | {goal_text} |")
-
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "bench": "planner",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python bench/planner/run.py", *(argv or sys.argv[1:])]),
+        "cpus": os.cpu_count(),
+        "loadAverage": os.getloadavg()[0],
+        "settings": {
+            "repeats": args.repeats,
+            "slowdown": args.slowdown,
+            "rttMs": args.rtt_ms,
+            "cloudSpeedup": CLOUD_SPEEDUP,
+            "backhaul": {"mbps": 100.0, "rttMs": 25.0},
+        },
+        "planTimes": plan_times(),
+    }
     profiles = {name: measured_profile(name, args.repeats) for name in MODELS}
-    host = profiles[MODELS[0]]["host"]["gflops"]
-    print(
-        f"\n## Planned latency / best single tier, two tiers\n\n"
-        f"cloud = this machine ({host:g} GFLOPS measured), device = {args.slowdown:g}x "
-        f"slower, device->cloud RTT {args.rtt_ms:g} ms; onnxruntime medians of "
-        f"{args.repeats} per segment\n"
-    )
-    _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=False))
-    print("\nSweep of 31 bandwidths from 1 to 1000 Mbps (log-spaced), two tiers:\n")
-    sweep(profiles, args.slowdown, args.rtt_ms)
-    print(
-        f"\n## Planned latency / best single tier, three tiers\n\n"
-        f"edge = this machine, device = {args.slowdown:g}x slower, cloud = "
-        f"{CLOUD_SPEEDUP:g}x faster; device->edge at the given Mbps with RTT "
-        f"{args.rtt_ms:g} ms, edge->cloud 100 Mbps with RTT 25 ms\n"
-    )
-    _print_ratios(ratios(profiles, args.slowdown, args.rtt_ms, three_tier=True))
-
-    print("\n## digits_cnn variants (held-out digits, 450 images)\n")
-    print("| variant | accuracy | size bytes | zlib bytes | nonzero params | cuts | ms/image |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in digits_rows():
-        print(
-            f"| {r['name']} | {r['accuracy']:.4f} | {r['sizeBytes']} "
-            f"| {r['compressedBytes']} | {r['nonzeroParameters']}/{r['parameters']} "
-            f"| {r['cuts']} | {r['msPerImage']:.3f} |"
-        )
+    report["hostGflops"] = profiles[MODELS[0]]["host"]["gflops"]
+    report["twoTier"] = ratios(profiles, args.slowdown, args.rtt_ms, three_tier=False)
+    report["sweep"] = sweep(profiles, args.slowdown, args.rtt_ms)
+    report["threeTier"] = ratios(profiles, args.slowdown, args.rtt_ms, three_tier=True)
+    report["digits"] = digits_rows()
+    report["elapsedS"] = time.monotonic() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for region in render_numbers.PLANNER_REGIONS:
+        print(render_numbers.RENDERERS[region].render(report) + "\n")
+    print(f"(written to {args.out}; make docs-numbers renders it into the docs)")
     return 0
 
 

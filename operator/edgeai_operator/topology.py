@@ -237,8 +237,11 @@ def _annotation_number(annotations: dict[str, str], key: str) -> float | None:
 def node_from_object(obj: dict[str, Any]) -> NodeSpec | None:
     """A live v1.Node as a NodeSpec; None when it carries no valid `edgeai.dev/tier`.
 
-    Measured values win over declared ones: an annotation `<key>-measured` (written
-    by workers that probe their uplink) overrides `<key>`.
+    An annotation `<key>-measured` (e.g. `edgeai.dev/uplink-mbps-measured`), when it
+    holds a positive number, overrides the declared `<key>`. Nothing in this project
+    writes it: it is for whatever measures a node from outside (an administrator or a
+    node agent). The device stage's own uplink estimate picks its split and is exported
+    as the `edgeai_uplink_mbps` metric; it is not written to the node.
     """
     meta = obj.get("metadata", {})
     labels: dict[str, str] = dict(meta.get("labels") or {})

@@ -1,13 +1,15 @@
 """Forwarding a stage's output to the next stage.
 
 The intermediate tensors go in the binary form of the protocol over one pooled
-keep-alive aiohttp session per worker. Each request carries an id; a forward that fails
-on the way (connection refused or reset, a replica that died mid-request, a timeout, a
-502/503/504) is retried on another replica with the same id and the same bytes, so the
-request is neither lost nor answered twice, and a replica that already saw the id
-answers from its record instead of running again (see `app.Deduplicator`). A 4xx from
-downstream is the caller's fault and is passed back unchanged; every error names the
-stage that failed.
+keep-alive aiohttp session per worker. The forwarder draws one `Idempotency-Key` per
+request and sends it with every attempt; a forward that fails on the way (connection
+refused or reset, a replica that died mid-request, a timeout, a 502/503/504) is retried
+on another replica with the same bytes and the same key, so the request is neither lost
+nor answered twice: a replica that already has that key (and a body of that length)
+waits for or returns its recorded answer instead of running again (see
+`app.Deduplicator`). The request's OIP `id` plays no part in this (clients reuse ids). A
+4xx from downstream is the caller's fault and is passed back unchanged; every error
+names the stage that failed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """onnxruntime sessions for the partitions a stage serves, with KServe's model contract:
-`load()`, `ready`, `predict()`.
+`load()`, `ready`, and a run per partition (`validate()` picks it, `Partition.run()`).
 
 A stage usually serves one partition. A stage below an adaptive device stage serves one
 partition per split the device may choose; the request's input tensor names say which.
-A stage that holds no layers is an identity partition (it only forwards).
+A stage that holds no layers has no runtime at all (the worker only forwards).
 """
 
 from __future__ import annotations
@@ -110,21 +110,6 @@ class Partition:
         return {spec.name: np.asarray(r) for spec, r in zip(self.outputs, results, strict=True)}
 
 
-class IdentityPartition(Partition):
-    """A stage with no layers: its outputs are its inputs (it only forwards)."""
-
-    def __init__(self, tensors: Sequence[TensorSpec]) -> None:
-        super().__init__(Path("<identity>"))
-        self.inputs = list(tensors)
-        self.outputs = list(tensors)
-
-    def load(self) -> None:
-        return None
-
-    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        return dict(feeds)
-
-
 class StageRuntime:
     """The partitions of one stage, chosen per request by the input tensor names."""
 
@@ -179,6 +164,3 @@ class StageRuntime:
             array, datatype = tensors[spec.name]
             spec.check(array, datatype, self.model_name)
         return partition
-
-    def predict(self, partition: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
-        return partition.run(feeds)

@@ -1,0 +1,539 @@
+"""Render the benchmark tables of README.md and docs/*.md from the JSON results in
+docs/results/, so that no number in them is pasted by hand.
+
+    python bench/render_numbers.py          # rewrite the marked regions (make docs-numbers)
+    python bench/render_numbers.py --check  # exit 1 naming each region that differs
+
+A region is the text between `<!-- numbers:NAME -->` and `<!-- /numbers -->`; NAME
+selects a renderer, which reads one JSON file of docs/results/ and returns markdown.
+Text outside the regions is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "docs" / "results"
+CLOSE = "<!-- /numbers -->"
+MARKER = re.compile(r"<!-- (?:numbers:([a-z0-9-]+)|/numbers) -->")
+
+
+class NumbersError(Exception):
+    """A doc's markers or a result file that cannot be rendered; the message names both."""
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """What one region shows: `render` applied to the JSON file `source` of the results."""
+
+    source: str
+    render: Callable[[Mapping[str, Any]], str]
+
+
+def default_docs(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+# --- planner (bench/planner/run.py) -----------------------------------------------------
+
+
+def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table; `align` has one letter per column, l (left) or r (right)."""
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "".join("---|" if a == "l" else "---:|" for a in align))
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def planner_run(report: Mapping[str, Any]) -> str:
+    return (
+        f"Run of {report['date']} (`{report['command']}`, {report['cpus']} CPUs, load "
+        f"average {report['loadAverage']:.1f} at its start, {report['elapsedS']:.0f} s)."
+    )
+
+
+def planner_time(report: Mapping[str, Any]) -> str:
+    return _table(
+        ("instance", "solver", "ms", "goal ms"),
+        "llrr",
+        (
+            (
+                r["instance"],
+                r["solver"],
+                f"{r['ms']:.2f}",
+                "-" if r["goalMs"] is None else f"< {r['goalMs']:g}",
+            )
+            for r in report["planTimes"]
+        ),
+    )
+
+
+def _ratio_tables(rows: Sequence[Mapping[str, Any]]) -> str:
+    tiers = list(rows[0]["single"])
+    detail = _table(
+        (
+            "model",
+            "Mbps",
+            "plan",
+            "sent bytes",
+            "planned ms",
+            *(f"{t}-only ms" for t in tiers),
+            "ratio",
+        ),
+        "lrlrr" + "r" * len(tiers) + "r",
+        (
+            (
+                r["model"],
+                f"{r['mbps']:g}",
+                r["stages"],
+                str(r["sentBytes"]),
+                f"{r['planned']:.2f}",
+                *(f"{r['single'][t]:.2f}" for t in tiers),
+                f"{r['ratio']:.3f}",
+            )
+            for r in rows
+        ),
+    )
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    bandwidths = list(dict.fromkeys(r["mbps"] for r in rows))
+    ratio = {(r["model"], r["mbps"]): r["ratio"] for r in rows}
+    summary = _table(
+        ("model", *(f"ratio @{b:g} Mbps" for b in bandwidths)),
+        "l" + "r" * len(bandwidths),
+        ((m, *(f"{ratio[m, b]:.3f}" for b in bandwidths)) for m in models),
+    )
+    return f"{detail}\n\n{summary}"
+
+
+def planner_two_tier(report: Mapping[str, Any]) -> str:
+    s = report["settings"]
+    return (
+        f"cloud = this machine ({report['hostGflops']:g} GFLOPS measured), device = "
+        f"{s['slowdown']:g}x slower, device->cloud RTT {s['rttMs']:g} ms; onnxruntime "
+        f"medians of {s['repeats']} per segment\n\n" + _ratio_tables(report["twoTier"])
+    )
+
+
+def planner_three_tier(report: Mapping[str, Any]) -> str:
+    s = report["settings"]
+    return (
+        f"edge = this machine, device = {s['slowdown']:g}x slower, cloud = "
+        f"{s['cloudSpeedup']:g}x faster; device->edge at the given Mbps with RTT "
+        f"{s['rttMs']:g} ms, edge->cloud {s['backhaul']['mbps']:g} Mbps with RTT "
+        f"{s['backhaul']['rttMs']:g} ms\n\n" + _ratio_tables(report["threeTier"])
+    )
+
+
+def planner_sweep(report: Mapping[str, Any]) -> str:
+    rows = []
+    for r in report["sweep"]:
+        split = r["splitMbps"]
+        where = f"{split[0]:g}-{split[-1]:g}" if split else "none"
+        at = "-" if r["atMbps"] is None else f"{r['atMbps']:g}"
+        rows.append((r["model"], where, f"{r['bestRatio']:.3f}", at))
+    return _table(("model", "Mbps where a split is planned", "best ratio", "at Mbps"), "llrr", rows)
+
+
+def planner_digits(report: Mapping[str, Any]) -> str:
+    return _table(
+        ("variant", "accuracy", "size bytes", "zlib bytes", "nonzero params", "cuts", "ms/image"),
+        "lrrrrrr",
+        (
+            (
+                r["name"],
+                f"{r['accuracy']:.4f}",
+                str(r["sizeBytes"]),
+                str(r["compressedBytes"]),
+                f"{r['nonzeroParameters']}/{r['parameters']}",
+                str(r["cuts"]),
+                f"{r['msPerImage']:.3f}",
+            )
+            for r in report["digits"]
+        ),
+    )
+
+
+# --- operator at scale (bench/operator/run.py) ------------------------------------------
+
+# (key in a run, label, format); a run without the key shows "-"
+OPERATOR_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("deploymentsAvailable", "DNNDeployments Available", "{}"),
+    ("applyToAvailableP50S", "apply-to-Available p50 (s)", "{:.1f}"),
+    ("applyToAvailableP99S", "apply-to-Available p99 (s)", "{:.1f}"),
+    ("lastAvailableS", "last DNNDeployment Available (s)", "{:.1f}"),
+    ("directAvailableS", "direct workloads all available (s)", "{:.1f}"),
+    ("availableRatio", "operator / direct, all available", "{:.2f}"),
+    ("directPodsRunningS", "pods Running, direct (s)", "{:.1f}"),
+    ("operatorPodsRunningS", "pods Running, through the operator (s)", "{:.1f}"),
+    ("podsRunningRatio", "operator / direct (goal <= 1.2)", "{:.2f}"),
+    ("directRequestsPerS", "API requests/s, direct phase (all clients)", "{:.0f}"),
+    ("operatorPhaseRequestsPerS", "API requests/s, operator phase (all clients)", "{:.0f}"),
+    ("operatorRequestsPerSRollout", "API requests/s by the operator, rollout", "{:.0f}"),
+    ("operatorRequestsPerSSteady", "API requests/s by the operator, steady state", "{:.1f}"),
+    ("operatorCpuSRollout", "operator CPU s, start to rollout done", "{:.1f}"),
+    ("operatorCpuShareSteady", "operator CPU share, steady state (of one core)", "{:.3f}"),
+    ("operatorPeakRssMiB", "operator peak RSS (MiB)", "{:.0f}"),
+)
+
+
+def _cell(run: Mapping[str, Any], key: str, fmt: str) -> str:
+    return "-" if run.get(key) is None else fmt.format(run[key])
+
+
+def operator_table(report: Mapping[str, Any]) -> str:
+    runs = report["runs"]
+    header = ("metric", *(f"{r['label']} ({r['date']})" for r in runs))
+    rows = ((label, *(_cell(r, key, fmt) for r in runs)) for key, label, fmt in OPERATOR_METRICS)
+    notes = "\n".join(f"- {r['label']}: {r['conditions']}" for r in runs)
+    return _table(header, "l" + "r" * len(runs), rows) + "\n\n" + notes
+
+
+def _span(values: Sequence[float], fmt: str) -> str:
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
+def operator_summary(report: Mapping[str, Any]) -> str:
+    runs = report["runs"]
+    first, rest = runs[0], runs[1:]
+    others = "".join(
+        f"; {r['label']}: {r['directPodsRunningS']:.0f} s vs {r['operatorPodsRunningS']:.0f} s, "
+        f"{r['podsRunningRatio']:.2f}"
+        for r in rest
+    )
+    return (
+        f"{first['label']} ({first['date']}; {first['scale']}): pods Running "
+        f"{first['directPodsRunningS']:.0f} s directly vs {first['operatorPodsRunningS']:.0f} s "
+        f"through the operator ({first['podsRunningRatio']:.2f}, goal <= 1.2{others}), "
+        f"last DNNDeployment Available / every direct workload available "
+        f"{_span([r['availableRatio'] for r in runs], '{:.2f}')}, "
+        f"{_span([r['operatorRequestsPerSRollout'] for r in runs], '{:.0f}')} operator API "
+        f"requests/s during the rollout and "
+        f"{_span([r['operatorRequestsPerSSteady'] for r in runs], '{:.1f}')} in steady state, "
+        f"operator peak RSS {_span([r['operatorPeakRssMiB'] for r in runs], '{:.0f}')} MiB."
+    )
+
+
+# --- data plane (bench/dataplane/run.py) ------------------------------------------------
+
+
+def dataplane_history(report: Mapping[str, Any]) -> str:
+    history = report["history"]
+    groups = history["groups"]
+    return _table(
+        ("goal", *(g["label"] for g in groups)),
+        "l" * (len(groups) + 1),
+        ((goal, *(g["cells"][i] for g in groups)) for i, goal in enumerate(history["goals"])),
+    )
+
+
+def _goal1(run: Mapping[str, Any]) -> str:
+    g = run["goal1"]
+    span = f"{g['ratioMin']:.2f}-{g['ratioMax']:.2f}" if g.get("ratioMax") else ""
+    misses = "; ".join(f"{m['config']} {m['ratio']:.2f}" for m in g["misses"])
+    return (
+        f"{g['inRange']} of {g['of']}"
+        + (f" ({span})" if span else "")
+        + (f"; out of range: {misses}" if misses else "")
+    )
+
+
+def _goal3_sets(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(which runs, goal 3 ratios) of the report: its runs together, then each run's own."""
+    current = report.get("currentCode")
+    sets = [(f"runs {current['runs']}", current)] if current else []
+    return sets + [(f"run {r['run']}", r) for r in report["runs"] if "goal3" in r]
+
+
+def dataplane_runs(report: Mapping[str, Any]) -> str:
+    def pairs(values: Mapping[str, float], unit: str = "") -> str:
+        return ", ".join(f"{k} {v:.2f}{unit}" for k, v in values.items())
+
+    runs = _table(
+        (
+            "run",
+            "date",
+            "1. measured / predicted in 0.9-1.1",
+            "2. plan / min(device-only, cloud-only), where the plan is neither",
+            "a split's speedup over device-only",
+        ),
+        "lllll",
+        (
+            (
+                r["run"],
+                r["date"],
+                _goal1(r),
+                pairs(r["goal2"]),
+                pairs(r["splitSpeedupOverDeviceOnly"], "x"),
+            )
+            for r in report["runs"]
+        ),
+    )
+    sets = _goal3_sets(report)
+    tensors = list(dict.fromkeys(t for _, s in sets for p in s["goal3"].values() for t in p))
+    hops = _table(
+        ("3. OIP / raw aiohttp echo", *tensors),
+        "l" + "r" * len(tensors),
+        (
+            (
+                f"{path}, {which}",
+                *(_span(ratios[t], "{:.2f}") if t in ratios else "-" for t in tensors),
+            )
+            for which, s in sets
+            for path, ratios in s["goal3"].items()
+        ),
+    )
+    encoding = "\n".join(
+        f"- {which}: size {s['goal4']['sizeRatio']:.3f}, encoding time "
+        f"{_span(s['goal4']['encodeRatio'], '{:.4f}')}, decoding time "
+        f"{_span(s['goal4']['decodeRatio'], '{:.4f}')}"
+        for which, s in sets
+    )
+    return f"{runs}\n\n{hops}\n\n4. Binary / JSON for the 1x3x224x224 FP32 input:\n\n{encoding}"
+
+
+def dataplane_summary(report: Mapping[str, Any]) -> str:
+    runs = report["runs"]
+    in_range = ", ".join(str(r["goal1"]["inRange"]) for r in runs)
+    full = [r for r in runs if r["goal1"]["inRange"] == r["goal1"]["of"]]
+    misses = [m for r in runs for m in r["goal1"]["misses"]]
+    g2 = [v for r in runs for v in r["goal2"].values()]
+    # [binary path, with an Identity model] x (over the shaped link, within one namespace)
+    shaped: list[list[float]] = [[], []]
+    loopback: list[list[float]] = [[], []]
+    for _, s in _goal3_sets(report):
+        for i, by_tensor in enumerate(s["goal3"].values()):
+            for tensor, values in by_tensor.items():
+                (shaped if tensor.endswith("shaped link") else loopback)[i].extend(values)
+    full_span = _span([r["goal1"][k] for r in full for k in ("ratioMin", "ratioMax")], "{:.2f}")
+    miss_text = "".join(
+        f"; {m['config']} {m['ratio']:.2f} in run {m['run']}"
+        + (f": {m['note']}" if "note" in m else "")
+        for m in misses
+    )
+    sizes = [s["goal4"]["sizeRatio"] for _, s in _goal3_sets(report)]
+    return (
+        f"Runs {runs[0]['run']}-{runs[-1]['run']}: measured / predicted latency within "
+        f"0.9-1.1 on {in_range} of {runs[0]['goal1']['of']} configurations "
+        f"({full_span} in the runs with all in range{miss_text}); partitioned / best single "
+        f"tier {_span(g2, '{:.2f}')} where the plan is neither single tier; one hop of the "
+        f"OIP binary path / a raw aiohttp echo {_span(shaped[0], '{:.2f}')} over "
+        f"the shaped link and {_span(loopback[0], '{:.2f}')} on loopback "
+        f"({_span(loopback[1], '{:.2f}')} with an Identity model's onnxruntime "
+        f"run added); binary / JSON size {_span(sizes, '{:.3f}')}."
+    )
+
+
+def dataplane_run_summary(report: Mapping[str, Any], run: str, date: str) -> dict[str, Any]:
+    """One entry of docs/results/dataplane.json's `runs` from a full report of
+    bench/dataplane/run.py (what the tables above show of it)."""
+    configs = []
+    goal2: dict[str, float] = {}
+    speedup: dict[str, float] = {}
+    for m in report["models"]:
+        for s in m["scenarios"]:
+            where = f"{m['model']} @{s['uplink_mbps']:g} Mb"
+            results = s["results"]
+            planned = results["partitioned (planner)"]
+            for name, r in results.items():
+                if not r.get("same_as"):
+                    configs.append((f"{m['model']} {name} @{s['uplink_mbps']:g} Mb", r["ratio"]))
+            if not planned.get("same_as"):
+                goal2[where] = s["partitioned_vs_best_single"]
+                if " + " in s["plan"]:
+                    speedup[where] = results["device-only"]["measured_ms"] / planned["measured_ms"]
+    in_range = [r for _, r in configs if 0.9 <= r <= 1.1]
+    goal3: dict[str, dict[str, list[float]]] = {
+        "binary path (a stage without a model)": {},
+        "with an Identity model (+ onnxruntime)": {},
+    }
+    for h in report["hops"]:
+        where = "shaped link" if "shaped" in h["path"] else "one namespace"
+        tensor = f"{h['bytes'] / 1000:.0f} KB, {where}"
+        binary, identity = goal3.values()
+        binary[tensor] = [h["ratio"], h["ratio"]]
+        identity[tensor] = [h["model_ratio"], h["model_ratio"]]
+    e = report["encoding"]
+    return {
+        "run": run,
+        "date": date,
+        "goal1": {
+            "inRange": len(in_range),
+            "of": len(configs),
+            "ratioMin": min(r for _, r in configs),
+            "ratioMax": max(r for _, r in configs),
+            "misses": [
+                {"run": run, "config": c, "ratio": r} for c, r in configs if not 0.9 <= r <= 1.1
+            ],
+        },
+        "goal2": goal2,
+        "splitSpeedupOverDeviceOnly": speedup,
+        "goal3": goal3,
+        "goal4": {
+            "sizeRatio": e["size_ratio"],
+            "encodeRatio": [e["encode_ratio"]] * 2,
+            "decodeRatio": [e["decode_ratio"]] * 2,
+        },
+    }
+
+
+RENDERERS: dict[str, Renderer] = {
+    "planner-run": Renderer("planner.json", planner_run),
+    "planner-time": Renderer("planner.json", planner_time),
+    "planner-two-tier": Renderer("planner.json", planner_two_tier),
+    "planner-sweep": Renderer("planner.json", planner_sweep),
+    "planner-three-tier": Renderer("planner.json", planner_three_tier),
+    "planner-digits": Renderer("planner.json", planner_digits),
+    "operator-table": Renderer("operator.json", operator_table),
+    "operator-summary": Renderer("operator.json", operator_summary),
+    "dataplane-history": Renderer("dataplane.json", dataplane_history),
+    "dataplane-runs": Renderer("dataplane.json", dataplane_runs),
+    "dataplane-summary": Renderer("dataplane.json", dataplane_summary),
+}
+PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
+
+
+# --- regions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    regions: tuple[str, ...]  # every region of the doc, in order
+    changed: tuple[str, ...]  # those whose rendered content differs from the doc's
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def render_text(
+    text: str,
+    doc: str,
+    renderers: Mapping[str, Renderer],
+    load: Callable[[str, str], Mapping[str, Any]],
+) -> Rendered:
+    """`text` with every marked region's content replaced by its renderer's output.
+    `load(source, region)` returns a result file's JSON. Raises NumbersError naming
+    `doc`, the line and the marker for an unknown region or unbalanced markers."""
+    out: list[str] = []
+    regions: list[str] = []
+    changed: list[str] = []
+    pos = 0
+    opened: re.Match[str] | None = None
+    for marker in MARKER.finditer(text):
+        name = marker.group(1)
+        where = f"{doc}:{_line(text, marker.start())}"
+        if name is not None:
+            if opened is not None:
+                raise NumbersError(
+                    f"{where}: {marker.group(0)} opens while <!-- numbers:{opened.group(1)} --> "
+                    f"(line {_line(text, opened.start())}) is not closed by {CLOSE}"
+                )
+            if name not in renderers:
+                raise NumbersError(
+                    f"{where}: unknown region {marker.group(0)} "
+                    f"(accepted: {', '.join(sorted(renderers))})"
+                )
+            out.append(text[pos : marker.end()])
+            opened, pos = marker, marker.end()
+            continue
+        if opened is None:
+            raise NumbersError(f"{where}: {CLOSE} without an opening <!-- numbers:NAME -->")
+        region = opened.group(1)
+        renderer = renderers[region]
+        # A region inside a list item keeps the item's indentation (that of its marker).
+        before = text[text.rfind("\n", 0, opened.start()) + 1 : opened.start()]
+        indent = before if before.isspace() else ""
+        rendered = renderer.render(load(renderer.source, region)).strip("\n").split("\n")
+        body = "\n".join(indent + line if line else line for line in rendered)
+        content = f"\n{body}\n{indent}"
+        regions.append(region)
+        if text[pos : marker.start()] != content:
+            changed.append(region)
+        out.append(content)
+        opened, pos = None, marker.start()
+    if opened is not None:
+        raise NumbersError(
+            f"{doc}:{_line(text, opened.start())}: {opened.group(0)} is never closed "
+            f"({CLOSE} missing)"
+        )
+    out.append(text[pos:])
+    return Rendered("".join(out), tuple(regions), tuple(changed))
+
+
+def json_loader(results_dir: Path) -> Callable[[str, str], Mapping[str, Any]]:
+    cache: dict[str, Mapping[str, Any]] = {}
+
+    def load(source: str, region: str) -> Mapping[str, Any]:
+        if source not in cache:
+            path = results_dir / source
+            try:
+                cache[source] = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise NumbersError(
+                    f"region numbers:{region}: cannot read {path}: {error}"
+                ) from None
+        return cache[source]
+
+    return load
+
+
+def render_docs(
+    docs: Sequence[Path],
+    renderers: Mapping[str, Renderer] = RENDERERS,
+    results_dir: Path = RESULTS_DIR,
+) -> dict[Path, Rendered]:
+    """Every doc rendered. Raises NumbersError when a renderer's region appears in none
+    of `docs` (its numbers would be shown nowhere) or appears twice."""
+    load = json_loader(results_dir)
+    rendered = {doc: render_text(doc.read_text(), doc.name, renderers, load) for doc in docs}
+    seen = [region for r in rendered.values() for region in r.regions]
+    for name in renderers:
+        if name not in seen:
+            raise NumbersError(
+                f"region numbers:{name} ({renderers[name].source}) is in none of "
+                f"{', '.join(d.name for d in docs)}: add <!-- numbers:{name} --> {CLOSE}"
+            )
+        if seen.count(name) > 1:
+            raise NumbersError(f"region numbers:{name} appears {seen.count(name)} times")
+    return rendered
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a doc is out of date"
+    )
+    args = parser.parse_args(argv)
+    try:
+        rendered = render_docs(default_docs())
+    except NumbersError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stale = [(doc, r) for doc, r in rendered.items() if r.changed]
+    for doc, r in stale:
+        name = doc.relative_to(ROOT)
+        if args.check:
+            for region in r.changed:
+                print(
+                    f"{name}: numbers:{region} differs from docs/results/"
+                    f"{RENDERERS[region].source}; run make docs-numbers",
+                    file=sys.stderr,
+                )
+        else:
+            doc.write_text(r.text)
+            print(f"rendered {name}: {', '.join(r.changed)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
