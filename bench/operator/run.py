@@ -249,7 +249,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--conditions",
-        default="this machine, nothing else running",
+        default="not recorded (--conditions)",
         help="what else ran on the machine, recorded with the result",
     )
     args = parser.parse_args()
