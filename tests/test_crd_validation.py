@@ -65,15 +65,12 @@ def _with(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 _DELETE = object()
 
 CASES = [
+    ("model: no source", _with(MODEL, "spec.source", _DELETE), "spec.source: Required value"),
+    ("model: no zoo", _with(MODEL, "spec.source", {}), "spec.source.zoo: Required value"),
     (
-        "model: no source",
-        _with(MODEL, "spec.source", {}),
-        "spec.source: set exactly one of zoo or onnx",
-    ),
-    (
-        "model: zoo and onnx",
+        "model: onnx source (not built)",
         _with(MODEL, "spec.source.onnx", {"path": "/m.onnx"}),
-        "spec.source: set exactly one of zoo or onnx",
+        'unknown field "spec.source.onnx"',
     ),
     ("model: unknown zoo", _with(MODEL, "spec.source.zoo", "yolo"), "spec.source.zoo"),
     ("model: no input", _with(MODEL, "spec.input", _DELETE), "spec.input: Required value"),
@@ -99,6 +96,21 @@ CASES = [
         "model: sparsity",
         _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 1.5}}),
         "spec.variants[0].prune.sparsity",
+    ),
+    (
+        "model: sparsity other than the built one",
+        _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 0.6}}),
+        'spec.variants[0].prune.sparsity: Unsupported value: 0.6: supported values: "0.5"',
+    ),
+    (
+        "model: calibration (not a parameter)",
+        _with(MODEL, "spec.variants.0.quantize.calibration", "digits"),
+        'unknown field "spec.variants[0].quantize.calibration"',
+    ),
+    (
+        "model: distill width (not a parameter)",
+        _with(MODEL, "spec.variants.0", {"name": "s", "distill": {"widthMultiplier": 0.5}}),
+        'unknown field "spec.variants[0].distill.widthMultiplier"',
     ),
     ("model: repeats", _with(MODEL, "spec.profile", {"repeats": 0}), "spec.profile.repeats"),
     (
@@ -138,6 +150,16 @@ CASES = [
         "spec.privacy.rawInputStaysOnDevice needs 'device' in spec.placement.tiers",
     ),
     ("deployment: priority", _with(DEPLOYMENT, "spec.priority", -1), "spec.priority"),
+    (
+        "deployment: partitioning",
+        _with(DEPLOYMENT, "spec.placement.partitioning", "binary"),
+        "spec.placement.partitioning",
+    ),
+    (
+        "deployment: skip threshold of 1",
+        _with(DEPLOYMENT, "spec.preprocessing", {"skipUnchangedThreshold": 1}),
+        "spec.preprocessing.skipUnchangedThreshold",
+    ),
     (
         "deployment: noise",
         _with(DEPLOYMENT, "spec.privacy", {"featureNoiseStd": -0.1}),
@@ -206,6 +228,17 @@ def test_invalid_manifest_rejected_naming_the_field(
 @pytest.mark.parametrize("doc", [MODEL, DEPLOYMENT, JOB], ids=["model", "deployment", "job"])
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:
     result = _apply(crds, doc)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_variant_kind_that_is_built_is_accepted(crds: LocalCluster) -> None:
+    variants = [
+        {"name": "int8", "quantize": {"mode": "dynamic"}},
+        {"name": "int8-static", "quantize": {"mode": "static"}},
+        {"name": "pruned-50", "prune": {"sparsity": 0.5}},
+        {"name": "small", "distill": {}},
+    ]
+    result = _apply(crds, _with(MODEL, "spec.variants", variants))
     assert result.returncode == 0, result.stderr
 
 

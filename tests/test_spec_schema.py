@@ -296,3 +296,15 @@ def test_the_zoo_the_crd_offers_is_the_workers_zoo() -> None:
     from edgeai_worker import zoo
 
     assert ZOO_MODELS == zoo.ZOO_NAMES
+
+
+def test_the_examples_parse() -> None:
+    kinds = []
+    for path in sorted((CRDS.parent / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kinds.append(doc["kind"])
+            if doc["kind"] == "DNNDeployment":
+                parse_deployment(doc)
+            else:
+                parse_model_spec(doc["spec"])
+    assert sorted(set(kinds)) == ["DNNDeployment", "DNNModel"]
