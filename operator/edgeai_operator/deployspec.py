@@ -247,9 +247,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     reject_unknown(slo, "spec.slo", ("latencyP95Ms", "throughputRps", "minAccuracy"))
     latency = _number(slo.get("latencyP95Ms"), "spec.slo.latencyP95Ms")
     throughput = _number(slo.get("throughputRps"), "spec.slo.throughputRps")
-    accuracy = _number(
-        slo.get("minAccuracy"), "spec.slo.minAccuracy", positive=False, at_most=1.0
-    )
+    accuracy = _number(slo.get("minAccuracy"), "spec.slo.minAccuracy", positive=False, at_most=1.0)
 
     objective = spec_choice(spec.get("objective", "latency"), "spec.objective", OBJECTIVES)
 
