@@ -408,11 +408,6 @@ def build_problem(
     return problem, context
 
 
-# spec.placement.partitioning: "none" runs the whole model on one tier ("binary" is
-# what the parser called it before)
-NO_PARTITIONING = frozenset({"none", "binary"})
-
-
 def binary_offloading(problem: Problem) -> Plan:
     """Binary offloading: the whole model on the single best tier."""
     best: Plan | None = None
@@ -437,7 +432,7 @@ def solve(spec: DeploymentSpec, problem: Problem) -> Plan:
     """The plan `spec.placement.partitioning` asks for: split across tiers (`auto`,
     with the adaptive split's alternatives when `adaptiveSplit` is on) or the whole
     model on the single best tier (`none`)."""
-    if spec.partitioning in NO_PARTITIONING:
+    if spec.partitioning == "none":
         return binary_offloading(problem)
     return plan_partitions(problem, alternatives=spec.adaptive_split)
 
@@ -498,8 +493,8 @@ def plan_document(
         reason=plan.reason,
         objective=plan.objective,
         zone=zone,
-        skip_unchanged_threshold=float(getattr(spec, "skip_unchanged_threshold", 0.0)),
-        priority=int(getattr(spec, "priority", 0)),
+        skip_unchanged_threshold=spec.skip_unchanged_threshold,
+        priority=spec.priority,
         raw_input_stays_on_device=spec.raw_input_stays_on_device,
         feature_noise_std=spec.feature_noise_std,
         objective_value=_num(plan.objective_value),
