@@ -226,3 +226,37 @@ def test_device_only_plan_with_offloading_alternatives_gets_an_edge(
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_the_plans_preprocessing_reaches_the_device_and_flags_override_it(
+    model: ChainModel, tmp_path: Path
+) -> None:
+    """A plan with `preprocessing.skipUnchangedThreshold` skips an unchanged frame on
+    the device; the run's own settings win over the plan's."""
+    plan = _plan(model, preprocessing={"skipUnchangedThreshold": 0.05}, priority=3)
+    plan["stages"] = [
+        {"index": 0, "tier": "device", "layers": "0-8", "inputs": ["input"], "outputs": ["output"]}
+    ]
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    loaded = load_plan(path)
+    specs = build_partitions(loaded.stages, loaded.alternatives, model.path, tmp_path)
+    x = np.random.default_rng(7).standard_normal(model.input_shape).astype(np.float32)
+    for settings, skipped in (({}, True), ({"skip_unchanged_threshold": 0.0}, False)):
+        run = start_local(loaded, specs, tmp_path, settings=settings)
+        try:
+            url = f"{run.entry_url}/v2/models/chain/infer"
+            first, second = _infer(url, x), _infer(url, x)
+        finally:
+            run.stop()
+        assert not (first.get("parameters") or {}).get("edgeai_skipped")
+        assert bool((second.get("parameters") or {}).get("edgeai_skipped")) is skipped
+        out = second["outputs"][0]
+        np.testing.assert_allclose(
+            np.array(out["data"], np.float32).reshape(out["shape"]),
+            run_onnx(model.path, {"input": x})[0],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    config = json.loads((tmp_path / "stage0-0.json").read_text())
+    assert config["default_priority"] == 3

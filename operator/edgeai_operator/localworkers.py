@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.partitions import StageSpec
+from edgeai_operator.partitions import DEVICE_SETTINGS, StageSpec, plan_settings
 from edgeai_operator.plandoc import PlanDocument
 
 
@@ -76,13 +76,11 @@ def start_local(
     settings: Mapping[str, Any] | None = None,
     log: Any = None,
 ) -> LocalRun:
-    """Start the workers, last stage first; returns once every one is ready."""
+    """Start the workers, last stage first; returns once every one is ready. Each
+    worker gets the settings the plan carries (`plan_settings`), then `settings`
+    (device-only ones reach the device stage only), which win."""
     name = plan.model.name
     extra = dict(settings or {})
-    device_only = {
-        "uplink_mbps", "skip_unchanged_threshold", "feature_noise_std",
-        "raw_input_stays_on_device", "noise_seed",
-    }  # fmt: skip
     run = LocalRun([], [[] for _ in specs], name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     try:
@@ -97,11 +95,12 @@ def start_local(
                     "partitions": [str(p) for p in spec.partitions],
                     "splits": spec.splits,
                 }  # fmt: skip
+                config.update(plan_settings(plan, spec.tier))
                 config.update(
                     {
                         k: v
                         for k, v in extra.items()
-                        if spec.tier == "device" or k not in device_only
+                        if spec.tier == "device" or k not in DEVICE_SETTINGS
                     }
                 )
                 path = workdir / f"stage{spec.index}-{r}.json"

@@ -161,6 +161,30 @@ def _adaptive_splits(
         device.splits = options
 
 
+# worker settings that only the device stage takes (edgeai_worker.config.WorkerConfig)
+DEVICE_SETTINGS = frozenset(
+    {
+        "uplink_mbps",
+        "skip_unchanged_threshold",
+        "feature_noise_std",
+        "raw_input_stays_on_device",
+        "noise_seed",
+    }
+)
+
+
+def plan_settings(plan: PlanDocument, tier: str) -> dict[str, Any]:
+    """The worker settings the plan itself carries for a stage on `tier`: every stage's
+    default request priority, and the device stage's privacy and change detection."""
+    settings: dict[str, Any] = {
+        "default_priority": plan.priority,
+        "raw_input_stays_on_device": plan.raw_input_stays_on_device,
+        "feature_noise_std": plan.feature_noise_std,
+        "skip_unchanged_threshold": plan.skip_unchanged_threshold,
+    }
+    return {k: v for k, v in settings.items() if tier == "device" or k not in DEVICE_SETTINGS}
+
+
 def stage_settings(
     plan: PlanDocument,
     stage: int,
@@ -186,8 +210,7 @@ def stage_settings(
         "stage_index": max(stage, 0),
         "next_urls": list(next_urls),
         "partitions": [],
-        # requests without a priority of their own queue at the deployment's priority
-        "default_priority": plan.priority,
+        **plan_settings(plan, tier),
     }
     if stage >= 0:
         specs = build_partitions(
@@ -195,8 +218,4 @@ def stage_settings(
         )
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
-    if tier == "device":
-        settings["raw_input_stays_on_device"] = plan.raw_input_stays_on_device
-        settings["feature_noise_std"] = plan.feature_noise_std
-        settings["skip_unchanged_threshold"] = plan.skip_unchanged_threshold
     return settings

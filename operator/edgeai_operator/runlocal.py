@@ -3,8 +3,9 @@
 For laptops, tests and demos: every stage of a `kind: Plan` becomes an `edgeai-worker`
 process on loopback, chained in the plan's order (see `edgeai_operator.localworkers`).
 With a device stage first and `alternatives` in the plan, the device holds every
-prefix its adaptive split may choose and the next stage the matching suffixes. Prints
-the entry URL, serves until interrupted, then stops every worker.
+prefix its adaptive split may choose and the next stage the matching suffixes. The
+plan's privacy, preprocessing and priority reach the workers; the flags override
+them. Prints the entry URL, serves until interrupted, then stops every worker.
 """
 
 from __future__ import annotations
@@ -77,10 +78,20 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-batch", type=int, help="micro-batch size of edge/cloud stages")
     parser.add_argument("--max-wait-ms", type=float, help="micro-batch window")
     parser.add_argument("--uplink-mbps", type=float, help="fix the device's uplink estimate")
-    parser.add_argument("--skip-unchanged-threshold", type=float, help="device change detection")
-    parser.add_argument("--feature-noise-std", type=float, help="noise on features sent upstream")
     parser.add_argument(
-        "--raw-input-stays-on-device", action="store_true", help="never forward the raw input"
+        "--skip-unchanged-threshold",
+        type=float,
+        help="device change detection (default: the plan's preprocessing)",
+    )
+    parser.add_argument(
+        "--feature-noise-std",
+        type=float,
+        help="noise on features sent upstream (default: the plan's privacy)",
+    )
+    parser.add_argument(
+        "--raw-input-stays-on-device",
+        action="store_true",
+        help="never forward the raw input (also when the plan's privacy says so)",
     )
     parser.add_argument(
         "--no-adaptive", action="store_true", help="ignore the plan's alternatives (fixed split)"
