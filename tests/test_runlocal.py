@@ -85,6 +85,14 @@ def _infer(url: str, x: np.ndarray) -> dict[str, Any]:
         return result
 
 
+def _assert_answers_like(body: dict[str, Any], expected: np.ndarray) -> None:
+    """The answer's first output is the full model's output."""
+    out = body["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-5, atol=1e-6
+    )
+
+
 def _port_open(url: str) -> bool:
     host, port = url.removeprefix("http://").split("/")[0].split(":")
     with socket.socket() as sock:
@@ -111,11 +119,7 @@ def test_run_local_serves_the_plan_and_stops_cleanly(model: ChainModel, tmp_path
         assert entry.endswith("/v2/models/chain/infer"), lines
         x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
         for _ in range(4):  # the two edge and two cloud replicas take turns
-            out = _infer(entry, x)["outputs"][0]
-            np.testing.assert_allclose(
-                np.array(out["data"], np.float32).reshape(out["shape"]),
-                run_onnx(model.path, {"input": x})[0], rtol=1e-5, atol=1e-6,
-            )  # fmt: skip
+            _assert_answers_like(_infer(entry, x), run_onnx(model.path, {"input": x})[0])
         workers = [line.split(": ")[1].split()[0] for line in lines if line.startswith("stage ")]
         assert len(workers) == 5  # device + 2 edge + 2 cloud
     finally:
@@ -163,10 +167,7 @@ def test_adaptive_plan_gives_device_prefixes_and_edge_suffixes(
             run.stop()
         assert body["parameters"]["edgeai_split"] == label
         assert edge_served == (label != "stage0-device-whole")  # the whole model answers alone
-        out = body["outputs"][0]
-        np.testing.assert_allclose(
-            np.array(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-5, atol=1e-6
-        )
+        _assert_answers_like(body, expected)
 
 
 def test_plan_errors_name_the_field(model: ChainModel, tmp_path: Path) -> None:
@@ -219,13 +220,7 @@ def test_device_only_plan_with_offloading_alternatives_gets_an_edge(
     finally:
         run.stop()
     assert body["parameters"]["edgeai_split"] == "stage0-device-cut2"
-    out = body["outputs"][0]
-    np.testing.assert_allclose(
-        np.array(out["data"], np.float32).reshape(out["shape"]),
-        run_onnx(model.path, {"input": x})[0],
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    _assert_answers_like(body, run_onnx(model.path, {"input": x})[0])
 
 
 def test_the_plans_preprocessing_reaches_the_device_and_flags_override_it(
@@ -251,12 +246,6 @@ def test_the_plans_preprocessing_reaches_the_device_and_flags_override_it(
             run.stop()
         assert not (first.get("parameters") or {}).get("edgeai_skipped")
         assert bool((second.get("parameters") or {}).get("edgeai_skipped")) is skipped
-        out = second["outputs"][0]
-        np.testing.assert_allclose(
-            np.array(out["data"], np.float32).reshape(out["shape"]),
-            run_onnx(model.path, {"input": x})[0],
-            rtol=1e-5,
-            atol=1e-6,
-        )
+        _assert_answers_like(second, run_onnx(model.path, {"input": x})[0])
     config = json.loads((tmp_path / "stage0-0.json").read_text())
     assert config["default_priority"] == 3
