@@ -55,15 +55,6 @@ class Transfer:
     return_bytes: int
     ms: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "from": self.from_tier,
-            "to": self.to_tier,
-            "bytes": self.bytes,
-            "returnBytes": self.return_bytes,
-            "ms": round(self.ms, 4),
-        }
-
 
 @dataclass(frozen=True)
 class Alternative:
@@ -106,26 +97,6 @@ class Plan:
     # tier -> fixed overhead paid per request (serving, and forwarding where the tier
     # forwards), for the tiers the request passes through that have one
     serving_ms: Mapping[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        def num(x: float | None) -> float | None:
-            return None if x is None else round(x, 4)
-
-        return {
-            "feasible": self.feasible,
-            "reason": self.reason,
-            "objective": self.objective,
-            "variant": self.variant,
-            "objectiveValue": num(self.objective_value),
-            "predictedLatencyMs": num(self.predicted_latency_ms),
-            "deviceEnergyMj": num(self.device_energy_mj),
-            "cloudCost": num(self.cloud_cost),
-            "stages": [s.to_dict() for s in self.stages],
-            "transfers": [t.to_dict() for t in self.transfers],
-            "alternatives": [a.to_dict() for a in self.alternatives],
-            "servingMs": {t: round(ms, 4) for t, ms in self.serving_ms.items()},
-            "solver": {"method": self.method, "exact": self.exact},
-        }
 
 
 def layer_ranges(nodes: Sequence[int]) -> str:
