@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
 from edgeai_operator.planning import NodeState, plan_zones
@@ -75,16 +76,16 @@ def test_min_accuracy_picks_among_the_profiled_variants_in_the_cluster(
     assert worst == "small"
     assert accuracy["small"] < max(accuracy.values())
     # the student is the fastest, so with no floor a latency plan takes it
-    _, zones = plan_zones(_deployment(None), status["profiles"], nodes)
+    zones = plan_zones(parse_deployment(_deployment(None)), status["profiles"], nodes)
     assert {plan.model.variant for plan in zones.plans.values()} == {"small"}
     floor = (accuracy["small"] + max(accuracy.values())) / 2
-    _, zones = plan_zones(_deployment(floor), status["profiles"], nodes)
+    zones = plan_zones(parse_deployment(_deployment(floor)), status["profiles"], nodes)
     chosen = {plan.model.variant for plan in zones.plans.values()}
     assert chosen
     assert "small" not in chosen
     assert all(accuracy[v] >= floor for v in chosen)
     # a floor above every variant: no plan, and the reason names the field
-    _, zones = plan_zones(_deployment(0.999), status["profiles"], nodes)
+    zones = plan_zones(parse_deployment(_deployment(0.999)), status["profiles"], nodes)
     assert not zones.plans
     assert zones.unplanned
     for reason in zones.unplanned.values():

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.partitions import stage_settings
 from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
@@ -224,10 +225,12 @@ def _body(placement: dict[str, Any], **spec: Any) -> dict[str, Any]:
 
 
 def test_partitioning_none_places_the_whole_model_on_one_tier() -> None:
-    _, auto = plan_zones(_body({"tiers": ["device", "edge"]}), [PROFILE], NODES)
+    auto = plan_zones(parse_deployment(_body({"tiers": ["device", "edge"]})), [PROFILE], NODES)
     assert auto.plans["zone-a"].split == "device:0 > edge:1"
-    _, whole = plan_zones(
-        _body({"tiers": ["device", "edge"], "partitioning": "none"}), [PROFILE], NODES
+    whole = plan_zones(
+        parse_deployment(_body({"tiers": ["device", "edge"], "partitioning": "none"})),
+        [PROFILE],
+        NODES,
     )
     plan = whole.plans["zone-a"]
     assert [(s.tier, s.layers) for s in plan.stages] == [("edge", "0-1")]
@@ -244,7 +247,7 @@ def test_the_plan_carries_preprocessing_priority_and_privacy_from_the_spec() -> 
         priority=7,
         privacy={"featureNoiseStd": 0.1},
     )
-    _, zones = plan_zones(body, [PROFILE], NODES)
+    zones = plan_zones(parse_deployment(body), [PROFILE], NODES)
     plan = zones.plans["zone-a"]
     assert (plan.skip_unchanged_threshold, plan.priority, plan.feature_noise_std) == (
         0.03,

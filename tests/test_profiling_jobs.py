@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from _cluster_support import get, wait_for
+from _cluster_support import Namespace, get, wait_for
 from edgeai_operator import profiling
+from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.handlers.models import profile_jobs_pass
-from edgeai_operator.localcluster import DEFAULT_TOPOLOGY, LocalCluster
+from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
 from edgeai_operator.planning import NodeState, plan_zones
 from edgeai_operator.problem import analytic_profile, termination_summary
 from edgeai_operator.topology import load_topology
@@ -162,9 +163,9 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     device = profiling.with_measurement(base, "device", summary, "device-zone-a-0")
     both = profiling.with_measurement(device, "edge", summary, "edge-zone-a-0")
     body = _deployment(["device", "edge"])
-    _, zones = plan_zones(body, [device], _nodes())
+    zones = plan_zones(parse_deployment(body), [device], _nodes())
     assert zones.plans["zone-a"].compute_method == "analytic"
-    _, zones = plan_zones(body, [both], _nodes())
+    zones = plan_zones(parse_deployment(body), [both], _nodes())
     plan = zones.plans["zone-a"]
     assert plan.compute_method == "measured"
     assert plan.measured_on == {"device": "device-zone-a-0", "edge": "edge-zone-a-0"}
@@ -189,7 +190,7 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
         abs=1e-3,
     )
     # A device-only deployment needs only the device measured.
-    _, zones = plan_zones(_deployment(["device"]), [device], _nodes())
+    zones = plan_zones(parse_deployment(_deployment(["device"])), [device], _nodes())
     assert zones.plans["zone-a"].compute_method == "measured"
 
 
@@ -272,26 +273,26 @@ def test_profile_job_is_pinned_to_one_node_of_its_tier() -> None:
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_model_gets_one_owned_profiling_job_per_tier(
-    cluster: LocalCluster, operator: Any, profiled: tuple[dict[str, Any], str]
+    ns: Namespace, operator: Any, profiled: tuple[dict[str, Any], str]
 ) -> None:
     model = {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNModel",
-        "metadata": {"name": "pj", "namespace": NS},
+        "metadata": {"name": "pj"},
         "spec": {
             "source": {"zoo": "digits_cnn"},
             "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
             "profile": {"repeats": 2, "timeoutSeconds": 60},
         },
     }
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(model))
+    ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(model))
     selector = "edgeai.dev/model=pj"
 
     def jobs() -> list[dict[str, Any]]:
-        return list(get(cluster, "jobs", "-l", selector)["items"])
+        return list(get(ns, "jobs", "-l", selector)["items"])
 
     wait_for("three profiling Jobs", lambda: len(jobs()) == 3, 120)
-    uid = get(cluster, "dnnm", "pj")["metadata"]["uid"]
+    uid = get(ns, "dnnm", "pj")["metadata"]["uid"]
     by_tier = {j["metadata"]["labels"]["edgeai.dev/tier"]: j for j in jobs()}
     assert sorted(by_tier) == ["cloud", "device", "edge"]
     for tier, job in by_tier.items():
@@ -301,15 +302,15 @@ def test_model_gets_one_owned_profiling_job_per_tier(
         name = job["metadata"]["name"]
 
         def bound(name: str = name) -> Any:
-            pods = get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={name}")["items"]
+            pods = get(ns, "pods", "-l", f"batch.kubernetes.io/job-name={name}")["items"]
             return pods and pods[0]["spec"].get("nodeName") and pods[0]
 
         pod = wait_for(f"{name}'s pod bound", bound, 60)
-        node = get(cluster, "node", pod["spec"]["nodeName"])
+        node = get(ns, "node", pod["spec"]["nodeName"])
         assert node["metadata"]["labels"]["edgeai.dev/tier"] == tier
 
     def reported() -> Any:
-        tiers = get(cluster, "dnnm", "pj")["status"].get("tiers", {})
+        tiers = get(ns, "dnnm", "pj")["status"].get("tiers", {})
         done = [t for t in tiers.values() if t.get("jobResult")]
         return len(done) == 3 and tiers
 
@@ -324,10 +325,13 @@ def test_model_gets_one_owned_profiling_job_per_tier(
         assert entry["totalMs"] >= 0  # the analytic estimate is kept
         assert entry["gflops"] > 0
     # The timer's next pass has nothing left to do for this generation.
-    status = get(cluster, "dnnm", "pj")["status"]
-    body = get(cluster, "dnnm", "pj")
+    status = get(ns, "dnnm", "pj")["status"]
+    body = get(ns, "dnnm", "pj")
     assert profile_jobs_pass(
-        {**body, "metadata": {**body["metadata"], "namespace": NS}}, status, []
+        body,
+        status,
+        [],
+        image="edgeai-worker:0.1.0",
     ) == ({}, [])
 
     # A pod that did write a termination message, as a kubelet reports it (kwok runs
@@ -336,7 +340,7 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     _, message = profiled
     summary = json.loads(message)
     edge_job = by_tier["edge"]["metadata"]["name"]
-    pod = get(cluster, "pods", "-l", f"batch.kubernetes.io/job-name={edge_job}")["items"][0]
+    pod = get(ns, "pods", "-l", f"batch.kubernetes.io/job-name={edge_job}")["items"][0]
     statuses = pod["status"].get("containerStatuses") or [
         {"name": "profile", "image": "edgeai-worker:0.1.0", "imageID": "", "ready": False}
         | {"restartCount": 0, "state": {"terminated": {"exitCode": 0}}}
@@ -344,14 +348,14 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     terminated = {**statuses[0]["state"].get("terminated", {}), "message": message}
     statuses[0]["state"] = {"terminated": terminated}
     patch = json.dumps({"status": {"containerStatuses": statuses}})
-    cluster.kubectl(
+    ns.kubectl(
         "patch", "pod", pod["metadata"]["name"], "--subresource=status", "--type=merge", "-p", patch
     )
     again = json.dumps({"status": {"tiers": {"edge": {"jobResult": None}}}})
-    cluster.kubectl("patch", "dnnm", "pj", "--subresource=status", "--type=merge", "-p", again)
+    ns.kubectl("patch", "dnnm", "pj", "--subresource=status", "--type=merge", "-p", again)
 
     def measured() -> Any:
-        status = get(cluster, "dnnm", "pj")["status"]
+        status = get(ns, "dnnm", "pj")["status"]
         return status["tiers"]["edge"].get("source") == "measured" and status
 
     status = wait_for("the edge tier measured", measured, 60)
@@ -371,7 +375,7 @@ def test_model_gets_one_owned_profiling_job_per_tier(
     deployment = {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNDeployment",
-        "metadata": {"name": "pjd", "namespace": NS},
+        "metadata": {"name": "pjd"},
         "spec": {
             "modelRef": {"name": "pj"},
             "slo": {"latencyP95Ms": 200},
@@ -379,16 +383,16 @@ def test_model_gets_one_owned_profiling_job_per_tier(
             "placement": {"tiers": ["edge"]},
         },
     }
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
+    ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(deployment))
 
     def plan() -> Any:
-        cm = get(cluster, "configmap", "pjd-plan")
+        cm = get(ns, "configmap", "pjd-plan")
         return cm and yaml.safe_load(cm["data"]["plan-zone-a.yaml"])
 
     doc = wait_for("pjd planned", plan, 60)
     assert doc["compute"]["method"] == "measured"
     assert doc["compute"]["measuredOn"] == {"edge": pod["spec"]["nodeName"]}
-    cluster.kubectl("delete", "dnnd", "pjd", "--timeout=60s")
+    ns.kubectl("delete", "dnnd", "pjd", "--timeout=60s")
 
-    cluster.kubectl("delete", "dnnm", "pj", "--timeout=60s")
+    ns.kubectl("delete", "dnnm", "pj", "--timeout=60s")
     wait_for("profiling Jobs garbage-collected", lambda: not jobs(), 90)

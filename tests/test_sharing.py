@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from _cluster_support import get, wait_for
+from _cluster_support import Namespace, get, wait_for
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children, shared_edge
-from edgeai_operator.localcluster import LocalCluster
 from edgeai_operator.partitions import load_plan, stage_settings
 from edgeai_operator.plandoc import PlanDocument
 
@@ -168,7 +167,7 @@ def _deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNDeployment",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name},
         "spec": {
             "modelRef": {"name": "shared-digits"},
             "slo": {"latencyP95Ms": 200},
@@ -181,27 +180,25 @@ def _deployment(name: str) -> dict[str, Any]:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_two_deployments_share_one_edge_stage_per_zone(
-    cluster: LocalCluster, operator: Any
-) -> None:
+def test_two_deployments_share_one_edge_stage_per_zone(ns: Namespace, operator: Any) -> None:
     model = {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNModel",
-        "metadata": {"name": "shared-digits", "namespace": NS},
+        "metadata": {"name": "shared-digits"},
         "spec": {
             "source": {"zoo": "digits_cnn"},
             "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
         },
     }
     docs = [model, _deployment("share-a"), _deployment("share-b")]
-    cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
+    ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
 
     def shared() -> list[dict[str, Any]]:
-        items = get(cluster, "deployments", "-l", "edgeai.dev/shared=true")["items"]
+        items = get(ns, "deployments", "-l", "edgeai.dev/shared=true")["items"]
         return [d for d in items if d["metadata"]["name"].startswith("shared-digits-")]
 
     def available(name: str) -> Any:
-        obj = get(cluster, "dnnd", name)
+        obj = get(ns, "dnnd", name)
         conds = (obj or {}).get("status", {}).get("conditions", [])
         ok = any(c["type"] == "Available" and c["status"] == "True" for c in conds)
         return obj if ok else None
@@ -217,7 +214,7 @@ def test_two_deployments_share_one_edge_stage_per_zone(
     items = wait_for("a shared edge Deployment per zone with two owners", two_owners, 180)
     zones = sorted(d["metadata"]["labels"]["edgeai.dev/zone"] for d in items)
     assert zones == ["zone-a", "zone-b"]
-    uids = {get(cluster, "dnnd", n)["metadata"]["uid"] for n in ("share-a", "share-b")}
+    uids = {get(ns, "dnnd", n)["metadata"]["uid"] for n in ("share-a", "share-b")}
     for d in items:
         name = d["metadata"]["name"]
         zone = d["metadata"]["labels"]["edgeai.dev/zone"]
@@ -225,13 +222,13 @@ def test_two_deployments_share_one_edge_stage_per_zone(
         refs = d["metadata"]["ownerReferences"]
         assert {r["uid"] for r in refs} == uids
         assert all(r["controller"] is False for r in refs)
-        assert get(cluster, "service", name) is not None
+        assert get(ns, "service", name) is not None
         for user in ("share-a", "share-b"):
-            ds = get(cluster, "daemonset", f"{user}-device-{zone}")
+            ds = get(ns, "daemonset", f"{user}-device-{zone}")
             args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert f"--next=http://{name}.{NS}.svc:8080" in args
+            assert f"--next=http://{name}.{ns.name}.svc:8080" in args
     # Neither user has an edge Deployment of its own.
-    own = get(cluster, "deployments", "-l", "edgeai.dev/deployment in (share-a,share-b)")
+    own = get(ns, "deployments", "-l", "edgeai.dev/deployment in (share-a,share-b)")
     assert own["items"] == []
     for user in ("share-a", "share-b"):
 
@@ -242,7 +239,7 @@ def test_two_deployments_share_one_edge_stage_per_zone(
         for d in items:
             assert f"{d['metadata']['name']}:" in obj["status"]["replicas"]
 
-    cluster.kubectl("delete", "dnnd", "share-a", "--timeout=60s")
+    ns.kubectl("delete", "dnnd", "share-a", "--timeout=60s")
 
     def one_owner() -> Any:
         items = shared()
@@ -253,12 +250,12 @@ def test_two_deployments_share_one_edge_stage_per_zone(
         )
 
     items = wait_for("the shared workloads left with one owner", one_owner, 90)
-    b_uid = get(cluster, "dnnd", "share-b")["metadata"]["uid"]
+    b_uid = get(ns, "dnnd", "share-b")["metadata"]["uid"]
     assert all(d["metadata"]["ownerReferences"][0]["uid"] == b_uid for d in items)
     assert available("share-b")
 
-    cluster.kubectl("delete", "dnnd", "share-b", "--timeout=60s")
+    ns.kubectl("delete", "dnnd", "share-b", "--timeout=60s")
     wait_for("the shared workloads garbage-collected", lambda: not shared(), 90)
-    services = get(cluster, "services", "-l", "edgeai.dev/shared=true")["items"]
+    services = get(ns, "services", "-l", "edgeai.dev/shared=true")["items"]
     assert not [s for s in services if s["metadata"]["name"].startswith("shared-digits-")]
-    cluster.kubectl("delete", "dnnm", "shared-digits", "--timeout=60s")
+    ns.kubectl("delete", "dnnm", "shared-digits", "--timeout=60s")

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children
+from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 from edgeai_operator.planning import NodeState, plan_zones
 from edgeai_operator.profiling import model_status
@@ -314,7 +315,7 @@ def main() -> int:
         for k, fleet in enumerate(fleets):
             body = deployment(f"d{k}", "direct", fleet)
             body["metadata"]["uid"] = "direct"
-            _, zones = plan_zones(body, status["profiles"], nodes)
+            zones = plan_zones(parse_deployment(body), status["profiles"], nodes)
             owner = Owner(f"d{k}", "direct", "0")
             objs = build_children(
                 owner, zones.plans, {}, DeploymentOptions(device_selector={"fleet": fleet})

@@ -35,7 +35,7 @@ from edgeai_operator.builders import (
     workload_name,
 )
 from edgeai_operator.conditions import set_condition
-from edgeai_operator.deployspec import DeploymentSpec
+from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, ZonePlans, plan_zones
@@ -114,7 +114,7 @@ class DeploymentState:
     observed: Mapping[str, Any] = field(default_factory=dict)
     # the last plan and what it was computed from: (generation, profiles id, node epoch)
     plan_inputs: tuple[Any, ...] | None = None
-    plan: tuple[DeploymentSpec, ZonePlans] | None = None
+    plan: ZonePlans | None = None
     plan_profiles: Any = None  # keeps the profiles referenced, so their id stays theirs
     children_inputs: tuple[Any, ...] | None = None
     # observation bookkeeping (writer-free): when stages were last scraped, and the
@@ -240,18 +240,18 @@ class _Pass:
 def decide(observed: Observed, state: DeploymentState) -> Decision:
     """One pass's decision; see the module docstring."""
     p = _Pass(observed, state)
-    model = (observed.body.get("spec") or {}).get("modelRef") or {}
-    if observed.profiles is None:
-        p.condition(
-            "Planned",
-            False,
-            "ModelNotProfiled",
-            f"waiting for DNNModel {model.get('name')!r} in {p.namespace} to be profiled "
-            f"(kubectl get dnnm {model.get('name')})",
-        )
-        return p.finish("Pending", {})
     try:
-        spec, zones = _plan(p, observed.profiles)
+        spec = parse_deployment(observed.body)
+        if observed.profiles is None:
+            p.condition(
+                "Planned",
+                False,
+                "ModelNotProfiled",
+                f"waiting for DNNModel {spec.model_ref!r} in {p.namespace} to be profiled "
+                f"(kubectl get dnnm {spec.model_ref})",
+            )
+            return p.finish("Pending", {})
+        zones = _plan(p, spec, observed.profiles)
     except SpecError as exc:
         p.condition("Planned", False, "InvalidSpec", str(exc))
         p.condition("Degraded", True, "InvalidSpec", str(exc))
@@ -266,15 +266,15 @@ def decide(observed: Observed, state: DeploymentState) -> Decision:
     return _decide_planned(p, spec, zones)
 
 
-def _plan(p: _Pass, profiles: Sequence[Mapping[str, Any]]) -> tuple[DeploymentSpec, ZonePlans]:
+def _plan(p: _Pass, spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -> ZonePlans:
     """The zones' plans, reused while spec, profiles and nodes are unchanged."""
     obs = p.obs
     inputs = (p.generation, id(profiles), obs.node_epoch)
     if obs.node_epoch is not None and p.state.plan_inputs == inputs and p.state.plan:
         return p.state.plan
-    spec, zones = plan_zones(obs.body, profiles, obs.nodes)
-    p.state.plan_inputs, p.state.plan, p.state.plan_profiles = inputs, (spec, zones), profiles
-    return spec, zones
+    zones = plan_zones(spec, profiles, obs.nodes)
+    p.state.plan_inputs, p.state.plan, p.state.plan_profiles = inputs, zones, profiles
+    return zones
 
 
 def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decision:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
 from typing import Any
 
@@ -14,6 +16,25 @@ from edgeai_operator import API_GROUP, opmetrics
 from edgeai_operator.context import MEMO_KEY, OperatorContext, Settings, context_of
 
 FINALIZER = f"{API_GROUP}/finalizer"
+RECONCILE_THREADS = 32
+# glibc gives each thread that allocates while others hold the main heap an arena of
+# its own (up to 8 per core); with RECONCILE_THREADS passes each arena keeps its own
+# free memory, which at hundreds of DNNDeployments is a large share of the RSS.
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Caps glibc's malloc arenas (a no-op, False, where libc is not glibc)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 @kopf.on.startup()
@@ -33,7 +54,9 @@ async def widen_thread_pool(**_: Any) -> None:
     # Reconcile passes run in threads and mostly wait on the API server: with many
     # DNNDeployments, the default pool (CPUs + 4) would queue them.
     asyncio.get_running_loop().set_default_executor(
-        concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="reconcile")
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile"
+        )
     )
 
 
@@ -55,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     from edgeai_operator import handlers  # registers the handlers
 
     settings = Settings.from_env(metrics_port=args.metrics_port)
+    limit_malloc_arenas()
     handlers.models.register_timers(settings.profile_poll_s)
     kopf.configure(
         verbose=args.verbose,

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
+from edgeai_operator.deployspec import DeploymentSpec
 from edgeai_operator.errors import SpecError
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planner import Problem
@@ -88,23 +88,17 @@ def _matches(node: NodeSpec, selector: Mapping[str, str]) -> bool:
     return all(node.labels.get(k) == v for k, v in selector.items())
 
 
-def device_selector(body: Mapping[str, Any]) -> dict[str, str]:
-    devices = (body.get("spec") or {}).get("devices") or {}
-    return {str(k): str(v) for k, v in (devices.get("nodeSelector") or {}).items()}
-
-
 def plan_zones(
-    body: Mapping[str, Any],
+    spec: DeploymentSpec,
     profiles: Sequence[Mapping[str, Any]],
     nodes: Sequence[NodeState],
     *,
     excluded: Sequence[str] = (),
-) -> tuple[DeploymentSpec, ZonePlans]:
+) -> ZonePlans:
     """Per-zone plans; raises SpecError for a spec no cluster state can fix."""
-    spec = parse_deployment(dict(body))
     if not profiles:
         raise SpecError("spec.modelRef", "the model has no profile yet")
-    selector = device_selector(body)
+    selector = spec.device_selector
     result = ZonePlans()
     servers = [
         n.spec
@@ -165,7 +159,7 @@ def plan_zones(
             zone=zone,
             measured_on=measured_on,
         )
-    return spec, result
+    return result
 
 
 def tier_profile(profile: Mapping[str, Any], tier: str) -> dict[str, Any]:
