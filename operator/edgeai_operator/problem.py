@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -142,18 +143,33 @@ def load_profile(path: str) -> dict[str, Any]:
 
 def analytic_profile(model: str) -> dict[str, Any]:
     """A profile without measurements: cuts, sizes and FLOPs from the ONNX graph."""
+    from edgeai_worker import zoo
+
+    _, shape, dtype = zoo.input_spec(model)
+    return graph_profile(
+        model_path(model, "fp32"),
+        model=model,
+        variant="fp32",
+        input_spec={"name": "input", "shape": list(shape), "dtype": dtype},
+    )
+
+
+def graph_profile(
+    path: Path, *, model: str, variant: str, input_spec: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The profile of the ONNX file at `path`: its single-tensor cuts with their
+    bytes, and the FLOPs of each segment between two cuts (nothing measured)."""
     import onnx
 
-    from edgeai_worker import graph, zoo
+    from edgeai_worker import graph
 
-    dag = graph.analyze(onnx.load(model_path(model, "fp32")))
+    dag = graph.analyze(onnx.load(path))
     cuts = graph.graph_cut_points(dag)
-    _, shape, dtype = zoo.input_spec(model)
     return {
         "kind": "Profile",
         "model": model,
-        "variant": "fp32",
-        "input": {"name": "input", "shape": list(shape), "dtype": dtype},
+        "variant": variant,
+        "input": dict(input_spec),
         "host": {},
         "cuts": [
             {

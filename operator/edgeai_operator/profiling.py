@@ -12,7 +12,6 @@ the source of every number is recorded in status so a user can tell.
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import InputSpec, ModelSpec, VariantSpec, parse_model_spec
-from edgeai_operator.problem import OVERHEAD_KEYS, analytic_profile
+from edgeai_operator.problem import OVERHEAD_KEYS, analytic_profile, graph_profile
 from edgeai_operator.topology import NodeSpec
 
 if TYPE_CHECKING:
@@ -113,41 +112,18 @@ def variant_profile(model: ModelSpec, variant: VariantSpec) -> dict[str, Any]:
     sizes and FLOPs per segment (quantizing or pruning changes the graph, so a
     variant is not the fp32 profile under another name). `build` names the file
     `edgeai_worker.variants` builds for it."""
-    import onnx
-
-    from edgeai_worker import graph
-
-    dag = graph.analyze(onnx.load(_variant_file(model.zoo, variant)))
-    cuts = graph.graph_cut_points(dag)
-    return {
-        "kind": "Profile",
-        "model": model.zoo,
-        "variant": variant.name,
-        "build": variant.builder,
-        "input": {
+    profile = graph_profile(
+        _variant_file(model.zoo, variant),
+        model=model.zoo,
+        variant=variant.name,
+        input_spec={
             "name": model.input.name,
             "shape": list(model.input.shape),
             "dtype": model.input.dtype,
         },
-        "host": {},
-        "cuts": [
-            {
-                "index": c.index,
-                "tensors": list(c.tensors),
-                "sizeBytes": c.size_bytes,
-                "position": c.position,
-            }
-            for c in cuts
-        ],
-        "segments": [
-            {
-                "index": i,
-                "positions": f"{a.position}-{b.position - 1}",
-                "flops": sum(n.flops for n in dag.nodes[a.position : b.position]),
-            }
-            for i, (a, b) in enumerate(itertools.pairwise(cuts))
-        ],
-    }
+    )
+    profile["build"] = variant.builder
+    return profile
 
 
 def model_status(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str, Any]:
