@@ -16,14 +16,19 @@ class CountingView:
         self.objects = objects
         self.asked: list[str] = []
 
-    def workload(
-        self, api_version: str, kind: str, name: str, namespace: str
-    ) -> dict[str, Any] | None:
-        self.asked.append(name)
-        return self.objects.get(name)
-
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
         raise AssertionError("pods come from the watch only")
+
+    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        raise AssertionError("workloads come from the watch only")
+
+    def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
+        self.asked.append(f"owned {deployment}")
+        return []
+
+    def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]:
+        self.asked.append(f"shared {uid}")
+        return []
 
     def remember(self, obj: Any) -> None:
         return None
@@ -53,35 +58,32 @@ def _pod(name: str, labels: dict[str, str], ip: str = "127.244.0.9") -> dict[str
     }
 
 
-def test_workloads_come_from_the_watch_and_an_unseen_one_is_read_live_once() -> None:
-    live = CountingView({"cam-device-b": _ds("cam-device-b", 1, 1, 2)})
+def test_workloads_come_from_the_watch_as_slim_copies() -> None:
+    live = CountingView({})
     cache = WatchCache(fallback=live)
     cache.put_workload(_ds("cam-device-a", 3, 3, 2))
-    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
-    assert got is not None
+    (got,) = cache.workloads_of("ns", "cam")
     assert got["status"]["numberAvailable"] == 2
     assert "template" not in got["spec"]  # slim copies
     assert "managedFields" not in got["metadata"]
-    assert live.asked == []
-    assert cache.workload("apps/v1", "DaemonSet", "cam-device-b", "ns") is not None
-    assert cache.workload("apps/v1", "DaemonSet", "cam-device-b", "ns") is not None
-    assert live.asked == ["cam-device-b"]  # then remembered
-    assert cache.workload("apps/v1", "DaemonSet", "missing", "ns") is None
     cache.drop_workload("ns", "DaemonSet", "cam-device-a")
-    assert cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns") is None
-    assert live.asked == ["cam-device-b", "missing", "cam-device-a"]
+    assert cache.workloads_of("ns", "cam") == []
+    assert cache.sizes() == (0, 0)
+    assert live.asked == []
+    # the two rare listings (after a restart; shares in use) are asked of the API
+    cache.owned_children("ns", "cam")
+    cache.shared_children_of("ns", "uid-cam")
+    assert live.asked == ["owned cam", "shared uid-cam"]
 
 
 def test_a_late_watch_event_does_not_replace_a_newer_generation() -> None:
     cache = WatchCache(fallback=CountingView({}))
     cache.remember(_ds("cam-device-a", 4, 3, 2))  # what an apply returned
     cache.put_workload(_ds("cam-device-a", 3, 3, 2))  # the watch catching up
-    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
-    assert got is not None
+    (got,) = cache.workloads_of("ns", "cam")
     assert got["metadata"]["generation"] == 4
     cache.put_workload(_ds("cam-device-a", 4, 4, 1))  # same generation: newer status
-    got = cache.workload("apps/v1", "DaemonSet", "cam-device-a", "ns")
-    assert got is not None
+    (got,) = cache.workloads_of("ns", "cam")
     assert got["status"]["observedGeneration"] == 4
 
 

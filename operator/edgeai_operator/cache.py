@@ -4,7 +4,10 @@ Two views with one interface. `LiveView` asks the API server each time. `WatchCa
 is filled by the operator's watches (handlers/workloads.py) — the informer pattern:
 a pass that only observes costs no API request, which is what lets one operator keep
 hundreds of DNNDeployments without loading the control plane it shares with them.
-A workload the watch has not delivered yet (just created, say) is read live once.
+Workloads are found by the DNNDeployments they serve; one the watch has not delivered
+yet (just created, say) is not there, and a pass counts it as not available. The two
+listings a pass rarely needs (the children of a deployment after an operator
+restart, the shared stages it owns) go to the API server.
 """
 
 from __future__ import annotations
@@ -17,10 +20,6 @@ from edgeai_operator import k8s
 
 
 class ClusterView(Protocol):
-    def workload(
-        self, api_version: str, kind: str, name: str, namespace: str
-    ) -> dict[str, Any] | None: ...
-
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]: ...
 
     def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]: ...
@@ -34,11 +33,6 @@ class ClusterView(Protocol):
 
 class LiveView:
     """Every read is an API request."""
-
-    def workload(
-        self, api_version: str, kind: str, name: str, namespace: str
-    ) -> dict[str, Any] | None:
-        return k8s.get(api_version, kind, name, namespace)
 
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
         return k8s.list_objects("v1", "Pod", namespace, f"{label}={value}")
@@ -175,18 +169,6 @@ class WatchCache:
                     del self._pods_by_label[(namespace, label, value)]
 
     # -- read by the passes -------------------------------------------------------
-    def workload(
-        self, api_version: str, kind: str, name: str, namespace: str
-    ) -> dict[str, Any] | None:
-        with self._lock:
-            cached = self._workloads.get((namespace, kind, name))
-        if cached is not None:
-            return cached
-        live = self._fallback.workload(api_version, kind, name, namespace)
-        if live is not None:
-            self.remember(live)
-        return live
-
     def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
         with self._lock:
             names = sorted(self._pods_by_label.get((namespace, label, value), ()))
@@ -204,8 +186,8 @@ class WatchCache:
         return self._fallback.shared_children_of(namespace, uid)
 
     def remember(self, obj: Mapping[str, Any]) -> None:
-        """Records what an apply or a live read returned (a newer generation than the
-        watch may have delivered yet)."""
+        """Records what an apply returned (a newer generation than the watch may have
+        delivered yet)."""
         if obj.get("kind") in ("Deployment", "DaemonSet"):
             self.put_workload(obj)  # nothing to compare with: the watch wakes owners
 

@@ -87,10 +87,6 @@ def delete(api_version: str, kind: str, name: str, namespace: str | None) -> boo
     return True
 
 
-def list_nodes() -> list[dict[str, Any]]:
-    return list_objects("v1", "Node")
-
-
 def owned_children(namespace: str, deployment: str) -> Iterable[tuple[str, str, str]]:
     """(apiVersion, kind, name) of every object labelled as a child of the deployment."""
     selector = f"app.kubernetes.io/managed-by=edgeai-operator,edgeai.dev/deployment={deployment}"
@@ -142,12 +138,6 @@ CHILD_KINDS = (
 )
 
 
-def scale(namespace: str, name: str, replicas: int) -> None:
-    """Sets a Deployment's replicas through the scale subresource."""
-    apps = client.AppsV1Api(_api_client())
-    apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
-
-
 __all__ = [
     "CHILD_KINDS",
     "FIELD_MANAGER",
@@ -155,12 +145,10 @@ __all__ = [
     "apply",
     "delete",
     "get",
-    "list_nodes",
     "list_objects",
     "owned_children",
     "patch_status",
     "release_shared",
-    "scale",
     "shared_children_of",
 ]
 
