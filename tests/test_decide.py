@@ -341,33 +341,32 @@ def test_a_zone_that_cannot_be_planned_degrades_the_deployment() -> None:
     assert "zone-a" in decision.status["plan"]["zones"]  # the other zone is served
 
 
-def test_observed_latency_above_the_slo_says_so() -> None:
+@pytest.mark.parametrize(
+    ("low_s", "high_s", "status", "reason"),
+    [(0.5, 1.0, "False", "ObservedAboveSLO"), (0.01, 0.05, "True", "ObservedWithinSLO")],
+)
+def test_observed_latency_decides_slo_met(
+    low_s: float, high_s: float, status: str, reason: str
+) -> None:
+    """The entry's p95 from the device pods' histograms, against the SLO (400 ms)."""
     cluster, state = settle(body(), topology())
     pods = [_pod("cam-device-zone-a-x", "device", "zone-a")]
-    slow = _scrape({0.5: 0, 1.0: 100})  # every request between 0.5 and 1 s
-    _, state = run(
-        body(),
-        topology(),
-        cluster,
-        state,
-        available=True,
-        now=10.0,
-        pods=pods,
-        scrapes={"cam-device-zone-a-x": _scrape({0.5: 0, 1.0: 0})},
-    )
-    decision, _ = run(
-        body(),
-        topology(),
-        cluster,
-        state,
-        available=True,
-        now=20.0,
-        pods=pods,
-        scrapes={"cam-device-zone-a-x": slow},
-    )
+    for t, count in ((10.0, 0.0), (20.0, 100.0)):  # 100 requests, all in (low, high]
+        decision, state = run(
+            body(),
+            topology(),
+            cluster,
+            state,
+            available=True,
+            now=t,
+            pods=pods,
+            scrapes={"cam-device-zone-a-x": _scrape({low_s: 0.0, high_s: count})},
+        )
     slo = cond(decision, "SLOMet")
-    assert (slo["status"], slo["reason"]) == ("False", "ObservedAboveSLO")
-    assert decision.status["observed"]["p95LatencyMs"] > 400
+    assert (slo["status"], slo["reason"]) == (status, reason)
+    p95 = decision.status["observed"]["p95LatencyMs"]
+    assert low_s * 1000 < p95 <= high_s * 1000
+    assert decision.status["observed"]["requestsPerSecond"] > 0
 
 
 # ---------------------------------------------------------------------------------
