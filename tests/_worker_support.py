@@ -3,6 +3,7 @@ cut with onnx.utils.Extractor, and real worker processes on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,21 +128,44 @@ class Worker:
                 self.process.wait(5)
 
 
+# How often a bounded wait looks at the condition it waits for.
+POLL_INTERVAL_S = 0.01
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Return as soon as `condition()` holds (state in another process or thread); fail
+    naming `what` if it does not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(POLL_INTERVAL_S)  # the poll interval, not a guess at how long it takes
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """`wait_until` for state the event loop changes: the loop runs between looks."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)  # the poll interval; lets the loop run meanwhile
+
+
 def wait_ready(
     url: str, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 30.0
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Wait until the worker at `url` reports ready; fail at once if `process` exits."""
+
+    def ready() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"worker for {url} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return bool(resp.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready in {timeout_s} s")
+            return False
+
+    wait_until(ready, f"{url} to be ready", timeout_s)
 
 
 def start_worker(tmp: Path, settings: dict[str, Any], *, wait: bool = True) -> Worker:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _worker_support import ChainModel, build_conv_chain, run_onnx
+from _worker_support import ChainModel, build_conv_chain, run_onnx, until
 from edgeai_worker.batching import DeadlineExceeded, MicroBatcher, QueueFull
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import Array
@@ -99,10 +99,13 @@ async def test_saturated_stage_serves_priority_then_earliest_deadline(
 ) -> None:
     gate = threading.Event()
     order: list[int] = []
+    loop = asyncio.get_running_loop()
+    first_running = asyncio.Event()
 
     def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
         order.append(int(feeds["input"][0, 0, 0, 0]))
         if len(order) == 1:
+            loop.call_soon_threadsafe(first_running.set)
             gate.wait(10)  # the first run holds the stage busy while the queue fills
         return p.run(feeds)
 
@@ -116,7 +119,7 @@ async def test_saturated_stage_serves_priority_then_earliest_deadline(
         return x
 
     busy = asyncio.create_task(batcher.submit(partition, {"input": tagged(0)}))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(first_running.wait(), 10)
     # (tag, priority, deadline seconds from now)
     queued = [(1, 0, 9.0), (2, 0, 3.0), (3, 10, 8.0), (4, 10, 2.0), (5, 5, None), (6, 0, None)]
     tasks = [
@@ -130,8 +133,7 @@ async def test_saturated_stage_serves_priority_then_earliest_deadline(
         )
         for tag, priority, due in queued
     ]
-    await asyncio.sleep(0.05)
-    assert batcher.depth == len(queued)
+    await until(lambda: batcher.depth == len(queued), "every request to queue")
     gate.set()
     await asyncio.gather(busy, *tasks)
     await batcher.stop()
@@ -140,8 +142,11 @@ async def test_saturated_stage_serves_priority_then_earliest_deadline(
 
 async def test_queue_limit_and_expired_deadline(model: ChainModel, partition: Partition) -> None:
     gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    first_running = asyncio.Event()
 
     def run(p: Partition, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        loop.call_soon_threadsafe(first_running.set)
         gate.wait(10)
         return p.run(feeds)
 
@@ -149,10 +154,12 @@ async def test_queue_limit_and_expired_deadline(model: ChainModel, partition: Pa
     await batcher.start()
     x = {"input": _x(model, 0)}
     first = asyncio.create_task(batcher.submit(partition, x))
-    await asyncio.sleep(0.05)
-    waiting = [asyncio.create_task(batcher.submit(partition, x, deadline=time.monotonic() + 0.01))]
+    await asyncio.wait_for(first_running.wait(), 10)  # the runner holds it: the queue is empty
+    # A deadline already past when the runner reaches it, however fast the machine
+    expired = time.monotonic() - 1.0
+    waiting = [asyncio.create_task(batcher.submit(partition, x, deadline=expired))]
     waiting.append(asyncio.create_task(batcher.submit(partition, x)))
-    await asyncio.sleep(0.05)
+    await until(lambda: batcher.depth == 2, "both requests to queue")
     with pytest.raises(QueueFull) as full:
         await batcher.submit(partition, x)
     assert full.value.status == 503
@@ -257,7 +264,7 @@ async def test_a_fast_run_with_nothing_queued_is_answered_without_a_task_switch(
         loop.call_soon(other.append, "ran")
         outputs, compute_s = await single.submit_timed(partition, x)
         assert other == []  # answered without yielding to the loop
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn of the loop: the callback queued above runs
         assert other == ["ran"]
         other.clear()
         loop.call_soon(other.append, "ran")

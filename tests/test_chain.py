@@ -326,7 +326,8 @@ async def test_requests_rotate_over_healthy_replicas(model: ChainModel, tmp_path
 async def test_dedupe_record_is_bounded_by_count_and_age() -> None:
     from edgeai_worker.app import Deduplicator
 
-    record = Deduplicator(capacity=3, ttl_s=0.2)
+    now_s = [0.0]
+    record = Deduplicator(capacity=3, ttl_s=0.2, clock=lambda: now_s[0])
     first = record.begin("a")
     for key in ("b", "c", "d"):
         record.begin(key)
@@ -336,7 +337,7 @@ async def test_dedupe_record_is_bounded_by_count_and_age() -> None:
     assert failed is not None
     record.fail("d", failed, RuntimeError("boom"))
     assert record.lookup("d") is None  # a failed request may be retried
-    await asyncio.sleep(0.25)
+    now_s[0] = 0.25  # b and c are now older than the 0.2 s limit
     record.begin("e")
     assert [k for k in ("b", "c", "e") if record.lookup(k) is not None] == ["e"]  # aged out
     assert not first.done()

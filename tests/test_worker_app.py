@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _worker_support import ChainModel, Worker, build_conv_chain, run_onnx, start_worker
+from _worker_support import (
+    ChainModel,
+    Worker,
+    build_conv_chain,
+    run_onnx,
+    start_worker,
+    until,
+    wait_until,
+)
 from edgeai_worker.app import STATE, create_app
 from edgeai_worker.config import WorkerConfig, load_config
 from edgeai_worker.protocol import HEADER_LENGTH
@@ -75,14 +83,6 @@ def _binary_request(x: np.ndarray, **extra: Any) -> tuple[bytes, dict[str, str]]
 # --------------------------------------------------------------------- in-process
 
 
-async def _until(condition: Any, what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize(("default_priority", "served"), [(5, [0, 2, 1]), (0, [0, 1, 2])])
 async def test_a_saturated_stage_queues_a_request_without_priority_at_its_default(
     aiohttp_client: Any,
@@ -120,12 +120,12 @@ async def test_a_saturated_stage_queues_a_request_without_priority_at_its_defaul
         return asyncio.create_task(client.post("/v2/models/chain/infer", json=body))
 
     busy = post(0)
-    await _until(lambda: order == [0], "the first request to run")
+    await until(lambda: order == [0], "the first request to run")
     batcher = app[STATE].batcher
     queued = [post(1, priority=1)]
-    await _until(lambda: batcher.depth == 1, "request 1 to queue")
+    await until(lambda: batcher.depth == 1, "request 1 to queue")
     queued.append(post(2))
-    await _until(lambda: batcher.depth == 2, "request 2 to queue")
+    await until(lambda: batcher.depth == 2, "request 2 to queue")
     gate.set()
     responses = await asyncio.gather(busy, *queued)
     assert [r.status for r in responses] == [200, 200, 200]
@@ -223,6 +223,15 @@ def _http(
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
+
+
+def _metric(w: Worker, series: str) -> float:
+    """The value of one series (name and labels as /metrics writes them), 0 if absent."""
+    _, _, text = _http(w, "GET", "/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(f"{series} "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _bad_inputs(x: np.ndarray) -> list[tuple[str, str, str, bytes, dict[str, str], int, str]]:
@@ -531,7 +540,7 @@ def test_shutdown_drains_in_flight_requests(
 
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.5)
+    wait_until(lambda: _metric(w, "edgeai_in_flight_requests") == 1, "the request to arrive")
     w.process.send_signal(signal.SIGTERM)
     thread.join(30)
     assert w.process.wait(30) == 0
@@ -617,14 +626,9 @@ def test_a_client_gone_mid_body_is_its_error_and_the_worker_keeps_serving(
     """A body cut short by the client closing its side is counted as a 400 that says
     how much of `Content-Length` arrived, not as an internal error."""
     import socket
-    import time
 
     def count(code: str) -> float:
-        _, _, text = _http(worker, "GET", "/metrics")
-        for line in text.decode().splitlines():
-            if line.startswith(f'edgeai_requests_total{{code="{code}",stage="0"}} '):
-                return float(line.split()[-1])
-        return 0.0
+        return _metric(worker, f'edgeai_requests_total{{code="{code}",stage="0"}}')
 
     before = count("400"), count("500")
     host, port = worker.url.removeprefix("http://").split(":")
@@ -637,9 +641,7 @@ def test_a_client_gone_mid_body_is_its_error_and_the_worker_keeps_serving(
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(65536):
             pass
-    deadline = time.monotonic() + 10
-    while count("400") == before[0] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: count("400") != before[0], "the cut-short request to be counted")
     assert (count("400"), count("500")) == (before[0] + 1, before[1])
     log = worker.log.read_text()
     assert "the body ended after 12 of its 1000 bytes (Content-Length)" in log
@@ -660,7 +662,9 @@ async def test_server_time_header_excludes_the_upload(
 
     async def slow_body() -> Any:
         yield body[:100]
-        await asyncio.sleep(0.3)  # a slow link
+        # A slow link: the upload's duration is what the test measures, not a wait for
+        # something to happen.
+        await asyncio.sleep(0.3)
         yield body[100:]
 
     started = time.perf_counter()

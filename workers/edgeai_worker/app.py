@@ -73,11 +73,15 @@ class Deduplicator:
     or any client, sends with every attempt of one request): a retry of a request this
     worker is running or has answered waits for, or gets, the same answer instead of
     running the model again. Bounded by count and age (a retry comes within the
-    sender's timeout), so large answers are not kept long."""
+    sender's timeout), so large answers are not kept long. Ages are measured on `clock`
+    (seconds; `time.monotonic` unless a test passes its own)."""
 
-    def __init__(self, capacity: int, ttl_s: float = 120.0) -> None:
+    def __init__(
+        self, capacity: int, ttl_s: float = 120.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.capacity = capacity
         self.ttl_s = ttl_s
+        self._clock = clock
         self._entries: OrderedDict[str, tuple[float, asyncio.Future[InferResponse]]] = OrderedDict()
 
     def lookup(self, key: str) -> asyncio.Future[InferResponse] | None:
@@ -86,7 +90,7 @@ class Deduplicator:
 
     def begin(self, key: str) -> asyncio.Future[InferResponse]:
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        now = time.monotonic()
+        now = self._clock()
         self._entries[key] = (now, future)
         self._entries.move_to_end(key)
         while self._entries:
