@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from edgeai_operator.context import (
@@ -55,7 +53,7 @@ def test_the_node_epoch_moves_only_when_placement_could() -> None:
     assert tracker.nodes([["other"]]) == ["other"]
 
 
-async def test_wakeups_reach_the_daemons_of_a_model() -> None:
+def test_wakeups_reach_the_daemons_of_a_model() -> None:
     wakeups = Wakeups()
     cam, door = wakeups.event_for("ns", "cam"), wakeups.event_for("ns", "door")
     wakeups.track_model("ns", "cam", "digits")
@@ -66,7 +64,6 @@ async def test_wakeups_reach_the_daemons_of_a_model() -> None:
     wakeups.forget("ns", "cam")
     wakeups.wake_all()
     assert door.is_set()
-    await asyncio.sleep(0)
 
 
 def test_handlers_find_the_context_in_the_memo() -> None:

@@ -182,13 +182,17 @@ def test_planning_uses_measured_tiers_only_when_every_usable_tier_is_measured(
     for tier, gflops in (("device", 8.0), ("edge", 150.0)):
         expected = summary["servingMs"] * summary["hostGflops"] / gflops
         assert plan.tiers[tier]["servingMs"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
-    # the device pays the fixed part and the per-MB part on the raw input it receives
+    # the device pays the fixed part and the per-MB part on the raw input it receives,
+    # and when the plan sends anything up (which the measured speeds decide), the
+    # forwarding overhead on what it sends
     device_tier = plan.tiers["device"]
     input_bytes = 4 * math.prod(base["input"]["shape"])  # FP32
-    assert plan.serving_ms["device"] == pytest.approx(
-        device_tier["servingMs"] + device_tier.get("servingMsPerMB", 0.0) * input_bytes / 1e6,
-        abs=1e-3,
-    )
+    expected = device_tier["servingMs"] + device_tier.get("servingMsPerMB", 0.0) * input_bytes / 1e6
+    if any(stage.tier != "device" for stage in plan.stages):
+        up_bytes = plan.transfers[0].bytes
+        expected += device_tier.get("forwardingMs", 0.0)
+        expected += device_tier.get("forwardingMsPerMB", 0.0) * up_bytes / 1e6
+    assert plan.serving_ms["device"] == pytest.approx(expected, abs=1e-3)
     # A device-only deployment needs only the device measured.
     zones = plan_zones(parse_deployment(_deployment(["device"])), [device], _nodes())
     assert zones.plans["zone-a"].compute_method == "measured"
