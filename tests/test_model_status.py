@@ -4,6 +4,10 @@ against the model's own input."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -12,7 +16,7 @@ from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
 from edgeai_operator.planning import NodeState, plan_zones
-from edgeai_operator.profiling import model_status
+from edgeai_operator.profiling import model_status, model_status_in_child
 from edgeai_operator.topology import load_topology
 
 INPUT = {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}
@@ -118,3 +122,35 @@ def test_an_input_that_does_not_fit_the_model_is_a_spec_error(
 def test_the_batch_dimension_takes_any_size(status: dict[str, Any]) -> None:
     batched = model_status({**SPEC, "input": {**INPUT, "shape": [32, 1, 8, 8]}}, NODES)
     assert batched["profiles"][0]["cuts"] == status["profiles"][0]["cuts"]
+
+
+def test_the_operator_profiles_in_a_child_process_and_keeps_none_of_its_libraries(
+    status: dict[str, Any],
+) -> None:
+    """What the DNNModel handler runs: the same status, computed in a process that
+    exits, so torch never enters the operator's own memory."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
+        from edgeai_operator.profiling import model_status_in_child
+        from edgeai_operator.topology import load_topology
+        nodes = load_topology(DEFAULT_TOPOLOGY).nodes
+        result = model_status_in_child(json.loads({json.dumps(json.dumps(SPEC))}), nodes)
+        heavy = sorted(m for m in ("torch", "onnxruntime", "sklearn") if m in sys.modules)
+        print(json.dumps({{"status": result, "heavy": heavy}}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+    )
+    got = json.loads(out.stdout)
+    assert got["heavy"] == []
+    assert got["status"] == json.loads(json.dumps(status))
+
+
+def test_a_spec_error_in_the_child_names_its_field() -> None:
+    bad = {**SPEC, "input": {**INPUT, "shape": [1, 3, 8, 8]}}
+    with pytest.raises(SpecError) as caught:
+        model_status_in_child(bad, NODES)
+    assert caught.value.field == "spec.input.shape"

@@ -14,7 +14,7 @@ from edgeai_operator.context import context_of
 from edgeai_operator.errors import SpecError
 from edgeai_operator.handlers.nodes import all_nodes
 from edgeai_operator.planning import NodeState
-from edgeai_operator.profiling import model_status
+from edgeai_operator.profiling import model_status_in_child
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, "dnnmodels")
@@ -40,7 +40,7 @@ async def profile_model(
     nodes = [n.spec for n in all_nodes(memo, node_index)]
     conditions = list(status.get("conditions") or [])
     try:
-        result = await asyncio.to_thread(model_status, dict(spec), nodes)
+        result = await asyncio.to_thread(model_status_in_child, dict(spec), nodes)
     except SpecError as exc:
         patch.status["conditions"] = set_condition(
             conditions, "Profiled", False, "InvalidSpec", str(exc), generation
