@@ -8,14 +8,18 @@ as a kubelet does) once the pod is being deleted. A failed node's kubelet stops
 reporting but its containers keep running: so does a process here, until its pod is
 deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's own
 readinessProbe against its process and writes the outcome to the pod's Ready condition,
-so the endpoint-slice controller only lists processes that answer.
+so only processes that answer count as endpoints.
 
 `ServiceProxy` does what kube-proxy does for the namespace's Services: each Service
 gets a loopback address, and each connection to it goes to one Ready endpoint of the
-Service's EndpointSlices (round robin), as kube-proxy's iptables rules do; with none it
-closes the connection, as kube-proxy's reject rule does. A pod's `--next` names the
-Service by its DNS name, which nothing here resolves: the kubelet rewrites that host to
-the Service's loopback address.
+Service (round robin), as kube-proxy's iptables rules do; with none it closes the
+connection, as kube-proxy's reject rule does. The endpoints are the ones the
+endpoint-slice controller would list: the Service's selected pods whose Ready condition
+is True and that are not being deleted, at the pod port its targetPort names. The proxy
+works them out from the pods itself because the API server refuses EndpointSlices with
+loopback addresses ("may not be in the loopback range"), so the controller never
+publishes these pods. A pod's `--next` names the Service by its DNS name, which nothing
+here resolves: the kubelet rewrites that host to the Service's loopback address.
 
 Both follow the API server through watches (`Informer`).
 """
@@ -139,24 +143,23 @@ class ServiceProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._services = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_service)
         self._services.on_change = self._on_services
-        self._slices = Informer(
-            ns, lambda a: client.DiscoveryV1Api(a).list_namespaced_endpoint_slice
-        )
-        self._slices.on_change = self._on_slices
+        self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod)
+        self._pods.on_change = lambda _: self._update_endpoints()
 
     def __enter__(self) -> ServiceProxy:
         self._thread.start()
         self._services.start()
-        self._slices.start()
+        self._pods.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._services.stop()
-        self._slices.stop()
+        self._pods.stop()
         for server in self._servers:
             self._loop.call_soon_threadsafe(server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        self._loop.close()  # its self-pipe sockets, else left for the garbage collector
 
     def url(self, url: str) -> str | None:
         """`url` with a Service's DNS name replaced by its address; None if unknown yet."""
@@ -181,18 +184,25 @@ class ServiceProxy:
                     )
                     self._servers.append(started.result(timeout=10))
                 self.addresses[name] = address
+        self._update_endpoints()
 
-    def _on_slices(self, slices: dict[str, Obj]) -> None:
+    def _update_endpoints(self) -> None:
+        """Each Service's Ready endpoints by port name, as the endpoint-slice controller
+        computes them: selected pods, Ready and not being deleted, with an IP."""
+        pods = list(self._pods.objects.values())
         endpoints: dict[str, dict[str, list[tuple[str, int]]]] = {}
-        for eps in slices.values():
-            service = eps["metadata"].get("labels", {}).get("kubernetes.io/service-name")
-            by_port = endpoints.setdefault(service, {})
-            for port in eps.get("ports") or []:
+        for name, svc in list(self._services.objects.items()):
+            selector = svc["spec"].get("selector") or {}
+            by_port = endpoints.setdefault(name, {})
+            for port in svc["spec"]["ports"]:
                 targets = by_port.setdefault(port.get("name", ""), [])
-                for ep in eps.get("endpoints") or []:
-                    # Unset means ready (discovery.k8s.io/v1); kube-proxy reads it so.
-                    if ep.get("conditions", {}).get("ready") is not False:
-                        targets += [(a, int(port["port"])) for a in ep["addresses"]]
+                for pod in pods:
+                    labels = pod["metadata"].get("labels") or {}
+                    ip = pod.get("status", {}).get("podIP")
+                    if not selector or not ip or not is_ready(pod):
+                        continue
+                    if all(labels.get(k) == v for k, v in selector.items()):
+                        targets.append((ip, _target_port(pod, port)))
         self._endpoints = endpoints
 
     async def _listen(self, service: str, address: str, port: int, port_name: str) -> Any:
@@ -224,6 +234,16 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+def _target_port(pod: Obj, service_port: Obj) -> int:
+    """The pod port a Service port's targetPort names (a number, or a container port's
+    name; unset means the Service port's own number)."""
+    target = service_port.get("targetPort", service_port["port"])
+    if isinstance(target, int):
+        return target
+    ports = [p for c in pod["spec"]["containers"] for p in c.get("ports") or []]
+    return int(next(p["containerPort"] for p in ports if p.get("name") == target))
+
+
 def _probe_ok(pod: Obj, ip: str) -> bool:
     container = pod["spec"]["containers"][0]
     probe = container["readinessProbe"]["httpGet"]
@@ -247,6 +267,7 @@ class ProcessKubelet:
         self.procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
         self.serving: dict[str, bool] = {}  # pod name -> its process passes the probe
         self._reported: dict[str, bool] = {}  # pod name -> Ready written to the API
+        self._failed_probes: dict[str, int] = {}  # pod name -> probes failed in a row
         self._stopping: list[threading.Thread] = []
         self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod, selector)
         self._core = client.CoreV1Api(self._pods.api)
@@ -337,7 +358,15 @@ class ProcessKubelet:
 
     def _probe(self, name: str, pod: Obj) -> None:
         ip, _ = self.procs[name]
-        ok = _probe_ok(pod, ip)
+        # Like a kubelet, a Ready process turns unready only after failureThreshold
+        # probes in a row fail (a busy worker may miss one probe's timeout).
+        threshold = pod["spec"]["containers"][0]["readinessProbe"].get("failureThreshold", 3)
+        if _probe_ok(pod, ip):
+            self._failed_probes[name] = 0
+            ok = True
+        else:
+            self._failed_probes[name] = self._failed_probes.get(name, 0) + 1
+            ok = self.serving.get(name, False) and self._failed_probes[name] < threshold
         self.serving[name] = ok
         # Like a kubelet, write only what changed, and only once the container runs
         # (kwok's pod-ready stage); a failed node's pods are left as the node
@@ -363,6 +392,7 @@ class ProcessKubelet:
     def _kill(self, name: str) -> None:
         _, proc = self.procs.pop(name)
         self.serving.pop(name, None)
+        self._failed_probes.pop(name, None)
         proc.terminate()
         # The worker drains its requests before it exits; do not hold up the loop.
         thread = threading.Thread(target=proc.wait, kwargs={"timeout": 30}, daemon=True)

@@ -6,6 +6,7 @@ Ready replicas of every stage are recorded from a pod watch the whole time."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -82,8 +83,9 @@ class Load:
         ).encode()
         self.sent = 0
         self.failures: list[tuple[float, str]] = []
+        self.crash: BaseException | None = None  # what ended the clients' thread early
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread = threading.Thread(target=self._main, daemon=True)
 
     def __enter__(self) -> Load:
         self._thread.start()
@@ -92,6 +94,19 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=120)
+
+    def sent_at_least(self, count: int) -> bool:
+        """Whether `count` requests were sent; raises what stopped the clients, if any,
+        so a broken load shows its own error rather than a timeout."""
+        if self.crash is not None:
+            raise AssertionError(f"the load's clients stopped: {self.crash!r}") from self.crash
+        return self.sent >= count
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:
+            self.crash = exc
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=60)
@@ -105,7 +120,9 @@ class Load:
             try:
                 async with session.post(
                     f"{self.url}/v2/models/{MODEL}/infer",
-                    data=self.body,
+                    # A stream, not bytes: aiohttp warns on a raw body over 1 MiB (this
+                    # one is about 3 MB of JSON) and the test suite makes warnings errors.
+                    data=io.BytesIO(self.body),
                     headers={"Content-Type": "application/json"},
                 ) as resp:
                     text = await resp.text()
@@ -182,54 +199,61 @@ def _run(ns: Namespace, operator: OperatorProcess, spare: str, tmp_path: Path) -
     print(f"split: {obj['status']['split']}")
     record = ReadyRecord(ns)
     record.informer.start()
-    selector = f"edgeai.dev/deployment={NAME},edgeai.dev/zone=zone-a"
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    want = _whole_model(x)
-    with (
-        ServiceProxy(ns) as proxy,
-        ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet,
-    ):
+    # Stopped on failure too: its watch would outlive the control plane.
+    try:
+        selector = f"edgeai.dev/deployment={NAME},edgeai.dev/zone=zone-a"
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        want = _whole_model(x)
+        with (
+            ServiceProxy(ns) as proxy,
+            ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet,
+        ):
 
-        def serving(tier: str) -> list[str]:
-            pods = [
-                p
-                for p in get(ns, "pods", "-l", f"{selector},edgeai.dev/tier={tier}")["items"]
-                if is_ready(p)
-            ]
-            return [
-                p["metadata"]["name"] for p in pods if kubelet.serving.get(p["metadata"]["name"])
-            ]
+            def serving(tier: str) -> list[str]:
+                pods = [
+                    p
+                    for p in get(ns, "pods", "-l", f"{selector},edgeai.dev/tier={tier}")["items"]
+                    if is_ready(p)
+                ]
+                return [
+                    p["metadata"]["name"]
+                    for p in pods
+                    if kubelet.serving.get(p["metadata"]["name"])
+                ]
 
-        wait_for("both edge processes Ready", lambda: len(serving("edge")) == 2, 180)
-        device = wait_for("the device process Ready", lambda: serving("device"), 180)[0]
-        edge_pods = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=edge")["items"]
-        nodes = sorted(p["spec"]["nodeName"] for p in edge_pods)
-        # The builders set no spread of their own: the scheduler's default spreading
-        # placed the two replicas; the test needs them on two nodes.
-        assert nodes == sorted(["edge-zone-a-0", spare]), nodes
-        device_ip = kubelet.procs[device][0]
-        with Load(f"http://{device_ip}:8080", x, want) as load:
-            wait_for("traffic flowing", lambda: load.sent >= 5, 60)
-            victim = "edge-zone-a-0"
-            old = {p["metadata"]["name"] for p in edge_pods if p["spec"]["nodeName"] == victim}
-            t_fail = time.monotonic()
-            with failed_node(cluster, victim, "KernelPanic"):
+            wait_for("both edge processes Ready", lambda: len(serving("edge")) == 2, 180)
+            device = wait_for("the device process Ready", lambda: serving("device"), 180)[0]
+            edge_pods = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=edge")["items"]
+            nodes = sorted(p["spec"]["nodeName"] for p in edge_pods)
+            # The builders set no spread of their own: the scheduler's default spreading
+            # placed the two replicas; the test needs them on two nodes.
+            assert nodes == sorted(["edge-zone-a-0", spare]), nodes
+            device_ip = kubelet.procs[device][0]
+            with Load(f"http://{device_ip}:8080", x, want) as load:
+                wait_for("traffic flowing", lambda: load.sent_at_least(5), 60)
+                victim = "edge-zone-a-0"
+                old = {p["metadata"]["name"] for p in edge_pods if p["spec"]["nodeName"] == victim}
+                t_fail = time.monotonic()
+                with failed_node(cluster, victim, "KernelPanic"):
 
-                def migrated() -> bool:
-                    pods = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=edge")["items"]
-                    names = {p["metadata"]["name"] for p in pods}
-                    return (
-                        not names & old
-                        and all(p["spec"]["nodeName"] != victim for p in pods)
-                        and len(serving("edge")) == 2
+                    def migrated() -> bool:
+                        pods = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=edge")["items"]
+                        names = {p["metadata"]["name"] for p in pods}
+                        return (
+                            not names & old
+                            and all(p["spec"]["nodeName"] != victim for p in pods)
+                            and len(serving("edge")) == 2
+                        )
+
+                    wait_for("the edge stage moved off the failed node", migrated, 240)
+                    t_done = time.monotonic()
+                    sent_at_done = load.sent
+                    # A little traffic after the move, through the new replicas only.
+                    wait_for(
+                        "traffic after the move", lambda: load.sent_at_least(sent_at_done + 10), 60
                     )
-
-                wait_for("the edge stage moved off the failed node", migrated, 240)
-                t_done = time.monotonic()
-                sent_at_done = load.sent
-                # A little traffic after the move, through the new replicas only.
-                wait_for("traffic after the move", lambda: load.sent >= sent_at_done + 10, 60)
-    record.informer.stop()
+    finally:
+        record.informer.stop()
     lowest = record.minimum(t_fail, t_done)
     print(
         f"migration under traffic: {load.sent} requests sent, {len(load.failures)} failed, "
