@@ -258,7 +258,7 @@ def _run(ns: Namespace, operator: OperatorProcess, spare: str, tmp_path: Path) -
     print(
         f"migration under traffic: {load.sent} requests sent, {len(load.failures)} failed, "
         f"min Ready replicas during the failure {lowest}, migrated in {t_done - t_fail:.1f}s, "
-        f"{proxy.rejected} connections found no Ready edge endpoint"
+        f"{proxy.rejected} connections to the Services found no Ready endpoint"
     )
     for when, what in load.failures[:20]:
         print(f"  failed at +{when - t_fail:.1f}s: {what}")
