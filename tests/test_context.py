@@ -71,3 +71,19 @@ def test_handlers_find_the_context_in_the_memo() -> None:
     assert context_of({MEMO_KEY: ctx}) is ctx
     with pytest.raises(RuntimeError, match="memo"):
         context_of({})
+
+
+def test_the_operator_metrics_count_what_passes_report() -> None:
+    metrics = OperatorContext().metrics
+    metrics.inc("edgeai_operator_applies_total", 3)
+    metrics.inc("edgeai_operator_reconciles_total")
+    metrics.observe_reconcile(0.02)
+    metrics.deployment_started()
+    text = metrics.render()
+    assert "edgeai_operator_applies_total 3\n" in text
+    assert "edgeai_operator_reconciles_total 1\n" in text
+    assert 'edgeai_operator_reconcile_seconds_bucket{le="0.025"} 1\n' in text
+    assert 'edgeai_operator_reconcile_seconds_bucket{le="0.01"} 0\n' in text
+    assert "edgeai_operator_deployments 1\n" in text
+    with pytest.raises(ValueError, match="edgeai_operator_applies_total"):
+        metrics.inc("edgeai_operator_apply_total")  # a typo is an error, not a new series

@@ -2,9 +2,9 @@
 
 `Settings` are read once at start-up from the environment and the `edgeai operator`
 flags. `OperatorContext` holds what the handlers share: the settings, the watch
-cache of stage workloads and pods, the daemons' wake-up signals, and the node
-tracker (which node changes matter for placement). Handlers reach it through the
-`memo` kopf passes them (`context_of(memo)`).
+cache of stage workloads and pods, the daemons' wake-up signals, the node
+tracker (which node changes matter for placement) and the operator's own metrics.
+Handlers reach it through the `memo` kopf passes them (`context_of(memo)`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from edgeai_operator.builders import DEFAULT_IMAGE
 from edgeai_operator.cache import WatchCache
 from edgeai_operator.errors import SpecError
+from edgeai_operator.opmetrics import OperatorMetrics
 from edgeai_operator.planning import NodeState
 
 MEMO_KEY = "edgeai"
@@ -126,6 +127,7 @@ class OperatorContext:
     cache: WatchCache = field(default_factory=WatchCache)
     wakeups: Wakeups = field(default_factory=Wakeups)
     nodes: NodeTracker = field(default_factory=NodeTracker)
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     # the last generation of each DNNDeployment whose change woke its daemon
     generations: dict[tuple[str, str], Any] = field(default_factory=dict)
 

@@ -64,7 +64,7 @@ async def widen_thread_pool(**_: Any) -> None:
 async def start_metrics(memo: kopf.Memo, **_: Any) -> None:
     port = context_of(memo).settings.metrics_port
     if port:
-        memo["metrics_runner"] = await opmetrics.start_server(port)
+        memo["metrics_runner"] = await opmetrics.start_server(port, context_of(memo).metrics)
 
 
 @kopf.on.cleanup()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from edgeai_operator import k8s, opmetrics
+from edgeai_operator import k8s
 from edgeai_operator.builders import Owner
 from edgeai_operator.cache import ClusterView
 from edgeai_operator.decide import ChildKey, Decision, Event
@@ -60,15 +60,11 @@ def act(decision: Decision, writer: ClusterWriter, view: ClusterView, owner: Own
     newer generation than the watch may have delivered yet)."""
     for item in decision.applies:
         view.remember(writer.apply(item.obj, item.field_manager))
-    if decision.applies:
-        opmetrics.inc("edgeai_operator_applies_total", len(decision.applies))
     for key in decision.deletes:
         writer.delete(key, owner.namespace)
     for release in decision.releases:
         writer.release(release.key, owner.namespace, owner)
     if decision.status_patch is not None:
         writer.patch_status(owner.namespace, owner.name, decision.status_patch)
-    if decision.scales:
-        opmetrics.inc("edgeai_operator_scale_events_total", len(decision.scales))
     for event in decision.events:
         writer.emit(event)

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION, opmetrics
+from edgeai_operator import API_GROUP, API_VERSION
 from edgeai_operator.context import OperatorContext, context_of
 from edgeai_operator.decide import DeploymentState, Event
 from edgeai_operator.handlers.nodes import all_nodes
@@ -77,12 +77,14 @@ async def _pass(
             node_epoch=ctx.nodes.epoch,
         )
         state = decision.state
+        ctx.metrics.inc("edgeai_operator_applies_total", len(decision.applies))
+        ctx.metrics.inc("edgeai_operator_scale_events_total", len(decision.scales))
     except Exception as exc:  # keep the daemon alive
-        opmetrics.inc("edgeai_operator_reconcile_errors_total")
+        ctx.metrics.inc("edgeai_operator_reconcile_errors_total")
         logger.exception(f"reconcile failed: {exc}")
         events.append(Event("Warning", "ReconcileFailed", str(exc)[:1000]))
-    opmetrics.inc("edgeai_operator_reconciles_total")
-    opmetrics.observe_reconcile(time.monotonic() - started)
+    ctx.metrics.inc("edgeai_operator_reconciles_total")
+    ctx.metrics.observe_reconcile(time.monotonic() - started)
     for event in events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     return state
@@ -105,7 +107,7 @@ async def run_deployment(
     namespace = namespace or "default"  # DNNDeployment is namespaced
     state = DeploymentState()
     wake = ctx.wakeups.event_for(namespace, name)
-    opmetrics.deployments += 1
+    ctx.metrics.deployment_started()
     try:
         while not stopped:
             wake.clear()
@@ -119,5 +121,5 @@ async def run_deployment(
                 await asyncio.wait_for(wake.wait(), timeout=ctx.settings.resync_s)
                 await asyncio.sleep(ctx.settings.debounce_s)
     finally:
-        opmetrics.deployments -= 1
+        ctx.metrics.deployment_stopped()
         ctx.wakeups.forget(namespace, name)

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION, k8s, opmetrics, profiling
+from edgeai_operator import API_GROUP, API_VERSION, k8s, profiling
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.context import context_of
 from edgeai_operator.errors import SpecError
@@ -51,7 +51,7 @@ async def profile_model(
     for tier in result["tiers"].values():  # a new generation's Jobs report afresh
         tier.update(dict.fromkeys(("job", "jobResult", "node", "hostGflops", "message")))
     message = f"{result['cuts']} cuts, {result['flops'] / 1e6:.1f} MFLOPs; {tiers}"
-    opmetrics.inc("edgeai_operator_models_profiled_total")
+    context_of(memo).metrics.inc("edgeai_operator_models_profiled_total")
     patch.status.update(result)
     patch.status["observedGeneration"] = generation
     patch.status["conditions"] = set_condition(
