@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +16,12 @@ import pytest
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
+from edgeai_operator.partitions import model_file
+from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, plan_zones
 from edgeai_operator.profiling import model_status, model_status_in_child
 from edgeai_operator.topology import load_topology
+from edgeai_worker import variants
 
 INPUT = {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}
 SPEC: dict[str, Any] = {
@@ -82,6 +86,10 @@ def test_min_accuracy_picks_among_the_profiled_variants_in_the_cluster(
     # the student is the fastest, so with no floor a latency plan takes it
     zones = plan_zones(parse_deployment(_deployment(None)), status["profiles"], nodes)
     assert {plan.model.variant for plan in zones.plans.values()} == {"small"}
+    # the stage pods load the file the chosen variant was built and profiled from
+    plan = PlanDocument.from_dict(next(iter(zones.plans.values())).to_dict())
+    assert (plan.model.build, plan.model.trained) == ("distilled", True)
+    assert model_file(plan, Path("plan.yaml")) == variants.variant_path("digits_cnn", "distilled")
     floor = (accuracy["small"] + max(accuracy.values())) / 2
     zones = plan_zones(parse_deployment(_deployment(floor)), status["profiles"], nodes)
     chosen = {plan.model.variant for plan in zones.plans.values()}

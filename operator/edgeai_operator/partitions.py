@@ -43,7 +43,7 @@ def load_plan(path: Path, option: str = "-f") -> PlanDocument:
 
 def model_file(plan: PlanDocument, plan_path: Path) -> Path:
     """The ONNX file of the plan's model: `model.path` (relative to the plan file), or
-    the zoo model in the planned variant."""
+    the zoo model in the planned variant (built as `model.build` says)."""
     model = plan.model
     if model.path:
         path = (plan_path.parent / model.path).resolve()
@@ -55,16 +55,15 @@ def model_file(plan: PlanDocument, plan_path: Path) -> Path:
 
     if model.zoo not in zoo.ZOO_NAMES:
         raise SpecError("plan.model.zoo", f"unknown model {model.zoo!r}", ", ".join(zoo.ZOO_NAMES))
-    if model.variant not in (None, "fp32"):
+    # a DNNModel's variant is named by its user; `build` says how its file is made
+    build = model.build or model.variant
+    if build not in (None, "fp32"):
         from edgeai_worker import variants
 
-        if model.variant not in variants.VARIANT_NAMES:
-            raise SpecError(
-                "plan.model.variant",
-                f"unknown variant {model.variant!r}",
-                ", ".join(variants.VARIANT_NAMES),
-            )
-        return variants.variant_path(model.zoo, model.variant)
+        if build not in variants.VARIANT_NAMES:
+            field = "plan.model.build" if model.build else "plan.model.variant"
+            raise SpecError(field, f"unknown variant {build!r}", ", ".join(variants.VARIANT_NAMES))
+        return variants.variant_path(model.zoo, build)
     return zoo.export_onnx(model.zoo, trained=model.trained)
 
 

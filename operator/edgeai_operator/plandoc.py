@@ -47,6 +47,9 @@ class ModelIdentity:
     variant: str | None
     input: TensorSpec
     digest: str | None = None  # sha256 of the artefact
+    # how the variant's file is built (edgeai_worker.variants: int8-dynamic, pruned-50,
+    # ...); the variant's name is the user's (spec.variants[].name)
+    build: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -59,6 +62,8 @@ class ModelIdentity:
         if self.trained:
             out["trained"] = True
         out["variant"] = self.variant
+        if self.build is not None:
+            out["build"] = self.build
         out["input"] = self.input.to_dict()
         if self.digest is not None:
             out["digest"] = self.digest
@@ -493,4 +498,5 @@ def _model(data: Mapping[str, Any], where: str) -> ModelIdentity:
         variant=r.optional_text(data, "variant"),
         input=tensor,
         digest=r.optional_text(data, "digest"),
+        build=r.optional_text(data, "build"),
     )

@@ -473,12 +473,15 @@ def plan_document(
     `build_problem` (tiers and links the plan was computed for)."""
     profile = next((p for p in profiles if p.get("variant") == plan.variant), profiles[0])
     tensor = profile["input"]
+    build = profile.get("build")
     model = ModelIdentity(
         name=str(profile["model"]),
         zoo=str(profile["model"]),
         path=None,
-        trained=False,
+        # the network the profile and its accuracy came from (model_path: digits trained)
+        trained=profile["model"] == "digits_cnn",
         variant=plan.variant or profile.get("variant"),
+        build=None if build is None else str(build),
         input=TensorSpec(
             str(tensor.get("name", "input")),
             tuple(int(d) for d in tensor["shape"]),
