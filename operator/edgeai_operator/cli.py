@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "edgeai_operator.runlocal",
     "edgeai_operator.stagecmd",
     "edgeai_operator.fetchcmd",
+    "edgeai_operator.preparecmd",
     "edgeai_operator.main",
 ]
 
