@@ -21,9 +21,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import oras.provider
 import requests
 
 from edgeai_operator.errors import SpecError
+from edgeai_operator.files import replaced_when_done
 
 ONNX_MEDIA_TYPE = "application/vnd.onnx.model"
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -257,13 +256,10 @@ def pull(uri: str, dest_dir: Path, *, insecure: bool = False) -> PulledArtefact:
     title = (layer.get("annotations") or {}).get(oras.defaults.annotation_title, "")
     name = title if _SAFE_FILE_NAME_RE.fullmatch(title) else layer_digest.replace(":", "-")
     final = dest_dir / name
-    # Written beside the final name and renamed once verified, so a reader of
-    # dest_dir never sees a partial or unverified model.
-    fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            size_bytes, actual = _download_blob(client, ref, container, layer_digest, out)
+    # Renamed to the final name once verified, so a reader of dest_dir never sees a
+    # partial or unverified model.
+    with replaced_when_done(final) as out:
+        size_bytes, actual = _download_blob(client, ref, container, layer_digest, out)
         if size_bytes != layer_size_bytes:
             raise FetchError(
                 ref.uri,
@@ -276,10 +272,6 @@ def pull(uri: str, dest_dir: Path, *, insecure: bool = False) -> PulledArtefact:
                 f"layer digest mismatch: the manifest names {layer_digest}, "
                 f"the bytes received hash to {actual}",
             )
-        tmp.replace(final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return PulledArtefact(
         path=final,
         layer_digest=layer_digest,

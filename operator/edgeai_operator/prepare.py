@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgeai_operator.errors import SpecError
+from edgeai_operator.files import replaced_when_done
 from edgeai_operator.modelspec import InputSpec
 from edgeai_operator.problem import graph_profile
 from edgeai_operator.profiling import check_input
@@ -286,15 +285,8 @@ def _store(path: Path, dest: _Destination, tag: str) -> ArtifactRef:
     assert dest.directory is not None
     dest.directory.mkdir(parents=True, exist_ok=True)
     target = dest.directory / f"{tag}.onnx"
-    # the final name appears only complete, as sources.fetch does
-    fd, tmp_name = tempfile.mkstemp(dir=dest.directory, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        shutil.copyfile(path, tmp_name)
-        Path(tmp_name).replace(target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with replaced_when_done(target) as out, path.open("rb") as src:
+        shutil.copyfileobj(src, out)
     return ArtifactRef(f"{dest.uri}/{target.name}", _sha256(path), size_bytes)
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +34,7 @@ from typing import Literal
 
 from edgeai_operator import k8s
 from edgeai_operator.errors import SpecError
+from edgeai_operator.files import replaced_when_done
 from edgeai_worker.zoo import ZOO_NAMES
 
 Scheme = Literal["zoo", "https", "http", "pvc", "configmap", "oci"]
@@ -231,14 +230,11 @@ def _write_verified(dest: Path, chunks: Iterable[bytes], source: Source) -> Fetc
     a failure (a broken stream, a mismatch)."""
     digest = hashlib.sha256()
     size_bytes = 0
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-                digest.update(chunk)
-                size_bytes += len(chunk)
+    with replaced_when_done(dest) as out:
+        for chunk in chunks:
+            out.write(chunk)
+            digest.update(chunk)
+            size_bytes += len(chunk)
         actual = digest.hexdigest()
         if source.expect_sha256 is not None and actual != source.expect_sha256:
             raise FetchError(
@@ -246,10 +242,6 @@ def _write_verified(dest: Path, chunks: Iterable[bytes], source: Source) -> Fetc
                 f"sha256 mismatch: expected {source.expect_sha256}, got {actual} "
                 f"({size_bytes} bytes); nothing was kept",
             )
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return Fetched(dest, actual, size_bytes, source.uri)
 
 
