@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok) from the Go module proxy into a cache outside
-# the work tree. Idempotent: a second run only checks the stamps and returns.
+# kube-scheduler, kubectl, etcd, kwok) and the OCI registry the tests push model
+# artefacts to (CNCF distribution) from the Go module proxy into a cache outside the
+# work tree. Idempotent: a second run only checks the stamps and returns.
 #
 #   hack/build-binaries.sh            # prints the bin directory on the last line
+#   hack/build-binaries.sh registry   # only the named groups: kubernetes etcd kwok registry
 #
 # EDGEAI_CACHE overrides the cache root (default ~/.cache/edgeai).
 set -euo pipefail
@@ -11,6 +13,7 @@ set -euo pipefail
 K8S_VERSION=v1.34.4
 ETCD_VERSION=v3.6.13
 KWOK_VERSION=v0.8.0
+REGISTRY_VERSION=v3.1.2
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${EDGEAI_CACHE:-$HOME/.cache/edgeai}
@@ -25,11 +28,22 @@ stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 fresh() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.$1.stamp" 2>/dev/null)" = "$2" ]; }
 mark() { echo "$2" > "$bin/.$1.stamp"; }
 
+all_groups=(kubernetes etcd kwok registry)
+for g in "$@"; do
+  [[ " ${all_groups[*]} " == *" $g "* ]] \
+    || { echo "build-binaries: unknown group '$g' (accepted: ${all_groups[*]})" >&2; exit 2; }
+done
+# A test that needs only the registry must not wait for a cold Kubernetes build.
+selected=("$@")
+want() { [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]; }
+
 k8s_stamp=$(stamp_of "$here/k8s/go.mod" "$here/k8s/go.sum" <(echo "$K8S_VERSION"))
 k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 need_k8s=0
 for c in "${k8s_cmds[@]}"; do fresh "$c" "$k8s_stamp" || need_k8s=1; done
-if [ $need_k8s = 1 ]; then
+if ! want kubernetes; then
+  :
+elif [ $need_k8s = 1 ]; then
   minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
   ldflags="-s -w"
@@ -49,7 +63,9 @@ else
 fi
 
 etcd_stamp=$(stamp_of "$here/etcd/go.mod" "$here/etcd/go.sum" "$here/etcd/main.go")
-if ! fresh etcd "$etcd_stamp"; then
+if ! want etcd; then
+  :
+elif ! fresh etcd "$etcd_stamp"; then
   log "building etcd $ETCD_VERSION"
   t0=$(date +%s)
   (cd "$here/etcd" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" .)
@@ -59,7 +75,9 @@ else
   log "etcd $ETCD_VERSION cached"
 fi
 
-if ! fresh kwok "$KWOK_VERSION"; then
+if ! want kwok; then
+  :
+elif ! fresh kwok "$KWOK_VERSION"; then
   log "building kwok $KWOK_VERSION"
   t0=$(date +%s)
   (cd /tmp && GOFLAGS= GOBIN="$bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
@@ -71,6 +89,20 @@ if ! fresh kwok "$KWOK_VERSION"; then
   log "kwok built in $(( $(date +%s) - t0 ))s"
 else
   log "kwok $KWOK_VERSION cached"
+fi
+
+if ! want registry; then
+  :
+elif ! fresh registry "$REGISTRY_VERSION"; then
+  log "building registry (github.com/distribution/distribution/v3) $REGISTRY_VERSION (cold: about 2 min)"
+  t0=$(date +%s)
+  (cd /tmp && GOFLAGS= GOBIN="$bin" go install -v -trimpath -ldflags "-s -w" \
+     "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION" 2>&1 \
+     | awk '{n++; if (n % 100 == 0) printf "[build-binaries] ... %d packages compiled (last: %s)\n", n, $0; fflush()}' >&2)
+  mark registry "$REGISTRY_VERSION"
+  log "registry built in $(( $(date +%s) - t0 ))s"
+else
+  log "registry $REGISTRY_VERSION cached"
 fi
 
 echo "$bin"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from _cluster_support import Namespace, get, wait_for
+from _registry import LocalRegistry, registry_binary
 from edgeai_operator.localcluster import (
     DEFAULT_TOPOLOGY,
     REPO_ROOT,
@@ -35,6 +36,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local.stop()
     left = [name for name, pid in pids.items() if _alive(pid)]
     assert not left, f"control-plane processes left running: {left}"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    """A real OCI registry (CNCF distribution) on loopback, plain HTTP, no auth, its
+    storage in a temp dir; `registry.address` is `127.0.0.1:PORT`."""
+    local = LocalRegistry(tmp_path_factory.mktemp("registry"), registry_binary())
+    local.start()
+    assert local.proc is not None
+    pid = local.proc.pid
+    yield local
+    local.stop()
+    assert not _alive(pid), f"registry process {pid} left running"
 
 
 @pytest.fixture

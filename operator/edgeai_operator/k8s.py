@@ -7,6 +7,7 @@ no-op, and fields other managers own (the autoscaler's replicas, say) are left a
 
 from __future__ import annotations
 
+import base64
 import functools
 import threading
 from collections.abc import Iterable
@@ -130,6 +131,28 @@ def release_shared(api_version: str, kind: str, name: str, namespace: str, owner
     return len(others)
 
 
+def read_configmap_bytes(namespace: str, name: str, key: str) -> bytes:
+    """The bytes of a ConfigMap's binaryData[key]; LookupError names what is missing
+    (the ConfigMap, or the key and the keys there are)."""
+    core = client.CoreV1Api(_api_client())
+    try:
+        configmap = core.read_namespaced_config_map(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise LookupError(f"ConfigMap {name} not found") from exc
+        raise
+    binary = configmap.binary_data or {}
+    if key not in binary:
+        in_data = " (it is in data, which holds text; binary files go in binaryData)"
+        raise LookupError(
+            f"ConfigMap {name} has no binaryData key {key!r}"
+            f"{in_data if key in (configmap.data or {}) else ''}"
+            f" (binaryData keys: {', '.join(sorted(binary)) or 'none'})"
+        )
+    # the client leaves binaryData base64-encoded, as the API sends it
+    return base64.b64decode(binary[key])
+
+
 CHILD_KINDS = (
     ("apps/v1", "DaemonSet"),
     ("apps/v1", "Deployment"),
@@ -148,6 +171,7 @@ __all__ = [
     "list_objects",
     "owned_children",
     "patch_status",
+    "read_configmap_bytes",
     "release_shared",
     "shared_children_of",
 ]

@@ -1,0 +1,829 @@
+"""Preparing a DNNModel: the program its preparation Job runs (`edgeai prepare`).
+
+`prepare(request, workdir)` fetches the model source (digest-verified), checks that it
+is an ONNX model onnxruntime loads and that the declared inputs fit it, records its
+sha256, builds the requested variants, profiles each variant's graph (cuts, bytes,
+FLOPs per segment), writes or pushes each artefact and measures accuracy where labelled
+data exists. The outcome is one `PrepareResult`, small enough for the operator to copy
+into `DNNModel.status`.
+
+Variants (fp32 is always built):
+- `int8-dynamic`: onnxruntime dynamic quantization, any ONNX model, no data;
+- `int8-static`: onnxruntime static QDQ quantization, activation ranges from the
+  calibration `.npz` (`spec.calibration.uri`, arrays keyed by input name);
+- `pruned`: magnitude pruning of the float weights of Conv/Gemm/MatMul to a sparsity
+  (one global threshold), no fine-tuning;
+- `distilled`: a student trained on the teacher's outputs, zoo://digits_cnn only.
+
+For zoo://digits_cnn the variants are the zoo's own (`edgeai_worker.variants`: static
+ranges from the training digits, pruning at 0.5 fine-tuned with the mask held) and
+accuracy is measured on its held-out split, so the numbers match the zoo's reports.
+Elsewhere accuracy needs `spec.data.uri`: an `.npz` of inputs keyed by input name and
+integer class labels under `labels`, scored as top-1 of the first output.
+
+A variant that cannot be built (missing data, a builder failure) is reported with
+`ready: false` and the reason; the others are still built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgeai_operator.errors import SpecError
+from edgeai_operator.files import replaced_when_done
+from edgeai_operator.modelspec import InputSpec
+from edgeai_operator.problem import graph_profile
+from edgeai_operator.profiling import check_input
+from edgeai_operator.sources import Fetched, Source, fetch, parse_source
+
+if TYPE_CHECKING:
+    import onnx
+
+RESULT_VERSION = 1
+VariantKind = Literal["fp32", "int8-dynamic", "int8-static", "pruned", "distilled"]
+VARIANT_KINDS: tuple[VariantKind, ...] = (
+    "fp32",
+    "int8-dynamic",
+    "int8-static",
+    "pruned",
+    "distilled",
+)
+DEFAULT_SPARSITY = 0.5
+LABELS_KEY = "labels"
+# Batch used for calibration and accuracy when the model's batch dimension is free.
+_FREE_BATCH = 32
+# The zoo model whose variants and held-out data ship with the zoo.
+_DIGITS = "digits_cnn"
+# Longest failure message kept in a variant's result (status stays small).
+_MESSAGE_CHARS = 500
+# Operators whose float initializers pruning zeroes: the layers that hold the weights.
+_PRUNED_OPS = ("Conv", "Gemm", "MatMul")
+_ARTIFACTS_FORMS = "oci://REGISTRY[:PORT]/REPOSITORY (no tag) or pvc://CLAIM/DIRECTORY"
+_TAG_UNSAFE = re.compile(r"[^a-z0-9_.-]+")
+# ONNX element type -> the dtype names spec.input uses (see profiling.check_input)
+_DTYPE_NAMES = {1: "FP32", 10: "FP16", 3: "INT8", 2: "UINT8", 6: "INT32", 7: "INT64", 9: "BOOL"}
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    """No progress output (the library default; `edgeai prepare` prints to stderr)."""
+
+
+@dataclass(frozen=True)
+class VariantRequest:
+    """One wanted variant: `name` is what status and the artefact tag call it, `kind`
+    the builder, `sparsity` the fraction of weights a `pruned` variant zeroes."""
+
+    name: str
+    kind: VariantKind
+    sparsity: float = DEFAULT_SPARSITY
+
+    @staticmethod
+    def of_kind(kind: str, *, sparsity: float = DEFAULT_SPARSITY) -> VariantRequest:
+        """The variant named after its kind (`pruned-50` for pruning at 0.5)."""
+        if kind not in VARIANT_KINDS:
+            raise SpecError(
+                "spec.variants", f"{kind!r} is no variant kind", ", ".join(VARIANT_KINDS)
+            )
+        name = f"pruned-{round(sparsity * 100)}" if kind == "pruned" else kind
+        return VariantRequest(name, kind, sparsity)
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """What a preparation Job is asked to do. Each URI is a `sources` URI (http(s)
+    ones need their sha256); `artifacts_uri` is `oci://REGISTRY/REPO` (each artefact
+    tagged `<model>-<variant>-<12 digest hex>`) or `pvc://CLAIM/DIR`. `model_name`
+    names the artefacts (default: the zoo name or the source's file name)."""
+
+    source_uri: str
+    inputs: tuple[InputSpec, ...]
+    artifacts_uri: str
+    source_sha256: str | None = None
+    variants: tuple[VariantRequest, ...] = ()
+    calibration_uri: str | None = None
+    calibration_sha256: str | None = None
+    data_uri: str | None = None
+    data_sha256: str | None = None
+    model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output as the graph declares it (a named dimension is a str)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> TensorInfo:
+        return TensorInfo(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A written artefact: fetch it with `sources.fetch(parse_source(uri, sha256=digest))`."""
+
+    uri: str
+    digest: str  # sha256:<hex> of the ONNX file
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "digest": self.digest, "sizeBytes": self.size_bytes}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> ArtifactRef:
+        return ArtifactRef(str(data["uri"]), str(data["digest"]), int(data["sizeBytes"]))
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant's outcome. `path` is the built file in the work directory (not part
+    of the serialised result: it means nothing outside the Job's pod)."""
+
+    name: str
+    kind: VariantKind
+    ready: bool
+    message: str
+    artifact: ArtifactRef | None = None
+    accuracy: float | None = None
+    profile: dict[str, Any] | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "ready": self.ready,
+            "message": self.message,
+        }
+        if self.artifact is not None:
+            out["artifact"] = self.artifact.to_dict()
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        if self.profile is not None:
+            out["profile"] = self.profile
+        return out
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> VariantResult:
+        kind = str(data["kind"])
+        if kind not in VARIANT_KINDS:
+            raise SpecError(
+                "variants[].kind", f"{kind!r} is no variant kind", ", ".join(VARIANT_KINDS)
+            )
+        artifact = data.get("artifact")
+        accuracy = data.get("accuracy")
+        return VariantResult(
+            name=str(data["name"]),
+            kind=kind,
+            ready=bool(data["ready"]),
+            message=str(data.get("message", "")),
+            artifact=ArtifactRef.from_dict(artifact) if artifact is not None else None,
+            accuracy=float(accuracy) if accuracy is not None else None,
+            profile=dict(data["profile"]) if data.get("profile") is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a preparation Job reports: the source as fetched and each variant."""
+
+    source_uri: str
+    source_digest: str  # sha256:<hex>
+    size_bytes: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    variants: tuple[VariantResult, ...]
+
+    def variant(self, name: str) -> VariantResult:
+        return next(v for v in self.variants if v.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "PrepareResult",
+            "version": RESULT_VERSION,
+            "source": {"uri": self.source_uri, "digest": self.source_digest},
+            "sizeBytes": self.size_bytes,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "variants": [v.to_dict() for v in self.variants],
+        }
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> PrepareResult:
+        if data.get("kind") != "PrepareResult" or data.get("version") != RESULT_VERSION:
+            raise SpecError(
+                "kind/version",
+                f"{data.get('kind')!r} version {data.get('version')!r} is not a prepare result",
+                f"PrepareResult version {RESULT_VERSION}",
+            )
+        return PrepareResult(
+            source_uri=str(data["source"]["uri"]),
+            source_digest=str(data["source"]["digest"]),
+            size_bytes=int(data["sizeBytes"]),
+            inputs=tuple(TensorInfo.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorInfo.from_dict(t) for t in data["outputs"]),
+            variants=tuple(VariantResult.from_dict(v) for v in data["variants"]),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Where artefacts go
+
+
+@dataclass(frozen=True)
+class _Destination:
+    scheme: Literal["oci", "pvc"]
+    uri: str  # without a trailing slash
+    directory: Path | None = None  # pvc: where the claim's directory is mounted here
+
+
+def _destination(uri: str, pvc_root: Path) -> _Destination:
+    where = "spec.artifacts.uri"
+    base = uri.rstrip("/")
+    if base.startswith("oci://"):
+        from edgeai_operator import oci  # the OCI client loads only for oci destinations
+
+        # the repository only: each artefact gets its own tag
+        if "@" in base or ":" in base.removeprefix("oci://").split("/", 1)[-1]:
+            raise SpecError(where, f"{uri!r} names a tag or digest", _ARTIFACTS_FORMS)
+        oci.parse_reference(f"{base}:probe", field=where)
+        return _Destination("oci", base)
+    if base.startswith("pvc://"):
+        claim, slash, directory = base.removeprefix("pvc://").partition("/")
+        # the same checks as a pvc:// source, on a file inside the directory
+        parse_source(f"{base}/x.onnx", sha256=None, field=where)
+        return _Destination(
+            "pvc", base, pvc_root / claim / directory if slash else pvc_root / claim
+        )
+    raise SpecError(where, f"{uri!r} is not an artefact destination", _ARTIFACTS_FORMS)
+
+
+def _store(path: Path, dest: _Destination, tag: str) -> ArtifactRef:
+    size_bytes = path.stat().st_size
+    if dest.scheme == "oci":
+        from edgeai_operator import oci
+
+        digest = oci.push(path, f"{dest.uri}:{tag}")
+        return ArtifactRef(f"{dest.uri}:{tag}", digest, size_bytes)
+    assert dest.directory is not None
+    dest.directory.mkdir(parents=True, exist_ok=True)
+    target = dest.directory / f"{tag}.onnx"
+    with replaced_when_done(target) as out, path.open("rb") as src:
+        shutil.copyfileobj(src, out)
+    return ArtifactRef(f"{dest.uri}/{target.name}", _sha256(path), size_bytes)
+
+
+def _oci_error() -> type[Exception]:
+    from edgeai_operator import oci
+
+    return oci.OciError
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# The model and its inputs
+
+
+def _session(model: str | bytes | Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _load_checked(fetched: Fetched) -> onnx.ModelProto:
+    """The fetched file as an ONNX model, or SpecError naming the source URI."""
+    import onnx
+
+    try:
+        model = onnx.load(str(fetched.path))
+        _session(fetched.path)
+    except Exception as exc:  # onnx and onnxruntime raise many types for a bad file
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise SpecError(
+            "spec.source.uri",
+            f"{fetched.uri} is not an ONNX model onnxruntime can load "
+            f"({fetched.size_bytes} bytes, sha256 {fetched.sha256[:12]}...: "
+            f"{type(exc).__name__} {first_line})",
+            "an ONNX model file",
+        ) from exc
+    return model
+
+
+def _tensors(values: Sequence[Any]) -> tuple[TensorInfo, ...]:
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in tensor.shape.dim
+        )
+        dtype = _DTYPE_NAMES.get(tensor.elem_type, f"ONNX type {tensor.elem_type}")
+        out.append(TensorInfo(value.name, dims, dtype))
+    return tuple(out)
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[Any]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def check_inputs(declared: Sequence[InputSpec], model: onnx.ModelProto) -> None:
+    """SpecError naming `spec.input` unless `declared` lists the model's inputs, each
+    fitting as `profiling.check_input` requires (one input: `spec.input.<field>`;
+    several: `spec.input[i].<field>`)."""
+    import onnx
+
+    actual = _graph_inputs(model)
+    described = ", ".join(f"{t.name} {list(t.shape)} {t.dtype}" for t in _tensors(actual))
+    if len(declared) != len(actual):
+        names = ", ".join(d.name for d in declared) or "none"
+        raise SpecError(
+            "spec.input",
+            f"declares {len(declared)} input(s) ({names}) but the model has "
+            f"{len(actual)}: {described}",
+            "one entry per model input",
+        )
+    if len(declared) == 1:
+        check_input(declared[0], model)
+        return
+    by_name = {i.name: i for i in actual}
+    for index, spec in enumerate(declared):
+        if spec.name not in by_name:
+            raise SpecError(
+                f"spec.input[{index}].name", f"{spec.name!r} is not a model input", described
+            )
+        # check_input reads the first graph input: hand it a graph of this one input
+        view = onnx.ModelProto()
+        view.graph.input.append(by_name[spec.name])
+        try:
+            check_input(spec, view)
+        except SpecError as exc:
+            raise SpecError(
+                exc.field.replace("spec.input.", f"spec.input[{index}]."), exc.problem, exc.accepted
+            ) from exc
+
+
+# ---------------------------------------------------------------------------
+# Data files: calibration inputs and labelled examples
+
+
+@dataclass(frozen=True)
+class _Examples:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+
+
+def _fetch_source(
+    uri: str, sha256: str | None, where: str, dest: Path, pvc_root: Path, progress: Progress
+) -> Fetched:
+    source: Source = parse_source(uri, sha256=sha256, field=where)
+    progress(f"fetching {uri}")
+    fetched = fetch(source, dest, pvc_root=pvc_root)
+    progress(f"fetched {uri}: {fetched.size_bytes} bytes, sha256 {fetched.sha256[:12]}")
+    return fetched
+
+
+def _load_examples(
+    fetched: Fetched, where: str, declared: Sequence[InputSpec], *, labelled: bool
+) -> _Examples:
+    accepted = "an .npz with one array per input name" + (
+        f" and integer class labels under {LABELS_KEY!r}" if labelled else ""
+    )
+    try:
+        with np.load(fetched.path, allow_pickle=False) as npz:
+            arrays = {key: np.asarray(npz[key]) for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise SpecError(where, f"{fetched.uri} is not an .npz file: {exc}", accepted) from exc
+    inputs: dict[str, np.ndarray] = {}
+    for spec in declared:
+        if spec.name not in arrays:
+            raise SpecError(
+                where,
+                f"{fetched.uri} has no array for the input {spec.name!r} "
+                f"(it has {', '.join(sorted(arrays)) or 'none'})",
+                accepted,
+            )
+        values = arrays[spec.name]
+        if values.ndim != len(spec.shape) or tuple(values.shape[1:]) != tuple(spec.shape[1:]):
+            raise SpecError(
+                where,
+                f"{fetched.uri}: {spec.name!r} has shape {list(values.shape)}, "
+                f"examples of the input's shape {list(spec.shape)} are stacked on axis 0",
+                accepted,
+            )
+        inputs[spec.name] = values
+    counts = {len(v) for v in inputs.values()}
+    labels = arrays.get(LABELS_KEY)
+    if labelled:
+        if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise SpecError(where, f"{fetched.uri} has no 1-D integer {LABELS_KEY!r}", accepted)
+        counts.add(len(labels))
+    if len(counts) != 1 or 0 in counts:
+        raise SpecError(
+            where,
+            f"{fetched.uri}: the arrays hold different or zero example counts {sorted(counts)}",
+            accepted,
+        )
+    return _Examples(inputs, labels if labelled else None)
+
+
+def _batch_size(model: onnx.ModelProto, input_name: str) -> int | None:
+    """The model's fixed batch size for the input; None for a named (free) one."""
+    for value in _graph_inputs(model):
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
+
+
+def _batches(examples: _Examples, fixed_batch: int | None) -> list[dict[str, np.ndarray]]:
+    """The examples in batches: of the model's fixed batch size, leaving out a last
+    partial batch the model would refuse, or of _FREE_BATCH with the rest at the end."""
+    count = len(next(iter(examples.inputs.values())))
+    batch = fixed_batch or _FREE_BATCH
+    stop = count - count % batch if fixed_batch else count
+    return [
+        {name: values[start : start + batch] for name, values in examples.inputs.items()}
+        for start in range(0, stop, batch)
+    ]
+
+
+def _accuracy(path: Path, examples: _Examples, fixed_batch: int | None) -> float:
+    """Top-1 accuracy of the first output against the labels, over the batches."""
+    assert examples.labels is not None
+    session = _session(path)
+    correct = seen = 0
+    for feed in _batches(examples, fixed_batch):
+        first_output = np.asarray(session.run(None, feed)[0])
+        predicted = first_output.reshape(len(first_output), -1).argmax(axis=1)
+        labels = examples.labels[seen : seen + len(predicted)]
+        correct += int((predicted == labels).sum())
+        seen += len(labels)
+    if not seen:
+        raise ValueError(f"the data holds fewer examples than the model's batch of {fixed_batch}")
+    return round(correct / seen, 4)
+
+
+# ---------------------------------------------------------------------------
+# Builders for any ONNX model
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantizer logs advice at WARNING through the root logger: hold it to ERROR."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_dynamic(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_quantizer():
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+
+
+def _quantize_static(source: Path, target: Path, batches: list[dict[str, np.ndarray]]) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class BatchReader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.pending = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.pending, None)
+
+        def rewind(self) -> None:
+            self.pending = iter(batches)
+
+    with _quiet_quantizer():
+        quantize_static(
+            source,
+            target,
+            BatchReader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+def prune_weights(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with the smallest-magnitude float weights of its Conv, Gemm and
+    MatMul nodes zeroed (one threshold over all of them, `sparsity` of them zero; biases
+    kept), and how many weights are zero afterwards."""
+    import onnx
+    from onnx import numpy_helper
+
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    # a node's weight: its second input (Conv W, Gemm B, MatMul B) when an initializer
+    weight_names = {
+        node.input[1]
+        for node in pruned.graph.node
+        if node.op_type in _PRUNED_OPS and len(node.input) > 1
+    }
+    weights = [
+        t
+        for t in pruned.graph.initializer
+        if t.name in weight_names and numpy_helper.to_array(t).dtype.kind == "f"
+    ]
+    if not weights:
+        raise ValueError("the model has no float Conv/Gemm/MatMul weights to prune")
+    arrays = [numpy_helper.to_array(t) for t in weights]
+    magnitudes = np.concatenate([np.abs(a).ravel() for a in arrays])
+    k = int(sparsity * magnitudes.size)
+    threshold = np.partition(magnitudes, k - 1)[k - 1] if k > 0 else -1.0
+    zeros = 0
+    for tensor, values in zip(weights, arrays, strict=True):
+        kept = np.where(np.abs(values) > threshold, values, 0).astype(values.dtype)
+        zeros += int(kept.size - np.count_nonzero(kept))
+        tensor.CopyFrom(numpy_helper.from_array(kept, tensor.name))
+    return pruned, zeros
+
+
+# ---------------------------------------------------------------------------
+# The preparation
+
+
+def _model_name(request: PrepareRequest, source: Source) -> str:
+    if request.model_name:
+        raw = request.model_name
+    elif source.scheme == "zoo":
+        raw = source.location
+    else:
+        tail = source.uri.rstrip("/").rsplit("/", 1)[-1]
+        raw = tail.split("@", 1)[0].split(":", 1)[0].removesuffix(".onnx")
+    return _TAG_UNSAFE.sub("-", raw.lower()).strip("-._")[:60] or "model"
+
+
+def _wanted(request: PrepareRequest) -> list[tuple[int | None, VariantRequest]]:
+    """fp32 first (the request's own entry if it has one), then the others in order,
+    each with its index in the request (None for the fp32 added here)."""
+    indexed = list(enumerate(request.variants))
+    fp32 = [(i, v) for i, v in indexed if v.kind == "fp32"]
+    head: list[tuple[int | None, VariantRequest]] = (
+        [fp32[0]] if fp32 else [(None, VariantRequest("fp32", "fp32"))]
+    )
+    names = [v.name for _, v in indexed]
+    for i, variant in indexed:
+        if names.count(variant.name) > 1:
+            raise SpecError(
+                f"spec.variants[{i}].name", f"{variant.name!r} repeats", "distinct names"
+            )
+        if variant.kind == "pruned" and not 0 < variant.sparsity < 1:
+            raise SpecError(
+                f"spec.variants[{i}].prune.sparsity",
+                f"{variant.sparsity} is out of range",
+                "0 < sparsity < 1",
+            )
+    return head + [(i, v) for i, v in indexed if v.kind != "fp32"]
+
+
+class _Refused(Exception):
+    """A variant that cannot be built as asked; the message says why and what to set."""
+
+
+@dataclass
+class _Context:
+    request: PrepareRequest
+    model_file: Path
+    model: Any  # onnx.ModelProto
+    zoo_digits: bool
+    calibration: _Examples | None
+    data: _Examples | None
+    built_dir: Path
+    model_name: str
+
+
+def _build(ctx: _Context, index: int | None, variant: VariantRequest) -> Path:
+    """The variant's ONNX file, or _Refused."""
+    target = ctx.built_dir / f"{variant.name}.onnx"
+    field_prefix = f"spec.variants[{index}]"
+    if variant.kind == "fp32":
+        shutil.copyfile(ctx.model_file, target)
+        return target
+    if ctx.zoo_digits and (variant.kind != "pruned" or variant.sparsity == DEFAULT_SPARSITY):
+        from edgeai_worker import variants
+
+        built = "pruned-50" if variant.kind == "pruned" else variant.kind
+        shutil.copyfile(variants.variant_path(_DIGITS, built), target)
+        return target
+    if variant.kind == "distilled":
+        raise _Refused(
+            f"{field_prefix}.distill: distillation trains a student on the teacher's outputs "
+            f"over labelled training data, which exists for zoo://{_DIGITS} only; "
+            "use int8-dynamic, int8-static or pruned for this model"
+        )
+    if variant.kind == "int8-dynamic":
+        _quantize_dynamic(ctx.model_file, target)
+        return target
+    if variant.kind == "int8-static":
+        if ctx.calibration is None:
+            raise _Refused(
+                "spec.calibration.uri is not set: int8-static quantization calibrates "
+                "activation ranges on example inputs (an .npz with one array per input name)"
+            )
+        first = ctx.request.inputs[0].name
+        _quantize_static(
+            ctx.model_file, target, _batches(ctx.calibration, _batch_size(ctx.model, first))
+        )
+        return target
+    import onnx
+
+    pruned, _ = prune_weights(ctx.model, variant.sparsity)
+    onnx.save(pruned, str(target))
+    return target
+
+
+def _measure(ctx: _Context, path: Path) -> float | None:
+    if ctx.data is not None:
+        return _accuracy(path, ctx.data, _batch_size(ctx.model, ctx.request.inputs[0].name))
+    if ctx.zoo_digits:
+        from edgeai_worker import variants
+
+        return round(variants.onnx_accuracy(path), 4)
+    return None
+
+
+def _prepare_variant(
+    ctx: _Context,
+    index: int | None,
+    variant: VariantRequest,
+    destination: _Destination,
+    input_spec: Mapping[str, Any],
+    progress: Progress,
+) -> VariantResult:
+    """Builds, profiles, measures and stores one variant; any failure costs this
+    variant only and its result says why."""
+
+    def failed(message: str, path: Path | None = None) -> VariantResult:
+        # a builder's exception text can be long: the result goes into status
+        return VariantResult(variant.name, variant.kind, False, message[:_MESSAGE_CHARS], path=path)
+
+    try:
+        path = _build(ctx, index, variant)
+    except _Refused as exc:
+        return failed(str(exc))
+    except Exception as exc:
+        return failed(f"building {variant.kind} failed: {type(exc).__name__}: {exc}")
+    try:
+        profile = graph_profile(
+            path, model=ctx.model_name, variant=variant.name, input_spec=input_spec
+        )
+        accuracy = _measure(ctx, path)
+    except Exception as exc:
+        return failed(f"the built model does not run: {type(exc).__name__}: {exc}", path)
+    digest = _sha256(path)
+    tag = f"{ctx.model_name}-{_TAG_UNSAFE.sub('-', variant.name.lower())}-{digest[7:19]}"
+    progress(f"{variant.name}: storing {path.stat().st_size} bytes as {tag}")
+    try:
+        artifact = _store(path, destination, tag)
+    except (OSError, _oci_error()) as exc:
+        return failed(f"storing the artefact failed: {exc}", path)
+    measured = "" if accuracy is None else f", accuracy {accuracy:.4f}"
+    return VariantResult(
+        variant.name,
+        variant.kind,
+        True,
+        f"built, {len(profile['cuts'])} cuts{measured}",
+        artifact,
+        accuracy,
+        profile,
+        path,
+    )
+
+
+def prepare(
+    request: PrepareRequest,
+    workdir: Path,
+    *,
+    pvc_root: Path = Path("/mnt/pvc"),
+    progress: Progress = _quiet,
+) -> PrepareResult:
+    """Prepares the model `request` names in `workdir` (created if missing) and writes
+    its artefacts where `request.artifacts_uri` says (`pvc_root`: where claims are
+    mounted). Raises SpecError for a request that does not fit the model (naming the
+    field) and sources.FetchError for a source that cannot be fetched or whose digest
+    differs; in both cases nothing has been written to the destination."""
+    destination = _destination(request.artifacts_uri, pvc_root)
+    if not request.inputs:
+        raise SpecError("spec.input", "is empty", "the model's inputs: name, shape and dtype")
+    wanted = _wanted(request)
+    source = parse_source(request.source_uri, sha256=request.source_sha256, field="spec.source.uri")
+    model_name = _model_name(request, source)
+
+    fetched = _fetch_source(
+        request.source_uri,
+        request.source_sha256,
+        "spec.source.uri",
+        workdir / "source",
+        pvc_root,
+        progress,
+    )
+    model = _load_checked(fetched)
+    check_inputs(request.inputs, model)
+    inputs = _tensors(_graph_inputs(model))
+    outputs = _tensors(model.graph.output)
+    zoo_digits = source.scheme == "zoo" and source.location == _DIGITS
+
+    calibration = None
+    if request.calibration_uri and any(v.kind == "int8-static" for _, v in wanted):
+        got = _fetch_source(
+            request.calibration_uri,
+            request.calibration_sha256,
+            "spec.calibration.uri",
+            workdir / "calibration",
+            pvc_root,
+            progress,
+        )
+        calibration = _load_examples(got, "spec.calibration.uri", request.inputs, labelled=False)
+    data = None
+    if request.data_uri:
+        got = _fetch_source(
+            request.data_uri,
+            request.data_sha256,
+            "spec.data.uri",
+            workdir / "data",
+            pvc_root,
+            progress,
+        )
+        data = _load_examples(got, "spec.data.uri", request.inputs, labelled=True)
+
+    built_dir = workdir / "built"
+    built_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _Context(
+        request, fetched.path, model, zoo_digits, calibration, data, built_dir, model_name
+    )
+    first = request.inputs[0]
+    input_spec = {"name": first.name, "shape": list(first.shape), "dtype": first.dtype}
+    results = []
+    for position, (index, variant) in enumerate(wanted, start=1):
+        progress(f"[{position}/{len(wanted)}] building {variant.name} ({variant.kind})")
+        outcome = _prepare_variant(ctx, index, variant, destination, input_spec, progress)
+        if not outcome.ready:
+            progress(f"{variant.name}: not ready: {outcome.message}")
+        results.append(outcome)
+    return PrepareResult(
+        source_uri=request.source_uri,
+        source_digest="sha256:" + fetched.sha256,
+        size_bytes=fetched.size_bytes,
+        inputs=inputs,
+        outputs=outputs,
+        variants=tuple(results),
+    )
+
+
+__all__ = [
+    "DEFAULT_SPARSITY",
+    "LABELS_KEY",
+    "RESULT_VERSION",
+    "VARIANT_KINDS",
+    "ArtifactRef",
+    "PrepareRequest",
+    "PrepareResult",
+    "TensorInfo",
+    "VariantKind",
+    "VariantRequest",
+    "VariantResult",
+    "check_inputs",
+    "prepare",
+    "prune_weights",
+]

@@ -1,0 +1,142 @@
+"""`edgeai prepare`: the program a DNNModel's preparation Job runs. It fetches the model,
+checks it, builds and profiles the variants, writes the artefacts and prints the
+result as JSON (progress goes to stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeai_operator.errors import SpecError
+from edgeai_operator.modelspec import InputSpec
+from edgeai_operator.prepare import (
+    VARIANT_KINDS,
+    PrepareRequest,
+    VariantRequest,
+    prepare,
+)
+from edgeai_operator.sources import ACCEPTED_FORMS, FetchError
+
+_INPUT_FORM = "NAME=DIM,DIM,...:DTYPE, e.g. input=1,3,224,224:FP32"
+_DTYPES = ("FP32", "FP16", "INT8", "UINT8", "INT32", "INT64", "BOOL")
+_VARIANT_FORM = f"one of {', '.join(k for k in VARIANT_KINDS if k != 'fp32')}; pruned:SPARSITY"
+
+
+def parse_input(text: str) -> InputSpec:
+    """`NAME=1,3,224,224:FP32` as an InputSpec; SpecError naming --input otherwise."""
+    name, eq, rest = text.partition("=")
+    dims, colon, dtype = rest.rpartition(":")
+    if not eq or not name or not colon:
+        raise SpecError("--input", f"{text!r} is not an input", _INPUT_FORM)
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError as exc:
+        raise SpecError(
+            "--input", f"{text!r} has a dimension that is no integer", _INPUT_FORM
+        ) from exc
+    if any(d < 1 for d in shape):
+        raise SpecError("--input", f"{text!r} has a dimension below 1", _INPUT_FORM)
+    if dtype.upper() not in _DTYPES:
+        raise SpecError("--input", f"{text!r} names the dtype {dtype!r}", ", ".join(_DTYPES))
+    return InputSpec(name, shape, dtype.upper())
+
+
+def parse_variant(text: str) -> VariantRequest:
+    """`int8-dynamic`, `int8-static`, `distilled`, `pruned` (sparsity 0.5) or
+    `pruned:0.75`; SpecError naming --variant otherwise."""
+    kind, colon, sparsity = text.partition(":")
+    if kind not in VARIANT_KINDS or (colon and kind != "pruned"):
+        raise SpecError("--variant", f"{text!r} is no variant", _VARIANT_FORM)
+    if not colon:
+        return VariantRequest.of_kind(kind)
+    try:
+        fraction = float(sparsity)
+    except ValueError as exc:
+        raise SpecError("--variant", f"{text!r} has no number after ':'", "pruned:0.5") from exc
+    if not 0 < fraction < 1:
+        raise SpecError("--variant", f"{text!r}: the sparsity is out of range", "0 < SPARSITY < 1")
+    return VariantRequest.of_kind(kind, sparsity=fraction)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="fetch a model, check it, build, profile and store its variants",
+        description=(
+            "Prepares a DNNModel: fetches --source (digest-verified), checks it loads in "
+            "onnxruntime and that --input fits it, builds fp32 and each --variant, profiles "
+            "them, writes them to --artifacts and prints the result as JSON. Errors name "
+            "the DNNModel field the option fills (--source: spec.source.uri, "
+            "--calibration: spec.calibration.uri, --data: spec.data.uri, --input: "
+            f"spec.input). Source forms: {ACCEPTED_FORMS}."
+        ),
+    )
+    parser.add_argument("--source", required=True, help="the model source URI")
+    parser.add_argument("--sha256", help="expected sha256 of the model (required for http(s))")
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        type=parse_input,
+        help=f"a model input, repeated for each ({_INPUT_FORM})",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=parse_variant,
+        help=f"a variant beside fp32, repeatable ({_VARIANT_FORM})",
+    )
+    parser.add_argument("--calibration", help="an .npz of example inputs (int8-static)")
+    parser.add_argument("--calibration-sha256", help="its sha256 (required for http(s))")
+    parser.add_argument("--data", help="an .npz of inputs and 'labels' (accuracy)")
+    parser.add_argument("--data-sha256", help="its sha256 (required for http(s))")
+    parser.add_argument(
+        "--artifacts", required=True, help="oci://REGISTRY/REPO or pvc://CLAIM/DIR for the variants"
+    )
+    parser.add_argument("--model-name", help="names the artefacts (default: from the source)")
+    parser.add_argument("--out", help="also write the result JSON to this file")
+    parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--pvc-root", default="/mnt/pvc", help="where claims are mounted (pvc:// URIs)"
+    )
+    parser.set_defaults(func=_cmd)
+
+
+def _progress(message: str) -> None:
+    print(f"[edgeai prepare] {message}", file=sys.stderr, flush=True)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    request = PrepareRequest(
+        source_uri=args.source,
+        source_sha256=args.sha256,
+        inputs=tuple(args.input),
+        artifacts_uri=args.artifacts,
+        variants=tuple(args.variant),
+        calibration_uri=args.calibration,
+        calibration_sha256=args.calibration_sha256,
+        data_uri=args.data,
+        data_sha256=args.data_sha256,
+        model_name=args.model_name,
+    )
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edgeai-prepare-") as scratch:
+        workdir = Path(args.workdir) if args.workdir else Path(scratch)
+        try:
+            result = prepare(request, workdir, pvc_root=Path(args.pvc_root), progress=_progress)
+        except FetchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    ready = sum(v.ready for v in result.variants)
+    _progress(f"{ready}/{len(result.variants)} variants ready in {time.monotonic() - started:.1f}s")
+    text = json.dumps(result.to_dict(), separators=(",", ":"))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text, flush=True)
+    return 0 if ready else 1
