@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv with the package, worker and training extras and dev tools
 
-binaries: ## Build (or reuse) the pinned kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok
+binaries: ## Build (or reuse) the pinned kube-apiserver, controller-manager, scheduler, kubectl, etcd, kwok, OCI registry
 	@bash hack/build-binaries.sh >/dev/null
 
 test: install binaries crds-check ## Run the whole test suite (unit, data plane, real control plane)
