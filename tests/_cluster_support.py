@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import numpy as np
 import yaml
 
 from edgeai_operator.localcluster import LocalCluster
@@ -103,3 +104,9 @@ def spare_edge_node(cluster: LocalCluster, name: str, zone: str) -> Iterator[str
     finally:
         cluster.kubectl("delete", "node", spare.name, "--wait=false")
         wait_for(f"{spare.name} gone", lambda: get(cluster, "node", spare.name) is None, 60)
+
+
+def json_infer_body(x: np.ndarray, name: str = "input") -> bytes:
+    """An OIP v2 JSON inference request with one FP32 input tensor."""
+    tensor = {"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()

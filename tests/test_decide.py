@@ -551,14 +551,23 @@ def _scrape(buckets: Mapping[float, float]) -> Scrape:
 
 
 def _scaling_run(
-    latency_s: float, times: Sequence[float], doc: Mapping[str, Any]
-) -> list[Decision]:
+    latency_s: float,
+    times: Sequence[float],
+    doc: Mapping[str, Any],
+    *,
+    requests_per_scrape: float = 100.0,
+    replicas: int | None = None,
+) -> tuple[list[Decision], DeploymentState]:
+    """Passes at `times` whose scrapes of the zone-a edge pod show every request so
+    far taking between `latency_s / 2` and `latency_s`."""
     nodes = topology(device_mbps=100.0)
     cluster, state = settle(doc, nodes)
+    if replicas is not None:
+        state.replicas = {"cam-edge-zone-a": replicas}
     pods = [_pod("cam-edge-zone-a-x", "edge", "zone-a")]
     decisions = []
     for i, t in enumerate(times):
-        n = 100.0 * i
+        n = requests_per_scrape * i
         scrape = _scrape({latency_s / 2: 0.0, latency_s: n, 10.0: n})
         decision, state = run(
             doc,
@@ -571,7 +580,7 @@ def _scaling_run(
             scrapes={"cam-edge-zone-a-x": scrape},
         )
         decisions.append(decision)
-    return decisions
+    return decisions, state
 
 
 def _scaled(decisions: Sequence[Decision]) -> list[tuple[str, int, int]]:
@@ -580,7 +589,7 @@ def _scaled(decisions: Sequence[Decision]) -> list[tuple[str, int, int]]:
 
 def test_a_slow_edge_stage_scales_up_and_the_next_pass_applies_it() -> None:
     doc = body(slo={"latencyP95Ms": 400}, autoscaling={"maxReplicas": 4, "panicWindowSeconds": 6})
-    decisions = _scaling_run(0.5, [100.0, 110.0, 120.0], doc)
+    decisions, _ = _scaling_run(0.5, [100.0, 110.0, 120.0], doc)
     steps = _scaled(decisions)
     assert steps
     assert steps[0][:3] == ("cam-edge-zone-a", 1, 2)
@@ -592,7 +601,7 @@ def test_a_slow_edge_stage_scales_up_and_the_next_pass_applies_it() -> None:
 
 def test_a_far_too_slow_stage_panics_and_doubles() -> None:
     doc = body(slo={"latencyP95Ms": 400}, autoscaling={"maxReplicas": 8})
-    decisions = _scaling_run(5.0, [100.0, 103.0], doc)
+    decisions, _ = _scaling_run(5.0, [100.0, 103.0], doc)
     assert _scaled(decisions)[0] == ("cam-edge-zone-a", 1, 2)
     assert "panic" in next(e.message for d in decisions for e in d.events if e.reason == "ScaledUp")
 
@@ -602,29 +611,15 @@ def test_a_calm_stage_scales_down_to_its_minimum() -> None:
         slo={"latencyP95Ms": 400},
         autoscaling={"minReplicas": 1, "maxReplicas": 4, "scaleDownDelaySeconds": 30},
     )
-    nodes = topology(device_mbps=100.0)
-    cluster, state = settle(doc, nodes)
-    state.replicas = {"cam-edge-zone-a": 3}
-    pods = [_pod("cam-edge-zone-a-x", "edge", "zone-a")]
-    steps: list[tuple[int, int]] = []
-    down_messages: list[str] = []
-    for i, t in enumerate([100.0, 140.0, 180.0, 220.0]):
-        scrape = _scrape({0.001: 50.0 * i, 10.0: 50.0 * i})
-        decision, state = run(
-            doc,
-            nodes,
-            cluster,
-            state,
-            available=True,
-            now=t,
-            pods=pods,
-            scrapes={"cam-edge-zone-a-x": scrape},
-        )
-        steps += [(s.from_replicas, s.to_replicas) for s in decision.scales]
-        down_messages += [e.message for e in decision.events if e.reason == "ScaledDown"]
+    decisions, state = _scaling_run(
+        0.002, [100.0, 140.0, 180.0, 220.0], doc, requests_per_scrape=50.0, replicas=3
+    )
+    steps = [(s.from_replicas, s.to_replicas) for d in decisions for s in d.scales]
+    down_messages = [e.message for d in decisions for e in d.events if e.reason == "ScaledDown"]
     assert steps
     assert all(b == a - 1 for a, b in steps)
     assert state.replicas["cam-edge-zone-a"] < 3
+    assert down_messages
     assert all("under half the stage target" in m for m in down_messages)
 
 

@@ -25,6 +25,7 @@ from _cluster_support import (
     condition,
     failed_node,
     get,
+    json_infer_body,
     spare_edge_node,
     wait_for,
 )
@@ -69,18 +70,7 @@ class Load:
 
     def __init__(self, url: str, x: np.ndarray, want: np.ndarray, clients: int = 2) -> None:
         self.url, self.want, self.clients = url, want, clients
-        self.body = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "input",
-                        "shape": list(x.shape),
-                        "datatype": "FP32",
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            }
-        ).encode()
+        self.body = json_infer_body(x)
         self.sent = 0
         self.failures: list[tuple[float, str]] = []
         self.crash: BaseException | None = None  # what ended the clients' thread early

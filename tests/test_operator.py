@@ -23,6 +23,7 @@ from _cluster_support import (
     condition,
     failed_node,
     get,
+    json_infer_body,
     spare_edge_node,
     wait_for,
 )
@@ -273,18 +274,7 @@ def _ready(port: int) -> bool:
 
 
 def _infer(port: int, name: str, x: np.ndarray) -> np.ndarray:
-    body = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
-    ).encode()
+    body = json_infer_body(x)
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/models/{name}/infer",
         data=body,

@@ -218,7 +218,9 @@ def stage_breakdown(
 def full_stages(plan: Any, inputs: list[str]) -> list[dict[str, Any]]:
     """The plan's stages, with empty forwarding stages for the tiers below its first
     stage (requests enter at the device and travel the path)."""
-    stages = [s.to_dict() for s in plan.stages]
+    from edgeai_operator.problem import plan_stages
+
+    stages = [s.to_dict() for s in plan_stages(plan)]
     first = TIERS.index(stages[0]["tier"])
     lead = [{"tier": t, "inputs": inputs, "outputs": inputs} for t in TIERS[:first]]
     return lead + stages
@@ -629,6 +631,7 @@ def run_adaptive(
 
     from edgeai_operator.planner.model import Link, Problem, Variant
     from edgeai_operator.planner.plan import plan_partitions
+    from edgeai_operator.problem import plan_alternatives
     from edgeai_worker import zoo
     from edgeai_worker.graph import cut_points
 
@@ -645,7 +648,7 @@ def run_adaptive(
         forwarding_ms_per_mb=overheads["forwarding_ms_per_mb"],
     )
     plan = plan_partitions(problem)
-    alternatives = [a.to_dict() for a in plan.alternatives]
+    alternatives = [a.to_dict() for a in plan_alternatives(plan)]
     stages = full_stages(plan, model_input)
     result: dict[str, Any] = {
         "model": model,

@@ -457,6 +457,30 @@ def _num(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def plan_stages(plan: Plan) -> tuple[PlanStage, ...]:
+    """The solver's stages as the plan document carries them."""
+    return tuple(
+        PlanStage(s.index, s.tier, s.layers, s.inputs, s.outputs, s.variant, round(s.compute_ms, 4))
+        for s in plan.stages
+    )
+
+
+def plan_alternatives(plan: Plan) -> tuple[PlanAlternative, ...]:
+    """The solver's adaptive-split bands as the plan document carries them."""
+    return tuple(
+        PlanAlternative(
+            a.min_mbps,
+            a.max_mbps,
+            a.cut_index,
+            a.stages,
+            round(a.predicted_latency_ms, 4),
+            a.at_mbps,
+            a.meets_slo,
+        )
+        for a in plan.alternatives
+    )
+
+
 def plan_document(
     spec: DeploymentSpec,
     profiles: list[dict[str, Any]],
@@ -492,12 +516,7 @@ def plan_document(
     return PlanDocument(
         deployment=spec.name,
         model=model,
-        stages=tuple(
-            PlanStage(
-                s.index, s.tier, s.layers, s.inputs, s.outputs, s.variant, round(s.compute_ms, 4)
-            )
-            for s in plan.stages
-        ),
+        stages=plan_stages(plan),
         transfers=tuple(
             PlanTransfer(t.from_tier, t.to_tier, t.bytes, t.return_bytes, round(t.ms, 4))
             for t in plan.transfers
@@ -520,18 +539,7 @@ def plan_document(
         device_energy_mj=_num(plan.device_energy_mj),
         cloud_cost=_num(plan.cloud_cost),
         slo=spec.slo_dict(),
-        alternatives=tuple(
-            PlanAlternative(
-                a.min_mbps,
-                a.max_mbps,
-                a.cut_index,
-                a.stages,
-                round(a.predicted_latency_ms, 4),
-                a.at_mbps,
-                a.meets_slo,
-            )
-            for a in (plan.alternatives if spec.adaptive_split else ())
-        ),
+        alternatives=plan_alternatives(plan) if spec.adaptive_split else (),
         compute_method=method,
         host_gflops=None if host is None else float(host),
         measured_on=measured_on,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from edgeai_operator.planner.model import (
     Evaluation,
@@ -35,17 +34,6 @@ class Stage:
     variant: str
     compute_ms: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "tier": self.tier,
-            "layers": self.layers,
-            "inputs": list(self.inputs),
-            "outputs": list(self.outputs),
-            "variant": self.variant,
-            "computeMs": round(self.compute_ms, 4),
-        }
-
 
 @dataclass(frozen=True)
 class Transfer:
@@ -65,17 +53,6 @@ class Alternative:
     predicted_latency_ms: float
     at_mbps: float
     meets_slo: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "minMbps": self.min_mbps,
-            "maxMbps": self.max_mbps,
-            "cutIndex": self.cut_index,
-            "stages": [{"tier": t, "layers": layers} for t, layers in self.stages],
-            "predictedLatencyMs": round(self.predicted_latency_ms, 4),
-            "atMbps": self.at_mbps,
-            "meetsSlo": self.meets_slo,
-        }
 
 
 @dataclass(frozen=True)
