@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from edgeai_operator.context import (
@@ -87,3 +90,16 @@ def test_the_operator_metrics_count_what_passes_report() -> None:
     assert "edgeai_operator_deployments 1\n" in text
     with pytest.raises(ValueError, match="edgeai_operator_applies_total"):
         metrics.inc("edgeai_operator_apply_total")  # a typo is an error, not a new series
+
+
+def test_the_operator_process_imports_no_model_library() -> None:
+    """`edgeai operator` with every handler registered: torch, scikit-learn,
+    onnxruntime and onnx stay out (model work runs in child processes and Jobs)."""
+    script = (
+        "import sys, edgeai_operator.cli, edgeai_operator.main, edgeai_operator.handlers\n"
+        "print(sorted(m for m in ('torch', 'sklearn', 'onnxruntime', 'onnx') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
