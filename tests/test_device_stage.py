@@ -4,7 +4,9 @@ when privacy is required."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,14 @@ import aiohttp
 import numpy as np
 import pytest
 
-from _worker_support import build_conv_chain, extract, free_port, run_onnx, workers
+from _worker_support import (
+    POLL_INTERVAL_S,
+    build_conv_chain,
+    extract,
+    free_port,
+    run_onnx,
+    workers,
+)
 from edgeai_worker.config import ConfigError, SplitOption, WorkerConfig
 from edgeai_worker.device import DeviceStage, Split
 from edgeai_worker.metrics import WorkerMetrics
@@ -114,6 +123,18 @@ async def test_fixed_uplink_picks_the_split_for_its_range(
     )
 
 
+async def _first_uplink_measurement(
+    session: aiohttp.ClientSession, url: str, timeout_s: float = 30.0
+) -> None:
+    """Waits for the start-up probe: a device is ready before it has measured its
+    uplink, and the gauge appears with the first measurement."""
+    deadline = time.monotonic() + timeout_s
+    while "edgeai_uplink_mbps " not in await _metrics(session, url):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no uplink measurement within {timeout_s:g} s")
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
 async def test_measured_uplink_drives_the_choice(parts: dict[str, Any], tmp_path: Path) -> None:
     """No fixed uplink: the device measures loopback (how fast depends on the machine's
     load) and each request runs the split whose range holds the measured estimate."""
@@ -123,6 +144,7 @@ async def test_measured_uplink_drives_the_choice(parts: dict[str, Any], tmp_path
     checked = 0
     with workers(tmp_path, dev, edge) as (device, _):
         async with aiohttp.ClientSession() as session:
+            await _first_uplink_measurement(session, device.url)
             for _ in range(10):
                 before = _metric(await _metrics(session, device.url), "edgeai_uplink_mbps")
                 body = await _infer(session, device.url, x)
