@@ -9,18 +9,11 @@ from edgeai_operator.cache import WatchCache
 from edgeai_operator.reconcile import scrape_pods
 
 
-class CountingView:
-    """A second view that records what the cache asked it for."""
+class CountingListings:
+    """The API-server listings, recording what the cache asked for."""
 
-    def __init__(self, objects: dict[str, dict[str, Any]]) -> None:
-        self.objects = objects
+    def __init__(self) -> None:
         self.asked: list[str] = []
-
-    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
-        raise AssertionError("pods come from the watch only")
-
-    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
-        raise AssertionError("workloads come from the watch only")
 
     def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
         self.asked.append(f"owned {deployment}")
@@ -59,8 +52,8 @@ def _pod(name: str, labels: dict[str, str], ip: str = "127.244.0.9") -> dict[str
 
 
 def test_workloads_come_from_the_watch_as_slim_copies() -> None:
-    live = CountingView({})
-    cache = WatchCache(fallback=live)
+    live = CountingListings()
+    cache = WatchCache(listings=live)
     cache.put_workload(_ds("cam-device-a", 3, 3, 2))
     (got,) = cache.workloads_of("ns", "cam")
     assert got["status"]["numberAvailable"] == 2
@@ -77,7 +70,7 @@ def test_workloads_come_from_the_watch_as_slim_copies() -> None:
 
 
 def test_a_late_watch_event_does_not_replace_a_newer_generation() -> None:
-    cache = WatchCache(fallback=CountingView({}))
+    cache = WatchCache(listings=CountingListings())
     cache.remember(_ds("cam-device-a", 4, 3, 2))  # what an apply returned
     cache.put_workload(_ds("cam-device-a", 3, 3, 2))  # the watch catching up
     (got,) = cache.workloads_of("ns", "cam")
@@ -88,7 +81,7 @@ def test_a_late_watch_event_does_not_replace_a_newer_generation() -> None:
 
 
 def test_pods_are_found_by_label_and_follow_relabels_and_deletes() -> None:
-    cache = WatchCache(fallback=CountingView({}))
+    cache = WatchCache(listings=CountingListings())
     cache.put_pod(_pod("p1", {"edgeai.dev/deployment": "cam"}))
     cache.put_pod(_pod("p2", {"edgeai.dev/deployment": "cam"}))
     cache.put_pod(_pod("p3", {"edgeai.dev/deployment": "other"}))
@@ -137,7 +130,7 @@ def test_a_gone_pod_leaves_no_back_off() -> None:
 
 
 def test_workloads_are_found_by_the_deployments_they_serve() -> None:
-    cache = WatchCache(fallback=CountingView({}))
+    cache = WatchCache(listings=CountingListings())
     own = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",

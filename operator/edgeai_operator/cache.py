@@ -1,13 +1,13 @@
 """What a reconcile pass reads about its stages: workloads and their pods.
 
-Two views with one interface. `LiveView` asks the API server each time. `WatchCache`
-is filled by the operator's watches (handlers/workloads.py) — the informer pattern:
+`WatchCache` (a `ClusterView`) is filled by the operator's watches
+(handlers/workloads.py) — the informer pattern:
 a pass that only observes costs no API request, which is what lets one operator keep
 hundreds of DNNDeployments without loading the control plane it shares with them.
 Workloads are found by the DNNDeployments they serve; one the watch has not delivered
 yet (just created, say) is not there, and a pass counts it as not available. The two
 listings a pass rarely needs (the children of a deployment after an operator
-restart, the shared stages it owns) go to the API server.
+restart, the shared stages it owns) go to the API server (`LiveListings`).
 """
 
 from __future__ import annotations
@@ -31,21 +31,14 @@ class ClusterView(Protocol):
     def remember(self, obj: Mapping[str, Any]) -> None: ...
 
 
-class LiveView:
-    """Every read is an API request."""
+class ChildListings(Protocol):
+    def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]: ...
 
-    def pods(self, namespace: str, label: str, value: str) -> list[dict[str, Any]]:
-        return k8s.list_objects("v1", "Pod", namespace, f"{label}={value}")
+    def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]: ...
 
-    def workloads_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
-        own = f"{DEPLOYMENT_LABEL}={deployment}"
-        found = [
-            item
-            for api_version, kind in WORKLOADS
-            for item in k8s.list_objects(api_version, kind, namespace, own)
-        ]
-        shared = k8s.list_objects("apps/v1", "Deployment", namespace, f"{SHARED_LABEL}=true")
-        return found + [w for w in shared if deployment in owner_names(w)]
+
+class LiveListings:
+    """The two listings, each an API request."""
 
     def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
         return list(k8s.owned_children(namespace, deployment))
@@ -53,13 +46,9 @@ class LiveView:
     def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]:
         return list(k8s.shared_children_of(namespace, uid))
 
-    def remember(self, obj: Mapping[str, Any]) -> None:
-        return None
-
 
 DEPLOYMENT_LABEL = "edgeai.dev/deployment"
 SHARED_LABEL = "edgeai.dev/shared"
-WORKLOADS = (("apps/v1", "Deployment"), ("apps/v1", "DaemonSet"))
 
 
 def owner_names(body: Mapping[str, Any]) -> set[str]:
@@ -104,7 +93,7 @@ class WatchCache:
     """Workloads and pods as the watches last delivered them (thread-safe: passes run
     in threads, the watches on the event loop)."""
 
-    def __init__(self, fallback: ClusterView | None = None) -> None:
+    def __init__(self, listings: ChildListings | None = None) -> None:
         self._lock = threading.Lock()
         self._workloads: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._pods: dict[tuple[str, str], dict[str, Any]] = {}
@@ -112,7 +101,7 @@ class WatchCache:
         self._pods_by_label: dict[tuple[str, str, str], set[str]] = {}
         # (namespace, DNNDeployment) -> (kind, name) of the workloads serving it
         self._workloads_by_owner: dict[tuple[str, str], set[tuple[str, str]]] = {}
-        self._fallback = fallback or LiveView()
+        self._listings = listings or LiveListings()
 
     # -- fed by the watches -------------------------------------------------------
     def put_workload(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -180,10 +169,10 @@ class WatchCache:
             return [self._workloads[(namespace, kind, name)] for kind, name in keys]
 
     def owned_children(self, namespace: str, deployment: str) -> list[tuple[str, str, str]]:
-        return self._fallback.owned_children(namespace, deployment)
+        return self._listings.owned_children(namespace, deployment)
 
     def shared_children_of(self, namespace: str, uid: str) -> list[tuple[str, str, str]]:
-        return self._fallback.shared_children_of(namespace, uid)
+        return self._listings.shared_children_of(namespace, uid)
 
     def remember(self, obj: Mapping[str, Any]) -> None:
         """Records what an apply returned (a newer generation than the watch may have
