@@ -32,7 +32,7 @@ import oras.provider
 import requests
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.files import replaced_when_done
+from edgeai_operator.files import file_sha256, replaced_when_done
 
 ONNX_MEDIA_TYPE = "application/vnd.onnx.model"
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -205,7 +205,7 @@ def push(
         )
     if not path.is_file():
         raise SpecError("path", f"{path} is not a file")
-    layer_digest = _file_digest(path)
+    layer_digest = file_sha256(path)
     client = _client(ref, insecure)
     _probe(client, ref, PushError)
     try:
@@ -389,11 +389,6 @@ def _download_blob(
     except requests.RequestException as exc:
         raise FetchError(ref.uri, f"layer {digest} download failed: {_reason(exc)}") from exc
     return size_bytes, "sha256:" + hasher.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _answer(response: requests.Response) -> str:

@@ -28,7 +28,6 @@ A variant that cannot be built (missing data, a builder failure) is reported wit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 import shutil
@@ -40,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.files import replaced_when_done
+from edgeai_operator.files import file_sha256, replaced_when_done
 from edgeai_operator.modelspec import InputSpec
 from edgeai_operator.problem import graph_profile
 from edgeai_operator.profiling import check_input
@@ -275,33 +274,25 @@ def _destination(uri: str, pvc_root: Path) -> _Destination:
     raise SpecError(where, f"{uri!r} is not an artefact destination", _ARTIFACTS_FORMS)
 
 
-def _store(path: Path, dest: _Destination, tag: str) -> ArtifactRef:
+def _store(path: Path, digest: str, dest: _Destination, tag: str) -> ArtifactRef:
+    """Pushes or writes the artefact whose sha256 is `digest` (`sha256:<hex>`)."""
     size_bytes = path.stat().st_size
     if dest.scheme == "oci":
         from edgeai_operator import oci
 
-        digest = oci.push(path, f"{dest.uri}:{tag}")
-        return ArtifactRef(f"{dest.uri}:{tag}", digest, size_bytes)
+        return ArtifactRef(f"{dest.uri}:{tag}", oci.push(path, f"{dest.uri}:{tag}"), size_bytes)
     assert dest.directory is not None
     dest.directory.mkdir(parents=True, exist_ok=True)
     target = dest.directory / f"{tag}.onnx"
     with replaced_when_done(target) as out, path.open("rb") as src:
         shutil.copyfileobj(src, out)
-    return ArtifactRef(f"{dest.uri}/{target.name}", _sha256(path), size_bytes)
+    return ArtifactRef(f"{dest.uri}/{target.name}", digest, size_bytes)
 
 
 def _oci_error() -> type[Exception]:
     from edgeai_operator import oci
 
     return oci.OciError
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as src:
-        while chunk := src.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -711,11 +702,11 @@ def _prepare_variant(
         accuracy = _measure(ctx, path)
     except Exception as exc:
         return failed(f"the built model does not run: {type(exc).__name__}: {exc}", path)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     tag = f"{ctx.model_name}-{_TAG_UNSAFE.sub('-', variant.name.lower())}-{digest[7:19]}"
     progress(f"{variant.name}: storing {path.stat().st_size} bytes as {tag}")
     try:
-        artifact = _store(path, destination, tag)
+        artifact = _store(path, digest, destination, tag)
     except (OSError, _oci_error()) as exc:
         return failed(f"storing the artefact failed: {exc}", path)
     measured = "" if accuracy is None else f", accuracy {accuracy:.4f}"
