@@ -5,7 +5,7 @@ Pure: takes the deployment body, the DNNModel's stored profiles and the nodes (a
 and the reasons behind anything that could not be planned. Which nodes count:
 
 - devices: tier `device`, matching `spec.devices.nodeSelector`, Ready;
-- edge servers of the zone and cloud nodes: Ready, schedulable, not excluded;
+- edge servers of the zone and cloud nodes: Ready and schedulable;
 - a zone whose edge servers are all gone is planned device -> cloud;
 - `spec.placement.partitioning: none` places the whole model on the single best tier
   (the same solve as `edgeai plan`), `auto` splits it across tiers;
@@ -92,19 +92,13 @@ def plan_zones(
     spec: DeploymentSpec,
     profiles: Sequence[Mapping[str, Any]],
     nodes: Sequence[NodeState],
-    *,
-    excluded: Sequence[str] = (),
 ) -> ZonePlans:
     """Per-zone plans; raises SpecError for a spec no cluster state can fix."""
     if not profiles:
         raise SpecError("spec.modelRef", "the model has no profile yet")
     selector = spec.device_selector
     result = ZonePlans()
-    servers = [
-        n.spec
-        for n in nodes
-        if n.spec.tier in ("edge", "cloud") and n.usable and n.spec.name not in excluded
-    ]
+    servers = [n.spec for n in nodes if n.spec.tier in ("edge", "cloud") and n.usable]
     clouds = [n for n in servers if n.tier == "cloud"]
     zones = sorted({n.spec.zone for n in nodes if n.spec.tier == "device" and n.spec.zone})
     single_host = all(p.get("host", {}).get("gflops") for p in profiles)
