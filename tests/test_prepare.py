@@ -519,3 +519,34 @@ def test_zoo_digits_all_variants(
         assert pulled.layer_digest == variant.artifact.digest
     assert result.variant("fp32").accuracy is not None
     assert result.variant("fp32").accuracy >= 0.95  # type: ignore[operator]
+
+
+def test_edgeai_prepare_takes_calibration_data_name_and_workdir(
+    server: FileServer, tmp_path: Path
+) -> None:
+    model, url = served_model(server)
+    calibration = npz_bytes(x=examples(16, seed=2))
+    data_x = examples(20, seed=3)
+    source_file = tmp_path / "original.onnx"
+    source_file.write_bytes(model)
+    labels = run_onnx(source_file, {"x": data_x})[0].argmax(axis=1).astype(np.int64)
+    data = npz_bytes(x=data_x, labels=labels)
+    workdir = tmp_path / "scratch"
+    done = _edgeai(
+        "--source", url, "--sha256", sha256_hex(model), "--input", "x=1,1,8,8:FP32",
+        "--variant", "int8-static",
+        "--calibration", server.serve("/cli-calibration.npz", calibration),
+        "--calibration-sha256", sha256_hex(calibration),
+        "--data", server.serve("/cli-data.npz", data), "--data-sha256", sha256_hex(data),
+        "--model-name", "cli-net", "--workdir", str(workdir),
+        "--artifacts", "pvc://models/cli", "--pvc-root", str(tmp_path / "pvc"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert by_name["int8-static"]["ready"]  # built from --calibration
+    assert by_name["fp32"]["accuracy"] == 1.0  # scored on --data
+    assert all(
+        v["artifact"]["uri"].startswith("pvc://models/cli/cli-net-") for v in by_name.values()
+    )
+    assert any(workdir.rglob("*.onnx"))  # built in --workdir

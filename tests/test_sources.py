@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -498,3 +499,25 @@ def test_oci_round_trip_through_sources(registry: LocalRegistry, tmp_path: Path)
     assert missing.stderr.startswith(f"error: cannot fetch {missing_uri}: ")
     assert "HTTP 404" in missing.stderr
     assert "MANIFEST_UNKNOWN" in missing.stderr
+
+
+def test_edgeai_fetch_reads_a_claim_under_pvc_root_and_bounds_each_wait(tmp_path: Path) -> None:
+    claim = tmp_path / "mounts" / "models"
+    (claim / "v1").mkdir(parents=True)
+    (claim / "v1" / "net.onnx").write_bytes(MODEL)
+    out = tmp_path / "model"
+    done = _edgeai(
+        "pvc://models/v1/net.onnx", "--out", str(out), "--pvc-root", str(tmp_path / "mounts")
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sha256"] == MODEL_SHA256
+    # A server that accepts and never answers: each wait ends at --timeout-seconds.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/user.onnx"
+        stalled = _edgeai(
+            url, "--out", str(out), "--sha256", MODEL_SHA256, "--timeout-seconds", "0.2"
+        )
+    assert stalled.returncode == 1
+    assert "timed out" in stalled.stderr
