@@ -228,6 +228,121 @@ def test_entry_only_device_stage_forwards_raw_input() -> None:
     assert "--stage=-1" in ds["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+OCI_URI = "oci://127.0.0.1:5000/edgeai-models:net-int8-1a2b3c4d5e6f"
+DIGEST = "sha256:1a2b3c4d5e6f" + "0" * 52
+
+
+def artefact_plan(uri: str = OCI_URI, digest: str = DIGEST) -> PlanDocument:
+    model = {"uri": uri, "digest": digest, "variant": "int8", "input": MODEL["input"]}
+    return PlanDocument.from_dict({**plan().to_dict(), "model": model})
+
+
+def _pod(children: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    template: dict[str, Any] = next(
+        c for c in children if c["metadata"]["name"] == name and c["kind"] != "Service"
+    )["spec"]["template"]
+    return template
+
+
+def test_a_planned_artefact_is_fetched_by_an_init_container_into_an_emptydir() -> None:
+    children = build_children(
+        OWNER, {"zone-a": artefact_plan()}, {}, DeploymentOptions(image="edgeai-worker:test")
+    )
+    for name in ("cam-device-zone-a", "cam-edge-zone-a", "cam-cloud"):
+        pod = _pod(children, name)
+        assert pod["metadata"]["annotations"]["edgeai.dev/model-digest"] == DIGEST
+        spec = pod["spec"]
+        assert spec["initContainers"] == [
+            {
+                "name": "fetch",
+                "image": "edgeai-worker:test",
+                "command": ["edgeai"],
+                "args": [
+                    "fetch",
+                    OCI_URI,
+                    "--sha256=1a2b3c4d5e6f" + "0" * 52,
+                    "--out=/var/lib/edgeai/model",
+                    "--file-name=model.onnx",
+                    "--pvc-root=/mnt/pvc",
+                ],
+                "volumeMounts": [{"name": "model", "mountPath": "/var/lib/edgeai/model"}],
+            }
+        ]
+        assert spec["volumes"] == [
+            {"name": "plan", "configMap": {"name": "cam-plan"}},
+            {"name": "model", "emptyDir": {}},
+        ]
+        worker = spec["containers"][0]
+        assert "--model-file=/var/lib/edgeai/model/model.onnx" in worker["args"]
+        assert worker["volumeMounts"] == [
+            {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True},
+            {"name": "model", "mountPath": "/var/lib/edgeai/model", "readOnly": True},
+        ]
+
+
+def test_a_pvc_artefact_mounts_its_claim_where_fetch_looks_for_it() -> None:
+    uri = "pvc://models/prepared/net-fp32-1a2b3c4d5e6f.onnx"
+    children = build_children(OWNER, {"z": artefact_plan(uri)}, {}, DeploymentOptions())
+    spec = _pod(children, "cam-edge-z")["spec"]
+    assert spec["volumes"][-1] == {
+        "name": "artifacts",
+        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+    }
+    fetch = spec["initContainers"][0]
+    assert fetch["args"][:2] == ["fetch", uri]
+    assert fetch["volumeMounts"] == [
+        {"name": "model", "mountPath": "/var/lib/edgeai/model"},
+        {"name": "artifacts", "mountPath": "/mnt/pvc/models", "readOnly": True},
+    ]
+    # the worker reads the fetched copy only, never the claim
+    assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["plan", "model"]
+
+
+def test_a_shared_edge_stage_fetches_the_artefact_too() -> None:
+    edge_last = PlanDocument.from_dict(
+        {**artefact_plan().to_dict(), "stages": plan().to_dict()["stages"][:2]}
+    )
+    children = build_children(OWNER, {"z": edge_last}, {}, DeploymentOptions(), shared_model="net")
+    shared = next(c for c in children if c["kind"] == "Deployment")
+    assert shared["metadata"]["labels"]["edgeai.dev/shared"] == "true"
+    pod = shared["spec"]["template"]
+    assert pod["metadata"]["annotations"]["edgeai.dev/model-digest"] == DIGEST
+    assert pod["spec"]["initContainers"][0]["args"][:2] == ["fetch", OCI_URI]
+    assert "--model-file=/var/lib/edgeai/model/model.onnx" in pod["spec"]["containers"][0]["args"]
+
+
+def test_a_new_artefact_rolls_the_pods() -> None:
+    other = "sha256:" + "f" * 64
+    before = _pod(
+        build_children(OWNER, {"z": artefact_plan()}, {}, DeploymentOptions()), "cam-edge-z"
+    )
+    after = _pod(
+        build_children(OWNER, {"z": artefact_plan(digest=other)}, {}, DeploymentOptions()),
+        "cam-edge-z",
+    )
+    assert after["metadata"]["annotations"]["edgeai.dev/model-digest"] == other
+    assert before["metadata"]["annotations"] != after["metadata"]["annotations"]
+    assert after["spec"]["initContainers"][0]["args"][2] == "--sha256=" + "f" * 64
+
+
+def test_a_zoo_plan_and_an_entry_that_only_forwards_fetch_nothing() -> None:
+    zoo = build_children(OWNER, {"z": plan()}, {}, DeploymentOptions())
+    remote_only = PlanDocument.from_dict(
+        {
+            **artefact_plan().to_dict(),
+            "stages": [
+                {"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}
+            ],
+        }
+    )
+    entry = _pod(build_children(OWNER, {"z": remote_only}, {}, DeploymentOptions()), "cam-device-z")
+    for pod in [_pod(zoo, n) for n in ("cam-device-z", "cam-edge-z", "cam-cloud")] + [entry]:
+        assert "initContainers" not in pod["spec"]
+        assert "edgeai.dev/model-digest" not in pod["metadata"]["annotations"]
+        assert pod["spec"]["volumes"] == [{"name": "plan", "configMap": {"name": "cam-plan"}}]
+        assert not any(a.startswith("--model-file") for a in pod["spec"]["containers"][0]["args"])
+
+
 def test_plan_hash_changes_with_the_plan_only() -> None:
     assert plan_hash(plan()) == plan_hash(plan())
     assert plan_hash(plan()) != plan_hash(plan(edge=False, cloud_in="t1"))

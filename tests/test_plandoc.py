@@ -154,7 +154,12 @@ def _broken(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         (("stages",), [], "plan.stages", "a list of stages"),
         (("stages",), None, "plan.stages", None),
         (("model",), None, "plan.model", None),
-        (("model", "zoo"), None, "plan.model", "{zoo: NAME} or {path: FILE.onnx}"),
+        (
+            ("model", "zoo"),
+            None,
+            "plan.model",
+            "{zoo: NAME}, {path: FILE.onnx} or {uri: ARTEFACT, digest: sha256:HEX}",
+        ),
         (("model", "input"), None, "plan.model.input", None),
         (("model", "input", "shape"), [1, "8"], "plan.model.input.shape", "a list of integers"),
         (("transfers", 0, "bytes"), 1.5, "plan.transfers[0].bytes", "an integer"),
@@ -173,6 +178,45 @@ def test_malformed_documents_name_the_field(
     expected = field or "plan." + ".".join(str(p) for p in path)
     assert err.value.field == expected
     assert err.value.accepted == accepted
+
+
+ARTIFACT_URI = "oci://127.0.0.1:5000/edgeai-models:net-int8-1a2b3c4d5e6f"
+ARTIFACT_DIGEST = "sha256:" + "1a2b3c4d5e6f" + "0" * 52
+
+
+def test_a_model_named_by_its_artefact_round_trips() -> None:
+    doc = copy.deepcopy(DOC)
+    doc["model"] = {
+        "name": "net",
+        "uri": ARTIFACT_URI,
+        "variant": "int8",
+        "build": "int8-dynamic",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "FP32"},
+        "digest": ARTIFACT_DIGEST,
+    }
+    plan = PlanDocument.from_dict(doc)
+    assert plan.to_dict() == doc
+    model = plan.model
+    assert (model.uri, model.digest, model.zoo, model.path) == (
+        ARTIFACT_URI,
+        ARTIFACT_DIGEST,
+        None,
+        None,
+    )
+    assert (model.name, model.variant, model.trained) == ("net", "int8", False)
+
+
+@pytest.mark.parametrize("digest", [None, "1a2b" * 16, "sha256:" + "AB" * 32, "sha256:abc"])
+def test_an_artefact_without_its_sha256_digest_is_refused(digest: str | None) -> None:
+    doc = copy.deepcopy(DOC)
+    doc["model"] = {"uri": ARTIFACT_URI, "input": {"shape": [1, 4]}}
+    if digest is not None:
+        doc["model"]["digest"] = digest
+    with pytest.raises(SpecError) as err:
+        PlanDocument.from_dict(doc)
+    assert err.value.field == "plan.model.digest"
+    assert ARTIFACT_URI in err.value.problem
+    assert err.value.accepted == "sha256: followed by 64 lowercase hexadecimal digits"
 
 
 def test_errors_name_where_the_document_came_from() -> None:
@@ -281,6 +325,9 @@ def test_stage_settings_give_the_device_entry_the_plans_device_settings(tmp_path
         "stage_index": 0,
         "next_urls": [],
         "partitions": [],
+        "model_digest": None,
+        "model_variant": "fp32",
+        "model_uri": None,
         "default_priority": 100,
         "raw_input_stays_on_device": True,
         "feature_noise_std": 0.05,

@@ -164,6 +164,29 @@ async def test_metadata_health_and_json_inference(
     np.testing.assert_allclose(
         np.array(out["data"], np.float32).reshape(out["shape"]), expected, rtol=1e-6
     )
+    # no artefact identity configured: the metadata names only the stage
+    assert meta["parameters"] == {"stage": 0, "tier": "cloud"}
+
+
+async def test_model_metadata_reports_the_served_artefact(
+    aiohttp_client: Any, model: ChainModel, tmp_path: Path
+) -> None:
+    digest = "sha256:" + "ab" * 32
+    path = tmp_path / "worker.yaml"
+    # the camelCase names a config file may use, and an empty URI read as unset
+    path.write_text(f"modelDigest: '{digest}'\nmodelVariant: int8\nmodelUri: ''\n")
+    config = load_config(path, {}, model_name="chain", partitions=str(model.path))
+    assert (config.model_digest, config.model_variant, config.model_uri) == (digest, "int8", None)
+    client = await aiohttp_client(create_app(config))
+    meta = await (await client.get("/v2/models/chain")).json()
+    assert meta["parameters"] == {"stage": 0, "tier": "edge", "digest": digest, "variant": "int8"}
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert meta["versions"] == ["1"]
+    uri = "oci://127.0.0.1:5000/edgeai-models:chain-int8-abababababab"
+    config = load_config(None, {"EDGEAI_MODEL_URI": uri}, model_name="chain")
+    client = await aiohttp_client(create_app(config))
+    meta = await (await client.get("/v2/models/chain")).json()
+    assert meta["parameters"] == {"stage": 0, "tier": "edge", "uri": uri}
 
 
 async def test_binary_in_binary_out_and_metrics(

@@ -18,8 +18,13 @@ unit-tested as a literal (`tests/test_builders.py`); `k8s.apply` writes them. Na
   owner list and the garbage collector deletes the workload with its last user.
 
 A stage a plan leaves empty gets no workload, except the device entry, which then
-forwards the raw input (nothing runs on the device). Edge/cloud Deployments roll with
-`maxSurge: 1, maxUnavailable: 0`, so a moved or resized stage is make-before-break.
+forwards the raw input (nothing runs on the device). When the plan's model is a
+prepared artefact (`model.uri`), each pod that runs layers fetches it first: an init
+container `fetch` (`edgeai fetch`, digest-verified) writes it into an emptyDir at
+/var/lib/edgeai/model, which the worker reads with `--model-file`, and the artefact's
+digest is a pod template annotation, so a new artefact rolls the pods. Edge/cloud
+Deployments roll with `maxSurge: 1, maxUnavailable: 0`, so a moved or resized stage is
+make-before-break.
 """
 
 from __future__ import annotations
@@ -33,11 +38,17 @@ from typing import Any
 import yaml
 
 from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, ZONE_LABEL
-from edgeai_operator.plandoc import PlanDocument, PlanStage
+from edgeai_operator.plandoc import ModelIdentity, PlanDocument, PlanStage
 
 WORKER_PORT = 8080
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgeai-operator"}
 DEFAULT_IMAGE = "edgeai-worker:0.1.0"
+# Where a stage pod's init container puts the planned artefact, and under what name.
+MODEL_DIR = "/var/lib/edgeai/model"
+MODEL_FILE_NAME = "model.onnx"
+# Where the init container mounts the claim of a pvc:// artefact (edgeai fetch --pvc-root).
+PVC_ROOT = "/mnt/pvc"
+MODEL_DIGEST_ANNOTATION = "edgeai.dev/model-digest"
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,17 @@ class Workload:
     plan_key: str  # the ConfigMap key of the plan this workload serves
     replicas: int = 1
     next_service: str | None = None
+    model: ModelIdentity | None = None  # that plan's model: its artefact is fetched
+
+    @property
+    def artifact(self) -> tuple[str, str] | None:
+        """(uri, sha256 digest) of the artefact the pods fetch: the plan's model when it
+        is a prepared artefact and the stage runs layers (the device entry of a plan
+        with none only forwards)."""
+        model = self.model
+        if model is None or model.uri is None or model.digest is None or self.stage < 0:
+            return None
+        return model.uri, model.digest
 
 
 @dataclass(frozen=True)
@@ -191,6 +213,15 @@ def _pod_spec(
     ]
     if w.next_service:
         args.append(f"--next=http://{w.next_service}.{owner.namespace}.svc:{WORKER_PORT}")
+    mounts = [{"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}
+    ]
+    artifact = w.artifact
+    if artifact is not None:
+        args.append(f"--model-file={MODEL_DIR}/{MODEL_FILE_NAME}")
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        volumes.append({"name": "model", "emptyDir": {}})
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     spec: dict[str, Any] = {
         "affinity": affinity,
@@ -207,16 +238,57 @@ def _pod_spec(
                     "periodSeconds": 10,
                 },
                 "resources": {"requests": {"cpu": opts.cpu_request, "memory": opts.memory_request}},
-                "volumeMounts": [{"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}],
+                "volumeMounts": mounts,
             }
         ],
-        "volumes": [{"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}],
+        "volumes": volumes,
         # Draining in-flight requests takes up to the worker's shutdown grace.
         "terminationGracePeriodSeconds": 15,
     }
+    if artifact is not None:
+        spec["initContainers"] = [_fetch_container(artifact, opts, volumes)]
     if opts.priority_class:
         spec["priorityClassName"] = opts.priority_class
     return spec
+
+
+def _fetch_container(
+    artifact: tuple[str, str], opts: DeploymentOptions, volumes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The storage initializer: fetches the artefact into the model emptyDir and checks
+    its digest (the pod's worker starts only once it has). A pvc:// artefact's claim is
+    added to `volumes` and mounted read-only where `edgeai fetch` looks for claims."""
+    uri, digest = artifact
+    mounts: list[dict[str, Any]] = [{"name": "model", "mountPath": MODEL_DIR}]
+    if uri.startswith("pvc://"):
+        claim = uri.removeprefix("pvc://").split("/", 1)[0]
+        volumes.append(
+            {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": "artifacts", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+    return {
+        "name": "fetch",
+        "image": opts.image,
+        "command": ["edgeai"],
+        "args": [
+            "fetch",
+            uri,
+            f"--sha256={digest.removeprefix('sha256:')}",
+            f"--out={MODEL_DIR}",
+            f"--file-name={MODEL_FILE_NAME}",
+            f"--pvc-root={PVC_ROOT}",
+        ],
+        "volumeMounts": mounts,
+    }
+
+
+def _pod_annotations(w: Workload, plan_digest: str) -> dict[str, str]:
+    """The plan's hash, and the artefact's digest when the pods fetch one: either
+    changing rolls the pods."""
+    annotations = {"edgeai.dev/plan-hash": plan_digest}
+    if w.artifact is not None:
+        annotations[MODEL_DIGEST_ANNOTATION] = w.artifact[1]
+    return annotations
 
 
 def _template(
@@ -225,7 +297,7 @@ def _template(
     return {
         "metadata": {
             "labels": labels(owner, w.tier, w.stage, w.zone),
-            "annotations": {"edgeai.dev/plan-hash": digest},
+            "annotations": _pod_annotations(w, digest),
         },
         "spec": _pod_spec(owner, w, opts, affinity),
     }
@@ -377,7 +449,7 @@ def shared_children(
         "labels": lbls,
         "ownerReferences": [owner.reference(controller=False)],
     }
-    w = Workload("edge", shared.zone, shared.stage, "plan.yaml", replicas)
+    w = Workload("edge", shared.zone, shared.stage, "plan.yaml", replicas, model=shared.plan.model)
     affinity = _affinity("edge", shared.zone, opts.excluded_nodes)
     selector = {BACKBONE_LABEL: shared.name}
     return [
@@ -404,7 +476,7 @@ def shared_children(
                 "template": {
                     "metadata": {
                         "labels": lbls,
-                        "annotations": {"edgeai.dev/plan-hash": plan_hash(shared.plan)},
+                        "annotations": _pod_annotations(w, plan_hash(shared.plan)),
                     },
                     "spec": _pod_spec(owner, w, opts, affinity, configmap=shared.name),
                 },
@@ -464,21 +536,20 @@ def build_children(
                 owner, shared, replicas.get(shared.name, default_replicas), opts
             )
         elif edge_idx is not None and edge_name is not None:
-            w = Workload(
-                "edge", zone, edge_idx, key, replicas.get(edge_name, default_replicas), cloud_name
-            )
+            edge_replicas = replicas.get(edge_name, default_replicas)
+            w = Workload("edge", zone, edge_idx, key, edge_replicas, cloud_name, plan.model)
             children.append(stage_deployment(owner, w, opts, digest, edge_name))
             children.append(stage_service(owner, w, edge_name))
         if cloud_idx is not None and cloud_name is not None and cloud_name not in emitted:
             emitted.add(cloud_name)
             cz = None if shared_cloud else zone
-            w = Workload("cloud", cz, cloud_idx, key, replicas.get(cloud_name, default_replicas))
+            cloud_replicas = replicas.get(cloud_name, default_replicas)
+            w = Workload("cloud", cz, cloud_idx, key, cloud_replicas, model=plan.model)
             children.append(stage_deployment(owner, w, opts, digest, cloud_name))
             children.append(stage_service(owner, w, cloud_name))
         device_idx = plan.stage_index("device")
         first_remote = edge_name or cloud_name
-        w = Workload(
-            "device", zone, device_idx if device_idx is not None else -1, key, 1, first_remote
-        )
+        device_stage = device_idx if device_idx is not None else -1
+        w = Workload("device", zone, device_stage, key, 1, first_remote, plan.model)
         children.append(device_daemonset(owner, w, opts, digest))
     return children

@@ -1,14 +1,18 @@
 """`edgeai fetch`: the storage initializer a stage pod's init container runs. It fetches
-a model source into a directory, verifies its digest and prints one JSON line."""
+a model source into a directory, verifies its digest and prints one JSON line. With
+`--file-name` the file gets that name, so the pod's main container can be told where it
+is before it exists."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from edgeai_operator.errors import SpecError
 from edgeai_operator.sources import ACCEPTED_FORMS, FetchError, fetch, parse_source
 
 
@@ -32,11 +36,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout-seconds", type=float, default=60.0, help="limit on each network wait"
     )
+    parser.add_argument(
+        "--file-name",
+        help="name the fetched file gets in --out (default: the source's own file name)",
+    )
     parser.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     source = parse_source(args.uri, sha256=args.sha256, field="URI", sha256_field="--sha256")
+    name = args.file_name
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise SpecError("--file-name", f"{name!r} is not a file name", "a name such as model.onnx")
     try:
         fetched = fetch(
             source,
@@ -48,5 +59,10 @@ def _cmd(args: argparse.Namespace) -> int:
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if name is not None and fetched.path.name != name:
+        # the file is complete and verified: renaming it within --out keeps that so
+        target = fetched.path.with_name(name)
+        fetched.path.replace(target)
+        fetched = dataclasses.replace(fetched, path=target)
     print(json.dumps(fetched.to_dict()), flush=True)
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError, read_yaml_documents
+from edgeai_operator.files import file_sha256
 from edgeai_operator.plandoc import PlanAlternative, PlanDocument, PlanStage
 
 
@@ -41,10 +42,39 @@ def load_plan(path: Path, option: str = "-f") -> PlanDocument:
     return PlanDocument.from_dict(docs[0])
 
 
+def verified_model_file(plan: PlanDocument, path: Path) -> Path:
+    """`path`, the file fetched for a plan whose model is a prepared artefact, once its
+    sha256 is the plan's `model.digest`; a SpecError naming `--model-file` otherwise."""
+    if not path.is_file():
+        raise SpecError("--model-file", f"{path} is not a file")
+    if plan.model.digest is None:
+        raise SpecError(
+            "plan.model.digest",
+            f"the plan pins no digest to check {path} against",
+            "a plan whose model has a uri and its sha256 digest",
+        )
+    actual = file_sha256(path)
+    if actual != plan.model.digest:
+        raise SpecError(
+            "--model-file",
+            f"{path} has digest {actual}, but the plan's model {plan.model.uri} has digest "
+            f"{plan.model.digest}; refusing to serve it",
+        )
+    return path
+
+
 def model_file(plan: PlanDocument, plan_path: Path) -> Path:
     """The ONNX file of the plan's model: `model.path` (relative to the plan file), or
-    the zoo model in the planned variant (built as `model.build` says)."""
+    the zoo model in the planned variant (built as `model.build` says). A prepared
+    artefact (`model.uri`) is not found here: its file is fetched (`edgeai fetch`) and
+    named with `--model-file`."""
     model = plan.model
+    if model.uri is not None and model.zoo is None and model.path is None:
+        raise SpecError(
+            "--model-file",
+            f"the plan's model is the artefact {model.uri}, and no file of it was given",
+            "--model-file=PATH, the artefact as `edgeai fetch` wrote it",
+        )
     if model.path:
         path = (plan_path.parent / model.path).resolve()
         if not path.exists():
@@ -193,11 +223,15 @@ def stage_settings(
     host: str,
     port: int,
     next_urls: Sequence[str] = (),
+    model_path: Path | None = None,
 ) -> dict[str, Any]:
     """The worker config of one stage (see `edgeai_worker.config.WorkerConfig`):
-    its partitions cut into `workdir`, the device stage's privacy and change detection,
-    and every stage's default request priority. Stage -1 is the device entry of a plan
-    that runs nothing on the device: it serves the model name and forwards."""
+    its partitions cut into `workdir` from `model_path` (the fetched artefact, checked
+    against the plan's digest) or else `model_file(plan, plan_path)`, the model's
+    identity (digest, variant, uri) for its metadata, the device stage's privacy and
+    change detection, and every stage's default request priority. Stage -1 is the device
+    entry of a plan that runs nothing on the device: it serves the model name and
+    forwards."""
     if not -1 <= stage < len(plan.stages):
         raise SpecError("--stage", f"{stage} is out of range", f"-1 to {len(plan.stages) - 1}")
     tier = "device" if stage == -1 else plan.stages[stage].tier
@@ -209,12 +243,17 @@ def stage_settings(
         "stage_index": max(stage, 0),
         "next_urls": list(next_urls),
         "partitions": [],
+        "model_digest": plan.model.digest,
+        "model_variant": plan.model.variant,
+        "model_uri": plan.model.uri,
         **plan_settings(plan, tier),
     }
+    if model_path is not None:
+        # checked even for the entry stage: no stage serves under a wrong artefact
+        verified_model_file(plan, model_path)
     if stage >= 0:
-        specs = build_partitions(
-            plan.stages, plan.alternatives, model_file(plan, plan_path), workdir
-        )
+        source = model_path if model_path is not None else model_file(plan, plan_path)
+        specs = build_partitions(plan.stages, plan.alternatives, source, workdir)
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
     return settings

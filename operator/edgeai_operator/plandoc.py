@@ -11,6 +11,7 @@ refuses a document it cannot honour with a `SpecError` naming the field, e.g.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from edgeai_operator.errors import SpecError
 
 PLAN_VERSION = 1
 PLAN_KIND = "Plan"
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 _T = TypeVar("_T")
 
@@ -38,7 +40,9 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a stage needs to load exactly the model that was planned."""
+    """What a stage needs to load exactly the model that was planned: a zoo model, a
+    file beside the plan (run-local), or a prepared artefact (`uri`, fetched by the
+    stage pod's init container and checked against `digest`)."""
 
     name: str  # the served model name (the zoo name, or the file's stem)
     zoo: str | None
@@ -46,10 +50,11 @@ class ModelIdentity:
     trained: bool
     variant: str | None
     input: TensorSpec
-    digest: str | None = None  # sha256 of the artefact
+    digest: str | None = None  # sha256:<hex> of the artefact
     # how the variant's file is built (edgeai_worker.variants: int8-dynamic, pruned-50,
     # ...); the variant's name is the user's (spec.variants[].name)
     build: str | None = None
+    uri: str | None = None  # the prepared artefact (oci://, pvc://, ...); needs digest
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -59,6 +64,8 @@ class ModelIdentity:
             out["zoo"] = self.zoo
         if self.path is not None:
             out["path"] = self.path
+        if self.uri is not None:
+            out["uri"] = self.uri
         if self.trained:
             out["trained"] = True
         out["variant"] = self.variant
@@ -478,8 +485,19 @@ def _alternative(data: Mapping[str, Any], r: _Reader, _: int) -> PlanAlternative
 def _model(data: Mapping[str, Any], where: str) -> ModelIdentity:
     r = _Reader(where)
     zoo, path = r.optional_text(data, "zoo"), r.optional_text(data, "path")
-    if zoo is None and path is None:
-        raise SpecError(where, "names no model", "{zoo: NAME} or {path: FILE.onnx}")
+    uri, digest = r.optional_text(data, "uri"), r.optional_text(data, "digest")
+    if zoo is None and path is None and uri is None:
+        raise SpecError(
+            where,
+            "names no model",
+            "{zoo: NAME}, {path: FILE.onnx} or {uri: ARTEFACT, digest: sha256:HEX}",
+        )
+    if uri is not None and (digest is None or not _SHA256_DIGEST.fullmatch(digest)):
+        raise SpecError(
+            f"{where}.digest",
+            f"{digest!r} does not pin the artefact {uri}",
+            "sha256: followed by 64 lowercase hexadecimal digits",
+        )
     spec = r.mapping(data, "input", required=True)
     ir = _Reader(f"{where}.input")
     shape = spec.get("shape")
@@ -497,6 +515,7 @@ def _model(data: Mapping[str, Any], where: str) -> ModelIdentity:
         trained=r.boolean(data, "trained", default=False),
         variant=r.optional_text(data, "variant"),
         input=tensor,
-        digest=r.optional_text(data, "digest"),
+        digest=digest,
         build=r.optional_text(data, "build"),
+        uri=uri,
     )

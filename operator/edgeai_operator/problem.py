@@ -493,17 +493,20 @@ def plan_document(
     measured_on: dict[str, str | None] | None = None,
 ) -> PlanDocument:
     """The `PlanDocument` of `plan`: the model as profiled (the planned variant's
-    profile), the spec's privacy, preprocessing and priority, and `context` from
+    profile; its prepared artefact, uri and digest, when the profile names one, else
+    the zoo model), the spec's privacy, preprocessing and priority, and `context` from
     `build_problem` (tiers and links the plan was computed for)."""
     profile = next((p for p in profiles if p.get("variant") == plan.variant), profiles[0])
     tensor = profile["input"]
     build = profile.get("build")
+    artifact = profile.get("artifact")
     model = ModelIdentity(
         name=str(profile["model"]),
-        zoo=str(profile["model"]),
+        zoo=None if artifact else str(profile["model"]),
         path=None,
-        # the network the profile and its accuracy came from (model_path: digits trained)
-        trained=profile["model"] == "digits_cnn",
+        # the network the profile and its accuracy came from (model_path: digits
+        # trained); an artefact is that network already
+        trained=not artifact and profile["model"] == "digits_cnn",
         variant=plan.variant or profile.get("variant"),
         build=None if build is None else str(build),
         input=TensorSpec(
@@ -511,6 +514,8 @@ def plan_document(
             tuple(int(d) for d in tensor["shape"]),
             str(tensor.get("dtype", "FP32")),
         ),
+        uri=str(artifact["uri"]) if artifact else None,
+        digest=str(artifact["digest"]) if artifact else None,
     )
     host = profile["host"].get("gflops") if method == "measured" else None
     return PlanDocument(

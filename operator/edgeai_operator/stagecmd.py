@@ -1,6 +1,8 @@
 """`edgeai run-stage`: what a stage pod runs. Cuts the plan's model into this stage's
 partition(s) (`edgeai_operator.partitions.stage_settings`), then serves them with
-`edgeai-worker` (OIP v2) in place of this process.
+`edgeai-worker` (OIP v2) in place of this process. A plan whose model is a prepared
+artefact needs `--model-file`, the file the pod's init container fetched (`edgeai
+fetch`); a file whose sha256 is not the plan's digest is refused before anything serves.
 
 Stage `-1` is the device entry of a plan that runs nothing on the device: it serves
 the model name and forwards the raw input to the next stage.
@@ -31,6 +33,7 @@ def _cmd(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         next_urls=args.next or (),
+        model_path=None if args.model_file is None else Path(args.model_file),
     )
     config = Path(tempfile.mkdtemp(prefix="edgeai-stage-")) / "worker.json"
     config.write_text(json.dumps(settings, indent=2))
@@ -51,4 +54,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--next", action="append", help="next stage URL (repeatable)")
     parser.add_argument("--workdir", help="where partitions are written (default: a temp dir)")
+    parser.add_argument(
+        "--model-file",
+        help="the plan's artefact as fetched (edgeai fetch); its sha256 must be the plan's digest",
+    )
     parser.set_defaults(func=_cmd)

@@ -394,9 +394,23 @@ async def model_metadata(request: web.Request) -> web.Response:
             "platform": "onnxruntime_onnx",
             "inputs": inputs,
             "outputs": outputs,
-            "parameters": {"stage": config.stage_index, "tier": config.tier},
+            "parameters": {
+                "stage": config.stage_index,
+                "tier": config.tier,
+                **_model_identity(config),
+            },
         }
     )
+
+
+def _model_identity(config: WorkerConfig) -> dict[str, str]:
+    """The served model's artefact digest, variant and URI, those that are known."""
+    identity = {
+        "digest": config.model_digest,
+        "variant": config.model_variant,
+        "uri": config.model_uri,
+    }
+    return {key: value for key, value in identity.items() if value is not None}
 
 
 async def model_ready(request: web.Request) -> web.Response:

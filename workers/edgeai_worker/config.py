@@ -80,6 +80,11 @@ class WorkerConfig:
     tile_peers: tuple[str, ...] = ()
     tile_grid: tuple[int, int] = (2, 2)
     log_json: bool = False
+    # What the served model is (reported in its metadata): the prepared artefact's
+    # sha256 digest and URI, and the plan's variant.
+    model_digest: str | None = None
+    model_variant: str | None = None
+    model_uri: str | None = None
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -149,6 +154,9 @@ _ALIASES = {
     "tilePrefix": "tile_prefix",
     "tilePeers": "tile_peers",
     "tileGrid": "tile_grid",
+    "modelDigest": "model_digest",
+    "modelVariant": "model_variant",
+    "modelUri": "model_uri",
 }
 
 
@@ -194,6 +202,8 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
             return None if value in (None, "") else int(value)
         if kind.startswith("float"):
             return float(value)
+        if kind.startswith("str | None"):
+            return None if value in (None, "") else str(value)
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(name, f"cannot read {value!r:.60}: {exc}") from None
