@@ -10,6 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
+from _modelspec_samples import (
+    BAD_ARTIFACTS,
+    BAD_DATA_FILES,
+    BAD_SOURCES,
+    GOOD_ARTIFACTS,
+    GOOD_DATA_FILES,
+    GOOD_SOURCES,
+    UNPINNED_SOURCES,
+)
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 
 pytestmark = [pytest.mark.cluster]
@@ -66,13 +75,51 @@ _DELETE = object()
 
 CASES = [
     ("model: no source", _with(MODEL, "spec.source", _DELETE), "spec.source: Required value"),
-    ("model: no zoo", _with(MODEL, "spec.source", {}), "spec.source.zoo: Required value"),
+    (
+        "model: neither zoo nor uri",
+        _with(MODEL, "spec.source", {}),
+        "spec.source sets exactly one of zoo or uri",
+    ),
     (
         "model: onnx source (not built)",
         _with(MODEL, "spec.source.onnx", {"path": "/m.onnx"}),
         'unknown field "spec.source.onnx"',
     ),
     ("model: unknown zoo", _with(MODEL, "spec.source.zoo", "yolo"), "spec.source.zoo"),
+    *[
+        (f"model: source {case}", _with(MODEL, "spec.source", source), field)
+        for case, source, field in BAD_SOURCES
+    ],
+    *[
+        (
+            f"model: source {uri} without sha256",
+            _with(MODEL, "spec.source", {"uri": uri}),
+            "spec.source.sha256 is required",
+        )
+        for uri in UNPINNED_SOURCES
+    ],
+    *[
+        (
+            f"model: artifacts {uri}",
+            _with(MODEL, "spec.artifacts", {"uri": uri}),
+            "spec.artifacts.uri must be oci://REGISTRY[:PORT]/REPOSITORY",
+        )
+        for uri in BAD_ARTIFACTS
+    ],
+    *[
+        (f"model: {name} {case}", _with(MODEL, f"spec.{name}", value), f"spec.{name}.{leaf}")
+        for name in ("calibration", "data")
+        for case, value, leaf in BAD_DATA_FILES
+    ],
+    *[
+        (
+            f"model: {name} {uri} without sha256",
+            _with(MODEL, f"spec.{name}", {"uri": uri}),
+            f"spec.{name}.sha256 is required",
+        )
+        for name in ("calibration", "data")
+        for uri in UNPINNED_SOURCES
+    ],
     ("model: no input", _with(MODEL, "spec.input", _DELETE), "spec.input: Required value"),
     ("model: empty shape", _with(MODEL, "spec.input.shape", []), "spec.input.shape"),
     (
@@ -98,9 +145,14 @@ CASES = [
         "spec.variants[0].prune.sparsity",
     ),
     (
-        "model: sparsity other than the built one",
-        _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 0.6}}),
-        'spec.variants[0].prune.sparsity: Unsupported value: 0.6: supported values: "0.5"',
+        "model: sparsity 0",
+        _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 0}}),
+        "spec.variants[0].prune.sparsity",
+    ),
+    (
+        "model: sparsity 1",
+        _with(MODEL, "spec.variants.0", {"name": "p", "prune": {"sparsity": 1}}),
+        "spec.variants[0].prune.sparsity",
     ),
     (
         "model: calibration (not a parameter)",
@@ -236,10 +288,51 @@ def test_every_variant_kind_that_is_built_is_accepted(crds: LocalCluster) -> Non
         {"name": "int8", "quantize": {"mode": "dynamic"}},
         {"name": "int8-static", "quantize": {"mode": "static"}},
         {"name": "pruned-50", "prune": {"sparsity": 0.5}},
+        {"name": "pruned-30", "prune": {"sparsity": 0.3}},
         {"name": "small", "distill": {}},
     ]
     result = _apply(crds, _with(MODEL, "spec.variants", variants))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        *({"source": source} for source in GOOD_SOURCES),
+        *({"artifacts": {"uri": uri}} for uri in GOOD_ARTIFACTS),
+        *({name: value} for name in ("calibration", "data") for value in GOOD_DATA_FILES),
+    ],
+    ids=lambda fields: str(fields),
+)
+def test_every_source_artefact_and_data_form_is_accepted(
+    crds: LocalCluster, fields: dict[str, Any]
+) -> None:
+    doc = copy.deepcopy(MODEL)
+    doc["spec"].update(fields)
+    result = _apply(crds, doc)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_source_column_shows_the_uri_or_the_zoo_name(crds: LocalCluster) -> None:
+    namespace = "source-column"
+    crds.kubectl("create", "namespace", namespace)
+    try:
+        for name, source in [
+            ("by-zoo", {"zoo": "resnet18"}),
+            ("by-uri", {"uri": "pvc://models/net.onnx"}),
+        ]:
+            doc = _with(_with(MODEL, "metadata.name", name), "metadata.namespace", namespace)
+            crds.kubectl(
+                "apply", "-f", "-", input_text=yaml.safe_dump(_with(doc, "spec.source", source))
+            )
+        header, *rows = crds.kubectl("get", "dnnmodels", "-n", namespace).splitlines()
+        assert header.split()[:2] == ["NAME", "SOURCE"]
+        assert sorted(row.split()[:2] for row in rows) == [
+            ["by-uri", "pvc://models/net.onnx"],
+            ["by-zoo", "resnet18"],
+        ]
+    finally:
+        crds.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def test_examples_are_valid(crds: LocalCluster) -> None:

@@ -6,7 +6,9 @@ changes what it returns (a parser that ignores a field fails); an enum value out
 the schema's list and a value past a bound are refused with a SpecError naming the
 field; a schema default is what the parser assumes when the field is absent; a
 required field's absence is refused. Changing an enum, a default or a bound on one
-side only fails here.
+side only fails here. Strings the CRD checks with CEL rules (URIs, digests) take their
+accepted and refused values from _modelspec_samples, which test_crd_validation holds
+the API server to.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from typing import Any
 import pytest
 import yaml
 
+from _modelspec_samples import (
+    BAD_ARTIFACTS,
+    BAD_DATA_FILES,
+    BAD_SOURCES,
+    DIGEST,
+    GOOD_ARTIFACTS,
+    GOOD_DATA_FILES,
+)
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import ZOO_MODELS, parse_model_spec
@@ -53,6 +63,31 @@ REQUIRED_BY_CRD_ONLY = {
 # Values that only make a field's extreme samples valid together with another field.
 COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.autoscaling.minReplicas": {("autoscaling", "maxReplicas"): 1000},
+}
+# Fields that exclude another (a CEL rule): setting the first removes the second.
+EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}
+# The smallest valid value of an object whose required fields a CEL rule states.
+MINIMAL: dict[str, Any] = {"spec.source": {"zoo": "digits_cnn"}}
+# Accepted values of strings checked by CEL rules (the walk's "a", "b" are not URIs).
+SAMPLES: dict[str, list[Any]] = {
+    "spec.source.uri": ["pvc://models/net.onnx", "configmap://nets/net.onnx"],
+    "spec.artifacts.uri": GOOD_ARTIFACTS[:2],
+    "spec.calibration.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
+    "spec.data.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
+    **{f"spec.{name}.sha256": [DIGEST, DIGEST[::-1]] for name in ("source", "calibration", "data")},
+}
+# Values CEL rules refuse, beyond the schema's own bounds.
+REFUSED: dict[str, list[Any]] = {
+    "spec.artifacts.uri": BAD_ARTIFACTS,
+    **{
+        f"spec.source.{leaf}": [s[leaf] for _, s, f in BAD_SOURCES if f == f"spec.source.{leaf}"]
+        for leaf in ("uri", "sha256")
+    },
+    **{
+        f"spec.{name}.{leaf}": [v[leaf] for _, v, named in BAD_DATA_FILES if named == leaf]
+        for name in ("calibration", "data")
+        for leaf in ("uri", "sha256")
+    },
 }
 
 
@@ -101,8 +136,10 @@ def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None]:
     return low, high
 
 
-def _samples(schema: dict[str, Any]) -> list[Any]:
+def _samples(schema: dict[str, Any], field: str = "") -> list[Any]:
     """Distinct values the schema accepts."""
+    if field in SAMPLES:
+        return SAMPLES[field]
     if "enum" in schema:
         return list(schema["enum"])
     kind = schema.get("type")
@@ -126,15 +163,20 @@ def _samples(schema: dict[str, Any]) -> list[Any]:
     return [{}]
 
 
-def _minimal(schema: dict[str, Any]) -> Any:
+def _minimal(schema: dict[str, Any], path: Path_ = ()) -> Any:
     """The smallest valid value: an object with only its required properties."""
+    if _field(path) in MINIMAL:
+        return copy.deepcopy(MINIMAL[_field(path)])
     if schema.get("type") == "object" and schema.get("properties"):
-        return {name: _minimal(schema["properties"][name]) for name in schema.get("required", [])}
+        return {
+            name: _minimal(schema["properties"][name], (*path, name))
+            for name in schema.get("required", [])
+        }
     if schema.get("type") == "array" and schema["items"].get("type") == "object":
         return []
     if schema.get("type") == "array":
         return [_samples(schema["items"])[0]] * schema.get("minItems", 1)
-    return _samples(schema)[0]
+    return _samples(schema, _field(path))[0]
 
 
 def _parent(kind: str, spec: dict[str, Any], path: Path_) -> dict[str, Any]:
@@ -142,16 +184,16 @@ def _parent(kind: str, spec: dict[str, Any], path: Path_) -> dict[str, Any]:
     properties) along the way."""
     schema = _spec_schema(kind)
     node: Any = spec
-    for key in path[:-1]:
+    for depth, key in enumerate(path[:-1], start=1):
         if isinstance(key, int):
             schema = schema["items"]
             if not node:
-                node.append(_minimal(schema))
+                node.append(_minimal(schema, path[:depth]))
             node = node[0]
         else:
             schema = schema["properties"][key]
             if key not in node:
-                node[key] = [] if schema.get("type") == "array" else _minimal(schema)
+                node[key] = [] if schema.get("type") == "array" else _minimal(schema, path[:depth])
             node = node[key]
     assert isinstance(node, dict)
     return node
@@ -164,6 +206,8 @@ def _doc(kind: str, path: Path_, value: Any = None, *, absent: bool = False) -> 
     key = path[-1]
     assert isinstance(key, str)
     parent.pop(key, None)
+    if not absent and _field(path) in EXCLUDES:
+        _parent(kind, spec, EXCLUDES[_field(path)]).pop(str(EXCLUDES[_field(path)][-1]))
     if not absent:
         parent[key] = value
     for other, extra in COMPANIONS.get(_field(path), {}).items():
@@ -198,7 +242,7 @@ CASES = list(_cases())
 def test_every_value_the_schema_accepts_is_read(
     kind: str, path: Path_, schema: dict[str, Any]
 ) -> None:
-    parsed = [_parse(kind, _doc(kind, path, value)) for value in _samples(schema)]
+    parsed = [_parse(kind, _doc(kind, path, value)) for value in _samples(schema, _field(path))]
     for i, first in enumerate(parsed):
         for second in parsed[i + 1 :]:
             assert first != second, f"{_field(path)}: two values parse the same (ignored?)"
@@ -219,9 +263,10 @@ def test_a_schema_default_is_the_parsers_default(
     )
 
 
-def _outside(schema: dict[str, Any]) -> Iterator[Any]:
-    """Values the schema refuses: outside the enum, past a bound, breaking a pattern
-    or a length."""
+def _outside(schema: dict[str, Any], field: str = "") -> Iterator[Any]:
+    """Values the schema refuses: outside the enum, past a bound, breaking a pattern,
+    a length or a CEL rule."""
+    yield from REFUSED.get(field, [])
     kind = schema.get("type")
     if kind == "array":
         yield from ([value] for value in _outside(schema["items"]))
@@ -250,12 +295,13 @@ def _outside(schema: dict[str, Any]) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "path", "schema"), [c for c in CASES if any(True for _ in _outside(c.values[2]))]
+    ("kind", "path", "schema"),
+    [c for c in CASES if any(True for _ in _outside(c.values[2], _field(c.values[1])))],
 )
 def test_what_the_schema_refuses_the_parser_refuses_naming_the_field(
     kind: str, path: Path_, schema: dict[str, Any]
 ) -> None:
-    for value in _outside(schema):
+    for value in _outside(schema, _field(path)):
         _refused(kind, _doc(kind, path, value), _field(path))
 
 
@@ -287,9 +333,23 @@ def test_the_walk_covers_the_fields_this_test_is_about() -> None:
         ("DNNModel", "spec.variants[0].distill"),
         ("DNNModel", "spec.input.shape"),
         ("DNNModel", "spec.profile.timeoutSeconds"),
+        ("DNNModel", "spec.source.uri"),
+        ("DNNModel", "spec.source.sha256"),
+        ("DNNModel", "spec.artifacts.uri"),
+        ("DNNModel", "spec.calibration.uri"),
+        ("DNNModel", "spec.data.sha256"),
     ]:
         assert expected in fields
     assert ("DNNModel", "spec.source.onnx") not in fields  # not built: not offered
+
+
+def test_every_string_a_cel_rule_checks_has_samples_both_ways() -> None:
+    """A URI or digest field added to the CRD without samples here would be walked
+    with "a" and "b", which its CEL rules refuse."""
+    for path, schema in _leaves(_spec_schema("DNNModel")):
+        if schema.get("type") == "string" and "x-kubernetes-validations" in schema:
+            assert len(SAMPLES.get(_field(path), [])) >= 2, _field(path)
+            assert REFUSED.get(_field(path)), _field(path)
 
 
 def test_the_zoo_the_crd_offers_is_the_workers_zoo() -> None:

@@ -4,20 +4,24 @@
     kind: DNNModel
     metadata: {name: digits}
     spec:
-      source: {zoo: digits_cnn}
+      source: {uri: https://models.example/net.onnx, sha256: <64 lowercase hex>}
+      artifacts: {uri: oci://registry.example:5000/models}
+      calibration: {uri: pvc://datasets/calibration.npz}
+      data: {uri: configmap://digits-data/heldout.npz}
       input: {name: input, shape: [1, 1, 8, 8], dtype: FP32}
       variants:
         - {name: int8, quantize: {mode: static}}
-        - {name: pruned-50, prune: {sparsity: 0.5}}
+        - {name: pruned-30, prune: {sparsity: 0.3}}
         - {name: small, distill: {}}
       profile: {tiers: [device, edge, cloud], repeats: 20, idleMs: 100, timeoutSeconds: 300}
 
-Only what is built can be written: a variant's parameters are the ones
-`edgeai_worker.variants` builds (int8 quantization, dynamic or static with activation
-ranges calibrated on the digits training images; magnitude pruning at sparsity 0.5;
-the one distilled student). Every problem
-raises `SpecError` naming the field (`spec.variants[1].prune.sparsity`), what was
-wrong and what is accepted.
+`spec.source` is `{uri, sha256}` with a URI as `sources.parse_source` accepts it (the
+check the preparation Job and `edgeai fetch` make), or `{zoo: NAME}`, short for
+`uri: zoo://NAME`. `spec.calibration` and `spec.data` take the same URI forms except
+zoo:// (they are `.npz` files, not models); `spec.artifacts.uri` is where derived
+artefacts go. Each variant maps to the `VariantRequest` the preparation builds. Every
+problem raises `SpecError` naming the field (`spec.variants[1].prune.sparsity`), what
+was wrong and what is accepted; the CRD's CEL rules refuse the same values server-side.
 """
 
 from __future__ import annotations
@@ -25,17 +29,34 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edgeai_operator import TIERS
 from edgeai_operator.deployspec import reject_unknown, spec_choice, spec_integer, spec_mapping
 from edgeai_operator.errors import SpecError
+from edgeai_operator.sources import ACCEPTED_FORMS, parse_source
 
 # The built-in zoo (edgeai_worker.zoo.ZOO_NAMES); a test holds the two equal.
 ZOO_MODELS = ("digits_cnn", "mobilenet_v2", "resnet18", "vgg_like", "alexnet_like", "kws_lstm")
 DTYPES = ("FP32", "FP16", "INT8", "UINT8", "INT32", "INT64")
 QUANTIZE_MODES = ("dynamic", "static")
-PRUNE_SPARSITIES = (0.5,)
+VariantKind = Literal["fp32", "int8-dynamic", "int8-static", "pruned", "distilled"]
+VARIANT_KINDS: tuple[VariantKind, ...] = (
+    "fp32",
+    "int8-dynamic",
+    "int8-static",
+    "pruned",
+    "distilled",
+)
+DEFAULT_SPARSITY = 0.5
+# The CRD's maxLength of a URI (CEL needs a bound to price its regular expressions).
+MAX_URI_CHARS = 2048
+ARTIFACTS_FORMS = "oci://REGISTRY[:PORT]/REPOSITORY (no tag) or pvc://CLAIM/DIRECTORY"
+DATA_FORMS = (
+    "https://HOST/PATH or http://HOST/PATH (with a sha256), pvc://CLAIM/PATH, "
+    "configmap://NAME/KEY, oci://REGISTRY/REPO:TAG or oci://REGISTRY/REPO@sha256:HEX"
+)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_INPUT_RANK = 8
 MAX_VARIANTS = 16
 MAX_VARIANT_NAME = 40
@@ -50,6 +71,35 @@ class InputSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A file to fetch: a URI as `sources.parse_source` accepts it and the sha256 its
+    bytes must have (64 lowercase hex digits, no prefix; None: not pinned)."""
+
+    uri: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class VariantRequest:
+    """One wanted variant: `name` is what status and the artefact tag call it, `kind`
+    the builder, `sparsity` the fraction of weights a `pruned` variant zeroes."""
+
+    name: str
+    kind: VariantKind
+    sparsity: float = DEFAULT_SPARSITY
+
+    @staticmethod
+    def of_kind(kind: str, *, sparsity: float = DEFAULT_SPARSITY) -> VariantRequest:
+        """The variant named after its kind (`pruned-50` for pruning at 0.5)."""
+        if kind not in VARIANT_KINDS:
+            raise SpecError(
+                "spec.variants", f"{kind!r} is no variant kind", ", ".join(VARIANT_KINDS)
+            )
+        name = f"pruned-{round(sparsity * 100)}" if kind == "pruned" else kind
+        return VariantRequest(name, kind, sparsity)
 
 
 @dataclass(frozen=True)
@@ -72,6 +122,20 @@ class VariantSpec:
             return "distilled"
         return "fp32"
 
+    def request(self) -> VariantRequest:
+        """What the preparation builds for this variant, under the user's name:
+        quantize dynamic/static -> int8-dynamic/int8-static, prune -> pruned at its
+        sparsity, distill -> distilled, no parameters -> fp32."""
+        kind: VariantKind = "fp32"
+        if self.kind == "quantize":
+            kind = "int8-static" if self.quantize_mode == "static" else "int8-dynamic"
+        elif self.kind == "prune":
+            kind = "pruned"
+        elif self.kind == "distill":
+            kind = "distilled"
+        sparsity = self.sparsity if self.sparsity is not None else DEFAULT_SPARSITY
+        return VariantRequest(self.name, kind, sparsity)
+
 
 @dataclass(frozen=True)
 class ProfileSettings:
@@ -83,11 +147,116 @@ class ProfileSettings:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    zoo: str
+    source: SourceRef
     input: InputSpec
     # fp32 first (always present), then the declared variants in order
     variants: tuple[VariantSpec, ...]
     profile: ProfileSettings
+    artifacts_uri: str | None = None  # None: the operator's default destination
+    calibration: SourceRef | None = None
+    data: SourceRef | None = None
+
+    @property
+    def zoo(self) -> str | None:
+        """The zoo model's name when the source is zoo://NAME, else None."""
+        scheme, _, name = self.source.uri.partition("://")
+        return name if scheme == "zoo" else None
+
+
+def _sha256(value: Any, field: str) -> str | None:
+    # Stricter than parse_source (which also takes a sha256: prefix and upper case):
+    # the CRD's CEL rule accepts exactly this form, and the two must agree.
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        raise SpecError(
+            field, f"{value!r} is not a sha256 digest", "64 lowercase hexadecimal digits"
+        )
+    return value
+
+
+def _uri(value: Any, field: str, accepted: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(field, f"must be a URI, got {value!r}", accepted)
+    if len(value) > MAX_URI_CHARS:
+        raise SpecError(field, f"is longer than {MAX_URI_CHARS} characters", accepted)
+    return value
+
+
+def _source(value: Any) -> SourceRef:
+    data = spec_mapping(value, "spec.source", required=True)
+    reject_unknown(data, "spec.source", ("zoo", "uri", "sha256"))
+    if ("zoo" in data) == ("uri" in data):
+        raise SpecError(
+            "spec.source",
+            "sets both zoo and uri" if "zoo" in data else "sets neither zoo nor uri",
+            f"exactly one: zoo: NAME (short for uri: zoo://NAME) or uri: {ACCEPTED_FORMS}",
+        )
+    if "zoo" in data:
+        uri = "zoo://" + spec_choice(data["zoo"], "spec.source.zoo", ZOO_MODELS)
+    else:
+        uri = _uri(data["uri"], "spec.source.uri", ACCEPTED_FORMS)
+    sha256 = _sha256(data.get("sha256"), "spec.source.sha256")
+    parse_source(uri, sha256=sha256, field="spec.source.uri", sha256_field="spec.source.sha256")
+    return SourceRef(uri, sha256)
+
+
+def _data_file(value: Any, field: str) -> SourceRef | None:
+    """`spec.calibration` or `spec.data`: an `.npz` file, so any source but zoo://."""
+    if value is None:
+        return None
+    data = spec_mapping(value, field)
+    reject_unknown(data, field, ("uri", "sha256"))
+    uri = _uri(data.get("uri"), f"{field}.uri", DATA_FORMS)
+    if uri.startswith("zoo://"):
+        raise SpecError(f"{field}.uri", f"{uri!r} names a zoo model, not a data file", DATA_FORMS)
+    sha256 = _sha256(data.get("sha256"), f"{field}.sha256")
+    parse_source(uri, sha256=sha256, field=f"{field}.uri", sha256_field=f"{field}.sha256")
+    return SourceRef(uri, sha256)
+
+
+def check_artifacts_uri(uri: str, field: str = "spec.artifacts.uri") -> str:
+    """`uri` without trailing slashes when it is an artefact destination:
+    `oci://REGISTRY[:PORT]/REPOSITORY` (no tag or digest: each artefact gets its own
+    tag) or `pvc://CLAIM[/DIRECTORY]`; SpecError naming `field` otherwise."""
+    base = uri.rstrip("/")
+    if base.startswith("oci://"):
+        from edgeai_operator import oci  # the OCI client loads only for oci destinations
+
+        if "@" in base or ":" in base.removeprefix("oci://").split("/", 1)[-1]:
+            raise SpecError(field, f"{uri!r} names a tag or digest", ARTIFACTS_FORMS)
+        try:
+            oci.parse_reference(f"{base}:probe", field=field)
+        except SpecError:
+            raise SpecError(
+                field,
+                f"{uri!r} is no OCI repository (a host[:port], then lowercase components "
+                "separated by '/')",
+                ARTIFACTS_FORMS,
+            ) from None
+        return base
+    if base.startswith("pvc://"):
+        try:
+            # the same checks as a pvc:// source, on a file inside the directory
+            parse_source(f"{base}/x.onnx", sha256=None, field=field)
+        except SpecError:
+            raise SpecError(
+                field,
+                f"{uri!r} is no claim directory (the claim a DNS subdomain, the directory "
+                "a relative path without empty, '.' or '..' parts)",
+                ARTIFACTS_FORMS,
+            ) from None
+        return base
+    raise SpecError(field, f"{uri!r} is not an artefact destination", ARTIFACTS_FORMS)
+
+
+def _artifacts_uri(value: Any) -> str | None:
+    if value is None:
+        return None
+    data = spec_mapping(value, "spec.artifacts")
+    reject_unknown(data, "spec.artifacts", ("uri",))
+    uri = _uri(data.get("uri"), "spec.artifacts.uri", ARTIFACTS_FORMS)
+    return check_artifacts_uri(uri)
 
 
 def _input(data: Mapping[str, Any]) -> InputSpec:
@@ -138,7 +307,15 @@ def _variant(data: Any, field: str) -> VariantSpec:
         return VariantSpec(name=name, kind=kind, quantize_mode=mode)
     if kind == "prune":
         reject_unknown(params, f"{field}.prune", ("sparsity",))
-        sparsity = spec_choice(params.get("sparsity"), f"{field}.prune.sparsity", PRUNE_SPARSITIES)
+        sparsity = params.get("sparsity")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float):
+            raise SpecError(f"{field}.prune.sparsity", f"must be a number, got {sparsity!r}")
+        if not 0 < sparsity < 1:
+            raise SpecError(
+                f"{field}.prune.sparsity",
+                f"{sparsity} is out of range",
+                "a fraction of the weights to zero, 0 < sparsity < 1",
+            )
         return VariantSpec(name=name, kind=kind, sparsity=float(sparsity))
     reject_unknown(params, f"{field}.distill", ())
     return VariantSpec(name=name, kind=kind)
@@ -170,10 +347,12 @@ def _profile(data: Mapping[str, Any]) -> ProfileSettings:
 def parse_model_spec(spec: Any) -> ModelSpec:
     """Validates a DNNModel's `spec` (the mapping under `spec:`)."""
     spec = spec_mapping(spec, "spec", required=True)
-    reject_unknown(spec, "spec", ("source", "input", "variants", "profile"))
-    source = spec_mapping(spec.get("source"), "spec.source", required=True)
-    reject_unknown(source, "spec.source", ("zoo",))
-    zoo = spec_choice(source.get("zoo"), "spec.source.zoo", ZOO_MODELS)
+    reject_unknown(
+        spec,
+        "spec",
+        ("source", "artifacts", "calibration", "data", "input", "variants", "profile"),
+    )
+    source = _source(spec.get("source"))
     model_input = _input(spec_mapping(spec.get("input"), "spec.input", required=True))
     declared = spec.get("variants") or []
     if not isinstance(declared, list) or len(declared) > MAX_VARIANTS:
@@ -191,8 +370,11 @@ def parse_model_spec(spec: Any) -> ModelSpec:
             )
         variants.append(variant)
     return ModelSpec(
-        zoo=zoo,
+        source=source,
         input=model_input,
         variants=tuple(variants),
         profile=_profile(spec_mapping(spec.get("profile"), "spec.profile")),
+        artifacts_uri=_artifacts_uri(spec.get("artifacts")),
+        calibration=_data_file(spec.get("calibration"), "spec.calibration"),
+        data=_data_file(spec.get("data"), "spec.data"),
     )

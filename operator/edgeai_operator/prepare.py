@@ -40,7 +40,14 @@ import numpy as np
 
 from edgeai_operator.errors import SpecError
 from edgeai_operator.files import file_sha256, replaced_when_done
-from edgeai_operator.modelspec import InputSpec
+from edgeai_operator.modelspec import (
+    DEFAULT_SPARSITY,
+    VARIANT_KINDS,
+    InputSpec,
+    VariantKind,
+    VariantRequest,
+    check_artifacts_uri,
+)
 from edgeai_operator.problem import graph_profile
 from edgeai_operator.profiling import check_input
 from edgeai_operator.sources import Fetched, Source, fetch, parse_source
@@ -49,15 +56,6 @@ if TYPE_CHECKING:
     import onnx
 
 RESULT_VERSION = 1
-VariantKind = Literal["fp32", "int8-dynamic", "int8-static", "pruned", "distilled"]
-VARIANT_KINDS: tuple[VariantKind, ...] = (
-    "fp32",
-    "int8-dynamic",
-    "int8-static",
-    "pruned",
-    "distilled",
-)
-DEFAULT_SPARSITY = 0.5
 LABELS_KEY = "labels"
 # Batch used for calibration and accuracy when the model's batch dimension is free.
 _FREE_BATCH = 32
@@ -67,7 +65,6 @@ _DIGITS = "digits_cnn"
 _MESSAGE_CHARS = 500
 # Operators whose float initializers pruning zeroes: the layers that hold the weights.
 _PRUNED_OPS = ("Conv", "Gemm", "MatMul")
-_ARTIFACTS_FORMS = "oci://REGISTRY[:PORT]/REPOSITORY (no tag) or pvc://CLAIM/DIRECTORY"
 _TAG_UNSAFE = re.compile(r"[^a-z0-9_.-]+")
 # ONNX element type -> the dtype names spec.input uses (see profiling.check_input)
 _DTYPE_NAMES = {1: "FP32", 10: "FP16", 3: "INT8", 2: "UINT8", 6: "INT32", 7: "INT64", 9: "BOOL"}
@@ -77,26 +74,6 @@ Progress = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     """No progress output (the library default; `edgeai prepare` prints to stderr)."""
-
-
-@dataclass(frozen=True)
-class VariantRequest:
-    """One wanted variant: `name` is what status and the artefact tag call it, `kind`
-    the builder, `sparsity` the fraction of weights a `pruned` variant zeroes."""
-
-    name: str
-    kind: VariantKind
-    sparsity: float = DEFAULT_SPARSITY
-
-    @staticmethod
-    def of_kind(kind: str, *, sparsity: float = DEFAULT_SPARSITY) -> VariantRequest:
-        """The variant named after its kind (`pruned-50` for pruning at 0.5)."""
-        if kind not in VARIANT_KINDS:
-            raise SpecError(
-                "spec.variants", f"{kind!r} is no variant kind", ", ".join(VARIANT_KINDS)
-            )
-        name = f"pruned-{round(sparsity * 100)}" if kind == "pruned" else kind
-        return VariantRequest(name, kind, sparsity)
 
 
 @dataclass(frozen=True)
@@ -254,24 +231,11 @@ class _Destination:
 
 
 def _destination(uri: str, pvc_root: Path) -> _Destination:
-    where = "spec.artifacts.uri"
-    base = uri.rstrip("/")
+    base = check_artifacts_uri(uri)
     if base.startswith("oci://"):
-        from edgeai_operator import oci  # the OCI client loads only for oci destinations
-
-        # the repository only: each artefact gets its own tag
-        if "@" in base or ":" in base.removeprefix("oci://").split("/", 1)[-1]:
-            raise SpecError(where, f"{uri!r} names a tag or digest", _ARTIFACTS_FORMS)
-        oci.parse_reference(f"{base}:probe", field=where)
         return _Destination("oci", base)
-    if base.startswith("pvc://"):
-        claim, slash, directory = base.removeprefix("pvc://").partition("/")
-        # the same checks as a pvc:// source, on a file inside the directory
-        parse_source(f"{base}/x.onnx", sha256=None, field=where)
-        return _Destination(
-            "pvc", base, pvc_root / claim / directory if slash else pvc_root / claim
-        )
-    raise SpecError(where, f"{uri!r} is not an artefact destination", _ARTIFACTS_FORMS)
+    claim, slash, directory = base.removeprefix("pvc://").partition("/")
+    return _Destination("pvc", base, pvc_root / claim / directory if slash else pvc_root / claim)
 
 
 def _store(path: Path, digest: str, dest: _Destination, tag: str) -> ArtifactRef:
