@@ -70,7 +70,7 @@ def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Namesp
 class OperatorProcess:
     """`edgeai operator` as a child process; stop() and start() again to restart it."""
 
-    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+    def __init__(self, cluster: LocalCluster, log: Path, artifacts_uri: str) -> None:
         self.log = log
         port = free_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
@@ -86,6 +86,9 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(cluster.operator_kubeconfig),
             "EDGEAI_RESYNC_SECONDS": "3",
+            "EDGEAI_PROFILE_POLL_SECONDS": "2",
+            # prepared models go to the session's registry, as a cluster's would
+            "EDGEAI_ARTIFACTS_URI": artifacts_uri,
         }
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -117,13 +120,18 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def operator(
-    cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+    cluster: LocalCluster, registry: LocalRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """`edgeai operator` as a process against the session cluster."""
+    """`edgeai operator` as a process against the session cluster, storing prepared
+    models in the session registry."""
     for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd", "--all")
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    process = OperatorProcess(
+        cluster,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        f"oci://{registry.address}/edgeai-models",
+    )
     process.start()
     try:
         yield process

@@ -1,10 +1,10 @@
-"""A DNNModel's status: one graph profile per ready variant with its accuracy (so the
-cluster's planning picks a variant for `slo.minAccuracy`), and `spec.input` checked
-against the model's own input."""
+"""A DNNModel's status from its preparation: one graph profile per ready variant with its
+accuracy and artefact (so the cluster's planning picks a variant for
+`slo.minAccuracy` and its stage pods load exactly that file), `spec.input` checked
+against the model's own input, and an operator that never loads a model itself."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -16,12 +16,12 @@ import pytest
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
-from edgeai_operator.partitions import model_file
+from edgeai_operator.modelspec import parse_model_spec
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, plan_zones
-from edgeai_operator.profiling import model_status, model_status_in_child
+from edgeai_operator.preparation import prepared_status
+from edgeai_operator.prepare import PrepareRequest, prepare
 from edgeai_operator.topology import load_topology
-from edgeai_worker import variants
 
 INPUT = {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}
 SPEC: dict[str, Any] = {
@@ -36,9 +36,25 @@ SPEC: dict[str, Any] = {
 NODES = load_topology(DEFAULT_TOPOLOGY).nodes
 
 
+def _prepared(spec: dict[str, Any], root: Path) -> dict[str, Any]:
+    """What the operator writes to status once the preparation Job of `spec` is done:
+    the Job's program (`prepare`) run here, its artefacts on a claim under `root`."""
+    model = parse_model_spec(spec)
+    request = PrepareRequest(
+        source_uri=model.source.uri,
+        inputs=(model.input,),
+        artifacts_uri="pvc://models/digits",
+        variants=tuple(v.request() for v in model.variants if v.name != "fp32"),
+        model_name="digits",
+    )
+    result = prepare(request, root / "work", pvc_root=root / "pvc")
+    status, _ = prepared_status(result.to_dict(), NODES, "digits-prepare-1-1")
+    return status
+
+
 @pytest.fixture(scope="module")
-def status() -> dict[str, Any]:
-    return model_status(SPEC, NODES)
+def status(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _prepared(SPEC, tmp_path_factory.mktemp("digits"))
 
 
 def _deployment(min_accuracy: float | None) -> dict[str, Any]:
@@ -53,7 +69,9 @@ def _deployment(min_accuracy: float | None) -> dict[str, Any]:
     }
 
 
-def test_every_ready_variant_has_its_own_profile_and_accuracy(status: dict[str, Any]) -> None:
+def test_every_ready_variant_has_its_own_profile_accuracy_and_artifact(
+    status: dict[str, Any],
+) -> None:
     reports = {r["name"]: r for r in status["variants"]}
     profiles = {p["variant"]: p for p in status["profiles"]}
     assert list(profiles) == ["fp32", "int8", "pruned-50", "small"]
@@ -61,11 +79,13 @@ def test_every_ready_variant_has_its_own_profile_and_accuracy(status: dict[str, 
         assert reports[name]["ready"]
         assert profile["accuracy"] == reports[name]["accuracy"]
         assert 0.5 < profile["accuracy"] <= 1.0
-        assert profile["model"] == "digits_cnn"
+        assert profile["model"] == "digits"
         assert len(profile["segments"]) == len(profile["cuts"]) - 1
+        assert profile["artifact"]["digest"].startswith("sha256:")
+        assert profile["artifact"]["uri"].startswith("pvc://models/digits/digits-")
     assert [profiles[n]["build"] for n in ("int8", "pruned-50", "small")] == [
         "int8-dynamic",
-        "pruned-50",
+        "pruned",
         "distilled",
     ]
     # each profile is its own graph's: quantizing adds cut points, the student is smaller
@@ -73,6 +93,8 @@ def test_every_ready_variant_has_its_own_profile_and_accuracy(status: dict[str, 
     assert len(profiles["int8"]["cuts"]) != len(profiles["fp32"]["cuts"])
     assert sum(s["flops"] for s in profiles["small"]["segments"]) < fp32_flops / 10
     assert status["variantNames"] == "fp32,int8,pruned-50,small"
+    # the trained digits network: the zoo's held-out accuracy, not a random one's
+    assert profiles["fp32"]["accuracy"] > 0.9
 
 
 def test_min_accuracy_picks_among_the_profiled_variants_in_the_cluster(
@@ -86,10 +108,14 @@ def test_min_accuracy_picks_among_the_profiled_variants_in_the_cluster(
     # the student is the fastest, so with no floor a latency plan takes it
     zones = plan_zones(parse_deployment(_deployment(None)), status["profiles"], nodes)
     assert {plan.model.variant for plan in zones.plans.values()} == {"small"}
-    # the stage pods load the file the chosen variant was built and profiled from
+    # the stage pods load the artefact the chosen variant was built and profiled from
     plan = PlanDocument.from_dict(next(iter(zones.plans.values())).to_dict())
-    assert (plan.model.build, plan.model.trained) == ("distilled", True)
-    assert model_file(plan, Path("plan.yaml")) == variants.variant_path("digits_cnn", "distilled")
+    small = next(p for p in status["profiles"] if p["variant"] == "small")
+    assert (plan.model.uri, plan.model.digest) == (
+        small["artifact"]["uri"],
+        small["artifact"]["digest"],
+    )
+    assert plan.model.zoo is None
     floor = (accuracy["small"] + max(accuracy.values())) / 2
     zones = plan_zones(parse_deployment(_deployment(floor)), status["profiles"], nodes)
     chosen = {plan.model.variant for plan in zones.plans.values()}
@@ -118,47 +144,36 @@ def test_min_accuracy_picks_among_the_profiled_variants_in_the_cluster(
     ],
 )
 def test_an_input_that_does_not_fit_the_model_is_a_spec_error(
-    field: str, value: Any, expected: str
+    field: str, value: Any, expected: str, tmp_path: Path
 ) -> None:
-    spec = {**SPEC, "input": {**INPUT, field: value}}
+    spec = {**SPEC, "variants": [], "input": {**INPUT, field: value}}
     with pytest.raises(SpecError) as caught:
-        model_status(spec, NODES)
+        _prepared(spec, tmp_path)
     assert caught.value.field == f"spec.input.{field}"
     assert expected in str(caught.value)
+    assert not (tmp_path / "pvc").exists()  # nothing was stored
 
 
-def test_the_batch_dimension_takes_any_size(status: dict[str, Any]) -> None:
-    batched = model_status({**SPEC, "input": {**INPUT, "shape": [32, 1, 8, 8]}}, NODES)
+def test_the_batch_dimension_takes_any_size(status: dict[str, Any], tmp_path: Path) -> None:
+    batched = _prepared(
+        {**SPEC, "variants": [], "input": {**INPUT, "shape": [32, 1, 8, 8]}}, tmp_path
+    )
     assert batched["profiles"][0]["cuts"] == status["profiles"][0]["cuts"]
 
 
-def test_the_operator_profiles_in_a_child_process_and_keeps_none_of_its_libraries(
-    status: dict[str, Any],
-) -> None:
-    """What the DNNModel handler runs: the same status, computed in a process that
-    exits, so torch never enters the operator's own memory."""
+def test_the_operator_never_loads_torch_scikit_learn_or_onnxruntime() -> None:
+    """Every module `edgeai operator` loads, handlers and all: models are fetched,
+    built and measured by preparation Jobs in the worker image, never here."""
     script = textwrap.dedent(
-        f"""
-        import json, sys
-        from edgeai_operator.localcluster import DEFAULT_TOPOLOGY
-        from edgeai_operator.profiling import model_status_in_child
-        from edgeai_operator.topology import load_topology
-        nodes = load_topology(DEFAULT_TOPOLOGY).nodes
-        result = model_status_in_child(json.loads({json.dumps(json.dumps(SPEC))}), nodes)
-        heavy = sorted(m for m in ("torch", "onnxruntime", "sklearn") if m in sys.modules)
-        print(json.dumps({{"status": result, "heavy": heavy}}))
+        """
+        import sys
+        import edgeai_operator.main, edgeai_operator.handlers
+        from edgeai_operator import preparation, profiling, reconcile, planning
+        heavy = sorted(m for m in ("torch", "sklearn", "onnxruntime", "onnx") if m in sys.modules)
+        print(",".join(heavy))
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
     )
-    got = json.loads(out.stdout)
-    assert got["heavy"] == []
-    assert got["status"] == json.loads(json.dumps(status))
-
-
-def test_a_spec_error_in_the_child_names_its_field() -> None:
-    bad = {**SPEC, "input": {**INPUT, "shape": [1, 3, 8, 8]}}
-    with pytest.raises(SpecError) as caught:
-        model_status_in_child(bad, NODES)
-    assert caught.value.field == "spec.input.shape"
+    assert out.stdout.strip() == ""

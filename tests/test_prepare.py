@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from _registry import LocalRegistry
 from _worker_support import run_onnx
 from edgeai_operator.errors import SpecError
-from edgeai_operator.modelspec import InputSpec, VariantSpec
+from edgeai_operator.modelspec import InputSpec
 from edgeai_operator.oci import pull
 from edgeai_operator.prepare import (
     PrepareRequest,
@@ -35,8 +35,8 @@ from edgeai_operator.prepare import (
     VariantRequest,
     prepare,
 )
-from edgeai_operator.profiling import variant_report
 from edgeai_operator.sources import FetchError, fetch, parse_source
+from edgeai_worker import variants, zoo
 
 INPUT = InputSpec("x", (1, 1, 8, 8), "FP32")
 
@@ -502,16 +502,13 @@ def test_zoo_digits_all_variants(
     size_bytes = len(json.dumps(result.to_dict(), separators=(",", ":")))
     print(f"\nzoo://digits_cnn: 5 variants ready in {elapsed_s:.1f}s, result {size_bytes} bytes")
     assert all(v.ready for v in result.variants), [v.message for v in result.variants]
-    specs = {
-        "fp32": VariantSpec("fp32"),
-        "int8-dynamic": VariantSpec("int8-dynamic", "quantize", quantize_mode="dynamic"),
-        "int8-static": VariantSpec("int8-static", "quantize", quantize_mode="static"),
-        "pruned-50": VariantSpec("pruned-50", "prune", sparsity=0.5),
-        "distilled": VariantSpec("distilled", "distill"),
+    zoo_files = {
+        "fp32": zoo.export_onnx("digits_cnn", trained=True),
+        **{k: variants.variant_path("digits_cnn", k) for k in variants.VARIANT_NAMES[1:]},
     }
     for variant in result.variants:
-        # the accuracy DNNModel status reports for the zoo's variant today
-        expected = variant_report("digits_cnn", specs[variant.name])["accuracy"]
+        # the zoo's own variant files and its held-out accuracy
+        expected = variants.onnx_accuracy(zoo_files[variant.name])
         assert variant.accuracy is not None
         assert abs(variant.accuracy - expected) <= 0.005, variant.name
         assert variant.artifact is not None

@@ -290,7 +290,8 @@ def test_model_gets_one_owned_profiling_job_per_tier(
         },
     }
     ns.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(model))
-    selector = "edgeai.dev/model=pj"
+    # the profiling Jobs carry their tier; the model's preparation Job does not
+    selector = "edgeai.dev/model=pj,edgeai.dev/tier"
 
     def jobs() -> list[dict[str, Any]]:
         return list(get(ns, "jobs", "-l", selector)["items"])

@@ -37,6 +37,16 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _artifacts(uri: str | None) -> str | None:
+    """EDGEAI_ARTIFACTS_URI checked as spec.artifacts.uri is (the operator refuses to
+    start with one no Job could write to)."""
+    if uri is not None:
+        from edgeai_operator.modelspec import check_artifacts_uri
+
+        check_artifacts_uri(uri, field="EDGEAI_ARTIFACTS_URI")
+    return uri
+
+
 @dataclass(frozen=True)
 class Settings:
     """How this operator process runs (environment variables, then flags)."""
@@ -44,7 +54,9 @@ class Settings:
     worker_image: str = DEFAULT_IMAGE  # EDGEAI_WORKER_IMAGE: stage pods and profiling Jobs
     resync_s: float = 10.0  # EDGEAI_RESYNC_SECONDS: a daemon's pass when nothing woke it
     debounce_s: float = 0.5  # EDGEAI_DEBOUNCE_SECONDS: a wake-up waits for its burst
-    profile_poll_s: float = 5.0  # EDGEAI_PROFILE_POLL_SECONDS: profiling Jobs are read
+    profile_poll_s: float = 5.0  # EDGEAI_PROFILE_POLL_SECONDS: model Jobs are read
+    # EDGEAI_ARTIFACTS_URI: where prepared models go when spec.artifacts.uri is unset
+    artifacts_uri: str | None = None
     metrics_port: int | None = None  # --metrics-port
 
     @classmethod
@@ -57,6 +69,7 @@ class Settings:
             resync_s=_seconds(env, "EDGEAI_RESYNC_SECONDS", cls.resync_s),
             debounce_s=_seconds(env, "EDGEAI_DEBOUNCE_SECONDS", cls.debounce_s),
             profile_poll_s=_seconds(env, "EDGEAI_PROFILE_POLL_SECONDS", cls.profile_poll_s),
+            artifacts_uri=_artifacts(env.get("EDGEAI_ARTIFACTS_URI") or None),
             metrics_port=metrics_port,
         )
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from edgeai_operator.preparation import JOB_KIND, JOB_LABEL
 from edgeai_operator.topology import KWOK_ANNOTATION, Topology, load_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +58,19 @@ KWOK_STAGES = (
     "pod/general/pod-complete.yaml",
     "pod/general/pod-delete.yaml",
 )
+
+
+def _stage_text(path: Path) -> str:
+    """A stock kwok stage; pod-complete leaves the pods of preparation Jobs alone, since
+    `jobrunner` runs them and reports how they ended."""
+    text = path.read_text()
+    if path.name != "pod-complete.yaml":
+        return text
+    stage = yaml.safe_load(text)
+    stage["spec"]["selector"]["matchExpressions"].append(
+        {"key": f'.metadata.labels["{JOB_LABEL}"]', "operator": "NotIn", "values": [JOB_KIND]}
+    )
+    return str(yaml.safe_dump(stage, sort_keys=False))
 
 
 def log(message: str) -> None:
@@ -239,11 +253,11 @@ class LocalCluster:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], program: list[str] | None = None) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [self.binary(name), *args],
+            [*(program or [self.binary(name)]), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -386,7 +400,7 @@ class LocalCluster:
         )
         stages = self.workdir / "kwok-stages.yaml"
         stage_root = self.bin_dir.parent / "kwok-stages"
-        stages.write_text("\n---\n".join((stage_root / s).read_text() for s in KWOK_STAGES))
+        stages.write_text("\n---\n".join(_stage_text(stage_root / s) for s in KWOK_STAGES))
         self._spawn(
             "kwok",
             [
@@ -418,7 +432,13 @@ class LocalCluster:
             ),
             60,
         )
-        log("controller-manager, scheduler and kwok running")
+        # kwok leaves preparation pods running: this runs them (see jobrunner)
+        self._spawn(
+            "job-runner",
+            [f"--kubeconfig={kc}", f"--workdir={self.workdir / 'job-runner'}"],
+            program=[sys.executable, "-m", "edgeai_operator.jobrunner"],
+        )
+        log("controller-manager, scheduler, kwok and the job runner running")
 
     def create_nodes(self, topology: Topology, *, timeout_s: float = 60) -> None:
         nodes = [n.manifest() for n in topology.nodes]

@@ -355,12 +355,21 @@ class _Examples:
     labels: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class _Where:
+    """Where sources are read from: claims under `pvc_root`, ConfigMaps in `namespace`
+    (None: the pod's own)."""
+
+    pvc_root: Path
+    namespace: str | None
+
+
 def _fetch_source(
-    uri: str, sha256: str | None, where: str, dest: Path, pvc_root: Path, progress: Progress
+    uri: str, sha256: str | None, where: str, dest: Path, at: _Where, progress: Progress
 ) -> Fetched:
     source: Source = parse_source(uri, sha256=sha256, field=where)
     progress(f"fetching {uri}")
-    fetched = fetch(source, dest, pvc_root=pvc_root)
+    fetched = fetch(source, dest, pvc_root=at.pvc_root, namespace=at.namespace)
     progress(f"fetched {uri}: {fetched.size_bytes} bytes, sha256 {fetched.sha256[:12]}")
     return fetched
 
@@ -691,14 +700,17 @@ def prepare(
     workdir: Path,
     *,
     pvc_root: Path = Path("/mnt/pvc"),
+    namespace: str | None = None,
     progress: Progress = _quiet,
 ) -> PrepareResult:
     """Prepares the model `request` names in `workdir` (created if missing) and writes
     its artefacts where `request.artifacts_uri` says (`pvc_root`: where claims are
-    mounted). Raises SpecError for a request that does not fit the model (naming the
-    field) and sources.FetchError for a source that cannot be fetched or whose digest
-    differs; in both cases nothing has been written to the destination."""
+    mounted; `namespace`: of configmap:// sources, by default the pod's own). Raises
+    SpecError for a request that does not fit the model (naming the field) and
+    sources.FetchError for a source that cannot be fetched or whose digest differs; in
+    both cases nothing has been written to the destination."""
     destination = _destination(request.artifacts_uri, pvc_root)
+    at = _Where(pvc_root, namespace)
     if not request.inputs:
         raise SpecError("spec.input", "is empty", "the model's inputs: name, shape and dtype")
     wanted = _wanted(request)
@@ -710,7 +722,7 @@ def prepare(
         request.source_sha256,
         "spec.source.uri",
         workdir / "source",
-        pvc_root,
+        at,
         progress,
     )
     model = _load_checked(fetched)
@@ -726,7 +738,7 @@ def prepare(
             request.calibration_sha256,
             "spec.calibration.uri",
             workdir / "calibration",
-            pvc_root,
+            at,
             progress,
         )
         calibration = _load_examples(got, "spec.calibration.uri", request.inputs, labelled=False)
@@ -737,7 +749,7 @@ def prepare(
             request.data_sha256,
             "spec.data.uri",
             workdir / "data",
-            pvc_root,
+            at,
             progress,
         )
         data = _load_examples(got, "spec.data.uri", request.inputs, labelled=True)

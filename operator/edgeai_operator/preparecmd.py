@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import InputSpec
+from edgeai_operator.preparation import ERROR_KEY, RESULT_KEY
 from edgeai_operator.prepare import (
     VARIANT_KINDS,
     PrepareRequest,
@@ -22,9 +24,15 @@ from edgeai_operator.prepare import (
 )
 from edgeai_operator.sources import ACCEPTED_FORMS, FetchError
 
+_FIELD_MANAGER = "edgeai-prepare"
+
 _INPUT_FORM = "NAME=DIM,DIM,...:DTYPE, e.g. input=1,3,224,224:FP32"
 _DTYPES = ("FP32", "FP16", "INT8", "UINT8", "INT32", "INT64", "BOOL")
-_VARIANT_FORM = f"one of {', '.join(k for k in VARIANT_KINDS if k != 'fp32')}; pruned:SPARSITY"
+_VARIANT_FORM = (
+    f"[NAME=]KIND, KIND one of {', '.join(k for k in VARIANT_KINDS if k != 'fp32')}; "
+    "pruned:SPARSITY"
+)
+_VARIANT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 def parse_input(text: str) -> InputSpec:
@@ -48,8 +56,17 @@ def parse_input(text: str) -> InputSpec:
 
 def parse_variant(text: str) -> VariantRequest:
     """`int8-dynamic`, `int8-static`, `distilled`, `pruned` (sparsity 0.5) or
-    `pruned:0.75`; SpecError naming --variant otherwise."""
-    kind, colon, sparsity = text.partition(":")
+    `pruned:0.75`, optionally named (`small=int8-static`; by default the variant is
+    named after its kind); SpecError naming --variant otherwise."""
+    name, eq, rest = text.rpartition("=")
+    if eq and not _VARIANT_NAME.fullmatch(name):
+        raise SpecError("--variant", f"{text!r}: {name!r} is no variant name", "a DNS label")
+    variant = _parse_kind(rest, text)
+    return VariantRequest(name, variant.kind, variant.sparsity) if eq else variant
+
+
+def _parse_kind(spec: str, text: str) -> VariantRequest:
+    kind, colon, sparsity = spec.partition(":")
     if kind not in VARIANT_KINDS or (colon and kind != "pruned"):
         raise SpecError("--variant", f"{text!r} is no variant", _VARIANT_FORM)
     if not colon:
@@ -101,6 +118,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model-name", help="names the artefacts (default: from the source)")
     parser.add_argument("--out", help="also write the result JSON to this file")
+    parser.add_argument(
+        "--result-configmap",
+        help="NAMESPACE/NAME: also write the result (data.result) or the error (data.error) "
+        "as JSON into this ConfigMap; its namespace is where configmap:// sources are read",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     parser.add_argument(
         "--pvc-root", default="/mnt/pvc", help="where claims are mounted (pvc:// URIs)"
@@ -112,7 +134,50 @@ def _progress(message: str) -> None:
     print(f"[edgeai prepare] {message}", file=sys.stderr, flush=True)
 
 
+def _result_ref(text: str) -> tuple[str, str]:
+    namespace, slash, name = text.partition("/")
+    if not slash or not namespace or not name or "/" in name:
+        raise SpecError("--result-configmap", f"{text!r} names no ConfigMap", "NAMESPACE/NAME")
+    return namespace, name
+
+
+def _write_result(ref: tuple[str, str] | None, key: str, value: dict[str, Any]) -> None:
+    """Writes `value` as JSON under `key` of the ConfigMap `ref` (server-side apply, so
+    the labels and owner the operator gave it stay)."""
+    if ref is None:
+        return
+    from edgeai_operator import k8s
+
+    namespace, name = ref
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {key: json.dumps(value, separators=(",", ":"))},
+    }
+    k8s.apply(configmap, field_manager=_FIELD_MANAGER)
+
+
+def _failed(
+    ref: tuple[str, str] | None, kind: str, field: str, message: str, request: PrepareRequest
+) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    error = {"kind": kind, "field": field, "message": message, "uri": request.source_uri}
+    _write_result(ref, ERROR_KEY, error)
+    return 1
+
+
+def _fetch_field(request: PrepareRequest, uri: str) -> str:
+    """The DNNModel field of the URI a FetchError names."""
+    if uri == request.calibration_uri:
+        return "spec.calibration.uri"
+    if uri == request.data_uri:
+        return "spec.data.uri"
+    return "spec.source.uri"
+
+
 def _cmd(args: argparse.Namespace) -> int:
+    ref = _result_ref(args.result_configmap) if args.result_configmap else None
     request = PrepareRequest(
         source_uri=args.source,
         source_sha256=args.sha256,
@@ -129,14 +194,23 @@ def _cmd(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeai-prepare-") as scratch:
         workdir = Path(args.workdir) if args.workdir else Path(scratch)
         try:
-            result = prepare(request, workdir, pvc_root=Path(args.pvc_root), progress=_progress)
+            result = prepare(
+                request,
+                workdir,
+                pvc_root=Path(args.pvc_root),
+                namespace=ref[0] if ref else None,
+                progress=_progress,
+            )
         except FetchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return _failed(ref, "fetch", _fetch_field(request, exc.uri), str(exc), request)
+        except SpecError as exc:
+            return _failed(ref, "spec", exc.field, str(exc), request)
     ready = sum(v.ready for v in result.variants)
     _progress(f"{ready}/{len(result.variants)} variants ready in {time.monotonic() - started:.1f}s")
-    text = json.dumps(result.to_dict(), separators=(",", ":"))
+    data = result.to_dict()
+    text = json.dumps(data, separators=(",", ":"))
     if args.out:
         Path(args.out).write_text(text + "\n")
+    _write_result(ref, RESULT_KEY, data)
     print(text, flush=True)
     return 0 if ready else 1

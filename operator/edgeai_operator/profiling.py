@@ -1,29 +1,24 @@
-"""DNNModel status: the model's cut points and per-segment costs, per-tier estimates,
-its variants' accuracy and size and one graph profile per ready variant.
+"""Per-tier estimates and measurements of a prepared DNNModel.
 
-The spec is read through `modelspec.parse_model_spec`; `spec.input` must fit the
+The graph profile of each variant (cuts, tensor sizes, FLOPs per segment) comes from
+its preparation Job (`preparation`). Per-tier latency is FLOPs / the tier's effective
+GFLOPS (`edgeai.dev/gflops` of the tier's median node, measured annotations win), the
+analytic estimate, until a profiling Job measures the tier; the source of every number
+is recorded in status so a user can tell. `check_input` holds `spec.input` to the
 model's own input.
-
-The graph profile (cuts, tensor sizes, FLOPs per segment) comes from the ONNX graph
-itself. Per-tier latency is FLOPs / the tier's effective GFLOPS (`edgeai.dev/gflops`
-of the tier's median node, measured annotations win), i.e. the analytic estimate;
-the source of every number is recorded in status so a user can tell.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import multiprocessing
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
-from edgeai_operator.modelspec import InputSpec, ModelSpec, VariantSpec, parse_model_spec
-from edgeai_operator.problem import OVERHEAD_KEYS, analytic_profile, graph_profile
+from edgeai_operator.modelspec import InputSpec, parse_model_spec
+from edgeai_operator.problem import OVERHEAD_KEYS
 from edgeai_operator.topology import NodeSpec
 
 if TYPE_CHECKING:
@@ -76,106 +71,6 @@ def check_input(declared: InputSpec, model: onnx.ModelProto) -> None:
         raise SpecError(
             "spec.input.dtype", f"{declared.dtype} is not the model's input type", dtype
         )
-
-
-def _variant_file(model: str, variant: VariantSpec) -> Path:
-    from edgeai_worker import variants, zoo
-
-    if variant.builder == "fp32":
-        return zoo.export_onnx(model, trained=model == "digits_cnn")
-    return variants.variant_path(model, variant.builder)
-
-
-def variant_report(model: str, variant: VariantSpec) -> dict[str, Any]:
-    """Accuracy (held-out digits) and size of one variant, or why it is unavailable."""
-    if model != "digits_cnn" and variant.builder != "fp32":
-        return {
-            "name": variant.name,
-            "kind": variant.builder,
-            "ready": False,
-            "message": f"{variant.builder} variants are built for digits_cnn (labelled data)",
-        }
-    from edgeai_worker import variants
-
-    path = _variant_file(model, variant)
-    report: dict[str, Any] = {
-        "name": variant.name,
-        "kind": variant.builder,
-        "ready": True,
-        "sizeBytes": path.stat().st_size,
-    }
-    if model == "digits_cnn":
-        report["accuracy"] = round(variants.onnx_accuracy(path), 4)
-    return report
-
-
-def variant_profile(model: ModelSpec, variant: VariantSpec) -> dict[str, Any]:
-    """The analytic profile of one variant's own ONNX graph: its cut points, tensor
-    sizes and FLOPs per segment (quantizing or pruning changes the graph, so a
-    variant is not the fp32 profile under another name). `build` names the file
-    `edgeai_worker.variants` builds for it."""
-    profile = graph_profile(
-        _variant_file(model.zoo, variant),
-        model=model.zoo,
-        variant=variant.name,
-        input_spec={
-            "name": model.input.name,
-            "shape": list(model.input.shape),
-            "dtype": model.input.dtype,
-        },
-    )
-    profile["build"] = variant.builder
-    return profile
-
-
-def model_status(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str, Any]:
-    """A DNNModel's status from its spec: the fp32 graph profile (cuts, FLOPs, per-tier
-    estimates), a report per variant and one profile per ready variant, each with
-    the variant's accuracy, so planning can pick a variant for `slo.minAccuracy`.
-    Raises SpecError for a spec that does not fit the model (`spec.input`)."""
-    import onnx
-
-    model = parse_model_spec(spec)
-    check_input(model.input, onnx.load(_variant_file(model.zoo, model.variants[0])))
-    profile = analytic_profile(model.zoo)
-    reports = [variant_report(model.zoo, v) for v in model.variants]
-    profiles = []
-    for variant, report in zip(model.variants, reports, strict=True):
-        if not report["ready"]:
-            continue
-        # fp32 keeps the profile the profiling Jobs measure (edgeai profile <zoo>)
-        found = profile if variant.name == "fp32" else variant_profile(model, variant)
-        if report.get("accuracy") is not None:
-            found["accuracy"] = report["accuracy"]
-        profiles.append(found)
-    return {
-        "cuts": len(profile["cuts"]),
-        "flops": sum(int(s["flops"]) for s in profile["segments"]),
-        "tiers": tier_estimates(profile, nodes),
-        "profiles": profiles,
-        "variants": reports,
-        "variantNames": ",".join(r["name"] for r in reports if r.get("ready")),
-    }
-
-
-def model_status_in_child(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> dict[str, Any]:
-    """`model_status` in a child process that exits when it is done. Exporting the
-    model and building and measuring its variants loads torch, onnxruntime and
-    scikit-learn, hundreds of MB that would otherwise stay in the operator's memory
-    for as long as it runs. A SpecError in the child is raised here, field and all."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        outcome = pool.submit(_status_or_error, dict(spec), list(nodes)).result()
-    if outcome[0] == "error":
-        raise SpecError(*outcome[1])
-    return dict(outcome[1])
-
-
-def _status_or_error(spec: dict[str, Any], nodes: list[NodeSpec]) -> tuple[str, Any]:
-    try:
-        return "status", model_status(spec, nodes)
-    except SpecError as exc:  # its constructor's arguments do not survive pickling
-        return "error", (exc.field, exc.problem, exc.accepted)
 
 
 # ---------------------------------------------------------------------------

@@ -1,64 +1,122 @@
-"""DNNModel: profile the graph and variants, publish per-tier estimates in status."""
+"""DNNModel: run its preparation Job, publish the prepared variants, their artefacts and
+profiles and per-tier estimates in status, then measure the tiers with profiling Jobs."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION, k8s, profiling
+from edgeai_operator import API_GROUP, API_VERSION, k8s, preparation, profiling
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.context import context_of
 from edgeai_operator.errors import SpecError
 from edgeai_operator.handlers.nodes import all_nodes
+from edgeai_operator.modelspec import parse_model_spec
 from edgeai_operator.planning import NodeState
-from edgeai_operator.profiling import model_status_in_child
+from edgeai_operator.topology import NodeSpec
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, "dnnmodels")
 @kopf.on.create(API_GROUP, API_VERSION, "dnnmodels")
 @kopf.on.update(API_GROUP, API_VERSION, "dnnmodels", field="spec")
-async def profile_model(
+async def prepare_model(
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
-    name: str,
     namespace: str | None,
     patch: kopf.Patch,
     body: kopf.Body,
-    logger: kopf.Logger,
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
+    """Checks the spec and starts this generation's preparation Job at once (the timer
+    carries it on). An invalid spec is final: `Prepared=False`, reason InvalidSpec."""
     generation = meta.get("generation")
-    namespace = namespace or "default"
-    if status.get("observedGeneration") == generation and status.get("profiles"):
-        return  # resumed with an up-to-date profile
-    nodes = [n.spec for n in all_nodes(memo, node_index)]
-    conditions = list(status.get("conditions") or [])
     try:
-        result = await asyncio.to_thread(model_status_in_child, dict(spec), nodes)
+        parse_model_spec(spec)
     except SpecError as exc:
         patch.status["conditions"] = set_condition(
-            conditions, "Profiled", False, "InvalidSpec", str(exc), generation
+            list(status.get("conditions") or []),
+            "Prepared",
+            False,
+            "InvalidSpec",
+            str(exc),
+            generation,
         )
         patch.status["observedGeneration"] = generation
         raise kopf.PermanentError(str(exc)) from exc
-    tiers = ", ".join(f"{t} {v['totalMs']:.2f} ms" for t, v in result["tiers"].items())
-    for tier in result["tiers"].values():  # a new generation's Jobs report afresh
-        tier.update(dict.fromkeys(("job", "jobResult", "node", "hostGflops", "message")))
-    message = f"{result['cuts']} cuts, {result['flops'] / 1e6:.1f} MFLOPs; {tiers}"
-    context_of(memo).metrics.inc("edgeai_operator_models_profiled_total")
-    patch.status.update(result)
-    patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = set_condition(
-        conditions, "Profiled", True, "AnalyticEstimate", message, generation
+    await _prepare_tick(spec, status, meta, namespace, patch, body, memo, kwargs)
+
+
+async def _prepare_tick(
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    namespace: str | None,
+    patch: kopf.Patch,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    kwargs: Mapping[str, Any],
+) -> None:
+    node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
+    model = {
+        "apiVersion": body.get("apiVersion"),
+        "metadata": {**dict(meta), "namespace": namespace or "default"},
+        "spec": dict(spec),
+    }
+    ctx = context_of(memo)
+    step = await asyncio.to_thread(
+        preparation_pass,
+        model,
+        dict(status),
+        [n.spec for n in all_nodes(memo, node_index)],
+        image=ctx.settings.worker_image,
+        default_artifacts=ctx.settings.artifacts_uri,
     )
-    logger.info(f"profiled {name}: {message}")
-    kopf.info(body, reason="Profiled", message=message)
+    if step.status is not None:
+        patch.status.update(step.status)
+    for type_, reason, message in step.events:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    if step.status is not None and "profiles" in step.status:
+        ctx.metrics.inc("edgeai_operator_models_profiled_total")
+
+
+def preparation_pass(
+    model: Mapping[str, Any],
+    status: Mapping[str, Any],
+    nodes: Sequence[NodeSpec],
+    *,
+    image: str,
+    default_artifacts: str | None,
+) -> preparation.Step:
+    """One tick of the model's preparation: reads the current attempt's Job and result
+    ConfigMap, decides (`preparation.step`) and creates what it asks for."""
+    spec = parse_model_spec(model["spec"])
+    namespace = model["metadata"]["namespace"]
+    name = preparation.current_job(model, status)
+    if name is None:
+        return preparation.Step()
+    observed = {
+        "job": k8s.get("batch/v1", "Job", name, namespace),
+        "configmap": k8s.get("v1", "ConfigMap", name, namespace),
+    }
+    step = preparation.step(
+        model,
+        spec,
+        status,
+        observed,
+        nodes,
+        image=image,
+        artifacts_uri=spec.artifacts_uri or default_artifacts,
+        now_s=time.time(),
+    )
+    for obj in step.create:
+        k8s.apply(obj)
+    return step
 
 
 @kopf.index(API_GROUP, API_VERSION, "dnnmodels")
@@ -73,7 +131,7 @@ def model_index(
     return {(namespace, name): [dict(p) for p in profiles]}
 
 
-async def profile_jobs(
+async def model_jobs(
     spec: kopf.Spec,
     status: kopf.Status,
     meta: kopf.Meta,
@@ -84,11 +142,20 @@ async def profile_jobs(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    """Runs a profiling Job per tier and turns finished ones into `status.tiers`.
+    """Carries the preparation on; once it is done, runs a profiling Job per tier and
+    turns finished ones into `status.tiers`.
 
     Never waits on a Job: each tick creates missing Jobs and reads finished ones."""
-    if status.get("observedGeneration") != meta.get("generation") or not status.get("profiles"):
-        return  # the analytic profile of this generation is not written yet
+    if preparation.current_job({"metadata": dict(meta)}, status) is not None:
+        await _prepare_tick(spec, status, meta, namespace, patch, body, memo, kwargs)
+        return
+    prepared: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Prepared"), {}
+    )
+    if prepared.get("status") != "True" or prepared.get("observedGeneration") != meta.get(
+        "generation"
+    ):
+        return  # this generation's profile is not written yet
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
     model = {
         "apiVersion": body.get("apiVersion"),
@@ -139,8 +206,14 @@ def profile_jobs_pass(
     profiles = [dict(p) for p in status.get("profiles") or []]
     tiers: dict[str, Any] = {}
     events: list[tuple[str, str]] = []
+    zoo = parse_model_spec(spec).zoo
     for tier in profiling.profile_tiers(spec, [n.spec for n in nodes]):
         entry = dict(tiers_status.get(tier) or {})
+        if zoo is None:
+            why = "profiling Jobs measure zoo models; this model keeps the analytic estimate"
+            if entry.get("message") != why:
+                tiers[tier] = {"message": why}
+            continue
         job_name = profiling.profile_job_name(meta["name"], tier, generation)
         if entry.get("job") == job_name and entry.get("jobResult"):
             continue  # this generation's Job has reported
@@ -197,4 +270,4 @@ def profile_jobs_pass(
 def register_timers(interval_s: float) -> None:
     """The profiling-Job timer, at the interval the settings give (known only once
     `edgeai operator` has read them)."""
-    kopf.timer(API_GROUP, API_VERSION, "dnnmodels", interval=interval_s)(profile_jobs)
+    kopf.timer(API_GROUP, API_VERSION, "dnnmodels", interval=interval_s)(model_jobs)
