@@ -3,8 +3,13 @@
 kwok simulates a pod's lifecycle without running anything. `ProcessKubelet` runs each
 selected pod's own container args (`edgeai run-stage ...`) as a real process on the
 pod's IP (kwok hands them out from 127.244.0.0/16, all loopback), with the plan
-ConfigMap the pod mounts written to a local directory, and stops the process (SIGTERM,
-as a kubelet does) once the pod is being deleted. A failed node's kubelet stops
+ConfigMap the pod mounts written to a local directory and each emptyDir volume a
+directory of its own per pod (mount paths in the args are rewritten to those), and stops
+the process (SIGTERM, as a kubelet does) once the pod is being deleted. As a kubelet
+does, it first runs the pod's init containers (`edgeai fetch ...`) one after the other
+with their exact args, each to exit 0 before the next starts; one that fails is run
+again on a later pass, after a back-off that doubles, and the main container does not
+start until all have succeeded. A failed node's kubelet stops
 reporting but its containers keep running: so does a process here, until its pod is
 deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's own
 readinessProbe against its process and writes the outcome to the pod's Ready condition,
@@ -32,6 +37,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -257,6 +263,23 @@ def _probe_ok(pod: Obj, ip: str) -> bool:
         return False
 
 
+# A failed init container's first back-off before it runs again, and the longest.
+INIT_BACKOFF_S = 0.5
+INIT_BACKOFF_MAX_S = 10.0
+
+
+class _InitState:
+    """Where a pod's init containers are: the next to run, the one running, and when a
+    failed one may run again."""
+
+    def __init__(self) -> None:
+        self.done = 0  # init containers that exited 0
+        self.running: subprocess.Popen[bytes] | None = None
+        self.failures = 0
+        self.retry_at = 0.0  # time.monotonic() before which a failed one waits
+        self.volumes: dict[str, Path] | None = None  # made local once, for every container
+
+
 class ProcessKubelet:
     """Runs the selected pods of one namespace as real processes on their pod IPs."""
 
@@ -269,6 +292,7 @@ class ProcessKubelet:
         self._reported: dict[str, bool] = {}  # pod name -> Ready written to the API
         self._failed_probes: dict[str, int] = {}  # pod name -> probes failed in a row
         self._stopping: list[threading.Thread] = []
+        self._inits: dict[str, _InitState] = {}  # pod name -> its init containers
         self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod, selector)
         self._core = client.CoreV1Api(self._pods.api)
         self._stop = threading.Event()
@@ -290,6 +314,8 @@ class ProcessKubelet:
         self._pods.stop()
         for name in list(self.procs):
             self._kill(name)
+        for name in list(self._inits):
+            self._stop_init(name)
         for thread in self._stopping:
             thread.join(timeout=30)
 
@@ -301,6 +327,12 @@ class ProcessKubelet:
                 ip = pod.get("status", {}).get("podIP")
                 if ip and not pod["metadata"].get("deletionTimestamp") and name not in self.procs:
                     self._start(name, ip, pod)
+            for name in list(self._inits):
+                current = pods.get(name)
+                if name not in self.procs and (
+                    current is None or current["metadata"].get("deletionTimestamp")
+                ):
+                    self._stop_init(name)
             for name in list(self.procs):
                 pod = pods.get(name)
                 if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -310,20 +342,35 @@ class ProcessKubelet:
             # The probe period: each pass probes every process once.
             self._stop.wait(0.2)
 
-    def _args(self, name: str, ip: str, pod: Obj) -> list[str] | None:
-        container = pod["spec"]["containers"][0]
-        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    def _volumes(self, name: str, pod: Obj) -> dict[str, Path]:
+        """Each configMap volume (its keys written as files) and emptyDir volume of the
+        pod as a local directory, by volume name."""
         local: dict[str, Path] = {}
         for volume in pod["spec"].get("volumes", []):
-            if "configMap" in volume and volume["name"] in mounts:
+            path = self.workdir / name / volume["name"]
+            if "configMap" in volume:
                 cm = self._core.read_namespaced_config_map(
                     volume["configMap"]["name"], self.ns.name
                 )
-                path = self.workdir / name / volume["name"]
                 path.mkdir(parents=True, exist_ok=True)
                 for key, text in (cm.data or {}).items():
                     (path / key).write_text(text)
-                local[mounts[volume["name"]]] = path
+                local[volume["name"]] = path
+            elif "emptyDir" in volume:
+                path.mkdir(parents=True, exist_ok=True)
+                local[volume["name"]] = path
+        return local
+
+    def _args(
+        self, name: str, ip: str, container: Obj, volumes: dict[str, Path]
+    ) -> list[str] | None:
+        """The container's args with its mount paths made local, `--host` the pod IP and
+        `--next` the Service's address; None while that Service is unknown."""
+        local = {
+            m["mountPath"]: volumes[m["name"]]
+            for m in container.get("volumeMounts", [])
+            if m["name"] in volumes
+        }
         args: list[str] = []
         for arg in container["args"]:
             flag, _, value = arg.partition("=")
@@ -339,22 +386,71 @@ class ProcessKubelet:
                     return None  # the Service is not known yet: try on the next pass
                 value = resolved
             for mount, path in local.items():
-                if value.startswith(mount + "/"):
+                if value == mount or value.startswith(mount + "/"):
                     value = str(path) + value[len(mount) :]
             args.append(f"{flag}={value}" if value else arg)
-        return [*args, f"--workdir={self.workdir / name / 'work'}"]
+        return args
+
+    def _command(self, container: Obj) -> list[str]:
+        # the image's `edgeai` entry point is this interpreter's edgeai_operator.cli
+        if container.get("command", ["edgeai"]) != ["edgeai"]:
+            raise AssertionError(f"cannot run {container.get('command')}: only edgeai")
+        return [sys.executable, "-m", "edgeai_operator.cli"]
+
+    def _init_done(self, name: str, ip: str, pod: Obj, state: _InitState) -> bool:
+        """Advances the pod's init containers by what has happened since the last pass;
+        True once every one has exited 0."""
+        inits = pod["spec"].get("initContainers") or []
+        assert state.volumes is not None
+        volumes = state.volumes
+        while state.done < len(inits):
+            if state.running is None:
+                if time.monotonic() < state.retry_at:
+                    return False
+                container = inits[state.done]
+                args = self._args(name, ip, container, volumes)
+                if args is None:
+                    return False
+                log = self.workdir / f"{name}.{container['name']}.log"
+                with log.open("ab") as out:
+                    state.running = subprocess.Popen(
+                        [*self._command(container), *args], stdout=out, stderr=subprocess.STDOUT
+                    )
+            code = state.running.poll()
+            if code is None:
+                return False
+            state.running = None
+            if code != 0:
+                state.failures += 1
+                delay_s = min(INIT_BACKOFF_MAX_S, INIT_BACKOFF_S * 2 ** (state.failures - 1))
+                state.retry_at = time.monotonic() + delay_s
+                return False
+            state.done += 1
+        return True
 
     def _start(self, name: str, ip: str, pod: Obj) -> None:
-        args = self._args(name, ip, pod)
+        state = self._inits.setdefault(name, _InitState())
+        if state.volumes is None:
+            state.volumes = self._volumes(name, pod)
+        if not self._init_done(name, ip, pod, state):
+            return
+        container = pod["spec"]["containers"][0]
+        args = self._args(name, ip, container, state.volumes)
         if args is None:
             return
         with (self.workdir / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "edgeai_operator.cli", *args],
+                [*self._command(container), *args, f"--workdir={self.workdir / name / 'work'}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         self.procs[name] = (ip, proc)
+
+    def _stop_init(self, name: str) -> None:
+        state = self._inits.pop(name)
+        if state.running is not None and state.running.poll() is None:
+            state.running.terminate()
+            state.running.wait(timeout=30)
 
     def _probe(self, name: str, pod: Obj) -> None:
         ip, _ = self.procs[name]
@@ -390,6 +486,7 @@ class ProcessKubelet:
         self._reported[name] = ok
 
     def _kill(self, name: str) -> None:
+        self._inits.pop(name, None)
         _, proc = self.procs.pop(name)
         self.serving.pop(name, None)
         self._failed_probes.pop(name, None)
