@@ -145,7 +145,7 @@ def _scale_up_and_down(cluster: Namespace, tmp_path: Path) -> None:
         wait_for("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
         assert kubelet.ready[0].startswith("127.244.")
         t0 = time.monotonic()
-        asyncio.run(_load(kubelet, "alexnet_like", 60, 8, latencies))
+        asyncio.run(_load(kubelet, "alexnet-scaled", 60, 8, latencies))
         scaled_up = max(_replicas(cluster, workload), 1)
         events = get(
             cluster,

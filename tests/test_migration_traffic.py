@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 NAME = "moving"
 DEVICE = "device-zone-a-0"
 MODEL = "alexnet_like"
+SERVED = "alexnet"  # the DNNModel's name, which its stages serve the model under
 
 
 class ReadyRecord:
@@ -109,7 +110,7 @@ class Load:
             self.sent += 1
             try:
                 async with session.post(
-                    f"{self.url}/v2/models/{MODEL}/infer",
+                    f"{self.url}/v2/models/{SERVED}/infer",
                     # A stream, not bytes: aiohttp warns on a raw body over 1 MiB (this
                     # one is about 3 MB of JSON) and the test suite makes warnings errors.
                     data=io.BytesIO(self.body),
@@ -156,7 +157,7 @@ def _run(ns: Namespace, operator: OperatorProcess, spare: str, tmp_path: Path) -
         {
             "apiVersion": "edgeai.dev/v1alpha1",
             "kind": "DNNModel",
-            "metadata": {"name": "alexnet"},
+            "metadata": {"name": SERVED},
             "spec": {
                 "source": {"zoo": MODEL},
                 "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
@@ -167,7 +168,7 @@ def _run(ns: Namespace, operator: OperatorProcess, spare: str, tmp_path: Path) -
             "kind": "DNNDeployment",
             "metadata": {"name": NAME},
             "spec": {
-                "modelRef": {"name": "alexnet"},
+                "modelRef": {"name": SERVED},
                 "slo": {"latencyP95Ms": 500},
                 # One device: one device-stage process on this 2-core machine.
                 "devices": {"nodeSelector": {"app": "camera", "kubernetes.io/hostname": DEVICE}},

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +25,7 @@ from _cluster_support import (
     spare_edge_node,
     wait_for,
 )
+from _process_kubelet import ProcessKubelet, ServiceProxy
 from conftest import OperatorProcess
 from edgeai_operator.localcluster import REPO_ROOT
 
@@ -212,71 +211,41 @@ def test_stage_pod_command_serves_the_planned_chain(
         cm = get(ns, "configmap", "alex-plan")
         edge = get(ns, "deployment", "alex-edge-zone-a")
         device = get(ns, "daemonset", "alex-device-zone-a")
-    plan_text = cm["data"]["plan-zone-a.yaml"]
-    (tmp_path / "plan.yaml").write_text(plan_text)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        ports = {}
-        for tier, workload in (("edge", edge), ("device", device)):
-            args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
-            assert args[0] == "run-stage"
-            port = _free_port()
-            ports[tier] = port
-            args = [a for a in args if not a.startswith(("--plan", "--port", "--host", "--next"))]
-            args += [
-                f"--plan={tmp_path / 'plan.yaml'}",
-                f"--port={port}",
-                "--host=127.0.0.1",
-                f"--workdir={tmp_path / tier}",
-            ]
-            if tier == "device":
-                args.append(f"--next=http://127.0.0.1:{ports['edge']}")
-            with (tmp_path / f"{tier}.log").open("wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "edgeai_operator.cli", *args],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            wait_for(f"{tier} stage ready", lambda p=port: _ready(p), 120)
+    assert "plan-zone-a.yaml" in cm["data"]
+    fetch = device["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetch["args"][0] == "fetch"
+    assert edge["spec"]["template"]["spec"]["initContainers"][0]["args"] == fetch["args"]
+    # the pods' own commands (init container first) as processes, Services proxied
+    selector = "edgeai.dev/deployment=alex,edgeai.dev/zone=zone-a"
+    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
+
+        def entry() -> Any:
+            pods = get(ns, "pods", "-l", selector)["items"]
+            serving = {
+                p["metadata"]["labels"]["edgeai.dev/tier"]: p["metadata"]["name"]
+                for p in pods
+                if kubelet.serving.get(p["metadata"]["name"])
+            }
+            return {"device", "edge"} <= set(serving) and kubelet.procs[serving["device"]][0]
+
+        ip = wait_for("device and edge processes serving", entry, 180)
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-        got = _infer(ports["device"], "alexnet_like", x)
-        import onnxruntime as ort
+        # the served name is the DNNModel's
+        got = _infer(f"http://{ip}:8080", "alexnet", x)
+    import onnxruntime as ort
 
-        from edgeai_worker import zoo
+    from edgeai_worker import zoo
 
-        session = ort.InferenceSession(str(zoo.export_onnx("alexnet_like")))
-        want = session.run(None, {"input": x})[0]
-        assert got.shape == want.shape
-        assert float(np.max(np.abs(got - want))) <= 1e-4
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=20)
+    session = ort.InferenceSession(str(zoo.export_onnx("alexnet_like")))
+    want = session.run(None, {"input": x})[0]
+    assert got.shape == want.shape
+    assert float(np.max(np.abs(got - want))) <= 1e-4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-def _infer(port: int, name: str, x: np.ndarray) -> np.ndarray:
+def _infer(url: str, name: str, x: np.ndarray) -> np.ndarray:
     body = json_infer_body(x)
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v2/models/{name}/infer",
+        f"{url}/v2/models/{name}/infer",
         data=body,
         headers={"Content-Type": "application/json"},
     )

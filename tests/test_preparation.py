@@ -72,9 +72,24 @@ def condition(status: Any, type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies a status patch: None removes a key, a
+    mapping merges into a mapping, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
 def merged(status: dict[str, Any], step: preparation.Step) -> dict[str, Any]:
     assert step.status is not None
-    return {**status, **step.status}
+    result: dict[str, Any] = merge_patch(status, step.status)
+    return result
 
 
 def test_first_tick_creates_the_job_its_result_configmap_and_access() -> None:
@@ -265,3 +280,21 @@ def test_a_job_that_ends_without_writing_is_retried_and_a_running_one_waited_for
     assert prepared["reason"] == "Retrying"
     assert "BackoffLimitExceeded" in prepared["message"]
     assert merged(status, step)["preparation"]["attempt"] == 2
+
+
+def test_a_new_generation_after_a_prepared_one_starts_its_own_job(
+    result: dict[str, Any],
+) -> None:
+    status = merged({}, tick(body(SPEC), {}))
+    configmap = {"data": {preparation.RESULT_KEY: json.dumps(result)}}
+    status = merged(status, tick(body(SPEC), status, {"job": None, "configmap": configmap}))
+    assert status["preparation"]["done"] is True
+    # the user changes the spec: generation 2 gets its own Job, and its start clears
+    # generation 1's `done` from status, or no later tick would look at it again
+    started = tick(body(SPEC, generation=2), status)
+    assert started.create[-1]["metadata"]["name"] == "net-prepare-2-1"
+    status = merged(status, started)
+    assert "done" not in status["preparation"]
+    assert preparation.current_job(body(SPEC, generation=2), status) == "net-prepare-2-1"
+    # until it reports, the last good generation's profiles stay
+    assert {p["variant"] for p in status["profiles"]} == {"fp32", "small"}

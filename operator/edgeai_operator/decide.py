@@ -618,6 +618,9 @@ def _plan_status(zones: ZonePlans) -> tuple[dict[str, Any], PlanDocument]:
                 "split": plan.split,
                 "predictedLatencyMs": plan.predicted_latency_ms,
                 "devices": zones.devices.get(z, []),
+                # what the zone's stage pods serve: the variant and its artefact
+                "variant": plan.model.variant,
+                "artifact": plan.model.digest,
             }
             for z, plan in sorted(zones.plans.items())
         },
@@ -700,10 +703,19 @@ def _status(
         {
             "plan": plan_status,
             "split": worst.split,
+            "variant": _variants_text(zones),
             "replicas": replicas_text,
             "observed": dict(p.state.observed),
         },
     )
+
+
+def _variants_text(zones: ZonePlans) -> str:
+    """The VARIANT column: the one variant every zone serves, or `zone:variant` each."""
+    chosen = {z: plan.model.variant or "fp32" for z, plan in sorted(zones.plans.items())}
+    if len(set(chosen.values())) == 1:
+        return next(iter(chosen.values()))
+    return ",".join(f"{z}:{v}" for z, v in chosen.items())
 
 
 def _no_plan_reason(spec: DeploymentSpec, zones: ZonePlans, nodes: Sequence[NodeState]) -> str:

@@ -362,6 +362,25 @@ class Step:
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message)
 
 
+# Every key of status.preparation: each patch names them all (None removes one), since
+# a merge patch keeps the keys it does not mention, such as an earlier generation's
+# `done`.
+_PREPARATION_KEYS = (
+    "generation",
+    "attempt",
+    "job",
+    "done",
+    "startedAt",
+    "finishedAt",
+    "lastJob",
+    "nextAttemptAt",
+)
+
+
+def _preparation(prep: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: prep.get(key) for key in _PREPARATION_KEYS}
+
+
 def _utc(now_s: float) -> str:
     return datetime.datetime.fromtimestamp(now_s, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -422,7 +441,9 @@ def step(
             "(EDGEAI_ARTIFACTS_URI): there is nowhere to store the prepared model"
         )
         conds = set_condition(conditions, "Prepared", False, "NoArtifactStore", message, generation)
-        return Step(status={"conditions": conds, "preparation": {**prep, "done": True}})
+        return Step(
+            status={"conditions": conds, "preparation": _preparation({**prep, "done": True})}
+        )
 
     if observed.get("job") is None and observed.get("configmap") is None:
         if now_s < _epoch(prep.get("nextAttemptAt")):
@@ -432,7 +453,10 @@ def step(
         conds = set_condition(conditions, "Prepared", False, "Preparing", message, generation)
         return Step(
             create=(*access(meta["namespace"]), result_configmap(model, name), job),
-            status={"conditions": conds, "preparation": {**prep, "startedAt": _utc(now_s)}},
+            status={
+                "conditions": conds,
+                "preparation": _preparation({**prep, "startedAt": _utc(now_s)}),
+            },
             events=(("Normal", "Preparing", message),),
         )
 
@@ -460,7 +484,7 @@ def step(
                 **fields,
                 "conditions": conds,
                 "observedGeneration": generation,
-                "preparation": {**prep, "done": True, "finishedAt": _utc(now_s)},
+                "preparation": _preparation({**prep, "done": True, "finishedAt": _utc(now_s)}),
             },
             events=(("Normal", "Prepared", summary),),
         )
@@ -474,7 +498,7 @@ def step(
             status={
                 "conditions": conds,
                 "observedGeneration": generation,
-                "preparation": {**prep, "done": True, "finishedAt": _utc(now_s)},
+                "preparation": _preparation({**prep, "done": True, "finishedAt": _utc(now_s)}),
             },
             events=(("Warning", "PreparationFailed", message),),
         )
@@ -488,12 +512,14 @@ def step(
     return Step(
         status={
             "conditions": conds,
-            "preparation": {
-                "generation": generation,
-                "attempt": attempt + 1,
-                "lastJob": name,
-                "nextAttemptAt": _utc(now_s + wait_s),
-            },
+            "preparation": _preparation(
+                {
+                    "generation": generation,
+                    "attempt": attempt + 1,
+                    "lastJob": name,
+                    "nextAttemptAt": _utc(now_s + wait_s),
+                }
+            ),
         },
         events=(("Warning", "PreparationFailed", message),),
     )

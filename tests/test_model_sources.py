@@ -1,0 +1,447 @@
+"""A user's own ONNX model, brought from http, oci and configmap sources, prepared by the
+operator's preparation Job, planned across a device and an edge stage and served by
+stage pods started from their exact commands (init container `edgeai fetch`, then
+`edgeai run-stage`): the answers equal onnxruntime's on the original file. Bad sources
+and models are refused with a message naming the problem, and leave what is already
+serving as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from _cluster_support import Namespace, annotated_nodes, apply, condition, get, wait_for
+from _process_kubelet import ProcessKubelet, ServiceProxy, is_ready
+from _registry import LocalRegistry
+from conftest import OperatorProcess
+from edgeai_operator import oci
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+DEVICE = "device-zone-a-0"
+WIDTH = 256
+
+
+def user_model(path: Path, *, inputs: int = 1) -> Path:
+    """An MLP exported by no framework: four MatMul+Relu layers built with onnx.helper,
+    one named input `features` (or two, added together) and one output `scores`."""
+    rng = np.random.default_rng(7)
+    nodes, inits = [], []
+    value = "features"
+    graph_inputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, WIDTH])]
+    if inputs == 2:
+        graph_inputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1, WIDTH]))
+        nodes.append(helper.make_node("Add", ["features", "extra"], ["summed"]))
+        value = "summed"
+    for i in range(4):
+        out = WIDTH if i < 3 else 10
+        weight = (rng.standard_normal((WIDTH, out)) / np.sqrt(WIDTH)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [value, f"w{i}"], [f"m{i}"]))
+        value = f"m{i}"
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [value], [f"r{i}"]))
+            value = f"r{i}"
+    nodes.append(helper.make_node("Identity", [value], ["scores"]))
+    graph = helper.make_graph(
+        nodes,
+        "user-mlp",
+        graph_inputs,
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def slow_device(ns: Namespace) -> Iterator[None]:
+    """A device too slow for the small models here and a fast uplink: the plans run
+    the first operator on the device (the raw input stays there) and offload the rest
+    to the edge, so every model here is served by a device -> edge chain."""
+    with (
+        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/gflops", "0.005"),
+        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/uplink-mbps", "300"),
+    ):
+        yield
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return user_model(tmp_path_factory.mktemp("user") / "scorer.onnx")
+
+
+@pytest.fixture(scope="module")
+def http_server(model_file: Path) -> Iterator[str]:
+    """A real HTTP server on loopback serving the model at /models/scorer.onnx."""
+    body = model_file.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/models/scorer.onnx":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def dnn_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": source,
+            "input": {"name": "features", "shape": [1, WIDTH], "dtype": "FP32"},
+            **spec,
+        },
+    }
+
+
+def deployment(name: str, model: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "modelRef": {"name": model},
+            "slo": {"latencyP95Ms": 500},
+            "devices": {"nodeSelector": {"app": "camera", "kubernetes.io/hostname": DEVICE}},
+            "placement": {"tiers": ["device", "edge"]},
+            "privacy": {"rawInputStaysOnDevice": True},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+        },
+    }
+
+
+def prepared(ns: Namespace, name: str, timeout_s: float = 180) -> dict[str, Any]:
+    def done() -> Any:
+        obj = get(ns, "dnnm", name)
+        cond = condition(obj, "Prepared")
+        gen = (obj or {}).get("metadata", {}).get("generation")
+        return cond.get("observedGeneration") == gen and cond.get("status") == "True" and obj
+
+    result: dict[str, Any] = wait_for(f"DNNModel {name} prepared", done, timeout_s)
+    return result
+
+
+def prepared_false(ns: Namespace, name: str, reason: str, timeout_s: float = 120) -> Any:
+    def failed() -> Any:
+        obj = get(ns, "dnnm", name)
+        cond = condition(obj, "Prepared")
+        return cond.get("status") == "False" and cond.get("reason") == reason and obj
+
+    return wait_for(f"DNNModel {name} Prepared=False {reason}", failed, timeout_s)
+
+
+def infer(url: str, model: str, x: np.ndarray, input_name: str = "features") -> np.ndarray:
+    body = {
+        "inputs": [
+            {
+                "name": input_name,
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        out = json.loads(resp.read())["outputs"][0]
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+@contextlib.contextmanager
+def serving_chain(ns: Namespace, name: str, tmp_path: Path) -> Iterator[str]:
+    """The deployment's pods run as processes from their own commands (the device
+    entry and the edge stage serving); yields the device entry's URL."""
+
+    def split() -> Any:
+        obj = get(ns, "dnnd", name)
+        ok = condition(obj, "Available").get("status") == "True"
+        text = (obj or {}).get("status", {}).get("split", "")
+        return ok and "device" in text and "edge" in text and obj
+
+    wait_for(f"{name}: a device and an edge stage", split, 180)
+    selector = f"edgeai.dev/deployment={name}"
+    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
+
+        def entry() -> Any:
+            pods = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=device")["items"]
+            ready = [p for p in pods if is_ready(p) and kubelet.serving.get(p["metadata"]["name"])]
+            edges = get(ns, "pods", "-l", f"{selector},edgeai.dev/tier=edge")["items"]
+            edge_ok = any(kubelet.serving.get(p["metadata"]["name"]) for p in edges)
+            return ready and edge_ok and kubelet.procs[ready[0]["metadata"]["name"]][0]
+
+        ip = wait_for(f"{name}: device and edge processes serving", entry, 180)
+        yield f"http://{ip}:8080"
+    for pod in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
+        fetched = sorted(pod.rglob("model.onnx"))
+        parts = sorted(pod.rglob("stage*.onnx"))
+        print(
+            f"{name} pod {pod.name}: fetched {sum(f.stat().st_size for f in fetched)} B, "
+            f"serves partitions of {sum(f.stat().st_size for f in parts)} B"
+        )
+
+
+def serve_and_compare(
+    ns: Namespace, name: str, model: str, original: Path, tmp_path: Path
+) -> dict[str, Any]:
+    """Sends inputs through the deployment's chain and compares the answers with
+    onnxruntime on the original file; returns the entry's model metadata."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    with serving_chain(ns, name, tmp_path) as url:
+        rng = np.random.default_rng(1)
+        for _ in range(5):
+            x = rng.standard_normal((1, WIDTH)).astype(np.float32)
+            got = infer(url, model, x)
+            (want,) = session.run(None, {"features": x})
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        with urllib.request.urlopen(f"{url}/v2/models/{model}", timeout=10) as resp:
+            metadata: dict[str, Any] = json.loads(resp.read())
+    return metadata
+
+
+def test_a_user_model_from_http_oci_and_configmap_serves_exactly_the_original(
+    ns: Namespace,
+    operator: OperatorProcess,
+    registry: LocalRegistry,
+    http_server: str,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    digest = sha256(model_file)
+    oci_uri = f"oci://{registry.address}/users/scorer:v1"
+    oci.push(model_file, oci_uri)
+    ns.kubectl("create", "configmap", "scorer-onnx", f"--from-file=scorer.onnx={model_file}")
+    sources = {
+        "from-http": {"uri": f"{http_server}/models/scorer.onnx", "sha256": digest},
+        "from-oci": {"uri": oci_uri},
+        "from-cm": {"uri": "configmap://scorer-onnx/scorer.onnx", "sha256": digest},
+    }
+    with slow_device(ns):
+        for name, source in sources.items():
+            started = time.monotonic()
+            apply(ns, dnn_model(name, source))
+            obj = prepared(ns, name)
+            elapsed_s = time.monotonic() - started
+            status = obj["status"]
+            assert status["source"]["digest"] == f"sha256:{digest}"
+            assert condition(obj, "Fetched")["status"] == "True"
+            (artifact,) = status["artifacts"]
+            # the prepared fp32 artefact is the user's file, byte for byte
+            assert artifact["digest"] == f"sha256:{digest}"
+            assert artifact["uri"].startswith(
+                f"oci://{registry.address}/edgeai-models:{name}-fp32-"
+            )
+            print(f"{name}: DNNModel applied to prepared in {elapsed_s:.1f}s")
+            apply(ns, deployment(f"{name}-serve", name))
+            metadata = serve_and_compare(ns, f"{name}-serve", name, model_file, tmp_path / name)
+            params = metadata["parameters"]
+            assert params["digest"] == f"sha256:{digest}"
+            assert params["variant"] == "fp32"
+            assert params["uri"] == artifact["uri"]
+            ns.kubectl("delete", "dnnd", f"{name}-serve", "--wait=true", "--timeout=60s")
+
+
+def test_bad_sources_and_models_are_refused_by_name_and_spare_what_serves(
+    ns: Namespace,
+    operator: OperatorProcess,
+    registry: LocalRegistry,
+    http_server: str,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    digest = sha256(model_file)
+    good = {"uri": f"{http_server}/models/scorer.onnx", "sha256": digest}
+    two_inputs = user_model(tmp_path / "two.onnx", inputs=2)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff\xfe not a protobuf model" * 10)
+    for key, path in (("two", two_inputs), ("garbage", garbage)):
+        ns.kubectl("create", "configmap", f"bad-{key}", f"--from-file=model.onnx={path}")
+
+    # a model that serves, then gets a bad digest: the old generation keeps serving
+    apply(ns, dnn_model("serving", good), deployment("serving-app", "serving"))
+    before = prepared(ns, "serving")
+    wait_for(
+        "serving-app Available",
+        lambda: condition(get(ns, "dnnd", "serving-app"), "Available").get("status") == "True",
+        180,
+    )
+    pods_before = {
+        p["metadata"]["name"]: p["metadata"]["annotations"]
+        for p in get(ns, "pods", "-l", "edgeai.dev/deployment=serving-app")["items"]
+    }
+    apply(ns, dnn_model("serving", {**good, "sha256": "0" * 64}))
+    obj = wait_for(
+        "serving: Fetched=False",
+        lambda: (
+            (o := get(ns, "dnnm", "serving"))
+            and condition(o, "Fetched").get("status") == "False"
+            and o
+        ),
+        120,
+    )
+    fetched = condition(obj, "Fetched")
+    assert "sha256 mismatch" in fetched["message"], fetched
+    assert "scorer.onnx" in fetched["message"]
+    assert obj["status"]["profiles"] == before["status"]["profiles"]
+    assert obj["status"]["artifacts"] == before["status"]["artifacts"]
+    app = get(ns, "dnnd", "serving-app")
+    assert condition(app, "Available")["status"] == "True"
+    pods_after = {
+        p["metadata"]["name"]: p["metadata"]["annotations"]
+        for p in get(ns, "pods", "-l", "edgeai.dev/deployment=serving-app")["items"]
+    }
+    assert pods_after == pods_before
+
+    # unreachable: Fetched=False naming the URL, then tried again after the backoff
+    apply(ns, dnn_model("unreachable", {"uri": "http://127.0.0.1:9/net.onnx", "sha256": digest}))
+    obj = wait_for(
+        "unreachable retried",
+        lambda: (
+            (o := get(ns, "dnnm", "unreachable"))
+            and (o.get("status", {}).get("preparation") or {}).get("attempt", 0) >= 3
+            and o
+        ),
+        180,
+    )
+    fetched = condition(obj, "Fetched")
+    assert fetched["status"] == "False"
+    assert "http://127.0.0.1:9/net.onnx" in fetched["message"]
+    assert "Connection refused" in fetched["message"] or "refused" in fetched["message"]
+
+    # an oci:// tag the registry does not have
+    apply(ns, dnn_model("no-tag", {"uri": f"oci://{registry.address}/users/scorer:missing"}))
+    obj = wait_for(
+        "no-tag Fetched=False",
+        lambda: (
+            (o := get(ns, "dnnm", "no-tag"))
+            and condition(o, "Fetched").get("status") == "False"
+            and o
+        ),
+        120,
+    )
+    assert "users/scorer:missing" in condition(obj, "Fetched")["message"]
+
+    # not an ONNX file, and a model with two inputs where the spec names one: final
+    apply(ns, dnn_model("garbage", {"uri": "configmap://bad-garbage/model.onnx"}))
+    obj = prepared_false(ns, "garbage", "InvalidModel")
+    assert "is not an ONNX model onnxruntime can load" in condition(obj, "Prepared")["message"]
+    apply(ns, dnn_model("two", {"uri": "configmap://bad-two/model.onnx"}))
+    obj = prepared_false(ns, "two", "InvalidModel")
+    message = condition(obj, "Prepared")["message"]
+    assert "spec.input" in message, message
+    assert "the model has 2" in message, message
+
+    # a variant without its data: that variant is refused by name, the others ready
+    apply(
+        ns,
+        dnn_model(
+            "no-calibration",
+            good,
+            variants=[
+                {"name": "q-static", "quantize": {"mode": "static"}},
+                {"name": "q-dynamic", "quantize": {"mode": "dynamic"}},
+            ],
+        ),
+    )
+    obj = prepared(ns, "no-calibration")
+    variants = {v["name"]: v for v in obj["status"]["variants"]}
+    assert variants["q-static"]["ready"] is False
+    assert "spec.calibration.uri" in variants["q-static"]["message"]
+    assert variants["q-dynamic"]["ready"] is True
+    assert obj["status"]["variantNames"] == "fp32,q-dynamic"
+
+
+def test_held_out_digits_through_the_chain_score_the_accuracy_status_reports(
+    ns: Namespace, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """fp32 alone, then int8 (static) and a distilled student under a minAccuracy the
+    student misses: a slow device offloads to the edge after its first operator, and
+    the int8 graph's first cut (its quantized input, 64 bytes) beats fp32's (4 KiB)."""
+    from edgeai_worker import zoo
+
+    _, _, x_test, y_test = zoo.digits_split()
+    digits_input = {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}
+    cases = {
+        "fp32": ({}, None),
+        "int8": (
+            {
+                "variants": [
+                    {"name": "int8", "quantize": {"mode": "static"}},
+                    {"name": "small", "distill": {}},
+                ]
+            },
+            0.97,
+        ),
+    }
+    with slow_device(ns):
+        for want, (variants, floor) in cases.items():
+            name = f"digits-{want}"
+            model = dnn_model(name, {"zoo": "digits_cnn"}, **variants)
+            model["spec"]["input"] = digits_input
+            app = deployment(f"{name}-app", name)
+            if floor is not None:
+                app["spec"]["slo"]["minAccuracy"] = floor
+            apply(ns, model, app)
+            status = prepared(ns, name)["status"]
+            accuracy = {v["name"]: v.get("accuracy") for v in status["variants"]}
+            if floor is not None:
+                assert accuracy["small"] < floor <= accuracy["int8"], accuracy
+            with serving_chain(ns, f"{name}-app", tmp_path / name) as url:
+                row = ns.kubectl("get", "dnnd", f"{name}-app")
+                correct = 0
+                for x, label in zip(x_test, y_test, strict=True):
+                    scores = infer(url, name, x[None], input_name="input")
+                    correct += int(scores.argmax() == label)
+                with urllib.request.urlopen(f"{url}/v2/models/{name}", timeout=10) as resp:
+                    served = json.loads(resp.read())["parameters"]
+            served_accuracy = correct / len(y_test)
+            print(
+                f"{name}: served variant {served['variant']}, {len(y_test)} held-out digits "
+                f"through the chain: accuracy {served_accuracy:.4f}, status "
+                f"{accuracy[want]:.4f}"
+            )
+            assert served["variant"] == want
+            assert want in row.splitlines()[1].split(), row
+            artifact = next(a for a in status["artifacts"] if a["variant"] == want)
+            assert served["digest"] == artifact["digest"]
+            assert abs(served_accuracy - accuracy[want]) <= 0.005
