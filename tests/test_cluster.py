@@ -74,7 +74,7 @@ def test_crds_applied_and_served(ns: Namespace) -> None:
         spec={**model["spec"], "source": {}},
     )
     out = _kubectl_fails(ns, "apply", "-f", "-", input_text=yaml.safe_dump(bad))
-    assert "spec.source.zoo: Required value" in out
+    assert "spec.source sets exactly one of zoo or uri" in out
 
 
 def _kubectl_fails(ns: Namespace, *args: str, input_text: str) -> str:
