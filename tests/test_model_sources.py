@@ -215,7 +215,7 @@ def serving_chain(ns: Namespace, name: str, tmp_path: Path) -> Iterator[str]:
         parts = sorted(pod.rglob("stage*.onnx"))
         print(
             f"{name} pod {pod.name}: fetched {sum(f.stat().st_size for f in fetched)} B, "
-            f"serves partitions of {sum(f.stat().st_size for f in parts)} B"
+            f"cut partitions totalling {sum(f.stat().st_size for f in parts)} B"
         )
 
 
