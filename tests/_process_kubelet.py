@@ -303,6 +303,19 @@ class ProcessKubelet:
         """IPs of the pods whose processes pass their readiness probe."""
         return [self.procs[n][0] for n, ok in list(self.serving.items()) if ok and n in self.procs]
 
+    def entry_ip(self, tiers: tuple[str, ...] = ("device", "edge")) -> str | None:
+        """The IP of a pod of the first of `tiers` (the chain's entry) that is Ready
+        with its process serving, once a pod of every other tier serves too; None
+        until then."""
+        serving: dict[str, list[Obj]] = {}
+        for name, pod in list(self._pods.objects.items()):
+            if self.serving.get(name) and name in self.procs:
+                serving.setdefault(pod["metadata"]["labels"]["edgeai.dev/tier"], []).append(pod)
+        if not all(serving.get(t) for t in tiers):
+            return None
+        entry = next((p for p in serving[tiers[0]] if is_ready(p)), None)
+        return None if entry is None else self.procs[entry["metadata"]["name"]][0]
+
     def __enter__(self) -> ProcessKubelet:
         self._pods.start()
         self._thread.start()

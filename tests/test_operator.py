@@ -218,17 +218,7 @@ def test_stage_pod_command_serves_the_planned_chain(
     # the pods' own commands (init container first) as processes, Services proxied
     selector = "edgeai.dev/deployment=alex,edgeai.dev/zone=zone-a"
     with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
-
-        def entry() -> Any:
-            pods = get(ns, "pods", "-l", selector)["items"]
-            serving = {
-                p["metadata"]["labels"]["edgeai.dev/tier"]: p["metadata"]["name"]
-                for p in pods
-                if kubelet.serving.get(p["metadata"]["name"])
-            }
-            return {"device", "edge"} <= set(serving) and kubelet.procs[serving["device"]][0]
-
-        ip = wait_for("device and edge processes serving", entry, 180)
+        ip = wait_for("device and edge processes serving", kubelet.entry_ip, 180)
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         # the served name is the DNNModel's
         got = _infer(f"http://{ip}:8080", "alexnet", x)

@@ -34,6 +34,7 @@ from typing import Any
 
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.modelspec import ModelSpec
+from edgeai_operator.profiling import finished_conditions, model_owner, tier_estimates
 from edgeai_operator.topology import NodeSpec
 
 JOB_LABEL = "edgeai.dev/job"
@@ -57,18 +58,6 @@ def job_name(model: str, generation: int | None, attempt: int) -> str:
 def backoff_s(attempt: int) -> float:
     """The wait after failed attempt `attempt` (1-based) before the next one."""
     return float(min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-
-
-def _owner(model: Mapping[str, Any]) -> dict[str, Any]:
-    meta = model["metadata"]
-    return {
-        "apiVersion": str(model.get("apiVersion", "edgeai.dev/v1alpha1")),
-        "kind": "DNNModel",
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def _labels(model: str, generation: int | None) -> dict[str, str]:
@@ -134,7 +123,7 @@ def result_configmap(model: Mapping[str, Any], name: str) -> dict[str, Any]:
             "name": name,
             "namespace": meta["namespace"],
             "labels": _labels(meta["name"], meta.get("generation")),
-            "ownerReferences": [_owner(model)],
+            "ownerReferences": [model_owner(model)],
         },
     }
 
@@ -220,7 +209,7 @@ def preparation_job(
             "name": name,
             "namespace": meta["namespace"],
             "labels": lbls,
-            "ownerReferences": [_owner(model)],
+            "ownerReferences": [model_owner(model)],
         },
         "spec": {
             "backoffLimit": 0,
@@ -281,8 +270,7 @@ def outcome(configmap: Mapping[str, Any] | None, job: Mapping[str, Any] | None) 
             return Outcome("job", f"the preparation Job wrote an unreadable error: {exc}")
     if job is None:
         return Outcome("running")
-    conditions = (job.get("status") or {}).get("conditions") or []
-    done = {c.get("type"): c for c in conditions if c.get("status") == "True"}
+    done = finished_conditions(job)
     if "Failed" in done:
         failed = done["Failed"]
         return Outcome(
@@ -312,8 +300,6 @@ def prepared_status(
     result: Mapping[str, Any], nodes: Sequence[NodeSpec], job: str
 ) -> tuple[dict[str, Any], str]:
     """Status fields from a `PrepareResult` dict, and a one-line summary."""
-    from edgeai_operator.profiling import tier_estimates
-
     variants = list(result["variants"])
     ready = [v for v in variants if v.get("ready")]
     profiles = [_profile_of(v) for v in ready]
@@ -463,6 +449,11 @@ def step(
     found = outcome(observed.get("configmap"), observed.get("job"))
     if found.kind == "running":
         return Step()
+    # what a final outcome (prepared, or a model that does not fit) writes besides
+    finished = {
+        "observedGeneration": generation,
+        "preparation": _preparation({**prep, "done": True, "finishedAt": _utc(now_s)}),
+    }
     if found.kind == "prepared":
         assert found.data is not None
         fields, summary = prepared_status(found.data, nodes, name)
@@ -480,12 +471,7 @@ def step(
             generation,
         )
         return Step(
-            status={
-                **fields,
-                "conditions": conds,
-                "observedGeneration": generation,
-                "preparation": _preparation({**prep, "done": True, "finishedAt": _utc(now_s)}),
-            },
+            status={**fields, "conditions": conds, **finished},
             events=(("Normal", "Prepared", summary),),
         )
     if found.kind == "spec":
@@ -495,11 +481,7 @@ def step(
             conds = set_condition(conds, "Fetched", True, "Fetched", spec.source.uri, generation)
         conds = set_condition(conds, "Prepared", False, "InvalidModel", message, generation)
         return Step(
-            status={
-                "conditions": conds,
-                "observedGeneration": generation,
-                "preparation": _preparation({**prep, "done": True, "finishedAt": _utc(now_s)}),
-            },
+            status={"conditions": conds, **finished},
             events=(("Warning", "PreparationFailed", message),),
         )
     # a fetch failure or a Job that failed without a word: try again after a backoff

@@ -95,6 +95,26 @@ def profile_tiers(spec: Mapping[str, Any], nodes: Sequence[NodeSpec]) -> list[st
     return [t for t in TIERS if any(n.tier == t for n in nodes)]
 
 
+def model_owner(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The ownerReference to DNNModel `model` (its body) its Jobs and ConfigMaps carry."""
+    meta = model["metadata"]
+    return {
+        "apiVersion": str(model.get("apiVersion", "edgeai.dev/v1alpha1")),
+        "kind": "DNNModel",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def finished_conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The Job's conditions that hold (status True), by type: `Complete` or `Failed`
+    once it has finished."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return {c.get("type"): c for c in conditions if c.get("status") == "True"}
+
+
 def profile_job_name(model: str, tier: str, generation: int | None) -> str:
     return f"{model}-profile-{tier}-{generation or 0}"
 
@@ -115,16 +135,7 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
             "name": profile_job_name(meta["name"], tier, meta.get("generation")),
             "namespace": meta["namespace"],
             "labels": lbls,
-            "ownerReferences": [
-                {
-                    "apiVersion": str(model.get("apiVersion", "edgeai.dev/v1alpha1")),
-                    "kind": "DNNModel",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [model_owner(model)],
         },
         "spec": {
             "backoffLimit": 0,
@@ -190,8 +201,7 @@ def job_result(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> tup
 
     result: `message` (detail = the termination message), `noMessage`, `failed`,
     `timedOut`."""
-    conditions = (job.get("status") or {}).get("conditions") or []
-    done = {c.get("type"): c for c in conditions if c.get("status") == "True"}
+    done = finished_conditions(job)
     if "Failed" in done:
         failed = done["Failed"]
         if failed.get("reason") == "DeadlineExceeded":

@@ -49,25 +49,29 @@ async def prepare_model(
         )
         patch.status["observedGeneration"] = generation
         raise kopf.PermanentError(str(exc)) from exc
-    await _prepare_tick(spec, status, meta, namespace, patch, body, memo, kwargs)
+    await _prepare_tick(_model(body, meta, spec, namespace), status, patch, body, memo, kwargs)
+
+
+def _model(
+    body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, namespace: str | None
+) -> dict[str, Any]:
+    """The DNNModel as the passes in threads read it: plain data, namespace filled in."""
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "metadata": {**dict(meta), "namespace": namespace or "default"},
+        "spec": dict(spec),
+    }
 
 
 async def _prepare_tick(
-    spec: kopf.Spec,
+    model: Mapping[str, Any],
     status: kopf.Status,
-    meta: kopf.Meta,
-    namespace: str | None,
     patch: kopf.Patch,
     body: kopf.Body,
     memo: kopf.Memo,
     kwargs: Mapping[str, Any],
 ) -> None:
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
-    model = {
-        "apiVersion": body.get("apiVersion"),
-        "metadata": {**dict(meta), "namespace": namespace or "default"},
-        "spec": dict(spec),
-    }
     ctx = context_of(memo)
     step = await asyncio.to_thread(
         preparation_pass,
@@ -146,8 +150,9 @@ async def model_jobs(
     turns finished ones into `status.tiers`.
 
     Never waits on a Job: each tick creates missing Jobs and reads finished ones."""
-    if preparation.current_job({"metadata": dict(meta)}, status) is not None:
-        await _prepare_tick(spec, status, meta, namespace, patch, body, memo, kwargs)
+    model = _model(body, meta, spec, namespace)
+    if preparation.current_job(model, status) is not None:
+        await _prepare_tick(model, status, patch, body, memo, kwargs)
         return
     prepared: Mapping[str, Any] = next(
         (c for c in status.get("conditions") or [] if c.get("type") == "Prepared"), {}
@@ -157,11 +162,6 @@ async def model_jobs(
     ):
         return  # this generation's profile is not written yet
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
-    model = {
-        "apiVersion": body.get("apiVersion"),
-        "metadata": {**dict(meta), "namespace": namespace or "default"},
-        "spec": dict(spec),
-    }
     ctx = context_of(memo)
     updates, events = await asyncio.to_thread(
         profile_jobs_pass,
