@@ -43,6 +43,16 @@ def test_a_bad_interval_names_its_variable(value: str) -> None:
         Settings.from_env({"EDGEAI_RESYNC_SECONDS": value})
 
 
+def test_the_default_artifact_store_comes_from_the_environment_checked() -> None:
+    uri = "oci://registry.local:5000/edgeai-models"
+    assert Settings.from_env({"EDGEAI_ARTIFACTS_URI": uri}).artifacts_uri == uri
+    assert Settings.from_env({}).artifacts_uri is None
+    # a tagged reference could not hold one artefact per variant: refused at start-up
+    with pytest.raises(SpecError) as err:
+        Settings.from_env({"EDGEAI_ARTIFACTS_URI": f"{uri}:v1"})
+    assert err.value.field == "EDGEAI_ARTIFACTS_URI"
+
+
 def test_the_node_epoch_moves_only_when_placement_could() -> None:
     tracker = NodeTracker()
     assert tracker.changed("edge-0", ("labels", "Ready"))
