@@ -67,6 +67,9 @@ def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[Namesp
         cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
+CA_BUNDLE_CONFIGMAP = "edgeai-ca-bundle"
+
+
 class OperatorProcess:
     """`edgeai operator` as a child process; stop() and start() again to restart it."""
 
@@ -89,6 +92,8 @@ class OperatorProcess:
             "EDGEAI_PROFILE_POLL_SECONDS": "2",
             # prepared models go to the session's registry, as a cluster's would
             "EDGEAI_ARTIFACTS_URI": artifacts_uri,
+            # a namespace holding this ConfigMap has its CAs trusted by its preparation Jobs
+            "EDGEAI_CA_BUNDLE_CONFIGMAP": CA_BUNDLE_CONFIGMAP,
         }
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -53,6 +53,16 @@ def test_the_default_artifact_store_comes_from_the_environment_checked() -> None
     assert err.value.field == "EDGEAI_ARTIFACTS_URI"
 
 
+def test_the_ca_bundle_configmap_comes_from_the_environment_checked() -> None:
+    env = {"EDGEAI_CA_BUNDLE_CONFIGMAP": "edgeai-ca-bundle"}
+    assert Settings.from_env(env).ca_bundle_configmap == "edgeai-ca-bundle"
+    assert Settings.from_env({"EDGEAI_CA_BUNDLE_CONFIGMAP": ""}).ca_bundle_configmap is None
+    with pytest.raises(SpecError) as err:
+        Settings.from_env({"EDGEAI_CA_BUNDLE_CONFIGMAP": "Team_CAs"})
+    assert err.value.field == "EDGEAI_CA_BUNDLE_CONFIGMAP"
+    assert "DNS-1123 subdomain" in str(err.value)
+
+
 def test_the_node_epoch_moves_only_when_placement_could() -> None:
     tracker = NodeTracker()
     assert tracker.changed("edge-0", ("labels", "Ready"))

@@ -1,4 +1,4 @@
-"""A user's own ONNX model, brought from http, oci and configmap sources, prepared by the
+"""A user's own ONNX model, brought from https, http, oci and configmap sources, prepared by the
 operator's preparation Job, planned across a device and an edge stage and served by
 stage pods started from their exact commands (init container `edgeai fetch`, then
 `edgeai run-stage`): the answers equal onnxruntime's on the original file. Bad sources
@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _cluster_support import Namespace, annotated_nodes, apply, condition, get, wait_for
+from _model_server import ModelServer, ServerCert, make_ca
 from _process_kubelet import ProcessKubelet, ServiceProxy
 from _registry import LocalRegistry
-from conftest import OperatorProcess
+from conftest import CA_BUNDLE_CONFIGMAP, OperatorProcess
 from edgeai_operator import oci
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -92,28 +91,24 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def http_server(model_file: Path) -> Iterator[str]:
     """A real HTTP server on loopback serving the model at /models/scorer.onnx."""
-    body = model_file.read_bytes()
+    server = ModelServer()
+    server.serve("/models/scorer.onnx", model_file.read_bytes())
+    yield server.base_url
+    server.stop()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/models/scorer.onnx":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args: Any) -> None:
-            pass
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    return make_ca(tmp_path_factory.mktemp("pki"))
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+
+@pytest.fixture(scope="module")
+def https_server(model_file: Path, server_cert: ServerCert) -> Iterator[str]:
+    """The same over HTTPS, its certificate signed by a CA of the test's own."""
+    server = ModelServer(tls=server_cert)
+    server.serve("/models/scorer.onnx", model_file.read_bytes())
+    yield server.base_url
+    server.stop()
 
 
 def dnn_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
@@ -247,11 +242,13 @@ def serve_and_compare(
     return metadata
 
 
-def test_a_user_model_from_http_oci_and_configmap_serves_exactly_the_original(
+def test_a_user_model_from_https_http_oci_and_configmap_serves_exactly_the_original(
     ns: Namespace,
     operator: OperatorProcess,
     registry: LocalRegistry,
     http_server: str,
+    https_server: str,
+    server_cert: ServerCert,
     model_file: Path,
     tmp_path: Path,
 ) -> None:
@@ -259,7 +256,12 @@ def test_a_user_model_from_http_oci_and_configmap_serves_exactly_the_original(
     oci_uri = f"oci://{registry.address}/users/scorer:v1"
     oci.push(model_file, oci_uri)
     ns.kubectl("create", "configmap", "scorer-onnx", f"--from-file=scorer.onnx={model_file}")
+    # the team's CA, in the ConfigMap the operator mounts into preparation Jobs
+    ns.kubectl(
+        "create", "configmap", CA_BUNDLE_CONFIGMAP, f"--from-file=team-ca.crt={server_cert.ca}"
+    )
     sources = {
+        "from-https": {"uri": f"{https_server}/models/scorer.onnx", "sha256": digest},
         "from-http": {"uri": f"{http_server}/models/scorer.onnx", "sha256": digest},
         "from-oci": {"uri": oci_uri},
         "from-cm": {"uri": "configmap://scorer-onnx/scorer.onnx", "sha256": digest},
@@ -294,6 +296,7 @@ def test_bad_sources_and_models_are_refused_by_name_and_spare_what_serves(
     operator: OperatorProcess,
     registry: LocalRegistry,
     http_server: str,
+    https_server: str,
     model_file: Path,
     tmp_path: Path,
 ) -> None:
@@ -340,6 +343,15 @@ def test_bad_sources_and_models_are_refused_by_name_and_spare_what_serves(
     assert fetched["status"] == "False"
     assert "http://127.0.0.1:9/net.onnx" in fetched["message"]
     assert "refused" in fetched["message"]
+
+    # https from a server whose CA this namespace does not trust (no CA ConfigMap here)
+    untrusted = {"uri": f"{https_server}/models/scorer.onnx", "sha256": digest}
+    apply(ns, dnn_model("untrusted", untrusted))
+    obj = model_condition(ns, "untrusted", "Fetched", "False")
+    message = condition(obj, "Fetched")["message"]
+    assert f"{https_server}/models/scorer.onnx" in message, message
+    assert "TLS certificate verify failed" in message, message
+    assert "EDGEAI_CA_BUNDLE_CONFIGMAP" in message, message
 
     # an oci:// tag the registry does not have
     apply(ns, dnn_model("no-tag", {"uri": f"oci://{registry.address}/users/scorer:missing"}))

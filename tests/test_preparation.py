@@ -55,6 +55,7 @@ def tick(
     *,
     now_s: float = NOW_S,
     artifacts: str | None = DEFAULT,
+    ca_bundle_configmap: str | None = None,
 ) -> preparation.Step:
     return preparation.step(
         model,
@@ -65,6 +66,7 @@ def tick(
         image="edgeai/worker:test",
         artifacts_uri=artifacts,
         now_s=now_s,
+        ca_bundle_configmap=ca_bundle_configmap,
     )
 
 
@@ -116,6 +118,25 @@ def test_first_tick_creates_the_job_its_result_configmap_and_access() -> None:
     role = step.create[1]
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]}
+    ]
+
+
+def test_the_operators_ca_bundle_configmap_is_mounted_optional_and_trusted() -> None:
+    plain = tick(body(SPEC), {}).create[-1]["spec"]["template"]["spec"]
+    assert not any(a.startswith("--ca-bundle") for a in plain["containers"][0]["args"])
+    assert not any("configMap" in v for v in plain["volumes"])
+
+    pod = tick(body(SPEC), {}, ca_bundle_configmap="team-cas").create[-1]["spec"]["template"][
+        "spec"
+    ]
+    container = pod["containers"][0]
+    assert f"--ca-bundle={preparation.CA_BUNDLE_DIR}" in container["args"]
+    assert {"name": "ca-bundle", "mountPath": "/etc/edgeai/ca", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    # optional: a namespace without the ConfigMap still runs its Jobs (system CAs only)
+    assert {"name": "ca-bundle", "configMap": {"name": "team-cas", "optional": True}} in pod[
+        "volumes"
     ]
 
 

@@ -11,11 +11,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +21,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _cluster_support import Namespace, apply
+from _cluster_support import Namespace, apply, wait_for
+from _model_server import ModelServer, Reply, ServerCert, make_ca
 from _registry import LocalRegistry
 from edgeai_operator import oci
 from edgeai_operator.errors import SpecError
@@ -68,49 +65,6 @@ def _user_model() -> bytes:
 MODEL = _user_model()
 MODEL_SHA256 = hashlib.sha256(MODEL).hexdigest()
 WRONG_SHA256 = hashlib.sha256(b"another model").hexdigest()
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes = b""
-    # a Content-Length larger than the body: the connection closes early
-    promised_bytes: int | None = None
-
-
-class ModelServer:
-    """A real HTTP server on loopback. Each path answers its replies in turn (the last
-    one repeats) and counts the requests it got."""
-
-    def __init__(self) -> None:
-        self.replies: dict[str, list[Reply]] = {}
-        self.hits: Counter[str] = Counter()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.hits[self.path] += 1
-                queue = server.replies.get(self.path, [Reply(404, b"not found")])
-                reply = queue.pop(0) if len(queue) > 1 else queue[0]
-                self.send_response(reply.status)
-                length = reply.promised_bytes or len(reply.body)
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
-                self.wfile.write(reply.body)
-                self.close_connection = reply.promised_bytes is not None
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # the tests check the counts, not the log
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
 
 
 @pytest.fixture
@@ -411,6 +365,106 @@ def test_edgeai_fetch_fails_with_exit_code_and_message(server: ModelServer, tmp_
     assert malformed.stderr.startswith(
         "error: URI: 'ftp://models.example/user.onnx' is not a model source URI (accepted: zoo://"
     )
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    return make_ca(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_server(server_cert: ServerCert) -> Iterator[ModelServer]:
+    srv = ModelServer(tls=server_cert)
+    yield srv
+    srv.stop()
+
+
+def test_https_trusts_the_ca_bundle_given_as_a_file_or_a_directory(
+    tls_server: ModelServer, server_cert: ServerCert, tmp_path: Path
+) -> None:
+    url = tls_server.serve("/user.onnx", MODEL)
+    assert url.startswith("https://127.0.0.1:")
+    by_file = fetch(_http(url), tmp_path / "a", ca_bundle=server_cert.ca)
+    assert by_file.path.read_bytes() == MODEL
+    # a mounted ConfigMap: every *.crt / *.pem key is a CA, anything else is not read
+    mounted = tmp_path / "ca"
+    mounted.mkdir()
+    (mounted / "team-ca.crt").write_bytes(server_cert.ca.read_bytes())
+    (mounted / "README").write_text("not a certificate")
+    by_dir = fetch(_http(url), tmp_path / "b", ca_bundle=mounted)
+    assert (by_dir.sha256, by_dir.path.read_bytes()) == (MODEL_SHA256, MODEL)
+    assert tls_server.hits["/user.onnx"] == 2
+
+
+def test_https_with_an_untrusted_certificate_fails_at_once_and_says_how_to_trust_it(
+    tls_server: ModelServer, server_cert: ServerCert, tmp_path: Path
+) -> None:
+    url = tls_server.serve("/user.onnx", MODEL)
+    empty = tmp_path / "ca"  # an optional ConfigMap that does not exist mounts empty
+    empty.mkdir()
+    for bundle in (None, empty):
+        sleeps: list[float] = []
+        with pytest.raises(FetchError) as err:
+            fetch(
+                _http(url),
+                tmp_path / "out",
+                ca_bundle=bundle,
+                retry=FAST_RETRY,
+                sleep=sleeps.append,
+                timeout_s=10,
+            )
+        message = str(err.value)
+        assert message.startswith(f"cannot fetch {url}: TLS certificate verify failed: ")
+        assert "--ca-bundle" in message
+        assert "EDGEAI_CA_BUNDLE_CONFIGMAP" in message
+        # no retry: the certificate is as untrusted a moment later
+        assert sleeps == []
+        assert list((tmp_path / "out").iterdir()) == []
+    # the handshake failed (once per fetch), so the server never read a request
+    wait_for("both handshakes to end", lambda: tls_server.broken_connections == 2, 10)
+    assert tls_server.hits["/user.onnx"] == 0
+
+
+def test_a_ca_bundle_that_is_missing_or_holds_no_certificate_is_refused(
+    tmp_path: Path,
+) -> None:
+    source = _http("https://models.example/user.onnx")
+    with pytest.raises(SpecError) as err:
+        fetch(source, tmp_path / "out", ca_bundle=tmp_path / "nowhere.crt")
+    assert err.value.field == "--ca-bundle"
+    assert "does not exist" in str(err.value)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(SpecError) as err:
+        fetch(source, tmp_path / "out", ca_bundle=junk)
+    assert err.value.field == "--ca-bundle"
+    assert "holds no readable certificate" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_edgeai_fetch_ca_bundle_flag(
+    tls_server: ModelServer, server_cert: ServerCert, tmp_path: Path
+) -> None:
+    url = tls_server.serve("/user.onnx", MODEL)
+    refused = _edgeai(url, "--out", str(tmp_path / "a"), "--sha256", MODEL_SHA256)
+    assert refused.returncode == 1
+    assert "TLS certificate verify failed" in refused.stderr
+    done = _edgeai(
+        url,
+        "--out",
+        str(tmp_path / "b"),
+        "--sha256",
+        MODEL_SHA256,
+        "--ca-bundle",
+        str(server_cert.ca),
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sha256"] == MODEL_SHA256
+    missing = _edgeai(
+        url, "--out", str(tmp_path / "c"), "--sha256", MODEL_SHA256, "--ca-bundle", "/nowhere"
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: --ca-bundle: '/nowhere' does not exist")
 
 
 def _configmap(name: str, binary: dict[str, bytes], data: dict[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,15 @@ def _artifacts(uri: str | None) -> str | None:
     return uri
 
 
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _configmap_name(name: str | None, variable: str) -> str | None:
+    if name is not None and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
+        raise SpecError(variable, f"{name!r} is not a ConfigMap name", "a DNS-1123 subdomain")
+    return name
+
+
 @dataclass(frozen=True)
 class Settings:
     """How this operator process runs (environment variables, then flags)."""
@@ -57,6 +67,9 @@ class Settings:
     profile_poll_s: float = 5.0  # EDGEAI_PROFILE_POLL_SECONDS: model Jobs are read
     # EDGEAI_ARTIFACTS_URI: where prepared models go when spec.artifacts.uri is unset
     artifacts_uri: str | None = None
+    # EDGEAI_CA_BUNDLE_CONFIGMAP: a ConfigMap (in each model's namespace) of extra CAs
+    # the preparation Jobs trust for https sources
+    ca_bundle_configmap: str | None = None
     metrics_port: int | None = None  # --metrics-port
 
     @classmethod
@@ -70,6 +83,9 @@ class Settings:
             debounce_s=_seconds(env, "EDGEAI_DEBOUNCE_SECONDS", cls.debounce_s),
             profile_poll_s=_seconds(env, "EDGEAI_PROFILE_POLL_SECONDS", cls.profile_poll_s),
             artifacts_uri=_artifacts(env.get("EDGEAI_ARTIFACTS_URI") or None),
+            ca_bundle_configmap=_configmap_name(
+                env.get("EDGEAI_CA_BUNDLE_CONFIGMAP") or None, "EDGEAI_CA_BUNDLE_CONFIGMAP"
+            ),
             metrics_port=metrics_port,
         )
 

@@ -37,6 +37,11 @@ def register(subparsers: Any) -> None:
         "--timeout-seconds", type=float, default=60.0, help="limit on each network wait"
     )
     parser.add_argument(
+        "--ca-bundle",
+        help="a PEM file, or a directory of *.crt/*.pem files, of CAs trusted for https "
+        "besides the system's",
+    )
+    parser.add_argument(
         "--file-name",
         help="name the fetched file gets in --out (default: the source's own file name)",
     )
@@ -55,6 +60,7 @@ def _cmd(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             pvc_root=Path(args.pvc_root),
             timeout_s=args.timeout_seconds,
+            ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
         )
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)

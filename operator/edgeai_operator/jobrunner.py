@@ -10,7 +10,9 @@ args) as a local process with the cluster's kubeconfig, and when the process exi
 writes the container's termination (exit code, reason, message) and the pod's phase,
 from which the Job controller completes or fails the Job. A pod deleted while its
 process runs has the process stopped. Claims (`/mnt/pvc/CLAIM` mounts) map to
-directories under `--pvc-dir`.
+directories under `<workdir>/pvc`; a ConfigMap volume is written (its keys as files) to a
+directory of the pod's own, empty when an `optional` ConfigMap does not exist, and an
+argument naming its mount path is pointed there.
 
 Run by `LocalCluster.start()` as `python -m edgeai_operator.jobrunner`.
 """
@@ -50,17 +52,25 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def command(pod: Pod, pvc_dir: Path) -> list[str]:
+def _local_arg(arg: str, mounts: dict[str, Path]) -> str:
+    """`--flag=PATH` with PATH under a mount path of `mounts` pointed at its local dir."""
+    flag, eq, value = arg.partition("=")
+    for mount_path, local in mounts.items():
+        if eq and (value == mount_path or value.startswith(mount_path + "/")):
+            return f"{flag}={local}{value[len(mount_path) :]}"
+    return arg
+
+
+def command(pod: Pod, pvc_dir: Path, mounts: dict[str, Path] | None = None) -> list[str]:
     """The local command of the pod's container: `edgeai` as this interpreter's module,
-    the claim root mapped to `pvc_dir`."""
+    the claim root mapped to `pvc_dir` and arguments under the mount paths of `mounts`
+    (mount path -> local directory) to their local directories."""
     container = pod["spec"]["containers"][0]
     program = list(container.get("command") or [])
     if program[:1] != ["edgeai"]:
         raise ValueError(f"runs {program!r}: only edgeai commands run here")
-    args = [
-        a.replace(f"--pvc-root={PVC_ROOT}", f"--pvc-root={pvc_dir}")
-        for a in container.get("args") or []
-    ]
+    local = {PVC_ROOT: pvc_dir, **(mounts or {})}
+    args = [_local_arg(a, local) for a in container.get("args") or []]
     return [sys.executable, "-m", "edgeai_operator.cli", *program[1:], *args]
 
 
@@ -95,13 +105,37 @@ class JobRunner:
             elif self.running[key].proc.poll() is not None:
                 self._report(key)
 
+    def _configmap_mounts(self, key: tuple[str, str], pod: Pod) -> dict[str, Path]:
+        """Each ConfigMap volume the container mounts, written under the pod's own
+        directory: mount path -> that directory."""
+        volumes = {
+            v["name"]: v["configMap"] for v in pod["spec"].get("volumes") or [] if "configMap" in v
+        }
+        mounts: dict[str, Path] = {}
+        for mount in pod["spec"]["containers"][0].get("volumeMounts") or []:
+            ref = volumes.get(mount["name"])
+            if ref is None:
+                continue
+            local = self.workdir / f"{key[0]}-{key[1]}" / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            try:
+                found = self.core.read_namespaced_config_map(ref["name"], key[0])
+            except client.ApiException as exc:
+                if exc.status != 404 or not ref.get("optional"):
+                    raise
+                found = None  # an optional ConfigMap that does not exist mounts empty
+            for name, text in ((found.data or {}) if found else {}).items():
+                (local / name).write_text(text)
+            mounts[mount["mountPath"]] = local
+        return mounts
+
     def _start(self, key: tuple[str, str], pod: Pod) -> None:
         log = self.workdir / f"{key[0]}-{key[1]}.log"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         out: IO[bytes]
         with log.open("wb") as out:
             try:
-                argv = command(pod, self.pvc_dir)
+                argv = command(pod, self.pvc_dir, self._configmap_mounts(key, pod))
             except ValueError as exc:
                 out.write(f"{exc}\n".encode())
                 argv = [sys.executable, "-c", "raise SystemExit(126)"]

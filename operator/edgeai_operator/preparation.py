@@ -46,6 +46,8 @@ BACKOFF_BASE_S = 10.0
 BACKOFF_MAX_S = 300.0
 # Where a pvc:// source or destination's claim is mounted in the Job's pod.
 PVC_ROOT = "/mnt/pvc"
+# Where a preparation pod mounts the operator's CA bundle ConfigMap (`--ca-bundle`).
+CA_BUNDLE_DIR = "/etc/edgeai/ca"
 _MANAGED = {"app.kubernetes.io/managed-by": "edgeai-operator"}
 
 
@@ -169,9 +171,12 @@ def preparation_job(
     *,
     image: str,
     artifacts_uri: str,
+    ca_bundle_configmap: str | None = None,
 ) -> dict[str, Any]:
     """The Job of one preparation attempt. It prefers cloud, then edge nodes (building
-    variants is the heaviest step) and mounts every claim a pvc:// URI names."""
+    variants is the heaviest step) and mounts every claim a pvc:// URI names, and the
+    ConfigMap `ca_bundle_configmap` (when given; optional, so one missing from the
+    namespace mounts empty) whose CAs https sources are checked against too."""
     meta = model["metadata"]
     lbls = _labels(meta["name"], meta.get("generation"))
     refs = [spec.source.uri, artifacts_uri]
@@ -193,6 +198,18 @@ def preparation_job(
         ]
         + [{"name": "work", "mountPath": "/tmp"}],
     }
+    volumes: list[dict[str, Any]] = [
+        {"name": f"claim-{i}", "persistentVolumeClaim": {"claimName": c}}
+        for i, c in enumerate(claims)
+    ] + [{"name": "work", "emptyDir": {}}]
+    if ca_bundle_configmap is not None:
+        container["args"].append(f"--ca-bundle={CA_BUNDLE_DIR}")
+        container["volumeMounts"].append(
+            {"name": "ca-bundle", "mountPath": CA_BUNDLE_DIR, "readOnly": True}
+        )
+        volumes.append(
+            {"name": "ca-bundle", "configMap": {"name": ca_bundle_configmap, "optional": True}}
+        )
     preferred = [
         {
             "weight": weight,
@@ -225,11 +242,7 @@ def preparation_job(
                         }
                     },
                     "containers": [container],
-                    "volumes": [
-                        {"name": f"claim-{i}", "persistentVolumeClaim": {"claimName": c}}
-                        for i, c in enumerate(claims)
-                    ]
-                    + [{"name": "work", "emptyDir": {}}],
+                    "volumes": volumes,
                 },
             },
         },
@@ -407,6 +420,7 @@ def step(
     image: str,
     artifacts_uri: str | None,
     now_s: float,
+    ca_bundle_configmap: str | None = None,
 ) -> Step:
     """One tick of a model's preparation, deciding only: `observed` holds the current
     attempt's `job` and `configmap` (None when absent). Pure: the caller creates,
@@ -434,7 +448,14 @@ def step(
     if observed.get("job") is None and observed.get("configmap") is None:
         if now_s < _epoch(prep.get("nextAttemptAt")):
             return Step()  # backing off
-        job = preparation_job(model, spec, name, image=image, artifacts_uri=artifacts_uri)
+        job = preparation_job(
+            model,
+            spec,
+            name,
+            image=image,
+            artifacts_uri=artifacts_uri,
+            ca_bundle_configmap=ca_bundle_configmap,
+        )
         message = f"attempt {attempt}: Job {name} fetches {spec.source.uri}"
         conds = set_condition(conditions, "Prepared", False, "Preparing", message, generation)
         return Step(

@@ -358,10 +358,11 @@ class _Examples:
 @dataclass(frozen=True)
 class _Where:
     """Where sources are read from: claims under `pvc_root`, ConfigMaps in `namespace`
-    (None: the pod's own)."""
+    (None: the pod's own); `ca_bundle` adds CAs https servers may be signed by."""
 
     pvc_root: Path
     namespace: str | None
+    ca_bundle: Path | None = None
 
 
 def _fetch_source(
@@ -369,7 +370,9 @@ def _fetch_source(
 ) -> Fetched:
     source: Source = parse_source(uri, sha256=sha256, field=where)
     progress(f"fetching {uri}")
-    fetched = fetch(source, dest, pvc_root=at.pvc_root, namespace=at.namespace)
+    fetched = fetch(
+        source, dest, pvc_root=at.pvc_root, namespace=at.namespace, ca_bundle=at.ca_bundle
+    )
     progress(f"fetched {uri}: {fetched.size_bytes} bytes, sha256 {fetched.sha256[:12]}")
     return fetched
 
@@ -701,16 +704,18 @@ def prepare(
     *,
     pvc_root: Path = Path("/mnt/pvc"),
     namespace: str | None = None,
+    ca_bundle: Path | None = None,
     progress: Progress = _quiet,
 ) -> PrepareResult:
     """Prepares the model `request` names in `workdir` (created if missing) and writes
     its artefacts where `request.artifacts_uri` says (`pvc_root`: where claims are
-    mounted; `namespace`: of configmap:// sources, by default the pod's own). Raises
+    mounted; `namespace`: of configmap:// sources, by default the pod's own;
+    `ca_bundle`: CAs trusted for https sources besides the system's). Raises
     SpecError for a request that does not fit the model (naming the field) and
     sources.FetchError for a source that cannot be fetched or whose digest differs; in
     both cases nothing has been written to the destination."""
     destination = _destination(request.artifacts_uri, pvc_root)
-    at = _Where(pvc_root, namespace)
+    at = _Where(pvc_root, namespace, ca_bundle)
     if not request.inputs:
         raise SpecError("spec.input", "is empty", "the model's inputs: name, shape and dtype")
     wanted = _wanted(request)

@@ -127,6 +127,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--pvc-root", default="/mnt/pvc", help="where claims are mounted (pvc:// URIs)"
     )
+    parser.add_argument(
+        "--ca-bundle",
+        help="a PEM file, or a directory of *.crt/*.pem files, of CAs trusted for https "
+        "sources besides the system's",
+    )
     parser.set_defaults(func=_cmd)
 
 
@@ -199,6 +204,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 workdir,
                 pvc_root=Path(args.pvc_root),
                 namespace=ref[0] if ref else None,
+                ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
                 progress=_progress,
             )
         except FetchError as exc:

@@ -10,7 +10,9 @@ Schemes:
   `digits_cnn` comes trained.
 - `https://...`, `http://...`: a `sha256` is required, since nothing else pins what a
   server returns. Transient failures (connection refused or reset, timeouts, HTTP 5xx and
-  429) are retried with exponential backoff.
+  429) are retried with exponential backoff. A server's certificate is checked against
+  the system's trusted CAs plus those of `ca_bundle` (`trust_context`); one that does not
+  verify is a final failure, not retried.
 - `pvc://CLAIM/PATH`: the file PATH on the claim, which the stage pod mounts at
   `PVC_ROOT/CLAIM`.
 - `configmap://NAME/KEY`: `binaryData[KEY]` of a ConfigMap in the pod's namespace (small
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -251,10 +254,44 @@ def _read_file(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _http_chunks(url: str, timeout_s: float) -> Iterator[bytes]:
+# Names of the files a CA bundle directory contributes (a ConfigMap's keys, mounted).
+_CA_FILE_SUFFIXES = (".crt", ".pem")
+
+
+def ca_files(ca_bundle: Path, flag: str = "--ca-bundle") -> list[Path]:
+    """The PEM files of a CA bundle: the file itself, or every `*.crt`/`*.pem` file of a
+    directory (none is fine: an optional ConfigMap that does not exist mounts empty).
+    A path that does not exist is refused naming `flag`."""
+    if ca_bundle.is_dir():
+        return sorted(
+            p for p in ca_bundle.iterdir() if p.is_file() and p.name.endswith(_CA_FILE_SUFFIXES)
+        )
+    if ca_bundle.is_file():
+        return [ca_bundle]
+    raise SpecError(
+        flag, f"{str(ca_bundle)!r} does not exist", "a PEM file of CA certificates or a directory"
+    )
+
+
+def trust_context(ca_bundle: Path | None, flag: str = "--ca-bundle") -> ssl.SSLContext:
+    """The TLS context of https fetches: the system's trusted CAs, plus every CA
+    certificate of `ca_bundle` (see `ca_files`). A file that holds no certificate is
+    refused naming `flag`."""
+    context = ssl.create_default_context()
+    for path in ca_files(ca_bundle, flag) if ca_bundle is not None else []:
+        try:
+            context.load_verify_locations(cafile=str(path))
+        except ssl.SSLError as exc:
+            raise SpecError(
+                flag, f"{str(path)!r} holds no readable certificate ({exc.reason})", "PEM"
+            ) from exc
+    return context
+
+
+def _http_chunks(url: str, timeout_s: float, context: ssl.SSLContext) -> Iterator[bytes]:
     request = urllib.request.Request(url, headers={"User-Agent": "edgeai-fetch"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             while chunk := response.read(_CHUNK_BYTES):
                 yield chunk
             # http.client ends a body cut short by a closed connection without an error;
@@ -270,6 +307,14 @@ def _http_chunks(url: str, timeout_s: float) -> Iterator[bytes]:
             raise _TransientError(url, problem) from exc
         raise FetchError(url, problem) from exc
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            # a certificate no trusted CA signed does not get better by retrying
+            raise FetchError(
+                url,
+                f"TLS certificate verify failed: {exc.reason.verify_message}; trust the "
+                "server's CA with a CA bundle (edgeai fetch/prepare --ca-bundle, the "
+                "operator's EDGEAI_CA_BUNDLE_CONFIGMAP)",
+            ) from exc
         raise _TransientError(url, f"{exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:
         # a reset or a short body halfway through the download
@@ -282,11 +327,12 @@ def _fetch_http(
     timeout_s: float,
     retry: RetryPolicy,
     sleep: Callable[[float], None],
+    context: ssl.SSLContext,
 ) -> Fetched:
     delays_s = retry.delays_s()
     for attempt in range(1, retry.attempts + 1):
         try:
-            return _write_verified(dest, _http_chunks(source.uri, timeout_s), source)
+            return _write_verified(dest, _http_chunks(source.uri, timeout_s, context), source)
         except _TransientError as exc:
             if attempt == retry.attempts:
                 raise FetchError(
@@ -364,18 +410,22 @@ def fetch(
     timeout_s: float = 60,
     retry: RetryPolicy = RetryPolicy(),
     sleep: Callable[[float], None] = time.sleep,
+    ca_bundle: Path | None = None,
 ) -> Fetched:
     """Writes the source's model file under dest_dir (created if missing) and returns
     it with its sha256. `namespace` is the ConfigMap's (default: the pod's own),
     `pvc_root` where claims are mounted, `timeout_s` the limit on each network wait,
     `retry` the policy for transient http(s) failures and `sleep` how to wait between
-    attempts. Raises FetchError when the source cannot be fetched or its digest differs."""
+    attempts; `ca_bundle` adds CAs an https server's certificate may chain to
+    (`trust_context`). Raises FetchError when the source cannot be fetched or its digest
+    differs, SpecError when `ca_bundle` is not a CA bundle."""
+    context = trust_context(ca_bundle)  # a bundle that is not one is refused for any scheme
     dest_dir.mkdir(parents=True, exist_ok=True)
     if source.scheme == "oci":
         return _fetch_oci(source, dest_dir)
     dest = dest_dir / _file_name(source)
     if source.scheme in ("https", "http"):
-        return _fetch_http(source, dest, timeout_s, retry, sleep)
+        return _fetch_http(source, dest, timeout_s, retry, sleep, context)
     if source.scheme == "configmap":
         return _fetch_configmap(source, dest, namespace)
     if source.scheme == "pvc":
@@ -389,6 +439,8 @@ __all__ = [
     "Fetched",
     "RetryPolicy",
     "Source",
+    "ca_files",
     "fetch",
     "parse_source",
+    "trust_context",
 ]

@@ -80,6 +80,7 @@ async def _prepare_tick(
         [n.spec for n in all_nodes(memo, node_index)],
         image=ctx.settings.worker_image,
         default_artifacts=ctx.settings.artifacts_uri,
+        ca_bundle_configmap=ctx.settings.ca_bundle_configmap,
     )
     if step.status is not None:
         patch.status.update(step.status)
@@ -96,6 +97,7 @@ def preparation_pass(
     *,
     image: str,
     default_artifacts: str | None,
+    ca_bundle_configmap: str | None = None,
 ) -> preparation.Step:
     """One tick of the model's preparation: reads the current attempt's Job and result
     ConfigMap, decides (`preparation.step`) and creates what it asks for."""
@@ -116,6 +118,7 @@ def preparation_pass(
         nodes,
         image=image,
         artifacts_uri=spec.artifacts_uri or default_artifacts,
+        ca_bundle_configmap=ca_bundle_configmap,
         now_s=time.time(),
     )
     for obj in step.create:
