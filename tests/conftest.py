@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from _cluster_support import Namespace, get, wait_for
-from _registry import LocalRegistry, registry_binary
 from edgeai_operator.localcluster import (
     DEFAULT_TOPOLOGY,
     REPO_ROOT,
@@ -23,6 +22,7 @@ from edgeai_operator.localcluster import (
     _alive,
     free_port,
 )
+from edgeai_operator.localregistry import LocalRegistry, registry_binary
 from edgeai_operator.topology import load_topology
 
 

@@ -24,9 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 from _cluster_support import Namespace, annotated_nodes, apply, condition, get, wait_for
 from _model_server import ModelServer, ServerCert, make_ca
 from _process_kubelet import ProcessKubelet, ServiceProxy
-from _registry import LocalRegistry
 from conftest import CA_BUNDLE_CONFIGMAP, OperatorProcess
 from edgeai_operator import oci
+from edgeai_operator.localregistry import LocalRegistry
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 DEVICE = "device-zone-a-0"

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _registry import LocalRegistry
 from _worker_support import run_onnx
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import free_port
+from edgeai_operator.localregistry import LocalRegistry
 from edgeai_operator.oci import (
     ONNX_MEDIA_TYPE,
     FetchError,

@@ -24,9 +24,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _registry import LocalRegistry
 from _worker_support import run_onnx
 from edgeai_operator.errors import SpecError
+from edgeai_operator.localregistry import LocalRegistry
 from edgeai_operator.modelspec import InputSpec
 from edgeai_operator.oci import pull
 from edgeai_operator.prepare import (

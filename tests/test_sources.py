@@ -23,10 +23,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _cluster_support import Namespace, apply, wait_for
 from _model_server import ModelServer, Reply, ServerCert, make_ca
-from _registry import LocalRegistry
 from edgeai_operator import oci
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localcluster import free_port
+from edgeai_operator.localregistry import LocalRegistry
 from edgeai_operator.sources import (
     FetchError,
     RetryPolicy,

@@ -1,5 +1,6 @@
-"""A real OCI registry for tests: CNCF distribution's `registry serve`, built by
-hack/build-binaries.sh, on a free loopback port with its storage in a temp dir."""
+"""A real OCI registry on this machine (tests, benches, the local run): CNCF
+distribution's `registry serve`, built by hack/build-binaries.sh, on a free loopback port
+with its storage in a directory of its own."""
 
 from __future__ import annotations
 
