@@ -54,7 +54,10 @@ bench-dataplane: install ## Workers across device/edge/cloud network namespaces 
 bench-operator: install binaries ## 500 DNNDeployments over 1000 kwok nodes: operator vs direct
 	$(PY) bench/operator/run.py
 
-bench: bench-planner bench-dataplane bench-operator ## All benchmarks
+bench-models: install binaries ## DNNModel apply -> Prepared time, bytes stage pods fetch vs run
+	$(PY) bench/models/run.py
+
+bench: bench-planner bench-dataplane bench-operator bench-models ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py

@@ -38,6 +38,21 @@ class Renderer:
     render: Callable[[Mapping[str, Any]], str]
 
 
+def add_result_arguments(parser: argparse.ArgumentParser, results_file: str) -> None:
+    """A bench's `--out` (default: its file of docs/results/) and `--conditions`."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR / results_file,
+        help="where the JSON result goes (default: the file the docs are rendered from)",
+    )
+    parser.add_argument(
+        "--conditions",
+        default="not recorded (--conditions)",
+        help="what else ran on the machine, recorded with the result",
+    )
+
+
 def default_docs(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
@@ -222,6 +237,53 @@ def operator_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- models (bench/models/run.py) -------------------------------------------------------
+
+
+def models_prepare(report: Mapping[str, Any]) -> str:
+    rows = (
+        (
+            f"`{m['model']}`",
+            f"`{m['source'].split('://', 1)[0]}://`",
+            f"{m['variantsReady']}/{m['variantsRequested']}",
+            f"{m['applyToPreparedS']:.1f}",
+            f"{m['artifactBytes'].get('fp32', 0):,}",
+        )
+        for m in report["models"]
+    )
+    header = ("DNNModel", "source", "variants ready", "apply -> Prepared (s)", "fp32 artefact (B)")
+    run = (
+        f"Run of {report['date']} (`{report['command']}`, {report['cpus']} CPUs, "
+        f"{report['conditions']}; {report['elapsedS']:.0f} s in all)."
+    )
+    return _table(header, "llrrr", rows) + "\n\n" + run
+
+
+def models_fetch(report: Mapping[str, Any]) -> str:
+    rows = (
+        (
+            f"`{p['deployment']}`",
+            f"{p['tier']} (stage {p['stage']})",
+            p["variant"],
+            f"{p['fetchedBytes']:,}",
+            f"{p['partitionBytes']:,}",
+            str(p["partitions"]),
+            f"{100 * p['partitionBytes'] / p['fetchedBytes']:.2f}%",
+        )
+        for p in report["pods"]
+    )
+    header = (
+        "deployment",
+        "pod",
+        "variant",
+        "fetched by its init container (B)",
+        "partition files it runs (B)",
+        "files",
+        "runs / fetched",
+    )
+    return _table(header, "lllrrrr", rows)
+
+
 # --- data plane (bench/dataplane/run.py) ------------------------------------------------
 
 
@@ -397,6 +459,8 @@ RENDERERS: dict[str, Renderer] = {
     "dataplane-history": Renderer("dataplane.json", dataplane_history),
     "dataplane-runs": Renderer("dataplane.json", dataplane_runs),
     "dataplane-summary": Renderer("dataplane.json", dataplane_summary),
+    "models-prepare": Renderer("models.json", models_prepare),
+    "models-fetch": Renderer("models.json", models_fetch),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

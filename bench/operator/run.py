@@ -242,17 +242,7 @@ def main() -> int:
         help="device uplink; 100 Mbps puts MobileNetV2 on the edge servers",
     )
     parser.add_argument("--timeout", type=float, default=1500)
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=render_numbers.RESULTS_DIR / "operator.json",
-        help="where the JSON result goes (default: the file the docs are rendered from)",
-    )
-    parser.add_argument(
-        "--conditions",
-        default="not recorded (--conditions)",
-        help="what else ran on the machine, recorded with the result",
-    )
+    render_numbers.add_result_arguments(parser, "operator.json")
     args = parser.parse_args()
     # SIGTERM (a stopped run) unwinds like Ctrl-C, so the cluster and operator stop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
