@@ -34,8 +34,11 @@ import yaml
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
+from edgeai_operator.localregistry import LocalRegistry, registry_binary
+from edgeai_operator.modelspec import parse_model_spec
 from edgeai_operator.planning import NodeState, plan_zones
-from edgeai_operator.profiling import model_status
+from edgeai_operator.preparation import prepared_status
+from edgeai_operator.prepare import PrepareRequest, prepare
 from edgeai_operator.topology import NodeSpec, Topology
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the renderer beside the benches
@@ -184,6 +187,23 @@ def wait_workloads_available(
     raise RuntimeError(f"{namespace}: workloads not available after {timeout_s:.0f}s")
 
 
+def local_status(
+    spec: dict[str, Any], nodes: list[NodeSpec], artifacts_uri: str, workdir: Path
+) -> dict[str, Any]:
+    """The DNNModel status the operator writes once the preparation Job of `spec` is
+    done: the Job's program (`prepare`) run here, its artefact pushed to `artifacts_uri`."""
+    model = parse_model_spec(spec)
+    request = PrepareRequest(
+        source_uri=model.source.uri,
+        inputs=(model.input,),
+        artifacts_uri=artifacts_uri,
+        model_name="model",
+    )
+    result = prepare(request, workdir)
+    status, _ = prepared_status(result.to_dict(), nodes, "model-prepare-1-1")
+    return status
+
+
 def api_requests(cluster: LocalCluster) -> float:
     """Every request the apiserver served so far (its apiserver_request_total)."""
     text = get_raw(cluster, "/metrics").decode()
@@ -271,6 +291,7 @@ def main() -> int:
     print(f"nodes {len(topo.nodes)}, deployments {args.deployments}", flush=True)
     cluster.start()
     operator: subprocess.Popen[bytes] | None = None
+    registry = LocalRegistry(work / "registry", registry_binary())
     try:
         t0 = time.monotonic()
         cluster.create_nodes(topo, timeout_s=600)
@@ -298,7 +319,9 @@ def main() -> int:
             "source": {"zoo": args.model},
             "input": {"name": "input", "shape": list(shape), "dtype": dtype},
         }
-        status = model_status(model_spec, list(topo.nodes))
+        registry.start()
+        artifacts_uri = f"oci://{registry.address}/edgeai-models"
+        status = local_status(model_spec, list(topo.nodes), artifacts_uri, work / "prepared")
         nodes = [NodeState(n, ready=True, schedulable=True) for n in topo.nodes]
         fleets = [f"f{k}" for k in range(args.deployments)]
         children: list[dict[str, Any]] = []
@@ -355,6 +378,7 @@ def main() -> int:
             **os.environ,
             "KUBECONFIG": str(cluster.operator_kubeconfig),
             "EDGEAI_RESYNC_SECONDS": str(args.resync_seconds),
+            "EDGEAI_ARTIFACTS_URI": artifacts_uri,
         }
         with log.open("wb") as out:
             operator = subprocess.Popen(
@@ -371,8 +395,17 @@ def main() -> int:
             "spec": model_spec,
         }
         apply_docs(cluster, [model])
-        while "Profiled" not in cluster.kubectl(
-            "get", "dnnm", "model", "-n", "cr", "-o", "jsonpath={.status.conditions[*].type}"
+        while (
+            cluster.kubectl(
+                "get",
+                "dnnm",
+                "model",
+                "-n",
+                "cr",
+                "-o",
+                'jsonpath={.status.conditions[?(@.type=="Prepared")].status}',
+            )
+            != "True"
         ):
             time.sleep(1)
         crs = [deployment(f"d{k}", "cr", fleet) for k, fleet in enumerate(fleets)]
@@ -453,6 +486,7 @@ def main() -> int:
         if operator is not None:
             os.killpg(operator.pid, signal.SIGTERM)
             operator.wait(timeout=30)
+        registry.stop()
         cluster.stop()
     return 0
 
