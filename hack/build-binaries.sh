@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok) and the OCI registry the tests push model
-# artefacts to (CNCF distribution) from the Go module proxy into a cache outside the
-# work tree. Idempotent: a second run only checks the stamps and returns.
+# kube-scheduler, kubectl, etcd, kwok), the OCI registry the tests push model
+# artefacts to (CNCF distribution) and helm (the chart's tests) from the Go module proxy
+# into a cache outside the work tree. Idempotent: a second run only checks the stamps and returns.
 #
 #   hack/build-binaries.sh            # prints the bin directory on the last line
-#   hack/build-binaries.sh registry   # only the named groups: kubernetes etcd kwok registry
+#   hack/build-binaries.sh registry   # only the named groups: kubernetes etcd kwok registry helm
 #
 # EDGEAI_CACHE overrides the cache root (default ~/.cache/edgeai).
 set -euo pipefail
@@ -14,6 +14,8 @@ K8S_VERSION=v1.34.4
 ETCD_VERSION=v3.6.13
 KWOK_VERSION=v0.8.0
 REGISTRY_VERSION=v3.1.2
+# the helm 3 release built against k8s.io v0.34 (Kubernetes 1.34)
+HELM_VERSION=v3.19.5
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${EDGEAI_CACHE:-$HOME/.cache/edgeai}
@@ -28,7 +30,7 @@ stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 fresh() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.$1.stamp" 2>/dev/null)" = "$2" ]; }
 mark() { echo "$2" > "$bin/.$1.stamp"; }
 
-all_groups=(kubernetes etcd kwok registry)
+all_groups=(kubernetes etcd kwok registry helm)
 for g in "$@"; do
   [[ " ${all_groups[*]} " == *" $g "* ]] \
     || { echo "build-binaries: unknown group '$g' (accepted: ${all_groups[*]})" >&2; exit 2; }
@@ -103,6 +105,21 @@ elif ! fresh registry "$REGISTRY_VERSION"; then
   log "registry built in $(( $(date +%s) - t0 ))s"
 else
   log "registry $REGISTRY_VERSION cached"
+fi
+
+if ! want helm; then
+  :
+elif ! fresh helm "$HELM_VERSION"; then
+  log "building helm (helm.sh/helm/v3) $HELM_VERSION (cold: 4-7 min on 2 cores)"
+  t0=$(date +%s)
+  (cd /tmp && GOFLAGS= GOBIN="$bin" go install -v -trimpath \
+     -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" 2>&1 \
+     | awk '{n++; if (n % 200 == 0) printf "[build-binaries] ... %d packages compiled (last: %s)\n", n, $0; fflush()}' >&2)
+  mark helm "$HELM_VERSION"
+  log "helm built in $(( $(date +%s) - t0 ))s"
+else
+  log "helm $HELM_VERSION cached"
 fi
 
 echo "$bin"

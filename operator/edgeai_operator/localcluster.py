@@ -77,13 +77,14 @@ def log(message: str) -> None:
     print(f"[cluster {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_binaries() -> Path:
-    """Builds or reuses the pinned binaries; returns their directory."""
+def ensure_binaries(*groups: str) -> Path:
+    """Builds or reuses the pinned binaries (only `groups` of hack/build-binaries.sh when
+    given); returns their directory. EDGEAI_BIN_DIR names a prepared one instead."""
     override = os.environ.get("EDGEAI_BIN_DIR")
     if override:
         return Path(override)
     out = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True
+        ["bash", str(BUILD_SCRIPT), *groups], check=True, stdout=subprocess.PIPE, text=True
     ).stdout
     return Path(out.strip().splitlines()[-1])
 

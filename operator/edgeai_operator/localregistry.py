@@ -11,20 +11,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from edgeai_operator.localcluster import BUILD_SCRIPT, free_port, stop_pids
+from edgeai_operator.localcluster import ensure_binaries, free_port, stop_pids
 
 STARTUP_TIMEOUT_S = 30.0
 
 
 def registry_binary() -> Path:
     """Builds or reuses the pinned registry; EDGEAI_BIN_DIR names a prepared bin dir."""
-    override = os.environ.get("EDGEAI_BIN_DIR")
-    if override:
-        return Path(override) / "registry"
-    out = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), "registry"], check=True, stdout=subprocess.PIPE, text=True
-    ).stdout
-    return Path(out.strip().splitlines()[-1]) / "registry"
+    return ensure_binaries("registry") / "registry"
 
 
 class LocalRegistry:
