@@ -244,7 +244,8 @@ def preparation_job(
 class Outcome:
     """What one attempt came to. `kind`: `prepared` (data = the PrepareResult dict),
     `fetch` (the source could not be fetched: retried), `spec` (the model does not fit
-    the spec: final), `job` (the Job failed or wrote nothing: retried) or `running`."""
+    the spec: final), `graph` (the model loads but its graph cannot be profiled or
+    partitioned: final), `job` (the Job failed or wrote nothing: retried) or `running`."""
 
     kind: str
     message: str = ""
@@ -264,7 +265,7 @@ def outcome(configmap: Mapping[str, Any] | None, job: Mapping[str, Any] | None) 
     if data.get(ERROR_KEY):
         try:
             error = json.loads(data[ERROR_KEY])
-            kind = "fetch" if error.get("kind") == "fetch" else "spec"
+            kind = error.get("kind") if error.get("kind") in ("fetch", "graph") else "spec"
             return Outcome(kind, str(error.get("message", "")), field=str(error.get("field", "")))
         except (ValueError, AttributeError) as exc:
             return Outcome("job", f"the preparation Job wrote an unreadable error: {exc}")
@@ -473,6 +474,15 @@ def step(
         return Step(
             status={**fields, "conditions": conds, **finished},
             events=(("Normal", "Prepared", summary),),
+        )
+    if found.kind == "graph":
+        message = f"{found.message} (attempt {attempt}, Job {name})"
+        conds = set_condition(conditions, "Fetched", True, "Fetched", spec.source.uri, generation)
+        conds = set_condition(conds, "Prepared", False, "UnsupportedGraph", message, generation)
+        conds = set_condition(conds, "Profiled", False, "UnsupportedGraph", message, generation)
+        return Step(
+            status={"conditions": conds, **finished},
+            events=(("Warning", "ProfilingFailed", message),),
         )
     if found.kind == "spec":
         message = f"{found.message} (attempt {attempt}, Job {name})"

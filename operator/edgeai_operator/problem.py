@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,21 +155,33 @@ def analytic_profile(model: str) -> dict[str, Any]:
 
 
 def graph_profile(
-    path: Path, *, model: str, variant: str, input_spec: Mapping[str, Any]
+    path: Path,
+    *,
+    model: str,
+    variant: str,
+    input_spec: Mapping[str, Any],
+    inputs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The profile of the ONNX file at `path`: its single-tensor cuts with their
-    bytes, and the FLOPs of each segment between two cuts (nothing measured)."""
+    """The profile of the ONNX file at `path`: its cuts with their bytes at the input
+    shapes `inputs` declare (default: `input_spec` alone; free dimensions they do not
+    fix follow `graph.concrete_input_shapes`), and the FLOPs of each segment between
+    two cuts (nothing measured). Raises `graph.GraphError` for a graph it cannot
+    profile."""
     import onnx
 
     from edgeai_worker import graph
 
-    dag = graph.analyze(onnx.load(path))
+    declared = list(inputs) or [input_spec]
+    shapes = {str(i["name"]): [int(d) for d in i["shape"]] for i in declared}
+    dag = graph.analyze(onnx.load(path), shapes)
     cuts = graph.graph_cut_points(dag)
     return {
         "kind": "Profile",
         "model": model,
         "variant": variant,
         "input": dict(input_spec),
+        **({"inputs": [dict(i) for i in declared]} if len(declared) > 1 else {}),
+        **({"held": [h.to_dict() for h in dag.held]} if dag.held else {}),
         "host": {},
         "cuts": [
             {

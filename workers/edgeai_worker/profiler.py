@@ -89,7 +89,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgeai_worker import graph as onnx_graph
-from edgeai_worker.protocol import InferRequest, Tensor, encode_request
+from edgeai_worker.protocol import InferRequest, Tensor, datatype_of, encode_request
 
 Progress = Callable[[str], None]
 
@@ -147,22 +147,12 @@ def host_gflops(size: int = 1024, repeats: int = 10, threads: int | None = None)
     return 2.0 * size**3 / (ms / 1000.0) / 1e9
 
 
-def _dtype(elem_type: int) -> Any:
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-
-
-def example_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the model's declared inputs (symbolic dims as 1)."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    initializers = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-        feeds[vi.name] = rng.standard_normal(shape).astype(_dtype(tt.elem_type))
-    return feeds
+def example_feed(
+    model: onnx.ModelProto, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, np.ndarray]:
+    """Random inputs of the model's concrete input shapes (`graph.concrete_input_shapes`
+    of `shapes`: a free batch dimension at 1, any other free dimension must be given)."""
+    return onnx_graph.sample_feed(model, onnx_graph.concrete_input_shapes(model, shapes), seed)
 
 
 def _chained_pass(
@@ -191,10 +181,12 @@ def profile_model(
     gflops: float | None = None,
     idle_ms: float = IDLE_MS,
     progress: Progress | None = stderr_progress,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Measures the whole model and every segment between single-tensor cuts (see the
-    module docstring), after `warmup` runs of each, each timed run after `idle_ms` of
-    idleness."""
+    """Measures the whole model and every segment between cuts (see the module
+    docstring), after `warmup` runs of each, each timed run after `idle_ms` of
+    idleness, at the concrete input shapes (`input_shapes` where the model leaves a
+    dimension free; see `graph.concrete_input_shapes`)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if repeats < 1:
@@ -203,12 +195,18 @@ def profile_model(
         raise ValueError(f"idle_ms must be in 0-{MAX_IDLE_MS}, got {idle_ms}")
     idle_s = idle_ms / 1000.0
     say = progress or (lambda _: None)
-    dag = onnx_graph.analyze(model)
+    shapes = onnx_graph.concrete_input_shapes(model, input_shapes)
+    feeds = onnx_graph.sample_feed(model, shapes)
+    started = time.monotonic()
+    dag = onnx_graph.analyze(model, shapes, feeds)
     cuts = onnx_graph.graph_cut_points(dag)
+    say(
+        f"{name}: {len(dag.nodes)} compute nodes, {len(cuts)} cuts "
+        f"(graph analysis {time.monotonic() - started:.2f}s)"
+    )
     if gflops is None:
         say("measuring this machine's GFLOPS (onnxruntime MatMul 1024x1024)")
         gflops = host_gflops(threads=threads)
-    feeds = example_feed(model)
     whole = _session(model, threads)
     partitioner = onnx_graph.Partitioner(model)
     sessions = [
@@ -248,10 +246,7 @@ def profile_model(
         }
         for i, ((a, b), mean) in enumerate(zip(itertools.pairwise(cuts), means, strict=True))
     ]
-    input_vi = model.graph.input[0]
-    dims = [
-        d.dim_value if d.HasField("dim_value") else 1 for d in input_vi.type.tensor_type.shape.dim
-    ]
+    inputs = profile_inputs(model, shapes)
     return {
         "kind": "Profile",
         "model": name,
@@ -261,7 +256,9 @@ def profile_model(
             "threads": threads or os.cpu_count(),
             "method": "median fp32 onnxruntime MatMul 1024x1024",
         },
-        "input": {"name": input_vi.name, "shape": dims, "dtype": "FP32"},
+        "input": inputs[0],
+        **({"inputs": inputs} if len(inputs) > 1 else {}),
+        **({"held": [h.to_dict() for h in dag.held]} if dag.held else {}),
         "repeats": repeats,
         "idleMs": idle_ms,
         "totalMs": round(sum(s["measuredMs"] for s in segments), 4),
@@ -279,6 +276,24 @@ def profile_model(
         ],
         "segments": segments,
     }
+
+
+def profile_inputs(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
+) -> list[dict[str, Any]]:
+    """The profile's `inputs`: each model input's name, profiled shape and OIP dtype."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [
+        {
+            "name": vi.name,
+            "shape": [int(d) for d in shapes[vi.name]],
+            "dtype": datatype_of(
+                np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            ),
+        }
+        for vi in model.graph.input
+        if vi.name not in initializers
+    ]
 
 
 def scaled_ms(profile: dict[str, Any], tier_gflops: float) -> list[float]:
@@ -496,13 +511,15 @@ def serving_overheads(
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
     model: Path | None = None,
+    feed_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """The per-request serving and forwarding costs on this machine, fixed and per MB
     (the profile's keys; see the module docstring): a real worker process serving
     `serving_model` and a forward-only worker in front of it, `requests` round trips
     to each with the model's input and with a one-element tensor, in turn. With
     `model`, a worker serving that model answers `requests` more, and the fixed
-    serving part is calibrated on them (`calibrate_serving`)."""
+    serving part is calibrated on them (`calibrate_serving`); `feed_shapes` are its
+    input shapes where it leaves dimensions free (see `example_feed`)."""
     say = progress or (lambda _: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
@@ -544,7 +561,9 @@ def serving_overheads(
             )
             model_samples: list[tuple[float, float]] = []
             if model is not None:
-                feeds = example_feed(onnx.load(str(model), load_external_data=False))
+                feeds = example_feed(
+                    onnx.load(str(model), load_external_data=False), shapes=feed_shapes
+                )
                 served = start(_free_port(), "--partition", str(model))
                 say(f"serving overhead: {requests} requests through a worker serving the model")
                 model_samples = time_model_requests(
