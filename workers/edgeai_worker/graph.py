@@ -156,6 +156,8 @@ class ModelGraph:
     outputs: tuple[str, ...]
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     held: tuple[Held, ...] = ()
+    # sequences, maps and optionals: never cross a cut (stages exchange tensors)
+    unsendable: frozenset[str] = frozenset()
 
     def producer(self) -> dict[str, int]:
         """tensor name -> index of the compute node producing it (model inputs absent)."""
@@ -401,7 +403,7 @@ def _measured(
     out: dict[str, tuple[int, tuple[int, ...]]] = {}
     for name, value in zip(names, results, strict=True):
         if not isinstance(value, np.ndarray):
-            raise GraphError(f"tensor {name!r} is a {type(value).__name__}, not a tensor")
+            continue  # a sequence or map: unsized, so it crosses no cut
         elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         out[name] = (elem, tuple(int(d) for d in value.shape))
     return out
@@ -528,11 +530,14 @@ def analyze(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    sized: bool = True,
 ) -> ModelGraph:
     """The compute DAG with tensor sizes at the concrete input shapes
     (`concrete_input_shapes` of `input_shapes`) and per-node FLOPs. `feeds`: the sample
-    the shapes onnx cannot infer are measured on (default: `sample_feed`)."""
-    shapes = concrete_input_shapes(model, input_shapes)
+    the shapes onnx cannot infer are measured on (default: `sample_feed`). With
+    `sized` False, the structure alone (no sizes, no FLOPs, no input shapes needed):
+    the cuts' tensors are the same."""
     graph = model.graph
     weights = {init.name: tuple(init.dims) for init in graph.initializer}
     const = set(weights)
@@ -546,15 +551,24 @@ def analyze(
             continue
         compute.append((node, activation_inputs))
     outputs = tuple(o.name for o in graph.output)
-    for name in outputs:
-        if name in const:
+    for value in [*_graph_inputs(model), *graph.output]:
+        if not value.type.HasField("tensor_type"):
             raise GraphError(
-                f"model output {name!r} does not depend on any input: a stage cannot serve it"
+                f"model {'output' if value.name in outputs else 'input'} {value.name!r} is a "
+                f"{value.type.WhichOneof('value')}, not a tensor: stages exchange tensors only"
+            )
+        if value.name in const and value.name in outputs:
+            raise GraphError(
+                f"model output {value.name!r} does not depend on any input: a stage cannot serve it"
             )
     activations = {*inputs, *(t for node, _ in compute for t in node.output if t)}
-    inferred, infos = sized_tensors(model, shapes, activations, feeds)
-    flops_infos = dict(_all_static(inferred))
-    flops_infos.update(infos)
+    shapes: dict[str, tuple[int, ...]] = {}
+    infos: dict[str, TensorInfo] = {}
+    flops_infos: dict[str, TensorInfo] = {}
+    if sized:
+        shapes = concrete_input_shapes(model, input_shapes)
+        inferred, infos = sized_tensors(model, shapes, activations, feeds)
+        flops_infos = {**_all_static(inferred), **infos}
     nodes = tuple(
         LayerNode(
             index=i,
@@ -562,19 +576,25 @@ def analyze(
             op_type=node.op_type,
             inputs=reads,
             outputs=tuple(o for o in node.output if o),
-            flops=_node_flops(node, flops_infos, weights),
+            flops=_node_flops(node, flops_infos, weights) if sized else 0,
         )
         for i, (node, reads) in enumerate(compute)
     )
-    for node in nodes:
-        unsized = [t for t in (*node.inputs, *node.outputs) if t not in infos]
-        if unsized:
-            raise GraphError(
-                f"node {node.name} ({node.op_type}): tensor {unsized[0]!r} is not a tensor "
-                "onnxruntime returns (a sequence, a map or an optional): stages exchange "
-                "tensors only"
-            )
-    return ModelGraph(nodes, infos, inputs, outputs, shapes, _held(nodes, _state_pairs(model)))
+    typed = infer_shapes(model).graph
+    unsendable = {
+        vi.name for vi in typed.value_info if not vi.type.HasField("tensor_type")
+    } & activations
+    if sized:
+        unsendable |= activations - infos.keys()
+    return ModelGraph(
+        nodes,
+        infos,
+        inputs,
+        outputs,
+        shapes,
+        _held(nodes, _state_pairs(model)),
+        frozenset(unsendable),
+    )
 
 
 def _all_static(model: onnx.ModelProto) -> dict[str, TensorInfo]:
@@ -594,30 +614,43 @@ def graph_cut_points(graph: ModelGraph) -> list[Cut]:
         last_use[t] = end
     travelling = {*graph.inputs, *graph.outputs}
     blocked = {p for h in graph.held for p in range(h.first + 1, h.last + 1)}
+
+    def size(tensors: Sequence[str]) -> int:
+        return graph.size_bytes(tensors) if graph.tensors else 0
+
     live = [t for t in graph.inputs if t in last_use]
-    cuts = [Cut(0, tuple(live), graph.size_bytes(live), 0)]
+    cuts = [Cut(0, tuple(live), size(live), 0)]
     seen = {frozenset(live)}
     for node in graph.nodes[:-1]:
         live = [t for t in live if last_use[t] > node.index]
         live += [t for t in node.outputs if last_use.get(t, -1) > node.index]
         inner = [t for t in live if t not in travelling]
         position = node.index + 1
-        if len(inner) <= 1 and position not in blocked and frozenset(live) not in seen:
+        if (
+            len(inner) <= 1
+            and position not in blocked
+            and frozenset(live) not in seen
+            and not graph.unsendable.intersection(live)
+        ):
             seen.add(frozenset(live))
-            cuts.append(Cut(len(cuts), tuple(live), graph.size_bytes(live), position))
+            cuts.append(Cut(len(cuts), tuple(live), size(live), position))
     if frozenset(graph.outputs) in seen:
         cuts = [c for c in cuts if frozenset(c.tensors) != frozenset(graph.outputs)]
-    cuts.append(Cut(len(cuts), graph.outputs, graph.size_bytes(graph.outputs), end))
+    cuts.append(Cut(len(cuts), graph.outputs, size(graph.outputs), end))
     return cuts
 
 
 def cut_points(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    sized: bool = True,
 ) -> list[Cut]:
     """Cuts in topological order, from the model inputs (index 0) to the model outputs
     (last), each carrying at most one intermediate tensor besides model inputs still to
-    be read and model outputs already made. A model has `len(cuts) - 1` segments."""
-    return graph_cut_points(analyze(model, input_shapes))
+    be read and model outputs already made. A model has `len(cuts) - 1` segments. With
+    `sized` False every `size_bytes` is 0 and no input shape is needed."""
+    return graph_cut_points(analyze(model, input_shapes, sized=sized))
 
 
 class Partitioner:

@@ -1,0 +1,343 @@
+"""Exported graphs through profiling, planning and serving: free dimensions whose sizes
+the user gives (never guessed), tensors onnx cannot size (measured), several inputs
+and outputs, a recurrent state pair, `If` and `Loop`. Each model is profiled with
+`edgeai profile`, planned with `edgeai plan` over device, edge and cloud, and served
+by its plan's stages as worker processes (and by a chain forced through three stages);
+the answers are onnxruntime's on the whole model."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from _real_graphs import BUILDERS, BuiltModel, if_node, loop_node, recurrent, spatial
+from _worker_support import run_onnx
+from edgeai_operator import cli
+from edgeai_operator.localworkers import start_local
+from edgeai_operator.partitions import build_partitions, load_plan
+from edgeai_worker import graph
+from edgeai_worker.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    Tensor,
+    decode_response,
+    encode_request,
+)
+
+TOLERANCE = 1e-5
+TOPOLOGY = Path(__file__).resolve().parents[1] / "hack" / "topology.yaml"
+
+
+def _shape_flags(built: BuiltModel) -> list[str]:
+    return [
+        f"--input-shape={name}={','.join(str(d) for d in shape)}"
+        for name, shape in built.input_shapes.items()
+    ]
+
+
+def profile_cli(built: BuiltModel, tmp: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """`edgeai profile` of the model at its input shapes; the saved profile's path."""
+    saved = tmp / f"{built.path.stem}-profile.json"
+    code = cli.main(
+        ["profile", str(built.path), *_shape_flags(built), "--repeats", "2", "--idle-ms", "0",
+         "--serving-requests", "0", "-o", "json", "--save", str(saved)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return saved
+
+
+def plan_cli(profile: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """`edgeai plan` over the three tiers of the default topology, with the profile."""
+    manifest = tmp / "deployment.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "edgeai.dev/v1alpha1",
+                "kind": "DNNDeployment",
+                "metadata": {"name": "exported"},
+                "spec": {
+                    "modelRef": {"name": "exported"},
+                    "placement": {"tiers": ["device", "edge", "cloud"]},
+                },
+            }
+        )
+    )
+    code = cli.main(
+        ["plan", "-f", str(manifest), "--topology", str(TOPOLOGY), "--profile", str(profile),
+         "-o", "yaml"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan: dict[str, Any] = yaml.safe_load(captured.out)
+    return plan
+
+
+def infer(url: str, model_name: str, feeds: dict[str, np.ndarray]) -> list[Tensor]:
+    """A binary OIP request of `feeds` to a worker; the answer's output tensors."""
+    request = InferRequest(
+        [Tensor.from_numpy(name, array) for name, array in feeds.items()],
+        "real-graphs",
+        None,
+        {"binary_data_output": True},
+    )
+    body, headers = encode_request(request, binary=True)
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{model_name}/infer", body=body, headers=headers)
+        response = conn.getresponse()
+        answer = response.read()
+        assert response.status == 200, answer[:500]
+        length = response.getheader(HEADER_LENGTH)
+        return decode_response(answer, int(length) if length else None).outputs
+    finally:
+        conn.close()
+
+
+def serve_and_compare(
+    plan: dict[str, Any], built: BuiltModel, feeds: dict[str, np.ndarray], tmp: Path
+) -> list[int]:
+    """Run the plan's stages as worker processes, send `feeds` to the first one, and
+    check that the answer holds every model output, in the model's order, as
+    onnxruntime computes it on the whole model; the stages' partition counts."""
+    plan = {**plan, "model": {"path": str(built.path), "input": plan["model"]["input"]}}
+    plan_path = tmp / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(plan))
+    loaded = load_plan(plan_path)
+    workdir = tmp / f"stages-{len(plan['stages'])}"
+    workdir.mkdir(exist_ok=True)
+    specs = build_partitions(loaded.stages, loaded.alternatives, built.path, workdir)
+    run = start_local(loaded, specs, workdir)
+    try:
+        outputs = infer(run.entry_url, run.model_name, feeds)
+    finally:
+        run.stop()
+    model = onnx.load(built.path)
+    names = [o.name for o in model.graph.output]
+    assert [t.name for t in outputs] == names, "every model output, in the model's order"
+    expected = run_onnx(built.path, feeds)
+    for tensor, want in zip(outputs, expected, strict=True):
+        assert tensor.array.shape == want.shape, tensor.name
+        assert np.abs(want).max() > 0, "an all-zero output would make the comparison vacuous"
+        diff = float(np.abs(tensor.array.astype(np.float64) - want).max())
+        assert diff <= TOLERANCE, f"{built.path.stem} {tensor.name}: max abs diff {diff}"
+    return [len(s.partitions) for s in specs]
+
+
+def forced_plan(plan: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """The plan with its stages replaced by three, device, edge and cloud, split at two
+    inner cuts of the profile (a third and two thirds of the way)."""
+    cuts = profile["cuts"]
+    assert len(cuts) >= 4, "two inner cuts are needed for three stages"
+    picks = [cuts[0], cuts[len(cuts) // 3], cuts[2 * len(cuts) // 3], cuts[-1]]
+    if picks[1] is picks[2]:
+        picks[2] = cuts[-2]
+    stages = [
+        {
+            "index": i,
+            "tier": tier,
+            "layers": f"{a['position']}-{b['position'] - 1}",
+            "inputs": a["tensors"],
+            "outputs": b["tensors"],
+        }
+        for i, (tier, (a, b)) in enumerate(
+            zip(("device", "edge", "cloud"), itertools.pairwise(picks), strict=True)
+        )
+    ]
+    return {**plan, "stages": stages, "transfers": [], "alternatives": []}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_exported_graph_profiles_plans_and_serves_exactly(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built = BUILDERS[name](tmp_path)
+    saved = profile_cli(built, tmp_path, capsys)
+    profile = json.loads(saved.read_text())
+    model = onnx.load(built.path)
+    # the profile is taken at the given shapes, a free batch at 1
+    dag = graph.analyze(model, built.input_shapes)
+    declared = [profile["input"], *profile.get("inputs", [])[1:]]
+    assert {i["name"]: i["shape"] for i in declared} == {
+        n: list(s) for n, s in dag.input_shapes.items()
+    }
+    # every cut's bytes are those of the tensors the model makes on the profiled input
+    feeds = graph.sample_feed(model, dag.input_shapes)
+    values = dict(feeds)
+    for cut_a, cut_b in itertools.pairwise(profile["cuts"]):
+        head = graph.extract_partition(model, cut_a["tensors"], cut_b["tensors"])
+        values.update(
+            dict(zip([o.name for o in head.graph.output], _run(head, values), strict=True))
+        )
+        assert sum(values[t].nbytes for t in cut_b["tensors"]) == cut_b["sizeBytes"], cut_b
+    assert profile["cuts"][-1]["tensors"] == [o.name for o in model.graph.output]
+    plan = plan_cli(saved, tmp_path, capsys)
+    assert plan["feasible"] is True
+    assert plan["stages"][0]["inputs"] == profile["cuts"][0]["tensors"]
+    assert plan["stages"][-1]["outputs"] == profile["cuts"][-1]["tensors"]
+    serve_and_compare(plan, built, feeds, tmp_path)
+    # and the same through three stages, device -> edge -> cloud, at inner cuts
+    counts = serve_and_compare(forced_plan(plan, profile), built, feeds, tmp_path)
+    assert counts == [1, 1, 1]
+
+
+def _run(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [
+        np.asarray(r)
+        for r in session.run(None, {i.name: values[i.name] for i in session.get_inputs()})
+    ]
+
+
+@pytest.mark.slow
+def test_free_batch_and_spatial_dims_stay_free_in_the_stages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Profiled at 1x3x40x56, the stages still take another batch and image size."""
+    built = spatial(tmp_path)
+    plan = plan_cli(profile_cli(built, tmp_path, capsys), tmp_path, capsys)
+    profile = json.loads((tmp_path / "spatial-profile.json").read_text())
+    x = np.random.default_rng(3).standard_normal((3, 3, 24, 36)).astype(np.float32)
+    serve_and_compare(forced_plan(plan, profile), built, {"x": x}, tmp_path)
+
+
+def test_free_dimensions_are_refused_unless_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built = spatial(tmp_path)
+    path = str(built.path)
+    assert cli.main(["profile", path, "--serving-requests", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert "input 'x' [N, 3, H, W]: dimension 2 ('H') is not fixed" in err
+    assert "spec.input.shape" in err
+    assert "--input-shape" in err
+    bad = [
+        ("--input-shape=1,3,40", "the shape [1, 3, 40] given for input 'x' does not fit"),
+        ("--input-shape=1,4,40,56", "the shape [1, 4, 40, 56] given for input 'x' does not fit"),
+        ("--input-shape=y=1,3,4,4", "--input-shape: 'y' is not a model input (x)"),
+        ("--input-shape=x=1,3,a,4", "--input-shape: 'x=1,3,a,4' is not a shape"),
+        ("--input-shape=1,0,4,4", "--input-shape: '1,0,4,4' has a dimension below 1"),
+    ]
+    for flag, message in bad:
+        assert cli.main(["profile", path, flag, "--serving-requests", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err, (flag, err)
+        assert err.count("\n") == 1
+    two = BUILDERS["two_inputs"](tmp_path)
+    assert cli.main(["profile", str(two.path), "--input-shape=2,6"]) == 2
+    assert "--input-shape: '2,6' names no input, and the model has 2: x, side" in (
+        capsys.readouterr().err
+    )
+    # a bare shape names the single input; the batch given is the batch profiled
+    saved = tmp_path / "p.json"
+    args = ["profile", path, "--input-shape=2,3,8,8", "--repeats", "1", "--idle-ms", "0",
+            "--serving-requests", "0", "-o", "json", "--save", str(saved)]  # fmt: skip
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert json.loads(saved.read_text())["input"] == {
+        "name": "x",
+        "shape": [2, 3, 8, 8],
+        "dtype": "FP32",
+    }
+
+
+def test_control_flow_nodes_are_atomic_and_read_outer_scope_tensors(tmp_path: Path) -> None:
+    for built, op in ((if_node(tmp_path), "If"), (loop_node(tmp_path), "Loop")):
+        model = onnx.load(built.path)
+        dag = graph.analyze(model)
+        (node,) = [n for n in dag.nodes if n.op_type == op]
+        assert "feature" in node.inputs, "the subgraphs read it from the outer scope"
+        cuts = graph.graph_cut_points(dag)
+        inner = {
+            t
+            for n in model.graph.node
+            for g in graph._subgraphs(n)
+            for o in g.node
+            for t in o.output
+        }
+        assert inner, "the subgraphs make tensors of their own"
+        assert not inner & {t for c in cuts for t in c.tensors}, "no cut enters a subgraph"
+        # a partition from the feature to the node's output holds the node, and what
+        # its subgraphs read from outside: the feature as an input, weights as its own
+        part = graph.extract_partition(model, ["feature"], [node.outputs[0]])
+        assert [i.name for i in part.graph.input] == ["feature"]
+        assert [n.op_type for n in part.graph.node if n.op_type in graph.CONTROL_FLOW] == [op]
+        subgraph_weights = {"If": "scale", "Loop": "decay"}[op]
+        assert subgraph_weights in {i.name for i in part.graph.initializer}
+        feeds = graph.sample_feed(model, {"x": [2, 6]})
+        (feature,) = _run(graph.extract_partition(model, ["x"], ["feature"]), feeds)
+        (whole,) = _run(graph.extract_partition(model, ["x"], [node.outputs[0]]), feeds)
+        np.testing.assert_array_equal(_run(part, {"feature": feature})[0], whole)
+
+
+def test_a_recurrent_state_pair_stays_in_one_stage_and_the_profile_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built = recurrent(tmp_path)
+    profile = json.loads(profile_cli(built, tmp_path, capsys).read_text())
+    assert profile["held"] == [
+        {
+            "positions": "0-4",
+            "tensors": ["state", "stateN"],
+            "reason": "recurrent state state -> stateN stays in one stage",
+        }
+    ]
+    positions = [c["position"] for c in profile["cuts"]]
+    assert positions == [0, 5, 6, 7], "no cut between reading state and making stateN"
+    # the planner places whole segments: the first one reads state and makes stateN
+    assert profile["segments"][0]["positions"] == "0-4"
+
+
+def test_a_tensor_onnx_cannot_size_is_measured(tmp_path: Path) -> None:
+    built = BUILDERS["data_dependent"](tmp_path)
+    model = onnx.load(built.path)
+    fixed = graph.infer_shapes(graph._with_input_shapes(model, {"x": [1, 8]}))
+    assert "picked" not in graph._static(fixed, {"picked"}), "onnx cannot count the gathered"
+    assert graph._symbolic_inference(fixed) is None or "picked" not in graph._static(
+        graph._symbolic_inference(fixed) or fixed, {"picked"}
+    )
+    for seed in (0, 1):
+        feeds = graph.sample_feed(model, {"x": [1, 8]}, seed)
+        dag = graph.analyze(model, feeds=feeds)
+        expected = _run(graph.extract_partition(model, ["x"], ["picked"]), feeds)[0]
+        assert dag.tensors["picked"].size_bytes == expected.nbytes
+        assert dag.tensors["picked"].shape == expected.shape
+
+
+def test_a_graph_the_planner_cannot_handle_exits_2_naming_the_construct(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("SequenceConstruct", ["r", "x"], ["pieces"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "sequence_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_sequence_value_info("pieces", TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "sequence_out.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert cli.main(["profile", str(path), "--serving-requests", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert "model output 'pieces' is a sequence_type, not a tensor" in err
