@@ -299,6 +299,25 @@ def torch_detector(tmp: Path) -> BuiltModel:
     return BuiltModel(path, {"image": [1, 3, 48, 64]})
 
 
+def sequence_output(tmp: Path) -> BuiltModel:
+    """A model onnxruntime loads and runs whose output is a sequence of tensors: no
+    stage can answer it over the inference protocol."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("SequenceConstruct", ["r", "x"], ["pieces"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sequence_out",
+        [_float("x", ["N", 4])],
+        [helper.make_tensor_sequence_value_info("pieces", TensorProto.FLOAT, None)],
+    )
+    path = tmp / "sequence_out.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    onnx.save(model, str(path))
+    return BuiltModel(path, {})
+
+
 BUILDERS: dict[str, Callable[[Path], BuiltModel]] = {
     "spatial": spatial,
     "data_dependent": data_dependent,

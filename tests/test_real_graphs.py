@@ -19,7 +19,15 @@ import onnx
 import pytest
 import yaml
 
-from _real_graphs import BUILDERS, BuiltModel, if_node, loop_node, recurrent, spatial
+from _real_graphs import (
+    BUILDERS,
+    BuiltModel,
+    if_node,
+    loop_node,
+    recurrent,
+    sequence_output,
+    spatial,
+)
 from _worker_support import run_onnx
 from edgeai_operator import cli
 from edgeai_operator.localworkers import start_local
@@ -301,6 +309,18 @@ def test_a_recurrent_state_pair_stays_in_one_stage_and_the_profile_says_why(
     assert positions == [0, 5, 6, 7], "no cut between reading state and making stateN"
     # the planner places whole segments: the first one reads state and makes stateN
     assert profile["segments"][0]["positions"] == "0-4"
+    plan = plan_cli(tmp_path / "recurrent-profile.json", tmp_path, capsys)
+    assert plan["held"] == [
+        "nodes 0-4 (state, stateN): recurrent state state -> stateN stays in one stage"
+    ]
+    manifest = tmp_path / "deployment.yaml"
+    args = ["plan", "-f", str(manifest), "--topology", str(TOPOLOGY), "--profile",
+            str(tmp_path / "recurrent-profile.json")]  # fmt: skip
+    assert cli.main(args) == 0
+    assert (
+        "kept in one stage: nodes 0-4 (state, stateN): recurrent state state -> stateN "
+        "stays in one stage" in capsys.readouterr().out
+    )
 
 
 def test_a_tensor_onnx_cannot_size_is_measured(tmp_path: Path) -> None:
@@ -322,20 +342,7 @@ def test_a_tensor_onnx_cannot_size_is_measured(tmp_path: Path) -> None:
 def test_a_graph_the_planner_cannot_handle_exits_2_naming_the_construct(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from onnx import TensorProto, helper
-
-    nodes = [
-        helper.make_node("Relu", ["x"], ["r"]),
-        helper.make_node("SequenceConstruct", ["r", "x"], ["pieces"]),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "sequence_out",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_sequence_value_info("pieces", TensorProto.FLOAT, None)],
-    )
-    path = tmp_path / "sequence_out.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    path = sequence_output(tmp_path).path
     assert cli.main(["profile", str(path), "--serving-requests", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

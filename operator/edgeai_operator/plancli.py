@@ -215,6 +215,7 @@ def render_table(doc: PlanDocument) -> str:
         + f", device energy {doc.device_energy_mj or 0.0:.2f} mJ,"
         f" cloud cost {doc.cloud_cost or 0.0:.3f}"
     )
+    lines.extend(f"kept in one stage: {reason}" for reason in doc.held)
     if doc.alternatives:
         lines.append("adaptive split (device uplink):")
         for a in doc.alternatives:
@@ -256,6 +257,8 @@ def _resolve_model(spec: DeploymentSpec, profiles: list[dict[str, Any]]) -> str:
 
 
 def plan_command(args: argparse.Namespace) -> int:
+    from edgeai_worker.graph import GraphError
+
     spec = load_deployment(args.file)
     topology = load_topology(args.topology)
     profiles = [load_profile(p) for p in args.profile or []]
@@ -263,16 +266,20 @@ def plan_command(args: argparse.Namespace) -> int:
     method = args.compute
     if method == "auto":
         method = "measured" if profiles else "analytic"
-    if not profiles:
-        if method == "measured":
-            from edgeai_worker import profiler
+    try:
+        if not profiles:
+            if method == "measured":
+                from edgeai_worker import profiler
 
-            profiles = [profiler.profile_model(model_path(model, "fp32"), name=model, repeats=10)]
-        else:
-            profiles = [analytic_profile(model)]
-    problem, context = build_problem(
-        spec, profiles, topology, zone=args.zone, method=method, granularity=args.granularity
-    )
+                path = model_path(model, "fp32")
+                profiles = [profiler.profile_model(path, name=model, repeats=10)]
+            else:
+                profiles = [analytic_profile(model)]
+        problem, context = build_problem(
+            spec, profiles, topology, zone=args.zone, method=method, granularity=args.granularity
+        )
+    except GraphError as exc:
+        raise SpecError(f"model {model}", str(exc)) from None
     plan = solve(spec, problem)
     doc = plan_document(spec, profiles, plan, context, method, granularity=args.granularity)
     if args.output == "yaml":

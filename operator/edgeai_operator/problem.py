@@ -564,4 +564,8 @@ def plan_document(
         solver_exact=plan.exact,
         tiers=context["tiers"],
         granularity=granularity,
+        held=tuple(
+            f"nodes {h['positions']} ({', '.join(h['tensors'])}): {h['reason']}"
+            for h in profile.get("held", [])
+        ),
     )
