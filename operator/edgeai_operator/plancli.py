@@ -76,6 +76,7 @@ def profile_command(args: argparse.Namespace) -> int:
         )
     model = _load_model(path)
     shapes = input_shapes(args.input_shape, model)
+    values = input_values(args.input_value, model)
     try:
         profile = profiler.profile_model(
             model,
@@ -85,7 +86,9 @@ def profile_command(args: argparse.Namespace) -> int:
             threads=args.threads,
             idle_ms=idle_ms,
             input_shapes=shapes,
+            input_values=values,
         )
+        feeds = profiler.example_feed(model, shapes=shapes, values=values)
     except GraphError as exc:
         raise SpecError(f"MODEL {args.model}", str(exc)) from None
     if args.serving_requests:
@@ -94,7 +97,7 @@ def profile_command(args: argparse.Namespace) -> int:
             requests=args.serving_requests,
             threads=args.threads,
             model=path,
-            feed_shapes={i["name"]: i["shape"] for i in profile.get("inputs", [profile["input"]])},
+            feeds=feeds,
         )
         profile.update({key: round(ms, 4) for key, ms in overheads.items()})
     if name == "digits_cnn":
@@ -126,12 +129,40 @@ def _load_model(path: Path) -> onnx.ModelProto:
         raise SpecError("MODEL", f"{path} is not an ONNX model: {exc}") from None
 
 
+INPUT_VALUE_FORM = "NAME=NUMBER, repeatable (that input filled with NUMBER)"
+
+
+def input_values(texts: Sequence[str] | None, model: onnx.ModelProto) -> dict[str, float]:
+    """`--input-value` values as {input name: number}; SpecError naming the flag."""
+    names = _input_names(model)
+    values: dict[str, float] = {}
+    for text in texts or []:
+        name, _, number = text.partition("=")
+        if name not in names:
+            raise SpecError(
+                "--input-value",
+                f"{name!r} is not a model input ({', '.join(names)})",
+                INPUT_VALUE_FORM,
+            )
+        try:
+            values[name] = float(number)
+        except ValueError:
+            raise SpecError(
+                "--input-value", f"{text!r} is not NAME=NUMBER", INPUT_VALUE_FORM
+            ) from None
+    return values
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
 def input_shapes(values: Sequence[str] | None, model: onnx.ModelProto) -> dict[str, list[int]]:
     """`--input-shape` values as {input name: shape}; SpecError naming the flag for a
     malformed value, a name the model does not have, or a bare shape given to a model
     with several inputs."""
-    initializers = {t.name for t in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names = _input_names(model)
     shapes: dict[str, list[int]] = {}
     for text in values or []:
         name, eq, dims = text.rpartition("=")
@@ -305,6 +336,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="[NAME=]SHAPE",
         help="the shape to profile an input at, for dimensions the model leaves free "
         f"(a free batch dimension is profiled at 1): {INPUT_SHAPE_FORM}",
+    )
+    profile.add_argument(
+        "--input-value",
+        action="append",
+        metavar="NAME=NUMBER",
+        help="fill an input with a number instead of random values, where the model "
+        "branches on it (a sample rate, a mode); repeatable",
     )
     profile.add_argument("--repeats", type=int, default=20, help="timed runs per segment")
     profile.add_argument("--threads", type=int, default=None, help="onnxruntime threads")

@@ -69,9 +69,8 @@ def _labels(model: str, generation: int | None) -> dict[str, str]:
     }
 
 
-def _input_arg(spec: ModelSpec) -> str:
-    dims = ",".join(str(d) for d in spec.input.shape)
-    return f"--input={spec.input.name}={dims}:{spec.input.dtype}"
+def _input_args(spec: ModelSpec) -> list[str]:
+    return [f"--input={i.name}={','.join(str(d) for d in i.shape)}:{i.dtype}" for i in spec.inputs]
 
 
 def _variant_arg(variant: Any) -> str:
@@ -96,7 +95,7 @@ def prepare_args(spec: ModelSpec, *, model_name: str, artifacts_uri: str, result
     args = [
         "prepare",
         f"--source={spec.source.uri}",
-        _input_arg(spec),
+        *_input_args(spec),
         f"--artifacts={artifacts_uri}",
         f"--model-name={model_name}",
         f"--result-configmap={result}",

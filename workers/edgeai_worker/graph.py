@@ -298,16 +298,31 @@ def concrete_input_shapes(
 
 
 def sample_feed(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int = 0
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    seed: int = 0,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs of `shapes`: standard normal floats, small non-negative integers
-    (they often index or count), random booleans."""
+    """Inputs of `shapes`: `values[name]` everywhere for an input given one (a sample
+    rate, a mode switch: what the model's control flow branches on), else random:
+    standard normal floats, small non-negative integers (they often index or count),
+    booleans."""
     rng = np.random.default_rng(seed)
+    given = dict(values or {})
+    names = [i.name for i in _graph_inputs(model)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise GraphError(
+            f"an input value is given for {unknown[0]!r}, which is not a model input "
+            f"(the model's inputs: {', '.join(names)})"
+        )
     feeds: dict[str, np.ndarray] = {}
     for value in _graph_inputs(model):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         shape = list(shapes[value.name])
-        if np.issubdtype(dtype, np.floating):
+        if value.name in given:
+            feeds[value.name] = np.full(shape, given[value.name], dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
@@ -384,7 +399,8 @@ def _measured(
         if name not in declared:
             value = exposed.graph.output.add()
             value.name = name
-            value.type.tensor_type.elem_type = elem_types.get(name, 0)
+            if name in elem_types:  # else left untyped: onnxruntime finds the type itself
+                value.type.tensor_type.elem_type = elem_types[name]
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the GraphError below says what failed
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

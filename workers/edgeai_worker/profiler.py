@@ -148,11 +148,16 @@ def host_gflops(size: int = 1024, repeats: int = 10, threads: int | None = None)
 
 
 def example_feed(
-    model: onnx.ModelProto, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+    model: onnx.ModelProto,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs of the model's concrete input shapes (`graph.concrete_input_shapes`
-    of `shapes`: a free batch dimension at 1, any other free dimension must be given)."""
-    return onnx_graph.sample_feed(model, onnx_graph.concrete_input_shapes(model, shapes), seed)
+    """Inputs of the model's concrete input shapes (`graph.concrete_input_shapes` of
+    `shapes`: a free batch dimension at 1, any other free dimension must be given),
+    random but for the `values` given (see `graph.sample_feed`)."""
+    concrete = onnx_graph.concrete_input_shapes(model, shapes)
+    return onnx_graph.sample_feed(model, concrete, seed, values)
 
 
 def _chained_pass(
@@ -182,11 +187,13 @@ def profile_model(
     idle_ms: float = IDLE_MS,
     progress: Progress | None = stderr_progress,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Measures the whole model and every segment between cuts (see the module
     docstring), after `warmup` runs of each, each timed run after `idle_ms` of
     idleness, at the concrete input shapes (`input_shapes` where the model leaves a
-    dimension free; see `graph.concrete_input_shapes`)."""
+    dimension free; see `graph.concrete_input_shapes`), on inputs random but for the
+    `input_values` given (see `graph.sample_feed`)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if repeats < 1:
@@ -196,7 +203,7 @@ def profile_model(
     idle_s = idle_ms / 1000.0
     say = progress or (lambda _: None)
     shapes = onnx_graph.concrete_input_shapes(model, input_shapes)
-    feeds = onnx_graph.sample_feed(model, shapes)
+    feeds = onnx_graph.sample_feed(model, shapes, values=input_values)
     started = time.monotonic()
     dag = onnx_graph.analyze(model, shapes, feeds)
     cuts = onnx_graph.graph_cut_points(dag)
@@ -511,15 +518,15 @@ def serving_overheads(
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
     model: Path | None = None,
-    feed_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """The per-request serving and forwarding costs on this machine, fixed and per MB
     (the profile's keys; see the module docstring): a real worker process serving
     `serving_model` and a forward-only worker in front of it, `requests` round trips
     to each with the model's input and with a one-element tensor, in turn. With
     `model`, a worker serving that model answers `requests` more, and the fixed
-    serving part is calibrated on them (`calibrate_serving`); `feed_shapes` are its
-    input shapes where it leaves dimensions free (see `example_feed`)."""
+    serving part is calibrated on them (`calibrate_serving`), sending `feeds`
+    (default: `example_feed` of the model)."""
     say = progress or (lambda _: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
@@ -537,7 +544,7 @@ def serving_overheads(
         _wait_ready(f"{base}/v2/health/ready", processes[-1], 60.0)
         return base
 
-    feeds: dict[str, np.ndarray] = {}
+    model_feeds: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
         probe_model = serving_model(input_shape, Path(tmp) / "serving.onnx")
         try:
@@ -561,13 +568,15 @@ def serving_overheads(
             )
             model_samples: list[tuple[float, float]] = []
             if model is not None:
-                feeds = example_feed(
-                    onnx.load(str(model), load_external_data=False), shapes=feed_shapes
+                model_feeds = (
+                    dict(feeds)
+                    if feeds is not None
+                    else example_feed(onnx.load(str(model), load_external_data=False))
                 )
                 served = start(_free_port(), "--partition", str(model))
                 say(f"serving overhead: {requests} requests through a worker serving the model")
                 model_samples = time_model_requests(
-                    served + path, feeds, requests=requests, warmup=warmup
+                    served + path, model_feeds, requests=requests, warmup=warmup
                 )
         finally:
             for process in processes:
@@ -586,4 +595,4 @@ def serving_overheads(
     )
     if not model_samples:
         return fitted
-    return calibrate_serving(fitted, sum(a.nbytes for a in feeds.values()), model_samples)
+    return calibrate_serving(fitted, sum(a.nbytes for a in model_feeds.values()), model_samples)
