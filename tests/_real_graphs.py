@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ OPSET = 17
 class BuiltModel:
     path: Path
     input_shapes: dict[str, list[int]]  # what --input-shape gives (free dimensions)
+    input_values: dict[str, float] = field(default_factory=dict)  # --input-value
 
 
 def _weight(rng: np.random.Generator, name: str, *shape: int) -> onnx.TensorProto:

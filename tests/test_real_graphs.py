@@ -7,162 +7,25 @@ the answers are onnxruntime's on the whole model."""
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import onnx
 import pytest
-import yaml
 
 from _real_graphs import (
     BUILDERS,
-    BuiltModel,
     if_node,
     loop_node,
     recurrent,
     sequence_output,
     spatial,
 )
-from _worker_support import run_onnx
+from _served_plans import TOPOLOGY, forced_plan, plan_cli, profile_cli, serve_and_compare
 from edgeai_operator import cli
-from edgeai_operator.localworkers import start_local
-from edgeai_operator.partitions import build_partitions, load_plan
 from edgeai_worker import graph
-from edgeai_worker.protocol import (
-    HEADER_LENGTH,
-    InferRequest,
-    Tensor,
-    decode_response,
-    encode_request,
-)
-
-TOLERANCE = 1e-5
-TOPOLOGY = Path(__file__).resolve().parents[1] / "hack" / "topology.yaml"
-
-
-def _shape_flags(built: BuiltModel) -> list[str]:
-    return [
-        f"--input-shape={name}={','.join(str(d) for d in shape)}"
-        for name, shape in built.input_shapes.items()
-    ]
-
-
-def profile_cli(built: BuiltModel, tmp: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    """`edgeai profile` of the model at its input shapes; the saved profile's path."""
-    saved = tmp / f"{built.path.stem}-profile.json"
-    code = cli.main(
-        ["profile", str(built.path), *_shape_flags(built), "--repeats", "2", "--idle-ms", "0",
-         "--serving-requests", "0", "-o", "json", "--save", str(saved)]
-    )  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return saved
-
-
-def plan_cli(profile: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    """`edgeai plan` over the three tiers of the default topology, with the profile."""
-    manifest = tmp / "deployment.yaml"
-    manifest.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "edgeai.dev/v1alpha1",
-                "kind": "DNNDeployment",
-                "metadata": {"name": "exported"},
-                "spec": {
-                    "modelRef": {"name": "exported"},
-                    "placement": {"tiers": ["device", "edge", "cloud"]},
-                },
-            }
-        )
-    )
-    code = cli.main(
-        ["plan", "-f", str(manifest), "--topology", str(TOPOLOGY), "--profile", str(profile),
-         "-o", "yaml"]
-    )  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    plan: dict[str, Any] = yaml.safe_load(captured.out)
-    return plan
-
-
-def infer(url: str, model_name: str, feeds: dict[str, np.ndarray]) -> list[Tensor]:
-    """A binary OIP request of `feeds` to a worker; the answer's output tensors."""
-    request = InferRequest(
-        [Tensor.from_numpy(name, array) for name, array in feeds.items()],
-        "real-graphs",
-        None,
-        {"binary_data_output": True},
-    )
-    body, headers = encode_request(request, binary=True)
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=60)
-    try:
-        conn.request("POST", f"/v2/models/{model_name}/infer", body=body, headers=headers)
-        response = conn.getresponse()
-        answer = response.read()
-        assert response.status == 200, answer[:500]
-        length = response.getheader(HEADER_LENGTH)
-        return decode_response(answer, int(length) if length else None).outputs
-    finally:
-        conn.close()
-
-
-def serve_and_compare(
-    plan: dict[str, Any], built: BuiltModel, feeds: dict[str, np.ndarray], tmp: Path
-) -> list[int]:
-    """Run the plan's stages as worker processes, send `feeds` to the first one, and
-    check that the answer holds every model output, in the model's order, as
-    onnxruntime computes it on the whole model; the stages' partition counts."""
-    plan = {**plan, "model": {"path": str(built.path), "input": plan["model"]["input"]}}
-    plan_path = tmp / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(plan))
-    loaded = load_plan(plan_path)
-    workdir = tmp / f"stages-{len(plan['stages'])}"
-    workdir.mkdir(exist_ok=True)
-    specs = build_partitions(loaded.stages, loaded.alternatives, built.path, workdir)
-    run = start_local(loaded, specs, workdir)
-    try:
-        outputs = infer(run.entry_url, run.model_name, feeds)
-    finally:
-        run.stop()
-    model = onnx.load(built.path)
-    names = [o.name for o in model.graph.output]
-    assert [t.name for t in outputs] == names, "every model output, in the model's order"
-    expected = run_onnx(built.path, feeds)
-    for tensor, want in zip(outputs, expected, strict=True):
-        assert tensor.array.shape == want.shape, tensor.name
-        assert np.abs(want).max() > 0, "an all-zero output would make the comparison vacuous"
-        diff = float(np.abs(tensor.array.astype(np.float64) - want).max())
-        assert diff <= TOLERANCE, f"{built.path.stem} {tensor.name}: max abs diff {diff}"
-    return [len(s.partitions) for s in specs]
-
-
-def forced_plan(plan: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
-    """The plan with its stages replaced by three, device, edge and cloud, split at two
-    inner cuts of the profile (a third and two thirds of the way)."""
-    cuts = profile["cuts"]
-    assert len(cuts) >= 4, "two inner cuts are needed for three stages"
-    picks = [cuts[0], cuts[len(cuts) // 3], cuts[2 * len(cuts) // 3], cuts[-1]]
-    if picks[1] is picks[2]:
-        picks[2] = cuts[-2]
-    stages = [
-        {
-            "index": i,
-            "tier": tier,
-            "layers": f"{a['position']}-{b['position'] - 1}",
-            "inputs": a["tensors"],
-            "outputs": b["tensors"],
-        }
-        for i, (tier, (a, b)) in enumerate(
-            zip(("device", "edge", "cloud"), itertools.pairwise(picks), strict=True)
-        )
-    ]
-    return {**plan, "stages": stages, "transfers": [], "alternatives": []}
 
 
 @pytest.mark.slow
@@ -196,7 +59,7 @@ def test_exported_graph_profiles_plans_and_serves_exactly(
     assert plan["stages"][-1]["outputs"] == profile["cuts"][-1]["tensors"]
     serve_and_compare(plan, built, feeds, tmp_path)
     # and the same through three stages, device -> edge -> cloud, at inner cuts
-    counts = serve_and_compare(forced_plan(plan, profile), built, feeds, tmp_path)
+    counts, _ = serve_and_compare(forced_plan(plan, profile), built, feeds, tmp_path)
     assert counts == [1, 1, 1]
 
 

@@ -161,11 +161,13 @@ def graph_profile(
     variant: str,
     input_spec: Mapping[str, Any],
     inputs: Sequence[Mapping[str, Any]] = (),
+    feeds: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The profile of the ONNX file at `path`: its cuts with their bytes at the input
     shapes `inputs` declare (default: `input_spec` alone; free dimensions they do not
     fix follow `graph.concrete_input_shapes`), and the FLOPs of each segment between
-    two cuts (nothing measured). Raises `graph.GraphError` for a graph it cannot
+    two cuts (nothing timed; `feeds`, arrays by input name, are what the sizes onnx
+    cannot infer are measured on). Raises `graph.GraphError` for a graph it cannot
     profile."""
     import onnx
 
@@ -173,7 +175,7 @@ def graph_profile(
 
     declared = list(inputs) or [input_spec]
     shapes = {str(i["name"]): [int(d) for d in i["shape"]] for i in declared}
-    dag = graph.analyze(onnx.load(path), shapes)
+    dag = graph.analyze(onnx.load(path), shapes, feeds)
     cuts = graph.graph_cut_points(dag)
     return {
         "kind": "Profile",

@@ -414,7 +414,9 @@ def _measured(
         raise GraphError(
             "running the model once to measure the tensor shapes onnx cannot infer failed "
             f"at the profiled input shapes {dict((k, list(v.shape)) for k, v in feeds.items())}: "
-            f"{text[0][:300] if text else type(exc).__name__}; check {SHAPE_FIELDS}"
+            f"{text[0][:300] if text else type(exc).__name__}; check the input shapes "
+            f"({SHAPE_FIELDS}) and, for an input the model branches on, its value "
+            "(--input-value NAME=NUMBER)"
         ) from exc
     out: dict[str, tuple[int, tuple[int, ...]]] = {}
     for name, value in zip(names, results, strict=True):

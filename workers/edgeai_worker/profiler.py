@@ -89,7 +89,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgeai_worker import graph as onnx_graph
-from edgeai_worker.protocol import InferRequest, Tensor, datatype_of, encode_request
+from edgeai_worker.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    Tensor,
+    datatype_of,
+    decode_response,
+    encode_request,
+)
 
 Progress = Callable[[str], None]
 
@@ -352,6 +359,35 @@ def post_timed(
     return elapsed, response, answer
 
 
+def _binary_request(
+    feeds: Mapping[str, np.ndarray], request_id: str
+) -> tuple[bytes, dict[str, str]]:
+    """A binary OIP request of `feeds` asking for binary outputs: (body, headers)."""
+    request = InferRequest(
+        [Tensor.from_numpy(name, array) for name, array in feeds.items()],
+        request_id,
+        None,
+        {"binary_data_output": True},
+    )
+    return encode_request(request, binary=True)
+
+
+def infer_binary(
+    url: str, model_name: str, feeds: Mapping[str, np.ndarray], timeout_s: float = 300.0
+) -> list[Tensor]:
+    """The output tensors a worker at `url` answers to one binary OIP request of
+    `feeds` (raises unless it answers 200)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout_s)
+    body, headers = _binary_request(feeds, f"infer-{os.getpid()}")
+    try:
+        _, response, answer = post_timed(conn, f"/v2/models/{model_name}/infer", body, headers)
+    finally:
+        conn.close()
+    length = response.getheader(HEADER_LENGTH)
+    return decode_response(answer, int(length) if length else None).outputs
+
+
 def time_binary_requests(
     targets: Sequence[tuple[str, Sequence[int]]], *, requests: int, warmup: int
 ) -> list[list[float]]:
@@ -398,13 +434,7 @@ def time_model_requests(
     samples: list[tuple[float, float]] = []
     try:
         for i in range(warmup + requests):
-            request = InferRequest(
-                [Tensor.from_numpy(name, array) for name, array in feeds.items()],
-                f"model-serving-{os.getpid()}-{i}",
-                None,
-                {"binary_data_output": True},
-            )
-            body, headers = encode_request(request, binary=True)
+            body, headers = _binary_request(feeds, f"model-serving-{os.getpid()}-{i}")
             elapsed, response, _ = post_timed(conn, parts.path, body, headers)
             compute = response.getheader(COMPUTE_TIME_HEADER)
             if compute is None:
