@@ -304,14 +304,18 @@ def sequence_output(tmp: Path) -> BuiltModel:
     """A model onnxruntime loads and runs whose output is a sequence of tensors: no
     stage can answer it over the inference protocol."""
     nodes = [
-        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Mul", ["x", "w"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
         helper.make_node("SequenceConstruct", ["r", "x"], ["pieces"]),
     ]
+    # a weight makes the file binary (a ConfigMap holds it as binaryData)
+    weight = _weight(np.random.default_rng(9), "w", 4)
     graph = helper.make_graph(
         nodes,
         "sequence_out",
         [_float("x", ["N", 4])],
         [helper.make_tensor_sequence_value_info("pieces", TensorProto.FLOAT, None)],
+        [weight],
     )
     path = tmp / "sequence_out.onnx"
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)

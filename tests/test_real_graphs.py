@@ -125,6 +125,14 @@ def test_free_dimensions_are_refused_unless_given(
         "shape": [2, 3, 8, 8],
         "dtype": "FP32",
     }
+    # an input that declares no shape at all is never taken for a scalar
+    unshaped = onnx.load(path)
+    unshaped.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(graph.GraphError, match="input 'x' declares no shape, not even its rank"):
+        graph.concrete_input_shapes(unshaped)
+    dag = graph.analyze(unshaped, {"x": [1, 3, 8, 8]})
+    assert dag.input_shapes == {"x": (1, 3, 8, 8)}
+    assert dag.tensors["c0"].shape == (1, 8, 8, 8)
 
 
 def test_control_flow_nodes_are_atomic_and_read_outer_scope_tensors(tmp_path: Path) -> None:
@@ -147,7 +155,7 @@ def test_control_flow_nodes_are_atomic_and_read_outer_scope_tensors(tmp_path: Pa
         # its subgraphs read from outside: the feature as an input, weights as its own
         part = graph.extract_partition(model, ["feature"], [node.outputs[0]])
         assert [i.name for i in part.graph.input] == ["feature"]
-        assert [n.op_type for n in part.graph.node if n.op_type in graph.CONTROL_FLOW] == [op]
+        assert [n.op_type for n in part.graph.node if n.op_type in ("If", "Loop", "Scan")] == [op]
         subgraph_weights = {"If": "scale", "Loop": "decay"}[op]
         assert subgraph_weights in {i.name for i in part.graph.initializer}
         feeds = graph.sample_feed(model, {"x": [2, 6]})

@@ -84,8 +84,6 @@ _ELEMENTWISE = {
 }
 
 
-# ops whose subgraphs are part of the node: never cut inside
-CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 # what a batch dimension the model leaves free is profiled at
 FREE_BATCH = 1
 SHAPE_FIELDS = "spec.input.shape (DNNModel) or --input-shape NAME=D0,D1,... (edgeai profile)"
@@ -269,8 +267,9 @@ def concrete_input_shapes(
         dims = list(tensor.shape.dim)
         if value.name in given:
             shape = tuple(int(d) for d in given[value.name])
-            fits = len(shape) == len(dims) and all(
-                _fixed(d) in (None, s) for d, s in zip(dims, shape, strict=True)
+            fits = not tensor.HasField("shape") or (  # no shape declared: any fits
+                len(shape) == len(dims)
+                and all(_fixed(d) in (None, s) for d, s in zip(dims, shape, strict=True))
             )
             if not fits or min(shape, default=1) < 1:
                 raise GraphError(
@@ -280,6 +279,11 @@ def concrete_input_shapes(
                 )
             shapes[value.name] = shape
             continue
+        if not tensor.HasField("shape"):
+            raise GraphError(
+                f"input {value.name!r} declares no shape, not even its rank, and no shape "
+                f"was given: set {SHAPE_FIELDS}"
+            )
         shape_list: list[int] = []
         for axis, dim in enumerate(dims):
             size = _fixed(dim)
@@ -339,9 +343,10 @@ def _with_input_shapes(
     del fixed.graph.value_info[:]
     for value in fixed.graph.input:
         if value.name in shapes:
-            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name], strict=True):
-                dim.Clear()
-                dim.dim_value = int(size)
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in shapes[value.name]:
+                shape.dim.add().dim_value = int(size)
     return fixed
 
 
