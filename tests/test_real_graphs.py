@@ -114,7 +114,7 @@ def test_free_dimensions_are_refused_unless_given(
     assert "--input-shape: '2,6' names no input, and the model has 2: x, side" in (
         capsys.readouterr().err
     )
-    # a bare shape names the single input; the batch given is the batch profiled
+    # a bare shape names the single input; a free batch is profiled at 1 whatever is given
     saved = tmp_path / "p.json"
     args = ["profile", path, "--input-shape=2,3,8,8", "--repeats", "1", "--idle-ms", "0",
             "--serving-requests", "0", "-o", "json", "--save", str(saved)]  # fmt: skip
@@ -122,7 +122,7 @@ def test_free_dimensions_are_refused_unless_given(
     capsys.readouterr()
     assert json.loads(saved.read_text())["input"] == {
         "name": "x",
-        "shape": [2, 3, 8, 8],
+        "shape": [1, 3, 8, 8],
         "dtype": "FP32",
     }
     # an input that declares no shape at all is never taken for a scalar

@@ -245,8 +245,10 @@ def concrete_input_shapes(
     model: onnx.ModelProto, given: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, tuple[int, ...]]:
     """Each model input's shape to profile at: `given[name]` where the user gave one (it
-    must fit the model's fixed dimensions), else the model's own, a free first (batch)
-    dimension at FREE_BATCH. Any other free dimension is a GraphError naming it."""
+    must fit the model's fixed dimensions), else the model's own; a free first (batch)
+    dimension at FREE_BATCH either way (whatever size is given for it: the planner
+    plans one request, and the batch stays free in the partitions). Any other free
+    dimension without a given size is a GraphError naming it."""
     given = dict(given or {})
     inputs = _graph_inputs(model)
     names = [i.name for i in inputs]
@@ -277,6 +279,8 @@ def concrete_input_shapes(
                     f"the model's {_describe(dims)}: set {SHAPE_FIELDS} with its rank, "
                     "its fixed dimensions and every other dimension >= 1"
                 )
+            if dims and _fixed(dims[0]) is None:
+                shape = (FREE_BATCH, *shape[1:])  # the planner plans one request
             shapes[value.name] = shape
             continue
         if not tensor.HasField("shape"):
