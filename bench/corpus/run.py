@@ -70,6 +70,8 @@ PACKAGES = {
 }
 # Sizes for the dimensions a model leaves free, and values for inputs it branches on
 # (silero-vad's sample rate picks its 16 kHz branch; 512 samples is its 16 kHz chunk).
+# A free first dimension is the batch, profiled at 1 (silero_vad_16k_sequence's
+# sequence_length too: it needs nothing here).
 _VAD = {"input": [1, 512], "state": [2, 1, 128]}
 INPUTS: dict[str, tuple[dict[str, list[int]], dict[str, float]]] = {
     "ch_PP-OCRv4_det_infer": ({"x": [1, 3, 640, 640]}, {}),
@@ -79,7 +81,6 @@ INPUTS: dict[str, tuple[dict[str, list[int]], dict[str, float]]] = {
     "silero_vad_16k_op15": (_VAD, {"sr": 16000}),
     "silero_vad_op18_ifless": (_VAD, {"sr": 16000}),
     "silero_vad_half": (_VAD, {}),
-    "silero_vad_16k_sequence": ({"input": [4, 576]}, {}),
 }
 
 
