@@ -392,7 +392,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--granularity",
         choices=("segments", "nodes"),
         default="segments",
-        help="plan over segments between single-tensor cuts (chain, exact DP) "
+        help="plan over segments between cuts (chain, exact DP) "
         "or over every ONNX node (DAG, min-cut); layers then count nodes",
     )
     plan.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")

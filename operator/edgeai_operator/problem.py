@@ -272,7 +272,7 @@ def _host_ms(
 
 
 def profile_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -> LayerGraph:
-    """A chain over the profile's segments (between single-tensor cuts)."""
+    """A chain over the profile's segments (between the cuts of `graph.cut_points`)."""
     segments = profile["segments"]
     measured = [float(s.get("measuredMs", 0.0)) for s in segments]
     flops = [int(s["flops"]) for s in segments]
