@@ -105,6 +105,35 @@ def data_dependent(tmp: Path) -> BuiltModel:
     return BuiltModel(path, {})
 
 
+def foreign_op(tmp: Path) -> BuiltModel:
+    """onnxruntime's com.microsoft `Gelu` between two projections: onnx knows neither
+    the op's type nor its shape (onnxruntime's symbolic inference sizes it), so no
+    cut can declare the tensors after it until a known op's output."""
+    rng = np.random.default_rng(10)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["a"]),
+        helper.make_node("Gelu", ["a"], ["g"], domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "w1"], ["b"]),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "foreign_op",
+        [_float("x", ["N", 8])],
+        [_float("y", ["N", 4])],
+        [_weight(rng, "w0", 8, 16), _weight(rng, "w1", 16, 16), _weight(rng, "w2", 16, 4)],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=8,
+    )
+    path = tmp / "foreign_op.onnx"
+    onnx.save(model, str(path))
+    return BuiltModel(path, {})
+
+
 def two_inputs(tmp: Path) -> BuiltModel:
     """An image-like input and a side input read only deep in the graph."""
     rng = np.random.default_rng(3)

@@ -17,6 +17,7 @@ import pytest
 
 from _real_graphs import (
     BUILDERS,
+    foreign_op,
     if_node,
     loop_node,
     recurrent,
@@ -219,3 +220,36 @@ def test_a_graph_the_planner_cannot_handle_exits_2_naming_the_construct(
     assert err.count("\n") == 1
     assert "Traceback" not in err
     assert "model output 'pieces' is a sequence_type, not a tensor" in err
+
+
+@pytest.mark.slow
+def test_an_op_onnx_does_not_know_is_sized_by_symbolic_inference_and_never_cut_after(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built = foreign_op(tmp_path)
+    model = onnx.load(built.path)
+    fixed = graph.infer_shapes(graph._with_input_shapes(model, {"x": [1, 8]}))
+    assert "g" not in graph._static(fixed, {"g"}), "onnx does not know com.microsoft.Gelu"
+    symbolic = graph._symbolic_inference(fixed)
+    assert symbolic is not None
+    assert graph._static(symbolic, {"g"}) == {"g": (1, (1, 16))}
+    dag = graph.analyze(model)
+    assert dag.tensors["g"].size_bytes == 64
+    # onnx infers no type after the op: no partition could declare those tensors
+    assert dag.unsendable == {"g", "b", "r"}
+    profile = json.loads(profile_cli(built, tmp_path, capsys).read_text())
+    assert [c["tensors"] for c in profile["cuts"]] == [["x"], ["a"], ["y"]]
+    plan = plan_cli(tmp_path / "foreign_op-profile.json", tmp_path, capsys)
+    feeds = graph.sample_feed(model, dag.input_shapes)
+    serve_and_compare(plan, built, feeds, tmp_path)
+    forced = {
+        **plan,
+        "stages": [
+            {"index": 0, "tier": "device", "layers": "0-0", "inputs": ["x"], "outputs": ["a"]},
+            {"index": 1, "tier": "edge", "layers": "1-1", "inputs": ["a"], "outputs": ["y"]},
+        ],
+        "transfers": [],
+        "alternatives": [],
+    }
+    counts, _ = serve_and_compare(forced, built, feeds, tmp_path)
+    assert counts == [1, 1]

@@ -686,6 +686,9 @@ def _prepare_variant(
             variant=variant.name,
             input_spec=input_spec,
             inputs=[_input_dict(i) for i in ctx.request.inputs],
+            # the model's own segments must run where its stages will (variants are
+            # cut from the same graph, transformed)
+            check_segments=variant.kind == "fp32",
         )
         accuracy = _measure(ctx, path)
     except GraphError as exc:

@@ -162,21 +162,26 @@ def graph_profile(
     input_spec: Mapping[str, Any],
     inputs: Sequence[Mapping[str, Any]] = (),
     feeds: Mapping[str, Any] | None = None,
+    check_segments: bool = False,
 ) -> dict[str, Any]:
     """The profile of the ONNX file at `path`: its cuts with their bytes at the input
     shapes `inputs` declare (default: `input_spec` alone; free dimensions they do not
     fix follow `graph.concrete_input_shapes`), and the FLOPs of each segment between
     two cuts (nothing timed; `feeds`, arrays by input name, are what the sizes onnx
-    cannot infer are measured on). Raises `graph.GraphError` for a graph it cannot
-    profile."""
+    cannot infer are measured on). With `check_segments`, every segment is also cut
+    and loaded in onnxruntime on its own. Raises `graph.GraphError` for a graph it
+    cannot profile or partition."""
     import onnx
 
     from edgeai_worker import graph
 
     declared = list(inputs) or [input_spec]
     shapes = {str(i["name"]): [int(d) for d in i["shape"]] for i in declared}
-    dag = graph.analyze(onnx.load(path), shapes, feeds)
+    loaded = onnx.load(path)
+    dag = graph.analyze(loaded, shapes, feeds)
     cuts = graph.graph_cut_points(dag)
+    if check_segments:
+        graph.segment_models(loaded, dag, cuts, _onnxruntime_session)
     return {
         "kind": "Profile",
         "model": model,
@@ -203,6 +208,16 @@ def graph_profile(
             for i, (a, b) in enumerate(itertools.pairwise(cuts))
         ],
     }
+
+
+def _onnxruntime_session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is reported as a GraphError
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _tier_nodes(topology: Topology, tier: str, zone: str | None) -> list[NodeSpec]:

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnx.shape_inference
+
+_T = TypeVar("_T")
 
 # bytes per element of ONNX tensor element types
 _ELEMENT_BYTES: dict[int, int] = {
@@ -154,7 +157,7 @@ class ModelGraph:
     outputs: tuple[str, ...]
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     held: tuple[Held, ...] = ()
-    # sequences, maps and optionals: never cross a cut (stages exchange tensors)
+    # sequences, maps, optionals and tensors of no inferred type: never cross a cut
     unsendable: frozenset[str] = frozenset()
 
     def producer(self) -> dict[str, int]:
@@ -607,10 +610,16 @@ def analyze(
         )
         for i, (node, reads) in enumerate(compute)
     )
+    # what `Partitioner` can declare at a cut: a tensor whose element type onnx infers
+    # on the model as it declares itself (an op of a domain onnx does not know, such
+    # as com.microsoft's, leaves its outputs untyped: those cross no cut)
     typed = infer_shapes(model).graph
-    unsendable = {
-        vi.name for vi in typed.value_info if not vi.type.HasField("tensor_type")
-    } & activations
+    declarable = {
+        vi.name
+        for vi in [*typed.input, *typed.value_info, *typed.output]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+    }
+    unsendable = activations - declarable
     if sized:
         unsendable |= activations - infos.keys()
     return ModelGraph(
@@ -743,6 +752,31 @@ class Partitioner:
         sub.ir_version = self.model.ir_version
         sub.functions.extend(self.model.functions)
         return sub
+
+
+def segment_models(
+    model: onnx.ModelProto,
+    graph: ModelGraph,
+    cuts: Sequence[Cut],
+    load: Callable[[onnx.ModelProto], _T],
+) -> list[_T]:
+    """`load` (an onnxruntime session, say) of each segment between consecutive cuts,
+    cut from `model`; a segment that cannot be cut or loaded on its own is a
+    GraphError naming its first node and its input tensors."""
+    partitioner = Partitioner(model)
+    loaded: list[_T] = []
+    for a, b in itertools.pairwise(cuts):
+        try:
+            loaded.append(load(partitioner.extract(a.tensors, b.tensors)))
+        except Exception as exc:  # onnx and onnxruntime raise many types
+            first = graph.nodes[a.position] if a.position < len(graph.nodes) else None
+            where = f"node {first.name} ({first.op_type})" if first else "the model's end"
+            text = str(exc).strip().splitlines()
+            raise GraphError(
+                f"the segment from {where}, fed {list(a.tensors)}, does not run on its own: "
+                f"{text[0][:300] if text else type(exc).__name__}"
+            ) from exc
+    return loaded
 
 
 def extract_partition(

@@ -222,11 +222,9 @@ def profile_model(
         say("measuring this machine's GFLOPS (onnxruntime MatMul 1024x1024)")
         gflops = host_gflops(threads=threads)
     whole = _session(model, threads)
-    partitioner = onnx_graph.Partitioner(model)
-    sessions = [
-        _session(partitioner.extract(a.tensors, b.tensors), threads, spinning=False)
-        for a, b in itertools.pairwise(cuts)
-    ]
+    sessions = onnx_graph.segment_models(
+        model, dag, cuts, lambda part: _session(part, threads, spinning=False)
+    )
     say(f"{name}: the whole model and {len(sessions)} segments chained, in turn")
     started = time.monotonic()
     whole_runs: list[float] = []
