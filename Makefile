@@ -57,7 +57,10 @@ bench-operator: install binaries ## 500 DNNDeployments over 1000 kwok nodes: ope
 bench-models: install binaries ## DNNModel apply -> Prepared time, bytes stage pods fetch vs run
 	$(PY) bench/models/run.py
 
-bench: bench-planner bench-dataplane bench-operator bench-models ## All benchmarks
+bench-corpus: install ## Published ONNX models: graph analysis time, cuts, planned split, served diff
+	$(PY) bench/corpus/run.py
+
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py
@@ -76,4 +79,4 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
-	bench bench-planner bench-dataplane bench-operator docs-numbers docs-numbers-check
+	bench bench-planner bench-dataplane bench-operator bench-corpus docs-numbers docs-numbers-check

@@ -447,7 +447,49 @@ def dataplane_run_summary(report: Mapping[str, Any], run: str, date: str) -> dic
     }
 
 
+# --- corpus (bench/corpus/run.py) -------------------------------------------------------
+
+
+def corpus_table(report: Mapping[str, Any]) -> str:
+    return _table(
+        ("package", "model", "nodes (compute)", "in/out", "cuts", "largest cut bytes",
+         "split at 10 Mbit/s", "max abs diff", "3 stages: max abs diff",
+         "every cut: max diff (rel. above 1)"),
+        "llrrrrlrrr",
+        (
+            (
+                r["package"],
+                r["model"],
+                f"{r['onnxNodes']} ({r['computeNodes']})",
+                f"{r['inputs']}/{r['outputs']}",
+                str(r["cuts"]),
+                f"{r['largestCutBytes']:,}",
+                r["split"].replace(" > ", " &gt; "),
+                f"{r['maxAbsDiff']:.1e}",
+                "-" if r["threeStageMaxAbsDiff"] is None else f"{r['threeStageMaxAbsDiff']:.1e}",
+                f"{r['cutsMaxRelDiff']:.1e}",
+            )
+            for r in report["rows"]
+        ),
+    )  # fmt: skip
+
+
+def corpus_analysis(report: Mapping[str, Any]) -> str:
+    largest = report["largest"]
+    slowest = max(report["rows"], key=lambda r: r["analysisS"])
+    return (
+        f"Run of {report['date']} ({report['seconds']:.0f} s; "
+        + ", ".join(f"{k} {v}" for k, v in report["packages"].items())
+        + f"). Graph analysis of the largest model, {largest['model']} "
+        f"({largest['onnxNodes']} ONNX nodes, {largest['computeNodes']} compute nodes): "
+        f"{largest['analysisS']:.2f} s (goal: at most 2 s for 1000 nodes); the slowest, "
+        f"{slowest['model']} ({slowest['onnxNodes']} nodes): {slowest['analysisS']:.2f} s."
+    )
+
+
 RENDERERS: dict[str, Renderer] = {
+    "corpus-table": Renderer("corpus.json", corpus_table),
+    "corpus-analysis": Renderer("corpus.json", corpus_analysis),
     "planner-run": Renderer("planner.json", planner_run),
     "planner-time": Renderer("planner.json", planner_time),
     "planner-two-tier": Renderer("planner.json", planner_two_tier),

@@ -73,3 +73,21 @@ BAD_DATA_FILES: list[tuple[str, dict[str, Any], str]] = [
     ("bad sha256", {"uri": "pvc://datasets/c.npz", "sha256": "xyz"}, "sha256"),
     ("pvc without a path", {"uri": "pvc://datasets"}, "uri"),
 ]
+
+# spec.additionalInputs beside spec.input {name: input, ...}: accepted, and refused
+# with the field the refusal names (and the API server's message).
+_STATE = {"name": "state", "shape": [2, 1, 128], "dtype": "FP32"}
+GOOD_ADDITIONAL_INPUTS: list[list[dict[str, Any]]] = [
+    [_STATE],
+    [_STATE, {"name": "sr", "shape": [1], "dtype": "INT64"}],
+]
+BAD_ADDITIONAL_INPUTS: list[tuple[str, list[dict[str, Any]], str]] = [
+    (
+        "named like spec.input",
+        [{**_STATE, "name": "input"}],
+        "spec.additionalInputs",  # the CRD's rule is on spec: it names no index
+    ),
+    ("a name twice", [_STATE, _STATE], "spec.additionalInputs[1]"),
+    ("a free dimension", [{**_STATE, "shape": [2, 0, 128]}], "spec.additionalInputs[0].shape[1]"),
+    ("no dtype", [{"name": "state", "shape": [1]}], "spec.additionalInputs[0].dtype"),
+]

@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from _modelspec_samples import (
+    BAD_ADDITIONAL_INPUTS,
     BAD_ARTIFACTS,
     BAD_DATA_FILES,
     BAD_SOURCES,
+    GOOD_ADDITIONAL_INPUTS,
     GOOD_ARTIFACTS,
     GOOD_DATA_FILES,
     GOOD_SOURCES,
@@ -121,6 +123,10 @@ CASES = [
         for uri in UNPINNED_SOURCES
     ],
     ("model: no input", _with(MODEL, "spec.input", _DELETE), "spec.input: Required value"),
+    *[
+        (f"model: additionalInputs {case}", _with(MODEL, "spec.additionalInputs", value), field)
+        for case, value, field in BAD_ADDITIONAL_INPUTS
+    ],
     ("model: empty shape", _with(MODEL, "spec.input.shape", []), "spec.input.shape"),
     (
         "model: zero dimension",
@@ -301,6 +307,7 @@ def test_every_variant_kind_that_is_built_is_accepted(crds: LocalCluster) -> Non
         *({"source": source} for source in GOOD_SOURCES),
         *({"artifacts": {"uri": uri}} for uri in GOOD_ARTIFACTS),
         *({name: value} for name in ("calibration", "data") for value in GOOD_DATA_FILES),
+        *({"additionalInputs": value} for value in GOOD_ADDITIONAL_INPUTS),
     ],
     ids=lambda fields: str(fields),
 )

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from _cluster_support import Namespace, annotated_nodes, apply, condition, get, wait_for
 from _model_server import ModelServer, ServerCert, make_ca
 from _process_kubelet import ProcessKubelet, ServiceProxy
+from _real_graphs import sequence_output
 from conftest import CA_BUNDLE_CONFIGMAP, OperatorProcess
 from edgeai_operator import oci
 from edgeai_operator.localregistry import LocalRegistry
@@ -442,3 +443,44 @@ def test_held_out_digits_through_the_chain_score_the_accuracy_status_reports(
             artifact = next(a for a in status["artifacts"] if a["variant"] == want)
             assert served["digest"] == artifact["digest"]
             assert abs(served_accuracy - accuracy[want]) <= 0.005
+
+
+def test_exported_graphs_profile_at_the_declared_inputs_or_say_why_not(
+    ns: Namespace, operator: OperatorProcess, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """A model with two inputs declared as spec.input and spec.additionalInputs is
+    profiled at both; a model whose output is a sequence (onnxruntime runs it) gets
+    Profiled=False, UnsupportedGraph, naming the output."""
+    two = user_model(tmp_path / "two.onnx", inputs=2)
+    sequence = sequence_output(tmp_path).path  # input x [N, 4]
+    for key, path in (("two", two), ("sequence", sequence)):
+        ns.kubectl("create", "configmap", f"exported-{key}", f"--from-file=model.onnx={path}")
+
+    extra = {"name": "extra", "shape": [1, WIDTH], "dtype": "FP32"}
+    apply(
+        ns,
+        dnn_model("two", {"uri": "configmap://exported-two/model.onnx"}, additionalInputs=[extra]),
+    )
+    profile = prepared(ns, "two")["status"]["profiles"][0]
+    assert [i["name"] for i in profile["inputs"]] == ["features", "extra"]
+    assert profile["cuts"][0]["tensors"] == ["features", "extra"]
+    assert profile["cuts"][0]["sizeBytes"] == 2 * 4 * WIDTH
+
+    x = {"name": "x", "shape": [1, 4], "dtype": "FP32"}
+    apply(ns, dnn_model("sequence", {"uri": "configmap://exported-sequence/model.onnx"}, input=x))
+    obj = wait_for(
+        "DNNModel sequence prepared or refused",
+        lambda: (
+            (o := get(ns, "dnnm", "sequence"))
+            and condition(o, "Prepared").get("reason") not in (None, "Preparing")
+            and o
+        ),
+        180,
+    )
+    conditions = obj["status"]["conditions"]
+    profiled = condition(obj, "Profiled")
+    assert (profiled.get("status"), profiled.get("reason")) == ("False", "UnsupportedGraph"), (
+        conditions
+    )
+    assert "model output 'pieces' is a sequence_type, not a tensor" in profiled["message"]
+    assert condition(obj, "Prepared")["reason"] == "UnsupportedGraph"

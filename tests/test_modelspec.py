@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from _modelspec_samples import (
+    BAD_ADDITIONAL_INPUTS,
     BAD_ARTIFACTS,
     BAD_DATA_FILES,
     BAD_SOURCES,
     DIGEST,
+    GOOD_ADDITIONAL_INPUTS,
     GOOD_ARTIFACTS,
     GOOD_DATA_FILES,
     GOOD_SOURCES,
@@ -20,6 +22,7 @@ from _modelspec_samples import (
 )
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import (
+    InputSpec,
     ModelSpec,
     SourceRef,
     VariantRequest,
@@ -196,3 +199,31 @@ def test_the_preparation_uses_the_same_variant_request() -> None:
     from edgeai_operator import prepare
 
     assert prepare.VariantRequest is VariantRequest
+
+
+@pytest.mark.parametrize("value", GOOD_ADDITIONAL_INPUTS, ids=lambda v: str(len(v)))
+def test_additional_inputs_follow_spec_input_and_reach_the_preparation(
+    value: list[dict[str, Any]],
+) -> None:
+    from edgeai_operator.preparation import prepare_args
+
+    spec = parse_model_spec(_spec(additionalInputs=value))
+    assert spec.inputs == (
+        InputSpec("input", (1, 1, 8, 8), "FP32"),
+        *(InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in value),
+    )
+    args = prepare_args(spec, model_name="m", artifacts_uri="pvc://a", result="ns/r")
+    assert [a for a in args if a.startswith("--input=")] == [
+        "--input=input=1,1,8,8:FP32",
+        *(f"--input={i['name']}={','.join(map(str, i['shape']))}:{i['dtype']}" for i in value),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "value", "field"), BAD_ADDITIONAL_INPUTS, ids=[c[0] for c in BAD_ADDITIONAL_INPUTS]
+)
+def test_a_bad_additional_input_is_refused_naming_the_field(
+    case: str, value: list[dict[str, Any]], field: str
+) -> None:
+    error = _refused(_spec(additionalInputs=value))
+    assert error.field.startswith(field), (case, str(error))

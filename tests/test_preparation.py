@@ -287,6 +287,27 @@ def test_a_model_that_does_not_fit_the_spec_is_final_for_its_generation() -> Non
     assert again.create[-1]["metadata"]["name"] == "net-prepare-2-1"
 
 
+def test_a_graph_the_planner_cannot_handle_is_profiled_false_and_final() -> None:
+    status = merged({}, tick(body(SPEC), {}))
+    error = {
+        "kind": "graph",
+        "field": "spec.source.uri",
+        "message": "model output 'pieces' is a sequence_type, not a tensor: "
+        "stages exchange tensors only",
+    }
+    configmap = {"data": {preparation.ERROR_KEY: json.dumps(error)}}
+    step = tick(body(SPEC), status, {"job": None, "configmap": configmap})
+    assert step.events[0][:2] == ("Warning", "ProfilingFailed")
+    status = merged(status, step)
+    profiled = condition(status, "Profiled")
+    assert (profiled["status"], profiled["reason"]) == ("False", "UnsupportedGraph")
+    assert profiled["message"].startswith("model output 'pieces' is a sequence_type")
+    assert condition(status, "Prepared")["reason"] == "UnsupportedGraph"
+    assert condition(status, "Fetched")["status"] == "True"
+    assert status["observedGeneration"] == 1
+    assert tick(body(SPEC), status) == preparation.Step(), "final: no retry"
+
+
 def test_a_job_that_ends_without_writing_is_retried_and_a_running_one_waited_for() -> None:
     status = merged({}, tick(body(SPEC), {}))
     job: dict[str, Any] = {"metadata": {"name": "net-prepare-1-1"}, "status": {}}

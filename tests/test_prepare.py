@@ -24,6 +24,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from _real_graphs import sequence_output, spatial
 from _worker_support import run_onnx
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localregistry import LocalRegistry
@@ -32,6 +33,7 @@ from edgeai_operator.oci import pull
 from edgeai_operator.prepare import (
     PrepareRequest,
     PrepareResult,
+    UnsupportedGraph,
     VariantRequest,
     prepare,
 )
@@ -547,3 +549,50 @@ def test_edgeai_prepare_takes_calibration_data_name_and_workdir(
         v["artifact"]["uri"].startswith("pvc://models/cli/cli-net-") for v in by_name.values()
     )
     assert any(workdir.rglob("*.onnx"))  # built in --workdir
+
+
+def test_a_graph_the_planner_cannot_handle_is_refused_naming_the_construct(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """onnxruntime loads and runs it, but its output is a sequence: `prepare` raises
+    UnsupportedGraph (nothing stored) and `edgeai prepare` says why in one line."""
+    model = sequence_output(tmp_path).path.read_bytes()
+    url = server.serve("/sequence.onnx", model)
+    request = PrepareRequest(
+        url, (InputSpec("x", (1, 4), "FP32"),), "pvc://m/out", source_sha256=sha256_hex(model)
+    )
+    with pytest.raises(UnsupportedGraph) as caught:
+        prepare(request, tmp_path / "work", pvc_root=tmp_path / "pvc")
+    assert "model output 'pieces' is a sequence_type, not a tensor" in str(caught.value)
+    assert not (tmp_path / "pvc").exists()
+    done = _edgeai(
+        "--source", url, "--sha256", sha256_hex(model), "--input", "x=1,4:FP32",
+        "--artifacts", "pvc://m/out", "--pvc-root", str(tmp_path / "pvc"),
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "Traceback" not in done.stderr
+    assert "error: model output 'pieces' is a sequence_type, not a tensor" in done.stderr
+
+
+def test_free_dimensions_are_profiled_at_the_declared_input_shapes(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """spec.input gives the sizes the model leaves free: the profile's cut bytes are
+    those of the declared shapes (never 1 for a free spatial dimension)."""
+    built = spatial(tmp_path)
+    model = built.path.read_bytes()
+    url = server.serve("/spatial.onnx", model)
+    declared = InputSpec("x", (1, 3, 40, 56), "FP32")
+    result = prepare(
+        PrepareRequest(url, (declared,), "pvc://m/out", source_sha256=sha256_hex(model)),
+        tmp_path / "work",
+        pvc_root=tmp_path / "pvc",
+    )
+    profile = result.variant("fp32").profile
+    assert profile is not None
+    assert profile["cuts"][0] == {
+        "index": 0,
+        "tensors": ["x"],
+        "sizeBytes": 4 * 3 * 40 * 56,
+        "position": 0,
+    }

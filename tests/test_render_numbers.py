@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from _bench_modules import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "render_numbers.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_numbers", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_numbers"] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-rn = _load()
+rn = load_script(SCRIPT, "render_numbers")
 
 
 def _speed_table(report: Mapping[str, Any]) -> str:

@@ -75,6 +75,8 @@ SAMPLES: dict[str, list[Any]] = {
     "spec.calibration.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
     "spec.data.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
     **{f"spec.{name}.sha256": [DIGEST, DIGEST[::-1]] for name in ("source", "calibration", "data")},
+    # another input than spec.input's (the walk's "a"): names are unique
+    "spec.additionalInputs[0].name": ["state", "mask"],
 }
 # Values CEL rules refuse, beyond the schema's own bounds.
 REFUSED: dict[str, list[Any]] = {

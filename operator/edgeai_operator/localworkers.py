@@ -125,3 +125,20 @@ def start_local(
         run.stop()
         raise
     return run
+
+
+def answer_once(
+    plan: PlanDocument, model_path: Path, workdir: Path, feeds: Mapping[str, Any]
+) -> tuple[list[StageSpec], list[Any]]:
+    """The plan's stages cut from `model_path` into `workdir`, started, sent `feeds`
+    (arrays by input name) once in binary form, and stopped: the stages and the output
+    tensors (`edgeai_worker.protocol.Tensor`) of the answer."""
+    from edgeai_operator.partitions import build_partitions
+    from edgeai_worker.profiler import infer_binary
+
+    specs = build_partitions(plan.stages, plan.alternatives, model_path, workdir)
+    run = start_local(plan, specs, workdir)
+    try:
+        return specs, list(infer_binary(run.entry_url, run.model_name, feeds))
+    finally:
+        run.stop()

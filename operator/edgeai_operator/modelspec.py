@@ -58,6 +58,7 @@ DATA_FORMS = (
 )
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_INPUT_RANK = 8
+MAX_ADDITIONAL_INPUTS = 15
 MAX_VARIANTS = 16
 MAX_VARIANT_NAME = 40
 DEFAULT_REPEATS = 20
@@ -155,6 +156,13 @@ class ModelSpec:
     artifacts_uri: str | None = None  # None: the operator's default destination
     calibration: SourceRef | None = None
     data: SourceRef | None = None
+    # the model's inputs after `input`, for a model with several (spec.additionalInputs)
+    additional_inputs: tuple[InputSpec, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[InputSpec, ...]:
+        """Every declared input, `input` first: the shapes the model is profiled at."""
+        return (self.input, *self.additional_inputs)
 
     @property
     def zoo(self) -> str | None:
@@ -259,25 +267,45 @@ def _artifacts_uri(value: Any) -> str | None:
     return check_artifacts_uri(uri)
 
 
-def _input(data: Mapping[str, Any]) -> InputSpec:
-    reject_unknown(data, "spec.input", ("name", "shape", "dtype"))
+def _input(data: Mapping[str, Any], field: str = "spec.input") -> InputSpec:
+    reject_unknown(data, field, ("name", "shape", "dtype"))
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise SpecError(
-            "spec.input.name", f"must be a non-empty string, got {name!r}", "a tensor name"
+            f"{field}.name", f"must be a non-empty string, got {name!r}", "a tensor name"
         )
     shape = data.get("shape")
     if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_INPUT_RANK:
         raise SpecError(
-            "spec.input.shape",
+            f"{field}.shape",
             f"must be a list of 1 to {MAX_INPUT_RANK} dimensions, got {shape!r}",
             "dimensions >= 1, batch first",
         )
     for i, dim in enumerate(shape):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise SpecError(f"spec.input.shape[{i}]", f"must be an integer >= 1, got {dim!r}")
-    dtype = spec_choice(data.get("dtype"), "spec.input.dtype", DTYPES)
+            raise SpecError(f"{field}.shape[{i}]", f"must be an integer >= 1, got {dim!r}")
+    dtype = spec_choice(data.get("dtype"), f"{field}.dtype", DTYPES)
     return InputSpec(name=name, shape=tuple(shape), dtype=dtype)
+
+
+def _additional_inputs(value: Any, first: InputSpec) -> tuple[InputSpec, ...]:
+    """spec.additionalInputs: the model's inputs after spec.input, each named once."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_ADDITIONAL_INPUTS:
+        raise SpecError(
+            "spec.additionalInputs",
+            f"must be a list of at most {MAX_ADDITIONAL_INPUTS}, got {value!r:.60}",
+            "the model's inputs after spec.input: name, shape and dtype each",
+        )
+    inputs = [first]
+    for i, item in enumerate(value):
+        field = f"spec.additionalInputs[{i}]"
+        spec = _input(spec_mapping(item, field, required=True), field)
+        if any(spec.name == other.name for other in inputs):
+            raise SpecError(f"{field}.name", f"{spec.name!r} repeats", "distinct input names")
+        inputs.append(spec)
+    return tuple(inputs[1:])
 
 
 def _variant(data: Any, field: str) -> VariantSpec:
@@ -350,10 +378,20 @@ def parse_model_spec(spec: Any) -> ModelSpec:
     reject_unknown(
         spec,
         "spec",
-        ("source", "artifacts", "calibration", "data", "input", "variants", "profile"),
+        (
+            "source",
+            "artifacts",
+            "calibration",
+            "data",
+            "input",
+            "additionalInputs",
+            "variants",
+            "profile",
+        ),
     )
     source = _source(spec.get("source"))
     model_input = _input(spec_mapping(spec.get("input"), "spec.input", required=True))
+    additional = _additional_inputs(spec.get("additionalInputs"), model_input)
     declared = spec.get("variants") or []
     if not isinstance(declared, list) or len(declared) > MAX_VARIANTS:
         raise SpecError(
@@ -372,6 +410,7 @@ def parse_model_spec(spec: Any) -> ModelSpec:
     return ModelSpec(
         source=source,
         input=model_input,
+        additional_inputs=additional,
         variants=tuple(variants),
         profile=_profile(spec_mapping(spec.get("profile"), "spec.profile")),
         artifacts_uri=_artifacts_uri(spec.get("artifacts")),

@@ -132,7 +132,8 @@ def build_partitions(
             outputs = specs[0].outputs
             specs.append(StageSpec(1, tier, outputs, outputs))
     if adaptive and len(specs) >= 2 and specs[0].tier == "device" and alternatives:
-        _adaptive_splits(specs, alternatives, partitioner, cut_points(model), workdir)
+        cuts = cut_points(model, sized=False)  # the same cuts; no sizes needed here
+        _adaptive_splits(specs, alternatives, partitioner, cuts, workdir)
     return specs
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -40,6 +41,9 @@ from edgeai_operator.problem import (
 )
 from edgeai_operator.topology import load_topology
 
+if TYPE_CHECKING:
+    import onnx
+
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parents[2] / "hack" / "topology.yaml"
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -50,6 +54,7 @@ TERMINATION_LOG = "/dev/termination-log"
 
 def profile_command(args: argparse.Namespace) -> int:
     from edgeai_worker import profiler
+    from edgeai_worker.graph import GraphError
 
     if args.repeats < 1:
         raise SpecError(
@@ -69,20 +74,30 @@ def profile_command(args: argparse.Namespace) -> int:
         raise SpecError(
             "--idle-ms", f"must be in {bound}, got {args.idle_ms:g}", f"milliseconds, {bound}"
         )
-    profile = profiler.profile_model(
-        path,
-        name=name,
-        variant=args.variant,
-        repeats=args.repeats,
-        threads=args.threads,
-        idle_ms=idle_ms,
-    )
+    model = _load_model(path)
+    shapes = input_shapes(args.input_shape, model)
+    values = input_values(args.input_value, model)
+    try:
+        profile = profiler.profile_model(
+            model,
+            name=name,
+            variant=args.variant,
+            repeats=args.repeats,
+            threads=args.threads,
+            idle_ms=idle_ms,
+            input_shapes=shapes,
+            input_values=values,
+        )
+        feeds = profiler.example_feed(model, shapes=shapes, values=values)
+    except GraphError as exc:
+        raise SpecError(f"MODEL {args.model}", str(exc)) from None
     if args.serving_requests:
         overheads = profiler.serving_overheads(
             profile["input"]["shape"],
             requests=args.serving_requests,
             threads=args.threads,
             model=path,
+            feeds=feeds,
         )
         profile.update({key: round(ms, 4) for key, ms in overheads.items()})
     if name == "digits_cnn":
@@ -102,7 +117,81 @@ def profile_command(args: argparse.Namespace) -> int:
     return 0
 
 
-TERMINATION_LOG = "/dev/termination-log"
+INPUT_SHAPE_FORM = "NAME=D0,D1,... (repeat once per input), or D0,D1,... for a single input"
+
+
+def _load_model(path: Path) -> onnx.ModelProto:
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # onnx raises several types for a file that is no model
+        raise SpecError("MODEL", f"{path} is not an ONNX model: {exc}") from None
+
+
+INPUT_VALUE_FORM = "NAME=NUMBER, repeatable (that input filled with NUMBER)"
+
+
+def input_values(texts: Sequence[str] | None, model: onnx.ModelProto) -> dict[str, float]:
+    """`--input-value` values as {input name: number}; SpecError naming the flag."""
+    names = _input_names(model)
+    values: dict[str, float] = {}
+    for text in texts or []:
+        name, _, number = text.partition("=")
+        if name not in names:
+            raise SpecError(
+                "--input-value",
+                f"{name!r} is not a model input ({', '.join(names)})",
+                INPUT_VALUE_FORM,
+            )
+        try:
+            values[name] = float(number)
+        except ValueError:
+            raise SpecError(
+                "--input-value", f"{text!r} is not NAME=NUMBER", INPUT_VALUE_FORM
+            ) from None
+    return values
+
+
+def _input_names(model: onnx.ModelProto) -> list[str]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def input_shapes(values: Sequence[str] | None, model: onnx.ModelProto) -> dict[str, list[int]]:
+    """`--input-shape` values as {input name: shape}; SpecError naming the flag for a
+    malformed value, a name the model does not have, or a bare shape given to a model
+    with several inputs."""
+    names = _input_names(model)
+    shapes: dict[str, list[int]] = {}
+    for text in values or []:
+        name, eq, dims = text.rpartition("=")
+        if not eq:
+            if len(names) != 1:
+                raise SpecError(
+                    "--input-shape",
+                    f"{text!r} names no input, and the model has {len(names)}: {', '.join(names)}",
+                    INPUT_SHAPE_FORM,
+                )
+            name = names[0]
+        if name not in names:
+            raise SpecError(
+                "--input-shape",
+                f"{name!r} is not a model input ({', '.join(names)})",
+                INPUT_SHAPE_FORM,
+            )
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise SpecError("--input-shape", f"{text!r} is not a shape", INPUT_SHAPE_FORM) from None
+        if min(shape) < 1:
+            raise SpecError("--input-shape", f"{text!r} has a dimension below 1", INPUT_SHAPE_FORM)
+        if name in shapes:
+            raise SpecError("--input-shape", f"{name!r} is given twice", INPUT_SHAPE_FORM)
+        shapes[name] = shape
+    return shapes
+
+
 # ---------------------------------------------------------------------------
 # edgeai plan
 
@@ -157,6 +246,7 @@ def render_table(doc: PlanDocument) -> str:
         + f", device energy {doc.device_energy_mj or 0.0:.2f} mJ,"
         f" cloud cost {doc.cloud_cost or 0.0:.3f}"
     )
+    lines.extend(f"kept in one stage: {reason}" for reason in doc.held)
     if doc.alternatives:
         lines.append("adaptive split (device uplink):")
         for a in doc.alternatives:
@@ -198,6 +288,8 @@ def _resolve_model(spec: DeploymentSpec, profiles: list[dict[str, Any]]) -> str:
 
 
 def plan_command(args: argparse.Namespace) -> int:
+    from edgeai_worker.graph import GraphError
+
     spec = load_deployment(args.file)
     topology = load_topology(args.topology)
     profiles = [load_profile(p) for p in args.profile or []]
@@ -205,16 +297,20 @@ def plan_command(args: argparse.Namespace) -> int:
     method = args.compute
     if method == "auto":
         method = "measured" if profiles else "analytic"
-    if not profiles:
-        if method == "measured":
-            from edgeai_worker import profiler
+    try:
+        if not profiles:
+            if method == "measured":
+                from edgeai_worker import profiler
 
-            profiles = [profiler.profile_model(model_path(model, "fp32"), name=model, repeats=10)]
-        else:
-            profiles = [analytic_profile(model)]
-    problem, context = build_problem(
-        spec, profiles, topology, zone=args.zone, method=method, granularity=args.granularity
-    )
+                path = model_path(model, "fp32")
+                profiles = [profiler.profile_model(path, name=model, repeats=10)]
+            else:
+                profiles = [analytic_profile(model)]
+        problem, context = build_problem(
+            spec, profiles, topology, zone=args.zone, method=method, granularity=args.granularity
+        )
+    except GraphError as exc:
+        raise SpecError(f"model {model}", str(exc)) from None
     plan = solve(spec, problem)
     doc = plan_document(spec, profiles, plan, context, method, granularity=args.granularity)
     if args.output == "yaml":
@@ -234,6 +330,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     profile.add_argument("model", metavar="MODEL", help="a zoo model name or an .onnx file")
     profile.add_argument("--variant", default="fp32", help="fp32 or a compressed variant")
+    profile.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="[NAME=]SHAPE",
+        help="the shape to profile an input at, for dimensions the model leaves free "
+        f"(a free batch dimension is profiled at 1): {INPUT_SHAPE_FORM}",
+    )
+    profile.add_argument(
+        "--input-value",
+        action="append",
+        metavar="NAME=NUMBER",
+        help="fill an input with a number instead of random values, where the model "
+        "branches on it (a sample rate, a mode); repeatable",
+    )
     profile.add_argument("--repeats", type=int, default=20, help="timed runs per segment")
     profile.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     profile.add_argument(
@@ -282,7 +392,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--granularity",
         choices=("segments", "nodes"),
         default="segments",
-        help="plan over segments between single-tensor cuts (chain, exact DP) "
+        help="plan over segments between cuts (chain, exact DP) "
         "or over every ONNX node (DAG, min-cut); layers then count nodes",
     )
     plan.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")

@@ -189,6 +189,8 @@ class PlanDocument:
     # tier -> {gflops, totalMs, servingMs, ...}: what the plan was computed from
     tiers: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     granularity: str | None = None  # segments | nodes (edgeai plan)
+    # why some layers were kept in one stage (a recurrent state pair: graph.Held)
+    held: tuple[str, ...] = ()
     version: int = PLAN_VERSION
 
     def stage(self, tier: str) -> PlanStage | None:
@@ -242,6 +244,8 @@ class PlanDocument:
         )
         if self.granularity is not None:
             doc["granularity"] = self.granularity
+        if self.held:
+            doc["held"] = list(self.held)
         return doc
 
     @classmethod
@@ -316,6 +320,7 @@ class PlanDocument:
             solver_exact=_Reader(f"{field}.solver").boolean(solver, "exact", default=True),
             tiers={str(t): tr.numbers(tiers, t) for t in tiers},
             granularity=r.optional_text(data, "granularity"),
+            held=r.texts(data, "held"),
             version=version,
         )
 
@@ -349,6 +354,14 @@ class _Reader:
         if not isinstance(value, str):
             raise self._bad(key, value, "a string")
         return value
+
+    def texts(self, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+        value = self._get(data, key, False)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(key, value, "a list of strings")
+        return tuple(value)
 
     def optional_text(self, data: Mapping[str, Any], key: str) -> str | None:
         return None if data.get(key) is None else self.text(data, key)

@@ -71,9 +71,8 @@ def _labels(model: str, generation: int | None) -> dict[str, str]:
     }
 
 
-def _input_arg(spec: ModelSpec) -> str:
-    dims = ",".join(str(d) for d in spec.input.shape)
-    return f"--input={spec.input.name}={dims}:{spec.input.dtype}"
+def _input_args(spec: ModelSpec) -> list[str]:
+    return [f"--input={i.name}={','.join(str(d) for d in i.shape)}:{i.dtype}" for i in spec.inputs]
 
 
 def _variant_arg(variant: Any) -> str:
@@ -98,7 +97,7 @@ def prepare_args(spec: ModelSpec, *, model_name: str, artifacts_uri: str, result
     args = [
         "prepare",
         f"--source={spec.source.uri}",
-        _input_arg(spec),
+        *_input_args(spec),
         f"--artifacts={artifacts_uri}",
         f"--model-name={model_name}",
         f"--result-configmap={result}",
@@ -257,7 +256,8 @@ def preparation_job(
 class Outcome:
     """What one attempt came to. `kind`: `prepared` (data = the PrepareResult dict),
     `fetch` (the source could not be fetched: retried), `spec` (the model does not fit
-    the spec: final), `job` (the Job failed or wrote nothing: retried) or `running`."""
+    the spec: final), `graph` (the model loads but its graph cannot be profiled or
+    partitioned: final), `job` (the Job failed or wrote nothing: retried) or `running`."""
 
     kind: str
     message: str = ""
@@ -277,7 +277,7 @@ def outcome(configmap: Mapping[str, Any] | None, job: Mapping[str, Any] | None) 
     if data.get(ERROR_KEY):
         try:
             error = json.loads(data[ERROR_KEY])
-            kind = "fetch" if error.get("kind") == "fetch" else "spec"
+            kind = error.get("kind") if error.get("kind") in ("fetch", "graph") else "spec"
             return Outcome(kind, str(error.get("message", "")), field=str(error.get("field", "")))
         except (ValueError, AttributeError) as exc:
             return Outcome("job", f"the preparation Job wrote an unreadable error: {exc}")
@@ -494,6 +494,15 @@ def step(
         return Step(
             status={**fields, "conditions": conds, **finished},
             events=(("Normal", "Prepared", summary),),
+        )
+    if found.kind == "graph":
+        message = f"{found.message} (attempt {attempt}, Job {name})"
+        conds = set_condition(conditions, "Fetched", True, "Fetched", spec.source.uri, generation)
+        conds = set_condition(conds, "Prepared", False, "UnsupportedGraph", message, generation)
+        conds = set_condition(conds, "Profiled", False, "UnsupportedGraph", message, generation)
+        return Step(
+            status={"conditions": conds, **finished},
+            events=(("Warning", "ProfilingFailed", message),),
         )
     if found.kind == "spec":
         message = f"{found.message} (attempt {attempt}, Job {name})"

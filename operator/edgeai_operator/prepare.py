@@ -584,6 +584,15 @@ def _wanted(request: PrepareRequest) -> list[tuple[int | None, VariantRequest]]:
     return head + [(i, v) for i, v in indexed if v.kind != "fp32"]
 
 
+class UnsupportedGraph(Exception):
+    """The model loads, but its graph cannot be profiled or partitioned; the message
+    names the construct and the node (or the input dimension) and what would do."""
+
+
+def _input_dict(spec: InputSpec) -> dict[str, Any]:
+    return {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+
+
 class _Refused(Exception):
     """A variant that cannot be built as asked; the message says why and what to set."""
 
@@ -671,11 +680,24 @@ def _prepare_variant(
         return failed(str(exc))
     except Exception as exc:
         return failed(f"building {variant.kind} failed: {type(exc).__name__}: {exc}")
+    from edgeai_worker.graph import GraphError
+
     try:
         profile = graph_profile(
-            path, model=ctx.model_name, variant=variant.name, input_spec=input_spec
+            path,
+            model=ctx.model_name,
+            variant=variant.name,
+            input_spec=input_spec,
+            inputs=[_input_dict(i) for i in ctx.request.inputs],
+            # the model's own segments must run where its stages will (variants are
+            # cut from the same graph, transformed)
+            check_segments=variant.kind == "fp32",
         )
         accuracy = _measure(ctx, path)
+    except GraphError as exc:
+        if variant.kind == "fp32":  # the model itself: no variant of it can be planned
+            raise UnsupportedGraph(str(exc)) from exc
+        return failed(f"the planner cannot profile the built graph: {exc}", path)
     except Exception as exc:
         return failed(f"the built model does not run: {type(exc).__name__}: {exc}", path)
     digest = file_sha256(path)
@@ -712,8 +734,9 @@ def prepare(
     mounted; `namespace`: of configmap:// sources, by default the pod's own;
     `ca_bundle`: CAs trusted for https sources besides the system's). Raises
     SpecError for a request that does not fit the model (naming the field) and
-    sources.FetchError for a source that cannot be fetched or whose digest differs; in
-    both cases nothing has been written to the destination."""
+    sources.FetchError for a source that cannot be fetched or whose digest differs, and
+    UnsupportedGraph for a model whose graph cannot be profiled; in all three cases
+    nothing has been written to the destination."""
     destination = _destination(request.artifacts_uri, pvc_root)
     at = _Where(pvc_root, namespace, ca_bundle)
     if not request.inputs:
@@ -764,8 +787,7 @@ def prepare(
     ctx = _Context(
         request, fetched.path, model, zoo_digits, calibration, data, built_dir, model_name
     )
-    first = request.inputs[0]
-    input_spec = {"name": first.name, "shape": list(first.shape), "dtype": first.dtype}
+    input_spec = _input_dict(request.inputs[0])
     results = []
     for position, (index, variant) in enumerate(wanted, start=1):
         progress(f"[{position}/{len(wanted)}] building {variant.name} ({variant.kind})")
@@ -792,6 +814,7 @@ __all__ = [
     "PrepareRequest",
     "PrepareResult",
     "TensorInfo",
+    "UnsupportedGraph",
     "VariantKind",
     "VariantRequest",
     "VariantResult",

@@ -19,6 +19,7 @@ from edgeai_operator.preparation import ERROR_KEY, RESULT_KEY
 from edgeai_operator.prepare import (
     VARIANT_KINDS,
     PrepareRequest,
+    UnsupportedGraph,
     VariantRequest,
     prepare,
 )
@@ -209,6 +210,8 @@ def _cmd(args: argparse.Namespace) -> int:
             )
         except FetchError as exc:
             return _failed(ref, "fetch", _fetch_field(request, exc.uri), str(exc), request)
+        except UnsupportedGraph as exc:
+            return _failed(ref, "graph", "spec.source.uri", str(exc), request)
         except SpecError as exc:
             return _failed(ref, "spec", exc.field, str(exc), request)
     ready = sum(v.ready for v in result.variants)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,21 +155,40 @@ def analytic_profile(model: str) -> dict[str, Any]:
 
 
 def graph_profile(
-    path: Path, *, model: str, variant: str, input_spec: Mapping[str, Any]
+    path: Path,
+    *,
+    model: str,
+    variant: str,
+    input_spec: Mapping[str, Any],
+    inputs: Sequence[Mapping[str, Any]] = (),
+    feeds: Mapping[str, Any] | None = None,
+    check_segments: bool = False,
 ) -> dict[str, Any]:
-    """The profile of the ONNX file at `path`: its single-tensor cuts with their
-    bytes, and the FLOPs of each segment between two cuts (nothing measured)."""
+    """The profile of the ONNX file at `path`: its cuts with their bytes at the input
+    shapes `inputs` declare (default: `input_spec` alone; free dimensions they do not
+    fix follow `graph.concrete_input_shapes`), and the FLOPs of each segment between
+    two cuts (nothing timed; `feeds`, arrays by input name, are what the sizes onnx
+    cannot infer are measured on). With `check_segments`, every segment is also cut
+    and loaded in onnxruntime on its own. Raises `graph.GraphError` for a graph it
+    cannot profile or partition."""
     import onnx
 
     from edgeai_worker import graph
 
-    dag = graph.analyze(onnx.load(path))
+    declared = list(inputs) or [input_spec]
+    shapes = {str(i["name"]): [int(d) for d in i["shape"]] for i in declared}
+    loaded = onnx.load(path)
+    dag = graph.analyze(loaded, shapes, feeds)
     cuts = graph.graph_cut_points(dag)
+    if check_segments:
+        graph.segment_models(loaded, dag, cuts, _onnxruntime_session)
     return {
         "kind": "Profile",
         "model": model,
         "variant": variant,
         "input": dict(input_spec),
+        **({"inputs": [dict(i) for i in declared]} if len(declared) > 1 else {}),
+        **({"held": [h.to_dict() for h in dag.held]} if dag.held else {}),
         "host": {},
         "cuts": [
             {
@@ -189,6 +208,16 @@ def graph_profile(
             for i, (a, b) in enumerate(itertools.pairwise(cuts))
         ],
     }
+
+
+def _onnxruntime_session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is reported as a GraphError
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _tier_nodes(topology: Topology, tier: str, zone: str | None) -> list[NodeSpec]:
@@ -258,7 +287,7 @@ def _host_ms(
 
 
 def profile_graph(profile: dict[str, Any], gflops: dict[str, float], method: str) -> LayerGraph:
-    """A chain over the profile's segments (between single-tensor cuts)."""
+    """A chain over the profile's segments (between the cuts of `graph.cut_points`)."""
     segments = profile["segments"]
     measured = [float(s.get("measuredMs", 0.0)) for s in segments]
     flops = [int(s["flops"]) for s in segments]
@@ -552,4 +581,8 @@ def plan_document(
         solver_exact=plan.exact,
         tiers=context["tiers"],
         granularity=granularity,
+        held=tuple(
+            f"nodes {h['positions']} ({', '.join(h['tensors'])}): {h['reason']}"
+            for h in profile.get("held", [])
+        ),
     )

@@ -2,33 +2,47 @@
 
 Terms used across the planner and the workers:
 
-- A *compute node* is an ONNX node that depends on the model input. Nodes fed only
+- A *compute node* is an ONNX node that depends on a model input. Nodes fed only
   by initializers and constants (`Constant`, weight `Identity`, ...) are free: every
-  partition that needs them recomputes them, so they never cross a cut.
+  partition that needs them recomputes them, so they never cross a cut. A node with
+  subgraphs (`If`, `Loop`, `Scan`) is atomic: no cut enters a subgraph, and the
+  outer-scope tensors its subgraphs read count as inputs of the node.
 - A *cut* is a boundary in the topological order of compute nodes. The tensors that
-  cross it are those produced before it (or the model input) and read after it (or
-  model outputs). `cut_points` returns the single-tensor cuts (Neurosurgeon's layer
-  boundaries), always including the model input (first) and the output (last).
-  General DAG cuts (DADS) come from the planner's min-cut over `analyze(model)`.
+  cross it are those produced before it (or model inputs) and read after it (or
+  model outputs). `cut_points` returns the cuts that carry at most one intermediate
+  tensor (Neurosurgeon's layer boundaries) besides the model inputs still to be read
+  and the model outputs already made, which travel with the chain; the first cut is
+  the model inputs, the last the model outputs in the model's order. A cut between
+  the first reader of a recurrent state input and the node making its state output
+  is never offered (the pair stays in one stage: `ModelGraph.held`). General DAG cuts
+  (DADS) come from the planner's min-cut over `analyze(model)`.
 - *Segment* `i` is everything between cut `i` and cut `i + 1`; a stage running
   segments `a..b` reads `cuts[a].tensors` and writes `cuts[b + 1].tensors`.
 
-Shapes come from onnx shape inference; symbolic dimensions (the batch) count as 1.
+Sizes are those of the tensors at the model's concrete input shapes
+(`concrete_input_shapes`: given by the user, a free batch dimension at 1, any other
+free dimension refused). They come from onnx shape inference, then onnxruntime's
+symbolic shape inference, and for tensors still unsized from one run of the model on
+a sample input with those tensors exposed as outputs (`sized_tensors`). Partitions
+are cut from the model as it declares itself, so a free batch dimension stays free.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
+import numpy as np
 import onnx
 import onnx.shape_inference
-import onnx.utils
+
+_T = TypeVar("_T")
 
 # bytes per element of ONNX tensor element types
-_ELEMENT_BYTES = {
+_ELEMENT_BYTES: dict[int, int] = {
     onnx.TensorProto.FLOAT: 4,
     onnx.TensorProto.UINT8: 1,
     onnx.TensorProto.INT8: 1,
@@ -73,10 +87,20 @@ _ELEMENTWISE = {
 }
 
 
+# what a batch dimension the model leaves free is profiled at
+FREE_BATCH = 1
+SHAPE_FIELDS = "spec.input.shape (DNNModel) or --input-shape NAME=D0,D1,... (edgeai profile)"
+
+
+class GraphError(ValueError):
+    """A model the planner cannot profile or partition as given; the message names the
+    construct, the node or input dimension, and what would make it work."""
+
+
 @dataclass(frozen=True)
 class Cut:
-    """A single-tensor boundary: `tensors` cross it, `size_bytes` of them at batch 1.
-    `index` is the cut's rank in topological order (0 = model input); `position` is the
+    """A boundary: `tensors` cross it, `size_bytes` of them at the profiled input shapes.
+    `index` is the cut's rank in topological order (0 = model inputs); `position` is the
     number of compute nodes before it."""
 
     index: int
@@ -88,14 +112,15 @@ class Cut:
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    shape: tuple[int, ...]  # symbolic dimensions as 1
+    shape: tuple[int, ...]  # at the profiled input shapes
     elem_type: int
     size_bytes: int
 
 
 @dataclass(frozen=True)
 class LayerNode:
-    """A compute node with the activation tensors it reads and writes."""
+    """A compute node with the activation tensors it reads (its subgraphs' outer-scope
+    reads included) and writes."""
 
     index: int
     name: str
@@ -106,6 +131,23 @@ class LayerNode:
 
 
 @dataclass(frozen=True)
+class Held:
+    """Nodes `first..last` that stay in one stage, and why (`reason`)."""
+
+    first: int
+    last: int
+    tensors: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "positions": f"{self.first}-{self.last}",
+            "tensors": list(self.tensors),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
 class ModelGraph:
     """The compute DAG of a model: nodes in topological order and activation tensors."""
 
@@ -113,6 +155,10 @@ class ModelGraph:
     tensors: dict[str, TensorInfo]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    held: tuple[Held, ...] = ()
+    # sequences, maps, optionals and tensors of no inferred type: never cross a cut
+    unsendable: frozenset[str] = frozenset()
 
     def producer(self) -> dict[str, int]:
         """tensor name -> index of the compute node producing it (model inputs absent)."""
@@ -141,23 +187,280 @@ class ModelGraph:
         return sum(self.tensors[t].size_bytes for t in tensors)
 
 
+def _info(name: str, elem_type: int, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(name, shape, elem_type, math.prod(shape) * _ELEMENT_BYTES.get(elem_type, 4))
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with value_info for every intermediate tensor."""
-    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    """The model with value_info from onnx shape inference (the model unchanged where
+    inference fails: later steps size what it leaves out)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        return model
 
 
-def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    infos: dict[str, TensorInfo] = {}
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            graphs.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(a.graphs)
+    return graphs
+
+
+def _outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """Tensors a subgraph reads from the scopes around it."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local.update(t.values.name for t in graph.sparse_initializer)
+    reads: list[str] = []
+    for node in graph.node:
+        for t in node_reads(node):
+            if t and t not in local and t not in reads:
+                reads.append(t)
+        local.update(node.output)
+    return reads
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs, then what its subgraphs read from outside."""
+    reads = [t for t in node.input if t]
+    for sub in _subgraphs(node):
+        reads += [t for t in _outer_reads(sub) if t not in reads]
+    return reads
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _fixed(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    return int(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def _describe(dims: Sequence[onnx.TensorShapeProto.Dimension]) -> str:
+    return "[" + ", ".join(str(_fixed(d) or d.dim_param or "?") for d in dims) + "]"
+
+
+def concrete_input_shapes(
+    model: onnx.ModelProto, given: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Each model input's shape to profile at: `given[name]` where the user gave one (it
+    must fit the model's fixed dimensions), else the model's own; a free first (batch)
+    dimension at FREE_BATCH either way (whatever size is given for it: the planner
+    plans one request, and the batch stays free in the partitions). Any other free
+    dimension without a given size is a GraphError naming it."""
+    given = dict(given or {})
+    inputs = _graph_inputs(model)
+    names = [i.name for i in inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise GraphError(
+            f"input shape given for {unknown[0]!r}, which is not a model input "
+            f"(the model's inputs: {', '.join(names)})"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in inputs:
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise GraphError(
+                f"model input {value.name!r} is a {value.type.WhichOneof('value')}, not a "
+                "tensor: stages exchange tensors only"
+            )
+        dims = list(tensor.shape.dim)
+        if value.name in given:
+            shape = tuple(int(d) for d in given[value.name])
+            fits = not tensor.HasField("shape") or (  # no shape declared: any fits
+                len(shape) == len(dims)
+                and all(_fixed(d) in (None, s) for d, s in zip(dims, shape, strict=True))
+            )
+            if not fits or min(shape, default=1) < 1:
+                raise GraphError(
+                    f"the shape {list(shape)} given for input {value.name!r} does not fit "
+                    f"the model's {_describe(dims)}: set {SHAPE_FIELDS} with its rank, "
+                    "its fixed dimensions and every other dimension >= 1"
+                )
+            if dims and _fixed(dims[0]) is None:
+                shape = (FREE_BATCH, *shape[1:])  # the planner plans one request
+            shapes[value.name] = shape
+            continue
+        if not tensor.HasField("shape"):
+            raise GraphError(
+                f"input {value.name!r} declares no shape, not even its rank, and no shape "
+                f"was given: set {SHAPE_FIELDS}"
+            )
+        shape_list: list[int] = []
+        for axis, dim in enumerate(dims):
+            size = _fixed(dim)
+            if size is None and axis == 0:
+                size = FREE_BATCH  # a free batch stays free in the partitions
+            if size is None:
+                label = f"{dim.dim_param!r}" if dim.dim_param else "unnamed"
+                raise GraphError(
+                    f"input {value.name!r} {_describe(dims)}: dimension {axis} ({label}) is "
+                    f"not fixed by the model and no size was given: set {SHAPE_FIELDS} "
+                    "(it is never guessed)"
+                )
+            shape_list.append(size)
+        shapes[value.name] = tuple(shape_list)
+    return shapes
+
+
+def sample_feed(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    seed: int = 0,
+    values: Mapping[str, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs of `shapes`: `values[name]` everywhere for an input given one (a sample
+    rate, a mode switch: what the model's control flow branches on), else random:
+    standard normal floats, small non-negative integers (they often index or count),
+    booleans."""
+    rng = np.random.default_rng(seed)
+    given = dict(values or {})
+    names = [i.name for i in _graph_inputs(model)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise GraphError(
+            f"an input value is given for {unknown[0]!r}, which is not a model input "
+            f"(the model's inputs: {', '.join(names)})"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    for value in _graph_inputs(model):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        shape = list(shapes[value.name])
+        if value.name in given:
+            feeds[value.name] = np.full(shape, given[value.name], dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def _with_input_shapes(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
+) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            shape = value.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in shapes[value.name]:
+                shape.dim.add().dim_value = int(size)
+    return fixed
+
+
+def _static(model: onnx.ModelProto, names: set[str]) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (elem type, shape) of the `names` whose shape the model fully states."""
+    found: dict[str, tuple[int, tuple[int, ...]]] = {}
     graph = model.graph
     for vi in [*graph.input, *graph.value_info, *graph.output]:
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
+        if vi.name not in names or not vi.type.HasField("tensor_type"):
             continue
-        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim)
-        elem = tt.elem_type
-        size = math.prod(shape) * _ELEMENT_BYTES.get(elem, 4)
-        infos[vi.name] = TensorInfo(vi.name, shape, elem, size)
-    return infos
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or not tt.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            found[vi.name] = (tt.elem_type, tuple(dims))
+    return found
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    return {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in [*graph.input, *graph.value_info, *graph.output]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+    }
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference, or None where it gives up on the graph."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # it raises many types on graphs it cannot follow
+        return None
+    return inferred if isinstance(inferred, onnx.ModelProto) else None
+
+
+def _measured(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    elem_types: Mapping[str, int],
+    feeds: Mapping[str, np.ndarray],
+) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The shapes of `names` from one onnxruntime run with them exposed as outputs."""
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    declared = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in declared:
+            value = exposed.graph.output.add()
+            value.name = name
+            if name in elem_types:  # else left untyped: onnxruntime finds the type itself
+                value.type.tensor_type.elem_type = elem_types[name]
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the GraphError below says what failed
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(
+            exposed.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        results = session.run(list(names), dict(feeds))
+    except Exception as exc:  # onnxruntime raises its own types; say what it said
+        text = str(exc).strip().splitlines()
+        raise GraphError(
+            "running the model once to measure the tensor shapes onnx cannot infer failed "
+            f"at the profiled input shapes {dict((k, list(v.shape)) for k, v in feeds.items())}: "
+            f"{text[0][:300] if text else type(exc).__name__}; check the input shapes "
+            f"({SHAPE_FIELDS}) and, for an input the model branches on, its value "
+            "(--input-value NAME=NUMBER)"
+        ) from exc
+    out: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for name, value in zip(names, results, strict=True):
+        if not isinstance(value, np.ndarray):
+            continue  # a sequence or map: unsized, so it crosses no cut
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        out[name] = (elem, tuple(int(d) for d in value.shape))
+    return out
+
+
+def sized_tensors(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    names: Iterable[str],
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, TensorInfo]]:
+    """(the model with inferred value_info at `shapes`, the size of each of `names`):
+    onnx shape inference, then onnxruntime's symbolic shape inference, then one run on
+    `feeds` (default: `sample_feed`) for whatever is still unsized."""
+    wanted = set(names)
+    inferred = infer_shapes(_with_input_shapes(model, shapes))
+    found = _static(inferred, wanted)
+    if wanted - found.keys():
+        symbolic = _symbolic_inference(inferred)
+        if symbolic is not None:
+            found.update(_static(symbolic, wanted - found.keys()))
+    missing = [n for n in sorted(wanted) if n not in found]
+    if missing:
+        run_feeds = feeds if feeds is not None else sample_feed(model, shapes)
+        found.update(_measured(inferred, missing, _elem_types(inferred), run_feeds))
+    infos = {name: _info(name, elem, shape) for name, (elem, shape) in found.items()}
+    return inferred, infos
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
@@ -214,40 +517,130 @@ def _node_flops(
     return 0
 
 
-def analyze(model: onnx.ModelProto) -> ModelGraph:
-    """The compute DAG with tensor sizes (batch 1) and per-node FLOPs."""
-    model = infer_shapes(model)
+def _state_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(input, output) pairs of a recurrent state: an output named after an input
+    (`state` -> `stateN`, `h` -> `hn`) of the same element type and rank."""
+    outputs = list(model.graph.output)
+    pairs: list[tuple[str, str]] = []
+    for value in _graph_inputs(model):
+        tt = value.type.tensor_type
+        for out in outputs:
+            ot = out.type.tensor_type
+            if (
+                out.name != value.name
+                and out.name.startswith(value.name)
+                and ot.elem_type == tt.elem_type
+                and len(ot.shape.dim) == len(tt.shape.dim)
+            ):
+                pairs.append((value.name, out.name))
+                break
+    return pairs
+
+
+def _held(nodes: Sequence[LayerNode], pairs: Sequence[tuple[str, str]]) -> tuple[Held, ...]:
+    """For each state pair, the nodes from the first that reads the state to the one
+    that makes the next state: the stage that reads it also answers it."""
+    held: list[Held] = []
+    for state_in, state_out in pairs:
+        readers = [n.index for n in nodes if state_in in n.inputs]
+        makers = [n.index for n in nodes if state_out in n.outputs]
+        if readers and makers and min(readers) < makers[0]:
+            held.append(
+                Held(
+                    min(readers),
+                    makers[0],
+                    (state_in, state_out),
+                    f"recurrent state {state_in} -> {state_out} stays in one stage",
+                )
+            )
+    return tuple(held)
+
+
+def analyze(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    sized: bool = True,
+) -> ModelGraph:
+    """The compute DAG with tensor sizes at the concrete input shapes
+    (`concrete_input_shapes` of `input_shapes`) and per-node FLOPs. `feeds`: the sample
+    the shapes onnx cannot infer are measured on (default: `sample_feed`). With
+    `sized` False, the structure alone (no sizes, no FLOPs, no input shapes needed):
+    the cuts' tensors are the same."""
     graph = model.graph
-    infos = _tensor_infos(model)
     weights = {init.name: tuple(init.dims) for init in graph.initializer}
     const = set(weights)
-    inputs = tuple(i.name for i in graph.input if i.name not in const)
-    nodes: list[LayerNode] = []
+    inputs = tuple(i.name for i in _graph_inputs(model))
+    compute: list[tuple[onnx.NodeProto, tuple[str, ...]]] = []
     for node in graph.node:
-        activation_inputs = tuple(t for t in node.input if t and t not in const)
+        activation_inputs = tuple(t for t in node_reads(node) if t not in const)
         if not activation_inputs:
             # fed by weights and constants only: free, recomputed where needed
             const.update(o for o in node.output if o)
             continue
-        nodes.append(
-            LayerNode(
-                index=len(nodes),
-                name=node.name or f"{node.op_type}_{len(nodes)}",
-                op_type=node.op_type,
-                inputs=activation_inputs,
-                outputs=tuple(o for o in node.output if o),
-                flops=_node_flops(node, infos, weights),
-            )
-        )
-    for t in (*inputs, *(t for n in nodes for t in (*n.inputs, *n.outputs))):
-        if t not in infos:
-            raise ValueError(f"tensor {t!r} has no inferred shape; cannot size cuts")
+        compute.append((node, activation_inputs))
     outputs = tuple(o.name for o in graph.output)
-    return ModelGraph(tuple(nodes), infos, inputs, outputs)
+    for value in [*_graph_inputs(model), *graph.output]:
+        if not value.type.HasField("tensor_type"):
+            raise GraphError(
+                f"model {'output' if value.name in outputs else 'input'} {value.name!r} is a "
+                f"{value.type.WhichOneof('value')}, not a tensor: stages exchange tensors only"
+            )
+        if value.name in const and value.name in outputs:
+            raise GraphError(
+                f"model output {value.name!r} does not depend on any input: a stage cannot serve it"
+            )
+    activations = {*inputs, *(t for node, _ in compute for t in node.output if t)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    infos: dict[str, TensorInfo] = {}
+    flops_infos: dict[str, TensorInfo] = {}
+    if sized:
+        shapes = concrete_input_shapes(model, input_shapes)
+        inferred, infos = sized_tensors(model, shapes, activations, feeds)
+        flops_infos = {**_all_static(inferred), **infos}
+    nodes = tuple(
+        LayerNode(
+            index=i,
+            name=node.name or f"{node.op_type}_{i}",
+            op_type=node.op_type,
+            inputs=reads,
+            outputs=tuple(o for o in node.output if o),
+            flops=_node_flops(node, flops_infos, weights) if sized else 0,
+        )
+        for i, (node, reads) in enumerate(compute)
+    )
+    # what `Partitioner` can declare at a cut: a tensor whose element type onnx infers
+    # on the model as it declares itself (an op of a domain onnx does not know, such
+    # as com.microsoft's, leaves its outputs untyped: those cross no cut)
+    typed = infer_shapes(model).graph
+    declarable = {
+        vi.name
+        for vi in [*typed.input, *typed.value_info, *typed.output]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+    }
+    unsendable = activations - declarable
+    if sized:
+        unsendable |= activations - infos.keys()
+    return ModelGraph(
+        nodes,
+        infos,
+        inputs,
+        outputs,
+        shapes,
+        _held(nodes, _state_pairs(model)),
+        frozenset(unsendable),
+    )
+
+
+def _all_static(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    graph = model.graph
+    names = {vi.name for vi in [*graph.input, *graph.value_info, *graph.output]}
+    return {name: _info(name, elem, shape) for name, (elem, shape) in _static(model, names).items()}
 
 
 def graph_cut_points(graph: ModelGraph) -> list[Cut]:
-    """Single-tensor cuts of an analysed graph (see `cut_points`)."""
+    """The cuts of an analysed graph (see `cut_points`)."""
     last_use: dict[str, int] = {}
     for node in graph.nodes:
         for t in node.inputs:
@@ -255,72 +648,135 @@ def graph_cut_points(graph: ModelGraph) -> list[Cut]:
     end = len(graph.nodes)
     for t in graph.outputs:
         last_use[t] = end
+    travelling = {*graph.inputs, *graph.outputs}
+    blocked = {p for h in graph.held for p in range(h.first + 1, h.last + 1)}
+
+    def size(tensors: Sequence[str]) -> int:
+        return graph.size_bytes(tensors) if graph.tensors else 0
+
     live = [t for t in graph.inputs if t in last_use]
-    cuts: list[Cut] = []
-    seen: set[tuple[str, ...]] = set()
-
-    def add(position: int) -> None:
-        if len(live) == 1 and (live[0],) not in seen:
-            seen.add((live[0],))
-            cuts.append(Cut(len(cuts), (live[0],), graph.size_bytes(live), position))
-
-    add(0)
-    for node in graph.nodes:
+    cuts = [Cut(0, tuple(live), size(live), 0)]
+    seen = {frozenset(live)}
+    for node in graph.nodes[:-1]:
         live = [t for t in live if last_use[t] > node.index]
         live += [t for t in node.outputs if last_use.get(t, -1) > node.index]
-        add(node.index + 1)
-    if cuts[-1].tensors != graph.outputs:
-        if len(graph.outputs) != 1:
-            raise ValueError(f"models with one output are supported, got {graph.outputs}")
-        cuts.append(Cut(len(cuts), graph.outputs, graph.size_bytes(graph.outputs), end))
+        inner = [t for t in live if t not in travelling]
+        position = node.index + 1
+        if (
+            len(inner) <= 1
+            and position not in blocked
+            and frozenset(live) not in seen
+            and not graph.unsendable.intersection(live)
+        ):
+            seen.add(frozenset(live))
+            cuts.append(Cut(len(cuts), tuple(live), size(live), position))
+    if frozenset(graph.outputs) in seen:
+        cuts = [c for c in cuts if frozenset(c.tensors) != frozenset(graph.outputs)]
+    cuts.append(Cut(len(cuts), graph.outputs, size(graph.outputs), end))
     return cuts
 
 
-def cut_points(model: onnx.ModelProto) -> list[Cut]:
-    """Single-tensor cuts in topological order, from the model input (index 0) to the
-    model output (last). A model has `len(cuts) - 1` segments."""
-    return graph_cut_points(analyze(model))
+def cut_points(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    sized: bool = True,
+) -> list[Cut]:
+    """Cuts in topological order, from the model inputs (index 0) to the model outputs
+    (last), each carrying at most one intermediate tensor besides model inputs still to
+    be read and model outputs already made. A model has `len(cuts) - 1` segments. With
+    `sized` False every `size_bytes` is 0 and no input shape is needed."""
+    return graph_cut_points(analyze(model, input_shapes, sized=sized))
 
 
 class Partitioner:
-    """Extracts standalone sub-models; shape inference runs once per model."""
+    """Extracts standalone sub-models from the model as it declares itself (free
+    dimensions stay free); shape inference runs once per model."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = infer_shapes(model)
-        self._extractor = onnx.utils.Extractor(self.model)
+        graph = self.model.graph
+        self._values = {vi.name: vi for vi in [*graph.input, *graph.value_info, *graph.output]}
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+        self._reads = [node_reads(n) for n in graph.node]
+
+    def _value(self, name: str) -> onnx.ValueInfoProto:
+        known = self._values.get(name)
+        value = onnx.ValueInfoProto()
+        value.name = name
+        if known is not None and known.type.HasField("tensor_type"):
+            value.type.CopyFrom(known.type)
+        else:
+            raise GraphError(f"tensor {name!r} has no known element type; it cannot cross a cut")
+        return value
 
     def extract(self, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
         if not inputs or not outputs:
             raise ValueError("a partition needs at least one input and one output tensor")
         if set(outputs) <= set(inputs):
             raise ValueError(f"empty partition: outputs {list(outputs)} are its inputs")
-        known = {
-            vi.name
-            for vi in [
-                *self.model.graph.input,
-                *self.model.graph.value_info,
-                *self.model.graph.output,
-            ]
-        }
-        unknown = [t for t in [*inputs, *outputs] if t not in known]
+        unknown = [
+            t for t in [*inputs, *outputs] if t not in self._values and t not in self._producer
+        ]
         if unknown:
             raise ValueError(f"unknown tensor name(s) {unknown}")
-        sub = self._extractor.extract_model(list(inputs), list(outputs))
-        # Every tensor a node reads must now come from the partition's inputs, its own
-        # nodes or its initializers; otherwise the cut was not a valid boundary.
-        available = {*inputs, *(i.name for i in sub.graph.initializer), ""}
-        for node in sub.graph.node:
-            missing = [t for t in node.input if t not in available]
-            if missing:
+        given = set(inputs)
+        chosen: set[int] = set()
+        pending = [t for t in outputs if t not in given]
+        while pending:
+            tensor = pending.pop()
+            if tensor in given or tensor in self._initializers:
+                continue
+            index = self._producer.get(tensor)
+            if index is None:
                 raise ValueError(
                     f"inputs {list(inputs)} do not separate outputs {list(outputs)}: "
-                    f"node {node.name or node.op_type} also reads {missing}"
+                    f"they also need the model input {tensor!r}"
                 )
-            available.update(node.output)
+            if index not in chosen:
+                chosen.add(index)
+                pending.extend(self._reads[index])
+        nodes = [self.model.graph.node[i] for i in sorted(chosen)]
+        needed = {t for i in chosen for t in self._reads[i]}
+        sub = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                nodes,
+                f"{self.model.graph.name or 'model'}_part",
+                [self._value(t) for t in inputs],
+                [self._value(t) for t in outputs],
+                [self._initializers[t] for t in sorted(needed) if t in self._initializers],
+            ),
+            opset_imports=list(self.model.opset_import),
+        )
         sub.ir_version = self.model.ir_version
-        del sub.opset_import[:]
-        sub.opset_import.extend(self.model.opset_import)
+        sub.functions.extend(self.model.functions)
         return sub
+
+
+def segment_models(
+    model: onnx.ModelProto,
+    graph: ModelGraph,
+    cuts: Sequence[Cut],
+    load: Callable[[onnx.ModelProto], _T],
+) -> list[_T]:
+    """`load` (an onnxruntime session, say) of each segment between consecutive cuts,
+    cut from `model`; a segment that cannot be cut or loaded on its own is a
+    GraphError naming its first node and its input tensors."""
+    partitioner = Partitioner(model)
+    loaded: list[_T] = []
+    for a, b in itertools.pairwise(cuts):
+        try:
+            loaded.append(load(partitioner.extract(a.tensors, b.tensors)))
+        except Exception as exc:  # onnx and onnxruntime raise many types
+            first = graph.nodes[a.position] if a.position < len(graph.nodes) else None
+            where = f"node {first.name} ({first.op_type})" if first else "the model's end"
+            text = str(exc).strip().splitlines()
+            raise GraphError(
+                f"the segment from {where}, fed {list(a.tensors)}, does not run on its own: "
+                f"{text[0][:300] if text else type(exc).__name__}"
+            ) from exc
+    return loaded
 
 
 def extract_partition(

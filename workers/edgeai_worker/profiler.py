@@ -89,7 +89,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgeai_worker import graph as onnx_graph
-from edgeai_worker.protocol import InferRequest, Tensor, encode_request
+from edgeai_worker.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    Tensor,
+    datatype_of,
+    decode_response,
+    encode_request,
+)
 
 Progress = Callable[[str], None]
 
@@ -147,22 +154,17 @@ def host_gflops(size: int = 1024, repeats: int = 10, threads: int | None = None)
     return 2.0 * size**3 / (ms / 1000.0) / 1e9
 
 
-def _dtype(elem_type: int) -> Any:
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-
-
-def example_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching the model's declared inputs (symbolic dims as 1)."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    initializers = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
-        feeds[vi.name] = rng.standard_normal(shape).astype(_dtype(tt.elem_type))
-    return feeds
+def example_feed(
+    model: onnx.ModelProto,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    values: Mapping[str, float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs of the model's concrete input shapes (`graph.concrete_input_shapes` of
+    `shapes`: a free batch dimension at 1, any other free dimension must be given),
+    random but for the `values` given (see `graph.sample_feed`)."""
+    concrete = onnx_graph.concrete_input_shapes(model, shapes)
+    return onnx_graph.sample_feed(model, concrete, seed, values)
 
 
 def _chained_pass(
@@ -191,10 +193,14 @@ def profile_model(
     gflops: float | None = None,
     idle_ms: float = IDLE_MS,
     progress: Progress | None = stderr_progress,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Measures the whole model and every segment between single-tensor cuts (see the
-    module docstring), after `warmup` runs of each, each timed run after `idle_ms` of
-    idleness."""
+    """Measures the whole model and every segment between cuts (see the module
+    docstring), after `warmup` runs of each, each timed run after `idle_ms` of
+    idleness, at the concrete input shapes (`input_shapes` where the model leaves a
+    dimension free; see `graph.concrete_input_shapes`), on inputs random but for the
+    `input_values` given (see `graph.sample_feed`)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if repeats < 1:
@@ -203,18 +209,22 @@ def profile_model(
         raise ValueError(f"idle_ms must be in 0-{MAX_IDLE_MS}, got {idle_ms}")
     idle_s = idle_ms / 1000.0
     say = progress or (lambda _: None)
-    dag = onnx_graph.analyze(model)
+    shapes = onnx_graph.concrete_input_shapes(model, input_shapes)
+    feeds = onnx_graph.sample_feed(model, shapes, values=input_values)
+    started = time.monotonic()
+    dag = onnx_graph.analyze(model, shapes, feeds)
     cuts = onnx_graph.graph_cut_points(dag)
+    say(
+        f"{name}: {len(dag.nodes)} compute nodes, {len(cuts)} cuts "
+        f"(graph analysis {time.monotonic() - started:.2f}s)"
+    )
     if gflops is None:
         say("measuring this machine's GFLOPS (onnxruntime MatMul 1024x1024)")
         gflops = host_gflops(threads=threads)
-    feeds = example_feed(model)
     whole = _session(model, threads)
-    partitioner = onnx_graph.Partitioner(model)
-    sessions = [
-        _session(partitioner.extract(a.tensors, b.tensors), threads, spinning=False)
-        for a, b in itertools.pairwise(cuts)
-    ]
+    sessions = onnx_graph.segment_models(
+        model, dag, cuts, lambda part: _session(part, threads, spinning=False)
+    )
     say(f"{name}: the whole model and {len(sessions)} segments chained, in turn")
     started = time.monotonic()
     whole_runs: list[float] = []
@@ -248,10 +258,7 @@ def profile_model(
         }
         for i, ((a, b), mean) in enumerate(zip(itertools.pairwise(cuts), means, strict=True))
     ]
-    input_vi = model.graph.input[0]
-    dims = [
-        d.dim_value if d.HasField("dim_value") else 1 for d in input_vi.type.tensor_type.shape.dim
-    ]
+    inputs = profile_inputs(model, shapes)
     return {
         "kind": "Profile",
         "model": name,
@@ -261,7 +268,9 @@ def profile_model(
             "threads": threads or os.cpu_count(),
             "method": "median fp32 onnxruntime MatMul 1024x1024",
         },
-        "input": {"name": input_vi.name, "shape": dims, "dtype": "FP32"},
+        "input": inputs[0],
+        **({"inputs": inputs} if len(inputs) > 1 else {}),
+        **({"held": [h.to_dict() for h in dag.held]} if dag.held else {}),
         "repeats": repeats,
         "idleMs": idle_ms,
         "totalMs": round(sum(s["measuredMs"] for s in segments), 4),
@@ -279,6 +288,24 @@ def profile_model(
         ],
         "segments": segments,
     }
+
+
+def profile_inputs(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
+) -> list[dict[str, Any]]:
+    """The profile's `inputs`: each model input's name, profiled shape and OIP dtype."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [
+        {
+            "name": vi.name,
+            "shape": [int(d) for d in shapes[vi.name]],
+            "dtype": datatype_of(
+                np.zeros(0, onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+            ),
+        }
+        for vi in model.graph.input
+        if vi.name not in initializers
+    ]
 
 
 def scaled_ms(profile: dict[str, Any], tier_gflops: float) -> list[float]:
@@ -330,6 +357,35 @@ def post_timed(
     return elapsed, response, answer
 
 
+def _binary_request(
+    feeds: Mapping[str, np.ndarray], request_id: str
+) -> tuple[bytes, dict[str, str]]:
+    """A binary OIP request of `feeds` asking for binary outputs: (body, headers)."""
+    request = InferRequest(
+        [Tensor.from_numpy(name, array) for name, array in feeds.items()],
+        request_id,
+        None,
+        {"binary_data_output": True},
+    )
+    return encode_request(request, binary=True)
+
+
+def infer_binary(
+    url: str, model_name: str, feeds: Mapping[str, np.ndarray], timeout_s: float = 300.0
+) -> list[Tensor]:
+    """The output tensors a worker at `url` answers to one binary OIP request of
+    `feeds` (raises unless it answers 200)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout_s)
+    body, headers = _binary_request(feeds, f"infer-{os.getpid()}")
+    try:
+        _, response, answer = post_timed(conn, f"/v2/models/{model_name}/infer", body, headers)
+    finally:
+        conn.close()
+    length = response.getheader(HEADER_LENGTH)
+    return decode_response(answer, int(length) if length else None).outputs
+
+
 def time_binary_requests(
     targets: Sequence[tuple[str, Sequence[int]]], *, requests: int, warmup: int
 ) -> list[list[float]]:
@@ -376,13 +432,7 @@ def time_model_requests(
     samples: list[tuple[float, float]] = []
     try:
         for i in range(warmup + requests):
-            request = InferRequest(
-                [Tensor.from_numpy(name, array) for name, array in feeds.items()],
-                f"model-serving-{os.getpid()}-{i}",
-                None,
-                {"binary_data_output": True},
-            )
-            body, headers = encode_request(request, binary=True)
+            body, headers = _binary_request(feeds, f"model-serving-{os.getpid()}-{i}")
             elapsed, response, _ = post_timed(conn, parts.path, body, headers)
             compute = response.getheader(COMPUTE_TIME_HEADER)
             if compute is None:
@@ -496,13 +546,15 @@ def serving_overheads(
     threads: int | None = None,
     progress: Progress | None = stderr_progress,
     model: Path | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """The per-request serving and forwarding costs on this machine, fixed and per MB
     (the profile's keys; see the module docstring): a real worker process serving
     `serving_model` and a forward-only worker in front of it, `requests` round trips
     to each with the model's input and with a one-element tensor, in turn. With
     `model`, a worker serving that model answers `requests` more, and the fixed
-    serving part is calibrated on them (`calibrate_serving`)."""
+    serving part is calibrated on them (`calibrate_serving`), sending `feeds`
+    (default: `example_feed` of the model)."""
     say = progress or (lambda _: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     env["EDGEAI_INTRA_OP_THREADS"] = str(threads or 1)
@@ -520,7 +572,7 @@ def serving_overheads(
         _wait_ready(f"{base}/v2/health/ready", processes[-1], 60.0)
         return base
 
-    feeds: dict[str, np.ndarray] = {}
+    model_feeds: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="edgeai-serving-") as tmp:
         probe_model = serving_model(input_shape, Path(tmp) / "serving.onnx")
         try:
@@ -544,11 +596,15 @@ def serving_overheads(
             )
             model_samples: list[tuple[float, float]] = []
             if model is not None:
-                feeds = example_feed(onnx.load(str(model), load_external_data=False))
+                model_feeds = (
+                    dict(feeds)
+                    if feeds is not None
+                    else example_feed(onnx.load(str(model), load_external_data=False))
+                )
                 served = start(_free_port(), "--partition", str(model))
                 say(f"serving overhead: {requests} requests through a worker serving the model")
                 model_samples = time_model_requests(
-                    served + path, feeds, requests=requests, warmup=warmup
+                    served + path, model_feeds, requests=requests, warmup=warmup
                 )
         finally:
             for process in processes:
@@ -567,4 +623,4 @@ def serving_overheads(
     )
     if not model_samples:
         return fitted
-    return calibrate_serving(fitted, sum(a.nbytes for a in feeds.values()), model_samples)
+    return calibrate_serving(fitted, sum(a.nbytes for a in model_feeds.values()), model_samples)

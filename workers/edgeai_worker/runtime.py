@@ -38,11 +38,14 @@ _ORT_TYPES = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output; -1 marks a dynamic dimension."""
+    """A model input or output; -1 marks a dynamic dimension. A partition cut at a
+    tensor whose shape onnx cannot infer declares no shape at all (`ranked` False):
+    any shape is taken there, as onnxruntime takes it."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    ranked: bool = True
 
     def as_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -55,6 +58,8 @@ class TensorSpec:
                 f"the model's {self.datatype}"
             )
         shape = array.shape
+        if not self.ranked:
+            return
         if len(shape) != len(self.shape) or any(
             want not in (-1, got) for want, got in zip(self.shape, shape, strict=False)
         ):
@@ -66,6 +71,15 @@ class TensorSpec:
 
 def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _unranked_inputs(path: Path) -> set[str]:
+    """The inputs the ONNX file declares without a shape (onnxruntime reports them
+    like scalars)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name for i in graph.input if not i.type.tensor_type.HasField("shape")}
 
 
 class Partition:
@@ -90,9 +104,13 @@ class Partition:
         self._session = ort.InferenceSession(
             str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
         )
+        inputs = self._session.get_inputs()
+        unranked = _unranked_inputs(self.path) if any(not i.shape for i in inputs) else set()
         self.inputs = [
-            TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape))
-            for i in self._session.get_inputs()
+            TensorSpec(
+                i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape), i.name not in unranked
+            )
+            for i in inputs
         ]
         self.outputs = [
             TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), _dims(o.shape))
@@ -102,7 +120,7 @@ class Partition:
     @property
     def batchable(self) -> bool:
         """Whether every input and output has a dynamic leading (batch) dimension."""
-        return all(s.shape and s.shape[0] == -1 for s in [*self.inputs, *self.outputs])
+        return all(s.ranked and s.shape and s.shape[0] == -1 for s in [*self.inputs, *self.outputs])
 
     def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
         with self._lock:

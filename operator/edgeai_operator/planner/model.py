@@ -1,7 +1,7 @@
 """The planning problem as plain data, and the cost model every solver agrees on.
 
-A model is a DAG of compute nodes (for a chain: the segments between single-tensor
-cuts) with per-tier compute times, joined by tensors with byte sizes. The network is
+A model is a DAG of compute nodes (for a chain: the segments between the cuts of
+`graph.cut_points`) with per-tier compute times, joined by tensors with byte sizes. The network is
 a path of tiers starting at the device, where requests enter and answers return:
 `path = (device, edge, cloud)` with one `Link` per hop. An assignment maps each
 node to a tier index on that path; data only flows up, so along every DAG edge the
