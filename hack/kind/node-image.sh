@@ -73,7 +73,7 @@ build_binaries() {
   else
     log "building kind $KIND_VERSION"
     t0=$(date +%s)
-    (cd /tmp && GOFLAGS= GOBIN="$bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION")
+    (cd /tmp && GOFLAGS='' GOBIN="$bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION")
     mark "$bin/kind" "$KIND_VERSION"
     log "kind built in $(( $(date +%s) - t0 ))s"
   fi
@@ -83,7 +83,7 @@ build_binaries() {
     log "pause $PAUSE_VERSION cached"
   else
     local kdir
-    kdir=$(cd /tmp && GOFLAGS= go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    kdir=$(cd /tmp && GOFLAGS='' go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
     gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION" -o "$bin/pause" "$kdir/build/pause/linux/pause.c"
     mark "$bin/pause" "$PAUSE_VERSION"
     log "pause $PAUSE_VERSION built"
@@ -181,8 +181,10 @@ NODE_PACKAGES=systemd,systemd-sysv,dbus,containerd,runc,containernetworking-plug
 # configure_node ROOT: kind's base files and Dockerfile steps on a node root (never "/").
 configure_node() {
   local root=$1 kindfiles p
-  [ -n "$root" ] && [ "$root" != / ] && [ -d "$root/etc" ] || { echo "configure_node: bad root '$root'" >&2; exit 1; }
-  kindfiles=$(cd /tmp && GOFLAGS= go mod download -json "sigs.k8s.io/kind@$KIND_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/images/base/files
+  if [ -z "$root" ] || [ "$root" = / ] || [ ! -d "$root/etc" ]; then
+    echo "configure_node: bad root '$root'" >&2; exit 1
+  fi
+  kindfiles=$(cd /tmp && GOFLAGS='' go mod download -json "sigs.k8s.io/kind@$KIND_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/images/base/files
   install -d -m 0755 "$root"/kind/bin "$root"/kind/manifests "$root"/LICENSES "$root"/etc/containerd "$root"/etc/default \
     "$root"/etc/sysctl.d "$root"/etc/systemd/system/kubelet.service.d "$root"/etc/kubernetes/manifests "$root"/opt/cni/bin
   install -m 0755 "$kindfiles"/usr/local/bin/* "$root"/usr/local/bin/
@@ -241,7 +243,7 @@ TOML
   for _ in $(seq 60); do [ -S "$sock" ] && break; sleep 0.5; done
   ctr -a "$sock" -n k8s.io images import --label=io.cri-containerd.pinned=pinned --all-platforms --no-unpack --digests \
     "$pre/images.tar" >/dev/null
-  n=$(ctr -a "$sock" -n k8s.io images ls -q | grep -vc '^sha256:' || true)
+  n=$(ctr -a "$sock" -n k8s.io images ls -q | grep -v '^sha256:' | grep -vc '@' || true)
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -rf "$pre"
   log "preloaded $n component images into the node's containerd"
