@@ -79,4 +79,19 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
-	bench bench-planner bench-dataplane bench-operator bench-corpus docs-numbers docs-numbers-check
+	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus docs-numbers docs-numbers-check
+
+# Images and a local kind cluster (hack/images, hack/kind; docs/architecture.md). Root,
+# Docker from Debian (hack/kind/host.sh installs and starts it), nothing from the internet
+# but Debian, PyPI and the Go module proxy at build time.
+images: install ## Build edgeai-operator:<version> and edgeai-worker:<version> (Debian bookworm + pinned wheels)
+	hack/kind/host.sh
+	PYTHON=$(abspath $(PY)) hack/images/build.sh
+
+kind-up: install binaries ## A 6-node kind cluster shaped like hack/topology.yaml, images loaded (offline node image)
+	PYTHON=$(abspath $(PY)) hack/kind/up.sh
+
+kind-down: ## Delete the kind cluster kind-up made
+	hack/kind/down.sh
+
+.PHONY: images kind-up kind-down

@@ -1,0 +1,3 @@
+module edgeai.dev/hack/kind/runcwrap
+
+go 1.22
