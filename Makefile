@@ -57,6 +57,9 @@ bench-operator: install binaries ## 500 DNNDeployments over 1000 kwok nodes: ope
 bench-models: install binaries ## DNNModel apply -> Prepared time, bytes stage pods fetch vs run
 	$(PY) bench/models/run.py
 
+bench-training: install ## Training modes, compression, privacy, data skew; gossip vs parameter server over tc-shaped links (root)
+	$(PY) bench/training/run.py
+
 bench: bench-planner bench-dataplane bench-operator bench-models ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json

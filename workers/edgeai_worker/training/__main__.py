@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     wrk.add_argument("--index", type=int, required=True, help="this worker's shard, 0-based")
     wrk.add_argument("--aggregator", required=True, help="the aggregator's URL")
     wrk.add_argument("--delay-s", type=float, default=0.0, help="wait this long before each update")
+    wrk.add_argument(
+        "--delay-updates", type=int, help="only the first N updates wait --delay-s (default: all)"
+    )
     wrk.add_argument("--stats", help="write the worker's counters here (JSON) at the end")
     gos = sub.add_parser("gossip", help="a gossip worker (no aggregator)")
     gos.add_argument("--spec", required=True)
@@ -67,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from edgeai_worker.training.worker import Worker
 
-        stats = asyncio.run(Worker(spec, args.index, args.aggregator, args.delay_s).run())
+        stats = asyncio.run(
+            Worker(spec, args.index, args.aggregator, args.delay_s, args.delay_updates).run()
+        )
         if args.stats:
             Path(args.stats).write_text(json.dumps(stats.to_dict()))
         print(json.dumps(stats.to_dict()))

@@ -56,6 +56,8 @@ class Server:
     told_done: set[int] = field(default_factory=set)
     started_at: float = field(default_factory=time.monotonic)
     restored_round: int | None = None
+    training_started: float | None = None  # when this process started or resumed rounds
+    training_s: float = 0.0  # seconds of rounds in this process, up to the last close
     model_path: Path | None = None
 
     # --- persistence --------------------------------------------------------------------
@@ -138,6 +140,7 @@ class Server:
             "epsilon": s.epsilon,
             "delta": self.spec.privacy.delta if self.spec.privacy else None,
             "resumedFromRound": self.restored_round,
+            "trainingSeconds": round(self.training_s, 3),
             "model": str(self.model_path) if self.model_path else None,
             "history": s.history,
         }
@@ -156,6 +159,8 @@ class Server:
         await self._after_close()
 
     async def _after_close(self) -> None:
+        if self.training_started is not None:
+            self.training_s = time.monotonic() - self.training_started
         if self.state.round % self.spec.checkpoint_every == 0 or self.state.done:
             self._checkpoint()
         self.deadline = time.monotonic() + self.spec.round_timeout_s
@@ -196,6 +201,8 @@ class Server:
                 async with self.changed:
                     self.changed.notify_all()
             return
+        if self.training_started is None:
+            self.training_started = now
         if self.spec.algorithm.mode == "asyncSGD":
             return
         if s.round_complete():
@@ -221,6 +228,7 @@ def _update(header: dict[str, Any], payload: bytes, wire_bytes: int) -> Update:
             samples=int(header["samples"]),
             wire_bytes=wire_bytes,
             seq=int(header["seq"]),
+            incarnation=str(header["incarnation"]),
             epsilon=None if header.get("epsilon") is None else float(header["epsilon"]),
         )
     except (KeyError, TypeError, ValueError) as err:

@@ -52,6 +52,7 @@ class GossipWorker:
     accuracy: float = 0.0
     done: bool = False
     model_path: Path | None = None
+    training_s: float = 0.0  # from every peer up (or the join wait over) to the last round
 
     def __post_init__(self) -> None:
         import torch
@@ -117,6 +118,7 @@ class GossipWorker:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await self._wait_for_peers(session)
+            started = time.monotonic()
             x_test, y_test = held_out()
             stop = self.spec.stop
             while not self.done:
@@ -134,6 +136,7 @@ class GossipWorker:
                     }
                 )
                 self.done = self.accuracy >= stop.target_accuracy or self.round >= stop.max_rounds
+                self.training_s = time.monotonic() - started
                 self.write_status()
                 await asyncio.sleep(0)  # let peers' exchanges in between rounds
         from edgeai_worker.zoo import export_module, input_spec
@@ -168,6 +171,7 @@ class GossipWorker:
             "bytesDown": self.bytes_down,
             "exchanges": self.exchanges,
             "routedAround": self.routed_around,
+            "trainingSeconds": round(self.training_s, 3),
             "epsilon": self.learner.epsilon(),
             "delta": self.spec.privacy.delta if self.spec.privacy else None,
             "model": str(self.model_path) if self.model_path else None,

@@ -46,7 +46,7 @@ class LocalJob:
     host: str = "127.0.0.1"
     wrap: Wrap = _no_wrap
     aggregator_host: str | None = None  # the address workers use (default: host)
-    worker_delays: dict[int, float] = field(default_factory=dict)
+    worker_delays: dict[int, tuple[float, int | None]] = field(default_factory=dict)
     aggregator: subprocess.Popen[bytes] | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     port: int = 0
@@ -101,7 +101,10 @@ class LocalJob:
             str(self.workdir / f"worker-{index}.json"),
         ]
         if index in self.worker_delays:
-            args += ["--delay-s", str(self.worker_delays[index])]
+            delay_s, updates = self.worker_delays[index]
+            args += ["--delay-s", str(delay_s)]
+            if updates is not None:
+                args += ["--delay-updates", str(updates)]
         process = self._start(f"worker-{index}", args, f"worker-{index}.log")
         if index < len(self.workers):
             self.workers[index] = process

@@ -42,6 +42,7 @@ class Update:
     samples: int
     wire_bytes: int
     seq: int  # the worker's own count of updates sent: a resent update is a duplicate
+    incarnation: str  # which start of the worker process (a restarted worker counts anew)
     epsilon: float | None = None
 
 
@@ -58,7 +59,7 @@ class RoundState:
     round: int = 0
     version: int = 0  # asyncSGD: updates applied so far
     pending: dict[int, Update] = field(default_factory=dict)
-    last_seq: dict[int, int] = field(default_factory=dict)
+    last_seq: dict[int, tuple[str, int]] = field(default_factory=dict)
     alive: set[int] = field(default_factory=set)
     history: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
@@ -104,11 +105,12 @@ class RoundState:
             raise UpdateRejected(
                 f"worker {update.worker} is not in 0..{self.spec.workers - 1}", 400
             )
-        if update.seq <= self.last_seq.get(update.worker, -1):
+        incarnation, seq = self.last_seq.get(update.worker, ("", -1))
+        if update.incarnation == incarnation and update.seq <= seq:
             raise UpdateRejected(f"worker {update.worker} already sent update {update.seq}")
         self.alive.add(update.worker)
         if self.spec.algorithm.mode == "asyncSGD":
-            self.last_seq[update.worker] = update.seq
+            self.last_seq[update.worker] = (update.incarnation, update.seq)
             self._apply_async(update)
             return
         if update.round != self.round:
@@ -118,7 +120,7 @@ class RoundState:
         if update.worker not in self.selected(self.round):
             raise UpdateRejected(f"worker {update.worker} is not selected in round {self.round}")
         self._count(update)
-        self.last_seq[update.worker] = update.seq
+        self.last_seq[update.worker] = (update.incarnation, update.seq)
         self.pending[update.worker] = update
 
     def _count(self, update: Update) -> None:
@@ -203,7 +205,7 @@ class RoundState:
             "round": self.round,
             "modelVersion": self.version,
             "alive": sorted(self.alive),
-            "lastSeq": {str(k): v for k, v in self.last_seq.items()},
+            "lastSeq": {str(k): list(v) for k, v in self.last_seq.items()},
             "history": self.history,
             "bytesUp": self.bytes_up,
             "bytesDown": self.bytes_down,
@@ -233,7 +235,7 @@ class RoundState:
         state.round = header["round"]
         state.version = header["modelVersion"]
         state.alive = set(header["alive"])
-        state.last_seq = {int(k): v for k, v in header["lastSeq"].items()}
+        state.last_seq = {int(k): (str(v[0]), int(v[1])) for k, v in header["lastSeq"].items()}
         state.history = header["history"]
         state.bytes_up = header["bytesUp"]
         state.bytes_down = header["bytesDown"]

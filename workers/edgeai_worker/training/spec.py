@@ -290,6 +290,17 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingSpec:
     )
 
 
+def with_sections(raw: Mapping[str, Any], **sections: Any) -> dict[str, Any]:
+    """`raw` with each section's fields replaced (a dict value) or the field set."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for key, value in sections.items():
+        if isinstance(value, Mapping):
+            out.setdefault(key, {}).update(value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_spec(path: str | Path) -> TrainingSpec:
     """The spec from a JSON file (a DNNTrainingJob's `spec`, or the whole object)."""
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +52,24 @@ class WorkerStats:
 
 
 class Worker:
-    def __init__(self, spec: TrainingSpec, index: int, url: str, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        index: int,
+        url: str,
+        delay_s: float = 0.0,
+        delay_updates: int | None = None,
+    ) -> None:
         import torch
 
         torch.set_num_threads(1)
         self.spec = spec
         self.index = index
         self.url = url.rstrip("/")
-        self.delay_s = delay_s  # a deliberately slow worker (for straggler tests)
+        # a deliberately slow worker (for straggler tests): its first `delay_updates`
+        # updates (all, if None) wait `delay_s` before they are sent
+        self.delay_s = delay_s
+        self.delay_updates = delay_updates
         x, y = worker_shard(spec.data, spec.workers, index, spec.seed)
         self.learner = Learner(spec, x, y, index)
         self.compressor = Compressor(
@@ -66,6 +77,7 @@ class Worker:
         )
         self.stats = WorkerStats()
         self.seq = 0
+        self.incarnation = uuid.uuid4().hex[:12]
         self.public: Any = None  # codistillation: torch tensor of public + held-out inputs
         self.public_rows = 0
 
@@ -110,7 +122,9 @@ class Worker:
                 round_ = int(header["round"])
                 if header["selected"] and not header["submitted"]:
                     update = self._train(round_, payload)
-                    if self.delay_s:
+                    if self.delay_s and (
+                        self.delay_updates is None or self.seq <= self.delay_updates
+                    ):
                         await asyncio.sleep(self.delay_s)
                     status, answer = await self._request(session, "POST", "/update", update)
                     if status not in (200, 409):  # 409: stale or already sent; go on
@@ -165,6 +179,7 @@ class Worker:
             "worker": self.index,
             "round": round_,
             "seq": self.seq,
+            "incarnation": self.incarnation,
             "kind": kind,
             "loss": round(loss, 5),
             "samples": self._weight(),
