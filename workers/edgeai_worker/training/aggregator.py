@@ -58,6 +58,8 @@ class Server:
     restored_round: int | None = None
     training_started: float | None = None  # when this process started or resumed rounds
     training_s: float = 0.0  # seconds of rounds in this process, up to the last close
+    # every update body this process read, accepted or not (bytesUp: the accepted ones)
+    bytes_received: int = 0
     model_path: Path | None = None
 
     # --- persistence --------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Server:
             "loss": last.get("loss"),
             "bytesUp": s.bytes_up,
             "bytesDown": s.bytes_down,
+            "bytesReceived": self.bytes_received,
             "denseBytesUp": s.dense_bytes_up,
             "compressionRatio": round(s.dense_bytes_up / s.bytes_up, 2) if s.bytes_up else None,
             "participants": last.get("participants", []),
@@ -301,6 +304,7 @@ async def get_public(request: web.Request) -> web.Response:
 async def post_update(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     body = await request.read()
+    server.bytes_received += len(body)
     header, payload = unpack(body)
     update = _update(header, payload, len(body))
     decode(update.kind, payload, server.state.update_values())  # refuse what cannot decode
