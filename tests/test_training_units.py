@@ -376,3 +376,52 @@ def test_checkpoint_round_trips() -> None:
     assert np.array_equal(back.params, state.params)
     assert (back.round, back.history, back.bytes_up) == (state.round, state.history, state.bytes_up)
     assert back.last_seq == state.last_seq
+
+
+# --- the aggregator's HTTP errors -----------------------------------------------------
+
+
+async def test_aggregator_refuses_bad_updates_by_status(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    from edgeai_worker.training.aggregator import Server, create_app
+
+    spec = parse_spec(_spec(workers={"count": 1}))
+    server = Server.restore(spec, tmp_path)
+    client = await aiohttp_client(create_app(server))
+    answer = await client.post("/update", data=b"nonsense")
+    assert answer.status == 400
+    assert "starts with" in (await answer.json())["error"]
+    header = {
+        "worker": 0,
+        "round": 0,
+        "seq": 0,
+        "incarnation": "a",
+        "kind": "none",
+        "loss": 1.0,
+        "samples": 1,
+    }
+    answer = await client.post("/update", data=pack(header, b"\0" * 8))
+    assert answer.status == 400
+    assert "none payload of 8 bytes" in (await answer.json())["error"]
+    answer = await client.post("/update", data=pack({"worker": 0}, b""))
+    assert answer.status == 400
+    assert "'round'" in (await answer.json())["error"]
+    good = np.zeros(len(server.state.params), dtype="<f4").tobytes()
+    answer = await client.post("/update", data=pack({**header, "round": 3}, good))
+    assert answer.status == 409
+    assert "open round is 0" in (await answer.json())["error"]
+    answer = await client.get("/model?worker=7&after=-1")
+    assert answer.status == 400
+    status = await (await client.get("/status")).json()
+    assert status["phase"] == "Pending"
+    assert status["bytesReceived"] == sum(
+        len(b)
+        for b in (
+            b"nonsense",
+            pack(header, b"\0" * 8),
+            pack({"worker": 0}, b""),
+            pack({**header, "round": 3}, good),
+        )
+    )
+    assert status["bytesUp"] == 0
