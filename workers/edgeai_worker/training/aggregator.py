@@ -367,6 +367,7 @@ async def serve(spec: TrainingSpec, host: str, port: int, workdir: Path) -> dict
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LINGER_S), server.changed:
                 await server.changed.wait_for(lambda: server.state.alive <= server.told_done)
+        server.write_status()  # with the updates that came in after the last round
     finally:
         await runner.cleanup()
     return server.status()
