@@ -4,7 +4,7 @@ with its own, both keep the mean). Peers are the next worker on a ring or a rand
 one; a peer that does not answer within the round timeout is routed around (the next
 one on the ring, or another random one) and tried again a few rounds later.
 
-    POST /exchange  a peer's weights in, this worker's weights out
+    POST /exchange  a peer's weights in, this worker's weights out (410 once it is done)
     GET  /health    ready once the worker has its shard and model
     GET  /status    progress as JSON (also written to status.json)
 """
@@ -190,6 +190,8 @@ GOSSIP = web.AppKey("gossip", GossipWorker)
 async def post_exchange(request: web.Request) -> web.Response:
     worker = request.app[GOSSIP]
     body = await request.read()
+    if worker.done:  # its model is final (and being exported): peers route around it
+        return web.json_response({"error": f"worker {worker.index} is done"}, status=410)
     try:
         _, payload = unpack(body)
         answer = pack({"worker": worker.index, "round": worker.round}, worker._weights())
