@@ -147,19 +147,24 @@ def test_killed_worker_is_dropped_and_the_job_completes(tmp_path: Path) -> None:
 
 
 def test_slow_worker_is_dropped_after_the_timeout_and_rejoins(tmp_path: Path) -> None:
-    spec = _spec("syncSGD", faults={"roundTimeoutSeconds": 1.5})
-    # worker 3's first two updates come 4 s late, later ones on time
+    # exactly 150 rounds, a few seconds at least; worker 3's first update comes 4 s
+    # late, its later ones on time
+    spec = _spec(
+        "syncSGD",
+        faults={"roundTimeoutSeconds": 1.5},
+        stop={"targetAccuracy": 1.0, "maxRounds": 150},
+    )
     job = LocalJob(spec, tmp_path, worker_delays={3: (4.0, 1)})
     status = _run_job(job)
     assert status["phase"] == "Succeeded"
     assert status["accuracy"] >= 0.90
-    late = [r["round"] for r in status["history"] if 3 in r["stragglers"]]
-    assert late
-    assert all(3 not in status["history"][r - 1]["participants"] for r in late)
-    back = [
-        r["round"] for r in status["history"] if 3 in r["participants"] and r["round"] > late[0]
-    ]
+    history = status["history"]
+    assert history[0]["stragglers"] == [3]
+    assert history[0]["participants"] == [0, 1, 2]
+    back = [r["round"] for r in history if 3 in r["participants"]]
     assert back
+    assert all(r["participants"] == [0, 1, 2, 3] for r in history if r["round"] >= back[0])
+    assert status["stragglers"] == 1
 
 
 def _run_job(job: LocalJob) -> dict[str, Any]:
@@ -173,10 +178,10 @@ def _run_job(job: LocalJob) -> dict[str, Any]:
 def test_aggregator_killed_and_restarted_resumes_from_checkpoint(tmp_path: Path) -> None:
     """The same job twice, side by side: once undisturbed, once with the aggregator
     killed (SIGKILL) after a checkpoint and started again. No round is lost or run
-    twice, and the final accuracy agrees within noise."""
+    twice, and the accuracy agrees within noise (the mean of the last 10 rounds)."""
     spec = _spec(
         "syncSGD",
-        stop={"targetAccuracy": 1.0, "maxRounds": 60},
+        stop={"targetAccuracy": 1.0, "maxRounds": 100},
         checkpoint={"everyRounds": 10},
     )
     reference = LocalJob(spec, tmp_path / "reference")
@@ -198,10 +203,14 @@ def test_aggregator_killed_and_restarted_resumes_from_checkpoint(tmp_path: Path)
         reference.stop()
     assert final["resumedFromRound"] is not None
     assert 20 <= final["resumedFromRound"] <= killed_at
-    assert final["round"] == expected["round"] == 60
-    assert [r["round"] for r in final["history"]] == list(range(1, 61))
-    assert final["accuracy"] == pytest.approx(expected["accuracy"], abs=0.03)
-    assert final["accuracy"] >= 0.90
+    assert final["round"] == expected["round"] == 100
+    assert [r["round"] for r in final["history"]] == list(range(1, 101))
+
+    def last10(status: dict[str, Any]) -> float:
+        return float(np.mean([r["accuracy"] for r in status["history"][-10:]]))
+
+    assert last10(final) == pytest.approx(last10(expected), abs=0.02)
+    assert last10(final) >= 0.90
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

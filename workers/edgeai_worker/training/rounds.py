@@ -149,7 +149,8 @@ class RoundState:
     def close(self, stragglers: tuple[int, ...]) -> dict[str, Any]:
         """Closes the open round with the updates it has; `stragglers` (expected workers
         that did not answer in time) are dropped until they come back."""
-        updates = list(self.pending.values())
+        # in a fixed order, so that the float sums do not depend on arrival order
+        updates = [self.pending[key] for key in sorted(self.pending)]
         mode = self.spec.algorithm.mode
         x_test, y_test = held_out()
         if mode == "codistillation" and updates:
