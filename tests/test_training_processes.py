@@ -205,6 +205,7 @@ def test_aggregator_killed_and_restarted_resumes_from_checkpoint(tmp_path: Path)
     assert 20 <= final["resumedFromRound"] <= killed_at
     assert final["round"] == expected["round"] == 100
     assert [r["round"] for r in final["history"]] == list(range(1, 101))
+    assert final["stragglers"] == 0  # the workers waited for it and came back in time
 
     def last10(status: dict[str, Any]) -> float:
         return float(np.mean([r["accuracy"] for r in status["history"][-10:]]))

@@ -77,6 +77,8 @@ class Server:
             state = RoundState.initial(spec)
         server = cls(spec=spec, workdir=workdir, state=state)
         replayed = server._replay()
+        # the open round's workers get a whole timeout to reach the restarted aggregator
+        server.deadline = time.monotonic() + spec.round_timeout_s
         if checkpoint.exists() or replayed:
             server.restored_round = restored if restored is not None else 0
             log.info(
