@@ -139,6 +139,9 @@ class GossipWorker:
                 self.training_s = time.monotonic() - started
                 self.write_status()
                 await asyncio.sleep(0)  # let peers' exchanges in between rounds
+
+    def export(self) -> None:
+        """The worker's model as ONNX, for a DNNModel to reference."""
         from edgeai_worker.zoo import export_module, input_spec
 
         _, shape, _ = input_spec(self.spec.model)
@@ -233,5 +236,8 @@ async def serve_gossip(
     try:
         await worker.train()
     finally:
+        # stop listening before the export: a peer's exchange then fails at once and is
+        # routed around, instead of waiting out its timeout on a busy process
         await runner.cleanup()
+    worker.export()
     return worker.status()
