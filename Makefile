@@ -60,7 +60,10 @@ bench-models: install binaries ## DNNModel apply -> Prepared time, bytes stage p
 bench-corpus: install ## Published ONNX models: graph analysis time, cuts, planned split, served diff
 	$(PY) bench/corpus/run.py
 
-bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus ## All benchmarks
+bench-training: install ## Training modes, compression, privacy, data skew; gossip vs parameter server over tc-shaped links (root)
+	$(PY) bench/training/run.py
+
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py
@@ -79,7 +82,7 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
-	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus docs-numbers docs-numbers-check
+	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training docs-numbers docs-numbers-check
 
 # Images and a local kind cluster (hack/images, hack/kind; docs/architecture.md). Root,
 # Docker from Debian (hack/kind/host.sh installs and starts it), nothing from the internet

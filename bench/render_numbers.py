@@ -487,6 +487,123 @@ def corpus_analysis(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- training (bench/training/run.py) ---------------------------------------------------
+
+
+def _opt(value: Any, fmt: str = "{}") -> str:
+    return "not reached" if value is None else fmt.format(value)
+
+
+def training_results(report: Mapping[str, Any]) -> str:
+    setup = report["setup"]
+    parts = [
+        f"Run of {report['generated']} ({report['host']['cpus']} CPUs; "
+        f"{report['host']['conditions']}; {report['benchSeconds']:.0f} s), "
+        f"{setup['workers']} workers, batch {setup['batchSize']}, learning rate "
+        f"{setup['learningRate']}, every job real processes over HTTP.",
+        "",
+        f"Compression: synchronous SGD, {setup['compressionRounds']} rounds each, same seeds "
+        "and data split; uplink bytes are the request bodies the aggregator read.",
+        "",
+        _table(
+            ("update", "uplink bytes", "fewer bytes than dense", "accuracy", "vs dense"),
+            "lrrrr",
+            (
+                (
+                    c["name"],
+                    f"{c['bytesUp']:,}",
+                    f"{c['uplinkReduction']:.1f}x",
+                    f"{c['accuracy']:.4f}",
+                    f"{c['accuracyRatio']:.4f}x",
+                )
+                for c in report["compression"]
+            ),
+        ),
+    ]
+    fed = report["fedavgRounds"]
+    parts += [
+        "",
+        f"Rounds to {fed['target']:.2f} held-out accuracy: dense sync SGD "
+        f"{_opt(fed['syncSGDRounds'])}, FedAvg with {fed['localSteps']} local steps "
+        f"{_opt(fed['fedavgRounds'])} ({_opt(fed['ratio'], '{:.2f}x')} the rounds).",
+        "",
+        "DP-SGD (FedAvg, 10 local steps, per-example clipping), epsilon from opacus's RDP "
+        "accountant:",
+        "",
+        _table(
+            ("noise multiplier", "clip norm", "rounds", "accuracy", "epsilon", "delta"),
+            "rrrrrr",
+            (
+                (
+                    f"{p['noiseMultiplier']:g}",
+                    f"{p['clipNorm']:g}",
+                    str(p["rounds"]),
+                    f"{p['accuracy']:.4f}",
+                    f"{p['epsilon']:.2f}",
+                    f"{p['delta']:g}",
+                )
+                for p in report["privacy"]
+            ),
+        ),
+        "",
+        "IID against non-IID shards:",
+        "",
+        _table(
+            ("mode", "split", "rounds", "accuracy", "rounds to 0.90"),
+            "llrrr",
+            (
+                (
+                    s["mode"],
+                    s["split"] + (f" (alpha {s['alpha']:g})" if s["alpha"] else ""),
+                    str(s["rounds"]),
+                    f"{s['accuracy']:.4f}",
+                    _opt(s["roundsTo90"]),
+                )
+                for s in report["split"]
+            ),
+        ),
+    ]
+    if "shaped" in report:
+        shaped = report["shaped"]
+        parts += [
+            "",
+            f"{shaped['workers']} workers, each in its own network namespace behind a "
+            f"{shaped['linkMbps']:g} Mbit/s `tc tbf` link, to {shaped['target']:.2f} accuracy:",
+            "",
+            _table(
+                ("", "rounds", "accuracy", "training wall time (s)", "bytes sent"),
+                "lrrrr",
+                (
+                    (
+                        f"{name} ({r['mode']})",
+                        str(r["rounds"]),
+                        f"{r['accuracy']:.4f}",
+                        f"{r['trainingSeconds']:.1f}",
+                        f"{r['bytesUp']:,}",
+                    )
+                    for name, r in (
+                        ("parameter server", shaped["parameterServer"]),
+                        ("gossip, ring", shaped["gossip"]),
+                    )
+                ),
+            ),
+        ]
+    return "\n".join(parts)
+
+
+def training_summary(report: Mapping[str, Any]) -> str:
+    by_kind = {c["kind"]: c for c in report["compression"]}
+    top, sign = by_kind["topk"], by_kind["sign"]
+    fed = report["fedavgRounds"]
+    return (
+        f"top-1% sparsification with error feedback sends {top['uplinkReduction']:.0f}x fewer "
+        f"uplink bytes than dense sync SGD at {top['accuracyRatio']:.3f}x its accuracy, sign "
+        f"with error feedback {sign['uplinkReduction']:.0f}x at {sign['accuracyRatio']:.3f}x; "
+        f"FedAvg with {fed['localSteps']} local steps needs {_opt(fed['ratio'], '{:.2f}x')} the "
+        f"rounds to {fed['target']:.2f} accuracy"
+    )
+
+
 RENDERERS: dict[str, Renderer] = {
     "corpus-table": Renderer("corpus.json", corpus_table),
     "corpus-analysis": Renderer("corpus.json", corpus_analysis),
@@ -503,6 +620,8 @@ RENDERERS: dict[str, Renderer] = {
     "dataplane-summary": Renderer("dataplane.json", dataplane_summary),
     "models-prepare": Renderer("models.json", models_prepare),
     "models-fetch": Renderer("models.json", models_fetch),
+    "training-results": Renderer("training.json", training_results),
+    "training-summary": Renderer("training.json", training_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 
