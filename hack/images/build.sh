@@ -109,7 +109,16 @@ build_image() { # name extra-or-none
   # 68 MB with its bytecode) is imported by nothing here: the operator talks to the API
   # through kopf and the synchronous client. The image test imports both packages.
   "${env_clean[@]}" chroot "$root" /opt/edgeai/bin/pip uninstall --quiet --yes setuptools pip >&2
-  rm -rf "$root"/opt/edgeai/lib/python3.11/site-packages/kubernetes/aio
+  local site=/opt/edgeai/lib/python3.11/site-packages
+  rm -rf "$root$site/kubernetes/aio"
+  # numpy's own test suites (16 MB) are never imported. kubernetes' generated client
+  # (api/ and models/: 55 MB as source plus bytecode) is kept as bytecode only, without
+  # docstrings: `compileall -OO -b` writes each module's .pyc where its .py was, which
+  # Python imports without the source (17 MB). Its tracebacks show no source lines.
+  find "$root$site/numpy" -depth -type d -name tests -exec rm -rf {} +
+  "${env_clean[@]}" chroot "$root" /usr/bin/python3 -OO -m compileall -q -b "$site/kubernetes/client" >&2
+  find "$root$site/kubernetes/client" -name '*.py' -delete
+  find "$root$site/kubernetes/client" -depth -type d -name __pycache__ -exec rm -rf {} +
   umount "$root/proc" "$root/dev"; trap - EXIT
   mkdir -p "$ctx/opt" && mv "$root/opt/edgeai" "$ctx/opt/"
   rm -rf "$root"
