@@ -3,6 +3,7 @@ and the aggregator's round state (no processes)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -425,3 +426,34 @@ async def test_aggregator_refuses_bad_updates_by_status(
         )
     )
     assert status["bytesUp"] == 0
+
+
+async def test_a_finished_gossip_worker_refuses_exchanges_while_it_exports(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's exchange that reaches a finished worker during its export is answered 410
+    at once (the export runs off the event loop), not held until a closing server drops it."""
+    import threading
+
+    from edgeai_worker.training import gossip
+
+    spec = parse_spec(_spec(algorithm={"mode": "gossip"}, workers={"count": 2}))
+    worker = gossip.GossipWorker(spec, 0, ["http://127.0.0.1:1", "http://127.0.0.1:2"], tmp_path)
+    exporting, release = threading.Event(), threading.Event()
+
+    def slow_export() -> None:
+        exporting.set()
+        assert release.wait(30), "the test never released the export"
+
+    monkeypatch.setattr(worker, "export", slow_export)
+    client = await aiohttp_client(gossip.create_app(worker))
+    worker.done = True
+    finishing = asyncio.ensure_future(gossip.finish(worker))
+    assert await asyncio.to_thread(exporting.wait, 30)
+    body = pack({"worker": 1, "round": 3}, worker._weights())
+    answer = await client.post("/exchange", data=body)
+    assert answer.status == 410
+    assert "worker 0 is done" in (await answer.json())["error"]
+    assert not finishing.done()  # answered while the export was still running
+    release.set()
+    await finishing

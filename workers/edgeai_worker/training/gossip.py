@@ -33,6 +33,8 @@ log = logging.getLogger("edgeai_worker.training.gossip")
 
 JOIN_WAIT_S = 60.0  # how long a worker waits for its peers to come up before round 1
 RETRY_AFTER_ROUNDS = 5  # a peer that failed is skipped for this many rounds
+CONNECT_TIMEOUT_S = 5.0  # a peer that does not accept a connection in this long is down
+SHUTDOWN_S = 2.0  # a finished worker waits this long for its last exchanges' answers
 
 
 @dataclass
@@ -84,7 +86,10 @@ class GossipWorker:
                     self.peers[peer] + "/exchange",
                     data=body,
                     headers={"Content-Type": CONTENT_TYPE},
-                    timeout=aiohttp.ClientTimeout(total=self.spec.round_timeout_s),
+                    timeout=aiohttp.ClientTimeout(
+                        total=self.spec.round_timeout_s,
+                        sock_connect=min(CONNECT_TIMEOUT_S, self.spec.round_timeout_s),
+                    ),
                 ) as response:
                     answer = await response.read()
                     if response.status != 200:
@@ -115,7 +120,7 @@ class GossipWorker:
     # --- rounds -------------------------------------------------------------------------
 
     async def train(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await self._wait_for_peers(session)
             started = time.monotonic()
@@ -230,14 +235,20 @@ async def serve_gossip(
     if len(peers) != spec.workers:
         raise ValueError(f"--peers lists {len(peers)} URLs, the spec has {spec.workers} workers")
     worker = GossipWorker(spec, index, [p.rstrip("/") for p in peers], workdir)
-    runner = web.AppRunner(create_app(worker))
+    runner = web.AppRunner(create_app(worker), shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     try:
         await worker.train()
+        await finish(worker)
     finally:
-        # stop listening before the export: a peer's exchange then fails at once and is
-        # routed around, instead of waiting out its timeout on a busy process
         await runner.cleanup()
-    worker.export()
     return worker.status()
+
+
+async def finish(worker: GossipWorker) -> None:
+    """Exports the final model while still listening. The export runs in a thread, so
+    the event loop answers every exchange that arrives meanwhile with 410 at once; a
+    peer routes around this worker instead of waiting out its round timeout on a
+    connection that a closing server holds open (what closing first did)."""
+    await asyncio.to_thread(worker.export)
