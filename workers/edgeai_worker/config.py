@@ -52,6 +52,8 @@ class WorkerConfig:
     tier: str = "edge"
     host: str = "127.0.0.1"
     port: int = 8000
+    # The gRPC endpoint's port (the same protocol over gRPC); None: REST only.
+    grpc_port: int | None = None
     # Replicas of the next stage ("http://host:port"); empty for the last stage.
     next_urls: tuple[str, ...] = ()
     forward_timeout_s: float = 30.0
@@ -111,6 +113,12 @@ class WorkerConfig:
             )
         if not (0 < self.port < 65536):
             raise ConfigError("port", f"{self.port} is not a TCP port", "1-65535")
+        if self.grpc_port is not None and not (0 < self.grpc_port < 65536):
+            raise ConfigError("grpc_port", f"{self.grpc_port} is not a TCP port", "1-65535")
+        if self.grpc_port == self.port:
+            raise ConfigError(
+                "grpc_port", f"{self.grpc_port} is also the REST port", "a port other than port"
+            )
         if self.raw_input_stays_on_device and self.tier == "device":
             if not self.next_urls:
                 return
@@ -141,6 +149,7 @@ _ALIASES = {
     "maxWaitMs": "max_wait_ms",
     "maxQueue": "max_queue",
     "maxBodyBytes": "max_body_bytes",
+    "grpcPort": "grpc_port",
     "intraOpThreads": "intra_op_threads",
     "shutdownGraceS": "shutdown_grace_s",
     "defaultPriority": "default_priority",

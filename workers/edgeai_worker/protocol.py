@@ -203,7 +203,13 @@ def _json_elements_to_array(flat: list[Any], datatype: str, shape: list[int], wh
     return array.reshape(shape)
 
 
-def _bytes_to_array(raw: bytes | memoryview, datatype: str, shape: list[int], where: str) -> Array:
+def _bytes_to_array(
+    raw: bytes | memoryview,
+    datatype: str,
+    shape: list[int],
+    where: str,
+    size_name: str = "binary_data_size",
+) -> Array:
     count = _element_count(shape)
     if datatype == "BYTES":
         items = np.empty(count, dtype=np.object_)
@@ -225,7 +231,7 @@ def _bytes_to_array(raw: bytes | memoryview, datatype: str, shape: list[int], wh
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise ProtocolError(
-            f"{where}: binary_data_size is {len(raw)} bytes but shape {shape} of {datatype} "
+            f"{where}: {size_name} is {len(raw)} bytes but shape {shape} of {datatype} "
             f"needs {expected}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
