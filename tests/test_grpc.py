@@ -24,6 +24,7 @@ from _worker_support import (
     Worker,
     build_conv_chain,
     build_mlp,
+    extract,
     free_port,
     run_onnx,
     start_worker,
@@ -399,3 +400,81 @@ def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi"):
         committed = (ROOT / "workers" / "edgeai_worker" / name).read_text()
         assert (tmp_path / name).read_text() == committed, f"{name} differs: run make grpc-codegen"
+
+
+def test_a_chain_forwarding_over_grpc_answers_as_the_full_model(
+    model: ChainModel, x: np.ndarray, tmp_path: Path
+) -> None:
+    cut = model.cuts[1]
+    head = extract(model.path, ["input"], [cut], tmp_path / "head.onnx")
+    tail = extract(model.path, [cut], ["output"], tmp_path / "tail.onnx")
+    grpc_port = free_port()
+    dead_port = free_port()  # a replica that is down: the forward goes to the other one
+    second = start_worker(
+        tmp_path,
+        {
+            "model_name": "chain",
+            "stage_index": 1,
+            "partitions": [str(tail)],
+            "grpc_port": grpc_port,
+        },
+    )
+    first_grpc = free_port()
+    try:
+        first = start_worker(
+            tmp_path,
+            {
+                "model_name": "chain",
+                "partitions": [str(head)],
+                "next_urls": [f"grpc://127.0.0.1:{dead_port}", f"grpc://127.0.0.1:{grpc_port}"],
+                "grpc_port": first_grpc,
+            },
+        )
+        try:
+            expected = run_onnx(model.path, {"input": x})[0]
+            for i in range(4):  # the rotation reaches the dead replica on the way
+                reply = _infer(f"127.0.0.1:{first_grpc}", _raw_request(x, id=f"c{i}"))
+                assert reply.id == f"c{i}"
+                np.testing.assert_allclose(_output(reply), expected, rtol=1e-5, atol=1e-6)
+            metrics = _call_metrics(first)
+            assert 'edgeai_forward_retries_total{stage="0"}' in metrics
+            # the chain's metadata is asked of the next stage over gRPC
+            meta = _call(
+                f"127.0.0.1:{first_grpc}",
+                "ModelMetadata",
+                pb.ModelMetadataRequest(name="chain"),
+                pb.ModelMetadataResponse,
+            )
+            assert [(o.name, list(o.shape)) for o in meta.outputs] == [("output", [-1, 10])]
+            # a downstream error comes back with the downstream stage's message and code
+            with pytest.raises(grpc.RpcError) as failed:
+                _infer(
+                    f"127.0.0.1:{first_grpc}",
+                    _raw_request(
+                        x, outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]
+                    ),
+                )
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (failed.value.details() or "").startswith("stage 1 (edge): output 'logits'")
+        finally:
+            first.stop()
+    finally:
+        second.stop()
+
+
+def test_a_retried_call_with_its_idempotency_key_runs_once(worker: Worker, x: np.ndarray) -> None:
+    target = worker.grpc_target  # type: ignore[attr-defined]
+    before = _call_metrics(worker)
+    key = (("idempotency-key", "grpc-test-key"),)
+    first = _infer(target, _raw_request(x, id="once"), metadata=key)
+    again = _infer(target, _raw_request(x, id="once"), metadata=key)
+    assert first == again
+    after = _call_metrics(worker)
+
+    def deduplicated(text: str) -> float:
+        for line in text.splitlines():
+            if line.startswith("edgeai_deduplicated_requests_total"):
+                return float(line.split()[-1])
+        return 0.0
+
+    assert deduplicated(after) == deduplicated(before) + 1

@@ -55,6 +55,7 @@ from edgeai_worker.protocol import (
     encode_response_parts,
     error_body,
     parse_header_length,
+    set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
 from edgeai_worker.tiling import TiledPrefix
@@ -667,6 +668,7 @@ async def serve_once(
 
 def create_app(config: WorkerConfig) -> web.Application:
     """The worker application for one stage; resources open in its cleanup context."""
+    set_json_codec(config.json_codec)  # the codec's path is per process
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
     app[STATE] = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))

@@ -28,15 +28,19 @@ from edgeai_worker.app import (
     model_metadata_of,
     serve_once,
 )
-from edgeai_worker.chain import StageError
+from edgeai_worker.chain import (
+    COMPUTE_TIME_METADATA,
+    GRPC_SERVICE,
+    IDEMPOTENCY_METADATA,
+    SERVER_TIME_METADATA,
+    StageError,
+)
 from edgeai_worker.grpc_codec import decode_infer_request, encode_infer_response, tensor_metadata
 from edgeai_worker.protocol import ProtocolError
 
 log = logging.getLogger("edgeai_worker")
 
-SERVICE = "inference.GRPCInferenceService"
-# The gRPC metadata key that carries a request's idempotency key (as the REST header).
-IDEMPOTENCY_METADATA = "idempotency-key"
+SERVICE = GRPC_SERVICE
 
 # HTTP status of a worker error -> the gRPC status code a client gets
 GRPC_CODES = {
@@ -161,7 +165,14 @@ class InferenceService:
             infer_request.parameters["timeout"] = max(0, int(remaining_s * 1e6))
         key = dict(context.invocation_metadata() or ()).get(IDEMPOTENCY_METADATA)
         compute: list[float] = []
+        started = time.perf_counter()
         response = await serve_once(state, infer_request, arrived, compute, key, size_bytes)
+        # as REST's headers: what this stage (and those after it) took, for the sender's
+        # uplink estimate, and its own onnxruntime time
+        trailing = [(SERVER_TIME_METADATA, f"{(time.perf_counter() - started) * 1000:.3f}")]
+        if compute:
+            trailing.append((COMPUTE_TIME_METADATA, f"{sum(compute) * 1000:.3f}"))
+        context.set_trailing_metadata(tuple(trailing))
         return encode_infer_response(response)
 
 
