@@ -63,7 +63,10 @@ bench-corpus: install ## Published ONNX models: graph analysis time, cuts, plann
 bench-training: install ## Training modes, compression, privacy, data skew; gossip vs parameter server over tc-shaped links (root)
 	$(PY) bench/training/run.py
 
-bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training ## All benchmarks
+bench-protocol: install ## REST binary / REST JSON / gRPC on loopback, one and four clients; gRPC stage forwarding
+	$(PY) bench/protocol/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
+
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py

@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     render_numbers.add_result_arguments(parser, "protocol.json")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edgeai-protocol-") as name:
         tmp = Path(name)
         conv = build_conv_chain(tmp / "conv224.onnx", hw=224).path
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "conditions": args.conditions,
         "cpus": os.cpu_count(),
+        # 1-minute load average when the run started and ended (other work shares the CPUs)
+        "loadAverage": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
         "models": {
             "conv": "conv chain 3-8-16-16 channels, 3x3 kernels, input 1x3x224x224 FP32",
             "mlp": "64-128-10 MLP, input 8x64 FP32",
