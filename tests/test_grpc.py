@@ -273,7 +273,7 @@ def _bad_requests(x: np.ndarray) -> list[tuple[str, pb.ModelInferRequest, grpc.S
             "raw contents per input",
             extra_raw,
             invalid,
-            "raw_input_contents has 2 entries but the request has 1 inputs",
+            "raw_input_contents has 2 entries but the message has 1 inputs",
         ),
         # grpc's own limit answers before the worker sees the message
         ("oversized message", oversized, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),

@@ -197,6 +197,43 @@ class Forwarder:
     def _name(self, url: str) -> str:
         return f"stage {self.next_stage} at {url}"
 
+    def _attempt_on(self, tried: set[str], attempt: int) -> str:
+        """The replica for this attempt (counted as a retry after the first)."""
+        url = self._pick(tried)
+        tried.add(url)
+        if attempt > 1 and self._metrics is not None:
+            self._metrics.forward_retries.inc(stage=str(self.next_stage - 1))
+        return url
+
+    def _forwarded(
+        self,
+        response: InferResponse,
+        sent: int,
+        started: float,
+        server_ms: str | None,
+        url: str,
+        attempt: int,
+    ) -> ForwardResult:
+        """The result of a forward answered after `started` (`perf_counter()`), with the
+        next stage's reported milliseconds."""
+        if self._metrics is not None:
+            self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
+        return ForwardResult(
+            response,
+            sent,
+            time.perf_counter() - started,
+            float(server_ms) / 1000.0 if server_ms else 0.0,
+            url,
+            attempt,
+        )
+
+    def _exhausted(self, tried: set[str], last_error: str, timed_out: bool) -> StageError:
+        return StageError(
+            504 if timed_out else 502,
+            f"{self._name(', '.join(sorted(tried)))} failed after {self.attempts} attempt(s): "
+            f"{last_error}",
+        )
+
     async def infer(self, request: InferRequest) -> ForwardResult:
         if self.transport == "grpc":
             return await self._infer_grpc(request)
@@ -208,10 +245,7 @@ class Forwarder:
         last_error = ""
         started = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
-            url = self._pick(tried)
-            tried.add(url)
-            if attempt > 1 and self._metrics is not None:
-                self._metrics.forward_retries.inc(stage=str(self.next_stage - 1))
+            url = self._attempt_on(tried, attempt)
             try:
                 async with self.session.post(url + path, data=body, headers=headers) as resp:
                     data = await resp.read()
@@ -227,16 +261,7 @@ class Forwarder:
                     response = decode_response(data, parse_header_length(length_header, len(data)))
                 except ProtocolError as exc:
                     raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
-                if self._metrics is not None:
-                    self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
-                return ForwardResult(
-                    response,
-                    sent,
-                    time.perf_counter() - started,
-                    float(server_ms) / 1000.0 if server_ms else 0.0,
-                    url,
-                    attempt,
-                )
+                return self._forwarded(response, sent, started, server_ms, url, attempt)
             text = _error_text(data)
             if status in RETRYABLE_STATUS:
                 self._down_until[url] = time.monotonic() + self.cooldown_s
@@ -245,11 +270,7 @@ class Forwarder:
             # Not retryable: the downstream message already says what and where.
             prefix = "" if text.startswith("stage ") else f"{self._name(url)}: "
             raise StageError(status, prefix + text)
-        raise StageError(
-            502 if "Timeout" not in last_error else 504,
-            f"{self._name(', '.join(sorted(tried)))} failed after {self.attempts} attempt(s): "
-            f"{last_error}",
-        )
+        raise self._exhausted(tried, last_error, timed_out="Timeout" in last_error)
 
     async def _infer_grpc(self, request: InferRequest) -> ForwardResult:
         message = encode_infer_request(request, self.model_name)
@@ -259,10 +280,7 @@ class Forwarder:
         last_error = ""
         started = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
-            url = self._pick(tried)
-            tried.add(url)
-            if attempt > 1 and self._metrics is not None:
-                self._metrics.forward_retries.inc(stage=str(self.next_stage - 1))
+            url = self._attempt_on(tried, attempt)
             call = self._stub(url, "ModelInfer", pb.ModelInferResponse)(
                 message, timeout=self.timeout_s, metadata=metadata
             )
@@ -281,22 +299,9 @@ class Forwarder:
                 response = decode_infer_response(reply)
             except ProtocolError as exc:
                 raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
-            if self._metrics is not None:
-                self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
             server_ms = trailing.get(SERVER_TIME_METADATA)
-            return ForwardResult(
-                response,
-                sent,
-                time.perf_counter() - started,
-                float(server_ms) / 1000.0 if server_ms else 0.0,
-                url,
-                attempt,
-            )
-        raise StageError(
-            504 if "DEADLINE_EXCEEDED" in last_error else 502,
-            f"{self._name(', '.join(sorted(tried)))} failed after {self.attempts} attempt(s): "
-            f"{last_error}",
-        )
+            return self._forwarded(response, sent, started, server_ms, url, attempt)
+        raise self._exhausted(tried, last_error, timed_out="DEADLINE_EXCEEDED" in last_error)
 
     async def _metadata_grpc(self) -> dict[str, Any]:
         last: Exception | None = None

@@ -103,12 +103,10 @@ def _typed_contents(
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def _input_tensor(
-    message: pb.ModelInferRequest.InferInputTensor,
-    index: int,
-    raw: bytes | None,
-) -> Tensor:
-    where = f"inputs[{index}]"
+def _tensor(message: Any, kind: str, index: int, raw: bytes | None) -> Tensor:
+    """One tensor of `inputs` or `outputs` (`kind`), from its raw contents when the
+    message has them, else from its typed contents."""
+    where = f"{kind}[{index}]"
     if not message.name:
         raise ProtocolError(f"{where}.name must be a non-empty string")
     where = f"{where} '{message.name}'"
@@ -117,10 +115,29 @@ def _input_tensor(
         raise ProtocolError(f"{where}: datatype {datatype!r} is not one of {ACCEPTED_DATATYPES}")
     shape = _shape(list(message.shape), where)
     if raw is not None:
-        array = _bytes_to_array(raw, datatype, shape, where, f"raw_input_contents[{index}]")
+        raw_name = f"raw_{kind[:-1]}_contents[{index}]"
+        array = _bytes_to_array(raw, datatype, shape, where, raw_name)
     else:
         array = _typed_contents(message.contents, datatype, shape, where)
     return Tensor(message.name, array, datatype, parameters_of(message.parameters))
+
+
+def _tensors(messages: Sequence[Any], raw: Sequence[bytes], kind: str) -> list[Tensor]:
+    """The tensors of `inputs` or `outputs`; `raw` holds one entry per tensor, or none."""
+    if raw and len(raw) != len(messages):
+        raise ProtocolError(
+            f"raw_{kind[:-1]}_contents has {len(raw)} entries but the message has "
+            f"{len(messages)} {kind} (accepted: one entry per tensor, in order, or none)"
+        )
+    tensors: list[Tensor] = []
+    names: set[str] = set()
+    for i, message in enumerate(messages):
+        tensor = _tensor(message, kind, i, raw[i] if raw else None)
+        if tensor.name in names:
+            raise ProtocolError(f"{kind}[{i}]: tensor name '{tensor.name}' appears twice")
+        names.add(tensor.name)
+        tensors.append(tensor)
+    return tensors
 
 
 def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
@@ -128,20 +145,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> InferRequest:
     caller's to check)."""
     if not message.inputs:
         raise ProtocolError("'inputs' is empty")
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise ProtocolError(
-            f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(message.inputs)} inputs (accepted: one entry per input, in order, or none)"
-        )
-    inputs: list[Tensor] = []
-    names: set[str] = set()
-    for i, tensor_message in enumerate(message.inputs):
-        tensor = _input_tensor(tensor_message, i, raw[i] if raw else None)
-        if tensor.name in names:
-            raise ProtocolError(f"inputs[{i}]: tensor name '{tensor.name}' appears twice")
-        names.add(tensor.name)
-        inputs.append(tensor)
+    inputs = _tensors(message.inputs, message.raw_input_contents, "inputs")
     outputs: list[RequestedOutput] | None = None
     if message.outputs:
         outputs = [
@@ -188,28 +192,7 @@ def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
 
 def decode_infer_response(message: pb.ModelInferResponse) -> InferResponse:
     """The response a `ModelInferResponse` carries (raw or typed outputs)."""
-    raw = message.raw_output_contents
-    if raw and len(raw) != len(message.outputs):
-        raise ProtocolError(
-            f"raw_output_contents has {len(raw)} entries but the response has "
-            f"{len(message.outputs)} outputs"
-        )
-    outputs: list[Tensor] = []
-    for i, tensor_message in enumerate(message.outputs):
-        where = f"outputs[{i}] '{tensor_message.name}'"
-        datatype = tensor_message.datatype
-        if datatype not in DATATYPES:
-            raise ProtocolError(
-                f"{where}: datatype {datatype!r} is not one of {ACCEPTED_DATATYPES}"
-            )
-        shape = _shape(list(tensor_message.shape), where)
-        if raw:
-            array = _bytes_to_array(raw[i], datatype, shape, where, f"raw_output_contents[{i}]")
-        else:
-            array = _typed_contents(tensor_message.contents, datatype, shape, where)
-        outputs.append(
-            Tensor(tensor_message.name, array, datatype, parameters_of(tensor_message.parameters))
-        )
+    outputs = _tensors(message.outputs, message.raw_output_contents, "outputs")
     return InferResponse(
         message.model_name,
         outputs,
