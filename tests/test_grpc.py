@@ -354,6 +354,15 @@ def test_sigterm_drains_grpc_calls_in_flight(
         },
     )
     target = f"127.0.0.1:{grpc_port}"
+    # a call whose `timeout` parameter (microseconds) passed while it was queued gets
+    # the batcher's 504 as DEADLINE_EXCEEDED, from the worker (the client's deadline is
+    # far off)
+    late = _raw_request(x, id="late")
+    late.parameters["timeout"].int64_param = 0
+    with pytest.raises(grpc.RpcError) as failed:
+        _infer(target, late)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline passed" in (failed.value.details() or "")
     result: dict[str, Any] = {}
 
     def call() -> None:
