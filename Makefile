@@ -63,7 +63,10 @@ bench-corpus: install ## Published ONNX models: graph analysis time, cuts, plann
 bench-training: install ## Training modes, compression, privacy, data skew; gossip vs parameter server over tc-shaped links (root)
 	$(PY) bench/training/run.py
 
-bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training ## All benchmarks
+bench-protocol: install ## REST binary / REST JSON / gRPC on loopback, one and four clients; gRPC stage forwarding
+	$(PY) bench/protocol/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
+
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py
@@ -74,6 +77,9 @@ docs-numbers-check: install ## Fail when a table in README.md or docs/ differs f
 # make lint also checks the rendered numbers (a prerequisite added on its own line).
 lint: docs-numbers-check
 
+grpc-codegen: ## Generate the OIP v2 gRPC messages' Python code from the .proto (committed; a test checks it)
+	$(PY) -m grpc_tools.protoc -Iworkers/edgeai_worker/proto --python_out=workers/edgeai_worker --pyi_out=workers/edgeai_worker workers/edgeai_worker/proto/grpc_predict_v2.proto
+
 crds: ## Copy crds/ (the one source of truth) into the Helm chart
 	mkdir -p charts/edgeai-operator/crds
 	cp crds/*.yaml charts/edgeai-operator/crds/
@@ -81,7 +87,7 @@ crds: ## Copy crds/ (the one source of truth) into the Helm chart
 crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
-.PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check \
+.PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check grpc-codegen \
 	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training docs-numbers docs-numbers-check
 
 # Images and a local kind cluster (hack/images, hack/kind; docs/architecture.md). Root,

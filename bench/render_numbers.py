@@ -604,6 +604,65 @@ def training_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- protocol (bench/protocol/run.py) --------------------------------------------------
+
+PROTOCOL_MODES = {
+    "rest_binary": "REST, binary tensors",
+    "rest_json": "REST, JSON (orjson)",
+    "rest_json_stdlib": "REST, JSON (json module)",
+    "grpc": "gRPC, raw contents",
+}
+
+
+def protocol_table(report: Mapping[str, Any]) -> str:
+    rows = []
+    for row in report["rows"]:
+        rows.append(
+            [
+                row["model"],
+                PROTOCOL_MODES[row["mode"]],
+                str(row["clients"]),
+                f"{row['p50Ms']:.2f}",
+                f"{row['p95Ms']:.2f}",
+                f"{row['perSecond']:.0f}",
+            ]
+        )
+    for row in report["chain"]:
+        rows.append(
+            [
+                "conv, 2 stages",
+                f"forwarding over {row['forwarding'].upper()}",
+                str(row["clients"]),
+                f"{row['p50Ms']:.2f}",
+                f"{row['p95Ms']:.2f}",
+                f"{row['perSecond']:.0f}",
+            ]
+        )
+    header = ["model", "protocol", "clients", "p50 ms", "p95 ms", "requests/s"]
+    return _table(header, "lllrrr", rows) + (
+        f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
+        f"{report['loadAverage'][0]} at the start and {report['loadAverage'][1]} at the end; "
+        f"conditions: {report['conditions']}."
+    )
+
+
+def protocol_summary(report: Mapping[str, Any]) -> str:
+    r = report["ratios"]
+    http, grpc_ = (
+        next(c for c in report["chain"] if c["forwarding"] == kind and c["clients"] == 1)
+        for kind in ("http", "grpc")
+    )
+    return (
+        f"p50 with one client: JSON through orjson takes {r['convJsonOrjsonOverStdlib']:.2f}x "
+        f"the json module's time on the conv input ({r['mlpJsonOrjsonOverStdlib']:.2f}x on "
+        f"the MLP); gRPC takes {r['convGrpcOverBinary']:.2f}x REST binary's time on the conv "
+        f"model and {r['mlpGrpcOverBinary']:.2f}x on the MLP; JSON (orjson) takes "
+        f"{r['convJsonOverBinary']:.2f}x binary's on the conv model, "
+        f"{r['mlpJsonOverBinary']:.2f}x on the MLP. A two-stage chain forwarding over gRPC "
+        f"takes {grpc_['p50Ms'] / http['p50Ms']:.2f}x the time of one forwarding over HTTP."
+    )
+
+
 RENDERERS: dict[str, Renderer] = {
     "corpus-table": Renderer("corpus.json", corpus_table),
     "corpus-analysis": Renderer("corpus.json", corpus_analysis),
@@ -622,6 +681,8 @@ RENDERERS: dict[str, Renderer] = {
     "models-fetch": Renderer("models.json", models_fetch),
     "training-results": Renderer("training.json", training_results),
     "training-summary": Renderer("training.json", training_summary),
+    "protocol-table": Renderer("protocol.json", protocol_table),
+    "protocol-summary": Renderer("protocol.json", protocol_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

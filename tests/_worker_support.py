@@ -168,7 +168,11 @@ def wait_ready(
     wait_until(ready, f"{url} to be ready", timeout_s)
 
 
-def start_worker(tmp: Path, settings: dict[str, Any], *, wait: bool = True) -> Worker:
+def start_worker(
+    tmp: Path, settings: dict[str, Any], *, wait: bool = True, args: Sequence[str] = ()
+) -> Worker:
+    """Start a worker process with `settings` in its config file and `args` on its
+    command line."""
     port = int(settings.setdefault("port", free_port()))
     config = tmp / f"worker-{port}.json"
     config.write_text(json.dumps(settings))
@@ -176,7 +180,7 @@ def start_worker(tmp: Path, settings: dict[str, Any], *, wait: bool = True) -> W
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAI_")}
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edgeai_worker", "--config", str(config)],
+            [sys.executable, "-m", "edgeai_worker", "--config", str(config), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
@@ -202,3 +206,33 @@ def workers(tmp: Path, *settings: dict[str, Any]) -> Iterator[list[Worker]]:
     finally:
         for worker in started:
             worker.stop()
+
+
+def build_mlp(
+    path: Path, *, features: int = 64, hidden: int = 128, classes: int = 10, seed: int = 0
+) -> Path:
+    """Build and save a two-layer MLP (`input` [N, features] -> `output` [N, classes])."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((features, hidden)) / np.sqrt(features)).astype(np.float32)
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, classes)) / np.sqrt(hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w1", "b1"], ["hidden"]),
+            helper.make_node("Relu", ["hidden"], ["relu"]),
+            helper.make_node("MatMul", ["relu", "w2"], ["output"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(b1, "b1"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

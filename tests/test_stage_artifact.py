@@ -131,9 +131,9 @@ def _plan(result: PrepareResult) -> PlanDocument:
     return plan_zones(parse_deployment(body), [profile], NODES).plans["zone-a"]
 
 
-def _pods(plan: PlanDocument) -> list[dict[str, Any]]:
+def _pods(plan: PlanDocument, transport: str = "http") -> list[dict[str, Any]]:
     """The pod specs of the zone's stage workloads, in stage order."""
-    children = build_children(OWNER, {"zone-a": plan}, {}, DeploymentOptions())
+    children = build_children(OWNER, {"zone-a": plan}, {}, DeploymentOptions(transport=transport))
     pods = [
         c["spec"]["template"]["spec"] for c in children if c["kind"] in ("Deployment", "DaemonSet")
     ]
@@ -166,25 +166,43 @@ class _PodPaths:
         return out
 
 
-def _run_stages(tmp_path: Path, plan: PlanDocument, pvc_root: Path, workers: list[Worker]) -> str:
+def _run_stages(
+    tmp_path: Path,
+    plan: PlanDocument,
+    pvc_root: Path,
+    workers: list[Worker],
+    transport: str = "http",
+    grpc_targets: list[str] | None = None,
+) -> str:
     """Runs each stage pod's init container, then its worker, last stage first (each
-    forwards to the next one's URL); returns the entry's URL."""
+    forwards to the next one's URL, over gRPC where the pod's `--next` says so);
+    returns the entry's URL. The gRPC address of each pod that serves gRPC is appended
+    to `grpc_targets`."""
     plan_yaml = yaml.safe_dump(plan.to_dict(), sort_keys=False)
     next_url: str | None = None
-    for i, pod in reversed(list(enumerate(_pods(plan)))):
+    next_grpc: str | None = None
+    for i, pod in reversed(list(enumerate(_pods(plan, transport)))):
         paths = _PodPaths(tmp_path / f"pod{i}", plan_yaml, pvc_root)
         for init in pod.get("initContainers", []):
             assert init["command"] == ["edgeai"]
             fetched = _edgeai(*paths.local(init["args"]))
             assert fetched.returncode == 0, fetched.stderr
         port = free_port()
+        grpc_port = free_port()
+        serves_grpc = False
         args = []
         for arg in paths.local(pod["containers"][0]["args"]):
-            flag = arg.partition("=")[0]
+            flag, _, value = arg.partition("=")
             if flag == "--port":
                 arg = f"--port={port}"
             elif flag == "--host":
                 arg = "--host=127.0.0.1"
+            elif flag == "--grpc-port":
+                arg = f"--grpc-port={grpc_port}"
+                serves_grpc = True
+            elif flag == "--next" and value.startswith("grpc://"):
+                assert next_grpc is not None
+                arg = f"--next=grpc://{next_grpc}"
             elif flag == "--next":
                 assert next_url is not None
                 arg = f"--next={next_url}"
@@ -200,6 +218,9 @@ def _run_stages(tmp_path: Path, plan: PlanDocument, pvc_root: Path, workers: lis
         workers.append(worker)
         wait_ready(worker.url, process, timeout_s=120)
         next_url = worker.url
+        next_grpc = f"127.0.0.1:{grpc_port}" if serves_grpc else None
+        if serves_grpc and grpc_targets is not None:
+            grpc_targets.append(next_grpc)
     assert next_url is not None
     return next_url
 
@@ -299,3 +320,43 @@ def test_fetch_names_the_file_as_asked(
     bad = _edgeai(*base, f"--out={tmp_path / 'c'}", "--file-name=../model.onnx")
     assert bad.returncode == 2
     assert "--file-name: '../model.onnx' is not a file name" in bad.stderr
+
+
+def test_stage_pods_of_a_grpc_deployment_serve_grpc(
+    tmp_path: Path, prepared: tuple[Path, Path, PrepareResult]
+) -> None:
+    """spec.placement.transport: grpc: the pods' own commands serve the protocol over
+    gRPC as well (`edgeai run-stage --grpc-port`); the device entry still forwards over
+    HTTP."""
+    import grpc
+
+    from edgeai_worker import grpc_predict_v2_pb2 as pb
+
+    original, pvc_root, result = prepared
+    plan = _plan(result)
+    workers: list[Worker] = []
+    targets: list[str] = []
+    try:
+        entry = _run_stages(tmp_path, plan, pvc_root, workers, "grpc", targets)
+        assert len(targets) == len(workers)
+        x = np.random.default_rng(4).standard_normal(INPUT.shape).astype(np.float32)
+        expected = run_onnx(original, {"x": x})[0]
+        request = pb.ModelInferRequest(model_name=plan.model.name)
+        request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        request.raw_input_contents.append(x.tobytes())
+        entry_target = targets[-1]  # started last: the device entry
+        with grpc.insecure_channel(entry_target) as channel:
+            infer = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            reply = infer(request, timeout=60)
+        got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(
+            reply.outputs[0].shape
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert entry.startswith("http://")
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -41,6 +41,8 @@ from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, ZONE_LABEL
 from edgeai_operator.plandoc import ModelIdentity, PlanDocument, PlanStage
 
 WORKER_PORT = 8080
+# the OIP v2 gRPC endpoint of stage pods whose deployment forwards over gRPC
+GRPC_PORT = 8081
 MANAGED_BY = {"app.kubernetes.io/managed-by": "edgeai-operator"}
 DEFAULT_IMAGE = "edgeai-worker:0.1.0"
 # Where a stage pod's init container puts the planned artefact, and under what name.
@@ -107,6 +109,9 @@ class DeploymentOptions:
     priority_class: str | None = None
     cpu_request: str = "500m"
     memory_request: str = "512Mi"
+    # spec.placement.transport: with grpc, stage pods also serve gRPC (their Services
+    # expose it) and forward over it, except a device stage (its uplink probe is HTTP)
+    transport: str = "http"
 
 
 def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict[str, str]:
@@ -211,8 +216,16 @@ def _pod_spec(
         f"--port={WORKER_PORT}",
         "--host=0.0.0.0",
     ]
+    ports = [{"name": "http", "containerPort": WORKER_PORT}]
+    if opts.transport == "grpc":
+        args.append(f"--grpc-port={GRPC_PORT}")
+        ports.append({"name": "grpc", "containerPort": GRPC_PORT})
     if w.next_service:
-        args.append(f"--next=http://{w.next_service}.{owner.namespace}.svc:{WORKER_PORT}")
+        host = f"{w.next_service}.{owner.namespace}.svc"
+        if opts.transport == "grpc" and w.tier != "device":
+            args.append(f"--next=grpc://{host}:{GRPC_PORT}")
+        else:
+            args.append(f"--next=http://{host}:{WORKER_PORT}")
     mounts = [{"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         {"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}
@@ -231,7 +244,7 @@ def _pod_spec(
                 "image": opts.image,
                 "command": ["edgeai"],
                 "args": args,
-                "ports": [{"name": "http", "containerPort": WORKER_PORT}],
+                "ports": ports,
                 "readinessProbe": probe,
                 "livenessProbe": {
                     "httpGet": {"path": "/v2/health/live", "port": "http"},
@@ -344,16 +357,16 @@ def stage_deployment(
     }
 
 
-def stage_service(owner: Owner, w: Workload, name: str) -> dict[str, Any]:
+def stage_service(owner: Owner, w: Workload, name: str, transport: str = "http") -> dict[str, Any]:
     lbls = labels(owner, w.tier, w.stage, w.zone)
+    ports = [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}]
+    if transport == "grpc":
+        ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, name, lbls),
-        "spec": {
-            "selector": _selector(lbls),
-            "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
-        },
+        "spec": {"selector": _selector(lbls), "ports": ports},
     }
 
 
@@ -539,14 +552,14 @@ def build_children(
             edge_replicas = replicas.get(edge_name, default_replicas)
             w = Workload("edge", zone, edge_idx, key, edge_replicas, cloud_name, plan.model)
             children.append(stage_deployment(owner, w, opts, digest, edge_name))
-            children.append(stage_service(owner, w, edge_name))
+            children.append(stage_service(owner, w, edge_name, opts.transport))
         if cloud_idx is not None and cloud_name is not None and cloud_name not in emitted:
             emitted.add(cloud_name)
             cz = None if shared_cloud else zone
             cloud_replicas = replicas.get(cloud_name, default_replicas)
             w = Workload("cloud", cz, cloud_idx, key, cloud_replicas, model=plan.model)
             children.append(stage_deployment(owner, w, opts, digest, cloud_name))
-            children.append(stage_service(owner, w, cloud_name))
+            children.append(stage_service(owner, w, cloud_name, opts.transport))
         device_idx = plan.stage_index("device")
         first_remote = edge_name or cloud_name
         device_stage = device_idx if device_idx is not None else -1

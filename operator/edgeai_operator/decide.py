@@ -284,6 +284,7 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         device_selector=dict(spec.device_selector),
         excluded_nodes=excluded,
         priority_class=f"edgeai-priority-{spec.priority}" if spec.priority > 0 else None,
+        transport=spec.transport,
     )
     shared_model = spec.model_ref if spec.sharing == "backbone" else None
     shared_names = {

@@ -36,6 +36,7 @@ from edgeai_operator.errors import SpecError, read_yaml_documents
 OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
 # none: no partitioning, the whole model on the one best tier
 PARTITIONING = ("auto", "none")
+TRANSPORTS = ("http", "grpc")
 SHARING = ("none", "backbone")
 MAX_PRIORITY = 1_000_000_000
 MAX_REPLICAS = 1000
@@ -82,6 +83,8 @@ class DeploymentSpec:
     tiers: tuple[str, ...]
     partitioning: str
     adaptive_split: bool
+    # how stages forward to the next one: http (REST, binary tensors) or grpc
+    transport: str
     raw_input_stays_on_device: bool
     feature_noise_std: float
     compute_watts: float | None
@@ -252,7 +255,9 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     objective = spec_choice(spec.get("objective", "latency"), "spec.objective", OBJECTIVES)
 
     placement = spec_mapping(spec.get("placement"), "spec.placement")
-    reject_unknown(placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit"))
+    reject_unknown(
+        placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit", "transport")
+    )
     tiers_raw = placement.get("tiers", list(TIERS))
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise SpecError(
@@ -269,6 +274,9 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         placement.get("partitioning", "auto"), "spec.placement.partitioning", PARTITIONING
     )
     adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", False)
+    transport = spec_choice(
+        placement.get("transport", "http"), "spec.placement.transport", TRANSPORTS
+    )
 
     privacy = spec_mapping(spec.get("privacy"), "spec.privacy")
     reject_unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
@@ -298,6 +306,12 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         default=0.0,
     )
     sharing = spec_choice(spec.get("sharing", "none"), "spec.sharing", SHARING)
+    if transport == "grpc" and sharing == "backbone":
+        raise SpecError(
+            "spec.placement.transport",
+            "grpc forwarding is not available for a shared backbone stage",
+            "http with spec.sharing: backbone",
+        )
 
     power = spec_mapping(spec.get("power"), "spec.power")
     reject_unknown(power, "spec.power", ("computeWatts", "txWatts", "rxWatts", "idleWatts"))
@@ -326,6 +340,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         tiers=tuple(tiers_raw),
         partitioning=partitioning,
         adaptive_split=adaptive,
+        transport=transport,
         raw_input_stays_on_device=raw,
         feature_noise_std=noise or 0.0,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),

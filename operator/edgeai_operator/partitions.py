@@ -225,6 +225,7 @@ def stage_settings(
     port: int,
     next_urls: Sequence[str] = (),
     model_path: Path | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """The worker config of one stage (see `edgeai_worker.config.WorkerConfig`):
     its partitions cut into `workdir` from `model_path` (the fetched artefact, checked
@@ -249,6 +250,8 @@ def stage_settings(
         "model_uri": plan.model.uri,
         **plan_settings(plan, tier),
     }
+    if grpc_port is not None:
+        settings["grpc_port"] = grpc_port
     if model_path is not None:
         # checked even for the entry stage: no stage serves under a wrong artefact
         verified_model_file(plan, model_path)

@@ -33,6 +33,7 @@ def _cmd(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         next_urls=args.next or (),
+        grpc_port=args.grpc_port,
         model_path=None if args.model_file is None else Path(args.model_file),
     )
     config = Path(tempfile.mkdtemp(prefix="edgeai-stage-")) / "worker.json"
@@ -52,7 +53,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stage", type=int, required=True, help="stage index; -1: entry only")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--next", action="append", help="next stage URL (repeatable)")
+    parser.add_argument(
+        "--next",
+        action="append",
+        help="next stage URL (repeatable): http://host:port, or grpc://host:port (over gRPC)",
+    )
+    parser.add_argument("--grpc-port", type=int, help="also serve the protocol over gRPC here")
     parser.add_argument("--workdir", help="where partitions are written (default: a temp dir)")
     parser.add_argument(
         "--model-file",

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from edgeai_worker.app import create_app
 from edgeai_worker.config import ConfigError, load_config
+from edgeai_worker.grpc_server import add_grpc_endpoint
 
 
 class _JsonFormatter(logging.Formatter):
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="JSON/YAML settings file (or EDGEAI_CONFIG)")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="also serve the protocol over gRPC on this port"
+    )
     parser.add_argument("--model-name", help="model name clients use in /v2/models/{name}")
     parser.add_argument("--tier", choices=["device", "edge", "cloud"])
     parser.add_argument("--stage-index", type=int)
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             model_name=args.model_name,
             tier=args.tier,
             stage_index=args.stage_index,
@@ -104,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     keep_large_blocks_in_heap()
+    app = create_app(config)
+    if config.grpc_port is not None:
+        add_grpc_endpoint(app)
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_grace_s,

@@ -55,6 +55,7 @@ from edgeai_worker.protocol import (
     encode_response_parts,
     error_body,
     parse_header_length,
+    set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
 from edgeai_worker.tiling import TiledPrefix
@@ -136,6 +137,33 @@ class WorkerState:
     def ready(self) -> bool:
         runtime_ready = self.runtime is None or self.runtime.ready
         return runtime_ready and self.batcher is not None and not self.draining
+
+    def request_started(self) -> None:
+        """Count an inference request in flight (REST or gRPC; the drain waits for it)."""
+        self.in_flight += 1
+        self.idle.clear()
+        self.metrics.in_flight.set(self.in_flight)
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        if self.in_flight == 0:
+            self.idle.set()
+
+    def record_answer(self, status: int, started: float, bytes_out: int) -> None:
+        """Metrics of one answered inference request: its HTTP-equivalent status, its
+        time since `started` (`perf_counter()`) and its answer's size."""
+        self.metrics.requests.inc(stage=self.stage, code=str(status))
+        self.metrics.stage_latency.observe(
+            time.perf_counter() - started, stage=self.stage, tier=self.config.tier
+        )
+        self.metrics.bytes_out.inc(bytes_out, stage=self.stage)
+
+    def error_message(self, message: str) -> str:
+        """An error message as the caller reads it: starting with the stage that raised it."""
+        if message.startswith("stage "):
+            return message
+        return f"stage {self.stage} ({self.config.tier}): {message}"
 
 
 CONFIG = web.AppKey("config", WorkerConfig)
@@ -264,9 +292,9 @@ async def _drain(app: web.Application) -> None:
 
 
 def _error_response(state: WorkerState, status: int, message: str) -> web.Response:
-    if not message.startswith("stage "):
-        message = f"stage {state.stage} ({state.config.tier}): {message}"
-    return web.Response(status=status, body=error_body(message), content_type=JSON_CONTENT_TYPE)
+    return web.Response(
+        status=status, body=error_body(state.error_message(message)), content_type=JSON_CONTENT_TYPE
+    )
 
 
 @web.middleware
@@ -274,9 +302,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     state = request.app[STATE]
     is_infer = request.path.endswith("/infer")
     if is_infer:
-        state.in_flight += 1
-        state.idle.clear()
-        state.metrics.in_flight.set(state.in_flight)
+        state.request_started()
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -303,10 +329,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _error_response(state, 500, f"internal error: {type(exc).__name__}: {exc}")
     finally:
         if is_infer:
-            state.in_flight -= 1
-            state.metrics.in_flight.set(state.in_flight)
-            if state.in_flight == 0:
-                state.idle.set()
+            state.request_finished()
     if response.status >= 400:
         level = logging.WARNING if response.status >= 500 else logging.INFO
         log.log(
@@ -320,16 +343,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response.text if isinstance(response, web.Response) else "",
         )
     if is_infer:
-        elapsed = time.perf_counter() - started
-        state.metrics.requests.inc(stage=state.stage, code=str(response.status))
-        state.metrics.stage_latency.observe(elapsed, stage=state.stage, tier=state.config.tier)
+        state.record_answer(response.status, started, body_size(getattr(response, "body", None)))
         # From the whole body on: the sender subtracts this from its round trip to get
         # the time its bytes spent on the network.
         server_s = time.perf_counter() - request.get(BODY_READ_AT, started)
         response.headers[SERVER_TIME_HEADER] = f"{server_s * 1000:.3f}"
         if COMPUTE_S in request:
             response.headers[COMPUTE_TIME_HEADER] = f"{request[COMPUTE_S] * 1000:.3f}"
-        state.metrics.bytes_out.inc(body_size(getattr(response, "body", None)), stage=state.stage)
     return response
 
 
@@ -357,13 +377,16 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def _check_model(state: WorkerState, request: web.Request) -> None:
-    name = request.match_info["name"]
-    config = state.config
+    check_model(state.config, request.match_info["name"], request.match_info.get("version"))
+
+
+def check_model(config: WorkerConfig, name: str, version: str | None) -> None:
+    """Raise a 404 `ProtocolError` unless this stage serves model `name` (and `version`,
+    when one is given)."""
     if name != config.model_name:
         raise ProtocolError(
             f"model '{name}' is not served here (accepted: {config.model_name})", status=404
         )
-    version = request.match_info.get("version")
     if version is not None and version != config.model_version:
         raise ProtocolError(
             f"version '{version}' of model '{name}' is not served here "
@@ -375,6 +398,12 @@ def _check_model(state: WorkerState, request: web.Request) -> None:
 async def model_metadata(request: web.Request) -> web.Response:
     state = request.app[STATE]
     _check_model(state, request)
+    return _json(await model_metadata_of(state))
+
+
+async def model_metadata_of(state: WorkerState) -> dict[str, Any]:
+    """The served model's metadata (a forwarding stage asks the next one for the
+    chain's final outputs)."""
     config = state.config
     inputs: list[dict[str, Any]] = []
     outputs: list[dict[str, Any]] = []
@@ -387,20 +416,18 @@ async def model_metadata(request: web.Request) -> web.Response:
         outputs = list(state.downstream_metadata.get("outputs", []))
         if not inputs:
             inputs = list(state.downstream_metadata.get("inputs", []))
-    return _json(
-        {
-            "name": config.model_name,
-            "versions": [config.model_version],
-            "platform": "onnxruntime_onnx",
-            "inputs": inputs,
-            "outputs": outputs,
-            "parameters": {
-                "stage": config.stage_index,
-                "tier": config.tier,
-                **_model_identity(config),
-            },
-        }
-    )
+    return {
+        "name": config.model_name,
+        "versions": [config.model_version],
+        "platform": "onnxruntime_onnx",
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {
+            "stage": config.stage_index,
+            "tier": config.tier,
+            **_model_identity(config),
+        },
+    }
 
 
 def _model_identity(config: WorkerConfig) -> dict[str, str]:
@@ -597,28 +624,43 @@ async def infer(request: web.Request) -> web.Response:
     infer_request = decode_request(body, header_length)
     request[REQUEST_ID] = infer_request.id or "-"
     key = request.headers.get(IDEMPOTENCY_HEADER)
+    compute: list[float] = []
+    response = await serve_once(state, infer_request, arrived, compute, key, len(body))
+    if compute:
+        request[COMPUTE_S] = sum(compute)
+    return parts_response(*encode_response_parts(response, infer_request))
+
+
+async def serve_once(
+    state: WorkerState,
+    request: InferRequest,
+    arrived: float,
+    compute: list[float],
+    key: str | None,
+    size_bytes: int,
+) -> InferResponse:
+    """Serve a decoded request, at most once per idempotency `key` (of a request of
+    `size_bytes`): a retry of a request this worker runs or has answered gets that
+    answer. `arrived` is the request's `time.monotonic()`; the seconds onnxruntime took
+    are appended to `compute`."""
     if key is not None:
         # The sender's key names one request over all its attempts (no checksum of the
         # body: that would cost more than the rest of the request's handling); a key
         # reused with a body of another length is another request.
-        key = f"{key}:{len(body)}"
+        key = f"{key}:{size_bytes}"
     if key is not None and (known := state.dedupe.lookup(key)) is not None:
         state.metrics.deduplicated.inc(stage=state.stage)
-        response = await asyncio.shield(known)
-    else:
-        future = state.dedupe.begin(key) if key is not None else None
-        try:
-            compute: list[float] = []
-            response = await _serve(state, infer_request, arrived, compute)
-            if compute:
-                request[COMPUTE_S] = sum(compute)
-        except BaseException as exc:
-            if future is not None and key is not None:
-                state.dedupe.fail(key, future, exc)
-            raise
-        if future is not None and not future.done():
-            future.set_result(response)
-    return parts_response(*encode_response_parts(response, infer_request))
+        return await asyncio.shield(known)
+    future = state.dedupe.begin(key) if key is not None else None
+    try:
+        response = await _serve(state, request, arrived, compute)
+    except BaseException as exc:
+        if future is not None and key is not None:
+            state.dedupe.fail(key, future, exc)
+        raise
+    if future is not None and not future.done():
+        future.set_result(response)
+    return response
 
 
 # ---------------------------------------------------------------------------- factory
@@ -626,6 +668,7 @@ async def infer(request: web.Request) -> web.Response:
 
 def create_app(config: WorkerConfig) -> web.Application:
     """The worker application for one stage; resources open in its cleanup context."""
+    set_json_codec(config.json_codec)  # the codec's path is per process
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[CONFIG] = config
     app[STATE] = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
@@ -645,4 +688,15 @@ def create_app(config: WorkerConfig) -> web.Application:
     return app
 
 
-__all__ = ["CONFIG", "STATE", "WorkerState", "create_app"]
+__all__ = [
+    "CONFIG",
+    "EXTENSIONS",
+    "SERVER_NAME",
+    "SERVER_VERSION",
+    "STATE",
+    "WorkerState",
+    "check_model",
+    "create_app",
+    "model_metadata_of",
+    "serve_once",
+]

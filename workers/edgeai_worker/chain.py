@@ -10,6 +10,11 @@ waits for or returns its recorded answer instead of running again (see
 `app.Deduplicator`). The request's OIP `id` plays no part in this (clients reuse ids). A
 4xx from downstream is the caller's fault and is passed back unchanged; every error
 names the stage that failed.
+
+Replicas given as `grpc://host:port` are reached over the protocol's gRPC service
+instead: one keep-alive channel per replica, the key in the `idempotency-key`
+metadata, and the same retry rule (UNAVAILABLE and DEADLINE_EXCEEDED, the gRPC forms
+of 502/503/504 and of a lost connection, are retried; other codes are passed back).
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import grpc
 
+from edgeai_worker import grpc_predict_v2_pb2 as pb
 from edgeai_worker.body import body_of, body_size
+from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
@@ -48,6 +56,33 @@ COMPUTE_TIME_HEADER = "Edgeai-Compute-Ms"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 PROBE_PATH = "/edgeai/v1/probe"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+GRPC_SCHEME = "grpc://"
+# The gRPC forms of the headers above (metadata keys are lower case).
+IDEMPOTENCY_METADATA = "idempotency-key"
+SERVER_TIME_METADATA = "edgeai-server-ms"
+COMPUTE_TIME_METADATA = "edgeai-compute-ms"
+GRPC_SERVICE = "inference.GRPCInferenceService"
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# gRPC status code -> the HTTP status a stage answers with when it passes the error back
+HTTP_STATUS_OF_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def transport_of(urls: Sequence[str]) -> str:
+    """`grpc` when every replica URL is `grpc://host:port`, `http` when none is;
+    ValueError for a mix."""
+    grpc_urls = [u for u in urls if u.startswith(GRPC_SCHEME)]
+    if grpc_urls and len(grpc_urls) != len(urls):
+        raise ValueError(
+            f"next stage replicas mix grpc:// and http:// URLs: {', '.join(urls)} "
+            "(accepted: all of one kind)"
+        )
+    return "grpc" if grpc_urls else "http"
 
 
 class StageError(Exception):
@@ -105,6 +140,26 @@ class Forwarder:
         self._rotation = itertools.cycle(range(len(self.urls)))
         self._down_until: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.transport = transport_of(self.urls)
+        self._channels: dict[str, Any] = {}
+
+    def _stub(self, url: str, method: str, reply: type[Any]) -> Any:
+        channel = self._channels.get(url)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                url.removeprefix(GRPC_SCHEME),
+                options=[
+                    ("grpc.max_receive_message_length", -1),
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.keepalive_time_ms", 30_000),
+                ],
+            )
+            self._channels[url] = channel
+        return channel.unary_unary(
+            f"/{GRPC_SERVICE}/{method}",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=reply.FromString,
+        )
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60.0, force_close=False)
@@ -113,6 +168,9 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -139,7 +197,46 @@ class Forwarder:
     def _name(self, url: str) -> str:
         return f"stage {self.next_stage} at {url}"
 
+    def _attempt_on(self, tried: set[str], attempt: int) -> str:
+        """The replica for this attempt (counted as a retry after the first)."""
+        url = self._pick(tried)
+        tried.add(url)
+        if attempt > 1 and self._metrics is not None:
+            self._metrics.forward_retries.inc(stage=str(self.next_stage - 1))
+        return url
+
+    def _forwarded(
+        self,
+        response: InferResponse,
+        sent: int,
+        started: float,
+        server_ms: str | None,
+        url: str,
+        attempt: int,
+    ) -> ForwardResult:
+        """The result of a forward answered after `started` (`perf_counter()`), with the
+        next stage's reported milliseconds."""
+        if self._metrics is not None:
+            self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
+        return ForwardResult(
+            response,
+            sent,
+            time.perf_counter() - started,
+            float(server_ms) / 1000.0 if server_ms else 0.0,
+            url,
+            attempt,
+        )
+
+    def _exhausted(self, tried: set[str], last_error: str, timed_out: bool) -> StageError:
+        return StageError(
+            504 if timed_out else 502,
+            f"{self._name(', '.join(sorted(tried)))} failed after {self.attempts} attempt(s): "
+            f"{last_error}",
+        )
+
     async def infer(self, request: InferRequest) -> ForwardResult:
+        if self.transport == "grpc":
+            return await self._infer_grpc(request)
         body, headers = body_of(*encode_request_parts(request, binary=True))
         sent = body_size(body)
         headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
@@ -148,10 +245,7 @@ class Forwarder:
         last_error = ""
         started = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
-            url = self._pick(tried)
-            tried.add(url)
-            if attempt > 1 and self._metrics is not None:
-                self._metrics.forward_retries.inc(stage=str(self.next_stage - 1))
+            url = self._attempt_on(tried, attempt)
             try:
                 async with self.session.post(url + path, data=body, headers=headers) as resp:
                     data = await resp.read()
@@ -167,16 +261,7 @@ class Forwarder:
                     response = decode_response(data, parse_header_length(length_header, len(data)))
                 except ProtocolError as exc:
                     raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
-                if self._metrics is not None:
-                    self._metrics.forward_bytes.inc(sent, stage=str(self.next_stage - 1))
-                return ForwardResult(
-                    response,
-                    sent,
-                    time.perf_counter() - started,
-                    float(server_ms) / 1000.0 if server_ms else 0.0,
-                    url,
-                    attempt,
-                )
+                return self._forwarded(response, sent, started, server_ms, url, attempt)
             text = _error_text(data)
             if status in RETRYABLE_STATUS:
                 self._down_until[url] = time.monotonic() + self.cooldown_s
@@ -185,14 +270,69 @@ class Forwarder:
             # Not retryable: the downstream message already says what and where.
             prefix = "" if text.startswith("stage ") else f"{self._name(url)}: "
             raise StageError(status, prefix + text)
-        raise StageError(
-            502 if "Timeout" not in last_error else 504,
-            f"{self._name(', '.join(sorted(tried)))} failed after {self.attempts} attempt(s): "
-            f"{last_error}",
-        )
+        raise self._exhausted(tried, last_error, timed_out="Timeout" in last_error)
+
+    async def _infer_grpc(self, request: InferRequest) -> ForwardResult:
+        message = encode_infer_request(request, self.model_name)
+        sent = message.ByteSize()
+        metadata = ((IDEMPOTENCY_METADATA, uuid.uuid4().hex),)
+        tried: set[str] = set()
+        last_error = ""
+        started = time.perf_counter()
+        for attempt in range(1, self.attempts + 1):
+            url = self._attempt_on(tried, attempt)
+            call = self._stub(url, "ModelInfer", pb.ModelInferResponse)(
+                message, timeout=self.timeout_s, metadata=metadata
+            )
+            try:
+                reply = await call
+                trailing = dict(await call.trailing_metadata() or ())
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code in RETRYABLE_CODES:
+                    self._down_until[url] = time.monotonic() + self.cooldown_s
+                    last_error = f"gRPC {code.name}: {details}"
+                    continue
+                prefix = "" if details.startswith("stage ") else f"{self._name(url)}: "
+                raise StageError(HTTP_STATUS_OF_CODE.get(code, 500), prefix + details) from exc
+            try:
+                response = decode_infer_response(reply)
+            except ProtocolError as exc:
+                raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
+            server_ms = trailing.get(SERVER_TIME_METADATA)
+            return self._forwarded(response, sent, started, server_ms, url, attempt)
+        raise self._exhausted(tried, last_error, timed_out="DEADLINE_EXCEEDED" in last_error)
+
+    async def _metadata_grpc(self) -> dict[str, Any]:
+        last: Exception | None = None
+        for url in self.urls:
+            stub = self._stub(url, "ModelMetadata", pb.ModelMetadataResponse)
+            try:
+                reply = await stub(
+                    pb.ModelMetadataRequest(name=self.model_name), timeout=self.timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                continue
+
+            def tensors(items: Any) -> list[dict[str, Any]]:
+                return [
+                    {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items
+                ]
+
+            return {
+                "name": reply.name,
+                "versions": list(reply.versions),
+                "platform": reply.platform,
+                "inputs": tensors(reply.inputs),
+                "outputs": tensors(reply.outputs),
+            }
+        raise StageError(502, f"stage {self.next_stage} metadata unavailable: {last}")
 
     async def metadata(self) -> dict[str, Any]:
         """The next stage's model metadata (used to describe the chain's final outputs)."""
+        if self.transport == "grpc":
+            return await self._metadata_grpc()
         last: Exception | None = None
         for url in self.urls:
             try:

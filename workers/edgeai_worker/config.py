@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from edgeai_worker.protocol import JSON_CODECS
+
 TIERS = ("device", "edge", "cloud")
 
 
@@ -52,6 +54,8 @@ class WorkerConfig:
     tier: str = "edge"
     host: str = "127.0.0.1"
     port: int = 8000
+    # The gRPC endpoint's port (the same protocol over gRPC); None: REST only.
+    grpc_port: int | None = None
     # Replicas of the next stage ("http://host:port"); empty for the last stage.
     next_urls: tuple[str, ...] = ()
     forward_timeout_s: float = 30.0
@@ -80,6 +84,9 @@ class WorkerConfig:
     tile_peers: tuple[str, ...] = ()
     tile_grid: tuple[int, int] = (2, 2)
     log_json: bool = False
+    # The REST codec's JSON path: "orjson" or "stdlib" (Python's json module, the
+    # slower path orjson replaced; kept to measure the two side by side).
+    json_codec: str = "orjson"
     # What the served model is (reported in its metadata): the prepared artefact's
     # sha256 digest and URI, and the plan's variant.
     model_digest: str | None = None
@@ -109,8 +116,31 @@ class WorkerConfig:
             raise ConfigError(
                 "tile_grid", f"{self.tile_grid} is not a grid", "[rows, columns] >= 1"
             )
+        grpc_next = [u for u in self.next_urls if u.startswith("grpc://")]
+        if grpc_next and len(grpc_next) != len(self.next_urls):
+            raise ConfigError(
+                "next_urls",
+                f"replicas mix grpc:// and http:// URLs: {', '.join(self.next_urls)}",
+                "all http://host:port or all grpc://host:port",
+            )
+        if grpc_next and self.is_device and self.uplink_mbps is None:
+            raise ConfigError(
+                "next_urls",
+                "a device stage measures its uplink over HTTP, so it cannot forward over gRPC",
+                "http:// replicas, or grpc:// ones with a fixed uplink_mbps",
+            )
+        if self.json_codec not in JSON_CODECS:
+            raise ConfigError(
+                "json_codec", f"{self.json_codec!r} is not a JSON codec", ", ".join(JSON_CODECS)
+            )
         if not (0 < self.port < 65536):
             raise ConfigError("port", f"{self.port} is not a TCP port", "1-65535")
+        if self.grpc_port is not None and not (0 < self.grpc_port < 65536):
+            raise ConfigError("grpc_port", f"{self.grpc_port} is not a TCP port", "1-65535")
+        if self.grpc_port == self.port:
+            raise ConfigError(
+                "grpc_port", f"{self.grpc_port} is also the REST port", "a port other than port"
+            )
         if self.raw_input_stays_on_device and self.tier == "device":
             if not self.next_urls:
                 return
@@ -141,6 +171,7 @@ _ALIASES = {
     "maxWaitMs": "max_wait_ms",
     "maxQueue": "max_queue",
     "maxBodyBytes": "max_body_bytes",
+    "grpcPort": "grpc_port",
     "intraOpThreads": "intra_op_threads",
     "shutdownGraceS": "shutdown_grace_s",
     "defaultPriority": "default_priority",
@@ -151,6 +182,7 @@ _ALIASES = {
     "rawInputStaysOnDevice": "raw_input_stays_on_device",
     "noiseSeed": "noise_seed",
     "logJson": "log_json",
+    "jsonCodec": "json_codec",
     "tilePrefix": "tile_prefix",
     "tilePeers": "tile_peers",
     "tileGrid": "tile_grid",

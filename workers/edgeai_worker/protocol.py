@@ -15,6 +15,12 @@ extension specify it:
 
 The codec is pure: it turns bytes into `InferRequest`/`InferResponse` and back, and
 raises `ProtocolError` (a 400 with a message naming the problem) on anything malformed.
+
+JSON goes through orjson (numeric arrays are written straight from numpy) unless
+`set_json_codec("stdlib")` chose Python's `json` module, the slower path it replaced
+(kept to measure the two side by side). A body the fast path rejects is read again on
+the replaced one, which decides, so what is accepted, and every error message, is the
+same on both paths.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -53,6 +60,21 @@ ACCEPTED_DATATYPES = ", ".join(DATATYPES)
 
 Array = npt.NDArray[Any]
 JsonObject = dict[str, Any]
+
+JSON_CODECS = ("orjson", "stdlib")
+_json_codec = "orjson"
+
+
+def set_json_codec(name: str) -> None:
+    """Choose the JSON path of this process: `orjson` (the default) or `stdlib`."""
+    global _json_codec
+    if name not in JSON_CODECS:
+        raise ValueError(f"json_codec {name!r} is not one of {', '.join(JSON_CODECS)}")
+    _json_codec = name
+
+
+def json_codec() -> str:
+    return _json_codec
 
 
 class ProtocolError(ValueError):
@@ -172,6 +194,29 @@ def _flatten(data: Any) -> list[Any]:
     return flat
 
 
+_JSON_KINDS: dict[str, set[type]] = {
+    "BOOL": {bool},
+    "FP16": {int, float},
+    "FP32": {int, float},
+    "FP64": {int, float},
+}
+
+
+def _elements_fit(flat: list[Any], datatype: str) -> bool:
+    """Whether JSON elements have the datatype's kind (bools for BOOL, numbers for FP,
+    integers otherwise; a bool is never a number)."""
+    if _json_codec == "orjson":
+        # The set of the elements' exact types: JSON values are exactly bool, int,
+        # float, str, list, dict or None, so this is isinstance at C speed.
+        return set(map(type, flat)) <= _JSON_KINDS.get(datatype, {int})
+    # the replaced path, element by element
+    if datatype == "BOOL":
+        return all(isinstance(v, bool) for v in flat)
+    if datatype.startswith("FP"):
+        return all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
+
+
 def _json_elements_to_array(flat: list[Any], datatype: str, shape: list[int], where: str) -> Array:
     if datatype == "BYTES":
         items = np.empty(len(flat), dtype=np.object_)
@@ -183,14 +228,11 @@ def _json_elements_to_array(flat: list[Any], datatype: str, shape: list[int], wh
             else:
                 raise ProtocolError(f"{where}: BYTES data must be strings, got {item!r:.40}")
         return items.reshape(shape)
-    if datatype == "BOOL":
-        if not all(isinstance(v, bool) for v in flat):
-            raise ProtocolError(f"{where}: BOOL data must be true/false")
-    elif datatype.startswith(("FP",)):
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
-            raise ProtocolError(f"{where}: {datatype} data must be numbers")
-    elif not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
-        raise ProtocolError(f"{where}: {datatype} data must be integers")
+    if not _elements_fit(flat, datatype):
+        kind = {"BOOL": "true/false"}.get(
+            datatype, "numbers" if datatype[:2] == "FP" else "integers"
+        )
+        raise ProtocolError(f"{where}: {datatype} data must be {kind}")
     dtype = DATATYPES[datatype]
     try:
         array = np.array(flat, dtype=dtype) if flat else np.empty(0, dtype=dtype)
@@ -203,7 +245,13 @@ def _json_elements_to_array(flat: list[Any], datatype: str, shape: list[int], wh
     return array.reshape(shape)
 
 
-def _bytes_to_array(raw: bytes | memoryview, datatype: str, shape: list[int], where: str) -> Array:
+def _bytes_to_array(
+    raw: bytes | memoryview,
+    datatype: str,
+    shape: list[int],
+    where: str,
+    size_name: str = "binary_data_size",
+) -> Array:
     count = _element_count(shape)
     if datatype == "BYTES":
         items = np.empty(count, dtype=np.object_)
@@ -225,7 +273,7 @@ def _bytes_to_array(raw: bytes | memoryview, datatype: str, shape: list[int], wh
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise ProtocolError(
-            f"{where}: binary_data_size is {len(raw)} bytes but shape {shape} of {datatype} "
+            f"{where}: {size_name} is {len(raw)} bytes but shape {shape} of {datatype} "
             f"needs {expected}"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -253,7 +301,7 @@ def _tensor_buffer(array: Array, datatype: str) -> bytes | memoryview:
     return flat.view(np.uint8).data
 
 
-def _array_to_json(array: Array, datatype: str, where: str) -> list[Any]:
+def _array_to_json(array: Array, datatype: str, where: str) -> list[Any] | Array:
     if datatype == "BYTES":
         out: list[Any] = []
         for item in array.reshape(-1):
@@ -264,6 +312,9 @@ def _array_to_json(array: Array, datatype: str, where: str) -> list[Any]:
                     f"{where}: BYTES element is not UTF-8; request it with binary_data"
                 ) from exc
         return out
+    if _json_codec == "orjson":
+        # orjson writes a numeric array itself (OPT_SERIALIZE_NUMPY): no Python floats
+        return np.ascontiguousarray(array.reshape(-1), dtype=array.dtype.newbyteorder("="))
     flat: list[Any] = array.reshape(-1).tolist()
     return flat
 
@@ -349,9 +400,9 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
 def _split_body(
     body: bytes | bytearray, header_length: int | None
 ) -> tuple[JsonObject, memoryview | None]:
-    json_part = body if header_length is None else body[:header_length]
+    json_part = body if header_length is None else memoryview(body)[:header_length]
     try:
-        header = json.loads(json_part.decode("utf-8"))  # OIP's JSON is UTF-8
+        header = _loads(json_part)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         what = "body" if header_length is None else f"first {header_length} bytes of the body"
         raise ProtocolError(f"the {what} is not valid JSON: {exc}") from None
@@ -359,6 +410,30 @@ def _split_body(
         raise ProtocolError("the JSON body must be an object")
     binary = None if header_length is None else memoryview(body)[header_length:]
     return header, binary
+
+
+def _loads(data: bytes | bytearray | memoryview) -> Any:
+    if _json_codec == "orjson":
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None  # decode_request asks json
+    return json.loads(bytes(data).decode("utf-8"))  # OIP's JSON is UTF-8
+
+
+def _dumps(header: JsonObject) -> bytes:
+    if _json_codec == "orjson":
+        try:
+            return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:
+            pass  # an array type orjson does not write, or an integer past 64 bits
+    return json.dumps(header, separators=(",", ":"), default=_as_list).encode()
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _check_all_binary_used(binary: memoryview | None, offset: int) -> None:
@@ -388,8 +463,37 @@ def _parameters(header: Mapping[str, Any], where: str) -> JsonObject:
 # ----------------------------------------------------------------------- requests
 
 
+Decoded = TypeVar("Decoded")
+
+
+def _decided_by_json(
+    decode: Callable[[bytes | bytearray, int | None], Decoded],
+    body: bytes | bytearray,
+    header_length: int | None,
+) -> Decoded:
+    """`decode(body, header_length)`; a body the orjson path rejects is read again on
+    the replaced path, which decides: what it accepts and the message it gives stay as
+    they were (orjson refuses NaN and reads an integer past 64 bits as a float, for
+    two). Only bad bodies pay for the second reading."""
+    global _json_codec
+    try:
+        return decode(body, header_length)
+    except ProtocolError:
+        if _json_codec == "stdlib":
+            raise
+    _json_codec = "stdlib"
+    try:
+        return decode(body, header_length)
+    finally:
+        _json_codec = "orjson"
+
+
 def decode_request(body: bytes | bytearray, header_length: int | None) -> InferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors)."""
+    return _decided_by_json(_decode_request, body, header_length)
+
+
+def _decode_request(body: bytes | bytearray, header_length: int | None) -> InferRequest:
     header, binary = _split_body(body, header_length)
     if "inputs" not in header:
         raise ProtocolError("the request has no 'inputs'")
@@ -419,13 +523,12 @@ def decode_request(body: bytes | bytearray, header_length: int | None) -> InferR
 
 
 Parts = list[bytes | memoryview]
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _encode(header: JsonObject, binaries: Parts) -> tuple[Parts, dict[str, str]]:
     """The body as its parts: the JSON header, then each binary tensor's bytes (views
     of the arrays, not copies), and the HTTP headers that describe it."""
-    json_bytes = _COMPACT_JSON.encode(header).encode()
+    json_bytes = _dumps(header)
     if not binaries:
         return [json_bytes], {"Content-Type": JSON_CONTENT_TYPE}
     headers = {HEADER_LENGTH: str(len(json_bytes)), "Content-Type": BINARY_CONTENT_TYPE}
@@ -516,8 +619,12 @@ def encode_response_parts(
     return _encode(header, binaries)
 
 
-def decode_response(body: bytes, header_length: int | None) -> InferResponse:
+def decode_response(body: bytes | bytearray, header_length: int | None) -> InferResponse:
     """Parse an inference response body (used by the chain and by tests)."""
+    return _decided_by_json(_decode_response, body, header_length)
+
+
+def _decode_response(body: bytes | bytearray, header_length: int | None) -> InferResponse:
     header, binary = _split_body(body, header_length)
     if "error" in header:
         raise ProtocolError(f"the response is an error: {header['error']}")

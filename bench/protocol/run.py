@@ -1,0 +1,273 @@
+"""Protocol benchmark: one worker process on loopback, the same requests over REST with
+binary tensor data, REST with JSON (orjson, and the replaced json-module path side by
+side) and gRPC, for a 1x3x224x224 conv model and an 8x64 MLP, with one client and with
+four concurrent ones; and a two-stage chain forwarding over HTTP and over gRPC.
+
+    python bench/protocol/run.py [--requests 40] [--conditions "..."]
+
+Clients run as threads of this process (one keep-alive connection or channel each) and
+encode every request and decode every answer with the worker's own codecs, so a row
+is the whole round trip. The result goes to docs/results/protocol.json, which
+`make docs-numbers` renders into docs/dataplane.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))  # the renderer beside the benches
+sys.path.insert(0, str(ROOT / "tests"))  # the test models and worker processes
+
+import grpc  # noqa: E402
+
+import render_numbers  # noqa: E402
+from _worker_support import (  # noqa: E402
+    Worker,
+    build_conv_chain,
+    build_mlp,
+    extract,
+    free_port,
+    start_worker,
+)
+from edgeai_worker import grpc_predict_v2_pb2 as pb  # noqa: E402
+from edgeai_worker import protocol  # noqa: E402
+from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request  # noqa: E402
+from edgeai_worker.protocol import InferRequest, Tensor  # noqa: E402
+
+CLIENTS = (1, 4)
+# mode -> (transport, JSON codec of worker and client, binary tensors)
+MODES = {
+    "rest_binary": ("rest", "orjson", True),
+    "rest_json": ("rest", "orjson", False),
+    "rest_json_stdlib": ("rest", "stdlib", False),
+    "grpc": ("grpc", "orjson", True),
+}
+
+Call = Callable[[], np.ndarray]
+
+
+def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[[], Call]:
+    host, port = url.removeprefix("http://").split(":")
+
+    def make() -> Call:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+        def call() -> np.ndarray:
+            request = InferRequest(
+                [Tensor.from_numpy("input", x)],
+                parameters={"binary_data_output": True} if binary else {},
+            )
+            body, headers = protocol.encode_request(request, binary=binary)
+            connection.request("POST", f"/v2/models/{model}/infer", body, headers)
+            reply = connection.getresponse()
+            data = reply.read()
+            if reply.status != 200:
+                raise RuntimeError(f"{reply.status}: {data[:300]!r}")
+            length = reply.getheader(protocol.HEADER_LENGTH)
+            response = protocol.decode_response(data, int(length) if length else None)
+            return response.outputs[0].array
+
+        return call
+
+    return make
+
+
+def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
+    def make() -> Call:
+        channel = grpc.insecure_channel(target)
+        stub = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+
+        def call() -> np.ndarray:
+            request = encode_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
+            response = decode_infer_response(stub(request, timeout=120))
+            return response.outputs[0].array
+
+        return call
+
+    return make
+
+
+def measure(make: Callable[[], Call], clients: int, requests: int) -> dict[str, float]:
+    """`requests` calls spread over `clients` threads after one warm-up call each:
+    p50/p95 latency and throughput."""
+    calls = [make() for _ in range(clients)]
+    for call in calls:
+        call()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_client = max(1, requests // clients)
+
+    def run(call: Call) -> None:
+        for _ in range(per_client):
+            started = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall_s = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50Ms": round(statistics.median(latencies) * 1000, 3),
+        "p95Ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000, 3),
+        "perSecond": round(len(latencies) / wall_s, 1),
+        "requests": len(latencies),
+    }
+
+
+@contextlib.contextmanager
+def _worker(tmp: Path, settings: dict[str, Any]) -> Iterator[Worker]:
+    worker = start_worker(tmp, {"intra_op_threads": 1, **settings})
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def bench_model(
+    tmp: Path, name: str, path: Path, x: np.ndarray, requests: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    grpc_port = free_port()
+    fast = {"model_name": name, "partitions": [str(path)], "grpc_port": grpc_port}
+    slow = {"model_name": name, "partitions": [str(path)], "json_codec": "stdlib"}
+    with _worker(tmp, fast) as orjson_worker, _worker(tmp, slow) as stdlib_worker:
+        for mode, (transport, codec, binary) in MODES.items():
+            protocol.set_json_codec(codec)
+            if transport == "grpc":
+                make = _grpc_caller(f"127.0.0.1:{grpc_port}", name, x)
+            else:
+                url = stdlib_worker.url if codec == "stdlib" else orjson_worker.url
+                make = _rest_caller(url, name, x, binary)
+            # the JSON-module path is slow on the conv input: fewer requests there
+            count = requests // 4 if codec == "stdlib" and x.size > 10_000 else requests
+            for clients in CLIENTS:
+                result = measure(make, clients, count)
+                print(f"[bench] {name} {mode} x{clients}: {result}", file=sys.stderr, flush=True)
+                rows.append({"model": name, "mode": mode, "clients": clients, **result})
+    protocol.set_json_codec("orjson")
+    return rows
+
+
+def bench_chain(tmp: Path, requests: int) -> list[dict[str, Any]]:
+    """A conv model cut in two stages: the first forwards to the second over HTTP, then
+    over gRPC (the client talks REST binary to the first stage both times)."""
+    chain = build_conv_chain(tmp / "chain224.onnx", hw=224)
+    cut = chain.cuts[0]
+    head = extract(chain.path, ["input"], [cut], tmp / "head.onnx")
+    tail = extract(chain.path, [cut], ["output"], tmp / "tail.onnx")
+    x = np.random.default_rng(1).standard_normal(chain.input_shape).astype(np.float32)
+    rows: list[dict[str, Any]] = []
+    for transport in ("http", "grpc"):
+        grpc_port = free_port()
+        last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
+        with _worker(tmp, last) as second:
+            next_url = second.url if transport == "http" else f"grpc://127.0.0.1:{grpc_port}"
+            first = {"model_name": "chain", "partitions": [str(head)], "next_urls": [next_url]}
+            with _worker(tmp, first) as front:
+                make = _rest_caller(front.url, "chain", x, True)
+                for clients in CLIENTS:
+                    result = measure(make, clients, requests)
+                    print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
+                    rows.append({"forwarding": transport, "clients": clients, **result})
+    return rows
+
+
+def _row(rows: list[dict[str, Any]], model: str, mode: str, clients: int) -> dict[str, Any]:
+    return next(
+        r for r in rows if r["model"] == model and r["mode"] == mode and r["clients"] == clients
+    )
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """p50 ratios, one client: gRPC / REST binary and JSON / binary per model, and the
+    orjson path / the json-module path."""
+    out: dict[str, float] = {}
+    for model in ("conv", "mlp"):
+        binary = _row(rows, model, "rest_binary", 1)["p50Ms"]
+        out[f"{model}GrpcOverBinary"] = round(_row(rows, model, "grpc", 1)["p50Ms"] / binary, 3)
+        out[f"{model}JsonOverBinary"] = round(
+            _row(rows, model, "rest_json", 1)["p50Ms"] / binary, 3
+        )
+        out[f"{model}JsonOrjsonOverStdlib"] = round(
+            _row(rows, model, "rest_json", 1)["p50Ms"]
+            / _row(rows, model, "rest_json_stdlib", 1)["p50Ms"],
+            3,
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=40, help="requests per row")
+    render_numbers.add_result_arguments(parser, "protocol.json")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="edgeai-protocol-") as name:
+        tmp = Path(name)
+        conv = build_conv_chain(tmp / "conv224.onnx", hw=224).path
+        mlp = build_mlp(tmp / "mlp.onnx")
+        rng = np.random.default_rng(0)
+        rows = bench_model(
+            tmp,
+            "conv",
+            conv,
+            rng.standard_normal((1, 3, 224, 224)).astype(np.float32),
+            args.requests,
+        )
+        rows += bench_model(
+            tmp, "mlp", mlp, rng.standard_normal((8, 64)).astype(np.float32), args.requests * 4
+        )
+        chain = bench_chain(tmp, args.requests)
+    report = {
+        "kind": "ProtocolBench",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "conditions": args.conditions,
+        "cpus": os.cpu_count(),
+        # 1-minute load average when the run started and ended (other work shares the CPUs)
+        "loadAverage": [round(load_before[0], 1), round(os.getloadavg()[0], 1)],
+        "models": {
+            "conv": "conv chain 3-8-16-16 channels, 3x3 kernels, input 1x3x224x224 FP32",
+            "mlp": "64-128-10 MLP, input 8x64 FP32",
+        },
+        "rows": rows,
+        "chain": chain,
+        "ratios": ratios(rows),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render_numbers.protocol_table(report))
+    print(render_numbers.protocol_summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
