@@ -389,15 +389,13 @@ class ProcessKubelet:
             flag, _, value = arg.partition("=")
             if flag == "--host":
                 value = ip
-            elif flag == "--next":
+            elif flag in ("--next", "--aggregator", "--peers"):
                 if self.proxy is None:
-                    raise AssertionError(
-                        f"pod {name} forwards to {value}: give the kubelet a proxy"
-                    )
-                resolved = self.proxy.url(value)
-                if resolved is None:
-                    return None  # the Service is not known yet: try on the next pass
-                value = resolved
+                    raise AssertionError(f"pod {name} reaches {value}: give the kubelet a proxy")
+                urls = [self.proxy.url(url) for url in value.split(",")]
+                if None in urls:
+                    return None  # a Service is not known yet: try on the next pass
+                value = ",".join(u for u in urls if u is not None)
             for mount, path in local.items():
                 if value == mount or value.startswith(mount + "/"):
                     value = str(path) + value[len(mount) :]
@@ -405,10 +403,14 @@ class ProcessKubelet:
         return args
 
     def _command(self, container: Obj) -> list[str]:
-        # the image's `edgeai` entry point is this interpreter's edgeai_operator.cli
-        if container.get("command", ["edgeai"]) != ["edgeai"]:
-            raise AssertionError(f"cannot run {container.get('command')}: only edgeai")
-        return [sys.executable, "-m", "edgeai_operator.cli"]
+        # the image's `edgeai` entry point is this interpreter's edgeai_operator.cli;
+        # a trainer's `python -m edgeai_worker.training` is this interpreter's module
+        command = container.get("command", ["edgeai"])
+        if command == ["edgeai"]:
+            return [sys.executable, "-m", "edgeai_operator.cli"]
+        if command[:2] == ["python", "-m"] and len(command) == 3:
+            return [sys.executable, "-m", command[2]]
+        raise AssertionError(f"cannot run {command}: only edgeai or python -m MODULE")
 
     def _init_done(self, name: str, ip: str, pod: Obj, state: _InitState) -> bool:
         """Advances the pod's init containers by what has happened since the last pass;
@@ -451,9 +453,11 @@ class ProcessKubelet:
         args = self._args(name, ip, container, state.volumes)
         if args is None:
             return
+        if container.get("command", ["edgeai"]) == ["edgeai"]:
+            args.append(f"--workdir={self.workdir / name / 'work'}")
         with (self.workdir / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [*self._command(container), *args, f"--workdir={self.workdir / name / 'work'}"],
+                [*self._command(container), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -466,11 +470,15 @@ class ProcessKubelet:
             state.running.wait(timeout=30)
 
     def _probe(self, name: str, pod: Obj) -> None:
-        ip, _ = self.procs[name]
+        ip, proc = self.procs[name]
         # Like a kubelet, a Ready process turns unready only after failureThreshold
-        # probes in a row fail (a busy worker may miss one probe's timeout).
-        threshold = pod["spec"]["containers"][0]["readinessProbe"].get("failureThreshold", 3)
-        if _probe_ok(pod, ip):
+        # probes in a row fail (a busy worker may miss one probe's timeout); a container
+        # without a probe is Ready while its process runs.
+        probe = pod["spec"]["containers"][0].get("readinessProbe")
+        threshold = (probe or {}).get("failureThreshold", 3)
+        if probe is None:
+            ok = proc.poll() is None
+        elif _probe_ok(pod, ip):
             self._failed_probes[name] = 0
             ok = True
         else:
