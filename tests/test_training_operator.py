@@ -5,17 +5,14 @@ into a ConfigMap, and a DNNModel prepares it."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from _cluster_support import Namespace, apply, condition, get, wait_for
 from _process_kubelet import ProcessKubelet, ServiceProxy
 from conftest import OperatorProcess
-from edgeai_operator.localcluster import REPO_ROOT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -148,7 +145,7 @@ def test_a_deleted_worker_is_recreated_and_the_job_completes(
         "resilient",
         workers={"nodeSelector": {"app": "camera"}, "count": 3},
         algorithm={"mode": "syncSGD", "learningRate": 0.1},
-        stop={"targetAccuracy": 1.0, "maxRounds": 40},
+        stop={"targetAccuracy": 1.0, "maxRounds": 30},
         faults={"roundTimeoutSeconds": 2},
     )
     apply(ns, job)
@@ -158,8 +155,9 @@ def test_a_deleted_worker_is_recreated_and_the_job_completes(
     ):
         wait_for(
             "round 2",
-            lambda: int((get(ns, "dnntj", "resilient") or {}).get("status", {}).get("round") or 0)
-            >= 2,
+            lambda: (
+                int((get(ns, "dnntj", "resilient") or {}).get("status", {}).get("round") or 0) >= 2
+            ),
             180,
         )
         ns.kubectl("delete", "pod", "resilient-worker-1", "--wait=false")
@@ -167,10 +165,10 @@ def test_a_deleted_worker_is_recreated_and_the_job_completes(
             "the job to succeed", lambda: phase_in(ns, "resilient", "Succeeded", "Failed"), 240
         )
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    assert done["status"]["round"] == 40
+    assert done["status"]["round"] == 30
     reasons = [reason for reason, _ in events_of(ns, "resilient")]
-    assert "WorkerRecreated" in reasons, reasons
-    assert "round limit 40 reached" in done["status"]["message"]
+    assert "WorkerRecreated" in reasons, ", ".join(reasons)
+    assert "round limit 30 reached" in done["status"]["message"]
 
 
 def test_no_matching_device_fails_naming_the_selector(
@@ -201,13 +199,10 @@ def test_deleting_a_job_deletes_its_children(ns: Namespace, operator: OperatorPr
         "configmaps": ["short-lived-spec"],
     }
     ns.kubectl("delete", "dnntj", "short-lived", "--wait=false")
-    empty = {"pods": [], "services": [], "poddisruptionbudgets": [], "configmaps": []}
+    empty: dict[str, list[str]] = {
+        "pods": [],
+        "services": [],
+        "poddisruptionbudgets": [],
+        "configmaps": [],
+    }
     wait_for("every child gone", lambda: children(ns, "short-lived") == empty, 90)
-
-
-def test_the_example_job_is_a_valid_spec() -> None:
-    from edgeai_worker.training.spec import parse_spec
-
-    doc = yaml.safe_load((REPO_ROOT / "examples" / "digits-training.yaml").read_text())
-    spec = parse_spec(copy.deepcopy(doc["spec"]))
-    assert spec.algorithm.mode == "fedavg"

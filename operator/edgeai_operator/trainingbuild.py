@@ -235,6 +235,8 @@ def _pod(
             "restartPolicy": "OnFailure",
             "containers": [container],
             "volumes": volumes,
+            # nothing to drain: a replacement worker may start soon after a deletion
+            "terminationGracePeriodSeconds": 5,
         },
     }
 
