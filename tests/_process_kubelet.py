@@ -293,6 +293,7 @@ class ProcessKubelet:
         self._failed_probes: dict[str, int] = {}  # pod name -> probes failed in a row
         self._stopping: list[threading.Thread] = []
         self._inits: dict[str, _InitState] = {}  # pod name -> its init containers
+        self._exited: set[str] = set()  # pods whose ending was reported
         self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod, selector)
         self._core = client.CoreV1Api(self._pods.api)
         self._stop = threading.Event()
@@ -350,7 +351,9 @@ class ProcessKubelet:
                 pod = pods.get(name)
                 if pod is None or pod["metadata"].get("deletionTimestamp"):
                     self._kill(name)
-                else:
+                elif name in self._exited:
+                    continue  # its ending is reported: nothing left to probe
+                elif self.procs[name][1].poll() is None or not self._report_exit(name, pod):
                     self._probe(name, pod)
             # The probe period: each pass probes every process once.
             self._stop.wait(0.2)
@@ -385,10 +388,13 @@ class ProcessKubelet:
             if m["name"] in volumes
         }
         args: list[str] = []
+        termination_path = container.get("terminationMessagePath", "/dev/termination-log")
         for arg in container["args"]:
             flag, _, value = arg.partition("=")
             if flag == "--host":
                 value = ip
+            elif value == termination_path:
+                value = str(self._termination_log(name, container))
             elif flag in ("--next", "--aggregator", "--peers"):
                 if self.proxy is None:
                     raise AssertionError(f"pod {name} reaches {value}: give the kubelet a proxy")
@@ -506,8 +512,56 @@ class ProcessKubelet:
         )
         self._reported[name] = ok
 
+    def _termination_log(self, name: str, container: Obj) -> Path:
+        """The local file standing for the container's terminationMessagePath."""
+        del container  # one container per pod here
+        return self.workdir / name / "termination-log"
+
+    def _report_exit(self, name: str, pod: Obj) -> bool:
+        """A container that exited as its restartPolicy lets it stay down (0 under
+        OnFailure or Never, anything under Never) ends its pod, as a kubelet reports it:
+        the pod's phase and the container's termination. Other exits are not restarted
+        here; False leaves them to the probe."""
+        code = self.procs[name][1].returncode
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if policy == "Always" or (code != 0 and policy == "OnFailure"):
+            return False
+        container = pod["spec"]["containers"][0]
+        terminated: Obj = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        log = self._termination_log(name, container)
+        if log.exists():  # as a kubelet keeps it: at most 4096 bytes
+            terminated["message"] = log.read_text()[-4096:]
+        self._core.patch_namespaced_pod_status(
+            name,
+            self.ns.name,
+            {
+                "status": {
+                    "phase": "Succeeded" if code == 0 else "Failed",
+                    "conditions": [
+                        {"type": "Ready", "status": "False"},
+                        {"type": "ContainersReady", "status": "False"},
+                    ],
+                    "containerStatuses": [
+                        {
+                            "name": container["name"],
+                            "image": container["image"],
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "started": False,
+                            "state": {"terminated": terminated},
+                        }
+                    ],
+                }
+            },
+        )
+        self._exited.add(name)
+        self.serving[name] = False
+        return True
+
     def _kill(self, name: str) -> None:
         self._inits.pop(name, None)
+        self._exited.discard(name)
         _, proc = self.procs.pop(name)
         self.serving.pop(name, None)
         self._failed_probes.pop(name, None)

@@ -177,6 +177,7 @@ def test_workers_reach_the_aggregator_or_every_peer_in_index_order() -> None:
     args = gossip["spec"]["containers"][0]["args"]
     assert args[0] == "gossip"
     assert "--index=2" in args
+    assert "--result-file=/dev/termination-log" in args  # its final numbers outlive it
     peers = "--peers=" + ",".join(f"http://digits-worker-{i}.team-a.svc:7100" for i in range(3))
     assert peers in args
     assert gossip["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -312,6 +313,8 @@ def test_gossip_succeeds_when_every_worker_has_exited() -> None:
         "bytesDown": 0,
     }
     assert gossip_progress([], 3, 3) == {"phase": "Succeeded"}
+    assert gossip_progress(statuses, 2, 2)["phase"] == "Succeeded"
+    assert gossip_progress([], 3, 1) == {"phase": "Pending"}
     placed = {
         "placement": {"workers": ["a", "b"], "aggregator": None},
         "round": 7,

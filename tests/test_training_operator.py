@@ -171,6 +171,43 @@ def test_a_deleted_worker_is_recreated_and_the_job_completes(
     assert "round limit 30 reached" in done["status"]["message"]
 
 
+def test_a_gossip_job_completes_without_an_aggregator(
+    ns: Namespace, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """Three gossip workers, each behind a Service of its own; the job succeeds once
+    every worker has finished, with the workers' numbers in status and no model copied
+    (each worker keeps its own)."""
+    job = training_job(
+        "peers",
+        workers={"nodeSelector": {"app": "camera"}, "count": 3},
+        algorithm={"mode": "gossip", "localSteps": 10, "learningRate": 0.1},
+        stop={"targetAccuracy": 0.85, "maxRounds": 20},
+    )
+    apply(ns, job)
+    made = wait_for(
+        "the gossip workers and their Services",
+        lambda: len((c := children(ns, "peers"))["services"]) == len(c["pods"]) == 3 and c,
+        60,
+    )
+    assert made["pods"] == ["peers-worker-0", "peers-worker-1", "peers-worker-2"]
+    assert made["poddisruptionbudgets"] == []
+    with (
+        ServiceProxy(ns) as proxy,
+        ProcessKubelet(ns, f"{JOB_LABEL}=peers", tmp_path, proxy),
+    ):
+        done = wait_for(
+            "the gossip job to end", lambda: phase_in(ns, "peers", "Succeeded", "Failed"), 240
+        )
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    assert set(status["placement"]) == {"workers"}  # no aggregator
+    assert status["round"] >= 1
+    assert status["uplinkBytes"] == status["bytesUp"] > 0
+    assert "model" not in status
+    reasons = [reason for reason, _ in events_of(ns, "peers")]
+    assert {"PodsCreated", "Completed"} <= set(reasons), ", ".join(reasons)
+
+
 def test_no_matching_device_fails_naming_the_selector(
     ns: Namespace, operator: OperatorProcess
 ) -> None:

@@ -34,6 +34,7 @@ GOSSIP_PORT = 7100
 SPEC_DIR = "/etc/edgeai/training"
 SPEC_FILE = "spec.json"
 WORK_DIR = "/var/lib/edgeai/training"
+TERMINATION_LOG = "/dev/termination-log"  # the container's terminationMessagePath
 MODEL_KEY = "model.onnx"
 # A ConfigMap holds at most 1 MiB (data and binaryData together); leave room for metadata.
 MODEL_CONFIGMAP_MAX_BYTES = 1_000_000
@@ -71,7 +72,10 @@ class Placement:
     aggregator: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workers": list(self.workers), "aggregator": self.aggregator}
+        out: dict[str, Any] = {"workers": list(self.workers)}
+        if self.aggregator is not None:
+            out["aggregator"] = self.aggregator
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Placement:
@@ -279,6 +283,8 @@ def worker_pod(
             f"--port={GOSSIP_PORT}",
             f"--peers={peers}",
             f"--workdir={WORK_DIR}",
+            # the final numbers outlive the process: the kubelet keeps them in the pod
+            f"--result-file={TERMINATION_LOG}",
         ]
         return _pod(job, name, labels, node, image, args, GOSSIP_PORT, "/health")
     url = _service_url(job, aggregator_name(job), AGGREGATOR_PORT)
@@ -357,17 +363,16 @@ PROGRESS_FIELDS = (
 def gossip_progress(
     statuses: Sequence[Mapping[str, Any]], workers: int, exited: int
 ) -> dict[str, Any]:
-    """The job's progress from the `/status` of its gossip workers that answered: the
-    slowest one's round, the mean accuracy, bytes summed. A finished gossip worker stops
-    listening and exits, so the job has succeeded once all `workers` pods have exited
-    successfully (`exited`)."""
-    if exited >= workers:
-        return {"phase": "Succeeded"}
+    """The job's progress from its gossip workers' statuses (a running worker's `/status`,
+    a finished one's final status from its termination message): the slowest one's
+    round, the mean accuracy, bytes summed. A finished gossip worker stops listening and
+    exits, so the job has succeeded once all `workers` pods have exited successfully
+    (`exited`)."""
     if not statuses:
-        return {"phase": "Pending"}
+        return {"phase": "Succeeded" if exited >= workers else "Pending"}
     accuracies = [float(s["accuracy"]) for s in statuses if s.get("accuracy") is not None]
     return {
-        "phase": "Running",
+        "phase": "Succeeded" if exited >= workers else "Running",
         "round": min(int(s.get("round") or 0) for s in statuses),
         "accuracy": round(sum(accuracies) / len(accuracies), 4) if accuracies else None,
         "bytesUp": sum(int(s.get("bytesUp") or 0) for s in statuses),

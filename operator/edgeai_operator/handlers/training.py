@@ -50,6 +50,15 @@ def _json(body: bytes | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _termination_message(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A finished worker's final status, which it wrote to its termination log."""
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+        if message:
+            return _json(message.encode())
+    return None
+
+
 def read_progress(
     job: JobRef, spec: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]], workers: int
 ) -> dict[str, Any] | None:
@@ -64,6 +73,9 @@ def read_progress(
         pod = pods.get(trainingbuild.worker_name(job, i)) or {}
         if (pod.get("status") or {}).get("phase") == "Succeeded":
             exited += 1
+            final = _termination_message(pod)
+            if final is not None:
+                statuses.append(final)
             continue
         ip = _running_ip(pod)
         answer = None if ip is None else _json(read_pod(ip, GOSSIP_PORT, "/status"))

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         "--peers", required=True, help="every worker's URL, comma-separated, in index order"
     )
     gos.add_argument("--workdir", required=True, help="status.json and model.onnx")
+    gos.add_argument(
+        "--result-file",
+        help="write the final status (JSON, no history) here too, e.g. a pod's termination log",
+    )
     return parser
 
 
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     status = asyncio.run(
         serve_gossip(spec, args.index, args.host, args.port, peers, Path(args.workdir))
     )
-    print(json.dumps({k: v for k, v in status.items() if k != "history"}))
+    result = json.dumps({k: v for k, v in status.items() if k != "history"})
+    if args.result_file:
+        Path(args.result_file).write_text(result)
+    print(result)
     return 0
 
 
