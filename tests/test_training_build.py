@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from _training_samples import BAD, GOOD
 from edgeai_operator.localcluster import REPO_ROOT
 from edgeai_operator.planning import NodeState
 from edgeai_operator.topology import NodeSpec
@@ -27,7 +28,7 @@ from edgeai_operator.trainingbuild import (
     step,
     worker_pod,
 )
-from edgeai_worker.training.spec import parse_spec
+from edgeai_worker.training.spec import TrainingSpecError, parse_spec
 
 JOB = JobRef("digits", "team-a", "uid-1")
 OWNER = {
@@ -361,3 +362,17 @@ def test_the_example_job_parses() -> None:
     doc = yaml.safe_load((REPO_ROOT / "examples" / "digits-training.yaml").read_text())
     assert doc["kind"] == "DNNTrainingJob"
     assert parse_spec(copy.deepcopy(doc["spec"])).algorithm.mode == "fedavg"
+
+
+@pytest.mark.parametrize(("case", "raw", "field"), BAD, ids=[c[0] for c in BAD])
+def test_the_parser_refuses_what_the_crd_refuses(
+    case: str, raw: dict[str, Any], field: str
+) -> None:
+    """The same samples test_crd_validation sends to the API server."""
+    with pytest.raises(TrainingSpecError) as caught:
+        parse_spec(raw)
+    assert caught.value.field == field, case
+
+
+def test_the_good_sample_parses() -> None:
+    assert parse_spec(GOOD).algorithm.moving_rate == 0.4
