@@ -442,3 +442,21 @@ async def test_aggregator_refuses_bad_updates_by_status(
         )
     )
     assert status["bytesUp"] == 0
+
+
+async def test_the_aggregator_serves_its_exported_model(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """404 naming the phase before training ends; the exported ONNX file's bytes after."""
+    from edgeai_worker.training.aggregator import Server, create_app
+
+    server = Server.restore(parse_spec(_spec(workers={"count": 1})), tmp_path)
+    client = await aiohttp_client(create_app(server))
+    answer = await client.get("/model.onnx")
+    assert answer.status == 404
+    assert "phase Pending" in (await answer.json())["error"]
+    server.export()
+    assert server.model_path is not None
+    answer = await client.get("/model.onnx")
+    assert answer.status == 200
+    assert await answer.read() == server.model_path.read_bytes()
