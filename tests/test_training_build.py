@@ -270,6 +270,10 @@ def test_a_missing_worker_is_recreated_until_training_is_done() -> None:
     done = step(job(dict(PLACED)), NODES, present, {"phase": "Succeeded", "round": 5}, image=IMAGE)
     assert done.create == []
     assert done.copy_model
+    codistilled = job(dict(PLACED), algorithm={"mode": "codistillation"})
+    ended = step(codistilled, NODES, present, {"phase": "Succeeded", "round": 5}, image=IMAGE)
+    assert not ended.copy_model  # its workers keep their own models
+    assert ended.status["phase"] == "Succeeded"
 
 
 def test_progress_moves_the_status_and_posts_milestones() -> None:

@@ -502,7 +502,9 @@ def step(
             )
         )
     if done:
-        out.copy_model = placement.aggregator is not None
+        # gossip and codistillation workers keep their own models: none to copy
+        mode = (spec.get("algorithm") or {}).get("mode")
+        out.copy_model = placement.aggregator is not None and mode != "codistillation"
         if not out.copy_model:
             out.status.update(succeeded(status, generation, round_, accuracy, spec, None))
             out.events.append(("Normal", "Completed", completion_message(round_, accuracy, spec)))
