@@ -1,9 +1,25 @@
 """DNNTrainingJob specs the API server (CRD schema and CEL rules) and the training
-processes' parser must both refuse, each with the field the refusal names."""
+processes' parser must both refuse, each with the field the refusal names; and the
+held-out accuracy of an exported model."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+
+
+def held_out_accuracy(path: str) -> float:
+    """Top-1 accuracy of the ONNX model at `path` on the training engine's held-out set."""
+    import onnxruntime as ort
+
+    from edgeai_worker.training.data import held_out
+
+    x, y = held_out()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    return float((np.asarray(logits).argmax(axis=1) == y).mean())
+
 
 GOOD: dict[str, Any] = {
     "model": {"zoo": "digits_cnn"},

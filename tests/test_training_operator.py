@@ -5,6 +5,7 @@ into a ConfigMap, and a DNNModel prepares it."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from _cluster_support import Namespace, apply, condition, get, wait_for
 from _process_kubelet import ProcessKubelet, ServiceProxy
+from _training_samples import held_out_accuracy
 from conftest import OperatorProcess
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -136,6 +138,11 @@ def test_fedavg_job_trains_to_target_and_its_model_is_prepared(
         180,
     )
     assert condition(prepared, "Prepared")["reason"] != "InvalidSpec"
+    # the ConfigMap holds the aggregator's trained model: it scores what status says
+    data = get(ns, "configmap", "digits-model")["binaryData"]["model.onnx"]
+    exported = tmp_path / "exported.onnx"
+    exported.write_bytes(base64.b64decode(data))
+    assert held_out_accuracy(str(exported)) == pytest.approx(status["accuracy"], abs=1e-3)
 
 
 def test_a_deleted_worker_is_recreated_and_the_job_completes(
