@@ -1,19 +1,24 @@
 """A kubelet and a kube-proxy for kwok pods, as far as the cluster tests need them.
 
 kwok simulates a pod's lifecycle without running anything. `ProcessKubelet` runs each
-selected pod's own container args (`edgeai run-stage ...`) as a real process on the
-pod's IP (kwok hands them out from 127.244.0.0/16, all loopback), with the plan
-ConfigMap the pod mounts written to a local directory and each emptyDir volume a
-directory of its own per pod (mount paths in the args are rewritten to those), and stops
-the process (SIGTERM, as a kubelet does) once the pod is being deleted. As a kubelet
-does, it first runs the pod's init containers (`edgeai fetch ...`) one after the other
-with their exact args, each to exit 0 before the next starts; one that fails is run
-again on a later pass, after a back-off that doubles, and the main container does not
-start until all have succeeded. A failed node's kubelet stops
-reporting but its containers keep running: so does a process here, until its pod is
-deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's own
-readinessProbe against its process and writes the outcome to the pod's Ready condition,
-so only processes that answer count as endpoints.
+selected pod's own container args (`edgeai run-stage ...`, or a trainer's `python -m
+edgeai_worker.training ...`) as a real process on the pod's IP (kwok hands them out from
+127.244.0.0/16, all loopback), with the plan ConfigMap the pod mounts written to a local
+directory and each emptyDir volume a directory of its own per pod (mount paths in the
+args are rewritten to those), and stops the process (SIGTERM, as a kubelet does) once
+the pod is being deleted. As a kubelet does, it first runs the pod's init containers
+(`edgeai fetch ...`) one after the other with their exact args, each to exit 0 before
+the next starts; one that fails is run again on a later pass, after a back-off that
+doubles, and the main container does not start until all have succeeded. A failed node's
+kubelet stops reporting but its containers keep running: so does a process here, until
+its pod is deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's
+own readinessProbe against its process and writes the outcome to the pod's Ready
+condition, so only processes that answer count as endpoints (a container without a probe
+is Ready while its process runs). A process that exits as its pod's restartPolicy lets
+it stay down (0 under OnFailure, any code under Never) ends the pod as a kubelet reports it: phase
+Succeeded or Failed, the container's exit code, and as its termination message the file
+the container wrote at its terminationMessagePath (an argument naming that path is
+pointed at a file of the pod's own).
 
 `ServiceProxy` does what kube-proxy does for the namespace's Services: each Service
 gets a loopback address, and each connection to it goes to one Ready endpoint of the
@@ -23,8 +28,9 @@ endpoint-slice controller would list: the Service's selected pods whose Ready co
 is True and that are not being deleted, at the pod port its targetPort names. The proxy
 works them out from the pods itself because the API server refuses EndpointSlices with
 loopback addresses ("may not be in the loopback range"), so the controller never
-publishes these pods. A pod's `--next` names the Service by its DNS name, which nothing
-here resolves: the kubelet rewrites that host to the Service's loopback address.
+publishes these pods. A pod's `--next` (and a trainer's `--aggregator`, and each URL of
+its comma-separated `--peers`) names a Service by its DNS name, which nothing here
+resolves: the kubelet rewrites that host to the Service's loopback address.
 
 Both follow the API server through watches (`Informer`).
 """
