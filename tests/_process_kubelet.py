@@ -1,19 +1,24 @@
 """A kubelet and a kube-proxy for kwok pods, as far as the cluster tests need them.
 
 kwok simulates a pod's lifecycle without running anything. `ProcessKubelet` runs each
-selected pod's own container args (`edgeai run-stage ...`) as a real process on the
-pod's IP (kwok hands them out from 127.244.0.0/16, all loopback), with the plan
-ConfigMap the pod mounts written to a local directory and each emptyDir volume a
-directory of its own per pod (mount paths in the args are rewritten to those), and stops
-the process (SIGTERM, as a kubelet does) once the pod is being deleted. As a kubelet
-does, it first runs the pod's init containers (`edgeai fetch ...`) one after the other
-with their exact args, each to exit 0 before the next starts; one that fails is run
-again on a later pass, after a back-off that doubles, and the main container does not
-start until all have succeeded. A failed node's kubelet stops
-reporting but its containers keep running: so does a process here, until its pod is
-deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's own
-readinessProbe against its process and writes the outcome to the pod's Ready condition,
-so only processes that answer count as endpoints.
+selected pod's own container args (`edgeai run-stage ...`, or a trainer's `python -m
+edgeai_worker.training ...`) as a real process on the pod's IP (kwok hands them out from
+127.244.0.0/16, all loopback), with the plan ConfigMap the pod mounts written to a local
+directory and each emptyDir volume a directory of its own per pod (mount paths in the
+args are rewritten to those), and stops the process (SIGTERM, as a kubelet does) once
+the pod is being deleted. As a kubelet does, it first runs the pod's init containers
+(`edgeai fetch ...`) one after the other with their exact args, each to exit 0 before
+the next starts; one that fails is run again on a later pass, after a back-off that
+doubles, and the main container does not start until all have succeeded. A failed node's
+kubelet stops reporting but its containers keep running: so does a process here, until
+its pod is deleted. kwok marks a pod Ready on a timer; the kubelet here runs the pod's
+own readinessProbe against its process and writes the outcome to the pod's Ready
+condition, so only processes that answer count as endpoints (a container without a probe
+is Ready while its process runs). A process that exits as its pod's restartPolicy lets
+it stay down (0 under OnFailure, any code under Never) ends the pod as a kubelet reports it: phase
+Succeeded or Failed, the container's exit code, and as its termination message the file
+the container wrote at its terminationMessagePath (an argument naming that path is
+pointed at a file of the pod's own).
 
 `ServiceProxy` does what kube-proxy does for the namespace's Services: each Service
 gets a loopback address, and each connection to it goes to one Ready endpoint of the
@@ -23,8 +28,9 @@ endpoint-slice controller would list: the Service's selected pods whose Ready co
 is True and that are not being deleted, at the pod port its targetPort names. The proxy
 works them out from the pods itself because the API server refuses EndpointSlices with
 loopback addresses ("may not be in the loopback range"), so the controller never
-publishes these pods. A pod's `--next` names the Service by its DNS name, which nothing
-here resolves: the kubelet rewrites that host to the Service's loopback address.
+publishes these pods. A pod's `--next` (and a trainer's `--aggregator`, and each URL of
+its comma-separated `--peers`) names a Service by its DNS name, which nothing here
+resolves: the kubelet rewrites that host to the Service's loopback address.
 
 Both follow the API server through watches (`Informer`).
 """
@@ -293,6 +299,7 @@ class ProcessKubelet:
         self._failed_probes: dict[str, int] = {}  # pod name -> probes failed in a row
         self._stopping: list[threading.Thread] = []
         self._inits: dict[str, _InitState] = {}  # pod name -> its init containers
+        self._exited: set[str] = set()  # pods whose ending was reported
         self._pods = Informer(ns, lambda a: client.CoreV1Api(a).list_namespaced_pod, selector)
         self._core = client.CoreV1Api(self._pods.api)
         self._stop = threading.Event()
@@ -350,7 +357,9 @@ class ProcessKubelet:
                 pod = pods.get(name)
                 if pod is None or pod["metadata"].get("deletionTimestamp"):
                     self._kill(name)
-                else:
+                elif name in self._exited:
+                    continue  # its ending is reported: nothing left to probe
+                elif self.procs[name][1].poll() is None or not self._report_exit(name, pod):
                     self._probe(name, pod)
             # The probe period: each pass probes every process once.
             self._stop.wait(0.2)
@@ -385,19 +394,20 @@ class ProcessKubelet:
             if m["name"] in volumes
         }
         args: list[str] = []
+        termination_path = container.get("terminationMessagePath", "/dev/termination-log")
         for arg in container["args"]:
             flag, _, value = arg.partition("=")
             if flag == "--host":
                 value = ip
-            elif flag == "--next":
+            elif value == termination_path:
+                value = str(self._termination_log(name, container))
+            elif flag in ("--next", "--aggregator", "--peers"):
                 if self.proxy is None:
-                    raise AssertionError(
-                        f"pod {name} forwards to {value}: give the kubelet a proxy"
-                    )
-                resolved = self.proxy.url(value)
-                if resolved is None:
-                    return None  # the Service is not known yet: try on the next pass
-                value = resolved
+                    raise AssertionError(f"pod {name} reaches {value}: give the kubelet a proxy")
+                urls = [self.proxy.url(url) for url in value.split(",")]
+                if None in urls:
+                    return None  # a Service is not known yet: try on the next pass
+                value = ",".join(u for u in urls if u is not None)
             for mount, path in local.items():
                 if value == mount or value.startswith(mount + "/"):
                     value = str(path) + value[len(mount) :]
@@ -405,10 +415,14 @@ class ProcessKubelet:
         return args
 
     def _command(self, container: Obj) -> list[str]:
-        # the image's `edgeai` entry point is this interpreter's edgeai_operator.cli
-        if container.get("command", ["edgeai"]) != ["edgeai"]:
-            raise AssertionError(f"cannot run {container.get('command')}: only edgeai")
-        return [sys.executable, "-m", "edgeai_operator.cli"]
+        # the image's `edgeai` entry point is this interpreter's edgeai_operator.cli;
+        # a trainer's `python -m edgeai_worker.training` is this interpreter's module
+        command = container.get("command", ["edgeai"])
+        if command == ["edgeai"]:
+            return [sys.executable, "-m", "edgeai_operator.cli"]
+        if command[:2] == ["python", "-m"] and len(command) == 3:
+            return [sys.executable, "-m", command[2]]
+        raise AssertionError(f"cannot run {command}: only edgeai or python -m MODULE")
 
     def _init_done(self, name: str, ip: str, pod: Obj, state: _InitState) -> bool:
         """Advances the pod's init containers by what has happened since the last pass;
@@ -451,9 +465,11 @@ class ProcessKubelet:
         args = self._args(name, ip, container, state.volumes)
         if args is None:
             return
+        if container.get("command", ["edgeai"]) == ["edgeai"]:
+            args.append(f"--workdir={self.workdir / name / 'work'}")
         with (self.workdir / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [*self._command(container), *args, f"--workdir={self.workdir / name / 'work'}"],
+                [*self._command(container), *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -466,11 +482,15 @@ class ProcessKubelet:
             state.running.wait(timeout=30)
 
     def _probe(self, name: str, pod: Obj) -> None:
-        ip, _ = self.procs[name]
+        ip, proc = self.procs[name]
         # Like a kubelet, a Ready process turns unready only after failureThreshold
-        # probes in a row fail (a busy worker may miss one probe's timeout).
-        threshold = pod["spec"]["containers"][0]["readinessProbe"].get("failureThreshold", 3)
-        if _probe_ok(pod, ip):
+        # probes in a row fail (a busy worker may miss one probe's timeout); a container
+        # without a probe is Ready while its process runs.
+        probe = pod["spec"]["containers"][0].get("readinessProbe")
+        threshold = (probe or {}).get("failureThreshold", 3)
+        if probe is None:
+            ok = proc.poll() is None
+        elif _probe_ok(pod, ip):
             self._failed_probes[name] = 0
             ok = True
         else:
@@ -498,8 +518,56 @@ class ProcessKubelet:
         )
         self._reported[name] = ok
 
+    def _termination_log(self, name: str, container: Obj) -> Path:
+        """The local file standing for the container's terminationMessagePath."""
+        del container  # one container per pod here
+        return self.workdir / name / "termination-log"
+
+    def _report_exit(self, name: str, pod: Obj) -> bool:
+        """A container that exited as its restartPolicy lets it stay down (0 under
+        OnFailure or Never, anything under Never) ends its pod, as a kubelet reports it:
+        the pod's phase and the container's termination. Other exits are not restarted
+        here; False leaves them to the probe."""
+        code = self.procs[name][1].returncode
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if policy == "Always" or (code != 0 and policy == "OnFailure"):
+            return False
+        container = pod["spec"]["containers"][0]
+        terminated: Obj = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        log = self._termination_log(name, container)
+        if log.exists():  # as a kubelet keeps it: at most 4096 bytes
+            terminated["message"] = log.read_text()[-4096:]
+        self._core.patch_namespaced_pod_status(
+            name,
+            self.ns.name,
+            {
+                "status": {
+                    "phase": "Succeeded" if code == 0 else "Failed",
+                    "conditions": [
+                        {"type": "Ready", "status": "False"},
+                        {"type": "ContainersReady", "status": "False"},
+                    ],
+                    "containerStatuses": [
+                        {
+                            "name": container["name"],
+                            "image": container["image"],
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "started": False,
+                            "state": {"terminated": terminated},
+                        }
+                    ],
+                }
+            },
+        )
+        self._exited.add(name)
+        self.serving[name] = False
+        return True
+
     def _kill(self, name: str) -> None:
         self._inits.pop(name, None)
+        self._exited.discard(name)
         _, proc = self.procs.pop(name)
         self.serving.pop(name, None)
         self._failed_probes.pop(name, None)

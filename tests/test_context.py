@@ -22,6 +22,7 @@ def test_settings_come_from_the_environment_once() -> None:
     settings = Settings.from_env(
         {
             "EDGEAI_WORKER_IMAGE": "registry.local/edgeai-worker:1.2",
+            "EDGEAI_TRAINER_IMAGE": "registry.local/edgeai-trainer:1.2",
             "EDGEAI_RESYNC_SECONDS": "3",
             "EDGEAI_DEBOUNCE_SECONDS": "0.25",
         },
@@ -29,6 +30,7 @@ def test_settings_come_from_the_environment_once() -> None:
     )
     assert settings == Settings(
         worker_image="registry.local/edgeai-worker:1.2",
+        trainer_image="registry.local/edgeai-trainer:1.2",
         resync_s=3.0,
         debounce_s=0.25,
         profile_poll_s=5.0,

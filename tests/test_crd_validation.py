@@ -21,6 +21,8 @@ from _modelspec_samples import (
     GOOD_SOURCES,
     UNPINNED_SOURCES,
 )
+from _training_samples import BAD as BAD_TRAINING
+from _training_samples import GOOD as GOOD_TRAINING
 from edgeai_operator.localcluster import REPO_ROOT, LocalCluster
 
 pytestmark = [pytest.mark.cluster]
@@ -245,6 +247,15 @@ CASES = [
     ),
     ("job: mode", _with(JOB, "spec.algorithm.mode", "sgd"), "spec.algorithm.mode"),
     ("job: ratio", _with(JOB, "spec.compression.ratio", 2), "spec.compression.ratio"),
+    *(
+        (f"job: {case}", _with(JOB, "spec", spec), f"spec.{field}")
+        for case, spec, field in BAD_TRAINING
+    ),
+    (
+        "job: name too long",
+        _with(JOB, "metadata.name", "j" * 41),
+        "metadata.name must be at most 40 characters",
+    ),
 ]
 
 
@@ -286,6 +297,11 @@ def test_invalid_manifest_rejected_naming_the_field(
 @pytest.mark.parametrize("doc", [MODEL, DEPLOYMENT, JOB], ids=["model", "deployment", "job"])
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:
     result = _apply(crds, doc)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_training_job_with_every_field_is_accepted(crds: LocalCluster) -> None:
+    result = _apply(crds, _with(JOB, "spec", GOOD_TRAINING))
     assert result.returncode == 0, result.stderr
 
 

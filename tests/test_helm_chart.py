@@ -68,6 +68,7 @@ def rules_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 NON_DEFAULT: dict[str, Any] = {
     "image": {"repository": "registry.example/edgeai-operator", "tag": "0.1.0-rc1"},
     "workerImage": "registry.example/edgeai-worker:0.1.0-rc1",
+    "trainerImage": "registry.example/edgeai-trainer:0.1.0-rc1",
     "replicas": 3,
     "watchNamespaces": ["team-a", "team-b"],
     "resyncSeconds": 30,
@@ -121,6 +122,7 @@ def test_defaults_render_a_cluster_wide_operator_without_secrets(helm: str, tmp_
     assert "--peering=edgeai" in container["args"]
     assert not any(a.startswith("--namespace") for a in container["args"])
     assert {"name": "EDGEAI_WORKER_IMAGE", "value": "edgeai-worker:0.1.0"} in container["env"]
+    assert {"name": "EDGEAI_TRAINER_IMAGE", "value": "edgeai-trainer:0.1.0"} in container["env"]
     assert not any(e["name"] == "EDGEAI_ARTIFACTS_URI" for e in container["env"])
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
@@ -156,6 +158,7 @@ def test_watched_namespaces_get_roles_there_and_nothing_cluster_wide(
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env == {
         "EDGEAI_WORKER_IMAGE": "registry.example/edgeai-worker:0.1.0-rc1",
+        "EDGEAI_TRAINER_IMAGE": "registry.example/edgeai-trainer:0.1.0-rc1",
         "EDGEAI_RESYNC_SECONDS": "30",
         "EDGEAI_ARTIFACTS_URI": "oci://registry.example/edgeai-models",
         "EDGEAI_CA_BUNDLE_CONFIGMAP": "team-cas",
@@ -323,6 +326,9 @@ def test_the_operators_service_account_may_do_its_job_and_nothing_else(
             ("patch", "dnndeployments.edgeai.dev/status"),
             ("create", "rolebindings.rbac.authorization.k8s.io"),
             ("watch", "pods"),
+            ("create", "pods"),
+            ("create", "poddisruptionbudgets.policy"),
+            ("patch", "dnntrainingjobs.edgeai.dev/status"),
         ):
             assert can_i(cluster, sa, verb, resource, "-n", team_a), (verb, resource)
         assert can_i(cluster, sa, "list", "nodes")

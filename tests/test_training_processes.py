@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _training_samples import held_out_accuracy
 from edgeai_worker.training.localjob import LocalJob
 from edgeai_worker.training.spec import TrainingSpec, parse_spec, with_sections
 
@@ -44,17 +45,6 @@ def _run(spec: TrainingSpec, workdir: Path) -> LocalJob:
     return job
 
 
-def _onnx_accuracy(path: str) -> float:
-    import onnxruntime as ort
-
-    from edgeai_worker.training.data import held_out
-
-    x, y = held_out()
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
-    return float((np.asarray(logits).argmax(axis=1) == y).mean())
-
-
 MODES = {
     "syncSGD": {},
     "asyncSGD": {},
@@ -81,7 +71,7 @@ def test_mode_reaches_target_with_an_aggregator(mode: str, tmp_path: Path) -> No
     if mode == "fedavg":  # 3 of 4 workers a round
         assert {len(r["participants"]) for r in status["history"]} == {3}
     if mode != "codistillation":
-        assert _onnx_accuracy(status["model"]) == pytest.approx(status["accuracy"], abs=0.01)
+        assert held_out_accuracy(status["model"]) == pytest.approx(status["accuracy"], abs=0.01)
 
 
 @pytest.mark.parametrize("peers", ["ring", "random"])
@@ -93,7 +83,7 @@ def test_gossip_reaches_target_without_a_server(peers: str, tmp_path: Path) -> N
         assert status["phase"] == "Succeeded"
         assert status["accuracy"] >= 0.90
         assert status["exchanges"] >= 1
-        assert _onnx_accuracy(status["model"]) == pytest.approx(status["accuracy"], abs=0.01)
+        assert held_out_accuracy(status["model"]) == pytest.approx(status["accuracy"], abs=0.01)
 
 
 def test_compressed_sync_sgd_reaches_target_with_fewer_bytes(tmp_path: Path) -> None:

@@ -72,6 +72,10 @@ def test_design_example_parses_and_round_trips() -> None:
         (_spec(privacy={"clipNorm": 1, "noiseMultiplier": -1}), "privacy.noiseMultiplier", ">= 0"),
         (_spec(data={"split": {"kind": "dirichlet", "alpha": 0}}), "data.split.alpha", "> 0"),
         (_spec(data={"split": {"kind": "shards"}}), "data.split.kind", "dirichlet"),
+        (_spec(data={"split": {"kind": "dirichlet"}}), "data.split.alpha", "> 0"),
+        (_spec(data={"split": {"kind": "iid", "alpha": 1}}), "data.split.alpha", "dirichlet"),
+        (_spec(aggregator={"tier": "device"}), "aggregator.tier", "edge, cloud"),
+        ({"algorithm": {"mode": "gossip"}, "aggregator": {"tier": "edge"}}, "aggregator", "gossip"),
         (_spec(workers={"count": 0}), "workers.count", "1..1000"),
         (_spec(stop={"targetAccuracy": 1.5}), "stop.targetAccuracy", "<= 1"),
         (_spec(stop={"maxRound": 5}), "stop.maxRound", "maxRounds"),
@@ -102,19 +106,32 @@ def test_parser_knows_every_crd_field() -> None:
     ]
     sample: dict[str, Any] = {
         "model": {"zoo": "digits_cnn"},
-        "data": {"builtin": "digits", "split": {"kind": "iid", "alpha": 1.0}},
+        "data": {"builtin": "digits", "split": {"kind": "dirichlet", "alpha": 1.0}},
         "workers": {"nodeSelector": {}, "count": 2},
         "aggregator": {"tier": "edge"},
-        "algorithm": {"mode": "easgd", "localSteps": 2, "learningRate": 0.1, "batchSize": 8},
+        "algorithm": {
+            "mode": "easgd",
+            "localSteps": 2,
+            "learningRate": 0.1,
+            "batchSize": 8,
+            "movingRate": 0.3,
+            "participation": 0.5,
+            "gossipPeers": "random",
+        },
         "compression": {"kind": "int8", "ratio": 0.5, "errorFeedback": False},
-        "privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0},
+        "privacy": {"clipNorm": 1.0, "noiseMultiplier": 1.0, "delta": 1e-6},
         "stop": {"targetAccuracy": 0.9, "maxRounds": 3},
+        "faults": {"roundTimeoutSeconds": 2.5},
+        "checkpoint": {"everyRounds": 4},
+        "seed": 7,
     }
     assert set(sample) == set(props)
     for name, section in sample.items():
         if "properties" in props[name]:
             assert set(section) == set(props[name]["properties"]), name
-    assert parse_spec(sample).algorithm.mode == "easgd"
+    assert set(sample["data"]["split"]) == set(props["data"]["properties"]["split"]["properties"])
+    parsed = parse_spec(sample)
+    assert (parsed.algorithm.moving_rate, parsed.round_timeout_s, parsed.seed) == (0.3, 2.5, 7)
 
 
 # --- compression ----------------------------------------------------------------------
@@ -457,3 +474,21 @@ async def test_a_finished_gossip_worker_refuses_exchanges_while_it_exports(
     assert not finishing.done()  # answered while the export was still running
     release.set()
     await finishing
+
+
+async def test_the_aggregator_serves_its_exported_model(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """404 naming the phase before training ends; the exported ONNX file's bytes after."""
+    from edgeai_worker.training.aggregator import Server, create_app
+
+    server = Server.restore(parse_spec(_spec(workers={"count": 1})), tmp_path)
+    client = await aiohttp_client(create_app(server))
+    answer = await client.get("/model.onnx")
+    assert answer.status == 404
+    assert "phase Pending" in (await answer.json())["error"]
+    server.export()
+    assert server.model_path is not None
+    answer = await client.get("/model.onnx")
+    assert answer.status == 200
+    assert await answer.read() == server.model_path.read_bytes()

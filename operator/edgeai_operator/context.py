@@ -21,6 +21,7 @@ from edgeai_operator.cache import WatchCache
 from edgeai_operator.errors import SpecError
 from edgeai_operator.opmetrics import OperatorMetrics
 from edgeai_operator.planning import NodeState
+from edgeai_operator.trainingbuild import DEFAULT_TRAINER_IMAGE
 
 MEMO_KEY = "edgeai"
 
@@ -62,6 +63,8 @@ class Settings:
     """How this operator process runs (environment variables, then flags)."""
 
     worker_image: str = DEFAULT_IMAGE  # EDGEAI_WORKER_IMAGE: stage pods and profiling Jobs
+    # EDGEAI_TRAINER_IMAGE: a DNNTrainingJob's aggregator and worker pods
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
     resync_s: float = 10.0  # EDGEAI_RESYNC_SECONDS: a daemon's pass when nothing woke it
     debounce_s: float = 0.5  # EDGEAI_DEBOUNCE_SECONDS: a wake-up waits for its burst
     profile_poll_s: float = 5.0  # EDGEAI_PROFILE_POLL_SECONDS: model Jobs are read
@@ -79,6 +82,7 @@ class Settings:
         env = os.environ if environ is None else environ
         return cls(
             worker_image=env.get("EDGEAI_WORKER_IMAGE") or DEFAULT_IMAGE,
+            trainer_image=env.get("EDGEAI_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
             resync_s=_seconds(env, "EDGEAI_RESYNC_SECONDS", cls.resync_s),
             debounce_s=_seconds(env, "EDGEAI_DEBOUNCE_SECONDS", cls.debounce_s),
             profile_poll_s=_seconds(env, "EDGEAI_PROFILE_POLL_SECONDS", cls.profile_poll_s),

@@ -36,13 +36,21 @@ SCRAPE_INTERVAL_S = 2.0
 SCRAPE_BACKOFF_MAX_S = 30.0
 
 
-def scrape_pod(ip: str) -> str | None:
-    """GET http://<pod IP>:8080/metrics, a short timeout: a slow pod is a missing sample."""
+def read_pod(ip: str, port: int, path: str, timeout_s: float = 1.0) -> bytes | None:
+    """GET http://<pod IP>:<port><path>; None when the pod does not answer 200 in time
+    (the operator reads its pods' own endpoints this way: stage /metrics, training
+    /status and the trained model)."""
     try:
-        with urllib.request.urlopen(f"http://{ip}:{WORKER_PORT}/metrics", timeout=1.0) as resp:
-            return resp.read().decode()  # type: ignore[no-any-return]
+        with urllib.request.urlopen(f"http://{ip}:{port}{path}", timeout=timeout_s) as resp:
+            return resp.read()  # type: ignore[no-any-return]
     except (OSError, ValueError):
         return None
+
+
+def scrape_pod(ip: str) -> str | None:
+    """GET http://<pod IP>:8080/metrics, a short timeout: a slow pod is a missing sample."""
+    body = read_pod(ip, WORKER_PORT, "/metrics")
+    return None if body is None else body.decode()
 
 
 def observe(

@@ -4,6 +4,6 @@ Importing this package registers the handlers with kopf (see `edgeai_operator.ma
 they reach the process's shared state through kopf's memo (`context.context_of`).
 """
 
-from edgeai_operator.handlers import deployments, models, nodes, workloads
+from edgeai_operator.handlers import deployments, models, nodes, training, workloads
 
-__all__ = ["deployments", "models", "nodes", "workloads"]
+__all__ = ["deployments", "models", "nodes", "training", "workloads"]

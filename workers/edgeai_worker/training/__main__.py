@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     agg.add_argument("--host", default="127.0.0.1")
     agg.add_argument("--port", type=int, required=True)
     agg.add_argument("--workdir", required=True, help="checkpoint, journal, status, model")
+    agg.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="once training is done, keep answering /status and /model.onnx until stopped",
+    )
     wrk = sub.add_parser("worker", help="a worker of a job with an aggregator")
     wrk.add_argument("--spec", required=True)
     wrk.add_argument("--index", type=int, required=True, help="this worker's shard, 0-based")
@@ -39,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         "--peers", required=True, help="every worker's URL, comma-separated, in index order"
     )
     gos.add_argument("--workdir", required=True, help="status.json and model.onnx")
+    gos.add_argument(
+        "--result-file",
+        help="write the final status (JSON, no history) here too, e.g. a pod's termination log",
+    )
     return parser
 
 
@@ -64,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "aggregator":
         from edgeai_worker.training.aggregator import serve
 
-        status = asyncio.run(serve(spec, args.host, args.port, Path(args.workdir)))
+        status = asyncio.run(
+            serve(spec, args.host, args.port, Path(args.workdir), keep_serving=args.keep_serving)
+        )
         print(json.dumps({k: v for k, v in status.items() if k != "history"}))
         return 0
     if args.command == "worker":
@@ -83,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     status = asyncio.run(
         serve_gossip(spec, args.index, args.host, args.port, peers, Path(args.workdir))
     )
-    print(json.dumps({k: v for k, v in status.items() if k != "history"}))
+    result = json.dumps({k: v for k, v in status.items() if k != "history"})
+    if args.result_file:
+        Path(args.result_file).write_text(result)
+    print(result)
     return 0
 
 

@@ -5,6 +5,7 @@
     GET  /public                  codistillation's public and held-out inputs
     POST /update                  one worker's (compressed) update for the open round
     GET  /status                  progress as JSON (also written to status.json)
+    GET  /model.onnx              the trained model once exported (404 before)
 
 Every accepted update and every round close is appended to a journal before the reply;
 every `checkpoint.everyRounds` rounds the state goes to a checkpoint and the journal
@@ -325,6 +326,17 @@ async def get_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[SERVER].status())
 
 
+async def get_model_onnx(request: web.Request) -> web.StreamResponse:
+    server = request.app[SERVER]
+    if server.model_path is None or not server.model_path.exists():
+        phase = server.status()["phase"]
+        return web.json_response(
+            {"error": f"no model exported yet (phase {phase}; it is written when training ends)"},
+            status=404,
+        )
+    return web.FileResponse(server.model_path, headers={"Content-Type": "application/octet-stream"})
+
+
 async def _ticker(app: web.Application) -> AsyncIterator[None]:
     server = app[SERVER]
 
@@ -347,13 +359,17 @@ def create_app(server: Server) -> web.Application:
     app.router.add_get("/public", get_public)
     app.router.add_post("/update", post_update)
     app.router.add_get("/status", get_status)
+    app.router.add_get("/model.onnx", get_model_onnx)
     app.cleanup_ctx.append(_ticker)
     return app
 
 
-async def serve(spec: TrainingSpec, host: str, port: int, workdir: Path) -> dict[str, Any]:
+async def serve(
+    spec: TrainingSpec, host: str, port: int, workdir: Path, *, keep_serving: bool = False
+) -> dict[str, Any]:
     """Runs the aggregator until the job is done and the workers have heard; the final
-    status."""
+    status. `keep_serving`: after that, go on answering (`/status`, `/model.onnx`) until
+    the process is stopped, so a controller can read the outcome and copy the model."""
     server = Server.restore(spec, workdir)
     server.write_status()
     runner = web.AppRunner(create_app(server))
@@ -370,6 +386,9 @@ async def serve(spec: TrainingSpec, host: str, port: int, workdir: Path) -> dict
             async with asyncio.timeout(LINGER_S), server.changed:
                 await server.changed.wait_for(lambda: server.state.alive <= server.told_done)
         server.write_status()  # with the updates that came in after the last round
+        if keep_serving:
+            log.info("training done; serving /status and /model.onnx until stopped")
+            await asyncio.Event().wait()
     finally:
         await runner.cleanup()
     return server.status()

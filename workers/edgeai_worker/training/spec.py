@@ -203,6 +203,12 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingSpec:
         if key not in ("kind", "alpha"):
             raise TrainingSpecError(f"data.split.{key}", "is not a known field", "kind, alpha")
     kind = _choice(split, "data.split", "kind", "iid", SPLITS)
+    if kind == "dirichlet" and "alpha" not in split:
+        raise TrainingSpecError("data.split.alpha", "is missing for kind dirichlet", "a number > 0")
+    if kind != "dirichlet" and "alpha" in split:
+        raise TrainingSpecError(
+            "data.split.alpha", f"is set but kind is {kind!r}", "alpha only with kind dirichlet"
+        )
     alpha = _number(split, "data.split", "alpha", 0.5, low=0.0, low_open=True)
 
     workers = _section(spec, "workers", ("nodeSelector", "count"))
@@ -234,6 +240,13 @@ def parse_spec(spec: Mapping[str, Any]) -> TrainingSpec:
         ),
         gossip_peers=_choice(algo, "algorithm", "gossipPeers", "ring", ("ring", "random")),
     )
+
+    aggregator = _section(spec, "aggregator", ("tier",))
+    _choice(aggregator, "aggregator", "tier", "edge", ("edge", "cloud"))
+    if algorithm.mode == "gossip" and "aggregator" in spec:
+        raise TrainingSpecError(
+            "aggregator", "is set but gossip has no aggregator", "no aggregator section for gossip"
+        )
 
     comp = _section(spec, "compression", ("kind", "ratio", "errorFeedback"))
     ef = comp.get("errorFeedback", True)
