@@ -211,17 +211,18 @@ def test_stage_pod_command_serves_the_planned_chain(
         cm = get(ns, "configmap", "alex-plan")
         edge = get(ns, "deployment", "alex-edge-zone-a")
         device = get(ns, "daemonset", "alex-device-zone-a")
-    assert "plan-zone-a.yaml" in cm["data"]
-    fetch = device["spec"]["template"]["spec"]["initContainers"][0]
-    assert fetch["args"][0] == "fetch"
-    assert edge["spec"]["template"]["spec"]["initContainers"][0]["args"] == fetch["args"]
-    # the pods' own commands (init container first) as processes, Services proxied
-    selector = "edgeai.dev/deployment=alex,edgeai.dev/zone=zone-a"
-    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
-        ip = wait_for("device and edge processes serving", kubelet.entry_ip, 180)
-        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-        # the served name is the DNNModel's
-        got = _infer(f"http://{ip}:8080", "alexnet", x)
+        assert "plan-zone-a.yaml" in cm["data"]
+        fetch = device["spec"]["template"]["spec"]["initContainers"][0]
+        assert fetch["args"][0] == "fetch"
+        assert edge["spec"]["template"]["spec"]["initContainers"][0]["args"] == fetch["args"]
+        # the pods' own commands (init container first) as processes, Services proxied;
+        # still at 300 Mbit/s: the old uplink would make the operator replan the split
+        selector = "edgeai.dev/deployment=alex,edgeai.dev/zone=zone-a"
+        with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
+            ip = wait_for("device and edge processes serving", kubelet.entry_ip, 180)
+            x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+            # the served name is the DNNModel's
+            got = _infer(f"http://{ip}:8080", "alexnet", x)
     import onnxruntime as ort
 
     from edgeai_worker import zoo
