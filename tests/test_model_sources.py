@@ -7,7 +7,6 @@ serving as it was."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -21,16 +20,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _cluster_support import Namespace, annotated_nodes, apply, condition, get, wait_for
+from _cluster_support import Namespace, apply, condition, get, wait_for
 from _model_server import ModelServer, ServerCert, make_ca
-from _process_kubelet import ProcessKubelet, ServiceProxy
 from _real_graphs import sequence_output
+from _serving import deployment, infer, serving_chain, slow_device
 from conftest import CA_BUNDLE_CONFIGMAP, OperatorProcess
 from edgeai_operator import oci
 from edgeai_operator.localregistry import LocalRegistry
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
-DEVICE = "device-zone-a-0"
 WIDTH = 256
 
 
@@ -66,18 +64,6 @@ def user_model(path: Path, *, inputs: int = 1) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
-
-
-@contextlib.contextmanager
-def slow_device(ns: Namespace) -> Iterator[None]:
-    """A device too slow for the small models here and a fast uplink: the plans run
-    the first operator on the device (the raw input stays there) and offload the rest
-    to the edge, so every model here is served by a device -> edge chain."""
-    with (
-        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/gflops", "0.005"),
-        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/uplink-mbps", "300"),
-    ):
-        yield
 
 
 def sha256(path: Path) -> str:
@@ -125,22 +111,6 @@ def dnn_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
     }
 
 
-def deployment(name: str, model: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "modelRef": {"name": model},
-            "slo": {"latencyP95Ms": 500},
-            "devices": {"nodeSelector": {"app": "camera", "kubernetes.io/hostname": DEVICE}},
-            "placement": {"tiers": ["device", "edge"]},
-            "privacy": {"rawInputStaysOnDevice": True},
-            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
-        },
-    }
-
-
 def prepared(ns: Namespace, name: str, timeout_s: float = 180) -> dict[str, Any]:
     def done() -> Any:
         obj = get(ns, "dnnm", name)
@@ -175,52 +145,6 @@ def model_condition(
 def pod_annotations(ns: Namespace, deployment_name: str) -> dict[str, Any]:
     pods = get(ns, "pods", "-l", f"edgeai.dev/deployment={deployment_name}")["items"]
     return {p["metadata"]["name"]: p["metadata"]["annotations"] for p in pods}
-
-
-def infer(url: str, model: str, x: np.ndarray, input_name: str = "features") -> np.ndarray:
-    body = {
-        "inputs": [
-            {
-                "name": input_name,
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
-    request = urllib.request.Request(
-        f"{url}/v2/models/{model}/infer",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        out = json.loads(resp.read())["outputs"][0]
-    return np.asarray(out["data"], np.float32).reshape(out["shape"])
-
-
-@contextlib.contextmanager
-def serving_chain(ns: Namespace, name: str, tmp_path: Path) -> Iterator[str]:
-    """The deployment's pods run as processes from their own commands (the device
-    entry and the edge stage serving); yields the device entry's URL."""
-
-    def split() -> Any:
-        obj = get(ns, "dnnd", name)
-        ok = condition(obj, "Available").get("status") == "True"
-        text = (obj or {}).get("status", {}).get("split", "")
-        return ok and "device" in text and "edge" in text and obj
-
-    wait_for(f"{name}: a device and an edge stage", split, 180)
-    selector = f"edgeai.dev/deployment={name}"
-    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
-        ip = wait_for(f"{name}: device and edge processes serving", kubelet.entry_ip, 180)
-        yield f"http://{ip}:8080"
-    for pod in sorted(p for p in tmp_path.iterdir() if p.is_dir()):
-        fetched = sorted(pod.rglob("model.onnx"))
-        parts = sorted(pod.rglob("stage*.onnx"))
-        print(
-            f"{name} pod {pod.name}: fetched {sum(f.stat().st_size for f in fetched)} B, "
-            f"cut partitions totalling {sum(f.stat().st_size for f in parts)} B"
-        )
 
 
 def serve_and_compare(

@@ -1,7 +1,7 @@
 """DNNTrainingJob on the real control plane: the operator places the job on kwok nodes,
 the process kubelet runs every pod's own command (aggregator and workers) as real
 processes, the operator reads their progress into status, copies the trained model
-into a ConfigMap, and a DNNModel prepares it."""
+into a ConfigMap, a DNNModel prepares it and a DNNDeployment serves it."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from _cluster_support import Namespace, apply, condition, get, wait_for
 from _process_kubelet import ProcessKubelet, ServiceProxy
+from _serving import deployment, infer, serving_chain, slow_device
 from _training_samples import held_out_accuracy
 from conftest import OperatorProcess
+from edgeai_worker import zoo
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -143,6 +147,18 @@ def test_fedavg_job_trains_to_target_and_its_model_is_prepared(
     exported = tmp_path / "exported.onnx"
     exported.write_bytes(base64.b64decode(data))
     assert held_out_accuracy(str(exported)) == pytest.approx(status["accuracy"], abs=1e-3)
+
+    # and deployed with an SLO: a device -> edge chain of the trained model serves what
+    # onnxruntime computes on the exported file
+    apply(ns, deployment("trained-app", "trained-digits"))
+    _, _, x_test, _ = zoo.digits_split()
+    x = x_test[:8].reshape(8, 1, 1, 8, 8).astype(np.float32)
+    session = ort.InferenceSession(str(exported))
+    with slow_device(ns), serving_chain(ns, "trained-app", tmp_path / "serve") as url:
+        for sample in x:
+            got = infer(url, "trained-digits", sample, input_name="input")
+            want = session.run(None, {"input": sample})[0]
+            assert float(np.max(np.abs(got - want))) <= 1e-4
 
 
 def test_a_deleted_worker_is_recreated_and_the_job_completes(
