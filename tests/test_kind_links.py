@@ -44,12 +44,15 @@ def test_a_node_without_a_declared_uplink_is_not_shaped() -> None:
     assert "w6" not in {link.lower.name for link in links.links([*NODES, silent], {})}
 
 
-def test_tc_commands_replace_the_root_and_filter_by_node_ip_and_pod_cidr() -> None:
+def test_tc_commands_rebuild_the_root_and_filter_by_node_ip_and_pod_cidr() -> None:
     link = links.Link(DEVICE_A, (EDGE_A, CLOUD), 10.0)
     commands = [" ".join(c) for c in links.tc_commands(link)]
-    assert commands[0] == "tc qdisc replace dev eth0 root handle 1: htb default 99"
-    assert commands[1] == (
-        "tc class replace dev eth0 parent 1: classid 1:10 htb rate 10mbit ceil 10mbit "
+    assert commands[:2] == [
+        "tc qdisc del dev eth0 root",
+        "tc qdisc add dev eth0 root handle 1: htb default 99",
+    ]
+    assert commands[2] == (
+        "tc class add dev eth0 parent 1: classid 1:10 htb rate 10mbit ceil 10mbit "
         "burst 15000 cburst 15000"
     )
     filters = [c.split(" match ip dst ")[1] for c in commands if " u32 " in c]

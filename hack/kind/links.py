@@ -9,8 +9,8 @@ class at the node's uplink rate (`edgeai.dev/uplink-mbps-measured` when set, els
 filters send to the shaped class what leaves for the next tier up: a device's traffic to
 its zone's edge nodes and to the cloud nodes, an edge node's traffic to the cloud nodes
 (each by node IP and pod CIDR, since pod traffic between nodes is routed via node IPs).
-Everything else (the control plane, the node's own zone peers) is not shaped. The qdisc is
-replaced as a whole, so running it again gives the same state. RTT is not shaped: this
+Everything else (the control plane, the node's own zone peers) is not shaped. The root qdisc
+is deleted and built again, so running it again gives the same state. RTT is not shaped: this
 kernel has no `netem`.
 
 `measure`: for each shaped link, sends `--bytes` from a socket in the lower node's network
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -104,72 +105,25 @@ def _burst_bytes(mbps: float) -> int:
 
 
 def tc_commands(link: Link) -> list[list[str]]:
+    """The root qdisc deleted (there may be none) and built again: the same state however
+    often it runs (htb refuses `replace` of an existing root)."""
     rate = f"{link.mbps:g}mbit"
     burst = str(_burst_bytes(link.mbps))
-    base = ["tc"]
+    dev = ["dev", "eth0"]
     commands = [
-        [*base, "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "99"],
-        [
-            *base,
-            "class",
-            "replace",
-            "dev",
-            "eth0",
-            "parent",
-            "1:",
-            "classid",
-            SHAPED_CLASS,
-            "htb",
-            "rate",
-            rate,
-            "ceil",
-            rate,
-            "burst",
-            burst,
-            "cburst",
-            burst,
-        ],
-        [
-            *base,
-            "class",
-            "replace",
-            "dev",
-            "eth0",
-            "parent",
-            "1:",
-            "classid",
-            "1:99",
-            "htb",
-            "rate",
-            "10gbit",
-        ],
-        [*base, "filter", "del", "dev", "eth0", "parent", "1:"],
-    ]
+        ["tc", "qdisc", "del", *dev, "root"],
+        ["tc", "qdisc", "add", *dev, "root", "handle", "1:", "htb", "default", "99"],
+        ["tc", "class", "add", *dev, "parent", "1:", "classid", SHAPED_CLASS, "htb",
+         "rate", rate, "ceil", rate, "burst", burst, "cburst", burst],
+        ["tc", "class", "add", *dev, "parent", "1:", "classid", "1:99", "htb", "rate", "10gbit"],
+    ]  # fmt: skip
     for upper in link.uppers:
         for dst in (f"{upper.ip}/32", upper.pod_cidr):
             if dst:
                 commands.append(
-                    [
-                        *base,
-                        "filter",
-                        "add",
-                        "dev",
-                        "eth0",
-                        "parent",
-                        "1:",
-                        "protocol",
-                        "ip",
-                        "prio",
-                        "1",
-                        "u32",
-                        "match",
-                        "ip",
-                        "dst",
-                        dst,
-                        "flowid",
-                        SHAPED_CLASS,
-                    ]
-                )
+                    ["tc", "filter", "add", *dev, "parent", "1:", "protocol", "ip", "prio", "1",
+                     "u32", "match", "ip", "dst", dst, "flowid", SHAPED_CLASS]
+                )  # fmt: skip
     return commands
 
 
@@ -178,24 +132,26 @@ def shape(link: Link) -> None:
         done = subprocess.run(
             ["docker", "exec", link.lower.name, *command], capture_output=True, text=True
         )
-        # `filter del` on a fresh qdisc has nothing to delete; every other step must work.
-        if done.returncode != 0 and command[1:3] != ["filter", "del"]:
+        # Deleting the root of a fresh interface has nothing to delete; all else must work.
+        if done.returncode != 0 and command[1:3] != ["qdisc", "del"]:
             raise RuntimeError(f"{link.lower.name}: {' '.join(command)}: {done.stderr.strip()}")
 
 
+RATE_UNITS = {"bit": 1e-6, "Kbit": 1e-3, "Mbit": 1.0, "Gbit": 1e3}
+
+
 def shaped_rate_mbps(node: str) -> float | None:
-    """The rate of the shaped class on a node's eth0, as tc reports it (None: unshaped)."""
+    """The rate of the shaped class on a node's eth0, as tc reports it (None: unshaped).
+    Text, not `tc -j`: iproute2 6.1 prints htb classes as text even with -j."""
     done = subprocess.run(
-        ["docker", "exec", node, "tc", "-j", "class", "show", "dev", "eth0"],
+        ["docker", "exec", node, "tc", "class", "show", "dev", "eth0"],
         capture_output=True,
         text=True,
     )
-    if done.returncode != 0 or not done.stdout.strip():
-        return None
-    for cls in json.loads(done.stdout):
-        if cls.get("handle") == SHAPED_CLASS:
-            return float(cls["rate"]) * 8 / 1e6 if "rate" in cls else None
-    return None
+    match = re.search(
+        rf"class htb {SHAPED_CLASS} .*? rate ([\d.]+)(bit|Kbit|Mbit|Gbit)", done.stdout
+    )
+    return None if match is None else float(match.group(1)) * RATE_UNITS[match.group(2)]
 
 
 def _netns(container: str) -> str:
