@@ -470,6 +470,21 @@ class Run:
         kubectl(
             "apply", "-n", NS, "-f", "-", input=deployment_manifest(DEPLOYMENT, ["edge", "cloud"])
         )
+        zoo_outcome = _zoo_source_outcome()
+        if zoo_outcome["prepared"] is not True:
+            # The worker image has no torch, which builds zoo models: serve the same
+            # model from a file instead (exported here, on the store every node shares).
+            kubectl(
+                "patch",
+                "dnnmodel",
+                MODEL,
+                "-n",
+                NS,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"source": {"zoo": None, "uri": digits_file_uri()}}}),
+            )
+            t0 = time.monotonic()
         _, prepared_s = wait_for(
             "DNNModel Prepared",
             lambda: condition(get("dnnmodel", MODEL, "-n", NS), "Prepared") == "True",
@@ -490,6 +505,8 @@ class Run:
         )
         status = get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]
         return {
+            "zooSource": zoo_outcome,
+            "source": get("dnnmodel", MODEL, "-n", NS)["spec"]["source"],
             "sampleSplit": get("dnndeployment", SAMPLE, "-n", NS)["status"].get("split"),
             "preparedS": round(prepared_s, 1),
             "availableS": round(time.monotonic() - t0, 1),
@@ -602,10 +619,16 @@ class Run:
             "-p",
             json.dumps(restore),
         )
-        down, down_s = wait_for(
-            "the scale-down", lambda: _scaled(_replicas(), before, up=False) and _replicas(), 300, 3
-        )
-        result.update(replicasDown=down, scaleDownS=round(down_s, 1))
+        peak = _replicas()
+
+        def back_down() -> dict[str, int] | None:
+            now = _replicas()
+            scaled_down = _scaled(peak, now, up=False)
+            at_most_before = all(count <= before.get(name, count) for name, count in now.items())
+            return now if scaled_down and at_most_before else None
+
+        down, down_s = wait_for("the scale-down to the replicas before", back_down, 300, 3)
+        result.update(replicasPeak=peak, replicasDown=down, scaleDownS=round(down_s, 1))
         return result
 
     # 7 ------------------------------------------------------------------------------------
@@ -620,8 +643,10 @@ class Run:
         ]
         slow_mbps = 0.5
         run(*base, "shape", "--set", f"{device}={slow_mbps}")
-        measured = json.loads(run(*base, "measure", "--annotate", "--bytes", "300000", timeout=900))
-        device_link = next(m for m in measured if m["node"] == device)
+        measured = json.loads(
+            run(*base, "measure", "--annotate", "--node", device, "--bytes", "300000", timeout=900)
+        )
+        device_link = measured[0]
         try:
             replanned, replan_s = wait_for(
                 "a replan after the link change",
@@ -778,7 +803,8 @@ class Run:
     def cleanup(self) -> dict[str, Any]:
         t0 = time.monotonic()
         kubectl("delete", "dnndeployment", DEPLOYMENT, SAMPLE, "-n", NS, "--wait=true", timeout=180)
-        children = "app.kubernetes.io/managed-by=edgeai-operator"
+        # The deployments' children (the DNNModel's preparation Jobs stay until it goes).
+        children = "app.kubernetes.io/managed-by=edgeai-operator,edgeai.dev/deployment"
 
         def gone() -> bool:
             left = get("deployments,daemonsets,services,configmaps,pods", "-n", NS, "-l", children)[
@@ -890,6 +916,43 @@ def deployment_manifest(name: str, tiers: list[str]) -> str:
     sample["spec"]["placement"]["tiers"] = tiers
     sample["spec"]["placement"]["adaptiveSplit"] = False
     return str(yaml.safe_dump(sample))
+
+
+def _zoo_source_outcome() -> dict[str, Any]:
+    """The sample's `zoo:` source on real pods: Prepared, or the error of its first failed
+    preparation Job (its pod's last log line)."""
+
+    def settled() -> dict[str, Any] | None:
+        if condition(get("dnnmodel", MODEL, "-n", NS), "Prepared") == "True":
+            return {"prepared": True}
+        for job in get("jobs", "-n", NS)["items"]:
+            if job["metadata"]["name"].startswith(f"{MODEL}-prepare") and any(
+                c["type"] == "Failed" and c["status"] == "True"
+                for c in job["status"].get("conditions") or []
+            ):
+                logs = kubectl("logs", "-n", NS, f"job/{job['metadata']['name']}", check=False)
+                return {"prepared": False, "error": (logs.strip().splitlines() or ["?"])[-1]}
+        return None
+
+    outcome, _ = wait_for("the zoo source prepared or failed", settled, 300, 2)
+    return dict(outcome)
+
+
+def digits_file_uri() -> str:
+    """digits_cnn (trained) exported to ONNX here, into the shared artefact folder."""
+    dest = ARTIFACTS_HOST / "sources" / "digits_cnn.onnx"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run(
+        sys.executable,
+        "-c",
+        "import sys; from edgeai_worker import zoo; "
+        "zoo.export_onnx('digits_cnn', sys.argv[1], trained=True)",
+        dest,
+        env={**os.environ, "PYTHONPATH": str(REPO / "workers")},
+    )
+    for path in (dest.parent, dest):
+        os.chown(path, 10001, 10001)  # the images' user edgeai
+    return "pvc://edgeai-artifacts/sources/digits_cnn.onnx"
 
 
 def _artifact_store() -> str:

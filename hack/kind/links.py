@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_p = sub.add_parser("measure", help="measure each shaped link's throughput")
     measure_p.add_argument("--bytes", type=int, default=2_000_000)
     measure_p.add_argument("--annotate", action="store_true")
+    measure_p.add_argument("--node", help="measure only this node's uplink")
     args = parser.parse_args(argv)
 
     nodes = read_nodes(args.kubeconfig, args.kubectl)
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     result = []
     for link in links(nodes, overrides):
+        if getattr(args, "node", None) not in (None, link.lower.name):
+            continue
         entry: dict[str, object] = {
             "node": link.lower.name,
             "tier": link.lower.tier,
