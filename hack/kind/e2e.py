@@ -819,40 +819,47 @@ class Run:
         helm("uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait", "--timeout", "3m")
         uninstall_s = time.monotonic() - t1
         selector = f"app.kubernetes.io/instance={RELEASE}"
-        leftovers = {
-            "namespaced": [
-                f"{o['kind']}/{o['metadata']['name']}"
-                for o in get(
-                    "all,configmaps,serviceaccounts,roles,rolebindings,leases",
-                    "-n",
-                    OPERATOR_NS,
-                    "-l",
-                    selector,
-                )["items"]
-            ],
-            "clusterScoped": [
-                f"{o['kind']}/{o['metadata']['name']}"
-                for o in get(
-                    "clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", selector
-                )["items"]
-            ],
-            "customResources": [
-                f"{o['kind']}/{o['metadata']['name']}"
-                for o in get("dnndeployments,dnnmodels", "-A")["items"]
-            ],
-            "stagePods": [
-                o["metadata"]["name"]
-                for o in get("pods", "-A", "-l", "app.kubernetes.io/managed-by=edgeai-operator")[
-                    "items"
-                ]
-            ],
-            "priorityClasses": [
-                o["metadata"]["name"]
-                for o in get(
-                    "priorityclasses", "-l", "app.kubernetes.io/managed-by=edgeai-operator"
-                )["items"]
-            ],
-        }
+
+        def left() -> dict[str, list[str]]:
+            return {
+                "namespaced": [
+                    f"{o['kind']}/{o['metadata']['name']}"
+                    for o in get(
+                        "all,configmaps,serviceaccounts,roles,rolebindings,leases",
+                        "-n",
+                        OPERATOR_NS,
+                        "-l",
+                        selector,
+                    )["items"]
+                ],
+                "clusterScoped": [
+                    f"{o['kind']}/{o['metadata']['name']}"
+                    for o in get(
+                        "clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", selector
+                    )["items"]
+                ],
+                "customResources": [
+                    f"{o['kind']}/{o['metadata']['name']}"
+                    for o in get("dnndeployments,dnnmodels", "-A")["items"]
+                ],
+                "stagePods": [
+                    o["metadata"]["name"]
+                    for o in get(
+                        "pods", "-A", "-l", "app.kubernetes.io/managed-by=edgeai-operator"
+                    )["items"]
+                ],
+                "priorityClasses": [
+                    o["metadata"]["name"]
+                    for o in get(
+                        "priorityclasses", "-l", "app.kubernetes.io/managed-by=edgeai-operator"
+                    )["items"]
+                ],
+            }
+
+        # The release's pods take their grace period to go after `helm uninstall --wait`.
+        with contextlib.suppress(TimeoutError):
+            wait_for("nothing of ours left", lambda: not any(left().values()), 90, 3)
+        leftovers = left()
         crds = sorted(
             o["metadata"]["name"]
             for o in get("crds")["items"]
