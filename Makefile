@@ -104,3 +104,15 @@ kind-down: ## Delete the kind cluster kind-up made
 	hack/kind/down.sh
 
 .PHONY: images kind-up kind-down
+
+# End to end on real pods (hack/kind/e2e.py, hack/kind/demo.py; root, Docker from host.sh).
+e2e-kind: install binaries ## Real pods on kind: helm install, samples, inference, scaling, node loss, cleanup; writes docs/results/e2e-kind.json
+	$(PY) hack/kind/e2e.py $(E2E_ARGS)
+
+demo: install binaries ## From a fresh machine: kind cluster, chart, digits sample vs device-only/cloud-only, p50/p95 vs SLO
+	$(PY) hack/kind/demo.py
+
+kind-links: install ## Shape the kind nodes' device->edge and edge->cloud links with tc to their edgeai.dev/uplink-mbps
+	$(PY) hack/kind/links.py $(EDGEAI_CACHE)/kind-edgeai.kubeconfig $(EDGEAI_CACHE)/k8s-v1.34.4/bin/kubectl shape
+
+.PHONY: e2e-kind demo kind-links

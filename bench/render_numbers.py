@@ -663,6 +663,166 @@ def protocol_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
+
+
+def _step(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    return report["steps"].get(name) or {"ok": False, "notRun": True, "seconds": 0}
+
+
+def _outcome(step: Mapping[str, Any], text: str) -> str:
+    if step["ok"]:
+        return text
+    if step.get("notRun"):
+        return "not run"
+    return "failed: " + str(step["error"]).split("\n")[0][:300]
+
+
+def e2e_kind_build(report: Mapping[str, Any]) -> str:
+    build = _step(report, "build")
+    if not build["ok"]:
+        return _outcome(build, "")
+    cold, warm = build.get("coldBuild") or {}, build["stepSeconds"]
+    labels = (
+        ("host", "hack/kind/host.sh (Docker from Debian, network, guards)"),
+        ("images", "hack/images/build.sh (operator + worker images)"),
+        ("nodeImage", "hack/kind/node-image.sh (Go builds, component images, node image)"),
+        ("kindCreate", "kind create cluster (6 nodes)"),
+        ("kindLoad", "kind load docker-image (both images, 6 nodes)"),
+        ("up", "hack/kind/up.sh in all (create, annotations, load)"),
+    )
+    rows = [
+        (label, _cell(cold, key, "{:.0f}"), _cell(warm, key, "{:.0f}")) for key, label in labels
+    ]
+    sizes = ", ".join(
+        f"`{image}` {size / 1e6:.0f} MB" for image, size in build["imageSizeBytes"].items()
+    )
+    return (
+        _table(("step", "fresh machine, s", "this run, s"), "lrr", rows)
+        + f"\n\nImage sizes (`docker image inspect`): {sizes}."
+    )
+
+
+def _links_text(step: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{ln['tier']} {ln['node']}: {ln['mbps']:g} -> {ln['tcRateMbps']:g} -> "
+        f"{ln['measuredMbps']:g}"
+        for ln in step["links"]
+    )
+
+
+def _inference_rows(inf: Mapping[str, Any]) -> list[tuple[str, str]]:
+    cj, cb, obs = inf["clientJson"], inf["clientBinary"], inf["statusObserved"]
+    checked = "yes" if inf["checkedAgainstOnnxruntime"] else "JSON = binary (no file to check)"
+    return [
+        ("first inference through the zone-a device pod", f"{inf['firstInferenceS']} s"),
+        (
+            f"client p50 / p95: JSON ({cj['requests']} requests), binary ({cb['requests']})",
+            f"{cj['p50Ms']} / {cj['p95Ms']} ms, {cb['p50Ms']} / {cb['p95Ms']} ms "
+            f"(SLO p95 {inf['sloP95Ms']} ms)",
+        ),
+        (
+            "status p95 (from the pods' /metrics)",
+            f"{obs.get('p95LatencyMs')} ms at {obs.get('requestsPerSecond')} req/s",
+        ),
+        ("outputs: JSON = binary = onnxruntime here on the fetched file", checked),
+    ]
+
+
+def _change_text(change: Mapping[str, Any]) -> str:
+    head = f"{change['shapedMbps']} Mbit/s shaped, {change['measuredMbps']} measured: "
+    if change["replanned"]:
+        return (
+            head + f"replanned in {change['replanS']} s, split `{change['planBefore']}` -> "
+            f"`{change['planAfter']}`"
+        )
+    return head + f"no replan within 60 s (split stays `{change['planAfter']}`)"
+
+
+def _replicas(replicas: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(replicas.items()))
+
+
+E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
+    ("links", "links shaped with tc (declared -> tc -> measured Mbit/s)", _links_text),
+    (
+        "helmInstall",
+        "helm install to operator pods Ready",
+        lambda h: (
+            f"{h['podsReadyS']} s ({h['operatorPods']} pods, ServiceAccount "
+            f"`{h['serviceAccount']}`, can-i '*' '*': {h['canDoEverything']})"
+        ),
+    ),
+    (
+        "samples",
+        "samples applied to DNNModel Prepared / DNNDeployment Available",
+        lambda s: (
+            f"{s['preparedS']} s / {s['availableS']} s, split `{s['split']}` (the "
+            f"sample's own: `{s['sampleSplit']}`); the sample's `zoo:` source: "
+            + ("prepared" if s["zooSource"]["prepared"] else f"failed, {s['zooSource']['error']}")
+        ),
+    ),
+    (
+        "scale",
+        "scale up under load (SLO 1 ms) / down (SLO back, no load)",
+        lambda s: (
+            f"{s['scaleUpS']} s to {_replicas(s['replicasUp'])} / {s['scaleDownS']} s "
+            f"from {_replicas(s['replicasPeak'])} to {_replicas(s['replicasDown'])}; load "
+            f"{s['load']['requests']} requests, {s['load']['failed']} failed"
+        ),
+    ),
+    ("linkChange", "device uplink shaped down, measured rate annotated", _change_text),
+    (
+        "edgeStop",
+        "`docker stop` of zone-a's edge node under traffic",
+        lambda s: (
+            f"{s['lostRequests']} of {s['traffic']['requests']} requests lost, served "
+            f"again {s['servedAgainAfterS']} s after the stop"
+        ),
+    ),
+    (
+        "zoneMove",
+        "a device moved to zone-b / back",
+        lambda s: f"{s['movedS']} s / {s['movedBackS']} s",
+    ),
+    (
+        "helmUpgrade",
+        "helm upgrade (a changed value reaches the operator pods)",
+        lambda s: f"{s['upgradeS']} s",
+    ),
+    (
+        "cleanup",
+        "delete: children gone / helm uninstall; objects left",
+        lambda s: (
+            f"{s['childrenGoneS']} s / {s['uninstallS']} s; none (Helm keeps the "
+            f"{len(s['crdsKept'])} CRDs)"
+        ),
+    ),
+    ("deleteCluster", "kind delete cluster", lambda s: f"{s['kindDeleteS']} s"),
+)
+
+
+def e2e_kind_results(report: Mapping[str, Any]) -> str:
+    rows: list[tuple[str, str]] = []
+    for name, label, text in E2E_ROWS:
+        step = _step(report, name)
+        rows.append((label, text(step) if step["ok"] else _outcome(step, "")))
+        if name == "samples":
+            inf = _step(report, "inference")
+            rows += _inference_rows(inf) if inf["ok"] else [("inference", _outcome(inf, ""))]
+    failed = ", ".join(report["failures"]) or "none"
+    return (
+        f"Run of {report['date']} (`{report['command']}`, {report['host']['cpus']} CPUs, "
+        f"load average {report['loadAverageAtStart']:.1f} at its start, "
+        f"{report['elapsedS']:.0f} s; {report['conditions']}). Failed steps: {failed}.\n\n"
+        + _table(("step", "measured"), "ll", rows)
+    )
+
+
+def demo_transcript(report: Mapping[str, Any]) -> str:
+    return f"`make demo` of {report['date']}:\n\n```\n{report['transcript'].rstrip()}\n```"
+
+
 RENDERERS: dict[str, Renderer] = {
     "corpus-table": Renderer("corpus.json", corpus_table),
     "corpus-analysis": Renderer("corpus.json", corpus_analysis),
@@ -683,6 +843,9 @@ RENDERERS: dict[str, Renderer] = {
     "training-summary": Renderer("training.json", training_summary),
     "protocol-table": Renderer("protocol.json", protocol_table),
     "protocol-summary": Renderer("protocol.json", protocol_summary),
+    "e2e-kind-build": Renderer("e2e-kind.json", e2e_kind_build),
+    "e2e-kind-results": Renderer("e2e-kind.json", e2e_kind_results),
+    "demo": Renderer("demo.json", demo_transcript),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

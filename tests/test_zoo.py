@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,23 @@ def test_serving_modules_do_not_import_torch() -> None:
         "assert 'sklearn' not in sys.modules, 'sklearn imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cache_falls_back_to_the_temp_dir_when_home_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The images' user has HOME=/nonexistent; a pod can still write its temp dir.
+    monkeypatch.delenv("EDGEAI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", "/proc/edgeai-no-home")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert zoo.cache_dir() == tmp_path / "edgeai-zoo"
+    assert (tmp_path / "edgeai-zoo").is_dir()
+
+
+def test_an_explicit_cache_dir_that_cannot_be_written_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGEAI_CACHE_DIR", "/proc/edgeai-no-cache")
+    with pytest.raises(OSError, match="edgeai-no-cache"):
+        zoo.cache_dir()

@@ -13,6 +13,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${EDGEAI_CACHE:-$HOME/.cache/edgeai}
 kubeconfig=$cache/kind-$CLUSTER.kubeconfig
+# One host folder bind-mounted into every node at ARTIFACTS_IN_NODE: a hostPath
+# PersistentVolume there is the same store on every node, so models a preparation Job
+# writes on one node are fetched by stage pods on the others (pvc://, no registry).
+artifacts=$cache/kind-$CLUSTER-artifacts
+ARTIFACTS_IN_NODE=/mnt/edgeai-artifacts
 python=${PYTHON:-$repo/.venv/bin/python}
 log() { printf '[kind-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 t_start=$(date +%s)
@@ -29,9 +34,19 @@ if "$kind" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   log "kind cluster $CLUSTER exists"
   "$kind" export kubeconfig --name "$CLUSTER" --kubeconfig "$kubeconfig" 2>/dev/null
 else
-  log "creating kind cluster $CLUSTER from $repo/kind-config.yaml"
+  log "creating kind cluster $CLUSTER from $repo/kind-config.yaml (+ $artifacts on every node)"
+  mkdir -p "$artifacts"
+  chown 10001:10001 "$artifacts"   # the images' user edgeai
+  config=$cache/kind-$CLUSTER-config.yaml
+  "$python" - "$repo/kind-config.yaml" "$artifacts" "$ARTIFACTS_IN_NODE" > "$config" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+for node in config["nodes"]:
+    node.setdefault("extraMounts", []).append({"hostPath": sys.argv[2], "containerPath": sys.argv[3]})
+print(yaml.safe_dump(config, sort_keys=False))
+PY
   t0=$(date +%s)
-  "$kind" create cluster --name "$CLUSTER" --image "$node_image" --config "$repo/kind-config.yaml" \
+  "$kind" create cluster --name "$CLUSTER" --image "$node_image" --config "$config" \
     --kubeconfig "$kubeconfig" --retain >&2
   log "kind create cluster took $(( $(date +%s) - t0 ))s"
 fi

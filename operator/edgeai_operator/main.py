@@ -8,6 +8,7 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import logging
+import secrets
 from typing import Any
 
 import kopf
@@ -74,6 +75,14 @@ async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
         await runner.cleanup()
 
 
+def peering_priority() -> int:
+    """A random kopf peering priority for this process. The chart runs its replicas with
+    the same arguments; kopf pauses every operator of a peering that sees another one of
+    equal priority, so replicas of the default priority would all stand by. With distinct
+    priorities the highest one works and the others take over when it is gone."""
+    return secrets.randbelow(2**31 - 1) + 1
+
+
 def _run(args: argparse.Namespace) -> int:
     from edgeai_operator import handlers  # registers the handlers
 
@@ -90,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             namespaces=args.namespace or [],
             standalone=args.peering is None,
             peering_name=args.peering,
+            priority=peering_priority() if args.peering else None,
             liveness_endpoint=args.liveness,
             memo=kopf.Memo({MEMO_KEY: OperatorContext(settings=settings)}),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -56,9 +57,17 @@ def input_spec(name: str) -> tuple[str, tuple[int, ...], str]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EDGEAI_CACHE_DIR") or str(Path.home() / ".cache" / "edgeai")
-    path = Path(root) / "zoo"
-    path.mkdir(parents=True, exist_ok=True)
+    root = os.environ.get("EDGEAI_CACHE_DIR")
+    path = Path(root or Path.home() / ".cache" / "edgeai") / "zoo"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if root:
+            raise
+        # A user whose home cannot be written (the images' `edgeai` has /nonexistent):
+        # the temporary directory instead, which pods have.
+        path = Path(tempfile.gettempdir()) / "edgeai-zoo"
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
