@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from edgeai_worker.offload.settings import OffloadSettings, OffloadSettingsError
 from edgeai_worker.protocol import JSON_CODECS
 
 TIERS = ("device", "edge", "cloud")
@@ -92,6 +93,8 @@ class WorkerConfig:
     model_digest: str | None = None
     model_variant: str | None = None
     model_uri: str | None = None
+    # Per-input offloading: early exits, cascade, result reuse (edgeai_worker.offload).
+    offload: OffloadSettings | None = None
 
     def __post_init__(self) -> None:
         if self.tier not in TIERS:
@@ -219,6 +222,15 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name in ("next_urls", "tile_peers"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(u).rstrip("/") for u in items if str(u))
+        if name == "offload":
+            if value in (None, "") or isinstance(value, OffloadSettings):
+                return value or None
+            data = json.loads(value) if isinstance(value, str) else dict(value)
+            try:
+                return OffloadSettings.from_dict(data, base)
+            except OffloadSettingsError as exc:
+                field_name, _, problem = str(exc).partition(": ")
+                raise ConfigError(field_name, problem) from None
         if name == "splits":
             options: list[Any] = json.loads(value) if isinstance(value, str) else list(value)
             return tuple(_split_option(dict(option), base) for option in options)
