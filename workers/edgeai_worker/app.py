@@ -650,7 +650,8 @@ async def _offload_early(
     """Before this stage's layers: the result of a near-identical earlier input, or the
     cascade's small model(s) when confident; None to go on."""
     offload = state.offload
-    assert offload is not None and state.batcher is not None
+    assert offload is not None
+    assert state.batcher is not None
     config = state.config
     stored = offload.reused(request.inputs)
     if stored is not None:

@@ -210,6 +210,15 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
     """Turn a file or environment value into the field's type."""
     kinds = {f.name: f.type for f in fields(WorkerConfig)}
     kind = str(kinds[name])
+    if name == "offload":
+        if value in (None, "") or isinstance(value, OffloadSettings):
+            return value or None
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+        try:
+            return OffloadSettings.from_dict(data, base)
+        except OffloadSettingsError as exc:
+            field_name, _, problem = str(exc).partition(": ")
+            raise ConfigError(field_name, problem) from None
     try:
         if name == "partitions":
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -222,15 +231,6 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name in ("next_urls", "tile_peers"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(u).rstrip("/") for u in items if str(u))
-        if name == "offload":
-            if value in (None, "") or isinstance(value, OffloadSettings):
-                return value or None
-            data = json.loads(value) if isinstance(value, str) else dict(value)
-            try:
-                return OffloadSettings.from_dict(data, base)
-            except OffloadSettingsError as exc:
-                field_name, _, problem = str(exc).partition(": ")
-                raise ConfigError(field_name, problem) from None
         if name == "splits":
             options: list[Any] = json.loads(value) if isinstance(value, str) else list(value)
             return tuple(_split_option(dict(option), base) for option in options)

@@ -118,10 +118,17 @@ def _hash() -> str:
 
 
 def _mlp(*, progress: bool = True) -> torch.nn.Module:
+    import torch
     from torch import nn
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return zoo.train_digits(model, epochs=60, progress=progress)
+    cached = zoo.cache_dir() / f"digits-mlp-{_hash()}.pt"
+    if cached.exists():
+        model.load_state_dict(torch.load(cached, weights_only=True))
+        return model.eval()
+    model = zoo.train_digits(model, epochs=60, progress=progress)
+    torch.save(model.state_dict(), cached)
+    return model
 
 
 def branch_tensor(model: onnx.ModelProto, output: str) -> str:
@@ -222,7 +229,9 @@ def calibrate(
         cascade_correct = [_correct(small[0], ys)]
         if name == "validation":
             if rule != "disagreement":
-                exits = calibrate_thresholds(exit_conf, exit_correct, final_correct, target_accuracy)
+                exits = calibrate_thresholds(
+                    exit_conf, exit_correct, final_correct, target_accuracy
+                )
                 result["exitThresholds"] = list(exits.thresholds)
                 result["validation"] = {"exits": asdict(exits)}
             else:
@@ -275,7 +284,9 @@ def build_digits_offload(
     zoo.export_module(_mlp(progress=progress), (1, 1, 8, 8), workdir / "small2.onnx")
     smalls = [workdir / "small.onnx", workdir / "small2.onnx"]
     calibration = {
-        rule: calibrate(exits_path, smalls if rule == "disagreement" else smalls[:1], target_accuracy, rule)
+        rule: calibrate(
+            exits_path, smalls if rule == "disagreement" else smalls[:1], target_accuracy, rule
+        )
         for rule in RULES
     }
     (workdir / "calibration.json").write_text(json.dumps(calibration, indent=2))

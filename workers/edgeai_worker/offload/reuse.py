@@ -68,9 +68,7 @@ class ReuseCache(Generic[T]):
         self.lookups += 1
         flat = self._flat(key)
         ids = [
-            i
-            for i, e in self._entries.items()
-            if e.digest == digest and e.key.shape == flat.shape
+            i for i, e in self._entries.items() if e.digest == digest and e.key.shape == flat.shape
         ]
         if not ids:
             return None
