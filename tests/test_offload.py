@@ -148,7 +148,9 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     return workdir, build_digits_offload(workdir, TARGET, progress=False)
 
 
-def _infer(url: str, x: np.ndarray, label: int | None = None) -> dict[str, Any]:
+def _infer(
+    url: str, x: np.ndarray, label: int | None = None, model: str = "digits"
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "inputs": [
             {
@@ -162,7 +164,7 @@ def _infer(url: str, x: np.ndarray, label: int | None = None) -> dict[str, Any]:
     if label is not None:
         body["parameters"] = {"edgeai_label": label}
     request = urllib.request.Request(
-        f"{url}/v2/models/digits/infer",
+        f"{url}/v2/models/{model}/infer",
         json.dumps(body).encode(),
         {"Content-Type": "application/json"},
     )
@@ -300,3 +302,135 @@ def test_cascade_holds_the_target_and_escalates_the_raw_input(
         np.testing.assert_allclose(_output(body)[0], full_out[i], rtol=1e-4, atol=1e-4)
     assert hits >= 2 * len(escalated_rows)  # the rescan and the repeats
     assert entries <= 64
+
+
+# ------------------------------------------------- spec.offload -> plan -> stage workers
+
+
+def _deployment(offload: Any, tiers: list[str] | None = None) -> Any:
+    from edgeai_operator.deployspec import parse_deployment
+
+    spec: dict[str, Any] = {"model": {"zoo": "digits_cnn"}, "offload": offload}
+    if tiers is not None:
+        spec["placement"] = {"tiers": tiers}
+    return parse_deployment(
+        {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
+         "metadata": {"name": "d"}, "spec": spec}
+    )  # fmt: skip
+
+
+def test_spec_offload_is_read_and_its_errors_name_the_field() -> None:
+    from edgeai_operator.errors import SpecError
+
+    spec = _deployment(
+        {"cascade": {"rule": "entropy", "targetAccuracy": 0.96}, "reuse": {"maxEntries": 32}}
+    )
+    assert spec.offload is not None
+    assert (spec.offload.cascade_rule, spec.offload.target_accuracy) == ("entropy", 0.96)
+    assert (spec.offload.reuse_entries, spec.offload.reuse_max_accuracy_loss) == (32, 0.005)
+    refused = [
+        ({"cascade": {"targetAccuracy": 0.9}}, ["edge", "cloud"], "spec.offload.cascade"),
+        ({"reuse": {}}, ["device"], "spec.offload.reuse"),
+        ({"cascade": {"rule": "vote", "targetAccuracy": 0.9}}, None, "spec.offload.cascade.rule"),
+        ({"cascade": {}}, None, "spec.offload.cascade.targetAccuracy"),
+        ({"cascade": {"targetAccuracy": 1.5}}, None, "spec.offload.cascade.targetAccuracy"),
+        ({"reuse": {"maxEntries": 0}}, None, "spec.offload.reuse.maxEntries"),
+        ({"reuse": {"maxAccuracyLoss": 0.5}}, None, "spec.offload.reuse.maxAccuracyLoss"),
+        ({"cache": {}}, None, "spec.offload"),
+        ({}, None, "spec.offload"),
+    ]
+    for offload, tiers, field in refused:
+        with pytest.raises(SpecError) as info:
+            _deployment(offload, tiers)
+        assert str(info.value).startswith(field + ":"), (offload, str(info.value))
+
+
+def _offload_plan(offload: dict[str, Any], zoo_name: str = "digits_cnn") -> Any:
+    from edgeai_operator.plandoc import PlanDocument
+
+    return PlanDocument.from_dict(
+        {
+            "kind": "Plan",
+            "model": {
+                "zoo": zoo_name,
+                "trained": zoo_name == "digits_cnn",
+                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            },
+            "stages": [
+                {
+                    "index": 0,
+                    "tier": "device",
+                    "layers": "",
+                    "inputs": ["input"],
+                    "outputs": ["input"],
+                },
+                {
+                    "index": 1,
+                    "tier": "edge",
+                    "layers": "0-6",
+                    "inputs": ["input"],
+                    "outputs": ["output"],
+                },
+            ],
+            "offload": offload,
+        }
+    )
+
+
+def test_the_plan_carries_offload_and_refuses_models_without_exits(tmp_path: Path) -> None:
+    from edgeai_operator.errors import SpecError
+    from edgeai_operator.partitions import offload_settings
+
+    section = {
+        "cascade": {"rule": "disagreement", "targetAccuracy": 0.97},
+        "reuse": {"maxEntries": 64, "maxAccuracyLoss": 0.01},
+    }
+    plan = _offload_plan(section)
+    assert plan.offload is not None
+    assert plan.to_dict()["offload"] == section
+    assert type(plan).from_dict(plan.to_dict()) == plan
+    other = _offload_plan(section, "mobilenet_v2")
+    with pytest.raises(SpecError, match=r"^spec.offload: .*not model 'mobilenet_v2'"):
+        offload_settings(other, 0, tmp_path)
+    assert offload_settings(_offload_plan({"reuse": {"maxEntries": 8}}), 0, tmp_path) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_plan_with_offload_runs_the_cascade_and_the_reuse(tmp_path: Path) -> None:
+    from edgeai_operator.localworkers import start_local
+    from edgeai_operator.partitions import build_partitions, model_file
+    from edgeai_worker.offload.build import validation_split
+
+    plan = _offload_plan(
+        {
+            "cascade": {"rule": "maxProb", "targetAccuracy": TARGET},
+            "reuse": {"maxEntries": 128, "maxAccuracyLoss": 0.0},
+        }
+    )
+    model = model_file(plan, tmp_path)
+    specs = build_partitions(plan.stages, plan.alternatives, model, tmp_path)
+    run = start_local(plan, specs, tmp_path, model_path=model)
+    _, _, x_ho, y_ho = validation_split()
+    try:
+        answers = [
+            _infer(run.entry_url, x[None], int(y), run.model_name)
+            for x, y in zip(x_ho, y_ho, strict=True)
+        ]
+        escalated = [i for i, a in enumerate(answers) if a["parameters"]["edgeai_exit"] == "final"]
+        assert escalated, "no input escalated"
+        again = _infer(run.entry_url, x_ho[escalated[0]][None], model=run.model_name)
+        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
+        reuse_entries = _metric(run.urls[1][0], "edgeai_reuse_entries")
+        reuse_hits = _metric(run.urls[1][0], "edgeai_reuse_hits_total")
+    finally:
+        run.stop()
+    exits = {a["parameters"]["edgeai_exit"] for a in answers}
+    assert exits == {"cascade", "final"}
+    assert len(escalated) < 0.2 * len(answers)
+    assert accuracy >= TARGET
+    assert again["parameters"]["edgeai_reused"] is True
+    assert again["outputs"][0]["data"] == answers[escalated[0]]["outputs"][0]["data"]
+    # every escalation reached the edge once, and was stored or answered from the cache
+    assert reuse_entries + reuse_hits == len(escalated) + 1
+    assert reuse_entries <= 128

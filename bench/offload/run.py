@@ -60,49 +60,21 @@ REUSE_ENTRIES = 256
 MAX_REUSE_LOSS = 0.005
 
 
-def locality_stream(
-    x: np.ndarray, y: np.ndarray, n: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """`n` inputs: 40 % exact repeats and 30 % perturbed repeats (Gaussian, sigma 0.03,
-    clipped to [0, 1]) of one of the last 20 inputs, the rest new rows of `x` in turn."""
-    rng = np.random.default_rng(seed)
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    fresh = 0
-    for _ in range(n):
-        draw = rng.random()
-        if xs and draw < 0.7:
-            j = len(xs) - 1 - int(rng.integers(0, min(20, len(xs))))
-            frame = xs[j]
-            if draw >= 0.4:
-                noise = rng.normal(scale=0.03, size=frame.shape)
-                frame = np.clip(frame + noise, 0.0, 1.0).astype(np.float32)
-            xs.append(frame)
-            ys.append(ys[j])
-        else:
-            xs.append(x[fresh % len(x)])
-            ys.append(int(y[fresh % len(y)]))
-            fresh += 1
-    return np.stack(xs), np.asarray(ys)
-
-
 def build(workdir: Path) -> dict[str, Any]:
     from edgeai_worker import zoo
     from edgeai_worker.offload.build import (
         _run,
         build_digits_offload,
+        calibrate_reuse,
         validation_split,
     )
-    from edgeai_worker.offload.reuse import calibrate_distance
 
     x_val, y_val, _, _ = validation_split()
     full_val = _run(zoo.export_onnx("digits_cnn", trained=True), x_val)["output"]
     target = round(0.995 * float(np.mean(full_val.argmax(axis=1) == y_val)), 4)
     calibration = build_digits_offload(workdir, target)
-    xs, ys = locality_stream(x_val, y_val, 600, seed=1)
-    predictions = _run(workdir / "full.onnx", xs)["output"].argmax(axis=1)
-    reuse = calibrate_distance(list(xs), list(predictions), list(ys), REUSE_ENTRIES, MAX_REUSE_LOSS)
-    return {"target": target, "calibration": calibration, "reuse": reuse.__dict__}
+    reuse = calibrate_reuse(workdir, REUSE_ENTRIES, MAX_REUSE_LOSS)
+    return {"target": target, "calibration": calibration, "reuse": reuse}
 
 
 def setups(
@@ -369,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     cal = built["calibration"]
     # the cascade rule with the fewest escalations on the validation half
     cascade_rule = min(cal, key=lambda r: 1 - cal[r]["validation"]["cascade"]["exit_rates"][0])
-    from edgeai_worker.offload.build import validation_split
+    from edgeai_worker.offload.build import locality_stream, validation_split
 
     _, _, x_ho, y_ho = validation_split()
     xs, ys = locality_stream(x_ho, y_ho, args.requests, seed=2)

@@ -74,11 +74,11 @@ def exits_module(*, progress: bool = True) -> torch.nn.Module:
             self.exit1 = head1
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            f = self.backbone.features  # type: ignore[union-attr]
+            f: Any = self.backbone.features
             a = f[1](f[0](x))
             b = f[4](f[3](f[2](a)))
-            out: torch.Tensor = self.backbone.classifier(b)  # type: ignore[operator]
-            return out, self.exit0(a), self.exit1(b)
+            classifier: Any = self.backbone.classifier
+            return classifier(b), self.exit0(a), self.exit1(b)
 
     model = DigitsWithExits()
     cached = zoo.cache_dir() / f"digits_cnn-exits-{_hash()}.pt"
@@ -121,7 +121,9 @@ def _mlp(*, progress: bool = True) -> torch.nn.Module:
     import torch
     from torch import nn
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model: torch.nn.Module = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
     cached = zoo.cache_dir() / f"digits-mlp-{_hash()}.pt"
     if cached.exists():
         model.load_state_dict(torch.load(cached, weights_only=True))
@@ -149,7 +151,7 @@ def branch_tensor(model: onnx.ModelProto, output: str) -> str:
             raise ValueError(f"exit '{output}': node {node.name} has {len(inputs)} inputs")
         tensor = inputs[0]
         if consumers.get(tensor, 0) > 1:
-            return tensor
+            return str(tensor)
     raise ValueError(f"exit '{output}' does not branch off the model")
 
 
@@ -291,3 +293,57 @@ def build_digits_offload(
     }
     (workdir / "calibration.json").write_text(json.dumps(calibration, indent=2))
     return calibration
+
+
+def locality_stream(
+    x: np.ndarray, y: np.ndarray, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`n` inputs as a camera or a neighbourhood sends them: 40 % exact repeats and 30 %
+    perturbed repeats (Gaussian noise, sigma 0.03, clipped to [0, 1]) of one of the last
+    20 inputs, the rest new rows of `x` in turn."""
+    rng = np.random.default_rng(seed)
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    fresh = 0
+    for _ in range(n):
+        draw = rng.random()
+        if xs and draw < 0.7:
+            j = len(xs) - 1 - int(rng.integers(0, min(20, len(xs))))
+            frame = xs[j]
+            if draw >= 0.4:
+                noise = rng.normal(scale=0.03, size=frame.shape)
+                frame = np.clip(frame + noise, 0.0, 1.0).astype(np.float32)
+            xs.append(frame)
+            ys.append(ys[j])
+        else:
+            xs.append(x[fresh % len(x)])
+            ys.append(int(y[fresh % len(y)]))
+            fresh += 1
+    return np.stack(xs), np.asarray(ys)
+
+
+def calibrate_reuse(
+    workdir: Path, entries: int, max_accuracy_loss: float, prefix: Path | None = None
+) -> dict[str, Any]:
+    """The reuse distance for the full model's cache of `entries`, calibrated on a
+    locality stream of the validation half for at most `max_accuracy_loss`; keys are
+    the inputs, or what the model `prefix` makes of them (a stage receiving features)."""
+    from edgeai_worker.offload.reuse import calibrate_distance
+
+    x_val, y_val, _, _ = validation_split()
+    xs, ys = locality_stream(x_val, y_val, 600, seed=1)
+    predictions = _run(workdir / "full.onnx", xs)[zoo.OUTPUT_NAME].argmax(axis=1)
+    keys = list(xs) if prefix is None else list(next(iter(_run(prefix, xs).values())))
+    found = calibrate_distance(keys, list(predictions), list(ys), entries, max_accuracy_loss)
+    return asdict(found)
+
+
+def digits_offload_files(workdir: Path, target_accuracy: float) -> dict[str, Any]:
+    """`build_digits_offload` once per workdir and target (its calibration.json, with
+    the target in it, says whether the files there are for this target)."""
+    calibration_file = workdir / "calibration.json"
+    if calibration_file.exists():
+        calibration: dict[str, Any] = json.loads(calibration_file.read_text())
+        if all(c.get("targetAccuracy") == target_accuracy for c in calibration.values()):
+            return calibration
+    return build_digits_offload(workdir, target_accuracy)
