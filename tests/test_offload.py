@@ -114,6 +114,26 @@ def test_reuse_distance_calibration_keeps_the_accuracy_loss_bound() -> None:
     assert loose.accuracy_loss <= 0.2
 
 
+def test_the_operator_reads_a_workers_offload_counters() -> None:
+    from edgeai_operator.autoscaler import offload_observed, parse_metrics
+    from edgeai_worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.exit_answers.inc(3, stage="0", exit="exit_0")
+    metrics.exit_answers.inc(1, stage="0", exit="cascade")
+    metrics.escalations.inc(1, stage="0")
+    metrics.labelled.inc(5, stage="0")
+    metrics.labelled_correct.inc(4, stage="0")
+    scrape = parse_metrics(metrics.render())
+    assert scrape.offload["edgeai_exit_answers_total"] == 4
+    assert offload_observed([scrape]) == {
+        "exitRate": 0.8,
+        "escalationRate": 0.2,
+        "labelledRequests": 5.0,
+        "labelledAccuracy": 0.8,
+    }
+
+
 # ----------------------------------------------------------------------- settings
 
 
