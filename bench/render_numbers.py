@@ -739,6 +739,16 @@ def _change_text(change: Mapping[str, Any]) -> str:
     return head + f"no replan within 60 s (split stays `{change['planAfter']}`)"
 
 
+def _edge_stop_text(stop: Mapping[str, Any]) -> str:
+    text = f"{stop['lostRequests']} of {stop['traffic']['requests']} requests lost"
+    if "answeredByDeviceAlone" not in stop:  # a run from before the device fallback
+        return text + f", served again {stop['servedAgainAfterS']} s after the stop"
+    return text + (
+        f", {stop['answeredByDeviceAlone']} answered by the device alone (fallback: device); "
+        f"the chain served again {stop['chainAgainAfterS']} s after the stop"
+    )
+
+
 def _replicas(replicas: Mapping[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(replicas.items()))
 
@@ -775,10 +785,7 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
     (
         "edgeStop",
         "`docker stop` of zone-a's edge node under traffic",
-        lambda s: (
-            f"{s['lostRequests']} of {s['traffic']['requests']} requests lost, served "
-            f"again {s['servedAgainAfterS']} s after the stop"
-        ),
+        _edge_stop_text,
     ),
     (
         "zoneMove",

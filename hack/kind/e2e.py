@@ -150,6 +150,13 @@ def digits_input(seed: int) -> list[float]:
 
 
 def infer_json(base: str, model: str, data: list[float], timeout: float = 10) -> list[float]:
+    response = infer_json_response(base, model, data, timeout)
+    return [float(v) for v in response["outputs"][0]["data"]]
+
+
+def infer_json_response(
+    base: str, model: str, data: list[float], timeout: float = 10
+) -> dict[str, Any]:
     body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}]}
     request = urllib.request.Request(
         f"{base}/v2/models/{model}/infer",
@@ -157,7 +164,8 @@ def infer_json(base: str, model: str, data: list[float], timeout: float = 10) ->
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return [float(v) for v in json.loads(response.read())["outputs"][0]["data"]]
+        parsed: dict[str, Any] = json.loads(response.read())
+    return parsed
 
 
 def infer_binary(base: str, model: str, data: list[float], timeout: float = 10) -> list[float]:
@@ -259,6 +267,8 @@ class Traffic:
     def __init__(self, base: str, model: str, workers: int = 1, timeout_s: float = 5.0) -> None:
         self.base, self.model, self.workers, self.timeout_s = base, model, workers, timeout_s
         self.outcomes: list[tuple[float, float, bool]] = []  # (start, seconds, ok)
+        # starts of the requests the device answered alone (parameters.edgeai_fallback)
+        self.fallback_starts: set[float] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -268,13 +278,19 @@ class Traffic:
         while not self._stop.is_set():
             seed += 1
             t0 = time.monotonic()
+            fallback = False
             try:
-                infer_json(self.base, self.model, digits_input(seed), timeout=self.timeout_s)
-                ok = True
+                response = infer_json_response(
+                    self.base, self.model, digits_input(seed), timeout=self.timeout_s
+                )
+                ok = len(response["outputs"][0]["data"]) > 0
+                fallback = "edgeai_fallback" in response.get("parameters", {})
             except (OSError, urllib.error.URLError, ValueError, KeyError):
                 ok = False
             with self._lock:
                 self.outcomes.append((t0, time.monotonic() - t0, ok))
+                if fallback:
+                    self.fallback_starts.add(t0)
             if not ok:
                 time.sleep(0.2)
 
@@ -468,7 +484,12 @@ class Run:
         for sample in ("digits-model.yaml", "digits-deployment.yaml"):
             kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / sample))
         kubectl(
-            "apply", "-n", NS, "-f", "-", input=deployment_manifest(DEPLOYMENT, ["edge", "cloud"])
+            "apply",
+            "-n",
+            NS,
+            "-f",
+            "-",
+            input=deployment_manifest(DEPLOYMENT, ["edge", "cloud"], fallback="device"),
         )
         zoo_outcome = _zoo_source_outcome()
         if zoo_outcome["prepared"] is not True:
@@ -690,24 +711,33 @@ class Run:
             run("docker", "stop", edge)
             stopped_s = time.monotonic() - t_stop
 
-            # served again: 20 successes in a row after the stop
-            def served_again() -> float | None:
+            def streak_of_20(by_chain: bool) -> tuple[float] | None:
+                """(seconds from the stop to the start of the first 20 answers in a row,
+                counting only the chain's answers when `by_chain`, not the device's own)"""
                 after = [o for o in traffic.outcomes if o[0] >= t_stop]
-                streak = 0
+                streak: list[float] = []
                 for start, _, ok in after:
-                    streak = streak + 1 if ok else 0
-                    if streak >= 20:
+                    served = ok and not (by_chain and start in traffic.fallback_starts)
+                    streak = [*streak, start] if served else []
+                    if len(streak) >= 20:
                         failures = [s for s, _, k in after if not k and s <= start]
-                        return (failures[-1] - t_stop) if failures else 0.0
+                        first = failures[-1] if failures else t_stop
+                        return (max(first, t_stop) - t_stop,)
                 return None
 
-            _, _ = wait_for(
-                "requests served again after the edge node stopped", served_again, 300, 2
+            # the device answers alone (spec.placement.fallback: device) until the
+            # operator has moved the edge stage and the chain answers again
+            (chain_again,), _ = wait_for(
+                "the chain serving again after the edge node stopped",
+                lambda: streak_of_20(by_chain=True),
+                300,
+                2,
             )
-            again = served_again()
+            again = streak_of_20(by_chain=False)
             time.sleep(3)
             summary = traffic.summary()
             lost = sum(1 for s, _, ok in traffic.outcomes if s >= t_stop and not ok)
+            fallback_answers = sum(1 for s in traffic.fallback_starts if s >= t_stop)
         node_ready = condition(get("node", edge), "Ready")
         run("docker", "start", edge)
         wait_for(
@@ -722,7 +752,9 @@ class Run:
             "node": edge,
             "dockerStopS": round(stopped_s, 1),
             "lostRequests": lost,
-            "servedAgainAfterS": _round(again, 1),
+            "servedAgainAfterS": None if again is None else _round(again[0], 1),
+            "answeredByDeviceAlone": fallback_answers,
+            "chainAgainAfterS": _round(chain_again, 1),
             "traffic": summary,
             "nodeReadyWhenServedAgain": node_ready,
             "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),
@@ -916,12 +948,14 @@ def _read_times(path: Path) -> dict[str, float]:
     return times
 
 
-def deployment_manifest(name: str, tiers: list[str]) -> str:
-    """examples/digits-deployment.yaml renamed, on `tiers` only, with one fixed split."""
+def deployment_manifest(name: str, tiers: list[str], *, fallback: str = "none") -> str:
+    """examples/digits-deployment.yaml renamed, on `tiers` only, with one fixed split
+    (and `fallback: device`: the device entry answers alone when the chain cannot)."""
     sample = yaml.safe_load((REPO / "examples" / "digits-deployment.yaml").read_text())
     sample["metadata"]["name"] = name
     sample["spec"]["placement"]["tiers"] = tiers
     sample["spec"]["placement"]["adaptiveSplit"] = False
+    sample["spec"]["placement"]["fallback"] = fallback
     return str(yaml.safe_dump(sample))
 
 
