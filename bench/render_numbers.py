@@ -730,6 +730,8 @@ def _inference_rows(inf: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _change_text(change: Mapping[str, Any]) -> str:
+    if "planDeclared" in change:
+        return _link_replan_text(change)
     head = f"{change['shapedMbps']} Mbit/s shaped, {change['measuredMbps']} measured: "
     if change["replanned"]:
         return (
@@ -737,6 +739,20 @@ def _change_text(change: Mapping[str, Any]) -> str:
             f"`{change['planAfter']}`"
         )
     return head + f"no replan within 60 s (split stays `{change['planAfter']}`)"
+
+
+def _link_replan_text(change: Mapping[str, Any]) -> str:
+    head = (
+        f"{change['model']}, zone-a's device link {change['declaredMbps']:g} Mbit/s declared "
+        f"(split `{change['planDeclared']}`), shaped to {change['shapedMbps']:g}, "
+        f"{change['measuredMbps']} measured: "
+    )
+    if not change["replanned"]:
+        return head + "no replan within 120 s"
+    text = head + f"replanned in {change['replanS']} s to `{change['planAfter']}`"
+    if change["backToDeclared"]:
+        return text + f"; link restored, back to the declared split in {change['backS']} s"
+    return text + "; link restored, no replan back within 120 s"
 
 
 def _edge_stop_text(stop: Mapping[str, Any]) -> str:
@@ -781,7 +797,7 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"{s['load']['requests']} requests, {s['load']['failed']} failed"
         ),
     ),
-    ("linkChange", "device uplink shaped down, measured rate annotated", _change_text),
+    ("linkChange", "device uplink shaped, measured rate annotated (replan)", _change_text),
     (
         "edgeStop",
         "`docker stop` of zone-a's edge node under traffic",

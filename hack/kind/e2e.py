@@ -70,6 +70,7 @@ RELEASE = "edgeai-operator"
 OPERATOR_NS = "edgeai-system"
 NS = "edgeai-e2e"
 SAMPLE = "digits-reader"  # examples/digits-deployment.yaml
+LINK_MODEL, LINK_DEPLOYMENT = "alexnet", "alexnet-link"  # the link-change step's
 # The sample with the device tier left out: on hack/topology.yaml the sample's own plan
 # is device-only (digits is tiny), so this one carries the steps that need stage pods
 # beyond the device (an edge stage, replaced by a cloud one when the edge node is lost).
@@ -654,51 +655,103 @@ class Run:
 
     # 7 ------------------------------------------------------------------------------------
     def link_change(self) -> dict[str, Any]:
+        """digits is too small for the link to matter (its input is 256 bytes), so this
+        step deploys alexnet_like (a 602 KB input, 0.7 GFLOP) on every tier, then shapes
+        zone-a's device link up to `fast_mbps` and back, measuring it each time as the
+        operator sees it (`edgeai.dev/uplink-mbps-measured`), and waits for the replans."""
         device = _node("device", "zone-a")
-        before = get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]
         base: list[str | Path] = [
             sys.executable,
             HERE / "links.py",
             KUBECONFIG,
             K8S_BIN / "kubectl",
         ]
-        slow_mbps = 0.5
-        run(*base, "shape", "--set", f"{device}={slow_mbps}")
-        measured = json.loads(
-            run(*base, "measure", "--annotate", "--node", device, "--bytes", "300000", timeout=900)
+        model = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNModel",
+            "metadata": {"name": LINK_MODEL, "namespace": NS},
+            "spec": {
+                "source": {"uri": zoo_file_uri("alexnet_like")},
+                "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
+            },
+        }
+        deployment = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNDeployment",
+            "metadata": {"name": LINK_DEPLOYMENT, "namespace": NS},
+            "spec": {
+                "modelRef": {"name": LINK_MODEL},
+                "slo": {"latencyP95Ms": 2000},
+                "devices": {"nodeSelector": {"app": "camera"}},
+                "placement": {"tiers": ["device", "edge", "cloud"], "adaptiveSplit": False},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+            },
+        }
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"kind": "List", "apiVersion": "v1", "items": [model, deployment]}),
         )
-        device_link = measured[0]
         try:
-            replanned, replan_s = wait_for(
-                "a replan after the link change",
+            _, available_s = wait_for(
+                f"{LINK_DEPLOYMENT} Available",
                 lambda: (
-                    _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"])
-                    != _plan_summary(before)
-                    and get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]
+                    condition(get("dnndeployment", LINK_DEPLOYMENT, "-n", NS), "Available")
+                    == "True"
                 ),
-                60,
+                600,
                 2,
             )
-            outcome: dict[str, Any] = {
-                "replanned": True,
-                "replanS": round(replan_s, 1),
-                "planAfter": _plan_summary(replanned),
+            declared = _zone_split(LINK_DEPLOYMENT, "zone-a")
+            fast_mbps = 200.0
+            run(*base, "shape", "--set", f"{device}={fast_mbps:g}")
+            fast = json.loads(
+                run(*base, "measure", "--annotate", "--node", device, "--bytes", "4000000")
+            )[0]
+            changed = self._replan(declared, lambda now: now != declared)
+            # Back to the declared rate: drop the measurement and shape from the declaration.
+            kubectl("annotate", "node", device, "edgeai.dev/uplink-mbps-measured-")
+            run(*base, "shape")
+            back = self._replan(
+                changed["split"] if changed else declared, lambda now: now == declared
+            )
+            return {
+                "model": "alexnet_like",
+                "node": device,
+                "availableS": round(available_s, 1),
+                "declaredMbps": _node_uplink(device),
+                "planDeclared": declared,
+                "shapedMbps": fast_mbps,
+                "measuredMbps": fast["measuredMbps"],
+                "replanned": changed is not None,
+                **(
+                    {"replanS": changed["seconds"], "planAfter": changed["split"]}
+                    if changed
+                    else {}
+                ),
+                "backToDeclared": back is not None,
+                **({"backS": back["seconds"]} if back else {}),
             }
+        finally:
+            kubectl(
+                "delete", "dnndeployment", LINK_DEPLOYMENT, "-n", NS, "--timeout=120s", check=False
+            )
+            kubectl("delete", "dnnmodel", LINK_MODEL, "-n", NS, "--timeout=120s", check=False)
+
+    @staticmethod
+    def _replan(before: str, done: Callable[[str], bool]) -> dict[str, Any] | None:
+        """zone-a's split once `done(split)` holds (within 120 s), or None."""
+        try:
+            split, seconds = wait_for(
+                f"{LINK_DEPLOYMENT}'s zone-a plan to change from {before}",
+                lambda: now if done(now := _zone_split(LINK_DEPLOYMENT, "zone-a")) else None,
+                120,
+                2,
+            )
         except TimeoutError:
-            outcome = {
-                "replanned": False,
-                "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),
-            }
-        # Back to the declared rate: drop the measured annotation and shape from the declaration.
-        kubectl("annotate", "node", device, "edgeai.dev/uplink-mbps-measured-")
-        run(*base, "shape")
-        return {
-            "node": device,
-            "shapedMbps": slow_mbps,
-            "measuredMbps": device_link["measuredMbps"],
-            "planBefore": _plan_summary(before),
-            **outcome,
-        }
+            return None
+        return {"split": split, "seconds": round(seconds, 1)}
 
     # 8 ------------------------------------------------------------------------------------
     def edge_stop(self) -> dict[str, Any]:
@@ -981,19 +1034,26 @@ def _zoo_source_outcome() -> dict[str, Any]:
 
 def digits_file_uri() -> str:
     """digits_cnn (trained) exported to ONNX here, into the shared artefact folder."""
-    dest = ARTIFACTS_HOST / "sources" / "digits_cnn.onnx"
+    return zoo_file_uri("digits_cnn")
+
+
+def zoo_file_uri(name: str) -> str:
+    """A zoo model exported to ONNX here (with torch: the images have none), into the
+    shared artefact folder; digits_cnn trained, the others with their seeded weights."""
+    dest = ARTIFACTS_HOST / "sources" / f"{name}.onnx"
     dest.parent.mkdir(parents=True, exist_ok=True)
     run(
         sys.executable,
         "-c",
         "import sys; from edgeai_worker import zoo; "
-        "zoo.export_onnx('digits_cnn', sys.argv[1], trained=True)",
+        "zoo.export_onnx(sys.argv[1], sys.argv[2], trained=sys.argv[1] == 'digits_cnn')",
+        name,
         dest,
         env={**os.environ, "PYTHONPATH": str(REPO / "workers")},
     )
     for path in (dest.parent, dest):
         os.chown(path, 10001, 10001)  # the images' user edgeai
-    return "pvc://edgeai-artifacts/sources/digits_cnn.onnx"
+    return f"pvc://edgeai-artifacts/sources/{name}.onnx"
 
 
 def _artifact_store() -> str:
@@ -1031,6 +1091,18 @@ def _artifact_store() -> str:
 def _zone_plan(zone: str) -> dict[str, Any]:
     cm = get("configmap", f"{DEPLOYMENT}-plan", "-n", NS)
     return dict(yaml.safe_load(cm["data"][f"plan-{zone}.yaml"]))
+
+
+def _zone_split(deployment: str, zone: str) -> str:
+    """`device:0-2 > edge:3-18`: the split of the zone's plan in the plan ConfigMap."""
+    cm = get("configmap", f"{deployment}-plan", "-n", NS)
+    plan = yaml.safe_load(cm["data"][f"plan-{zone}.yaml"])
+    return " > ".join(f"{s['tier']}:{s['layers']}" for s in plan["stages"])
+
+
+def _node_uplink(node: str) -> float | None:
+    value = get("node", node)["metadata"].get("annotations", {}).get("edgeai.dev/uplink-mbps")
+    return None if value is None else float(value)
 
 
 def _plan_summary(status: dict[str, Any]) -> Any:
