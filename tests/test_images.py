@@ -1,6 +1,7 @@
-"""The images `make images` builds (hack/images/build.sh), checked as built: version
-label and tag, the non-root user, size goals, `edgeai --help`, which ML runtimes each
-image can import, no build-time CA left behind, and a worker container serving OIP v2."""
+"""The images as `make images` builds them from this tree (hack/images/build.sh runs
+first and rebuilds what changed), checked: version label and tag, the non-root user,
+size goals, `edgeai --help`, which ML runtimes each image can import, no build-time CA
+left behind, and a worker container serving OIP v2."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from _image_support import (
     VERSION,
     WORKER_IMAGE,
     WORKER_PORT,
+    build_images,
     docker_unavailable,
-    image_missing,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -32,9 +33,10 @@ SIZE_GOAL_MB = {OPERATOR_IMAGE: 250, WORKER_IMAGE: 400}
 
 @pytest.fixture(scope="module", autouse=True)
 def _images() -> None:
-    reason = docker_unavailable() or image_missing(OPERATOR_IMAGE, WORKER_IMAGE)
+    reason = docker_unavailable()
     if reason:
         pytest.skip(reason)
+    assert build_images() == [OPERATOR_IMAGE, WORKER_IMAGE]
 
 
 def run(image: str, *argv: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -95,6 +97,37 @@ def test_worker_image_has_onnxruntime_and_no_torch() -> None:
         WORKER_IMAGE, "-c", "import kopf, kubernetes.client, onnxruntime", entrypoint="python"
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_worker_image_prepares_the_digits_zoo_model_without_torch() -> None:
+    """The worker image ships digits_cnn's exports, variants and the digits split
+    (hack/images/build.sh builds them with the host's torch): a `zoo: digits_cnn` model
+    and its variants are served and measured with neither torch nor scikit-learn, and
+    another zoo model is refused with what to do instead."""
+    script = (
+        "from edgeai_worker import variants, zoo; "
+        "print(zoo.export_onnx('digits_cnn', trained=True).parent); "
+        "print(' '.join(f'{variants.onnx_accuracy(variants.variant_path(\"digits_cnn\", v)):.3f}'"
+        " for v in variants.VARIANT_NAMES)); "
+        "zoo.export_onnx('resnet18')"
+    )
+    out = run(WORKER_IMAGE, "-c", script, entrypoint="python")
+    lines = out.stdout.split("\n")
+    assert lines[0] == "/opt/edgeai/cache/zoo", out.stderr
+    accuracies = [float(a) for a in lines[1].split()]
+    assert len(accuracies) == 5, out.stderr
+    assert min(accuracies) >= 0.85, accuracies
+    # the very files the host builds, measured on the same split
+    from edgeai_worker import variants
+
+    host = [
+        round(variants.onnx_accuracy(variants.variant_path("digits_cnn", v)), 3)
+        for v in variants.VARIANT_NAMES
+    ]
+    assert accuracies == host
+    assert out.returncode != 0
+    assert "zoo model resnet18 (random weights) is not in the cache" in out.stderr
+    assert "spec.source.uri" in out.stderr
 
 
 @pytest.mark.parametrize("image", [OPERATOR_IMAGE, WORKER_IMAGE])
