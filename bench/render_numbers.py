@@ -835,7 +835,7 @@ def _edge_stop_text(stop: Mapping[str, Any]) -> str:
         return text + f", served again {stop['servedAgainAfterS']} s after the stop"
     return text + (
         f", {stop['answeredByDeviceAlone']} answered by the device alone (fallback: device); "
-        f"the chain served again {stop['chainAgainAfterS']} s after the stop"
+        f"the chain served again {stop['chainAgainAfterS']} s after the node had stopped"
     )
 
 

@@ -764,32 +764,30 @@ class Run:
             run("docker", "stop", edge)
             stopped_s = time.monotonic() - t_stop
 
-            def streak_of_20(by_chain: bool) -> tuple[float] | None:
-                """(seconds from the stop to the start of the first 20 answers in a row,
-                counting only the chain's answers when `by_chain`, not the device's own)"""
-                after = [o for o in traffic.outcomes if o[0] >= t_stop]
+            t_down = time.monotonic()  # the node container has stopped
+
+            def chain_again() -> tuple[float] | None:
+                """(seconds from the node's stop to the first of 20 answers in a row from
+                the chain, not from the device alone), once there are 20"""
                 streak: list[float] = []
-                for start, _, ok in after:
-                    served = ok and not (by_chain and start in traffic.fallback_starts)
-                    streak = [*streak, start] if served else []
+                for start, _, ok in [o for o in traffic.outcomes if o[0] >= t_down]:
+                    by_chain = ok and start not in traffic.fallback_starts
+                    streak = [*streak, start] if by_chain else []
                     if len(streak) >= 20:
-                        failures = [s for s, _, k in after if not k and s <= start]
-                        first = failures[-1] if failures else t_stop
-                        return (max(first, t_stop) - t_stop,)
+                        return (streak[0] - t_down,)
                 return None
 
             # the device answers alone (spec.placement.fallback: device) until the
             # operator has moved the edge stage and the chain answers again
-            (chain_again,), _ = wait_for(
-                "the chain serving again after the edge node stopped",
-                lambda: streak_of_20(by_chain=True),
-                300,
-                2,
+            (chain_s,), _ = wait_for(
+                "the chain serving again after the edge node stopped", chain_again, 300, 2
             )
-            again = streak_of_20(by_chain=False)
             time.sleep(3)
             summary = traffic.summary()
-            lost = sum(1 for s, _, ok in traffic.outcomes if s >= t_stop and not ok)
+            after_stop = [o for o in traffic.outcomes if o[0] >= t_stop]
+            lost = sum(1 for _, _, ok in after_stop if not ok)
+            last_failure = max((s for s, _, ok in after_stop if not ok), default=None)
+            again = 0.0 if last_failure is None else last_failure - t_stop
             fallback_answers = sum(1 for s in traffic.fallback_starts if s >= t_stop)
         node_ready = condition(get("node", edge), "Ready")
         run("docker", "start", edge)
@@ -805,9 +803,9 @@ class Run:
             "node": edge,
             "dockerStopS": round(stopped_s, 1),
             "lostRequests": lost,
-            "servedAgainAfterS": None if again is None else _round(again[0], 1),
+            "servedAgainAfterS": _round(again, 1),
             "answeredByDeviceAlone": fallback_answers,
-            "chainAgainAfterS": _round(chain_again, 1),
+            "chainAgainAfterS": _round(chain_s, 1),
             "traffic": summary,
             "nodeReadyWhenServedAgain": node_ready,
             "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),

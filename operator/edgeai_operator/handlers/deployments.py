@@ -49,20 +49,27 @@ def _priority(body: kopf.Body) -> int:
 
 @kopf.index(API_GROUP, API_VERSION, "dnndeployments")
 def priority_users(
-    name: str, namespace: str | None, body: kopf.Body, meta: kopf.Meta, **_: Any
+    name: str, namespace: str | None, body: kopf.Body, **_: Any
 ) -> dict[int, tuple[str, str]] | None:
-    """The live deployments of each spec.priority (those being deleted drop out), so
-    that the last one to go takes the shared PriorityClass with it."""
+    """The deployments of each spec.priority, so that the last one to go takes the
+    shared PriorityClass with it."""
     priority = _priority(body)
-    if priority <= 0 or meta.get("deletionTimestamp"):
-        return None
-    return {priority: (namespace or "default", name)}
+    return {priority: (namespace or "default", name)} if priority > 0 else None
+
+
+def _live(key: tuple[str, str]) -> bool:
+    """Whether the deployment exists and is not being deleted. Asked of the API server:
+    deployments deleted together are all still indexed when their daemons stop."""
+    obj = k8s.get(f"{API_GROUP}/{API_VERSION}", "DNNDeployment", key[1], key[0])
+    return obj is not None and not obj["metadata"].get("deletionTimestamp")
 
 
 async def _release_priority_class(
     key: tuple[str, str], priority: int, users: Any, logger: kopf.Logger
 ) -> None:
-    released = released_priority_class(key, priority, users.get(priority, ()))
+    others = [user for user in users.get(priority, ()) if user != key]
+    live = [user for user in others if await asyncio.to_thread(_live, user)]
+    released = released_priority_class(key, priority, live)
     if released is None:
         return
     if await asyncio.to_thread(k8s.delete, "scheduling.k8s.io/v1", "PriorityClass", released, None):
