@@ -121,6 +121,9 @@ class DeploymentState:
     # back-off of pods that did not answer: (pod, IP) -> (failures in a row, retry at)
     last_scrape: float = float("-inf")
     scrape_backoff: Mapping[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    # stage certificates (stagetls.py): the ones the pods mount, when to renew next
+    tls_stages: tuple[Any, ...] = ()
+    tls_recheck: Any = None  # a UTC datetime; None: nothing to renew
 
 
 @dataclass
@@ -285,6 +288,8 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         excluded_nodes=excluded,
         priority_class=f"edgeai-priority-{spec.priority}" if spec.priority > 0 else None,
         transport=spec.transport,
+        stage_tls=spec.security.stage_tls,
+        entry_token=spec.security.entry_token,
     )
     shared_model = spec.model_ref if spec.sharing == "backbone" else None
     shared_names = {

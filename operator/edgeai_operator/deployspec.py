@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeai_operator import API_GROUP, TIERS
 from edgeai_operator.errors import SpecError, read_yaml_documents
+from edgeai_operator.securityspec import SecuritySpec, parse_security
 
 OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
 # none: no partitioning, the whole model on the one best tier
@@ -54,6 +55,7 @@ _SPEC_FIELDS = (
     "sharing",
     "power",
     "cost",
+    "security",
 )
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _ZOO = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -98,6 +100,8 @@ class DeploymentSpec:
     sharing: str | None  # backbone, or None: this deployment's own workloads
     priority: int
     skip_unchanged_threshold: float
+    # spec.security (securityspec.py)
+    security: SecuritySpec = field(default_factory=SecuritySpec)
 
     def slo_dict(self) -> dict[str, Any]:
         slo: dict[str, Any] = {}
@@ -354,6 +358,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         sharing=sharing if sharing != "none" else None,
         priority=spec_integer(spec.get("priority"), "spec.priority", 0, MAX_PRIORITY, 0),
         skip_unchanged_threshold=skip or 0.0,
+        security=parse_security(spec, transport, sharing),
     )
 
 

@@ -131,6 +131,11 @@ class WorkerMetrics:
         self.deduplicated = Counter(
             "edgeai_deduplicated_requests_total", "Retried requests answered without rerunning."
         )
+        self.auth_failures = Counter(
+            "edgeai_auth_failures_total",
+            "Requests refused before the model: missing-token, wrong-token, peer, plain.",
+        )
+        self.tls_reloads = Counter("edgeai_tls_reloads_total", "Stage certificates loaded anew.")
 
     def render(self) -> str:
         lines: list[str] = []
