@@ -174,6 +174,8 @@ def _deployment(name: str) -> dict[str, Any]:
             "devices": {"nodeSelector": {"app": "camera"}},
             "placement": {"tiers": ["edge"]},
             "sharing": "backbone",
+            # a shared stage serves several deployments: plain HTTP between stages
+            "security": {"stageTLS": "disabled"},
         },
     }
 

@@ -37,6 +37,7 @@ from edgeai_operator.builders import (
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
+from edgeai_operator.netpol import network_policies
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, ZonePlans, plan_zones
 
@@ -344,6 +345,11 @@ def _children(
         default_replicas=max(spec.autoscaling.min_replicas, 1),
         shared_model=shared_model,
     )
+    security = spec.security
+    if security.network_policy:
+        children += network_policies(
+            p.owner, children, security.entry_namespaces, security.entry_cidrs
+        )
     live_replicas = _share_replicas(p, children)
     state.desired_keys = frozenset(_key(c) for c in children)
     state.children_inputs = child_inputs
