@@ -108,8 +108,8 @@ def test_stage_pods_mount_their_certificate_and_forward_over_tls() -> None:
     device = _container(children, "DaemonSet", "cam-device-zone-a")
     assert device["args"][5:] == [
         "--next=https://cam-edge-zone-a.vision.svc:8443",
-        "--tls-dir=/etc/edgeai/tls",
-        "--entry-token-file=/etc/edgeai/entry/token",
+        "--tls-dir=/etc/edgeai-tls",
+        "--entry-token-file=/etc/edgeai-entry/token",
     ]
     assert device["ports"] == [{"name": "http", "containerPort": 8080}]
     device_pod = _by(children, "DaemonSet", "cam-device-zone-a")["spec"]["template"]["spec"]
@@ -126,7 +126,7 @@ def test_stage_pods_mount_their_certificate_and_forward_over_tls() -> None:
     edge = _container(children, "Deployment", "cam-edge-zone-a")
     assert edge["args"][5:] == [
         "--next=https://cam-cloud-zone-a.vision.svc:8443",
-        "--tls-dir=/etc/edgeai/tls",
+        "--tls-dir=/etc/edgeai-tls",
         "--tls-port=8443",
         "--tls-peer=edgeai://vision/cam/device",
     ]

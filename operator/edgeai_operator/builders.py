@@ -273,8 +273,8 @@ def _pod_spec(
 
 # Stage TLS and entry authentication (securityspec.py, stagetls.py, edgeai_worker.security)
 TLS_PORT = 8443
-TLS_DIR = "/etc/edgeai/tls"
-ENTRY_TOKEN_DIR = "/etc/edgeai/entry"
+TLS_DIR = "/etc/edgeai-tls"  # not under the plan ConfigMap's read-only mount
+ENTRY_TOKEN_DIR = "/etc/edgeai-entry"
 
 
 def stage_identity(owner: Owner, tier: str) -> str:
