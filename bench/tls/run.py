@@ -115,12 +115,14 @@ def caller(
 
 
 def cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds the processes `pids` have used so far."""
-    total = 0
+    """CPU seconds the processes `pids` (all their threads) have run so far, from the
+    scheduler's nanosecond accounting."""
+    total_ns = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                total_ns += int((task / "schedstat").read_text().split()[0])
+    return total_ns / 1e9
 
 
 def measure(
@@ -213,23 +215,22 @@ def bench_tensor(
         }
         plain_entry = {**entry, "next_urls": [f"http://127.0.0.1:{plain_port}"]}
         with running(tmp, tls_entry) as front_tls, running(tmp, plain_entry) as front_plain:
-            pid = {w: w.process.pid for w in (tls_edge, plain_edge, front_tls, front_plain)}
             makers = {
                 ("hop", "plain"): (
                     caller("127.0.0.1", plain_port, x, None),
-                    [pid[plain_edge]],
+                    [plain_edge.process.pid],
                 ),
                 ("hop", "tls"): (
                     caller("127.0.0.1", tls_port, x, client_context(certs["device"])),
-                    [pid[tls_edge]],
+                    [tls_edge.process.pid],
                 ),
                 ("chain", "plain"): (
                     caller("127.0.0.1", int(front_plain.url.rsplit(":", 1)[1]), x, None),
-                    [pid[front_plain], pid[plain_edge]],
+                    [front_plain.process.pid, plain_edge.process.pid],
                 ),
                 ("chain", "tls"): (
                     caller("127.0.0.1", int(front_tls.url.rsplit(":", 1)[1]), x, None),
-                    [pid[front_tls], pid[tls_edge]],
+                    [front_tls.process.pid, tls_edge.process.pid],
                 ),
             }
             for round_ in range(rounds):
