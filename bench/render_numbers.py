@@ -913,6 +913,7 @@ RENDERERS: dict[str, Renderer] = {
     "protocol-summary": Renderer("protocol.json", protocol_summary),
     "tls-table": Renderer("tls.json", tls_table),
     "tls-summary": Renderer("tls.json", tls_summary),
+    "tls-goal": Renderer("tls.json", tls_summary),  # the same summary, in docs/security.md
     "e2e-kind-build": Renderer("e2e-kind.json", e2e_kind_build),
     "e2e-kind-results": Renderer("e2e-kind.json", e2e_kind_results),
     "demo": Renderer("demo.json", demo_transcript),
