@@ -104,8 +104,8 @@ def test_every_pod_the_operator_creates_is_admitted_under_restricted(
         "device DaemonSet": "edgeai.dev/deployment=on-edge,edgeai.dev/tier=device",
         "edge Deployment": "edgeai.dev/deployment=on-edge,edgeai.dev/tier=edge",
         "cloud Deployment": "edgeai.dev/deployment=on-cloud,edgeai.dev/tier=cloud",
-        "training aggregator": "edgeai.dev/training-job=digits-fl,edgeai.dev/role=aggregator",
-        "training worker": "edgeai.dev/training-job=digits-fl,edgeai.dev/role=worker",
+        "training aggregator": "edgeai.dev/training-job=digits-fl,edgeai.dev/training-role=aggregator",
+        "training worker": "edgeai.dev/training-job=digits-fl,edgeai.dev/training-role=worker",
     }
     for what, selector in kinds.items():
         pods = wait_for(f"a {what} pod", lambda s=selector: _pods(ns, s), 240)
