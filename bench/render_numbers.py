@@ -798,6 +798,8 @@ def _inference_rows(inf: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _change_text(change: Mapping[str, Any]) -> str:
+    if "planDeclared" in change:
+        return _link_replan_text(change)
     head = f"{change['shapedMbps']} Mbit/s shaped, {change['measuredMbps']} measured: "
     if change["replanned"]:
         return (
@@ -805,6 +807,30 @@ def _change_text(change: Mapping[str, Any]) -> str:
             f"`{change['planAfter']}`"
         )
     return head + f"no replan within 60 s (split stays `{change['planAfter']}`)"
+
+
+def _link_replan_text(change: Mapping[str, Any]) -> str:
+    head = (
+        f"{change['model']}, zone-a's device link {change['declaredMbps']:g} Mbit/s declared "
+        f"(split `{change['planDeclared']}`), shaped to {change['shapedMbps']:g}, "
+        f"{change['measuredMbps']} measured: "
+    )
+    if not change["replanned"]:
+        return head + "no replan within 120 s"
+    text = head + f"replanned in {change['replanS']} s to `{change['planAfter']}`"
+    if change["backToDeclared"]:
+        return text + f"; link restored, back to the declared split in {change['backS']} s"
+    return text + "; link restored, no replan back within 120 s"
+
+
+def _edge_stop_text(stop: Mapping[str, Any]) -> str:
+    text = f"{stop['lostRequests']} of {stop['traffic']['requests']} requests lost"
+    if "answeredByDeviceAlone" not in stop:  # a run from before the device fallback
+        return text + f", served again {stop['servedAgainAfterS']} s after the stop"
+    return text + (
+        f", {stop['answeredByDeviceAlone']} answered by the device alone (fallback: device); "
+        f"the chain served again {stop['chainAgainAfterS']} s after the stop"
+    )
 
 
 def _replicas(replicas: Mapping[str, int]) -> str:
@@ -839,14 +865,11 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"{s['load']['requests']} requests, {s['load']['failed']} failed"
         ),
     ),
-    ("linkChange", "device uplink shaped down, measured rate annotated", _change_text),
+    ("linkChange", "device uplink shaped, measured rate annotated (replan)", _change_text),
     (
         "edgeStop",
         "`docker stop` of zone-a's edge node under traffic",
-        lambda s: (
-            f"{s['lostRequests']} of {s['traffic']['requests']} requests lost, served "
-            f"again {s['servedAgainAfterS']} s after the stop"
-        ),
+        _edge_stop_text,
     ),
     (
         "zoneMove",

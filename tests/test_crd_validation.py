@@ -209,6 +209,16 @@ CASES = [
         ),
         "spec.privacy.rawInputStaysOnDevice needs 'device' in spec.placement.tiers",
     ),
+    (
+        "deployment: fallback",
+        _with(DEPLOYMENT, "spec.placement.fallback", "edge"),
+        "spec.placement.fallback",
+    ),
+    (
+        "deployment: fallback wait",
+        _with(DEPLOYMENT, "spec.placement.fallbackAfterMs", 5),
+        "spec.placement.fallbackAfterMs",
+    ),
     ("deployment: priority", _with(DEPLOYMENT, "spec.priority", -1), "spec.priority"),
     (
         "deployment: partitioning",

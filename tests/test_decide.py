@@ -25,6 +25,7 @@ from edgeai_operator.decide import (
     DeploymentState,
     Observed,
     decide,
+    released_priority_class,
 )
 from edgeai_operator.planning import NodeState
 from edgeai_operator.topology import NodeSpec
@@ -646,3 +647,12 @@ def test_a_steady_pass_takes_milliseconds() -> None:
         decide(obs, state)
     per_pass_ms = (time.perf_counter() - started) * 10
     print(f"steady decide: {per_pass_ms:.2f} ms per pass")
+
+
+def test_the_last_user_of_a_priority_releases_its_priority_class() -> None:
+    me, other = ("ns", "a"), ("ns2", "a")
+    assert released_priority_class(me, 100, []) == "edgeai-priority-100"
+    # the deployment itself may still be indexed when it goes
+    assert released_priority_class(me, 100, [me]) == "edgeai-priority-100"
+    assert released_priority_class(me, 100, [me, other]) is None
+    assert released_priority_class(me, 0, []) is None

@@ -1,6 +1,7 @@
-"""The images `make images` builds (hack/images/build.sh), checked as built: version
-label and tag, the non-root user, size goals, `edgeai --help`, which ML runtimes each
-image can import, no build-time CA left behind, and a worker container serving OIP v2."""
+"""The images as `make images` builds them from this tree (hack/images/build.sh runs
+first and rebuilds what changed), checked: version label and tag, the non-root user,
+size goals, `edgeai --help`, which ML runtimes each image can import, no build-time CA
+left behind, and a worker container serving OIP v2."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from _image_support import (
     VERSION,
     WORKER_IMAGE,
     WORKER_PORT,
+    build_images,
     docker_unavailable,
-    image_missing,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -32,9 +33,10 @@ SIZE_GOAL_MB = {OPERATOR_IMAGE: 250, WORKER_IMAGE: 400}
 
 @pytest.fixture(scope="module", autouse=True)
 def _images() -> None:
-    reason = docker_unavailable() or image_missing(OPERATOR_IMAGE, WORKER_IMAGE)
+    reason = docker_unavailable()
     if reason:
         pytest.skip(reason)
+    assert build_images() == [OPERATOR_IMAGE, WORKER_IMAGE]
 
 
 def run(image: str, *argv: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -385,6 +385,32 @@ def test_delete_removes_every_owned_object(ns: Namespace, operator: OperatorProc
     )
 
 
+def test_the_last_deployment_of_a_priority_deletes_its_priority_class(
+    ns: Namespace, operator: OperatorProcess
+) -> None:
+    # A priority no other test uses: PriorityClasses are cluster-scoped.
+    pc = "edgeai-priority-37"
+    apply(
+        ns,
+        model("digits", "digits_cnn", [1, 1, 8, 8]),
+        deployment("first", "digits", priority=37),
+        deployment("second", "digits", priority=37),
+    )
+    for name in ("first", "second"):
+        wait_for(f"{name} Available", lambda name=name: available(ns, name), 180)
+    assert get(ns, "priorityclass", pc)["value"] == 37
+    assert {p["spec"]["priorityClassName"] for p in pods_of(ns, "first", "device")} == {pc}
+
+    uid = get(ns, "priorityclass", pc)["metadata"]["uid"]
+    # kubectl delete returns once the finalizer is gone, so the release has run: the
+    # PriorityClass "second" still runs with stays (the same object, not recreated).
+    ns.kubectl("delete", "dnnd", "first", "--timeout=60s")
+    assert get(ns, "priorityclass", pc)["metadata"]["uid"] == uid
+
+    ns.kubectl("delete", "dnnd", "second", "--timeout=60s")
+    wait_for("the PriorityClass deleted", lambda: get(ns, "priorityclass", pc) is None, 30)
+
+
 def _metrics(operator: OperatorProcess) -> dict[str, float]:
     with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
         text = resp.read().decode()

@@ -335,3 +335,34 @@ def test_stage_settings_give_the_device_entry_the_plans_device_settings(tmp_path
     }
     with pytest.raises(SpecError, match="--stage: 1 is out of range"):
         stage_settings(remote, 1, plan_path=tmp_path, workdir=tmp_path, host="h", port=1)
+
+
+def test_a_fallback_gives_the_device_stage_the_whole_model(tmp_path: Path) -> None:
+    # the device entry answers alone even where the plan leaves the device out
+    body = _body({"tiers": ["edge", "cloud"], "fallback": "device", "fallbackAfterMs": 250})
+    plan = plan_zones(parse_deployment(body), [PROFILE], NODES).plans["zone-a"]
+    assert plan.to_dict()["fallback"] == {"tier": "device", "afterMs": 250.0}
+    assert PlanDocument.from_dict(plan.to_dict()) == plan
+    whole = tmp_path / "model.onnx"
+    whole.write_bytes(b"not read here")
+    remote = PlanDocument.from_dict(
+        {
+            **DOC,
+            "model": {**DOC["model"], "zoo": None, "path": str(whole)},
+            "fallback": {"tier": "device", "afterMs": 250},
+            "stages": [
+                {"tier": "edge", "layers": "0-8", "inputs": ["input"], "outputs": ["output"]}
+            ],
+        }
+    )
+    kw: dict[str, Any] = {"plan_path": tmp_path / "plan.yaml", "workdir": tmp_path, "host": "h"}
+    entry = stage_settings(remote, -1, port=1, next_urls=["http://edge:8080"], **kw)
+    assert (entry["fallback_model"], entry["fallback_after_ms"]) == (str(whole), 250.0)
+    # nothing to fall back from without a next stage
+    assert "fallback_model" not in stage_settings(remote, -1, port=1, **kw)
+    without = PlanDocument.from_dict({**DOC, "model": remote.model.to_dict()})
+    assert "fallback_model" not in stage_settings(
+        without, -1, port=1, next_urls=["http://edge:8080"], **kw
+    )
+    with pytest.raises(SpecError, match=r"plan.fallback.tier: 'cloud'"):
+        PlanDocument.from_dict({**DOC, "fallback": {"tier": "cloud"}})

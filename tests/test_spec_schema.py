@@ -32,6 +32,7 @@ from _modelspec_samples import (
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import ZOO_MODELS, parse_model_spec
+from edgeai_worker.training.spec import parse_spec as parse_training_spec
 
 CRDS = Path(__file__).resolve().parents[1] / "crds"
 Path_ = tuple[str | int, ...]  # keys from spec down; 0 stands for an array's item
@@ -371,6 +372,8 @@ def test_the_examples_parse() -> None:
             kinds.append(doc["kind"])
             if doc["kind"] == "DNNDeployment":
                 parse_deployment(doc)
+            elif doc["kind"] == "DNNTrainingJob":
+                parse_training_spec(doc["spec"])
             else:
                 parse_model_spec(doc["spec"])
-    assert sorted(set(kinds)) == ["DNNDeployment", "DNNModel"]
+    assert sorted(set(kinds)) == ["DNNDeployment", "DNNModel", "DNNTrainingJob"]

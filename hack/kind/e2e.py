@@ -70,6 +70,7 @@ RELEASE = "edgeai-operator"
 OPERATOR_NS = "edgeai-system"
 NS = "edgeai-e2e"
 SAMPLE = "digits-reader"  # examples/digits-deployment.yaml
+LINK_MODEL, LINK_DEPLOYMENT = "alexnet", "alexnet-link"  # the link-change step's
 # The sample with the device tier left out: on hack/topology.yaml the sample's own plan
 # is device-only (digits is tiny), so this one carries the steps that need stage pods
 # beyond the device (an edge stage, replaced by a cloud one when the edge node is lost).
@@ -150,6 +151,13 @@ def digits_input(seed: int) -> list[float]:
 
 
 def infer_json(base: str, model: str, data: list[float], timeout: float = 10) -> list[float]:
+    response = infer_json_response(base, model, data, timeout)
+    return [float(v) for v in response["outputs"][0]["data"]]
+
+
+def infer_json_response(
+    base: str, model: str, data: list[float], timeout: float = 10
+) -> dict[str, Any]:
     body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": data}]}
     request = urllib.request.Request(
         f"{base}/v2/models/{model}/infer",
@@ -157,7 +165,8 @@ def infer_json(base: str, model: str, data: list[float], timeout: float = 10) ->
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return [float(v) for v in json.loads(response.read())["outputs"][0]["data"]]
+        parsed: dict[str, Any] = json.loads(response.read())
+    return parsed
 
 
 def infer_binary(base: str, model: str, data: list[float], timeout: float = 10) -> list[float]:
@@ -259,6 +268,8 @@ class Traffic:
     def __init__(self, base: str, model: str, workers: int = 1, timeout_s: float = 5.0) -> None:
         self.base, self.model, self.workers, self.timeout_s = base, model, workers, timeout_s
         self.outcomes: list[tuple[float, float, bool]] = []  # (start, seconds, ok)
+        # starts of the requests the device answered alone (parameters.edgeai_fallback)
+        self.fallback_starts: set[float] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -268,13 +279,19 @@ class Traffic:
         while not self._stop.is_set():
             seed += 1
             t0 = time.monotonic()
+            fallback = False
             try:
-                infer_json(self.base, self.model, digits_input(seed), timeout=self.timeout_s)
-                ok = True
+                response = infer_json_response(
+                    self.base, self.model, digits_input(seed), timeout=self.timeout_s
+                )
+                ok = len(response["outputs"][0]["data"]) > 0
+                fallback = "edgeai_fallback" in response.get("parameters", {})
             except (OSError, urllib.error.URLError, ValueError, KeyError):
                 ok = False
             with self._lock:
                 self.outcomes.append((t0, time.monotonic() - t0, ok))
+                if fallback:
+                    self.fallback_starts.add(t0)
             if not ok:
                 time.sleep(0.2)
 
@@ -468,7 +485,12 @@ class Run:
         for sample in ("digits-model.yaml", "digits-deployment.yaml"):
             kubectl("apply", "-n", NS, "-f", str(REPO / "examples" / sample))
         kubectl(
-            "apply", "-n", NS, "-f", "-", input=deployment_manifest(DEPLOYMENT, ["edge", "cloud"])
+            "apply",
+            "-n",
+            NS,
+            "-f",
+            "-",
+            input=deployment_manifest(DEPLOYMENT, ["edge", "cloud"], fallback="device"),
         )
         zoo_outcome = _zoo_source_outcome()
         if zoo_outcome["prepared"] is not True:
@@ -633,51 +655,103 @@ class Run:
 
     # 7 ------------------------------------------------------------------------------------
     def link_change(self) -> dict[str, Any]:
+        """digits is too small for the link to matter (its input is 256 bytes), so this
+        step deploys alexnet_like (a 602 KB input, 0.7 GFLOP) on every tier, then shapes
+        zone-a's device link up to `fast_mbps` and back, measuring it each time as the
+        operator sees it (`edgeai.dev/uplink-mbps-measured`), and waits for the replans."""
         device = _node("device", "zone-a")
-        before = get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]
         base: list[str | Path] = [
             sys.executable,
             HERE / "links.py",
             KUBECONFIG,
             K8S_BIN / "kubectl",
         ]
-        slow_mbps = 0.5
-        run(*base, "shape", "--set", f"{device}={slow_mbps}")
-        measured = json.loads(
-            run(*base, "measure", "--annotate", "--node", device, "--bytes", "300000", timeout=900)
+        model = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNModel",
+            "metadata": {"name": LINK_MODEL, "namespace": NS},
+            "spec": {
+                "source": {"uri": zoo_file_uri("alexnet_like")},
+                "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
+            },
+        }
+        deployment = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNDeployment",
+            "metadata": {"name": LINK_DEPLOYMENT, "namespace": NS},
+            "spec": {
+                "modelRef": {"name": LINK_MODEL},
+                "slo": {"latencyP95Ms": 2000},
+                "devices": {"nodeSelector": {"app": "camera"}},
+                "placement": {"tiers": ["device", "edge", "cloud"], "adaptiveSplit": False},
+                "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+            },
+        }
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"kind": "List", "apiVersion": "v1", "items": [model, deployment]}),
         )
-        device_link = measured[0]
         try:
-            replanned, replan_s = wait_for(
-                "a replan after the link change",
+            _, available_s = wait_for(
+                f"{LINK_DEPLOYMENT} Available",
                 lambda: (
-                    _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"])
-                    != _plan_summary(before)
-                    and get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]
+                    condition(get("dnndeployment", LINK_DEPLOYMENT, "-n", NS), "Available")
+                    == "True"
                 ),
-                60,
+                600,
                 2,
             )
-            outcome: dict[str, Any] = {
-                "replanned": True,
-                "replanS": round(replan_s, 1),
-                "planAfter": _plan_summary(replanned),
+            declared = _zone_split(LINK_DEPLOYMENT, "zone-a")
+            fast_mbps = 200.0
+            run(*base, "shape", "--set", f"{device}={fast_mbps:g}")
+            fast = json.loads(
+                run(*base, "measure", "--annotate", "--node", device, "--bytes", "4000000")
+            )[0]
+            changed = self._replan(declared, lambda now: now != declared)
+            # Back to the declared rate: drop the measurement and shape from the declaration.
+            kubectl("annotate", "node", device, "edgeai.dev/uplink-mbps-measured-")
+            run(*base, "shape")
+            back = self._replan(
+                changed["split"] if changed else declared, lambda now: now == declared
+            )
+            return {
+                "model": "alexnet_like",
+                "node": device,
+                "availableS": round(available_s, 1),
+                "declaredMbps": _node_uplink(device),
+                "planDeclared": declared,
+                "shapedMbps": fast_mbps,
+                "measuredMbps": fast["measuredMbps"],
+                "replanned": changed is not None,
+                **(
+                    {"replanS": changed["seconds"], "planAfter": changed["split"]}
+                    if changed
+                    else {}
+                ),
+                "backToDeclared": back is not None,
+                **({"backS": back["seconds"]} if back else {}),
             }
+        finally:
+            kubectl(
+                "delete", "dnndeployment", LINK_DEPLOYMENT, "-n", NS, "--timeout=120s", check=False
+            )
+            kubectl("delete", "dnnmodel", LINK_MODEL, "-n", NS, "--timeout=120s", check=False)
+
+    @staticmethod
+    def _replan(before: str, done: Callable[[str], bool]) -> dict[str, Any] | None:
+        """zone-a's split once `done(split)` holds (within 120 s), or None."""
+        try:
+            split, seconds = wait_for(
+                f"{LINK_DEPLOYMENT}'s zone-a plan to change from {before}",
+                lambda: now if done(now := _zone_split(LINK_DEPLOYMENT, "zone-a")) else None,
+                120,
+                2,
+            )
         except TimeoutError:
-            outcome = {
-                "replanned": False,
-                "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),
-            }
-        # Back to the declared rate: drop the measured annotation and shape from the declaration.
-        kubectl("annotate", "node", device, "edgeai.dev/uplink-mbps-measured-")
-        run(*base, "shape")
-        return {
-            "node": device,
-            "shapedMbps": slow_mbps,
-            "measuredMbps": device_link["measuredMbps"],
-            "planBefore": _plan_summary(before),
-            **outcome,
-        }
+            return None
+        return {"split": split, "seconds": round(seconds, 1)}
 
     # 8 ------------------------------------------------------------------------------------
     def edge_stop(self) -> dict[str, Any]:
@@ -690,24 +764,33 @@ class Run:
             run("docker", "stop", edge)
             stopped_s = time.monotonic() - t_stop
 
-            # served again: 20 successes in a row after the stop
-            def served_again() -> float | None:
+            def streak_of_20(by_chain: bool) -> tuple[float] | None:
+                """(seconds from the stop to the start of the first 20 answers in a row,
+                counting only the chain's answers when `by_chain`, not the device's own)"""
                 after = [o for o in traffic.outcomes if o[0] >= t_stop]
-                streak = 0
+                streak: list[float] = []
                 for start, _, ok in after:
-                    streak = streak + 1 if ok else 0
-                    if streak >= 20:
+                    served = ok and not (by_chain and start in traffic.fallback_starts)
+                    streak = [*streak, start] if served else []
+                    if len(streak) >= 20:
                         failures = [s for s, _, k in after if not k and s <= start]
-                        return (failures[-1] - t_stop) if failures else 0.0
+                        first = failures[-1] if failures else t_stop
+                        return (max(first, t_stop) - t_stop,)
                 return None
 
-            _, _ = wait_for(
-                "requests served again after the edge node stopped", served_again, 300, 2
+            # the device answers alone (spec.placement.fallback: device) until the
+            # operator has moved the edge stage and the chain answers again
+            (chain_again,), _ = wait_for(
+                "the chain serving again after the edge node stopped",
+                lambda: streak_of_20(by_chain=True),
+                300,
+                2,
             )
-            again = served_again()
+            again = streak_of_20(by_chain=False)
             time.sleep(3)
             summary = traffic.summary()
             lost = sum(1 for s, _, ok in traffic.outcomes if s >= t_stop and not ok)
+            fallback_answers = sum(1 for s in traffic.fallback_starts if s >= t_stop)
         node_ready = condition(get("node", edge), "Ready")
         run("docker", "start", edge)
         wait_for(
@@ -722,7 +805,9 @@ class Run:
             "node": edge,
             "dockerStopS": round(stopped_s, 1),
             "lostRequests": lost,
-            "servedAgainAfterS": _round(again, 1),
+            "servedAgainAfterS": None if again is None else _round(again[0], 1),
+            "answeredByDeviceAlone": fallback_answers,
+            "chainAgainAfterS": _round(chain_again, 1),
             "traffic": summary,
             "nodeReadyWhenServedAgain": node_ready,
             "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),
@@ -916,12 +1001,14 @@ def _read_times(path: Path) -> dict[str, float]:
     return times
 
 
-def deployment_manifest(name: str, tiers: list[str]) -> str:
-    """examples/digits-deployment.yaml renamed, on `tiers` only, with one fixed split."""
+def deployment_manifest(name: str, tiers: list[str], *, fallback: str = "none") -> str:
+    """examples/digits-deployment.yaml renamed, on `tiers` only, with one fixed split
+    (and `fallback: device`: the device entry answers alone when the chain cannot)."""
     sample = yaml.safe_load((REPO / "examples" / "digits-deployment.yaml").read_text())
     sample["metadata"]["name"] = name
     sample["spec"]["placement"]["tiers"] = tiers
     sample["spec"]["placement"]["adaptiveSplit"] = False
+    sample["spec"]["placement"]["fallback"] = fallback
     return str(yaml.safe_dump(sample))
 
 
@@ -947,19 +1034,26 @@ def _zoo_source_outcome() -> dict[str, Any]:
 
 def digits_file_uri() -> str:
     """digits_cnn (trained) exported to ONNX here, into the shared artefact folder."""
-    dest = ARTIFACTS_HOST / "sources" / "digits_cnn.onnx"
+    return zoo_file_uri("digits_cnn")
+
+
+def zoo_file_uri(name: str) -> str:
+    """A zoo model exported to ONNX here (with torch: the images have none), into the
+    shared artefact folder; digits_cnn trained, the others with their seeded weights."""
+    dest = ARTIFACTS_HOST / "sources" / f"{name}.onnx"
     dest.parent.mkdir(parents=True, exist_ok=True)
     run(
         sys.executable,
         "-c",
         "import sys; from edgeai_worker import zoo; "
-        "zoo.export_onnx('digits_cnn', sys.argv[1], trained=True)",
+        "zoo.export_onnx(sys.argv[1], sys.argv[2], trained=sys.argv[1] == 'digits_cnn')",
+        name,
         dest,
         env={**os.environ, "PYTHONPATH": str(REPO / "workers")},
     )
     for path in (dest.parent, dest):
         os.chown(path, 10001, 10001)  # the images' user edgeai
-    return "pvc://edgeai-artifacts/sources/digits_cnn.onnx"
+    return f"pvc://edgeai-artifacts/sources/{name}.onnx"
 
 
 def _artifact_store() -> str:
@@ -997,6 +1091,18 @@ def _artifact_store() -> str:
 def _zone_plan(zone: str) -> dict[str, Any]:
     cm = get("configmap", f"{DEPLOYMENT}-plan", "-n", NS)
     return dict(yaml.safe_load(cm["data"][f"plan-{zone}.yaml"]))
+
+
+def _zone_split(deployment: str, zone: str) -> str:
+    """`device:0-2 > edge:3-18`: the split of the zone's plan in the plan ConfigMap."""
+    cm = get("configmap", f"{deployment}-plan", "-n", NS)
+    plan = yaml.safe_load(cm["data"][f"plan-{zone}.yaml"])
+    return " > ".join(f"{s['tier']}:{s['layers']}" for s in plan["stages"])
+
+
+def _node_uplink(node: str) -> float | None:
+    value = get("node", node)["metadata"].get("annotations", {}).get("edgeai.dev/uplink-mbps")
+    return None if value is None else float(value)
 
 
 def _plan_summary(status: dict[str, Any]) -> Any:

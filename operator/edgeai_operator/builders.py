@@ -441,12 +441,17 @@ def _selector(lbls: Mapping[str, str]) -> dict[str, str]:
     return {k: lbls[k] for k in keys if k in lbls}
 
 
+def priority_class_name(value: int) -> str:
+    return f"edgeai-priority-{value}"
+
+
 def priority_class(value: int) -> dict[str, Any]:
-    """Cluster-scoped, shared by every deployment with this priority."""
+    """Cluster-scoped, shared by every deployment with this priority; the operator
+    deletes it with the last DNNDeployment that uses it (handlers/deployments.py)."""
     return {
         "apiVersion": "scheduling.k8s.io/v1",
         "kind": "PriorityClass",
-        "metadata": {"name": f"edgeai-priority-{value}", "labels": dict(MANAGED_BY)},
+        "metadata": {"name": priority_class_name(value), "labels": dict(MANAGED_BY)},
         "value": value,
         "globalDefault": False,
         "preemptionPolicy": "PreemptLowerPriority",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from edgeai_operator.builders import (
     build_children,
     is_shared,
     priority_class,
+    priority_class_name,
     shared_edge,
     workload_name,
 )
@@ -287,7 +288,7 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         image=p.obs.image,
         device_selector=dict(spec.device_selector),
         excluded_nodes=excluded,
-        priority_class=f"edgeai-priority-{spec.priority}" if spec.priority > 0 else None,
+        priority_class=priority_class_name(spec.priority) if spec.priority > 0 else None,
         transport=spec.transport,
         stage_tls=spec.security.stage_tls,
         entry_token=spec.security.entry_token,
@@ -373,6 +374,16 @@ def _children(
     state.list_shares = bool(shared_model or state.shared or recovering)
     state.shared = bool(shared_names)
     return True
+
+
+def released_priority_class(
+    deleted: tuple[str, str], priority: int, users: Iterable[tuple[str, str]]
+) -> str | None:
+    """The PriorityClass a deleted DNNDeployment leaves behind: its own, unless another
+    live deployment (`users`: those with the same spec.priority) still runs with it."""
+    if priority <= 0 or any(user != deleted for user in users):
+        return None
+    return priority_class_name(priority)
 
 
 def _key(obj: Mapping[str, Any]) -> ChildKey:

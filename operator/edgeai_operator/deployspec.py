@@ -38,6 +38,7 @@ OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
 # none: no partitioning, the whole model on the one best tier
 PARTITIONING = ("auto", "none")
 TRANSPORTS = ("http", "grpc")
+FALLBACKS = ("none", "device")
 SHARING = ("none", "backbone")
 MAX_PRIORITY = 1_000_000_000
 MAX_REPLICAS = 1000
@@ -87,6 +88,10 @@ class DeploymentSpec:
     adaptive_split: bool
     # how stages forward to the next one: http (REST, binary tensors) or grpc
     transport: str
+    # device: the device stage answers with the whole model when the next stage fails
+    # or is later than fallback_after_ms
+    fallback: str
+    fallback_after_ms: int
     raw_input_stays_on_device: bool
     feature_noise_std: float
     compute_watts: float | None
@@ -260,7 +265,9 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
 
     placement = spec_mapping(spec.get("placement"), "spec.placement")
     reject_unknown(
-        placement, "spec.placement", ("tiers", "partitioning", "adaptiveSplit", "transport")
+        placement,
+        "spec.placement",
+        ("tiers", "partitioning", "adaptiveSplit", "transport", "fallback", "fallbackAfterMs"),
     )
     tiers_raw = placement.get("tiers", list(TIERS))
     if not isinstance(tiers_raw, list) or not tiers_raw:
@@ -280,6 +287,10 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     adaptive = _bool(placement.get("adaptiveSplit"), "spec.placement.adaptiveSplit", False)
     transport = spec_choice(
         placement.get("transport", "http"), "spec.placement.transport", TRANSPORTS
+    )
+    fallback = spec_choice(placement.get("fallback", "none"), "spec.placement.fallback", FALLBACKS)
+    fallback_after_ms = spec_integer(
+        placement.get("fallbackAfterMs"), "spec.placement.fallbackAfterMs", 10, 60000, 1000
     )
 
     privacy = spec_mapping(spec.get("privacy"), "spec.privacy")
@@ -345,6 +356,8 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         partitioning=partitioning,
         adaptive_split=adaptive,
         transport=transport,
+        fallback=fallback,
+        fallback_after_ms=fallback_after_ms,
         raw_input_stays_on_device=raw,
         feature_noise_std=noise or 0.0,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),

@@ -255,8 +255,15 @@ def stage_settings(
     if model_path is not None:
         # checked even for the entry stage: no stage serves under a wrong artefact
         verified_model_file(plan, model_path)
+    fallback = tier == "device" and plan.fallback == "device" and bool(next_urls)
+    if stage < 0 and not fallback:
+        return settings
+    source = model_path if model_path is not None else model_file(plan, plan_path)
+    if fallback:
+        # the whole model as it is: the device answers alone when the next stage cannot
+        settings["fallback_model"] = str(source)
+        settings["fallback_after_ms"] = plan.fallback_after_ms
     if stage >= 0:
-        source = model_path if model_path is not None else model_file(plan, plan_path)
         specs = build_partitions(plan.stages, plan.alternatives, source, workdir)
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits

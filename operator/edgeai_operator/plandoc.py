@@ -176,6 +176,10 @@ class PlanDocument:
     priority: int = 0  # default request priority at a saturated stage (spec.priority)
     raw_input_stays_on_device: bool = False
     feature_noise_std: float = 0.0
+    # device: the device stage answers with the whole model when the next stage fails
+    # or is later than fallback_after_ms (spec.placement.fallback)
+    fallback: str = "none"
+    fallback_after_ms: float = 1000.0
     objective_value: float | None = None
     device_energy_mj: float | None = None
     cloud_cost: float | None = None
@@ -242,6 +246,8 @@ class PlanDocument:
                 "links": [link.to_dict() for link in self.links],
             }
         )
+        if self.fallback != "none":
+            doc["fallback"] = {"tier": self.fallback, "afterMs": self.fallback_after_ms}
         if self.granularity is not None:
             doc["granularity"] = self.granularity
         if self.held:
@@ -276,6 +282,10 @@ class PlanDocument:
                     f"{list(stages[i - 1].outputs)}",
                 )
         privacy = r.mapping(data, "privacy")
+        fallback = r.mapping(data, "fallback")
+        fr = _Reader(f"{field}.fallback")
+        if fr.text(fallback, "tier", default="none") not in ("none", "device"):
+            raise SpecError(f"{field}.fallback.tier", f"{fallback['tier']!r}", "none, device")
         preprocessing = r.mapping(data, "preprocessing")
         compute = r.mapping(data, "compute")
         solver = r.mapping(data, "solver")
@@ -304,6 +314,8 @@ class PlanDocument:
             priority=r.integer(data, "priority", default=0),
             raw_input_stays_on_device=raw_stays,
             feature_noise_std=noise,
+            fallback=fr.text(fallback, "tier", default="none"),
+            fallback_after_ms=fr.number(fallback, "afterMs", default=1000.0),
             objective_value=r.optional_number(data, "objectiveValue"),
             device_energy_mj=r.optional_number(data, "deviceEnergyMj"),
             cloud_cost=r.optional_number(data, "cloudCost"),

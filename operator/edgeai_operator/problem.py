@@ -569,6 +569,8 @@ def plan_document(
         priority=spec.priority,
         raw_input_stays_on_device=spec.raw_input_stays_on_device,
         feature_noise_std=spec.feature_noise_std,
+        fallback=spec.fallback,
+        fallback_after_ms=float(spec.fallback_after_ms),
         objective_value=_num(plan.objective_value),
         device_energy_mj=_num(plan.device_energy_mj),
         cloud_cost=_num(plan.cloud_cost),

@@ -131,6 +131,9 @@ class WorkerState:
     tiler: TiledPrefix | None = None
     tls: StageTLS | None = None
     entry_token: EntryToken | None = None
+    # the device's whole model, and until when it answers without trying the next stage
+    fallback: Partition | None = None
+    fallback_until: float = float("-inf")
 
     @property
     def stage(self) -> str:
@@ -209,6 +212,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, state.runtime.load)
     if config.is_device:
         state.device = DeviceStage(config, splits, state.metrics)
+    if config.fallback_model is not None and config.next_urls:
+        state.fallback = Partition(config.fallback_model, config.intra_op_threads)
+        await asyncio.get_running_loop().run_in_executor(None, state.fallback.load)
     if config.next_urls:
         state.forwarder = Forwarder(
             config.next_urls,
@@ -640,6 +646,58 @@ def _select_outputs(
     return chosen
 
 
+async def _forward(
+    state: WorkerState,
+    forward: InferRequest,
+    request: InferRequest,
+    priority: int,
+    deadline: float | None,
+    compute: list[float],
+) -> InferResponse:
+    """The next stage's answer. A device stage with a fallback model answers with its
+    whole model instead when the next stage fails or is later than `fallback_after_ms`
+    (a stopped node drops packets: nothing fails fast), and for `fallback_cooldown_s`
+    after that without trying the next stage; then it tries again."""
+    assert state.forwarder is not None
+    config = state.config
+    reason = "cooldown"
+    if state.fallback is None or time.monotonic() >= state.fallback_until:
+        try:
+            result = await asyncio.wait_for(
+                state.forwarder.infer(forward),
+                None if state.fallback is None else config.fallback_after_ms / 1000,
+            )
+        except (StageError, TimeoutError) as exc:
+            # a 4xx is the request's fault: the whole model would refuse it as well
+            if state.fallback is None or (isinstance(exc, StageError) and exc.status < 500):
+                raise
+            reason = "late" if isinstance(exc, TimeoutError) else "failed"
+            state.fallback_until = time.monotonic() + config.fallback_cooldown_s
+            log.warning(
+                "next stage %s: the device answers alone for %.0f s",
+                reason,
+                config.fallback_cooldown_s,
+            )
+        else:
+            if state.device is not None:
+                state.device.observe_transfer(result.sent_bytes, result.elapsed_s, result.server_s)
+            return result.response
+    assert state.fallback is not None
+    assert state.batcher is not None
+    state.metrics.fallbacks.inc(reason=reason)
+    feeds = {t.name: t.array for t in request.inputs}
+    outputs, compute_s = await state.batcher.submit_timed(
+        state.fallback, feeds, priority=priority, deadline=deadline
+    )
+    compute.append(compute_s)
+    tensors = [Tensor.from_numpy(name, array) for name, array in outputs.items()]
+    return InferResponse(
+        config.model_name,
+        _select_outputs(state, request, tensors),
+        parameters={"edgeai_fallback": reason},
+    )
+
+
 async def _serve(
     state: WorkerState, request: InferRequest, arrived: float, compute: list[float]
 ) -> InferResponse:
@@ -677,14 +735,9 @@ async def _serve(
             else None
         )
         forward = InferRequest(tensors, request_id, outputs, parameters)
-        result = await state.forwarder.infer(forward)
-        if state.device is not None:
-            state.device.observe_transfer(result.sent_bytes, result.elapsed_s, result.server_s)
+        answer = await _forward(state, forward, request, priority, deadline, compute)
         response = replace(
-            result.response,
-            model_name=config.model_name,
-            model_version=config.model_version,
-            id=request.id,
+            answer, model_name=config.model_name, model_version=config.model_version, id=request.id
         )
     if label is not None:
         response.parameters = {**response.parameters, "edgeai_split": label}

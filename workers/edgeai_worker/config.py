@@ -78,6 +78,11 @@ class WorkerConfig:
     feature_noise_std: float = 0.0
     raw_input_stays_on_device: bool = False
     noise_seed: int | None = None
+    # The whole model, answered on the device when the next stage fails, answers later
+    # than `fallback_after_ms`, or failed less than `fallback_cooldown_s` ago.
+    fallback_model: Path | None = None
+    fallback_after_ms: float = 1000.0
+    fallback_cooldown_s: float = 5.0
     # Input-wise partitioning: run this conv prefix as tiles on peer workers (which serve
     # it under this model's name), then this stage's partitions on the stitched output.
     tile_prefix: Path | None = None
@@ -111,6 +116,13 @@ class WorkerConfig:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.uplink_probe_interval_s <= 0:
             raise ConfigError("uplink_probe_interval_s", "must be positive")
+        for name in ("fallback_after_ms", "fallback_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        if self.fallback_model is not None and not self.is_device:
+            raise ConfigError(
+                "fallback_model", f"a {self.tier} stage cannot answer alone", "device stages"
+            )
         for name in ("max_wait_ms", "forward_timeout_s", "feature_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must not be negative, got {getattr(self, name)}")
@@ -211,6 +223,9 @@ _ALIASES = {
     "featureNoiseStd": "feature_noise_std",
     "rawInputStaysOnDevice": "raw_input_stays_on_device",
     "noiseSeed": "noise_seed",
+    "fallbackModel": "fallback_model",
+    "fallbackAfterMs": "fallback_after_ms",
+    "fallbackCooldownS": "fallback_cooldown_s",
     "logJson": "log_json",
     "jsonCodec": "json_codec",
     "tilePrefix": "tile_prefix",
@@ -246,7 +261,7 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name == "partitions":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(base / str(p) for p in items if str(p))
-        if name == "tile_prefix":
+        if name in ("tile_prefix", "fallback_model"):
             return None if value in (None, "") else base / str(value)
         if name == "tile_grid":
             items = value.split(",") if isinstance(value, str) else list(value)

@@ -128,6 +128,11 @@ class WorkerMetrics:
         )
         self.uplink_mbps = Gauge("edgeai_uplink_mbps", "Measured uplink to the next stage.")
         self.split = Counter("edgeai_split_choice_total", "Device split chosen, by option.")
+        self.fallbacks = Counter(
+            "edgeai_fallback_answers_total",
+            "Requests the device answered with the whole model, by why the next stage did not"
+            " (failed, late, cooldown).",
+        )
         self.deduplicated = Counter(
             "edgeai_deduplicated_requests_total", "Retried requests answered without rerunning."
         )

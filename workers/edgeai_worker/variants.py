@@ -196,6 +196,7 @@ def variant_path(model: str, variant: str) -> Path:
     target = zoo.cache_dir() / f"{model}-{variant}-{_hash()}.onnx"
     if target.exists():
         return target
+    zoo._need_torch(f"{model} variant {variant}")
     started = time.monotonic()
     _progress(f"building {model} variant {variant}")
     shape = zoo.input_spec(model)[1]
@@ -210,6 +211,16 @@ def variant_path(model: str, variant: str) -> Path:
         zoo.export_module(student, shape, target)
     _progress(f"built {model} {variant} in {time.monotonic() - started:.1f}s")
     return target
+
+
+def prebuild_digits() -> list[Path]:
+    """Every file a preparation of `zoo: digits_cnn` reads, built into the cache: the
+    exports, each variant, and the digits split. The worker image ships them, having
+    neither torch nor scikit-learn."""
+    paths = [zoo.export_onnx("digits_cnn", trained=True), zoo.export_onnx("digits_cnn")]
+    paths += [variant_path("digits_cnn", v) for v in VARIANT_NAMES if v != "fp32"]
+    zoo.digits_split()
+    return paths
 
 
 def _nonzero_parameters(model: onnx.ModelProto) -> tuple[int, int]:

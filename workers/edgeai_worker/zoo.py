@@ -13,13 +13,15 @@ only onnx and onnxruntime installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import os
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +77,32 @@ def code_hash() -> str:
     """Hash of this module's source, the seed and the opset: the cache key."""
     source = Path(__file__).read_bytes()
     return hashlib.sha256(source + f"seed={SEED};opset={OPSET}".encode()).hexdigest()[:16]
+
+
+def _need_torch(what: str) -> None:
+    """A clear error where a file is not in the cache and torch, which builds it, is
+    not installed (the worker image, whose cache holds digits_cnn's files only)."""
+    if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(
+            f"zoo model {what} is not in the cache {cache_dir()} and building it needs "
+            "torch, which is not installed here: give the model as a file instead "
+            "(spec.source.uri), or prepare it where torch is installed",
+            name="torch",
+        )
+
+
+@contextlib.contextmanager
+def replaced_file(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final`, renamed to it when the block succeeds: parallel
+    readers see the whole file or none."""
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _progress(message: str) -> None:
@@ -328,7 +356,22 @@ def build_torch(name: str) -> torch.nn.Module:
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's digits as (x_train, y_train, x_test, y_test): NCHW float32 in
-    [0, 1], a fixed stratified 75/25 split (random_state=0)."""
+    [0, 1], a fixed stratified 75/25 split (random_state=0). Kept in the cache once
+    made, so that an image with the cache built in needs no scikit-learn."""
+    import numpy as np
+
+    cached = cache_dir() / f"digits-split-{code_hash()}.npz"
+    if cached.exists():
+        with np.load(cached) as data:
+            return data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    x_train, y_train, x_test, y_test = _split_digits()
+    # a read-only cache (OSError): made again next time
+    with contextlib.suppress(OSError), replaced_file(cached) as out, out.open("wb") as file:
+        np.savez(file, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return x_train, y_train, x_test, y_test
+
+
+def _split_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -456,6 +499,7 @@ def export_onnx(name: str, path: str | Path | None = None, *, trained: bool = Fa
     suffix = "trained" if trained else "random"
     cached = cache_dir() / f"{name}-{suffix}-{code_hash()}.onnx"
     if not cached.exists():
+        _need_torch(f"{name} ({suffix} weights)")
         started = time.monotonic()
         _progress(f"exporting {name} ({suffix} weights) to ONNX")
         model = trained_digits_cnn() if trained else build_torch(name)

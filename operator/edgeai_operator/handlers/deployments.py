@@ -10,9 +10,9 @@ from typing import Any
 
 import kopf
 
-from edgeai_operator import API_GROUP, API_VERSION
+from edgeai_operator import API_GROUP, API_VERSION, k8s
 from edgeai_operator.context import OperatorContext, context_of
-from edgeai_operator.decide import DeploymentState, Event
+from edgeai_operator.decide import DeploymentState, Event, released_priority_class
 from edgeai_operator.handlers.nodes import all_nodes
 from edgeai_operator.planning import NodeState
 from edgeai_operator.reconcile import reconcile
@@ -40,6 +40,33 @@ async def spec_changed(
     if ctx.generations.get(key) != generation:
         ctx.generations[key] = generation
         ctx.wakeups.wake(*key)
+
+
+def _priority(body: kopf.Body) -> int:
+    value = body.get("spec", {}).get("priority") or 0
+    return value if isinstance(value, int) else 0
+
+
+@kopf.index(API_GROUP, API_VERSION, "dnndeployments")
+def priority_users(
+    name: str, namespace: str | None, body: kopf.Body, meta: kopf.Meta, **_: Any
+) -> dict[int, tuple[str, str]] | None:
+    """The live deployments of each spec.priority (those being deleted drop out), so
+    that the last one to go takes the shared PriorityClass with it."""
+    priority = _priority(body)
+    if priority <= 0 or meta.get("deletionTimestamp"):
+        return None
+    return {priority: (namespace or "default", name)}
+
+
+async def _release_priority_class(
+    key: tuple[str, str], priority: int, users: Any, logger: kopf.Logger
+) -> None:
+    released = released_priority_class(key, priority, users.get(priority, ()))
+    if released is None:
+        return
+    if await asyncio.to_thread(k8s.delete, "scheduling.k8s.io/v1", "PriorityClass", released, None):
+        logger.info(f"deleted PriorityClass {released}: no DNNDeployment uses it")
 
 
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
@@ -103,6 +130,7 @@ async def run_deployment(
     # kopf passes each index as a keyword named after its function.
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
     model_index: kopf.Index[tuple[str, str], list[dict[str, Any]]] = kwargs["model_index"]
+    priority_users: kopf.Index[int, tuple[str, str]] = kwargs["priority_users"]
     ctx = context_of(memo)
     namespace = namespace or "default"  # DNNDeployment is namespaced
     state = DeploymentState()
@@ -123,3 +151,9 @@ async def run_deployment(
     finally:
         ctx.metrics.deployment_stopped()
         ctx.wakeups.forget(namespace, name)
+        # kopf holds the finalizer until this daemon returns: the release runs before
+        # the DNNDeployment is gone.
+        if stopped.reason and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
+            await _release_priority_class(
+                (namespace, name), _priority(body), priority_users, logger
+            )
