@@ -352,7 +352,7 @@ def test_the_operators_service_account_may_do_its_job_and_nothing_else(
             ("delete", "secrets", "-n", team_a),
             ("get", "secrets", "-n", team_b),
             ("create", "secrets", "-n", team_b),
-            ("create", "pods/exec", "-n", team_a),
+            ("create", "pods", "--subresource=exec", "-n", team_a),
             ("list", "secrets", "--all-namespaces"),
             ("create", "deployments.apps", "-n", team_b),
             ("get", "configmaps", "-n", team_b),

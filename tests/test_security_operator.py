@@ -99,13 +99,14 @@ def test_every_pod_the_operator_creates_is_admitted_under_restricted(
     apply(ns, *docs, _deployment("on-edge", ["edge"]), _deployment("on-cloud", ["cloud"]))
     apply(ns, _training_job())
 
+    training = "edgeai.dev/training-job=digits-fl,edgeai.dev/training-role"
     kinds = {
         "preparation Job": "edgeai.dev/job=prepare",
         "device DaemonSet": "edgeai.dev/deployment=on-edge,edgeai.dev/tier=device",
         "edge Deployment": "edgeai.dev/deployment=on-edge,edgeai.dev/tier=edge",
         "cloud Deployment": "edgeai.dev/deployment=on-cloud,edgeai.dev/tier=cloud",
-        "training aggregator": "edgeai.dev/training-job=digits-fl,edgeai.dev/training-role=aggregator",
-        "training worker": "edgeai.dev/training-job=digits-fl,edgeai.dev/training-role=worker",
+        "training aggregator": f"{training}=aggregator",
+        "training worker": f"{training}=worker",
     }
     for what, selector in kinds.items():
         pods = wait_for(f"a {what} pod", lambda s=selector: _pods(ns, s), 240)
