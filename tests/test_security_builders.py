@@ -352,3 +352,35 @@ def test_certificates_due_names_missing_foreign_misnamed_and_old_ones() -> None:
     ]
     due_at = renew_time(good)
     assert certificates_due([edge], {edge.secret: secret(good, ca_cert)}, ca_cert, due_at) == [edge]
+
+
+def test_a_reconcile_pass_issues_before_applying_and_renews_only_when_due() -> None:
+    """reconcile._keep_certificates: a pass that applies stage workloads issues their
+    certificates; later passes that apply nothing touch no Secret until the earliest
+    renewal is due, then renew it."""
+    from edgeai_operator.decide import Apply, Decision, DeploymentState
+    from edgeai_operator.reconcile import _keep_certificates
+
+    children = build_children(
+        OWNER, {"z": plan("device", "edge")}, {}, DeploymentOptions(stage_tls=True)
+    )
+    state = DeploymentState()
+    store = Store()
+    _keep_certificates(Decision({}, None, state, [Apply(c) for c in children]), OWNER, store, NOW)
+    assert sorted(name for call, name in store.calls if call == "apply") == [
+        "cam-device-tls",
+        "cam-edge-tls",
+        "cam-stage-ca",
+    ]
+    assert [s.tier for s in state.tls_stages] == ["device", "edge"]
+    due = state.tls_recheck
+    assert due == renew_time(_pem(store, "cam-edge-tls", "tls.crt"))
+    store.calls.clear()
+    _keep_certificates(Decision({}, None, state), OWNER, store, due - datetime.timedelta(seconds=1))
+    assert store.calls == [], "nothing is read or written before the renewal"
+    _keep_certificates(Decision({}, None, state), OWNER, store, due)
+    assert sorted(name for call, name in store.calls if call == "apply") == [
+        "cam-device-tls",
+        "cam-edge-tls",
+    ]
+    assert state.tls_recheck > due
