@@ -671,18 +671,20 @@ TLS_PATHS = {"hop": "client -> stage", "chain": "entry -> stage (forwarded)"}
 def tls_table(report: Mapping[str, Any]) -> str:
     rows = []
     for ratio in report["ratios"]:
-        key = (ratio["tensor"], ratio["path"], ratio["clients"])
+        key = (ratio["tensor"], ratio["link"], ratio["path"], ratio["clients"])
         plain, tls = (
             next(
                 r
                 for r in report["rows"]
-                if (r["tensor"], r["path"], r["clients"]) == key and r["transport"] == transport
+                if (r["tensor"], r["link"], r["path"], r["clients"]) == key
+                and r["transport"] == transport
             )
             for transport in ("plain", "tls")
         )
         rows.append(
             [
                 ratio["tensor"],
+                ratio["link"],
                 TLS_PATHS[ratio["path"]],
                 str(ratio["clients"]),
                 f"{plain['p50Ms']:.2f}",
@@ -698,6 +700,7 @@ def tls_table(report: Mapping[str, Any]) -> str:
         )
     header = [
         "tensor",
+        "between",
         "hop",
         "clients",
         "plain p50 ms",
@@ -710,7 +713,7 @@ def tls_table(report: Mapping[str, Any]) -> str:
         "mTLS CPU ms/req",
         "CPU mTLS/plain",
     ]
-    return _table(header, "llrrrrrrrrrr", rows) + (
+    return _table(header, "lllrrrrrrrrrr", rows) + (
         f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
         f"{report['loadAverage'][0]} at the start and {report['loadAverage'][1]} at the end; "
         f"{report['tls']}; medians of {report['rows'][0]['rounds']} alternating rounds of "
@@ -721,13 +724,19 @@ def tls_table(report: Mapping[str, Any]) -> str:
 def tls_summary(report: Mapping[str, Any]) -> str:
     one = [r for r in report["ratios"] if r["clients"] == 1]
     met = [r for r in one if r["p50Ratio"] <= report["goal"]]
-    parts = ", ".join(f"{r['tensor']} {TLS_PATHS[r['path']]} {r['p50Ratio']:.2f}x" for r in one)
-    cpu = ", ".join(f"{r['tensor']} {TLS_PATHS[r['path']]} {r['cpuRatio']:.2f}x" for r in one)
+    links = sorted({r["link"] for r in one}, key=lambda link: link != "loopback")
+
+    def ratios(key: str, link: str) -> str:
+        return ", ".join(
+            f"{r['tensor']} {TLS_PATHS[r['path']]} {r[key]:.2f}x" for r in one if r["link"] == link
+        )
+
+    per_link = "; ".join(f"{link}: {ratios('p50Ratio', link)}" for link in links)
     return (
-        f"p50 with one client, mTLS / plain: {parts}; {len(met)} of {len(one)} within the "
-        f"goal of {report['goal']}x. Worker CPU per request, mTLS / plain: {cpu} "
-        f"({report['date']}, 1-minute load average {report['loadAverage'][0]}-"
-        f"{report['loadAverage'][1]} on {report['cpus']} CPUs)."
+        f"p50 with one client, mTLS / plain, {per_link}; {len(met)} of {len(one)} within "
+        f"the goal of {report['goal']}x. Worker CPU per request on loopback, mTLS / plain: "
+        f"{ratios('cpuRatio', 'loopback')} ({report['date']}, 1-minute load average "
+        f"{report['loadAverage'][0]}-{report['loadAverage'][1]} on {report['cpus']} CPUs)."
     )
 
 

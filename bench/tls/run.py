@@ -14,6 +14,10 @@ Two measurements per tensor and transport, each with one client and with four:
 Each row also reports the CPU time the worker processes spent per request (from
 /proc), which, unlike latency, what else runs on the machine hardly moves.
 
+Run as root, the same rows are measured once more with the stage in a network namespace
+of its own behind a veth pair shaped with `tc tbf` (`--link-mbps`, 100 Mbit/s by default:
+a backhaul between tiers), the hop as it is between nodes; `--link-mbps 0` skips it.
+
 Certificates come from the operator's own code (edgeai_operator.stagetls). Plain and TLS
 rows alternate in `--rounds` rounds and each row reports the median of the rounds' p50,
 p95 and throughput, so a drift of the machine's load falls on both alike. The result
@@ -28,8 +32,10 @@ import datetime
 import http.client
 import json
 import os
+import shutil
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +54,7 @@ sys.path.insert(0, str(HERE.parent))  # the renderer beside the benches
 sys.path.insert(0, str(ROOT / "tests"))  # the worker processes
 
 import render_numbers  # noqa: E402
-from _worker_support import Worker, free_port, start_worker  # noqa: E402
+from _worker_support import Worker, free_port, start_worker, wait_ready  # noqa: E402
 from edgeai_operator.builders import Owner, stage_identity  # noqa: E402
 from edgeai_operator.stagetls import issue_ca, issue_stage  # noqa: E402
 from edgeai_worker import protocol  # noqa: E402
@@ -165,9 +171,69 @@ def measure(
     }
 
 
+class Link:
+    """A network namespace joined to this one by a veth pair, both ends shaped to
+    `mbps` with tc tbf; the stage runs inside it at `STAGE_IP`. Removed on exit."""
+
+    def __init__(self, mbps: float) -> None:
+        tag = os.getpid() % 100_000
+        self.mbps = mbps
+        self.ns = f"etls-{tag}"
+        self.host_dev, self.ns_dev = f"etls{tag}h", f"etls{tag}n"
+        subnet = f"10.231.{tag % 250}"
+        self.host_ip, self.stage_ip = f"{subnet}.1", f"{subnet}.2"
+
+    def __enter__(self) -> Link:
+        burst = max(int(self.mbps * 1e6 / 8 / 250), 16 * 1024)  # 4 ms at the rate
+        shaped = ["root", "tbf", "rate", f"{self.mbps:g}mbit", "burst", str(burst)]
+        steps = [
+            ["ip", "netns", "add", self.ns],
+            ["ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev],
+            ["ip", "link", "set", self.ns_dev, "netns", self.ns],
+            ["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_dev],
+            ["ip", "-n", self.ns, "addr", "add", f"{self.stage_ip}/24", "dev", self.ns_dev],
+            ["ip", "link", "set", self.host_dev, "up"],
+            ["ip", "-n", self.ns, "link", "set", self.ns_dev, "up"],
+            ["ip", "-n", self.ns, "link", "set", "lo", "up"],
+            ["tc", "qdisc", "add", "dev", self.host_dev, *shaped, "latency", "50ms"],
+            ["tc", "-n", self.ns, "qdisc", "add", "dev", self.ns_dev, *shaped, "latency", "50ms"],
+        ]
+        try:
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            self.__exit__()
+            raise RuntimeError(f"{' '.join(exc.cmd)}: {exc.stderr.strip()}") from None
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        # deleting the namespace deletes its veth end, and with it the pair
+        subprocess.run(["ip", "netns", "delete", self.ns], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "delete", self.host_dev], check=False, capture_output=True)
+
+
 @contextlib.contextmanager
-def running(tmp: Path, settings: dict[str, Any]) -> Iterator[Worker]:
-    worker = start_worker(tmp, {"intra_op_threads": 1, **settings})
+def running(tmp: Path, settings: dict[str, Any], link: Link | None = None) -> Iterator[Worker]:
+    """A worker process on loopback, or in `link`'s namespace on its address."""
+    if link is None:
+        worker = start_worker(tmp, {"intra_op_threads": 1, **settings})
+    else:
+        port = free_port()
+        config = tmp / f"worker-{link.ns}-{port}.json"
+        values = {"intra_op_threads": 1, **settings, "host": link.stage_ip, "port": port}
+        config.write_text(json.dumps(values))
+        log = tmp / f"{config.stem}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    *("ip", "netns", "exec", link.ns),
+                    *(sys.executable, "-m", "edgeai_worker", "--config", str(config)),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        worker = Worker(process, f"http://{link.stage_ip}:{port}", log)
+        wait_ready(worker.url, process)
     try:
         yield worker
     finally:
@@ -184,7 +250,13 @@ def client_context(certs: Path) -> ssl.SSLContext:
 
 
 def bench_tensor(
-    tmp: Path, label: str, shape: list[int], certs: dict[str, Path], requests: int, rounds: int
+    tmp: Path,
+    label: str,
+    shape: list[int],
+    certs: dict[str, Path],
+    requests: int,
+    rounds: int,
+    link: Link | None = None,
 ) -> list[dict[str, Any]]:
     model = identity_model(shape, tmp / f"identity-{'x'.join(map(str, shape))}.onnx")
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -200,7 +272,12 @@ def bench_tensor(
     }
     samples: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     plain_stage = {k: v for k, v in stage.items() if not k.startswith("tls")}
-    with running(tmp, stage) as tls_edge, running(tmp, plain_stage) as plain_edge:
+    host = "127.0.0.1" if link is None else link.stage_ip
+    where = "loopback" if link is None else f"{link.mbps:g} Mbit/s link"
+    with (
+        running(tmp, stage, link) as tls_edge,
+        running(tmp, plain_stage, link) as plain_edge,
+    ):
         plain_port = int(plain_edge.url.rsplit(":", 1)[1])
         entry = {
             "model_name": "hop",
@@ -211,17 +288,17 @@ def bench_tensor(
         tls_entry = {
             **entry,
             "tls_dir": str(certs["device"]),
-            "next_urls": [f"https://127.0.0.1:{tls_port}"],
+            "next_urls": [f"https://{host}:{tls_port}"],
         }
-        plain_entry = {**entry, "next_urls": [f"http://127.0.0.1:{plain_port}"]}
+        plain_entry = {**entry, "next_urls": [f"http://{host}:{plain_port}"]}
         with running(tmp, tls_entry) as front_tls, running(tmp, plain_entry) as front_plain:
             makers = {
                 ("hop", "plain"): (
-                    caller("127.0.0.1", plain_port, x, None),
+                    caller(host, plain_port, x, None),
                     [plain_edge.process.pid],
                 ),
                 ("hop", "tls"): (
-                    caller("127.0.0.1", tls_port, x, client_context(certs["device"])),
+                    caller(host, tls_port, x, client_context(certs["device"])),
                     [tls_edge.process.pid],
                 ),
                 ("chain", "plain"): (
@@ -239,7 +316,7 @@ def bench_tensor(
                         result = measure(make, clients, requests, pids)
                         samples.setdefault((path, transport, clients), []).append(result)
                         print(
-                            f"[bench] {label} {path} {transport} x{clients} round "
+                            f"[bench] {label} {where} {path} {transport} x{clients} round "
                             f"{round_ + 1}: p50 {result['p50Ms']:.3f} ms, "
                             f"{result['perSecond']:.0f}/s, {result['cpuMs']:.3f} CPU ms",
                             file=sys.stderr,
@@ -250,6 +327,7 @@ def bench_tensor(
         rows.append(
             {
                 "tensor": label,
+                "link": where,
                 "shape": shape,
                 "bytes": int(np.prod(shape)) * 4,
                 "path": path,
@@ -275,12 +353,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r
             for r in rows
             if r["transport"] == "plain"
-            and (r["tensor"], r["path"], r["clients"])
-            == (row["tensor"], row["path"], row["clients"])
+            and (r["tensor"], r["link"], r["path"], r["clients"])
+            == (row["tensor"], row["link"], row["path"], row["clients"])
         )
         out.append(
             {
                 "tensor": row["tensor"],
+                "link": row["link"],
                 "path": row["path"],
                 "clients": row["clients"],
                 "p50Ratio": round(row["p50Ms"] / plain["p50Ms"], 3),
@@ -295,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="requests per row and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--link-mbps", type=float, default=100.0, help="the shaped link's rate; 0: loopback only"
+    )
+    parser.add_argument(
+        "--link-requests", type=int, default=30, help="requests per row and round on the link"
+    )
     render_numbers.add_result_arguments(parser, "tls.json")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -305,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for label, shape in TENSORS.items():
             rows += bench_tensor(tmp, label, shape, certs, args.requests, args.rounds)
+        if args.link_mbps > 0:
+            if os.geteuid() != 0 or shutil.which("tc") is None:
+                print("[bench] the shaped link needs root and tc: skipped", file=sys.stderr)
+            else:
+                with Link(args.link_mbps) as link:
+                    for label, shape in TENSORS.items():
+                        rows += bench_tensor(
+                            tmp, label, shape, certs, args.link_requests, args.rounds, link
+                        )
     report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
         "cpus": os.cpu_count(),
