@@ -717,7 +717,8 @@ def tls_table(report: Mapping[str, Any]) -> str:
         f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
         f"{report['loadAverage'][0]} at the start and {report['loadAverage'][1]} at the end; "
         f"{report['tls']}; medians of {report['rows'][0]['rounds']} alternating rounds of "
-        f"{report['requestsPerRow']} requests; conditions: {report['conditions']}."
+        f"{report['requestsPerRow']} requests ({report['linkRequestsPerRow']} over the link); "
+        f"conditions: {report['conditions']}."
     )
 
 

@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": args.conditions,
         "tls": f"{ssl.OPENSSL_VERSION}; EC P-256 certificates, TLS 1.3",
         "requestsPerRow": args.requests,
+        "linkRequestsPerRow": args.link_requests,
         "seconds": round(time.monotonic() - started, 1),
         "goal": 1.2,
         "rows": rows,
