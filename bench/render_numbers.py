@@ -741,6 +741,80 @@ def tls_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- per-input offloading (bench/offload/run.py) ----------------------------------------
+
+
+def offload_table(report: Mapping[str, Any]) -> str:
+    rows = []
+    for run in report["runs"]:
+        for name, s in run["setups"].items():
+            r = run["ratios"][name]
+            rows.append(
+                [
+                    f"{run['uplinkMbps']:g}",
+                    name,
+                    f"{s['accuracy']:.4f} ({r['accuracy']:.3f}x)",
+                    f"{s['meanMs']:.2f}",
+                    f"{s['p95Ms']:.2f} ({r['p95']:.2f}x)",
+                    f"{s['deviceEnergyMj']:.2f} ({r['deviceEnergy']:.2f}x)",
+                    f"{s['uplinkBytesPerRequest']:.0f} ({r['uplinkBytes']:.3f}x)",
+                    ", ".join(f"{k} {v:.3f}" for k, v in s["exitShares"].items()),
+                    f"{s['reuseHitShare']:.3f}",
+                ]
+            )
+    header = [
+        "Mbit/s",
+        "set-up",
+        "accuracy",
+        "mean ms",
+        "p95 ms",
+        "device mJ/request",
+        "uplink B/request",
+        "answered by",
+        "reused",
+    ]
+    return _table(header, "llrrrrrll", rows) + (
+        f"\n\n{report['date']}, {report['requests']} requests per set-up and rate, median of "
+        f"{report['rounds']} rounds; conditions: {report['conditions']}."
+    )
+
+
+def offload_goal(report: Mapping[str, Any]) -> str:
+    goal = report["goalAt1Mbps"]
+    at1 = next(r for r in report["runs"] if r["uplinkMbps"] == 1.0)["setups"]
+    base, best = at1["always-offload"], at1["cascade+reuse"]
+    return (
+        f"at 1 Mbit/s cascade + reuse sends {goal['uplinkBytesRatio']:.3f}x the uplink bytes "
+        f"of always-offload ({best['uplinkBytesPerRequest']:.0f} vs "
+        f"{base['uplinkBytesPerRequest']:.0f} B/request; goal <= 0.3), p95 "
+        f"{goal['p95Ratio']:.2f}x (goal <= 0.5), accuracy {goal['accuracyRatio']:.3f}x "
+        f"(goal >= 0.99) on held-out digits ({report['date']})"
+    )
+
+
+def offload_summary(report: Mapping[str, Any]) -> str:
+    goal = report["goalAt1Mbps"]
+    cal = report["calibration"]
+    rule = report["cascadeRule"]
+    cascade = cal[rule]["heldout"]["cascade"]
+    exits = cal["maxProb"]["heldout"]["exits"]
+    met = "met" if goal["met"] else "not met"
+    return (
+        f"Goal at 1 Mbit/s ({met}): cascade + reuse sends {goal['uplinkBytesRatio']:.3f}x the "
+        f"uplink bytes of always-offload (goal <= 0.3), its p95 is {goal['p95Ratio']:.2f}x "
+        f"(goal <= 0.5), its accuracy {goal['accuracyRatio']:.3f}x (goal >= 0.99). "
+        f"Thresholds were calibrated for {report['targetAccuracy']:.4f} on the validation "
+        f"half; on the held-out half the full model scores "
+        f"{cal[rule]['heldout']['finalAccuracy']:.4f}, the cascade ({rule}) "
+        f"{cascade['accuracy']:.4f} escalating {cascade['escalationRate']:.3f} of inputs, the "
+        f"exits (maxProb) {exits['accuracy']:.4f} answering "
+        f"{exits['exitRates'][0]:.3f} at exit_0 and {exits['exitRates'][1]:.3f} at exit_1. "
+        f"The reuse distance ({report['reuse']['max_distance']:.3f} RMS) hit "
+        f"{report['reuse']['hit_rate']:.2f} of a validation stream at an accuracy cost of "
+        f"{report['reuse']['accuracy_loss']:.4f}."
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -950,6 +1024,9 @@ RENDERERS: dict[str, Renderer] = {
     "e2e-kind-build": Renderer("e2e-kind.json", e2e_kind_build),
     "e2e-kind-results": Renderer("e2e-kind.json", e2e_kind_results),
     "demo": Renderer("demo.json", demo_transcript),
+    "offload-table": Renderer("offload.json", offload_table),
+    "offload-summary": Renderer("offload.json", offload_summary),
+    "offload-goal": Renderer("offload.json", offload_goal),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

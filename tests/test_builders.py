@@ -309,6 +309,26 @@ def test_a_planned_artefact_is_fetched_by_an_init_container_into_an_emptydir() -
         ]
 
 
+def test_an_entry_only_device_fetches_the_model_only_as_its_fallback() -> None:
+    stages = [{"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}]
+    model = {"uri": OCI_URI, "digest": DIGEST, "variant": "int8", "input": MODEL["input"]}
+
+    def entry_pod(**doc: Any) -> dict[str, Any]:
+        remote = PlanDocument.from_dict({"model": model, "stages": stages, **doc})
+        return _pod(build_children(OWNER, {"z": remote}, {}, DeploymentOptions()), "cam-device-z")
+
+    forwarding = entry_pod()
+    assert "initContainers" not in forwarding["spec"]
+    assert not any(
+        a.startswith("--model-file") for a in forwarding["spec"]["containers"][0]["args"]
+    )
+    fallback = entry_pod(fallback={"tier": "device", "afterMs": 500})
+    assert fallback["spec"]["initContainers"][0]["args"][:2] == ["fetch", OCI_URI]
+    assert (
+        "--model-file=/var/lib/edgeai/model/model.onnx" in fallback["spec"]["containers"][0]["args"]
+    )
+
+
 def test_a_pvc_artefact_mounts_its_claim_where_fetch_looks_for_it() -> None:
     uri = "pvc://models/prepared/net-fp32-1a2b3c4d5e6f.onnx"
     children = build_children(OWNER, {"z": artefact_plan(uri)}, {}, DeploymentOptions())

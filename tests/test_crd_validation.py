@@ -221,6 +221,40 @@ CASES = [
     ),
     ("deployment: priority", _with(DEPLOYMENT, "spec.priority", -1), "spec.priority"),
     (
+        "deployment: offload cascade without device",
+        _with(
+            _with(DEPLOYMENT, "spec.offload", {"cascade": {"targetAccuracy": 0.97}}),
+            "spec.placement.tiers",
+            ["edge", "cloud"],
+        ),
+        "spec.offload.cascade needs 'device' in spec.placement.tiers",
+    ),
+    (
+        "deployment: offload reuse on the device only",
+        _with(
+            _with(DEPLOYMENT, "spec.offload", {"reuse": {"maxEntries": 64}}),
+            "spec.placement.tiers",
+            ["device"],
+        ),
+        "spec.offload.reuse needs an edge or cloud tier",
+    ),
+    (
+        "deployment: offload cascade rule",
+        _with(DEPLOYMENT, "spec.offload", {"cascade": {"rule": "vote", "targetAccuracy": 0.9}}),
+        "spec.offload.cascade.rule",
+    ),
+    (
+        "deployment: offload cascade target",
+        _with(DEPLOYMENT, "spec.offload", {"cascade": {"rule": "entropy"}}),
+        "spec.offload.cascade.targetAccuracy",
+    ),
+    ("deployment: offload empty", _with(DEPLOYMENT, "spec.offload", {}), "spec.offload"),
+    (
+        "deployment: offload reuse entries",
+        _with(DEPLOYMENT, "spec.offload", {"reuse": {"maxEntries": 0}}),
+        "spec.offload.reuse.maxEntries",
+    ),
+    (
         "deployment: partitioning",
         _with(DEPLOYMENT, "spec.placement.partitioning", "binary"),
         "spec.placement.partitioning",
@@ -338,12 +372,27 @@ SECURE = _with(
 GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
+OFFLOADING = _with(
+    DEPLOYMENT,
+    "spec.offload",
+    {
+        "cascade": {"rule": "disagreement", "targetAccuracy": 0.97},
+        "reuse": {"maxEntries": 256, "maxAccuracyLoss": 0.01},
+    },
+)
 
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN],
-    ids=["model", "deployment", "job", "deployment-security", "deployment-grpc-plain"],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING],
+    ids=[
+        "model",
+        "deployment",
+        "job",
+        "deployment-security",
+        "deployment-grpc-plain",
+        "deployment-offload",
+    ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:
     result = _apply(crds, doc)

@@ -370,6 +370,62 @@ def test_observed_latency_decides_slo_met(
     assert decision.status["observed"]["requestsPerSecond"] > 0
 
 
+def test_offload_rates_and_labelled_accuracy_reach_the_status() -> None:
+    """Exit, escalation and reuse counters of the device and edge pods, summed."""
+    cluster, state = settle(body(), topology())
+    pods = [
+        _pod("cam-device-zone-a-x", "device", "zone-a"),
+        _pod("cam-edge-zone-a-x", "edge", "zone-a"),
+    ]
+    device = Scrape(
+        buckets={0.01: 0.0, math.inf: 0.0},
+        in_flight=0.0,
+        offload={
+            "edgeai_exit_answers_total": 90.0,
+            "edgeai_escalations_total": 10.0,
+            "edgeai_labelled_requests_total": 50.0,
+            "edgeai_labelled_correct_total": 49.0,
+        },
+    )
+    edge = Scrape(
+        buckets={0.01: 0.0, math.inf: 0.0},
+        in_flight=0.0,
+        offload={"edgeai_reuse_lookups_total": 10.0, "edgeai_reuse_hits_total": 4.0},
+    )
+    decision, _ = run(
+        body(),
+        topology(),
+        cluster,
+        state,
+        available=True,
+        now=10.0,
+        pods=pods,
+        scrapes={"cam-device-zone-a-x": device, "cam-edge-zone-a-x": edge},
+    )
+    assert decision.status["observed"]["offload"] == {
+        "exitRate": 0.9,
+        "escalationRate": 0.1,
+        "reuseHitRate": 0.4,
+        "labelledRequests": 50.0,
+        "labelledAccuracy": 0.98,
+    }
+
+
+def test_no_offload_counters_no_offload_status() -> None:
+    cluster, state = settle(body(), topology())
+    decision, _ = run(
+        body(),
+        topology(),
+        cluster,
+        state,
+        available=True,
+        now=10.0,
+        pods=[_pod("cam-device-zone-a-x", "device", "zone-a")],
+        scrapes={"cam-device-zone-a-x": _scrape({0.01: 0.0, 0.05: 10.0})},
+    )
+    assert "offload" not in decision.status["observed"]
+
+
 # ---------------------------------------------------------------------------------
 # replanning and make-before-break
 

@@ -99,6 +99,37 @@ def test_worker_image_has_onnxruntime_and_no_torch() -> None:
     assert out.returncode == 0, out.stderr
 
 
+def test_worker_image_prepares_the_digits_zoo_model_without_torch() -> None:
+    """The worker image ships digits_cnn's exports, variants and the digits split
+    (hack/images/build.sh builds them with the host's torch): a `zoo: digits_cnn` model
+    and its variants are served and measured with neither torch nor scikit-learn, and
+    another zoo model is refused with what to do instead."""
+    script = (
+        "from edgeai_worker import variants, zoo; "
+        "print(zoo.export_onnx('digits_cnn', trained=True).parent); "
+        "print(' '.join(f'{variants.onnx_accuracy(variants.variant_path(\"digits_cnn\", v)):.3f}'"
+        " for v in variants.VARIANT_NAMES)); "
+        "zoo.export_onnx('resnet18')"
+    )
+    out = run(WORKER_IMAGE, "-c", script, entrypoint="python")
+    lines = out.stdout.split("\n")
+    assert lines[0] == "/opt/edgeai/cache/zoo", out.stderr
+    accuracies = [float(a) for a in lines[1].split()]
+    assert len(accuracies) == 5, out.stderr
+    assert min(accuracies) >= 0.85, accuracies
+    # the very files the host builds, measured on the same split
+    from edgeai_worker import variants
+
+    host = [
+        round(variants.onnx_accuracy(variants.variant_path("digits_cnn", v)), 3)
+        for v in variants.VARIANT_NAMES
+    ]
+    assert accuracies == host
+    assert out.returncode != 0
+    assert "zoo model resnet18 (random weights) is not in the cache" in out.stderr
+    assert "spec.source.uri" in out.stderr
+
+
 @pytest.mark.parametrize("image", [OPERATOR_IMAGE, WORKER_IMAGE])
 def test_kubernetes_client_runs_from_bytecode_only(image: str) -> None:
     """The images keep kubernetes' generated client as bytecode only (hack/images/build.sh):

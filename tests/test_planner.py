@@ -26,6 +26,12 @@ from edgeai_operator.planner import (
     solvers,
 )
 from edgeai_operator.planner.brute import monotone_assignments
+from edgeai_operator.planner.exits import (
+    Exit,
+    brute_force_with_exits,
+    evaluate_with_exits,
+    solve_with_exits,
+)
 
 PATHS = (("device", "cloud"), ("device", "edge", "cloud"))
 
@@ -441,3 +447,74 @@ def test_band_edges_are_the_crossover_bandwidths() -> None:
     for band in bands:
         assert split(band.at_mbps) == band.stages
         assert band.meets_slo
+
+
+# ------------------------------------------------------------------ chains with exits
+
+
+def _random_exits(rng: random.Random, graph: LayerGraph, path: tuple[str, ...]) -> list[Exit]:
+    after = sorted(rng.sample(range(graph.size - 1), rng.randint(1, min(3, graph.size - 1))))
+    shares = [rng.uniform(0, 1) for _ in after]
+    scale = rng.uniform(0.3, 1.0) / sum(shares)  # sometimes nearly every input exits
+    return [
+        Exit(a, s * scale, {t: rng.uniform(0, 2) for t in path}, rng.choice([40, 400, 4000]))
+        for a, s in zip(after, shares, strict=True)
+    ]
+
+
+def test_exit_planner_equals_brute_force_on_random_instances_with_exits() -> None:
+    rng = random.Random(20261202)
+    feasible_seen = infeasible_seen = 0
+    for index in range(150):
+        problem = random_problem(rng, False, index)
+        graph = problem.variants[0].graph
+        if graph.size < 2:
+            continue
+        exits = _random_exits(rng, graph, problem.path)
+        best = brute_force_with_exits(problem, graph, exits)
+        found = solve_with_exits(problem, graph, exits)
+        if best is None:
+            assert found is None
+            infeasible_seen += 1
+            continue
+        assert found is not None
+        feasible_seen += 1
+        assert _close(found.value(problem.objective), best.value(problem.objective))
+        # the solver's closed form is the reference's cost of the split it chose
+        again = evaluate_with_exits(problem, graph, exits, found.tiers)
+        for ours, reference in zip(found.outcomes, again.outcomes, strict=True):
+            assert all(_close(a, b) for a, b in zip(ours, reference, strict=True))
+        assert _close(found.p95_latency_ms, again.p95_latency_ms)
+        if problem.slo_latency_ms is not None:
+            assert found.p95_latency_ms <= problem.slo_latency_ms + 1e-6
+    assert feasible_seen >= 50
+    assert infeasible_seen >= 3
+
+
+def test_the_slo_holds_at_the_p95_of_the_mix_not_its_mean() -> None:
+    # two segments; an exit after the first answers 90 % of inputs on the device
+    graph = LayerGraph.chain(
+        {"device": [1.0, 50.0], "edge": [0.1, 1.0]}, [1000, 1000, 40], [["in"], ["f"], ["out"]]
+    )
+    exits = [Exit(0, 0.9, {"device": 0.5, "edge": 0.05}, 40)]
+    problem = Problem(
+        (Variant("fp32", graph),),
+        ("device", "edge"),
+        (Link(1.0, 20.0),),
+        slo_latency_ms=30.0,
+    )
+    device_only = evaluate_with_exits(problem, graph, exits, [0, 0])
+    assert device_only.outcomes[0][1] == pytest.approx(1.5)  # exit: segment 0 + head
+    assert device_only.mean_latency_ms < 30.0 < device_only.p95_latency_ms  # 51.5 for 10 %
+    split = evaluate_with_exits(problem, graph, exits, [0, 1])
+    # escalations: 1.5 ms, 8 ms up, 20 ms RTT, 1 ms at the edge, 0.32 ms down
+    assert split.p95_latency_ms == pytest.approx(30.82)
+    assert split.mean_latency_ms < 5.0
+    best = solve_with_exits(problem, graph, exits)
+    assert best is not None
+    assert best.tiers == (1, 1)  # everything at the edge: 29.5 ms for every input
+    assert best.p95_latency_ms <= 30.0
+    relaxed = solve_with_exits(replace(problem, slo_latency_ms=35.0), graph, exits)
+    assert relaxed is not None
+    assert relaxed.tiers == (0, 1)  # the exit on the device, escalations to the edge
+    assert relaxed.uplink_bytes == pytest.approx(0.1 * 1000)  # only escalations upload

@@ -3,7 +3,8 @@
 # no registry: edgeai-operator:<version> (the operator: kopf, kubernetes, pyyaml,
 # aiohttp + the package and its pinned requirements; no onnxruntime, no torch) and
 # edgeai-worker:<version> (a stage pod and its fetch init container: the package + the
-# pinned `worker` extra, onnxruntime and onnx; no torch). <version> is pyproject.toml's.
+# pinned `worker` extra, onnxruntime and onnx; no torch, but digits_cnn's zoo files
+# built with the host's torch in /opt/edgeai/cache). <version> is pyproject.toml's.
 #
 #   hack/images/build.sh            # both; prints the two image names last
 #
@@ -122,11 +123,27 @@ build_image() { # name extra-or-none
   umount "$root/proc" "$root/dev"; trap - EXIT
   mkdir -p "$ctx/opt" && mv "$root/opt/edgeai" "$ctx/opt/"
   rm -rf "$root"
+  local image_env=""
+  if [ "$extra" = worker ]; then
+    # digits_cnn's exports, variants and the digits split, built with the host's torch
+    # and scikit-learn (the image has neither) into the cache the worker reads first:
+    # a `zoo: digits_cnn` DNNModel prepares on real pods (other zoo models need torch).
+    mkdir -p "$ctx/opt/edgeai/cache/zoo"
+    PYTHONPATH="$repo/workers" "$host_python" -c '
+import shutil, sys
+from edgeai_worker import variants, zoo
+files = [*variants.prebuild_digits(), zoo.cache_dir() / f"digits-split-{zoo.code_hash()}.npz"]
+for path in files:
+    shutil.copy(path, sys.argv[1])
+' "$ctx/opt/edgeai/cache/zoo" >&2
+    chmod -R a+rX "$ctx/opt/edgeai/cache"
+    image_env=" EDGEAI_CACHE_DIR=/opt/edgeai/cache"
+  fi
   cat >"$ctx/Dockerfile" <<DOCKERFILE
 FROM $base_image
 COPY opt/ /opt/
 ENV PATH=/opt/edgeai/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
-    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1$image_env
 USER $USER_ID:$USER_ID
 WORKDIR /tmp
 LABEL org.opencontainers.image.title="$name" org.opencontainers.image.version="$version" \\

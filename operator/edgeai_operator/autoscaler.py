@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgeai_operator.plandoc import PlanDocument
@@ -39,10 +39,44 @@ class Scrape:
 
     buckets: Mapping[float, float]
     in_flight: float
+    # per-input offloading counters (OFFLOAD_COUNTERS), summed over their labels
+    offload: Mapping[str, float] = field(default_factory=dict)
+
+
+# what a stage with per-input offloading counts (edgeai_worker.metrics)
+OFFLOAD_COUNTERS = (
+    "edgeai_exit_answers_total",
+    "edgeai_escalations_total",
+    "edgeai_reuse_lookups_total",
+    "edgeai_reuse_hits_total",
+    "edgeai_labelled_requests_total",
+    "edgeai_labelled_correct_total",
+)
+
+
+def offload_observed(scrapes: Sequence[Scrape]) -> dict[str, float]:
+    """`status.observed.offload` from stage pods' counters since they started: the
+    share of decided requests answered by an exit or the cascade and escalated, the
+    reuse cache's hit rate, and the accuracy on labelled requests. Empty when no pod
+    counts any of them."""
+    total = {name: sum(s.offload.get(name, 0.0) for s in scrapes) for name in OFFLOAD_COUNTERS}
+    answered, escalated = total["edgeai_exit_answers_total"], total["edgeai_escalations_total"]
+    lookups, labelled = total["edgeai_reuse_lookups_total"], total["edgeai_labelled_requests_total"]
+    observed: dict[str, float] = {}
+    if answered + escalated:
+        observed["exitRate"] = round(answered / (answered + escalated), 4)
+        observed["escalationRate"] = round(escalated / (answered + escalated), 4)
+    if lookups:
+        observed["reuseHitRate"] = round(total["edgeai_reuse_hits_total"] / lookups, 4)
+    if labelled:
+        observed["labelledRequests"] = labelled
+        observed["labelledAccuracy"] = round(total["edgeai_labelled_correct_total"] / labelled, 4)
+    return observed
 
 
 def parse_metrics(text: str) -> Scrape:
     buckets: dict[float, float] = {}
+    offload: dict[str, float] = {}
     in_flight = 0.0
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -58,7 +92,9 @@ def parse_metrics(text: str) -> Scrape:
                 buckets[bound] = buckets.get(bound, 0.0) + value
         elif name == IN_FLIGHT_METRIC:
             in_flight += value
-    return Scrape(buckets=buckets, in_flight=in_flight)
+        elif name in OFFLOAD_COUNTERS:
+            offload[name] = offload.get(name, 0.0) + value
+    return Scrape(buckets=buckets, in_flight=in_flight, offload=offload)
 
 
 def quantile(q: float, buckets: Mapping[float, float]) -> float | None:

@@ -89,15 +89,19 @@ class Workload:
     replicas: int = 1
     next_service: str | None = None
     model: ModelIdentity | None = None  # that plan's model: its artefact is fetched
+    # the device answers alone when the next stage cannot (spec.placement.fallback)
+    fallback: bool = False
     upstream_tiers: tuple[str, ...] = ()  # the tiers that forward to this stage
 
     @property
     def artifact(self) -> tuple[str, str] | None:
         """(uri, sha256 digest) of the artefact the pods fetch: the plan's model when it
         is a prepared artefact and the stage runs layers (the device entry of a plan
-        with none only forwards)."""
+        with none only forwards, unless it is the fallback)."""
         model = self.model
-        if model is None or model.uri is None or model.digest is None or self.stage < 0:
+        if model is None or model.uri is None or model.digest is None:
+            return None
+        if self.stage < 0 and not self.fallback:
             return None
         return model.uri, model.digest
 
@@ -621,7 +625,14 @@ def build_children(
         elif edge_idx is not None and edge_name is not None:
             edge_replicas = replicas.get(edge_name, default_replicas)
             w = Workload(
-                "edge", zone, edge_idx, key, edge_replicas, cloud_name, plan.model, ("device",)
+                "edge",
+                zone,
+                edge_idx,
+                key,
+                edge_replicas,
+                cloud_name,
+                plan.model,
+                upstream_tiers=("device",),
             )
             children.append(stage_deployment(owner, w, opts, digest, edge_name))
             children.append(stage_service(owner, w, edge_name, opts.transport, tls=opts.stage_tls))
@@ -644,7 +655,8 @@ def build_children(
         device_idx = plan.stage_index("device")
         first_remote = edge_name or cloud_name
         device_stage = device_idx if device_idx is not None else -1
-        w = Workload("device", zone, device_stage, key, 1, first_remote, plan.model)
+        fallback = plan.fallback == "device" and first_remote is not None
+        w = Workload("device", zone, device_stage, key, 1, first_remote, plan.model, fallback)
         children.append(device_daemonset(owner, w, opts, digest))
     return children
 

@@ -22,7 +22,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edgeai_operator.autoscaler import ScalePolicy, Scrape, StageScaler, stage_targets
+from edgeai_operator.autoscaler import (
+    ScalePolicy,
+    Scrape,
+    StageScaler,
+    offload_observed,
+    stage_targets,
+)
 from edgeai_operator.builders import (
     BACKBONE_LABEL,
     REPLICAS_ANNOTATION,
@@ -574,6 +580,12 @@ def _observed_latency(
                 "p95LatencyMs": round(p95, 2),
                 "targetMs": round(scaler.policy.target_ms, 2),
             }
+    # per-input offloading (spec.offload): exit, escalation and reuse rates, accuracy
+    # on labelled requests, from every stage pod's counters
+    served = [scrapes[pod] for names in pods.values() for pod in names if pod in scrapes]
+    offload = offload_observed(served)
+    if offload:
+        observed["offload"] = offload
     return observed
 
 

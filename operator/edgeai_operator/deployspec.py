@@ -16,6 +16,7 @@
       sharing: none                        # none | backbone
       power: {computeWatts: 4, txWatts: 1.5, rxWatts: 1.0, idleWatts: 0.3}
       cost: {edgePerMs: 0.1, cloudPerMs: 1.0}
+      offload: {cascade: {rule: disagreement, targetAccuracy: 0.97}, reuse: {maxEntries: 256}}
 
 `spec.model` (a zoo model without a DNNModel) is for `edgeai plan` and `run-local`;
 the CRD offers `modelRef` only. Every problem raises `SpecError` naming the field
@@ -57,6 +58,7 @@ _SPEC_FIELDS = (
     "power",
     "cost",
     "security",
+    "offload",
 )
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _ZOO = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -71,6 +73,67 @@ class Autoscaling:
     stable_window_s: int = 60
     panic_window_s: int = 6
     scale_down_delay_s: int = 30
+
+
+# --- spec.offload: per-input offloading (edgeai_worker.offload) ---------------------
+CASCADE_RULES = ("maxProb", "entropy", "disagreement")
+MAX_REUSE_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class OffloadSpec:
+    """`spec.offload`: a device-side cascade (small model(s) first, escalating the
+    input the rule is not confident about) calibrated for `target_accuracy` on
+    held-out data, and result reuse at the first stage after the device, its distance
+    threshold calibrated for at most `reuse_max_accuracy_loss`."""
+
+    cascade_rule: str | None = None
+    target_accuracy: float | None = None
+    reuse_entries: int = 0  # 0: no reuse
+    reuse_max_accuracy_loss: float = 0.005
+
+
+def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
+    if "offload" not in spec:
+        return None
+    data = spec_mapping(spec["offload"], "spec.offload")
+    reject_unknown(data, "spec.offload", ("cascade", "reuse"))
+    if not data:
+        raise SpecError("spec.offload", "is empty", "cascade, reuse or both")
+    rule: str | None = None
+    target: float | None = None
+    if "cascade" in data:
+        cascade = spec_mapping(data["cascade"], "spec.offload.cascade")
+        reject_unknown(cascade, "spec.offload.cascade", ("rule", "targetAccuracy"))
+        rule = spec_choice(
+            cascade.get("rule", "maxProb"), "spec.offload.cascade.rule", CASCADE_RULES
+        )
+        target = _number(
+            cascade.get("targetAccuracy"),
+            "spec.offload.cascade.targetAccuracy",
+            positive=False,
+            at_most=1.0,
+        )
+        if target is None:
+            raise SpecError(
+                "spec.offload.cascade.targetAccuracy", "is required", "a number in [0, 1]"
+            )
+    entries, loss = 0, 0.005
+    if "reuse" in data:
+        reuse = spec_mapping(data["reuse"], "spec.offload.reuse")
+        reject_unknown(reuse, "spec.offload.reuse", ("maxEntries", "maxAccuracyLoss"))
+        entries = spec_integer(
+            reuse.get("maxEntries"), "spec.offload.reuse.maxEntries", 1, MAX_REUSE_ENTRIES, 256
+        )
+        found = _number(
+            reuse.get("maxAccuracyLoss"),
+            "spec.offload.reuse.maxAccuracyLoss",
+            positive=False,
+            at_most=0.2,
+            default=0.005,
+        )
+        loss = 0.005 if found is None else found
+    return OffloadSpec(rule, target, entries, loss)
 
 
 @dataclass(frozen=True)
@@ -107,6 +170,7 @@ class DeploymentSpec:
     skip_unchanged_threshold: float
     # spec.security (securityspec.py)
     security: SecuritySpec = field(default_factory=SecuritySpec)
+    offload: OffloadSpec | None = None
 
     def slo_dict(self) -> dict[str, Any]:
         slo: dict[str, Any] = {}
@@ -343,6 +407,20 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         assert value is not None
         return value
 
+    offload = _offload(spec)
+    if offload is not None and offload.cascade_rule is not None and "device" not in tiers_raw:
+        raise SpecError(
+            "spec.offload.cascade",
+            "needs the device tier, which spec.placement.tiers leaves out",
+            "add device to spec.placement.tiers (the small model runs on the device)",
+        )
+    if offload is not None and offload.reuse_entries and set(tiers_raw) == {"device"}:
+        raise SpecError(
+            "spec.offload.reuse",
+            "needs an edge or cloud tier, which spec.placement.tiers leaves out",
+            "add edge or cloud to spec.placement.tiers (results are reused after the device)",
+        )
+
     return DeploymentSpec(
         name=name,
         model_ref=model_ref,
@@ -372,6 +450,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         priority=spec_integer(spec.get("priority"), "spec.priority", 0, MAX_PRIORITY, 0),
         skip_unchanged_threshold=skip or 0.0,
         security=parse_security(spec, transport, sharing),
+        offload=offload,
     )
 
 

@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.partitions import DEVICE_SETTINGS, StageSpec, plan_settings
+from edgeai_operator.partitions import (
+    DEVICE_SETTINGS,
+    StageSpec,
+    offload_settings,
+    plan_settings,
+)
 from edgeai_operator.plandoc import PlanDocument
 
 
@@ -75,10 +80,13 @@ def start_local(
     replicas: int = 1,
     settings: Mapping[str, Any] | None = None,
     log: Any = None,
+    model_path: Path | None = None,
 ) -> LocalRun:
     """Start the workers, last stage first; returns once every one is ready. Each
     worker gets the settings the plan carries (`plan_settings`), then `settings`
-    (device-only ones reach the device stage only), which win."""
+    (device-only ones reach the device stage only), which win. A plan with `offload`
+    gives the device its cascade and the next stage its reuse cache (`model_path`: the
+    plan's model, for a reuse cache that keys on features)."""
     name = plan.model.name
     extra = dict(settings or {})
     run = LocalRun([], [[] for _ in specs], name)
@@ -96,6 +104,7 @@ def start_local(
                     "splits": spec.splits,
                 }  # fmt: skip
                 config.update(plan_settings(plan, spec.tier))
+                config.update(offload_settings(plan, spec.index, workdir, model_path))
                 config.update(
                     {
                         k: v

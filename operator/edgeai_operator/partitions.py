@@ -215,6 +215,68 @@ def plan_settings(plan: PlanDocument, tier: str) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if tier == "device" or k not in DEVICE_SETTINGS}
 
 
+# --- per-input offloading (spec.offload; edgeai_worker.offload) -----------------------
+
+
+def offload_settings(
+    plan: PlanDocument, stage: int, workdir: Path, model_path: Path | None = None
+) -> dict[str, Any]:
+    """The worker's `offload` setting for stage `stage` (-1: the device entry) of a
+    plan with `offload`: on the device, the cascade (its small models built and its
+    threshold calibrated for the plan's target accuracy); on the first stage after the
+    device, result reuse (the distance calibrated, on what that stage receives, for the
+    plan's largest accuracy loss). Empty for the other stages and for plans without
+    offload. Built files go to `workdir/offload`; `model_path` is the plan's model,
+    needed when the reusing stage receives features instead of the input."""
+    offload = plan.offload
+    if offload is None:
+        return {}
+    tier = "device" if stage == -1 else plan.stages[stage].tier
+    first_up = next((i for i, s in enumerate(plan.stages) if s.tier != "device"), None)
+    cascade = offload.cascade_rule is not None and tier == "device"
+    reuse = offload.reuse_entries > 0 and stage == first_up
+    if not cascade and not reuse:
+        return {}
+    if plan.model.zoo != "digits_cnn":
+        raise SpecError(
+            "spec.offload",
+            f"cascades and reuse are built and calibrated for the zoo's digits_cnn, "
+            f"not model {plan.model.name!r}",
+            "a deployment of digits_cnn, or no spec.offload",
+        )
+    from edgeai_worker.offload.build import calibrate_reuse, digits_offload_files
+
+    files = workdir / "offload"
+    target = offload.target_accuracy if offload.target_accuracy is not None else 0.0
+    calibration = digits_offload_files(files, target)
+    settings: dict[str, Any] = {}
+    if cascade:
+        rule = str(offload.cascade_rule)
+        smalls = ["small.onnx", "small2.onnx"] if rule == "disagreement" else ["small.onnx"]
+        settings["rule"] = rule
+        settings["cascadeModels"] = [str(files / m) for m in smalls]
+        settings["cascadeThreshold"] = calibration[rule]["cascadeThreshold"]
+    if reuse:
+        assert first_up is not None
+        inputs = plan.stages[first_up].inputs
+        prefix: Path | None = None
+        if inputs != (plan.model.input.name,):
+            import onnx
+
+            from edgeai_worker.graph import Partitioner
+
+            source = model_path if model_path is not None else model_file(plan, Path("."))
+            prefix = files / f"to-stage{first_up}.onnx"
+            graph = Partitioner(onnx.load(str(source))).extract((plan.model.input.name,), inputs)
+            onnx.save(graph, str(prefix))
+        found = calibrate_reuse(
+            files, offload.reuse_entries, offload.reuse_max_accuracy_loss, prefix
+        )
+        settings["reuseEntries"] = offload.reuse_entries
+        settings["reuseMaxDistance"] = found["max_distance"]
+    return {"offload": settings}
+
+
 def stage_settings(
     plan: PlanDocument,
     stage: int,
@@ -267,4 +329,7 @@ def stage_settings(
         specs = build_partitions(plan.stages, plan.alternatives, source, workdir)
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
+        settings.update(offload_settings(plan, stage, workdir, source))
+    else:
+        settings.update(offload_settings(plan, stage, workdir))
     return settings

@@ -159,6 +159,42 @@ class PlanAlternative:
 
 
 @dataclass(frozen=True)
+class PlanOffload:
+    """Per-input offloading as the stages run it (spec.offload): the device stage's
+    cascade rule and the accuracy its threshold is calibrated for, and the result-reuse
+    cache of the first stage after the device."""
+
+    cascade_rule: str | None = None
+    target_accuracy: float | None = None
+    reuse_entries: int = 0
+    reuse_max_accuracy_loss: float = 0.005
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.cascade_rule is not None:
+            doc["cascade"] = {"rule": self.cascade_rule, "targetAccuracy": self.target_accuracy}
+        if self.reuse_entries:
+            doc["reuse"] = {
+                "maxEntries": self.reuse_entries,
+                "maxAccuracyLoss": self.reuse_max_accuracy_loss,
+            }
+        return doc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], field: str) -> PlanOffload:
+        r = _Reader(field)
+        cascade = r.mapping(data, "cascade")
+        reuse = r.mapping(data, "reuse")
+        cr, rr = _Reader(f"{field}.cascade"), _Reader(f"{field}.reuse")
+        return cls(
+            cascade_rule=cr.optional_text(cascade, "rule") if cascade else None,
+            target_accuracy=cr.number(cascade, "targetAccuracy") if cascade else None,
+            reuse_entries=rr.integer(reuse, "maxEntries") if reuse else 0,
+            reuse_max_accuracy_loss=rr.number(reuse, "maxAccuracyLoss", default=0.005),
+        )
+
+
+@dataclass(frozen=True)
 class PlanDocument:
     deployment: str
     model: ModelIdentity
@@ -195,6 +231,7 @@ class PlanDocument:
     granularity: str | None = None  # segments | nodes (edgeai plan)
     # why some layers were kept in one stage (a recurrent state pair: graph.Held)
     held: tuple[str, ...] = ()
+    offload: PlanOffload | None = None  # spec.offload
     version: int = PLAN_VERSION
 
     def stage(self, tier: str) -> PlanStage | None:
@@ -252,6 +289,8 @@ class PlanDocument:
             doc["granularity"] = self.granularity
         if self.held:
             doc["held"] = list(self.held)
+        if self.offload is not None:
+            doc["offload"] = self.offload.to_dict()
         return doc
 
     @classmethod
@@ -333,6 +372,11 @@ class PlanDocument:
             tiers={str(t): tr.numbers(tiers, t) for t in tiers},
             granularity=r.optional_text(data, "granularity"),
             held=r.texts(data, "held"),
+            offload=(
+                PlanOffload.from_dict(r.mapping(data, "offload"), f"{field}.offload")
+                if "offload" in data
+                else None
+            ),
             version=version,
         )
 

@@ -32,6 +32,7 @@ from edgeai_operator.plandoc import (
     PlanAlternative,
     PlanDocument,
     PlanLink,
+    PlanOffload,
     PlanStage,
     PlanTransfer,
     TensorSpec,
@@ -586,5 +587,15 @@ def plan_document(
         held=tuple(
             f"nodes {h['positions']} ({', '.join(h['tensors'])}): {h['reason']}"
             for h in profile.get("held", [])
+        ),
+        offload=(
+            None
+            if spec.offload is None
+            else PlanOffload(
+                spec.offload.cascade_rule,
+                spec.offload.target_accuracy,
+                spec.offload.reuse_entries,
+                spec.offload.reuse_max_accuracy_loss,
+            )
         ),
     )

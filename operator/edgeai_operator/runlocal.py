@@ -44,7 +44,13 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
         if value is not None
     }
     run = start_local(
-        plan, specs, workdir, replicas=args.replicas, settings=settings, log=sys.stdout
+        plan,
+        specs,
+        workdir,
+        replicas=args.replicas,
+        settings=settings,
+        log=sys.stdout,
+        model_path=model_path,
     )
     stop = False
 

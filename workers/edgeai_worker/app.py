@@ -42,6 +42,14 @@ from edgeai_worker.chain import (
 from edgeai_worker.config import SplitOption, WorkerConfig
 from edgeai_worker.device import DeviceStage, Split
 from edgeai_worker.metrics import WorkerMetrics
+from edgeai_worker.offload.stage import (
+    EXIT_PARAMETER,
+    FINAL_EXIT,
+    REUSED_PARAMETER,
+    OffloadStage,
+    files_digest,
+    record_label,
+)
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
@@ -134,6 +142,7 @@ class WorkerState:
     # the device's whole model, and until when it answers without trying the next stage
     fallback: Partition | None = None
     fallback_until: float = float("-inf")
+    offload: OffloadStage | None = None
 
     @property
     def stage(self) -> str:
@@ -215,6 +224,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if config.fallback_model is not None and config.next_urls:
         state.fallback = Partition(config.fallback_model, config.intra_op_threads)
         await asyncio.get_running_loop().run_in_executor(None, state.fallback.load)
+    if config.offload is not None:  # per-input offloading: exits, cascade, reuse
+        files = [*config.partitions, *config.offload.cascade_models]
+        digest = config.model_digest or files_digest(files)
+        state.offload = OffloadStage(
+            config.offload, digest, state.metrics, state.stage, config.intra_op_threads
+        )
+        await asyncio.get_running_loop().run_in_executor(None, state.offload.load)
     if config.next_urls:
         state.forwarder = Forwarder(
             config.next_urls,
@@ -712,9 +728,18 @@ async def _serve(
                 previous, id=request.id, parameters={**previous.parameters, "edgeai_skipped": True}
             )
     request_id = request.id or uuid.uuid4().hex
+    if state.offload is not None:
+        early = await _offload_early(state, request, priority, deadline, compute)
+        if early is not None:
+            return early
     tensors, label, final = await _run_local(
         state, request.inputs, priority, deadline, request_id, compute
     )
+    exit_name: str | None = None
+    if state.offload is not None and state.offload.settings.exits:
+        at_exit, exit_name, rest = state.offload.exit_answer({t.name: t.array for t in tensors})
+        tensors = at_exit if at_exit is not None else [t for t in tensors if t.name in rest]
+        final = final or at_exit is not None
     if state.forwarder is None or final:
         response = InferResponse(
             config.model_name,
@@ -741,8 +766,53 @@ async def _serve(
         )
     if label is not None:
         response.parameters = {**response.parameters, "edgeai_split": label}
+    if state.offload is not None:
+        which = exit_name or response.parameters.get(EXIT_PARAMETER, FINAL_EXIT)
+        response.parameters = {**response.parameters, EXIT_PARAMETER: which}
+        state.offload.remember(request.inputs, response)
     if state.device is not None and frame is not None:
         state.device.remember(frame, response)
+    return response
+
+
+async def _offload_early(
+    state: WorkerState,
+    request: InferRequest,
+    priority: int,
+    deadline: float | None,
+    compute: list[float],
+) -> InferResponse | None:
+    """Before this stage's layers: the result of a near-identical earlier input, or the
+    cascade's small model(s) when confident; None to go on."""
+    offload = state.offload
+    assert offload is not None
+    assert state.batcher is not None
+    config = state.config
+    stored = offload.reused(request.inputs)
+    if stored is not None:
+        parameters = {**stored.parameters, REUSED_PARAMETER: True}
+        return replace(stored, id=request.id, parameters=parameters)
+    if not offload.cascade_partitions:
+        return None
+    feeds = {t.name: t.array for t in request.inputs}
+    logits = []
+    for partition in offload.cascade_partitions:
+        outputs, compute_s = await state.batcher.submit_timed(
+            partition, feeds, priority=priority, deadline=deadline
+        )
+        compute.append(compute_s)
+        logits.append(next(iter(outputs.values())))
+    answer = offload.cascade_answer(logits)
+    if answer is None:
+        return None
+    response = InferResponse(
+        config.model_name,
+        _select_outputs(state, request, answer),
+        config.model_version,
+        request.id,
+        {EXIT_PARAMETER: "cascade"},
+    )
+    offload.remember(request.inputs, response)
     return response
 
 
@@ -789,6 +859,7 @@ async def serve_once(
     future = state.dedupe.begin(key) if key is not None else None
     try:
         response = await _serve(state, request, arrived, compute)
+        record_label(state.metrics, state.stage, request, response)
     except BaseException as exc:
         if future is not None and key is not None:
             state.dedupe.fail(key, future, exc)

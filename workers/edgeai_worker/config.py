@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from edgeai_worker.offload.settings import OffloadSettings, OffloadSettingsError
 from edgeai_worker.protocol import JSON_CODECS
 
 TIERS = ("device", "edge", "cloud")
@@ -106,6 +107,8 @@ class WorkerConfig:
     tls_peers: tuple[str, ...] = ()
     entry_token_file: Path | None = None
     security_reload_s: float = 5.0
+    # Per-input offloading: early exits, cascade, result reuse (edgeai_worker.offload).
+    offload: OffloadSettings | None = None
 
     def __post_init__(self) -> None:
         self._check_security()
@@ -257,6 +260,15 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
     """Turn a file or environment value into the field's type."""
     kinds = {f.name: f.type for f in fields(WorkerConfig)}
     kind = str(kinds[name])
+    if name == "offload":
+        if value in (None, "") or isinstance(value, OffloadSettings):
+            return value or None
+        data = json.loads(value) if isinstance(value, str) else dict(value)
+        try:
+            return OffloadSettings.from_dict(data, base)
+        except OffloadSettingsError as exc:
+            field_name, _, problem = str(exc).partition(": ")
+            raise ConfigError(field_name, problem) from None
     try:
         if name == "partitions":
             items = value.split(",") if isinstance(value, str) else list(value)

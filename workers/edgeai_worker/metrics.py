@@ -141,6 +141,27 @@ class WorkerMetrics:
             "Requests refused before the model: missing-token, wrong-token, peer, plain.",
         )
         self.tls_reloads = Counter("edgeai_tls_reloads_total", "Stage certificates loaded anew.")
+        # Per-input offloading (edgeai_worker.offload): exits, escalations, reuse, and
+        # accuracy on requests that carry a label.
+        self.exit_answers = Counter(
+            "edgeai_exit_answers_total", "Requests answered here by an early exit or cascade."
+        )
+        self.escalations = Counter(
+            "edgeai_escalations_total", "Requests passed on: no exit here was confident."
+        )
+        self.exit_rate = Gauge("edgeai_exit_rate", "Exit answers / requests decided, by exit.")
+        self.escalation_rate = Gauge("edgeai_escalation_rate", "Escalations / requests decided.")
+        self.reuse_lookups = Counter("edgeai_reuse_lookups_total", "Result-reuse cache lookups.")
+        self.reuse_hits = Counter("edgeai_reuse_hits_total", "Requests answered from the cache.")
+        self.reuse_hit_rate = Gauge("edgeai_reuse_hit_rate", "Reuse hits / lookups.")
+        self.reuse_entries = Gauge("edgeai_reuse_entries", "Entries in the result-reuse cache.")
+        self.labelled = Counter("edgeai_labelled_requests_total", "Rows that carried a label.")
+        self.labelled_correct = Counter(
+            "edgeai_labelled_correct_total", "Labelled rows whose answer's top-1 was the label."
+        )
+        self.labelled_accuracy = Gauge(
+            "edgeai_labelled_accuracy", "Top-1 accuracy on labelled requests."
+        )
 
     def render(self) -> str:
         lines: list[str] = []

@@ -1,0 +1,456 @@
+"""Per-input offloading: confidence rules and calibration on literals, the reuse cache's
+bounds and digest isolation, the settings' errors; then the digits exits and cascade
+(trained with torch) served by real worker processes on loopback: accuracy on held-out
+digits at or above the calibration target, escalations carrying the right tensors,
+reuse answering repeats."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from _worker_support import free_port, run_onnx, workers
+from edgeai_worker.config import ConfigError, load_config
+from edgeai_worker.offload.gate import NEVER, calibrate_thresholds, confidence
+from edgeai_worker.offload.reuse import ReuseCache, calibrate_distance
+from edgeai_worker.offload.settings import OffloadSettings, OffloadSettingsError
+
+TARGET = 0.97
+
+
+# ---------------------------------------------------------------- rules, calibration
+
+
+def test_confidence_rules_on_literals() -> None:
+    sure = np.array([[10.0, 0.0, 0.0]])
+    unsure = np.array([[1.0, 1.0, 1.0]])
+    assert confidence(sure, "maxProb")[0] == pytest.approx(1 / (1 + 2 * np.exp(-10)))
+    assert confidence(unsure, "maxProb")[0] == pytest.approx(1 / 3)
+    assert confidence(unsure, "entropy")[0] == pytest.approx(0.0, abs=1e-9)
+    assert confidence(sure, "entropy")[0] > 0.99
+    other_class = np.array([[0.0, 10.0, 0.0]])
+    assert confidence(sure, "disagreement", other_class)[0] == 0.0
+    assert confidence(sure, "disagreement", sure)[0] == confidence(sure, "maxProb")[0]
+    with pytest.raises(ValueError, match="disagreement rule needs"):
+        confidence(sure, "disagreement")
+    with pytest.raises(ValueError, match="accepted: maxProb, entropy, disagreement"):
+        confidence(sure, "margin")
+
+
+def test_calibration_opens_an_exit_only_as_far_as_the_target_allows() -> None:
+    # exit right on its 6 most confident samples, wrong on the 2 least; final always right
+    conf = np.array([0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.4, 0.3])
+    correct = np.array([1, 1, 1, 1, 1, 1, 0, 0], dtype=bool)
+    final = np.ones(8, dtype=bool)
+    full = calibrate_thresholds([conf], [correct], final, 1.0)
+    assert full.thresholds == (0.7,)
+    assert full.exit_rates == (0.75,)
+    assert full.accuracy == 1.0
+    loose = calibrate_thresholds([conf], [correct], final, 7 / 8)
+    assert loose.thresholds == (0.4,)
+    assert loose.accuracy == 7 / 8
+    # a target the final classifier misses keeps the exit closed
+    closed = calibrate_thresholds([conf], [correct], np.zeros(8, dtype=bool), 0.9)
+    assert closed.thresholds == (NEVER,)
+    assert closed.exit_rates == (0.0,)
+
+
+# ---------------------------------------------------------------------- reuse cache
+
+
+def test_reuse_never_crosses_model_digests() -> None:
+    cache: ReuseCache[str] = ReuseCache(capacity=4, max_distance=0.5)
+    key = np.arange(8, dtype=np.float32)
+    cache.insert("sha256:aaa", key, "answer of model a")
+    assert cache.lookup("sha256:bbb", key) is None
+    found = cache.lookup("sha256:aaa", key + 0.1)
+    assert found is not None
+    assert found[0] == "answer of model a"
+    assert found[1] == pytest.approx(0.1, abs=1e-6)
+    assert cache.lookup("sha256:aaa", key + 0.6) is None  # beyond the threshold
+    assert (cache.lookups, cache.hits) == (3, 1)
+
+
+def test_reuse_is_bounded_and_evicts_the_least_recently_used() -> None:
+    cache: ReuseCache[int] = ReuseCache(capacity=3, max_distance=0.0)
+    keys = [np.full(4, float(i)) for i in range(5)]
+    cache.insert("d", keys[0], 0)
+    cache.insert("d", keys[1], 1)
+    cache.insert("d", keys[2], 2)
+    assert cache.lookup("d", keys[0]) == (0, 0.0)  # 0 is now the most recent
+    for i in (3, 4):
+        cache.insert("other" if i == 4 else "d", keys[i], i)
+        assert len(cache) <= 3
+    assert len(cache) == 3
+    assert cache.lookup("d", keys[1]) is None  # evicted first (least recently used)
+    assert cache.lookup("d", keys[2]) is None
+    assert cache.lookup("d", keys[0]) == (0, 0.0)
+    assert cache.lookup("d", keys[3]) == (3, 0.0)
+    assert cache.digests() == {"d", "other"}
+    with pytest.raises(ValueError, match="capacity must be at least 1"):
+        ReuseCache(0, 1.0)
+
+
+def test_reuse_distance_calibration_keeps_the_accuracy_loss_bound() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16))
+    labels = [i % 10 for i in range(200)]
+    keys = [centres[y] + rng.normal(scale=0.05, size=16) for y in labels]
+    # an easily confused pair: class 9 lies next to class 8
+    keys = [
+        k if y != 9 else centres[8] + 0.2 + rng.normal(scale=0.05, size=16)
+        for k, y in zip(keys, labels, strict=True)
+    ]
+    calibration = calibrate_distance(keys, labels, labels, capacity=64, max_accuracy_loss=0.0)
+    assert calibration.accuracy_loss == 0.0
+    assert calibration.hit_rate > 0.5
+    loose = calibrate_distance(keys, labels, labels, capacity=64, max_accuracy_loss=0.2)
+    assert loose.max_distance >= calibration.max_distance
+    assert loose.accuracy_loss <= 0.2
+
+
+def test_the_operator_reads_a_workers_offload_counters() -> None:
+    from edgeai_operator.autoscaler import offload_observed, parse_metrics
+    from edgeai_worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.exit_answers.inc(3, stage="0", exit="exit_0")
+    metrics.exit_answers.inc(1, stage="0", exit="cascade")
+    metrics.escalations.inc(1, stage="0")
+    metrics.labelled.inc(5, stage="0")
+    metrics.labelled_correct.inc(4, stage="0")
+    scrape = parse_metrics(metrics.render())
+    assert scrape.offload["edgeai_exit_answers_total"] == 4
+    assert offload_observed([scrape]) == {
+        "exitRate": 0.8,
+        "escalationRate": 0.2,
+        "labelledRequests": 5.0,
+        "labelledAccuracy": 0.8,
+    }
+
+
+# ----------------------------------------------------------------------- settings
+
+
+def test_offload_settings_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(OffloadSettingsError, match=r"offload.rule: unknown rule 'top5'"):
+        OffloadSettings.from_dict({"rule": "top5"})
+    with pytest.raises(OffloadSettingsError, match=r"offload.cascadeModels: the disagreement"):
+        OffloadSettings.from_dict({"rule": "disagreement", "cascadeModels": ["a.onnx"]})
+    with pytest.raises(OffloadSettingsError, match=r"offload.exits\[0\].threshold: 2.0"):
+        OffloadSettings.from_dict({"exits": [{"output": "exit_0", "threshold": 2}]})
+    with pytest.raises(OffloadSettingsError, match=r"unknown field\(s\) \['cache'\]"):
+        OffloadSettings.from_dict({"cache": 3})
+    settings = OffloadSettings.from_dict(
+        {"exits": [{"output": "exit_0", "threshold": 0.5}], "reuseEntries": 8}, tmp_path
+    )
+    assert OffloadSettings.from_dict(settings.to_dict()) == settings
+    config_file = tmp_path / "worker.json"
+    config_file.write_text(json.dumps({"offload": {"rule": "top5"}}))
+    with pytest.raises(ConfigError, match=r"^offload.rule: unknown rule") as info:
+        load_config(config_file, environ={})
+    assert info.value.field_name == "offload.rule"
+
+
+# --------------------------------------------------- digits exits and cascade, served
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    from edgeai_worker.offload.build import build_digits_offload
+
+    workdir = tmp_path_factory.mktemp("offload")
+    return workdir, build_digits_offload(workdir, TARGET, progress=False)
+
+
+def _infer(
+    url: str, x: np.ndarray, label: int | None = None, model: str = "digits"
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    if label is not None:
+        body["parameters"] = {"edgeai_label": label}
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{") and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            return float(value)
+    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")
+
+
+def _output(body: dict[str, Any]) -> np.ndarray:
+    (output,) = body["outputs"]
+    assert output["name"] == "output"
+    return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("rule", ["maxProb", "entropy"])
+def test_early_exits_hold_the_target_and_forward_features(
+    digits: tuple[Path, dict[str, Any]], rule: str, tmp_path: Path
+) -> None:
+    from edgeai_worker.offload.build import validation_split
+
+    workdir, calibration = digits
+    thresholds = calibration[rule]["exitThresholds"]
+    _, _, x_ho, y_ho = validation_split()
+    exits_out = run_onnx(workdir / "exits.onnx", {"input": x_ho})
+    full_out = run_onnx(workdir / "full.onnx", {"input": x_ho})[0]
+    edge_port = free_port()
+    edge = {
+        "model_name": "digits",
+        "tier": "edge",
+        "stage_index": 1,
+        "port": edge_port,
+        "partitions": [str(workdir / "edge-from-features.onnx")],
+    }
+    device = {
+        "model_name": "digits",
+        "tier": "device",
+        "partitions": [str(workdir / "device-exits.onnx")],
+        "next_urls": [f"http://127.0.0.1:{edge_port}"],
+        "offload": {
+            "rule": rule,
+            "exits": [{"output": f"exit_{k}", "threshold": t} for k, t in enumerate(thresholds)],
+        },
+    }
+    answered: dict[str, int] = {}
+    with workers(tmp_path, device, edge) as (dev, nxt):
+        for i, (x, y) in enumerate(zip(x_ho, y_ho, strict=True)):
+            body = _infer(dev.url, x[None], int(y))
+            which = body["parameters"]["edgeai_exit"]
+            answered[which] = answered.get(which, 0) + 1
+            got = _output(body)[0]
+            if which == "final":
+                # escalated: the edge ran the backbone's rest on features_1, exactly
+                np.testing.assert_allclose(got, full_out[i], rtol=1e-4, atol=1e-4)
+            else:
+                k = int(which.removeprefix("exit_"))
+                np.testing.assert_allclose(got, exits_out[1 + k][i], rtol=1e-5, atol=1e-5)
+        accuracy = _metric(dev.url, "edgeai_labelled_accuracy")
+        escalated = _metric(dev.url, "edgeai_escalations_total")
+        forwarded = _metric(nxt.url, "edgeai_requests_total", code="200")
+        exit_rate = _metric(dev.url, "edgeai_exit_rate", exit="exit_0")
+    assert accuracy >= TARGET
+    assert answered.get("final", 0) == escalated == forwarded
+    assert answered.get("exit_0", 0) > 0.5 * len(y_ho)  # most digits leave at the first exit
+    assert exit_rate == pytest.approx(answered["exit_0"] / len(y_ho))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("rule", ["maxProb", "disagreement"])
+def test_cascade_holds_the_target_and_escalates_the_raw_input(
+    digits: tuple[Path, dict[str, Any]], rule: str, tmp_path: Path
+) -> None:
+    from edgeai_worker.offload.build import validation_split
+
+    workdir, calibration = digits
+    _, _, x_ho, y_ho = validation_split()
+    small_out = run_onnx(workdir / "small.onnx", {"input": x_ho})[0]
+    full_out = run_onnx(workdir / "full.onnx", {"input": x_ho})[0]
+    smalls = ["small.onnx", "small2.onnx"] if rule == "disagreement" else ["small.onnx"]
+    edge_port = free_port()
+    edge = {
+        "model_name": "digits",
+        "tier": "edge",
+        "stage_index": 1,
+        "port": edge_port,
+        "partitions": [str(workdir / "full.onnx")],
+        "offload": {"reuseEntries": 64, "reuseMaxDistance": 0.0},
+    }
+    device = {
+        "model_name": "digits",
+        "tier": "device",
+        "next_urls": [f"http://127.0.0.1:{edge_port}"],
+        "offload": {
+            "rule": rule,
+            "cascadeModels": [str(workdir / m) for m in smalls],
+            "cascadeThreshold": calibration[rule]["cascadeThreshold"],
+        },
+    }
+    answered: dict[str, int] = {}
+    with workers(tmp_path, device, edge) as (dev, nxt):
+        for i, (x, y) in enumerate(zip(x_ho, y_ho, strict=True)):
+            body = _infer(dev.url, x[None], int(y))
+            which = body["parameters"]["edgeai_exit"]
+            answered[which] = answered.get(which, 0) + 1
+            expected = small_out[i] if which == "cascade" else full_out[i]
+            np.testing.assert_allclose(_output(body)[0], expected, rtol=1e-4, atol=1e-4)
+        # an escalated input again: the edge answers it from its cache, the same answer
+        escalated_rows = [
+            i
+            for i in range(len(y_ho))
+            if _infer(dev.url, x_ho[i][None])["parameters"]["edgeai_exit"] == "final"
+        ][:3]
+        repeats = [_infer(dev.url, x_ho[i][None]) for i in escalated_rows]
+        accuracy = _metric(dev.url, "edgeai_labelled_accuracy")
+        hits = _metric(nxt.url, "edgeai_reuse_hits_total")
+        entries = _metric(nxt.url, "edgeai_reuse_entries")
+    assert accuracy >= TARGET
+    assert 0 < answered.get("final", 0) < 0.2 * len(y_ho)
+    assert escalated_rows, "no input escalated"
+    for i, body in zip(escalated_rows, repeats, strict=True):
+        assert body["parameters"]["edgeai_reused"] is True
+        np.testing.assert_allclose(_output(body)[0], full_out[i], rtol=1e-4, atol=1e-4)
+    assert hits >= 2 * len(escalated_rows)  # the rescan and the repeats
+    assert entries <= 64
+
+
+# ------------------------------------------------- spec.offload -> plan -> stage workers
+
+
+def _deployment(offload: Any, tiers: list[str] | None = None) -> Any:
+    from edgeai_operator.deployspec import parse_deployment
+
+    spec: dict[str, Any] = {"model": {"zoo": "digits_cnn"}, "offload": offload}
+    if tiers is not None:
+        spec["placement"] = {"tiers": tiers}
+    return parse_deployment(
+        {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
+         "metadata": {"name": "d"}, "spec": spec}
+    )  # fmt: skip
+
+
+def test_spec_offload_is_read_and_its_errors_name_the_field() -> None:
+    from edgeai_operator.errors import SpecError
+
+    spec = _deployment(
+        {"cascade": {"rule": "entropy", "targetAccuracy": 0.96}, "reuse": {"maxEntries": 32}}
+    )
+    assert spec.offload is not None
+    assert (spec.offload.cascade_rule, spec.offload.target_accuracy) == ("entropy", 0.96)
+    assert (spec.offload.reuse_entries, spec.offload.reuse_max_accuracy_loss) == (32, 0.005)
+    refused = [
+        ({"cascade": {"targetAccuracy": 0.9}}, ["edge", "cloud"], "spec.offload.cascade"),
+        ({"reuse": {}}, ["device"], "spec.offload.reuse"),
+        ({"cascade": {"rule": "vote", "targetAccuracy": 0.9}}, None, "spec.offload.cascade.rule"),
+        ({"cascade": {}}, None, "spec.offload.cascade.targetAccuracy"),
+        ({"cascade": {"targetAccuracy": 1.5}}, None, "spec.offload.cascade.targetAccuracy"),
+        ({"reuse": {"maxEntries": 0}}, None, "spec.offload.reuse.maxEntries"),
+        ({"reuse": {"maxAccuracyLoss": 0.5}}, None, "spec.offload.reuse.maxAccuracyLoss"),
+        ({"cache": {}}, None, "spec.offload"),
+        ({}, None, "spec.offload"),
+    ]
+    for offload, tiers, field in refused:
+        with pytest.raises(SpecError) as info:
+            _deployment(offload, tiers)
+        assert str(info.value).startswith(field + ":"), (offload, str(info.value))
+
+
+def _offload_plan(offload: dict[str, Any], zoo_name: str = "digits_cnn") -> Any:
+    from edgeai_operator.plandoc import PlanDocument
+
+    return PlanDocument.from_dict(
+        {
+            "kind": "Plan",
+            "model": {
+                "zoo": zoo_name,
+                "trained": zoo_name == "digits_cnn",
+                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            },
+            "stages": [
+                {
+                    "index": 0,
+                    "tier": "device",
+                    "layers": "",
+                    "inputs": ["input"],
+                    "outputs": ["input"],
+                },
+                {
+                    "index": 1,
+                    "tier": "edge",
+                    "layers": "0-6",
+                    "inputs": ["input"],
+                    "outputs": ["output"],
+                },
+            ],
+            "offload": offload,
+        }
+    )
+
+
+def test_the_plan_carries_offload_and_refuses_models_without_exits(tmp_path: Path) -> None:
+    from edgeai_operator.errors import SpecError
+    from edgeai_operator.partitions import offload_settings
+
+    section = {
+        "cascade": {"rule": "disagreement", "targetAccuracy": 0.97},
+        "reuse": {"maxEntries": 64, "maxAccuracyLoss": 0.01},
+    }
+    plan = _offload_plan(section)
+    assert plan.offload is not None
+    assert plan.to_dict()["offload"] == section
+    assert type(plan).from_dict(plan.to_dict()) == plan
+    other = _offload_plan(section, "mobilenet_v2")
+    with pytest.raises(SpecError, match=r"^spec.offload: .*not model 'mobilenet_v2'"):
+        offload_settings(other, 0, tmp_path)
+    assert offload_settings(_offload_plan({"reuse": {"maxEntries": 8}}), 0, tmp_path) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_plan_with_offload_runs_the_cascade_and_the_reuse(tmp_path: Path) -> None:
+    from edgeai_operator.localworkers import start_local
+    from edgeai_operator.partitions import build_partitions, model_file
+    from edgeai_worker.offload.build import validation_split
+
+    plan = _offload_plan(
+        {
+            "cascade": {"rule": "maxProb", "targetAccuracy": TARGET},
+            "reuse": {"maxEntries": 128, "maxAccuracyLoss": 0.0},
+        }
+    )
+    model = model_file(plan, tmp_path)
+    specs = build_partitions(plan.stages, plan.alternatives, model, tmp_path)
+    run = start_local(plan, specs, tmp_path, model_path=model)
+    _, _, x_ho, y_ho = validation_split()
+    try:
+        answers = [
+            _infer(run.entry_url, x[None], int(y), run.model_name)
+            for x, y in zip(x_ho, y_ho, strict=True)
+        ]
+        escalated = [i for i, a in enumerate(answers) if a["parameters"]["edgeai_exit"] == "final"]
+        assert escalated, "no input escalated"
+        again = _infer(run.entry_url, x_ho[escalated[0]][None], model=run.model_name)
+        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
+        reuse_entries = _metric(run.urls[1][0], "edgeai_reuse_entries")
+        reuse_hits = _metric(run.urls[1][0], "edgeai_reuse_hits_total")
+    finally:
+        run.stop()
+    exits = {a["parameters"]["edgeai_exit"] for a in answers}
+    assert exits == {"cascade", "final"}
+    assert len(escalated) < 0.2 * len(answers)
+    assert accuracy >= TARGET
+    assert again["parameters"]["edgeai_reused"] is True
+    assert again["outputs"][0]["data"] == answers[escalated[0]]["outputs"][0]["data"]
+    # every escalation reached the edge once, and was stored or answered from the cache
+    assert reuse_entries + reuse_hits == len(escalated) + 1
+    assert reuse_entries <= 128
