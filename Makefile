@@ -66,10 +66,13 @@ bench-training: install ## Training modes, compression, privacy, data skew; goss
 bench-protocol: install ## REST binary / REST JSON / gRPC on loopback, one and four clients; gRPC stage forwarding
 	$(PY) bench/protocol/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
+bench-tls: install ## Mutual TLS between stages vs plain HTTP per hop, 602 KB and 43 KB tensors, loopback and a tc-shaped link (root)
+	$(PY) bench/tls/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
+
 bench-offload: install ## Always-offload vs early exits vs cascade vs cascade+reuse over tc-shaped links (root)
 	$(PY) bench/offload/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
-bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol bench-offload ## All benchmarks
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol bench-offload bench-tls ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py

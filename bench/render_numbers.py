@@ -663,6 +663,84 @@ def protocol_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- stage TLS (bench/tls/run.py) ------------------------------------------------------
+
+TLS_PATHS = {"hop": "client -> stage", "chain": "entry -> stage (forwarded)"}
+
+
+def tls_table(report: Mapping[str, Any]) -> str:
+    rows = []
+    for ratio in report["ratios"]:
+        key = (ratio["tensor"], ratio["link"], ratio["path"], ratio["clients"])
+        plain, tls = (
+            next(
+                r
+                for r in report["rows"]
+                if (r["tensor"], r["link"], r["path"], r["clients"]) == key
+                and r["transport"] == transport
+            )
+            for transport in ("plain", "tls")
+        )
+        rows.append(
+            [
+                ratio["tensor"],
+                ratio["link"],
+                TLS_PATHS[ratio["path"]],
+                str(ratio["clients"]),
+                f"{plain['p50Ms']:.2f}",
+                f"{tls['p50Ms']:.2f}",
+                f"{ratio['p50Ratio']:.2f}",
+                f"{plain['perSecond']:.0f}",
+                f"{tls['perSecond']:.0f}",
+                f"{ratio['throughputRatio']:.2f}",
+                f"{plain['cpuMsPerRequest']:.2f}",
+                f"{tls['cpuMsPerRequest']:.2f}",
+                f"{ratio['cpuRatio']:.2f}",
+            ]
+        )
+    header = [
+        "tensor",
+        "between",
+        "hop",
+        "clients",
+        "plain p50 ms",
+        "mTLS p50 ms",
+        "p50 mTLS/plain",
+        "plain req/s",
+        "mTLS req/s",
+        "req/s mTLS/plain",
+        "plain CPU ms/req",
+        "mTLS CPU ms/req",
+        "CPU mTLS/plain",
+    ]
+    return _table(header, "lllrrrrrrrrrr", rows) + (
+        f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
+        f"{report['loadAverage'][0]} at the start and {report['loadAverage'][1]} at the end; "
+        f"{report['tls']}; medians of {report['rows'][0]['rounds']} alternating rounds of "
+        f"{report['requestsPerRow']} requests ({report['linkRequestsPerRow']} over the link); "
+        f"conditions: {report['conditions']}."
+    )
+
+
+def tls_summary(report: Mapping[str, Any]) -> str:
+    one = [r for r in report["ratios"] if r["clients"] == 1]
+    met = [r for r in one if r["p50Ratio"] <= report["goal"]]
+    links = sorted({r["link"] for r in one}, key=lambda link: link != "loopback")
+
+    def ratios(key: str, link: str) -> str:
+        return ", ".join(
+            f"{r['tensor']} {TLS_PATHS[r['path']]} {r[key]:.2f}x" for r in one if r["link"] == link
+        )
+
+    per_link = "; ".join(f"{link}: {ratios('p50Ratio', link)}" for link in links)
+    return (
+        f"p50 with one client, mTLS / plain, {per_link}; {len(met)} of {len(one)} within "
+        f"the goal of {report['goal']}x. Worker CPU per request on loopback, mTLS / plain: "
+        f"{ratios('cpuRatio', 'loopback')} ({report['date']}, 1-minute load average "
+        f"{report['loadAverage'][0]}-{report['loadAverage'][1]} on {report['cpus']} CPUs)."
+    )
+
+
 # --- per-input offloading (bench/offload/run.py) ----------------------------------------
 
 
@@ -940,6 +1018,9 @@ RENDERERS: dict[str, Renderer] = {
     "training-summary": Renderer("training.json", training_summary),
     "protocol-table": Renderer("protocol.json", protocol_table),
     "protocol-summary": Renderer("protocol.json", protocol_summary),
+    "tls-table": Renderer("tls.json", tls_table),
+    "tls-summary": Renderer("tls.json", tls_summary),
+    "tls-goal": Renderer("tls.json", tls_summary),  # the same summary, in docs/security.md
     "e2e-kind-build": Renderer("e2e-kind.json", e2e_kind_build),
     "e2e-kind-results": Renderer("e2e-kind.json", e2e_kind_results),
     "demo": Renderer("demo.json", demo_transcript),

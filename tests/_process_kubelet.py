@@ -3,9 +3,10 @@
 kwok simulates a pod's lifecycle without running anything. `ProcessKubelet` runs each
 selected pod's own container args (`edgeai run-stage ...`, or a trainer's `python -m
 edgeai_worker.training ...`) as a real process on the pod's IP (kwok hands them out from
-127.244.0.0/16, all loopback), with the plan ConfigMap the pod mounts written to a local
-directory and each emptyDir volume a directory of its own per pod (mount paths in the
-args are rewritten to those), and stops the process (SIGTERM, as a kubelet does) once
+127.244.0.0/16, all loopback), with the plan ConfigMap and the Secrets (stage
+certificates, an entry token) the pod mounts written to local directories and each
+emptyDir volume a directory of its own per pod (mount paths in the args are rewritten
+to those, the deepest mount first), and stops the process (SIGTERM, as a kubelet does) once
 the pod is being deleted. As a kubelet does, it first runs the pod's init containers
 (`edgeai fetch ...`) one after the other with their exact args, each to exit 0 before
 the next starts; one that fails is run again on a later pass, after a back-off that
@@ -38,6 +39,7 @@ Both follow the API server through watches (`Informer`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
 import subprocess
@@ -364,13 +366,30 @@ class ProcessKubelet:
             # The probe period: each pass probes every process once.
             self._stop.wait(0.2)
 
-    def _volumes(self, name: str, pod: Obj) -> dict[str, Path]:
-        """Each configMap volume (its keys written as files) and emptyDir volume of the
-        pod as a local directory, by volume name."""
+    def _volumes(self, name: str, pod: Obj) -> dict[str, Path] | None:
+        """Each configMap and secret volume (their keys written as files) and emptyDir
+        volume of the pod as a local directory, by volume name; None while a Secret the
+        pod mounts does not exist yet (a kubelet waits for it too)."""
         local: dict[str, Path] = {}
         for volume in pod["spec"].get("volumes", []):
             path = self.workdir / name / volume["name"]
-            if "configMap" in volume:
+            if "secret" in volume:
+                try:
+                    secret = self._core.read_namespaced_secret(
+                        volume["secret"]["secretName"], self.ns.name
+                    )
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return None
+                    raise
+                data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+                items = volume["secret"].get("items")
+                files = {i["path"]: data[i["key"]] for i in items} if items else data
+                path.mkdir(parents=True, exist_ok=True)
+                for key, raw in files.items():
+                    (path / key).write_bytes(raw)
+                local[volume["name"]] = path
+            elif "configMap" in volume:
                 cm = self._core.read_namespaced_config_map(
                     volume["configMap"]["name"], self.ns.name
                 )
@@ -408,9 +427,11 @@ class ProcessKubelet:
                 if None in urls:
                     return None  # a Service is not known yet: try on the next pass
                 value = ",".join(u for u in urls if u is not None)
-            for mount, path in local.items():
+            # the deepest mount holding the path, as nested mounts resolve
+            for mount, path in sorted(local.items(), key=lambda m: -len(m[0])):
                 if value == mount or value.startswith(mount + "/"):
                     value = str(path) + value[len(mount) :]
+                    break
             args.append(f"{flag}={value}" if value else arg)
         return args
 
@@ -459,6 +480,8 @@ class ProcessKubelet:
         state = self._inits.setdefault(name, _InitState())
         if state.volumes is None:
             state.volumes = self._volumes(name, pod)
+            if state.volumes is None:
+                return  # a Secret it mounts is not there yet: on a later pass
         if not self._init_done(name, ip, pod, state):
             return
         container = pod["spec"]["containers"][0]

@@ -1,12 +1,15 @@
 """Autoscaling end to end: kwok pods of the edge stage are served by real worker
 processes (the pods' own `edgeai run-stage` command) listening on the pod IPs, which
-kwok hands out from the loopback range. A load generator drives them; the operator
+kwok hands out from the loopback range. A load generator drives them over mutual TLS
+with the device stage's certificate, as the device stage does; the operator
 scrapes their real /metrics, scales the Deployment up, and back down once calm."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import ssl
 import time
 from pathlib import Path
 
@@ -24,14 +27,29 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 NAME = "autoscaled"
 
 
+def _device_tls(ns: Namespace, tmp_path: Path) -> ssl.SSLContext:
+    """The device stage's TLS as its forwarder sets it up, from the Secret the operator
+    issued: the edge pods take inference over mutual TLS from the device stage only."""
+    data = get(ns, "secret", f"{NAME}-device-tls")["data"]
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / key).write_bytes(base64.b64decode(data[key]))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(tmp_path / "ca.crt"))
+    ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    return ctx
+
+
 async def _load(
     kubelet: ProcessKubelet,
     model: str,
     seconds: float,
     concurrency: int,
     latencies: list[tuple[float, float, int]],
+    tls: ssl.SSLContext,
 ) -> None:
-    """Closed-loop clients sending binary OIP v2 requests round-robin over ready pods."""
+    """Closed-loop clients sending binary OIP v2 requests round-robin over ready pods,
+    as the device stage does: over mutual TLS to their port 8443."""
     ip = kubelet.ready[0]
     async with (
         aiohttp.ClientSession() as session,
@@ -66,7 +84,8 @@ async def _load(
             target = targets[counter % len(targets)]
             t0 = time.monotonic()
             async with session.post(
-                f"http://{target}:8080/v2/models/{model}/infer",
+                f"https://{target}:8443/v2/models/{model}/infer",
+                ssl=tls,
                 data=body,
                 headers={
                     "Inference-Header-Content-Length": str(len(header)),
@@ -145,7 +164,8 @@ def _scale_up_and_down(cluster: Namespace, tmp_path: Path) -> None:
         wait_for("the edge worker serving its pod IP", lambda: kubelet.ready, 120)
         assert kubelet.ready[0].startswith("127.244.")
         t0 = time.monotonic()
-        asyncio.run(_load(kubelet, "alexnet-scaled", 60, 8, latencies))
+        tls = _device_tls(cluster, tmp_path)
+        asyncio.run(_load(kubelet, "alexnet-scaled", 60, 8, latencies, tls))
         scaled_up = max(_replicas(cluster, workload), 1)
         events = get(
             cluster,

@@ -17,6 +17,12 @@ from edgeai_operator.conditions import set_condition
 from edgeai_operator.plandoc import PlanDocument
 
 OWNER = Owner(name="cam", namespace="vision", uid="u-1")
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
 
 
 MODEL = {"zoo": "digits_cnn", "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}}
@@ -135,13 +141,30 @@ def test_edge_deployment_literal() -> None:
                             },
                             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
                             "volumeMounts": [
-                                {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True}
+                                {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True},
+                                {"name": "tmp", "mountPath": "/tmp"},
                             ],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True,
+                            },
                         }
                     ],
-                    "volumes": [{"name": "plan", "configMap": {"name": "cam-plan"}}],
+                    "volumes": [
+                        {"name": "plan", "configMap": {"name": "cam-plan"}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
                     "terminationGracePeriodSeconds": 15,
                     "priorityClassName": "edgeai-priority-100",
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                 },
             },
         },
@@ -265,18 +288,24 @@ def test_a_planned_artefact_is_fetched_by_an_init_container_into_an_emptydir() -
                     "--file-name=model.onnx",
                     "--pvc-root=/mnt/pvc",
                 ],
-                "volumeMounts": [{"name": "model", "mountPath": "/var/lib/edgeai/model"}],
+                "volumeMounts": [
+                    {"name": "model", "mountPath": "/var/lib/edgeai/model"},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                "securityContext": RESTRICTED_CONTAINER,
             }
         ]
         assert spec["volumes"] == [
             {"name": "plan", "configMap": {"name": "cam-plan"}},
             {"name": "model", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
         ]
         worker = spec["containers"][0]
         assert "--model-file=/var/lib/edgeai/model/model.onnx" in worker["args"]
         assert worker["volumeMounts"] == [
             {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True},
             {"name": "model", "mountPath": "/var/lib/edgeai/model", "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
         ]
 
 
@@ -304,18 +333,19 @@ def test_a_pvc_artefact_mounts_its_claim_where_fetch_looks_for_it() -> None:
     uri = "pvc://models/prepared/net-fp32-1a2b3c4d5e6f.onnx"
     children = build_children(OWNER, {"z": artefact_plan(uri)}, {}, DeploymentOptions())
     spec = _pod(children, "cam-edge-z")["spec"]
-    assert spec["volumes"][-1] == {
-        "name": "artifacts",
-        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
-    }
+    assert spec["volumes"][-2:] == [
+        {"name": "artifacts", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     fetch = spec["initContainers"][0]
     assert fetch["args"][:2] == ["fetch", uri]
     assert fetch["volumeMounts"] == [
         {"name": "model", "mountPath": "/var/lib/edgeai/model"},
         {"name": "artifacts", "mountPath": "/mnt/pvc/models", "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     # the worker reads the fetched copy only, never the claim
-    assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["plan", "model"]
+    assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["plan", "model", "tmp"]
 
 
 def test_a_shared_edge_stage_fetches_the_artefact_too() -> None:
@@ -359,7 +389,10 @@ def test_a_zoo_plan_and_an_entry_that_only_forwards_fetch_nothing() -> None:
     for pod in [_pod(zoo, n) for n in ("cam-device-z", "cam-edge-z", "cam-cloud")] + [entry]:
         assert "initContainers" not in pod["spec"]
         assert "edgeai.dev/model-digest" not in pod["metadata"]["annotations"]
-        assert pod["spec"]["volumes"] == [{"name": "plan", "configMap": {"name": "cam-plan"}}]
+        assert pod["spec"]["volumes"] == [
+            {"name": "plan", "configMap": {"name": "cam-plan"}},
+            {"name": "tmp", "emptyDir": {}},
+        ]
         assert not any(a.startswith("--model-file") for a in pod["spec"]["containers"][0]["args"])
 
 

@@ -280,6 +280,28 @@ CASES = [
         'unknown field "spec.slo.latencyMs"',
     ),
     (
+        "deployment: grpc with stage TLS required (the default)",
+        _with(DEPLOYMENT, "spec.placement.transport", "grpc"),
+        "spec.security.stageTLS: required is not available with spec.placement.transport: grpc",
+    ),
+    (
+        "deployment: shared backbone with stage TLS required",
+        _with(
+            _with(DEPLOYMENT, "spec.sharing", "backbone"), "spec.security", {"stageTLS": "required"}
+        ),
+        "spec.security.stageTLS: required is not available with spec.sharing: backbone",
+    ),
+    (
+        "deployment: stage TLS value",
+        _with(DEPLOYMENT, "spec.security", {"stageTLS": "optional"}),
+        "spec.security.stageTLS",
+    ),
+    (
+        "deployment: entry auth without its Secret",
+        _with(DEPLOYMENT, "spec.security", {"entryAuth": {}}),
+        "spec.security.entryAuth.bearerTokenSecret: Required value",
+    ),
+    (
         "deployment: name too long",
         _with(DEPLOYMENT, "metadata.name", "d" * 41),
         "metadata.name must be at most 40 characters",
@@ -338,6 +360,18 @@ def test_invalid_manifest_rejected_naming_the_field(
     assert field in result.stderr, result.stderr
 
 
+SECURE = _with(
+    DEPLOYMENT,
+    "spec.security",
+    {
+        "stageTLS": "required",
+        "entryAuth": {"bearerTokenSecret": {"name": "camera-clients", "key": "token"}},
+        "networkPolicy": {"entryFrom": {"namespaces": ["apps"], "cidrs": ["10.20.0.0/16"]}},
+    },
+)
+GRPC_PLAIN = _with(
+    _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
+)
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -350,8 +384,15 @@ OFFLOADING = _with(
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, OFFLOADING],
-    ids=["model", "deployment", "job", "deployment-offload"],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING],
+    ids=[
+        "model",
+        "deployment",
+        "job",
+        "deployment-security",
+        "deployment-grpc-plain",
+        "deployment-offload",
+    ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:
     result = _apply(crds, doc)

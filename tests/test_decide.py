@@ -528,7 +528,7 @@ def _shared_users(obj: Mapping[str, Any], *names: str) -> None:
 def test_leaving_a_shared_stage_releases_it_after_the_own_stage_serves(
     others: tuple[str, ...], word: str
 ) -> None:
-    doc = body(sharing="backbone")
+    doc = body(sharing="backbone", security={"stageTLS": "disabled"})
     nodes = topology(device_mbps=100.0)
     cluster, state = settle(doc, nodes)
     shared = [
@@ -562,7 +562,7 @@ def test_leaving_a_shared_stage_releases_it_after_the_own_stage_serves(
 
 
 def test_a_shared_stage_runs_the_most_replicas_any_user_wants() -> None:
-    doc = body(sharing="backbone")
+    doc = body(sharing="backbone", security={"stageTLS": "disabled"})
     nodes = topology(device_mbps=100.0)
     cluster, state = settle(doc, nodes)
     live = next(

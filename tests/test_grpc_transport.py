@@ -36,7 +36,11 @@ def _deployment(**placement: Any) -> dict[str, Any]:
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNDeployment",
         "metadata": {"name": "cam"},
-        "spec": {"model": {"zoo": "digits_cnn"}, "placement": placement},
+        "spec": {
+            "model": {"zoo": "digits_cnn"},
+            "placement": placement,
+            "security": {"stageTLS": "disabled"},
+        },
     }
 
 
@@ -52,6 +56,13 @@ def test_the_transport_is_http_unless_the_spec_says_grpc() -> None:
     with pytest.raises(SpecError) as info:
         parse_deployment(doc)
     assert "spec.placement.transport" in str(info.value)
+    # stages forward over mutual TLS on HTTP only: grpc needs stageTLS: disabled
+    doc = _deployment(transport="grpc")
+    del doc["spec"]["security"]
+    with pytest.raises(SpecError) as info:
+        parse_deployment(doc)
+    assert info.value.field == "spec.security.stageTLS"
+    assert "transport: grpc" in str(info.value)
 
 
 def _containers(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -112,7 +112,9 @@ def test_the_values_schema_refuses_bad_values_by_name(
     assert named.split(".")[-1] in done.stderr, done.stderr
 
 
-def test_defaults_render_a_cluster_wide_operator_without_secrets(helm: str, tmp_path: Path) -> None:
+def test_defaults_render_a_cluster_wide_operator_that_cannot_list_secrets(
+    helm: str, tmp_path: Path
+) -> None:
     docs = render(helm, tmp_path)
     (deployment,) = by_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -137,7 +139,10 @@ def test_defaults_render_a_cluster_wide_operator_without_secrets(helm: str, tmp_
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8090, "targetPort": "metrics"}]
     assert by_kind(docs, "ServiceMonitor") == []
     for rule in rules_of(docs):
-        assert "secrets" not in rule["resources"]
+        # the stage certificates it issues: read back by name, never listed or watched
+        if "secrets" in rule["resources"]:
+            assert rule["resources"] == ["secrets"]
+            assert rule["verbs"] == ["get", "create", "patch"]
         assert "*" not in rule["resources"] + rule["verbs"] + rule["apiGroups"]
 
 
@@ -329,13 +334,25 @@ def test_the_operators_service_account_may_do_its_job_and_nothing_else(
             ("create", "pods"),
             ("create", "poddisruptionbudgets.policy"),
             ("patch", "dnntrainingjobs.edgeai.dev/status"),
+            # the stage certificates it issues, read back by name; stage NetworkPolicies
+            ("create", "secrets"),
+            ("get", "secrets/edgeai-demo-stage-ca"),
+            ("patch", "secrets"),
+            ("create", "networkpolicies.networking.k8s.io"),
+            ("delete", "networkpolicies.networking.k8s.io"),
         ):
             assert can_i(cluster, sa, verb, resource, "-n", team_a), (verb, resource)
         assert can_i(cluster, sa, "list", "nodes")
-        # and nothing outside it: no Secrets anywhere, nothing in other namespaces
+        # and nothing more: no listing, watching, changing or deleting other Secrets,
+        # no Secret in another namespace, nothing in other namespaces
         for args in (
-            ("get", "secrets", "-n", team_a),
+            ("list", "secrets", "-n", team_a),
+            ("watch", "secrets", "-n", team_a),
+            ("update", "secrets", "-n", team_a),
+            ("delete", "secrets", "-n", team_a),
             ("get", "secrets", "-n", team_b),
+            ("create", "secrets", "-n", team_b),
+            ("create", "pods", "--subresource=exec", "-n", team_a),
             ("list", "secrets", "--all-namespaces"),
             ("create", "deployments.apps", "-n", team_b),
             ("get", "configmaps", "-n", team_b),

@@ -99,7 +99,10 @@ def test_users_of_one_edge_stage_build_the_same_shared_workload() -> None:
     assert deploy_a["spec"]["selector"] == {"matchLabels": {"edgeai.dev/backbone": SHARED}}
     template_a = deploy_a["spec"]["template"]
     assert template_a == deploy_b["spec"]["template"]
-    assert template_a["spec"]["volumes"] == [{"name": "plan", "configMap": {"name": SHARED}}]
+    assert template_a["spec"]["volumes"] == [
+        {"name": "plan", "configMap": {"name": SHARED}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     assert template_a["spec"]["containers"][0]["args"][:3] == [
         "run-stage",
         "--plan=/etc/edgeai/plan.yaml",
@@ -174,6 +177,8 @@ def _deployment(name: str) -> dict[str, Any]:
             "devices": {"nodeSelector": {"app": "camera"}},
             "placement": {"tiers": ["edge"]},
             "sharing": "backbone",
+            # a shared stage serves several deployments: plain HTTP between stages
+            "security": {"stageTLS": "disabled"},
         },
     }
 

@@ -64,6 +64,9 @@ REQUIRED_BY_CRD_ONLY = {
 # Values that only make a field's extreme samples valid together with another field.
 COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.autoscaling.minReplicas": {("autoscaling", "maxReplicas"): 1000},
+    # grpc forwarding and a shared backbone need plain HTTP between stages
+    "spec.placement.transport": {("security", "stageTLS"): "disabled"},
+    "spec.sharing": {("security", "stageTLS"): "disabled"},
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}
@@ -78,6 +81,7 @@ SAMPLES: dict[str, list[Any]] = {
     **{f"spec.{name}.sha256": [DIGEST, DIGEST[::-1]] for name in ("source", "calibration", "data")},
     # another input than spec.input's (the walk's "a"): names are unique
     "spec.additionalInputs[0].name": ["state", "mask"],
+    "spec.security.networkPolicy.entryFrom.cidrs": [["10.0.0.0/8"], ["192.168.0.0/16"]],
 }
 # Values CEL rules refuse, beyond the schema's own bounds.
 REFUSED: dict[str, list[Any]] = {

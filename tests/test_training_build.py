@@ -145,6 +145,7 @@ def test_the_aggregator_pod_is_pinned_with_a_work_directory_and_keeps_serving() 
                     "volumeMounts": [
                         {"name": "spec", "mountPath": "/etc/edgeai/training", "readOnly": True},
                         {"name": "work", "mountPath": "/var/lib/edgeai/training"},
+                        {"name": "tmp", "mountPath": "/tmp"},
                     ],
                     "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
                     "ports": [{"name": "http", "containerPort": 7000}],
@@ -152,13 +153,27 @@ def test_the_aggregator_pod_is_pinned_with_a_work_directory_and_keeps_serving() 
                         "httpGet": {"path": "/status", "port": "http"},
                         "periodSeconds": 5,
                     },
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                        "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True,
+                    },
                 }
             ],
             "volumes": [
                 {"name": "spec", "configMap": {"name": "digits-spec"}},
                 {"name": "work", "emptyDir": {}},
+                {"name": "tmp", "emptyDir": {}},
             ],
             "terminationGracePeriodSeconds": 5,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "runAsGroup": 10001,
+                "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
         },
     }
 

@@ -39,6 +39,7 @@ import yaml
 
 from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, ZONE_LABEL
 from edgeai_operator.plandoc import ModelIdentity, PlanDocument, PlanStage
+from edgeai_operator.podsecurity import restricted
 
 WORKER_PORT = 8080
 # the OIP v2 gRPC endpoint of stage pods whose deployment forwards over gRPC
@@ -90,6 +91,7 @@ class Workload:
     model: ModelIdentity | None = None  # that plan's model: its artefact is fetched
     # the device answers alone when the next stage cannot (spec.placement.fallback)
     fallback: bool = False
+    upstream_tiers: tuple[str, ...] = ()  # the tiers that forward to this stage
 
     @property
     def artifact(self) -> tuple[str, str] | None:
@@ -116,6 +118,9 @@ class DeploymentOptions:
     # spec.placement.transport: with grpc, stage pods also serve gRPC (their Services
     # expose it) and forward over it, except a device stage (its uplink probe is HTTP)
     transport: str = "http"
+    # spec.security: stages talk over mutual TLS; the entry's bearer token (Secret, key)
+    stage_tls: bool = False
+    entry_token: tuple[str, str] | None = None
 
 
 def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict[str, str]:
@@ -234,6 +239,7 @@ def _pod_spec(
     volumes: list[dict[str, Any]] = [
         {"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}
     ]
+    _secure_stage(owner, w, opts, args, ports, mounts, volumes)
     artifact = w.artifact
     if artifact is not None:
         args.append(f"--model-file={MODEL_DIR}/{MODEL_FILE_NAME}")
@@ -266,7 +272,62 @@ def _pod_spec(
         spec["initContainers"] = [_fetch_container(artifact, opts, volumes)]
     if opts.priority_class:
         spec["priorityClassName"] = opts.priority_class
-    return spec
+    return restricted(spec)
+
+
+# Stage TLS and entry authentication (securityspec.py, stagetls.py, edgeai_worker.security)
+TLS_PORT = 8443
+TLS_DIR = "/etc/edgeai-tls"  # not under the plan ConfigMap's read-only mount
+ENTRY_TOKEN_DIR = "/etc/edgeai-entry"
+
+
+def stage_identity(owner: Owner, tier: str) -> str:
+    """The URI SAN of a stage's certificate (edgeai_worker.security.stage_identity)."""
+    return f"edgeai://{owner.namespace}/{owner.name}/{tier}"
+
+
+def tls_secret_name(owner: Owner, tier: str) -> str:
+    """The Secret holding a stage's certificate, key and the deployment's CA."""
+    return dns_label(f"{owner.name}-{tier}-tls")
+
+
+def _secure_stage(
+    owner: Owner,
+    w: Workload,
+    opts: DeploymentOptions,
+    args: list[str],
+    ports: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> None:
+    """With stage TLS: the stage's certificate Secret mounted, inference from the
+    upstream stages over mutual TLS on TLS_PORT (not for the device entry, which
+    serves its clients), forwarding to the next stage's TLS port. With an entry token:
+    the Secret's key mounted where the entry stage reads it."""
+    if opts.stage_tls:
+        volumes.append(
+            {"name": "stage-tls", "secret": {"secretName": tls_secret_name(owner, w.tier)}}
+        )
+        mounts.append({"name": "stage-tls", "mountPath": TLS_DIR, "readOnly": True})
+        args.append(f"--tls-dir={TLS_DIR}")
+        if w.tier != "device":
+            args.append(f"--tls-port={TLS_PORT}")
+            args += [f"--tls-peer={stage_identity(owner, t)}" for t in w.upstream_tiers]
+            ports.append({"name": "https", "containerPort": TLS_PORT})
+        for i, arg in enumerate(args):
+            if arg.startswith("--next=http://"):
+                host = arg.removeprefix("--next=http://").rsplit(":", 1)[0]
+                args[i] = f"--next=https://{host}:{TLS_PORT}"
+    if opts.entry_token is not None and w.tier == "device":
+        secret, key = opts.entry_token
+        volumes.append(
+            {
+                "name": "entry-token",
+                "secret": {"secretName": secret, "items": [{"key": key, "path": "token"}]},
+            }
+        )
+        mounts.append({"name": "entry-token", "mountPath": ENTRY_TOKEN_DIR, "readOnly": True})
+        args.append(f"--entry-token-file={ENTRY_TOKEN_DIR}/token")
 
 
 def _fetch_container(
@@ -361,11 +422,15 @@ def stage_deployment(
     }
 
 
-def stage_service(owner: Owner, w: Workload, name: str, transport: str = "http") -> dict[str, Any]:
+def stage_service(
+    owner: Owner, w: Workload, name: str, transport: str = "http", *, tls: bool = False
+) -> dict[str, Any]:
     lbls = labels(owner, w.tier, w.stage, w.zone)
     ports = [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}]
     if transport == "grpc":
         ports.append({"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"})
+    if tls:
+        ports.append({"name": "https", "port": TLS_PORT, "targetPort": "https"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -559,16 +624,34 @@ def build_children(
             )
         elif edge_idx is not None and edge_name is not None:
             edge_replicas = replicas.get(edge_name, default_replicas)
-            w = Workload("edge", zone, edge_idx, key, edge_replicas, cloud_name, plan.model)
+            w = Workload(
+                "edge",
+                zone,
+                edge_idx,
+                key,
+                edge_replicas,
+                cloud_name,
+                plan.model,
+                upstream_tiers=("device",),
+            )
             children.append(stage_deployment(owner, w, opts, digest, edge_name))
-            children.append(stage_service(owner, w, edge_name, opts.transport))
+            children.append(stage_service(owner, w, edge_name, opts.transport, tls=opts.stage_tls))
         if cloud_idx is not None and cloud_name is not None and cloud_name not in emitted:
             emitted.add(cloud_name)
             cz = None if shared_cloud else zone
             cloud_replicas = replicas.get(cloud_name, default_replicas)
-            w = Workload("cloud", cz, cloud_idx, key, cloud_replicas, model=plan.model)
+            upstream = _cloud_upstream(plans, cloud_name, owner, shared_cloud)
+            w = Workload(
+                "cloud",
+                cz,
+                cloud_idx,
+                key,
+                cloud_replicas,
+                model=plan.model,
+                upstream_tiers=upstream,
+            )
             children.append(stage_deployment(owner, w, opts, digest, cloud_name))
-            children.append(stage_service(owner, w, cloud_name, opts.transport))
+            children.append(stage_service(owner, w, cloud_name, opts.transport, tls=opts.stage_tls))
         device_idx = plan.stage_index("device")
         first_remote = edge_name or cloud_name
         device_stage = device_idx if device_idx is not None else -1
@@ -576,3 +659,16 @@ def build_children(
         w = Workload("device", zone, device_stage, key, 1, first_remote, plan.model, fallback)
         children.append(device_daemonset(owner, w, opts, digest))
     return children
+
+
+def _cloud_upstream(
+    plans: Mapping[str, PlanDocument], cloud_name: str, owner: Owner, shared_cloud: bool
+) -> tuple[str, ...]:
+    """The tiers that forward to a cloud stage: the stage before it in each zone's plan
+    that uses it (an edge stage, or the device when the zone has no edge stage)."""
+    tiers = set()
+    for zone, plan in plans.items():
+        if workload_name(owner, "cloud", None if shared_cloud else zone) != cloud_name:
+            continue
+        tiers.add("edge" if plan.stage_index("edge") is not None else "device")
+    return tuple(sorted(tiers))

@@ -44,6 +44,7 @@ from edgeai_operator.builders import (
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.deployspec import DeploymentSpec, parse_deployment
 from edgeai_operator.errors import SpecError
+from edgeai_operator.netpol import network_policies
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, ZonePlans, plan_zones
 
@@ -128,6 +129,9 @@ class DeploymentState:
     # back-off of pods that did not answer: (pod, IP) -> (failures in a row, retry at)
     last_scrape: float = float("-inf")
     scrape_backoff: Mapping[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    # stage certificates (stagetls.py): the ones the pods mount, when to renew next
+    tls_stages: tuple[Any, ...] = ()
+    tls_recheck: Any = None  # a UTC datetime; None: nothing to renew
 
 
 @dataclass
@@ -292,6 +296,8 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         excluded_nodes=excluded,
         priority_class=priority_class_name(spec.priority) if spec.priority > 0 else None,
         transport=spec.transport,
+        stage_tls=spec.security.stage_tls,
+        entry_token=spec.security.entry_token,
     )
     shared_model = spec.model_ref if spec.sharing == "backbone" else None
     shared_names = {
@@ -346,6 +352,11 @@ def _children(
         default_replicas=max(spec.autoscaling.min_replicas, 1),
         shared_model=shared_model,
     )
+    security = spec.security
+    if security.network_policy:
+        children += network_policies(
+            p.owner, children, security.entry_namespaces, security.entry_cidrs
+        )
     live_replicas = _share_replicas(p, children)
     state.desired_keys = frozenset(_key(c) for c in children)
     state.children_inputs = child_inputs

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeai_operator import API_GROUP, TIERS
 from edgeai_operator.errors import SpecError, read_yaml_documents
+from edgeai_operator.securityspec import SecuritySpec, parse_security
 
 OBJECTIVES = ("latency", "deviceEnergy", "cloudCost")
 # none: no partitioning, the whole model on the one best tier
@@ -56,6 +57,7 @@ _SPEC_FIELDS = (
     "sharing",
     "power",
     "cost",
+    "security",
     "offload",
 )
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -166,6 +168,8 @@ class DeploymentSpec:
     sharing: str | None  # backbone, or None: this deployment's own workloads
     priority: int
     skip_unchanged_threshold: float
+    # spec.security (securityspec.py)
+    security: SecuritySpec = field(default_factory=SecuritySpec)
     offload: OffloadSpec | None = None
 
     def slo_dict(self) -> dict[str, Any]:
@@ -445,6 +449,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         sharing=sharing if sharing != "none" else None,
         priority=spec_integer(spec.get("priority"), "spec.priority", 0, MAX_PRIORITY, 0),
         skip_unchanged_threshold=skip or 0.0,
+        security=parse_security(spec, transport, sharing),
         offload=offload,
     )
 

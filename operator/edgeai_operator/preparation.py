@@ -34,6 +34,7 @@ from typing import Any
 
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.modelspec import ModelSpec
+from edgeai_operator.podsecurity import restricted
 from edgeai_operator.profiling import finished_conditions, model_owner, tier_estimates
 from edgeai_operator.topology import NodeSpec
 
@@ -232,17 +233,19 @@ def preparation_job(
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": {"labels": lbls},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": SERVICE_ACCOUNT,
-                    "affinity": {
-                        "nodeAffinity": {
-                            "preferredDuringSchedulingIgnoredDuringExecution": preferred
-                        }
-                    },
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": restricted(
+                    {
+                        "restartPolicy": "Never",
+                        "serviceAccountName": SERVICE_ACCOUNT,
+                        "affinity": {
+                            "nodeAffinity": {
+                                "preferredDuringSchedulingIgnoredDuringExecution": preferred
+                            }
+                        },
+                        "containers": [container],
+                        "volumes": volumes,
+                    }
+                ),
             },
         },
     }

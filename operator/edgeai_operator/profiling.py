@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import InputSpec, parse_model_spec
+from edgeai_operator.podsecurity import restricted
 from edgeai_operator.problem import OVERHEAD_KEYS
 from edgeai_operator.topology import NodeSpec
 
@@ -142,34 +143,36 @@ def profile_job(model: Mapping[str, Any], tier: str, node: str, *, image: str) -
             "activeDeadlineSeconds": spec.profile.timeout_s,
             "template": {
                 "metadata": {"labels": lbls},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "affinity": {
-                        "nodeAffinity": {
-                            "requiredDuringSchedulingIgnoredDuringExecution": {
-                                "nodeSelectorTerms": [{"matchExpressions": exprs}]
+                "spec": restricted(
+                    {
+                        "restartPolicy": "Never",
+                        "affinity": {
+                            "nodeAffinity": {
+                                "requiredDuringSchedulingIgnoredDuringExecution": {
+                                    "nodeSelectorTerms": [{"matchExpressions": exprs}]
+                                }
                             }
-                        }
-                    },
-                    "containers": [
-                        {
-                            "name": "profile",
-                            "image": image,
-                            "command": ["edgeai"],
-                            "args": [
-                                "profile",
-                                spec.zoo,
-                                f"--repeats={spec.profile.repeats}",
-                                f"--idle-ms={spec.profile.idle_ms}",
-                                "-o",
-                                "json",
-                                "--termination-log",
-                            ],
-                            "terminationMessagePath": "/dev/termination-log",
-                            "terminationMessagePolicy": "File",
-                        }
-                    ],
-                },
+                        },
+                        "containers": [
+                            {
+                                "name": "profile",
+                                "image": image,
+                                "command": ["edgeai"],
+                                "args": [
+                                    "profile",
+                                    spec.zoo,
+                                    f"--repeats={spec.profile.repeats}",
+                                    f"--idle-ms={spec.profile.idle_ms}",
+                                    "-o",
+                                    "json",
+                                    "--termination-log",
+                                ],
+                                "terminationMessagePath": "/dev/termination-log",
+                                "terminationMessagePolicy": "File",
+                            }
+                        ],
+                    }
+                ),
             },
         },
     }

@@ -10,6 +10,7 @@ decisions that changed (a new split, a moved stage, a scale step).
 
 from __future__ import annotations
 
+import datetime
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,8 @@ from edgeai_operator.decide import (
     decide,
 )
 from edgeai_operator.planning import NodeState
-from edgeai_operator.writer import ClusterWriter, act
+from edgeai_operator.stagetls import SecretStore, keep_certificates, stage_certs
+from edgeai_operator.writer import ClusterWriter, KubeSecrets, act
 
 Scraper = Callable[[str], str | None]  # pod IP -> its /metrics text, None if unreachable
 # Passes woken in a burst (a rollout's status updates) scrape the stages at most this often.
@@ -139,6 +141,7 @@ def reconcile(
     scrape: Scraper = scrape_pod,
     now: Callable[[], float] = time.monotonic,
     node_epoch: int | None = None,
+    secrets: SecretStore | None = None,
 ) -> Decision:
     """One pass: observe, decide, act. Returns the decision; its `state` is what the
     next pass starts from (the caller keeps it only once the pass has acted)."""
@@ -156,5 +159,26 @@ def reconcile(
     decision = decide(observed, state)
     meta = body["metadata"]
     owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=str(meta.get("uid")))
+    # the certificates first: the stage pods mount them
+    _keep_certificates(
+        decision, owner, secrets or KubeSecrets(), datetime.datetime.now(datetime.UTC)
+    )
     act(decision, writer, view, owner)
     return decision
+
+
+def _keep_certificates(
+    decision: Decision, owner: Owner, store: SecretStore, now: datetime.datetime
+) -> None:
+    """Issues the stage certificates the children about to be applied mount, and renews
+    them when due; a pass that applies nothing before then touches no Secret."""
+    state = decision.state
+    applied = [a.obj for a in decision.applies]
+    if applied:
+        stages = stage_certs(owner, applied)
+    elif state.tls_recheck is not None and now >= state.tls_recheck:
+        stages = state.tls_stages
+    else:
+        return
+    state.tls_recheck = keep_certificates(owner, stages, store, now)
+    state.tls_stages = stages

@@ -36,6 +36,7 @@ def _cmd(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         model_path=None if args.model_file is None else Path(args.model_file),
     )
+    settings.update(_security_settings(args))
     config = Path(tempfile.mkdtemp(prefix="edgeai-stage-")) / "worker.json"
     config.write_text(json.dumps(settings, indent=2))
     print(
@@ -45,6 +46,20 @@ def _cmd(args: argparse.Namespace) -> int:
         flush=True,
     )
     os.execv(sys.executable, [sys.executable, "-m", "edgeai_worker", "--config", str(config)])
+
+
+def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker's stage TLS and entry token settings (edgeai_worker.security)."""
+    out: dict[str, Any] = {}
+    if args.tls_dir:
+        out["tls_dir"] = args.tls_dir
+    if args.tls_port is not None:
+        out["tls_port"] = args.tls_port
+    if args.tls_peer:
+        out["tls_peers"] = args.tls_peer
+    if args.entry_token_file:
+        out["entry_token_file"] = args.entry_token_file
+    return out
 
 
 def register(subparsers: Any) -> None:
@@ -64,4 +79,10 @@ def register(subparsers: Any) -> None:
         "--model-file",
         help="the plan's artefact as fetched (edgeai fetch); its sha256 must be the plan's digest",
     )
+    parser.add_argument("--tls-dir", help="the stage certificate: tls.crt, tls.key, ca.crt")
+    parser.add_argument("--tls-port", type=int, help="serve inference over mutual TLS here")
+    parser.add_argument(
+        "--tls-peer", action="append", help="identity allowed to call the TLS port (repeatable)"
+    )
+    parser.add_argument("--entry-token-file", help="the bearer token the entry accepts")
     parser.set_defaults(func=_cmd)

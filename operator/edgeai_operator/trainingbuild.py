@@ -24,6 +24,7 @@ from edgeai_operator import API_GROUP, API_VERSION, TIER_LABEL, __version__
 from edgeai_operator.builders import MANAGED_BY
 from edgeai_operator.conditions import set_condition
 from edgeai_operator.planning import NodeState
+from edgeai_operator.podsecurity import restricted
 
 DEFAULT_TRAINER_IMAGE = f"edgeai-trainer:{__version__}"
 JOB_LABEL = "edgeai.dev/training-job"
@@ -233,15 +234,17 @@ def _pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _meta(job, name, labels),
-        "spec": {
-            "nodeName": node,
-            # a failed container restarts in place: its emptyDir (journal, checkpoint) stays
-            "restartPolicy": "OnFailure",
-            "containers": [container],
-            "volumes": volumes,
-            # nothing to drain: a replacement worker may start soon after a deletion
-            "terminationGracePeriodSeconds": 5,
-        },
+        "spec": restricted(
+            {
+                "nodeName": node,
+                # a failed container restarts in place: its emptyDir (journal, checkpoint) stays
+                "restartPolicy": "OnFailure",
+                "containers": [container],
+                "volumes": volumes,
+                # nothing to drain: a replacement worker may start soon after a deletion
+                "terminationGracePeriodSeconds": 5,
+            }
+        ),
     }
 
 

@@ -68,3 +68,13 @@ def act(decision: Decision, writer: ClusterWriter, view: ClusterView, owner: Own
         writer.patch_status(owner.namespace, owner.name, decision.status_patch)
     for event in decision.events:
         writer.emit(event)
+
+
+class KubeSecrets:
+    """The stage certificates' Secrets, read and applied through the API server."""
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return k8s.get("v1", "Secret", name, namespace)
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        k8s.apply(obj)

@@ -66,6 +66,7 @@ from edgeai_worker.protocol import (
     set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
+from edgeai_worker.security import EntryToken, StageTLS, check_peer, is_open_path
 from edgeai_worker.tiling import TiledPrefix
 
 log = logging.getLogger("edgeai_worker")
@@ -136,6 +137,8 @@ class WorkerState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     downstream_metadata: dict[str, Any] | None = None
     tiler: TiledPrefix | None = None
+    tls: StageTLS | None = None
+    entry_token: EntryToken | None = None
     # the device's whole model, and until when it answers without trying the next stage
     fallback: Partition | None = None
     fallback_until: float = float("-inf")
@@ -236,6 +239,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             timeout_s=config.forward_timeout_s,
             attempts=config.forward_attempts,
             metrics=state.metrics,
+            tls=state.tls,
         )
         await state.forwarder.start()
     if config.tile_peers and config.tile_prefix is not None:
@@ -261,6 +265,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     probe: asyncio.Task[None] | None = None
     if state.device is not None and state.forwarder is not None and config.uplink_mbps is None:
         probe = asyncio.create_task(_monitor_uplink(state))
+    reload = asyncio.create_task(_reload_security(state))
     log.info(
         "stage %s (%s) of model %s ready: %d partition(s), next=%s",
         config.stage_index,
@@ -270,6 +275,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         ",".join(config.next_urls) or "-",
     )
     yield
+    reload.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reload
     if probe is not None:
         probe.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -297,6 +305,80 @@ async def _monitor_uplink(state: WorkerState) -> None:
                 await asyncio.sleep(0.2)
                 continue
         await asyncio.sleep(interval / 2)
+
+
+async def _reload_security(state: WorkerState) -> None:
+    """Re-reads the stage certificate and the entry token (mounted Secrets the operator
+    renews) every `security_reload_s` seconds."""
+    while True:
+        await asyncio.sleep(state.config.security_reload_s)
+        if state.tls is not None and state.tls.reload():
+            state.metrics.tls_reloads.inc(stage=state.stage)
+            log.info("stage %s: new TLS certificate loaded", state.stage)
+        if state.entry_token is not None and state.entry_token.reload():
+            log.info("stage %s: new entry token loaded", state.stage)
+
+
+async def _tls_endpoint(app: web.Application) -> AsyncIterator[None]:
+    """The protocol once more on `tls_port`, over mutual TLS, for the upstream stages
+    only (`security.py`); the same state, handlers and error middleware."""
+    config, state = app[CONFIG], app[STATE]
+    assert state.tls is not None
+    assert config.tls_port is not None
+    peer = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[error_middleware, _peer_middleware]
+    )
+    peer[CONFIG], peer[STATE] = config, state
+    _add_routes(peer)
+    runner = web.AppRunner(peer, access_log=None, shutdown_timeout=config.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.tls_port, ssl_context=state.tls.server_context)
+    await site.start()
+    yield
+    await runner.cleanup()
+
+
+def _refuse(state: WorkerState, status: int, reason: str, message: str) -> web.Response:
+    state.metrics.auth_failures.inc(stage=state.stage, reason=reason)
+    response = _error_response(state, status, message)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="edgeai"'
+    return response
+
+
+@web.middleware
+async def _peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On the TLS port: only the upstream stages' identities are served."""
+    state = request.app[STATE]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    peercert = ssl_object.getpeercert() if ssl_object is not None else None
+    problem = check_peer(peercert, state.config.tls_peers)
+    if problem is not None and not is_open_path(request.path):
+        return _refuse(state, 403, "peer", problem)
+    return await handler(request)
+
+
+@web.middleware
+async def _plain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On the plain port: the entry's bearer token, and no inference on a stage that
+    takes it over TLS only."""
+    state = request.app[STATE]
+    config = state.config
+    if not is_open_path(request.path):
+        if state.entry_token is not None:
+            refused = state.entry_token.check(request.headers.get("Authorization"))
+            if refused is not None:
+                reason = "missing-token" if refused[0] == 401 else "wrong-token"
+                return _refuse(state, refused[0], reason, refused[1])
+        if config.tls_port is not None and request.path.endswith("/infer"):
+            return _refuse(
+                state,
+                403,
+                "plain",
+                f"this stage takes inference over mutual TLS on port {config.tls_port} "
+                "from its upstream stage only",
+            )
+    return await handler(request)
 
 
 async def _drain(app: web.Application) -> None:
@@ -793,11 +875,25 @@ async def serve_once(
 def create_app(config: WorkerConfig) -> web.Application:
     """The worker application for one stage; resources open in its cleanup context."""
     set_json_codec(config.json_codec)  # the codec's path is per process
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[error_middleware, _plain_middleware]
+    )
     app[CONFIG] = config
-    app[STATE] = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
+    state = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
+    app[STATE] = state
+    if config.tls_dir is not None:
+        state.tls = StageTLS(config.tls_dir)
+    if config.entry_token_file is not None:
+        state.entry_token = EntryToken(config.entry_token_file)
     app.cleanup_ctx.append(_resources)
+    if config.tls_port is not None:
+        app.cleanup_ctx.append(_tls_endpoint)
     app.on_shutdown.append(_drain)
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.router.add_get("/v2", server_metadata)
@@ -809,7 +905,6 @@ def create_app(config: WorkerConfig) -> web.Application:
         app.router.add_post(base + "/infer", infer)
     app.router.add_get("/metrics", metrics)
     app.router.add_post(PROBE_PATH, probe)
-    return app
 
 
 __all__ = [

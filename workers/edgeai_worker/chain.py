@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from edgeai_worker.protocol import (
     encode_request_parts,
     parse_header_length,
 )
+from edgeai_worker.security import StageTLS
 
 # Header in which a stage reports how long it (and the stages after it) took, so the
 # stage before it can tell network time from compute time when measuring the uplink.
@@ -127,6 +129,7 @@ class Forwarder:
         attempts: int = 3,
         cooldown_s: float = 2.0,
         metrics: WorkerMetrics | None = None,
+        tls: StageTLS | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a forwarder needs at least one replica URL")
@@ -141,6 +144,9 @@ class Forwarder:
         self._down_until: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
         self.transport = transport_of(self.urls)
+        self._tls = tls
+        if tls is None and any(u.startswith("https://") for u in self.urls):
+            raise ValueError("https:// replicas need the stage's certificate (tls)")
         self._channels: dict[str, Any] = {}
 
     def _stub(self, url: str, method: str, reply: type[Any]) -> Any:
@@ -174,6 +180,13 @@ class Forwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _ssl(self, url: str) -> ssl.SSLContext | bool:
+        """The newest client context for an https:// replica (a renewed certificate is
+        used by new connections), the default otherwise."""
+        if self._tls is not None and url.startswith("https://"):
+            return self._tls.client_context
+        return True
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -247,7 +260,9 @@ class Forwarder:
         for attempt in range(1, self.attempts + 1):
             url = self._attempt_on(tried, attempt)
             try:
-                async with self.session.post(url + path, data=body, headers=headers) as resp:
+                async with self.session.post(
+                    url + path, data=body, headers=headers, ssl=self._ssl(url)
+                ) as resp:
                     data = await resp.read()
                     server_ms = resp.headers.get(SERVER_TIME_HEADER)
                     length_header = resp.headers.get(HEADER_LENGTH)
@@ -337,7 +352,7 @@ class Forwarder:
         for url in self.urls:
             try:
                 async with self.session.get(
-                    f"{url}/v2/models/{quote(self.model_name, safe='')}"
+                    f"{url}/v2/models/{quote(self.model_name, safe='')}", ssl=self._ssl(url)
                 ) as resp:
                     if resp.status == 200:
                         result: dict[str, Any] = await resp.json()
@@ -354,11 +369,11 @@ class Forwarder:
         # Two small pings first: the second gives the round trip on a warm connection.
         for _ in range(2):
             t0 = time.perf_counter()
-            async with self.session.post(url + PROBE_PATH, data=b"") as resp:
+            async with self.session.post(url + PROBE_PATH, data=b"", ssl=self._ssl(url)) as resp:
                 await resp.read()
             rtt_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        async with self.session.post(url + PROBE_PATH, data=payload) as resp:
+        async with self.session.post(url + PROBE_PATH, data=payload, ssl=self._ssl(url)) as resp:
             await resp.read()
         elapsed = max(time.perf_counter() - t0 - rtt_s, 1e-6)
         return size_bytes * 8 / elapsed / 1e6

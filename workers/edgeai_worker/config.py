@@ -98,10 +98,20 @@ class WorkerConfig:
     model_digest: str | None = None
     model_variant: str | None = None
     model_uri: str | None = None
+    # Who may talk to this stage (security.py): mutual TLS with the deployment's other
+    # stages (a Secret's tls.crt, tls.key and ca.crt in tls_dir; inference served over
+    # TLS on tls_port to the identities in tls_peers; https:// next URLs) and the entry's
+    # bearer token; both files are re-read every security_reload_s seconds.
+    tls_dir: Path | None = None
+    tls_port: int | None = None
+    tls_peers: tuple[str, ...] = ()
+    entry_token_file: Path | None = None
+    security_reload_s: float = 5.0
     # Per-input offloading: early exits, cascade, result reuse (edgeai_worker.offload).
     offload: OffloadSettings | None = None
 
     def __post_init__(self) -> None:
+        self._check_security()
         if self.tier not in TIERS:
             raise ConfigError("tier", f"{self.tier!r} is not a tier", ", ".join(TIERS))
         for name in ("max_batch", "forward_attempts", "max_queue", "intra_op_threads"):
@@ -166,6 +176,26 @@ class WorkerConfig:
                     "a plan with at least one layer on the device",
                 )
 
+    def _check_security(self) -> None:
+        https_next = [u for u in self.next_urls if u.startswith("https://")]
+        if https_next and self.tls_dir is None:
+            raise ConfigError(
+                "next_urls", "https:// replicas need this stage's certificate", "set tls_dir"
+            )
+        if self.tls_port is not None:
+            if self.tls_dir is None:
+                raise ConfigError("tls_port", "needs tls_dir (the certificate to serve)")
+            if not (0 < self.tls_port < 65536) or self.tls_port in (self.port, self.grpc_port):
+                raise ConfigError(
+                    "tls_port", f"{self.tls_port} is not a free TCP port", "1-65535, not port"
+                )
+            if not self.tls_peers:
+                raise ConfigError(
+                    "tls_peers", "no peer may call the TLS port", "the upstream stages' identities"
+                )
+        if self.security_reload_s <= 0:
+            raise ConfigError("security_reload_s", "must be positive")
+
     @property
     def is_device(self) -> bool:
         return self.tier == "device"
@@ -207,6 +237,11 @@ _ALIASES = {
     "modelDigest": "model_digest",
     "modelVariant": "model_variant",
     "modelUri": "model_uri",
+    "tlsDir": "tls_dir",
+    "tlsPort": "tls_port",
+    "tlsPeers": "tls_peers",
+    "entryTokenFile": "entry_token_file",
+    "securityReloadS": "security_reload_s",
 }
 
 
@@ -243,7 +278,9 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name == "tile_grid":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(v) for v in items)
-        if name in ("next_urls", "tile_peers"):
+        if name in ("tls_dir", "entry_token_file"):
+            return None if value in (None, "") else base / str(value)
+        if name in ("next_urls", "tile_peers", "tls_peers"):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(u).rstrip("/") for u in items if str(u))
         if name == "splits":

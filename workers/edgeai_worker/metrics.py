@@ -136,6 +136,11 @@ class WorkerMetrics:
         self.deduplicated = Counter(
             "edgeai_deduplicated_requests_total", "Retried requests answered without rerunning."
         )
+        self.auth_failures = Counter(
+            "edgeai_auth_failures_total",
+            "Requests refused before the model: missing-token, wrong-token, peer, plain.",
+        )
+        self.tls_reloads = Counter("edgeai_tls_reloads_total", "Stage certificates loaded anew.")
         # Per-input offloading (edgeai_worker.offload): exits, escalations, reuse, and
         # accuracy on requests that carry a label.
         self.exit_answers = Counter(

@@ -14,8 +14,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 What the operator does inside a namespace it watches: its custom resources, the
 children it creates for them (stage Deployments/DaemonSets, Services, plan
 ConfigMaps, preparation and profiling Jobs with their ServiceAccount, Role and
-RoleBinding), the pods it reads, the events it posts and kopf's namespaced peering.
-No Secrets.
+RoleBinding), the NetworkPolicies of the stages, the pods it reads, the events it
+posts and kopf's namespaced peering. Secrets: get, create and patch only (no list or
+watch), for the stage certificates it issues (<deployment>-stage-ca, <deployment>-<tier>-tls),
+which it reads by name; the Secrets a spec names (the entry's bearer token) are mounted
+into stage pods and never read by the operator.
 */}}
 {{- define "edgeai.namespacedRules" -}}
 - apiGroups: [edgeai.dev]
@@ -39,6 +42,12 @@ No Secrets.
 - apiGroups: [apps]
   resources: [deployments/scale]
   verbs: [get, patch, update]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]

@@ -1,0 +1,412 @@
+"""Mutual TLS between stages and the entry's bearer token, with real worker processes on
+loopback and certificates issued by the operator's own code (stagetls.py): a chain over
+mTLS answers as the chain over HTTP does; peers without a certificate, with one from
+another deployment's CA, an expired one or another stage's identity are refused while the
+real upstream keeps being served; renewed certificates are picked up under continuous
+traffic without losing a request; the entry refuses a missing or wrong token (a stock
+tritonclient with custom headers) before the model and counts it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import http.client
+import itertools
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from cryptography import x509
+
+from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
+from edgeai_operator.builders import Owner, stage_identity
+from edgeai_operator.stagetls import issue_ca, issue_stage
+from edgeai_worker.protocol import HEADER_LENGTH
+
+pytestmark = pytest.mark.slow
+
+OWNER = Owner(name="cam", namespace="vision", uid="u-1")
+OTHER = Owner(name="door", namespace="vision", uid="u-2")
+DEVICE = stage_identity(OWNER, "device")
+EDGE = stage_identity(OWNER, "edge")
+CLOUD = stage_identity(OWNER, "cloud")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class CA:
+    cert: bytes
+    key: bytes
+
+    def write(
+        self,
+        directory: Path,
+        identity: str,
+        lifetime: datetime.timedelta = datetime.timedelta(hours=1),
+        now: datetime.datetime | None = None,
+    ) -> Path:
+        """A stage certificate for `identity` written as the operator's Secret holds it
+        (each file replaced whole, as the kubelet swaps a Secret volume)."""
+        cert, key = issue_stage(self.cert, self.key, identity, now or _now(), lifetime)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in (("tls.key", key), ("tls.crt", cert), ("ca.crt", self.cert)):
+            tmp = directory / f".{name}.new"
+            tmp.write_bytes(data)
+            tmp.replace(directory / name)
+        return directory
+
+
+@pytest.fixture(scope="module")
+def ca() -> CA:
+    return CA(*issue_ca(OWNER, _now()))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> ChainModel:
+    return build_conv_chain(tmp_path_factory.mktemp("tls") / "chain.onnx")
+
+
+def _parts(model: ChainModel, tmp: Path) -> list[Path]:
+    bounds = ["input", "relu1", "output"]
+    return [
+        extract(model.path, [a], [b], tmp / f"part{i}.onnx")
+        for i, (a, b) in enumerate(itertools.pairwise(bounds))
+    ]
+
+
+def _chain(
+    parts: list[Path], tls: tuple[Path, Path] | None, reload_s: float = 5.0
+) -> tuple[dict[str, object], dict[str, object], int]:
+    """Settings of a device -> edge chain; with `tls` (device dir, edge dir) the edge
+    takes inference over mTLS from the device only. Returns (device, edge, edge TLS port)."""
+    edge_port, tls_port = free_port(), free_port()
+    edge: dict[str, object] = {
+        "model_name": "chain",
+        "port": edge_port,
+        "partitions": [str(parts[1])],
+        "tier": "edge",
+        "stage_index": 1,
+    }
+    device: dict[str, object] = {
+        "model_name": "chain",
+        "partitions": [str(parts[0])],
+        "tier": "device",
+        "stage_index": 0,
+        "uplink_mbps": 100.0,
+        "next_urls": [f"http://127.0.0.1:{edge_port}"],
+    }
+    if tls is not None:
+        edge |= {
+            "tls_dir": str(tls[1]),
+            "tls_port": tls_port,
+            "tls_peers": [DEVICE],
+            "security_reload_s": reload_s,
+        }
+        device |= {
+            "tls_dir": str(tls[0]),
+            "next_urls": [f"https://127.0.0.1:{tls_port}"],
+            "security_reload_s": reload_s,
+        }
+    return device, edge, tls_port
+
+
+def _body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes()
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    encoded = json.dumps(header).encode()
+    return encoded + raw, {HEADER_LENGTH: str(len(encoded))}
+
+
+def _decode(data: bytes, length: str) -> np.ndarray:
+    header = json.loads(data[: int(length)])
+    return np.frombuffer(data[int(length) :], "<f4").reshape(header["outputs"][0]["shape"])
+
+
+async def _infer(session: aiohttp.ClientSession, url: str, x: np.ndarray) -> np.ndarray:
+    body, headers = _body(x)
+    async with session.post(f"{url}/v2/models/chain/infer", data=body, headers=headers) as resp:
+        data = await resp.read()
+        assert resp.status == 200, data[:300]
+        return _decode(data, resp.headers[HEADER_LENGTH])
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def _total(metrics: dict[str, float], name: str) -> float:
+    """The sum of a metric's series, whatever their labels."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def _client_context(directory: Path | None, ca_cert: bytes) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=ca_cert.decode())
+    if directory is not None:
+        ctx.load_cert_chain(directory / "tls.crt", directory / "tls.key")
+    return ctx
+
+
+def _direct(port: int, ctx: ssl.SSLContext, x: np.ndarray) -> tuple[int, bytes]:
+    """One inference request straight to the edge's TLS port with `ctx`'s certificate."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        body, headers = _body(x)
+        conn.request("POST", "/v2/models/chain/infer", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _server_serial(port: int, ca_cert: bytes, client: Path) -> int:
+    """The serial number of the certificate the TLS port presents to a new connection."""
+    with _client_context(client, ca_cert).wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+    ) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _serial(directory: Path) -> int:
+    return x509.load_pem_x509_certificate((directory / "tls.crt").read_bytes()).serial_number
+
+
+async def test_a_chain_over_mtls_answers_as_the_chain_over_http(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    parts = _parts(model, tmp_path)
+    device_dir, edge_dir = ca.write(tmp_path / "device", DEVICE), ca.write(tmp_path / "edge", EDGE)
+    plain_device, plain_edge, _ = _chain(parts, None)
+    tls_device, tls_edge, _ = _chain(parts, (device_dir, edge_dir))
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal(model.input_shape).astype(np.float32) for _ in range(4)]
+    with (
+        workers(tmp_path, plain_device, plain_edge) as (plain, _),
+        workers(tmp_path, tls_device, tls_edge) as (secure, secure_edge),
+    ):
+        async with aiohttp.ClientSession() as session:
+            for x in xs:
+                over_http = await _infer(session, plain.url, x)
+                over_tls = await _infer(session, secure.url, x)
+                np.testing.assert_array_equal(over_tls, over_http)
+                np.testing.assert_allclose(
+                    over_tls, run_onnx(model.path, {"input": x})[0], rtol=1e-4, atol=1e-5
+                )
+        # the edge ran them all, and none over its plain port
+        edge = _metrics(secure_edge.url)
+        assert edge['edgeai_requests_total{code="200",stage="1"}'] == len(xs)
+
+
+async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    parts = _parts(model, tmp_path)
+    device_dir, edge_dir = ca.write(tmp_path / "device", DEVICE), ca.write(tmp_path / "edge", EDGE)
+    other = CA(*issue_ca(OTHER, _now()))
+    # the other deployment's device, a stage of ours that is not upstream of the edge,
+    # and our device's certificate that has expired
+    foreign = other.write(tmp_path / "foreign", stage_identity(OTHER, "device"))
+    sideways = ca.write(tmp_path / "cloud", CLOUD)
+    expired = ca.write(
+        tmp_path / "expired",
+        DEVICE,
+        lifetime=datetime.timedelta(minutes=1),
+        now=_now() - datetime.timedelta(hours=1),
+    )
+    device, edge, tls_port = _chain(parts, (device_dir, edge_dir))
+    x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
+    want = run_onnx(model.path, {"input": x})[0]
+    with workers(tmp_path, device, edge) as (entry, edge_worker):
+        async with aiohttp.ClientSession() as session:
+            np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
+            for name, client_dir, trust in (
+                ("no certificate", None, ca.cert),
+                ("another deployment's CA", foreign, ca.cert),
+                ("an expired certificate", expired, ca.cert),
+            ):
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    _direct(tls_port, _client_context(client_dir, trust), x)
+                # the real upstream is still served
+                got = await _infer(session, entry.url, x)
+                np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
+            # a verified certificate of this deployment, but not the upstream stage's
+            status, body = _direct(tls_port, _client_context(sideways, ca.cert), x)
+            assert status == 403
+            assert CLOUD in json.loads(body)["error"]
+            assert DEVICE in json.loads(body)["error"]
+            # nor inference on the edge's plain port
+            plain_body, headers = _body(x)
+            async with session.post(
+                f"{edge_worker.url}/v2/models/chain/infer", data=plain_body, headers=headers
+            ) as resp:
+                assert resp.status == 403
+                assert f"mutual TLS on port {tls_port}" in (await resp.json())["error"]
+            np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
+        metrics = _metrics(edge_worker.url)
+        assert metrics['edgeai_auth_failures_total{reason="peer",stage="1"}'] == 1
+        assert metrics['edgeai_auth_failures_total{reason="plain",stage="1"}'] == 1
+        # only the device's five requests reached the model
+        assert metrics['edgeai_requests_total{code="200",stage="1"}'] == 5
+        assert _total(metrics, "edgeai_batch_size_count") == 5
+
+
+async def test_renewed_certificates_are_used_under_traffic_without_losing_a_request(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    """The first certificates expire a few seconds into the run; the renewed ones are
+    written meanwhile, as the operator renews them well before expiry. Every request
+    of the continuous traffic is answered, and after the old ones have expired new
+    connections are made with the new ones."""
+    parts = _parts(model, tmp_path)
+    short = datetime.timedelta(seconds=8)
+    device_dir = ca.write(tmp_path / "device", DEVICE, lifetime=short, now=_now())
+    edge_dir = ca.write(tmp_path / "edge", EDGE, lifetime=short, now=_now())
+    old_expiry = x509.load_pem_x509_certificate(
+        (edge_dir / "tls.crt").read_bytes()
+    ).not_valid_after_utc
+    device, edge, tls_port = _chain(parts, (device_dir, edge_dir), reload_s=0.5)
+    x = np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
+    want = run_onnx(model.path, {"input": x})[0]
+    answered = 0
+    with workers(tmp_path, device, edge) as (entry, edge_worker):
+        old_serial = _server_serial(tls_port, ca.cert, device_dir)
+        assert old_serial == _serial(edge_dir)
+        async with aiohttp.ClientSession() as session:
+
+            async def traffic(until: datetime.datetime) -> None:
+                nonlocal answered
+                while _now() < until:
+                    np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
+                    answered += 1
+
+            stop = old_expiry + datetime.timedelta(seconds=4)
+            senders = [asyncio.create_task(traffic(stop)) for _ in range(4)]
+            await asyncio.sleep(2)
+            ca.write(device_dir, DEVICE)
+            ca.write(edge_dir, EDGE)
+            await asyncio.gather(*senders)
+        assert answered > 0
+        # the old certificates have expired: a new connection gets the renewed one
+        assert _now() > old_expiry
+        new_serial = _server_serial(tls_port, ca.cert, device_dir)
+        assert new_serial == _serial(edge_dir) != old_serial
+        for url in (entry.url, edge_worker.url):
+            assert _total(_metrics(url), "edgeai_tls_reloads_total") == 1
+        edge_metrics = _metrics(edge_worker.url)
+        assert edge_metrics['edgeai_requests_total{code="200",stage="1"}'] == answered
+        # and not one forward had to be retried
+        assert _total(_metrics(entry.url), "edgeai_forward_retries_total") == 0
+
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    url, path, token = sys.argv[1], sys.argv[2], sys.argv[3]
+    x = np.load(path)
+    client = httpclient.InferenceServerClient(url=url)
+    out = {"live": client.is_server_live(), "ready": client.is_server_ready()}
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    for case, headers in (
+        ("missing", None),
+        ("wrong", {"Authorization": "Bearer not-the-token"}),
+        ("right", {"Authorization": "Bearer " + token}),
+    ):
+        try:
+            result = client.infer("chain", [inp], headers=headers)
+            out[case] = {"output": result.as_numpy("output").tolist()}
+        except InferenceServerException as exc:
+            out[case] = {"status": exc.status(), "message": exc.message()}
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "entry" / "token"
+    path.parent.mkdir()
+    path.write_text("s3cret-token\n")  # a Secret's value may end with a newline
+    return path
+
+
+def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
+    model: ChainModel, tmp_path: Path, token_file: Path
+) -> None:
+    entry = {
+        "model_name": "chain",
+        "partitions": [str(model.path)],
+        "tier": "device",
+        "entry_token_file": str(token_file),
+    }
+    x = np.random.default_rng(4).standard_normal(model.input_shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with workers(tmp_path, entry) as (worker,):
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TRITON_SCRIPT,
+                worker.url.removeprefix("http://"),
+                str(tmp_path / "x.npy"),
+                "s3cret-token",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        metrics = _metrics(worker.url)
+    # health stays open for probes
+    assert out["live"] is True
+    assert out["ready"] is True
+    assert out["missing"]["status"] == "401"
+    assert "Bearer" in out["missing"]["message"]
+    assert out["wrong"]["status"] == "403"
+    assert "not accepted" in out["wrong"]["message"]
+    np.testing.assert_allclose(
+        np.asarray(out["right"]["output"]), run_onnx(model.path, {"input": x})[0], rtol=1e-4
+    )
+    assert metrics['edgeai_auth_failures_total{reason="missing-token",stage="0"}'] == 1
+    assert metrics['edgeai_auth_failures_total{reason="wrong-token",stage="0"}'] == 1
+    assert metrics['edgeai_requests_total{code="401",stage="0"}'] == 1
+    assert metrics['edgeai_requests_total{code="403",stage="0"}'] == 1
+    # the model ran once: for the request with the right token
+    assert _total(metrics, "edgeai_batch_size_count") == 1

@@ -1,0 +1,193 @@
+"""Who may talk to a stage: mutual TLS between stages, a bearer token at the entry.
+
+Stage TLS. A stage started with a TLS directory (`tls_dir`: `tls.crt`, `tls.key` and
+`ca.crt`, the Secret the operator issues per stage workload) serves the protocol a
+second time on `tls_port`, over TLS that requires a client certificate signed by the
+deployment's CA, and forwards to `https://` next-stage URLs presenting its own
+certificate and checking the next stage's against the same CA. A handshake without a
+certificate, with one from another CA (another deployment) or with an expired one
+fails; a verified peer must also carry one of the identities in `tls_peers` as a URI
+subject alternative name (`edgeai://<namespace>/<deployment>/<tier>`, the upstream
+stage), or its requests are answered 403. On the plain port such a stage answers
+inference with 403 (health, metadata and /metrics stay there for probes and scrapes).
+
+The files are read again every `reload_s` seconds and, when they changed, the next
+handshakes use them: the server through an SNI callback that switches each new
+connection to the newest context, the forwarder by passing the newest client context
+with each request (aiohttp pools connections per context, so open connections finish
+their requests on the old one). The operator renews certificates well before they
+expire, so both are valid while connections move over.
+
+Entry authentication. An entry stage started with `entry_token_file` answers every
+request but health (`/v2/health/*`) and `/metrics` with 401 when it carries no
+`Authorization: Bearer` token and 403 when the token differs from the file's, with the
+protocol's error body, before anything reaches the model; the file is re-read like the
+certificates, so a changed Secret takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
+CA_FILE = "ca.crt"
+IDENTITY_SCHEME = "edgeai://"
+OPEN_PATHS = ("/v2/health/", "/metrics")
+
+log = logging.getLogger("edgeai_worker")
+
+
+def stage_identity(namespace: str, deployment: str, tier: str) -> str:
+    """The URI a stage's certificate carries: which deployment, which stage (its tier)."""
+    return f"{IDENTITY_SCHEME}{namespace}/{deployment}/{tier}"
+
+
+def peer_identities(peercert: Any) -> list[str]:
+    """The URI subject alternative names of a verified peer certificate
+    (`SSLObject.getpeercert()`), in order."""
+    if not peercert:
+        return []
+    return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class StageTLS:
+    """The server and client TLS contexts of a stage, from the files in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files = (directory / CERT_FILE, directory / KEY_FILE, directory / CA_FILE)
+        missing = [str(p) for p in self.files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"tls_dir: {', '.join(missing)} missing (accepted: a directory holding "
+                f"{CERT_FILE}, {KEY_FILE} and {CA_FILE})"
+            )
+        self._digest = ""
+        self.generation = 0
+        self._server_current = self._server_context()
+        self._client_current = self._client_context()
+        self.reload()
+        self.server_context = self._front_context()
+
+    def _server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def _client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Stages are reached through Service names and (in tests) addresses: the CA,
+        # which is the deployment's own, is what says the next stage is one of ours.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def _front_context(self) -> ssl.SSLContext:
+        """The listening socket's context: every new connection switches to the newest
+        server context before the handshake goes on (called with or without SNI)."""
+        front = self._server_context()
+        cert, key, ca = self.files
+        front.load_cert_chain(cert, key)
+        front.load_verify_locations(cafile=str(ca))
+
+        def switch(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            sslobj.context = self._server_current
+
+        front.sni_callback = switch
+        return front
+
+    def reload(self) -> bool:
+        """Loads the files again when they changed; True when they did. A half-written
+        set (a certificate that does not match its key) keeps the current contexts."""
+        try:
+            digest = _digest(*self.files)
+        except OSError as exc:
+            log.warning("stage TLS: cannot read %s: %s", self.directory, exc)
+            return False
+        if digest == self._digest:
+            return False
+        cert, key, ca = self.files
+        try:
+            server, client = self._server_context(), self._client_context()
+            for ctx in (server, client):
+                ctx.load_cert_chain(cert, key)
+                ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("stage TLS: keeping the current certificate: %s", exc)
+            return False
+        self._server_current, self._client_current = server, client
+        self._digest = digest
+        self.generation += 1
+        return True
+
+    @property
+    def client_context(self) -> ssl.SSLContext:
+        return self._client_current
+
+
+class EntryToken:
+    """The bearer token an entry stage accepts, from a file (a mounted Secret's key)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._token = b""
+        if not self.reload() and not self._token:
+            raise ValueError(f"entry_token_file: {path} is empty (accepted: a non-empty token)")
+
+    def reload(self) -> bool:
+        try:
+            token = self.path.read_bytes().strip()
+        except OSError as exc:
+            if not self._token:
+                raise ValueError(f"entry_token_file: cannot read {self.path}: {exc}") from None
+            log.warning("entry token: keeping the current token: %s", exc)
+            return False
+        if not token or token == self._token:
+            return False
+        self._token = token
+        return True
+
+    def check(self, authorization: str | None) -> tuple[int, str] | None:
+        """None when `authorization` (the header's value) carries the token; otherwise
+        the status to answer (401: no bearer token, 403: another one) and why."""
+        if not authorization:
+            return 401, "this model needs an Authorization: Bearer token"
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return 401, "the Authorization header must be 'Bearer <token>'"
+        if not hmac.compare_digest(token.strip().encode(), self._token):
+            return 403, "the bearer token is not accepted"
+        return None
+
+
+def is_open_path(path: str) -> bool:
+    """Health endpoints and /metrics: open on every port, for probes and scrapes."""
+    return any(path == p or path.startswith(p) for p in OPEN_PATHS)
+
+
+def check_peer(peercert: Any, allowed: Sequence[str]) -> str | None:
+    """None when the verified peer carries an allowed identity; otherwise why not."""
+    found = peer_identities(peercert)
+    if any(identity in allowed for identity in found):
+        return None
+    shown = ", ".join(found) or "no edgeai:// identity"
+    return (
+        f"peer {shown} is not an upstream stage of this one "
+        f"(accepted: {', '.join(allowed) or 'none'})"
+    )
