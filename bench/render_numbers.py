@@ -928,7 +928,8 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
         "helm install to operator pods Ready",
         lambda h: (
             f"{h['podsReadyS']} s ({h['operatorPods']} pods, ServiceAccount "
-            f"`{h['serviceAccount']}`, can-i '*' '*': {h['canDoEverything']})"
+            f"`{h['serviceAccount']}`, can-i '*' '*': {h['canDoEverything']}"
+            + (f", can-i list secrets: {h['canListSecrets']})" if "canListSecrets" in h else ")")
         ),
     ),
     (

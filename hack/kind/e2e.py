@@ -462,12 +462,14 @@ class Run:
         everything = kubectl(
             "auth", "can-i", "*", "*", "--all-namespaces", f"--as={sa}", check=False
         ).strip()
+        # it reads a Secret by name (those it creates, those a spec names), never lists
         secrets = kubectl(
-            "auth", "can-i", "get", "secrets", "-n", NS, f"--as={sa}", check=False
+            "auth", "can-i", "list", "secrets", "-n", NS, f"--as={sa}", check=False
         ).strip()
-        if accounts != [RELEASE] or phases != ["Running"] or everything != "no":
+        if accounts != [RELEASE] or phases != ["Running"] or everything != "no" or secrets != "no":
             raise RuntimeError(
-                f"operator pods: accounts {accounts}, phases {phases}, can-i '*': {everything}"
+                f"operator pods: accounts {accounts}, phases {phases}, can-i '*': {everything},"
+                f" can-i list secrets: {secrets}"
             )
         return {
             "helmInstallS": round(helm_s, 1),
@@ -476,7 +478,7 @@ class Run:
             "operatorPods": len(pods),
             "serviceAccount": accounts[0],
             "canDoEverything": everything,
-            "canReadSecrets": secrets,
+            "canListSecrets": secrets,
         }
 
     # 4 ------------------------------------------------------------------------------------
