@@ -270,6 +270,7 @@ class Traffic:
         self.outcomes: list[tuple[float, float, bool]] = []  # (start, seconds, ok)
         # starts of the requests the device answered alone (parameters.edgeai_fallback)
         self.fallback_starts: set[float] = set()
+        self.errors: list[tuple[float, str]] = []  # (start, what the client saw)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -286,8 +287,11 @@ class Traffic:
                 )
                 ok = len(response["outputs"][0]["data"]) > 0
                 fallback = "edgeai_fallback" in response.get("parameters", {})
-            except (OSError, urllib.error.URLError, ValueError, KeyError):
+            except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
                 ok = False
+                detail = error.read()[:300] if isinstance(error, urllib.error.HTTPError) else b""
+                with self._lock:
+                    self.errors.append((t0, f"{error!r} {detail.decode(errors='replace')}"[:400]))
             with self._lock:
                 self.outcomes.append((t0, time.monotonic() - t0, ok))
                 if fallback:
@@ -808,6 +812,11 @@ class Run:
             "servedAgainAfterS": _round(again, 1),
             "answeredByDeviceAlone": fallback_answers,
             "chainAgainAfterS": _round(chain_s, 1),
+            "errors": [
+                {"afterStopS": _round(start - t_stop, 1), "error": text}
+                for start, text in traffic.errors
+                if start >= t_stop
+            ][:10],
             "traffic": summary,
             "nodeReadyWhenServedAgain": node_ready,
             "planAfter": _plan_summary(get("dnndeployment", DEPLOYMENT, "-n", NS)["status"]),
