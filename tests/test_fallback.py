@@ -164,3 +164,40 @@ def test_only_a_device_stage_takes_a_fallback_model(tmp_path: Path) -> None:
         WorkerConfig(tier="edge", fallback_model=tmp_path / "m.onnx")
     with pytest.raises(ConfigError, match="fallback_after_ms"):
         WorkerConfig(tier="device", fallback_after_ms=0)
+
+
+@pytest.mark.parametrize(("status", "answered_alone"), [(403, True), (429, True), (400, False)])
+async def test_a_refusing_next_stage_is_answered_alone_but_a_bad_request_is_not(
+    model: ChainModel, tmp_path: Path, status: int, answered_alone: bool
+) -> None:
+    """A next stage that refuses the device's credentials (403) or sheds load (429) is
+    a stage's fault: the device answers alone. A 400 is the request's: passed back."""
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": f"refused with {status}"}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v2/models/chain/infer", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    entry, _ = _stages(model, tmp_path, fallback_model=str(model.path))
+    entry["next_urls"] = [f"http://127.0.0.1:{port}"]
+    x = np.random.default_rng(5).standard_normal(model.input_shape).astype(np.float32)
+    try:
+        with workers(tmp_path, entry) as (device,):
+            async with aiohttp.ClientSession() as session:
+                got, body, out = await _infer(session, device.url, x)
+    finally:
+        await runner.cleanup()
+    if answered_alone:
+        assert got == 200, body
+        assert body["parameters"]["edgeai_fallback"] == "failed"
+        np.testing.assert_allclose(out, run_onnx(model.path, {"input": x})[0], rtol=1e-4, atol=1e-5)
+    else:
+        assert got == 400, body
+        assert body["error"].endswith("refused with 400")

@@ -117,6 +117,21 @@ build_image() { # name extra-or-none
   # docstrings: `compileall -OO -b` writes each module's .pyc where its .py was, which
   # Python imports without the source (17 MB). Its tracebacks show no source lines.
   find "$root$site/numpy" -depth -type d -name tests -exec rm -rf {} +
+  # Nor are the C sources, headers and type stubs packages ship (7 MB with numpy's f2py,
+  # its C headers and PyInstaller hooks): Python imports none of them.
+  find "$root$site" \( -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.pyx' \
+    -o -name '*.pxd' -o -name '*.pyi' \) -type f -delete
+  rm -rf "$root$site/numpy/f2py" "$root$site/numpy/_pyinstaller" "$root$site/numpy/_core/include"
+  # Extension modules' symbol tables are for debuggers (aiohttp's parser: 3.3 -> 0.6 MB).
+  # Not those of a package whose wheel bundles libraries (numpy and numpy.libs): auditwheel
+  # rewrote them with patchelf, and stripping those breaks their loading.
+  local so top
+  while IFS= read -r so; do
+    top=${so#"$root$site/"}; top=${top%%/*}
+    case $top in *.libs) continue ;; esac
+    [ -d "$root$site/$top.libs" ] && continue
+    strip --strip-unneeded "$so"
+  done < <(find "$root$site" -name '*.so*' -type f)
   "${env_clean[@]}" chroot "$root" /usr/bin/python3 -OO -m compileall -q -b "$site/kubernetes/client" >&2
   find "$root$site/kubernetes/client" -name '*.py' -delete
   find "$root$site/kubernetes/client" -depth -type d -name __pycache__ -exec rm -rf {} +

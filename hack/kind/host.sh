@@ -34,6 +34,8 @@ else
   log "apt-get install docker.io=$DOCKER_DEB debootstrap=$DEBOOTSTRAP_DEB"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "docker.io=$DOCKER_DEB" "debootstrap=$DEBOOTSTRAP_DEB" >&2
 fi
+# hack/images/build.sh strips the images' shared libraries with binutils' strip
+command -v strip >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q binutils >&2
 
 wrap=$cache/runcwrap/runc-nosysres
 wrap_stamp=$(cat "$here/runcwrap/go.mod" "$here/runcwrap/main.go" | sha256sum | cut -c1-16)

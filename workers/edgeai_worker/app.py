@@ -662,6 +662,10 @@ def _select_outputs(
     return chosen
 
 
+# Downstream answers that say nothing about the request: the device answers alone.
+STAGE_4XX = frozenset({401, 403, 408, 429})
+
+
 async def _forward(
     state: WorkerState,
     forward: InferRequest,
@@ -684,8 +688,10 @@ async def _forward(
                 None if state.fallback is None else config.fallback_after_ms / 1000,
             )
         except (StageError, TimeoutError) as exc:
-            # a 4xx is the request's fault: the whole model would refuse it as well
-            if state.fallback is None or (isinstance(exc, StageError) and exc.status < 500):
+            # A 4xx is the request's fault (the whole model would refuse it as well),
+            # but for the stages' own credentials and load (401, 403, 408, 429).
+            stage_fault = not isinstance(exc, StageError) or exc.status >= 500
+            if state.fallback is None or not (stage_fault or exc.status in STAGE_4XX):
                 raise
             reason = "late" if isinstance(exc, TimeoutError) else "failed"
             state.fallback_until = time.monotonic() + config.fallback_cooldown_s
