@@ -270,6 +270,11 @@ CASES = [
         "spec.privacy.featureNoiseStd",
     ),
     (
+        "deployment: noise training without noise",
+        _with(DEPLOYMENT, "spec.privacy", {"noiseTraining": True, "featureNoiseStd": 0}),
+        "spec.privacy.noiseTraining needs spec.privacy.featureNoiseStd above 0",
+    ),
+    (
         "deployment: no modelRef",
         _with(DEPLOYMENT, "spec.modelRef", _DELETE),
         "spec.modelRef: Required value",

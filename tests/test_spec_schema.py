@@ -64,6 +64,7 @@ REQUIRED_BY_CRD_ONLY = {
 # Values that only make a field's extreme samples valid together with another field.
 COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.autoscaling.minReplicas": {("autoscaling", "maxReplicas"): 1000},
+    "spec.privacy.noiseTraining": {("privacy", "featureNoiseStd"): 0.5},
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}

@@ -155,6 +155,8 @@ class DeploymentSpec:
     fallback_after_ms: int
     raw_input_stays_on_device: bool
     feature_noise_std: float
+    # the stages after the device serve layers fine-tuned on the noisy features
+    noise_training: bool
     compute_watts: float | None
     tx_watts: float
     rx_watts: float
@@ -354,7 +356,9 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     )
 
     privacy = spec_mapping(spec.get("privacy"), "spec.privacy")
-    reject_unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
+    reject_unknown(
+        privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd", "noiseTraining")
+    )
     raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice", False)
     noise = _number(
         privacy.get("featureNoiseStd"),
@@ -363,6 +367,13 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         at_most=10.0,
         default=0.0,
     )
+    noise_training = _bool(privacy.get("noiseTraining"), "spec.privacy.noiseTraining", False)
+    if noise_training and not noise:
+        raise SpecError(
+            "spec.privacy.noiseTraining",
+            "needs spec.privacy.featureNoiseStd above 0 (the noise to train on)",
+            "a featureNoiseStd above 0, or noiseTraining: false",
+        )
     if raw and "device" not in tiers_raw:
         raise SpecError(
             "spec.privacy.rawInputStaysOnDevice",
@@ -434,6 +445,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         fallback_after_ms=fallback_after_ms,
         raw_input_stays_on_device=raw,
         feature_noise_std=noise or 0.0,
+        noise_training=noise_training,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),
         tx_watts=watts("txWatts", 1.5),
         rx_watts=watts("rxWatts", 1.0),

@@ -215,6 +215,33 @@ def plan_settings(plan: PlanDocument, tier: str) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if tier == "device" or k not in DEVICE_SETTINGS}
 
 
+# --- the noise-trained private split (spec.privacy.noiseTraining) ---------------------
+
+
+def noise_trained_model(plan: PlanDocument, stage: int) -> Path | None:
+    """The model file that stage `stage` cuts its partitions from when the plan trains on
+    the device's feature noise: `digits_cnn` with the layers after the device's cut
+    fine-tuned on features with noise of `feature_noise_std` (edgeai_worker.noise_training).
+    None for the device stage and for plans without noise training."""
+    if not plan.noise_training or stage < 0 or plan.stages[stage].tier == "device":
+        return None
+    model = plan.model
+    variant = model.build or model.variant or "fp32"
+    if model.zoo != "digits_cnn" or not model.trained or variant != "fp32":
+        raise SpecError(
+            "spec.privacy.noiseTraining",
+            f"the noise-trained layers are built for the zoo's trained digits_cnn (fp32), "
+            f"not model {model.name!r} ({'trained' if model.trained else 'random'} weights, "
+            f"variant {variant})",
+            "a deployment of the trained digits_cnn in its fp32 variant, or noiseTraining: false",
+        )
+    from edgeai_worker.noise_training import noise_trained_digits
+
+    first_up = next(i for i, s in enumerate(plan.stages) if s.tier != "device")
+    (cut,) = plan.stages[first_up].inputs  # digits_cnn is a chain: single-tensor cuts
+    return noise_trained_digits(cut, plan.feature_noise_std)
+
+
 # --- per-input offloading (spec.offload; edgeai_worker.offload) -----------------------
 
 
@@ -326,7 +353,11 @@ def stage_settings(
         settings["fallback_model"] = str(source)
         settings["fallback_after_ms"] = plan.fallback_after_ms
     if stage >= 0:
-        specs = build_partitions(plan.stages, plan.alternatives, source, workdir)
+        noisy = noise_trained_model(plan, stage)
+        if noisy is not None:  # its own folder: a shared workdir keeps the plain files
+            (workdir / "noise-trained").mkdir(parents=True, exist_ok=True)
+        cut_into = workdir if noisy is None else workdir / "noise-trained"
+        specs = build_partitions(plan.stages, plan.alternatives, noisy or source, cut_into)
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
         settings.update(offload_settings(plan, stage, workdir, source))

@@ -570,6 +570,7 @@ def plan_document(
         priority=spec.priority,
         raw_input_stays_on_device=spec.raw_input_stays_on_device,
         feature_noise_std=spec.feature_noise_std,
+        noise_training=spec.noise_training,
         fallback=spec.fallback,
         fallback_after_ms=float(spec.fallback_after_ms),
         objective_value=_num(plan.objective_value),
