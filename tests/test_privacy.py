@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
+from _bench_modules import load_script
 from _worker_support import free_port, workers
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
@@ -21,6 +22,7 @@ from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
 from edgeai_worker import zoo
 from edgeai_worker.noise_training import first_layer_after
 
+BENCH = load_script(Path(__file__).resolve().parents[1] / "bench/privacy/run.py", "privacy_run")
 CUT = "/features/features.1/Relu_output_0"  # after the first convolution's ReLU
 STD = 0.5
 
@@ -162,3 +164,23 @@ async def test_noise_trained_edge_keeps_accuracy_where_the_plain_one_drops(
     assert trained >= 0.98 * clean, (clean, plain, trained)
     assert plain < 0.98 * clean, (clean, plain, trained)
     assert trained - plain >= 0.015, (clean, plain, trained)
+
+
+def test_the_bench_scores_recognition_and_membership_on_literals() -> None:
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert BENCH.recognition_rate(logits, np.array([1, 0, 0, 0])) == 0.75
+    members, others = [0.1, 0.2, 0.3, 2.0], [0.25, 1.0, 1.5, 3.0]
+    # at 0.2: 2 of 4 members, no non-member; at 0.3: 3 of 4 and 1 of 4 (same gain, lower wins)
+    assert BENCH.best_threshold(members, others) == 0.2
+    assert BENCH.advantage(members, others, 0.2) == 0.5
+    assert BENCH.advantage(members, others, 1.0) == 0.75 - 0.5
+    assert BENCH.advantage(others, members, 0.2) == -0.5
+
+
+def test_the_bench_goal_is_the_lowest_noise_meeting_both_bounds() -> None:
+    def row(std: float, accuracy: float, recognised: float) -> dict[str, float]:
+        return {"std": std, "accuracyNoiseTrained": accuracy, "recognised": recognised}
+
+    rows = [row(2.0, 0.97, 0.12), row(0.5, 0.98, 0.9), row(1.0, 0.975, 0.2), row(4.0, 0.5, 0.1)]
+    assert BENCH.goal_row(rows, 0.99) == row(1.0, 0.975, 0.2)
+    assert BENCH.goal_row(rows, 1.0) is None  # 0.98 x 1.0 = 0.98: only std 0.5, recognised
