@@ -20,7 +20,7 @@ from edgeai_operator.errors import SpecError
 from edgeai_operator.partitions import stage_settings
 from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
 from edgeai_worker import zoo
-from edgeai_worker.noise_training import first_layer_after
+from edgeai_worker.noise_training import NOISE_LADDER, first_layer_after, validation_accuracy
 
 BENCH = load_script(Path(__file__).resolve().parents[1] / "bench/privacy/run.py", "privacy_run")
 CUT = "/features/features.1/Relu_output_0"  # after the first convolution's ReLU
@@ -38,7 +38,9 @@ BODY: dict[str, Any] = {
 }
 
 
-def _plan(noise_training: bool, model: dict[str, Any] | None = None) -> PlanDocument:
+def _plan(
+    noise_training: bool, model: dict[str, Any] | None = None, floor: float | None = None
+) -> PlanDocument:
     stage = {"variant": "fp32", "computeMs": 1.0}
     return PlanDocument.from_dict(
         {
@@ -59,7 +61,9 @@ def _plan(noise_training: bool, model: dict[str, Any] | None = None) -> PlanDocu
                 {"index": 1, "tier": "edge", "layers": "2-8", "inputs": [CUT]}
                 | {"outputs": ["output"], **stage},
             ],
-            "privacy": {"featureNoiseStd": STD, "noiseTraining": noise_training},
+            "privacy": {"featureNoiseStd": STD, "noiseTraining": noise_training}
+            if floor is None
+            else {"noiseTraining": True, "noiseAccuracyFloor": floor},
         }
     )
 
@@ -78,6 +82,37 @@ def test_noise_training_is_parsed_and_needs_noise_to_train_on() -> None:
         parse_deployment(_with_privacy({"noiseTraining": True}))
     with pytest.raises(SpecError, match=r"spec.privacy.noiseTraining: must be true or false"):
         parse_deployment(_with_privacy({"featureNoiseStd": 0.5, "noiseTraining": "yes"}))
+
+
+def test_an_accuracy_floor_replaces_the_noise_std_of_noise_training() -> None:
+    spec = parse_deployment(_with_privacy({"noiseTraining": True, "noiseAccuracyFloor": 0.95}))
+    assert (spec.noise_accuracy_floor, spec.feature_noise_std) == (0.95, 0.0)
+    for privacy in (
+        {"noiseAccuracyFloor": 0.95},
+        {"noiseTraining": True, "noiseAccuracyFloor": 0.95, "featureNoiseStd": 0.5},
+    ):
+        with pytest.raises(SpecError, match=r"spec.privacy.noiseAccuracyFloor: .*needs"):
+            parse_deployment(_with_privacy(privacy))
+    with pytest.raises(SpecError, match=r"spec.privacy.noiseAccuracyFloor: must be at most 1"):
+        parse_deployment(_with_privacy({"noiseTraining": True, "noiseAccuracyFloor": 1.5}))
+
+
+@pytest.mark.slow
+def test_the_floor_gives_the_device_the_largest_noise_that_keeps_it(tmp_path: Path) -> None:
+    kw: dict[str, Any] = {"plan_path": tmp_path / "plan.yaml", "workdir": tmp_path, "host": "h"}
+    plan = _plan(True, floor=0.95)
+    assert PlanDocument.from_dict(plan.to_dict()) == plan
+    std = stage_settings(plan, 0, port=1, **kw)["feature_noise_std"]
+    assert std in NOISE_LADDER
+    assert validation_accuracy(CUT, std) >= 0.95
+    higher = NOISE_LADDER[NOISE_LADDER.index(std) + 1]
+    assert validation_accuracy(CUT, higher) < 0.95
+    # the edge serves the model trained for that noise: more noise than featureNoiseStd's
+    # plan (0.5) would give it a different file
+    edge = stage_settings(plan, 1, port=2, **kw)
+    assert edge["partitions"] == [str(tmp_path / "noise-trained" / "stage1-edge.onnx")]
+    with pytest.raises(SpecError, match=r"spec.privacy.noiseAccuracyFloor: no noise level"):
+        stage_settings(_plan(True, floor=0.999), 0, port=1, **kw)
 
 
 def test_the_plan_carries_noise_training_and_reads_it_back() -> None:
@@ -170,8 +205,6 @@ def test_the_bench_scores_recognition_and_membership_on_literals() -> None:
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert BENCH.recognition_rate(logits, np.array([1, 0, 0, 0])) == 0.75
     members, others = [0.1, 0.2, 0.3, 2.0], [0.25, 1.0, 1.5, 3.0]
-    # at 0.2: 2 of 4 members, no non-member; at 0.3: 3 of 4 and 1 of 4 (same gain, lower wins)
-    assert BENCH.best_threshold(members, others) == 0.2
     assert BENCH.advantage(members, others, 0.2) == 0.5
     assert BENCH.advantage(members, others, 1.0) == 0.75 - 0.5
     assert BENCH.advantage(others, members, 0.2) == -0.5

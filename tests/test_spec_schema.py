@@ -65,6 +65,7 @@ REQUIRED_BY_CRD_ONLY = {
 COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.autoscaling.minReplicas": {("autoscaling", "maxReplicas"): 1000},
     "spec.privacy.noiseTraining": {("privacy", "featureNoiseStd"): 0.5},
+    "spec.privacy.noiseAccuracyFloor": {("privacy", "noiseTraining"): True},
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}

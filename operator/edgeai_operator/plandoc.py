@@ -213,6 +213,7 @@ class PlanDocument:
     raw_input_stays_on_device: bool = False
     feature_noise_std: float = 0.0
     noise_training: bool = False  # spec.privacy.noiseTraining
+    noise_accuracy_floor: float | None = None  # spec.privacy.noiseAccuracyFloor
     # device: the device stage answers with the whole model when the next stage fails
     # or is later than fallback_after_ms (spec.placement.fallback)
     fallback: str = "none"
@@ -276,6 +277,11 @@ class PlanDocument:
                     "rawInputStaysOnDevice": self.raw_input_stays_on_device,
                     "featureNoiseStd": self.feature_noise_std,
                     **({"noiseTraining": True} if self.noise_training else {}),
+                    **(
+                        {"noiseAccuracyFloor": self.noise_accuracy_floor}
+                        if self.noise_accuracy_floor is not None
+                        else {}
+                    ),
                 },
                 "preprocessing": {"skipUnchangedThreshold": self.skip_unchanged_threshold},
                 "priority": self.priority,
@@ -334,6 +340,7 @@ class PlanDocument:
         raw_stays = sub.boolean(privacy, "rawInputStaysOnDevice", default=False)
         noise = sub.number(privacy, "featureNoiseStd", default=0.0)
         noise_training = sub.boolean(privacy, "noiseTraining", default=False)
+        noise_floor = sub.optional_number(privacy, "noiseAccuracyFloor")
         skip = _Reader(f"{field}.preprocessing").number(
             preprocessing, "skipUnchangedThreshold", default=0.0
         )
@@ -357,6 +364,7 @@ class PlanDocument:
             raw_input_stays_on_device=raw_stays,
             feature_noise_std=noise,
             noise_training=noise_training,
+            noise_accuracy_floor=noise_floor,
             fallback=fr.text(fallback, "tier", default="none"),
             fallback_after_ms=fr.number(fallback, "afterMs", default=1000.0),
             objective_value=r.optional_number(data, "objectiveValue"),

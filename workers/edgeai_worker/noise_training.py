@@ -32,6 +32,9 @@ EPOCHS = 40
 LAYER_OPS = ("Conv", "Relu", "Conv", "Relu", "MaxPool", "Flatten", "Gemm", "Relu", "Gemm")
 # the noise levels the worker image ships, at every cut (docs/privacy.md)
 PREBUILT_STDS = (0.5, 1.0)
+# the noise levels an accuracy floor chooses from, walked upwards
+NOISE_LADDER = (0.1, 0.3, 0.5, 1.0, 2.0)
+VALIDATION_DRAWS = 3
 
 
 def first_layer_after(model: onnx.ModelProto, cut: str) -> int:
@@ -112,6 +115,54 @@ def fine_tune(
                 f"loss={loss.item():.4f} ({time.monotonic() - started:.1f}s)"
             )
     return model.eval()
+
+
+def validation_accuracy(cut: str, std: float) -> float:
+    """The noise-trained model's accuracy on the validation half (even rows) of the
+    held-out digits: the plain prefix, noise of `std` (seeded draws), the noise-trained
+    suffix, with onnxruntime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeai_worker.graph import Partitioner
+
+    def session(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Any:
+        graph = Partitioner(onnx.load(str(path))).extract(inputs, outputs)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(
+            graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+
+    plain = zoo.export_onnx("digits_cnn", trained=True)
+    prefix = session(plain, ("input",), (cut,))
+    suffix = session(noise_trained_digits(cut, std, progress=False), (cut,), ("output",))
+    _, _, x_test, y_test = zoo.digits_split()
+    x, y = x_test[0::2], y_test[0::2]
+    (features,) = prefix.run(None, {"input": x})
+    correct = 0
+    for draw in range(VALIDATION_DRAWS):
+        rng = np.random.default_rng(draw)
+        noisy = (features + rng.normal(0.0, std, features.shape)).astype(np.float32)
+        (logits,) = suffix.run(None, {cut: noisy})
+        correct += int((np.asarray(logits).argmax(axis=1) == y).sum())
+    return correct / (VALIDATION_DRAWS * len(y))
+
+
+def std_for_floor(cut: str, floor: float) -> float:
+    """The largest noise std of `NOISE_LADDER`, walked upwards until a level falls below
+    the floor, whose noise-trained model keeps `floor` validation accuracy at `cut`."""
+    chosen: float | None = None
+    for std in NOISE_LADDER:
+        if validation_accuracy(cut, std) < floor:
+            break
+        chosen = std
+    if chosen is None:
+        raise ValueError(
+            f"no noise level keeps accuracy {floor:g} at {cut}: the least noise tried, "
+            f"{NOISE_LADDER[0]:g}, scores {validation_accuracy(cut, NOISE_LADDER[0]):.4f}"
+        )
+    return chosen
 
 
 def prebuild() -> list[Path]:
