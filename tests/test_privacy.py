@@ -5,6 +5,8 @@ adding Gaussian noise to the features it sends, an edge stage serving the rest).
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import aiohttp
 import numpy as np
 import onnx
 import pytest
+import yaml
 
 from _bench_modules import load_script
 from _worker_support import free_port, workers
@@ -217,3 +220,14 @@ def test_the_bench_goal_is_the_lowest_noise_meeting_both_bounds() -> None:
     rows = [row(2.0, 0.97, 0.12), row(0.5, 0.98, 0.9), row(1.0, 0.975, 0.2), row(4.0, 0.5, 0.1)]
     assert BENCH.goal_row(rows, 0.99) == row(1.0, 0.975, 0.2)
     assert BENCH.goal_row(rows, 1.0) is None  # 0.98 x 1.0 = 0.98: only std 0.5, recognised
+
+
+def test_run_local_refuses_a_noise_trained_plan_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(_plan(True).to_dict()))
+    run = subprocess.run(
+        [sys.executable, "-m", "edgeai_operator.cli", "run-local", "-f", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "error: plan.privacy.noiseTraining: run-local cuts the plain model" in run.stderr
