@@ -805,6 +805,17 @@ def privacy_goal(report: Mapping[str, Any]) -> str:
     return f"Goal ({report['date']}): {'; '.join(parts)}."
 
 
+def privacy_summary(report: Mapping[str, Any]) -> str:
+    rows = {r["noiseMultiplier"]: r for r in report["membership"]}
+    without, with_dp = rows[0.0], rows[1.0]
+    return (
+        f"{privacy_goal(report)} Membership inference: advantage {without['advantage']:.3f} "
+        f"without DP noise (noise multiplier 0), {with_dp['advantage']:.3f} with noise "
+        f"multiplier 1.0 (epsilon {with_dp['epsilon']:.1f}); test accuracy "
+        f"{without['testAccuracy']:.3f} and {with_dp['testAccuracy']:.3f}."
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1017,6 +1028,7 @@ RENDERERS: dict[str, Renderer] = {
     "privacy-table": Renderer("privacy.json", privacy_table),
     "privacy-membership": Renderer("privacy.json", privacy_membership),
     "privacy-goal": Renderer("privacy.json", privacy_goal),
+    "privacy-summary": Renderer("privacy.json", privacy_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 
