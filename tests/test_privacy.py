@@ -231,3 +231,61 @@ def test_run_local_refuses_a_noise_trained_plan_naming_the_field(tmp_path: Path)
     )  # fmt: skip
     assert run.returncode == 2
     assert "error: plan.privacy.noiseTraining: run-local cuts the plain model" in run.stderr
+
+
+def _report(recognised: float) -> dict[str, Any]:
+    rows = [
+        {"std": 0.0, "accuracyPlain": 0.98, "accuracyNoiseTrained": 0.98}
+        | {"reconstructionMse": 0.002, "recognised": 0.98},
+        {"std": 1.0, "accuracyPlain": 0.6, "accuracyNoiseTrained": 0.97}
+        | {"reconstructionMse": 0.02, "recognised": recognised},
+    ]
+    goal = BENCH.goal_row(rows, 0.98)
+    return {
+        "date": "2026-12-02",
+        "conditions": "idle",
+        "draws": 5,
+        "chance": 0.1,
+        "goals": {"accuracyRatio": 0.98, "recognised": 0.2},
+        "cleanAccuracy": 0.98,
+        "cuts": {
+            "pooled": {
+                "featureSize": 512,
+                "rows": rows,
+                "goal": goal
+                and {"std": goal["std"], "accuracyRatio": 0.97 / 0.98, "recognised": recognised},
+            }
+        },
+        "membership": [
+            {"noiseMultiplier": 0.0, "epsilon": None, "trainAccuracy": 1.0}
+            | {"testAccuracy": 0.96, "advantage": 0.07},
+            {"noiseMultiplier": 1.0, "epsilon": 23.0, "trainAccuracy": 0.77}
+            | {"testAccuracy": 0.77, "advantage": 0.01},
+        ],
+    }
+
+
+def test_the_privacy_numbers_render_met_and_unmet_goals() -> None:
+    rn = BENCH.render_numbers  # the bench's own renderer module
+    assert rn.privacy_goal(_report(0.15)) == (
+        "Goal (2026-12-02): pooled: met at std 1 (0.990x clean accuracy, reconstructions "
+        "recognised 0.150)."
+    )
+    assert rn.privacy_goal(_report(0.9)) == (
+        "Goal (2026-12-02): pooled: not met (at no noise level tried do reconstructions fall "
+        "to 0.2 while the noise-trained model keeps 0.98x; the least recognised, 0.900 at "
+        "std 1, keeps 0.990x)."
+    )
+    table = rn.privacy_table(_report(0.9)).splitlines()
+    assert table[3] == (
+        "| pooled (512) | 1 | 0.6000 (0.612x) | 0.9700 (0.990x) | 0.0200 | 0.900 (9.0x chance) |"
+    )
+    membership = rn.privacy_membership(_report(0.9)).splitlines()
+    assert membership[2:] == [
+        "| 0 | inf | 1.000 | 0.960 | 0.070 |",
+        "| 1 | 23.00 | 0.770 | 0.770 | 0.010 |",
+    ]
+    assert rn.privacy_summary(_report(0.9)).endswith(
+        "Membership inference: advantage 0.070 without DP noise (noise multiplier 0), 0.010 "
+        "with noise multiplier 1.0 (epsilon 23.0); test accuracy 0.960 and 0.770."
+    )
