@@ -765,7 +765,9 @@ def privacy_table(report: Mapping[str, Any]) -> str:
     ]
     return _table(header, "lrrrrr", rows) + (
         f"\n\n{report['date']}, held-out digits, clean accuracy {clean:.4f}, mean over "
-        f"{report['draws']} noise draws; conditions: {report['conditions']}."
+        f"{report['draws']} noise draws; predicting the mean image scores an MSE of "
+        f"{next(iter(report['cuts'].values()))['meanImageMse']:.4f}; conditions: "
+        f"{report['conditions']}."
     )
 
 

@@ -251,6 +251,7 @@ def _report(recognised: float) -> dict[str, Any]:
         "cuts": {
             "pooled": {
                 "featureSize": 512,
+                "meanImageMse": 0.074,
                 "rows": rows,
                 "goal": goal
                 and {"std": goal["std"], "accuracyRatio": 0.97 / 0.98, "recognised": recognised},
