@@ -815,6 +815,87 @@ def offload_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- private inference (bench/privacy/run.py) --------------------------------------------
+
+
+def privacy_table(report: Mapping[str, Any]) -> str:
+    clean = report["cleanAccuracy"]
+    rows = []
+    for name, cut in report["cuts"].items():
+        for r in cut["rows"]:
+            rows.append(
+                [
+                    f"{name} ({cut['featureSize']})",
+                    f"{r['std']:g}",
+                    f"{r['accuracyPlain']:.4f} ({r['accuracyPlain'] / clean:.3f}x)",
+                    f"{r['accuracyNoiseTrained']:.4f} ({r['accuracyNoiseTrained'] / clean:.3f}x)",
+                    f"{r['reconstructionMse']:.4f}",
+                    f"{r['recognised']:.3f} ({r['recognised'] / report['chance']:.1f}x chance)",
+                ]
+            )
+    header = [
+        "cut (floats)",
+        "noise std",
+        "accuracy, plain",
+        "accuracy, noise-trained",
+        "inversion MSE",
+        "reconstructions recognised",
+    ]
+    return _table(header, "lrrrrr", rows) + (
+        f"\n\n{report['date']}, held-out digits, clean accuracy {clean:.4f}, mean over "
+        f"{report['draws']} noise draws; predicting the mean image scores an MSE of "
+        f"{next(iter(report['cuts'].values()))['meanImageMse']:.4f}; conditions: "
+        f"{report['conditions']}."
+    )
+
+
+def privacy_membership(report: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            f"{r['noiseMultiplier']:g}",
+            "inf" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+            f"{r['trainAccuracy']:.3f}",
+            f"{r['testAccuracy']:.3f}",
+            f"{r['advantage']:.3f}",
+        ]
+        for r in report["membership"]
+    ]
+    header = ["noise multiplier", "epsilon", "member accuracy", "test accuracy", "advantage"]
+    return _table(header, "rrrrr", rows)
+
+
+def privacy_goal(report: Mapping[str, Any]) -> str:
+    parts = []
+    for name, cut in report["cuts"].items():
+        goal = cut["goal"]
+        if goal is None:
+            best = min(cut["rows"], key=lambda r: r["recognised"])
+            parts.append(
+                f"{name}: not met (at no noise level tried do reconstructions fall to "
+                f"{report['goals']['recognised']:.1f} while the noise-trained model keeps "
+                f"{report['goals']['accuracyRatio']:.2f}x; the least recognised, "
+                f"{best['recognised']:.3f} at std {best['std']:g}, keeps "
+                f"{best['accuracyNoiseTrained'] / report['cleanAccuracy']:.3f}x)"
+            )
+        else:
+            parts.append(
+                f"{name}: met at std {goal['std']:g} ({goal['accuracyRatio']:.3f}x clean "
+                f"accuracy, reconstructions recognised {goal['recognised']:.3f})"
+            )
+    return f"Goal ({report['date']}): {'; '.join(parts)}."
+
+
+def privacy_summary(report: Mapping[str, Any]) -> str:
+    rows = {r["noiseMultiplier"]: r for r in report["membership"]}
+    without, with_dp = rows[0.0], rows[1.0]
+    return (
+        f"{privacy_goal(report)} Membership inference: advantage {without['advantage']:.3f} "
+        f"without DP noise (noise multiplier 0), {with_dp['advantage']:.3f} with noise "
+        f"multiplier 1.0 (epsilon {with_dp['epsilon']:.1f}); test accuracy "
+        f"{without['testAccuracy']:.3f} and {with_dp['testAccuracy']:.3f}."
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1028,6 +1109,10 @@ RENDERERS: dict[str, Renderer] = {
     "offload-table": Renderer("offload.json", offload_table),
     "offload-summary": Renderer("offload.json", offload_summary),
     "offload-goal": Renderer("offload.json", offload_goal),
+    "privacy-table": Renderer("privacy.json", privacy_table),
+    "privacy-membership": Renderer("privacy.json", privacy_membership),
+    "privacy-goal": Renderer("privacy.json", privacy_goal),
+    "privacy-summary": Renderer("privacy.json", privacy_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

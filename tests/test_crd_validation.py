@@ -270,6 +270,20 @@ CASES = [
         "spec.privacy.featureNoiseStd",
     ),
     (
+        "deployment: noise training without noise",
+        _with(DEPLOYMENT, "spec.privacy", {"noiseTraining": True, "featureNoiseStd": 0}),
+        "spec.privacy.noiseTraining needs spec.privacy.featureNoiseStd above 0",
+    ),
+    (
+        "deployment: a noise floor with a noise std",
+        _with(
+            DEPLOYMENT,
+            "spec.privacy",
+            {"noiseTraining": True, "featureNoiseStd": 0.5, "noiseAccuracyFloor": 0.9},
+        ),
+        "spec.privacy.noiseAccuracyFloor needs noiseTraining: true and no featureNoiseStd",
+    ),
+    (
         "deployment: no modelRef",
         _with(DEPLOYMENT, "spec.modelRef", _DELETE),
         "spec.modelRef: Required value",

@@ -67,6 +67,8 @@ COMPANIONS: dict[str, dict[Path_, Any]] = {
     # grpc forwarding and a shared backbone need plain HTTP between stages
     "spec.placement.transport": {("security", "stageTLS"): "disabled"},
     "spec.sharing": {("security", "stageTLS"): "disabled"},
+    "spec.privacy.noiseTraining": {("privacy", "featureNoiseStd"): 0.5},
+    "spec.privacy.noiseAccuracyFloor": {("privacy", "noiseTraining"): True},
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}

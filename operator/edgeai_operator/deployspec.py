@@ -157,6 +157,10 @@ class DeploymentSpec:
     fallback_after_ms: int
     raw_input_stays_on_device: bool
     feature_noise_std: float
+    # the stages after the device serve layers fine-tuned on the noisy features
+    noise_training: bool
+    # the noise std is the largest that keeps this accuracy (noise_training.std_for_floor)
+    noise_accuracy_floor: float | None
     compute_watts: float | None
     tx_watts: float
     rx_watts: float
@@ -358,7 +362,11 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     )
 
     privacy = spec_mapping(spec.get("privacy"), "spec.privacy")
-    reject_unknown(privacy, "spec.privacy", ("rawInputStaysOnDevice", "featureNoiseStd"))
+    reject_unknown(
+        privacy,
+        "spec.privacy",
+        ("rawInputStaysOnDevice", "featureNoiseStd", "noiseTraining", "noiseAccuracyFloor"),
+    )
     raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice", False)
     noise = _number(
         privacy.get("featureNoiseStd"),
@@ -367,6 +375,24 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         at_most=10.0,
         default=0.0,
     )
+    noise_training = _bool(privacy.get("noiseTraining"), "spec.privacy.noiseTraining", False)
+    floor = _number(
+        privacy.get("noiseAccuracyFloor"), "spec.privacy.noiseAccuracyFloor", at_most=1.0
+    )
+    if floor is not None and (not noise_training or noise):
+        raise SpecError(
+            "spec.privacy.noiseAccuracyFloor",
+            "chooses the noise std for noiseTraining: it needs noiseTraining: true and "
+            "no featureNoiseStd",
+            "noiseTraining: true without featureNoiseStd, or no noiseAccuracyFloor",
+        )
+    if noise_training and not noise and floor is None:
+        raise SpecError(
+            "spec.privacy.noiseTraining",
+            "needs spec.privacy.featureNoiseStd above 0 (the noise to train on) or "
+            "spec.privacy.noiseAccuracyFloor (to choose it)",
+            "a featureNoiseStd above 0, a noiseAccuracyFloor, or noiseTraining: false",
+        )
     if raw and "device" not in tiers_raw:
         raise SpecError(
             "spec.privacy.rawInputStaysOnDevice",
@@ -438,6 +464,8 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         fallback_after_ms=fallback_after_ms,
         raw_input_stays_on_device=raw,
         feature_noise_std=noise or 0.0,
+        noise_training=noise_training,
+        noise_accuracy_floor=floor,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),
         tx_watts=watts("txWatts", 1.5),
         rx_watts=watts("rxWatts", 1.0),

@@ -215,6 +215,58 @@ def plan_settings(plan: PlanDocument, tier: str) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if tier == "device" or k not in DEVICE_SETTINGS}
 
 
+# --- the noise-trained private split (spec.privacy.noiseTraining) ---------------------
+
+
+def _noise_cut(plan: PlanDocument) -> str | None:
+    """The tensor the device sends upstream (None: nothing runs after the device)."""
+    first_up = next((s for s in plan.stages if s.tier != "device"), None)
+    if first_up is None:
+        return None
+    model = plan.model
+    variant = model.build or model.variant or "fp32"
+    if model.zoo != "digits_cnn" or not model.trained or variant != "fp32":
+        raise SpecError(
+            "spec.privacy.noiseTraining",
+            f"the noise-trained layers are built for the zoo's trained digits_cnn (fp32), "
+            f"not model {model.name!r} ({'trained' if model.trained else 'random'} weights, "
+            f"variant {variant})",
+            "a deployment of the trained digits_cnn in its fp32 variant, or noiseTraining: false",
+        )
+    (cut,) = first_up.inputs  # digits_cnn is a chain: single-tensor cuts
+    return cut
+
+
+def noise_std(plan: PlanDocument) -> float:
+    """The device's feature noise: the plan's featureNoiseStd, or with
+    noiseAccuracyFloor the largest std whose noise-trained model keeps the floor
+    (edgeai_worker.noise_training.std_for_floor)."""
+    floor = plan.noise_accuracy_floor
+    cut = _noise_cut(plan) if floor is not None else None
+    if floor is None or cut is None:
+        return plan.feature_noise_std
+    from edgeai_worker.noise_training import std_for_floor
+
+    try:
+        return std_for_floor(cut, floor)
+    except ValueError as exc:
+        raise SpecError("spec.privacy.noiseAccuracyFloor", str(exc), "a lower floor") from None
+
+
+def noise_trained_model(plan: PlanDocument, stage: int) -> Path | None:
+    """The model file that stage `stage` cuts its partitions from when the plan trains on
+    the device's feature noise: `digits_cnn` with the layers after the device's cut
+    fine-tuned on features with the device's noise (edgeai_worker.noise_training).
+    None for the device stage and for plans without noise training."""
+    if not plan.noise_training or stage < 0 or plan.stages[stage].tier == "device":
+        return None
+    cut = _noise_cut(plan)
+    assert cut is not None  # stage is after the device
+    from edgeai_worker.noise_training import noise_trained_digits
+
+    return noise_trained_digits(cut, noise_std(plan))
+
+
 # --- per-input offloading (spec.offload; edgeai_worker.offload) -----------------------
 
 
@@ -312,6 +364,8 @@ def stage_settings(
         "model_uri": plan.model.uri,
         **plan_settings(plan, tier),
     }
+    if tier == "device" and plan.noise_accuracy_floor is not None:
+        settings["feature_noise_std"] = noise_std(plan)
     if grpc_port is not None:
         settings["grpc_port"] = grpc_port
     if model_path is not None:
@@ -326,7 +380,11 @@ def stage_settings(
         settings["fallback_model"] = str(source)
         settings["fallback_after_ms"] = plan.fallback_after_ms
     if stage >= 0:
-        specs = build_partitions(plan.stages, plan.alternatives, source, workdir)
+        noisy = noise_trained_model(plan, stage)
+        if noisy is not None:  # its own folder: a shared workdir keeps the plain files
+            (workdir / "noise-trained").mkdir(parents=True, exist_ok=True)
+        cut_into = workdir if noisy is None else workdir / "noise-trained"
+        specs = build_partitions(plan.stages, plan.alternatives, noisy or source, cut_into)
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
         settings.update(offload_settings(plan, stage, workdir, source))

@@ -212,6 +212,8 @@ class PlanDocument:
     priority: int = 0  # default request priority at a saturated stage (spec.priority)
     raw_input_stays_on_device: bool = False
     feature_noise_std: float = 0.0
+    noise_training: bool = False  # spec.privacy.noiseTraining
+    noise_accuracy_floor: float | None = None  # spec.privacy.noiseAccuracyFloor
     # device: the device stage answers with the whole model when the next stage fails
     # or is later than fallback_after_ms (spec.placement.fallback)
     fallback: str = "none"
@@ -274,6 +276,12 @@ class PlanDocument:
                 "privacy": {
                     "rawInputStaysOnDevice": self.raw_input_stays_on_device,
                     "featureNoiseStd": self.feature_noise_std,
+                    **({"noiseTraining": True} if self.noise_training else {}),
+                    **(
+                        {"noiseAccuracyFloor": self.noise_accuracy_floor}
+                        if self.noise_accuracy_floor is not None
+                        else {}
+                    ),
                 },
                 "preprocessing": {"skipUnchangedThreshold": self.skip_unchanged_threshold},
                 "priority": self.priority,
@@ -331,6 +339,8 @@ class PlanDocument:
         sub = _Reader(f"{field}.privacy")
         raw_stays = sub.boolean(privacy, "rawInputStaysOnDevice", default=False)
         noise = sub.number(privacy, "featureNoiseStd", default=0.0)
+        noise_training = sub.boolean(privacy, "noiseTraining", default=False)
+        noise_floor = sub.optional_number(privacy, "noiseAccuracyFloor")
         skip = _Reader(f"{field}.preprocessing").number(
             preprocessing, "skipUnchangedThreshold", default=0.0
         )
@@ -353,6 +363,8 @@ class PlanDocument:
             priority=r.integer(data, "priority", default=0),
             raw_input_stays_on_device=raw_stays,
             feature_noise_std=noise,
+            noise_training=noise_training,
+            noise_accuracy_floor=noise_floor,
             fallback=fr.text(fallback, "tier", default="none"),
             fallback_after_ms=fr.number(fallback, "afterMs", default=1000.0),
             objective_value=r.optional_number(data, "objectiveValue"),

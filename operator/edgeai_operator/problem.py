@@ -570,6 +570,8 @@ def plan_document(
         priority=spec.priority,
         raw_input_stays_on_device=spec.raw_input_stays_on_device,
         feature_noise_std=spec.feature_noise_std,
+        noise_training=spec.noise_training,
+        noise_accuracy_floor=spec.noise_accuracy_floor,
         fallback=spec.fallback,
         fallback_after_ms=float(spec.fallback_after_ms),
         objective_value=_num(plan.objective_value),

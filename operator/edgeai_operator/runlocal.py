@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeai_operator.errors import SpecError
 from edgeai_operator.localworkers import start_local
 from edgeai_operator.partitions import build_partitions, load_plan, model_file
 
@@ -25,6 +26,12 @@ from edgeai_operator.partitions import build_partitions, load_plan, model_file
 def _cmd_run_local(args: argparse.Namespace) -> int:
     plan_path = Path(args.file)
     plan = load_plan(plan_path)
+    if plan.noise_training:
+        raise SpecError(
+            "plan.privacy.noiseTraining",
+            "run-local cuts the plain model; noise-trained stages are served by run-stage",
+            "edgeai run-stage for each stage, or a plan without noiseTraining",
+        )
     model_path = model_file(plan, plan_path)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="edgeai-run-"))
     workdir.mkdir(parents=True, exist_ok=True)
