@@ -690,8 +690,8 @@ async def _forward(
         except (StageError, TimeoutError) as exc:
             # A 4xx is the request's fault (the whole model would refuse it as well),
             # but for the stages' own credentials and load (401, 403, 408, 429).
-            stage_fault = not isinstance(exc, StageError) or exc.status >= 500
-            if state.fallback is None or not (stage_fault or exc.status in STAGE_4XX):
+            status = exc.status if isinstance(exc, StageError) else 504
+            if state.fallback is None or not (status >= 500 or status in STAGE_4XX):
                 raise
             reason = "late" if isinstance(exc, TimeoutError) else "failed"
             state.fallback_until = time.monotonic() + config.fallback_cooldown_s
