@@ -416,10 +416,12 @@ class ProcessKubelet:
         termination_path = container.get("terminationMessagePath", "/dev/termination-log")
         for arg in container["args"]:
             flag, _, value = arg.partition("=")
+            if value == termination_path:
+                # a local path already (under /tmp, which the pod may also mount)
+                args.append(f"{flag}={self._termination_log(name, container)}")
+                continue
             if flag == "--host":
                 value = ip
-            elif value == termination_path:
-                value = str(self._termination_log(name, container))
             elif flag in ("--next", "--aggregator", "--peers"):
                 if self.proxy is None:
                     raise AssertionError(f"pod {name} reaches {value}: give the kubelet a proxy")

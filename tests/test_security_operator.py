@@ -112,8 +112,12 @@ def test_every_pod_the_operator_creates_is_admitted_under_restricted(
         pods = wait_for(f"a {what} pod", lambda s=selector: _pods(ns, s), 240)
         for pod in pods:
             assert pod["spec"]["securityContext"]["runAsNonRoot"] is True, what
-    profile_jobs = [j for j in get(ns, "jobs")["items"] if "-profile-" in j["metadata"]["name"]]
-    assert profile_jobs, "the zoo model is profiled per tier by Jobs"
+    # the zoo model is profiled per tier by Jobs, once it is prepared (a timer's tick)
+    profile_jobs = wait_for(
+        "the zoo model's profiling Jobs",
+        lambda: [j for j in get(ns, "jobs")["items"] if "-profile-" in j["metadata"]["name"]],
+        240,
+    )
     for job in profile_jobs:
         name = job["metadata"]["name"]
         wait_for(f"{name}'s pod", lambda n=name: _pods(ns, f"batch.kubernetes.io/job-name={n}"))
