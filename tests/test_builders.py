@@ -144,6 +144,7 @@ def test_edge_deployment_literal() -> None:
                                 {"name": "plan", "mountPath": "/etc/edgeai", "readOnly": True},
                                 {"name": "tmp", "mountPath": "/tmp"},
                             ],
+                            "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
                             "securityContext": {
                                 "allowPrivilegeEscalation": False,
                                 "capabilities": {"drop": ["ALL"]},
@@ -156,7 +157,7 @@ def test_edge_deployment_literal() -> None:
                         {"name": "plan", "configMap": {"name": "cam-plan"}},
                         {"name": "tmp", "emptyDir": {}},
                     ],
-                    "terminationGracePeriodSeconds": 15,
+                    "terminationGracePeriodSeconds": 15,  # preStop 5 s + drain 10 s
                     "priorityClassName": "edgeai-priority-100",
                     "securityContext": {
                         "runAsNonRoot": True,

@@ -227,3 +227,26 @@ def test_cli_rejects_a_bad_spec_naming_the_field(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "spec.workers.count" in result.stderr
     assert "--index 0..1" in result.stderr
+
+
+def test_a_job_that_never_ends_reports_every_process_stack(tmp_path: Path) -> None:
+    """The timeout's message names what each process was doing (faulthandler stacks on
+    SIGABRT) and shows every process's log, not only the aggregator's."""
+
+    def hang(role: str, argv: list[str]) -> list[str]:
+        code = "import time\ndef waiting_forever():\n    time.sleep(600)\nwaiting_forever()"
+        return [sys.executable, "-c", code]
+
+    spec = _spec("gossip", workers={"count": 2})
+    job = LocalJob(spec, tmp_path, wrap=hang)
+    job.start()
+    try:
+        with pytest.raises(TimeoutError) as caught:
+            job.wait(3)
+    finally:
+        job.stop()
+    message = str(caught.value)
+    assert "--- worker-0.log" in message
+    assert "--- worker-1.log" in message
+    assert message.count("in waiting_forever") == 2
+    assert all(p.returncode == -signal.SIGABRT for p in job.workers)

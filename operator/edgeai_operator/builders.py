@@ -52,6 +52,7 @@ MODEL_FILE_NAME = "model.onnx"
 # Where the init container mounts the claim of a pvc:// artefact (edgeai fetch --pvc-root).
 PVC_ROOT = "/mnt/pvc"
 MODEL_DIGEST_ANNOTATION = "edgeai.dev/model-digest"
+DEREGISTER_S = 5  # a stage pod's preStop wait before SIGTERM (endpoints catch up)
 
 
 @dataclass(frozen=True)
@@ -262,11 +263,15 @@ def _pod_spec(
                 },
                 "resources": {"requests": {"cpu": opts.cpu_request, "memory": opts.memory_request}},
                 "volumeMounts": mounts,
+                # A terminating pod keeps serving while Services take it out of their
+                # endpoints (kube-proxy syncs asynchronously); only then does SIGTERM
+                # close its listener. Without this, a rollout refused connections.
+                "lifecycle": {"preStop": {"sleep": {"seconds": DEREGISTER_S}}},
             }
         ],
         "volumes": volumes,
-        # Draining in-flight requests takes up to the worker's shutdown grace.
-        "terminationGracePeriodSeconds": 15,
+        # The preStop wait, then draining in-flight requests (the worker's shutdown grace).
+        "terminationGracePeriodSeconds": DEREGISTER_S + 10,
     }
     if artifact is not None:
         spec["initContainers"] = [_fetch_container(artifact, opts, volumes)]

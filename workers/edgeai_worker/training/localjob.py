@@ -4,8 +4,10 @@ command line into a network namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +38,8 @@ def _env() -> dict[str, str]:
     here = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # SIGABRT then prints every thread's stack: what a job that never ends is doing
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     return env
 
 
@@ -179,14 +183,29 @@ class LocalJob:
             try:
                 process.wait(timeout=left)
             except subprocess.TimeoutExpired as err:
+                self.dump_stacks()
                 self.stop()
                 raise TimeoutError(f"job not done in {timeout_s}s: {self.log_tail()}") from err
         return self.status() if self.aggregator else {}
 
     def log_tail(self, lines: int = 15) -> str:
-        path = self.workdir / "aggregator.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        """The last lines of every process's log (the aggregator's first)."""
+        logs = sorted(self.workdir.glob("*.log"), key=lambda p: p.name != "aggregator.log")
+        parts = []
+        for path in logs:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def dump_stacks(self, wait_s: float = 2.0) -> None:
+        """SIGABRT to every process still running: with PYTHONFAULTHANDLER (set by _env)
+        each writes its threads' stacks to its log before it dies."""
+        alive = [p for p in [*self.workers, self.aggregator] if p and p.poll() is None]
+        for process in alive:
+            process.send_signal(signal.SIGABRT)
+        for process in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=wait_s)
 
     def stop(self) -> None:
         for process in [*self.workers, *([self.aggregator] if self.aggregator else [])]:
