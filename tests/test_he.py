@@ -1,0 +1,165 @@
+"""The homomorphic head (spec.privacy.homomorphicHead, edgeai_worker.he): digits_cnn's
+last dense layer evaluated by a real edge worker on a real device worker's CKKS
+ciphertexts, the spec and plan, and the planner's price for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import onnx
+import pytest
+import tenseal as ts
+
+from _worker_support import free_port, workers
+from edgeai_operator.partitions import stage_settings
+from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
+from edgeai_worker import he, zoo
+from edgeai_worker.graph import Partitioner
+
+HEAD_CUT = "/classifier/classifier.2/Relu_output_0"  # the input of digits_cnn's last Gemm
+
+
+def _plan(model: dict[str, Any] | None = None) -> PlanDocument:
+    stage = {"variant": "fp32", "computeMs": 1.0}
+    return PlanDocument.from_dict(
+        {
+            "kind": "Plan",
+            "version": PLAN_VERSION,
+            "deployment": "cam",
+            "model": model
+            or {
+                "zoo": "digits_cnn",
+                "variant": "fp32",
+                "trained": True,
+                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            },
+            "slo": {"latencyP95Ms": 500.0},
+            "stages": [
+                {"index": 0, "tier": "device", "layers": "0-7", "inputs": ["input"]}
+                | {"outputs": [HEAD_CUT], **stage},
+                {"index": 1, "tier": "edge", "layers": "8", "inputs": [HEAD_CUT]}
+                | {"outputs": ["output"], **stage},
+            ],
+            "privacy": {"rawInputStaysOnDevice": True, "homomorphicHead": True},
+        }
+    )
+
+
+def _plain_logits(x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    model = onnx.load(str(zoo.export_onnx("digits_cnn", trained=True)))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": x})
+    return np.asarray(logits)
+
+
+def test_the_plan_carries_the_homomorphic_head_and_gives_both_stages_the_setting(
+    tmp_path: Path,
+) -> None:
+    plan = _plan()
+    again = PlanDocument.from_dict(plan.to_dict())
+    assert again.homomorphic_head
+    assert plan.to_dict()["privacy"]["homomorphicHead"] is True
+    kw: dict[str, Any] = {"plan_path": tmp_path / "plan.yaml", "workdir": tmp_path, "host": "h"}
+    device = stage_settings(plan, 0, port=1, **kw)
+    edge = stage_settings(plan, 1, port=2, **kw)
+    assert device["homomorphic_head"] is True
+    assert edge["homomorphic_head"] is True
+    (partition,) = edge["partitions"]
+    head = he.DenseHead.from_onnx(Path(partition))
+    assert (head.input_name, head.output_name) == (HEAD_CUT, "output")
+    assert head.weight.shape == (10, 64)
+    plain = PlanDocument.from_dict({**plan.to_dict(), "privacy": {}})
+    assert "homomorphic_head" not in stage_settings(plain, 0, port=1, **kw)
+
+
+def test_a_head_that_is_not_one_dense_layer_is_refused(tmp_path: Path) -> None:
+    model = onnx.load(str(zoo.export_onnx("digits_cnn", trained=True)))
+    part = Partitioner(model).extract(("/classifier/classifier.0/Flatten_output_0",), ("output",))
+    onnx.save(part, str(tmp_path / "two.onnx"))
+    with pytest.raises(he.HeadError, match=r"one dense layer .*\['Gemm', 'Relu', 'Gemm'\]"):
+        he.DenseHead.from_onnx(tmp_path / "two.onnx")
+
+
+def test_the_edge_refuses_a_context_with_the_secret_key_and_keeps_public_ones(
+    tmp_path: Path,
+) -> None:
+    model = onnx.load(str(zoo.export_onnx("digits_cnn", trained=True)))
+    onnx.save(Partitioner(model).extract((HEAD_CUT,), ("output",)), str(tmp_path / "h.onnx"))
+    evaluator = he.HeadEvaluator(he.DenseHead.from_onnx(tmp_path / "h.onnx"))
+    keys = he.DeviceKeys()
+    key, context = evaluator.context(keys.public_context)
+    assert key == keys.context_digest
+    assert not context.is_private()
+    assert evaluator.context(key.encode())[0] == key
+    with pytest.raises(KeyError):
+        evaluator.context(b"0" * he.DIGEST_LENGTH)
+    private = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=he.POLY_MODULUS_DEGREE,
+        coeff_mod_bit_sizes=list(he.COEFF_MOD_BIT_SIZES),
+    )
+    private.generate_galois_keys()
+    with pytest.raises(he.HeadError, match="secret key"):
+        evaluator.context(private.serialize(save_secret_key=True))
+
+
+@pytest.mark.slow
+async def test_the_encrypted_chain_agrees_with_the_plaintext_head_on_held_out_digits(
+    tmp_path: Path,
+) -> None:
+    """A device worker and an edge worker (processes, OIP v2 over loopback HTTP): the
+    edge computes digits_cnn's last dense layer on ciphertexts; the device's decrypted
+    argmax agrees with the plaintext model's on at least 0.99 of the held-out digits,
+    and the logits differ by CKKS noise only."""
+    plan = _plan()
+    edge_port = free_port()
+    kw: dict[str, Any] = {
+        "plan_path": tmp_path / "plan.yaml",
+        "workdir": tmp_path,
+        "host": "127.0.0.1",
+    }
+    edge = stage_settings(plan, 1, port=edge_port, **kw)
+    device = stage_settings(
+        plan, 0, port=free_port(), next_urls=[f"http://127.0.0.1:{edge_port}"], **kw
+    )
+    _, _, x_test, y_test = zoo.digits_split()
+    x, y = x_test[:120], y_test[:120]
+    expected = _plain_logits(x)
+    with workers(tmp_path, device, edge) as (entry, edge_worker):
+        async with aiohttp.ClientSession() as session:
+            logits = []
+            for start in range(0, len(x), 40):  # the first request carries the context
+                batch = x[start : start + 40]
+                body = {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": list(batch.shape),
+                            "datatype": "FP32",
+                            "data": batch.ravel().tolist(),
+                        }
+                    ]
+                }
+                async with session.post(f"{entry.url}/v2/models/digits_cnn/infer", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    out = (await r.json())["outputs"][0]
+                logits.append(np.asarray(out["data"], np.float32).reshape(out["shape"]))
+            # the edge answers a request it can read with a clear error
+            plain = {"inputs": [{"name": HEAD_CUT, "shape": [1, 64], "datatype": "FP32"}]}
+            plain["inputs"][0]["data"] = [0.0] * 64
+            async with session.post(
+                f"{edge_worker.url}/v2/models/digits_cnn/infer", json=plain
+            ) as r:
+                assert r.status == 400
+                assert "not BYTES" in (await r.json())["error"]
+    got = np.concatenate(logits)
+    assert got.shape == expected.shape == (len(x), 10)
+    agreement = float((got.argmax(axis=1) == expected.argmax(axis=1)).mean())
+    assert agreement >= 0.99, agreement
+    assert float(np.abs(got - expected).max()) < 1e-2
+    assert float((got.argmax(axis=1) == y).mean()) >= 0.95
