@@ -896,6 +896,61 @@ def privacy_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+def privacy_he(report: Mapping[str, Any]) -> str:
+    section = report["homomorphicHead"]
+    plain, he = section["plain"], section["he"]
+    he_ms = he["encryptMs"] + he["evaluateMs"] + he["decryptMs"]
+    rows = [
+        [
+            "plaintext (onnxruntime)",
+            "-",
+            f"{plain['headMs']:.3f}",
+            "-",
+            f"{plain['headMs']:.3f}",
+            f"{plain['upBytes']:,}",
+            f"{plain['downBytes']:,}",
+            f"{plain['accuracy']:.4f}",
+            "1",
+        ],
+        [
+            "CKKS (TenSEAL)",
+            f"{he['encryptMs']:.1f}",
+            f"{he['evaluateMs']:.1f}",
+            f"{he['decryptMs']:.2f}",
+            f"{he_ms:.1f}",
+            f"{he['upBytes']:,}",
+            f"{he['downBytes']:,}",
+            f"{he['accuracy']:.4f}",
+            f"{he['agreement']:.4f}",
+        ],
+    ]
+    header = [
+        "head",
+        "device encrypt p50 (ms)",
+        "edge compute p50 (ms)",
+        "device decrypt p50 (ms)",
+        "sum (ms)",
+        "bytes up",
+        "bytes down",
+        "accuracy",
+        "argmax agreement",
+    ]
+    scheme = section["scheme"]
+    return _table(header, "lrrrrrrrr", rows) + (
+        f"\n\n{section['date']}, digits_cnn's last dense layer ({section['inputs']} -> "
+        f"{section['outputs']}) on each of the {section['samples']} held-out digits, one per "
+        f"request; CKKS N={scheme['polyModulusDegree']}, moduli "
+        f"{'-'.join(str(b) for b in scheme['coeffModBitSizes'])} bits, scale "
+        f"2^{scheme['scaleBits']}. Ciphertext / plaintext: {he_ms / plain['headMs']:,.0f}x the "
+        f"time, {he['upBytes'] / plain['upBytes']:,.0f}x the bytes up and "
+        f"{he['downBytes'] / plain['downBytes']:,.0f}x down; largest logit difference "
+        f"{he['maxAbsError']:.1e}. Once per device and edge replica: key generation "
+        f"{section['keygenMs']:,.0f} ms on the device and its public context, "
+        f"{section['contextBytes']:,} bytes, sent up. Host {section['hostGflops']:g} GFLOPS; "
+        f"conditions: {section['conditions']}."
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1113,6 +1168,7 @@ RENDERERS: dict[str, Renderer] = {
     "privacy-membership": Renderer("privacy.json", privacy_membership),
     "privacy-goal": Renderer("privacy.json", privacy_goal),
     "privacy-summary": Renderer("privacy.json", privacy_summary),
+    "privacy-he": Renderer("privacy.json", privacy_he),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

@@ -14,8 +14,13 @@ import pytest
 import tenseal as ts
 
 from _worker_support import free_port, workers
+from edgeai_operator.deployspec import parse_deployment
+from edgeai_operator.errors import SpecError
 from edgeai_operator.partitions import stage_settings
 from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
+from edgeai_operator.planning import NodeState, plan_zones
+from edgeai_operator.problem import analytic_profile, he_cost_table, he_head_cost
+from edgeai_operator.topology import NodeSpec
 from edgeai_worker import he, zoo
 from edgeai_worker.graph import Partitioner
 
@@ -163,3 +168,101 @@ async def test_the_encrypted_chain_agrees_with_the_plaintext_head_on_held_out_di
     assert agreement >= 0.99, agreement
     assert float(np.abs(got - expected).max()) < 1e-2
     assert float((got.argmax(axis=1) == y).mean()) >= 0.95
+
+
+# --- the spec ---------------------------------------------------------------------------
+
+
+def _deployment(privacy: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "cam", "namespace": "default"},
+        "spec": {
+            "modelRef": {"name": "digits"},
+            "slo": {"latencyP95Ms": 500},
+            "placement": spec.pop("placement", {"tiers": ["device", "edge"]}),
+            "privacy": privacy,
+            **spec,
+        },
+    }
+
+
+HE = {"homomorphicHead": {"enabled": True}}
+
+
+def test_the_homomorphic_head_is_parsed() -> None:
+    assert parse_deployment(_deployment(HE)).homomorphic_head
+    assert not parse_deployment(
+        _deployment({"homomorphicHead": {"enabled": False}})
+    ).homomorphic_head
+    assert not parse_deployment(_deployment({})).homomorphic_head
+
+
+@pytest.mark.parametrize(
+    ("privacy", "spec", "says"),
+    [
+        ({"homomorphicHead": {"enabled": "yes"}}, {}, "spec.privacy.homomorphicHead.enabled"),
+        ({"homomorphicHead": {"layers": 2}}, {}, "spec.privacy.homomorphicHead: unknown"),
+        (HE, {"placement": {"tiers": ["edge", "cloud"]}}, "needs the device"),
+        (HE, {"placement": {"tiers": ["device"]}}, "a tier above it"),
+        (HE, {"placement": {"partitioning": "none"}}, "partitioning: none"),
+        (HE, {"placement": {"adaptiveSplit": True}}, "adaptiveSplit"),
+        (HE | {"noiseTraining": True, "featureNoiseStd": 0.5}, {}, "noiseTraining"),
+        (HE, {"sharing": "backbone", "security": {"stageTLS": "disabled"}}, "backbone"),
+        (HE, {"offload": {"reuse": {"maxEntries": 10}}}, "spec.offload"),
+    ],
+)
+def test_what_the_homomorphic_head_cannot_serve_with_is_refused_naming_the_field(
+    privacy: dict[str, Any], spec: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(SpecError, match=r"spec\.privacy\.homomorphicHead") as caught:
+        parse_deployment(_deployment(privacy, **spec))
+    assert says in str(caught.value)
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+def _node(name: str, tier: str, gflops: float, mbps: float | None) -> NodeState:
+    labels = {"edgeai.dev/tier": tier, "topology.kubernetes.io/zone": "zone-a"}
+    return NodeState(
+        NodeSpec(name, tier, "zone-a", {}, gflops, mbps, 5.0, None, labels), True, True
+    )
+
+
+NODES = [_node("phone", "device", 2.0, 20.0), _node("gateway", "edge", 200.0, None)]
+
+
+def test_the_field_moves_the_last_layer_to_the_edge_priced_as_measured() -> None:
+    profiles = [analytic_profile("digits_cnn")]
+    plain = plan_zones(parse_deployment(_deployment({})), profiles, NODES).plans["zone-a"]
+    encrypted = plan_zones(parse_deployment(_deployment(HE)), profiles, NODES).plans["zone-a"]
+    # digits_cnn is small enough that the device runs it all; the head moves to the edge
+    assert plain.split == "device:0-8"
+    assert encrypted.split == "device:0-7 > edge:8"
+    assert encrypted.homomorphic_head
+    assert encrypted.stages[1].inputs == (HEAD_CUT,)
+    cost = he_head_cost(64, 10)
+    (transfer,) = encrypted.transfers
+    assert (transfer.bytes, transfer.return_bytes) == (cost["upBytes"], cost["downBytes"])
+    host = float(he_cost_table()["hostGflops"])
+    device_ms = (
+        sum(float(s["flops"]) / (2.0 * 1e6) for s in profiles[0]["segments"][:8])
+        + (cost["encryptMs"] + cost["decryptMs"]) * host / 2.0
+    )
+    edge_ms = cost["evaluateMs"] * host / 200.0
+    link_ms = 5.0 + (cost["upBytes"] + cost["downBytes"]) * 8 / (20.0 * 1000)
+    assert encrypted.stages[0].compute_ms == pytest.approx(device_ms, abs=1e-3)
+    assert encrypted.stages[1].compute_ms == pytest.approx(edge_ms, abs=1e-3)
+    assert encrypted.predicted_latency_ms == pytest.approx(device_ms + edge_ms + link_ms, abs=1e-2)
+    assert (encrypted.predicted_latency_ms or 0) > (plain.predicted_latency_ms or 0)
+
+
+def test_a_head_of_a_shape_without_measured_costs_is_refused_naming_the_field() -> None:
+    profile = analytic_profile("digits_cnn")
+    profile["cuts"][-1]["sizeBytes"] = 4 * 12  # a 12-class head
+    zones = plan_zones(parse_deployment(_deployment(HE)), [profile], NODES)
+    assert "zone-a" not in zones.plans
+    assert "spec.privacy.homomorphicHead" in zones.unplanned["zone-a"]
+    assert "64 -> 10" in zones.unplanned["zone-a"]
