@@ -4,6 +4,7 @@ ciphertexts, the spec and plan, and the planner's price for it."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import tenseal as ts
+from aiohttp import web
 
 from _worker_support import free_port, workers
 from edgeai_operator.deployspec import parse_deployment
@@ -23,6 +25,7 @@ from edgeai_operator.problem import analytic_profile, he_cost_table, he_head_cos
 from edgeai_operator.topology import NodeSpec
 from edgeai_worker import he, zoo
 from edgeai_worker.graph import Partitioner
+from edgeai_worker.protocol import HEADER_LENGTH, Tensor, decode_request
 
 HEAD_CUT = "/classifier/classifier.2/Relu_output_0"  # the input of digits_cnn's last Gemm
 
@@ -113,55 +116,119 @@ def test_the_edge_refuses_a_context_with_the_secret_key_and_keeps_public_ones(
         evaluator.context(private.serialize(save_secret_key=True))
 
 
+class RecordingProxy:
+    """An HTTP hop between the device worker and the edge: records what the device
+    sends and passes it on to `target` (switchable, as a Service to another replica)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.requests: list[tuple[bytes, str | None, int]] = []  # body, header length, status
+        self.app = web.Application(client_max_size=256 * 1024 * 1024)
+        self.app.router.add_route("*", "/{tail:.*}", self._pass)
+
+    async def _pass(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("content-type", HEADER_LENGTH.lower(), "idempotency-key")
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method,
+                self.target + request.path_qs,
+                data=io.BytesIO(body),
+                headers=headers,
+            ) as resp,
+        ):
+            answer = await resp.read()
+            if request.path.endswith("/infer"):
+                length = request.headers.get(HEADER_LENGTH)
+                self.requests.append((body, length, resp.status))
+            kept = {
+                k: v
+                for k, v in resp.headers.items()
+                if k.lower().startswith(("content-type", "x-", "inference-"))
+            }
+            return web.Response(status=resp.status, body=answer, headers=kept)
+
+    def sent(self, i: int) -> dict[str, Tensor]:
+        body, length, _ = self.requests[i]
+        request = decode_request(body, None if length is None else int(length))
+        return {t.name: t for t in request.inputs}
+
+
+async def _infer(session: aiohttp.ClientSession, url: str, x: np.ndarray) -> np.ndarray:
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    async with session.post(f"{url}/v2/models/digits_cnn/infer", json=body) as r:
+        assert r.status == 200, await r.text()
+        out = (await r.json())["outputs"][0]
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
 @pytest.mark.slow
 async def test_the_encrypted_chain_agrees_with_the_plaintext_head_on_held_out_digits(
     tmp_path: Path,
 ) -> None:
-    """A device worker and an edge worker (processes, OIP v2 over loopback HTTP): the
-    edge computes digits_cnn's last dense layer on ciphertexts; the device's decrypted
-    argmax agrees with the plaintext model's on at least 0.99 of the held-out digits,
-    and the logits differ by CKKS noise only."""
+    """A device worker and two edge workers (processes, OIP v2 over loopback HTTP, a
+    recording proxy as the device's next stage): the edge computes digits_cnn's last
+    dense layer on ciphertexts; what crosses is ciphertexts and a public context; the
+    device's decrypted argmax agrees with the plaintext model's on at least 0.99 of the
+    held-out digits; a second replica that has not seen the context gets it again."""
     plan = _plan()
-    edge_port = free_port()
-    kw: dict[str, Any] = {
-        "plan_path": tmp_path / "plan.yaml",
-        "workdir": tmp_path,
-        "host": "127.0.0.1",
-    }
-    edge = stage_settings(plan, 1, port=edge_port, **kw)
+    kw: dict[str, Any] = {"plan_path": tmp_path / "plan.yaml", "workdir": tmp_path}
+    kw["host"] = "127.0.0.1"
+    edges = [stage_settings(plan, 1, port=free_port(), **kw) for _ in range(2)]
+    proxy_port = free_port()
     device = stage_settings(
-        plan, 0, port=free_port(), next_urls=[f"http://127.0.0.1:{edge_port}"], **kw
+        plan, 0, port=free_port(), next_urls=[f"http://127.0.0.1:{proxy_port}"], **kw
     )
+    device["uplink_mbps"] = 100.0  # no probes through the proxy
     _, _, x_test, y_test = zoo.digits_split()
     x, y = x_test[:120], y_test[:120]
     expected = _plain_logits(x)
-    with workers(tmp_path, device, edge) as (entry, edge_worker):
-        async with aiohttp.ClientSession() as session:
-            logits = []
-            for start in range(0, len(x), 40):  # the first request carries the context
-                batch = x[start : start + 40]
-                body = {
-                    "inputs": [
-                        {
-                            "name": "input",
-                            "shape": list(batch.shape),
-                            "datatype": "FP32",
-                            "data": batch.ravel().tolist(),
-                        }
-                    ]
-                }
-                async with session.post(f"{entry.url}/v2/models/digits_cnn/infer", json=body) as r:
-                    assert r.status == 200, await r.text()
-                    out = (await r.json())["outputs"][0]
-                logits.append(np.asarray(out["data"], np.float32).reshape(out["shape"]))
-            # the edge answers a request it can read with a clear error
-            plain = {"inputs": [{"name": HEAD_CUT, "shape": [1, 64], "datatype": "FP32"}]}
-            plain["inputs"][0]["data"] = [0.0] * 64
-            async with session.post(
-                f"{edge_worker.url}/v2/models/digits_cnn/infer", json=plain
-            ) as r:
-                assert r.status == 400
-                assert "not BYTES" in (await r.json())["error"]
+    with workers(tmp_path, *edges) as (edge_a, edge_b):
+        proxy = RecordingProxy(edge_a.url)
+        runner = web.AppRunner(proxy.app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", proxy_port).start()
+        try:
+            with workers(tmp_path, device) as (entry,):
+                async with aiohttp.ClientSession() as session:
+                    logits = [await _infer(session, entry.url, x[i : i + 40]) for i in (0, 40)]
+                    proxy.target = edge_b.url  # another replica: it has not seen the context
+                    logits.append(await _infer(session, entry.url, x[80:]))
+                    # the edge refuses features it cannot read, naming what it takes
+                    plain = {"name": HEAD_CUT, "shape": [1, 64], "datatype": "FP32"}
+                    body = {"inputs": [plain | {"data": [0.0] * 64}]}
+                    url = f"{edge_a.url}/v2/models/digits_cnn/infer"
+                    async with session.post(url, json=body) as r:
+                        assert r.status == 400
+                        assert "not BYTES" in (await r.json())["error"]
+        finally:
+            await runner.cleanup()
+    # whole context, digest, digest; the new replica: digest refused (428), whole again
+    assert [status for _, _, status in proxy.requests] == [200, 200, 428, 200]
+    sizes = [len(proxy.sent(i)[he.CONTEXT_TENSOR].array[0]) for i in range(4)]
+    assert sizes[1] == sizes[2] == he.DIGEST_LENGTH
+    assert sizes[0] == sizes[3] > 1_000_000
+    context = ts.context_from(bytes(proxy.sent(0)[he.CONTEXT_TENSOR].array[0]))
+    assert not context.is_private()
+    assert not context.has_secret_key()
+    features = proxy.sent(0)[HEAD_CUT]
+    assert features.datatype == "BYTES"
+    assert features.array.shape == (40,)
+    assert set(proxy.sent(0)) == {HEAD_CUT, he.CONTEXT_TENSOR}  # nothing else goes up
     got = np.concatenate(logits)
     assert got.shape == expected.shape == (len(x), 10)
     agreement = float((got.argmax(axis=1) == expected.argmax(axis=1)).mean())
