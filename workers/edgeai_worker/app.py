@@ -756,13 +756,12 @@ async def _forward_encrypted(
                 raise
             state.he_context_sent = False
             continue
-        break
-    if "edgeai_fallback" not in answer.parameters:
-        state.he_context_sent = True
-    started = time.perf_counter()
-    answer = await loop.run_in_executor(None, _decrypt, keys, answer)
-    compute.append(time.perf_counter() - started)
-    return answer
+        if "edgeai_fallback" not in answer.parameters:
+            state.he_context_sent = True
+        started = time.perf_counter()
+        decrypted = await loop.run_in_executor(None, _decrypt, keys, answer)
+        compute.append(time.perf_counter() - started)
+        return decrypted
 
 
 def _decrypt(keys: DeviceKeys, response: InferResponse) -> InferResponse:
