@@ -951,6 +951,21 @@ def privacy_he(report: Mapping[str, Any]) -> str:
     )
 
 
+def privacy_he_summary(report: Mapping[str, Any]) -> str:
+    section = report["homomorphicHead"]
+    plain, he = section["plain"], section["he"]
+    return (
+        f"homomorphic head ({section['date']}; digits_cnn's last dense layer, "
+        f"{section['samples']} held-out digits): device encrypt {he['encryptMs']:.1f} ms, "
+        f"edge compute {he['evaluateMs']:.1f} ms (plaintext {plain['headMs']:.3f} ms), "
+        f"device decrypt {he['decryptMs']:.2f} ms (p50); {he['upBytes']:,} bytes up and "
+        f"{he['downBytes']:,} down per digit (plaintext {plain['upBytes']} and "
+        f"{plain['downBytes']}); argmax agreement with the plaintext head "
+        f"{he['agreement']:.4f}, accuracy {he['accuracy']:.4f} (plaintext "
+        f"{plain['accuracy']:.4f})"
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1169,6 +1184,7 @@ RENDERERS: dict[str, Renderer] = {
     "privacy-goal": Renderer("privacy.json", privacy_goal),
     "privacy-summary": Renderer("privacy.json", privacy_summary),
     "privacy-he": Renderer("privacy.json", privacy_he),
+    "privacy-he-summary": Renderer("privacy.json", privacy_he_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 
