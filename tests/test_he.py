@@ -19,7 +19,7 @@ from _worker_support import free_port, workers
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.partitions import stage_settings
-from edgeai_operator.plandoc import PLAN_VERSION, PlanDocument
+from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, plan_zones
 from edgeai_operator.problem import analytic_profile, he_cost_table, he_head_cost
 from edgeai_operator.topology import NodeSpec
@@ -30,30 +30,10 @@ from edgeai_worker.protocol import HEADER_LENGTH, Tensor, decode_request
 HEAD_CUT = "/classifier/classifier.2/Relu_output_0"  # the input of digits_cnn's last Gemm
 
 
-def _plan(model: dict[str, Any] | None = None) -> PlanDocument:
-    stage = {"variant": "fp32", "computeMs": 1.0}
-    return PlanDocument.from_dict(
-        {
-            "kind": "Plan",
-            "version": PLAN_VERSION,
-            "deployment": "cam",
-            "model": model
-            or {
-                "zoo": "digits_cnn",
-                "variant": "fp32",
-                "trained": True,
-                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
-            },
-            "slo": {"latencyP95Ms": 500.0},
-            "stages": [
-                {"index": 0, "tier": "device", "layers": "0-7", "inputs": ["input"]}
-                | {"outputs": [HEAD_CUT], **stage},
-                {"index": 1, "tier": "edge", "layers": "8", "inputs": [HEAD_CUT]}
-                | {"outputs": ["output"], **stage},
-            ],
-            "privacy": {"rawInputStaysOnDevice": True, "homomorphicHead": True},
-        }
-    )
+def _plan() -> PlanDocument:
+    """What the planner makes of the homomorphic head for digits_cnn on a small zone."""
+    profiles = [analytic_profile("digits_cnn")]
+    return plan_zones(parse_deployment(_deployment(HE)), profiles, NODES).plans["zone-a"]
 
 
 def _plain_logits(x: np.ndarray) -> np.ndarray:

@@ -729,18 +729,16 @@ def _encrypt(keys: DeviceKeys, tensors: list[Tensor]) -> list[Tensor]:
 async def _forward_encrypted(
     state: WorkerState,
     keys: DeviceKeys,
-    forward: InferRequest,
-    request: InferRequest,
-    priority: int,
-    deadline: float | None,
+    tensors: list[Tensor],
     compute: list[float],
+    send: Callable[[list[Tensor]], Awaitable[InferResponse]],
 ) -> InferResponse:
-    """`_forward` with the features encrypted and the answer decrypted. The public
-    context goes whole until the next stage has it, then as its digest; a stage that
-    does not know the digest (a restart, another replica) gets the whole context again."""
+    """`send` (the forward) with `tensors` encrypted and the answer decrypted. The
+    public context goes whole until the next stage has it, then as its digest; a stage
+    that does not know the digest (a restart, another replica) gets it whole again."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    encrypted = await loop.run_in_executor(None, _encrypt, keys, forward.inputs)
+    encrypted = await loop.run_in_executor(None, _encrypt, keys, tensors)
     compute.append(time.perf_counter() - started)
     while True:
         sent_whole = not state.he_context_sent
@@ -748,9 +746,7 @@ async def _forward_encrypted(
         holder[0] = keys.public_context if sent_whole else keys.context_digest.encode()
         inputs = [*encrypted, Tensor(CONTEXT_TENSOR, holder, "BYTES")]
         try:
-            answer = await _forward(
-                state, replace(forward, inputs=inputs), request, priority, deadline, compute
-            )
+            answer = await send(inputs)
         except StageError as exc:
             if sent_whole or UNKNOWN_CONTEXT not in exc.message:
                 raise
@@ -898,9 +894,12 @@ async def _serve(
         )
         forward = InferRequest(tensors, request_id, outputs, parameters)
         if state.he_keys is not None:
-            answer = await _forward_encrypted(
-                state, state.he_keys, forward, request, priority, deadline, compute
-            )
+
+            def send(inputs: list[Tensor]) -> Awaitable[InferResponse]:
+                encrypted = replace(forward, inputs=inputs)
+                return _forward(state, encrypted, request, priority, deadline, compute)
+
+            answer = await _forward_encrypted(state, state.he_keys, tensors, compute, send)
         else:
             answer = await _forward(state, forward, request, priority, deadline, compute)
         response = replace(
