@@ -558,8 +558,7 @@ def homomorphic_head_plan(problem: Problem) -> Plan:
     if best is None:
         return Plan(
             feasible=False,
-            reason=f"no tier above the device meets the SLO with the homomorphic head "
-            f"({HE_FIELD})",
+            reason=f"no tier above the device meets the SLO with the homomorphic head ({HE_FIELD})",
             objective=problem.objective,
         )
     return describe(problem, variant, Solution(best, "homomorphicHead", True))
