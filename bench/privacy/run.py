@@ -353,6 +353,82 @@ def he_section() -> dict[str, Any]:
     return section
 
 
+def he_served(requests: int) -> dict[str, Any]:
+    """The same split (digits_cnn up to its last dense layer on the device, that layer on
+    the edge) served by worker processes on loopback, in plaintext and with the
+    homomorphic head, one held-out digit per binary request, the two chains taking
+    turns; the plan is the planner's for the field."""
+    import tempfile
+    from dataclasses import replace
+
+    from edgeai_operator.deployspec import parse_deployment
+    from edgeai_operator.localworkers import start_local
+    from edgeai_operator.partitions import build_partitions
+    from edgeai_operator.planning import NodeState, plan_zones
+    from edgeai_operator.problem import analytic_profile
+    from edgeai_operator.topology import NodeSpec
+    from edgeai_worker import zoo
+    from edgeai_worker.profiler import infer_binary
+
+    def node(name: str, tier: str, gflops: float, mbps: float | None) -> NodeState:
+        labels = {"edgeai.dev/tier": tier, "topology.kubernetes.io/zone": "zone-a"}
+        spec = NodeSpec(name, tier, "zone-a", {}, gflops, mbps, 1.0, None, labels)
+        return NodeState(spec, ready=True, schedulable=True)
+
+    body = {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "digits-he"},
+        "spec": {
+            "modelRef": {"name": "digits"},
+            "placement": {"tiers": ["device", "edge"]},
+            "privacy": {"homomorphicHead": {"enabled": True}},
+        },
+    }
+    nodes = [node("device", "device", 2.0, 100.0), node("edge", "edge", 20.0, None)]
+    profiles = [analytic_profile("digits_cnn")]
+    he_plan = plan_zones(parse_deployment(body), profiles, nodes).plans["zone-a"]
+    plans = {"plain": replace(he_plan, homomorphic_head=False), "he": he_plan}
+    model = zoo.export_onnx("digits_cnn", trained=True)
+    _, _, x_test, _ = zoo.digits_split()
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    answers: dict[str, list[int]] = {name: [] for name in plans}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        try:
+            for name, plan in plans.items():
+                workdir = Path(tmp) / name
+                workdir.mkdir()
+                specs = build_partitions(plan.stages, plan.alternatives, model, workdir)
+                runs[name] = start_local(plan, specs, workdir, settings={"uplink_mbps": 1000.0})
+            for i in range(requests + 1):  # the first: the context goes up
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    (out,) = infer_binary(
+                        run.entry_url, run.model_name, {"input": x_test[i : i + 1]}
+                    )
+                    times[name].append((time.perf_counter() - started) * 1e3)
+                    answers[name].append(int(np.asarray(out.array).argmax()))
+        finally:
+            for run in runs.values():
+                run.stop()
+    served = {
+        "requests": requests,
+        "split": he_plan.split,
+        "plainMs": float(np.median(times["plain"][1:])),
+        "heMs": float(np.median(times["he"][1:])),
+        "heFirstMs": times["he"][0],
+        "agreement": float(np.mean(np.equal(answers["plain"], answers["he"]))),
+    }
+    print(
+        f"[he] served ({he_plan.split}, loopback): p50 plaintext {served['plainMs']:.1f} ms, "
+        f"homomorphic {served['heMs']:.1f} ms (first request, with the context: "
+        f"{served['heFirstMs']:.0f} ms)",
+        flush=True,
+    )
+    return served
+
+
 def he_cost(section: Mapping[str, Any], date: str) -> dict[str, Any]:
     """The planner's price list for the homomorphic head (problem.he_head_cost)."""
     measured = section["he"]
@@ -386,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("he",),
         help="only the homomorphic head, merged into the existing JSON's other sections",
     )
+    parser.add_argument(
+        "--served-requests", type=int, default=100, help="digits through each served chain"
+    )
     render_numbers.add_result_arguments(parser, "privacy.json")
     args = parser.parse_args(argv)
     stds = [float(s) for s in args.stds.split(",")]
@@ -403,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             **inference_rows(stds, args.draws),
             "membership": membership_rows((0.0, 1.0), args.steps),
         }
-    section = he_section()
+    section = {**he_section(), "served": he_served(args.served_requests)}
     report["homomorphicHead"] = {"date": date, "conditions": args.conditions, **section}
     HE_COST_FILE.write_text(json.dumps(he_cost(section, date), indent=2) + "\n")
     if args.only is None:
