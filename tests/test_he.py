@@ -15,6 +15,7 @@ import pytest
 import tenseal as ts
 from aiohttp import web
 
+from _bench_modules import load_script
 from _worker_support import free_port, workers
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
@@ -313,3 +314,42 @@ def test_a_head_of_a_shape_without_measured_costs_is_refused_naming_the_field() 
     assert "zone-a" not in zones.plans
     assert "spec.privacy.homomorphicHead" in zones.unplanned["zone-a"]
     assert "64 -> 10" in zones.unplanned["zone-a"]
+
+
+# --- the bench's numbers ----------------------------------------------------------------
+
+BENCH = load_script(Path(__file__).resolve().parents[1] / "bench/privacy/run.py", "privacy_he")
+
+
+def test_the_bench_prices_the_head_and_renders_it_side_by_side() -> None:
+    section = {
+        "date": "2026-12-02",
+        "conditions": "idle",
+        "inputs": 64,
+        "outputs": 10,
+        "samples": 450,
+        "scheme": {"polyModulusDegree": 8192, "coeffModBitSizes": [60, 40, 40, 60]}
+        | {"scaleBits": 40},
+        "hostGflops": 20.0,
+        "keygenMs": 3000.0,
+        "contextBytes": 35_000_000,
+        "plain": {"headMs": 0.1, "upBytes": 256, "downBytes": 40, "accuracy": 0.98},
+        "he": {"encryptMs": 30.0, "evaluateMs": 45.0, "decryptMs": 1.0, "upBytes": 332_800}
+        | {"downBytes": 131_200, "accuracy": 0.98, "agreement": 1.0, "maxAbsError": 2e-5},
+        "served": {"requests": 100, "split": "device:0-7 > edge:8", "plainMs": 10.0}
+        | {"heMs": 110.0, "heFirstMs": 3000.0, "agreement": 1.0},
+    }
+    cost = BENCH.he_cost(section, "2026-12-02")
+    assert cost["hostGflops"] == 20.0
+    assert cost["heads"] == [
+        {"inputs": 64, "outputs": 10, "encryptMs": 30.0, "evaluateMs": 45.0}
+        | {"decryptMs": 1.0, "upBytes": 332_800, "downBytes": 131_200}
+    ]
+    text = BENCH.render_numbers.privacy_he({"homomorphicHead": section})
+    lines = text.splitlines()
+    assert lines[2] == "| plaintext (onnxruntime) | - | 0.100 | - | 0.100 | 256 | 40 | 0.9800 | 1 |"
+    assert lines[3] == (
+        "| CKKS (TenSEAL) | 30.0 | 45.0 | 1.00 | 76.0 | 332,800 | 131,200 | 0.9800 | 1.0000 |"
+    )
+    assert "760x the time, 1,300x the bytes up and 3,280x down" in text
+    assert "p50 10.0 ms in plaintext, 110.0 ms with the homomorphic head (11.0x)" in text
