@@ -948,9 +948,9 @@ def privacy_he(report: Mapping[str, Any]) -> str:
             f"2^{scheme['scaleBits']}. Ciphertext / plaintext: {he_ms / plain['headMs']:,.0f}x the "
             f"time, {he['upBytes'] / plain['upBytes']:,.0f}x the bytes up and "
             f"{he['downBytes'] / plain['downBytes']:,.0f}x down; largest logit difference "
-            f"{he['maxAbsError']:.1e}. Once per device and edge replica: key generation "
-            f"{section['keygenMs']:,.0f} ms on the device and its public context, "
-            f"{section['contextBytes']:,} bytes, sent up. Host {section['hostGflops']:g} GFLOPS; "
+            f"{he['maxAbsError']:.1e}. Once per device: key generation "
+            f"{section['keygenMs']:,.0f} ms; once per device and edge replica: the device's "
+            f"public context, {section['contextBytes']:,} bytes, sent up. Host {section['hostGflops']:g} GFLOPS; "
             f"conditions: {section['conditions']}."
         )
         + (
