@@ -950,8 +950,8 @@ def privacy_he(report: Mapping[str, Any]) -> str:
             f"{he['downBytes'] / plain['downBytes']:,.0f}x down; largest logit difference "
             f"{he['maxAbsError']:.1e}. Once per device: key generation "
             f"{section['keygenMs']:,.0f} ms; once per device and edge replica: the device's "
-            f"public context, {section['contextBytes']:,} bytes, sent up. Host {section['hostGflops']:g} GFLOPS; "
-            f"conditions: {section['conditions']}."
+            f"public context, {section['contextBytes']:,} bytes, sent up. Host "
+            f"{section['hostGflops']:g} GFLOPS; conditions: {section['conditions']}."
         )
         + (
             f"\n\nServed by worker processes on loopback (the planner's split "
