@@ -72,6 +72,9 @@ bench-tls: install ## Mutual TLS between stages vs plain HTTP per hop, 602 KB an
 bench-privacy: install ## Accuracy with and without noise training, feature inversion, membership inference (digits)
 	$(PY) bench/privacy/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
+bench-privacy-he: install ## Only the homomorphic head vs the plaintext head (digits), merged into privacy.json; rewrites the planner's he_cost.json
+	$(PY) bench/privacy/run.py --only he --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
+
 bench-offload: install ## Always-offload vs early exits vs cascade vs cascade+reuse over tc-shaped links (root)
 	$(PY) bench/offload/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
@@ -97,7 +100,7 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check grpc-codegen \
-	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-offload bench-privacy docs-numbers docs-numbers-check
+	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-offload bench-privacy bench-privacy-he docs-numbers docs-numbers-check
 
 # Images and a local kind cluster (hack/images, hack/kind; docs/architecture.md). Root,
 # Docker from Debian (hack/kind/host.sh installs and starts it), nothing from the internet

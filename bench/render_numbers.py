@@ -896,6 +896,90 @@ def privacy_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+def privacy_he(report: Mapping[str, Any]) -> str:
+    section = report["homomorphicHead"]
+    plain, he = section["plain"], section["he"]
+    he_ms = he["encryptMs"] + he["evaluateMs"] + he["decryptMs"]
+
+    def row(name: str, steps: list[str], total_ms: float, side: Mapping[str, Any]) -> list[str]:
+        total = f"{total_ms:.3f}" if total_ms < 1 else f"{total_ms:.1f}"
+        sizes = [f"{side['upBytes']:,}", f"{side['downBytes']:,}"]
+        return [name, *steps, total, *sizes, f"{side['accuracy']:.4f}"]
+
+    rows = [
+        [
+            *row(
+                "plaintext (onnxruntime)",
+                ["-", f"{plain['headMs']:.3f}", "-"],
+                plain["headMs"],
+                plain,
+            ),
+            "1",
+        ],
+        [
+            *row(
+                "CKKS (TenSEAL)",
+                [f"{he['encryptMs']:.1f}", f"{he['evaluateMs']:.1f}", f"{he['decryptMs']:.2f}"],
+                he_ms,
+                he,
+            ),
+            f"{he['agreement']:.4f}",
+        ],
+    ]
+    header = [
+        "head",
+        "device encrypt p50 (ms)",
+        "edge compute p50 (ms)",
+        "device decrypt p50 (ms)",
+        "sum (ms)",
+        "bytes up",
+        "bytes down",
+        "accuracy",
+        "argmax agreement",
+    ]
+    scheme, served = section["scheme"], section["served"]
+    return (
+        _table(header, "lrrrrrrrr", rows)
+        + (
+            f"\n\n{section['date']}, digits_cnn's last dense layer ({section['inputs']} -> "
+            f"{section['outputs']}) on each of the {section['samples']} held-out digits, one per "
+            f"request; CKKS N={scheme['polyModulusDegree']}, moduli "
+            f"{'-'.join(str(b) for b in scheme['coeffModBitSizes'])} bits, scale "
+            f"2^{scheme['scaleBits']}. Ciphertext / plaintext: {he_ms / plain['headMs']:,.0f}x the "
+            f"time, {he['upBytes'] / plain['upBytes']:,.0f}x the bytes up and "
+            f"{he['downBytes'] / plain['downBytes']:,.0f}x down; largest logit difference "
+            f"{he['maxAbsError']:.1e}. Once per device: key generation "
+            f"{section['keygenMs']:,.0f} ms; once per device and edge replica: the device's "
+            f"public context, {section['contextBytes']:,} bytes, sent up. Host "
+            f"{section['hostGflops']:g} GFLOPS; conditions: {section['conditions']}."
+        )
+        + (
+            f"\n\nServed by worker processes on loopback (the planner's split "
+            f"`{served['split']}`, one digit per binary request, {served['requests']} each, the "
+            f"two chains taking turns): p50 {served['plainMs']:.1f} ms in plaintext, "
+            f"{served['heMs']:.1f} ms with the homomorphic head "
+            f"({served['heMs'] / served['plainMs']:.1f}x); the first request, which carries the "
+            f"context, {served['heFirstMs']:,.0f} ms; the two chains' answers agree on "
+            f"{served['agreement']:.4f} of the digits."
+        )
+    )
+
+
+def privacy_he_summary(report: Mapping[str, Any]) -> str:
+    section = report["homomorphicHead"]
+    plain, he = section["plain"], section["he"]
+    return (
+        f"homomorphic head ({section['date']}; digits_cnn's last dense layer, "
+        f"{section['samples']} held-out digits): device encrypt {he['encryptMs']:.1f} ms, "
+        f"edge compute {he['evaluateMs']:.1f} ms (plaintext {plain['headMs']:.3f} ms), "
+        f"device decrypt {he['decryptMs']:.2f} ms (p50); {he['upBytes']:,} bytes up and "
+        f"{he['downBytes']:,} down per digit (plaintext {plain['upBytes']} and "
+        f"{plain['downBytes']}); argmax agreement with the plaintext head "
+        f"{he['agreement']:.4f}, accuracy {he['accuracy']:.4f} (plaintext "
+        f"{plain['accuracy']:.4f})"
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1113,6 +1197,8 @@ RENDERERS: dict[str, Renderer] = {
     "privacy-membership": Renderer("privacy.json", privacy_membership),
     "privacy-goal": Renderer("privacy.json", privacy_goal),
     "privacy-summary": Renderer("privacy.json", privacy_summary),
+    "privacy-he": Renderer("privacy.json", privacy_he),
+    "privacy-he-summary": Renderer("privacy.json", privacy_he_summary),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

@@ -284,6 +284,38 @@ CASES = [
         "spec.privacy.noiseAccuracyFloor needs noiseTraining: true and no featureNoiseStd",
     ),
     (
+        "deployment: homomorphic head with an adaptive split",
+        _with(
+            _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}}),
+            "spec.placement.adaptiveSplit",
+            True,
+        ),
+        "spec.privacy.homomorphicHead needs 'device' and a tier above it",
+    ),
+    (
+        "deployment: homomorphic head without a tier above the device",
+        _with(
+            _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}}),
+            "spec.placement.tiers",
+            ["device"],
+        ),
+        "spec.privacy.homomorphicHead needs 'device' and a tier above it",
+    ),
+    (
+        "deployment: homomorphic head with noise training",
+        _with(
+            DEPLOYMENT,
+            "spec.privacy",
+            {"homomorphicHead": {"enabled": True}, "noiseTraining": True, "featureNoiseStd": 1},
+        ),
+        "spec.privacy.homomorphicHead and spec.privacy.noiseTraining",
+    ),
+    (
+        "deployment: homomorphic head with a misspelt field",
+        _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enable": True}}),
+        'unknown field "spec.privacy.homomorphicHead.enable"',
+    ),
+    (
         "deployment: no modelRef",
         _with(DEPLOYMENT, "spec.modelRef", _DELETE),
         "spec.modelRef: Required value",
@@ -386,6 +418,7 @@ SECURE = _with(
 GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
+HOMOMORPHIC = _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}})
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -398,7 +431,7 @@ OFFLOADING = _with(
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC],
     ids=[
         "model",
         "deployment",
@@ -406,6 +439,7 @@ OFFLOADING = _with(
         "deployment-security",
         "deployment-grpc-plain",
         "deployment-offload",
+        "deployment-homomorphic-head",
     ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:

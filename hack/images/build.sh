@@ -3,7 +3,7 @@
 # no registry: edgeai-operator:<version> (the operator: kopf, kubernetes, pyyaml,
 # aiohttp + the package and its pinned requirements; no onnxruntime, no torch) and
 # edgeai-worker:<version> (a stage pod and its fetch init container: the package + the
-# pinned `worker` extra, onnxruntime and onnx; no torch, but digits_cnn's zoo files
+# pinned `worker` extra, onnxruntime, onnx and tenseal; no torch, but digits_cnn's zoo files
 # built with the host's torch in /opt/edgeai/cache). <version> is pyproject.toml's.
 #
 #   hack/images/build.sh            # both; prints the two image names last

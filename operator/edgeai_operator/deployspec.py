@@ -26,7 +26,7 @@ the CRD offers `modelRef` only. Every problem raises `SpecError` naming the fiel
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,9 @@ class DeploymentSpec:
     noise_training: bool
     # the noise std is the largest that keeps this accuracy (noise_training.std_for_floor)
     noise_accuracy_floor: float | None
+    # the stage after the device evaluates the model's last dense layer on the device's
+    # CKKS ciphertexts (edgeai_worker.he)
+    homomorphic_head: bool
     compute_watts: float | None
     tx_watts: float
     rx_watts: float
@@ -365,7 +368,13 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
     reject_unknown(
         privacy,
         "spec.privacy",
-        ("rawInputStaysOnDevice", "featureNoiseStd", "noiseTraining", "noiseAccuracyFloor"),
+        (
+            "rawInputStaysOnDevice",
+            "featureNoiseStd",
+            "noiseTraining",
+            "noiseAccuracyFloor",
+            "homomorphicHead",
+        ),
     )
     raw = _bool(privacy.get("rawInputStaysOnDevice"), "spec.privacy.rawInputStaysOnDevice", False)
     noise = _number(
@@ -434,6 +443,9 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         return value
 
     offload = _offload(spec)
+    homomorphic_head = _homomorphic_head(
+        privacy, tiers_raw, partitioning, adaptive, noise_training, sharing, offload is not None
+    )
     if offload is not None and offload.cascade_rule is not None and "device" not in tiers_raw:
         raise SpecError(
             "spec.offload.cascade",
@@ -466,6 +478,7 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         feature_noise_std=noise or 0.0,
         noise_training=noise_training,
         noise_accuracy_floor=floor,
+        homomorphic_head=homomorphic_head,
         compute_watts=_number(power.get("computeWatts"), "spec.power.computeWatts"),
         tx_watts=watts("txWatts", 1.5),
         rx_watts=watts("rxWatts", 1.0),
@@ -480,6 +493,61 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
         security=parse_security(spec, transport, sharing),
         offload=offload,
     )
+
+
+def _homomorphic_head(
+    privacy: Mapping[str, Any],
+    tiers: Sequence[str],
+    partitioning: str,
+    adaptive: bool,
+    noise_training: bool,
+    sharing: str,
+    offload: bool,
+) -> bool:
+    """spec.privacy.homomorphicHead.enabled, refused next to what it cannot serve with."""
+    field = "spec.privacy.homomorphicHead"
+    head = spec_mapping(privacy.get("homomorphicHead"), field)
+    reject_unknown(head, field, ("enabled",))
+    if not _bool(head.get("enabled"), f"{field}.enabled", False):
+        return False
+    conflicts = (
+        (
+            "device" not in tiers or len(tiers) < 2,
+            "needs the device (which holds the key) and a tier above it in "
+            f"spec.placement.tiers, got {list(tiers)}",
+            "device and edge and/or cloud",
+        ),
+        (
+            partitioning == "none",
+            "splits the model before its last layer, which spec.placement.partitioning: "
+            "none forbids",
+            "partitioning: auto",
+        ),
+        (
+            adaptive,
+            "fixes the split before the last layer; spec.placement.adaptiveSplit would move it",
+            "adaptiveSplit: false",
+        ),
+        (
+            noise_training,
+            "and spec.privacy.noiseTraining both change the stage after the device",
+            "one of the two",
+        ),
+        (
+            sharing == "backbone",
+            "serves a stage of this deployment's own; spec.sharing: backbone shares it",
+            "sharing: none",
+        ),
+        (
+            offload,
+            "answers with ciphertexts, which spec.offload's exits and reuse cannot read",
+            "no spec.offload",
+        ),
+    )
+    for conflict, problem, accepted in conflicts:
+        if conflict:
+            raise SpecError(field, problem, accepted)
+    return True
 
 
 def _device_selector(spec: Mapping[str, Any]) -> dict[str, str]:

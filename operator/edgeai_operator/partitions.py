@@ -205,12 +205,15 @@ DEVICE_SETTINGS = frozenset(
 
 def plan_settings(plan: PlanDocument, tier: str) -> dict[str, Any]:
     """The worker settings the plan itself carries for a stage on `tier`: every stage's
-    default request priority, and the device stage's privacy and change detection."""
+    default request priority, the device stage's privacy and change detection, and the
+    homomorphic head."""
     settings: dict[str, Any] = {
         "default_priority": plan.priority,
         "raw_input_stays_on_device": plan.raw_input_stays_on_device,
         "feature_noise_std": plan.feature_noise_std,
         "skip_unchanged_threshold": plan.skip_unchanged_threshold,
+        # the device encrypts, the stage after it (the last) evaluates the dense head
+        **({"homomorphic_head": True} if plan.homomorphic_head else {}),
     }
     return {k: v for k, v in settings.items() if tier == "device" or k not in DEVICE_SETTINGS}
 

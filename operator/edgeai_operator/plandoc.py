@@ -214,6 +214,9 @@ class PlanDocument:
     feature_noise_std: float = 0.0
     noise_training: bool = False  # spec.privacy.noiseTraining
     noise_accuracy_floor: float | None = None  # spec.privacy.noiseAccuracyFloor
+    # the stage after the device evaluates the last dense layer on the device's CKKS
+    # ciphertexts (spec.privacy.homomorphicHead)
+    homomorphic_head: bool = False
     # device: the device stage answers with the whole model when the next stage fails
     # or is later than fallback_after_ms (spec.placement.fallback)
     fallback: str = "none"
@@ -277,6 +280,7 @@ class PlanDocument:
                     "rawInputStaysOnDevice": self.raw_input_stays_on_device,
                     "featureNoiseStd": self.feature_noise_std,
                     **({"noiseTraining": True} if self.noise_training else {}),
+                    **({"homomorphicHead": True} if self.homomorphic_head else {}),
                     **(
                         {"noiseAccuracyFloor": self.noise_accuracy_floor}
                         if self.noise_accuracy_floor is not None
@@ -341,6 +345,7 @@ class PlanDocument:
         noise = sub.number(privacy, "featureNoiseStd", default=0.0)
         noise_training = sub.boolean(privacy, "noiseTraining", default=False)
         noise_floor = sub.optional_number(privacy, "noiseAccuracyFloor")
+        homomorphic_head = sub.boolean(privacy, "homomorphicHead", default=False)
         skip = _Reader(f"{field}.preprocessing").number(
             preprocessing, "skipUnchangedThreshold", default=0.0
         )
@@ -364,6 +369,7 @@ class PlanDocument:
             raw_input_stays_on_device=raw_stays,
             feature_noise_std=noise,
             noise_training=noise_training,
+            homomorphic_head=homomorphic_head,
             noise_accuracy_floor=noise_floor,
             fallback=fr.text(fallback, "tier", default="none"),
             fallback_after_ms=fr.number(fallback, "afterMs", default=1000.0),

@@ -17,6 +17,7 @@ Shared by `edgeai plan` (offline, a topology file) and the operator (live nodes,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -38,15 +39,20 @@ from edgeai_operator.plandoc import (
     TensorSpec,
 )
 from edgeai_operator.planner import (
+    Evaluation,
     LayerGraph,
     Link,
     Plan,
     PowerModel,
     Problem,
+    Solution,
     Tensor,
     Variant,
+    evaluate,
+    feasible,
     plan_partitions,
 )
+from edgeai_operator.planner.plan import describe
 from edgeai_operator.topology import NodeSpec, Topology
 
 
@@ -402,6 +408,8 @@ def build_problem(
                 f"no profile for variant {spec.variant!r}",
                 ", ".join(str(p.get("variant")) for p in profiles),
             )
+    if spec.homomorphic_head:
+        variants = he_head_variants(variants, profiles, gflops)
     overheads = overheads_ms(profiles, gflops)
     allowed = frozenset(spec.tiers) & frozenset(path)
     if not allowed:
@@ -454,6 +462,108 @@ def build_problem(
     return problem, context
 
 
+# --- the homomorphic head (spec.privacy.homomorphicHead, edgeai_worker.he) ------------
+
+HE_FIELD = "spec.privacy.homomorphicHead"
+# what bench/privacy measured for the head on ciphertexts (`--only he` writes it)
+HE_COST_FILE = Path(__file__).with_name("he_cost.json")
+
+
+@functools.cache
+def he_cost_table() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(HE_COST_FILE.read_text())
+    return data
+
+
+def he_head_cost(inputs: int, outputs: int) -> dict[str, Any]:
+    """The measured cost of a dense head of `inputs` x `outputs` values on ciphertexts:
+    encryptMs, evaluateMs, decryptMs (on a host of the table's hostGflops), upBytes,
+    downBytes per sample."""
+    table = he_cost_table()
+    for head in table["heads"]:
+        if (int(head["inputs"]), int(head["outputs"])) == (inputs, outputs):
+            return dict(head)
+    known = ", ".join(f"{h['inputs']} -> {h['outputs']}" for h in table["heads"])
+    raise SpecError(
+        HE_FIELD,
+        f"the model's last segment reads {inputs} and writes {outputs} values, and the "
+        f"homomorphic head's cost is measured for dense heads of {known} values only",
+        "a model whose last layer is a dense layer of a measured shape (the zoo's digits_cnn)",
+    )
+
+
+def he_head_variants(
+    variants: Sequence[Variant], profiles: Sequence[Mapping[str, Any]], gflops: Mapping[str, float]
+) -> list[Variant]:
+    """The fp32 variant with its last segment priced as the homomorphic head: that
+    segment on a tier above the device costs the measured evaluation, the device pays
+    encryption and decryption with its last segment before it, and the head's input and
+    output cross the links as ciphertexts (all scaled like measured compute, host
+    GFLOPS over the tier's)."""
+    fp32 = [v for v in variants if v.name == "fp32"]
+    if not fp32:
+        raise SpecError(
+            HE_FIELD,
+            f"is planned for the fp32 variant, and the plan may use only "
+            f"{', '.join(v.name for v in variants)}",
+            "spec.model.variant fp32 or unset",
+        )
+    (variant,) = fp32
+    graph = variant.graph
+    n = graph.size
+    if not graph.is_chain or n < 2:
+        raise SpecError(
+            HE_FIELD,
+            "needs a chain of at least two segments, the last one the dense head",
+            "a chain model such as digits_cnn (spec.placement granularity segments)",
+        )
+    head_in, head_out = graph.tensors[n - 1], graph.tensors[n]
+    cost = he_head_cost(head_in.size_bytes // 4, head_out.size_bytes // 4)
+    host = float(he_cost_table()["hostGflops"])
+    node_ms = {}
+    for tier, times in graph.node_ms.items():
+        scale = host / gflops[tier]
+        ms = list(times)
+        if tier == "device":
+            ms[n - 2] += (float(cost["encryptMs"]) + float(cost["decryptMs"])) * scale
+        else:
+            ms[n - 1] = float(cost["evaluateMs"]) * scale
+        node_ms[tier] = tuple(ms)
+    tensors = (
+        *graph.tensors[: n - 1],
+        replace(head_in, size_bytes=int(cost["upBytes"])),
+        replace(head_out, size_bytes=int(cost["downBytes"])),
+    )
+    return [replace(variant, graph=LayerGraph(node_ms, tensors, graph.labels))]
+
+
+def homomorphic_head_plan(problem: Problem) -> Plan:
+    """Every segment but the last on the device, the last (the head on ciphertexts) on
+    the allowed tier above it that is best for the objective (`he_head_variants` priced
+    it)."""
+    problem.validate()
+    best: Evaluation | None = None
+    (variant,) = problem.variants
+    graph = variant.graph
+    for k in range(1, len(problem.path)):
+        if problem.path[k] not in problem.allowed:
+            continue
+        ev = evaluate(problem, graph, [0] * (graph.size - 1) + [k])
+        if feasible(problem, graph, ev) and (
+            best is None
+            or (ev.value(problem.objective), ev.latency_ms)
+            < (best.value(problem.objective), best.latency_ms)
+        ):
+            best = ev
+    if best is None:
+        return Plan(
+            feasible=False,
+            reason=f"no tier above the device meets the SLO with the homomorphic head ({HE_FIELD})",
+            objective=problem.objective,
+        )
+    return describe(problem, variant, Solution(best, "homomorphicHead", True))
+
+
 def binary_offloading(problem: Problem) -> Plan:
     """Binary offloading: the whole model on the single best tier."""
     best: Plan | None = None
@@ -477,7 +587,10 @@ def binary_offloading(problem: Problem) -> Plan:
 def solve(spec: DeploymentSpec, problem: Problem) -> Plan:
     """The plan `spec.placement.partitioning` asks for: split across tiers (`auto`,
     with the adaptive split's alternatives when `adaptiveSplit` is on) or the whole
-    model on the single best tier (`none`)."""
+    model on the single best tier (`none`); with the homomorphic head, the one split
+    before the model's last segment."""
+    if spec.homomorphic_head:
+        return homomorphic_head_plan(problem)
     if spec.partitioning == "none":
         return binary_offloading(problem)
     return plan_partitions(problem, alternatives=spec.adaptive_split)
@@ -572,6 +685,7 @@ def plan_document(
         feature_noise_std=spec.feature_noise_std,
         noise_training=spec.noise_training,
         noise_accuracy_floor=spec.noise_accuracy_floor,
+        homomorphic_head=spec.homomorphic_head,
         fallback=spec.fallback,
         fallback_after_ms=float(spec.fallback_after_ms),
         objective_value=_num(plan.objective_value),

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from edgeai_worker.batching import MicroBatcher
@@ -39,8 +40,17 @@ from edgeai_worker.chain import (
     Forwarder,
     StageError,
 )
-from edgeai_worker.config import SplitOption, WorkerConfig
+from edgeai_worker.config import ConfigError, SplitOption, WorkerConfig
 from edgeai_worker.device import DeviceStage, Split
+from edgeai_worker.he import (
+    CONTEXT_TENSOR,
+    OUTPUT_SIZE_PARAMETER,
+    UNKNOWN_CONTEXT,
+    DenseHead,
+    DeviceKeys,
+    HeadError,
+    HeadEvaluator,
+)
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.offload.stage import (
     EXIT_PARAMETER,
@@ -143,6 +153,11 @@ class WorkerState:
     fallback: Partition | None = None
     fallback_until: float = float("-inf")
     offload: OffloadStage | None = None
+    # the homomorphic head: the device's keys and whether the next stage has its public
+    # context; the evaluating stage's dense layer
+    he_keys: DeviceKeys | None = None
+    he_context_sent: bool = False
+    he_head: HeadEvaluator | None = None
 
     @property
     def stage(self) -> str:
@@ -214,6 +229,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if config.is_device:
         splits = _device_splits(config)
         partitions = [s.partition for s in splits if s.partition is not None]
+    elif config.homomorphic_head:  # its one dense layer runs on ciphertexts, not onnxruntime
+        state.he_head = _head_evaluator(config)
+        partitions = []
     else:
         partitions = [Partition(p, config.intra_op_threads) for p in config.partitions]
     if partitions:
@@ -221,6 +239,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, state.runtime.load)
     if config.is_device:
         state.device = DeviceStage(config, splits, state.metrics)
+        if config.homomorphic_head and config.next_urls:
+            state.he_keys = await asyncio.get_running_loop().run_in_executor(None, DeviceKeys)
     if config.fallback_model is not None and config.next_urls:
         state.fallback = Partition(config.fallback_model, config.intra_op_threads)
         await asyncio.get_running_loop().run_in_executor(None, state.fallback.load)
@@ -287,6 +307,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await state.forwarder.close()
     if state.tiler is not None:
         await state.tiler.__aexit__(None, None, None)
+
+
+def _head_evaluator(config: WorkerConfig) -> HeadEvaluator:
+    if len(config.partitions) != 1:
+        raise ConfigError(
+            "homomorphic_head",
+            f"the stage after the device runs {len(config.partitions)} partitions",
+            "one partition holding the model's last dense layer",
+        )
+    try:
+        return HeadEvaluator(DenseHead.from_onnx(config.partitions[0]))
+    except HeadError as exc:
+        raise ConfigError("homomorphic_head", str(exc)) from None
 
 
 async def _monitor_uplink(state: WorkerState) -> None:
@@ -616,6 +649,8 @@ async def _run_local(
     The seconds onnxruntime took are appended to `compute`."""
     if state.tiler is not None:
         tensors = await _run_tiled(state, tensors, request_id)
+    if state.he_head is not None:
+        return await _evaluate_head(state, state.he_head, tensors, compute), None, False
     runtime = state.runtime
     assert state.batcher is not None
     by_name = {t.name: (t.array, t.datatype) for t in tensors}
@@ -643,6 +678,98 @@ async def _run_local(
     if state.device is not None and state.forwarder is not None and not final:
         outputs = state.device.add_noise(outputs)
     return [Tensor.from_numpy(name, array) for name, array in outputs.items()], label, final
+
+
+async def _evaluate_head(
+    state: WorkerState, head: HeadEvaluator, tensors: list[Tensor], compute: list[float]
+) -> list[Tensor]:
+    """The dense head on the device's ciphertexts (edgeai_worker.he)."""
+    by_name = {t.name: t for t in tensors}
+    name = head.head.input_name
+    for wanted in (name, CONTEXT_TENSOR):
+        if wanted not in by_name or by_name[wanted].datatype != "BYTES":
+            raise ProtocolError(
+                f"input '{wanted}': missing or not BYTES; this stage evaluates model "
+                f"'{state.config.model_name}''s last dense layer on CKKS ciphertexts "
+                f"(accepted: BYTES tensors '{name}' and '{CONTEXT_TENSOR}')"
+            )
+    (context_data,) = by_name[CONTEXT_TENSOR].array.reshape(-1)
+    ciphertexts = list(by_name[name].array.reshape(-1))
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    try:
+        _, context = await loop.run_in_executor(None, head.context, bytes(context_data))
+        logits = await loop.run_in_executor(None, head.evaluate, context, ciphertexts)
+    except KeyError as exc:
+        raise ProtocolError(f"{UNKNOWN_CONTEXT} {exc.args[0]}: send the context", 428) from None
+    except HeadError as exc:
+        raise ProtocolError(str(exc)) from None
+    compute.append(time.perf_counter() - started)
+    out = np.empty(len(logits), dtype=np.object_)
+    out[:] = logits
+    tensor = Tensor(head.head.output_name, out, "BYTES", {OUTPUT_SIZE_PARAMETER: head.head.outputs})
+    return [tensor]
+
+
+def _encrypt(keys: DeviceKeys, tensors: list[Tensor]) -> list[Tensor]:
+    """The device's features as ciphertexts, one per sample."""
+    encrypted = []
+    for tensor in tensors:
+        if tensor.datatype != "FP32":
+            raise ProtocolError(
+                f"tensor '{tensor.name}': the homomorphic head takes FP32 features, "
+                f"got {tensor.datatype}"
+            )
+        out = np.empty(len(tensor.array), dtype=np.object_)
+        out[:] = keys.encrypt(tensor.array)
+        encrypted.append(Tensor(tensor.name, out, "BYTES"))
+    return encrypted
+
+
+async def _forward_encrypted(
+    state: WorkerState,
+    keys: DeviceKeys,
+    tensors: list[Tensor],
+    compute: list[float],
+    send: Callable[[list[Tensor]], Awaitable[InferResponse]],
+) -> InferResponse:
+    """`send` (the forward) with `tensors` encrypted and the answer decrypted. The
+    public context goes whole until the next stage has it, then as its digest; a stage
+    that does not know the digest (a restart, another replica) gets it whole again."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    encrypted = await loop.run_in_executor(None, _encrypt, keys, tensors)
+    compute.append(time.perf_counter() - started)
+    while True:
+        sent_whole = not state.he_context_sent
+        holder = np.empty(1, dtype=np.object_)
+        holder[0] = keys.public_context if sent_whole else keys.context_digest.encode()
+        inputs = [*encrypted, Tensor(CONTEXT_TENSOR, holder, "BYTES")]
+        try:
+            answer = await send(inputs)
+        except StageError as exc:
+            if sent_whole or UNKNOWN_CONTEXT not in exc.message:
+                raise
+            state.he_context_sent = False
+            continue
+        if "edgeai_fallback" not in answer.parameters:
+            state.he_context_sent = True
+        started = time.perf_counter()
+        decrypted = await loop.run_in_executor(None, _decrypt, keys, answer)
+        compute.append(time.perf_counter() - started)
+        return decrypted
+
+
+def _decrypt(keys: DeviceKeys, response: InferResponse) -> InferResponse:
+    outputs = []
+    for tensor in response.outputs:
+        size = tensor.parameters.get(OUTPUT_SIZE_PARAMETER)
+        if tensor.datatype == "BYTES" and isinstance(size, int):
+            logits = keys.decrypt(list(tensor.array.reshape(-1)), size)
+            outputs.append(Tensor.from_numpy(tensor.name, logits))
+        else:  # the device's fallback answered in plaintext
+            outputs.append(tensor)
+    return replace(response, outputs=outputs)
 
 
 def _select_outputs(
@@ -766,7 +893,15 @@ async def _serve(
             else None
         )
         forward = InferRequest(tensors, request_id, outputs, parameters)
-        answer = await _forward(state, forward, request, priority, deadline, compute)
+        if state.he_keys is not None:
+
+            def send(inputs: list[Tensor]) -> Awaitable[InferResponse]:
+                encrypted = replace(forward, inputs=inputs)
+                return _forward(state, encrypted, request, priority, deadline, compute)
+
+            answer = await _forward_encrypted(state, state.he_keys, tensors, compute, send)
+        else:
+            answer = await _forward(state, forward, request, priority, deadline, compute)
         response = replace(
             answer, model_name=config.model_name, model_version=config.model_version, id=request.id
         )

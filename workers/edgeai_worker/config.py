@@ -79,6 +79,9 @@ class WorkerConfig:
     feature_noise_std: float = 0.0
     raw_input_stays_on_device: bool = False
     noise_seed: int | None = None
+    # The last dense layer on ciphertexts (edgeai_worker.he): the device encrypts what it
+    # forwards and decrypts the answer; the stage after it evaluates its one dense layer.
+    homomorphic_head: bool = False
     # The whole model, answered on the device when the next stage fails, answers later
     # than `fallback_after_ms`, or failed less than `fallback_cooldown_s` ago.
     fallback_model: Path | None = None
@@ -226,6 +229,7 @@ _ALIASES = {
     "featureNoiseStd": "feature_noise_std",
     "rawInputStaysOnDevice": "raw_input_stays_on_device",
     "noiseSeed": "noise_seed",
+    "homomorphicHead": "homomorphic_head",
     "fallbackModel": "fallback_model",
     "fallbackAfterMs": "fallback_after_ms",
     "fallbackCooldownS": "fallback_cooldown_s",
