@@ -327,12 +327,14 @@ def test_cascade_holds_the_target_and_escalates_the_raw_input(
 # ------------------------------------------------- spec.offload -> plan -> stage workers
 
 
-def _deployment(offload: Any, tiers: list[str] | None = None) -> Any:
+def _deployment(offload: Any, tiers: list[str] | None = None, adaptive: bool = False) -> Any:
     from edgeai_operator.deployspec import parse_deployment
 
     spec: dict[str, Any] = {"model": {"zoo": "digits_cnn"}, "offload": offload}
     if tiers is not None:
         spec["placement"] = {"tiers": tiers}
+    if adaptive:
+        spec["placement"] = {**spec.get("placement", {}), "adaptiveSplit": True}
     return parse_deployment(
         {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
          "metadata": {"name": "d"}, "spec": spec}
@@ -348,7 +350,23 @@ def test_spec_offload_is_read_and_its_errors_name_the_field() -> None:
     assert spec.offload is not None
     assert (spec.offload.cascade_rule, spec.offload.target_accuracy) == ("entropy", 0.96)
     assert (spec.offload.reuse_entries, spec.offload.reuse_max_accuracy_loss) == (32, 0.005)
+    assert spec.offload.exits_rule is None
+    exits = _deployment({"exits": {"rule": "entropy", "targetAccuracy": 0.95}}).offload
+    assert exits is not None
+    assert (exits.exits_rule, exits.exits_target_accuracy, exits.cascade_rule) == (
+        "entropy",
+        0.95,
+        None,
+    )
     refused = [
+        ({"exits": {"rule": "disagreement", "targetAccuracy": 0.9}}, None, "spec.offload.exits.rule"),
+        ({"exits": {}}, None, "spec.offload.exits.targetAccuracy"),
+        ({"exits": {"targetAccuracy": 0.9, "at": 1}}, None, "spec.offload.exits"),
+        (
+            {"exits": {"targetAccuracy": 0.9}, "cascade": {"rule": "entropy", "targetAccuracy": 0.9}},
+            None,
+            "spec.offload.exits.rule",
+        ),
         ({"cascade": {"targetAccuracy": 0.9}}, ["edge", "cloud"], "spec.offload.cascade"),
         ({"reuse": {}}, ["device"], "spec.offload.reuse"),
         ({"cascade": {"rule": "vote", "targetAccuracy": 0.9}}, None, "spec.offload.cascade.rule"),
@@ -363,11 +381,26 @@ def test_spec_offload_is_read_and_its_errors_name_the_field() -> None:
         with pytest.raises(SpecError) as info:
             _deployment(offload, tiers)
         assert str(info.value).startswith(field + ":"), (offload, str(info.value))
+    with pytest.raises(SpecError, match=r"^spec.offload.exits: .*adaptive split"):
+        _deployment({"exits": {"targetAccuracy": 0.9}}, adaptive=True)
 
 
-def _offload_plan(offload: dict[str, Any], zoo_name: str = "digits_cnn") -> Any:
+RELU_1 = "/features/features.1/Relu_output_0"  # digits_cnn's first ReLU, exit_0's input
+
+
+def _offload_plan(
+    offload: dict[str, Any], zoo_name: str = "digits_cnn", device_layers: bool = False
+) -> Any:
     from edgeai_operator.plandoc import PlanDocument
 
+    if device_layers:  # the device runs the first convolution and ReLU, the edge the rest
+        stages = [
+            {"index": 0, "tier": "device", "layers": "0-1", "inputs": ["input"], "outputs": [RELU_1]},
+            {"index": 1, "tier": "edge", "layers": "2-8", "inputs": [RELU_1], "outputs": ["output"]},
+        ]  # fmt: skip
+        return PlanDocument.from_dict(
+            {**_offload_plan(offload, zoo_name).to_dict(), "stages": stages}
+        )
     return PlanDocument.from_dict(
         {
             "kind": "Plan",
@@ -413,6 +446,19 @@ def test_the_plan_carries_offload_and_refuses_models_without_exits(tmp_path: Pat
     with pytest.raises(SpecError, match=r"^spec.offload: .*not model 'mobilenet_v2'"):
         offload_settings(other, 0, tmp_path)
     assert offload_settings(_offload_plan({"reuse": {"maxEntries": 8}}), 0, tmp_path) == {}
+    with_exits = {
+        "exits": {"rule": "entropy", "targetAccuracy": 0.95},
+        "exitShares": {"exit_0": 0.9, "exit_1": 0.05, "final": 0.05},
+    }
+    plan = _offload_plan(with_exits)
+    assert plan.offload.exits_rule == "entropy"
+    assert plan.offload.exit_shares == with_exits["exitShares"]
+    assert plan.to_dict()["offload"] == with_exits
+    assert type(plan).from_dict(plan.to_dict()) == plan
+    with pytest.raises(SpecError, match=r"^plan.offload.exits.targetAccuracy: "):
+        type(plan).from_dict({**plan.to_dict(), "offload": {"exits": {"rule": "maxProb"}}})
+    with pytest.raises(SpecError, match=r"^spec.offload: .*not model 'mobilenet_v2'"):
+        offload_settings(_offload_plan(with_exits, "mobilenet_v2"), 0, tmp_path)
 
 
 @pytest.mark.slow
@@ -454,3 +500,130 @@ def test_a_plan_with_offload_runs_the_cascade_and_the_reuse(tmp_path: Path) -> N
     # every escalation reached the edge once, and was stored or answered from the cache
     assert reuse_entries + reuse_hits == len(escalated) + 1
     assert reuse_entries <= 128
+
+
+# ------------------------------------------- spec.offload.exits: stages cut with exits
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_plan_with_exits_answers_at_the_stage_computing_each_exit(tmp_path: Path) -> None:
+    """The plan's cuts apply to digits_cnn with its prebuilt exit heads grafted on: the
+    device (first ReLU) computes exit_0, the edge exit_1; each answers when confident,
+    and an escalation reaches the model's own output unchanged."""
+    import onnx
+
+    from edgeai_operator.localworkers import start_local
+    from edgeai_operator.partitions import build_partitions, exit_heads, model_file, offload_settings
+    from edgeai_worker.offload.build import validation_split
+
+    plan = _offload_plan({"exits": {"rule": "maxProb", "targetAccuracy": TARGET}}, device_layers=True)
+    model = model_file(plan, tmp_path)
+    specs = build_partitions(plan.stages, plan.alternatives, model, tmp_path, exits=exit_heads(plan))
+    device_outputs = [o.name for o in onnx.load(str(specs[0].partitions[0])).graph.output]
+    edge_outputs = [o.name for o in onnx.load(str(specs[1].partitions[0])).graph.output]
+    assert device_outputs == [RELU_1, "exit_0"]
+    assert edge_outputs == ["output", "exit_1"]
+    device_exits = offload_settings(plan, 0, tmp_path, model)["offload"]["exits"]
+    edge_exits = offload_settings(plan, 1, tmp_path, model)["offload"]["exits"]
+    assert [e["output"] for e in device_exits] == ["exit_0"]
+    assert [e["output"] for e in edge_exits] == ["exit_1"]
+    _, _, x_ho, y_ho = validation_split()
+    full_out = run_onnx(model, {"input": x_ho})[0]
+    run = start_local(plan, specs, tmp_path, model_path=model)
+    try:
+        answers = [
+            _infer(run.entry_url, x[None], int(y), run.model_name)
+            for x, y in zip(x_ho, y_ho, strict=True)
+        ]
+        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
+        edge_requests = _metric(run.urls[1][0], "edgeai_requests_total", code="200")
+    finally:
+        run.stop()
+    which = [a["parameters"]["edgeai_exit"] for a in answers]
+    assert accuracy >= TARGET
+    assert which.count("exit_0") > 0.5 * len(which)  # most digits leave on the device
+    assert edge_requests == len(which) - which.count("exit_0")
+    finals = [i for i, w in enumerate(which) if w == "final"]
+    for i in finals:
+        np.testing.assert_allclose(_output(answers[i])[0], full_out[i], rtol=1e-4, atol=1e-4)
+    assert set(which) <= {"exit_0", "exit_1", "final"}
+
+
+_NO_TORCH = """
+import importlib.abc, sys
+class _Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this process")
+        return None
+sys.meta_path.insert(0, _Blocked())
+"""
+
+_SERVE_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from edgeai_operator.plandoc import PlanDocument
+from edgeai_operator.partitions import build_partitions, exit_heads, model_file, offload_settings
+from edgeai_worker.offload.build import validation_split
+from edgeai_worker.runtime import Partition
+try:
+    import torch
+except ImportError as exc:
+    blocked = str(exc)
+else:
+    sys.exit("torch was importable")
+work = Path(sys.argv[1])
+plan = PlanDocument.from_dict(json.loads((work / "plan.json").read_text()))
+model = model_file(plan, work)
+specs = build_partitions(plan.stages, plan.alternatives, model, work, exits=exit_heads(plan))
+settings = [offload_settings(plan, i, work, model) for i in range(len(plan.stages))]
+_, _, x, _ = validation_split()
+partition = Partition(specs[0].partitions[0], 1)
+partition.load()
+out = partition.run({"input": x[:8]})
+print(json.dumps({"blocked": blocked, "settings": settings, "deviceOutputs": sorted(out),
+                  "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_offload_stages_start_without_torch_from_the_prebuilt_files(tmp_path: Path) -> None:
+    """A process where `import torch` fails (as in the worker image) cuts a plan with
+    exits, cascade and reuse into stages and gets their settings from the prebuilt
+    files, and the device partition runs with its exit."""
+    import os
+    import subprocess
+    import sys
+
+    from edgeai_worker.offload.build import prebuild_offload
+
+    prebuild_offload(progress=False)  # the image build's step (torch, in this process)
+    section = {
+        "exits": {"rule": "maxProb", "targetAccuracy": TARGET},
+        "cascade": {"rule": "maxProb", "targetAccuracy": TARGET},
+        "reuse": {"maxEntries": 64, "maxAccuracyLoss": 0.01},
+    }
+    plan = _offload_plan(section, device_layers=True)
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_dict()))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_NO_TORCH)
+    (tmp_path / "serve.py").write_text(_SERVE_WITHOUT_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "serve.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["blocked"] == "torch is blocked in this process"
+    assert result["torch"] is False
+    device, edge = (s["offload"] for s in result["settings"])
+    assert [e["output"] for e in device["exits"]] == ["exit_0"]
+    assert 0.0 < device["exits"][0]["threshold"] <= 1.0
+    assert device["cascadeModels"] and 0.0 < device["cascadeThreshold"] <= 1.01
+    assert [e["output"] for e in edge["exits"]] == ["exit_1"]
+    assert edge["reuseEntries"] == 64 and edge["reuseMaxDistance"] >= 0.0
+    assert result["deviceOutputs"] == sorted([RELU_1, "exit_0"])

@@ -16,7 +16,8 @@
       sharing: none                        # none | backbone
       power: {computeWatts: 4, txWatts: 1.5, rxWatts: 1.0, idleWatts: 0.3}
       cost: {edgePerMs: 0.1, cloudPerMs: 1.0}
-      offload: {cascade: {rule: disagreement, targetAccuracy: 0.97}, reuse: {maxEntries: 256}}
+      offload: {cascade: {rule: disagreement, targetAccuracy: 0.97}, reuse: {maxEntries: 256},
+                exits: {rule: maxProb, targetAccuracy: 0.97}}
 
 `spec.model` (a zoo model without a DNNModel) is for `edgeai plan` and `run-local`;
 the CRD offers `modelRef` only. Every problem raises `SpecError` naming the field
@@ -77,6 +78,7 @@ class Autoscaling:
 
 # --- spec.offload: per-input offloading (edgeai_worker.offload) ---------------------
 CASCADE_RULES = ("maxProb", "entropy", "disagreement")
+EXIT_RULES = ("maxProb", "entropy")  # disagreement needs two models: cascades only
 MAX_REUSE_ENTRIES = 100_000
 
 
@@ -91,15 +93,26 @@ class OffloadSpec:
     target_accuracy: float | None = None
     reuse_entries: int = 0  # 0: no reuse
     reuse_max_accuracy_loss: float = 0.005
+    # early exits: the stages are cut from the model with its exit heads; the stage
+    # computing an exit answers when confident (thresholds for exits_target_accuracy)
+    exits_rule: str | None = None
+    exits_target_accuracy: float | None = None
+
+
+def _target(section: Mapping[str, Any], field: str) -> float:
+    target = _number(section.get("targetAccuracy"), field, positive=False, at_most=1.0)
+    if target is None:
+        raise SpecError(field, "is required", "a number in [0, 1]")
+    return target
 
 
 def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
     if "offload" not in spec:
         return None
     data = spec_mapping(spec["offload"], "spec.offload")
-    reject_unknown(data, "spec.offload", ("cascade", "reuse"))
+    reject_unknown(data, "spec.offload", ("cascade", "exits", "reuse"))
     if not data:
-        raise SpecError("spec.offload", "is empty", "cascade, reuse or both")
+        raise SpecError("spec.offload", "is empty", "cascade, exits, reuse or a mix")
     rule: str | None = None
     target: float | None = None
     if "cascade" in data:
@@ -108,15 +121,20 @@ def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
         rule = spec_choice(
             cascade.get("rule", "maxProb"), "spec.offload.cascade.rule", CASCADE_RULES
         )
-        target = _number(
-            cascade.get("targetAccuracy"),
-            "spec.offload.cascade.targetAccuracy",
-            positive=False,
-            at_most=1.0,
-        )
-        if target is None:
+        target = _target(cascade, "spec.offload.cascade.targetAccuracy")
+    exits_rule: str | None = None
+    exits_target: float | None = None
+    if "exits" in data:
+        exits = spec_mapping(data["exits"], "spec.offload.exits")
+        reject_unknown(exits, "spec.offload.exits", ("rule", "targetAccuracy"))
+        exits_rule = spec_choice(exits.get("rule", "maxProb"), "spec.offload.exits.rule", EXIT_RULES)
+        exits_target = _target(exits, "spec.offload.exits.targetAccuracy")
+        if rule is not None and rule != exits_rule:
             raise SpecError(
-                "spec.offload.cascade.targetAccuracy", "is required", "a number in [0, 1]"
+                "spec.offload.exits.rule",
+                f"{exits_rule} differs from spec.offload.cascade.rule {rule} (the device "
+                "stage judges both with one rule)",
+                f"rule: {rule} here too (maxProb or entropy in both)",
             )
     entries, loss = 0, 0.005
     if "reuse" in data:
@@ -133,7 +151,7 @@ def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
             default=0.005,
         )
         loss = 0.005 if found is None else found
-    return OffloadSpec(rule, target, entries, loss)
+    return OffloadSpec(rule, target, entries, loss, exits_rule, exits_target)
 
 
 @dataclass(frozen=True)
@@ -439,6 +457,13 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             "spec.offload.cascade",
             "needs the device tier, which spec.placement.tiers leaves out",
             "add device to spec.placement.tiers (the small model runs on the device)",
+        )
+    if offload is not None and offload.exits_rule is not None and adaptive:
+        raise SpecError(
+            "spec.offload.exits",
+            "exit heads are cut into the planned stages only, not into the adaptive "
+            "split's alternative partitions",
+            "spec.placement.adaptiveSplit: false with exits",
         )
     if offload is not None and offload.reuse_entries and set(tiers_raw) == {"device"}:
         raise SpecError(

@@ -18,15 +18,17 @@ build runs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
-from edgeai_worker.offload.gate import calibrate_thresholds
+from edgeai_worker.offload.gate import NEVER, calibrate_thresholds
+
+if TYPE_CHECKING:
+    import onnx
 
 HEADS_FILE = "heads.json"
 TABLES_FILE = "validation.npz"
@@ -62,6 +64,8 @@ def graft_exits(model: onnx.ModelProto, heads: Sequence[ExitHead]) -> onnx.Model
     """`model` with each head's nodes and weights added and its exit among the outputs.
     Raises ValueError naming the head when its tensor is not one the model computes or
     its output name is taken."""
+    import onnx
+
     grafted = onnx.ModelProto()
     grafted.CopyFrom(model)
     graph = grafted.graph
@@ -112,27 +116,73 @@ class ExitCalibration:
     samples: int
 
 
-def calibrated(folder: Path, rule: str, target_accuracy: float) -> ExitCalibration:
-    """Thresholds and rates for `rule` and `target_accuracy` from `folder`'s tables
-    (the exits' only for rules they support; closed otherwise)."""
-    with np.load(folder / TABLES_FILE) as tables:
-        final = tables["final_correct"]
-        cascade = calibrate_thresholds(
-            [tables[f"cascade_{rule}"]], [tables["cascade_correct"]], final, target_accuracy
+def _calibrate(
+    tables: Mapping[str, Any], n_exits: int, rule: str, target_accuracy: float
+) -> ExitCalibration:
+    final = np.asarray(tables["final_correct"], dtype=bool)
+    cascade = calibrate_thresholds(
+        [np.asarray(tables[f"cascade_{rule}"], dtype=np.float64)],
+        [np.asarray(tables["cascade_correct"], dtype=bool)],
+        final,
+        target_accuracy,
+    )
+    exits = None
+    if rule in EXIT_RULES:
+        exits = calibrate_thresholds(
+            list(np.asarray(tables[f"exits_{rule}"], dtype=np.float64)),
+            list(np.asarray(tables["exits_correct"], dtype=bool)),
+            final,
+            target_accuracy,
         )
-        exits: Any = None
-        if rule in EXIT_RULES:
-            exits = calibrate_thresholds(
-                list(tables[f"exits_{rule}"]), list(tables["exits_correct"]), final, target_accuracy
-            )
-    n_exits = len(read_heads(folder))
     return ExitCalibration(
         rule=rule,
         target_accuracy=target_accuracy,
-        exit_thresholds=tuple(exits.thresholds) if exits else (1.01,) * n_exits,
-        exit_rates=tuple(exits.exit_rates) if exits else (0.0,) * n_exits,
+        exit_thresholds=exits.thresholds if exits else (NEVER,) * n_exits,
+        exit_rates=exits.exit_rates if exits else (0.0,) * n_exits,
         cascade_threshold=cascade.thresholds[0],
         escalation_rate=1.0 - cascade.exit_rates[0],
         accuracy=exits.accuracy if exits else cascade.final_accuracy,
         samples=cascade.samples,
     )
+
+
+def calibrated(folder: Path, rule: str, target_accuracy: float) -> ExitCalibration:
+    """Thresholds and rates for `rule` and `target_accuracy` from `folder`'s tables
+    (the exits' only for rules they support; closed otherwise)."""
+    with np.load(folder / TABLES_FILE) as tables:
+        return _calibrate(dict(tables), len(read_heads(folder)), rule, target_accuracy)
+
+
+# The calibration as a model's profile carries it (`offload`), for the planner: the
+# exits (which tensor each reads, its logits' and compute's size) and the validation
+# tables, confidences rounded to 4 decimals.
+def profile_section(folder: Path) -> dict[str, Any]:
+    import onnx
+
+    heads = read_heads(folder)
+    exits = []
+    for head in heads:
+        weights = sum(int(np.prod(i.dims)) for i in onnx.load(str(head.path)).graph.initializer)
+        exits.append(
+            {
+                "output": head.output,
+                "after": head.after,
+                "logitsBytes": head.logits_bytes,
+                "headFlops": 2 * weights,  # a multiply and an add per weight
+            }
+        )
+    with np.load(folder / TABLES_FILE) as tables:
+        validation = {
+            key: np.round(tables[key], 4).astype(float).tolist()
+            if tables[key].dtype.kind == "f"
+            else tables[key].astype(int).tolist()
+            for key in tables.files
+        }
+    return {"exits": exits, "validation": validation}
+
+
+def section_calibration(
+    section: Mapping[str, Any], rule: str, target_accuracy: float
+) -> ExitCalibration:
+    """`calibrated` from a profile's `offload` section."""
+    return _calibrate(section["validation"], len(section["exits"]), rule, target_accuracy)
