@@ -627,3 +627,107 @@ def test_offload_stages_start_without_torch_from_the_prebuilt_files(tmp_path: Pa
     assert [e["output"] for e in edge["exits"]] == ["exit_1"]
     assert edge["reuseEntries"] == 64 and edge["reuseMaxDistance"] >= 0.0
     assert result["deviceOutputs"] == sorted([RELU_1, "exit_0"])
+
+
+# ------------------------------------- planning with the exit shares (offloadplan)
+
+# A chain whose first segment keeps the raw input's size: without exits the edge runs
+# everything (uploading the input costs what uploading the first segment's output
+# does, and the edge computes faster); with an exit after that segment answering 96 %
+# of validation inputs, the device runs it and most inputs never leave.
+EXIT_PROFILE: dict[str, Any] = {
+    "kind": "Profile",
+    "model": "digits_cnn",
+    "variant": "fp32",
+    "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
+    "host": {},
+    "cuts": [
+        {"index": 0, "tensors": ["input"], "sizeBytes": 602112, "position": 0},
+        {"index": 1, "tensors": ["t1"], "sizeBytes": 602112, "position": 1},
+        {"index": 2, "tensors": ["output"], "sizeBytes": 40, "position": 2},
+    ],
+    "segments": [
+        {"index": 0, "positions": "0-0", "flops": 20_000_000},
+        {"index": 1, "positions": "1-1", "flops": 2_000_000_000},
+    ],
+}
+# 25 validation inputs: the exit is right on 24 of them (confidence 0.9), wrong on one
+# (0.3); the model is right on all. For 0.97 the threshold is 0.9: 24/25 leave.
+SECTION: dict[str, Any] = {
+    "exits": [{"output": "exit_0", "after": "t1", "logitsBytes": 40, "headFlops": 1000}],
+    "cascade": {"flops": [1_000_000, 500_000]},
+    "validation": {
+        "final_correct": [1] * 25,
+        "exits_correct": [[1] * 24 + [0]],
+        "exits_maxProb": [[0.9] * 24 + [0.3]],
+        "exits_entropy": [[0.8] * 24 + [0.2]],
+        "cascade_correct": [1] * 20 + [0] * 5,
+        "cascade_maxProb": [0.95] * 20 + [0.5] * 5,
+        "cascade_entropy": [0.9] * 20 + [0.4] * 5,
+        "cascade_disagreement": [0.95] * 20 + [0.0] * 5,
+    },
+}
+
+
+def _planned(offload: dict[str, Any] | None, section: dict[str, Any] | None = SECTION) -> Any:
+    from edgeai_operator.deployspec import parse_deployment
+    from edgeai_operator.planning import NodeState, plan_zones
+    from edgeai_operator.topology import NodeSpec
+
+    def node(name: str, tier: str, gflops: float, mbps: float | None) -> NodeState:
+        labels = {"edgeai.dev/tier": tier, "topology.kubernetes.io/zone": "zone-a"}
+        return NodeState(
+            NodeSpec(name, tier, "zone-a", {}, gflops, mbps, 1.0, None, labels), True, True
+        )
+
+    spec: dict[str, Any] = {
+        "modelRef": {"name": "digits"},
+        "slo": {"latencyP95Ms": 100},
+        "placement": {"tiers": ["device", "edge"]},
+    }
+    if offload is not None:
+        spec["offload"] = offload
+    body = {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNDeployment",
+            "metadata": {"name": "cam"}, "spec": spec}  # fmt: skip
+    profile = {**EXIT_PROFILE, **({"offload": section} if section else {})}
+    nodes = [node("phone", "device", 2.0, 100.0), node("gateway", "edge", 200.0, None)]
+    return plan_zones(parse_deployment(body), [profile], nodes).plans["zone-a"]
+
+
+def test_exit_shares_change_the_chosen_split_and_its_p95() -> None:
+    from edgeai_operator.plandoc import PlanDocument
+
+    plain = _planned(None)
+    exits = _planned({"exits": {"rule": "maxProb", "targetAccuracy": 0.97}})
+    assert plain.split == "edge:0-1"
+    assert plain.offload is None
+    assert exits.split == "device:0 > edge:1"
+    assert exits.offload.exit_shares == {"exit_0": 0.96, "final": 0.04}
+    # device: 20 MFLOPs at 2 GFLOPS = 10 ms (+ the head's 0.0005 ms) answers 96 %: the
+    # p95 of the mix; the 4 % that go on upload 602112 B at 100 Mbit/s (48.2 ms)
+    assert exits.predicted_latency_ms == pytest.approx(10.0005, abs=1e-3)
+    assert plain.predicted_latency_ms > 55.0  # upload 48.2 + edge 10.1 + RTT 1
+    expected_mean = 0.96 * 10.0005 + 0.04 * (10.0 + 48.17 + 10.0 + 1.0 + 0.0032)
+    assert exits.objective_value == pytest.approx(expected_mean, rel=1e-3)
+    assert exits.to_dict()["offload"]["exitShares"] == {"exit_0": 0.96, "final": 0.04}
+    assert PlanDocument.from_dict(exits.to_dict()) == exits
+    # no calibration in the profile: planned without exits, nothing expected
+    unknown = _planned({"exits": {"rule": "maxProb", "targetAccuracy": 0.97}}, section=None)
+    assert unknown.split == "edge:0-1"
+    assert unknown.offload.exit_shares == {}
+
+
+def test_a_cascade_is_planned_on_the_device_with_its_escalation_rate() -> None:
+    # 20 of 25 validation inputs are answered by the small model at 0.95 (all right);
+    # for 0.8 the threshold is 0.5 (20 right + 5 wrong = 0.8): everything stays on the
+    # device; for 0.97, 0.95: 5 of 25 (0.2) escalate, the raw input to the edge
+    lenient = _planned({"cascade": {"rule": "maxProb", "targetAccuracy": 0.8}})
+    strict = _planned({"cascade": {"rule": "maxProb", "targetAccuracy": 0.97}})
+    assert lenient.offload.exit_shares == {"cascade": 1.0, "final": 0.0}
+    assert strict.offload.exit_shares == {"cascade": 0.8, "final": 0.2}
+    assert strict.split == "edge:0-1"  # the escalations go up whole, as without a cascade
+    # 1 MFLOPs at 2 GFLOPS on the device answers 80 %; p95 is an escalation's latency
+    assert strict.predicted_latency_ms == pytest.approx(
+        _planned(None).predicted_latency_ms + 0.5, abs=1e-3
+    )
+    assert lenient.predicted_latency_ms == pytest.approx(0.5, abs=1e-3)

@@ -156,21 +156,26 @@ def calibrated(folder: Path, rule: str, target_accuracy: float) -> ExitCalibrati
 # The calibration as a model's profile carries it (`offload`), for the planner: the
 # exits (which tensor each reads, its logits' and compute's size) and the validation
 # tables, confidences rounded to 4 decimals.
-def profile_section(folder: Path) -> dict[str, Any]:
+def _flops(path: Path) -> int:
     import onnx
 
-    heads = read_heads(folder)
-    exits = []
-    for head in heads:
-        weights = sum(int(np.prod(i.dims)) for i in onnx.load(str(head.path)).graph.initializer)
-        exits.append(
-            {
-                "output": head.output,
-                "after": head.after,
-                "logitsBytes": head.logits_bytes,
-                "headFlops": 2 * weights,  # a multiply and an add per weight
-            }
-        )
+    from edgeai_worker.graph import analyze
+
+    return sum(node.flops for node in analyze(onnx.load(str(path))).nodes)
+
+
+def profile_section(folder: Path) -> dict[str, Any]:
+    exits = [
+        {
+            "output": head.output,
+            "after": head.after,
+            "logitsBytes": head.logits_bytes,
+            "headFlops": _flops(head.path),
+        }
+        for head in read_heads(folder)
+    ]
+    # the cascade's small model(s): the first, and the second opinion of disagreement
+    cascade = {"flops": [_flops(folder / m) for m in ("small.onnx", "small2.onnx")]}
     with np.load(folder / TABLES_FILE) as tables:
         validation = {
             key: np.round(tables[key], 4).astype(float).tolist()
@@ -178,7 +183,7 @@ def profile_section(folder: Path) -> dict[str, Any]:
             else tables[key].astype(int).tolist()
             for key in tables.files
         }
-    return {"exits": exits, "validation": validation}
+    return {"exits": exits, "cascade": cascade, "validation": validation}
 
 
 def section_calibration(
