@@ -251,7 +251,9 @@ CASES = [
     ("deployment: offload empty", _with(DEPLOYMENT, "spec.offload", {}), "spec.offload"),
     (
         "deployment: offload exits rule",
-        _with(DEPLOYMENT, "spec.offload", {"exits": {"rule": "disagreement", "targetAccuracy": 0.9}}),
+        _with(
+            DEPLOYMENT, "spec.offload", {"exits": {"rule": "disagreement", "targetAccuracy": 0.9}}
+        ),
         "spec.offload.exits.rule",
     ),
     (

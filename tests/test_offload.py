@@ -359,11 +359,18 @@ def test_spec_offload_is_read_and_its_errors_name_the_field() -> None:
         None,
     )
     refused = [
-        ({"exits": {"rule": "disagreement", "targetAccuracy": 0.9}}, None, "spec.offload.exits.rule"),
+        (
+            {"exits": {"rule": "disagreement", "targetAccuracy": 0.9}},
+            None,
+            "spec.offload.exits.rule",
+        ),
         ({"exits": {}}, None, "spec.offload.exits.targetAccuracy"),
         ({"exits": {"targetAccuracy": 0.9, "at": 1}}, None, "spec.offload.exits"),
         (
-            {"exits": {"targetAccuracy": 0.9}, "cascade": {"rule": "entropy", "targetAccuracy": 0.9}},
+            {
+                "exits": {"targetAccuracy": 0.9},
+                "cascade": {"rule": "entropy", "targetAccuracy": 0.9},
+            },
             None,
             "spec.offload.exits.rule",
         ),
@@ -395,8 +402,10 @@ def _offload_plan(
 
     if device_layers:  # the device runs the first convolution and ReLU, the edge the rest
         stages = [
-            {"index": 0, "tier": "device", "layers": "0-1", "inputs": ["input"], "outputs": [RELU_1]},
-            {"index": 1, "tier": "edge", "layers": "2-8", "inputs": [RELU_1], "outputs": ["output"]},
+            {"index": 0, "tier": "device", "layers": "0-1",
+             "inputs": ["input"], "outputs": [RELU_1]},
+            {"index": 1, "tier": "edge", "layers": "2-8",
+             "inputs": [RELU_1], "outputs": ["output"]},
         ]  # fmt: skip
         return PlanDocument.from_dict(
             {**_offload_plan(offload, zoo_name).to_dict(), "stages": stages}
@@ -514,12 +523,21 @@ def test_a_plan_with_exits_answers_at_the_stage_computing_each_exit(tmp_path: Pa
     import onnx
 
     from edgeai_operator.localworkers import start_local
-    from edgeai_operator.partitions import build_partitions, exit_heads, model_file, offload_settings
+    from edgeai_operator.partitions import (
+        build_partitions,
+        exit_heads,
+        model_file,
+        offload_settings,
+    )
     from edgeai_worker.offload.build import validation_split
 
-    plan = _offload_plan({"exits": {"rule": "maxProb", "targetAccuracy": TARGET}}, device_layers=True)
+    plan = _offload_plan(
+        {"exits": {"rule": "maxProb", "targetAccuracy": TARGET}}, device_layers=True
+    )
     model = model_file(plan, tmp_path)
-    specs = build_partitions(plan.stages, plan.alternatives, model, tmp_path, exits=exit_heads(plan))
+    specs = build_partitions(
+        plan.stages, plan.alternatives, model, tmp_path, exits=exit_heads(plan)
+    )
     device_outputs = [o.name for o in onnx.load(str(specs[0].partitions[0])).graph.output]
     edge_outputs = [o.name for o in onnx.load(str(specs[1].partitions[0])).graph.output]
     assert device_outputs == [RELU_1, "exit_0"]
@@ -623,9 +641,11 @@ def test_offload_stages_start_without_torch_from_the_prebuilt_files(tmp_path: Pa
     device, edge = (s["offload"] for s in result["settings"])
     assert [e["output"] for e in device["exits"]] == ["exit_0"]
     assert 0.0 < device["exits"][0]["threshold"] <= 1.0
-    assert device["cascadeModels"] and 0.0 < device["cascadeThreshold"] <= 1.01
+    assert device["cascadeModels"]
+    assert 0.0 < device["cascadeThreshold"] <= 1.01
     assert [e["output"] for e in edge["exits"]] == ["exit_1"]
-    assert edge["reuseEntries"] == 64 and edge["reuseMaxDistance"] >= 0.0
+    assert edge["reuseEntries"] == 64
+    assert edge["reuseMaxDistance"] >= 0.0
     assert result["deviceOutputs"] == sorted([RELU_1, "exit_0"])
 
 

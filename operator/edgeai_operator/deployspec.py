@@ -127,7 +127,9 @@ def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
     if "exits" in data:
         exits = spec_mapping(data["exits"], "spec.offload.exits")
         reject_unknown(exits, "spec.offload.exits", ("rule", "targetAccuracy"))
-        exits_rule = spec_choice(exits.get("rule", "maxProb"), "spec.offload.exits.rule", EXIT_RULES)
+        exits_rule = spec_choice(
+            exits.get("rule", "maxProb"), "spec.offload.exits.rule", EXIT_RULES
+        )
         exits_target = _target(exits, "spec.offload.exits.targetAccuracy")
         if rule is not None and rule != exits_rule:
             raise SpecError(

@@ -196,7 +196,11 @@ class PlanOffload:
         cascade = r.mapping(data, "cascade")
         exits = r.mapping(data, "exits")
         reuse = r.mapping(data, "reuse")
-        cr, er, rr = _Reader(f"{field}.cascade"), _Reader(f"{field}.exits"), _Reader(f"{field}.reuse")
+        cr, er, rr = (
+            _Reader(f"{field}.cascade"),
+            _Reader(f"{field}.exits"),
+            _Reader(f"{field}.reuse"),
+        )
         return cls(
             cascade_rule=cr.optional_text(cascade, "rule") if cascade else None,
             target_accuracy=cr.number(cascade, "targetAccuracy") if cascade else None,
