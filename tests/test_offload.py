@@ -651,26 +651,27 @@ def test_offload_stages_start_without_torch_from_the_prebuilt_files(tmp_path: Pa
 
 # ------------------------------------- planning with the exit shares (offloadplan)
 
+
 # A chain whose first segment keeps the raw input's size: without exits the edge runs
 # everything (uploading the input costs what uploading the first segment's output
 # does, and the edge computes faster); with an exit after that segment answering 96 %
 # of validation inputs, the device runs it and most inputs never leave.
-EXIT_PROFILE: dict[str, Any] = {
-    "kind": "Profile",
-    "model": "digits_cnn",
-    "variant": "fp32",
-    "input": {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"},
-    "host": {},
-    "cuts": [
-        {"index": 0, "tensors": ["input"], "sizeBytes": 602112, "position": 0},
-        {"index": 1, "tensors": ["t1"], "sizeBytes": 602112, "position": 1},
-        {"index": 2, "tensors": ["output"], "sizeBytes": 40, "position": 2},
-    ],
-    "segments": [
-        {"index": 0, "positions": "0-0", "flops": 20_000_000},
-        {"index": 1, "positions": "1-1", "flops": 2_000_000_000},
-    ],
-}
+def _chain_profile(cut_bytes: list[int], flops: list[int]) -> dict[str, Any]:
+    names = ["input", *(f"t{i}" for i in range(1, len(cut_bytes) - 1)), "output"]
+    tensor = {"name": "input", "shape": [1, 3, 224, 224], "dtype": "FP32"}
+    return {
+        **dict(kind="Profile", model="digits_cnn", variant="fp32", input=tensor, host={}),
+        "cuts": [
+            {"index": i, "tensors": [n], "sizeBytes": b, "position": i}
+            for i, (n, b) in enumerate(zip(names, cut_bytes, strict=True))
+        ],
+        "segments": [
+            {"index": i, "positions": f"{i}-{i}", "flops": f} for i, f in enumerate(flops)
+        ],
+    }
+
+
+EXIT_PROFILE = _chain_profile([602112, 602112, 40], [20_000_000, 2_000_000_000])
 # 25 validation inputs: the exit is right on 24 of them (confidence 0.9), wrong on one
 # (0.3); the model is right on all. For 0.97 the threshold is 0.9: 24/25 leave.
 SECTION: dict[str, Any] = {

@@ -99,11 +99,22 @@ class OffloadSpec:
     exits_target_accuracy: float | None = None
 
 
-def _target(section: Mapping[str, Any], field: str) -> float:
-    target = _number(section.get("targetAccuracy"), field, positive=False, at_most=1.0)
+def _judged(
+    data: Mapping[str, Any], key: str, rules: tuple[str, ...]
+) -> tuple[str | None, float | None]:
+    """`spec.offload.<key>`'s rule and target accuracy (both None when it is absent)."""
+    if key not in data:
+        return None, None
+    field = f"spec.offload.{key}"
+    section = spec_mapping(data[key], field)
+    reject_unknown(section, field, ("rule", "targetAccuracy"))
+    rule = spec_choice(section.get("rule", "maxProb"), f"{field}.rule", rules)
+    target = _number(
+        section.get("targetAccuracy"), f"{field}.targetAccuracy", positive=False, at_most=1.0
+    )
     if target is None:
-        raise SpecError(field, "is required", "a number in [0, 1]")
-    return target
+        raise SpecError(f"{field}.targetAccuracy", "is required", "a number in [0, 1]")
+    return rule, target
 
 
 def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
@@ -113,31 +124,15 @@ def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
     reject_unknown(data, "spec.offload", ("cascade", "exits", "reuse"))
     if not data:
         raise SpecError("spec.offload", "is empty", "cascade, exits, reuse or a mix")
-    rule: str | None = None
-    target: float | None = None
-    if "cascade" in data:
-        cascade = spec_mapping(data["cascade"], "spec.offload.cascade")
-        reject_unknown(cascade, "spec.offload.cascade", ("rule", "targetAccuracy"))
-        rule = spec_choice(
-            cascade.get("rule", "maxProb"), "spec.offload.cascade.rule", CASCADE_RULES
+    rule, target = _judged(data, "cascade", CASCADE_RULES)
+    exits_rule, exits_target = _judged(data, "exits", EXIT_RULES)
+    if exits_rule is not None and rule is not None and rule != exits_rule:
+        raise SpecError(
+            "spec.offload.exits.rule",
+            f"{exits_rule} differs from spec.offload.cascade.rule {rule} (the device "
+            "stage judges both with one rule)",
+            f"rule: {rule} here too (maxProb or entropy in both)",
         )
-        target = _target(cascade, "spec.offload.cascade.targetAccuracy")
-    exits_rule: str | None = None
-    exits_target: float | None = None
-    if "exits" in data:
-        exits = spec_mapping(data["exits"], "spec.offload.exits")
-        reject_unknown(exits, "spec.offload.exits", ("rule", "targetAccuracy"))
-        exits_rule = spec_choice(
-            exits.get("rule", "maxProb"), "spec.offload.exits.rule", EXIT_RULES
-        )
-        exits_target = _target(exits, "spec.offload.exits.targetAccuracy")
-        if rule is not None and rule != exits_rule:
-            raise SpecError(
-                "spec.offload.exits.rule",
-                f"{exits_rule} differs from spec.offload.cascade.rule {rule} (the device "
-                "stage judges both with one rule)",
-                f"rule: {rule} here too (maxProb or entropy in both)",
-            )
     entries, loss = 0, 0.005
     if "reuse" in data:
         reuse = spec_mapping(data["reuse"], "spec.offload.reuse")
