@@ -752,3 +752,26 @@ def test_a_cascade_is_planned_on_the_device_with_its_escalation_rate() -> None:
         _planned(None).predicted_latency_ms + 0.5, abs=1e-3
     )
     assert lenient.predicted_latency_ms == pytest.approx(0.5, abs=1e-3)
+
+
+def test_grafting_refuses_heads_built_for_another_backbone(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeai_worker.offload.build import prebuild_offload
+    from edgeai_worker.offload.exits import graft_exits, read_heads
+
+    heads = read_heads(prebuild_offload(progress=False))
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])
+    other = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "g", [x], [y])
+    )
+    with pytest.raises(ValueError, match=r"exit 'exit_0': the model computes no tensor '/features"):
+        graft_exits(other, heads)
+    taken = onnx.ModelProto()
+    taken.CopyFrom(other)
+    taken.graph.node[0].output[0] = RELU_1
+    taken.graph.node.append(helper.make_node("Relu", [RELU_1], ["exit_0"]))
+    with pytest.raises(ValueError, match=r"exit 'exit_0': the model already has a tensor"):
+        graft_exits(taken, heads[:1])
