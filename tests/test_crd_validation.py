@@ -250,6 +250,39 @@ CASES = [
     ),
     ("deployment: offload empty", _with(DEPLOYMENT, "spec.offload", {}), "spec.offload"),
     (
+        "deployment: offload exits rule",
+        _with(
+            DEPLOYMENT, "spec.offload", {"exits": {"rule": "disagreement", "targetAccuracy": 0.9}}
+        ),
+        "spec.offload.exits.rule",
+    ),
+    (
+        "deployment: offload exits target",
+        _with(DEPLOYMENT, "spec.offload", {"exits": {"rule": "entropy"}}),
+        "spec.offload.exits.targetAccuracy",
+    ),
+    (
+        "deployment: offload exits with the adaptive split",
+        _with(
+            _with(DEPLOYMENT, "spec.offload", {"exits": {"targetAccuracy": 0.97}}),
+            "spec.placement.adaptiveSplit",
+            True,
+        ),
+        "spec.offload.exits needs spec.placement.adaptiveSplit: false",
+    ),
+    (
+        "deployment: offload exits and cascade rules differ",
+        _with(
+            DEPLOYMENT,
+            "spec.offload",
+            {
+                "exits": {"rule": "entropy", "targetAccuracy": 0.97},
+                "cascade": {"targetAccuracy": 0.97},
+            },
+        ),
+        "spec.offload.exits.rule must equal spec.offload.cascade.rule",
+    ),
+    (
         "deployment: offload reuse entries",
         _with(DEPLOYMENT, "spec.offload", {"reuse": {"maxEntries": 0}}),
         "spec.offload.reuse.maxEntries",
@@ -427,11 +460,19 @@ OFFLOADING = _with(
         "reuse": {"maxEntries": 256, "maxAccuracyLoss": 0.01},
     },
 )
+EXITS = _with(
+    DEPLOYMENT,
+    "spec.offload",
+    {
+        "exits": {"rule": "entropy", "targetAccuracy": 0.97},
+        "cascade": {"rule": "entropy", "targetAccuracy": 0.97},
+    },
+)
 
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC, EXITS],
     ids=[
         "model",
         "deployment",
@@ -440,6 +481,7 @@ OFFLOADING = _with(
         "deployment-grpc-plain",
         "deployment-offload",
         "deployment-homomorphic-head",
+        "deployment-exits",
     ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:

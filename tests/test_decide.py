@@ -411,6 +411,30 @@ def test_offload_rates_and_labelled_accuracy_reach_the_status() -> None:
     }
 
 
+def test_the_status_plan_carries_the_expected_exit_shares() -> None:
+    """With spec.offload.exits and a profile carrying the calibration, the plan is
+    costed with the shares it gives, and status.plan says what they are."""
+    section = {
+        "exits": [{"output": "exit_0", "after": "f1", "logitsBytes": 40, "headFlops": 1000}],
+        "cascade": {"flops": [1000]},
+        "validation": {
+            "final_correct": [1] * 10,
+            "exits_correct": [[1] * 9 + [0]],
+            "exits_maxProb": [[0.9] * 9 + [0.2]],
+            "cascade_correct": [1] * 10,
+            "cascade_maxProb": [0.9] * 10,
+        },
+    }
+    offload = {"exits": {"rule": "maxProb", "targetAccuracy": 0.95}}
+    profiles = [{**PROFILE, "offload": section}]
+    decision = decide(
+        observed(body(offload=offload), topology(), profiles=profiles), DeploymentState()
+    )
+    assert decision.status["plan"]["exitShares"] == {"exit_0": 0.9, "final": 0.1}
+    plain = decide(observed(body(), topology()), DeploymentState())
+    assert "exitShares" not in plain.status["plan"]
+
+
 def test_no_offload_counters_no_offload_status() -> None:
     cluster, state = settle(body(), topology())
     decision, _ = run(

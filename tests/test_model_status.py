@@ -169,6 +169,7 @@ def test_the_operator_never_loads_torch_scikit_learn_or_onnxruntime() -> None:
         import sys
         import edgeai_operator.main, edgeai_operator.handlers
         from edgeai_operator import preparation, profiling, reconcile, planning
+        from edgeai_worker.offload import exits  # planning's calibration of exit shares
         heavy = sorted(m for m in ("torch", "sklearn", "onnxruntime", "onnx") if m in sys.modules)
         print(",".join(heavy))
         """

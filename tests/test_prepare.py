@@ -518,6 +518,11 @@ def test_zoo_digits_all_variants(
         assert pulled.layer_digest == variant.artifact.digest
     assert result.variant("fp32").accuracy is not None
     assert result.variant("fp32").accuracy >= 0.95  # type: ignore[operator]
+    # the model's own profile carries the offload calibration the planner reads
+    offload = result.variant("fp32").profile["offload"]  # type: ignore[index]
+    assert [e["output"] for e in offload["exits"]] == ["exit_0", "exit_1"]
+    assert len(offload["validation"]["final_correct"]) == 225  # the validation half
+    assert all("offload" not in (v.profile or {}) for v in result.variants if v.name != "fp32")
 
 
 def test_edgeai_prepare_takes_calibration_data_name_and_workdir(

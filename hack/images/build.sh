@@ -140,7 +140,7 @@ build_image() { # name extra-or-none
   rm -rf "$root"
   local image_env=""
   if [ "$extra" = worker ]; then
-    # digits_cnn's exports, variants, noise-trained files and the digits split, built
+    # digits_cnn's exports, variants, noise-trained files, offload folder and the digits split, built
     # with the host's torch and scikit-learn (the image has neither) into the cache the
     # worker reads first:
     # a `zoo: digits_cnn` DNNModel prepares on real pods (other zoo models need torch).
@@ -150,7 +150,10 @@ import shutil, sys
 from edgeai_worker import variants, zoo
 files = [*variants.prebuild_digits(), zoo.cache_dir() / f"digits-split-{zoo.code_hash()}.npz"]
 for path in files:
-    shutil.copy(path, sys.argv[1])
+    if path.is_dir():
+        shutil.copytree(path, f"{sys.argv[1]}/{path.name}", dirs_exist_ok=True)
+    else:
+        shutil.copy(path, sys.argv[1])
 ' "$ctx/opt/edgeai/cache/zoo" >&2
     chmod -R a+rX "$ctx/opt/edgeai/cache"
     image_env=" EDGEAI_CACHE_DIR=/opt/edgeai/cache"

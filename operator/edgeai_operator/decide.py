@@ -644,10 +644,13 @@ def _plan_status(zones: ZonePlans) -> tuple[dict[str, Any], PlanDocument]:
     worst_zone = max(zones.plans, key=lambda z: zones.plans[z].predicted_latency_ms or 0.0)
     worst = zones.plans[worst_zone]
     doc = worst.to_dict()
+    # per-input offloading: the shares of inputs each exit is expected to answer
+    shares = doc.get("offload", {}).get("exitShares")
     return {
         "predictedLatencyMs": round(float(zones.predicted_latency_ms or 0.0), 3),
         "stages": doc["stages"],
         "transfers": doc["transfers"],
+        **({"exitShares": shares} if shares else {}),
         "zones": {
             z: {
                 "split": plan.split,

@@ -16,7 +16,8 @@
       sharing: none                        # none | backbone
       power: {computeWatts: 4, txWatts: 1.5, rxWatts: 1.0, idleWatts: 0.3}
       cost: {edgePerMs: 0.1, cloudPerMs: 1.0}
-      offload: {cascade: {rule: disagreement, targetAccuracy: 0.97}, reuse: {maxEntries: 256}}
+      offload: {cascade: {rule: disagreement, targetAccuracy: 0.97}, reuse: {maxEntries: 256},
+                exits: {rule: maxProb, targetAccuracy: 0.97}}
 
 `spec.model` (a zoo model without a DNNModel) is for `edgeai plan` and `run-local`;
 the CRD offers `modelRef` only. Every problem raises `SpecError` naming the field
@@ -77,6 +78,7 @@ class Autoscaling:
 
 # --- spec.offload: per-input offloading (edgeai_worker.offload) ---------------------
 CASCADE_RULES = ("maxProb", "entropy", "disagreement")
+EXIT_RULES = ("maxProb", "entropy")  # disagreement needs two models: cascades only
 MAX_REUSE_ENTRIES = 100_000
 
 
@@ -91,33 +93,46 @@ class OffloadSpec:
     target_accuracy: float | None = None
     reuse_entries: int = 0  # 0: no reuse
     reuse_max_accuracy_loss: float = 0.005
+    # early exits: the stages are cut from the model with its exit heads; the stage
+    # computing an exit answers when confident (thresholds for exits_target_accuracy)
+    exits_rule: str | None = None
+    exits_target_accuracy: float | None = None
+
+
+def _judged(
+    data: Mapping[str, Any], key: str, rules: tuple[str, ...]
+) -> tuple[str | None, float | None]:
+    """`spec.offload.<key>`'s rule and target accuracy (both None when it is absent)."""
+    if key not in data:
+        return None, None
+    field = f"spec.offload.{key}"
+    section = spec_mapping(data[key], field)
+    reject_unknown(section, field, ("rule", "targetAccuracy"))
+    rule = spec_choice(section.get("rule", "maxProb"), f"{field}.rule", rules)
+    target = _number(
+        section.get("targetAccuracy"), f"{field}.targetAccuracy", positive=False, at_most=1.0
+    )
+    if target is None:
+        raise SpecError(f"{field}.targetAccuracy", "is required", "a number in [0, 1]")
+    return rule, target
 
 
 def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
     if "offload" not in spec:
         return None
     data = spec_mapping(spec["offload"], "spec.offload")
-    reject_unknown(data, "spec.offload", ("cascade", "reuse"))
+    reject_unknown(data, "spec.offload", ("cascade", "exits", "reuse"))
     if not data:
-        raise SpecError("spec.offload", "is empty", "cascade, reuse or both")
-    rule: str | None = None
-    target: float | None = None
-    if "cascade" in data:
-        cascade = spec_mapping(data["cascade"], "spec.offload.cascade")
-        reject_unknown(cascade, "spec.offload.cascade", ("rule", "targetAccuracy"))
-        rule = spec_choice(
-            cascade.get("rule", "maxProb"), "spec.offload.cascade.rule", CASCADE_RULES
+        raise SpecError("spec.offload", "is empty", "cascade, exits, reuse or a mix")
+    rule, target = _judged(data, "cascade", CASCADE_RULES)
+    exits_rule, exits_target = _judged(data, "exits", EXIT_RULES)
+    if exits_rule is not None and rule is not None and rule != exits_rule:
+        raise SpecError(
+            "spec.offload.exits.rule",
+            f"{exits_rule} differs from spec.offload.cascade.rule {rule} (the device "
+            "stage judges both with one rule)",
+            f"rule: {rule} here too (maxProb or entropy in both)",
         )
-        target = _number(
-            cascade.get("targetAccuracy"),
-            "spec.offload.cascade.targetAccuracy",
-            positive=False,
-            at_most=1.0,
-        )
-        if target is None:
-            raise SpecError(
-                "spec.offload.cascade.targetAccuracy", "is required", "a number in [0, 1]"
-            )
     entries, loss = 0, 0.005
     if "reuse" in data:
         reuse = spec_mapping(data["reuse"], "spec.offload.reuse")
@@ -133,7 +148,7 @@ def _offload(spec: Mapping[str, Any]) -> OffloadSpec | None:
             default=0.005,
         )
         loss = 0.005 if found is None else found
-    return OffloadSpec(rule, target, entries, loss)
+    return OffloadSpec(rule, target, entries, loss, exits_rule, exits_target)
 
 
 @dataclass(frozen=True)
@@ -451,6 +466,13 @@ def parse_deployment(doc: Any) -> DeploymentSpec:
             "spec.offload.cascade",
             "needs the device tier, which spec.placement.tiers leaves out",
             "add device to spec.placement.tiers (the small model runs on the device)",
+        )
+    if offload is not None and offload.exits_rule is not None and adaptive:
+        raise SpecError(
+            "spec.offload.exits",
+            "exit heads are cut into the planned stages only, not into the adaptive "
+            "split's alternative partitions",
+            "spec.placement.adaptiveSplit: false with exits",
         )
     if offload is not None and offload.reuse_entries and set(tiers_raw) == {"device"}:
         raise SpecError(

@@ -142,10 +142,12 @@ def answer_once(
     """The plan's stages cut from `model_path` into `workdir`, started, sent `feeds`
     (arrays by input name) once in binary form, and stopped: the stages and the output
     tensors (`edgeai_worker.protocol.Tensor`) of the answer."""
-    from edgeai_operator.partitions import build_partitions
+    from edgeai_operator.partitions import build_partitions, exit_heads
     from edgeai_worker.profiler import infer_binary
 
-    specs = build_partitions(plan.stages, plan.alternatives, model_path, workdir)
+    specs = build_partitions(
+        plan.stages, plan.alternatives, model_path, workdir, exits=exit_heads(plan)
+    )
     run = start_local(plan, specs, workdir)
     try:
         return specs, list(infer_binary(run.entry_url, run.model_name, feeds))

@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeai_operator import TIERS
 from edgeai_operator.errors import SpecError, read_yaml_documents
 from edgeai_operator.files import file_sha256
 from edgeai_operator.plandoc import PlanAlternative, PlanDocument, PlanStage
+
+if TYPE_CHECKING:
+    from edgeai_worker.offload.exits import ExitHead
 
 
 @dataclass
@@ -104,13 +107,19 @@ def build_partitions(
     workdir: Path,
     *,
     adaptive: bool = True,
+    exits: Sequence[ExitHead] = (),
 ) -> list[StageSpec]:
-    """Cut the model into each stage's partition files (and the adaptive split's)."""
+    """Cut the model into each stage's partition files (and the adaptive split's).
+    With `exits` (`exit_heads`), the heads are grafted onto the model first and each
+    stage's partition also outputs the exits whose tensor its layers compute."""
     import onnx
 
     from edgeai_worker.graph import Partitioner, cut_points
+    from edgeai_worker.offload.exits import graft_exits, produced_exits
 
     model = onnx.load(str(model_path))
+    if exits:
+        model = graft_exits(model, exits)
     partitioner = Partitioner(model)
     specs: list[StageSpec] = []
     for i, stage in enumerate(stages):
@@ -118,6 +127,9 @@ def build_partitions(
         if set(spec.outputs) != set(spec.inputs):  # an empty stage only forwards
             try:
                 sub = partitioner.extract(spec.inputs, spec.outputs)
+                extra = produced_exits(sub, exits)
+                if extra:
+                    sub = partitioner.extract(spec.inputs, (*spec.outputs, *extra))
             except ValueError as exc:
                 raise SpecError(f"plan.stages[{i}]", str(exc)) from None
             path = workdir / f"stage{i}-{spec.tier}.onnx"
@@ -273,16 +285,40 @@ def noise_trained_model(plan: PlanDocument, stage: int) -> Path | None:
 # --- per-input offloading (spec.offload; edgeai_worker.offload) -----------------------
 
 
+def _digits_only(plan: PlanDocument) -> None:
+    if plan.model.zoo != "digits_cnn":
+        raise SpecError(
+            "spec.offload",
+            f"cascades, exits and reuse are built and calibrated for the zoo's digits_cnn, "
+            f"not model {plan.model.name!r}",
+            "a deployment of digits_cnn, or no spec.offload",
+        )
+
+
+def exit_heads(plan: PlanDocument) -> tuple[ExitHead, ...]:
+    """The exit heads a plan with `offload.exits` grafts onto its model (prebuilt in
+    the zoo cache, `edgeai_worker.offload.build.prebuild_offload`); none otherwise."""
+    if plan.offload is None or plan.offload.exits_rule is None:
+        return ()
+    _digits_only(plan)
+    from edgeai_worker.offload.build import prebuild_offload
+    from edgeai_worker.offload.exits import read_heads
+
+    return read_heads(prebuild_offload(progress=False))
+
+
 def offload_settings(
     plan: PlanDocument, stage: int, workdir: Path, model_path: Path | None = None
 ) -> dict[str, Any]:
     """The worker's `offload` setting for stage `stage` (-1: the device entry) of a
-    plan with `offload`: on the device, the cascade (its small models built and its
-    threshold calibrated for the plan's target accuracy); on the first stage after the
-    device, result reuse (the distance calibrated, on what that stage receives, for the
-    plan's largest accuracy loss). Empty for the other stages and for plans without
-    offload. Built files go to `workdir/offload`; `model_path` is the plan's model,
-    needed when the reusing stage receives features instead of the input."""
+    plan with `offload`: on the device, the cascade (its small models and the
+    threshold for the plan's target accuracy); on every stage whose layers compute an
+    exit's tensor, that exit with its threshold; on the first stage after the device,
+    result reuse (the distance calibrated, on what that stage receives, for the plan's
+    largest accuracy loss). Empty for the other stages and for plans without offload.
+    Models and thresholds come from the prebuilt files (no torch); a reuse key model
+    is written to `workdir/offload`; `model_path` is the plan's model, needed when the
+    reusing stage receives features instead of the input."""
     offload = plan.offload
     if offload is None:
         return {}
@@ -290,45 +326,57 @@ def offload_settings(
     first_up = next((i for i, s in enumerate(plan.stages) if s.tier != "device"), None)
     cascade = offload.cascade_rule is not None and tier == "device"
     reuse = offload.reuse_entries > 0 and stage == first_up
-    if not cascade and not reuse:
+    exits = offload.exits_rule is not None and stage >= 0
+    if not cascade and not reuse and not exits:
         return {}
-    if plan.model.zoo != "digits_cnn":
-        raise SpecError(
-            "spec.offload",
-            f"cascades and reuse are built and calibrated for the zoo's digits_cnn, "
-            f"not model {plan.model.name!r}",
-            "a deployment of digits_cnn, or no spec.offload",
-        )
-    from edgeai_worker.offload.build import calibrate_reuse, digits_offload_files
+    _digits_only(plan)
+    import onnx
 
-    files = workdir / "offload"
-    target = offload.target_accuracy if offload.target_accuracy is not None else 0.0
-    calibration = digits_offload_files(files, target)
+    from edgeai_worker.graph import Partitioner
+    from edgeai_worker.offload.build import calibrate_reuse, prebuild_offload
+    from edgeai_worker.offload.exits import calibrated, produced_exits, read_heads
+
+    files = prebuild_offload(progress=False)
+    source = model_path if model_path is not None else model_file(plan, Path("."))
     settings: dict[str, Any] = {}
+    if exits:
+        found = calibrated(files, str(offload.exits_rule), offload.exits_target_accuracy or 0.0)
+        heads = read_heads(files)
+        ours: list[str] = []
+        current = plan.stages[stage]
+        if set(current.outputs) != set(current.inputs):
+            part = Partitioner(onnx.load(str(source))).extract(current.inputs, current.outputs)
+            ours = produced_exits(part, heads)
+        settings["rule"] = found.rule
+        settings["exits"] = [
+            {"output": h.output, "threshold": t}
+            for h, t in zip(heads, found.exit_thresholds, strict=True)
+            if h.output in ours
+        ]
     if cascade:
         rule = str(offload.cascade_rule)
         smalls = ["small.onnx", "small2.onnx"] if rule == "disagreement" else ["small.onnx"]
         settings["rule"] = rule
         settings["cascadeModels"] = [str(files / m) for m in smalls]
-        settings["cascadeThreshold"] = calibration[rule]["cascadeThreshold"]
+        settings["cascadeThreshold"] = calibrated(
+            files, rule, offload.target_accuracy or 0.0
+        ).cascade_threshold
     if reuse:
         assert first_up is not None
         inputs = plan.stages[first_up].inputs
         prefix: Path | None = None
         if inputs != (plan.model.input.name,):
-            import onnx
-
-            from edgeai_worker.graph import Partitioner
-
-            source = model_path if model_path is not None else model_file(plan, Path("."))
-            prefix = files / f"to-stage{first_up}.onnx"
+            (workdir / "offload").mkdir(parents=True, exist_ok=True)
+            prefix = workdir / "offload" / f"to-stage{first_up}.onnx"
             graph = Partitioner(onnx.load(str(source))).extract((plan.model.input.name,), inputs)
             onnx.save(graph, str(prefix))
-        found = calibrate_reuse(
+        distance = calibrate_reuse(
             files, offload.reuse_entries, offload.reuse_max_accuracy_loss, prefix
         )
         settings["reuseEntries"] = offload.reuse_entries
-        settings["reuseMaxDistance"] = found["max_distance"]
+        settings["reuseMaxDistance"] = distance["max_distance"]
+    if not settings.get("exits") and not cascade and not reuse:
+        return {}
     return {"offload": settings}
 
 
@@ -387,7 +435,9 @@ def stage_settings(
         if noisy is not None:  # its own folder: a shared workdir keeps the plain files
             (workdir / "noise-trained").mkdir(parents=True, exist_ok=True)
         cut_into = workdir if noisy is None else workdir / "noise-trained"
-        specs = build_partitions(plan.stages, plan.alternatives, noisy or source, cut_into)
+        specs = build_partitions(
+            plan.stages, plan.alternatives, noisy or source, cut_into, exits=exit_heads(plan)
+        )
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
         settings.update(offload_settings(plan, stage, workdir, source))

@@ -161,36 +161,54 @@ class PlanAlternative:
 @dataclass(frozen=True)
 class PlanOffload:
     """Per-input offloading as the stages run it (spec.offload): the device stage's
-    cascade rule and the accuracy its threshold is calibrated for, and the result-reuse
-    cache of the first stage after the device."""
+    cascade rule and the accuracy its threshold is calibrated for, the early exits'
+    rule and target (the stages are cut from the model with its exit heads), the
+    result-reuse cache of the first stage after the device, and the shares of inputs
+    the plan was costed with (`exitShares`: per exit and `final`, measured on
+    validation data; the cascade's small model counts as exit `cascade`)."""
 
     cascade_rule: str | None = None
     target_accuracy: float | None = None
     reuse_entries: int = 0
     reuse_max_accuracy_loss: float = 0.005
+    exits_rule: str | None = None
+    exits_target_accuracy: float | None = None
+    exit_shares: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
         if self.cascade_rule is not None:
             doc["cascade"] = {"rule": self.cascade_rule, "targetAccuracy": self.target_accuracy}
+        if self.exits_rule is not None:
+            doc["exits"] = {"rule": self.exits_rule, "targetAccuracy": self.exits_target_accuracy}
         if self.reuse_entries:
             doc["reuse"] = {
                 "maxEntries": self.reuse_entries,
                 "maxAccuracyLoss": self.reuse_max_accuracy_loss,
             }
+        if self.exit_shares:
+            doc["exitShares"] = dict(self.exit_shares)
         return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], field: str) -> PlanOffload:
         r = _Reader(field)
         cascade = r.mapping(data, "cascade")
+        exits = r.mapping(data, "exits")
         reuse = r.mapping(data, "reuse")
-        cr, rr = _Reader(f"{field}.cascade"), _Reader(f"{field}.reuse")
+        cr, er, rr = (
+            _Reader(f"{field}.cascade"),
+            _Reader(f"{field}.exits"),
+            _Reader(f"{field}.reuse"),
+        )
         return cls(
             cascade_rule=cr.optional_text(cascade, "rule") if cascade else None,
             target_accuracy=cr.number(cascade, "targetAccuracy") if cascade else None,
             reuse_entries=rr.integer(reuse, "maxEntries") if reuse else 0,
             reuse_max_accuracy_loss=rr.number(reuse, "maxAccuracyLoss", default=0.005),
+            exits_rule=er.optional_text(exits, "rule") if exits else None,
+            exits_target_accuracy=er.number(exits, "targetAccuracy") if exits else None,
+            exit_shares=r.numbers(data, "exitShares"),
         )
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from edgeai_operator.deployspec import DeploymentSpec
 from edgeai_operator.errors import SpecError
+from edgeai_operator.offloadplan import offload_section, solve_offload
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planner import Problem
 from edgeai_operator.problem import (
@@ -37,7 +38,6 @@ from edgeai_operator.problem import (
     OVERHEAD_KEYS,
     build_problem,
     plan_document,
-    solve,
 )
 from edgeai_operator.topology import NodeSpec, Topology
 
@@ -132,10 +132,13 @@ def plan_zones(
         except SpecError as exc:
             result.unplanned[zone] = str(exc)
             continue
-        plan = solve(spec, problem)
+        # per-input offloading: the split costed with the exit shares (offloadplan)
+        section = offload_section(profiles)
+        gflops = {t: float(v["gflops"]) for t, v in context["tiers"].items()}
+        plan, shares = solve_offload(spec, problem, section, gflops)
         if not plan.feasible:
             relaxed = replace(problem, slo_latency_ms=None, slo_throughput_rps=None)
-            best = solve(spec, relaxed)
+            best, shares = solve_offload(spec, relaxed, section, gflops)
             if not best.feasible:
                 result.unplanned[zone] = plan.reason or best.reason or "no feasible placement"
                 continue
@@ -152,6 +155,7 @@ def plan_zones(
             zone_method,
             zone=zone,
             measured_on=measured_on,
+            exit_shares=shares,
         )
     return result
 

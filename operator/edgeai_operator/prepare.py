@@ -659,6 +659,29 @@ def _measure(ctx: _Context, path: Path) -> float | None:
     return None
 
 
+def _add_offload_calibration(profile: dict[str, Any], path: Path, progress: Progress) -> None:
+    """digits_cnn's exit heads, small models and validation tables (prebuilt, see
+    `edgeai_worker.offload`) as the profile's `offload` section, for planning with
+    exit shares; left out, and said, where they are not prebuilt or the heads do not
+    fit this model."""
+    import onnx
+
+    from edgeai_worker.offload.build import prebuild_offload
+    from edgeai_worker.offload.exits import profile_section, read_heads
+
+    try:
+        folder = prebuild_offload(progress=False)
+    except RuntimeError as exc:
+        progress(f"no offload calibration: {exc}")
+        return
+    produced = {o for n in onnx.load(str(path)).graph.node for o in n.output}
+    missing = [h.after for h in read_heads(folder) if h.after not in produced]
+    if missing:
+        progress(f"no offload calibration: the exit heads read {missing}, not in this model")
+        return
+    profile["offload"] = profile_section(folder)
+
+
 def _prepare_variant(
     ctx: _Context,
     index: int | None,
@@ -694,6 +717,8 @@ def _prepare_variant(
             check_segments=variant.kind == "fp32",
         )
         accuracy = _measure(ctx, path)
+        if ctx.zoo_digits and variant.kind == "fp32":
+            _add_offload_calibration(profile, path, progress)
     except GraphError as exc:
         if variant.kind == "fp32":  # the model itself: no variant of it can be planned
             raise UnsupportedGraph(str(exc)) from exc

@@ -634,6 +634,7 @@ def plan_document(
     zone: str | None = None,
     granularity: str | None = None,
     measured_on: dict[str, str | None] | None = None,
+    exit_shares: Mapping[str, float] | None = None,
 ) -> PlanDocument:
     """The `PlanDocument` of `plan`: the model as profiled (the planned variant's
     profile; its prepared artefact, uri and digest, when the profile names one, else
@@ -712,6 +713,9 @@ def plan_document(
                 spec.offload.target_accuracy,
                 spec.offload.reuse_entries,
                 spec.offload.reuse_max_accuracy_loss,
+                spec.offload.exits_rule,
+                spec.offload.exits_target_accuracy,
+                exit_shares or {},
             )
         ),
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 from edgeai_operator.errors import SpecError
 from edgeai_operator.localworkers import start_local
-from edgeai_operator.partitions import build_partitions, load_plan, model_file
+from edgeai_operator.partitions import build_partitions, exit_heads, load_plan, model_file
 
 
 def _cmd_run_local(args: argparse.Namespace) -> int:
@@ -36,7 +36,12 @@ def _cmd_run_local(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="edgeai-run-"))
     workdir.mkdir(parents=True, exist_ok=True)
     specs = build_partitions(
-        plan.stages, plan.alternatives, model_path, workdir, adaptive=not args.no_adaptive
+        plan.stages,
+        plan.alternatives,
+        model_path,
+        workdir,
+        adaptive=not args.no_adaptive,
+        exits=exit_heads(plan),
     )
     settings = {
         key: value

@@ -14,11 +14,17 @@ and exported to ONNX, with thresholds calibrated on held-out digits (needs torch
 - Data: the held-out quarter of `zoo.digits_split()` is halved, even rows for
   calibration ("validation"), odd rows for every accuracy this module reports
   ("held-out"), so no threshold is fitted on the data it is judged on.
+- Prebuilt (`prebuild_offload`, part of `variants.prebuild_digits`): the exit heads as
+  files of their own, the small models and the validation tables, in the zoo cache, so
+  a stage without torch grafts the heads onto its model and calibrates for any target
+  (`offload.exits`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -347,3 +353,100 @@ def digits_offload_files(workdir: Path, target_accuracy: float) -> dict[str, Any
         if all(c.get("targetAccuracy") == target_accuracy for c in calibration.values()):
             return calibration
     return build_digits_offload(workdir, target_accuracy)
+
+
+# --- prebuilt: what a stage serving spec.offload reads, built once with torch ----------
+
+
+def prebuilt_dir() -> Path:
+    """Where `prebuild_offload` keeps its files (the zoo cache, keyed by the code)."""
+    return zoo.cache_dir() / f"digits_cnn-offload-{_hash()}"
+
+
+def _session_outputs(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {zoo.INPUT_NAME: x}), strict=True))
+
+
+def _backbone_tensor(backbone: onnx.ModelProto, features: np.ndarray, x: np.ndarray) -> str:
+    """The tensor of `backbone` holding `features` (what an exit head reads) on `x`:
+    the exits model is exported from a module wrapping the backbone, so its names
+    differ; its values do not."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(backbone)
+    names = [str(o) for n in probe.graph.node for o in n.output]
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    values = _session_outputs(probe, x)
+    for name in names:
+        value = values[name]
+        if value.shape == features.shape and np.allclose(value, features, atol=1e-5):
+            return name
+    raise ValueError("no backbone tensor holds the exit head's features")
+
+
+def prebuild_offload(*, progress: bool = True) -> Path:
+    """The files a stage serving `spec.offload` for `digits_cnn` reads, built once into
+    `prebuilt_dir()`: the exit heads (`exit_k.onnx`, input named after the backbone
+    tensor it reads, listed in `heads.json`), the cascade's small models
+    (`small.onnx`, `small2.onnx`), the full model (`full.onnx`) and the validation
+    tables (`validation.npz`) thresholds are calibrated from for any target."""
+    from edgeai_worker.graph import Partitioner
+    from edgeai_worker.offload.exits import EXIT_RULES, TABLES_FILE, ExitHead, write_heads
+
+    folder = prebuilt_dir()
+    if (folder / TABLES_FILE).exists():
+        return folder
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            f"the offload files are not prebuilt in {folder} and torch, which builds "
+            "them, is not installed (build them with edgeai_worker.variants.prebuild_digits)"
+        )
+    work = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    exits_path = export_exits(work / "exits.onnx", progress=progress)
+    exits_model = onnx.load(str(exits_path))
+    partitioner = Partitioner(exits_model)
+    shutil.copyfile(zoo.export_onnx("digits_cnn", trained=True), work / "full.onnx")
+    shutil.copyfile(variants.variant_path("digits_cnn", "distilled"), work / "small.onnx")
+    zoo.export_module(_mlp(progress=progress), (1, 1, 8, 8), work / "small2.onnx")
+    backbone = onnx.load(str(work / "full.onnx"))
+    x_val, y_val, _, _ = validation_split()
+    features = _session_outputs(partitioner.extract((zoo.INPUT_NAME,), FEATURES), x_val)
+    heads = []
+    for exit_name, feature in zip(EXIT_OUTPUTS, FEATURES, strict=True):
+        after = _backbone_tensor(backbone, features[feature], x_val)
+        head = partitioner.extract((feature,), (exit_name,))
+        rename_tensor(head, feature, after)
+        for value in head.graph.input:
+            value.name = after if value.name == feature else value.name
+        onnx.save(head, str(work / f"{exit_name}.onnx"))
+        heads.append(ExitHead(exit_name, after, work / f"{exit_name}.onnx", 10 * 4))
+    write_heads(work, heads)
+    (work / "exits.onnx").unlink()
+    from edgeai_worker.offload.exits import graft_exits
+
+    outputs = _session_outputs(graft_exits(backbone, heads), x_val)
+    small = [_run(work / m, x_val)[zoo.OUTPUT_NAME] for m in ("small.onnx", "small2.onnx")]
+    tables: dict[str, np.ndarray] = {
+        "final_correct": _correct(outputs[zoo.OUTPUT_NAME], y_val),
+        "exits_correct": np.stack([_correct(outputs[e], y_val) for e in EXIT_OUTPUTS]),
+        "cascade_correct": _correct(small[0], y_val),
+    }
+    for rule in EXIT_RULES:
+        tables[f"exits_{rule}"] = np.stack([confidence(outputs[e], rule) for e in EXIT_OUTPUTS])
+    for rule in RULES:
+        second = small[1] if rule == "disagreement" else None
+        tables[f"cascade_{rule}"] = confidence(small[0], rule, second)
+    np.savez(work / TABLES_FILE, **tables)  # type: ignore[arg-type]
+    shutil.rmtree(folder, ignore_errors=True)
+    work.rename(folder)
+    return folder
