@@ -693,6 +693,14 @@ def _prepare_variant(
             # cut from the same graph, transformed)
             check_segments=variant.kind == "fp32",
         )
+        if variant.kind == "fp32":
+            # what a DNNModel derived from this one (spec.base) is checked against
+            import onnx
+
+            from edgeai_worker.graph import prefix_digests
+
+            cuts = [c["tensors"] for c in profile["cuts"]]
+            profile["prefixDigests"] = prefix_digests(onnx.load(path), cuts)
         accuracy = _measure(ctx, path)
     except GraphError as exc:
         if variant.kind == "fp32":  # the model itself: no variant of it can be planned

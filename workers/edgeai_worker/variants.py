@@ -216,13 +216,14 @@ def variant_path(model: str, variant: str) -> Path:
 def prebuild_digits() -> list[Path]:
     """Every file a preparation of `zoo: digits_cnn` reads, built into the cache: the
     exports, each variant, the noise-trained models (at the levels `noise_training`
-    ships) and the digits split. The worker image ships them, having neither torch nor
-    scikit-learn."""
-    from edgeai_worker import noise_training
+    ships), the heads on its trunk (`trunks`) and the digits split. The worker image
+    ships them, having neither torch nor scikit-learn."""
+    from edgeai_worker import noise_training, trunks
 
     paths = [zoo.export_onnx("digits_cnn", trained=True), zoo.export_onnx("digits_cnn")]
     paths += [variant_path("digits_cnn", v) for v in VARIANT_NAMES if v != "fp32"]
     paths += noise_training.prebuild()
+    paths += trunks.prebuild()
     zoo.digits_split()
     return paths
 
