@@ -559,7 +559,9 @@ def step(
                 return Step(status={"conditions": conds})
             if verdict == "mismatch":
                 message = f"{detail} (Job {name})"
-                conds = set_condition(conditions, "Fetched", True, "Fetched", spec.source.uri, generation)
+                conds = set_condition(
+                    conditions, "Fetched", True, "Fetched", spec.source.uri, generation
+                )
                 conds = set_condition(conds, "Prepared", False, "BaseMismatch", message, generation)
                 return Step(
                     status={"conditions": conds, **finished},
