@@ -292,3 +292,45 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
                     ] == "model 'tercile' is not served here (accepted: digits, parity)"
         finally:
             served.stop()
+
+
+# ---------------------------------------------------------------------------
+# The bench's rendering, on a literal report
+
+
+def _entry(sep: tuple[float, float, float], shared: tuple[float, float, float]) -> dict[str, Any]:
+    keys = ("flopsPerPair", "computeMsPerPair", "cpuMsPerPair")
+    summary = {
+        name: {**dict(zip(keys, values)), "identicalTop1": True, "maxAbsDiff": 0.0}
+        for name, values in (("separate", sep), ("shared", shared))
+    }
+    ratios = {k: summary["shared"][k] / summary["separate"][k] for k in keys}
+    return {"summary": summary, "ratios": ratios}
+
+
+def test_the_trunk_numbers_render_met_and_unmet_goals() -> None:
+    from _bench_modules import load_script
+
+    bench = load_script(Path(__file__).resolve().parents[1] / "bench/trunks/run.py", "trunks_run")
+    rn = bench.render_numbers
+    report = {
+        "date": "2026-12-02",
+        "conditions": "idle",
+        "pairs": 400,
+        "rounds": 3,
+        "goal": 0.6,
+        "batches": {
+            "1": _entry((1000.0, 0.2, 1.0), (500.0, 0.3, 3.0)),
+            "16": _entry((16000.0, 0.4, 2.0), (8000.0, 0.2, 4.0)),
+        },
+    }
+    assert rn.trunks_goal(report) == (
+        "Goal: shared-trunk edge compute per pair of requests <= 0.6x two separate deployments "
+        "(2026-12-02, by digits per request). In FLOPs: 0.500x at 1, 0.500x at 16 (met at 1, "
+        "16). In the stages' measured compute time: 1.500x at 1, 0.500x at 16 (met at 16). "
+        "In edge process CPU time: 3.000x at 1, 2.000x at 16 (not met)."
+    )
+    table = rn.trunks_table(report).splitlines()
+    assert table[2] == "| 1 | 1,000 / 500 | 0.500 | 0.200 / 0.300 | 1.500 | 1.00 / 3.00 | 3.000 |"
+    assert table[-1].startswith("2026-12-02, 400 pairs of requests x 3 rounds (medians)")
+    assert "answers identical to each application's full model (largest difference 0)" in table[-1]
