@@ -912,6 +912,8 @@ def trunks_table(report: Mapping[str, Any]) -> str:
                 batch,
                 f"{sep['flopsPerPair']:,.0f} / {shared['flopsPerPair']:,.0f}",
                 f"{ratios['flopsPerPair']:.3f}",
+                f"{sep['computeCpuMsPerPair']:.3f} / {shared['computeCpuMsPerPair']:.3f}",
+                f"{ratios['computeCpuMsPerPair']:.3f}",
                 f"{sep['computeMsPerPair']:.3f} / {shared['computeMsPerPair']:.3f}",
                 f"{ratios['computeMsPerPair']:.3f}",
                 f"{sep['cpuMsPerPair']:.2f} / {shared['cpuMsPerPair']:.2f}",
@@ -922,6 +924,8 @@ def trunks_table(report: Mapping[str, Any]) -> str:
         "digits per request",
         "FLOPs per pair, separate / shared",
         "ratio",
+        "onnxruntime CPU ms per pair",
+        "ratio",
         "stage compute ms per pair",
         "ratio",
         "edge process CPU ms per pair",
@@ -929,7 +933,7 @@ def trunks_table(report: Mapping[str, Any]) -> str:
     ]
     summaries = [s for e in report["batches"].values() for s in e["summary"].values()]
     same = all(s["identicalTop1"] and s["maxAbsDiff"] == 0 for s in summaries)
-    return _table(header, "rrrrrrr", rows) + (
+    return _table(header, "rrrrrrrrr", rows) + (
         f"\n\n{report['date']}, {report['pairs']} pairs of requests x {report['rounds']} "
         f"rounds (medians), each request asked of both applications; answers "
         f"{'identical to' if same else 'NOT identical to'} each application's full model "
@@ -952,7 +956,8 @@ def trunks_goal(report: Mapping[str, Any]) -> str:
     return (
         f"Goal: shared-trunk edge compute per pair of requests <= {goal:g}x two separate "
         f"deployments ({report['date']}, by digits per request). In FLOPs: "
-        f"{verdict('flopsPerPair')}. In the stages' measured compute time: "
+        f"{verdict('flopsPerPair')}. In onnxruntime CPU time: "
+        f"{verdict('computeCpuMsPerPair')}. In the stages' measured compute time: "
         f"{verdict('computeMsPerPair')}. In edge process CPU time: {verdict('cpuMsPerPair')}."
     )
 

@@ -7,7 +7,7 @@ running the trunk once for a pair of requests on one input."""
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,13 +19,21 @@ import numpy as np
 import onnx
 import pytest
 
+from _cluster_support import Namespace, apply, condition, get, wait_for
 from _worker_support import Worker, extract, free_port, run_onnx, wait_ready, workers
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import BaseRef, parse_model_spec
 from edgeai_operator.preparation import check_base
 from edgeai_worker import trunks, zoo
 from edgeai_worker.graph import prefix_digests
-from edgeai_worker.protocol import HEADER_LENGTH
+from edgeai_worker.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    Tensor,
+    decode_response,
+    encode_request,
+    parse_header_length,
+)
 
 SPEC: dict[str, Any] = {
     "source": {"uri": "pvc://models/digits-parity.onnx"},
@@ -50,7 +58,9 @@ def test_heads_share_the_trunk_by_digest_and_nothing_after() -> None:
         # up to the trunk and the weightless Flatten after it: the same computation
         assert theirs[: trunk_end + 2] == ours[: trunk_end + 2]
         # from the first retrained layer on: another computation
-        assert all(a != b for a, b in zip(theirs[trunk_end + 2 :], ours[trunk_end + 2 :]))
+        assert all(
+            a != b for a, b in zip(theirs[trunk_end + 2 :], ours[trunk_end + 2 :], strict=True)
+        )
         assert trunks.head_accuracy(task) >= 0.95
 
 
@@ -73,7 +83,7 @@ def test_a_digest_sees_initializer_bytes_not_names() -> None:
     # one ulp of one weight of the first layer changes every digest after the input
     changed = prefix_digests(nudged, cuts)
     assert changed[0] == prefix_digests(base, cuts)[0]
-    assert all(a != b for a, b in zip(changed[1:], prefix_digests(base, cuts)[1:]))
+    assert all(a != b for a, b in zip(changed[1:], prefix_digests(base, cuts)[1:], strict=True))
 
 
 def test_spec_base_is_parsed() -> None:
@@ -166,8 +176,8 @@ def test_the_preparation_refuses_a_wrong_claim_naming_spec_base() -> None:
     )
     assert verdict == "mismatch"
     assert (
-        message
-        == "spec.base.sharedUpTo: 'nope' is not a single-tensor cut of this model's graph (its cuts: a, trunk)"
+        message == "spec.base.sharedUpTo: 'nope' is not a single-tensor cut of this model's graph "
+        "(its cuts: a, trunk)"
     )
     verdict, message = check_base("digits", SPEC_T, _result(["i"]), _base(["i"]))
     assert (verdict, message) == ("mismatch", "spec.base.modelRef.name names this DNNModel itself")
@@ -189,32 +199,20 @@ def test_the_preparation_waits_for_the_base() -> None:
 # The trunk stage over real sockets
 
 
-def _body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    raw = x.astype("<f4").tobytes()
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "parameters": {"binary_data_size": len(raw)},
-            }
-        ],
-        "parameters": {"binary_data_output": True},
-    }
-    encoded = json.dumps(header).encode()
-    return encoded + raw, {HEADER_LENGTH: str(len(encoded))}
+def _request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    request = InferRequest([Tensor.from_numpy("input", x)], parameters={"binary_data_output": True})
+    return encode_request(request)
 
 
 async def _infer(session: aiohttp.ClientSession, url: str, model: str, x: np.ndarray) -> np.ndarray:
-    body, headers = _body(x)
+    body, headers = _request(x)
     async with session.post(f"{url}/v2/models/{model}/infer", data=body, headers=headers) as resp:
         data = await resp.read()
         assert resp.status == 200, data
-        length = int(resp.headers[HEADER_LENGTH])
-        header = json.loads(data[:length])
-        assert header["model_name"] == model
-        return np.frombuffer(data[length:], "<f4").reshape(header["outputs"][0]["shape"])
+        length = parse_header_length(resp.headers.get(HEADER_LENGTH), len(data))
+    response = decode_response(data, length)
+    assert response.model_name == model
+    return response.outputs[0].array
 
 
 def _metric(text: str, series: str) -> float:
@@ -267,7 +265,7 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
     ]
     _, _, x_test, _ = zoo.digits_split()
     with workers(tmp_path, *settings) as started:
-        routes = {s["model_name"]: w.url for s, w in zip(settings, started)}
+        routes = {str(s["model_name"]): w.url for s, w in zip(settings, started, strict=True)}
         served = start_trunk(tmp_path, trunk, routes)
         try:
             async with aiohttp.ClientSession() as session:
@@ -283,6 +281,11 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
                 # 8 inputs, each asked of both applications: the trunk ran once per input
                 assert _metric(text, "edgeai_trunk_runs_total") == 8
                 assert _metric(text, "edgeai_trunk_reused_total") == 8
+                assert _metric(text, "edgeai_stage_compute_cpu_seconds_total") > 0
+                for head in started:
+                    async with session.get(f"{head.url}/metrics") as resp:
+                        cpu_s = _metric(await resp.text(), "edgeai_stage_compute_cpu_seconds_total")
+                    assert cpu_s > 0
                 async with session.post(
                     f"{served.url}/v2/models/tercile/infer", json={"inputs": []}
                 ) as resp:
@@ -298,10 +301,10 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
 # The bench's rendering, on a literal report
 
 
-def _entry(sep: tuple[float, float, float], shared: tuple[float, float, float]) -> dict[str, Any]:
-    keys = ("flopsPerPair", "computeMsPerPair", "cpuMsPerPair")
+def _entry(sep: tuple[float, ...], shared: tuple[float, ...]) -> dict[str, Any]:
+    keys = ("flopsPerPair", "computeCpuMsPerPair", "computeMsPerPair", "cpuMsPerPair")
     summary = {
-        name: {**dict(zip(keys, values)), "identicalTop1": True, "maxAbsDiff": 0.0}
+        name: {**dict(zip(keys, values, strict=True)), "identicalTop1": True, "maxAbsDiff": 0.0}
         for name, values in (("separate", sep), ("shared", shared))
     }
     ratios = {k: summary["shared"][k] / summary["separate"][k] for k in keys}
@@ -320,17 +323,103 @@ def test_the_trunk_numbers_render_met_and_unmet_goals() -> None:
         "rounds": 3,
         "goal": 0.6,
         "batches": {
-            "1": _entry((1000.0, 0.2, 1.0), (500.0, 0.3, 3.0)),
-            "16": _entry((16000.0, 0.4, 2.0), (8000.0, 0.2, 4.0)),
+            "1": _entry((1000.0, 0.1, 0.2, 1.0), (500.0, 0.2, 0.3, 3.0)),
+            "16": _entry((16000.0, 0.5, 0.4, 2.0), (8000.0, 0.25, 0.2, 4.0)),
         },
     }
     assert rn.trunks_goal(report) == (
         "Goal: shared-trunk edge compute per pair of requests <= 0.6x two separate deployments "
         "(2026-12-02, by digits per request). In FLOPs: 0.500x at 1, 0.500x at 16 (met at 1, "
-        "16). In the stages' measured compute time: 1.500x at 1, 0.500x at 16 (met at 16). "
+        "16). In onnxruntime CPU time: 2.000x at 1, 0.500x at 16 (met at 16). In the stages' "
+        "measured compute time: 1.500x at 1, 0.500x at 16 (met at 16). "
         "In edge process CPU time: 3.000x at 1, 2.000x at 16 (not met)."
     )
     table = rn.trunks_table(report).splitlines()
-    assert table[2] == "| 1 | 1,000 / 500 | 0.500 | 0.200 / 0.300 | 1.500 | 1.00 / 3.00 | 3.000 |"
+    assert table[2] == (
+        "| 1 | 1,000 / 500 | 0.500 | 0.100 / 0.200 | 2.000 | 0.200 / 0.300 | 1.500 "
+        "| 1.00 / 3.00 | 3.000 |"
+    )
     assert table[-1].startswith("2026-12-02, 400 pairs of requests x 3 rounds (medians)")
     assert "answers identical to each application's full model (largest difference 0)" in table[-1]
+
+
+# ---------------------------------------------------------------------------
+# Against the real control plane: preparation Jobs check the claim
+
+
+def _model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": source,
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            **spec,
+        },
+    }
+
+
+def _prepared_condition(ns: Namespace, name: str, status: str) -> Any:
+    def holds() -> Any:
+        obj = get(ns, "dnnm", name)
+        cond = condition(obj, "Prepared")
+        generation = (obj or {}).get("metadata", {}).get("generation")
+        return cond.get("observedGeneration") == generation and cond.get("status") == status and obj
+
+    return wait_for(f"DNNModel {name} Prepared={status}", holds, 300)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_the_preparation_verifies_a_declared_trunk(ns: Namespace, operator: Any) -> None:
+    sources = {}
+    for task in trunks.TASKS:
+        path = trunks.digits_head(task)
+        ns.kubectl("create", "configmap", f"{task}-onnx", f"--from-file=model.onnx={path}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        sources[task] = {"uri": f"configmap://{task}-onnx/model.onnx", "sha256": digest}
+    gemm = "/classifier/classifier.1/Gemm_output_0"
+    apply(
+        ns,
+        # applied first: waits for its base, which is applied after it
+        _model(
+            "digits-parity",
+            sources["parity"],
+            base={"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR},
+        ),
+        # claims more than it shares: its first Gemm was trained anew
+        _model(
+            "digits-tercile",
+            sources["tercile"],
+            base={"modelRef": {"name": "digits"}, "sharedUpTo": gemm},
+        ),
+    )
+
+    def waiting() -> Any:
+        cond = condition(get(ns, "dnnm", "digits-parity"), "Prepared")
+        return cond.get("reason") == "WaitingForBase" and cond
+
+    cond = wait_for("digits-parity waiting for its base", waiting, 300)
+    assert cond["message"] == "spec.base.modelRef.name: waiting for DNNModel digits (not found)"
+    apply(ns, _model("digits", {"zoo": "digits_cnn"}))
+    base = _prepared_condition(ns, "digits", "True")
+    parity = _prepared_condition(ns, "digits-parity", "True")
+    base_profile = next(p for p in base["status"]["profiles"] if p["variant"] == "fp32")
+    at = [c["tensors"] for c in base_profile["cuts"]].index([trunks.TRUNK_TENSOR])
+    trunk = parity["status"]["trunk"]
+    assert trunk["model"] == "digits"
+    assert trunk["sharedUpTo"] == trunks.TRUNK_TENSOR
+    assert trunk["baseTensor"] == trunks.TRUNK_TENSOR
+    assert trunk["digest"] == base_profile["prefixDigests"][at]
+    assert trunk["baseArtifact"] == base_profile["artifact"]
+    assert trunk["trunkFlops"] > 4 * trunk["headFlops"] > 0
+    assert "shares DNNModel digits's trunk" in condition(parity, "Prepared")["message"]
+    tercile = _prepared_condition(ns, "digits-tercile", "False")
+    cond = condition(tercile, "Prepared")
+    assert cond["reason"] == "BaseMismatch"
+    assert cond["message"].startswith(
+        f"spec.base: this model's graph up to '{gemm}' is not the graph of DNNModel digits "
+        "up to any of its cuts"
+    )
+    assert "trunk" not in tercile["status"]

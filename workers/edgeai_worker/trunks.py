@@ -35,10 +35,12 @@ EPOCHS = 30
 
 def task_labels(task: str, digits: np.ndarray) -> np.ndarray:
     """The class of each digit for `task`."""
+    import numpy as np
+
     if task == "parity":
-        return digits % 2
+        return np.asarray(digits % 2)
     if task == "tercile":
-        return (digits >= 3).astype(digits.dtype) + (digits >= 6).astype(digits.dtype)
+        return np.asarray((digits >= 3).astype(digits.dtype) + (digits >= 6).astype(digits.dtype))
     raise ValueError(f"unknown head task {task!r} (accepted: {', '.join(TASKS)})")
 
 

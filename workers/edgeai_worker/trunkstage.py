@@ -24,7 +24,7 @@ import hashlib
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,10 +75,15 @@ class TrunkState:
         self.compute_s = Counter(
             "edgeai_trunk_compute_seconds_total", "onnxruntime seconds of trunk runs."
         )
+        self.compute_cpu = Counter(
+            "edgeai_stage_compute_cpu_seconds_total",
+            "CPU seconds of onnxruntime runs of the trunk (no waits).",
+        )
         self.requests = Counter("edgeai_trunk_requests_total", "Requests by application.")
 
     def render(self) -> str:
-        series = [self.runs, self.reused, self.compute_s, self.requests]
+        self.compute_cpu.inc(self.partition.cpu_s - self.compute_cpu.get())
+        series = [self.runs, self.reused, self.compute_s, self.compute_cpu, self.requests]
         return "\n".join(line for s in series for line in s.render()) + "\n"
 
 
@@ -91,6 +96,12 @@ def _key(tensors: Sequence[Tensor]) -> str:
         h.update(f"{t.name}:{t.datatype}:{list(t.array.shape)}:".encode())
         h.update(np.ascontiguousarray(t.array).tobytes())
     return h.hexdigest()
+
+
+def _run(partition: Partition, tensors: Sequence[Tensor]) -> tuple[dict[str, np.ndarray], float]:
+    started = time.perf_counter()
+    outputs = partition.run({t.name: t.array for t in tensors})
+    return outputs, time.perf_counter() - started
 
 
 async def trunk_outputs(state: TrunkState, tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
@@ -107,9 +118,8 @@ async def trunk_outputs(state: TrunkState, tensors: Sequence[Tensor]) -> dict[st
         while len(state.kept) > state.config.reuse_entries:
             state.kept.popitem(last=False)
     try:
-        started = time.perf_counter()
-        outputs = state.partition.run({t.name: t.array for t in tensors})
-        state.compute_s.inc(time.perf_counter() - started)
+        outputs, compute_s = await asyncio.to_thread(_run, state.partition, tensors)
+        state.compute_s.inc(compute_s)
         state.runs.inc()
     except Exception as exc:
         state.kept.pop(key, None)
@@ -160,7 +170,7 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(text=request.app[STATE].render(), content_type="text/plain")
 
 
-async def _resources(app: web.Application) -> object:
+async def _resources(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await asyncio.to_thread(state.partition.load)
     for name, url in state.config.routes.items():
