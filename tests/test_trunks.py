@@ -286,6 +286,10 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
                     async with session.get(f"{head.url}/metrics") as resp:
                         cpu_s = _metric(await resp.text(), "edgeai_stage_compute_cpu_seconds_total")
                     assert cpu_s > 0
+                async with session.get(f"{served.url}/v2/models/parity/ready") as resp:
+                    assert resp.status == 200
+                async with session.get(f"{served.url}/v2/models/tercile/ready") as resp:
+                    assert resp.status == 404
                 async with session.post(
                     f"{served.url}/v2/models/tercile/infer", json={"inputs": []}
                 ) as resp:

@@ -135,8 +135,7 @@ async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     forwarder = state.forwarders.get(name)
     if forwarder is None:
-        message = f"model '{name}' is not served here (accepted: {', '.join(state.forwarders)})"
-        return web.Response(status=404, body=error_body(message), content_type="application/json")
+        return _not_served(state, name)
     body = await request.read()
     try:
         decoded = decode_request(
@@ -166,6 +165,20 @@ async def _health(_: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def _model_ready(request: web.Request) -> web.Response:
+    """Ready for the applications it routes; 404 naming them for any other."""
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    if name not in state.forwarders:
+        return _not_served(state, name)
+    return web.json_response({"name": name, "ready": True})
+
+
+def _not_served(state: TrunkState, name: str) -> web.Response:
+    message = f"model '{name}' is not served here (accepted: {', '.join(state.forwarders)})"
+    return web.Response(status=404, body=error_body(message), content_type="application/json")
+
+
 async def _metrics(request: web.Request) -> web.Response:
     return web.Response(text=request.app[STATE].render(), content_type="text/plain")
 
@@ -190,6 +203,7 @@ def create_trunk_app(config: TrunkConfig) -> web.Application:
     app.router.add_get("/v2/health/live", _health)
     app.router.add_get("/v2/health/ready", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v2/models/{name}/ready", _model_ready)
     app.router.add_post("/v2/models/{name}/infer", infer)
     return app
 
