@@ -75,10 +75,13 @@ bench-privacy: install ## Accuracy with and without noise training, feature inve
 bench-privacy-he: install ## Only the homomorphic head vs the plaintext head (digits), merged into privacy.json; rewrites the planner's he_cost.json
 	$(PY) bench/privacy/run.py --only he --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
+bench-trunks: install ## Shared trunk vs separate deployments: edge compute per pair of requests (digits)
+	$(PY) bench/trunks/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
+
 bench-offload: install ## Always-offload vs early exits vs cascade vs cascade+reuse over tc-shaped links (root)
 	$(PY) bench/offload/run.py --conditions "$${CONDITIONS:-not recorded (CONDITIONS=...)}"
 
-bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol bench-offload bench-tls bench-privacy ## All benchmarks
+bench: bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-protocol bench-offload bench-tls bench-privacy bench-trunks ## All benchmarks
 
 docs-numbers: install ## Render the README's and docs' tables of numbers from docs/results/*.json
 	$(PY) bench/render_numbers.py
@@ -100,7 +103,7 @@ crds-check: ## Fail when the chart's CRDs drifted from crds/
 	@diff -r crds charts/edgeai-operator/crds >/dev/null || { echo "charts/edgeai-operator/crds differs from crds/: run make crds"; exit 1; }
 
 .PHONY: help install binaries test test-unit lint format typecheck cluster-up cluster-down crds crds-check grpc-codegen \
-	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-offload bench-privacy bench-privacy-he docs-numbers docs-numbers-check
+	bench bench-planner bench-dataplane bench-operator bench-models bench-corpus bench-training bench-offload bench-privacy bench-privacy-he bench-trunks docs-numbers docs-numbers-check
 
 # Images and a local kind cluster (hack/images, hack/kind; docs/architecture.md). Root,
 # Docker from Debian (hack/kind/host.sh installs and starts it), nothing from the internet

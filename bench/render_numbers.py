@@ -980,6 +980,72 @@ def privacy_he_summary(report: Mapping[str, Any]) -> str:
     )
 
 
+# --- shared trunks (bench/trunks/run.py) -------------------------------------------------
+
+
+def trunks_table(report: Mapping[str, Any]) -> str:
+    rows = []
+    for batch, entry in report["batches"].items():
+        sep, shared, ratios = (
+            entry["summary"]["separate"],
+            entry["summary"]["shared"],
+            entry["ratios"],
+        )
+        rows.append(
+            [
+                batch,
+                f"{sep['flopsPerPair']:,.0f} / {shared['flopsPerPair']:,.0f}",
+                f"{ratios['flopsPerPair']:.3f}",
+                f"{sep['computeCpuMsPerPair']:.3f} / {shared['computeCpuMsPerPair']:.3f}",
+                f"{ratios['computeCpuMsPerPair']:.3f}",
+                f"{sep['computeMsPerPair']:.3f} / {shared['computeMsPerPair']:.3f}",
+                f"{ratios['computeMsPerPair']:.3f}",
+                f"{sep['cpuMsPerPair']:.2f} / {shared['cpuMsPerPair']:.2f}",
+                f"{ratios['cpuMsPerPair']:.3f}",
+            ]
+        )
+    header = [
+        "digits per request",
+        "FLOPs per pair, separate / shared",
+        "ratio",
+        "onnxruntime CPU ms per pair",
+        "ratio",
+        "stage compute ms per pair",
+        "ratio",
+        "edge process CPU ms per pair",
+        "ratio",
+    ]
+    summaries = [s for e in report["batches"].values() for s in e["summary"].values()]
+    same = all(s["identicalTop1"] and s["maxAbsDiff"] == 0 for s in summaries)
+    return _table(header, "rrrrrrrrr", rows) + (
+        f"\n\n{report['date']}, {report['pairs']} pairs of requests x {report['rounds']} "
+        f"rounds (medians), each request asked of both applications; answers "
+        f"{'identical to' if same else 'NOT identical to'} each application's full model "
+        f"(largest difference {max(s['maxAbsDiff'] for s in summaries):g}); "
+        f"conditions: {report['conditions']}."
+    )
+
+
+def trunks_goal(report: Mapping[str, Any]) -> str:
+    goal = report["goal"]
+
+    def verdict(key: str) -> str:
+        ratios = {b: e["ratios"][key] for b, e in report["batches"].items()}
+        met = [b for b, r in ratios.items() if r <= goal]
+        return (
+            ", ".join(f"{r:.3f}x at {b}" for b, r in ratios.items())
+            + f" ({'met at ' + ', '.join(met) if met else 'not met'})"
+        )
+
+    return (
+        f"Goal: shared-trunk edge compute per pair of requests <= {goal:g}x two separate "
+        f"deployments ({report['date']}, by digits per request). In FLOPs: "
+        f"{verdict('flopsPerPair')}. In onnxruntime CPU time: "
+        f"{verdict('computeCpuMsPerPair')}. In the stages' measured compute time: "
+        f"{verdict('computeMsPerPair')}. In edge process CPU time: {verdict('cpuMsPerPair')}."
+    )
+
+
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------
 
 
@@ -1199,6 +1265,8 @@ RENDERERS: dict[str, Renderer] = {
     "privacy-summary": Renderer("privacy.json", privacy_summary),
     "privacy-he": Renderer("privacy.json", privacy_he),
     "privacy-he-summary": Renderer("privacy.json", privacy_he_summary),
+    "trunks-table": Renderer("trunks.json", trunks_table),
+    "trunks-goal": Renderer("trunks.json", trunks_goal),
 }
 PLANNER_REGIONS = tuple(name for name in RENDERERS if name.startswith("planner-"))
 

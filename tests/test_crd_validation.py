@@ -80,6 +80,21 @@ _DELETE = object()
 CASES = [
     ("model: no source", _with(MODEL, "spec.source", _DELETE), "spec.source: Required value"),
     (
+        "model: base names itself",
+        _with(MODEL, "spec.base", {"modelRef": {"name": "invalid-model"}, "sharedUpTo": "t"}),
+        "spec.base.modelRef.name names this DNNModel itself",
+    ),
+    (
+        "model: base name no DNNModel name",
+        _with(MODEL, "spec.base", {"modelRef": {"name": "Digits"}, "sharedUpTo": "t"}),
+        "spec.base.modelRef.name must be a DNNModel name",
+    ),
+    (
+        "model: base without its cut",
+        _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}}),
+        "spec.base.sharedUpTo: Required value",
+    ),
+    (
         "model: neither zoo nor uri",
         _with(MODEL, "spec.source", {}),
         "spec.source sets exactly one of zoo or uri",
@@ -470,9 +485,12 @@ EXITS = _with(
 )
 
 
+TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo": "features"})
+
+
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC, EXITS],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC, EXITS, TRUNK],
     ids=[
         "model",
         "deployment",
@@ -482,6 +500,7 @@ EXITS = _with(
         "deployment-offload",
         "deployment-homomorphic-head",
         "deployment-exits",
+        "model-base",
     ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:

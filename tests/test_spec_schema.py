@@ -84,10 +84,12 @@ SAMPLES: dict[str, list[Any]] = {
     # another input than spec.input's (the walk's "a"): names are unique
     "spec.additionalInputs[0].name": ["state", "mask"],
     "spec.security.networkPolicy.entryFrom.cidrs": [["10.0.0.0/8"], ["192.168.0.0/16"]],
+    "spec.base.modelRef.name": ["digits", "digits-trunk-2"],
 }
 # Values CEL rules refuse, beyond the schema's own bounds.
 REFUSED: dict[str, list[Any]] = {
     "spec.artifacts.uri": BAD_ARTIFACTS,
+    "spec.base.modelRef.name": ["Digits", "-digits", "digits_cnn", "d" * 41],
     **{
         f"spec.source.{leaf}": [s[leaf] for _, s, f in BAD_SOURCES if f == f"spec.source.{leaf}"]
         for leaf in ("uri", "sha256")
@@ -347,6 +349,8 @@ def test_the_walk_covers_the_fields_this_test_is_about() -> None:
         ("DNNModel", "spec.artifacts.uri"),
         ("DNNModel", "spec.calibration.uri"),
         ("DNNModel", "spec.data.sha256"),
+        ("DNNModel", "spec.base.sharedUpTo"),
+        ("DNNModel", "spec.base.modelRef.name"),
     ]:
         assert expected in fields
     assert ("DNNModel", "spec.source.onnx") not in fields  # not built: not offered

@@ -140,9 +140,9 @@ build_image() { # name extra-or-none
   rm -rf "$root"
   local image_env=""
   if [ "$extra" = worker ]; then
-    # digits_cnn's exports, variants, noise-trained files, offload folder and the digits split, built
-    # with the host's torch and scikit-learn (the image has neither) into the cache the
-    # worker reads first:
+    # digits_cnn's exports, variants, noise-trained files, the offload folder, the heads
+    # on its trunk and the digits split, built with the host's torch and scikit-learn (the
+    # image has neither) into the cache the worker reads first:
     # a `zoo: digits_cnn` DNNModel prepares on real pods (other zoo models need torch).
     mkdir -p "$ctx/opt/edgeai/cache/zoo"
     PYTHONPATH="$repo/workers" "$host_python" -c '

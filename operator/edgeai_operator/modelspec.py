@@ -14,6 +14,7 @@
         - {name: pruned-30, prune: {sparsity: 0.3}}
         - {name: small, distill: {}}
       profile: {tiers: [device, edge, cloud], repeats: 20, idleMs: 100, timeoutSeconds: 300}
+      base: {modelRef: {name: digits}, sharedUpTo: features_out}
 
 `spec.source` is `{uri, sha256}` with a URI as `sources.parse_source` accepts it (the
 check the preparation Job and `edgeai fetch` make), or `{zoo: NAME}`, short for
@@ -22,6 +23,9 @@ zoo:// (they are `.npz` files, not models); `spec.artifacts.uri` is where derive
 artefacts go. Each variant maps to the `VariantRequest` the preparation builds. Every
 problem raises `SpecError` naming the field (`spec.variants[1].prune.sparsity`), what
 was wrong and what is accepted; the CRD's CEL rules refuse the same values server-side.
+`spec.base` declares that the model was fine-tuned above a trunk of another DNNModel of
+the namespace: its graph up to the cut tensor `sharedUpTo` computes what the base's
+graph computes up to one of its cuts, on the same weights (the preparation checks it).
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ DEFAULT_REPEATS = 20
 DEFAULT_IDLE_MS = 100
 DEFAULT_TIMEOUT_S = 300
 _VARIANT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A DNNModel name (the CRD holds names to 40 characters).
+_MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_MODEL_NAME = 40
+MAX_TENSOR_NAME = 256
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,15 @@ class ProfileSettings:
 
 
 @dataclass(frozen=True)
+class BaseRef:
+    """`spec.base`: the DNNModel whose trunk this model shares, and the cut tensor (of
+    this model's graph) the shared trunk ends at."""
+
+    model: str
+    shared_up_to: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     source: SourceRef
     input: InputSpec
@@ -158,6 +175,7 @@ class ModelSpec:
     data: SourceRef | None = None
     # the model's inputs after `input`, for a model with several (spec.additionalInputs)
     additional_inputs: tuple[InputSpec, ...] = ()
+    base: BaseRef | None = None
 
     @property
     def inputs(self) -> tuple[InputSpec, ...]:
@@ -372,6 +390,32 @@ def _profile(data: Mapping[str, Any]) -> ProfileSettings:
     )
 
 
+def _base(value: Any) -> BaseRef | None:
+    if value is None:
+        return None
+    data = spec_mapping(value, "spec.base")
+    reject_unknown(data, "spec.base", ("modelRef", "sharedUpTo"))
+    ref = spec_mapping(data.get("modelRef"), "spec.base.modelRef", required=True)
+    reject_unknown(ref, "spec.base.modelRef", ("name",))
+    name = ref.get("name")
+    if not isinstance(name, str) or len(name) > MAX_MODEL_NAME or not _MODEL_NAME.match(name):
+        raise SpecError(
+            "spec.base.modelRef.name",
+            f"invalid DNNModel name {name!r}",
+            f"the name of a DNNModel of this namespace (a DNS label of at most "
+            f"{MAX_MODEL_NAME} characters)",
+        )
+    tensor = data.get("sharedUpTo")
+    if not isinstance(tensor, str) or not tensor or len(tensor) > MAX_TENSOR_NAME:
+        raise SpecError(
+            "spec.base.sharedUpTo",
+            f"must be a tensor name, got {tensor!r}",
+            f"the name (1 to {MAX_TENSOR_NAME} characters) of a single-tensor cut of this "
+            "model's graph where the shared trunk ends",
+        )
+    return BaseRef(model=name, shared_up_to=tensor)
+
+
 def parse_model_spec(spec: Any) -> ModelSpec:
     """Validates a DNNModel's `spec` (the mapping under `spec:`)."""
     spec = spec_mapping(spec, "spec", required=True)
@@ -387,6 +431,7 @@ def parse_model_spec(spec: Any) -> ModelSpec:
             "additionalInputs",
             "variants",
             "profile",
+            "base",
         ),
     )
     source = _source(spec.get("source"))
@@ -416,4 +461,5 @@ def parse_model_spec(spec: Any) -> ModelSpec:
         artifacts_uri=_artifacts_uri(spec.get("artifacts")),
         calibration=_data_file(spec.get("calibration"), "spec.calibration"),
         data=_data_file(spec.get("data"), "spec.data"),
+        base=_base(spec.get("base")),
     )

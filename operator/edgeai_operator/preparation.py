@@ -355,6 +355,75 @@ def prepared_status(
     return status, summary
 
 
+def _fp32_profile(profiles: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((p for p in profiles if p.get("build", "fp32") == "fp32"), None)
+
+
+def _prepared(model: Mapping[str, Any]) -> bool:
+    generation = model["metadata"].get("generation")
+    return any(
+        c.get("type") == "Prepared"
+        and c.get("status") == "True"
+        and c.get("observedGeneration") == generation
+        for c in (model.get("status") or {}).get("conditions") or []
+    )
+
+
+def check_base(
+    name: str, spec: ModelSpec, result: Mapping[str, Any], base: Mapping[str, Any] | None
+) -> tuple[str, Any]:
+    """Whether the prepared model `result` (a PrepareResult dict) of DNNModel `name`
+    shares its trunk with `spec.base` (the base DNNModel as read, None when absent):
+    ("wait", message) until the base is prepared, ("mismatch", message) when the
+    claim is wrong (final for this generation), ("ok", status.trunk) when this model's
+    graph up to `sharedUpTo` has the digest of a cut of the base's graph (same ops,
+    same initializer bytes)."""
+    assert spec.base is not None
+    ref = spec.base
+    if ref.model == name:
+        return "mismatch", "spec.base.modelRef.name names this DNNModel itself"
+    if base is None:
+        return "wait", f"spec.base.modelRef.name: waiting for DNNModel {ref.model} (not found)"
+    if not _prepared(base):
+        return "wait", f"spec.base.modelRef.name: waiting for DNNModel {ref.model} to be Prepared"
+    variant = next(v for v in result["variants"] if v["kind"] == "fp32")
+    own = variant["profile"]
+    at = [i for i, c in enumerate(own["cuts"]) if list(c["tensors"]) == [ref.shared_up_to]]
+    if not at:
+        offered = [c["tensors"][0] for c in own["cuts"][1:-1] if len(c["tensors"]) == 1]
+        return "mismatch", (
+            f"spec.base.sharedUpTo: {ref.shared_up_to!r} is not a single-tensor cut of this "
+            f"model's graph (its cuts: {', '.join(offered[:12]) or 'none'})"
+        )
+    index = at[0]
+    digest = own["prefixDigests"][index]
+    theirs = _fp32_profile((base.get("status") or {}).get("profiles") or [])
+    if theirs is None or "prefixDigests" not in theirs:
+        return "mismatch", (
+            f"spec.base: DNNModel {ref.model} has no trunk digests in its status "
+            "(prepared by an older operator: change its spec to prepare it again)"
+        )
+    matching = [i for i, d in enumerate(theirs["prefixDigests"]) if d == digest]
+    if not matching:
+        return "mismatch", (
+            f"spec.base: this model's graph up to {ref.shared_up_to!r} is not the graph of "
+            f"DNNModel {ref.model} up to any of its cuts (ops or initializer bytes differ; "
+            f"digest {digest[:19]}...)"
+        )
+    base_cut = theirs["cuts"][matching[0]]
+    trunk_flops = sum(int(s["flops"]) for s in own["segments"][:index])
+    return "ok", {
+        "model": ref.model,
+        "sharedUpTo": ref.shared_up_to,
+        "baseTensor": base_cut["tensors"][0],
+        "cut": index,
+        "digest": digest,
+        "baseArtifact": dict(theirs["artifact"]),
+        "trunkFlops": trunk_flops,
+        "headFlops": sum(int(s["flops"]) for s in own["segments"][index:]),
+    }
+
+
 @dataclass(frozen=True)
 class Step:
     """What one tick does: objects to create, the status patch, Events to post."""
@@ -481,6 +550,28 @@ def step(
     if found.kind == "prepared":
         assert found.data is not None
         fields, summary = prepared_status(found.data, nodes, name)
+        if spec.base is not None:
+            verdict, detail = check_base(meta["name"], spec, found.data, observed.get("base"))
+            if verdict == "wait":
+                conds = set_condition(
+                    conditions, "Prepared", False, "WaitingForBase", detail, generation
+                )
+                return Step(status={"conditions": conds})
+            if verdict == "mismatch":
+                message = f"{detail} (Job {name})"
+                conds = set_condition(
+                    conditions, "Fetched", True, "Fetched", spec.source.uri, generation
+                )
+                conds = set_condition(conds, "Prepared", False, "BaseMismatch", message, generation)
+                return Step(
+                    status={"conditions": conds, **finished},
+                    events=(("Warning", "PreparationFailed", message),),
+                )
+            fields["trunk"] = detail
+            summary += (
+                f"; shares DNNModel {spec.base.model}'s trunk up to {spec.base.shared_up_to} "
+                f"({detail['trunkFlops'] / 1e6:.2f} MFLOPs)"
+            )
         conds = set_condition(
             conditions, "Fetched", True, "Fetched", f"{spec.source.uri}: {summary}", generation
         )
@@ -551,6 +642,7 @@ __all__ = [
     "Step",
     "access",
     "backoff_s",
+    "check_base",
     "current_job",
     "job_name",
     "outcome",

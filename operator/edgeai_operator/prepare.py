@@ -716,6 +716,14 @@ def _prepare_variant(
             # cut from the same graph, transformed)
             check_segments=variant.kind == "fp32",
         )
+        if variant.kind == "fp32":
+            # what a DNNModel derived from this one (spec.base) is checked against
+            import onnx
+
+            from edgeai_worker.graph import prefix_digests
+
+            cuts = [c["tensors"] for c in profile["cuts"]]
+            profile["prefixDigests"] = prefix_digests(onnx.load(path), cuts)
         accuracy = _measure(ctx, path)
         if ctx.zoo_digits and variant.kind == "fp32":
             _add_offload_calibration(profile, path, progress)

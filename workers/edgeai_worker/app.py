@@ -589,6 +589,11 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth, stage=state.stage)
+    if state.runtime is not None:
+        cpu_s = sum(p.cpu_s for p in state.runtime.partitions)
+        state.metrics.compute_cpu.inc(
+            cpu_s - state.metrics.compute_cpu.get(stage=state.stage), stage=state.stage
+        )
     return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 

@@ -29,6 +29,7 @@ are cut from the model as it declares itself, so a free batch dimension stays fr
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from typing import TypeVar
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx.shape_inference
 
 _T = TypeVar("_T")
@@ -777,6 +779,65 @@ def segment_models(
                 f"{text[0][:300] if text else type(exc).__name__}"
             ) from exc
     return loaded
+
+
+def prefix_digests(model: onnx.ModelProto, cuts: Sequence[Sequence[str]]) -> list[str]:
+    """For each cut (its tensors), a sha256 of everything that computes those tensors
+    from the model inputs: each op (type, domain, attributes), which computed tensor or
+    input it reads, and the bytes of each initializer it reads. Tensor and node names
+    do not count, so two models share a digest exactly when their graphs up to the cut
+    are the same computation on the same weights (a model fine-tuned above a frozen
+    trunk shares the trunk's digests)."""
+    graph = model.graph
+    producer: dict[str, tuple[onnx.NodeProto, int]] = {}
+    for node in graph.node:
+        for j, out in enumerate(node.output):
+            if out:
+                producer[out] = (node, j)
+    inputs = {i.name: (k, i.type.tensor_type.elem_type) for k, i in enumerate(graph.input)}
+    initializers = {t.name: t for t in graph.initializer}
+    memo: dict[str, bytes] = {}
+
+    def tensor(name: str) -> bytes:
+        # iterative post-order: deep chains would exceed Python's recursion limit
+        stack = [name]
+        while stack:
+            top = stack[-1]
+            if top in memo:
+                stack.pop()
+                continue
+            h = hashlib.sha256()
+            if top in initializers:
+                init = initializers[top]
+                array = onnx.numpy_helper.to_array(init)
+                h.update(f"init:{init.data_type}:{list(init.dims)}:".encode())
+                h.update(np.ascontiguousarray(array).tobytes())
+            elif top in inputs:
+                h.update(f"input:{inputs[top][0]}:{inputs[top][1]}".encode())
+            elif top in producer:
+                node, j = producer[top]
+                missing = [t for t in node_reads(node) if t not in memo]
+                if missing:
+                    stack += missing
+                    continue
+                h.update(f"node:{node.domain}:{node.op_type}:{j}:".encode())
+                for a in sorted(node.attribute, key=lambda a: a.name):
+                    h.update(a.SerializeToString())
+                for t in node_reads(node):
+                    h.update(memo[t])
+            else:
+                raise GraphError(f"tensor {top!r} is neither computed nor an input")
+            memo[top] = h.digest()
+            stack.pop()
+        return memo[name]
+
+    digests = []
+    for tensors in cuts:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(tensor(t))
+        digests.append("sha256:" + h.hexdigest())
+    return digests
 
 
 def extract_partition(

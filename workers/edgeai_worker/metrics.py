@@ -109,6 +109,10 @@ class WorkerMetrics:
             "onnxruntime time of one (batched) run of this stage's partition.",
             LATENCY_BUCKETS_S,
         )
+        self.compute_cpu = Counter(
+            "edgeai_stage_compute_cpu_seconds_total",
+            "CPU seconds of onnxruntime runs of this stage's partitions (no waits).",
+        )
         self.requests = Counter("edgeai_requests_total", "Inference requests by HTTP status.")
         self.queue_depth = Gauge("edgeai_queue_depth", "Requests waiting for the runtime.")
         self.in_flight = Gauge("edgeai_in_flight_requests", "Requests being served.")

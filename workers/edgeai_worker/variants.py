@@ -217,15 +217,17 @@ def prebuild_digits() -> list[Path]:
     """Every file a preparation of `zoo: digits_cnn` reads, built into the cache: the
     exports, each variant, the noise-trained models (at the levels `noise_training`
     ships), the per-input offloading files (a folder: exit heads, small models,
-    validation tables; `offload.build.prebuild_offload`) and the digits split. The
-    worker image ships them, having neither torch nor scikit-learn."""
-    from edgeai_worker import noise_training
+    validation tables; `offload.build.prebuild_offload`), the heads on its trunk
+    (`trunks`) and the digits split. The worker image ships them, having neither torch
+    nor scikit-learn."""
+    from edgeai_worker import noise_training, trunks
     from edgeai_worker.offload.build import prebuild_offload
 
     paths = [zoo.export_onnx("digits_cnn", trained=True), zoo.export_onnx("digits_cnn")]
     paths += [variant_path("digits_cnn", v) for v in VARIANT_NAMES if v != "fp32"]
     paths += noise_training.prebuild()
     paths.append(prebuild_offload())
+    paths += trunks.prebuild()
     zoo.digits_split()
     return paths
 

@@ -110,6 +110,10 @@ def preparation_pass(
         "job": k8s.get("batch/v1", "Job", name, namespace),
         "configmap": k8s.get("v1", "ConfigMap", name, namespace),
     }
+    if spec.base is not None:
+        observed["base"] = k8s.get(
+            f"{API_GROUP}/{API_VERSION}", "DNNModel", spec.base.model, namespace
+        )
     step = preparation.step(
         model,
         spec,
