@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -241,7 +241,20 @@ def _pod_spec(
         {"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}
     ]
     _secure_stage(owner, w, opts, args, ports, mounts, volumes)
-    artifact = w.artifact
+    return _worker_pod(args, ports, mounts, volumes, affinity, opts, w.artifact)
+
+
+def _worker_pod(
+    args: list[str],
+    ports: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    affinity: dict[str, Any],
+    opts: DeploymentOptions,
+    artifact: tuple[str, str] | None,
+) -> dict[str, Any]:
+    """The pod spec of a worker running `edgeai ARGS`; with an artefact, an init
+    container fetches it and the worker reads it with `--model-file`."""
     if artifact is not None:
         args.append(f"--model-file={MODEL_DIR}/{MODEL_FILE_NAME}")
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
@@ -586,6 +599,100 @@ def shared_children(
     ]
 
 
+@dataclass(frozen=True)
+class TrunkStage:
+    """A zone's shared trunk stage (trunkplan.py): the base model's trunk, cut from its
+    fp32 artefact up to `tensor`, and a route per application to that application's
+    head Service."""
+
+    name: str
+    zone: str
+    base: str  # the base DNNModel
+    tensor: str
+    uri: str
+    digest: str
+    routes: tuple[tuple[str, str], ...]  # (application model name, head URL), sorted
+
+
+def trunk_children(
+    owner: Owner, trunk: TrunkStage, replicas: int, opts: DeploymentOptions
+) -> list[dict[str, Any]]:
+    """Deployment and Service of a trunk stage, as `owner` applies them (its own
+    ownerReference and replica wish, the routes of every current user; server-side
+    apply merges the users' owner references)."""
+    lbls = {
+        **MANAGED_BY,
+        "app.kubernetes.io/name": "edgeai-worker",
+        "app.kubernetes.io/instance": trunk.name,
+        SHARED_LABEL: "true",
+        BACKBONE_LABEL: trunk.name,
+        "edgeai.dev/model": trunk.base,
+        "edgeai.dev/tier": "edge",
+        "edgeai.dev/zone": trunk.zone,
+        "edgeai.dev/stage": "trunk",
+    }
+    meta = {
+        "name": trunk.name,
+        "namespace": owner.namespace,
+        "labels": lbls,
+        "ownerReferences": [owner.reference(controller=False)],
+    }
+    args = [
+        "run-trunk",
+        f"--upto={trunk.tensor}",
+        f"--digest={trunk.digest}",
+        f"--port={WORKER_PORT}",
+        "--host=0.0.0.0",
+        *(f"--route={model}={url}" for model, url in trunk.routes),
+    ]
+    ports = [{"name": "http", "containerPort": WORKER_PORT}]
+    # the trunk serves every user: no one user's PriorityClass
+    pod = _worker_pod(
+        args,
+        ports,
+        [],
+        [],
+        _affinity("edge", trunk.zone, opts.excluded_nodes),
+        replace(opts, priority_class=None),
+        (trunk.uri, trunk.digest),
+    )
+    selector = {BACKBONE_LABEL: trunk.name}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                **meta,
+                "annotations": {REPLICAS_ANNOTATION + owner.name: str(replicas)},
+            },
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": selector},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+                },
+                "template": {
+                    "metadata": {
+                        "labels": lbls,
+                        "annotations": {MODEL_DIGEST_ANNOTATION: trunk.digest},
+                    },
+                    "spec": pod,
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "selector": selector,
+                "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
 def is_shared(obj: Mapping[str, Any]) -> bool:
     return (obj["metadata"].get("labels") or {}).get(SHARED_LABEL) == "true"
 
@@ -598,13 +705,17 @@ def build_children(
     default_replicas: int = 1,
     *,
     shared_model: str | None = None,
+    trunks: Mapping[str, TrunkStage] | None = None,
 ) -> list[dict[str, Any]]:
     """Every child object for per-zone plans (`plans[zone]`).
 
     `replicas` maps a workload name to its current replica count (from the
     autoscaler); workloads not in it start at `default_replicas`. With
     `shared_model` (the DNNModel name of a deployment with `sharing: backbone`), a
-    shareable edge stage becomes the shared workload (`shared_children`).
+    shareable edge stage becomes the shared workload (`shared_children`). A zone
+    whose plan starts with a shared trunk (`plan.trunk`) gets the trunk workload
+    (`trunks[zone]`, `trunk_children`), this deployment's head stage after it, and
+    a device entry forwarding the raw input to the trunk.
     """
     children: list[dict[str, Any]] = [
         plan_configmap(owner, {f"plan-{z}.yaml": p for z, p in plans.items()})
@@ -622,6 +733,19 @@ def build_children(
         edge_idx = plan.stage_index("edge")
         edge_name = workload_name(owner, "edge", zone) if edge_idx is not None else None
         shared = shared_edge(plan, shared_model, zone, opts) if shared_model else None
+        trunk = (trunks or {}).get(zone) if plan.trunk is not None else None
+        if trunk is not None and edge_name is not None:
+            trunk_replicas = replicas.get(trunk.name, default_replicas)
+            children += trunk_children(owner, trunk, trunk_replicas, opts)
+            head = Workload(
+                "edge", zone, len(plan.stages) - 1, key, replicas.get(edge_name, default_replicas)
+            )
+            head = replace(head, model=plan.model, upstream_tiers=("edge",))
+            children.append(stage_deployment(owner, head, opts, digest, edge_name))
+            children.append(stage_service(owner, head, edge_name, opts.transport))
+            entry = Workload("device", zone, -1, key, 1, trunk.name, plan.model)
+            children.append(device_daemonset(owner, entry, opts, digest))
+            continue
         if shared is not None:
             edge_name = shared.name
             children += shared_children(

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "edgeai_operator.plancli",
     "edgeai_operator.runlocal",
     "edgeai_operator.stagecmd",
+    "edgeai_operator.trunkcmd",
     "edgeai_operator.fetchcmd",
     "edgeai_operator.preparecmd",
     "edgeai_operator.main",

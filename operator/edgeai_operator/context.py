@@ -22,6 +22,7 @@ from edgeai_operator.errors import SpecError
 from edgeai_operator.opmetrics import OperatorMetrics
 from edgeai_operator.planning import NodeState
 from edgeai_operator.trainingbuild import DEFAULT_TRAINER_IMAGE
+from edgeai_operator.trunkplan import Peer
 
 MEMO_KEY = "edgeai"
 
@@ -163,6 +164,22 @@ class OperatorContext:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     # the last generation of each DNNDeployment whose change woke its daemon
     generations: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # namespace -> name -> the DNNDeployments that may share a trunk (trunkplan.Peer)
+    peers: dict[str, dict[str, Peer]] = field(default_factory=dict)
+
+    def set_peer(self, namespace: str, name: str, peer: Peer | None) -> None:
+        """Records a deployment's trunk peer entry (None: it is none, or gone); a change
+        wakes the namespace's peers, whose trunk routes and members it may change."""
+        known = self.peers.setdefault(namespace, {})
+        if known.get(name) == peer:
+            return
+        woken = set(known)
+        if peer is None:
+            known.pop(name, None)
+        else:
+            known[name] = peer
+        for other in sorted(woken | set(known)):
+            self.wakeups.wake(namespace, other)
 
 
 def context_of(memo: Any) -> OperatorContext:

@@ -34,6 +34,7 @@ from edgeai_operator.builders import (
     REPLICAS_ANNOTATION,
     DeploymentOptions,
     Owner,
+    TrunkStage,
     build_children,
     is_shared,
     priority_class,
@@ -47,6 +48,14 @@ from edgeai_operator.errors import SpecError
 from edgeai_operator.netpol import network_policies
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planning import NodeState, ZonePlans, plan_zones
+from edgeai_operator.trunkplan import (
+    Peer,
+    TrunkGroup,
+    TrunkRecord,
+    peer_of,
+    trunk_groups,
+    with_trunk,
+)
 
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
 WORKLOAD_KINDS = ("Deployment", "DaemonSet")
@@ -100,6 +109,10 @@ class Observed:
     owned: frozenset[ChildKey] | None = None
     # shared stage objects this deployment is an owner of (listed when state asks)
     shares_in_use: frozenset[ChildKey] | None = None
+    # the namespace's DNNDeployments that may share a trunk, and its models' verified
+    # trunks by DNNModel name (trunkplan.py)
+    peers: Sequence[Peer] = ()
+    trunk_records: Mapping[str, TrunkRecord] = field(default_factory=dict)
 
 
 @dataclass
@@ -262,7 +275,11 @@ def decide(observed: Observed, state: DeploymentState) -> Decision:
                 f"(kubectl get dnnm {spec.model_ref})",
             )
             return p.finish("Pending", {})
-        zones = _plan(p, spec, observed.profiles)
+        uid, deleting = str(p.owner.uid), bool(observed.body["metadata"].get("deletionTimestamp"))
+        groups = trunk_groups(
+            peer_of(spec, uid, deleting), observed.peers, observed.trunk_records, observed.nodes
+        )
+        zones = _plan(p, spec, observed.profiles, groups)
     except SpecError as exc:
         p.condition("Planned", False, "InvalidSpec", str(exc))
         p.condition("Degraded", True, "InvalidSpec", str(exc))
@@ -274,21 +291,36 @@ def decide(observed: Observed, state: DeploymentState) -> Decision:
         if p.old_status.get("phase") != "Degraded":
             p.emit("Warning", "NoFeasiblePlan", why)
         return p.finish("Degraded", {"split": "", "replicas": ""})
-    return _decide_planned(p, spec, zones)
+    return _decide_planned(p, spec, zones, groups)
 
 
-def _plan(p: _Pass, spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -> ZonePlans:
-    """The zones' plans, reused while spec, profiles and nodes are unchanged."""
+def _plan(
+    p: _Pass,
+    spec: DeploymentSpec,
+    profiles: Sequence[Mapping[str, Any]],
+    groups: Mapping[str, TrunkGroup],
+) -> ZonePlans:
+    """The zones' plans, reused while spec, profiles, nodes and trunk groups are
+    unchanged. A zone with a trunk group is planned on its edge and runs through the
+    trunk: trunk -> this deployment's head."""
     obs = p.obs
-    inputs = (p.generation, id(profiles), obs.node_epoch)
+    inputs = (p.generation, id(profiles), obs.node_epoch, tuple(sorted(groups.items())))
     if obs.node_epoch is not None and p.state.plan_inputs == inputs and p.state.plan:
         return p.state.plan
-    zones = plan_zones(spec, profiles, obs.nodes)
+    zones = plan_zones(spec, profiles, obs.nodes, edge_only=frozenset(groups))
+    fp32 = next((pr for pr in profiles if pr.get("variant") == "fp32"), profiles[0])
+    for zone, group in groups.items():
+        plan = zones.plans.get(zone)
+        through = None if plan is None else with_trunk(plan, group, fp32)
+        if through is not None:
+            zones.plans[zone] = through
     p.state.plan_inputs, p.state.plan, p.state.plan_profiles = inputs, zones, profiles
     return zones
 
 
-def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decision:
+def _decide_planned(
+    p: _Pass, spec: DeploymentSpec, zones: ZonePlans, groups: Mapping[str, TrunkGroup]
+) -> Decision:
     excluded = excluded_nodes(p.obs.nodes)
     opts = DeploymentOptions(
         image=p.obs.image,
@@ -305,9 +337,22 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         for zone, plan in zones.plans.items()
         if shared_model and (stage := shared_edge(plan, shared_model, zone, opts)) is not None
     }
+    trunks = {
+        zone: group.stage(p.namespace)
+        for zone, group in groups.items()
+        if (plan := zones.plans.get(zone)) is not None and plan.trunk is not None
+    }
     if p.obs.scrapes is not None:
         _autoscale(p, spec, zones, shared_names)
-    applying = _children(p, spec, zones, opts, shared_model, shared_names)
+    applying = _children(
+        p,
+        spec,
+        zones,
+        opts,
+        shared_model,
+        {**shared_names, **{z: t.name for z, t in trunks.items()}},
+        trunks,
+    )
     _report_plan_changes(p, zones)
     _report_exclusions(p, excluded)
     health = _health(p)
@@ -324,6 +369,7 @@ def _children(
     opts: DeploymentOptions,
     shared_model: str | None,
     shared_names: Mapping[str, str],
+    trunks: Mapping[str, TrunkStage],
 ) -> bool:
     """Builds the children when their inputs changed, applies them when their form
     changed; returns whether this pass applies anything."""
@@ -351,6 +397,7 @@ def _children(
         opts,
         default_replicas=max(spec.autoscaling.min_replicas, 1),
         shared_model=shared_model,
+        trunks=trunks,
     )
     security = spec.security
     if security.network_policy:
@@ -659,6 +706,8 @@ def _plan_status(zones: ZonePlans) -> tuple[dict[str, Any], PlanDocument]:
                 # what the zone's stage pods serve: the variant and its artefact
                 "variant": plan.model.variant,
                 "artifact": plan.model.digest,
+                # the shared trunk stage the zone's requests run through first
+                **({"trunk": plan.trunk.workload} if plan.trunk is not None else {}),
             }
             for z, plan in sorted(zones.plans.items())
         },

@@ -3,8 +3,8 @@
 One NetworkPolicy per stage workload, named like it and selecting its pods:
 
 - ingress on the data port (the TLS port with stage TLS, else the HTTP port) only from
-  the pods of the workloads whose `--next` is this workload's Service: a stage is
-  reached only by its upstream stage;
+  the pods of the workloads whose `--next` (or, for a shared trunk stage, a `--route`)
+  is this workload's Service: a stage is reached only by its upstream stage;
 - the entry (device) stage: ingress on the HTTP port from `entryFrom` (namespaces,
   CIDRs) when the spec lists any, from anywhere otherwise (the bearer token still
   applies);
@@ -61,10 +61,14 @@ def network_policies(
     workloads = [
         c for c in children if c["kind"] in ("Deployment", "DaemonSet") and not is_shared(c)
     ]
-    # (upstream pod selector, data port) per Service a workload forwards to
+    # (upstream pod selector, data port) per Service a workload forwards to; a trunk
+    # stage (shared) forwards to each application's head by its routes
     upstream: dict[str, list[tuple[dict[str, str], int]]] = {}
-    for w in workloads:
-        for url in _arg(w["spec"]["template"]["spec"]["containers"][0], "--next"):
+    forwarding = [c for c in children if c["kind"] in ("Deployment", "DaemonSet")]
+    for w in forwarding:
+        container = w["spec"]["template"]["spec"]["containers"][0]
+        routes = [r.split("=", 1)[1] for r in _arg(container, "--route") if "=" in r]
+        for url in _arg(container, "--next") + routes:
             parts = urlsplit(url)
             service = (parts.hostname or "").split(".", 1)[0]
             upstream.setdefault(service, []).append(

@@ -213,6 +213,40 @@ class PlanOffload:
 
 
 @dataclass(frozen=True)
+class PlanTrunk:
+    """The plan's first stage is a shared trunk (DNNModel `spec.base`): it runs in the
+    zone's trunk workload, cut from the base model's artefact up to `tensor`, for every
+    application that shares it, and forwards to this plan's next stage (its head)."""
+
+    workload: str  # the trunk Deployment and Service
+    base: str  # the base DNNModel
+    tensor: str  # where the trunk ends: the head's input
+    uri: str  # the base's fp32 artefact the trunk is cut from
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "base": self.base,
+            "tensor": self.tensor,
+            "artifact": {"uri": self.uri, "digest": self.digest},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], field: str) -> PlanTrunk:
+        r = _Reader(field)
+        artifact = r.mapping(data, "artifact", required=True)
+        ar = _Reader(f"{field}.artifact")
+        return cls(
+            workload=r.text(data, "workload"),
+            base=r.text(data, "base"),
+            tensor=r.text(data, "tensor"),
+            uri=ar.text(artifact, "uri"),
+            digest=ar.text(artifact, "digest"),
+        )
+
+
+@dataclass(frozen=True)
 class PlanDocument:
     deployment: str
     model: ModelIdentity
@@ -255,6 +289,7 @@ class PlanDocument:
     # why some layers were kept in one stage (a recurrent state pair: graph.Held)
     held: tuple[str, ...] = ()
     offload: PlanOffload | None = None  # spec.offload
+    trunk: PlanTrunk | None = None  # stage 0 is a shared trunk (spec.sharing: backbone)
     version: int = PLAN_VERSION
 
     def stage(self, tier: str) -> PlanStage | None:
@@ -321,6 +356,8 @@ class PlanDocument:
             doc["held"] = list(self.held)
         if self.offload is not None:
             doc["offload"] = self.offload.to_dict()
+        if self.trunk is not None:
+            doc["trunk"] = self.trunk.to_dict()
         return doc
 
     @classmethod
@@ -411,6 +448,11 @@ class PlanDocument:
             offload=(
                 PlanOffload.from_dict(r.mapping(data, "offload"), f"{field}.offload")
                 if "offload" in data
+                else None
+            ),
+            trunk=(
+                PlanTrunk.from_dict(r.mapping(data, "trunk"), f"{field}.trunk")
+                if "trunk" in data
                 else None
             ),
             version=version,

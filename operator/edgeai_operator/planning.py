@@ -10,7 +10,9 @@ and the reasons behind anything that could not be planned. Which nodes count:
 - `spec.placement.partitioning: none` places the whole model on the single best tier
   (the same solve as `edgeai plan`), `auto` splits it across tiers;
 - when no plan meets the SLO, the best-effort plan (min latency, no SLO) is used and
-  the reason is kept, so the deployment keeps serving while `SLOMet` says why not.
+  the reason is kept, so the deployment keeps serving while `SLOMet` says why not;
+- a zone in `edge_only` (a shared trunk's, trunkplan.py) is planned on its edge
+  servers alone from the fp32 profile, the one the trunk's digest was checked on.
 
 Compute per tier: a profile measured on one host (`host.gflops` set) is scaled to
 each tier as `edgeai plan --profile` does. Otherwise the DNNModel's profiling Jobs may
@@ -88,32 +90,40 @@ def _matches(node: NodeSpec, selector: Mapping[str, str]) -> bool:
     return all(node.labels.get(k) == v for k, v in selector.items())
 
 
+def zone_devices(
+    selector: Mapping[str, str], nodes: Sequence[NodeState]
+) -> dict[str, list[NodeSpec]]:
+    """The Ready device nodes matching `selector`, by zone (the zones a deployment
+    with this device selector is planned in)."""
+    out: dict[str, list[NodeSpec]] = {}
+    for n in nodes:
+        if n.spec.tier == "device" and n.spec.zone and n.ready and _matches(n.spec, selector):
+            out.setdefault(n.spec.zone, []).append(n.spec)
+    return out
+
+
 def plan_zones(
     spec: DeploymentSpec,
     profiles: Sequence[Mapping[str, Any]],
     nodes: Sequence[NodeState],
+    edge_only: frozenset[str] = frozenset(),
 ) -> ZonePlans:
     """Per-zone plans; raises SpecError for a spec no cluster state can fix."""
     if not profiles:
         raise SpecError("spec.modelRef", "the model has no profile yet")
-    selector = spec.device_selector
     result = ZonePlans()
     servers = [n.spec for n in nodes if n.spec.tier in ("edge", "cloud") and n.usable]
     clouds = [n for n in servers if n.tier == "cloud"]
-    zones = sorted({n.spec.zone for n in nodes if n.spec.tier == "device" and n.spec.zone})
-    single_host = all(p.get("host", {}).get("gflops") for p in profiles)
-    method = "measured" if single_host else "analytic"
-    for zone in zones:
-        devices = [
-            n.spec
-            for n in nodes
-            if n.spec.tier == "device"
-            and n.spec.zone == zone
-            and n.ready
-            and _matches(n.spec, selector)
-        ]
-        if not devices:
-            continue
+    by_zone = zone_devices(spec.device_selector, nodes)
+    own_spec, own_profiles = spec, profiles
+    for zone in sorted(by_zone):
+        devices = by_zone[zone]
+        spec, profiles = own_spec, own_profiles
+        if zone in edge_only:
+            spec = replace(own_spec, tiers=("edge",), adaptive_split=False)
+            profiles = [p for p in own_profiles if p.get("variant") == "fp32"] or own_profiles
+        single_host = all(p.get("host", {}).get("gflops") for p in profiles)
+        method = "measured" if single_host else "analytic"
         result.devices[zone] = sorted(d.name for d in devices)
         edges = [n for n in servers if n.tier == "edge" and n.zone == zone]
         topology = Topology(nodes=tuple(devices + edges + clouds))

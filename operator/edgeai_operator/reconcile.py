@@ -28,6 +28,7 @@ from edgeai_operator.decide import (
 )
 from edgeai_operator.planning import NodeState
 from edgeai_operator.stagetls import SecretStore, keep_certificates, stage_certs
+from edgeai_operator.trunkplan import Peer, TrunkRecord
 from edgeai_operator.writer import ClusterWriter, KubeSecrets, act
 
 Scraper = Callable[[str], str | None]  # pod IP -> its /metrics text, None if unreachable
@@ -66,6 +67,8 @@ def observe(
     scrape: Scraper,
     now: float,
     node_epoch: int | None,
+    peers: Sequence[Peer] = (),
+    trunk_records: Mapping[str, TrunkRecord] | None = None,
 ) -> tuple[Observed, DeploymentState]:
     """What the pass decides from; the state comes back with the scrape bookkeeping."""
     meta = body["metadata"]
@@ -93,6 +96,8 @@ def observe(
         shares_in_use=frozenset(view.shared_children_of(namespace, str(meta.get("uid"))))
         if state.list_shares
         else None,
+        peers=peers,
+        trunk_records=trunk_records or {},
     )
     return observed, state
 
@@ -142,6 +147,8 @@ def reconcile(
     now: Callable[[], float] = time.monotonic,
     node_epoch: int | None = None,
     secrets: SecretStore | None = None,
+    peers: Sequence[Peer] = (),
+    trunk_records: Mapping[str, TrunkRecord] | None = None,
 ) -> Decision:
     """One pass: observe, decide, act. Returns the decision; its `state` is what the
     next pass starts from (the caller keeps it only once the pass has acted)."""
@@ -155,6 +162,8 @@ def reconcile(
         scrape=scrape,
         now=now(),
         node_epoch=node_epoch,
+        peers=peers,
+        trunk_records=trunk_records,
     )
     decision = decide(observed, state)
     meta = body["metadata"]

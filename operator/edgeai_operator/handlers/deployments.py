@@ -13,9 +13,12 @@ import kopf
 from edgeai_operator import API_GROUP, API_VERSION, k8s
 from edgeai_operator.context import OperatorContext, context_of
 from edgeai_operator.decide import DeploymentState, Event, released_priority_class
+from edgeai_operator.deployspec import parse_deployment
+from edgeai_operator.errors import SpecError
 from edgeai_operator.handlers.nodes import all_nodes
 from edgeai_operator.planning import NodeState
 from edgeai_operator.reconcile import reconcile
+from edgeai_operator.trunkplan import Peer, TrunkRecord, peer_of
 from edgeai_operator.writer import KubeWriter
 
 
@@ -25,21 +28,36 @@ async def spec_changed(
     name: str,
     namespace: str | None,
     meta: kopf.Meta,
+    body: kopf.Body,
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
     """A new generation (a spec change) wakes the daemon. An event handler, not an
     update handler: it keeps no last-handled state in the object, so kopf writes
-    nothing to a DNNDeployment but its finalizer."""
+    nothing to a DNNDeployment but its finalizer. Every event also updates the
+    deployment's trunk peer entry (a change wakes the namespace's peers)."""
     ctx = context_of(memo)
     key = (namespace or "", name)
     if type == "DELETED":
         ctx.generations.pop(key, None)
+        ctx.set_peer(*key, None)
         return
+    ctx.set_peer(*key, _peer(body))
     generation = meta.get("generation")
     if ctx.generations.get(key) != generation:
         ctx.generations[key] = generation
         ctx.wakeups.wake(*key)
+
+
+def _peer(body: kopf.Body) -> Peer | None:
+    """The deployment as a trunk peer (trunkplan.py); None for a spec that is invalid
+    or cannot share a trunk, and once it is being deleted."""
+    meta = body.get("metadata", {})
+    try:
+        spec = parse_deployment(_snapshot(body))
+    except SpecError:
+        return None
+    return peer_of(spec, str(meta.get("uid")), bool(meta.get("deletionTimestamp")))
 
 
 def _priority(body: kopf.Body) -> int:
@@ -93,6 +111,7 @@ async def _pass(
     profiles: list[dict[str, Any]] | None,
     nodes: list[NodeState],
     logger: kopf.Logger,
+    trunk_records: dict[str, TrunkRecord],
 ) -> DeploymentState:
     """One reconcile pass in a thread; its Events are posted here (kopf knows the
     object). A pass that raised keeps the old state: the next pass retries."""
@@ -109,6 +128,8 @@ async def _pass(
             ctx.cache,
             image=ctx.settings.worker_image,
             node_epoch=ctx.nodes.epoch,
+            peers=sorted(ctx.peers.get(str(body["metadata"]["namespace"]), {}).values(), key=str),
+            trunk_records=trunk_records,
         )
         state = decision.state
         ctx.metrics.inc("edgeai_operator_applies_total", len(decision.applies))
@@ -138,6 +159,7 @@ async def run_deployment(
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
     model_index: kopf.Index[tuple[str, str], list[dict[str, Any]]] = kwargs["model_index"]
     priority_users: kopf.Index[int, tuple[str, str]] = kwargs["priority_users"]
+    model_trunks: kopf.Index[tuple[str, str], TrunkRecord] = kwargs["model_trunks"]
     ctx = context_of(memo)
     namespace = namespace or "default"  # DNNDeployment is namespaced
     state = DeploymentState()
@@ -151,7 +173,13 @@ async def run_deployment(
             store = model_index.get((namespace, model))
             profiles = next(iter(store), None) if store is not None else None
             nodes = all_nodes(memo, node_index)
-            state = await _pass(ctx, body, state, profiles, nodes, logger)
+            records = {
+                key[1]: record
+                for key, found in model_trunks.items()
+                if key[0] == namespace
+                for record in found
+            }
+            state = await _pass(ctx, body, state, profiles, nodes, logger, records)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=ctx.settings.resync_s)
                 await asyncio.sleep(ctx.settings.debounce_s)

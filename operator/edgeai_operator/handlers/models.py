@@ -18,6 +18,7 @@ from edgeai_operator.handlers.nodes import all_nodes
 from edgeai_operator.modelspec import parse_model_spec
 from edgeai_operator.planning import NodeState
 from edgeai_operator.topology import NodeSpec
+from edgeai_operator.trunkplan import TrunkRecord
 
 
 @kopf.on.resume(API_GROUP, API_VERSION, "dnnmodels")
@@ -140,6 +141,21 @@ def model_index(
     # The index sees the profile land: deployments waiting for it can plan now.
     context_of(memo).wakeups.wake_model_users(namespace, name)
     return {(namespace, name): [dict(p) for p in profiles]}
+
+
+@kopf.index(API_GROUP, API_VERSION, "dnnmodels")
+def model_trunks(
+    name: str, namespace: str | None, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> dict[tuple[str, str], TrunkRecord] | None:
+    """Each model's verified trunk (`status.trunk`): the deployments of the model and
+    of its base plan their trunk stages from these."""
+    record = TrunkRecord.from_status(status.get("trunk"))
+    if record is None or namespace is None:
+        return None
+    wakeups = context_of(memo).wakeups
+    wakeups.wake_model_users(namespace, name)
+    wakeups.wake_model_users(namespace, record.base)
+    return {(namespace, name): record}
 
 
 async def model_jobs(
