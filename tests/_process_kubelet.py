@@ -22,15 +22,17 @@ the container wrote at its terminationMessagePath (an argument naming that path 
 pointed at a file of the pod's own).
 
 `ServiceProxy` does what kube-proxy does for the namespace's Services: each Service
-gets a loopback address, and each connection to it goes to one Ready endpoint of the
-Service (round robin), as kube-proxy's iptables rules do; with none it closes the
+gets a loopback address (the next one of 127.245.0.0/16 that no other proxy on the
+machine holds), and each connection to it goes to one Ready endpoint of the Service
+(round robin), as kube-proxy's iptables rules do; with none it closes the
 connection, as kube-proxy's reject rule does. The endpoints are the ones the
 endpoint-slice controller would list: the Service's selected pods whose Ready condition
 is True and that are not being deleted, at the pod port its targetPort names. The proxy
 works them out from the pods itself because the API server refuses EndpointSlices with
 loopback addresses ("may not be in the loopback range"), so the controller never
-publishes these pods. A pod's `--next` (and a trainer's `--aggregator`, and each URL of
-its comma-separated `--peers`) names a Service by its DNS name, which nothing here
+publishes these pods. A pod's `--next` (and a trainer's `--aggregator`, each URL of
+its comma-separated `--peers`, and the URL of a trunk's `--route=MODEL=URL`) names a
+Service by its DNS name, which nothing here
 resolves: the kubelet rewrites that host to the Service's loopback address.
 
 Both follow the API server through watches (`Informer`).
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import itertools
 import json
 import subprocess
@@ -144,7 +147,7 @@ def is_ready(pod: Obj) -> bool:
 
 
 class ServiceProxy:
-    """kube-proxy for one namespace's Services, on loopback addresses 127.245.0.x."""
+    """kube-proxy for one namespace's Services, on loopback addresses 127.245.x.y."""
 
     def __init__(self, ns: Namespace) -> None:
         self.ns = ns
@@ -152,6 +155,7 @@ class ServiceProxy:
         self.rejected = 0  # connections closed for want of a Ready endpoint
         self._endpoints: dict[str, dict[str, list[tuple[str, int]]]] = {}
         self._rotation = itertools.count()
+        self._last_address = 0  # the last loopback address tried for a Service
         self._loop = asyncio.new_event_loop()
         self._servers: list[asyncio.Server] = []
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -190,15 +194,32 @@ class ServiceProxy:
     def _on_services(self, services: dict[str, Obj]) -> None:
         for name, svc in services.items():
             if name not in self.addresses:
-                address = f"127.245.0.{len(self.addresses) + 1}"
-                for port in svc["spec"]["ports"]:
+                self.addresses[name] = self._bind(name, svc["spec"]["ports"])
+        self._update_endpoints()
+
+    def _bind(self, service: str, ports: list[Obj]) -> str:
+        """The next loopback address where every port of the Service listens; one that
+        another proxy on this machine holds (another test run's cluster) is skipped."""
+        while True:
+            self._last_address += 1
+            n = self._last_address
+            address = f"127.245.{n // 250}.{n % 250 + 1}"
+            servers: list[asyncio.Server] = []
+            try:
+                for port in ports:
                     started = asyncio.run_coroutine_threadsafe(
-                        self._listen(name, address, port["port"], port.get("name", "")),
+                        self._listen(service, address, port["port"], port.get("name", "")),
                         self._loop,
                     )
-                    self._servers.append(started.result(timeout=10))
-                self.addresses[name] = address
-        self._update_endpoints()
+                    servers.append(started.result(timeout=10))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                for server in servers:
+                    self._loop.call_soon_threadsafe(server.close)
+                continue
+            self._servers += servers
+            return address
 
     def _update_endpoints(self) -> None:
         """Each Service's Ready endpoints by port name, as the endpoint-slice controller
@@ -422,13 +443,16 @@ class ProcessKubelet:
                 continue
             if flag == "--host":
                 value = ip
-            elif flag in ("--next", "--aggregator", "--peers"):
+            elif flag in ("--next", "--aggregator", "--peers", "--route"):
                 if self.proxy is None:
                     raise AssertionError(f"pod {name} reaches {value}: give the kubelet a proxy")
+                # a trunk's route is MODEL=URL
+                model, _, value = value.partition("=") if flag == "--route" else ("", "", value)
                 urls = [self.proxy.url(url) for url in value.split(",")]
                 if None in urls:
                     return None  # a Service is not known yet: try on the next pass
                 value = ",".join(u for u in urls if u is not None)
+                value = f"{model}={value}" if model else value
             # the deepest mount holding the path, as nested mounts resolve
             for mount, path in sorted(local.items(), key=lambda m: -len(m[0])):
                 if value == mount or value.startswith(mount + "/"):

@@ -7,6 +7,7 @@ the whole on the real control plane with the stage pods' own commands as process
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,48 @@ def test_the_trunk_plan_splits_the_edge_compute_by_flops() -> None:
     assert trunk_ms == pytest.approx(3 * head_ms, rel=1e-3)  # 600k vs 200k FLOPs
 
 
+def test_the_trunk_scales_on_its_own_pods_which_carry_every_users_load() -> None:
+    from edgeai_operator.autoscaler import Scrape
+
+    pod = {
+        "metadata": {
+            "name": f"{GROUP_A}-x",
+            "labels": {"edgeai.dev/backbone": GROUP_A, "edgeai.dev/tier": "edge"},
+        },
+        "status": {"phase": "Running", "podIP": "127.244.0.9"},
+    }
+    state = DeploymentState()
+    decisions = []
+    for i, now in enumerate((100.0, 103.0)):
+        n = 100.0 * i  # every request so far took between 2.5 and 5 s
+        scrape = Scrape(buckets={2.5: 0.0, 5.0: n, 10.0: n, math.inf: n}, in_flight=0.0)
+        observed = Observed(
+            body=_body("par", "digits-parity"),
+            profiles=[PROFILE],
+            nodes=NODES,
+            image="img:1",
+            now=now,
+            pods=[pod],
+            scrapes={f"{GROUP_A}-x": scrape},
+            peers=[CAM, PAR],
+            trunk_records=RECORDS,
+        )
+        decision = decide(observed, state)
+        state = decision.state
+        decisions.append(decision)
+    scales = [(s.workload, s.from_replicas, s.to_replicas) for d in decisions for s in d.scales]
+    assert scales == [(GROUP_A, 1, 2)]
+    trunk = next(a.obj for a in decisions[-1].applies if a.obj["metadata"]["name"] == GROUP_A)
+    assert trunk["metadata"]["annotations"] == {"replicas.edgeai.dev/par": "2"}
+    assert trunk["spec"]["replicas"] == 2
+    stages = decisions[-1].status["observed"]["stages"]
+    # its target: the SLO (400 ms) less the device -> edge transfer (5 ms RTT and more)
+    (uplink,) = decisions[-1].status["plan"]["transfers"]
+    assert (uplink["from"], uplink["to"]) == ("device", "edge")
+    assert uplink["ms"] > 5
+    assert stages[GROUP_A]["targetMs"] == round(400 - uplink["ms"], 2)
+
+
 def test_trunk_children_literal() -> None:
     trunk = TrunkStage(
         GROUP_A,
@@ -356,3 +399,164 @@ def test_run_trunk_cuts_the_verified_base_up_to_the_tensor(tmp_path: Path) -> No
     with pytest.raises(SpecError) as caught:
         cut_trunk(base, digest, "no-such-tensor", tmp_path)
     assert caught.value.field == "--upto"
+
+
+# ---------------------------------------------------------------------------
+# Against the real control plane, the stage pods' commands run as processes
+
+DEVICE = "device-zone-a-0"
+
+
+def _dnnmodel(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": source,
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            **spec,
+        },
+    }
+
+
+def _application(name: str, model: str) -> dict[str, Any]:
+    body = _body(name, model)
+    spec = body["spec"]
+    spec["slo"] = {"latencyP95Ms": 500}
+    spec["devices"] = {"nodeSelector": {"kubernetes.io/hostname": DEVICE}}
+    spec["autoscaling"] = {"minReplicas": 1, "maxReplicas": 1}
+    return {k: body[k] for k in ("apiVersion", "kind")} | {"metadata": {"name": name}, "spec": spec}
+
+
+def _args(workload: dict[str, Any]) -> list[str]:
+    return list(workload["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path: Path) -> None:
+    from _cluster_support import apply, get, wait_for
+    from _process_kubelet import ProcessKubelet, ServiceProxy
+    from _serving import infer
+    from _worker_support import run_onnx
+    from edgeai_worker import trunks, zoo
+
+    parity = trunks.digits_head("parity")
+    ns.kubectl("create", "configmap", "parity-onnx", f"--from-file=model.onnx={parity}")
+    source = {
+        "uri": "configmap://parity-onnx/model.onnx",
+        "sha256": hashlib.sha256(parity.read_bytes()).hexdigest(),
+    }
+    base = {"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR}
+    apply(
+        ns,
+        _dnnmodel("digits", {"zoo": "digits_cnn"}),
+        _dnnmodel("digits-parity", source, base=base),
+        _application("cam", "digits"),
+        _application("par", "digits-parity"),
+    )
+
+    def trunk_workloads() -> list[dict[str, Any]]:
+        items = get(ns, "deployments", "-l", "edgeai.dev/stage=trunk")["items"]
+        return [d for d in items if not d["metadata"].get("deletionTimestamp")]
+
+    def shared_by(n: int) -> Any:
+        items = trunk_workloads()
+        if len(items) != 1:
+            return None
+        refs = items[0]["metadata"].get("ownerReferences", [])
+        routes = [a for a in _args(items[0]) if a.startswith("--route=")]
+        return len(refs) == n and len(routes) == n and items[0]
+
+    trunk = wait_for(
+        "one trunk Deployment with two owners and two routes", lambda: shared_by(2), 600
+    )
+    name = trunk["metadata"]["name"]
+    assert name.startswith("digits-trunk-zone-a-")
+    uids = {get(ns, "dnnd", n)["metadata"]["uid"]: n for n in ("cam", "par")}
+    assert {r["uid"] for r in trunk["metadata"]["ownerReferences"]} == set(uids)
+    assert [a for a in _args(trunk) if a.startswith("--route=")] == [
+        f"--route=digits=http://cam-edge-zone-a.{ns.name}.svc:8080",
+        f"--route=digits-parity=http://par-edge-zone-a.{ns.name}.svc:8080",
+    ]
+    assert get(ns, "service", name) is not None
+    for app in ("cam", "par"):
+
+        def planned(a: str = app) -> Any:
+            obj = get(ns, "dnnd", a)
+            zone = (obj or {}).get("status", {}).get("plan", {}).get("zones", {}).get("zone-a")
+            return zone and zone.get("trunk") == name and obj
+
+        obj = wait_for(f"{app}'s plan through the trunk", planned, 120)
+        stages = obj["status"]["plan"]["stages"]
+        assert (stages[0]["tier"], stages[0]["outputs"]) == ("edge", [trunks.TRUNK_TENSOR])
+        assert (stages[1]["tier"], stages[1]["inputs"]) == ("edge", [trunks.TRUNK_TENSOR])
+        assert f"{name}:" in obj["status"]["replicas"]
+        entry = get(ns, "daemonset", f"{app}-device-zone-a")
+        assert f"--next=http://{name}.{ns.name}.svc:8080" in _args(entry)
+        head = get(ns, "deployment", f"{app}-edge-zone-a")
+        assert "--stage=1" in _args(head)
+
+    full = {"digits": zoo.export_onnx("digits_cnn", trained=True), "digits-parity": parity}
+    _, _, x_test, _ = zoo.digits_split()
+    selector = "app.kubernetes.io/name=edgeai-worker"
+    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
+
+        def entries(routes: int) -> dict[str, str] | None:
+            """Each application's entry URL, once its entry and head pods and a trunk pod
+            with `routes` routes have processes that pass their probes."""
+            pods = get(ns, "pods", "-l", selector)["items"]
+            serving = [
+                p
+                for p in pods
+                if kubelet.serving.get(p["metadata"]["name"])
+                and not p["metadata"].get("deletionTimestamp")
+            ]
+            roles = [(p["metadata"]["labels"], p) for p in serving]
+            trunk_ready = any(
+                lbls.get("edgeai.dev/stage") == "trunk"
+                and sum(a.startswith("--route=") for a in p["spec"]["containers"][0]["args"])
+                == routes
+                for lbls, p in roles
+            )
+            heads = {
+                lbls.get("edgeai.dev/deployment")
+                for lbls, _ in roles
+                if lbls.get("edgeai.dev/stage") == "1"
+            }
+            urls = {
+                lbls["edgeai.dev/deployment"]: f"http://{p['status']['podIP']}:8080"
+                for lbls, p in roles
+                if lbls.get("edgeai.dev/tier") == "device"
+                and lbls["edgeai.dev/deployment"] in heads
+            }
+            return urls if trunk_ready and len(urls) == routes else None
+
+        urls = wait_for("entries, heads and the trunk serving", lambda: entries(2), 300)
+        for app, model in (("cam", "digits"), ("par", "digits-parity")):
+            for i in range(4):
+                x = x_test[i : i + 1]
+                got = infer(urls[app], model, x, input_name="input")
+                want = run_onnx(full[model], {"input": x})[0]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+        ns.kubectl("delete", "dnnd", "cam", "--timeout=60s")
+        trunk = wait_for("the trunk kept with one owner and one route", lambda: shared_by(1), 180)
+        assert trunk["metadata"]["name"] == name
+        assert (
+            trunk["metadata"]["ownerReferences"][0]["uid"]
+            == get(ns, "dnnd", "par")["metadata"]["uid"]
+        )
+        assert [a for a in _args(trunk) if a.startswith("--route=")] == [
+            f"--route=digits-parity=http://par-edge-zone-a.{ns.name}.svc:8080"
+        ]
+        urls = wait_for("par served through the rolled trunk", lambda: entries(1), 300)
+        x = x_test[10:11]
+        got = infer(urls["par"], "digits-parity", x, input_name="input")
+        np.testing.assert_allclose(got, run_onnx(parity, {"input": x})[0], rtol=1e-5, atol=1e-5)
+
+        ns.kubectl("delete", "dnnd", "par", "--timeout=60s")
+        wait_for("the trunk garbage-collected", lambda: not trunk_workloads(), 120)
+        wait_for("its Service gone", lambda: get(ns, "service", name) is None, 60)

@@ -282,6 +282,9 @@ async def test_a_trunk_stage_serves_two_applications_with_their_own_outputs(tmp_
                 assert _metric(text, "edgeai_trunk_runs_total") == 8
                 assert _metric(text, "edgeai_trunk_reused_total") == 8
                 assert _metric(text, "edgeai_stage_compute_cpu_seconds_total") > 0
+                # the autoscaler's series: each of the 16 requests, trunk and head
+                assert _metric(text, "edgeai_stage_latency_seconds_count") == 16
+                assert _metric(text, "edgeai_in_flight_requests") == 0
                 for head in started:
                     async with session.get(f"{head.url}/metrics") as resp:
                         cpu_s = _metric(await resp.text(), "edgeai_stage_compute_cpu_seconds_total")

@@ -554,13 +554,20 @@ def _autoscale(p: _Pass, spec: DeploymentSpec, zones: ZonePlans, shared: Mapping
     slo_ms = spec.slo_latency_ms or 0.0
     for zone, plan in sorted(zones.plans.items()):
         targets = stage_targets(plan, slo_ms) if slo_ms else {}
-        for tier in ("edge", "cloud"):
-            if tier not in targets:
-                continue
-            name = _stage_workload(p, tier, zone, shared, pods)
+        stages = [
+            (_stage_workload(p, tier, zone, shared, pods), targets[tier])
+            for tier in ("edge", "cloud")
+            if tier in targets
+        ]
+        if plan.trunk is not None and slo_ms:
+            # the trunk answers with its head: its target is the SLO less the uplink;
+            # its pods carry every user's requests, so it scales on the sum of loads
+            before_ms = sum(x.ms for x in plan.transfers if x.to_tier == "edge")
+            stages.append((plan.trunk.workload, max(slo_ms - before_ms, 1.0)))
+        for name, target_ms in stages:
             scaler = scalers.get(name)
-            if scaler is None or scaler.policy.target_ms != targets[tier]:
-                scaler = scalers[name] = _rescaled(scaler, policy(spec, targets[tier]))
+            if scaler is None or scaler.policy.target_ms != target_ms:
+                scaler = scalers[name] = _rescaled(scaler, policy(spec, target_ms))
             seen = {pod: scrapes[pod] for pod in pods.get(name, []) if pod in scrapes}
             if not seen:
                 continue

@@ -32,7 +32,7 @@ import numpy as np
 from aiohttp import web
 
 from edgeai_worker.chain import Forwarder, StageError
-from edgeai_worker.metrics import Counter
+from edgeai_worker.metrics import LATENCY_BUCKETS_S, Counter, Gauge, Histogram
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -80,10 +80,27 @@ class TrunkState:
             "CPU seconds of onnxruntime runs of the trunk (no waits).",
         )
         self.requests = Counter("edgeai_trunk_requests_total", "Requests by application.")
+        # what the operator's autoscaler reads, as for any stage: every application's
+        # requests pass here, so these measure the sum of their loads
+        self.latency = Histogram(
+            "edgeai_stage_latency_seconds",
+            "Time from receiving a request to answering it, the trunk and the head after it.",
+            LATENCY_BUCKETS_S,
+        )
+        self.in_flight = Gauge("edgeai_in_flight_requests", "Requests being served.")
+        self.serving = 0
 
     def render(self) -> str:
         self.compute_cpu.inc(self.partition.cpu_s - self.compute_cpu.get())
-        series = [self.runs, self.reused, self.compute_s, self.compute_cpu, self.requests]
+        series = [
+            self.runs,
+            self.reused,
+            self.compute_s,
+            self.compute_cpu,
+            self.requests,
+            self.latency,
+            self.in_flight,
+        ]
         return "\n".join(line for s in series for line in s.render()) + "\n"
 
 
@@ -136,6 +153,20 @@ async def infer(request: web.Request) -> web.Response:
     forwarder = state.forwarders.get(name)
     if forwarder is None:
         return _not_served(state, name)
+    started = time.perf_counter()
+    state.serving += 1
+    state.in_flight.set(state.serving)
+    try:
+        return await _infer(request, state, name, forwarder)
+    finally:
+        state.serving -= 1
+        state.in_flight.set(state.serving)
+        state.latency.observe(time.perf_counter() - started)
+
+
+async def _infer(
+    request: web.Request, state: TrunkState, name: str, forwarder: Forwarder
+) -> web.Response:
     body = await request.read()
     try:
         decoded = decode_request(
