@@ -56,6 +56,20 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
     return next((c for c in conds if c["type"] == type_), {})
 
 
+def digits_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A DNNModel of digits' input shape (one 8x8 image) from `source`."""
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": source,
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            **spec,
+        },
+    }
+
+
 def apply(cluster: Kubectl, *docs: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(docs))
 

@@ -15,13 +15,12 @@ import numpy as np
 import onnx
 import pytest
 
+from _cluster_support import digits_model
 from edgeai_operator.builders import DeploymentOptions, Owner, TrunkStage, trunk_children
 from edgeai_operator.decide import DeploymentState, Observed, decide
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.netpol import network_policies
-from edgeai_operator.planning import NodeState
-from edgeai_operator.topology import NodeSpec
 from edgeai_operator.trunkcmd import cut_trunk
 from edgeai_operator.trunkplan import (
     Peer,
@@ -32,6 +31,7 @@ from edgeai_operator.trunkplan import (
     trunk_blocker,
     trunk_groups,
 )
+from test_decide import node
 
 NS = "ns"
 DIGEST = "sha256:" + "a" * 64
@@ -41,28 +41,12 @@ GROUP_A = "digits-trunk-zone-a-274d0c89"
 GROUP_B = "digits-trunk-zone-b-f854e6ee"
 
 
-def node(name: str, tier: str, zone: str | None, *, ready: bool = True, **labels: str) -> NodeState:
-    gflops = {"device": 2.0, "edge": 100.0, "cloud": 400.0}[tier]
-    spec = NodeSpec(
-        name=name,
-        tier=tier,
-        zone=zone,
-        capacity={},
-        gflops=gflops,
-        uplink_mbps=100.0 if tier != "cloud" else None,
-        uplink_rtt_ms=5.0 if tier != "cloud" else None,
-        power_watts=None,
-        labels=dict(labels),
-    )
-    return NodeState(spec=spec, ready=ready, schedulable=True)
-
-
 NODES = [
-    node("dev-a-0", "device", "zone-a", app="cam"),
-    node("dev-a-1", "device", "zone-a"),
-    node("dev-b-0", "device", "zone-b"),
-    node("edge-a-0", "edge", "zone-a"),
-    node("edge-b-0", "edge", "zone-b"),
+    node("dev-a-0", "device", "zone-a", mbps=100.0, labels={"app": "cam"}),
+    node("dev-a-1", "device", "zone-a", mbps=100.0),
+    node("dev-b-0", "device", "zone-b", mbps=100.0),
+    node("edge-a-0", "edge", "zone-a", mbps=100.0),
+    node("edge-b-0", "edge", "zone-b", mbps=100.0),
     node("cloud-0", "cloud", None),
 ]
 # cam serves digits on zone-a's camera; par serves digits-parity on every device
@@ -407,19 +391,6 @@ def test_run_trunk_cuts_the_verified_base_up_to_the_tensor(tmp_path: Path) -> No
 DEVICE = "device-zone-a-0"
 
 
-def _dnnmodel(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNModel",
-        "metadata": {"name": name},
-        "spec": {
-            "source": source,
-            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
-            **spec,
-        },
-    }
-
-
 def _application(name: str, model: str) -> dict[str, Any]:
     body = _body(name, model)
     spec = body["spec"]
@@ -452,8 +423,8 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
     base = {"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR}
     apply(
         ns,
-        _dnnmodel("digits", {"zoo": "digits_cnn"}),
-        _dnnmodel("digits-parity", source, base=base),
+        digits_model("digits", {"zoo": "digits_cnn"}),
+        digits_model("digits-parity", source, base=base),
         _application("cam", "digits"),
         _application("par", "digits-parity"),
     )

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _cluster_support import Namespace, apply, condition, get, wait_for
+from _cluster_support import Namespace, apply, condition, digits_model, get, wait_for
 from _worker_support import Worker, extract, free_port, run_onnx, wait_ready, workers
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import BaseRef, parse_model_spec
@@ -354,19 +354,6 @@ def test_the_trunk_numbers_render_met_and_unmet_goals() -> None:
 # Against the real control plane: preparation Jobs check the claim
 
 
-def _model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNModel",
-        "metadata": {"name": name},
-        "spec": {
-            "source": source,
-            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
-            **spec,
-        },
-    }
-
-
 def _prepared_condition(ns: Namespace, name: str, status: str) -> Any:
     def holds() -> Any:
         obj = get(ns, "dnnm", name)
@@ -390,13 +377,13 @@ def test_the_preparation_verifies_a_declared_trunk(ns: Namespace, operator: Any)
     apply(
         ns,
         # applied first: waits for its base, which is applied after it
-        _model(
+        digits_model(
             "digits-parity",
             sources["parity"],
             base={"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR},
         ),
         # claims more than it shares: its first Gemm was trained anew
-        _model(
+        digits_model(
             "digits-tercile",
             sources["tercile"],
             base={"modelRef": {"name": "digits"}, "sharedUpTo": gemm},
@@ -409,7 +396,7 @@ def test_the_preparation_verifies_a_declared_trunk(ns: Namespace, operator: Any)
 
     cond = wait_for("digits-parity waiting for its base", waiting, 300)
     assert cond["message"] == "spec.base.modelRef.name: waiting for DNNModel digits (not found)"
-    apply(ns, _model("digits", {"zoo": "digits_cnn"}))
+    apply(ns, digits_model("digits", {"zoo": "digits_cnn"}))
     base = _prepared_condition(ns, "digits", "True")
     parity = _prepared_condition(ns, "digits-parity", "True")
     base_profile = next(p for p in base["status"]["profiles"] if p["variant"] == "fp32")

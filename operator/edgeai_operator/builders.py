@@ -556,7 +556,6 @@ def shared_children(
     }
     w = Workload("edge", shared.zone, shared.stage, "plan.yaml", replicas, model=shared.plan.model)
     affinity = _affinity("edge", shared.zone, opts.excluded_nodes)
-    selector = {BACKBONE_LABEL: shared.name}
     return [
         {
             "apiVersion": "v1",
@@ -564,6 +563,27 @@ def shared_children(
             "metadata": meta,
             "data": {"plan.yaml": _yaml(shared.plan.to_dict())},
         },
+        *_shared_workload(
+            owner,
+            meta,
+            replicas,
+            {"labels": lbls, "annotations": _pod_annotations(w, plan_hash(shared.plan))},
+            _pod_spec(owner, w, opts, affinity, configmap=shared.name),
+        ),
+    ]
+
+
+def _shared_workload(
+    owner: Owner,
+    meta: Mapping[str, Any],
+    replicas: int,
+    pod_metadata: dict[str, Any],
+    pod: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Deployment and Service of a shared stage (`meta`: its name, labels and this
+    owner's reference), as `owner` applies them with its replica wish."""
+    selector = {BACKBONE_LABEL: str(meta["name"])}
+    return [
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -578,19 +598,13 @@ def shared_children(
                     "type": "RollingUpdate",
                     "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
                 },
-                "template": {
-                    "metadata": {
-                        "labels": lbls,
-                        "annotations": _pod_annotations(w, plan_hash(shared.plan)),
-                    },
-                    "spec": _pod_spec(owner, w, opts, affinity, configmap=shared.name),
-                },
+                "template": {"metadata": pod_metadata, "spec": pod},
             },
         },
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": meta,
+            "metadata": dict(meta),
             "spec": {
                 "selector": selector,
                 "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
@@ -656,41 +670,8 @@ def trunk_children(
         replace(opts, priority_class=None),
         (trunk.uri, trunk.digest),
     )
-    selector = {BACKBONE_LABEL: trunk.name}
-    return [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {
-                **meta,
-                "annotations": {REPLICAS_ANNOTATION + owner.name: str(replicas)},
-            },
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": selector},
-                "strategy": {
-                    "type": "RollingUpdate",
-                    "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-                },
-                "template": {
-                    "metadata": {
-                        "labels": lbls,
-                        "annotations": {MODEL_DIGEST_ANNOTATION: trunk.digest},
-                    },
-                    "spec": pod,
-                },
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta,
-            "spec": {
-                "selector": selector,
-                "ports": [{"name": "http", "port": WORKER_PORT, "targetPort": "http"}],
-            },
-        },
-    ]
+    pod_metadata = {"labels": lbls, "annotations": {MODEL_DIGEST_ANNOTATION: trunk.digest}}
+    return _shared_workload(owner, meta, replicas, pod_metadata, pod)
 
 
 def is_shared(obj: Mapping[str, Any]) -> bool:
