@@ -1161,6 +1161,12 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"{h['podsReadyS']} s ({h['operatorPods']} pods, ServiceAccount "
             f"`{h['serviceAccount']}`, can-i '*' '*': {h['canDoEverything']}"
             + (f", can-i list secrets: {h['canListSecrets']})" if "canListSecrets" in h else ")")
+            + (
+                f"; samples' namespace enforces Pod Security `{h['namespacePodSecurity']}` "
+                "(a privileged pod refused by the API server)"
+                if h.get("privilegedPodRefused")
+                else ""
+            )
         ),
     ),
     (
