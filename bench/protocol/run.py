@@ -3,12 +3,15 @@ binary tensor data, REST with JSON (orjson, and the replaced json-module path si
 side) and gRPC, for a 1x3x224x224 conv model and an 8x64 MLP, with one client and with
 four concurrent ones; and a two-stage chain forwarding over HTTP and over gRPC.
 
-    python bench/protocol/run.py [--requests 40] [--conditions "..."]
+    python bench/protocol/run.py [--requests 100] [--rounds 5] [--conditions "..."]
 
 Clients run as threads of this process (one keep-alive connection or channel each) and
 encode every request and decode every answer with the worker's own codecs, so a row
-is the whole round trip. The result goes to docs/results/protocol.json, which
-`make docs-numbers` renders into docs/dataplane.md.
+is the whole round trip; each row names its client (`CLIENTS_USED`). The rows of one
+model and client count are measured in turns (`--rounds` slices of each in rotation),
+so a change in the load of the shared machine falls on all of them alike. The result
+goes to docs/results/protocol.json, which `make docs-numbers` renders into
+docs/dataplane.md.
 """
 
 from __future__ import annotations
@@ -46,9 +49,8 @@ from _worker_support import (  # noqa: E402
     free_port,
     start_worker,
 )
-from edgeai_worker import grpc_predict_v2_pb2 as pb  # noqa: E402
 from edgeai_worker import protocol  # noqa: E402
-from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request  # noqa: E402
+from edgeai_worker.grpc_codec import parse_infer_response, serialize_infer_request  # noqa: E402
 from edgeai_worker.protocol import InferRequest, Tensor  # noqa: E402
 
 CLIENTS = (1, 4)
@@ -58,6 +60,13 @@ MODES = {
     "rest_json": ("rest", "orjson", False),
     "rest_json_stdlib": ("rest", "stdlib", False),
     "grpc": ("grpc", "orjson", True),
+}
+# mode -> the client of its rows
+CLIENTS_USED = {
+    "rest_binary": "http.client, the worker's REST codec (binary)",
+    "rest_json": "http.client, the worker's REST codec (orjson)",
+    "rest_json_stdlib": "http.client, the worker's REST codec (json module)",
+    "grpc": "grpc sync stub (Channel.unary_unary), the worker's gRPC wire codec",
 }
 
 Call = Callable[[], np.ndarray]
@@ -91,16 +100,18 @@ def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[
 
 def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     def make() -> Call:
+        # a plain stub, no client library on top: the request with raw_input_contents
+        # as the worker's forwarder writes it, the reply parsed as it reads it
         channel = grpc.insecure_channel(target)
         stub = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=pb.ModelInferResponse.FromString,
+            request_serializer=None,
+            response_deserializer=parse_infer_response,
         )
 
         def call() -> np.ndarray:
-            request = encode_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
-            response = decode_infer_response(stub(request, timeout=120))
+            request = serialize_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
+            response = stub(request, timeout=120)
             return response.outputs[0].array
 
         return call
@@ -108,15 +119,9 @@ def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     return make
 
 
-def measure(make: Callable[[], Call], clients: int, requests: int) -> dict[str, float]:
-    """`requests` calls spread over `clients` threads after one warm-up call each:
-    p50/p95 latency and throughput."""
-    calls = [make() for _ in range(clients)]
-    for call in calls:
-        call()
-    latencies: list[float] = []
+def _slice(calls: list[Call], per_client: int, latencies: list[float]) -> float:
+    """`per_client` calls on each of `calls`, one thread each; the wall seconds taken."""
     lock = threading.Lock()
-    per_client = max(1, requests // clients)
 
     def run(call: Call) -> None:
         for _ in range(per_client):
@@ -132,7 +137,34 @@ def measure(make: Callable[[], Call], clients: int, requests: int) -> dict[str, 
         thread.start()
     for thread in threads:
         thread.join()
-    wall_s = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def measure_in_turns(
+    makes: dict[str, tuple[Callable[[], Call], int]], clients: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """For each name: its (client maker, request count) spread over `clients` threads
+    after one warm-up call each, in `rounds` slices taken in rotation with the other
+    names' slices; p50/p95 latency and throughput per name."""
+    calls = {name: [make() for _ in range(clients)] for name, (make, _) in makes.items()}
+    for each in calls.values():
+        for call in each:
+            call()
+    latencies: dict[str, list[float]] = {name: [] for name in makes}
+    wall_s = dict.fromkeys(makes, 0.0)
+    for turn in range(rounds):
+        for name, (_, requests) in makes.items():
+            # the requests of a slice per client; the last slice takes what is left
+            per_client = max(1, requests // clients)
+            share = per_client // rounds
+            if turn == rounds - 1:
+                share = per_client - share * (rounds - 1)
+            if share > 0:
+                wall_s[name] += _slice(calls[name], share, latencies[name])
+    return {name: _summary(latencies[name], wall_s[name]) for name in makes}
+
+
+def _summary(latencies: list[float], wall_s: float) -> dict[str, float]:
     latencies.sort()
     return {
         "p50Ms": round(statistics.median(latencies) * 1000, 3),
@@ -151,16 +183,26 @@ def _worker(tmp: Path, settings: dict[str, Any]) -> Iterator[Worker]:
         worker.stop()
 
 
+def _with_codec(codec: str, call: Call) -> Call:
+    """`call` with the client's JSON codec set to the mode's (the turns interleave)."""
+
+    def wrapped() -> np.ndarray:
+        protocol.set_json_codec(codec)
+        return call()
+
+    return wrapped
+
+
 def bench_model(
-    tmp: Path, name: str, path: Path, x: np.ndarray, requests: int
+    tmp: Path, name: str, path: Path, x: np.ndarray, requests: int, rounds: int
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     grpc_port = free_port()
     fast = {"model_name": name, "partitions": [str(path)], "grpc_port": grpc_port}
     slow = {"model_name": name, "partitions": [str(path)], "json_codec": "stdlib"}
     with _worker(tmp, fast) as orjson_worker, _worker(tmp, slow) as stdlib_worker:
+        makes: dict[str, tuple[Callable[[], Call], int]] = {}
         for mode, (transport, codec, binary) in MODES.items():
-            protocol.set_json_codec(codec)
             if transport == "grpc":
                 make = _grpc_caller(f"127.0.0.1:{grpc_port}", name, x)
             else:
@@ -168,35 +210,41 @@ def bench_model(
                 make = _rest_caller(url, name, x, binary)
             # the JSON-module path is slow on the conv input: fewer requests there
             count = requests // 4 if codec == "stdlib" and x.size > 10_000 else requests
-            for clients in CLIENTS:
-                result = measure(make, clients, count)
+            makes[mode] = (lambda make=make, codec=codec: _with_codec(codec, make()), count)
+        for clients in CLIENTS:
+            results = measure_in_turns(makes, clients, rounds)
+            for mode, result in results.items():
                 print(f"[bench] {name} {mode} x{clients}: {result}", file=sys.stderr, flush=True)
-                rows.append({"model": name, "mode": mode, "clients": clients, **result})
+                row = {"model": name, "mode": mode, "clients": clients, **result}
+                rows.append(row | {"client": CLIENTS_USED[mode]})
     protocol.set_json_codec("orjson")
     return rows
 
 
-def bench_chain(tmp: Path, requests: int) -> list[dict[str, Any]]:
-    """A conv model cut in two stages: the first forwards to the second over HTTP, then
-    over gRPC (the client talks REST binary to the first stage both times)."""
+def bench_chain(tmp: Path, requests: int, rounds: int) -> list[dict[str, Any]]:
+    """A conv model cut in two stages: the first forwards to the second over HTTP or
+    over gRPC (two first stages, one second stage serving both; the client talks REST
+    binary to the first stage both times)."""
     chain = build_conv_chain(tmp / "chain224.onnx", hw=224)
     cut = chain.cuts[0]
     head = extract(chain.path, ["input"], [cut], tmp / "head.onnx")
     tail = extract(chain.path, [cut], ["output"], tmp / "tail.onnx")
     x = np.random.default_rng(1).standard_normal(chain.input_shape).astype(np.float32)
     rows: list[dict[str, Any]] = []
-    for transport in ("http", "grpc"):
-        grpc_port = free_port()
-        last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
-        with _worker(tmp, last) as second:
+    grpc_port = free_port()
+    last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
+    with contextlib.ExitStack() as stack:
+        second = stack.enter_context(_worker(tmp, last))
+        makes: dict[str, tuple[Callable[[], Call], int]] = {}
+        for transport in ("http", "grpc"):
             next_url = second.url if transport == "http" else f"grpc://127.0.0.1:{grpc_port}"
             first = {"model_name": "chain", "partitions": [str(head)], "next_urls": [next_url]}
-            with _worker(tmp, first) as front:
-                make = _rest_caller(front.url, "chain", x, True)
-                for clients in CLIENTS:
-                    result = measure(make, clients, requests)
-                    print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
-                    rows.append({"forwarding": transport, "clients": clients, **result})
+            front = stack.enter_context(_worker(tmp, first))
+            makes[transport] = (_rest_caller(front.url, "chain", x, True), requests)
+        for clients in CLIENTS:
+            for transport, result in measure_in_turns(makes, clients, rounds).items():
+                print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
+                rows.append({"forwarding": transport, "clients": clients, **result})
     return rows
 
 
@@ -226,7 +274,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=40, help="requests per row")
+    parser.add_argument("--requests", type=int, default=100, help="requests per row")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="slices per row, taken in turns with the others"
+    )
     render_numbers.add_result_arguments(parser, "protocol.json")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -242,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             conv,
             rng.standard_normal((1, 3, 224, 224)).astype(np.float32),
             args.requests,
+            args.rounds,
         )
-        rows += bench_model(
-            tmp, "mlp", mlp, rng.standard_normal((8, 64)).astype(np.float32), args.requests * 4
-        )
-        chain = bench_chain(tmp, args.requests)
+        mlp_x = rng.standard_normal((8, 64)).astype(np.float32)
+        rows += bench_model(tmp, "mlp", mlp, mlp_x, args.requests * 4, args.rounds)
+        chain = bench_chain(tmp, args.requests, args.rounds)
     report = {
         "kind": "ProtocolBench",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

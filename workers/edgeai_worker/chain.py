@@ -25,7 +25,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +35,7 @@ import grpc
 
 from edgeai_worker import grpc_predict_v2_pb2 as pb
 from edgeai_worker.body import body_of, body_size
-from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request
+from edgeai_worker.grpc_codec import parse_infer_response, serialize_infer_request
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
@@ -116,6 +116,27 @@ def _error_text(body: bytes) -> str:
     return str(parsed)[:200]
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _serialized(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+_Parsed = InferResponse | ProtocolError
+
+
+def _parsed_response(data: bytes) -> _Parsed:
+    """The forwarder's response deserializer: a bad response comes back as its error
+    (raised from a deserializer, gRPC would turn it into a status of its own)."""
+    try:
+        return parse_infer_response(data)
+    except ProtocolError as exc:
+        return exc
+
+
 class Forwarder:
     """Sends requests to the replicas of the next stage."""
 
@@ -149,7 +170,13 @@ class Forwarder:
             raise ValueError("https:// replicas need the stage's certificate (tls)")
         self._channels: dict[str, Any] = {}
 
-    def _stub(self, url: str, method: str, reply: type[Any]) -> Any:
+    def _stub(
+        self,
+        url: str,
+        method: str,
+        serializer: Callable[[Any], bytes],
+        deserializer: Callable[[bytes], Any],
+    ) -> Any:
         channel = self._channels.get(url)
         if channel is None:
             channel = grpc.aio.insecure_channel(
@@ -163,8 +190,8 @@ class Forwarder:
             self._channels[url] = channel
         return channel.unary_unary(
             f"/{GRPC_SERVICE}/{method}",
-            request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=reply.FromString,
+            request_serializer=serializer,
+            response_deserializer=deserializer,
         )
 
     async def start(self) -> None:
@@ -288,19 +315,19 @@ class Forwarder:
         raise self._exhausted(tried, last_error, timed_out="Timeout" in last_error)
 
     async def _infer_grpc(self, request: InferRequest) -> ForwardResult:
-        message = encode_infer_request(request, self.model_name)
-        sent = message.ByteSize()
+        # serialized once for every attempt, the tensors copied once (grpc_codec)
+        message = serialize_infer_request(request, self.model_name)
+        sent = len(message)
         metadata = ((IDEMPOTENCY_METADATA, uuid.uuid4().hex),)
         tried: set[str] = set()
         last_error = ""
         started = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
             url = self._attempt_on(tried, attempt)
-            call = self._stub(url, "ModelInfer", pb.ModelInferResponse)(
-                message, timeout=self.timeout_s, metadata=metadata
-            )
+            stub = self._stub(url, "ModelInfer", _as_is, _parsed_response)
+            call = stub(message, timeout=self.timeout_s, metadata=metadata)
             try:
-                reply = await call
+                parsed: _Parsed = await call
                 trailing = dict(await call.trailing_metadata() or ())
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
@@ -310,10 +337,9 @@ class Forwarder:
                     continue
                 prefix = "" if details.startswith("stage ") else f"{self._name(url)}: "
                 raise StageError(HTTP_STATUS_OF_CODE.get(code, 500), prefix + details) from exc
-            try:
-                response = decode_infer_response(reply)
-            except ProtocolError as exc:
-                raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
+            if isinstance(parsed, ProtocolError):
+                raise StageError(502, f"{self._name(url)} sent a bad response: {parsed}")
+            response = parsed
             server_ms = trailing.get(SERVER_TIME_METADATA)
             return self._forwarded(response, sent, started, server_ms, url, attempt)
         raise self._exhausted(tried, last_error, timed_out="DEADLINE_EXCEEDED" in last_error)
@@ -321,7 +347,9 @@ class Forwarder:
     async def _metadata_grpc(self) -> dict[str, Any]:
         last: Exception | None = None
         for url in self.urls:
-            stub = self._stub(url, "ModelMetadata", pb.ModelMetadataResponse)
+            stub = self._stub(
+                url, "ModelMetadata", _serialized, pb.ModelMetadataResponse.FromString
+            )
             try:
                 reply = await stub(
                     pb.ModelMetadataRequest(name=self.model_name), timeout=self.timeout_s

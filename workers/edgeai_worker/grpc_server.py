@@ -35,7 +35,12 @@ from edgeai_worker.chain import (
     SERVER_TIME_METADATA,
     StageError,
 )
-from edgeai_worker.grpc_codec import decode_infer_request, encode_infer_response, tensor_metadata
+from edgeai_worker.grpc_codec import (
+    WireRequest,
+    parse_infer_request,
+    serialize_infer_response,
+    tensor_metadata,
+)
 from edgeai_worker.protocol import ProtocolError
 
 log = logging.getLogger("edgeai_worker")
@@ -114,16 +119,18 @@ class InferenceService:
 
         return await self._guarded(context, answer, "ModelMetadata")
 
-    async def model_infer(self, request: pb.ModelInferRequest, context: Any) -> Message:
+    async def model_infer(self, wire: WireRequest, context: Any) -> bytes:
+        """ModelInfer, from the request as read off the wire to the serialized reply
+        (`grpc_codec`: the tensors are not copied into or out of protobuf messages)."""
         state = self.state
         arrived = time.monotonic()
         started = time.perf_counter()
-        size_bytes = request.ByteSize()
+        request = wire.message
         state.request_started()
         status = 200
-        reply: pb.ModelInferResponse | None = None
+        reply: bytes | None = None
         try:
-            reply = await self._infer(request, context, arrived, size_bytes)
+            reply = await self._infer(wire, context, arrived)
             return reply
         except ProtocolError as exc:
             status = exc.status
@@ -139,7 +146,7 @@ class InferenceService:
             await self._abort(context, 500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             state.request_finished()
-            state.record_answer(status, started, reply.ByteSize() if reply is not None else 0)
+            state.record_answer(status, started, len(reply) if reply is not None else 0)
             if status >= 400:
                 log.log(
                     logging.WARNING if status >= 500 else logging.INFO,
@@ -150,15 +157,14 @@ class InferenceService:
                 )
         raise AssertionError("ModelInfer: context.abort returned")
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: Any, arrived: float, size_bytes: int
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, wire: WireRequest, context: Any, arrived: float) -> bytes:
         state = self.state
+        request, size_bytes = wire.message, wire.size_bytes
         check_model(state.config, request.model_name, _version(request.model_version))
         if state.draining:
             raise ProtocolError("the worker is shutting down; retry on another replica", 503)
         state.metrics.bytes_in.inc(size_bytes, stage=state.stage)
-        infer_request = decode_infer_request(request)
+        infer_request = wire.decode()
         remaining_s = context.time_remaining()
         if remaining_s is not None and "timeout" not in infer_request.parameters:
             # the call's gRPC deadline bounds the queueing as a `timeout` parameter would
@@ -173,14 +179,21 @@ class InferenceService:
         if compute:
             trailing.append((COMPUTE_TIME_METADATA, f"{sum(compute) * 1000:.3f}"))
         context.set_trailing_metadata(tuple(trailing))
-        return encode_infer_response(response)
+        return serialize_infer_response(response)
+
+
+def _serialized(message: Message) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 def _handler(method: Callable[..., Awaitable[Message]], request_type: type[Message]) -> Any:
     return grpc.unary_unary_rpc_method_handler(
-        method,
-        request_deserializer=request_type.FromString,
-        response_serializer=lambda message: message.SerializeToString(),
+        method, request_deserializer=request_type.FromString, response_serializer=_serialized
     )
 
 
@@ -201,7 +214,11 @@ def create_grpc_server(state: WorkerState) -> Any:
         "ServerMetadata": _handler(service.server_metadata, pb.ServerMetadataRequest),
         "ModelReady": _handler(service.model_ready, pb.ModelReadyRequest),
         "ModelMetadata": _handler(service.model_metadata, pb.ModelMetadataRequest),
-        "ModelInfer": _handler(service.model_infer, pb.ModelInferRequest),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            service.model_infer,
+            request_deserializer=parse_infer_request,
+            response_serializer=_as_is,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return server
