@@ -294,11 +294,6 @@ CASES = [
         'unknown field "spec.slo.latencyMs"',
     ),
     (
-        "deployment: grpc with stage TLS required (the default)",
-        _with(DEPLOYMENT, "spec.placement.transport", "grpc"),
-        "spec.security.stageTLS: required is not available with spec.placement.transport: grpc",
-    ),
-    (
         "deployment: shared backbone with stage TLS required",
         _with(
             _with(DEPLOYMENT, "spec.sharing", "backbone"), "spec.security", {"stageTLS": "required"}
@@ -386,6 +381,8 @@ SECURE = _with(
 GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
+# gRPC between stages over mutual TLS (stageTLS: required is the default)
+GRPC_SECURE = _with(DEPLOYMENT, "spec.placement.transport", "grpc")
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -398,13 +395,14 @@ OFFLOADING = _with(
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, GRPC_SECURE, OFFLOADING],
     ids=[
         "model",
         "deployment",
         "job",
         "deployment-security",
         "deployment-grpc-plain",
+        "deployment-grpc-mtls",
         "deployment-offload",
     ],
 )

@@ -56,13 +56,11 @@ def test_the_transport_is_http_unless_the_spec_says_grpc() -> None:
     with pytest.raises(SpecError) as info:
         parse_deployment(doc)
     assert "spec.placement.transport" in str(info.value)
-    # stages forward over mutual TLS on HTTP only: grpc needs stageTLS: disabled
+    # gRPC goes over mutual TLS as HTTP does (stageTLS: required is the default)
     doc = _deployment(transport="grpc")
     del doc["spec"]["security"]
-    with pytest.raises(SpecError) as info:
-        parse_deployment(doc)
-    assert info.value.field == "spec.security.stageTLS"
-    assert "transport: grpc" in str(info.value)
+    secure = parse_deployment(doc)
+    assert (secure.transport, secure.security.stage_tls) == ("grpc", True)
 
 
 def _containers(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -99,6 +97,27 @@ def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http(
             {"name": "http", "port": 8080, "targetPort": "http"},
             {"name": "grpc", "port": 8081, "targetPort": "grpc"},
         ], name
+
+
+def test_grpc_with_stage_tls_forwards_over_grpcs_and_the_device_over_https() -> None:
+    children = build_children(
+        OWNER, {"zone-a": _plan()}, {}, DeploymentOptions(transport="grpc", stage_tls=True)
+    )
+    containers = _containers(children)
+    edge, cloud, device = (
+        containers["cam-edge-zone-a"],
+        containers["cam-cloud"],
+        containers["cam-device-zone-a"],
+    )
+    assert "--next=grpcs://cam-cloud.vision.svc:8081" in edge["args"]
+    assert "--next=https://cam-edge-zone-a.vision.svc:8443" in device["args"]
+    for container in (edge, cloud):
+        # the gRPC port takes mutual TLS only on a stage with a TLS port
+        assert "--grpc-port=8081" in container["args"]
+        assert "--tls-port=8443" in container["args"]
+        assert "--tls-dir=/etc/edgeai-tls" in container["args"]
+    assert "--tls-peer=edgeai://vision/cam/edge" in cloud["args"]
+    assert not [a for a in device["args"] if a.startswith("--tls-port")]
 
 
 def test_http_transport_has_no_grpc_port() -> None:

@@ -15,6 +15,9 @@ Replicas given as `grpc://host:port` are reached over the protocol's gRPC servic
 instead: one keep-alive channel per replica, the key in the `idempotency-key`
 metadata, and the same retry rule (UNAVAILABLE and DEADLINE_EXCEEDED, the gRPC forms
 of 502/503/504 and of a lost connection, are retried; other codes are passed back).
+`grpcs://host:port` is the same over mutual TLS with the stage's certificate
+(security.py); when the certificate is renewed, new calls go on a new channel and the
+old one closes once its calls are done.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from edgeai_worker.protocol import (
     encode_request_parts,
     parse_header_length,
 )
-from edgeai_worker.security import StageTLS
+from edgeai_worker.security import STAGE_TLS_NAME, StageTLS
 
 # Header in which a stage reports how long it (and the stages after it) took, so the
 # stage before it can tell network time from compute time when measuring the uplink.
@@ -59,6 +62,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 PROBE_PATH = "/edgeai/v1/probe"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 GRPC_SCHEME = "grpc://"
+GRPCS_SCHEME = "grpcs://"  # gRPC over mutual TLS
 # The gRPC forms of the headers above (metadata keys are lower case).
 IDEMPOTENCY_METADATA = "idempotency-key"
 SERVER_TIME_METADATA = "edgeai-server-ms"
@@ -75,10 +79,14 @@ HTTP_STATUS_OF_CODE = {
 }
 
 
+def is_grpc_url(url: str) -> bool:
+    return url.startswith((GRPC_SCHEME, GRPCS_SCHEME))
+
+
 def transport_of(urls: Sequence[str]) -> str:
-    """`grpc` when every replica URL is `grpc://host:port`, `http` when none is;
-    ValueError for a mix."""
-    grpc_urls = [u for u in urls if u.startswith(GRPC_SCHEME)]
+    """`grpc` when every replica URL is `grpc://` or `grpcs://host:port`, `http` when
+    none is; ValueError for a mix."""
+    grpc_urls = [u for u in urls if is_grpc_url(u)]
     if grpc_urls and len(grpc_urls) != len(urls):
         raise ValueError(
             f"next stage replicas mix grpc:// and http:// URLs: {', '.join(urls)} "
@@ -166,9 +174,44 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         self.transport = transport_of(self.urls)
         self._tls = tls
-        if tls is None and any(u.startswith("https://") for u in self.urls):
-            raise ValueError("https:// replicas need the stage's certificate (tls)")
-        self._channels: dict[str, Any] = {}
+        if tls is None and any(u.startswith(("https://", GRPCS_SCHEME)) for u in self.urls):
+            raise ValueError("https:// and grpcs:// replicas need the stage's certificate (tls)")
+        # url -> (channel, the certificate generation it was opened with)
+        self._channels: dict[str, tuple[Any, int]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _channel(self, url: str) -> Any:
+        """The replica's channel; over TLS, a new one once the certificate changed (the
+        old one closes when its calls are done, within the forward timeout)."""
+        generation = self._tls.generation if self._tls is not None else 0
+        current = self._channels.get(url)
+        if current is not None and current[1] == generation:
+            return current[0]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if url.startswith(GRPCS_SCHEME):
+            assert self._tls is not None
+            cert, key, ca = self._tls.pem
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
+            )
+            # the next stage's certificate is checked against the CA and the name
+            # every stage certificate carries (stage addresses are Service names)
+            options.append(("grpc.ssl_target_name_override", STAGE_TLS_NAME))
+            channel = grpc.aio.secure_channel(
+                url.removeprefix(GRPCS_SCHEME), credentials, options=options
+            )
+        else:
+            channel = grpc.aio.insecure_channel(url.removeprefix(GRPC_SCHEME), options=options)
+        if current is not None:
+            closing = asyncio.get_running_loop().create_task(current[0].close(grace=self.timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        self._channels[url] = (channel, generation)
+        return channel
 
     def _stub(
         self,
@@ -177,18 +220,7 @@ class Forwarder:
         serializer: Callable[[Any], bytes],
         deserializer: Callable[[bytes], Any],
     ) -> Any:
-        channel = self._channels.get(url)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(
-                url.removeprefix(GRPC_SCHEME),
-                options=[
-                    ("grpc.max_receive_message_length", -1),
-                    ("grpc.max_send_message_length", -1),
-                    ("grpc.keepalive_time_ms", 30_000),
-                ],
-            )
-            self._channels[url] = channel
-        return channel.unary_unary(
+        return self._channel(url).unary_unary(
             f"/{GRPC_SERVICE}/{method}",
             request_serializer=serializer,
             response_deserializer=deserializer,
@@ -201,9 +233,11 @@ class Forwarder:
         )
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
+        for closing in list(self._closing):
+            await closing
         if self._session is not None:
             await self._session.close()
             self._session = None
