@@ -13,8 +13,9 @@ operator issues per deployment (`stagetls.py`), over HTTP or, with
 `placement.transport: grpc`, over gRPC; it needs no `sharing: backbone` (a shared
 stage serves several deployments, each with its own CA). `entryAuth`: the entry
 (device) stage accepts only requests carrying the Secret's token as `Authorization:
-Bearer`. `networkPolicy`: the operator's NetworkPolicies for the deployment (`netpol.py`); `entryFrom` limits who may call the
-entry (no list: anyone, the token still applies).
+Bearer`. `networkPolicy`: the operator's NetworkPolicies for the deployment
+(`netpol.py`); `entryFrom` limits who may call the entry (no list: anyone, the token
+still applies).
 """
 
 from __future__ import annotations
