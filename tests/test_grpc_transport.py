@@ -11,6 +11,7 @@ import pytest
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
+from edgeai_operator.netpol import network_policies
 from edgeai_operator.plandoc import PlanDocument
 
 OWNER = Owner(name="cam", namespace="vision", uid="u-1")
@@ -118,6 +119,24 @@ def test_grpc_with_stage_tls_forwards_over_grpcs_and_the_device_over_https() -> 
         assert "--tls-dir=/etc/edgeai-tls" in container["args"]
     assert "--tls-peer=edgeai://vision/cam/edge" in cloud["args"]
     assert not [a for a in device["args"] if a.startswith("--tls-port")]
+    # the cloud's NetworkPolicy lets the edge in on the gRPC port, and the edge out to it
+    policies = {p["metadata"]["name"]: p["spec"] for p in network_policies(OWNER, children)}
+    edge_pods = {"matchLabels": _selector(children, "cam-edge-zone-a")}
+    assert {
+        "from": [{"podSelector": edge_pods}],
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    } in policies["cam-cloud"]["ingress"]
+    assert {
+        "to": [{"podSelector": {"matchLabels": _selector(children, "cam-cloud", "Service")}}],
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    } in policies["cam-edge-zone-a"]["egress"]
+
+
+def _selector(children: list[dict[str, Any]], name: str, kind: str = "Deployment") -> Any:
+    child = next(c for c in children if c["metadata"]["name"] == name and c["kind"] == kind)
+    return (
+        child["spec"]["selector"] if kind == "Service" else child["spec"]["selector"]["matchLabels"]
+    )
 
 
 def test_http_transport_has_no_grpc_port() -> None:
