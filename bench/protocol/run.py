@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,31 @@ def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     return make
 
 
+@dataclass(frozen=True)
+class Row:
+    """What a row measures: a client maker, its request count, the serving worker."""
+
+    make: Callable[[], Call]
+    requests: int
+    worker: Worker
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a process's main thread (the worker's event loop, where
+    aiohttp and grpc.aio run the handlers) and of its other threads together (gRPC's
+    own, onnxruntime's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(task) == pid:
+            main = seconds
+        else:
+            other += seconds
+    return main, other
+
+
 def _slice(calls: list[Call], per_client: int, latencies: list[float]) -> float:
     """`per_client` calls on each of `calls`, one thread each; the wall seconds taken."""
     lock = threading.Lock()
@@ -141,32 +168,45 @@ def _slice(calls: list[Call], per_client: int, latencies: list[float]) -> float:
 
 
 def measure_in_turns(
-    makes: dict[str, tuple[Callable[[], Call], int]], clients: int, rounds: int
+    rows: dict[str, Row], clients: int, rounds: int
 ) -> dict[str, dict[str, float]]:
-    """For each name: its (client maker, request count) spread over `clients` threads
-    after one warm-up call each, in `rounds` slices taken in rotation with the other
-    names' slices; p50/p95 latency and throughput per name."""
-    calls = {name: [make() for _ in range(clients)] for name, (make, _) in makes.items()}
+    """Each row's requests spread over `clients` threads after one warm-up call each,
+    in `rounds` slices taken in rotation with the other rows' slices: p50/p95 latency,
+    throughput, and CPU microseconds per request of this process (the client side)
+    and of the worker's event loop and its other threads."""
+    calls = {name: [row.make() for _ in range(clients)] for name, row in rows.items()}
     for each in calls.values():
         for call in each:
             call()
-    latencies: dict[str, list[float]] = {name: [] for name in makes}
-    wall_s = dict.fromkeys(makes, 0.0)
+    latencies: dict[str, list[float]] = {name: [] for name in rows}
+    spent = {name: [0.0, 0.0, 0.0, 0.0] for name in rows}  # wall, client, loop, other
     for turn in range(rounds):
-        for name, (_, requests) in makes.items():
+        for name, row in rows.items():
             # the requests of a slice per client; the last slice takes what is left
-            per_client = max(1, requests // clients)
+            per_client = max(1, row.requests // clients)
             share = per_client // rounds
             if turn == rounds - 1:
                 share = per_client - share * (rounds - 1)
             if share > 0:
-                wall_s[name] += _slice(calls[name], share, latencies[name])
-    return {name: _summary(latencies[name], wall_s[name]) for name in makes}
+                client, (loop, other) = time.process_time(), _cpu_s(row.worker.process.pid)
+                wall_s = _slice(calls[name], share, latencies[name])
+                loop_after, other_after = _cpu_s(row.worker.process.pid)
+                for i, amount in enumerate(
+                    (wall_s, time.process_time() - client, loop_after - loop, other_after - other)
+                ):
+                    spent[name][i] += amount
+    return {name: _summary(latencies[name], *spent[name]) for name in rows}
 
 
-def _summary(latencies: list[float], wall_s: float) -> dict[str, float]:
+def _summary(
+    latencies: list[float], wall_s: float, client_s: float, loop_s: float, other_s: float
+) -> dict[str, float]:
     latencies.sort()
+    per_request_us = 1e6 / len(latencies)
     return {
+        "clientCpuUs": round(client_s * per_request_us),
+        "serverLoopCpuUs": round(loop_s * per_request_us),
+        "serverThreadsCpuUs": round(other_s * per_request_us),
         "p50Ms": round(statistics.median(latencies) * 1000, 3),
         "p95Ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000, 3),
         "perSecond": round(len(latencies) / wall_s, 1),
@@ -183,8 +223,10 @@ def _worker(tmp: Path, settings: dict[str, Any]) -> Iterator[Worker]:
         worker.stop()
 
 
-def _with_codec(codec: str, call: Call) -> Call:
-    """`call` with the client's JSON codec set to the mode's (the turns interleave)."""
+def _with_codec(codec: str, make: Callable[[], Call]) -> Call:
+    """A call of `make` with the client's JSON codec set to the mode's (the turns
+    interleave)."""
+    call = make()
 
     def wrapped() -> np.ndarray:
         protocol.set_json_codec(codec)
@@ -201,16 +243,16 @@ def bench_model(
     fast = {"model_name": name, "partitions": [str(path)], "grpc_port": grpc_port}
     slow = {"model_name": name, "partitions": [str(path)], "json_codec": "stdlib"}
     with _worker(tmp, fast) as orjson_worker, _worker(tmp, slow) as stdlib_worker:
-        makes: dict[str, tuple[Callable[[], Call], int]] = {}
+        makes: dict[str, Row] = {}
         for mode, (transport, codec, binary) in MODES.items():
+            worker = stdlib_worker if codec == "stdlib" else orjson_worker
             if transport == "grpc":
                 make = _grpc_caller(f"127.0.0.1:{grpc_port}", name, x)
             else:
-                url = stdlib_worker.url if codec == "stdlib" else orjson_worker.url
-                make = _rest_caller(url, name, x, binary)
+                make = _rest_caller(worker.url, name, x, binary)
             # the JSON-module path is slow on the conv input: fewer requests there
             count = requests // 4 if codec == "stdlib" and x.size > 10_000 else requests
-            makes[mode] = (lambda make=make, codec=codec: _with_codec(codec, make()), count)
+            makes[mode] = Row(functools.partial(_with_codec, codec, make), count, worker)
         for clients in CLIENTS:
             results = measure_in_turns(makes, clients, rounds)
             for mode, result in results.items():
@@ -235,12 +277,12 @@ def bench_chain(tmp: Path, requests: int, rounds: int) -> list[dict[str, Any]]:
     last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
     with contextlib.ExitStack() as stack:
         second = stack.enter_context(_worker(tmp, last))
-        makes: dict[str, tuple[Callable[[], Call], int]] = {}
+        makes: dict[str, Row] = {}
         for transport in ("http", "grpc"):
             next_url = second.url if transport == "http" else f"grpc://127.0.0.1:{grpc_port}"
             first = {"model_name": "chain", "partitions": [str(head)], "next_urls": [next_url]}
             front = stack.enter_context(_worker(tmp, first))
-            makes[transport] = (_rest_caller(front.url, "chain", x, True), requests)
+            makes[transport] = Row(_rest_caller(front.url, "chain", x, True), requests, front)
         for clients in CLIENTS:
             for transport, result in measure_in_turns(makes, clients, rounds).items():
                 print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
