@@ -348,6 +348,13 @@ def test_typed_contents_and_parameters_round_trip(
     assert parameters_of(reply.parameters) == {}
 
 
+def test_protobuf_runs_on_its_upb_backend() -> None:
+    # the pure-Python backend would parse and build every message many times slower
+    from google.protobuf.internal import api_implementation
+
+    assert api_implementation.Type() == "upb"
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (1, 3, 64, 64)], ids=["small", "large"])
 def test_the_wire_codec_writes_and_reads_what_protobuf_does(shape: tuple[int, ...]) -> None:
     """Below and above the size where ModelInfer reads and writes the raw contents on
