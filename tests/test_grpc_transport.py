@@ -76,14 +76,20 @@ def _service_ports(children: list[dict[str, Any]]) -> dict[str, list[dict[str, A
     return {c["metadata"]["name"]: c["spec"]["ports"] for c in children if c["kind"] == "Service"}
 
 
-def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http() -> None:
-    children = build_children(OWNER, {"zone-a": _plan()}, {}, DeploymentOptions(transport="grpc"))
+def _grpc_stages(
+    *, stage_tls: bool
+) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """The children of a grpc deployment and its (edge, cloud, device) containers."""
+    options = DeploymentOptions(transport="grpc", stage_tls=stage_tls)
+    children = build_children(OWNER, {"zone-a": _plan()}, {}, options)
     containers = _containers(children)
-    edge, cloud, device = (
-        containers["cam-edge-zone-a"],
-        containers["cam-cloud"],
-        containers["cam-device-zone-a"],
-    )
+    stages = ("cam-edge-zone-a", "cam-cloud", "cam-device-zone-a")
+    edge, cloud, device = (containers[name] for name in stages)
+    return children, (edge, cloud, device)
+
+
+def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http() -> None:
+    children, (edge, cloud, device) = _grpc_stages(stage_tls=False)
     assert "--next=grpc://cam-cloud.vision.svc:8081" in edge["args"]
     assert not [a for a in cloud["args"] if a.startswith("--next")]
     assert "--next=http://cam-edge-zone-a.vision.svc:8080" in device["args"]
@@ -101,15 +107,7 @@ def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http(
 
 
 def test_grpc_with_stage_tls_forwards_over_grpcs_and_the_device_over_https() -> None:
-    children = build_children(
-        OWNER, {"zone-a": _plan()}, {}, DeploymentOptions(transport="grpc", stage_tls=True)
-    )
-    containers = _containers(children)
-    edge, cloud, device = (
-        containers["cam-edge-zone-a"],
-        containers["cam-cloud"],
-        containers["cam-device-zone-a"],
-    )
+    children, (edge, cloud, device) = _grpc_stages(stage_tls=True)
     assert "--next=grpcs://cam-cloud.vision.svc:8081" in edge["args"]
     assert "--next=https://cam-edge-zone-a.vision.svc:8443" in device["args"]
     for container in (edge, cloud):

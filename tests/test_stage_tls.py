@@ -71,6 +71,35 @@ class CA:
         return directory
 
 
+@dataclass(frozen=True)
+class Peers:
+    """Certificate directories: the chain's device and edge, the other deployment's
+    device, a stage of ours that is not upstream of the edge (the cloud), and our
+    device's certificate that has expired."""
+
+    device: Path
+    edge: Path
+    foreign: Path
+    sideways: Path
+    expired: Path
+
+    @classmethod
+    def write(cls, ca: CA, tmp: Path) -> Peers:
+        other = CA(*issue_ca(OTHER, _now()))
+        return cls(
+            ca.write(tmp / "device", DEVICE),
+            ca.write(tmp / "edge", EDGE),
+            other.write(tmp / "foreign", stage_identity(OTHER, "device")),
+            ca.write(tmp / "cloud", CLOUD),
+            ca.write(
+                tmp / "expired",
+                DEVICE,
+                lifetime=datetime.timedelta(minutes=1),
+                now=_now() - datetime.timedelta(hours=1),
+            ),
+        )
+
+
 @pytest.fixture(scope="module")
 def ca() -> CA:
     return CA(*issue_ca(OWNER, _now()))
@@ -305,17 +334,14 @@ async def test_wrong_peers_on_the_grpc_port_are_refused_and_the_upstream_keeps_b
     model: ChainModel, ca: CA, tmp_path: Path
 ) -> None:
     parts = _parts(model, tmp_path)
-    device_dir, edge_dir = ca.write(tmp_path / "device", DEVICE), ca.write(tmp_path / "edge", EDGE)
-    other = CA(*issue_ca(OTHER, _now()))
-    foreign = other.write(tmp_path / "foreign", stage_identity(OTHER, "device"))
-    sideways = ca.write(tmp_path / "cloud", CLOUD)
-    expired = ca.write(
-        tmp_path / "expired",
-        DEVICE,
-        lifetime=datetime.timedelta(minutes=1),
-        now=_now() - datetime.timedelta(hours=1),
+    certs = Peers.write(ca, tmp_path)
+    device_dir, foreign, sideways, expired = (
+        certs.device,
+        certs.foreign,
+        certs.sideways,
+        certs.expired,
     )
-    device, edge, grpc_port = _grpc_chain(parts, (device_dir, edge_dir))
+    device, edge, grpc_port = _grpc_chain(parts, (certs.device, certs.edge))
     x = np.random.default_rng(6).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     with workers(tmp_path, device, edge) as (entry, edge_worker):
@@ -357,19 +383,9 @@ async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
     model: ChainModel, ca: CA, tmp_path: Path
 ) -> None:
     parts = _parts(model, tmp_path)
-    device_dir, edge_dir = ca.write(tmp_path / "device", DEVICE), ca.write(tmp_path / "edge", EDGE)
-    other = CA(*issue_ca(OTHER, _now()))
-    # the other deployment's device, a stage of ours that is not upstream of the edge,
-    # and our device's certificate that has expired
-    foreign = other.write(tmp_path / "foreign", stage_identity(OTHER, "device"))
-    sideways = ca.write(tmp_path / "cloud", CLOUD)
-    expired = ca.write(
-        tmp_path / "expired",
-        DEVICE,
-        lifetime=datetime.timedelta(minutes=1),
-        now=_now() - datetime.timedelta(hours=1),
-    )
-    device, edge, tls_port = _chain(parts, (device_dir, edge_dir))
+    certs = Peers.write(ca, tmp_path)
+    foreign, sideways, expired = certs.foreign, certs.sideways, certs.expired
+    device, edge, tls_port = _chain(parts, (certs.device, certs.edge))
     x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     with workers(tmp_path, device, edge) as (entry, edge_worker):
