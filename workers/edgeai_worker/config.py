@@ -57,7 +57,8 @@ class WorkerConfig:
     port: int = 8000
     # The gRPC endpoint's port (the same protocol over gRPC); None: REST only.
     grpc_port: int | None = None
-    # Replicas of the next stage ("http://host:port"); empty for the last stage.
+    # Replicas of the next stage (all "http(s)://host:port" or all "grpc(s)://host:port");
+    # empty for the last stage.
     next_urls: tuple[str, ...] = ()
     forward_timeout_s: float = 30.0
     forward_attempts: int = 3
