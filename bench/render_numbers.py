@@ -708,7 +708,9 @@ def protocol_goals(report: Mapping[str, Any]) -> str:
         f"gRPC / REST binary p50, one client ({report['date']}): MLP "
         f"{goal(r['mlpGrpcOverBinary'], 1.0)}, conv {goal(r['convGrpcOverBinary'], 1.2)}; "
         f"a two-stage chain forwarding over gRPC / over HTTP: "
-        f"{_chain_grpc_over_http(report):.2f}x."
+        f"{_chain_grpc_over_http(report):.2f}x. The host's 1-minute load average was "
+        f"{report['loadAverage'][0]} at the start of the run and {report['loadAverage'][1]} "
+        f"at the end ({report['cpus']} CPUs)."
     )
 
 
