@@ -29,7 +29,15 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
+from _worker_support import (
+    ChainModel,
+    build_conv_chain,
+    extract,
+    free_port,
+    run_onnx,
+    wait_until,
+    workers,
+)
 from edgeai_operator.builders import STAGE_TLS_NAME, Owner, stage_identity
 from edgeai_operator.stagetls import issue_ca, issue_stage
 from edgeai_worker import grpc_predict_v2_pb2 as pb
@@ -432,12 +440,10 @@ async def test_renewed_certificates_are_used_under_traffic_without_losing_a_requ
     connections are made with the new ones (to the HTTP TLS port, or to the gRPC port
     when the chain forwards over gRPC)."""
     parts = _parts(model, tmp_path)
-    short = datetime.timedelta(seconds=8)
-    device_dir = ca.write(tmp_path / "device", DEVICE, lifetime=short, now=_now())
-    edge_dir = ca.write(tmp_path / "edge", EDGE, lifetime=short, now=_now())
-    old_expiry = x509.load_pem_x509_certificate(
-        (edge_dir / "tls.crt").read_bytes()
-    ).not_valid_after_utc
+    # the workers start with certificates valid for an hour (starting takes long on a
+    # loaded machine); once they serve, certificates that expire soon replace them
+    device_dir = ca.write(tmp_path / "device", DEVICE)
+    edge_dir = ca.write(tmp_path / "edge", EDGE)
     chain = _chain if transport == "http" else _grpc_chain
     device, edge, port = chain(parts, (device_dir, edge_dir), reload_s=0.5)
     alpn = transport == "grpc"
@@ -445,6 +451,17 @@ async def test_renewed_certificates_are_used_under_traffic_without_losing_a_requ
     want = run_onnx(model.path, {"input": x})[0]
     answered = 0
     with workers(tmp_path, device, edge) as (entry, edge_worker):
+        short = datetime.timedelta(seconds=8)
+        ca.write(device_dir, DEVICE, lifetime=short)
+        ca.write(edge_dir, EDGE, lifetime=short)
+        old_expiry = x509.load_pem_x509_certificate(
+            (edge_dir / "tls.crt").read_bytes()
+        ).not_valid_after_utc
+        urls = (entry.url, edge_worker.url)
+        wait_until(
+            lambda: all(_total(_metrics(u), "edgeai_tls_reloads_total") == 1 for u in urls),
+            "both stages loaded the short-lived certificates",
+        )
         old_serial = _server_serial(port, ca.cert, device_dir, alpn)
         assert old_serial == _serial(edge_dir)
         async with aiohttp.ClientSession() as session:
@@ -466,8 +483,8 @@ async def test_renewed_certificates_are_used_under_traffic_without_losing_a_requ
         assert _now() > old_expiry
         new_serial = _server_serial(port, ca.cert, device_dir, alpn)
         assert new_serial == _serial(edge_dir) != old_serial
-        for url in (entry.url, edge_worker.url):
-            assert _total(_metrics(url), "edgeai_tls_reloads_total") == 1
+        for url in urls:
+            assert _total(_metrics(url), "edgeai_tls_reloads_total") == 2
         edge_metrics = _metrics(edge_worker.url)
         assert edge_metrics['edgeai_requests_total{code="200",stage="1"}'] == answered
         # and not one forward had to be retried
