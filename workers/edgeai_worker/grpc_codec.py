@@ -253,6 +253,7 @@ def tensor_metadata(
 RAW_INPUT_FIELD = 7
 RAW_OUTPUT_FIELD = 6
 _LENGTH_DELIMITED = 2
+_RAW_FIELD_NAMES = {RAW_INPUT_FIELD: "raw_input_contents", RAW_OUTPUT_FIELD: "raw_output_contents"}
 # Below this many bytes protobuf's own copies cost less than splitting in Python.
 WIRE_PATH_MIN_BYTES = 32 * 1024
 
@@ -319,8 +320,7 @@ def _join(header: Message, field: int, buffers: Sequence[bytes | memoryview]) ->
     """`header` serialized, then each buffer as an entry of the repeated bytes
     `field`: one copy of each buffer, into the bytes that go to the socket."""
     if sum(memoryview(b).nbytes for b in buffers) < WIRE_PATH_MIN_BYTES:
-        contents = getattr(header, header.DESCRIPTOR.fields_by_number[field].name)
-        contents.extend(bytes(b) for b in buffers)
+        getattr(header, _RAW_FIELD_NAMES[field]).extend(bytes(b) for b in buffers)
         small: bytes = header.SerializeToString()
         return small
     tag = _varint(field << 3 | _LENGTH_DELIMITED)
