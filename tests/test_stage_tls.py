@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,15 @@ class Peers:
     sideways: Path
     expired: Path
 
+    def refused(self, trust: bytes) -> list[tuple[str, Path | None, bytes | None]]:
+        """(what, client certificate directory, CA trusted) of the handshakes the
+        stage refuses."""
+        return [
+            ("no certificate", None, trust),
+            ("another deployment's CA", self.foreign, trust),
+            ("an expired certificate", self.expired, trust),
+        ]
+
     @classmethod
     def write(cls, ca: CA, tmp: Path) -> Peers:
         other = CA(*issue_ca(OTHER, _now()))
@@ -106,6 +116,19 @@ class Peers:
                 now=_now() - datetime.timedelta(hours=1),
             ),
         )
+
+
+async def _refused_and_upstream_served(
+    refused: Callable[[Path | None, bytes | None], None],
+    cases: list[tuple[str, Path | None, bytes | None]],
+    upstream: Callable[[], Awaitable[np.ndarray]],
+    want: np.ndarray,
+) -> None:
+    """Each case is refused (`refused` asserts how), and after each the real upstream
+    is still served."""
+    for name, client_dir, trust in cases:
+        refused(client_dir, trust)
+        np.testing.assert_allclose(await upstream(), want, rtol=1e-4, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -343,30 +366,26 @@ async def test_wrong_peers_on_the_grpc_port_are_refused_and_the_upstream_keeps_b
 ) -> None:
     parts = _parts(model, tmp_path)
     certs = Peers.write(ca, tmp_path)
-    device_dir, foreign, sideways, expired = (
-        certs.device,
-        certs.foreign,
-        certs.sideways,
-        certs.expired,
-    )
+    device_dir, sideways = certs.device, certs.sideways
     device, edge, grpc_port = _grpc_chain(parts, (certs.device, certs.edge))
     x = np.random.default_rng(6).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     with workers(tmp_path, device, edge) as (entry, edge_worker):
         async with aiohttp.ClientSession() as session:
             np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
-            for name, client_dir, trust in (
-                ("plain text", None, None),
-                ("no certificate", None, ca.cert),
-                ("another deployment's CA", foreign, ca.cert),
-                ("an expired certificate", expired, ca.cert),
-            ):
-                with pytest.raises(grpc.RpcError) as refused:
+
+            def refused(client_dir: Path | None, trust: bytes | None) -> None:
+                with pytest.raises(grpc.RpcError) as failed:
                     _grpc_direct(grpc_port, client_dir, trust, x)
                 # the handshake fails: no call reaches the service
-                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, name
-                got = await _infer(session, entry.url, x)
-                np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await _refused_and_upstream_served(
+                refused,
+                [("plain text", None, None), *certs.refused(ca.cert)],
+                lambda: _infer(session, entry.url, x),
+                want,
+            )
             # a verified certificate of this deployment, but not the upstream stage's
             with pytest.raises(grpc.RpcError) as denied:
                 _grpc_direct(grpc_port, sideways, ca.cert, x)
@@ -392,23 +411,22 @@ async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
 ) -> None:
     parts = _parts(model, tmp_path)
     certs = Peers.write(ca, tmp_path)
-    foreign, sideways, expired = certs.foreign, certs.sideways, certs.expired
+    sideways = certs.sideways
     device, edge, tls_port = _chain(parts, (certs.device, certs.edge))
     x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     with workers(tmp_path, device, edge) as (entry, edge_worker):
         async with aiohttp.ClientSession() as session:
             np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
-            for name, client_dir, trust in (
-                ("no certificate", None, ca.cert),
-                ("another deployment's CA", foreign, ca.cert),
-                ("an expired certificate", expired, ca.cert),
-            ):
+
+            def refused(client_dir: Path | None, trust: bytes | None) -> None:
+                assert trust is not None
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     _direct(tls_port, _client_context(client_dir, trust), x)
-                # the real upstream is still served
-                got = await _infer(session, entry.url, x)
-                np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
+
+            await _refused_and_upstream_served(
+                refused, certs.refused(ca.cert), lambda: _infer(session, entry.url, x), want
+            )
             # a verified certificate of this deployment, but not the upstream stage's
             status, body = _direct(tls_port, _client_context(sideways, ca.cert), x)
             assert status == 403
