@@ -374,11 +374,6 @@ CASES = [
         'unknown field "spec.slo.latencyMs"',
     ),
     (
-        "deployment: grpc with stage TLS required (the default)",
-        _with(DEPLOYMENT, "spec.placement.transport", "grpc"),
-        "spec.security.stageTLS: required is not available with spec.placement.transport: grpc",
-    ),
-    (
         "deployment: shared backbone with stage TLS required",
         _with(
             _with(DEPLOYMENT, "spec.sharing", "backbone"), "spec.security", {"stageTLS": "required"}
@@ -467,6 +462,8 @@ GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
 HOMOMORPHIC = _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}})
+# gRPC between stages over mutual TLS (stageTLS: required is the default)
+GRPC_SECURE = _with(DEPLOYMENT, "spec.placement.transport", "grpc")
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -490,13 +487,14 @@ TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo":
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC, EXITS, TRUNK],
+    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, GRPC_SECURE, OFFLOADING, HOMOMORPHIC, EXITS, TRUNK],
     ids=[
         "model",
         "deployment",
         "job",
         "deployment-security",
         "deployment-grpc-plain",
+        "deployment-grpc-mtls",
         "deployment-offload",
         "deployment-homomorphic-head",
         "deployment-exits",

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeai_operator.builders import DeploymentOptions, Owner, build_children
+from edgeai_operator.builders import STAGE_TLS_NAME, DeploymentOptions, Owner, build_children
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.netpol import network_policies
@@ -251,7 +253,6 @@ def test_the_spec_defaults_lock_a_deployment_down_and_bad_values_name_the_field(
     assert security.network_policy
     assert security.entry_token is None
     cases = [
-        ({"placement": {"transport": "grpc"}}, "spec.security.stageTLS"),
         ({"sharing": "backbone"}, "spec.security.stageTLS"),
         ({"security": {"stageTLS": "maybe"}}, "spec.security.stageTLS"),
         ({"security": {"entryAuth": {}}}, "spec.security.entryAuth.bearerTokenSecret"),
@@ -352,6 +353,41 @@ def test_certificates_due_names_missing_foreign_misnamed_and_old_ones() -> None:
     ]
     due_at = renew_time(good)
     assert certificates_due([edge], {edge.secret: secret(good, ca_cert)}, ca_cert, due_at) == [edge]
+    # every stage certificate carries the DNS name a gRPC forwarder checks; one issued
+    # without it is issued again
+    san = x509.load_pem_x509_certificate(good).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert san.value.get_values_for_type(x509.DNSName) == [STAGE_TLS_NAME]
+    unnamed = _without_dns_name(good, ca_key)
+    assert certificates_due([edge], {edge.secret: secret(unnamed, ca_cert)}, ca_cert, NOW) == [edge]
+
+
+def _without_dns_name(cert_pem: bytes, ca_key_pem: bytes) -> bytes:
+    """`cert_pem` issued again by the same CA with its URI SAN only."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(u)
+                    for u in uris.get_values_for_type(x509.UniformResourceIdentifier)
+                ]
+            ),
+            critical=False,
+        )
+    )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def test_a_reconcile_pass_issues_before_applying_and_renews_only_when_due() -> None:

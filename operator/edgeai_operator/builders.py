@@ -286,6 +286,12 @@ TLS_DIR = "/etc/edgeai-tls"  # not under the plan ConfigMap's read-only mount
 ENTRY_TOKEN_DIR = "/etc/edgeai-entry"
 
 
+# The DNS SAN every stage certificate carries (edgeai_worker.security.STAGE_TLS_NAME):
+# the name a gRPC forwarder checks the next stage's certificate against, since gRPC
+# checks a host name where the HTTP forwarder checks only the deployment's CA.
+STAGE_TLS_NAME = "edgeai-stage"
+
+
 def stage_identity(owner: Owner, tier: str) -> str:
     """The URI SAN of a stage's certificate (edgeai_worker.security.stage_identity)."""
     return f"edgeai://{owner.namespace}/{owner.name}/{tier}"
@@ -306,9 +312,10 @@ def _secure_stage(
     volumes: list[dict[str, Any]],
 ) -> None:
     """With stage TLS: the stage's certificate Secret mounted, inference from the
-    upstream stages over mutual TLS on TLS_PORT (not for the device entry, which
-    serves its clients), forwarding to the next stage's TLS port. With an entry token:
-    the Secret's key mounted where the entry stage reads it."""
+    upstream stages over mutual TLS on TLS_PORT (and on GRPC_PORT, with gRPC
+    transport; not for the device entry, which serves its clients), forwarding to the
+    next stage's TLS port (HTTP) or to its gRPC port over mutual TLS (`grpcs://`).
+    With an entry token: the Secret's key mounted where the entry stage reads it."""
     if opts.stage_tls:
         volumes.append(
             {"name": "stage-tls", "secret": {"secretName": tls_secret_name(owner, w.tier)}}
@@ -323,6 +330,9 @@ def _secure_stage(
             if arg.startswith("--next=http://"):
                 host = arg.removeprefix("--next=http://").rsplit(":", 1)[0]
                 args[i] = f"--next=https://{host}:{TLS_PORT}"
+            elif arg.startswith("--next=grpc://"):
+                # the next stage's gRPC port takes mutual TLS only (it has a TLS port)
+                args[i] = arg.replace("--next=grpc://", "--next=grpcs://", 1)
     if opts.entry_token is not None and w.tier == "device":
         secret, key = opts.entry_token
         volumes.append(

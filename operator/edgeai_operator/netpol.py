@@ -2,9 +2,10 @@
 
 One NetworkPolicy per stage workload, named like it and selecting its pods:
 
-- ingress on the data port (the TLS port with stage TLS, else the HTTP port) only from
-  the pods of the workloads whose `--next` is this workload's Service: a stage is
-  reached only by its upstream stage;
+- ingress on the data port (the port their `--next` names: the TLS port with stage TLS,
+  the gRPC port with gRPC forwarding, else the HTTP port) only from the pods of the
+  workloads whose `--next` is this workload's Service: a stage is reached only by its
+  upstream stage;
 - the entry (device) stage: ingress on the HTTP port from `entryFrom` (namespaces,
   CIDRs) when the spec lists any, from anywhere otherwise (the bearer token still
   applies);

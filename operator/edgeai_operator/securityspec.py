@@ -9,12 +9,13 @@
         entryFrom: {namespaces: [apps], cidrs: [10.20.0.0/16]}
 
 `stageTLS: required`: stages talk to each other over mutual TLS with certificates the
-operator issues per deployment (`stagetls.py`); it needs `placement.transport: http`
-and no `sharing: backbone` (a shared stage serves several deployments, each with its
-own CA). `entryAuth`: the entry (device) stage accepts only requests carrying the
-Secret's token as `Authorization: Bearer`. `networkPolicy`: the operator's
-NetworkPolicies for the deployment (`netpol.py`); `entryFrom` limits who may call the
-entry (no list: anyone, the token still applies).
+operator issues per deployment (`stagetls.py`), over HTTP or, with
+`placement.transport: grpc`, over gRPC; it needs no `sharing: backbone` (a shared
+stage serves several deployments, each with its own CA). `entryAuth`: the entry
+(device) stage accepts only requests carrying the Secret's token as `Authorization:
+Bearer`. `networkPolicy`: the operator's NetworkPolicies for the deployment
+(`netpol.py`); `entryFrom` limits who may call the entry (no list: anyone, the token
+still applies).
 """
 
 from __future__ import annotations
@@ -72,13 +73,6 @@ def parse_security(spec: Mapping[str, Any], transport: str, sharing: str) -> Sec
     tls = data.get("stageTLS", "required")
     if tls not in STAGE_TLS:
         raise SpecError("spec.security.stageTLS", f"{tls!r} is not accepted", "required, disabled")
-    if tls == "required" and transport == "grpc":
-        raise SpecError(
-            "spec.security.stageTLS",
-            "required is not available with spec.placement.transport: grpc "
-            "(stages forward over mutual TLS on HTTP only)",
-            "disabled with grpc, or transport: http",
-        )
     if tls == "required" and sharing == "backbone":
         raise SpecError(
             "spec.security.stageTLS",

@@ -57,7 +57,8 @@ class WorkerConfig:
     port: int = 8000
     # The gRPC endpoint's port (the same protocol over gRPC); None: REST only.
     grpc_port: int | None = None
-    # Replicas of the next stage ("http://host:port"); empty for the last stage.
+    # Replicas of the next stage (all "http(s)://host:port" or all "grpc(s)://host:port");
+    # empty for the last stage.
     next_urls: tuple[str, ...] = ()
     forward_timeout_s: float = 30.0
     forward_attempts: int = 3
@@ -144,12 +145,12 @@ class WorkerConfig:
             raise ConfigError(
                 "tile_grid", f"{self.tile_grid} is not a grid", "[rows, columns] >= 1"
             )
-        grpc_next = [u for u in self.next_urls if u.startswith("grpc://")]
+        grpc_next = [u for u in self.next_urls if u.startswith(("grpc://", "grpcs://"))]
         if grpc_next and len(grpc_next) != len(self.next_urls):
             raise ConfigError(
                 "next_urls",
                 f"replicas mix grpc:// and http:// URLs: {', '.join(self.next_urls)}",
-                "all http://host:port or all grpc://host:port",
+                "all http(s)://host:port or all grpc(s)://host:port",
             )
         if grpc_next and self.is_device and self.uplink_mbps is None:
             raise ConfigError(
@@ -180,10 +181,12 @@ class WorkerConfig:
                 )
 
     def _check_security(self) -> None:
-        https_next = [u for u in self.next_urls if u.startswith("https://")]
+        https_next = [u for u in self.next_urls if u.startswith(("https://", "grpcs://"))]
         if https_next and self.tls_dir is None:
             raise ConfigError(
-                "next_urls", "https:// replicas need this stage's certificate", "set tls_dir"
+                "next_urls",
+                "https:// and grpcs:// replicas need this stage's certificate",
+                "set tls_dir",
             )
         if self.tls_port is not None:
             if self.tls_dir is None:

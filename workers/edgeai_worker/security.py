@@ -11,11 +11,20 @@ subject alternative name (`edgeai://<namespace>/<deployment>/<tier>`, the upstre
 stage), or its requests are answered 403. On the plain port such a stage answers
 inference with 403 (health, metadata and /metrics stay there for probes and scrapes).
 
+The same holds over gRPC: such a stage serves its `grpc_port` over mutual TLS only
+(the same CA, the identity checked per call, PERMISSION_DENIED for another one;
+`grpc_server.py`), and forwards to `grpcs://` next-stage URLs with its certificate,
+checking the next stage's against the CA and the DNS name every stage certificate
+carries (`STAGE_TLS_NAME`: gRPC checks a host name where the HTTP forwarder checks
+only the CA).
+
 The files are read again every `reload_s` seconds and, when they changed, the next
 handshakes use them: the server through an SNI callback that switches each new
-connection to the newest context, the forwarder by passing the newest client context
-with each request (aiohttp pools connections per context, so open connections finish
-their requests on the old one). The operator renews certificates well before they
+connection to the newest context (the gRPC server asks for the newest files at each
+handshake), the forwarder by passing the newest client context with each request
+(aiohttp pools connections per context, so open connections finish their requests on
+the old one; a gRPC forwarder opens a new channel and closes the old one once its
+calls are done). The operator renews certificates well before they
 expire, so both are valid while connections move over.
 
 Entry authentication. An entry stage started with `entry_token_file` answers every
@@ -39,6 +48,8 @@ CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 CA_FILE = "ca.crt"
 IDENTITY_SCHEME = "edgeai://"
+# The DNS SAN of every stage certificate (edgeai_operator.builders.STAGE_TLS_NAME).
+STAGE_TLS_NAME = "edgeai-stage"
 OPEN_PATHS = ("/v2/health/", "/metrics")
 
 log = logging.getLogger("edgeai_worker")
@@ -57,13 +68,6 @@ def peer_identities(peercert: Any) -> list[str]:
     return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
 
 
-def _digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 class StageTLS:
     """The server and client TLS contexts of a stage, from the files in `directory`."""
 
@@ -78,6 +82,7 @@ class StageTLS:
             )
         self._digest = ""
         self.generation = 0
+        self.pem: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # certificate, key, CA
         self._server_current = self._server_context()
         self._client_current = self._client_context()
         self.reload()
@@ -116,10 +121,12 @@ class StageTLS:
         """Loads the files again when they changed; True when they did. A half-written
         set (a certificate that does not match its key) keeps the current contexts."""
         try:
-            digest = _digest(*self.files)
+            cert_pem, key_pem, ca_pem = (path.read_bytes() for path in self.files)
         except OSError as exc:
             log.warning("stage TLS: cannot read %s: %s", self.directory, exc)
             return False
+        pem = (cert_pem, key_pem, ca_pem)
+        digest = hashlib.sha256(b"".join(pem)).hexdigest()
         if digest == self._digest:
             return False
         cert, key, ca = self.files
@@ -133,6 +140,7 @@ class StageTLS:
             return False
         self._server_current, self._client_current = server, client
         self._digest = digest
+        self.pem = pem
         self.generation += 1
         return True
 
@@ -181,9 +189,21 @@ def is_open_path(path: str) -> bool:
     return any(path == p or path.startswith(p) for p in OPEN_PATHS)
 
 
+def grpc_peer_identities(auth_context: Any) -> list[str]:
+    """The edgeai:// subject alternative names of a gRPC call's verified peer
+    (`context.auth_context()`), in order."""
+    names = auth_context.get("x509_subject_alternative_name", ()) if auth_context else ()
+    found = [n.decode("utf-8", "replace") for n in names]
+    return [n for n in found if n.startswith(IDENTITY_SCHEME)]
+
+
 def check_peer(peercert: Any, allowed: Sequence[str]) -> str | None:
     """None when the verified peer carries an allowed identity; otherwise why not."""
-    found = peer_identities(peercert)
+    return check_identities(peer_identities(peercert), allowed)
+
+
+def check_identities(found: Sequence[str], allowed: Sequence[str]) -> str | None:
+    """None when one of the peer's identities `found` is allowed; otherwise why not."""
     if any(identity in allowed for identity in found):
         return None
     shown = ", ".join(found) or "no edgeai:// identity"
