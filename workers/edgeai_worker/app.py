@@ -66,7 +66,7 @@ from edgeai_worker.protocol import (
     set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
-from edgeai_worker.security import EntryToken, StageTLS, check_peer, is_open_path
+from edgeai_worker.security import EntryToken, PeerCheck, StageTLS, is_open_path
 from edgeai_worker.tiling import TiledPrefix
 
 log = logging.getLogger("edgeai_worker")
@@ -138,6 +138,7 @@ class WorkerState:
     downstream_metadata: dict[str, Any] | None = None
     tiler: TiledPrefix | None = None
     tls: StageTLS | None = None
+    peer_check: PeerCheck | None = None
     entry_token: EntryToken | None = None
     # the device's whole model, and until when it answers without trying the next stage
     fallback: Partition | None = None
@@ -350,9 +351,9 @@ def _refuse(state: WorkerState, status: int, reason: str, message: str) -> web.R
 async def _peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """On the TLS port: only the upstream stages' identities are served."""
     state = request.app[STATE]
+    assert state.peer_check is not None
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    peercert = ssl_object.getpeercert() if ssl_object is not None else None
-    problem = check_peer(peercert, state.config.tls_peers)
+    problem = state.peer_check.check(ssl_object)
     if problem is not None and not is_open_path(request.path):
         return _refuse(state, 403, "peer", problem)
     return await handler(request)
@@ -889,6 +890,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app[STATE] = state
     if config.tls_dir is not None:
         state.tls = StageTLS(config.tls_dir)
+        state.peer_check = PeerCheck(config.tls_peers)
     if config.entry_token_file is not None:
         state.entry_token = EntryToken(config.entry_token_file)
     app.cleanup_ctx.append(_resources)

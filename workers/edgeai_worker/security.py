@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ class StageTLS:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.verify_mode = ssl.CERT_REQUIRED
+        # The peer's certificate is then the one of the handshake for the connection's
+        # life, which lets `PeerCheck` judge a connection once.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         return ctx
 
     def _client_context(self) -> ssl.SSLContext:
@@ -179,6 +183,30 @@ class EntryToken:
 def is_open_path(path: str) -> bool:
     """Health endpoints and /metrics: open on every port, for probes and scrapes."""
     return any(path == p or path.startswith(p) for p in OPEN_PATHS)
+
+
+class PeerCheck:
+    """`check_peer` once per connection: a keep-alive connection carries many requests
+    and its verified certificate cannot change (renegotiation is off), so the verdict is
+    kept with the connection's SSL object and goes with it."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.allowed = tuple(allowed)
+        self._verdicts: weakref.WeakKeyDictionary[ssl.SSLObject, str | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def check(self, ssl_object: ssl.SSLObject | None) -> str | None:
+        """None when the connection's peer carries an allowed identity; otherwise why not."""
+        if ssl_object is None:
+            return check_peer(None, self.allowed)
+        try:
+            return self._verdicts[ssl_object]
+        except KeyError:
+            verdict = self._verdicts[ssl_object] = check_peer(
+                ssl_object.getpeercert(), self.allowed
+            )
+            return verdict
 
 
 def check_peer(peercert: Any, allowed: Sequence[str]) -> str | None:
