@@ -66,7 +66,13 @@ from edgeai_worker.protocol import (
     set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
-from edgeai_worker.security import EntryToken, PeerCheck, StageTLS, is_open_path
+from edgeai_worker.security import (
+    EntryToken,
+    PeerCheck,
+    StageTLS,
+    check_client,
+    is_open_path,
+)
 from edgeai_worker.tiling import TiledPrefix
 
 log = logging.getLogger("edgeai_worker")
@@ -322,12 +328,14 @@ async def _reload_security(state: WorkerState) -> None:
 
 async def _tls_endpoint(app: web.Application) -> AsyncIterator[None]:
     """The protocol once more on `tls_port`, over mutual TLS, for the upstream stages
-    only (`security.py`); the same state, handlers and error middleware."""
+    only or, at an entry with `entry_client_ca_file`, for the clients of that CA
+    (`security.py`); the same state, handlers and error middleware."""
     config, state = app[CONFIG], app[STATE]
     assert state.tls is not None
     assert config.tls_port is not None
+    guard = _peer_middleware if config.entry_client_ca_file is None else _client_middleware
     peer = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[error_middleware, _peer_middleware]
+        client_max_size=config.max_body_bytes, middlewares=[error_middleware, guard]
     )
     peer[CONFIG], peer[STATE] = config, state
     _add_routes(peer)
@@ -360,24 +368,52 @@ async def _peer_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def _client_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On an entry's TLS port: a client certificate (verified in the handshake against
+    the clients' CA), then the bearer token where one is set."""
+    if is_open_path(request.path):
+        return await handler(request)
+    state = request.app[STATE]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    problem = check_client(ssl_object)
+    if problem is not None:
+        return _refuse(state, 401, "missing-cert", problem)
+    refused = _check_token(state, request)
+    return refused if refused is not None else await handler(request)
+
+
+def _check_token(state: WorkerState, request: web.Request) -> web.Response | None:
+    """The entry's bearer token, where one is set: None when the request carries it."""
+    if state.entry_token is None:
+        return None
+    refused = state.entry_token.check(request.headers.get("Authorization"))
+    if refused is None:
+        return None
+    reason = "missing-token" if refused[0] == 401 else "wrong-token"
+    return _refuse(state, refused[0], reason, refused[1])
+
+
+@web.middleware
 async def _plain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """On the plain port: the entry's bearer token, and no inference on a stage that
     takes it over TLS only."""
     state = request.app[STATE]
     config = state.config
     if not is_open_path(request.path):
-        if state.entry_token is not None:
-            refused = state.entry_token.check(request.headers.get("Authorization"))
-            if refused is not None:
-                reason = "missing-token" if refused[0] == 401 else "wrong-token"
-                return _refuse(state, refused[0], reason, refused[1])
+        refused = _check_token(state, request)
+        if refused is not None:
+            return refused
         if config.tls_port is not None and request.path.endswith("/infer"):
+            callers = (
+                "from its upstream stage only"
+                if config.entry_client_ca_file is None
+                else "with a client certificate"
+            )
             return _refuse(
                 state,
                 403,
                 "plain",
-                f"this stage takes inference over mutual TLS on port {config.tls_port} "
-                "from its upstream stage only",
+                f"this stage takes inference over mutual TLS on port {config.tls_port} {callers}",
             )
     return await handler(request)
 
@@ -889,7 +925,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     state = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
     app[STATE] = state
     if config.tls_dir is not None:
-        state.tls = StageTLS(config.tls_dir)
+        state.tls = StageTLS(config.tls_dir, config.entry_client_ca_file)
         state.peer_check = PeerCheck(config.tls_peers)
     if config.entry_token_file is not None:
         state.entry_token = EntryToken(config.entry_token_file)
