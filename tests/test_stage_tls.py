@@ -539,11 +539,13 @@ def _refusal(port: int, ctx: ssl.SSLContext) -> str:
     (in TLS 1.3 the server checks the client's certificate last): "closed", or the TLS
     alert it sent. A server that accepted the certificate sends nothing and this times
     out."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as sock:
-            try:
-                data = sock.recv(1)
-            except ssl.SSLError as exc:
-                return f"alert {exc.reason}"
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as sock,
+    ):
+        try:
+            data = sock.recv(1)
+        except ssl.SSLError as exc:
+            return f"alert {exc.reason}"
     assert data == b"", data
     return "closed"
