@@ -21,6 +21,7 @@ import textwrap
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -357,6 +358,20 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+def _client_script(script: str, *args: str) -> dict[str, Any]:
+    """Runs a stock client's `script` in a process of its own; its last line of JSON."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "entry" / "token"
@@ -377,22 +392,12 @@ def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
     x = np.random.default_rng(4).standard_normal(model.input_shape).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     with workers(tmp_path, entry) as (worker,):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TRITON_SCRIPT,
-                worker.url.removeprefix("http://"),
-                str(tmp_path / "x.npy"),
-                "s3cret-token",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        out = _client_script(
+            TRITON_SCRIPT,
+            worker.url.removeprefix("http://"),
+            str(tmp_path / "x.npy"),
+            "s3cret-token",
         )
-        assert run.returncode == 0, run.stderr
-        out = json.loads(run.stdout.strip().splitlines()[-1])
         metrics = _metrics(worker.url)
     # health stays open for probes
     assert out["live"] is True
@@ -476,23 +481,13 @@ def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
         "right": [str(camera / "tls.crt"), str(camera / "tls.key")],
     }
     with workers(tmp_path, entry) as (worker,):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TRITON_CERT_SCRIPT,
-                f"127.0.0.1:{tls_port}",
-                str(tmp_path / "x.npy"),
-                str(tmp_path / "device" / "ca.crt"),
-                json.dumps(cases),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        out = _client_script(
+            TRITON_CERT_SCRIPT,
+            f"127.0.0.1:{tls_port}",
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "device" / "ca.crt"),
+            json.dumps(cases),
         )
-        assert run.returncode == 0, run.stderr
-        out = json.loads(run.stdout.strip().splitlines()[-1])
         # the same refusals seen by a plain ssl client: the server ends the connection
         alerts = {}
         for case, client_dir in (("other-ca", stranger), ("expired", expired)):
