@@ -4,7 +4,9 @@ mTLS answers as the chain over HTTP does; peers without a certificate, with one 
 another deployment's CA, an expired one or another stage's identity are refused while the
 real upstream keeps being served; renewed certificates are picked up under continuous
 traffic without losing a request; the entry refuses a missing or wrong token (a stock
-tritonclient with custom headers) before the model and counts it."""
+tritonclient with custom headers) before the model and counts it; an entry taking client
+certificates of a CA serves a stock tritonclient over TLS with one, answers 401 without
+one and ends the handshake for another CA's or an expired one."""
 
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from cryptography import x509
 from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
 from edgeai_operator.builders import Owner, stage_identity
 from edgeai_operator.stagetls import issue_ca, issue_stage
+from edgeai_worker.config import ConfigError, WorkerConfig, load_config
 from edgeai_worker.protocol import HEADER_LENGTH
+from edgeai_worker.security import StageTLS
 
 pytestmark = pytest.mark.slow
 
@@ -516,6 +520,32 @@ def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
     assert metrics['edgeai_auth_failures_total{reason="plain",stage="0"}'] == 1
     # the model ran twice: for the two requests with the right certificate
     assert _total(metrics, "edgeai_batch_size_count") == 2
+
+
+def test_the_client_ca_settings_name_the_field(ca: CA, tmp_path: Path) -> None:
+    stage = ca.write(tmp_path / "device", DEVICE)
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(tier="device", tls_dir=stage, entry_client_ca_file=stage / "ca.crt")
+    assert caught.value.field_name == "entry_client_ca_file"
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(
+            tier="device",
+            tls_dir=stage,
+            tls_port=8443,
+            tls_peers=(DEVICE,),
+            entry_client_ca_file=stage / "ca.crt",
+        )
+    assert caught.value.field_name == "tls_peers"
+    with pytest.raises(FileNotFoundError, match="entry_client_ca_file"):
+        StageTLS(stage, tmp_path / "absent.crt")
+    # the settings file's spelling, as `edgeai run-stage` writes it
+    (tmp_path / "worker.json").write_text(
+        json.dumps(
+            {"tier": "device", "tlsDir": str(stage), "tlsPort": 8443, "entryClientCaFile": "ca.pem"}
+        )
+    )
+    config = load_config(tmp_path / "worker.json")
+    assert config.entry_client_ca_file == tmp_path / "ca.pem"
 
 
 def _plain_infer(url: str, x: np.ndarray) -> tuple[int, bytes]:
