@@ -47,6 +47,15 @@ def _by(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(c for c in children if c["kind"] == kind and c["metadata"]["name"] == name)
 
 
+def _deployment(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "cam"},
+        "spec": {"modelRef": {"name": "digits"}, **spec},
+    }
+
+
 def _container(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     container: dict[str, Any] = _by(children, kind, name)["spec"]["template"]["spec"]["containers"][
         0
@@ -230,16 +239,9 @@ def test_network_policies_literal() -> None:
 
 
 def test_an_entry_taking_client_certificates_mounts_their_ca_and_serves_tls() -> None:
-    body = {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNDeployment",
-        "metadata": {"name": "cam"},
-        "spec": {
-            "modelRef": {"name": "digits"},
-            "security": {"entryAuth": {"clientCASecret": {"name": "camera-ca"}}},
-        },
-    }
-    security = parse_deployment(body).security
+    security = parse_deployment(
+        _deployment(security={"entryAuth": {"clientCASecret": {"name": "camera-ca"}}})
+    ).security
     assert security.entry_client_ca == ("camera-ca", "ca.crt")
     assert security.entry_token is None
     opts = DeploymentOptions(stage_tls=True, entry_client_ca=("camera-ca", "ca.crt"))
@@ -297,12 +299,7 @@ def test_a_fetched_artefact_opens_egress_to_its_store_only() -> None:
 
 
 def test_the_spec_defaults_lock_a_deployment_down_and_bad_values_name_the_field() -> None:
-    body = {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNDeployment",
-        "metadata": {"name": "cam"},
-        "spec": {"modelRef": {"name": "digits"}, "slo": {"latencyP95Ms": 50}},
-    }
+    body = _deployment(slo={"latencyP95Ms": 50})
     security = parse_deployment(body).security
     assert security.stage_tls
     assert security.network_policy
