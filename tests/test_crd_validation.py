@@ -388,7 +388,22 @@ CASES = [
     (
         "deployment: entry auth without its Secret",
         _with(DEPLOYMENT, "spec.security", {"entryAuth": {}}),
-        "spec.security.entryAuth.bearerTokenSecret: Required value",
+        'spec.security.entryAuth: Invalid value: "object": needs bearerTokenSecret, '
+        "clientCASecret or both",
+    ),
+    (
+        "deployment: client CA without stage TLS",
+        _with(
+            DEPLOYMENT,
+            "spec.security",
+            {"stageTLS": "disabled", "entryAuth": {"clientCASecret": {"name": "camera-ca"}}},
+        ),
+        "spec.security.entryAuth.clientCASecret needs stageTLS: required",
+    ),
+    (
+        "deployment: client CA without its name",
+        _with(DEPLOYMENT, "spec.security", {"entryAuth": {"clientCASecret": {"key": "ca.crt"}}}),
+        "spec.security.entryAuth.clientCASecret.name: Required value",
     ),
     (
         "deployment: name too long",
@@ -454,7 +469,10 @@ SECURE = _with(
     "spec.security",
     {
         "stageTLS": "required",
-        "entryAuth": {"bearerTokenSecret": {"name": "camera-clients", "key": "token"}},
+        "entryAuth": {
+            "bearerTokenSecret": {"name": "camera-clients", "key": "token"},
+            "clientCASecret": {"name": "camera-ca", "key": "ca.crt"},
+        },
         "networkPolicy": {"entryFrom": {"namespaces": ["apps"], "cidrs": ["10.20.0.0/16"]}},
     },
 )
@@ -487,7 +505,18 @@ TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo":
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, GRPC_SECURE, OFFLOADING, HOMOMORPHIC, EXITS, TRUNK],
+    [
+        MODEL,
+        DEPLOYMENT,
+        JOB,
+        SECURE,
+        GRPC_PLAIN,
+        GRPC_SECURE,
+        OFFLOADING,
+        HOMOMORPHIC,
+        EXITS,
+        TRUNK,
+    ],
     ids=[
         "model",
         "deployment",

@@ -49,6 +49,15 @@ def _by(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(c for c in children if c["kind"] == kind and c["metadata"]["name"] == name)
 
 
+def _deployment(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "cam"},
+        "spec": {"modelRef": {"name": "digits"}, **spec},
+    }
+
+
 def _container(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     container: dict[str, Any] = _by(children, kind, name)["spec"]["template"]["spec"]["containers"][
         0
@@ -231,6 +240,56 @@ def test_network_policies_literal() -> None:
     assert open_entry["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
 
 
+def test_an_entry_taking_client_certificates_mounts_their_ca_and_serves_tls() -> None:
+    security = parse_deployment(
+        _deployment(security={"entryAuth": {"clientCASecret": {"name": "camera-ca"}}})
+    ).security
+    assert security.entry_client_ca == ("camera-ca", "ca.crt")
+    assert security.entry_token is None
+    opts = DeploymentOptions(stage_tls=True, entry_client_ca=("camera-ca", "ca.crt"))
+    children = build_children(OWNER, {"z": plan("device", "edge")}, {}, opts)
+    device = _container(children, "DaemonSet", "cam-device-z")
+    assert device["args"][5:] == [
+        "--next=https://cam-edge-z.vision.svc:8443",
+        "--tls-dir=/etc/edgeai-tls",
+        "--tls-port=8443",
+        "--entry-client-ca=/etc/edgeai-entry-ca/ca.crt",
+    ]
+    assert device["ports"] == [
+        {"name": "http", "containerPort": 8080},
+        {"name": "https", "containerPort": 8443},
+    ]
+    assert device["volumeMounts"][1:3] == [
+        {"name": "stage-tls", "mountPath": "/etc/edgeai-tls", "readOnly": True},
+        {"name": "entry-client-ca", "mountPath": "/etc/edgeai-entry-ca", "readOnly": True},
+    ]
+    device_pod = _by(children, "DaemonSet", "cam-device-z")["spec"]["template"]["spec"]
+    assert device_pod["volumes"][1:3] == [
+        {"name": "stage-tls", "secret": {"secretName": "cam-device-tls"}},
+        {
+            "name": "entry-client-ca",
+            "secret": {"secretName": "camera-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        },
+    ]
+    # the edge stage is as without it: its TLS port is for the device only
+    edge = _container(children, "Deployment", "cam-edge-z")
+    assert edge["args"][5:] == [
+        "--tls-dir=/etc/edgeai-tls",
+        "--tls-port=8443",
+        "--tls-peer=edgeai://vision/cam/device",
+    ]
+    # the entry's callers reach both its ports
+    _, entry = network_policies(OWNER, children, ["apps"])
+    assert entry["spec"]["ingress"] == [
+        {
+            "from": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}
+            ],
+            "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8443}],
+        }
+    ]
+
+
 def test_a_fetched_artefact_opens_egress_to_its_store_only() -> None:
     uri = "oci://registry.local:5000/models:net-1a2b3c4d5e6f"
     model = {"uri": uri, "digest": "sha256:" + "1" * 64, "variant": "fp32", "input": MODEL["input"]}
@@ -242,12 +301,7 @@ def test_a_fetched_artefact_opens_egress_to_its_store_only() -> None:
 
 
 def test_the_spec_defaults_lock_a_deployment_down_and_bad_values_name_the_field() -> None:
-    body = {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNDeployment",
-        "metadata": {"name": "cam"},
-        "spec": {"modelRef": {"name": "digits"}, "slo": {"latencyP95Ms": 50}},
-    }
+    body = _deployment(slo={"latencyP95Ms": 50})
     security = parse_deployment(body).security
     assert security.stage_tls
     assert security.network_policy
@@ -255,7 +309,19 @@ def test_the_spec_defaults_lock_a_deployment_down_and_bad_values_name_the_field(
     cases = [
         ({"sharing": "backbone"}, "spec.security.stageTLS"),
         ({"security": {"stageTLS": "maybe"}}, "spec.security.stageTLS"),
-        ({"security": {"entryAuth": {}}}, "spec.security.entryAuth.bearerTokenSecret"),
+        ({"security": {"entryAuth": {}}}, "spec.security.entryAuth"),
+        (
+            {"security": {"stageTLS": "disabled", "entryAuth": {"clientCASecret": {"name": "ca"}}}},
+            "spec.security.entryAuth.clientCASecret",
+        ),
+        (
+            {"security": {"entryAuth": {"clientCASecret": {"name": "Not_A_Name"}}}},
+            "spec.security.entryAuth.clientCASecret.name",
+        ),
+        (
+            {"security": {"entryAuth": {"clientCASecret": {"name": "ca", "key": "a/b"}}}},
+            "spec.security.entryAuth.clientCASecret.key",
+        ),
         (
             {"security": {"networkPolicy": {"entryFrom": {"cidrs": ["10.0.0.1/8"]}}}},
             "spec.security.networkPolicy.entryFrom.cidrs[0]",

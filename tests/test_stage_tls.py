@@ -5,7 +5,9 @@ certificate, with one from another deployment's CA, an expired one or another st
 identity are refused (on the HTTP TLS port and on the gRPC port) while the real upstream
 keeps being served; renewed certificates are picked up under continuous traffic without
 losing a request, over either transport; the entry refuses a missing or wrong token (a
-stock tritonclient with custom headers) before the model and counts it."""
+stock tritonclient with custom headers) before the model and counts it; an entry taking
+client certificates of a CA serves a stock tritonclient over TLS with one, answers 401
+without one and ends the handshake for another CA's or an expired one."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -42,7 +45,9 @@ from _worker_support import (
 from edgeai_operator.builders import STAGE_TLS_NAME, Owner, stage_identity
 from edgeai_operator.stagetls import issue_ca, issue_stage
 from edgeai_worker import grpc_predict_v2_pb2 as pb
+from edgeai_worker.config import ConfigError, WorkerConfig, load_config
 from edgeai_worker.protocol import HEADER_LENGTH
+from edgeai_worker.security import StageTLS
 
 pytestmark = pytest.mark.slow
 
@@ -537,6 +542,20 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+def _client_script(script: str, *args: str) -> dict[str, Any]:
+    """Runs a stock client's `script` in a process of its own; its last line of JSON."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "entry" / "token"
@@ -557,22 +576,12 @@ def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
     x = np.random.default_rng(4).standard_normal(model.input_shape).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     with workers(tmp_path, entry) as (worker,):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TRITON_SCRIPT,
-                worker.url.removeprefix("http://"),
-                str(tmp_path / "x.npy"),
-                "s3cret-token",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        out = _client_script(
+            TRITON_SCRIPT,
+            worker.url.removeprefix("http://"),
+            str(tmp_path / "x.npy"),
+            "s3cret-token",
         )
-        assert run.returncode == 0, run.stderr
-        out = json.loads(run.stdout.strip().splitlines()[-1])
         metrics = _metrics(worker.url)
     # health stays open for probes
     assert out["live"] is True
@@ -590,3 +599,158 @@ def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
     assert metrics['edgeai_requests_total{code="403",stage="0"}'] == 1
     # the model ran once: for the request with the right token
     assert _total(metrics, "edgeai_batch_size_count") == 1
+
+
+TRITON_CERT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    url, path, server_ca, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    x = np.load(path)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    out = {}
+    for case, files in cases.items():
+        options = {"ca_certs": server_ca}  # the entry's certificate, from the deployment's CA
+        if files is not None:
+            options |= {"certfile": files[0], "keyfile": files[1]}
+        # insecure: no host name check (the stage certificate names its identity as a URI)
+        client = httpclient.InferenceServerClient(
+            url=url, ssl=True, insecure=True, ssl_options=options
+        )
+        try:
+            out[case] = {"live": client.is_server_live()}
+            result = client.infer("chain", [inp])
+            out[case]["output"] = result.as_numpy("output").tolist()
+        except InferenceServerException as exc:
+            out[case] |= {"status": exc.status(), "message": exc.message()}
+        except Exception as exc:  # refused in the TLS handshake: no HTTP answer
+            out[case] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            client.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    clients = CA(*issue_ca(Owner(name="clients", namespace="apps", uid="c-1"), _now()))
+    strangers = CA(*issue_ca(Owner(name="strangers", namespace="apps", uid="c-2"), _now()))
+    camera = clients.write(tmp_path / "camera", "edgeai://apps/clients/camera")
+    stranger = strangers.write(tmp_path / "stranger", "edgeai://apps/clients/camera")
+    old = _now() - datetime.timedelta(hours=2)
+    expired = clients.write(
+        tmp_path / "expired", "edgeai://apps/clients/camera", datetime.timedelta(hours=1), old
+    )
+    tls_port = free_port()
+    entry = {
+        "model_name": "chain",
+        "partitions": [str(model.path)],
+        "tier": "device",
+        "tls_dir": str(ca.write(tmp_path / "device", DEVICE)),
+        "tls_port": tls_port,
+        "entry_client_ca_file": str(camera / "ca.crt"),
+    }
+    x = np.random.default_rng(5).standard_normal(model.input_shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cases = {
+        "none": None,
+        "other-ca": [str(stranger / "tls.crt"), str(stranger / "tls.key")],
+        "expired": [str(expired / "tls.crt"), str(expired / "tls.key")],
+        "right": [str(camera / "tls.crt"), str(camera / "tls.key")],
+    }
+    with workers(tmp_path, entry) as (worker,):
+        out = _client_script(
+            TRITON_CERT_SCRIPT,
+            f"127.0.0.1:{tls_port}",
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "device" / "ca.crt"),
+            json.dumps(cases),
+        )
+        # the same refusals seen by a plain ssl client: the server ends the connection
+        alerts = {}
+        for case, client_dir in (("other-ca", stranger), ("expired", expired)):
+            alerts[case] = _refusal(tls_port, _client_context(client_dir, ca.cert))
+        status, body = _direct(tls_port, _client_context(camera, ca.cert), x)
+        assert status == 200, body[:300]
+        # inference on the plain port is refused: clients come in over TLS
+        status, body = _plain_infer(worker.url, x)
+        metrics = _metrics(worker.url)
+    assert status == 403
+    assert "with a client certificate" in json.loads(body)["error"]
+    # no certificate: through the handshake, health open, inference 401 with the body
+    assert out["none"]["live"] is True
+    assert out["none"]["status"] == "401"
+    assert "client certificate" in out["none"]["message"]
+    # a certificate of another CA, or an expired one: refused in the handshake, with
+    # no HTTP answer at all
+    for case in ("other-ca", "expired"):
+        assert set(out[case]) == {"error"}, out[case]
+    # (asyncio's TLS transport closes without sending the alert)
+    assert all(a == "closed" or a.startswith("alert") for a in alerts.values()), alerts
+    np.testing.assert_allclose(
+        np.asarray(out["right"]["output"]), run_onnx(model.path, {"input": x})[0], rtol=1e-4
+    )
+    assert metrics['edgeai_auth_failures_total{reason="missing-cert",stage="0"}'] == 1
+    assert metrics['edgeai_auth_failures_total{reason="plain",stage="0"}'] == 1
+    # the model ran twice: for the two requests with the right certificate
+    assert _total(metrics, "edgeai_batch_size_count") == 2
+
+
+def test_the_client_ca_settings_name_the_field(ca: CA, tmp_path: Path) -> None:
+    stage = ca.write(tmp_path / "device", DEVICE)
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(tier="device", tls_dir=stage, entry_client_ca_file=stage / "ca.crt")
+    assert caught.value.field_name == "entry_client_ca_file"
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(
+            tier="device",
+            tls_dir=stage,
+            tls_port=8443,
+            tls_peers=(DEVICE,),
+            entry_client_ca_file=stage / "ca.crt",
+        )
+    assert caught.value.field_name == "tls_peers"
+    with pytest.raises(FileNotFoundError, match="entry_client_ca_file"):
+        StageTLS(stage, tmp_path / "absent.crt")
+    # the settings file's spelling, as `edgeai run-stage` writes it
+    (tmp_path / "worker.json").write_text(
+        json.dumps(
+            {"tier": "device", "tlsDir": str(stage), "tlsPort": 8443, "entryClientCaFile": "ca.pem"}
+        )
+    )
+    config = load_config(tmp_path / "worker.json")
+    assert config.entry_client_ca_file == tmp_path / "ca.pem"
+
+
+def _plain_infer(url: str, x: np.ndarray) -> tuple[int, bytes]:
+    body, headers = _body(x)
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("POST", "/v2/models/chain/infer", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _refusal(port: int, ctx: ssl.SSLContext) -> str:
+    """How the server ends a connection right after the client's side of the handshake
+    (in TLS 1.3 the server checks the client's certificate last): "closed", or the TLS
+    alert it sent. A server that accepted the certificate sends nothing and this times
+    out."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as sock,
+    ):
+        try:
+            data = sock.recv(1)
+        except ssl.SSLError as exc:
+            return f"alert {exc.reason}"
+    assert data == b"", data
+    return "closed"

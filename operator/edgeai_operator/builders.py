@@ -120,8 +120,10 @@ class DeploymentOptions:
     # expose it) and forward over it, except a device stage (its uplink probe is HTTP)
     transport: str = "http"
     # spec.security: stages talk over mutual TLS; the entry's bearer token (Secret, key)
+    # and the CA (Secret, key) its clients' certificates must chain to
     stage_tls: bool = False
     entry_token: tuple[str, str] | None = None
+    entry_client_ca: tuple[str, str] | None = None
 
 
 def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict[str, str]:
@@ -284,6 +286,7 @@ def _pod_spec(
 TLS_PORT = 8443
 TLS_DIR = "/etc/edgeai-tls"  # not under the plan ConfigMap's read-only mount
 ENTRY_TOKEN_DIR = "/etc/edgeai-entry"
+ENTRY_CLIENT_CA_DIR = "/etc/edgeai-entry-ca"
 
 
 # The DNS SAN every stage certificate carries (edgeai_worker.security.STAGE_TLS_NAME):
@@ -315,7 +318,9 @@ def _secure_stage(
     upstream stages over mutual TLS on TLS_PORT (and on GRPC_PORT, with gRPC
     transport; not for the device entry, which serves its clients), forwarding to the
     next stage's TLS port (HTTP) or to its gRPC port over mutual TLS (`grpcs://`).
-    With an entry token: the Secret's key mounted where the entry stage reads it."""
+    With an entry token: the Secret's key mounted where the entry stage reads it. With
+    an entry client CA: the device entry serves its clients on TLS_PORT too, taking
+    certificates of that CA (the Secret's key mounted as ca.crt)."""
     if opts.stage_tls:
         volumes.append(
             {"name": "stage-tls", "secret": {"secretName": tls_secret_name(owner, w.tier)}}
@@ -325,6 +330,19 @@ def _secure_stage(
         if w.tier != "device":
             args.append(f"--tls-port={TLS_PORT}")
             args += [f"--tls-peer={stage_identity(owner, t)}" for t in w.upstream_tiers]
+            ports.append({"name": "https", "containerPort": TLS_PORT})
+        elif opts.entry_client_ca is not None:
+            secret, key = opts.entry_client_ca
+            volumes.append(
+                {
+                    "name": "entry-client-ca",
+                    "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.crt"}]},
+                }
+            )
+            mounts.append(
+                {"name": "entry-client-ca", "mountPath": ENTRY_CLIENT_CA_DIR, "readOnly": True}
+            )
+            args += [f"--tls-port={TLS_PORT}", f"--entry-client-ca={ENTRY_CLIENT_CA_DIR}/ca.crt"]
             ports.append({"name": "https", "containerPort": TLS_PORT})
         for i, arg in enumerate(args):
             if arg.startswith("--next=http://"):

@@ -59,6 +59,8 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
         out["tls_peers"] = args.tls_peer
     if args.entry_token_file:
         out["entry_token_file"] = args.entry_token_file
+    if args.entry_client_ca:
+        out["entry_client_ca_file"] = args.entry_client_ca
     return out
 
 
@@ -90,4 +92,7 @@ def register(subparsers: Any) -> None:
         "--tls-peer", action="append", help="identity allowed to call the TLS port (repeatable)"
     )
     parser.add_argument("--entry-token-file", help="the bearer token the entry accepts")
+    parser.add_argument(
+        "--entry-client-ca", help="the CA the entry's clients' certificates must chain to"
+    )
     parser.set_defaults(func=_cmd)

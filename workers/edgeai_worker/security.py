@@ -32,6 +32,12 @@ request but health (`/v2/health/*`) and `/metrics` with 401 when it carries no
 `Authorization: Bearer` token and 403 when the token differs from the file's, with the
 protocol's error body, before anything reaches the model; the file is re-read like the
 certificates, so a changed Secret takes effect without a restart.
+
+An entry stage started with `entry_client_ca` (a CA's certificate file) serves its
+clients on the TLS port with its stage certificate and asks each for a client
+certificate: one that does not chain to that CA, or has expired, fails the handshake;
+a connection without one is answered 401 with the protocol's error body on every
+path but health and /metrics. The CA file is re-read with the stage's own files.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import hashlib
 import hmac
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +78,7 @@ def peer_identities(peercert: Any) -> list[str]:
 class StageTLS:
     """The server and client TLS contexts of a stage, from the files in `directory`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, client_ca: Path | None = None) -> None:
         self.directory = directory
         self.files = (directory / CERT_FILE, directory / KEY_FILE, directory / CA_FILE)
         missing = [str(p) for p in self.files if not p.is_file()]
@@ -79,6 +86,13 @@ class StageTLS:
             raise FileNotFoundError(
                 f"tls_dir: {', '.join(missing)} missing (accepted: a directory holding "
                 f"{CERT_FILE}, {KEY_FILE} and {CA_FILE})"
+            )
+        # who may call the TLS port: the deployment's stages (the CA in the directory)
+        # or, at an entry, the clients of `client_ca`
+        self.client_ca = client_ca
+        if client_ca is not None and not client_ca.is_file():
+            raise FileNotFoundError(
+                f"entry_client_ca_file: {client_ca} missing (accepted: a CA certificate file)"
             )
         self._digest = ""
         self.generation = 0
@@ -88,10 +102,20 @@ class StageTLS:
         self.reload()
         self.server_context = self._front_context()
 
+    @property
+    def _trusted(self) -> Path:
+        """The CA the server checks client certificates against."""
+        return self.client_ca if self.client_ca is not None else self.files[2]
+
     def _server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        # An entry's client without a certificate gets through the handshake to be
+        # answered 401 with the protocol's body; a certificate, when sent, must verify.
+        ctx.verify_mode = ssl.CERT_OPTIONAL if self.client_ca is not None else ssl.CERT_REQUIRED
+        # The peer's certificate is then the one of the handshake for the connection's
+        # life, which lets `PeerCheck` judge a connection once.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         return ctx
 
     def _client_context(self) -> ssl.SSLContext:
@@ -107,9 +131,9 @@ class StageTLS:
         """The listening socket's context: every new connection switches to the newest
         server context before the handshake goes on (called with or without SNI)."""
         front = self._server_context()
-        cert, key, ca = self.files
+        cert, key, _ = self.files
         front.load_cert_chain(cert, key)
-        front.load_verify_locations(cafile=str(ca))
+        front.load_verify_locations(cafile=str(self._trusted))
 
         def switch(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
             sslobj.context = self._server_current
@@ -122,11 +146,12 @@ class StageTLS:
         set (a certificate that does not match its key) keeps the current contexts."""
         try:
             cert_pem, key_pem, ca_pem = (path.read_bytes() for path in self.files)
+            client_ca_pem = self.client_ca.read_bytes() if self.client_ca else b""
         except OSError as exc:
             log.warning("stage TLS: cannot read %s: %s", self.directory, exc)
             return False
         pem = (cert_pem, key_pem, ca_pem)
-        digest = hashlib.sha256(b"".join(pem)).hexdigest()
+        digest = hashlib.sha256(b"".join((*pem, client_ca_pem))).hexdigest()
         if digest == self._digest:
             return False
         cert, key, ca = self.files
@@ -134,7 +159,8 @@ class StageTLS:
             server, client = self._server_context(), self._client_context()
             for ctx in (server, client):
                 ctx.load_cert_chain(cert, key)
-                ctx.load_verify_locations(cafile=str(ca))
+            server.load_verify_locations(cafile=str(self._trusted))
+            client.load_verify_locations(cafile=str(ca))
         except (ssl.SSLError, OSError) as exc:
             log.warning("stage TLS: keeping the current certificate: %s", exc)
             return False
@@ -195,6 +221,38 @@ def grpc_peer_identities(auth_context: Any) -> list[str]:
     names = auth_context.get("x509_subject_alternative_name", ()) if auth_context else ()
     found = [n.decode("utf-8", "replace") for n in names]
     return [n for n in found if n.startswith(IDENTITY_SCHEME)]
+
+
+class PeerCheck:
+    """`check_peer` once per connection: a keep-alive connection carries many requests
+    and its verified certificate cannot change (renegotiation is off), so the verdict is
+    kept with the connection's SSL object and goes with it."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.allowed = tuple(allowed)
+        self._verdicts: weakref.WeakKeyDictionary[ssl.SSLObject, str | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def check(self, ssl_object: ssl.SSLObject | None) -> str | None:
+        """None when the connection's peer carries an allowed identity; otherwise why not."""
+        if ssl_object is None:
+            return check_peer(None, self.allowed)
+        try:
+            return self._verdicts[ssl_object]
+        except KeyError:
+            verdict = self._verdicts[ssl_object] = check_peer(
+                ssl_object.getpeercert(), self.allowed
+            )
+            return verdict
+
+
+def check_client(ssl_object: ssl.SSLObject | None) -> str | None:
+    """At an entry taking client certificates: None when the connection's client sent
+    one (the handshake verified it against the clients' CA); otherwise why not."""
+    if ssl_object is None or not ssl_object.getpeercert():
+        return "this model needs a client certificate signed by the clients' CA"
+    return None
 
 
 def check_peer(peercert: Any, allowed: Sequence[str]) -> str | None:
