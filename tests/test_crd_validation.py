@@ -374,11 +374,6 @@ CASES = [
         'unknown field "spec.slo.latencyMs"',
     ),
     (
-        "deployment: grpc with stage TLS required (the default)",
-        _with(DEPLOYMENT, "spec.placement.transport", "grpc"),
-        "spec.security.stageTLS: required is not available with spec.placement.transport: grpc",
-    ),
-    (
         "deployment: shared backbone with stage TLS required",
         _with(
             _with(DEPLOYMENT, "spec.sharing", "backbone"), "spec.security", {"stageTLS": "required"}
@@ -393,7 +388,22 @@ CASES = [
     (
         "deployment: entry auth without its Secret",
         _with(DEPLOYMENT, "spec.security", {"entryAuth": {}}),
-        "spec.security.entryAuth.bearerTokenSecret: Required value",
+        'spec.security.entryAuth: Invalid value: "object": needs bearerTokenSecret, '
+        "clientCASecret or both",
+    ),
+    (
+        "deployment: client CA without stage TLS",
+        _with(
+            DEPLOYMENT,
+            "spec.security",
+            {"stageTLS": "disabled", "entryAuth": {"clientCASecret": {"name": "camera-ca"}}},
+        ),
+        "spec.security.entryAuth.clientCASecret needs stageTLS: required",
+    ),
+    (
+        "deployment: client CA without its name",
+        _with(DEPLOYMENT, "spec.security", {"entryAuth": {"clientCASecret": {"key": "ca.crt"}}}),
+        "spec.security.entryAuth.clientCASecret.name: Required value",
     ),
     (
         "deployment: name too long",
@@ -459,7 +469,10 @@ SECURE = _with(
     "spec.security",
     {
         "stageTLS": "required",
-        "entryAuth": {"bearerTokenSecret": {"name": "camera-clients", "key": "token"}},
+        "entryAuth": {
+            "bearerTokenSecret": {"name": "camera-clients", "key": "token"},
+            "clientCASecret": {"name": "camera-ca", "key": "ca.crt"},
+        },
         "networkPolicy": {"entryFrom": {"namespaces": ["apps"], "cidrs": ["10.20.0.0/16"]}},
     },
 )
@@ -467,6 +480,8 @@ GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
 HOMOMORPHIC = _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}})
+# gRPC between stages over mutual TLS (stageTLS: required is the default)
+GRPC_SECURE = _with(DEPLOYMENT, "spec.placement.transport", "grpc")
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -490,13 +505,25 @@ TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo":
 
 @pytest.mark.parametrize(
     "doc",
-    [MODEL, DEPLOYMENT, JOB, SECURE, GRPC_PLAIN, OFFLOADING, HOMOMORPHIC, EXITS, TRUNK],
+    [
+        MODEL,
+        DEPLOYMENT,
+        JOB,
+        SECURE,
+        GRPC_PLAIN,
+        GRPC_SECURE,
+        OFFLOADING,
+        HOMOMORPHIC,
+        EXITS,
+        TRUNK,
+    ],
     ids=[
         "model",
         "deployment",
         "job",
         "deployment-security",
         "deployment-grpc-plain",
+        "deployment-grpc-mtls",
         "deployment-offload",
         "deployment-homomorphic-head",
         "deployment-exits",

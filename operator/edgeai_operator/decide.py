@@ -330,6 +330,7 @@ def _decide_planned(
         transport=spec.transport,
         stage_tls=spec.security.stage_tls,
         entry_token=spec.security.entry_token,
+        entry_client_ca=spec.security.entry_client_ca,
     )
     shared_model = spec.model_ref if spec.sharing == "backbone" else None
     shared_names = {
