@@ -56,17 +56,18 @@ def condition(obj: Any, type_: str) -> dict[str, Any]:
     return next((c for c in conds if c["type"] == type_), {})
 
 
-def digits_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    """A DNNModel of digits' input shape (one 8x8 image) from `source`."""
+DIGITS_INPUT = {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"}
+
+
+def dnn_model(
+    name: str, source: dict[str, Any], input_spec: dict[str, Any] = DIGITS_INPUT, **spec: Any
+) -> dict[str, Any]:
+    """A DNNModel from `source` with `spec.input` (digits' one 8x8 image by default)."""
     return {
         "apiVersion": "edgeai.dev/v1alpha1",
         "kind": "DNNModel",
         "metadata": {"name": name},
-        "spec": {
-            "source": source,
-            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
-            **spec,
-        },
+        "spec": {"source": source, "input": dict(input_spec), **spec},
     }
 
 

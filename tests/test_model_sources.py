@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _cluster_support import Namespace, apply, condition, get, wait_for
+from _cluster_support import dnn_model as cluster_dnn_model
 from _model_server import ModelServer, ServerCert, make_ca
 from _real_graphs import sequence_output
 from _serving import deployment, infer, serving_chain, slow_device
@@ -99,16 +100,8 @@ def https_server(model_file: Path, server_cert: ServerCert) -> Iterator[str]:
 
 
 def dnn_model(name: str, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNModel",
-        "metadata": {"name": name},
-        "spec": {
-            "source": source,
-            "input": {"name": "features", "shape": [1, WIDTH], "dtype": "FP32"},
-            **spec,
-        },
-    }
+    features = {"name": "features", "shape": [1, WIDTH], "dtype": "FP32"}
+    return cluster_dnn_model(name, source, features, **spec)
 
 
 def prepared(ns: Namespace, name: str, timeout_s: float = 180) -> dict[str, Any]:

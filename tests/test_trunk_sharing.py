@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _cluster_support import digits_model
+from _cluster_support import dnn_model
 from edgeai_operator.builders import DeploymentOptions, Owner, TrunkStage, trunk_children
 from edgeai_operator.decide import DeploymentState, Observed, decide
 from edgeai_operator.deployspec import parse_deployment
@@ -423,8 +423,8 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
     base = {"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR}
     apply(
         ns,
-        digits_model("digits", {"zoo": "digits_cnn"}),
-        digits_model("digits-parity", source, base=base),
+        dnn_model("digits", {"zoo": "digits_cnn"}),
+        dnn_model("digits-parity", source, base=base),
         _application("cam", "digits"),
         _application("par", "digits-parity"),
     )

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _cluster_support import Namespace, apply, condition, digits_model, get, wait_for
+from _cluster_support import Namespace, apply, condition, dnn_model, get, wait_for
 from _worker_support import Worker, extract, free_port, run_onnx, wait_ready, workers
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import BaseRef, parse_model_spec
@@ -377,13 +377,13 @@ def test_the_preparation_verifies_a_declared_trunk(ns: Namespace, operator: Any)
     apply(
         ns,
         # applied first: waits for its base, which is applied after it
-        digits_model(
+        dnn_model(
             "digits-parity",
             sources["parity"],
             base={"modelRef": {"name": "digits"}, "sharedUpTo": trunks.TRUNK_TENSOR},
         ),
         # claims more than it shares: its first Gemm was trained anew
-        digits_model(
+        dnn_model(
             "digits-tercile",
             sources["tercile"],
             base={"modelRef": {"name": "digits"}, "sharedUpTo": gemm},
@@ -396,7 +396,7 @@ def test_the_preparation_verifies_a_declared_trunk(ns: Namespace, operator: Any)
 
     cond = wait_for("digits-parity waiting for its base", waiting, 300)
     assert cond["message"] == "spec.base.modelRef.name: waiting for DNNModel digits (not found)"
-    apply(ns, digits_model("digits", {"zoo": "digits_cnn"}))
+    apply(ns, dnn_model("digits", {"zoo": "digits_cnn"}))
     base = _prepared_condition(ns, "digits", "True")
     parity = _prepared_condition(ns, "digits-parity", "True")
     base_profile = next(p for p in base["status"]["profiles"] if p["variant"] == "fp32")
