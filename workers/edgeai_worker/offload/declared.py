@@ -88,19 +88,16 @@ def check_exits(model: onnx.ModelProto, exits: Sequence[DeclaredExit]) -> list[s
                 index, "after", f"{declared.after!r} is not a tensor the model computes"
             )
         before = _cone(model, [declared.after])
-        head = _cone(model, [declared.output], stop=declared.after)
+        head = _cone(model, [declared.output], stop=declared.after) - backbone
+        if produced[declared.output] in backbone:
+            raise ExitError(
+                index, "output", f"the final output ({', '.join(finals)}) needs "
+                f"{declared.output!r}: an exit is a branch off the model, not one of its layers"
+            )  # fmt: skip
         own = {o for i in head for o in graph.node[i].output}
         reads_after = False
         for i in sorted(head):
-            node = graph.node[i]
-            if i in backbone:
-                raise ExitError(
-                    index, "output", f"{declared.output!r} is computed by node "
-                    f"{node.name or node.op_type!r}, which the final output "
-                    f"({', '.join(finals)}) also needs: an exit's head must be layers of its "
-                    "own, on a branch off the model"
-                )  # fmt: skip
-            for tensor in node.input:
+            for tensor in graph.node[i].input:
                 if not tensor or tensor in weights or tensor in own:
                     continue
                 if tensor == declared.after:
@@ -108,7 +105,7 @@ def check_exits(model: onnx.ModelProto, exits: Sequence[DeclaredExit]) -> list[s
                     continue
                 where = (
                     "computed before it"
-                    if produced.get(tensor) in before or tensor not in produced
+                    if tensor not in produced or produced[tensor] in before
                     else "computed by later layers"
                 )
                 raise ExitError(
