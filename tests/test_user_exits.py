@@ -440,3 +440,103 @@ def test_exits_on_a_prepared_model_without_calibration_are_refused() -> None:
         plan_zones(cascade, [{**profile, "offload": section}], nodes)
     # without spec.offload.exits the same profile plans
     assert plan_zones(_deployment({"reuse": {"maxEntries": 8}}), [profile], nodes).plans
+
+
+# ------------------------------------------------------------ the real control plane
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_declared_exits_on_the_control_plane(
+    user: dict[str, Any], ns: Any, operator: Any, tmp_path: Path
+) -> None:
+    """DNNModels from ConfigMaps: with spec.exits and spec.data Prepared with the
+    offload section, a DNNDeployment with spec.offload.exits served by its stage pods'
+    own commands (the device answers at the exit, escalations the full model's answer);
+    a declaration the graph contradicts is not Prepared, naming spec.exits[0]; exits
+    on a model whose exits have no data are refused naming spec.offload.exits."""
+    from _cluster_support import annotated_nodes, apply, condition, get, wait_for
+    from _serving import DEVICE, deployment, serving_chain
+
+    folder = user["root"] / "models"
+    ns.kubectl(
+        "create", "configmap", "mlp-files", f"--from-file=model.onnx={folder / 'mlp.onnx'}",
+        f"--from-file=data.npz={folder / 'data.npz'}",
+    )  # fmt: skip
+
+    def model(name: str, exits: list[dict[str, str]], data: bool = True) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "source": {"uri": "configmap://mlp-files/model.onnx"},
+            "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            "exits": exits,
+        }
+        if data:
+            spec["data"] = {"uri": "configmap://mlp-files/data.npz"}
+        return {"apiVersion": "edgeai.dev/v1alpha1", "kind": "DNNModel",
+                "metadata": {"name": name}, "spec": spec}  # fmt: skip
+
+    def model_condition(name: str, status: str, reason: str = "Prepared") -> dict[str, Any]:
+        def holds() -> Any:
+            obj = get(ns, "dnnm", name)
+            cond = condition(obj, "Prepared")
+            return (cond.get("status"), cond.get("reason")) == (status, reason) and obj
+
+        found: dict[str, Any] = wait_for(f"DNNModel {name} Prepared={status}", holds, 240)
+        return found
+
+    apply(
+        ns,
+        model("mlp", [{"output": "exit_0", "after": HIDDEN}]),
+        model("mlp-bad", [{"output": "exit_9", "after": HIDDEN}]),
+        model("mlp-nodata", [{"output": "exit_0", "after": HIDDEN}], data=False),
+    )
+    bad = condition(model_condition("mlp-bad", "False", "InvalidModel"), "Prepared")
+    assert "spec.exits[0].output: 'exit_9' is not an output of the model" in bad["message"]
+    status = model_condition("mlp", "True")["status"]
+    (fp32,) = [p for p in status["profiles"] if p["variant"] == "fp32"]
+    assert fp32["offload"]["finalOutput"] == "output"
+    assert [e["output"] for e in fp32["offload"]["exits"]] == ["exit_0"]
+    assert len(fp32["offload"]["validation"]["final_correct"]) == len(user["y_val"])
+    model_condition("mlp-nodata", "True")
+
+    offload = {"exits": {"rule": "maxProb", "targetAccuracy": TARGET}}
+    app = deployment("reader", "mlp")
+    app["spec"]["placement"]["adaptiveSplit"] = False
+    app["spec"]["privacy"] = {}
+    app["spec"]["offload"] = offload
+    refused = deployment("reader-nodata", "mlp-nodata")
+    refused["spec"]["placement"]["adaptiveSplit"] = False
+    refused["spec"]["offload"] = offload
+    x_ho, y_ho = user["x_ho"], user["y_ho"]
+    full_out, _ = run_onnx(folder / "mlp.onnx", {"input": x_ho})
+    # the unit test's slow device on a slow link, so the exit runs on the device
+    with (
+        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/gflops", "0.002"),
+        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/uplink-mbps", "0.8"),
+        annotated_nodes(ns.cluster, [DEVICE], "edgeai.dev/uplink-rtt-ms", "1"),
+    ):
+        apply(ns, app, refused)
+
+        def invalid() -> Any:
+            cond = condition(get(ns, "dnnd", "reader-nodata"), "Planned")
+            return cond.get("reason") == "InvalidSpec" and cond
+
+        message = wait_for("reader-nodata refused", invalid, 120)["message"]
+        assert message.startswith("spec.offload.exits: the model's profile carries no "), message
+        with serving_chain(ns, "reader", tmp_path / "pods") as url:
+            plan = get(ns, "dnnd", "reader")["status"]["plan"]
+            answers = [_infer(url, x[None], int(y)) for x, y in zip(x_ho, y_ho, strict=True)]
+            accuracy = _metric(url, "edgeai_labelled_accuracy")
+            escalations = _metric(url, "edgeai_escalations_total")
+    assert set(plan["exitShares"]) == {"exit_0", "final"}
+    which = [a["parameters"]["edgeai_exit"] for a in answers]
+    counts = {w: which.count(w) for w in sorted(set(which))}
+    print(f"reader: split {plan['stages']}, answered {counts}, accuracy {accuracy:.4f}")
+    assert set(which) == {"exit_0", "final"}
+    assert accuracy >= TARGET
+    finals = [i for i, w in enumerate(which) if w == "final"]
+    assert escalations == len(finals)
+    for i in finals:
+        (out,) = answers[i]["outputs"]
+        np.testing.assert_allclose(out["data"], full_out[i], rtol=1e-4, atol=1e-4)
