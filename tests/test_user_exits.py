@@ -5,8 +5,6 @@ the field, and the plan's stages served by real worker processes on loopback."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _worker_support import run_onnx
+from _worker_support import labelled_infer, metric_value, run_onnx
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import ExitSpec, InputSpec, parse_model_spec
 from edgeai_operator.prepare import PrepareRequest, PrepareResult, prepare
@@ -320,31 +318,6 @@ def _profiles(result: PrepareResult) -> list[dict[str, Any]]:
     return [{**fp32.profile, "build": "fp32", "artifact": fp32.artifact.to_dict()}]
 
 
-def _infer(url: str, x: np.ndarray, label: int) -> dict[str, Any]:
-    body = {
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                    "data": x.ravel().tolist()}],
-        "parameters": {"edgeai_label": label},
-    }  # fmt: skip
-    request = urllib.request.Request(
-        f"{url}/v2/models/mlp/infer",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
-
-
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            series, _, value = line.rpartition(" ")
-            if series == name or series.startswith(name + "{"):
-                return float(value)
-    raise AssertionError(f"{name} not in /metrics")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_declared_exits_are_planned_and_served_by_worker_processes(
@@ -400,10 +373,13 @@ def test_declared_exits_are_planned_and_served_by_worker_processes(
     full_out, _ = run_onnx(model, {"input": x_ho})
     run = start_local(plan, specs, work, model_path=model)
     try:
-        answers = [_infer(run.entry_url, x[None], int(y)) for x, y in zip(x_ho, y_ho, strict=True)]
-        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
-        escalations = _metric(run.entry_url, "edgeai_escalations_total")
-        edge_requests = _metric(run.urls[1][0], "edgeai_requests_total")
+        answers = [
+            labelled_infer(run.entry_url, x[None], int(y), "mlp")
+            for x, y in zip(x_ho, y_ho, strict=True)
+        ]
+        accuracy = metric_value(run.entry_url, "edgeai_labelled_accuracy")
+        escalations = metric_value(run.entry_url, "edgeai_escalations_total")
+        edge_requests = metric_value(run.urls[1][0], "edgeai_requests_total")
     finally:
         run.stop()
     which = [a["parameters"]["edgeai_exit"] for a in answers]
@@ -526,9 +502,11 @@ def test_declared_exits_on_the_control_plane(
         assert message.startswith("spec.offload.exits: the model's profile carries no "), message
         with serving_chain(ns, "reader", tmp_path / "pods") as url:
             plan = get(ns, "dnnd", "reader")["status"]["plan"]
-            answers = [_infer(url, x[None], int(y)) for x, y in zip(x_ho, y_ho, strict=True)]
-            accuracy = _metric(url, "edgeai_labelled_accuracy")
-            escalations = _metric(url, "edgeai_escalations_total")
+            answers = [
+                labelled_infer(url, x[None], int(y), "mlp") for x, y in zip(x_ho, y_ho, strict=True)
+            ]
+            accuracy = metric_value(url, "edgeai_labelled_accuracy")
+            escalations = metric_value(url, "edgeai_escalations_total")
     assert set(plan["exitShares"]) == {"exit_0", "final"}
     which = [a["parameters"]["edgeai_exit"] for a in answers]
     counts = {w: which.count(w) for w in sorted(set(which))}
