@@ -320,16 +320,23 @@ def _input(data: Mapping[str, Any], field: str = "spec.input") -> InputSpec:
     return InputSpec(name=name, shape=tuple(shape), dtype=dtype)
 
 
+def _short_list(value: Any, field: str, most: int, accepted: str) -> list[Any]:
+    """`value` when it is a list of at most `most` entries (absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > most:
+        raise SpecError(field, f"must be a list of at most {most}, got {value!r:.60}", accepted)
+    return value
+
+
 def _additional_inputs(value: Any, first: InputSpec) -> tuple[InputSpec, ...]:
     """spec.additionalInputs: the model's inputs after spec.input, each named once."""
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_ADDITIONAL_INPUTS:
-        raise SpecError(
-            "spec.additionalInputs",
-            f"must be a list of at most {MAX_ADDITIONAL_INPUTS}, got {value!r:.60}",
-            "the model's inputs after spec.input: name, shape and dtype each",
-        )
+    value = _short_list(
+        value,
+        "spec.additionalInputs",
+        MAX_ADDITIONAL_INPUTS,
+        "the model's inputs after spec.input: name, shape and dtype each",
+    )
     inputs = [first]
     for i, item in enumerate(value):
         field = f"spec.additionalInputs[{i}]"
@@ -438,14 +445,9 @@ def _tensor_name(value: Any, field: str, accepted: str) -> str:
 
 def _exits(value: Any, inputs: tuple[InputSpec, ...]) -> tuple[ExitSpec, ...]:
     """spec.exits: distinct outputs, each read from a tensor the model computes."""
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_EXITS:
-        raise SpecError(
-            "spec.exits",
-            f"must be a list of at most {MAX_EXITS}, got {value!r:.60}",
-            "entries {output: MODEL_OUTPUT, after: TENSOR}",
-        )
+    value = _short_list(
+        value, "spec.exits", MAX_EXITS, "entries {output: MODEL_OUTPUT, after: TENSOR}"
+    )
     input_names = {i.name for i in inputs}
     exits: list[ExitSpec] = []
     for i, item in enumerate(value):
