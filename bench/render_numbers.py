@@ -639,19 +639,27 @@ def protocol_table(report: Mapping[str, Any]) -> str:
             ]
         )
     header = ["model", "protocol", "clients", "p50 ms", "p95 ms", "requests/s"]
+    clients = {PROTOCOL_MODES[r["mode"]]: r["client"] for r in report["rows"] if "client" in r}
+    used = "; ".join(f"{mode}: {client}" for mode, client in clients.items())
     return _table(header, "lllrrr", rows) + (
-        f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
+        (f"\n\nClients: {used}." if used else "")
+        + f"\n\n{report['date']}, {report['cpus']} CPUs, 1-minute load average "
         f"{report['loadAverage'][0]} at the start and {report['loadAverage'][1]} at the end; "
         f"conditions: {report['conditions']}."
     )
 
 
-def protocol_summary(report: Mapping[str, Any]) -> str:
-    r = report["ratios"]
+def _chain_grpc_over_http(report: Mapping[str, Any]) -> float:
+    """p50 of the chain forwarding over gRPC / over HTTP, one client."""
     http, grpc_ = (
         next(c for c in report["chain"] if c["forwarding"] == kind and c["clients"] == 1)
         for kind in ("http", "grpc")
     )
+    return float(grpc_["p50Ms"] / http["p50Ms"])
+
+
+def protocol_summary(report: Mapping[str, Any]) -> str:
+    r = report["ratios"]
     return (
         f"p50 with one client: JSON through orjson takes {r['convJsonOrjsonOverStdlib']:.2f}x "
         f"the json module's time on the conv input ({r['mlpJsonOrjsonOverStdlib']:.2f}x on "
@@ -659,7 +667,50 @@ def protocol_summary(report: Mapping[str, Any]) -> str:
         f"model and {r['mlpGrpcOverBinary']:.2f}x on the MLP; JSON (orjson) takes "
         f"{r['convJsonOverBinary']:.2f}x binary's on the conv model, "
         f"{r['mlpJsonOverBinary']:.2f}x on the MLP. A two-stage chain forwarding over gRPC "
-        f"takes {grpc_['p50Ms'] / http['p50Ms']:.2f}x the time of one forwarding over HTTP."
+        f"takes {_chain_grpc_over_http(report):.2f}x the time of one forwarding over HTTP."
+    )
+
+
+def protocol_cpu(report: Mapping[str, Any]) -> str:
+    """CPU per request with one client, REST binary beside gRPC: where the time goes."""
+    rows = []
+    for row in report["rows"]:
+        if row["clients"] != 1 or row["mode"] not in ("rest_binary", "grpc"):
+            continue
+        rows.append(
+            [
+                row["model"],
+                PROTOCOL_MODES[row["mode"]],
+                f"{row['p50Ms']:.2f}",
+                str(row["clientCpuUs"]),
+                str(row["serverLoopCpuUs"]),
+                str(row["serverThreadsCpuUs"]),
+            ]
+        )
+    header = [
+        "model",
+        "protocol",
+        "p50 ms",
+        "client CPU us",
+        "worker event loop CPU us",
+        "worker other threads CPU us",
+    ]
+    return _table(header, "llrrrr", rows)
+
+
+def protocol_goals(report: Mapping[str, Any]) -> str:
+    r = report["ratios"]
+
+    def goal(value: float, limit: float) -> str:
+        return f"{value:.2f}x (goal <= {limit:g}x: {'met' if value <= limit else 'not met'})"
+
+    return (
+        f"gRPC / REST binary p50, one client ({report['date']}): MLP "
+        f"{goal(r['mlpGrpcOverBinary'], 1.0)}, conv {goal(r['convGrpcOverBinary'], 1.2)}; "
+        f"a two-stage chain forwarding over gRPC / over HTTP: "
+        f"{_chain_grpc_over_http(report):.2f}x. The host's 1-minute load average was "
+        f"{report['loadAverage'][0]} at the start of the run and {report['loadAverage'][1]} "
+        f"at the end ({report['cpus']} CPUs)."
     )
 
 
@@ -738,6 +789,29 @@ def tls_summary(report: Mapping[str, Any]) -> str:
         f"the goal of {report['goal']}x. Worker CPU per request on loopback, mTLS / plain: "
         f"{ratios('cpuRatio', 'loopback')} ({report['date']}, 1-minute load average "
         f"{report['loadAverage'][0]}-{report['loadAverage'][1]} on {report['cpus']} CPUs)."
+    )
+
+
+def tls_crypto(report: Mapping[str, Any]) -> str:
+    """The record crypto floor per tensor beside the plain loopback hop it adds to."""
+    parts = []
+    for label, crypto in report["crypto"].items():
+        plain = next(
+            r
+            for r in report["rows"]
+            if (r["tensor"], r["link"], r["path"], r["clients"], r["transport"])
+            == (label, "loopback", "hop", 1, "plain")
+        )
+        floor = (plain["p50Ms"] + crypto["msPerRequest"]) / plain["p50Ms"]
+        parts.append(
+            f"{label}: {crypto['msPerRequest']:.2f} ms per request and answer, against a "
+            f"plain loopback hop's p50 of {plain['p50Ms']:.2f} ms (a floor of {floor:.2f}x "
+            "where nothing overlaps it)"
+        )
+    first = next(iter(report["crypto"].values()))
+    return (
+        f"Record encryption and decryption alone, on both ends ({first['version']}, "
+        f"{first['cipher']}, measured in the same run): " + "; ".join(parts) + "."
     )
 
 
@@ -1161,6 +1235,12 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"{h['podsReadyS']} s ({h['operatorPods']} pods, ServiceAccount "
             f"`{h['serviceAccount']}`, can-i '*' '*': {h['canDoEverything']}"
             + (f", can-i list secrets: {h['canListSecrets']})" if "canListSecrets" in h else ")")
+            + (
+                f"; samples' namespace enforces Pod Security `{h['namespacePodSecurity']}` "
+                "(a privileged pod refused by the API server)"
+                if h.get("privilegedPodRefused")
+                else ""
+            )
         ),
     ),
     (
@@ -1250,9 +1330,12 @@ RENDERERS: dict[str, Renderer] = {
     "training-summary": Renderer("training.json", training_summary),
     "protocol-table": Renderer("protocol.json", protocol_table),
     "protocol-summary": Renderer("protocol.json", protocol_summary),
+    "protocol-cpu": Renderer("protocol.json", protocol_cpu),
+    "protocol-goals": Renderer("protocol.json", protocol_goals),
     "tls-table": Renderer("tls.json", tls_table),
     "tls-summary": Renderer("tls.json", tls_summary),
     "tls-goal": Renderer("tls.json", tls_summary),  # the same summary, in docs/security.md
+    "tls-crypto": Renderer("tls.json", tls_crypto),
     "e2e-kind-build": Renderer("e2e-kind.json", e2e_kind_build),
     "e2e-kind-results": Renderer("e2e-kind.json", e2e_kind_results),
     "demo": Renderer("demo.json", demo_transcript),

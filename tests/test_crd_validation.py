@@ -398,11 +398,6 @@ CASES = [
         'unknown field "spec.slo.latencyMs"',
     ),
     (
-        "deployment: grpc with stage TLS required (the default)",
-        _with(DEPLOYMENT, "spec.placement.transport", "grpc"),
-        "spec.security.stageTLS: required is not available with spec.placement.transport: grpc",
-    ),
-    (
         "deployment: shared backbone with stage TLS required",
         _with(
             _with(DEPLOYMENT, "spec.sharing", "backbone"), "spec.security", {"stageTLS": "required"}
@@ -417,7 +412,22 @@ CASES = [
     (
         "deployment: entry auth without its Secret",
         _with(DEPLOYMENT, "spec.security", {"entryAuth": {}}),
-        "spec.security.entryAuth.bearerTokenSecret: Required value",
+        'spec.security.entryAuth: Invalid value: "object": needs bearerTokenSecret, '
+        "clientCASecret or both",
+    ),
+    (
+        "deployment: client CA without stage TLS",
+        _with(
+            DEPLOYMENT,
+            "spec.security",
+            {"stageTLS": "disabled", "entryAuth": {"clientCASecret": {"name": "camera-ca"}}},
+        ),
+        "spec.security.entryAuth.clientCASecret needs stageTLS: required",
+    ),
+    (
+        "deployment: client CA without its name",
+        _with(DEPLOYMENT, "spec.security", {"entryAuth": {"clientCASecret": {"key": "ca.crt"}}}),
+        "spec.security.entryAuth.clientCASecret.name: Required value",
     ),
     (
         "deployment: name too long",
@@ -483,7 +493,10 @@ SECURE = _with(
     "spec.security",
     {
         "stageTLS": "required",
-        "entryAuth": {"bearerTokenSecret": {"name": "camera-clients", "key": "token"}},
+        "entryAuth": {
+            "bearerTokenSecret": {"name": "camera-clients", "key": "token"},
+            "clientCASecret": {"name": "camera-ca", "key": "ca.crt"},
+        },
         "networkPolicy": {"entryFrom": {"namespaces": ["apps"], "cidrs": ["10.20.0.0/16"]}},
     },
 )
@@ -491,6 +504,8 @@ GRPC_PLAIN = _with(
     _with(DEPLOYMENT, "spec.placement.transport", "grpc"), "spec.security", {"stageTLS": "disabled"}
 )
 HOMOMORPHIC = _with(DEPLOYMENT, "spec.privacy", {"homomorphicHead": {"enabled": True}})
+# gRPC between stages over mutual TLS (stageTLS: required is the default)
+GRPC_SECURE = _with(DEPLOYMENT, "spec.placement.transport", "grpc")
 OFFLOADING = _with(
     DEPLOYMENT,
     "spec.offload",
@@ -525,6 +540,7 @@ DECLARED_EXITS = _with(
         JOB,
         SECURE,
         GRPC_PLAIN,
+        GRPC_SECURE,
         OFFLOADING,
         HOMOMORPHIC,
         EXITS,
@@ -537,6 +553,7 @@ DECLARED_EXITS = _with(
         "job",
         "deployment-security",
         "deployment-grpc-plain",
+        "deployment-grpc-mtls",
         "deployment-offload",
         "deployment-homomorphic-head",
         "deployment-exits",

@@ -11,6 +11,7 @@ import pytest
 from edgeai_operator.builders import DeploymentOptions, Owner, build_children
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
+from edgeai_operator.netpol import network_policies
 from edgeai_operator.plandoc import PlanDocument
 
 OWNER = Owner(name="cam", namespace="vision", uid="u-1")
@@ -56,13 +57,11 @@ def test_the_transport_is_http_unless_the_spec_says_grpc() -> None:
     with pytest.raises(SpecError) as info:
         parse_deployment(doc)
     assert "spec.placement.transport" in str(info.value)
-    # stages forward over mutual TLS on HTTP only: grpc needs stageTLS: disabled
+    # gRPC goes over mutual TLS as HTTP does (stageTLS: required is the default)
     doc = _deployment(transport="grpc")
     del doc["spec"]["security"]
-    with pytest.raises(SpecError) as info:
-        parse_deployment(doc)
-    assert info.value.field == "spec.security.stageTLS"
-    assert "transport: grpc" in str(info.value)
+    secure = parse_deployment(doc)
+    assert (secure.transport, secure.security.stage_tls) == ("grpc", True)
 
 
 def _containers(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -77,14 +76,20 @@ def _service_ports(children: list[dict[str, Any]]) -> dict[str, list[dict[str, A
     return {c["metadata"]["name"]: c["spec"]["ports"] for c in children if c["kind"] == "Service"}
 
 
-def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http() -> None:
-    children = build_children(OWNER, {"zone-a": _plan()}, {}, DeploymentOptions(transport="grpc"))
+def _grpc_stages(
+    *, stage_tls: bool
+) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """The children of a grpc deployment and its (edge, cloud, device) containers."""
+    options = DeploymentOptions(transport="grpc", stage_tls=stage_tls)
+    children = build_children(OWNER, {"zone-a": _plan()}, {}, options)
     containers = _containers(children)
-    edge, cloud, device = (
-        containers["cam-edge-zone-a"],
-        containers["cam-cloud"],
-        containers["cam-device-zone-a"],
-    )
+    stages = ("cam-edge-zone-a", "cam-cloud", "cam-device-zone-a")
+    edge, cloud, device = (containers[name] for name in stages)
+    return children, (edge, cloud, device)
+
+
+def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http() -> None:
+    children, (edge, cloud, device) = _grpc_stages(stage_tls=False)
     assert "--next=grpc://cam-cloud.vision.svc:8081" in edge["args"]
     assert not [a for a in cloud["args"] if a.startswith("--next")]
     assert "--next=http://cam-edge-zone-a.vision.svc:8080" in device["args"]
@@ -99,6 +104,37 @@ def test_grpc_transport_serves_and_forwards_over_grpc_but_the_device_keeps_http(
             {"name": "http", "port": 8080, "targetPort": "http"},
             {"name": "grpc", "port": 8081, "targetPort": "grpc"},
         ], name
+
+
+def test_grpc_with_stage_tls_forwards_over_grpcs_and_the_device_over_https() -> None:
+    children, (edge, cloud, device) = _grpc_stages(stage_tls=True)
+    assert "--next=grpcs://cam-cloud.vision.svc:8081" in edge["args"]
+    assert "--next=https://cam-edge-zone-a.vision.svc:8443" in device["args"]
+    for container in (edge, cloud):
+        # the gRPC port takes mutual TLS only on a stage with a TLS port
+        assert "--grpc-port=8081" in container["args"]
+        assert "--tls-port=8443" in container["args"]
+        assert "--tls-dir=/etc/edgeai-tls" in container["args"]
+    assert "--tls-peer=edgeai://vision/cam/edge" in cloud["args"]
+    assert not [a for a in device["args"] if a.startswith("--tls-port")]
+    # the cloud's NetworkPolicy lets the edge in on the gRPC port, and the edge out to it
+    policies = {p["metadata"]["name"]: p["spec"] for p in network_policies(OWNER, children)}
+    edge_pods = {"matchLabels": _selector(children, "cam-edge-zone-a")}
+    assert {
+        "from": [{"podSelector": edge_pods}],
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    } in policies["cam-cloud"]["ingress"]
+    assert {
+        "to": [{"podSelector": {"matchLabels": _selector(children, "cam-cloud", "Service")}}],
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    } in policies["cam-edge-zone-a"]["egress"]
+
+
+def _selector(children: list[dict[str, Any]], name: str, kind: str = "Deployment") -> Any:
+    child = next(c for c in children if c["metadata"]["name"] == name and c["kind"] == kind)
+    return (
+        child["spec"]["selector"] if kind == "Service" else child["spec"]["selector"]["matchLabels"]
+    )
 
 
 def test_http_transport_has_no_grpc_port() -> None:

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeai_operator.builders import DeploymentOptions, Owner, build_children
+from edgeai_operator.builders import STAGE_TLS_NAME, DeploymentOptions, Owner, build_children
 from edgeai_operator.deployspec import parse_deployment
 from edgeai_operator.errors import SpecError
 from edgeai_operator.netpol import network_policies
@@ -45,6 +47,15 @@ def plan(*tiers: str) -> PlanDocument:
 
 def _by(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(c for c in children if c["kind"] == kind and c["metadata"]["name"] == name)
+
+
+def _deployment(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "edgeai.dev/v1alpha1",
+        "kind": "DNNDeployment",
+        "metadata": {"name": "cam"},
+        "spec": {"modelRef": {"name": "digits"}, **spec},
+    }
 
 
 def _container(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -229,6 +240,56 @@ def test_network_policies_literal() -> None:
     assert open_entry["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
 
 
+def test_an_entry_taking_client_certificates_mounts_their_ca_and_serves_tls() -> None:
+    security = parse_deployment(
+        _deployment(security={"entryAuth": {"clientCASecret": {"name": "camera-ca"}}})
+    ).security
+    assert security.entry_client_ca == ("camera-ca", "ca.crt")
+    assert security.entry_token is None
+    opts = DeploymentOptions(stage_tls=True, entry_client_ca=("camera-ca", "ca.crt"))
+    children = build_children(OWNER, {"z": plan("device", "edge")}, {}, opts)
+    device = _container(children, "DaemonSet", "cam-device-z")
+    assert device["args"][5:] == [
+        "--next=https://cam-edge-z.vision.svc:8443",
+        "--tls-dir=/etc/edgeai-tls",
+        "--tls-port=8443",
+        "--entry-client-ca=/etc/edgeai-entry-ca/ca.crt",
+    ]
+    assert device["ports"] == [
+        {"name": "http", "containerPort": 8080},
+        {"name": "https", "containerPort": 8443},
+    ]
+    assert device["volumeMounts"][1:3] == [
+        {"name": "stage-tls", "mountPath": "/etc/edgeai-tls", "readOnly": True},
+        {"name": "entry-client-ca", "mountPath": "/etc/edgeai-entry-ca", "readOnly": True},
+    ]
+    device_pod = _by(children, "DaemonSet", "cam-device-z")["spec"]["template"]["spec"]
+    assert device_pod["volumes"][1:3] == [
+        {"name": "stage-tls", "secret": {"secretName": "cam-device-tls"}},
+        {
+            "name": "entry-client-ca",
+            "secret": {"secretName": "camera-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        },
+    ]
+    # the edge stage is as without it: its TLS port is for the device only
+    edge = _container(children, "Deployment", "cam-edge-z")
+    assert edge["args"][5:] == [
+        "--tls-dir=/etc/edgeai-tls",
+        "--tls-port=8443",
+        "--tls-peer=edgeai://vision/cam/device",
+    ]
+    # the entry's callers reach both its ports
+    _, entry = network_policies(OWNER, children, ["apps"])
+    assert entry["spec"]["ingress"] == [
+        {
+            "from": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}
+            ],
+            "ports": [{"protocol": "TCP", "port": 8080}, {"protocol": "TCP", "port": 8443}],
+        }
+    ]
+
+
 def test_a_fetched_artefact_opens_egress_to_its_store_only() -> None:
     uri = "oci://registry.local:5000/models:net-1a2b3c4d5e6f"
     model = {"uri": uri, "digest": "sha256:" + "1" * 64, "variant": "fp32", "input": MODEL["input"]}
@@ -240,21 +301,27 @@ def test_a_fetched_artefact_opens_egress_to_its_store_only() -> None:
 
 
 def test_the_spec_defaults_lock_a_deployment_down_and_bad_values_name_the_field() -> None:
-    body = {
-        "apiVersion": "edgeai.dev/v1alpha1",
-        "kind": "DNNDeployment",
-        "metadata": {"name": "cam"},
-        "spec": {"modelRef": {"name": "digits"}, "slo": {"latencyP95Ms": 50}},
-    }
+    body = _deployment(slo={"latencyP95Ms": 50})
     security = parse_deployment(body).security
     assert security.stage_tls
     assert security.network_policy
     assert security.entry_token is None
     cases = [
-        ({"placement": {"transport": "grpc"}}, "spec.security.stageTLS"),
         ({"sharing": "backbone"}, "spec.security.stageTLS"),
         ({"security": {"stageTLS": "maybe"}}, "spec.security.stageTLS"),
-        ({"security": {"entryAuth": {}}}, "spec.security.entryAuth.bearerTokenSecret"),
+        ({"security": {"entryAuth": {}}}, "spec.security.entryAuth"),
+        (
+            {"security": {"stageTLS": "disabled", "entryAuth": {"clientCASecret": {"name": "ca"}}}},
+            "spec.security.entryAuth.clientCASecret",
+        ),
+        (
+            {"security": {"entryAuth": {"clientCASecret": {"name": "Not_A_Name"}}}},
+            "spec.security.entryAuth.clientCASecret.name",
+        ),
+        (
+            {"security": {"entryAuth": {"clientCASecret": {"name": "ca", "key": "a/b"}}}},
+            "spec.security.entryAuth.clientCASecret.key",
+        ),
         (
             {"security": {"networkPolicy": {"entryFrom": {"cidrs": ["10.0.0.1/8"]}}}},
             "spec.security.networkPolicy.entryFrom.cidrs[0]",
@@ -352,6 +419,41 @@ def test_certificates_due_names_missing_foreign_misnamed_and_old_ones() -> None:
     ]
     due_at = renew_time(good)
     assert certificates_due([edge], {edge.secret: secret(good, ca_cert)}, ca_cert, due_at) == [edge]
+    # every stage certificate carries the DNS name a gRPC forwarder checks; one issued
+    # without it is issued again
+    san = x509.load_pem_x509_certificate(good).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert san.value.get_values_for_type(x509.DNSName) == [STAGE_TLS_NAME]
+    unnamed = _without_dns_name(good, ca_key)
+    assert certificates_due([edge], {edge.secret: secret(unnamed, ca_cert)}, ca_cert, NOW) == [edge]
+
+
+def _without_dns_name(cert_pem: bytes, ca_key_pem: bytes) -> bytes:
+    """`cert_pem` issued again by the same CA with its URI SAN only."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(u)
+                    for u in uris.get_values_for_type(x509.UniformResourceIdentifier)
+                ]
+            ),
+            critical=False,
+        )
+    )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def test_a_reconcile_pass_issues_before_applying_and_renews_only_when_due() -> None:

@@ -4,12 +4,15 @@ enforces `restricted`, the API server admits every pod the operator creates
 pods, training aggregator and workers), while it refuses a pod without those settings;
 each deployment's stage certificates and NetworkPolicies are created and owned by it;
 and the stage pods' own commands, run as processes with the Secrets they mount, serve
-the chain over mutual TLS with the entry's bearer token."""
+the chain over mutual TLS with the entry's bearer token, or with the entry taking only
+client certificates of the CA the spec names."""
 
 from __future__ import annotations
 
 import base64
+import datetime
 import json
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +25,9 @@ import yaml
 from _cluster_support import Namespace, apply, condition, get, json_infer_body, wait_for
 from _process_kubelet import ProcessKubelet, ServiceProxy
 from conftest import OperatorProcess
+from edgeai_operator.builders import Owner
 from edgeai_operator.localcluster import REPO_ROOT, ClusterError
+from edgeai_operator.stagetls import issue_ca, issue_stage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -158,7 +163,9 @@ def test_every_pod_the_operator_creates_is_admitted_under_restricted(
     }
 
 
-def _infer(url: str, x: np.ndarray, token: str | None) -> tuple[int, Any]:
+def _infer(
+    url: str, x: np.ndarray, token: str | None, context: ssl.SSLContext | None = None
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -166,7 +173,7 @@ def _infer(url: str, x: np.ndarray, token: str | None) -> tuple[int, Any]:
         f"{url}/v2/models/digits/infer", data=json_infer_body(x), headers=headers
     )
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -214,3 +221,64 @@ def test_stage_pods_serve_over_mtls_with_the_entry_token(
     # the edge (stage 0; the device entry runs no layer) ran it once, over its TLS port:
     # inference on its plain port is refused
     assert 'edgeai_requests_total{code="200",stage="0"} 1' in edge_metrics.splitlines()
+
+
+def _client(server_ca: bytes, tmp: Path, ca: tuple[bytes, bytes] | None) -> ssl.SSLContext:
+    """A client trusting the deployment's CA (the entry's certificate), presenting a
+    certificate of `ca` (none: no certificate)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the entry's certificate names its stage as a URI
+    ctx.load_verify_locations(cadata=server_ca.decode())
+    if ca is not None:
+        now = datetime.datetime.now(datetime.UTC)
+        cert, key = issue_stage(*ca, "edgeai://apps/clients/camera", now)
+        (tmp / "client.crt").write_bytes(cert)
+        (tmp / "client.key").write_bytes(key)
+        ctx.load_cert_chain(tmp / "client.crt", tmp / "client.key")
+    return ctx
+
+
+def test_the_entry_serves_only_client_certificates_of_the_named_ca(
+    ns: Namespace, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """The pods' own commands with the clients' CA Secret mounted (the operator never
+    reads it): the device entry serves its clients on 8443 and takes only certificates
+    of that CA."""
+    now = datetime.datetime.now(datetime.UTC)
+    clients = issue_ca(Owner(name="clients", namespace="apps", uid="c-1"), now)
+    strangers = issue_ca(Owner(name="strangers", namespace="apps", uid="c-2"), now)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "camera-ca"},
+        "data": {"ca.crt": base64.b64encode(clients[0]).decode()},
+    }
+    docs = list(yaml.safe_load_all((REPO_ROOT / "examples/digits-model.yaml").read_text()))
+    auth = {"clientCASecret": {"name": "camera-ca"}}
+    apply(ns, secret, *docs, _deployment("certified", ["edge"], entryAuth=auth))
+    wait_for("certified Available", lambda: _available(ns, "certified"), 240)
+    device = get(ns, "daemonset", "certified-device-zone-a")["spec"]["template"]["spec"]
+    assert "--entry-client-ca=/etc/edgeai-entry-ca/ca.crt" in device["containers"][0]["args"]
+    server_ca = base64.b64decode(get(ns, "secret", "certified-device-tls")["data"]["ca.crt"])
+    selector = "edgeai.dev/deployment=certified,edgeai.dev/zone=zone-a"
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    with ServiceProxy(ns) as proxy, ProcessKubelet(ns, selector, tmp_path, proxy) as kubelet:
+        ip = wait_for("device and edge processes serving", kubelet.entry_ip, 180)
+        url = f"https://{ip}:8443"
+        status, body = _infer(url, x, None, _client(server_ca, tmp_path, None))
+        assert status == 401, body
+        assert "client certificate" in body["error"]
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            _infer(url, x, None, _client(server_ca, tmp_path, strangers))
+        status, body = _infer(url, x, None, _client(server_ca, tmp_path, clients))
+        assert status == 200, body
+        assert body["outputs"][0]["shape"] == [1, 10]
+        # the plain port keeps health for probes and refuses inference
+        status, body = _infer(f"http://{ip}:8080", x, None)
+        assert status == 403, body
+        with urllib.request.urlopen(f"http://{ip}:8080/metrics", timeout=5) as resp:
+            metrics = resp.read().decode().splitlines()
+    refused = [
+        m for m in metrics if m.startswith('edgeai_auth_failures_total{reason="missing-cert"')
+    ]
+    assert [m.rsplit(" ", 1)[1] for m in refused] == ["1"], metrics

@@ -64,8 +64,7 @@ REQUIRED_BY_CRD_ONLY = {
 # Values that only make a field's extreme samples valid together with another field.
 COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.autoscaling.minReplicas": {("autoscaling", "maxReplicas"): 1000},
-    # grpc forwarding and a shared backbone need plain HTTP between stages
-    "spec.placement.transport": {("security", "stageTLS"): "disabled"},
+    # a shared backbone needs plain HTTP between stages
     "spec.sharing": {("security", "stageTLS"): "disabled"},
     "spec.privacy.noiseTraining": {("privacy", "featureNoiseStd"): 0.5},
     "spec.privacy.noiseAccuracyFloor": {("privacy", "noiseTraining"): True},

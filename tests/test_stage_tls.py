@@ -1,10 +1,13 @@
 """Mutual TLS between stages and the entry's bearer token, with real worker processes on
 loopback and certificates issued by the operator's own code (stagetls.py): a chain over
-mTLS answers as the chain over HTTP does; peers without a certificate, with one from
-another deployment's CA, an expired one or another stage's identity are refused while the
-real upstream keeps being served; renewed certificates are picked up under continuous
-traffic without losing a request; the entry refuses a missing or wrong token (a stock
-tritonclient with custom headers) before the model and counts it."""
+mTLS, on HTTP and on gRPC, answers as the chain over plain HTTP does; peers without a
+certificate, with one from another deployment's CA, an expired one or another stage's
+identity are refused (on the HTTP TLS port and on the gRPC port) while the real upstream
+keeps being served; renewed certificates are picked up under continuous traffic without
+losing a request, over either transport; the entry refuses a missing or wrong token (a
+stock tritonclient with custom headers) before the model and counts it; an entry taking
+client certificates of a CA serves a stock tritonclient over TLS with one, answers 401
+without one and ends the handshake for another CA's or an expired one."""
 
 from __future__ import annotations
 
@@ -19,18 +22,32 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import grpc
 import numpy as np
 import pytest
 from cryptography import x509
 
-from _worker_support import ChainModel, build_conv_chain, extract, free_port, run_onnx, workers
-from edgeai_operator.builders import Owner, stage_identity
+from _worker_support import (
+    ChainModel,
+    build_conv_chain,
+    extract,
+    free_port,
+    run_onnx,
+    wait_until,
+    workers,
+)
+from edgeai_operator.builders import STAGE_TLS_NAME, Owner, stage_identity
 from edgeai_operator.stagetls import issue_ca, issue_stage
+from edgeai_worker import grpc_predict_v2_pb2 as pb
+from edgeai_worker.config import ConfigError, WorkerConfig, load_config
 from edgeai_worker.protocol import HEADER_LENGTH
+from edgeai_worker.security import StageTLS
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +83,57 @@ class CA:
             tmp.write_bytes(data)
             tmp.replace(directory / name)
         return directory
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Certificate directories: the chain's device and edge, the other deployment's
+    device, a stage of ours that is not upstream of the edge (the cloud), and our
+    device's certificate that has expired."""
+
+    device: Path
+    edge: Path
+    foreign: Path
+    sideways: Path
+    expired: Path
+
+    def refused(self, trust: bytes) -> list[tuple[str, Path | None, bytes | None]]:
+        """(what, client certificate directory, CA trusted) of the handshakes the
+        stage refuses."""
+        return [
+            ("no certificate", None, trust),
+            ("another deployment's CA", self.foreign, trust),
+            ("an expired certificate", self.expired, trust),
+        ]
+
+    @classmethod
+    def write(cls, ca: CA, tmp: Path) -> Peers:
+        other = CA(*issue_ca(OTHER, _now()))
+        return cls(
+            ca.write(tmp / "device", DEVICE),
+            ca.write(tmp / "edge", EDGE),
+            other.write(tmp / "foreign", stage_identity(OTHER, "device")),
+            ca.write(tmp / "cloud", CLOUD),
+            ca.write(
+                tmp / "expired",
+                DEVICE,
+                lifetime=datetime.timedelta(minutes=1),
+                now=_now() - datetime.timedelta(hours=1),
+            ),
+        )
+
+
+async def _refused_and_upstream_served(
+    refused: Callable[[Path | None, bytes | None], None],
+    cases: list[tuple[str, Path | None, bytes | None]],
+    upstream: Callable[[], Awaitable[np.ndarray]],
+    want: np.ndarray,
+) -> None:
+    """Each case is refused (`refused` asserts how), and after each the real upstream
+    is still served."""
+    for name, client_dir, trust in cases:
+        refused(client_dir, trust)
+        np.testing.assert_allclose(await upstream(), want, rtol=1e-4, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +188,19 @@ def _chain(
             "security_reload_s": reload_s,
         }
     return device, edge, tls_port
+
+
+def _grpc_chain(
+    parts: list[Path], tls: tuple[Path, Path], reload_s: float = 5.0
+) -> tuple[dict[str, object], dict[str, object], int]:
+    """Settings of a device -> edge chain forwarding over gRPC with mutual TLS (the
+    device's uplink is fixed, so it may forward over gRPC). Returns (device, edge, edge
+    gRPC port)."""
+    device, edge, _ = _chain(parts, tls, reload_s)
+    grpc_port = free_port()
+    edge["grpc_port"] = grpc_port
+    device["next_urls"] = [f"grpcs://127.0.0.1:{grpc_port}"]
+    return device, edge, grpc_port
 
 
 def _body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -188,11 +269,41 @@ def _direct(port: int, ctx: ssl.SSLContext, x: np.ndarray) -> tuple[int, bytes]:
         conn.close()
 
 
-def _server_serial(port: int, ca_cert: bytes, client: Path) -> int:
-    """The serial number of the certificate the TLS port presents to a new connection."""
-    with _client_context(client, ca_cert).wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=10)
-    ) as sock:
+def _grpc_direct(
+    port: int, client: Path | None, ca_cert: bytes | None, x: np.ndarray, name: str = "relu1"
+) -> pb.ModelInferResponse:
+    """One ModelInfer call straight to the edge's gRPC port: over TLS with `client`'s
+    certificate (none: no client certificate) trusting `ca_cert`, or in plain text when
+    `ca_cert` is None."""
+    target = f"127.0.0.1:{port}"
+    if ca_cert is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        key = (client / "tls.key").read_bytes() if client is not None else None
+        cert = (client / "tls.crt").read_bytes() if client is not None else None
+        credentials = grpc.ssl_channel_credentials(ca_cert, key, cert)
+        options = [("grpc.ssl_target_name_override", STAGE_TLS_NAME)]
+        channel = grpc.secure_channel(target, credentials, options=options)
+    request = pb.ModelInferRequest(model_name="chain")
+    request.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype(np.float32).tobytes())
+    with channel:
+        stub = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        reply: pb.ModelInferResponse = stub(request, timeout=10)
+        return reply
+
+
+def _server_serial(port: int, ca_cert: bytes, client: Path, alpn: bool = False) -> int:
+    """The serial number of the certificate the TLS port (with `alpn`: the gRPC port)
+    presents to a new connection."""
+    ctx = _client_context(client, ca_cert)
+    if alpn:
+        ctx.set_alpn_protocols(["h2"])
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as sock:
         der = sock.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
@@ -228,38 +339,99 @@ async def test_a_chain_over_mtls_answers_as_the_chain_over_http(
         assert edge['edgeai_requests_total{code="200",stage="1"}'] == len(xs)
 
 
-async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
+async def test_a_chain_over_grpc_with_mtls_answers_as_onnxruntime(
     model: ChainModel, ca: CA, tmp_path: Path
 ) -> None:
     parts = _parts(model, tmp_path)
     device_dir, edge_dir = ca.write(tmp_path / "device", DEVICE), ca.write(tmp_path / "edge", EDGE)
-    other = CA(*issue_ca(OTHER, _now()))
-    # the other deployment's device, a stage of ours that is not upstream of the edge,
-    # and our device's certificate that has expired
-    foreign = other.write(tmp_path / "foreign", stage_identity(OTHER, "device"))
-    sideways = ca.write(tmp_path / "cloud", CLOUD)
-    expired = ca.write(
-        tmp_path / "expired",
-        DEVICE,
-        lifetime=datetime.timedelta(minutes=1),
-        now=_now() - datetime.timedelta(hours=1),
-    )
-    device, edge, tls_port = _chain(parts, (device_dir, edge_dir))
+    device, edge, grpc_port = _grpc_chain(parts, (device_dir, edge_dir))
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(model.input_shape).astype(np.float32) for _ in range(4)]
+    with workers(tmp_path, device, edge) as (entry, edge_worker):
+        async with aiohttp.ClientSession() as session:
+            for x in xs:
+                np.testing.assert_allclose(
+                    await _infer(session, entry.url, x),
+                    run_onnx(model.path, {"input": x})[0],
+                    rtol=1e-4,
+                    atol=1e-5,
+                )
+        edge_log = edge_worker.log.read_text()
+        edge_metrics = _metrics(edge_worker.url)
+        entry_metrics = _metrics(entry.url)
+    assert f"gRPC on 127.0.0.1:{grpc_port} (mutual TLS)" in edge_log
+    # the edge ran them all (its plain port takes no inference), forwarded over gRPC
+    assert edge_metrics['edgeai_requests_total{code="200",stage="1"}'] == len(xs)
+    assert _total(edge_metrics, "edgeai_auth_failures_total") == 0
+    assert _total(entry_metrics, "edgeai_forward_bytes_total") > 0
+
+
+async def test_wrong_peers_on_the_grpc_port_are_refused_and_the_upstream_keeps_being_served(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    parts = _parts(model, tmp_path)
+    certs = Peers.write(ca, tmp_path)
+    device_dir, sideways = certs.device, certs.sideways
+    device, edge, grpc_port = _grpc_chain(parts, (certs.device, certs.edge))
+    x = np.random.default_rng(6).standard_normal(model.input_shape).astype(np.float32)
+    want = run_onnx(model.path, {"input": x})[0]
+    with workers(tmp_path, device, edge) as (entry, edge_worker):
+        async with aiohttp.ClientSession() as session:
+            np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
+
+            def refused(client_dir: Path | None, trust: bytes | None) -> None:
+                with pytest.raises(grpc.RpcError) as failed:
+                    _grpc_direct(grpc_port, client_dir, trust, x)
+                # the handshake fails: no call reaches the service
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await _refused_and_upstream_served(
+                refused,
+                [("plain text", None, None), *certs.refused(ca.cert)],
+                lambda: _infer(session, entry.url, x),
+                want,
+            )
+            # a verified certificate of this deployment, but not the upstream stage's
+            with pytest.raises(grpc.RpcError) as denied:
+                _grpc_direct(grpc_port, sideways, ca.cert, x)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert CLOUD in denied.value.details()
+            assert DEVICE in denied.value.details()
+            # the device's own certificate is served directly too (the edge's input)
+            features = run_onnx(parts[0], {"input": x})[0]
+            reply = _grpc_direct(grpc_port, device_dir, ca.cert, features)
+            direct = np.frombuffer(reply.raw_output_contents[0], np.float32)
+            np.testing.assert_allclose(direct.reshape(want.shape), want, rtol=1e-4)
+            np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
+        metrics = _metrics(edge_worker.url)
+    assert metrics['edgeai_auth_failures_total{reason="peer",stage="1"}'] == 1
+    assert metrics['edgeai_requests_total{code="403",stage="1"}'] == 1
+    # the device's six requests and the direct one reached the model, nothing else
+    assert metrics['edgeai_requests_total{code="200",stage="1"}'] == 7
+    assert _total(metrics, "edgeai_batch_size_count") == 7
+
+
+async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    parts = _parts(model, tmp_path)
+    certs = Peers.write(ca, tmp_path)
+    sideways = certs.sideways
+    device, edge, tls_port = _chain(parts, (certs.device, certs.edge))
     x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     with workers(tmp_path, device, edge) as (entry, edge_worker):
         async with aiohttp.ClientSession() as session:
             np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
-            for name, client_dir, trust in (
-                ("no certificate", None, ca.cert),
-                ("another deployment's CA", foreign, ca.cert),
-                ("an expired certificate", expired, ca.cert),
-            ):
+
+            def refused(client_dir: Path | None, trust: bytes | None) -> None:
+                assert trust is not None
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     _direct(tls_port, _client_context(client_dir, trust), x)
-                # the real upstream is still served
-                got = await _infer(session, entry.url, x)
-                np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
+
+            await _refused_and_upstream_served(
+                refused, certs.refused(ca.cert), lambda: _infer(session, entry.url, x), want
+            )
             # a verified certificate of this deployment, but not the upstream stage's
             status, body = _direct(tls_port, _client_context(sideways, ca.cert), x)
             assert status == 403
@@ -281,26 +453,39 @@ async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
         assert _total(metrics, "edgeai_batch_size_count") == 5
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 async def test_renewed_certificates_are_used_under_traffic_without_losing_a_request(
-    model: ChainModel, ca: CA, tmp_path: Path
+    model: ChainModel, ca: CA, tmp_path: Path, transport: str
 ) -> None:
     """The first certificates expire a few seconds into the run; the renewed ones are
     written meanwhile, as the operator renews them well before expiry. Every request
     of the continuous traffic is answered, and after the old ones have expired new
-    connections are made with the new ones."""
+    connections are made with the new ones (to the HTTP TLS port, or to the gRPC port
+    when the chain forwards over gRPC)."""
     parts = _parts(model, tmp_path)
-    short = datetime.timedelta(seconds=8)
-    device_dir = ca.write(tmp_path / "device", DEVICE, lifetime=short, now=_now())
-    edge_dir = ca.write(tmp_path / "edge", EDGE, lifetime=short, now=_now())
-    old_expiry = x509.load_pem_x509_certificate(
-        (edge_dir / "tls.crt").read_bytes()
-    ).not_valid_after_utc
-    device, edge, tls_port = _chain(parts, (device_dir, edge_dir), reload_s=0.5)
+    # the workers start with certificates valid for an hour (starting takes long on a
+    # loaded machine); once they serve, certificates that expire soon replace them
+    device_dir = ca.write(tmp_path / "device", DEVICE)
+    edge_dir = ca.write(tmp_path / "edge", EDGE)
+    chain = _chain if transport == "http" else _grpc_chain
+    device, edge, port = chain(parts, (device_dir, edge_dir), reload_s=0.5)
+    alpn = transport == "grpc"
     x = np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
     want = run_onnx(model.path, {"input": x})[0]
     answered = 0
     with workers(tmp_path, device, edge) as (entry, edge_worker):
-        old_serial = _server_serial(tls_port, ca.cert, device_dir)
+        short = datetime.timedelta(seconds=8)
+        ca.write(device_dir, DEVICE, lifetime=short)
+        ca.write(edge_dir, EDGE, lifetime=short)
+        old_expiry = x509.load_pem_x509_certificate(
+            (edge_dir / "tls.crt").read_bytes()
+        ).not_valid_after_utc
+        urls = (entry.url, edge_worker.url)
+        wait_until(
+            lambda: all(_total(_metrics(u), "edgeai_tls_reloads_total") == 1 for u in urls),
+            "both stages loaded the short-lived certificates",
+        )
+        old_serial = _server_serial(port, ca.cert, device_dir, alpn)
         assert old_serial == _serial(edge_dir)
         async with aiohttp.ClientSession() as session:
 
@@ -319,10 +504,10 @@ async def test_renewed_certificates_are_used_under_traffic_without_losing_a_requ
         assert answered > 0
         # the old certificates have expired: a new connection gets the renewed one
         assert _now() > old_expiry
-        new_serial = _server_serial(tls_port, ca.cert, device_dir)
+        new_serial = _server_serial(port, ca.cert, device_dir, alpn)
         assert new_serial == _serial(edge_dir) != old_serial
-        for url in (entry.url, edge_worker.url):
-            assert _total(_metrics(url), "edgeai_tls_reloads_total") == 1
+        for url in urls:
+            assert _total(_metrics(url), "edgeai_tls_reloads_total") == 2
         edge_metrics = _metrics(edge_worker.url)
         assert edge_metrics['edgeai_requests_total{code="200",stage="1"}'] == answered
         # and not one forward had to be retried
@@ -357,6 +542,20 @@ TRITON_SCRIPT = textwrap.dedent(
 )
 
 
+def _client_script(script: str, *args: str) -> dict[str, Any]:
+    """Runs a stock client's `script` in a process of its own; its last line of JSON."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return out
+
+
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "entry" / "token"
@@ -377,22 +576,12 @@ def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
     x = np.random.default_rng(4).standard_normal(model.input_shape).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     with workers(tmp_path, entry) as (worker,):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TRITON_SCRIPT,
-                worker.url.removeprefix("http://"),
-                str(tmp_path / "x.npy"),
-                "s3cret-token",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        out = _client_script(
+            TRITON_SCRIPT,
+            worker.url.removeprefix("http://"),
+            str(tmp_path / "x.npy"),
+            "s3cret-token",
         )
-        assert run.returncode == 0, run.stderr
-        out = json.loads(run.stdout.strip().splitlines()[-1])
         metrics = _metrics(worker.url)
     # health stays open for probes
     assert out["live"] is True
@@ -410,3 +599,158 @@ def test_the_entry_refuses_a_missing_or_wrong_token_before_the_model(
     assert metrics['edgeai_requests_total{code="403",stage="0"}'] == 1
     # the model ran once: for the request with the right token
     assert _total(metrics, "edgeai_batch_size_count") == 1
+
+
+TRITON_CERT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    url, path, server_ca, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    x = np.load(path)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    out = {}
+    for case, files in cases.items():
+        options = {"ca_certs": server_ca}  # the entry's certificate, from the deployment's CA
+        if files is not None:
+            options |= {"certfile": files[0], "keyfile": files[1]}
+        # insecure: no host name check (the stage certificate names its identity as a URI)
+        client = httpclient.InferenceServerClient(
+            url=url, ssl=True, insecure=True, ssl_options=options
+        )
+        try:
+            out[case] = {"live": client.is_server_live()}
+            result = client.infer("chain", [inp])
+            out[case]["output"] = result.as_numpy("output").tolist()
+        except InferenceServerException as exc:
+            out[case] |= {"status": exc.status(), "message": exc.message()}
+        except Exception as exc:  # refused in the TLS handshake: no HTTP answer
+            out[case] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            client.close()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
+    model: ChainModel, ca: CA, tmp_path: Path
+) -> None:
+    clients = CA(*issue_ca(Owner(name="clients", namespace="apps", uid="c-1"), _now()))
+    strangers = CA(*issue_ca(Owner(name="strangers", namespace="apps", uid="c-2"), _now()))
+    camera = clients.write(tmp_path / "camera", "edgeai://apps/clients/camera")
+    stranger = strangers.write(tmp_path / "stranger", "edgeai://apps/clients/camera")
+    old = _now() - datetime.timedelta(hours=2)
+    expired = clients.write(
+        tmp_path / "expired", "edgeai://apps/clients/camera", datetime.timedelta(hours=1), old
+    )
+    tls_port = free_port()
+    entry = {
+        "model_name": "chain",
+        "partitions": [str(model.path)],
+        "tier": "device",
+        "tls_dir": str(ca.write(tmp_path / "device", DEVICE)),
+        "tls_port": tls_port,
+        "entry_client_ca_file": str(camera / "ca.crt"),
+    }
+    x = np.random.default_rng(5).standard_normal(model.input_shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cases = {
+        "none": None,
+        "other-ca": [str(stranger / "tls.crt"), str(stranger / "tls.key")],
+        "expired": [str(expired / "tls.crt"), str(expired / "tls.key")],
+        "right": [str(camera / "tls.crt"), str(camera / "tls.key")],
+    }
+    with workers(tmp_path, entry) as (worker,):
+        out = _client_script(
+            TRITON_CERT_SCRIPT,
+            f"127.0.0.1:{tls_port}",
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "device" / "ca.crt"),
+            json.dumps(cases),
+        )
+        # the same refusals seen by a plain ssl client: the server ends the connection
+        alerts = {}
+        for case, client_dir in (("other-ca", stranger), ("expired", expired)):
+            alerts[case] = _refusal(tls_port, _client_context(client_dir, ca.cert))
+        status, body = _direct(tls_port, _client_context(camera, ca.cert), x)
+        assert status == 200, body[:300]
+        # inference on the plain port is refused: clients come in over TLS
+        status, body = _plain_infer(worker.url, x)
+        metrics = _metrics(worker.url)
+    assert status == 403
+    assert "with a client certificate" in json.loads(body)["error"]
+    # no certificate: through the handshake, health open, inference 401 with the body
+    assert out["none"]["live"] is True
+    assert out["none"]["status"] == "401"
+    assert "client certificate" in out["none"]["message"]
+    # a certificate of another CA, or an expired one: refused in the handshake, with
+    # no HTTP answer at all
+    for case in ("other-ca", "expired"):
+        assert set(out[case]) == {"error"}, out[case]
+    # (asyncio's TLS transport closes without sending the alert)
+    assert all(a == "closed" or a.startswith("alert") for a in alerts.values()), alerts
+    np.testing.assert_allclose(
+        np.asarray(out["right"]["output"]), run_onnx(model.path, {"input": x})[0], rtol=1e-4
+    )
+    assert metrics['edgeai_auth_failures_total{reason="missing-cert",stage="0"}'] == 1
+    assert metrics['edgeai_auth_failures_total{reason="plain",stage="0"}'] == 1
+    # the model ran twice: for the two requests with the right certificate
+    assert _total(metrics, "edgeai_batch_size_count") == 2
+
+
+def test_the_client_ca_settings_name_the_field(ca: CA, tmp_path: Path) -> None:
+    stage = ca.write(tmp_path / "device", DEVICE)
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(tier="device", tls_dir=stage, entry_client_ca_file=stage / "ca.crt")
+    assert caught.value.field_name == "entry_client_ca_file"
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(
+            tier="device",
+            tls_dir=stage,
+            tls_port=8443,
+            tls_peers=(DEVICE,),
+            entry_client_ca_file=stage / "ca.crt",
+        )
+    assert caught.value.field_name == "tls_peers"
+    with pytest.raises(FileNotFoundError, match="entry_client_ca_file"):
+        StageTLS(stage, tmp_path / "absent.crt")
+    # the settings file's spelling, as `edgeai run-stage` writes it
+    (tmp_path / "worker.json").write_text(
+        json.dumps(
+            {"tier": "device", "tlsDir": str(stage), "tlsPort": 8443, "entryClientCaFile": "ca.pem"}
+        )
+    )
+    config = load_config(tmp_path / "worker.json")
+    assert config.entry_client_ca_file == tmp_path / "ca.pem"
+
+
+def _plain_infer(url: str, x: np.ndarray) -> tuple[int, bytes]:
+    body, headers = _body(x)
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("POST", "/v2/models/chain/infer", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _refusal(port: int, ctx: ssl.SSLContext) -> str:
+    """How the server ends a connection right after the client's side of the handshake
+    (in TLS 1.3 the server checks the client's certificate last): "closed", or the TLS
+    alert it sent. A server that accepted the certificate sends nothing and this times
+    out."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw) as sock,
+    ):
+        try:
+            data = sock.recv(1)
+        except ssl.SSLError as exc:
+            return f"alert {exc.reason}"
+    assert data == b"", data
+    return "closed"

@@ -3,18 +3,22 @@ binary tensor data, REST with JSON (orjson, and the replaced json-module path si
 side) and gRPC, for a 1x3x224x224 conv model and an 8x64 MLP, with one client and with
 four concurrent ones; and a two-stage chain forwarding over HTTP and over gRPC.
 
-    python bench/protocol/run.py [--requests 40] [--conditions "..."]
+    python bench/protocol/run.py [--requests 100] [--rounds 5] [--conditions "..."]
 
 Clients run as threads of this process (one keep-alive connection or channel each) and
 encode every request and decode every answer with the worker's own codecs, so a row
-is the whole round trip. The result goes to docs/results/protocol.json, which
-`make docs-numbers` renders into docs/dataplane.md.
+is the whole round trip; each row names its client (`CLIENTS_USED`). The rows of one
+model and client count are measured in turns (`--rounds` slices of each in rotation),
+so a change in the load of the shared machine falls on all of them alike. The result
+goes to docs/results/protocol.json, which `make docs-numbers` renders into
+docs/dataplane.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,9 +51,8 @@ from _worker_support import (  # noqa: E402
     free_port,
     start_worker,
 )
-from edgeai_worker import grpc_predict_v2_pb2 as pb  # noqa: E402
 from edgeai_worker import protocol  # noqa: E402
-from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request  # noqa: E402
+from edgeai_worker.grpc_codec import parse_infer_response, serialize_infer_request  # noqa: E402
 from edgeai_worker.protocol import InferRequest, Tensor  # noqa: E402
 
 CLIENTS = (1, 4)
@@ -58,6 +62,13 @@ MODES = {
     "rest_json": ("rest", "orjson", False),
     "rest_json_stdlib": ("rest", "stdlib", False),
     "grpc": ("grpc", "orjson", True),
+}
+# mode -> the client of its rows
+CLIENTS_USED = {
+    "rest_binary": "http.client, the worker's REST codec (binary)",
+    "rest_json": "http.client, the worker's REST codec (orjson)",
+    "rest_json_stdlib": "http.client, the worker's REST codec (json module)",
+    "grpc": "grpc sync stub (Channel.unary_unary), the worker's gRPC wire codec",
 }
 
 Call = Callable[[], np.ndarray]
@@ -91,16 +102,18 @@ def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[
 
 def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     def make() -> Call:
+        # a plain stub, no client library on top: the request with raw_input_contents
+        # as the worker's forwarder writes it, the reply parsed as it reads it
         channel = grpc.insecure_channel(target)
         stub = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=pb.ModelInferResponse.FromString,
+            request_serializer=None,
+            response_deserializer=parse_infer_response,
         )
 
         def call() -> np.ndarray:
-            request = encode_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
-            response = decode_infer_response(stub(request, timeout=120))
+            request = serialize_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
+            response = stub(request, timeout=120)
             return response.outputs[0].array
 
         return call
@@ -108,15 +121,34 @@ def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     return make
 
 
-def measure(make: Callable[[], Call], clients: int, requests: int) -> dict[str, float]:
-    """`requests` calls spread over `clients` threads after one warm-up call each:
-    p50/p95 latency and throughput."""
-    calls = [make() for _ in range(clients)]
-    for call in calls:
-        call()
-    latencies: list[float] = []
+@dataclass(frozen=True)
+class Row:
+    """What a row measures: a client maker, its request count, the serving worker."""
+
+    make: Callable[[], Call]
+    requests: int
+    worker: Worker
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a process's main thread (the worker's event loop, where
+    aiohttp and grpc.aio run the handlers) and of its other threads together (gRPC's
+    own, onnxruntime's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(task) == pid:
+            main = seconds
+        else:
+            other += seconds
+    return main, other
+
+
+def _slice(calls: list[Call], per_client: int, latencies: list[float]) -> float:
+    """`per_client` calls on each of `calls`, one thread each; the wall seconds taken."""
     lock = threading.Lock()
-    per_client = max(1, requests // clients)
 
     def run(call: Call) -> None:
         for _ in range(per_client):
@@ -132,9 +164,49 @@ def measure(make: Callable[[], Call], clients: int, requests: int) -> dict[str, 
         thread.start()
     for thread in threads:
         thread.join()
-    wall_s = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def measure_in_turns(
+    rows: dict[str, Row], clients: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Each row's requests spread over `clients` threads after one warm-up call each,
+    in `rounds` slices taken in rotation with the other rows' slices: p50/p95 latency,
+    throughput, and CPU microseconds per request of this process (the client side)
+    and of the worker's event loop and its other threads."""
+    calls = {name: [row.make() for _ in range(clients)] for name, row in rows.items()}
+    for each in calls.values():
+        for call in each:
+            call()
+    latencies: dict[str, list[float]] = {name: [] for name in rows}
+    spent = {name: [0.0, 0.0, 0.0, 0.0] for name in rows}  # wall, client, loop, other
+    for turn in range(rounds):
+        for name, row in rows.items():
+            # the requests of a slice per client; the last slice takes what is left
+            per_client = max(1, row.requests // clients)
+            share = per_client // rounds
+            if turn == rounds - 1:
+                share = per_client - share * (rounds - 1)
+            if share > 0:
+                client, (loop, other) = time.process_time(), _cpu_s(row.worker.process.pid)
+                wall_s = _slice(calls[name], share, latencies[name])
+                loop_after, other_after = _cpu_s(row.worker.process.pid)
+                for i, amount in enumerate(
+                    (wall_s, time.process_time() - client, loop_after - loop, other_after - other)
+                ):
+                    spent[name][i] += amount
+    return {name: _summary(latencies[name], *spent[name]) for name in rows}
+
+
+def _summary(
+    latencies: list[float], wall_s: float, client_s: float, loop_s: float, other_s: float
+) -> dict[str, float]:
     latencies.sort()
+    per_request_us = 1e6 / len(latencies)
     return {
+        "clientCpuUs": round(client_s * per_request_us),
+        "serverLoopCpuUs": round(loop_s * per_request_us),
+        "serverThreadsCpuUs": round(other_s * per_request_us),
         "p50Ms": round(statistics.median(latencies) * 1000, 3),
         "p95Ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000, 3),
         "perSecond": round(len(latencies) / wall_s, 1),
@@ -151,52 +223,70 @@ def _worker(tmp: Path, settings: dict[str, Any]) -> Iterator[Worker]:
         worker.stop()
 
 
+def _with_codec(codec: str, make: Callable[[], Call]) -> Call:
+    """A call of `make` with the client's JSON codec set to the mode's (the turns
+    interleave)."""
+    call = make()
+
+    def wrapped() -> np.ndarray:
+        protocol.set_json_codec(codec)
+        return call()
+
+    return wrapped
+
+
 def bench_model(
-    tmp: Path, name: str, path: Path, x: np.ndarray, requests: int
+    tmp: Path, name: str, path: Path, x: np.ndarray, requests: int, rounds: int
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     grpc_port = free_port()
     fast = {"model_name": name, "partitions": [str(path)], "grpc_port": grpc_port}
     slow = {"model_name": name, "partitions": [str(path)], "json_codec": "stdlib"}
     with _worker(tmp, fast) as orjson_worker, _worker(tmp, slow) as stdlib_worker:
+        makes: dict[str, Row] = {}
         for mode, (transport, codec, binary) in MODES.items():
-            protocol.set_json_codec(codec)
+            worker = stdlib_worker if codec == "stdlib" else orjson_worker
             if transport == "grpc":
                 make = _grpc_caller(f"127.0.0.1:{grpc_port}", name, x)
             else:
-                url = stdlib_worker.url if codec == "stdlib" else orjson_worker.url
-                make = _rest_caller(url, name, x, binary)
+                make = _rest_caller(worker.url, name, x, binary)
             # the JSON-module path is slow on the conv input: fewer requests there
             count = requests // 4 if codec == "stdlib" and x.size > 10_000 else requests
-            for clients in CLIENTS:
-                result = measure(make, clients, count)
+            makes[mode] = Row(functools.partial(_with_codec, codec, make), count, worker)
+        for clients in CLIENTS:
+            results = measure_in_turns(makes, clients, rounds)
+            for mode, result in results.items():
                 print(f"[bench] {name} {mode} x{clients}: {result}", file=sys.stderr, flush=True)
-                rows.append({"model": name, "mode": mode, "clients": clients, **result})
+                row = {"model": name, "mode": mode, "clients": clients, **result}
+                rows.append(row | {"client": CLIENTS_USED[mode]})
     protocol.set_json_codec("orjson")
     return rows
 
 
-def bench_chain(tmp: Path, requests: int) -> list[dict[str, Any]]:
-    """A conv model cut in two stages: the first forwards to the second over HTTP, then
-    over gRPC (the client talks REST binary to the first stage both times)."""
+def bench_chain(tmp: Path, requests: int, rounds: int) -> list[dict[str, Any]]:
+    """A conv model cut in two stages: the first forwards to the second over HTTP or
+    over gRPC (two first stages, one second stage serving both; the client talks REST
+    binary to the first stage both times)."""
     chain = build_conv_chain(tmp / "chain224.onnx", hw=224)
     cut = chain.cuts[0]
     head = extract(chain.path, ["input"], [cut], tmp / "head.onnx")
     tail = extract(chain.path, [cut], ["output"], tmp / "tail.onnx")
     x = np.random.default_rng(1).standard_normal(chain.input_shape).astype(np.float32)
     rows: list[dict[str, Any]] = []
-    for transport in ("http", "grpc"):
-        grpc_port = free_port()
-        last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
-        with _worker(tmp, last) as second:
+    grpc_port = free_port()
+    last = {"model_name": "chain", "partitions": [str(tail)], "grpc_port": grpc_port}
+    with contextlib.ExitStack() as stack:
+        second = stack.enter_context(_worker(tmp, last))
+        makes: dict[str, Row] = {}
+        for transport in ("http", "grpc"):
             next_url = second.url if transport == "http" else f"grpc://127.0.0.1:{grpc_port}"
             first = {"model_name": "chain", "partitions": [str(head)], "next_urls": [next_url]}
-            with _worker(tmp, first) as front:
-                make = _rest_caller(front.url, "chain", x, True)
-                for clients in CLIENTS:
-                    result = measure(make, clients, requests)
-                    print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
-                    rows.append({"forwarding": transport, "clients": clients, **result})
+            front = stack.enter_context(_worker(tmp, first))
+            makes[transport] = Row(_rest_caller(front.url, "chain", x, True), requests, front)
+        for clients in CLIENTS:
+            for transport, result in measure_in_turns(makes, clients, rounds).items():
+                print(f"[bench] chain {transport} x{clients}: {result}", file=sys.stderr)
+                rows.append({"forwarding": transport, "clients": clients, **result})
     return rows
 
 
@@ -226,7 +316,10 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=40, help="requests per row")
+    parser.add_argument("--requests", type=int, default=100, help="requests per row")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="slices per row, taken in turns with the others"
+    )
     render_numbers.add_result_arguments(parser, "protocol.json")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -242,11 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             conv,
             rng.standard_normal((1, 3, 224, 224)).astype(np.float32),
             args.requests,
+            args.rounds,
         )
-        rows += bench_model(
-            tmp, "mlp", mlp, rng.standard_normal((8, 64)).astype(np.float32), args.requests * 4
-        )
-        chain = bench_chain(tmp, args.requests)
+        mlp_x = rng.standard_normal((8, 64)).astype(np.float32)
+        rows += bench_model(tmp, "mlp", mlp, mlp_x, args.requests * 4, args.rounds)
+        chain = bench_chain(tmp, args.requests, args.rounds)
     report = {
         "kind": "ProtocolBench",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

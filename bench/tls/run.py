@@ -18,6 +18,11 @@ Run as root, the same rows are measured once more with the stage in a network na
 of its own behind a veth pair shaped with `tc tbf` (`--link-mbps`, 100 Mbit/s by default:
 a backhaul between tiers), the hop as it is between nodes; `--link-mbps 0` skips it.
 
+Beside the rows, `crypto` measures the floor of any TLS hop: the record encryption and
+decryption of one request and its answer alone (the client's and the stage's, with the
+stages' own contexts over memory buffers, no socket, no event loop), and each TLS row
+checks that its clients handshook once each (keep-alive, no handshake per request).
+
 Certificates come from the operator's own code (edgeai_operator.stagetls). Plain and TLS
 rows alternate in `--rounds` rounds and each row reports the median of the rounds' p50,
 p95 and throughput, so a drift of the machine's load falls on both alike. The result
@@ -59,6 +64,7 @@ from edgeai_operator.builders import Owner, stage_identity  # noqa: E402
 from edgeai_operator.stagetls import issue_ca, issue_stage  # noqa: E402
 from edgeai_worker import protocol  # noqa: E402
 from edgeai_worker.protocol import InferRequest, Tensor  # noqa: E402
+from edgeai_worker.security import StageTLS  # noqa: E402
 
 TENSORS = {"602 KB": [1, 3, 224, 224], "43 KB": [1, 64, 13, 13]}
 CLIENTS = (1, 4)
@@ -120,6 +126,49 @@ def caller(
     return make
 
 
+def handshakes(context: ssl.SSLContext) -> int:
+    return int(context.session_stats()["connect"])
+
+
+def crypto_floor(certs: dict[str, Path], size_bytes: int, rounds: int) -> dict[str, Any]:
+    """CPU ms to encrypt and decrypt a request and an answer of `size_bytes` each, on
+    both ends, with the device's client context and the edge's server context
+    (`StageTLS`, as the workers build them) over memory BIOs: what TLS adds to a hop
+    whatever the transport around it does. Median of `rounds` rounds of 20."""
+    client_tls, server_tls = StageTLS(certs["device"]), StageTLS(certs["edge"])
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_tls.client_context.wrap_bio(c_in, c_out)
+    server = server_tls.server_context.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(4):  # the handshake, pumped by hand
+        for obj, out, into in ((client, c_out, s_in), (server, s_out, c_in)):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+            into.write(out.read())
+    payload = np.random.default_rng(1).bytes(size_bytes)
+
+    def one_way(
+        sender: ssl.SSLObject, wire: ssl.MemoryBIO, into: ssl.MemoryBIO, receiver: ssl.SSLObject
+    ) -> None:
+        sender.write(payload)
+        into.write(wire.read())
+        got = 0
+        while got < size_bytes:
+            got += len(receiver.read(size_bytes))
+
+    samples = []
+    for _ in range(rounds):
+        started = time.thread_time()
+        for _ in range(20):
+            one_way(client, c_out, s_in, server)
+            one_way(server, s_out, c_in, client)
+        samples.append((time.thread_time() - started) * 1000 / 20)
+    return {
+        "cipher": server.cipher()[0] if server.cipher() else "",
+        "version": server.version(),
+        "msPerRequest": round(statistics.median(samples), 3),
+    }
+
+
 def cpu_s(pids: list[int]) -> float:
     """CPU seconds the processes `pids` (all their threads) have run so far, from the
     scheduler's nanosecond accounting."""
@@ -132,11 +181,17 @@ def cpu_s(pids: list[int]) -> float:
 
 
 def measure(
-    make: Callable[[], Call], clients: int, requests: int, pids: list[int]
+    make: Callable[[], Call],
+    clients: int,
+    requests: int,
+    pids: list[int],
+    context: ssl.SSLContext | None = None,
 ) -> dict[str, float]:
     """`requests` calls over `clients` threads after two warm-up calls each, and the CPU
     time the worker processes `pids` spent on them (unlike wall time, hardly moved by
-    what else runs on the machine)."""
+    what else runs on the machine). With the clients' TLS `context`: each client must
+    have handshaken exactly once."""
+    before = handshakes(context) if context is not None else 0
     calls = [make() for _ in range(clients)]
     for call in calls:
         call()
@@ -162,6 +217,10 @@ def measure(
         thread.join()
     wall_s = time.perf_counter() - started
     cpu_ms = (cpu_s(pids) - cpu_before) * 1000 / len(latencies)
+    if context is not None and handshakes(context) - before != clients:
+        raise RuntimeError(
+            f"{handshakes(context) - before} TLS handshakes for {clients} keep-alive clients"
+        )
     latencies.sort()
     return {
         "cpuMs": cpu_ms,
@@ -291,6 +350,7 @@ def bench_tensor(
             "next_urls": [f"https://{host}:{tls_port}"],
         }
         plain_entry = {**entry, "next_urls": [f"http://{host}:{plain_port}"]}
+        hop_context = client_context(certs["device"])
         with running(tmp, tls_entry) as front_tls, running(tmp, plain_entry) as front_plain:
             makers = {
                 ("hop", "plain"): (
@@ -298,7 +358,7 @@ def bench_tensor(
                     [plain_edge.process.pid],
                 ),
                 ("hop", "tls"): (
-                    caller(host, tls_port, x, client_context(certs["device"])),
+                    caller(host, tls_port, x, hop_context),
                     [tls_edge.process.pid],
                 ),
                 ("chain", "plain"): (
@@ -313,7 +373,8 @@ def bench_tensor(
             for round_ in range(rounds):
                 for (path, transport), (make, pids) in makers.items():
                     for clients in CLIENTS:
-                        result = measure(make, clients, requests, pids)
+                        context = hop_context if (path, transport) == ("hop", "tls") else None
+                        result = measure(make, clients, requests, pids, context)
                         samples.setdefault((path, transport, clients), []).append(result)
                         print(
                             f"[bench] {label} {where} {path} {transport} x{clients} round "
@@ -387,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeai-tls-") as name:
         tmp = Path(name)
         certs = write_certs(tmp)
+        crypto = {
+            label: {"bytes": int(np.prod(shape)) * 4}
+            | crypto_floor(certs, int(np.prod(shape)) * 4, args.rounds * 3)
+            for label, shape in TENSORS.items()
+        }
         rows: list[dict[str, Any]] = []
         for label, shape in TENSORS.items():
             rows += bench_tensor(tmp, label, shape, certs, args.requests, args.rounds)
@@ -399,16 +465,18 @@ def main(argv: list[str] | None = None) -> int:
                         rows += bench_tensor(
                             tmp, label, shape, certs, args.link_requests, args.rounds, link
                         )
+    negotiated = "{version}, {cipher}".format(**next(iter(crypto.values())))
     report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
         "cpus": os.cpu_count(),
         "loadAverage": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "conditions": args.conditions,
-        "tls": f"{ssl.OPENSSL_VERSION}; EC P-256 certificates, TLS 1.3",
+        "tls": f"{ssl.OPENSSL_VERSION}; EC P-256 certificates, {negotiated}",
         "requestsPerRow": args.requests,
         "linkRequestsPerRow": args.link_requests,
         "seconds": round(time.monotonic() - started, 1),
         "goal": 1.2,
+        "crypto": crypto,
         "rows": rows,
         "ratios": ratios(rows),
     }

@@ -236,6 +236,45 @@ def port_forward(target: str, namespace: str) -> Iterator[str]:
         forward.wait(timeout=10)
 
 
+PSS_LABEL = "pod-security.kubernetes.io/enforce"
+
+
+def _privileged_pod_refused() -> str:
+    """A privileged pod in the samples' namespace, dry-run on the server: the admission
+    error that shows `restricted` is enforced (raises if the pod was admitted)."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "e2e-privileged", "namespace": NS},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "edgeai-worker:0.1.0",
+                    "securityContext": {"privileged": True},
+                }
+            ]
+        },
+    }
+    result = subprocess.run(
+        [
+            str(K8S_BIN / "kubectl"),
+            f"--kubeconfig={KUBECONFIG}",
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        input=json.dumps(pod),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode == 0 or "violates PodSecurity" not in result.stderr:
+        raise RuntimeError(f"a privileged pod was not refused in {NS}: {result.stderr.strip()}")
+    return result.stderr.strip().splitlines()[0][:200]
+
+
 def entry_nodeport(deployment: str, zone: str) -> str:
     """A NodePort Service in front of a zone's device pods, reached from this machine at
     the zone's device node (on the `kind` bridge): unlike a port-forward, it follows the
@@ -435,6 +474,9 @@ class Run:
     # 3 ------------------------------------------------------------------------------------
     def helm_install(self) -> dict[str, Any]:
         kubectl("create", "namespace", NS, check=False)
+        # the API server itself holds every pod of the samples to the restricted standard
+        kubectl("label", "namespace", NS, f"{PSS_LABEL}=restricted", "--overwrite")
+        refused = _privileged_pod_refused()
         kubectl("apply", "-f", "-", input=_artifact_store())
         t0 = time.monotonic()
         helm(
@@ -485,6 +527,8 @@ class Run:
             "serviceAccount": accounts[0],
             "canDoEverything": everything,
             "canListSecrets": secrets,
+            "namespacePodSecurity": get("namespace", NS)["metadata"]["labels"][PSS_LABEL],
+            "privilegedPodRefused": refused,
         }
 
     # 4 ------------------------------------------------------------------------------------

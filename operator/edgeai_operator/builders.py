@@ -120,8 +120,10 @@ class DeploymentOptions:
     # expose it) and forward over it, except a device stage (its uplink probe is HTTP)
     transport: str = "http"
     # spec.security: stages talk over mutual TLS; the entry's bearer token (Secret, key)
+    # and the CA (Secret, key) its clients' certificates must chain to
     stage_tls: bool = False
     entry_token: tuple[str, str] | None = None
+    entry_client_ca: tuple[str, str] | None = None
 
 
 def labels(owner: Owner, tier: str, stage: int | None, zone: str | None) -> dict[str, str]:
@@ -284,6 +286,13 @@ def _pod_spec(
 TLS_PORT = 8443
 TLS_DIR = "/etc/edgeai-tls"  # not under the plan ConfigMap's read-only mount
 ENTRY_TOKEN_DIR = "/etc/edgeai-entry"
+ENTRY_CLIENT_CA_DIR = "/etc/edgeai-entry-ca"
+
+
+# The DNS SAN every stage certificate carries (edgeai_worker.security.STAGE_TLS_NAME):
+# the name a gRPC forwarder checks the next stage's certificate against, since gRPC
+# checks a host name where the HTTP forwarder checks only the deployment's CA.
+STAGE_TLS_NAME = "edgeai-stage"
 
 
 def stage_identity(owner: Owner, tier: str) -> str:
@@ -306,9 +315,12 @@ def _secure_stage(
     volumes: list[dict[str, Any]],
 ) -> None:
     """With stage TLS: the stage's certificate Secret mounted, inference from the
-    upstream stages over mutual TLS on TLS_PORT (not for the device entry, which
-    serves its clients), forwarding to the next stage's TLS port. With an entry token:
-    the Secret's key mounted where the entry stage reads it."""
+    upstream stages over mutual TLS on TLS_PORT (and on GRPC_PORT, with gRPC
+    transport; not for the device entry, which serves its clients), forwarding to the
+    next stage's TLS port (HTTP) or to its gRPC port over mutual TLS (`grpcs://`).
+    With an entry token: the Secret's key mounted where the entry stage reads it. With
+    an entry client CA: the device entry serves its clients on TLS_PORT too, taking
+    certificates of that CA (the Secret's key mounted as ca.crt)."""
     if opts.stage_tls:
         volumes.append(
             {"name": "stage-tls", "secret": {"secretName": tls_secret_name(owner, w.tier)}}
@@ -319,10 +331,26 @@ def _secure_stage(
             args.append(f"--tls-port={TLS_PORT}")
             args += [f"--tls-peer={stage_identity(owner, t)}" for t in w.upstream_tiers]
             ports.append({"name": "https", "containerPort": TLS_PORT})
+        elif opts.entry_client_ca is not None:
+            secret, key = opts.entry_client_ca
+            volumes.append(
+                {
+                    "name": "entry-client-ca",
+                    "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.crt"}]},
+                }
+            )
+            mounts.append(
+                {"name": "entry-client-ca", "mountPath": ENTRY_CLIENT_CA_DIR, "readOnly": True}
+            )
+            args += [f"--tls-port={TLS_PORT}", f"--entry-client-ca={ENTRY_CLIENT_CA_DIR}/ca.crt"]
+            ports.append({"name": "https", "containerPort": TLS_PORT})
         for i, arg in enumerate(args):
             if arg.startswith("--next=http://"):
                 host = arg.removeprefix("--next=http://").rsplit(":", 1)[0]
                 args[i] = f"--next=https://{host}:{TLS_PORT}"
+            elif arg.startswith("--next=grpc://"):
+                # the next stage's gRPC port takes mutual TLS only (it has a TLS port)
+                args[i] = arg.replace("--next=grpc://", "--next=grpcs://", 1)
     if opts.entry_token is not None and w.tier == "device":
         secret, key = opts.entry_token
         volumes.append(

@@ -298,6 +298,7 @@ def _decide_planned(p: _Pass, spec: DeploymentSpec, zones: ZonePlans) -> Decisio
         transport=spec.transport,
         stage_tls=spec.security.stage_tls,
         entry_token=spec.security.entry_token,
+        entry_client_ca=spec.security.entry_client_ca,
     )
     shared_model = spec.model_ref if spec.sharing == "backbone" else None
     shared_names = {

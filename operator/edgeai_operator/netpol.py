@@ -2,11 +2,13 @@
 
 One NetworkPolicy per stage workload, named like it and selecting its pods:
 
-- ingress on the data port (the TLS port with stage TLS, else the HTTP port) only from
-  the pods of the workloads whose `--next` is this workload's Service: a stage is
-  reached only by its upstream stage;
-- the entry (device) stage: ingress on the HTTP port from `entryFrom` (namespaces,
-  CIDRs) when the spec lists any, from anywhere otherwise (the bearer token still
+- ingress on the data port (the port their `--next` names: the TLS port with stage TLS,
+  the gRPC port with gRPC forwarding, else the HTTP port) only from the pods of the
+  workloads whose `--next` is this workload's Service: a stage is reached only by its
+  upstream stage;
+- the entry (device) stage: ingress on the HTTP port (and the TLS port where it
+  serves clients with certificates) from `entryFrom` (namespaces, CIDRs) when the spec
+  lists any, from anywhere otherwise (the bearer token or client certificate still
   applies);
 - every other stage: ingress on the HTTP port (health, /metrics; inference there is
   refused with stage TLS) from the operator's pods, for its scrapes;
@@ -93,11 +95,14 @@ def _policy(
         ingress.append({"from": peers, "ports": [{"protocol": "TCP", "port": port}]})
     http = [{"protocol": "TCP", "port": WORKER_PORT}]
     if meta["labels"].get("edgeai.dev/tier") == "device":
+        entry_ports = http + [
+            {"protocol": "TCP", "port": int(port)} for port in _arg(container, "--tls-port")
+        ]
         peers = [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}
             for ns in entry_namespaces
         ] + [{"ipBlock": {"cidr": cidr}} for cidr in entry_cidrs]
-        ingress.append({"from": peers, "ports": http} if peers else {"ports": http})
+        ingress.append({"from": peers, "ports": entry_ports} if peers else {"ports": entry_ports})
     else:
         operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": OPERATOR_POD_LABELS}}
         ingress.append({"from": [operator], "ports": http})

@@ -59,6 +59,8 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
         out["tls_peers"] = args.tls_peer
     if args.entry_token_file:
         out["entry_token_file"] = args.entry_token_file
+    if args.entry_client_ca:
+        out["entry_client_ca_file"] = args.entry_client_ca
     return out
 
 
@@ -71,7 +73,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--next",
         action="append",
-        help="next stage URL (repeatable): http://host:port, or grpc://host:port (over gRPC)",
+        help="next stage URL (repeatable): http://host:port, or grpc://host:port (over "
+        "gRPC); https:// and grpcs:// over mutual TLS (--tls-dir)",
     )
     parser.add_argument("--grpc-port", type=int, help="also serve the protocol over gRPC here")
     parser.add_argument("--workdir", help="where partitions are written (default: a temp dir)")
@@ -80,9 +83,16 @@ def register(subparsers: Any) -> None:
         help="the plan's artefact as fetched (edgeai fetch); its sha256 must be the plan's digest",
     )
     parser.add_argument("--tls-dir", help="the stage certificate: tls.crt, tls.key, ca.crt")
-    parser.add_argument("--tls-port", type=int, help="serve inference over mutual TLS here")
+    parser.add_argument(
+        "--tls-port",
+        type=int,
+        help="serve inference over mutual TLS here (and the gRPC port over mutual TLS only)",
+    )
     parser.add_argument(
         "--tls-peer", action="append", help="identity allowed to call the TLS port (repeatable)"
     )
     parser.add_argument("--entry-token-file", help="the bearer token the entry accepts")
+    parser.add_argument(
+        "--entry-client-ca", help="the CA the entry's clients' certificates must chain to"
+    )
     parser.set_defaults(func=_cmd)

@@ -5,7 +5,8 @@ valid `CA_LIFETIME`), kept in the Secret `<deployment>-stage-ca` (only the opera
 mounts or reads it), and one certificate per stage tier in `<deployment>-<tier>-tls`
 (`tls.crt`, `tls.key`, `ca.crt`), which the stage pods mount. A stage certificate
 names the deployment and the stage as its URI subject alternative name
-`edgeai://<namespace>/<deployment>/<tier>` (`builders.stage_identity`), is valid for
+`edgeai://<namespace>/<deployment>/<tier>` (`builders.stage_identity`) and carries the
+DNS name `builders.STAGE_TLS_NAME` (the name a gRPC forwarder checks), is valid for
 `STAGE_CERT_LIFETIME` and is renewed once `RENEW_AFTER` of that has passed, so the
 kubelet's Secret refresh (about a minute) and the worker's reload (every few seconds)
 have hours to pick it up while the old one is still valid. Both Secrets are owned by
@@ -30,7 +31,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgeai_operator.builders import MANAGED_BY, Owner, dns_label, stage_identity, tls_secret_name
+from edgeai_operator.builders import (
+    MANAGED_BY,
+    STAGE_TLS_NAME,
+    Owner,
+    dns_label,
+    stage_identity,
+    tls_secret_name,
+)
 
 CA_LIFETIME = datetime.timedelta(days=365)
 STAGE_CERT_LIFETIME = datetime.timedelta(hours=24)
@@ -117,7 +125,10 @@ def issue_stage(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + lifetime)
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(identity), x509.DNSName(STAGE_TLS_NAME)]
+            ),
+            critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -141,13 +152,17 @@ def renew_time(cert_pem: bytes) -> datetime.datetime:
     return start + (end - start) * RENEW_AFTER
 
 
-def _identities(cert_pem: bytes) -> list[str]:
+def _names(cert_pem: bytes) -> tuple[list[str], list[str]]:
+    """The URI and the DNS subject alternative names of a certificate."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+        return [], []
+    return (
+        list(san.get_values_for_type(x509.UniformResourceIdentifier)),
+        list(san.get_values_for_type(x509.DNSName)),
+    )
 
 
 def _data(secret: Mapping[str, Any] | None, key: str) -> bytes | None:
@@ -179,7 +194,8 @@ def stage_certs(owner: Owner, children: Sequence[Mapping[str, Any]]) -> tuple[St
 def _current(cert: bytes | None, same_ca: bool, identity: str, now: datetime.datetime) -> bool:
     if cert is None or not same_ca:
         return False
-    return _identities(cert) == [identity] and now < renew_time(cert)
+    # a certificate from before the DNS name (gRPC checks it) is issued again
+    return _names(cert) == ([identity], [STAGE_TLS_NAME]) and now < renew_time(cert)
 
 
 def certificates_due(
@@ -189,7 +205,7 @@ def certificates_due(
     now: datetime.datetime,
 ) -> list[StageCert]:
     """The stages whose Secret must be issued: missing, from another CA, naming
-    another identity, or past its renewal time."""
+    another identity (or without the DNS name), or past its renewal time."""
     due = []
     for stage in stages:
         secret = existing.get(stage.secret)

@@ -76,7 +76,13 @@ from edgeai_worker.protocol import (
     set_json_codec,
 )
 from edgeai_worker.runtime import Partition, StageRuntime
-from edgeai_worker.security import EntryToken, StageTLS, check_peer, is_open_path
+from edgeai_worker.security import (
+    EntryToken,
+    PeerCheck,
+    StageTLS,
+    check_client,
+    is_open_path,
+)
 from edgeai_worker.tiling import TiledPrefix
 
 log = logging.getLogger("edgeai_worker")
@@ -148,6 +154,7 @@ class WorkerState:
     downstream_metadata: dict[str, Any] | None = None
     tiler: TiledPrefix | None = None
     tls: StageTLS | None = None
+    peer_check: PeerCheck | None = None
     entry_token: EntryToken | None = None
     # the device's whole model, and until when it answers without trying the next stage
     fallback: Partition | None = None
@@ -354,12 +361,14 @@ async def _reload_security(state: WorkerState) -> None:
 
 async def _tls_endpoint(app: web.Application) -> AsyncIterator[None]:
     """The protocol once more on `tls_port`, over mutual TLS, for the upstream stages
-    only (`security.py`); the same state, handlers and error middleware."""
+    only or, at an entry with `entry_client_ca_file`, for the clients of that CA
+    (`security.py`); the same state, handlers and error middleware."""
     config, state = app[CONFIG], app[STATE]
     assert state.tls is not None
     assert config.tls_port is not None
+    guard = _peer_middleware if config.entry_client_ca_file is None else _client_middleware
     peer = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[error_middleware, _peer_middleware]
+        client_max_size=config.max_body_bytes, middlewares=[error_middleware, guard]
     )
     peer[CONFIG], peer[STATE] = config, state
     _add_routes(peer)
@@ -383,12 +392,38 @@ def _refuse(state: WorkerState, status: int, reason: str, message: str) -> web.R
 async def _peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """On the TLS port: only the upstream stages' identities are served."""
     state = request.app[STATE]
+    assert state.peer_check is not None
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    peercert = ssl_object.getpeercert() if ssl_object is not None else None
-    problem = check_peer(peercert, state.config.tls_peers)
+    problem = state.peer_check.check(ssl_object)
     if problem is not None and not is_open_path(request.path):
         return _refuse(state, 403, "peer", problem)
     return await handler(request)
+
+
+@web.middleware
+async def _client_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On an entry's TLS port: a client certificate (verified in the handshake against
+    the clients' CA), then the bearer token where one is set."""
+    if is_open_path(request.path):
+        return await handler(request)
+    state = request.app[STATE]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    problem = check_client(ssl_object)
+    if problem is not None:
+        return _refuse(state, 401, "missing-cert", problem)
+    refused = _check_token(state, request)
+    return refused if refused is not None else await handler(request)
+
+
+def _check_token(state: WorkerState, request: web.Request) -> web.Response | None:
+    """The entry's bearer token, where one is set: None when the request carries it."""
+    if state.entry_token is None:
+        return None
+    refused = state.entry_token.check(request.headers.get("Authorization"))
+    if refused is None:
+        return None
+    reason = "missing-token" if refused[0] == 401 else "wrong-token"
+    return _refuse(state, refused[0], reason, refused[1])
 
 
 @web.middleware
@@ -398,18 +433,20 @@ async def _plain_middleware(request: web.Request, handler: Handler) -> web.Strea
     state = request.app[STATE]
     config = state.config
     if not is_open_path(request.path):
-        if state.entry_token is not None:
-            refused = state.entry_token.check(request.headers.get("Authorization"))
-            if refused is not None:
-                reason = "missing-token" if refused[0] == 401 else "wrong-token"
-                return _refuse(state, refused[0], reason, refused[1])
+        refused = _check_token(state, request)
+        if refused is not None:
+            return refused
         if config.tls_port is not None and request.path.endswith("/infer"):
+            callers = (
+                "from its upstream stage only"
+                if config.entry_client_ca_file is None
+                else "with a client certificate"
+            )
             return _refuse(
                 state,
                 403,
                 "plain",
-                f"this stage takes inference over mutual TLS on port {config.tls_port} "
-                "from its upstream stage only",
+                f"this stage takes inference over mutual TLS on port {config.tls_port} {callers}",
             )
     return await handler(request)
 
@@ -1028,7 +1065,8 @@ def create_app(config: WorkerConfig) -> web.Application:
     state = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
     app[STATE] = state
     if config.tls_dir is not None:
-        state.tls = StageTLS(config.tls_dir)
+        state.tls = StageTLS(config.tls_dir, config.entry_client_ca_file)
+        state.peer_check = PeerCheck(config.tls_peers)
     if config.entry_token_file is not None:
         state.entry_token = EntryToken(config.entry_token_file)
     app.cleanup_ctx.append(_resources)

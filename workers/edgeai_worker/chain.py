@@ -15,6 +15,9 @@ Replicas given as `grpc://host:port` are reached over the protocol's gRPC servic
 instead: one keep-alive channel per replica, the key in the `idempotency-key`
 metadata, and the same retry rule (UNAVAILABLE and DEADLINE_EXCEEDED, the gRPC forms
 of 502/503/504 and of a lost connection, are retried; other codes are passed back).
+`grpcs://host:port` is the same over mutual TLS with the stage's certificate
+(security.py); when the certificate is renewed, new calls go on a new channel and the
+old one closes once its calls are done.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -35,7 +38,7 @@ import grpc
 
 from edgeai_worker import grpc_predict_v2_pb2 as pb
 from edgeai_worker.body import body_of, body_size
-from edgeai_worker.grpc_codec import decode_infer_response, encode_infer_request
+from edgeai_worker.grpc_codec import parse_infer_response, serialize_infer_request
 from edgeai_worker.metrics import WorkerMetrics
 from edgeai_worker.protocol import (
     HEADER_LENGTH,
@@ -46,7 +49,7 @@ from edgeai_worker.protocol import (
     encode_request_parts,
     parse_header_length,
 )
-from edgeai_worker.security import StageTLS
+from edgeai_worker.security import STAGE_TLS_NAME, StageTLS
 
 # Header in which a stage reports how long it (and the stages after it) took, so the
 # stage before it can tell network time from compute time when measuring the uplink.
@@ -59,6 +62,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 PROBE_PATH = "/edgeai/v1/probe"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 GRPC_SCHEME = "grpc://"
+GRPCS_SCHEME = "grpcs://"  # gRPC over mutual TLS
 # The gRPC forms of the headers above (metadata keys are lower case).
 IDEMPOTENCY_METADATA = "idempotency-key"
 SERVER_TIME_METADATA = "edgeai-server-ms"
@@ -75,10 +79,14 @@ HTTP_STATUS_OF_CODE = {
 }
 
 
+def is_grpc_url(url: str) -> bool:
+    return url.startswith((GRPC_SCHEME, GRPCS_SCHEME))
+
+
 def transport_of(urls: Sequence[str]) -> str:
-    """`grpc` when every replica URL is `grpc://host:port`, `http` when none is;
-    ValueError for a mix."""
-    grpc_urls = [u for u in urls if u.startswith(GRPC_SCHEME)]
+    """`grpc` when every replica URL is `grpc://` or `grpcs://host:port`, `http` when
+    none is; ValueError for a mix."""
+    grpc_urls = [u for u in urls if is_grpc_url(u)]
     if grpc_urls and len(grpc_urls) != len(urls):
         raise ValueError(
             f"next stage replicas mix grpc:// and http:// URLs: {', '.join(urls)} "
@@ -116,6 +124,27 @@ def _error_text(body: bytes) -> str:
     return str(parsed)[:200]
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _serialized(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+_Parsed = InferResponse | ProtocolError
+
+
+def _parsed_response(data: bytes) -> _Parsed:
+    """The forwarder's response deserializer: a bad response comes back as its error
+    (raised from a deserializer, gRPC would turn it into a status of its own)."""
+    try:
+        return parse_infer_response(data)
+    except ProtocolError as exc:
+        return exc
+
+
 class Forwarder:
     """Sends requests to the replicas of the next stage."""
 
@@ -145,26 +174,56 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         self.transport = transport_of(self.urls)
         self._tls = tls
-        if tls is None and any(u.startswith("https://") for u in self.urls):
-            raise ValueError("https:// replicas need the stage's certificate (tls)")
-        self._channels: dict[str, Any] = {}
+        if tls is None and any(u.startswith(("https://", GRPCS_SCHEME)) for u in self.urls):
+            raise ValueError("https:// and grpcs:// replicas need the stage's certificate (tls)")
+        # url -> (channel, the certificate generation it was opened with)
+        self._channels: dict[str, tuple[Any, int]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def _stub(self, url: str, method: str, reply: type[Any]) -> Any:
-        channel = self._channels.get(url)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(
-                url.removeprefix(GRPC_SCHEME),
-                options=[
-                    ("grpc.max_receive_message_length", -1),
-                    ("grpc.max_send_message_length", -1),
-                    ("grpc.keepalive_time_ms", 30_000),
-                ],
+    def _channel(self, url: str) -> Any:
+        """The replica's channel; over TLS, a new one once the certificate changed (the
+        old one closes when its calls are done, within the forward timeout)."""
+        generation = self._tls.generation if self._tls is not None else 0
+        current = self._channels.get(url)
+        if current is not None and current[1] == generation:
+            return current[0]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if url.startswith(GRPCS_SCHEME):
+            assert self._tls is not None
+            cert, key, ca = self._tls.pem
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
             )
-            self._channels[url] = channel
-        return channel.unary_unary(
+            # the next stage's certificate is checked against the CA and the name
+            # every stage certificate carries (stage addresses are Service names)
+            options.append(("grpc.ssl_target_name_override", STAGE_TLS_NAME))
+            channel = grpc.aio.secure_channel(
+                url.removeprefix(GRPCS_SCHEME), credentials, options=options
+            )
+        else:
+            channel = grpc.aio.insecure_channel(url.removeprefix(GRPC_SCHEME), options=options)
+        if current is not None:
+            closing = asyncio.get_running_loop().create_task(current[0].close(grace=self.timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        self._channels[url] = (channel, generation)
+        return channel
+
+    def _stub(
+        self,
+        url: str,
+        method: str,
+        serializer: Callable[[Any], bytes],
+        deserializer: Callable[[bytes], Any],
+    ) -> Any:
+        return self._channel(url).unary_unary(
             f"/{GRPC_SERVICE}/{method}",
-            request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=reply.FromString,
+            request_serializer=serializer,
+            response_deserializer=deserializer,
         )
 
     async def start(self) -> None:
@@ -174,9 +233,11 @@ class Forwarder:
         )
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
+        for closing in list(self._closing):
+            await closing
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -288,19 +349,19 @@ class Forwarder:
         raise self._exhausted(tried, last_error, timed_out="Timeout" in last_error)
 
     async def _infer_grpc(self, request: InferRequest) -> ForwardResult:
-        message = encode_infer_request(request, self.model_name)
-        sent = message.ByteSize()
+        # serialized once for every attempt, the tensors copied once (grpc_codec)
+        message = serialize_infer_request(request, self.model_name)
+        sent = len(message)
         metadata = ((IDEMPOTENCY_METADATA, uuid.uuid4().hex),)
         tried: set[str] = set()
         last_error = ""
         started = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
             url = self._attempt_on(tried, attempt)
-            call = self._stub(url, "ModelInfer", pb.ModelInferResponse)(
-                message, timeout=self.timeout_s, metadata=metadata
-            )
+            stub = self._stub(url, "ModelInfer", _as_is, _parsed_response)
+            call = stub(message, timeout=self.timeout_s, metadata=metadata)
             try:
-                reply = await call
+                parsed: _Parsed = await call
                 trailing = dict(await call.trailing_metadata() or ())
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
@@ -310,10 +371,9 @@ class Forwarder:
                     continue
                 prefix = "" if details.startswith("stage ") else f"{self._name(url)}: "
                 raise StageError(HTTP_STATUS_OF_CODE.get(code, 500), prefix + details) from exc
-            try:
-                response = decode_infer_response(reply)
-            except ProtocolError as exc:
-                raise StageError(502, f"{self._name(url)} sent a bad response: {exc}") from exc
+            if isinstance(parsed, ProtocolError):
+                raise StageError(502, f"{self._name(url)} sent a bad response: {parsed}")
+            response = parsed
             server_ms = trailing.get(SERVER_TIME_METADATA)
             return self._forwarded(response, sent, started, server_ms, url, attempt)
         raise self._exhausted(tried, last_error, timed_out="DEADLINE_EXCEEDED" in last_error)
@@ -321,7 +381,9 @@ class Forwarder:
     async def _metadata_grpc(self) -> dict[str, Any]:
         last: Exception | None = None
         for url in self.urls:
-            stub = self._stub(url, "ModelMetadata", pb.ModelMetadataResponse)
+            stub = self._stub(
+                url, "ModelMetadata", _serialized, pb.ModelMetadataResponse.FromString
+            )
             try:
                 reply = await stub(
                     pb.ModelMetadataRequest(name=self.model_name), timeout=self.timeout_s

@@ -57,7 +57,8 @@ class WorkerConfig:
     port: int = 8000
     # The gRPC endpoint's port (the same protocol over gRPC); None: REST only.
     grpc_port: int | None = None
-    # Replicas of the next stage ("http://host:port"); empty for the last stage.
+    # Replicas of the next stage (all "http(s)://host:port" or all "grpc(s)://host:port");
+    # empty for the last stage.
     next_urls: tuple[str, ...] = ()
     forward_timeout_s: float = 30.0
     forward_attempts: int = 3
@@ -104,11 +105,14 @@ class WorkerConfig:
     # Who may talk to this stage (security.py): mutual TLS with the deployment's other
     # stages (a Secret's tls.crt, tls.key and ca.crt in tls_dir; inference served over
     # TLS on tls_port to the identities in tls_peers; https:// next URLs) and the entry's
-    # bearer token; both files are re-read every security_reload_s seconds.
+    # bearer token; both files are re-read every security_reload_s seconds. With
+    # entry_client_ca_file the TLS port serves the entry's clients instead of upstream
+    # stages: any client certificate signed by that CA (a mounted Secret's ca.crt).
     tls_dir: Path | None = None
     tls_port: int | None = None
     tls_peers: tuple[str, ...] = ()
     entry_token_file: Path | None = None
+    entry_client_ca_file: Path | None = None
     security_reload_s: float = 5.0
     # Per-input offloading: early exits, cascade, result reuse (edgeai_worker.offload).
     offload: OffloadSettings | None = None
@@ -144,12 +148,12 @@ class WorkerConfig:
             raise ConfigError(
                 "tile_grid", f"{self.tile_grid} is not a grid", "[rows, columns] >= 1"
             )
-        grpc_next = [u for u in self.next_urls if u.startswith("grpc://")]
+        grpc_next = [u for u in self.next_urls if u.startswith(("grpc://", "grpcs://"))]
         if grpc_next and len(grpc_next) != len(self.next_urls):
             raise ConfigError(
                 "next_urls",
                 f"replicas mix grpc:// and http:// URLs: {', '.join(self.next_urls)}",
-                "all http://host:port or all grpc://host:port",
+                "all http(s)://host:port or all grpc(s)://host:port",
             )
         if grpc_next and self.is_device and self.uplink_mbps is None:
             raise ConfigError(
@@ -180,10 +184,12 @@ class WorkerConfig:
                 )
 
     def _check_security(self) -> None:
-        https_next = [u for u in self.next_urls if u.startswith("https://")]
+        https_next = [u for u in self.next_urls if u.startswith(("https://", "grpcs://"))]
         if https_next and self.tls_dir is None:
             raise ConfigError(
-                "next_urls", "https:// replicas need this stage's certificate", "set tls_dir"
+                "next_urls",
+                "https:// and grpcs:// replicas need this stage's certificate",
+                "set tls_dir",
             )
         if self.tls_port is not None:
             if self.tls_dir is None:
@@ -192,10 +198,24 @@ class WorkerConfig:
                 raise ConfigError(
                     "tls_port", f"{self.tls_port} is not a free TCP port", "1-65535, not port"
                 )
-            if not self.tls_peers:
+            if self.entry_client_ca_file is not None and self.tls_peers:
                 raise ConfigError(
-                    "tls_peers", "no peer may call the TLS port", "the upstream stages' identities"
+                    "tls_peers",
+                    "the TLS port serves the entry's clients (entry_client_ca_file)",
+                    "tls_peers or entry_client_ca_file, not both",
                 )
+            if not self.tls_peers and self.entry_client_ca_file is None:
+                raise ConfigError(
+                    "tls_peers",
+                    "no peer may call the TLS port",
+                    "the upstream stages' identities, or entry_client_ca_file",
+                )
+        elif self.entry_client_ca_file is not None:
+            raise ConfigError(
+                "entry_client_ca_file",
+                "needs tls_port (the port that serves the entry's clients over TLS)",
+                "set tls_port and tls_dir",
+            )
         if self.security_reload_s <= 0:
             raise ConfigError("security_reload_s", "must be positive")
 
@@ -245,6 +265,7 @@ _ALIASES = {
     "tlsPort": "tls_port",
     "tlsPeers": "tls_peers",
     "entryTokenFile": "entry_token_file",
+    "entryClientCaFile": "entry_client_ca_file",
     "securityReloadS": "security_reload_s",
 }
 
@@ -282,7 +303,7 @@ def _coerce(name: str, value: Any, base: Path) -> Any:
         if name == "tile_grid":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(int(v) for v in items)
-        if name in ("tls_dir", "entry_token_file"):
+        if name in ("tls_dir", "entry_token_file", "entry_client_ca_file"):
             return None if value in (None, "") else base / str(value)
         if name in ("next_urls", "tile_peers", "tls_peers"):
             items = value.split(",") if isinstance(value, str) else list(value)

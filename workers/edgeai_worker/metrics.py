@@ -142,7 +142,8 @@ class WorkerMetrics:
         )
         self.auth_failures = Counter(
             "edgeai_auth_failures_total",
-            "Requests refused before the model: missing-token, wrong-token, peer, plain.",
+            "Requests refused before the model: "
+            "missing-token, wrong-token, missing-cert, peer, plain.",
         )
         self.tls_reloads = Counter("edgeai_tls_reloads_total", "Stage certificates loaded anew.")
         # Per-input offloading (edgeai_worker.offload): exits, escalations, reuse, and

@@ -11,11 +11,20 @@ subject alternative name (`edgeai://<namespace>/<deployment>/<tier>`, the upstre
 stage), or its requests are answered 403. On the plain port such a stage answers
 inference with 403 (health, metadata and /metrics stay there for probes and scrapes).
 
+The same holds over gRPC: such a stage serves its `grpc_port` over mutual TLS only
+(the same CA, the identity checked per call, PERMISSION_DENIED for another one;
+`grpc_server.py`), and forwards to `grpcs://` next-stage URLs with its certificate,
+checking the next stage's against the CA and the DNS name every stage certificate
+carries (`STAGE_TLS_NAME`: gRPC checks a host name where the HTTP forwarder checks
+only the CA).
+
 The files are read again every `reload_s` seconds and, when they changed, the next
 handshakes use them: the server through an SNI callback that switches each new
-connection to the newest context, the forwarder by passing the newest client context
-with each request (aiohttp pools connections per context, so open connections finish
-their requests on the old one). The operator renews certificates well before they
+connection to the newest context (the gRPC server asks for the newest files at each
+handshake), the forwarder by passing the newest client context with each request
+(aiohttp pools connections per context, so open connections finish their requests on
+the old one; a gRPC forwarder opens a new channel and closes the old one once its
+calls are done). The operator renews certificates well before they
 expire, so both are valid while connections move over.
 
 Entry authentication. An entry stage started with `entry_token_file` answers every
@@ -23,6 +32,12 @@ request but health (`/v2/health/*`) and `/metrics` with 401 when it carries no
 `Authorization: Bearer` token and 403 when the token differs from the file's, with the
 protocol's error body, before anything reaches the model; the file is re-read like the
 certificates, so a changed Secret takes effect without a restart.
+
+An entry stage started with `entry_client_ca` (a CA's certificate file) serves its
+clients on the TLS port with its stage certificate and asks each for a client
+certificate: one that does not chain to that CA, or has expired, fails the handshake;
+a connection without one is answered 401 with the protocol's error body on every
+path but health and /metrics. The CA file is re-read with the stage's own files.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import hashlib
 import hmac
 import logging
 import ssl
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +55,8 @@ CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 CA_FILE = "ca.crt"
 IDENTITY_SCHEME = "edgeai://"
+# The DNS SAN of every stage certificate (edgeai_operator.builders.STAGE_TLS_NAME).
+STAGE_TLS_NAME = "edgeai-stage"
 OPEN_PATHS = ("/v2/health/", "/metrics")
 
 log = logging.getLogger("edgeai_worker")
@@ -57,17 +75,10 @@ def peer_identities(peercert: Any) -> list[str]:
     return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
 
 
-def _digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 class StageTLS:
     """The server and client TLS contexts of a stage, from the files in `directory`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, client_ca: Path | None = None) -> None:
         self.directory = directory
         self.files = (directory / CERT_FILE, directory / KEY_FILE, directory / CA_FILE)
         missing = [str(p) for p in self.files if not p.is_file()]
@@ -76,17 +87,35 @@ class StageTLS:
                 f"tls_dir: {', '.join(missing)} missing (accepted: a directory holding "
                 f"{CERT_FILE}, {KEY_FILE} and {CA_FILE})"
             )
+        # who may call the TLS port: the deployment's stages (the CA in the directory)
+        # or, at an entry, the clients of `client_ca`
+        self.client_ca = client_ca
+        if client_ca is not None and not client_ca.is_file():
+            raise FileNotFoundError(
+                f"entry_client_ca_file: {client_ca} missing (accepted: a CA certificate file)"
+            )
         self._digest = ""
         self.generation = 0
+        self.pem: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # certificate, key, CA
         self._server_current = self._server_context()
         self._client_current = self._client_context()
         self.reload()
         self.server_context = self._front_context()
 
+    @property
+    def _trusted(self) -> Path:
+        """The CA the server checks client certificates against."""
+        return self.client_ca if self.client_ca is not None else self.files[2]
+
     def _server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        # An entry's client without a certificate gets through the handshake to be
+        # answered 401 with the protocol's body; a certificate, when sent, must verify.
+        ctx.verify_mode = ssl.CERT_OPTIONAL if self.client_ca is not None else ssl.CERT_REQUIRED
+        # The peer's certificate is then the one of the handshake for the connection's
+        # life, which lets `PeerCheck` judge a connection once.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         return ctx
 
     def _client_context(self) -> ssl.SSLContext:
@@ -102,9 +131,9 @@ class StageTLS:
         """The listening socket's context: every new connection switches to the newest
         server context before the handshake goes on (called with or without SNI)."""
         front = self._server_context()
-        cert, key, ca = self.files
+        cert, key, _ = self.files
         front.load_cert_chain(cert, key)
-        front.load_verify_locations(cafile=str(ca))
+        front.load_verify_locations(cafile=str(self._trusted))
 
         def switch(sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
             sslobj.context = self._server_current
@@ -116,10 +145,13 @@ class StageTLS:
         """Loads the files again when they changed; True when they did. A half-written
         set (a certificate that does not match its key) keeps the current contexts."""
         try:
-            digest = _digest(*self.files)
+            cert_pem, key_pem, ca_pem = (path.read_bytes() for path in self.files)
+            client_ca_pem = self.client_ca.read_bytes() if self.client_ca else b""
         except OSError as exc:
             log.warning("stage TLS: cannot read %s: %s", self.directory, exc)
             return False
+        pem = (cert_pem, key_pem, ca_pem)
+        digest = hashlib.sha256(b"".join((*pem, client_ca_pem))).hexdigest()
         if digest == self._digest:
             return False
         cert, key, ca = self.files
@@ -127,12 +159,14 @@ class StageTLS:
             server, client = self._server_context(), self._client_context()
             for ctx in (server, client):
                 ctx.load_cert_chain(cert, key)
-                ctx.load_verify_locations(cafile=str(ca))
+            server.load_verify_locations(cafile=str(self._trusted))
+            client.load_verify_locations(cafile=str(ca))
         except (ssl.SSLError, OSError) as exc:
             log.warning("stage TLS: keeping the current certificate: %s", exc)
             return False
         self._server_current, self._client_current = server, client
         self._digest = digest
+        self.pem = pem
         self.generation += 1
         return True
 
@@ -181,9 +215,53 @@ def is_open_path(path: str) -> bool:
     return any(path == p or path.startswith(p) for p in OPEN_PATHS)
 
 
+def grpc_peer_identities(auth_context: Any) -> list[str]:
+    """The edgeai:// subject alternative names of a gRPC call's verified peer
+    (`context.auth_context()`), in order."""
+    names = auth_context.get("x509_subject_alternative_name", ()) if auth_context else ()
+    found = [n.decode("utf-8", "replace") for n in names]
+    return [n for n in found if n.startswith(IDENTITY_SCHEME)]
+
+
+class PeerCheck:
+    """`check_peer` once per connection: a keep-alive connection carries many requests
+    and its verified certificate cannot change (renegotiation is off), so the verdict is
+    kept with the connection's SSL object and goes with it."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.allowed = tuple(allowed)
+        self._verdicts: weakref.WeakKeyDictionary[ssl.SSLObject, str | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def check(self, ssl_object: ssl.SSLObject | None) -> str | None:
+        """None when the connection's peer carries an allowed identity; otherwise why not."""
+        if ssl_object is None:
+            return check_peer(None, self.allowed)
+        try:
+            return self._verdicts[ssl_object]
+        except KeyError:
+            verdict = self._verdicts[ssl_object] = check_peer(
+                ssl_object.getpeercert(), self.allowed
+            )
+            return verdict
+
+
+def check_client(ssl_object: ssl.SSLObject | None) -> str | None:
+    """At an entry taking client certificates: None when the connection's client sent
+    one (the handshake verified it against the clients' CA); otherwise why not."""
+    if ssl_object is None or not ssl_object.getpeercert():
+        return "this model needs a client certificate signed by the clients' CA"
+    return None
+
+
 def check_peer(peercert: Any, allowed: Sequence[str]) -> str | None:
     """None when the verified peer carries an allowed identity; otherwise why not."""
-    found = peer_identities(peercert)
+    return check_identities(peer_identities(peercert), allowed)
+
+
+def check_identities(found: Sequence[str], allowed: Sequence[str]) -> str | None:
+    """None when one of the peer's identities `found` is allowed; otherwise why not."""
     if any(identity in allowed for identity in found):
         return None
     shown = ", ".join(found) or "no edgeai:// identity"
