@@ -236,3 +236,42 @@ def build_mlp(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def labelled_infer(
+    url: str, x: np.ndarray, label: int | None = None, model: str = "digits"
+) -> dict[str, Any]:
+    """An OIP v2 JSON request of `x` to `model`, with `edgeai_label` when given."""
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    if label is not None:
+        body["parameters"] = {"edgeai_label": label}
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
+def metric_value(url: str, name: str, **labels: str) -> float:
+    """The first series of `name` with `labels` on the worker's /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        named = series == name or series.startswith(name + "{")
+        if named and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            return float(value)
+    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")

@@ -95,6 +95,30 @@ CASES = [
         "spec.base.sharedUpTo: Required value",
     ),
     (
+        "model: exit without the tensor it reads",
+        _with(MODEL, "spec.exits", [{"output": "exit_0"}]),
+        "spec.exits[0].after: Required value",
+    ),
+    (
+        "model: exit reads its own output",
+        _with(MODEL, "spec.exits", [{"output": "exit_0", "after": "exit_0"}]),
+        "spec.exits[]: output and after name the same tensor",
+    ),
+    (
+        "model: exit names the input",
+        _with(MODEL, "spec.exits", [{"output": "exit_0", "after": "input"}]),
+        "spec.exits[]: output and after name tensors the model computes",
+    ),
+    (
+        "model: exit output twice",
+        _with(
+            MODEL,
+            "spec.exits",
+            [{"output": "exit_0", "after": "a"}, {"output": "exit_0", "after": "b"}],
+        ),
+        "spec.exits[1]: Duplicate value",
+    ),
+    (
         "model: neither zoo nor uri",
         _with(MODEL, "spec.source", {}),
         "spec.source sets exactly one of zoo or uri",
@@ -501,6 +525,11 @@ EXITS = _with(
 
 
 TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo": "features"})
+DECLARED_EXITS = _with(
+    _with(MODEL, "spec.exits", [{"output": "exit_0", "after": "hidden"}]),
+    "spec.data",
+    {"uri": "configmap://mlp-files/data.npz"},
+)
 
 
 @pytest.mark.parametrize(
@@ -516,6 +545,7 @@ TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo":
         HOMOMORPHIC,
         EXITS,
         TRUNK,
+        DECLARED_EXITS,
     ],
     ids=[
         "model",
@@ -528,6 +558,7 @@ TRUNK = _with(MODEL, "spec.base", {"modelRef": {"name": "digits"}, "sharedUpTo":
         "deployment-homomorphic-head",
         "deployment-exits",
         "model-base",
+        "model-exits",
     ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:

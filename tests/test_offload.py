@@ -7,14 +7,13 @@ reuse answering repeats."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from _worker_support import free_port, run_onnx, workers
+from _worker_support import free_port, labelled_infer, metric_value, run_onnx, workers
 from edgeai_worker.config import ConfigError, load_config
 from edgeai_worker.offload.gate import NEVER, calibrate_thresholds, confidence
 from edgeai_worker.offload.reuse import ReuseCache, calibrate_distance
@@ -168,42 +167,6 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     return workdir, build_digits_offload(workdir, TARGET, progress=False)
 
 
-def _infer(
-    url: str, x: np.ndarray, label: int | None = None, model: str = "digits"
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
-    if label is not None:
-        body["parameters"] = {"edgeai_label": label}
-    request = urllib.request.Request(
-        f"{url}/v2/models/{model}/infer",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        result: dict[str, Any] = json.loads(response.read())
-    return result
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.startswith(name + "{") and all(f'{k}="{v}"' in series for k, v in labels.items()):
-            return float(value)
-    raise AssertionError(f"{name}{{{wanted}}} not in /metrics")
-
-
 def _output(body: dict[str, Any]) -> np.ndarray:
     (output,) = body["outputs"]
     assert output["name"] == "output"
@@ -244,7 +207,7 @@ def test_early_exits_hold_the_target_and_forward_features(
     answered: dict[str, int] = {}
     with workers(tmp_path, device, edge) as (dev, nxt):
         for i, (x, y) in enumerate(zip(x_ho, y_ho, strict=True)):
-            body = _infer(dev.url, x[None], int(y))
+            body = labelled_infer(dev.url, x[None], int(y))
             which = body["parameters"]["edgeai_exit"]
             answered[which] = answered.get(which, 0) + 1
             got = _output(body)[0]
@@ -254,10 +217,10 @@ def test_early_exits_hold_the_target_and_forward_features(
             else:
                 k = int(which.removeprefix("exit_"))
                 np.testing.assert_allclose(got, exits_out[1 + k][i], rtol=1e-5, atol=1e-5)
-        accuracy = _metric(dev.url, "edgeai_labelled_accuracy")
-        escalated = _metric(dev.url, "edgeai_escalations_total")
-        forwarded = _metric(nxt.url, "edgeai_requests_total", code="200")
-        exit_rate = _metric(dev.url, "edgeai_exit_rate", exit="exit_0")
+        accuracy = metric_value(dev.url, "edgeai_labelled_accuracy")
+        escalated = metric_value(dev.url, "edgeai_escalations_total")
+        forwarded = metric_value(nxt.url, "edgeai_requests_total", code="200")
+        exit_rate = metric_value(dev.url, "edgeai_exit_rate", exit="exit_0")
     assert accuracy >= TARGET
     assert answered.get("final", 0) == escalated == forwarded
     assert answered.get("exit_0", 0) > 0.5 * len(y_ho)  # most digits leave at the first exit
@@ -299,7 +262,7 @@ def test_cascade_holds_the_target_and_escalates_the_raw_input(
     answered: dict[str, int] = {}
     with workers(tmp_path, device, edge) as (dev, nxt):
         for i, (x, y) in enumerate(zip(x_ho, y_ho, strict=True)):
-            body = _infer(dev.url, x[None], int(y))
+            body = labelled_infer(dev.url, x[None], int(y))
             which = body["parameters"]["edgeai_exit"]
             answered[which] = answered.get(which, 0) + 1
             expected = small_out[i] if which == "cascade" else full_out[i]
@@ -308,12 +271,12 @@ def test_cascade_holds_the_target_and_escalates_the_raw_input(
         escalated_rows = [
             i
             for i in range(len(y_ho))
-            if _infer(dev.url, x_ho[i][None])["parameters"]["edgeai_exit"] == "final"
+            if labelled_infer(dev.url, x_ho[i][None])["parameters"]["edgeai_exit"] == "final"
         ][:3]
-        repeats = [_infer(dev.url, x_ho[i][None]) for i in escalated_rows]
-        accuracy = _metric(dev.url, "edgeai_labelled_accuracy")
-        hits = _metric(nxt.url, "edgeai_reuse_hits_total")
-        entries = _metric(nxt.url, "edgeai_reuse_entries")
+        repeats = [labelled_infer(dev.url, x_ho[i][None]) for i in escalated_rows]
+        accuracy = metric_value(dev.url, "edgeai_labelled_accuracy")
+        hits = metric_value(nxt.url, "edgeai_reuse_hits_total")
+        entries = metric_value(nxt.url, "edgeai_reuse_entries")
     assert accuracy >= TARGET
     assert 0 < answered.get("final", 0) < 0.2 * len(y_ho)
     assert escalated_rows, "no input escalated"
@@ -489,15 +452,15 @@ def test_a_plan_with_offload_runs_the_cascade_and_the_reuse(tmp_path: Path) -> N
     _, _, x_ho, y_ho = validation_split()
     try:
         answers = [
-            _infer(run.entry_url, x[None], int(y), run.model_name)
+            labelled_infer(run.entry_url, x[None], int(y), run.model_name)
             for x, y in zip(x_ho, y_ho, strict=True)
         ]
         escalated = [i for i, a in enumerate(answers) if a["parameters"]["edgeai_exit"] == "final"]
         assert escalated, "no input escalated"
-        again = _infer(run.entry_url, x_ho[escalated[0]][None], model=run.model_name)
-        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
-        reuse_entries = _metric(run.urls[1][0], "edgeai_reuse_entries")
-        reuse_hits = _metric(run.urls[1][0], "edgeai_reuse_hits_total")
+        again = labelled_infer(run.entry_url, x_ho[escalated[0]][None], model=run.model_name)
+        accuracy = metric_value(run.entry_url, "edgeai_labelled_accuracy")
+        reuse_entries = metric_value(run.urls[1][0], "edgeai_reuse_entries")
+        reuse_hits = metric_value(run.urls[1][0], "edgeai_reuse_hits_total")
     finally:
         run.stop()
     exits = {a["parameters"]["edgeai_exit"] for a in answers}
@@ -551,11 +514,11 @@ def test_a_plan_with_exits_answers_at_the_stage_computing_each_exit(tmp_path: Pa
     run = start_local(plan, specs, tmp_path, model_path=model)
     try:
         answers = [
-            _infer(run.entry_url, x[None], int(y), run.model_name)
+            labelled_infer(run.entry_url, x[None], int(y), run.model_name)
             for x, y in zip(x_ho, y_ho, strict=True)
         ]
-        accuracy = _metric(run.entry_url, "edgeai_labelled_accuracy")
-        edge_requests = _metric(run.urls[1][0], "edgeai_requests_total", code="200")
+        accuracy = metric_value(run.entry_url, "edgeai_labelled_accuracy")
+        edge_requests = metric_value(run.urls[1][0], "edgeai_requests_total", code="200")
     finally:
         run.stop()
     which = [a["parameters"]["edgeai_exit"] for a in answers]

@@ -72,7 +72,11 @@ COMPANIONS: dict[str, dict[Path_, Any]] = {
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}
 # The smallest valid value of an object whose required fields a CEL rule states.
-MINIMAL: dict[str, Any] = {"spec.source": {"zoo": "digits_cnn"}}
+MINIMAL: dict[str, Any] = {
+    "spec.source": {"zoo": "digits_cnn"},
+    # a CEL rule: an exit's output is not the tensor it reads
+    "spec.exits[0]": {"output": "exit_0", "after": "hidden"},
+}
 # Accepted values of strings checked by CEL rules (the walk's "a", "b" are not URIs).
 SAMPLES: dict[str, list[Any]] = {
     "spec.source.uri": ["pvc://models/net.onnx", "configmap://nets/net.onnx"],
@@ -84,6 +88,9 @@ SAMPLES: dict[str, list[Any]] = {
     "spec.additionalInputs[0].name": ["state", "mask"],
     "spec.security.networkPolicy.entryFrom.cidrs": [["10.0.0.0/8"], ["192.168.0.0/16"]],
     "spec.base.modelRef.name": ["digits", "digits-trunk-2"],
+    # other tensors than spec.input.name (the walk's "a") and than each other
+    "spec.exits[0].output": ["exit_0", "exit_1"],
+    "spec.exits[0].after": ["hidden", "features"],
 }
 # Values CEL rules refuse, beyond the schema's own bounds.
 REFUSED: dict[str, list[Any]] = {
@@ -350,6 +357,7 @@ def test_the_walk_covers_the_fields_this_test_is_about() -> None:
         ("DNNModel", "spec.data.sha256"),
         ("DNNModel", "spec.base.sharedUpTo"),
         ("DNNModel", "spec.base.modelRef.name"),
+        ("DNNModel", "spec.exits[0].after"),
     ]:
         assert expected in fields
     assert ("DNNModel", "spec.source.onnx") not in fields  # not built: not offered

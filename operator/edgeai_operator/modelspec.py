@@ -15,6 +15,7 @@
         - {name: small, distill: {}}
       profile: {tiers: [device, edge, cloud], repeats: 20, idleMs: 100, timeoutSeconds: 300}
       base: {modelRef: {name: digits}, sharedUpTo: features_out}
+      exits: [{output: exit_0, after: features_0}]
 
 `spec.source` is `{uri, sha256}` with a URI as `sources.parse_source` accepts it (the
 check the preparation Job and `edgeai fetch` make), or `{zoo: NAME}`, short for
@@ -26,6 +27,8 @@ was wrong and what is accepted; the CRD's CEL rules refuse the same values serve
 `spec.base` declares that the model was fine-tuned above a trunk of another DNNModel of
 the namespace: its graph up to the cut tensor `sharedUpTo` computes what the base's
 graph computes up to one of its cuts, on the same weights (the preparation checks it).
+`spec.exits` declares early exits the model already has: extra outputs (class scores)
+a head computes from the tensor `after` (the preparation checks the graph agrees).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ _VARIANT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_MODEL_NAME = 40
 MAX_TENSOR_NAME = 256
+MAX_EXITS = 8
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,15 @@ class BaseRef:
 
 
 @dataclass(frozen=True)
+class ExitSpec:
+    """One of `spec.exits`: the model output holding an early exit's class scores and
+    the tensor its head reads."""
+
+    output: str
+    after: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     source: SourceRef
     input: InputSpec
@@ -176,6 +189,7 @@ class ModelSpec:
     # the model's inputs after `input`, for a model with several (spec.additionalInputs)
     additional_inputs: tuple[InputSpec, ...] = ()
     base: BaseRef | None = None
+    exits: tuple[ExitSpec, ...] = ()
 
     @property
     def inputs(self) -> tuple[InputSpec, ...]:
@@ -306,16 +320,23 @@ def _input(data: Mapping[str, Any], field: str = "spec.input") -> InputSpec:
     return InputSpec(name=name, shape=tuple(shape), dtype=dtype)
 
 
+def _short_list(value: Any, field: str, most: int, accepted: str) -> list[Any]:
+    """`value` when it is a list of at most `most` entries (absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > most:
+        raise SpecError(field, f"must be a list of at most {most}, got {value!r:.60}", accepted)
+    return value
+
+
 def _additional_inputs(value: Any, first: InputSpec) -> tuple[InputSpec, ...]:
     """spec.additionalInputs: the model's inputs after spec.input, each named once."""
-    if value is None:
-        return ()
-    if not isinstance(value, list) or len(value) > MAX_ADDITIONAL_INPUTS:
-        raise SpecError(
-            "spec.additionalInputs",
-            f"must be a list of at most {MAX_ADDITIONAL_INPUTS}, got {value!r:.60}",
-            "the model's inputs after spec.input: name, shape and dtype each",
-        )
+    value = _short_list(
+        value,
+        "spec.additionalInputs",
+        MAX_ADDITIONAL_INPUTS,
+        "the model's inputs after spec.input: name, shape and dtype each",
+    )
     inputs = [first]
     for i, item in enumerate(value):
         field = f"spec.additionalInputs[{i}]"
@@ -416,6 +437,51 @@ def _base(value: Any) -> BaseRef | None:
     return BaseRef(model=name, shared_up_to=tensor)
 
 
+def _tensor_name(value: Any, field: str, accepted: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_TENSOR_NAME:
+        raise SpecError(field, f"must be a tensor name, got {value!r}", accepted)
+    return value
+
+
+def _exits(value: Any, inputs: tuple[InputSpec, ...]) -> tuple[ExitSpec, ...]:
+    """spec.exits: distinct outputs, each read from a tensor the model computes."""
+    value = _short_list(
+        value, "spec.exits", MAX_EXITS, "entries {output: MODEL_OUTPUT, after: TENSOR}"
+    )
+    input_names = {i.name for i in inputs}
+    exits: list[ExitSpec] = []
+    for i, item in enumerate(value):
+        field = f"spec.exits[{i}]"
+        data = spec_mapping(item, field, required=True)
+        reject_unknown(data, field, ("output", "after"))
+        output = _tensor_name(
+            data.get("output"),
+            f"{field}.output",
+            f"the name (1 to {MAX_TENSOR_NAME} characters) of the model output holding "
+            "the exit's class scores",
+        )
+        after = _tensor_name(
+            data.get("after"),
+            f"{field}.after",
+            f"the name (1 to {MAX_TENSOR_NAME} characters) of the tensor the exit's head reads",
+        )
+        for key, name in (("output", output), ("after", after)):
+            if name in input_names:
+                raise SpecError(
+                    f"{field}.{key}", f"{name!r} is a model input", "a tensor the model computes"
+                )
+        if output == after:
+            raise SpecError(
+                f"{field}.after",
+                f"names the exit's own output {output!r}",
+                "the tensor the exit's head reads",
+            )
+        if any(e.output == output for e in exits):
+            raise SpecError(f"{field}.output", f"{output!r} repeats", "distinct outputs")
+        exits.append(ExitSpec(output, after))
+    return tuple(exits)
+
+
 def parse_model_spec(spec: Any) -> ModelSpec:
     """Validates a DNNModel's `spec` (the mapping under `spec:`)."""
     spec = spec_mapping(spec, "spec", required=True)
@@ -432,6 +498,7 @@ def parse_model_spec(spec: Any) -> ModelSpec:
             "variants",
             "profile",
             "base",
+            "exits",
         ),
     )
     source = _source(spec.get("source"))
@@ -462,4 +529,5 @@ def parse_model_spec(spec: Any) -> ModelSpec:
         calibration=_data_file(spec.get("calibration"), "spec.calibration"),
         data=_data_file(spec.get("data"), "spec.data"),
         base=_base(spec.get("base")),
+        exits=_exits(spec.get("exits"), (model_input, *additional)),
     )

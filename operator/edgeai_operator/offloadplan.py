@@ -34,16 +34,39 @@ from edgeai_operator.planner.exits import Exit, solve_with_exits
 from edgeai_operator.planner.model import LayerGraph, Tensor, evaluate
 from edgeai_operator.planner.plan import Plan, describe
 from edgeai_operator.planner.solvers import Solution
-from edgeai_operator.problem import solve
+from edgeai_operator.problem import offload_section, solve
 
 OFF_DEVICE_MS = 1e9  # the cascade's head anywhere but on the device: never chosen
 CASCADE = "cascade"
 FINAL = "final"
 
+__all__ = ["check_offload", "expected_shares", "offload_section", "planned_exits", "solve_offload"]
 
-def offload_section(profiles: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The calibration a profile carries (`offload`), if any."""
-    return next((p["offload"] for p in profiles if p.get("offload")), None)
+
+def check_offload(spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -> None:
+    """SpecError naming the field of `spec.offload` the model cannot back: exits on a
+    prepared model (its profiles name artefacts) whose profile carries no exit
+    calibration (a model that declares no exits, or declares them without labelled data
+    to measure them on), a cascade on a model whose calibration holds only its own exits."""
+    offload = spec.offload
+    if offload is None:
+        return
+    section = offload_section(profiles)
+    prepared = any(p.get("artifact") for p in profiles)
+    if offload.exits_rule is not None and section is None and prepared:
+        raise SpecError(
+            "spec.offload.exits",
+            "the model's profile carries no calibrated exits",
+            "a DNNModel whose spec.exits are measured on its labelled spec.data, or the "
+            "zoo's digits_cnn",
+        )
+    if offload.cascade_rule is not None and section is not None and "cascade" not in section:
+        raise SpecError(
+            "spec.offload.cascade",
+            "the model has no small models to cascade from (its calibration holds only the "
+            "exits it declares)",
+            "the zoo's digits_cnn, or spec.offload without cascade",
+        )
 
 
 def expected_shares(spec: DeploymentSpec, section: Mapping[str, Any]) -> dict[str, float]:

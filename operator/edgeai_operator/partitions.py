@@ -21,7 +21,7 @@ from edgeai_operator.files import file_sha256
 from edgeai_operator.plandoc import PlanAlternative, PlanDocument, PlanStage
 
 if TYPE_CHECKING:
-    from edgeai_worker.offload.exits import ExitHead
+    from edgeai_worker.offload.exits import ExitPoint
 
 
 @dataclass
@@ -107,19 +107,21 @@ def build_partitions(
     workdir: Path,
     *,
     adaptive: bool = True,
-    exits: Sequence[ExitHead] = (),
+    exits: Sequence[ExitPoint] = (),
 ) -> list[StageSpec]:
     """Cut the model into each stage's partition files (and the adaptive split's).
-    With `exits` (`exit_heads`), the heads are grafted onto the model first and each
-    stage's partition also outputs the exits whose tensor its layers compute."""
+    With `exits` (`exit_heads`), the heads that are files are grafted onto the model
+    first (the exits a model declares are its own) and each stage's partition also
+    outputs the exits whose tensor its layers compute."""
     import onnx
 
     from edgeai_worker.graph import Partitioner, cut_points
-    from edgeai_worker.offload.exits import graft_exits, produced_exits
+    from edgeai_worker.offload.exits import ExitHead, graft_exits, produced_exits
 
     model = onnx.load(str(model_path))
-    if exits:
-        model = graft_exits(model, exits)
+    heads = [h for h in exits if isinstance(h, ExitHead)]
+    if heads:
+        model = graft_exits(model, heads)
     partitioner = Partitioner(model)
     specs: list[StageSpec] = []
     for i, stage in enumerate(stages):
@@ -295,11 +297,14 @@ def _digits_only(plan: PlanDocument) -> None:
         )
 
 
-def exit_heads(plan: PlanDocument) -> tuple[ExitHead, ...]:
-    """The exit heads a plan with `offload.exits` grafts onto its model (prebuilt in
-    the zoo cache, `edgeai_worker.offload.build.prebuild_offload`); none otherwise."""
+def exit_heads(plan: PlanDocument) -> tuple[ExitPoint, ...]:
+    """The exits of a plan with `offload.exits`: those the model declares (its own
+    outputs), else the heads it grafts onto digits_cnn (prebuilt in the zoo cache,
+    `edgeai_worker.offload.build.prebuild_offload`); none otherwise."""
     if plan.offload is None or plan.offload.exits_rule is None:
         return ()
+    if plan.offload.declared_exits:
+        return plan.offload.declared_exits
     _digits_only(plan)
     from edgeai_worker.offload.build import prebuild_offload
     from edgeai_worker.offload.exits import read_heads
@@ -329,15 +334,20 @@ def offload_settings(
     exits = offload.exits_rule is not None and stage >= 0
     if not cascade and not reuse and not exits:
         return {}
-    _digits_only(plan)
     import onnx
 
     from edgeai_worker.graph import Partitioner
+    from edgeai_worker.offload.exits import produced_exits
+
+    source = model_path if model_path is not None else model_file(plan, Path("."))
+    if exits and offload.declared_exits and not cascade and not reuse:
+        declared = _declared_settings(plan, stage, source)
+        return {"offload": declared} if declared["exits"] else {}
+    _digits_only(plan)
     from edgeai_worker.offload.build import calibrate_reuse, prebuild_offload
-    from edgeai_worker.offload.exits import calibrated, produced_exits, read_heads
+    from edgeai_worker.offload.exits import calibrated, read_heads
 
     files = prebuild_offload(progress=False)
-    source = model_path if model_path is not None else model_file(plan, Path("."))
     settings: dict[str, Any] = {}
     if exits:
         found = calibrated(files, str(offload.exits_rule), offload.exits_target_accuracy or 0.0)
@@ -378,6 +388,32 @@ def offload_settings(
     if not settings.get("exits") and not cascade and not reuse:
         return {}
     return {"offload": settings}
+
+
+def _declared_settings(plan: PlanDocument, stage: int, model_path: Path) -> dict[str, Any]:
+    """The offload setting of a stage of a plan whose model declares its exits: those
+    its layers compute, with the plan's thresholds, and the model's final output."""
+    import onnx
+
+    from edgeai_worker.graph import Partitioner
+    from edgeai_worker.offload.exits import produced_exits
+
+    offload = plan.offload
+    assert offload is not None
+    current = plan.stages[stage]
+    ours: list[str] = []
+    if set(current.outputs) != set(current.inputs):
+        part = Partitioner(onnx.load(str(model_path))).extract(current.inputs, current.outputs)
+        ours = produced_exits(part, offload.declared_exits)
+    return {
+        "rule": offload.exits_rule,
+        "exits": [
+            {"output": e.output, "threshold": e.threshold}
+            for e in offload.declared_exits
+            if e.output in ours
+        ],
+        "finalOutput": offload.final_output or "output",
+    }
 
 
 def stage_settings(

@@ -159,13 +159,34 @@ class PlanAlternative:
 
 
 @dataclass(frozen=True)
+class PlanExit:
+    """An early exit the model itself declares (DNNModel spec.exits): the output with
+    its class scores, the tensor its head reads and the threshold calibrated on the
+    model's labelled data for the plan's target."""
+
+    output: str
+    after: str
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "after": self.after, "threshold": self.threshold}
+
+
+def _plan_exit(data: Mapping[str, Any], r: _Reader, _: int) -> PlanExit:
+    return PlanExit(r.text(data, "output"), r.text(data, "after"), r.number(data, "threshold"))
+
+
+@dataclass(frozen=True)
 class PlanOffload:
     """Per-input offloading as the stages run it (spec.offload): the device stage's
     cascade rule and the accuracy its threshold is calibrated for, the early exits'
     rule and target (the stages are cut from the model with its exit heads), the
     result-reuse cache of the first stage after the device, and the shares of inputs
     the plan was costed with (`exitShares`: per exit and `final`, measured on
-    validation data; the cascade's small model counts as exit `cascade`)."""
+    validation data; the cascade's small model counts as exit `cascade`). With exits
+    the model declares, `declared_exits` are they, thresholds included, and
+    `final_output` is the model's own answer (the stages cut the model as it is,
+    nothing grafted)."""
 
     cascade_rule: str | None = None
     target_accuracy: float | None = None
@@ -174,6 +195,8 @@ class PlanOffload:
     exits_rule: str | None = None
     exits_target_accuracy: float | None = None
     exit_shares: Mapping[str, float] = field(default_factory=dict)
+    declared_exits: tuple[PlanExit, ...] = ()
+    final_output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
@@ -181,6 +204,9 @@ class PlanOffload:
             doc["cascade"] = {"rule": self.cascade_rule, "targetAccuracy": self.target_accuracy}
         if self.exits_rule is not None:
             doc["exits"] = {"rule": self.exits_rule, "targetAccuracy": self.exits_target_accuracy}
+            if self.declared_exits:
+                doc["exits"]["declared"] = [e.to_dict() for e in self.declared_exits]
+                doc["exits"]["finalOutput"] = self.final_output
         if self.reuse_entries:
             doc["reuse"] = {
                 "maxEntries": self.reuse_entries,
@@ -209,6 +235,8 @@ class PlanOffload:
             exits_rule=er.optional_text(exits, "rule") if exits else None,
             exits_target_accuracy=er.number(exits, "targetAccuracy") if exits else None,
             exit_shares=r.numbers(data, "exitShares"),
+            declared_exits=er.items(exits, "declared", _plan_exit),
+            final_output=er.optional_text(exits, "finalOutput"),
         )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from edgeai_operator.deployspec import DeploymentSpec
 from edgeai_operator.errors import SpecError
-from edgeai_operator.offloadplan import offload_section, solve_offload
+from edgeai_operator.offloadplan import check_offload, offload_section, solve_offload
 from edgeai_operator.plandoc import PlanDocument
 from edgeai_operator.planner import Problem
 from edgeai_operator.problem import (
@@ -111,6 +111,7 @@ def plan_zones(
     """Per-zone plans; raises SpecError for a spec no cluster state can fix."""
     if not profiles:
         raise SpecError("spec.modelRef", "the model has no profile yet")
+    check_offload(spec, profiles)
     result = ZonePlans()
     servers = [n.spec for n in nodes if n.spec.tier in ("edge", "cloud") and n.usable]
     clouds = [n for n in servers if n.tier == "cloud"]

@@ -19,7 +19,14 @@ For zoo://digits_cnn the variants are the zoo's own (`edgeai_worker.variants`: s
 ranges from the training digits, pruning at 0.5 fine-tuned with the mask held) and
 accuracy is measured on its held-out split, so the numbers match the zoo's reports.
 Elsewhere accuracy needs `spec.data.uri`: an `.npz` of inputs keyed by input name and
-integer class labels under `labels`, scored as top-1 of the first output.
+integer class labels under `labels`, scored as top-1 of the first output (of the first
+output that is no declared exit).
+
+Declared early exits (`spec.exits`, `edgeai_worker.offload.declared`) are checked
+against the graph before anything is built (SpecError naming `spec.exits[i]`); each
+variant is then profiled without them (the exits are not planned as outputs that travel
+to the last stage), and with `spec.data` the fp32 profile carries the exits' validation
+tables (`offload`), measured on that data, for planning and serving `spec.offload.exits`.
 
 A variant that cannot be built (missing data, a builder failure) is reported with
 `ready: false` and the reason; the others are still built.
@@ -43,6 +50,7 @@ from edgeai_operator.files import file_sha256, replaced_when_done
 from edgeai_operator.modelspec import (
     DEFAULT_SPARSITY,
     VARIANT_KINDS,
+    ExitSpec,
     InputSpec,
     VariantKind,
     VariantRequest,
@@ -93,6 +101,7 @@ class PrepareRequest:
     data_uri: str | None = None
     data_sha256: str | None = None
     model_name: str | None = None
+    exits: tuple[ExitSpec, ...] = ()  # spec.exits: early exits the model declares
 
 
 @dataclass(frozen=True)
@@ -443,13 +452,16 @@ def _batches(examples: _Examples, fixed_batch: int | None) -> list[dict[str, np.
     ]
 
 
-def _accuracy(path: Path, examples: _Examples, fixed_batch: int | None) -> float:
-    """Top-1 accuracy of the first output against the labels, over the batches."""
+def _accuracy(
+    path: Path, examples: _Examples, fixed_batch: int | None, output: str | None = None
+) -> float:
+    """Top-1 accuracy of `output` (default: the first) against the labels, over the
+    batches."""
     assert examples.labels is not None
     session = _session(path)
     correct = seen = 0
     for feed in _batches(examples, fixed_batch):
-        first_output = np.asarray(session.run(None, feed)[0])
+        first_output = np.asarray(session.run(None if output is None else [output], feed)[0])
         predicted = first_output.reshape(len(first_output), -1).argmax(axis=1)
         labels = examples.labels[seen : seen + len(predicted)]
         correct += int((predicted == labels).sum())
@@ -607,6 +619,7 @@ class _Context:
     data: _Examples | None
     built_dir: Path
     model_name: str
+    final_output: str | None = None  # with declared exits: the output that is no exit
 
 
 def _build(ctx: _Context, index: int | None, variant: VariantRequest) -> Path:
@@ -651,7 +664,8 @@ def _build(ctx: _Context, index: int | None, variant: VariantRequest) -> Path:
 
 def _measure(ctx: _Context, path: Path) -> float | None:
     if ctx.data is not None:
-        return _accuracy(path, ctx.data, _batch_size(ctx.model, ctx.request.inputs[0].name))
+        batch = _batch_size(ctx.model, ctx.request.inputs[0].name)
+        return _accuracy(path, ctx.data, batch, ctx.final_output)
     if ctx.zoo_digits:
         from edgeai_worker import variants
 
@@ -682,6 +696,101 @@ def _add_offload_calibration(profile: dict[str, Any], path: Path, progress: Prog
     profile["offload"] = profile_section(folder)
 
 
+# What a declared exit must be (every spec.exits error says it).
+_EXIT_FORM = (
+    "an output of the model holding class scores (as many as the final output's), "
+    "computed by a head of its own from the tensor after, a single-tensor cut of the model"
+)
+
+
+def _declared(request: PrepareRequest) -> list[Any]:
+    from edgeai_worker.offload.declared import DeclaredExit
+
+    return [DeclaredExit(e.output, e.after) for e in request.exits]
+
+
+def _shapes(request: PrepareRequest) -> dict[str, list[int]]:
+    return {i.name: list(i.shape) for i in request.inputs}
+
+
+def check_declared_exits(request: PrepareRequest, model: onnx.ModelProto) -> str:
+    """The model's final output once `request.exits` fit its graph; SpecError naming
+    `spec.exits[i].output` or `.after` otherwise (see `offload.declared`)."""
+    from edgeai_worker import graph
+    from edgeai_worker.offload.declared import (
+        ExitError,
+        backbone,
+        check_classes,
+        check_exits,
+    )
+
+    exits = _declared(request)
+    try:
+        final = check_exits(model, exits)[0]
+        feed = graph.sample_feed(model, _shapes(request))
+        names = [final, *(e.output for e in exits)]
+        ran = _session(model.SerializeToString()).run(names, feed)
+        check_classes(dict(zip(names, ran, strict=True)), exits, final)
+        cuts = graph.graph_cut_points(graph.analyze(backbone(model, exits), _shapes(request)))
+        single = {c.tensors[0] for c in cuts if len(c.tensors) == 1}
+        for index, declared in enumerate(exits):
+            if declared.after not in single:
+                raise ExitError(
+                    index,
+                    "after",
+                    f"{declared.after!r} is not a single-tensor cut of the model without its "
+                    "exits (every layer after it would need another tensor from before it)",
+                )
+    except ExitError as exc:
+        raise SpecError(f"spec.exits[{exc.index}].{exc.key}", str(exc), _EXIT_FORM) from exc
+    return final
+
+
+def _profiled_graph(ctx: _Context, path: Path) -> Path:
+    """What is profiled of the built `path`: itself, or without its declared exits."""
+    if not ctx.request.exits:
+        return path
+    import onnx
+
+    from edgeai_worker.offload.declared import backbone
+
+    plain = path.with_name(f"{path.stem}-without-exits.onnx")
+    onnx.save(backbone(onnx.load(str(path)), _declared(ctx.request)), str(plain))
+    return plain
+
+
+def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path) -> None:
+    """The declared exits' validation tables on `spec.data` as the profile's `offload`
+    section (`offload.declared.profile_section`)."""
+    import onnx
+
+    from edgeai_worker import graph
+    from edgeai_worker.offload.declared import head_flops, profile_section, validation_tables
+
+    assert ctx.data is not None
+    assert ctx.data.labels is not None
+    assert ctx.final_output
+    exits = _declared(ctx.request)
+    names = [ctx.final_output, *(e.output for e in exits)]
+    session = _session(path)
+    runs = [
+        session.run(names, feed)
+        for feed in _batches(ctx.data, _batch_size(ctx.model, ctx.request.inputs[0].name))
+    ]
+    outputs = {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+    labels = ctx.data.labels[: len(outputs[ctx.final_output])]
+    model = onnx.load(str(path))
+    dag = graph.analyze(model, _shapes(ctx.request))
+    row = outputs[ctx.final_output]
+    profile["offload"] = profile_section(
+        exits,
+        ctx.final_output,
+        int(row[0].nbytes) if len(row) else 0,
+        [head_flops(model, e, dag) for e in exits],
+        validation_tables(outputs, labels, exits, ctx.final_output),
+    )
+
+
 def _prepare_variant(
     ctx: _Context,
     index: int | None,
@@ -707,7 +816,7 @@ def _prepare_variant(
 
     try:
         profile = graph_profile(
-            path,
+            _profiled_graph(ctx, path),
             model=ctx.model_name,
             variant=variant.name,
             input_spec=input_spec,
@@ -727,6 +836,8 @@ def _prepare_variant(
         accuracy = _measure(ctx, path)
         if ctx.zoo_digits and variant.kind == "fp32":
             _add_offload_calibration(profile, path, progress)
+        if ctx.request.exits and ctx.data is not None and variant.kind == "fp32":
+            _add_declared_calibration(ctx, profile, path)
     except GraphError as exc:
         if variant.kind == "fp32":  # the model itself: no variant of it can be planned
             raise UnsupportedGraph(str(exc)) from exc
@@ -791,6 +902,7 @@ def prepare(
     inputs = _tensors(_graph_inputs(model))
     outputs = _tensors(model.graph.output)
     zoo_digits = source.scheme == "zoo" and source.location == _DIGITS
+    final_output = check_declared_exits(request, model) if request.exits else None
 
     calibration = None
     if request.calibration_uri and any(v.kind == "int8-static" for _, v in wanted):
@@ -818,7 +930,15 @@ def prepare(
     built_dir = workdir / "built"
     built_dir.mkdir(parents=True, exist_ok=True)
     ctx = _Context(
-        request, fetched.path, model, zoo_digits, calibration, data, built_dir, model_name
+        request,
+        fetched.path,
+        model,
+        zoo_digits,
+        calibration,
+        data,
+        built_dir,
+        model_name,
+        final_output,
     )
     input_spec = _input_dict(request.inputs[0])
     results = []
@@ -851,6 +971,7 @@ __all__ = [
     "VariantKind",
     "VariantRequest",
     "VariantResult",
+    "check_declared_exits",
     "check_inputs",
     "prepare",
     "prune_weights",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.modelspec import InputSpec
+from edgeai_operator.modelspec import ExitSpec, InputSpec
 from edgeai_operator.preparation import ERROR_KEY, RESULT_KEY
 from edgeai_operator.prepare import (
     VARIANT_KINDS,
@@ -53,6 +53,19 @@ def parse_input(text: str) -> InputSpec:
     if dtype.upper() not in _DTYPES:
         raise SpecError("--input", f"{text!r} names the dtype {dtype!r}", ", ".join(_DTYPES))
     return InputSpec(name, shape, dtype.upper())
+
+
+def parse_exit(text: str) -> ExitSpec:
+    """`OUTPUT=AFTER` as an ExitSpec; SpecError naming --exit otherwise."""
+    output, eq, after = text.partition("=")
+    if not eq or not output or not after:
+        raise SpecError(
+            "--exit",
+            f"{text!r} is not an exit",
+            "OUTPUT=AFTER: the model output holding the exit's class scores, the tensor "
+            "its head reads",
+        )
+    return ExitSpec(output, after)
 
 
 def parse_variant(text: str) -> VariantRequest:
@@ -109,6 +122,13 @@ def register(subparsers: Any) -> None:
         default=[],
         type=parse_variant,
         help=f"a variant beside fp32, repeatable ({_VARIANT_FORM})",
+    )
+    parser.add_argument(
+        "--exit",
+        action="append",
+        default=[],
+        type=parse_exit,
+        help="an early exit the model declares, repeatable (OUTPUT=AFTER, spec.exits)",
     )
     parser.add_argument("--calibration", help="an .npz of example inputs (int8-static)")
     parser.add_argument("--calibration-sha256", help="its sha256 (required for http(s))")
@@ -195,6 +215,7 @@ def _cmd(args: argparse.Namespace) -> int:
         data_uri=args.data,
         data_sha256=args.data_sha256,
         model_name=args.model_name,
+        exits=tuple(args.exit),
     )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgeai-prepare-") as scratch:

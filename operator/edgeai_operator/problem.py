@@ -32,6 +32,7 @@ from edgeai_operator.plandoc import (
     ModelIdentity,
     PlanAlternative,
     PlanDocument,
+    PlanExit,
     PlanLink,
     PlanOffload,
     PlanStage,
@@ -624,6 +625,33 @@ def plan_alternatives(plan: Plan) -> tuple[PlanAlternative, ...]:
     )
 
 
+def offload_section(profiles: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The calibration a profile carries (`offload`), if any."""
+    return next((p["offload"] for p in profiles if p.get("offload")), None)
+
+
+def declared_exits(
+    spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]
+) -> tuple[tuple[PlanExit, ...], str | None]:
+    """The exits the model declares (its profile's `offload` section has `finalOutput`)
+    with thresholds for `spec.offload.exits`, and the model's final output; none for
+    the digits heads (grafted by the stages) and without `spec.offload.exits`."""
+    section = offload_section(profiles)
+    offload = spec.offload
+    if section is None or "finalOutput" not in section:
+        return (), None
+    if offload is None or offload.exits_rule is None:
+        return (), None
+    from edgeai_worker.offload.exits import section_calibration
+
+    found = section_calibration(section, offload.exits_rule, offload.exits_target_accuracy or 0.0)
+    exits = tuple(
+        PlanExit(str(e["output"]), str(e["after"]), threshold)
+        for e, threshold in zip(section["exits"], found.exit_thresholds, strict=True)
+    )
+    return exits, str(section["finalOutput"])
+
+
 def plan_document(
     spec: DeploymentSpec,
     profiles: list[dict[str, Any]],
@@ -662,6 +690,7 @@ def plan_document(
         digest=str(artifact["digest"]) if artifact else None,
     )
     host = profile["host"].get("gflops") if method == "measured" else None
+    exits, final_output = declared_exits(spec, profiles)
     return PlanDocument(
         deployment=spec.name,
         model=model,
@@ -716,6 +745,8 @@ def plan_document(
                 spec.offload.exits_rule,
                 spec.offload.exits_target_accuracy,
                 exit_shares or {},
+                exits,
+                final_output,
             )
         ),
     )

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 HEADS_FILE = "heads.json"
 TABLES_FILE = "validation.npz"
 EXIT_RULES = ("maxProb", "entropy")  # disagreement needs two models: cascades only
+
+
+class ExitPoint(Protocol):
+    """Where an exit leaves: its output and the tensor its head reads."""
+
+    @property
+    def output(self) -> str: ...
+
+    @property
+    def after(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def graft_exits(model: onnx.ModelProto, heads: Sequence[ExitHead]) -> onnx.Model
     return grafted
 
 
-def produced_exits(partition: onnx.ModelProto, heads: Iterable[ExitHead]) -> list[str]:
+def produced_exits(partition: onnx.ModelProto, heads: Iterable[ExitPoint]) -> list[str]:
     """The exits whose tensor `partition`'s own nodes compute: those its stage runs."""
     produced = {o for n in partition.graph.node for o in n.output}
     return [h.output for h in heads if h.after in produced]
@@ -120,11 +130,16 @@ def _calibrate(
     tables: Mapping[str, Any], n_exits: int, rule: str, target_accuracy: float
 ) -> ExitCalibration:
     final = np.asarray(tables["final_correct"], dtype=bool)
-    cascade = calibrate_thresholds(
-        [np.asarray(tables[f"cascade_{rule}"], dtype=np.float64)],
-        [np.asarray(tables["cascade_correct"], dtype=bool)],
-        final,
-        target_accuracy,
+    # a model's declared exits come without a cascade: nothing answers before the model
+    cascade = (
+        calibrate_thresholds(
+            [np.asarray(tables[f"cascade_{rule}"], dtype=np.float64)],
+            [np.asarray(tables["cascade_correct"], dtype=bool)],
+            final,
+            target_accuracy,
+        )
+        if "cascade_correct" in tables
+        else None
     )
     exits = None
     if rule in EXIT_RULES:
@@ -139,10 +154,10 @@ def _calibrate(
         target_accuracy=target_accuracy,
         exit_thresholds=exits.thresholds if exits else (NEVER,) * n_exits,
         exit_rates=exits.exit_rates if exits else (0.0,) * n_exits,
-        cascade_threshold=cascade.thresholds[0],
-        escalation_rate=1.0 - cascade.exit_rates[0],
-        accuracy=exits.accuracy if exits else cascade.final_accuracy,
-        samples=cascade.samples,
+        cascade_threshold=cascade.thresholds[0] if cascade else NEVER,
+        escalation_rate=1.0 - cascade.exit_rates[0] if cascade else 1.0,
+        accuracy=exits.accuracy if exits else cascade.final_accuracy if cascade else 0.0,
+        samples=len(final),
     )
 
 
