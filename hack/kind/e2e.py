@@ -256,23 +256,14 @@ def _privileged_pod_refused() -> str:
             ]
         },
     }
-    result = subprocess.run(
-        [
-            str(K8S_BIN / "kubectl"),
-            f"--kubeconfig={KUBECONFIG}",
-            "apply",
-            "--dry-run=server",
-            "-f",
-            "-",
-        ],
-        input=json.dumps(pod),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode == 0 or "violates PodSecurity" not in result.stderr:
-        raise RuntimeError(f"a privileged pod was not refused in {NS}: {result.stderr.strip()}")
-    return result.stderr.strip().splitlines()[0][:200]
+    try:
+        kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(pod))
+    except RuntimeError as err:  # kubectl's own error: "<command> -> <rc>: <stderr>"
+        stderr = str(err).split(": ", 1)[-1].strip()
+        if "violates PodSecurity" in stderr:
+            return stderr.splitlines()[0][:200]
+        raise RuntimeError(f"the privileged pod failed otherwise in {NS}: {stderr}") from err
+    raise RuntimeError(f"a privileged pod was not refused in {NS}")
 
 
 def entry_nodeport(deployment: str, zone: str) -> str:
