@@ -403,6 +403,24 @@ def test_plan_hash_changes_with_the_plan_only() -> None:
     assert plan().split == "device:0-3 > edge:4-7 > cloud:8-9"
 
 
+def test_plan_hash_ignores_what_no_stage_reads() -> None:
+    """A new spec.slo (or new predictions) that keeps the split must not roll the pods."""
+    doc = plan().to_dict()
+    doc.update(
+        slo={"latencyP95Ms": 1.0},
+        predictedLatencyMs=400.0,
+        objectiveValue=3.0,
+        tiers={"edge": {"gflops": 9.0}},
+    )
+    doc["stages"][1]["computeMs"] = 12.5
+    assert plan_hash(PlanDocument.from_dict(doc)) == plan_hash(plan())
+    doc["stages"][1]["layers"] = "4-6"
+    assert plan_hash(PlanDocument.from_dict(doc)) != plan_hash(plan())
+    doc = plan().to_dict()
+    doc["priority"] = 100  # the stages' queues read it
+    assert plan_hash(PlanDocument.from_dict(doc)) != plan_hash(plan())
+
+
 def test_priority_class_literal() -> None:
     assert priority_class(100) == {
         "apiVersion": "scheduling.k8s.io/v1",

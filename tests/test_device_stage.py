@@ -129,7 +129,11 @@ async def _first_uplink_measurement(
     """Waits for the start-up probe: a device is ready before it has measured its
     uplink, and the gauge appears with the first measurement."""
     deadline = time.monotonic() + timeout_s
-    while "edgeai_uplink_mbps " not in await _metrics(session, url):
+    # The HELP and TYPE lines are always there; the sample line starts the line.
+    while not any(
+        line.startswith("edgeai_uplink_mbps ")
+        for line in (await _metrics(session, url)).splitlines()
+    ):
         if time.monotonic() > deadline:
             raise AssertionError(f"no uplink measurement within {timeout_s:g} s")
         await asyncio.sleep(POLL_INTERVAL_S)

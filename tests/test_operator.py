@@ -408,9 +408,17 @@ def test_the_last_deployment_of_a_priority_deletes_its_priority_class(
     ns.kubectl("delete", "dnnd", "first", "--timeout=60s")
     assert get(ns, "priorityclass", pc)["metadata"]["uid"] == uid
 
-    # the last two deleted at once: each sees the other going, one of them deletes it
+    # the last two deleted at once, right after a spec change starts a pass in each
+    # (a pass still applying children must not re-create it after the release): each
+    # sees the other going, one of them deletes it
+    for name in ("second", "third"):
+        ns.kubectl(
+            "patch", "dnnd", name, "--type=merge", "-p", '{"spec":{"slo":{"latencyP95Ms":150}}}'
+        )
     ns.kubectl("delete", "dnnd", "second", "third", "--timeout=60s")
     wait_for("the PriorityClass deleted", lambda: get(ns, "priorityclass", pc) is None, 30)
+    time.sleep(5)  # nothing re-creates it once both daemons have ended
+    assert get(ns, "priorityclass", pc) is None
 
 
 def _metrics(operator: OperatorProcess) -> dict[str, float]:

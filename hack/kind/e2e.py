@@ -643,6 +643,7 @@ class Run:
         }
         model = _zone_plan("zone-a")["model"]["name"]
         result: dict[str, Any] = {"replicasBefore": before}
+        device_pods = _device_pod_uids()
         base = entry_nodeport(DEPLOYMENT, "zone-a")
         with Traffic(base, model, workers=4) as load:
             kubectl(
@@ -657,6 +658,10 @@ class Run:
             )
             up, up_s = wait_for("a scale-up", lambda: _scaled(before, _replicas(), up=True), 180, 2)
             result.update(replicasUp=up, scaleUpS=round(up_s, 1), load=load.summary())
+        # The new SLO keeps the split: the device pods keep running (a plan that only
+        # records another SLO does not roll them), and no request fails while the edge
+        # stage scales.
+        result["devicePodsKept"] = _device_pod_uids() == device_pods
         restore = {
             "spec": {
                 "slo": original["slo"],
@@ -683,6 +688,8 @@ class Run:
 
         down, down_s = wait_for("the scale-down to the replicas before", back_down, 300, 3)
         result.update(replicasPeak=peak, replicasDown=down, scaleDownS=round(down_s, 1))
+        if not result["devicePodsKept"] or result["load"]["failed"]:
+            raise RuntimeError(f"the SLO change disturbed serving: {result}")
         return result
 
     # 7 ------------------------------------------------------------------------------------
@@ -1153,6 +1160,11 @@ def _device_pod(zone: str) -> str:
     if not running:
         raise RuntimeError(f"no Running device pod in {zone}")
     return str(sorted(running)[0])
+
+
+def _device_pod_uids() -> set[str]:
+    pods = get("pods", "-n", NS, "-l", f"edgeai.dev/deployment={DEPLOYMENT},edgeai.dev/tier=device")
+    return {str(p["metadata"]["uid"]) for p in pods["items"]}
 
 
 def _stage_pods() -> list[str]:

@@ -185,9 +185,42 @@ def plan_configmap(owner: Owner, plans: Mapping[str, PlanDocument]) -> dict[str,
     }
 
 
+# What a plan records about itself that no stage reads (the SLO it was planned for, its
+# predictions, the solver, the measured tiers and links): a change to these alone, such
+# as a new spec.slo that keeps the split, leaves the pods running.
+_DESCRIPTIVE_PLAN_KEYS = frozenset(
+    {
+        "objective",
+        "feasible",
+        "reason",
+        "predictedLatencyMs",
+        "objectiveValue",
+        "deviceEnergyMj",
+        "cloudCost",
+        "slo",
+        "transfers",
+        "servingMs",
+        "compute",
+        "solver",
+        "tiers",
+        "links",
+    }
+)
+_DESCRIPTIVE_STAGE_KEYS = frozenset({"computeMs"})
+_DESCRIPTIVE_ALTERNATIVE_KEYS = frozenset({"predictedLatencyMs", "atMbps", "meetsSlo"})
+
+
+def _without(doc: Mapping[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in keys}
+
+
 def plan_hash(plan: PlanDocument) -> str:
-    """Changes when the plan does; in the pod template so a new plan rolls the pods."""
-    return _hash(plan.to_dict(), 16)
+    """Changes when what the stages run changes; in the pod template so such a plan
+    rolls the pods (and only such a plan)."""
+    doc = _without(plan.to_dict(), _DESCRIPTIVE_PLAN_KEYS)
+    doc["stages"] = [_without(s, _DESCRIPTIVE_STAGE_KEYS) for s in doc["stages"]]
+    doc["alternatives"] = [_without(a, _DESCRIPTIVE_ALTERNATIVE_KEYS) for a in doc["alternatives"]]
+    return _hash(doc, 16)
 
 
 def _affinity(

@@ -4,7 +4,6 @@ spec, its model or a node changes, and every `resync_s` seconds otherwise."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -145,6 +144,21 @@ async def _pass(
     return state
 
 
+async def _woken(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout_s: float) -> bool:
+    """Waits for a wake-up, a stop or the timeout; True on a wake-up. Waiting on the
+    stop too lets a deleted deployment's daemon end at once instead of being cancelled."""
+    waits = {
+        asyncio.ensure_future(wake.wait()),
+        asyncio.ensure_future(stopped.wait()),
+    }
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+    return wake.is_set() and not stopped
+
+
 @kopf.daemon(API_GROUP, API_VERSION, "dnndeployments", cancellation_timeout=10)
 async def run_deployment(
     name: str,
@@ -165,6 +179,7 @@ async def run_deployment(
     state = DeploymentState()
     wake = ctx.wakeups.event_for(namespace, name)
     ctx.metrics.deployment_started()
+    running: asyncio.Task[DeploymentState] | None = None
     try:
         while not stopped:
             wake.clear()
@@ -179,15 +194,21 @@ async def run_deployment(
                 if key[0] == namespace
                 for record in found
             }
-            state = await _pass(ctx, body, state, profiles, nodes, logger, records)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=ctx.settings.resync_s)
+            # Shielded: a stop cannot interrupt a pass's thread, which would go on
+            # applying children (the PriorityClass among them) after the release below.
+            running = asyncio.ensure_future(
+                _pass(ctx, body, state, profiles, nodes, logger, records)
+            )
+            state = await asyncio.shield(running)
+            if await _woken(wake, stopped, ctx.settings.resync_s):
                 await asyncio.sleep(ctx.settings.debounce_s)
     finally:
         ctx.metrics.deployment_stopped()
         ctx.wakeups.forget(namespace, name)
+        if running is not None and not running.done():
+            await asyncio.wait({running})
         # kopf holds the finalizer until this daemon returns: the release runs before
-        # the DNNDeployment is gone.
+        # the DNNDeployment is gone, and after this deployment's last pass.
         if stopped.reason and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
             await _release_priority_class(
                 (namespace, name), _priority(body), priority_users, logger
