@@ -5,8 +5,12 @@
 # edgeai-worker:<version> (a stage pod and its fetch init container: the package + the
 # pinned `worker` extra, onnxruntime, onnx and tenseal; no torch, but digits_cnn's zoo files
 # built with the host's torch in /opt/edgeai/cache). <version> is pyproject.toml's.
+# With `trainer`, also edgeai-trainer:<version> (a DNNTrainingJob's aggregator and
+# workers: the worker image's packages plus the pinned `train` extra, torch among them;
+# PyPI's Linux torch wheels carry CUDA, so this image is several GB).
 #
-#   hack/images/build.sh            # both; prints the two image names last
+#   hack/images/build.sh            # operator and worker; prints their names last
+#   hack/images/build.sh trainer    # the trainer too; prints the three names last
 #
 # Python is Debian's python3 (3.11) in a venv at /opt/edgeai; packages come from PyPI at
 # build time, at the versions pinned in pyproject.toml. The build may need this host's
@@ -81,9 +85,10 @@ src_hash=$(cd "$repo" && find operator workers -type f \( -name '*.py' -o -name 
   | sort | xargs cat pyproject.toml | sha256sum | cut -c1-12)
 
 # 2. One image: a venv at /opt/edgeai built in a chroot of the base, copied onto the base.
-build_image() { # name extra-or-none
-  local name=$1 extra=$2 ctx root reqs t0 stamp
+build_image() { # name extra-or-none [another extra]
+  local name=$1 extra=$2 more=${3:-} ctx root reqs t0 stamp
   reqs=$(pins -); [ "$extra" = none ] || reqs+=$'\n'$(pins "$extra")
+  [ -z "$more" ] || reqs+=$'\n'$(pins "$more")
   stamp=$( { echo "$base_stamp $name"; echo "$reqs"; echo "$src_hash"; cat "$0"; } | sha256sum | cut -c1-12)
   if [ "$(docker image inspect -f '{{index .Config.Labels "dev.edgeai.build"}}' "$name:$version" 2>/dev/null)" = "$stamp" ]; then
     log "$name:$version up to date (build $stamp)"
@@ -111,6 +116,9 @@ build_image() { # name extra-or-none
   # through kopf and the synchronous client. The image test imports both packages.
   "${env_clean[@]}" chroot "$root" /opt/edgeai/bin/pip uninstall --quiet --yes setuptools pip >&2
   local site=/opt/edgeai/lib/python3.11/site-packages
+  # torch's GPU compiler (triton, 1 GB) is imported only to compile for a GPU: training
+  # here runs torch eagerly on CPUs. The CUDA libraries themselves stay: libtorch links them.
+  rm -rf "$root$site/triton" "$root$site"/triton-*.dist-info
   rm -rf "$root$site/kubernetes/aio"
   # numpy's own test suites (16 MB) are never imported. kubernetes' generated client
   # (api/ and models/: 55 MB as source plus bytecode) is kept as bytecode only, without
@@ -128,7 +136,8 @@ build_image() { # name extra-or-none
   local so top
   while IFS= read -r so; do
     top=${so#"$root$site/"}; top=${top%%/*}
-    case $top in *.libs) continue ;; esac
+    # torch and its CUDA libraries: as shipped (GBs to rewrite, and torch loads them by path)
+    case $top in *.libs|torch|nvidia) continue ;; esac
     [ -d "$root$site/$top.libs" ] && continue
     strip --strip-unneeded "$so"
   done < <(find "$root$site" -name '*.so*' -type f)
@@ -139,7 +148,7 @@ build_image() { # name extra-or-none
   mkdir -p "$ctx/opt" && mv "$root/opt/edgeai" "$ctx/opt/"
   rm -rf "$root"
   local image_env=""
-  if [ "$extra" = worker ]; then
+  if [ "$extra" = worker ] && [ "$name" = edgeai-worker ]; then
     # digits_cnn's exports, variants, noise-trained files, the offload folder, the heads
     # on its trunk and the digits split, built with the host's torch and scikit-learn (the
     # image has neither) into the cache the worker reads first:
@@ -177,5 +186,7 @@ DOCKERFILE
 
 build_image edgeai-operator none
 build_image edgeai-worker worker
+[ "${1:-}" != trainer ] || build_image edgeai-trainer worker train
 echo "edgeai-operator:$version"
 echo "edgeai-worker:$version"
+[ "${1:-}" != trainer ] || echo "edgeai-trainer:$version"

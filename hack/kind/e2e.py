@@ -289,7 +289,16 @@ def entry_nodeport(deployment: str, zone: str) -> str:
     port = get("service", name, "-n", NS)["spec"]["ports"][0]["nodePort"]
     node = get("node", _node("device", zone))
     ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
-    return f"http://{ip}:{port}"
+    base = f"http://{ip}:{port}"
+    # A new Service's node port is refused until kube-proxy has written its rules: load
+    # started before that would count the proxy's start-up as lost requests.
+    wait_for(f"{name} answering at {base}", lambda: _ready(base), 60, 0.5)
+    return base
+
+
+def _ready(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5) as resp:
+        return bool(resp.status == 200)
 
 
 class Traffic:
