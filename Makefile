@@ -112,6 +112,10 @@ images: install ## Build edgeai-operator:<version> and edgeai-worker:<version> (
 	hack/kind/host.sh
 	PYTHON=$(abspath $(PY)) hack/images/build.sh
 
+image-trainer: install ## Also build edgeai-trainer:<version> (DNNTrainingJob pods: the worker packages + torch; several GB)
+	hack/kind/host.sh
+	PYTHON=$(abspath $(PY)) hack/images/build.sh trainer
+
 kind-up: install binaries ## A 6-node kind cluster shaped like hack/topology.yaml, images loaded (offline node image)
 	PYTHON=$(abspath $(PY)) hack/kind/up.sh
 

@@ -1278,6 +1278,20 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
         lambda s: f"{s['upgradeS']} s",
     ),
     (
+        "training",
+        "examples/digits-training.yaml on real pods, its model then served",
+        lambda t: (
+            f"{t['mode']}, {t['workers']} device workers + aggregator on "
+            f"{t['placement'].get('aggregator')}: {t['rounds']} rounds in {t['trainS']} s, "
+            f"held-out accuracy {t['accuracy']} ({t['heldOutAccuracyHere']} here on the "
+            f"exported file), {t['uplinkBytes']} uplink bytes (compression "
+            f"{t['compressionRatio']}x); served {t['servedAfterS']} s later through "
+            f"device -> edge pods, max |served - onnxruntime| {t['servedMaxAbsDiff']:.1e}; "
+            f"trainer image {t['trainerImageBytes'] / 1e9:.2f} GB, loaded into "
+            f"{len(t['trainerNodes'])} nodes in {t['trainerLoadS']} s"
+        ),
+    ),
+    (
         "cleanup",
         "delete: children gone / helm uninstall; objects left",
         lambda s: (

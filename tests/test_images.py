@@ -198,3 +198,30 @@ def test_worker_container_serves_oip_v2() -> None:
         assert response["outputs"][0]["data"] == INFER_EXPECTED
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+TRAINER_IMAGE = f"edgeai-trainer:{VERSION}"
+
+
+def test_trainer_image_runs_the_training_module_with_torch() -> None:
+    """edgeai-trainer (`make image-trainer`, not part of `make images`: torch from PyPI
+    brings its CUDA libraries, several GB): non-root, labelled, and its training module
+    starts and trains a step of torch on the CPU."""
+    if subprocess.run(
+        ["docker", "image", "inspect", TRAINER_IMAGE], capture_output=True
+    ).returncode:
+        pytest.skip(f"{TRAINER_IMAGE} not built (make image-trainer)")
+    config = inspect(TRAINER_IMAGE)["Config"]
+    assert config["Labels"]["org.opencontainers.image.version"] == VERSION
+    assert config["User"] == "10001:10001"
+    out = run(TRAINER_IMAGE, "-m", "edgeai_worker.training", "--help", entrypoint="python")
+    assert out.returncode == 0, out.stderr
+    assert "aggregator" in out.stdout
+    step = (
+        "import torch; m = torch.nn.Linear(64, 10); x = torch.randn(32, 64); "
+        "y = torch.randint(0, 10, (32,)); o = torch.optim.SGD(m.parameters(), lr=0.1); "
+        "l0 = torch.nn.functional.cross_entropy(m(x), y); l0.backward(); o.step(); "
+        "l1 = torch.nn.functional.cross_entropy(m(x), y); print(float(l0) > float(l1))"
+    )
+    trained = run(TRAINER_IMAGE, "-c", step, entrypoint="python")
+    assert trained.stdout.strip() == "True", trained.stderr

@@ -181,6 +181,8 @@ DOCKERFILE
   DOCKER_BUILDKIT=0 docker build --quiet -t "$name:$version" "$ctx" >/dev/null 2>"$work/docker-build.err" \
     || { cat "$work/docker-build.err" >&2; exit 1; }
   rm -rf "$ctx"
+  # the build this one replaced, now untagged (the trainer's is several GB)
+  docker image prune -f --filter "label=org.opencontainers.image.title=$name" >/dev/null
   log "$name:$version built in $(( $(date +%s) - t0 ))s ($(docker image inspect -f '{{.Size}}' "$name:$version" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 

@@ -37,6 +37,7 @@ bench/render_numbers.py).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -45,6 +46,7 @@ import re
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -78,6 +80,8 @@ DEPLOYMENT = "digits-offload"
 MODEL = "digits"
 WORKER_PORT = 8080
 IMAGES = ("edgeai-operator:0.1.0", "edgeai-worker:0.1.0", "edgeai/kind-node:v1.34.4")
+TRAINER_IMAGE = "edgeai-trainer:0.1.0"
+TRAINED = "digits-trained"  # the training step's DNNModel and DNNDeployment
 TIER, ZONE = "edgeai.dev/tier", "topology.kubernetes.io/zone"
 
 
@@ -935,6 +939,123 @@ class Run:
             ],
         }
 
+    # 10b ----------------------------------------------------------------------------------
+    def training(self) -> dict[str, Any]:
+        """examples/digits-training.yaml on real pods, one worker per camera device (both
+        zones) and the aggregator on an edge node: trained to its target, the exported
+        model scored here on the held-out digits, then prepared by a DNNModel and served by
+        a DNNDeployment whose answers equal onnxruntime's on that file. The trainer image
+        (torch) goes only to the nodes that run training pods: it is several GB."""
+        env = {**os.environ, "PYTHON": sys.executable}
+        t0 = time.monotonic()
+        run(REPO / "hack" / "images" / "build.sh", "trainer", timeout=3600, env=env)
+        build_s = time.monotonic() - t0
+        size = int(run("docker", "image", "inspect", "-f", "{{.Size}}", TRAINER_IMAGE))
+        devices = sorted(
+            n["metadata"]["name"] for n in get("nodes", "-l", f"{TIER}=device,app=camera")["items"]
+        )
+        edges = sorted(n["metadata"]["name"] for n in get("nodes", "-l", f"{TIER}=edge")["items"])
+        t0 = time.monotonic()
+        targets = ",".join(devices + edges[:1])
+        if _trainer_missing(targets.split(",")):
+            run(
+                KIND,
+                "load",
+                "docker-image",
+                "--name",
+                CLUSTER,
+                "--nodes",
+                targets,
+                TRAINER_IMAGE,
+                timeout=3600,
+            )
+        load_s = time.monotonic() - t0
+
+        job = yaml.safe_load((REPO / "examples" / "digits-training.yaml").read_text())
+        name = job["metadata"]["name"]
+        job["spec"]["workers"]["count"] = len(devices)
+        t0 = time.monotonic()
+        kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump(job))
+
+        def finished() -> dict[str, Any] | None:
+            found = get("dnntrainingjob", name, "-n", NS)
+            return (
+                found if found.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+            )
+
+        done, train_s = wait_for("the training job Succeeded or Failed", finished, 1200, 3)
+        status = done["status"]
+        if status["phase"] != "Succeeded":
+            raise RuntimeError(f"the training job failed: {status}")
+        placement = status.get("placement") or {}
+        exported = Path(tempfile.mkdtemp()) / "trained.onnx"
+        data = get("configmap", f"{name}-model", "-n", NS)["binaryData"]["model.onnx"]
+        exported.write_bytes(base64.b64decode(data))
+        scored = _held_out_accuracy(exported)
+
+        model = {
+            "apiVersion": "edgeai.dev/v1alpha1",
+            "kind": "DNNModel",
+            "metadata": {"name": TRAINED},
+            "spec": {
+                "source": {"uri": status["model"]},
+                "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+            },
+        }
+        serving = yaml.safe_load(deployment_manifest(TRAINED, ["device", "edge"]))
+        serving["spec"]["modelRef"]["name"] = TRAINED
+        t0 = time.monotonic()
+        kubectl("apply", "-n", NS, "-f", "-", input=yaml.safe_dump_all([model, serving]))
+        wait_for(
+            "the trained model's DNNDeployment Available",
+            lambda: condition(get("dnndeployment", TRAINED, "-n", NS), "Available") == "True",
+            600,
+            2,
+        )
+        base = entry_nodeport(TRAINED, "zone-a")
+        import numpy as np
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for seed in range(8):
+            x = digits_input(seed)
+            got = infer_json(base, TRAINED, x)
+            (want,) = session.run(None, {"input": np.asarray(x, np.float32).reshape(1, 1, 8, 8)})
+            worst = max(worst, float(np.max(np.abs(np.asarray(got) - want.reshape(-1)))))
+        if worst > 1e-4:
+            raise RuntimeError(f"the served trained model differs from its file by {worst}")
+        served_s = time.monotonic() - t0
+        for kind in ("dnndeployment", "dnnmodel", "dnntrainingjob"):
+            kubectl(
+                "delete",
+                kind,
+                TRAINED if kind != "dnntrainingjob" else name,
+                "-n",
+                NS,
+                "--cascade=foreground",
+                "--timeout=180s",
+            )
+        kubectl("delete", "service", f"e2e-{TRAINED}-entry-zone-a", "-n", NS)
+        return {
+            "trainerImageBytes": size,
+            "trainerBuildS": round(build_s, 1),
+            "trainerLoadS": round(load_s, 1),
+            "trainerNodes": targets.split(","),
+            "mode": status.get("mode") or job["spec"]["algorithm"]["mode"],
+            "workers": len(devices),
+            "placement": placement,
+            "trainS": round(train_s, 1),
+            "rounds": status.get("round"),
+            "accuracy": status.get("accuracy"),
+            "heldOutAccuracyHere": round(scored, 4),
+            "uplinkBytes": status.get("uplinkBytes"),
+            "compressionRatio": status.get("compressionRatio"),
+            "model": status.get("model"),
+            "servedMaxAbsDiff": worst,
+            "servedAfterS": round(served_s, 1),
+        }
+
     # 11 -----------------------------------------------------------------------------------
     def cleanup(self) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -1031,6 +1152,29 @@ def _operator_pods() -> list[str]:
 def _operator_pods_ready() -> bool:
     pods = _operator_pods()
     return bool(pods) and all(p.endswith("Ready=True, restarts=0") for p in pods)
+
+
+def _trainer_missing(nodes: list[str]) -> bool:
+    """Whether a node's containerd lacks this build of the trainer image (a kept cluster
+    has it from an earlier run: loading several GB again is minutes)."""
+    want = run("docker", "image", "inspect", "-f", "{{.Id}}", TRAINER_IMAGE).strip()
+    for node in nodes:
+        listed = run("docker", "exec", node, "crictl", "images", "--no-trunc", "-q", check=False)
+        if want not in listed.split():
+            return True
+    return False
+
+
+def _held_out_accuracy(path: Path) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeai_worker.training.data import held_out
+
+    x, y = held_out()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    return float((np.asarray(logits).argmax(axis=1) == y).mean())
 
 
 def _image_exists(image: str) -> bool:
@@ -1242,6 +1386,7 @@ def main(argv: list[str] | None = None) -> int:
             ("edgeStop", e2e.edge_stop),
             ("zoneMove", e2e.zone_move),
             ("helmUpgrade", e2e.helm_upgrade),
+            ("training", e2e.training),
             ("cleanup", e2e.cleanup),
         ):
             e2e.step(name, fn)
