@@ -1259,6 +1259,7 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"{s['scaleUpS']} s to {_replicas(s['replicasUp'])} / {s['scaleDownS']} s "
             f"from {_replicas(s['replicasPeak'])} to {_replicas(s['replicasDown'])}; load "
             f"{s['load']['requests']} requests, {s['load']['failed']} failed"
+            + ("; the SLO change kept the device pods running" if s.get("devicePodsKept") else "")
         ),
     ),
     ("linkChange", "device uplink shaped, measured rate annotated (replan)", _change_text),

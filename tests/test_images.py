@@ -225,3 +225,11 @@ def test_trainer_image_runs_the_training_module_with_torch() -> None:
     )
     trained = run(TRAINER_IMAGE, "-c", step, entrypoint="python")
     assert trained.stdout.strip() == "True", trained.stderr
+    # a worker's data: scikit-learn's digits (scipy under it), split as the job says
+    data = (
+        "from edgeai_worker.training.data import held_out; x, y = held_out(); "
+        "print(x.shape[0], len(set(y.tolist())))"
+    )
+    loaded = run(TRAINER_IMAGE, "-c", data, entrypoint="python")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split()[1] == "10"

@@ -129,7 +129,9 @@ build_image() { # name extra-or-none [another extra]
   # its C headers and PyInstaller hooks): Python imports none of them.
   find "$root$site" \( -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.pyx' \
     -o -name '*.pxd' -o -name '*.pyi' \) -type f -delete
-  rm -rf "$root$site/numpy/f2py" "$root$site/numpy/_pyinstaller" "$root$site/numpy/_core/include"
+  rm -rf "$root$site/numpy/_pyinstaller" "$root$site/numpy/_core/include"
+  # scipy (scikit-learn's, in the trainer) star-imports numpy, which imports numpy.f2py
+  [ "$name" = edgeai-trainer ] || rm -rf "$root$site/numpy/f2py"
   # Extension modules' symbol tables are for debuggers (aiohttp's parser: 3.3 -> 0.6 MB).
   # Not those of a package whose wheel bundles libraries (numpy and numpy.libs): auditwheel
   # rewrote them with patchelf, and stripping those breaks their loading.
