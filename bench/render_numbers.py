@@ -1287,7 +1287,8 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
             f"held-out accuracy {t['accuracy']} ({t['heldOutAccuracyHere']} here on the "
             f"exported file), {t['uplinkBytes']} uplink bytes (compression "
             f"{t['compressionRatio']}x); served {t['servedAfterS']} s later through "
-            f"device -> edge pods, max |served - onnxruntime| {t['servedMaxAbsDiff']:.1e}; "
+            f"device -> edge pods, largest difference from onnxruntime "
+            f"{t['servedMaxAbsDiff']:.1e}; "
             f"trainer image {t['trainerImageBytes'] / 1e9:.2f} GB, loaded into "
             f"{len(t['trainerNodes'])} nodes in {t['trainerLoadS']} s"
         ),
