@@ -150,7 +150,7 @@ build_image() { # name extra-or-none [another extra]
   mkdir -p "$ctx/opt" && mv "$root/opt/edgeai" "$ctx/opt/"
   rm -rf "$root"
   local image_env=""
-  if [ "$extra" = worker ] && [ "$name" = edgeai-worker ]; then
+  if [ "$name" = edgeai-worker ]; then
     # digits_cnn's exports, variants, noise-trained files, the offload folder, the heads
     # on its trunk and the digits split, built with the host's torch and scikit-learn (the
     # image has neither) into the cache the worker reads first:

@@ -956,9 +956,10 @@ class Run:
         )
         edges = sorted(n["metadata"]["name"] for n in get("nodes", "-l", f"{TIER}=edge")["items"])
         t0 = time.monotonic()
-        targets = ",".join(devices + edges[:1])
-        for node in targets.split(","):
-            if _trainer_missing([node]):
+        targets = devices + edges[:1]
+        image_id = run("docker", "image", "inspect", "-f", "{{.Id}}", TRAINER_IMAGE).strip()
+        for node in targets:
+            if not _has_image(node, image_id):
                 _load_trainer(node)
         load_s = time.monotonic() - t0
 
@@ -982,7 +983,9 @@ class Run:
         exported = Path(tempfile.mkdtemp()) / "trained.onnx"
         data = get("configmap", f"{name}-model", "-n", NS)["binaryData"]["model.onnx"]
         exported.write_bytes(base64.b64decode(data))
-        scored = _held_out_accuracy(exported)
+        from edgeai_worker.variants import onnx_accuracy
+
+        scored = onnx_accuracy(exported)
 
         model = {
             "apiVersion": "edgeai.dev/v1alpha1",
@@ -1017,22 +1020,18 @@ class Run:
         if worst > 1e-4:
             raise RuntimeError(f"the served trained model differs from its file by {worst}")
         served_s = time.monotonic() - t0
-        for kind in ("dnndeployment", "dnnmodel", "dnntrainingjob"):
-            kubectl(
-                "delete",
-                kind,
-                TRAINED if kind != "dnntrainingjob" else name,
-                "-n",
-                NS,
-                "--cascade=foreground",
-                "--timeout=180s",
-            )
+        for kind, obj in (
+            ("dnndeployment", TRAINED),
+            ("dnnmodel", TRAINED),
+            ("dnntrainingjob", name),
+        ):
+            kubectl("delete", kind, obj, "-n", NS, "--cascade=foreground", "--timeout=180s")
         kubectl("delete", "service", f"e2e-{TRAINED}-entry-zone-a", "-n", NS)
         return {
             "trainerImageBytes": size,
             "trainerBuildS": round(build_s, 1),
             "trainerLoadS": round(load_s, 1),
-            "trainerNodes": targets.split(","),
+            "trainerNodes": targets,
             "mode": status.get("mode") or job["spec"]["algorithm"]["mode"],
             "workers": len(devices),
             "placement": placement,
@@ -1196,27 +1195,11 @@ def _load_trainer(node: str) -> None:
     run(*ctr, "content", "rm", str(layers[-1]))
 
 
-def _trainer_missing(nodes: list[str]) -> bool:
-    """Whether a node's containerd lacks this build of the trainer image (a kept cluster
-    has it from an earlier run: loading several GB again is minutes)."""
-    want = run("docker", "image", "inspect", "-f", "{{.Id}}", TRAINER_IMAGE).strip()
-    for node in nodes:
-        listed = run("docker", "exec", node, "crictl", "images", "--no-trunc", "-q", check=False)
-        if want not in listed.split():
-            return True
-    return False
-
-
-def _held_out_accuracy(path: Path) -> float:
-    import numpy as np
-    import onnxruntime as ort
-
-    from edgeai_worker.training.data import held_out
-
-    x, y = held_out()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
-    return float((np.asarray(logits).argmax(axis=1) == y).mean())
+def _has_image(node: str, image_id: str) -> bool:
+    """Whether a node's containerd holds this build of an image (a kept cluster has the
+    trainer from an earlier run: loading several GB again is minutes)."""
+    listed = run("docker", "exec", node, "crictl", "images", "--no-trunc", "-q", check=False)
+    return image_id in listed.split()
 
 
 def _image_exists(image: str) -> bool:
