@@ -269,6 +269,16 @@ def _direct(port: int, ctx: ssl.SSLContext, x: np.ndarray) -> tuple[int, bytes]:
         conn.close()
 
 
+def _plain_to(port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    """One plain-HTTP inference request to `port`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/v2/models/chain/infer", body=body, headers=headers)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
 def _grpc_direct(
     port: int, client: Path | None, ca_cert: bytes | None, x: np.ndarray, name: str = "relu1"
 ) -> pb.ModelInferResponse:
@@ -444,10 +454,22 @@ async def test_wrong_peers_are_refused_and_the_real_upstream_keeps_being_served(
             ) as resp:
                 assert resp.status == 403
                 assert f"mutual TLS on port {tls_port}" in (await resp.json())["error"]
+            # plain HTTP sent to the TLS port
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                _plain_to(tls_port, plain_body, headers)
             np.testing.assert_allclose(await _infer(session, entry.url, x), want, rtol=1e-4)
         metrics = _metrics(edge_worker.url)
         assert metrics['edgeai_auth_failures_total{reason="peer",stage="1"}'] == 1
         assert metrics['edgeai_auth_failures_total{reason="plain",stage="1"}'] == 1
+        # each refused handshake counted by why: no certificate, another deployment's
+        # CA, expired, plain text; the device's own handshakes are not among them
+        refusals = {
+            k: v for k, v in metrics.items() if k.startswith("edgeai_tls_handshake_failures_total")
+        }
+        assert refusals == {
+            f'edgeai_tls_handshake_failures_total{{reason="{why}",stage="1"}}': 1
+            for why in ("no-certificate", "untrusted", "expired", "plain-text")
+        }
         # only the device's five requests reached the model
         assert metrics['edgeai_requests_total{code="200",stage="1"}'] == 5
         assert _total(metrics, "edgeai_batch_size_count") == 5
@@ -672,6 +694,7 @@ def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
             str(tmp_path / "device" / "ca.crt"),
             json.dumps(cases),
         )
+        after_triton = _metrics(worker.url)
         # the same refusals seen by a plain ssl client: the server ends the connection
         alerts = {}
         for case, client_dir in (("other-ca", stranger), ("expired", expired)):
@@ -698,6 +721,16 @@ def test_the_entry_serves_only_clients_with_a_certificate_of_the_named_ca(
     )
     assert metrics['edgeai_auth_failures_total{reason="missing-cert",stage="0"}'] == 1
     assert metrics['edgeai_auth_failures_total{reason="plain",stage="0"}'] == 1
+    # the refused handshakes, counted by why: tritonclient's (it tries a refused
+    # connection more than once), then one more each for the ssl client's
+    for why in ("untrusted", "expired"):
+        series = f'edgeai_tls_handshake_failures_total{{reason="{why}",stage="0"}}'
+        assert after_triton[series] >= 1
+        assert metrics[series] == after_triton[series] + 1
+    assert {k for k in metrics if k.startswith("edgeai_tls_handshake_failures_total")} == {
+        f'edgeai_tls_handshake_failures_total{{reason="{why}",stage="0"}}'
+        for why in ("untrusted", "expired")
+    }
     # the model ran twice: for the two requests with the right certificate
     assert _total(metrics, "edgeai_batch_size_count") == 2
 

@@ -1065,7 +1065,11 @@ def create_app(config: WorkerConfig) -> web.Application:
     state = WorkerState(config, WorkerMetrics(), dedupe=Deduplicator(config.dedupe_entries))
     app[STATE] = state
     if config.tls_dir is not None:
-        state.tls = StageTLS(config.tls_dir, config.entry_client_ca_file)
+        state.tls = StageTLS(
+            config.tls_dir,
+            config.entry_client_ca_file,
+            lambda reason: state.metrics.tls_refusals.inc(stage=state.stage, reason=reason),
+        )
         state.peer_check = PeerCheck(config.tls_peers)
     if config.entry_token_file is not None:
         state.entry_token = EntryToken(config.entry_token_file)

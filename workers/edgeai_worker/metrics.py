@@ -145,6 +145,11 @@ class WorkerMetrics:
             "Requests refused before the model: "
             "missing-token, wrong-token, missing-cert, peer, plain.",
         )
+        self.tls_refusals = Counter(
+            "edgeai_tls_handshake_failures_total",
+            "Handshakes the TLS port refused: untrusted, expired, no-certificate, plain-text, "
+            "other.",
+        )
         self.tls_reloads = Counter("edgeai_tls_reloads_total", "Stage certificates loaded anew.")
         # Per-input offloading (edgeai_worker.offload): exits, escalations, reuse, and
         # accuracy on requests that carry a label.

@@ -6,9 +6,11 @@ second time on `tls_port`, over TLS that requires a client certificate signed by
 deployment's CA, and forwards to `https://` next-stage URLs presenting its own
 certificate and checking the next stage's against the same CA. A handshake without a
 certificate, with one from another CA (another deployment) or with an expired one
-fails; a verified peer must also carry one of the identities in `tls_peers` as a URI
-subject alternative name (`edgeai://<namespace>/<deployment>/<tier>`, the upstream
-stage), or its requests are answered 403. On the plain port such a stage answers
+fails, and is counted by why (`handshake_refusal`: untrusted, expired, no-certificate,
+plain-text, other) in edgeai_tls_handshake_failures_total; a verified peer must also
+carry one of the identities in `tls_peers` as a URI subject alternative name
+(`edgeai://<namespace>/<deployment>/<tier>`, the upstream stage), or its requests are
+answered 403. On the plain port such a stage answers
 inference with 403 (health, metadata and /metrics stay there for probes and scrapes).
 
 The same holds over gRPC: such a stage serves its `grpc_port` over mutual TLS only
@@ -47,7 +49,7 @@ import hmac
 import logging
 import ssl
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +77,52 @@ def peer_identities(peercert: Any) -> list[str]:
     return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
 
 
-class StageTLS:
-    """The server and client TLS contexts of a stage, from the files in `directory`."""
+# OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED
+_CERT_HAS_EXPIRED = 10
 
-    def __init__(self, directory: Path, client_ca: Path | None = None) -> None:
+
+def handshake_refusal(exc: ssl.SSLError) -> str:
+    """Why a server-side handshake failed, as the metric's `reason` label."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "expired" if exc.verify_code == _CERT_HAS_EXPIRED else "untrusted"
+    reason = str(exc.reason or "").upper()
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+        return "no-certificate"
+    if "HTTP_REQUEST" in reason or "WRONG_VERSION_NUMBER" in reason:
+        return "plain-text"
+    return "other"
+
+
+def _counting(on_refused: Callable[[str], None]) -> type[ssl.SSLObject]:
+    """An SSLObject class (what the listening context's wrap_bio returns, which asyncio
+    drives) that reports each handshake that fails, before asyncio closes the
+    connection without a word to the application."""
+
+    class CountingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                on_refused(handshake_refusal(exc))
+                raise
+
+    return CountingSSLObject
+
+
+class StageTLS:
+    """The server and client TLS contexts of a stage, from the files in `directory`.
+    `on_refused(reason)` hears of each handshake the TLS port refuses."""
+
+    def __init__(
+        self,
+        directory: Path,
+        client_ca: Path | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.directory = directory
+        self._on_refused = on_refused
         self.files = (directory / CERT_FILE, directory / KEY_FILE, directory / CA_FILE)
         missing = [str(p) for p in self.files if not p.is_file()]
         if missing:
@@ -139,6 +182,8 @@ class StageTLS:
             sslobj.context = self._server_current
 
         front.sni_callback = switch
+        if self._on_refused is not None:
+            front.sslobject_class = _counting(self._on_refused)
         return front
 
     def reload(self) -> bool:
