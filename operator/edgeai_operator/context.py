@@ -166,6 +166,8 @@ class OperatorContext:
     generations: dict[tuple[str, str], Any] = field(default_factory=dict)
     # namespace -> name -> the DNNDeployments that may share a trunk (trunkplan.Peer)
     peers: dict[str, dict[str, Peer]] = field(default_factory=dict)
+    # (namespace, name) -> the reconcile pass a DNNDeployment's daemon is running
+    passes: dict[tuple[str, str], asyncio.Future[Any]] = field(default_factory=dict)
 
     def set_peer(self, namespace: str, name: str, peer: Peer | None) -> None:
         """Records a deployment's trunk peer entry (None: it is none, or gone); a change

@@ -172,7 +172,6 @@ async def run_deployment(
     # kopf passes each index as a keyword named after its function.
     node_index: kopf.Index[str, NodeState] = kwargs["node_index"]
     model_index: kopf.Index[tuple[str, str], list[dict[str, Any]]] = kwargs["model_index"]
-    priority_users: kopf.Index[int, tuple[str, str]] = kwargs["priority_users"]
     model_trunks: kopf.Index[tuple[str, str], TrunkRecord] = kwargs["model_trunks"]
     ctx = context_of(memo)
     namespace = namespace or "default"  # DNNDeployment is namespaced
@@ -199,6 +198,7 @@ async def run_deployment(
             running = asyncio.ensure_future(
                 _pass(ctx, body, state, profiles, nodes, logger, records)
             )
+            ctx.passes[(namespace, name)] = running
             state = await asyncio.shield(running)
             if await _woken(wake, stopped, ctx.settings.resync_s):
                 await asyncio.sleep(ctx.settings.debounce_s)
@@ -207,9 +207,26 @@ async def run_deployment(
         ctx.wakeups.forget(namespace, name)
         if running is not None and not running.done():
             await asyncio.wait({running})
-        # kopf holds the finalizer until this daemon returns: the release runs before
-        # the DNNDeployment is gone, and after this deployment's last pass.
-        if stopped.reason and kopf.DaemonStoppingReason.RESOURCE_DELETED in stopped.reason:
-            await _release_priority_class(
-                (namespace, name), _priority(body), priority_users, logger
-            )
+        if ctx.passes.get((namespace, name)) is running:
+            del ctx.passes[(namespace, name)]
+
+
+@kopf.on.delete(API_GROUP, API_VERSION, "dnndeployments", backoff=2, retries=10)
+async def release_priority_class(
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """Deletes the deployment's PriorityClass when no other live deployment uses it.
+    A handler of its own, retried by kopf, not the daemon's exit: a daemon stopped by
+    a peering pause is not running when the deployment is deleted. kopf signals the
+    daemon to stop before this runs; its pass in flight (which may apply the class)
+    is awaited first."""
+    key = (namespace or "default", name)
+    running = context_of(memo).passes.get(key)
+    if running is not None and not running.done():
+        await asyncio.wait({running})
+    await _release_priority_class(key, _priority(body), kwargs["priority_users"], logger)
