@@ -708,7 +708,11 @@ def protocol_goals(report: Mapping[str, Any]) -> str:
         f"gRPC / REST binary p50, one client ({report['date']}): MLP "
         f"{goal(r['mlpGrpcOverBinary'], 1.0)}, conv {goal(r['convGrpcOverBinary'], 1.2)}; "
         f"a two-stage chain forwarding over gRPC / over HTTP: "
-        f"{_chain_grpc_over_http(report):.2f}x. The host's 1-minute load average was "
+        f"{_chain_grpc_over_http(report):.2f}x. With no model at all, a bare grpc.aio "
+        f"server's no-op method takes {report['floor']['grpcNoopOverRestHealth']:.2f}x the "
+        f"time of the worker's REST health check (the worker's gRPC ServerLive "
+        f"{report['floor']['grpcServerLiveOverRestHealth']:.2f}x), same clients, same run. "
+        f"The host's 1-minute load average was "
         f"{report['loadAverage'][0]} at the start of the run and {report['loadAverage'][1]} "
         f"at the end ({report['cpus']} CPUs)."
     )
@@ -1253,6 +1257,16 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
         ),
     ),
     (
+        "networkPolicy",
+        "NetworkPolicies enforced (hack/kind/netpol): connects from another pod / from the "
+        "device stage",
+        lambda n: (
+            ", ".join(f"{k} {v}" for k, v in n["fromAnotherPod"].items())
+            + " / "
+            + ", ".join(f"{k} {v}" for k, v in n["fromTheDeviceStage"].items())
+        ),
+    ),
+    (
         "scale",
         "scale up under load (SLO 1 ms) / down (SLO back, no load)",
         lambda s: (
@@ -1275,8 +1289,9 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
     ),
     (
         "helmUpgrade",
-        "helm upgrade (a changed value reaches the operator pods)",
-        lambda s: f"{s['upgradeS']} s",
+        "helm upgrade (a changed value reaches the operator pods; then a spec change on "
+        "each deployment is observed)",
+        lambda s: f"{s['upgradeS']} s; observed {s['specChangeObservedS']} s later",
     ),
     (
         "training",
@@ -1306,6 +1321,11 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
 
 
 def e2e_kind_results(report: Mapping[str, Any]) -> str:
+    if report.get("skipped"):
+        raise ValueError(
+            f"the e2e report left out {', '.join(report['skipped'])} (--skip): "
+            "render a run of every step"
+        )
     rows: list[tuple[str, str]] = []
     for name, label, text in E2E_ROWS:
         step = _step(report, name)

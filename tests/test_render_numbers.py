@@ -265,3 +265,10 @@ def test_a_dataplane_report_is_summarised_as_the_tables_show_it() -> None:
     assert "| binary path (a stage without a model), run Z | 1.00 | - | - | 1.35 |" in table
     assert "- run Z: size 0.204, encoding time 0.0003, decoding time 0.0001" in table
     assert "Runs V-Z:" in rn.dataplane_summary(committed)
+
+
+def test_an_e2e_report_that_left_out_steps_is_not_rendered() -> None:
+    committed = json.loads((rn.RESULTS_DIR / "e2e-kind.json").read_text())
+    assert "inference" in committed["steps"]
+    with pytest.raises(ValueError, match="left out training, scale"):
+        rn.e2e_kind_results({**committed, "skipped": ["training", "scale"]})

@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +52,7 @@ from _worker_support import (  # noqa: E402
     free_port,
     start_worker,
 )
+from edgeai_worker import grpc_predict_v2_pb2 as pb  # noqa: E402
 from edgeai_worker import protocol  # noqa: E402
 from edgeai_worker.grpc_codec import parse_infer_response, serialize_infer_request  # noqa: E402
 from edgeai_worker.protocol import InferRequest, Tensor  # noqa: E402
@@ -263,6 +265,112 @@ def bench_model(
     return rows
 
 
+# A bare grpc.aio server in a process of its own: one method that answers its empty
+# request with an empty reply; what any Python gRPC server costs per call at least.
+NOOP_SERVER = """
+import asyncio, sys
+import grpc
+
+def same(data):
+    return data
+
+async def noop(request, context):
+    return b""
+
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        noop, request_deserializer=same, response_serializer=same
+    )
+    service = grpc.method_handlers_generic_handler("bench", {"Noop": handler})
+    server.add_generic_rpc_handlers((service,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def _health_caller(url: str) -> Callable[[], Call]:
+    host, port = url.removeprefix("http://").split(":")
+
+    def make() -> Call:
+        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+        def call() -> np.ndarray:
+            connection.request("GET", "/v2/health/live")
+            reply = connection.getresponse()
+            data = reply.read()
+            if reply.status != 200:
+                raise RuntimeError(f"{reply.status}: {data[:300]!r}")
+            return np.empty(0)
+
+        return call
+
+    return make
+
+
+def _grpc_empty_caller(target: str, method: str, request: bytes) -> Callable[[], Call]:
+    def make() -> Call:
+        channel = grpc.insecure_channel(target)
+        stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+        def call() -> np.ndarray:
+            stub(request, timeout=120)
+            return np.empty(0)
+
+        return call
+
+    return make
+
+
+def bench_floor(tmp: Path, path: Path, requests: int, rounds: int) -> dict[str, Any]:
+    """What a call costs with no model: the worker's REST health check, its gRPC
+    ServerLive, and a bare grpc.aio server's no-op method, with the clients of the
+    rows above (http.client; a plain gRPC stub). The last is the least any Python gRPC
+    server answers in here."""
+    grpc_port = free_port()
+    settings = {"model_name": "mlp", "partitions": [str(path)], "grpc_port": grpc_port}
+    noop = subprocess.Popen(
+        [sys.executable, "-c", NOOP_SERVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert noop.stdout is not None
+        noop_port = int(noop.stdout.readline())
+        bare = Worker(noop, f"grpc://127.0.0.1:{noop_port}", tmp / "noop.log")
+        with _worker(tmp, settings) as worker:
+            live = pb.ServerLiveRequest().SerializeToString()
+            makes = {
+                "rest_health": Row(_health_caller(worker.url), requests, worker),
+                "grpc_server_live": Row(
+                    _grpc_empty_caller(
+                        f"127.0.0.1:{grpc_port}", "/inference.GRPCInferenceService/ServerLive", live
+                    ),
+                    requests,
+                    worker,
+                ),
+                "grpc_noop": Row(
+                    _grpc_empty_caller(f"127.0.0.1:{noop_port}", "/bench/Noop", b""),
+                    requests,
+                    bare,
+                ),
+            }
+            results = measure_in_turns(makes, 1, rounds)
+    finally:
+        noop.kill()
+        noop.wait()
+    for mode, result in results.items():
+        print(f"[bench] floor {mode}: {result}", file=sys.stderr, flush=True)
+    rest = results["rest_health"]["p50Ms"]
+    return {
+        "rows": [{"mode": mode, "clients": 1, **result} for mode, result in results.items()],
+        "grpcNoopOverRestHealth": round(results["grpc_noop"]["p50Ms"] / rest, 3),
+        "grpcServerLiveOverRestHealth": round(results["grpc_server_live"]["p50Ms"] / rest, 3),
+    }
+
+
 def bench_chain(tmp: Path, requests: int, rounds: int) -> list[dict[str, Any]]:
     """A conv model cut in two stages: the first forwards to the second over HTTP or
     over gRPC (two first stages, one second stage serving both; the client talks REST
@@ -340,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         mlp_x = rng.standard_normal((8, 64)).astype(np.float32)
         rows += bench_model(tmp, "mlp", mlp, mlp_x, args.requests * 4, args.rounds)
         chain = bench_chain(tmp, args.requests, args.rounds)
+        floor = bench_floor(tmp, mlp, args.requests * 4, args.rounds)
     report = {
         "kind": "ProtocolBench",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -353,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
         "chain": chain,
+        "floor": floor,
         "ratios": ratios(rows),
         "seconds": round(time.monotonic() - started, 1),
     }

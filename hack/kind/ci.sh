@@ -6,6 +6,7 @@
 # (1 when any step failed). Needs root.
 #
 #   hack/kind/ci.sh            # prints each step's outcome and the total time last
+#   hack/kind/ci.sh --skip training   # arguments go to e2e.py
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -13,7 +14,7 @@ python=${PYTHON:-$repo/.venv/bin/python}
 out=${EDGEAI_E2E_OUT:-$(mktemp -d)/e2e-kind.json}
 started=$(date +%s)
 rc=0
-"$python" "$here/e2e.py" --out "$out" --conditions "CI (hack/kind/ci.sh)" || rc=$?
+"$python" "$here/e2e.py" --out "$out" --conditions "CI (hack/kind/ci.sh)" "$@" || rc=$?
 "$python" - "$out" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))

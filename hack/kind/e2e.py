@@ -79,6 +79,7 @@ LINK_MODEL, LINK_DEPLOYMENT = "alexnet", "alexnet-link"  # the link-change step'
 DEPLOYMENT = "digits-offload"
 MODEL = "digits"
 WORKER_PORT = 8080
+STAGE_TLS_PORT = 8443
 IMAGES = ("edgeai-operator:0.1.0", "edgeai-worker:0.1.0", "edgeai/kind-node:v1.34.4")
 TRAINER_IMAGE = "edgeai-trainer:0.1.0"
 TRAINED = "digits-trained"  # the training step's DNNModel and DNNDeployment
@@ -644,6 +645,95 @@ class Run:
             "sloP95Ms": slo,
         }
 
+    # 5b -----------------------------------------------------------------------------------
+    def network_policy(self) -> dict[str, Any]:
+        """The operator's NetworkPolicies enforced (hack/kind/netpol in the CNI DaemonSet):
+        a pod of the namespace that is no stage reaches the device entry but neither of
+        the edge stage's ports (its data port is the device stage's, its HTTP port the
+        operator's), while the device stage reaches the same data port."""
+        edge = f"{DEPLOYMENT}-edge-zone-a"
+        policies = sorted(
+            p["metadata"]["name"]
+            for p in get("networkpolicies", "-n", NS, "-l", f"edgeai.dev/deployment={DEPLOYMENT}")[
+                "items"
+            ]
+        )
+        if edge not in policies:
+            raise RuntimeError(f"no NetworkPolicy {edge} among {policies}")
+        entry = f"e2e-{DEPLOYMENT}-entry-zone-a"  # the NodePort Service of the device pods
+        targets = [
+            ["entry:8080", entry, WORKER_PORT],
+            ["edge:8443", edge, STAGE_TLS_PORT],
+            ["edge:8080", edge, WORKER_PORT],
+        ]
+        probe = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "e2e-netpol-probe", "namespace": NS},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 10001,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [
+                    {
+                        "name": "probe",
+                        "image": "edgeai-worker:0.1.0",
+                        "imagePullPolicy": "Never",
+                        "command": ["python", "-c", CONNECT_PROBE, json.dumps(targets)],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+            },
+        }
+        kubectl("delete", "pod", "e2e-netpol-probe", "-n", NS, "--ignore-not-found", "--wait=true")
+        kubectl("apply", "-f", "-", input=json.dumps(probe))
+        try:
+            wait_for(
+                "the probe pod done",
+                lambda: (
+                    get("pod", "e2e-netpol-probe", "-n", NS)["status"].get("phase")
+                    in ("Succeeded", "Failed")
+                ),
+                120,
+                1,
+            )
+            logs = kubectl("logs", "e2e-netpol-probe", "-n", NS)
+            seen = json.loads(logs.strip().splitlines()[-1])
+        finally:
+            kubectl("delete", "pod", "e2e-netpol-probe", "-n", NS, "--wait=false", check=False)
+        device = _device_pod("zone-a")
+        from_device = json.loads(
+            kubectl(
+                "exec",
+                "-n",
+                NS,
+                device,
+                "--",
+                "python",
+                "-c",
+                CONNECT_PROBE,
+                json.dumps([["edge:8443", edge, STAGE_TLS_PORT]]),
+            )
+            .strip()
+            .splitlines()[-1]
+        )
+        want = {"entry:8080": "connected", "edge:8443": "timeout", "edge:8080": "timeout"}
+        if seen != want or from_device != {"edge:8443": "connected"}:
+            raise RuntimeError(
+                f"another pod saw {seen} (want {want}); the device stage saw {from_device}"
+            )
+        return {
+            "policies": policies,
+            "fromAnotherPod": seen,
+            "fromTheDeviceStage": from_device,
+        }
+
     # 6 ------------------------------------------------------------------------------------
     def scale(self) -> dict[str, Any]:
         before = _replicas()
@@ -932,8 +1022,34 @@ class Run:
             raise RuntimeError(
                 f"EDGEAI_RESYNC_SECONDS in the operator pods after the upgrade: {values}"
             )
+        # The new replicas take over through kopf's peering (one pauses in favour of the
+        # other): the deployments that existed before must still be reconciled, so a spec
+        # change on each is observed (status.observedGeneration) by the operator now active.
+        for name in (DEPLOYMENT, SAMPLE):
+            slo = get("dnndeployment", name, "-n", NS)["spec"]["slo"]
+            kubectl(
+                "patch",
+                "dnndeployment",
+                name,
+                "-n",
+                NS,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"slo": {"latencyP95Ms": slo["latencyP95Ms"] + 1}}}),
+            )
+
+        def observed() -> bool:
+            for name in (DEPLOYMENT, SAMPLE):
+                obj = get("dnndeployment", name, "-n", NS)
+                seen = (obj.get("status") or {}).get("observedGeneration") or 0
+                if seen < obj["metadata"]["generation"]:
+                    return False
+            return True
+
+        _, observed_s = wait_for("the spec changes observed after the upgrade", observed, 120, 1)
         return {
             "upgradeS": round(upgraded_s, 1),
+            "specChangeObservedS": round(observed_s, 1),
             "revision": json.loads(helm("status", RELEASE, "-n", OPERATOR_NS, "-o", "json"))[
                 "version"
             ],
@@ -1324,6 +1440,22 @@ def _plan_summary(status: dict[str, Any]) -> Any:
     return status.get("split")
 
 
+# connects to each [name, host, port] of argv[1] (3 s each) and prints what happened
+CONNECT_PROBE = """
+import json, socket, sys
+seen = {}
+for name, host, port in json.loads(sys.argv[1]):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        seen[name] = "connected"
+    except TimeoutError:
+        seen[name] = "timeout"
+    except OSError as error:
+        seen[name] = type(error).__name__
+print(json.dumps(seen))
+"""
+
+
 def _device_pod(zone: str) -> str:
     pods = get(
         "pods",
@@ -1386,6 +1518,19 @@ def _reference_output(plan: dict[str, Any], data: list[float]) -> list[float] | 
     return [float(v) for v in session.run(None, feed)[0].reshape(-1)]
 
 
+# the steps after samples that a run may leave out (cleanup never)
+OPTIONAL_STEPS = (
+    "inference",
+    "networkPolicy",
+    "scale",
+    "linkChange",
+    "edgeStop",
+    "zoneMove",
+    "helmUpgrade",
+    "training",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "e2e-kind.json")
@@ -1395,6 +1540,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--cold-build-times", type=Path, help="NAME rc=0 wall=S lines of a cold build"
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=OPTIONAL_STEPS,
+        help="leave out a step (repeatable); the report lists it under `skipped`",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -1406,6 +1558,7 @@ def main(argv: list[str] | None = None) -> int:
     if e2e.step("helmInstall", e2e.helm_install) and e2e.step("samples", e2e.samples):
         for name, fn in (
             ("inference", e2e.inference),
+            ("networkPolicy", e2e.network_policy),
             ("scale", e2e.scale),
             ("linkChange", e2e.link_change),
             ("edgeStop", e2e.edge_stop),
@@ -1414,6 +1567,10 @@ def main(argv: list[str] | None = None) -> int:
             ("training", e2e.training),
             ("cleanup", e2e.cleanup),
         ):
+            if name in args.skip:
+                e2e.report.setdefault("skipped", []).append(name)
+                log(f"step {name} skipped (--skip)")
+                continue
             e2e.step(name, fn)
     if not args.keep_cluster:
         e2e.step("deleteCluster", e2e.delete_cluster)
