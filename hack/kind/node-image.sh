@@ -169,8 +169,10 @@ ENTRYPOINT [\"/coredns\"]" "$bin/coredns"
 COPY pause /pause
 USER 65535:65535
 ENTRYPOINT [\"/pause\"]" "$bin/pause"
+  # the NetworkPolicy enforcer beside the CNI: Go's standard library only
+  (cd "$here/netpol" && GOFLAGS= go build -trimpath -o "$bin/edgeai-netpol" .)
   build_image "$CNI_IMAGE" "FROM $base
-COPY kubectl /usr/local/bin/" "$cpbin/kubectl"
+COPY kubectl edgeai-netpol /usr/local/bin/" "$cpbin/kubectl" "$bin/edgeai-netpol"
 }
 
 # Node image: kind v0.30.0's base image replayed on Debian bookworm (Debian's containerd

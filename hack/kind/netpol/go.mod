@@ -1,0 +1,3 @@
+module edgeai.dev/kind-netpol
+
+go 1.26
