@@ -547,3 +547,65 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
         ns.kubectl("delete", "dnnd", "par", "--timeout=60s")
         wait_for("the trunk garbage-collected", lambda: not trunk_workloads(), 120)
         wait_for("its Service gone", lambda: get(ns, "service", name) is None, 60)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_trunk_is_detected_without_spec_base_and_shared(ns: Any, operator: Any) -> None:
+    """The parity application names no base: its preparation finds that its graph up to
+    the trunk tensor is digits' (same ops, same weights), records it, and the two
+    backbone deployments share one trunk stage as with spec.base."""
+    from _cluster_support import apply, get, wait_for
+    from edgeai_worker import trunks
+
+    parity = trunks.digits_head("parity")
+    ns.kubectl("create", "configmap", "parity-onnx", f"--from-file=model.onnx={parity}")
+    source = {
+        "uri": "configmap://parity-onnx/model.onnx",
+        "sha256": hashlib.sha256(parity.read_bytes()).hexdigest(),
+    }
+
+    def prepared(name: str) -> Any:
+        obj = get(ns, "dnnmodel", name)
+        conditions = (obj or {}).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Prepared" and c["status"] == "True" for c in conditions) and obj
+
+    # the base first: the model prepared second names the one prepared first
+    apply(ns, dnn_model("digits", {"zoo": "digits_cnn"}))
+    digits = wait_for("digits Prepared", lambda: prepared("digits"), 300)
+    assert "trunk" not in digits["status"]
+    apply(ns, dnn_model("digits-parity", source))
+    model = wait_for("digits-parity Prepared", lambda: prepared("digits-parity"), 300)
+    trunk = model["status"]["trunk"]
+    assert (trunk["model"], trunk["sharedUpTo"], trunk["detected"]) == (
+        "digits",
+        trunks.TRUNK_TENSOR,
+        True,
+    )
+    profile = next(p for p in digits["status"]["profiles"] if p.get("build", "fp32") == "fp32")
+    assert trunk["digest"] in profile["prefixDigests"]
+    assert trunk["baseArtifact"] == profile["artifact"]
+    prepared_message = next(
+        c["message"] for c in model["status"]["conditions"] if c["type"] == "Prepared"
+    )
+    assert f"computes DNNModel digits's graph up to {trunks.TRUNK_TENSOR}" in prepared_message
+    # the digits model keeps no trunk of its own: nothing names the other both ways
+    assert "trunk" not in get(ns, "dnnmodel", "digits")["status"]
+
+    apply(ns, _application("cam", "digits"), _application("par", "digits-parity"))
+
+    def shared() -> Any:
+        items = [
+            d
+            for d in get(ns, "deployments", "-l", "edgeai.dev/stage=trunk")["items"]
+            if not d["metadata"].get("deletionTimestamp")
+        ]
+        refs = items[0]["metadata"].get("ownerReferences", []) if len(items) == 1 else []
+        return len(refs) == 2 and items[0]
+
+    workload = wait_for("one trunk Deployment with both applications", shared, 600)
+    assert [a for a in _args(workload) if a.startswith("--route=")] == [
+        f"--route=digits=http://cam-edge-zone-a.{ns.name}.svc:8080",
+        f"--route=digits-parity=http://par-edge-zone-a.{ns.name}.svc:8080",
+    ]

@@ -23,7 +23,7 @@ from _cluster_support import Namespace, apply, condition, dnn_model, get, wait_f
 from _worker_support import Worker, extract, free_port, run_onnx, wait_ready, workers
 from edgeai_operator.errors import SpecError
 from edgeai_operator.modelspec import BaseRef, parse_model_spec
-from edgeai_operator.preparation import check_base
+from edgeai_operator.preparation import check_base, detect_trunk
 from edgeai_worker import trunks, zoo
 from edgeai_worker.graph import prefix_digests
 from edgeai_worker.protocol import (
@@ -193,6 +193,54 @@ def test_the_preparation_waits_for_the_base() -> None:
         "wait",
         "spec.base.modelRef.name: waiting for DNNModel digits to be Prepared",
     )
+
+
+def _peer(name: str, digests: list[str], **status: Any) -> dict[str, Any]:
+    base = _base(digests)
+    base["metadata"]["name"] = name
+    base["status"].update(status)
+    return base
+
+
+def test_the_preparation_detects_a_trunk_without_spec_base() -> None:
+    # input, a, trunk, output: "a" and "trunk" computed as another model's cuts; the
+    # deepest one counts, and of two bases as deep the first by name
+    result = _result(["i", "A", "T", "o1"])
+    others = [
+        _peer("zeta", ["i", "A", "x", "T", "o2"]),
+        _peer("alpha", ["i", "A", "T", "y", "o3"]),
+        _peer("shallow", ["i", "A", "q", "r", "o4"]),
+    ]
+    trunk = detect_trunk("parity", result, others)
+    assert trunk == {
+        "model": "alpha",
+        "sharedUpTo": "trunk",
+        "baseTensor": "y",
+        "cut": 2,
+        "digest": "T",
+        "baseArtifact": {"uri": "pvc://m/digits.onnx", "digest": "sha256:ab"},
+        "trunkFlops": 10 + 20,
+        "headFlops": 30,
+        "detected": True,
+    }
+    # only the shallow one shares: its cut
+    assert detect_trunk("parity", result, [others[2]])["sharedUpTo"] == "a"  # type: ignore[index]
+
+
+def test_what_the_detection_does_not_take() -> None:
+    result = _result(["i", "A", "T", "o1"])
+    # the input alone and the whole model are no trunk; the model itself, a model not
+    # Prepared, and one that shares a trunk itself are no base
+    assert detect_trunk("parity", result, [_peer("same-input", ["i", "u", "v", "w", "o1"])]) is None
+    assert detect_trunk("parity", result, [_peer("parity", ["i", "A", "T", "y", "o1"])]) is None
+    unprepared = _peer("digits", ["i", "A", "T", "y", "o1"])
+    unprepared["status"]["conditions"][0]["status"] = "False"
+    assert detect_trunk("parity", result, [unprepared]) is None
+    sharing = _peer("digits", ["i", "A", "T", "y", "o1"], trunk={"model": "parity"})
+    assert detect_trunk("parity", result, [sharing]) is None
+    no_digests = _peer("digits", ["i", "A", "T", "y", "o1"])
+    del no_digests["status"]["profiles"][0]["prefixDigests"]
+    assert detect_trunk("parity", result, [no_digests]) is None
 
 
 # ---------------------------------------------------------------------------

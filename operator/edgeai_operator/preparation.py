@@ -411,18 +411,61 @@ def check_base(
             f"DNNModel {ref.model} up to any of its cuts (ops or initializer bytes differ; "
             f"digest {digest[:19]}...)"
         )
-    base_cut = theirs["cuts"][matching[0]]
-    trunk_flops = sum(int(s["flops"]) for s in own["segments"][:index])
-    return "ok", {
-        "model": ref.model,
-        "sharedUpTo": ref.shared_up_to,
-        "baseTensor": base_cut["tensors"][0],
+    return "ok", _trunk_record(ref.model, own, index, theirs, matching[0])
+
+
+def _trunk_record(
+    base: str, own: Mapping[str, Any], index: int, theirs: Mapping[str, Any], at: int
+) -> dict[str, Any]:
+    """status.trunk: this model's cut `index` computes the base's cut `at`."""
+    return {
+        "model": base,
+        "sharedUpTo": own["cuts"][index]["tensors"][0],
+        "baseTensor": theirs["cuts"][at]["tensors"][0],
         "cut": index,
-        "digest": digest,
+        "digest": own["prefixDigests"][index],
         "baseArtifact": dict(theirs["artifact"]),
-        "trunkFlops": trunk_flops,
+        "trunkFlops": sum(int(s["flops"]) for s in own["segments"][:index]),
         "headFlops": sum(int(s["flops"]) for s in own["segments"][index:]),
     }
+
+
+def detect_trunk(
+    name: str, result: Mapping[str, Any], others: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """status.trunk for a DNNModel without `spec.base` (`result`: its PrepareResult)
+    whose graph up to one of its single-tensor cuts, past the input and short of the
+    output, has the digest of a cut of another Prepared DNNModel of the namespace
+    (`others`, as read): the deepest such cut, and of equally deep ones the base whose
+    name sorts first. Only a base that shares no trunk itself is taken, and the model
+    prepared second names the one prepared first, so no two models name each other.
+    None when nothing is shared."""
+    variant = next((v for v in result["variants"] if v["kind"] == "fp32"), None)
+    own = variant["profile"] if variant else None
+    if own is None or "prefixDigests" not in own:
+        return None
+    found: tuple[int, str, Mapping[str, Any], int] | None = None
+    for other in sorted(others, key=lambda o: str(o["metadata"]["name"])):
+        base = str(other["metadata"]["name"])
+        status = other.get("status") or {}
+        if base == name or not _prepared(other) or status.get("trunk"):
+            continue
+        theirs = _fp32_profile(status.get("profiles") or [])
+        if theirs is None or "prefixDigests" not in theirs or "artifact" not in theirs:
+            continue
+        where = {d: i for i, d in reversed(list(enumerate(theirs["prefixDigests"])))}
+        last = len(own["cuts"]) - 1
+        for index in range(last - 1, 0, -1):
+            at = where.get(own["prefixDigests"][index])
+            single = len(own["cuts"][index]["tensors"]) == 1
+            if at is not None and single and len(theirs["cuts"][at]["tensors"]) == 1:
+                if found is None or index > found[0]:
+                    found = (index, base, theirs, at)
+                break
+    if found is None:
+        return None
+    index, base, theirs, at = found
+    return {**_trunk_record(base, own, index, theirs, at), "detected": True}
 
 
 @dataclass(frozen=True)
@@ -573,6 +616,13 @@ def step(
                 f"; shares DNNModel {spec.base.model}'s trunk up to {spec.base.shared_up_to} "
                 f"({detail['trunkFlops'] / 1e6:.2f} MFLOPs)"
             )
+        elif detected := detect_trunk(meta["name"], found.data, observed.get("peers") or []):
+            fields["trunk"] = detected
+            summary += (
+                f"; computes DNNModel {detected['model']}'s graph up to "
+                f"{detected['sharedUpTo']} (same ops and weights, detected; "
+                f"{detected['trunkFlops'] / 1e6:.2f} MFLOPs)"
+            )
         conds = set_condition(
             conditions, "Fetched", True, "Fetched", f"{spec.source.uri}: {summary}", generation
         )
@@ -645,6 +695,7 @@ __all__ = [
     "backoff_s",
     "check_base",
     "current_job",
+    "detect_trunk",
     "job_name",
     "outcome",
     "preparation_job",

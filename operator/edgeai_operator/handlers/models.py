@@ -115,6 +115,9 @@ def preparation_pass(
         observed["base"] = k8s.get(
             f"{API_GROUP}/{API_VERSION}", "DNNModel", spec.base.model, namespace
         )
+    elif observed["configmap"] is not None:
+        # a finished preparation looks for a trunk it shares with another model
+        observed["peers"] = k8s.list_objects(f"{API_GROUP}/{API_VERSION}", "DNNModel", namespace)
     step = preparation.step(
         model,
         spec,
