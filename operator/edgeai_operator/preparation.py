@@ -539,8 +539,10 @@ def step(
     ca_bundle_configmap: str | None = None,
 ) -> Step:
     """One tick of a model's preparation, deciding only: `observed` holds the current
-    attempt's `job` and `configmap` (None when absent). Pure: the caller creates,
-    patches and posts what the step returns."""
+    attempt's `job` and `configmap` (None when absent), the `base` DNNModel of
+    `spec.base`, or else the namespace's DNNModels as `peers` once the result is there
+    (for `detect_trunk`). Pure: the caller creates, patches and posts what the step
+    returns."""
     meta = model["metadata"]
     generation = meta.get("generation")
     conditions = list(status.get("conditions") or [])

@@ -107,7 +107,7 @@ def preparation_pass(
     name = preparation.current_job(model, status)
     if name is None:
         return preparation.Step()
-    observed = {
+    observed: dict[str, Any] = {
         "job": k8s.get("batch/v1", "Job", name, namespace),
         "configmap": k8s.get("v1", "ConfigMap", name, namespace),
     }
