@@ -648,7 +648,8 @@ class Run:
     # 5b -----------------------------------------------------------------------------------
     def network_policy(self) -> dict[str, Any]:
         """The operator's NetworkPolicies enforced (hack/kind/netpol in the CNI DaemonSet):
-        a pod of the namespace that is no stage reaches the device entry but neither of
+        a pod of the namespace that is no stage reaches the device entry (its pod
+        address) but neither of
         the edge stage's ports (its data port is the device stage's, its HTTP port the
         operator's), while the device stage reaches the same data port."""
         edge = f"{DEPLOYMENT}-edge-zone-a"
@@ -660,7 +661,8 @@ class Run:
         )
         if edge not in policies:
             raise RuntimeError(f"no NetworkPolicy {edge} among {policies}")
-        entry = f"e2e-{DEPLOYMENT}-entry-zone-a"  # the NodePort Service of the device pods
+        device = _device_pod("zone-a")
+        entry = get("pod", device, "-n", NS)["status"]["podIP"]  # the device stage's pod
         targets = [
             ["entry:8080", entry, WORKER_PORT],
             ["edge:8443", edge, STAGE_TLS_PORT],
@@ -707,7 +709,6 @@ class Run:
             seen = json.loads(logs.strip().splitlines()[-1])
         finally:
             kubectl("delete", "pod", "e2e-netpol-probe", "-n", NS, "--wait=false", check=False)
-        device = _device_pod("zone-a")
         from_device = json.loads(
             kubectl(
                 "exec",
