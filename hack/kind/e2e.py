@@ -760,7 +760,17 @@ class Run:
                 "-p",
                 json.dumps(tight),
             )
-            up, up_s = wait_for("a scale-up", lambda: _scaled(before, _replicas(), up=True), 180, 2)
+            try:
+                up, up_s = wait_for(
+                    "a scale-up", lambda: _scaled(before, _replicas(), up=True), 180, 2
+                )
+            except TimeoutError as error:
+                # what the operator saw and what the clients got, for the report
+                status = get("dnndeployment", DEPLOYMENT, "-n", NS).get("status") or {}
+                seen = {k: status.get(k) for k in ("observed", "replicas", "split")}
+                raise TimeoutError(
+                    f"{error}; status {json.dumps(seen)[:800]}; load {load.summary()}"
+                ) from None
             result.update(replicasUp=up, scaleUpS=round(up_s, 1), load=load.summary())
         # The new SLO keeps the split: the device pods keep running (a plan that only
         # records another SLO does not roll them), and no request fails while the edge
