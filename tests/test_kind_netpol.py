@@ -222,3 +222,28 @@ def test_policies_are_enforced_in_the_nodes_forward_chain(
         chains = sh("iptables", "-S", ns=node).stdout
         assert "EDGEAI-NP-I-" not in chains
         assert "EDGEAI-NP-E-" not in chains
+
+
+def test_the_jump_stays_first_and_bad_blocks_do_not_break_the_rules(
+    enforcer: Path, node: str, tmp_path: Path
+) -> None:
+    """kube-proxy puts its own FORWARD jump (which accepts marked NodePort traffic) at the
+    top when it finds it missing: a rule that accepts everything inserted above ours
+    would let denied traffic through, so each pass puts the jump first again, once. An
+    IPv6 or malformed ipBlock allows nothing here instead of failing the node's rules."""
+    cluster = json.loads(json.dumps(CLUSTER))
+    ingress = cluster["Policies"][0]["spec"]["ingress"]
+    ingress.append({"from": [{"ipBlock": {"cidr": "fd00::/8"}}, {"ipBlock": {"cidr": "x/33"}}]})
+    with listening("edge", [8443]), listening("stranger", [8080]):
+        apply(enforcer, node, cluster, tmp_path)
+        assert not connects("stranger", "edge", 8443)
+        sh("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT", ns=node)
+        assert connects("stranger", "edge", 8443)  # the stand-in for kube-proxy's rule
+        apply(enforcer, node, cluster, tmp_path)
+        forward = sh("iptables", "-S", "FORWARD", ns=node).stdout.splitlines()
+        assert forward[1] == "-A FORWARD -j EDGEAI-NP", forward
+        assert forward.count("-A FORWARD -j EDGEAI-NP") == 1, forward
+        assert not connects("stranger", "edge", 8443)
+        assert connects("device", "edge", 8443)
+        sh("iptables", "-D", "FORWARD", "-j", "ACCEPT", ns=node)
+        apply(enforcer, node, {**CLUSTER, "Policies": []}, tmp_path)

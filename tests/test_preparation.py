@@ -241,6 +241,21 @@ def test_a_written_result_becomes_status_with_each_variants_artifact(
     assert tick(body(SPEC), merged(status, step)) == preparation.Step()
 
 
+def test_a_generation_that_shares_no_trunk_drops_the_last_ones_record(
+    result: dict[str, Any],
+) -> None:
+    # generation 1 shared another model's trunk; generation 2 neither names a base nor
+    # computes any peer's graph: the old record (the other model's trunk artefact and
+    # digest) must not stay, or the deployment would keep routing through that trunk
+    stale = {"model": "digits", "sharedUpTo": "t", "digest": "sha256:old", "detected": True}
+    status = merged({"trunk": stale}, tick(body(SPEC, generation=2), {"trunk": stale}))
+    configmap = {"data": {preparation.RESULT_KEY: json.dumps(result)}}
+    observed = {"job": None, "configmap": configmap, "peers": []}
+    status = merged(status, tick(body(SPEC, generation=2), status, observed))
+    assert condition(status, "Prepared")["status"] == "True"
+    assert "trunk" not in status
+
+
 def test_a_fetch_error_is_retried_after_a_doubling_backoff() -> None:
     status = merged({}, tick(body(SPEC), {}))
     error = {

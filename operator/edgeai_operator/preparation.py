@@ -610,7 +610,7 @@ def step(
                 )
                 conds = set_condition(conds, "Prepared", False, "BaseMismatch", message, generation)
                 return Step(
-                    status={"conditions": conds, **finished},
+                    status={"conditions": conds, "trunk": None, **finished},
                     events=(("Warning", "PreparationFailed", message),),
                 )
             fields["trunk"] = detail
@@ -625,6 +625,8 @@ def step(
                 f"{detected['sharedUpTo']} (same ops and weights, detected; "
                 f"{detected['trunkFlops'] / 1e6:.2f} MFLOPs)"
             )
+        else:
+            fields["trunk"] = None  # an earlier generation's record goes (merge patch)
         conds = set_condition(
             conditions, "Fetched", True, "Fetched", f"{spec.source.uri}: {summary}", generation
         )

@@ -94,16 +94,48 @@ func run(name string, stdin string, args ...string) error {
 	return nil
 }
 
+// jumpFirst makes FORWARD's first rule the jump to Chain: kube-proxy also inserts its
+// KUBE-FORWARD jump (which accepts marked NodePort traffic) at the top when it finds it
+// missing, so whichever starts later would come first; checked on every pass, since
+// either may be restarted or have its rules flushed at any time.
+func jumpFirst() error {
+	rules := func() ([]string, error) {
+		out, err := exec.Command("iptables", "-S", "FORWARD").Output()
+		// line 0 is the chain's policy (-P FORWARD ...); line i is rule number i
+		return strings.Split(strings.TrimSpace(string(out)), "\n"), err
+	}
+	jump := "-A FORWARD -j " + Chain
+	lines, err := rules()
+	if err != nil {
+		return err
+	}
+	if len(lines) < 2 || lines[1] != jump {
+		// the new jump goes in before the old ones go, so no packet passes unchecked
+		if err := run("iptables", "", "-I", "FORWARD", "1", "-j", Chain); err != nil {
+			return err
+		}
+		if lines, err = rules(); err != nil {
+			return err
+		}
+	}
+	for i := len(lines) - 1; i > 1; i-- {
+		if lines[i] == jump {
+			if err := run("iptables", "", "-D", "FORWARD", fmt.Sprint(i)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // apply loads the rules, makes FORWARD jump to them first, and removes chains of ours
 // that the rules no longer declare.
 func apply(rules string, chains []string) error {
 	if err := run("iptables-restore", rules, "--noflush"); err != nil {
 		return err
 	}
-	if run("iptables", "", "-C", "FORWARD", "-j", Chain) != nil {
-		if err := run("iptables", "", "-I", "FORWARD", "1", "-j", Chain); err != nil {
-			return err
-		}
+	if err := jumpFirst(); err != nil {
+		return err
 	}
 	out, err := exec.Command("iptables", "-S").Output()
 	if err != nil {
@@ -168,6 +200,9 @@ func main() {
 		}
 		rules, chains := Rules(c, *node)
 		if rules == last {
+			if err := jumpFirst(); err != nil {
+				log.Printf("keeping the FORWARD jump first: %v", err)
+			}
 			continue
 		}
 		if err := apply(rules, chains); err != nil {

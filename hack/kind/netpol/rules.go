@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"sort"
 	"strings"
 )
@@ -74,6 +75,12 @@ func networked(p *Pod) bool {
 		p.Status.Phase != "Succeeded" && p.Status.Phase != "Failed"
 }
 
+// ipv4CIDR: whether s is an IPv4 CIDR iptables accepts.
+func ipv4CIDR(s string) bool {
+	_, block, err := net.ParseCIDR(s)
+	return err == nil && block.IP.To4() != nil
+}
+
 // source: an address (pod /32 or an ipBlock) and, for ipBlocks, the excepted ranges.
 type source struct {
 	cidr   string
@@ -92,7 +99,18 @@ func peers(c *Cluster, ns string, list []Peer) (out []source, any bool) {
 	}
 	for _, peer := range list {
 		if peer.IPBlock != nil {
-			out = append(out, source{cidr: peer.IPBlock.CIDR, except: peer.IPBlock.Except})
+			// this enforcer writes IPv4 rules only: an IPv6 or malformed block allows
+			// nothing here (rather than one bad line failing every rule of the node)
+			if !ipv4CIDR(peer.IPBlock.CIDR) {
+				continue
+			}
+			var except []string
+			for _, e := range peer.IPBlock.Except {
+				if ipv4CIDR(e) {
+					except = append(except, e)
+				}
+			}
+			out = append(out, source{cidr: peer.IPBlock.CIDR, except: except})
 			continue
 		}
 		for i := range c.Pods {
@@ -276,6 +294,16 @@ func rule(c *Cluster, ns string, list []Peer, ports []PolicyPort, target *Pod, d
 	return out
 }
 
+// comment: s as an iptables comment, which may hold at most 256 characters.
+func comment(s string) string {
+	if len(s) > maxComment {
+		return s[:maxComment]
+	}
+	return s
+}
+
+const maxComment = 255
+
 func appendChain(body, chains []string, name, id, direction string, allowed []string) ([]string, []string) {
 	dir := "-s"
 	if direction == "egress" {
@@ -302,7 +330,7 @@ func appendChain(body, chains []string, name, id, direction string, allowed []st
 	}
 	body = append(body,
 		fmt.Sprintf("-A %s -m mark --mark %s -j RETURN", name, allowMark),
-		fmt.Sprintf("-A %s -m comment --comment \"%s %s denied\" -j DROP", name, id, direction),
+		fmt.Sprintf("-A %s -m comment --comment \"%s\" -j DROP", name, comment(id+" "+direction+" denied")),
 	)
 	return body, chains
 }
