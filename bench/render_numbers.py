@@ -1322,7 +1322,7 @@ E2E_ROWS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
 
 def e2e_kind_results(report: Mapping[str, Any]) -> str:
     if report.get("skipped"):
-        raise ValueError(
+        raise NumbersError(
             f"the e2e report left out {', '.join(report['skipped'])} (--skip): "
             "render a run of every step"
         )

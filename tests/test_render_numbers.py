@@ -270,5 +270,5 @@ def test_a_dataplane_report_is_summarised_as_the_tables_show_it() -> None:
 def test_an_e2e_report_that_left_out_steps_is_not_rendered() -> None:
     committed = json.loads((rn.RESULTS_DIR / "e2e-kind.json").read_text())
     assert "inference" in committed["steps"]
-    with pytest.raises(ValueError, match="left out training, scale"):
+    with pytest.raises(rn.NumbersError, match="left out training, scale"):
         rn.e2e_kind_results({**committed, "skipped": ["training", "scale"]})

@@ -765,11 +765,43 @@ class Run:
                     "a scale-up", lambda: _scaled(before, _replicas(), up=True), 180, 2
                 )
             except TimeoutError as error:
-                # what the operator saw and what the clients got, for the report
-                status = get("dnndeployment", DEPLOYMENT, "-n", NS).get("status") or {}
-                seen = {k: status.get(k) for k in ("observed", "replicas", "split")}
+                # what the operator saw and what the clients got, for the report; the
+                # SLO back as it was for the steps after this one
+                try:
+                    status = get("dnndeployment", DEPLOYMENT, "-n", NS).get("status") or {}
+                    seen = json.dumps({k: status.get(k) for k in ("observed", "replicas")})
+                except Exception as exc:  # the timeout is the finding; keep its message
+                    seen = f"(not read: {exc})"
+                said = kubectl(
+                    "logs",
+                    "-n",
+                    OPERATOR_NS,
+                    "-l",
+                    f"app.kubernetes.io/instance={RELEASE}",
+                    "--tail=400",
+                    "--prefix",
+                    check=False,
+                )
+                said = "\n".join(
+                    line
+                    for line in said.splitlines()
+                    if DEPLOYMENT in line or "Traceback" in line or "Error" in line
+                )[-2500:]
+                restore_slo = {"spec": {"slo": original["slo"]}}
+                kubectl(
+                    "patch",
+                    "dnndeployment",
+                    DEPLOYMENT,
+                    "-n",
+                    NS,
+                    "--type=merge",
+                    "-p",
+                    json.dumps(restore_slo),
+                    check=False,
+                )
                 raise TimeoutError(
-                    f"{error}; status {json.dumps(seen)[:800]}; load {load.summary()}"
+                    f"{error}; status {seen[:1500]}; load {load.summary()}; "
+                    f"the operator's log on {DEPLOYMENT}:\n{said}"
                 ) from None
             result.update(replicasUp=up, scaleUpS=round(up_s, 1), load=load.summary())
         # The new SLO keeps the split: the device pods keep running (a plan that only

@@ -105,7 +105,10 @@ def _counting(on_refused: Callable[[str], None]) -> type[ssl.SSLObject]:
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 raise
             except ssl.SSLError as exc:
-                on_refused(handshake_refusal(exc))
+                try:
+                    on_refused(handshake_refusal(exc))
+                except Exception:  # a failing counter must not replace the TLS error
+                    logging.getLogger(__name__).exception("counting a refused handshake")
                 raise
 
     return CountingSSLObject

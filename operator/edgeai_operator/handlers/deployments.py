@@ -20,6 +20,9 @@ from edgeai_operator.reconcile import reconcile
 from edgeai_operator.trunkplan import Peer, TrunkRecord, peer_of
 from edgeai_operator.writer import KubeWriter
 
+# how long the PriorityClass release waits for a pass in flight before kopf retries it
+PASS_WAIT_S = 60.0
+
 
 @kopf.on.event(API_GROUP, API_VERSION, "dnndeployments")
 async def spec_changed(
@@ -194,7 +197,8 @@ async def run_deployment(
                 for record in found
             }
             # Shielded: a stop cannot interrupt a pass's thread, which would go on
-            # applying children (the PriorityClass among them) after the release below.
+            # applying children (the PriorityClass among them) after the release by
+            # release_priority_class, which awaits the pass registered here.
             running = asyncio.ensure_future(
                 _pass(ctx, body, state, profiles, nodes, logger, records)
             )
@@ -228,5 +232,11 @@ async def release_priority_class(
     key = (namespace or "default", name)
     running = context_of(memo).passes.get(key)
     if running is not None and not running.done():
-        await asyncio.wait({running})
+        done, _ = await asyncio.wait({running}, timeout=PASS_WAIT_S)
+        if not done:
+            raise kopf.TemporaryError(
+                f"a reconcile pass of {key[0]}/{key[1]} is still running after "
+                f"{PASS_WAIT_S:.0f} s; releasing its PriorityClass after it",
+                delay=2,
+            )
     await _release_priority_class(key, _priority(body), kwargs["priority_users"], logger)

@@ -115,7 +115,7 @@ def preparation_pass(
         observed["base"] = k8s.get(
             f"{API_GROUP}/{API_VERSION}", "DNNModel", spec.base.model, namespace
         )
-    elif observed["configmap"] is not None:
+    elif preparation.RESULT_KEY in ((observed["configmap"] or {}).get("data") or {}):
         # a finished preparation looks for a trunk it shares with another model
         observed["peers"] = k8s.list_objects(f"{API_GROUP}/{API_VERSION}", "DNNModel", namespace)
     step = preparation.step(
