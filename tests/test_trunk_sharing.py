@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _cluster_support import dnn_model
+from _cluster_support import condition, dnn_model, get
 from edgeai_operator.builders import DeploymentOptions, Owner, TrunkStage, trunk_children
 from edgeai_operator.decide import DeploymentState, Observed, decide
 from edgeai_operator.deployspec import parse_deployment
@@ -405,11 +405,27 @@ def _args(workload: dict[str, Any]) -> list[str]:
     return list(workload["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
+def _trunk_workloads(ns: Any) -> list[dict[str, Any]]:
+    """The namespace's trunk Deployments not being deleted."""
+    items = get(ns, "deployments", "-l", "edgeai.dev/stage=trunk")["items"]
+    return [d for d in items if not d["metadata"].get("deletionTimestamp")]
+
+
+def _trunk_shared_by(ns: Any, n: int) -> Any:
+    """The one trunk Deployment once it has n owners and n routes, else a falsy value."""
+    items = _trunk_workloads(ns)
+    if len(items) != 1:
+        return None
+    refs = items[0]["metadata"].get("ownerReferences", [])
+    routes = [a for a in _args(items[0]) if a.startswith("--route=")]
+    return len(refs) == n and len(routes) == n and items[0]
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path: Path) -> None:
-    from _cluster_support import apply, get, wait_for
+    from _cluster_support import apply, wait_for
     from _process_kubelet import ProcessKubelet, ServiceProxy
     from _serving import infer
     from _worker_support import run_onnx
@@ -430,20 +446,8 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
         _application("par", "digits-parity"),
     )
 
-    def trunk_workloads() -> list[dict[str, Any]]:
-        items = get(ns, "deployments", "-l", "edgeai.dev/stage=trunk")["items"]
-        return [d for d in items if not d["metadata"].get("deletionTimestamp")]
-
-    def shared_by(n: int) -> Any:
-        items = trunk_workloads()
-        if len(items) != 1:
-            return None
-        refs = items[0]["metadata"].get("ownerReferences", [])
-        routes = [a for a in _args(items[0]) if a.startswith("--route=")]
-        return len(refs) == n and len(routes) == n and items[0]
-
     trunk = wait_for(
-        "one trunk Deployment with two owners and two routes", lambda: shared_by(2), 600
+        "one trunk Deployment with two owners and two routes", lambda: _trunk_shared_by(ns, 2), 600
     )
     name = trunk["metadata"]["name"]
     assert name.startswith("digits-trunk-zone-a-")
@@ -530,7 +534,9 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
         ns.kubectl("delete", "dnnd", "cam", "--timeout=60s")
-        trunk = wait_for("the trunk kept with one owner and one route", lambda: shared_by(1), 180)
+        trunk = wait_for(
+            "the trunk kept with one owner and one route", lambda: _trunk_shared_by(ns, 1), 180
+        )
         assert trunk["metadata"]["name"] == name
         assert (
             trunk["metadata"]["ownerReferences"][0]["uid"]
@@ -545,7 +551,7 @@ def test_two_applications_share_one_trunk_stage(ns: Any, operator: Any, tmp_path
         np.testing.assert_allclose(got, run_onnx(parity, {"input": x})[0], rtol=1e-5, atol=1e-5)
 
         ns.kubectl("delete", "dnnd", "par", "--timeout=60s")
-        wait_for("the trunk garbage-collected", lambda: not trunk_workloads(), 120)
+        wait_for("the trunk garbage-collected", lambda: not _trunk_workloads(ns), 120)
         wait_for("its Service gone", lambda: get(ns, "service", name) is None, 60)
 
 
@@ -556,7 +562,7 @@ def test_a_trunk_is_detected_without_spec_base_and_shared(ns: Any, operator: Any
     """The parity application names no base: its preparation finds that its graph up to
     the trunk tensor is digits' (same ops, same weights), records it, and the two
     backbone deployments share one trunk stage as with spec.base."""
-    from _cluster_support import apply, get, wait_for
+    from _cluster_support import apply, wait_for
     from edgeai_worker import trunks
 
     parity = trunks.digits_head("parity")
@@ -568,8 +574,7 @@ def test_a_trunk_is_detected_without_spec_base_and_shared(ns: Any, operator: Any
 
     def prepared(name: str) -> Any:
         obj = get(ns, "dnnmodel", name)
-        conditions = (obj or {}).get("status", {}).get("conditions", [])
-        return any(c["type"] == "Prepared" and c["status"] == "True" for c in conditions) and obj
+        return condition(obj, "Prepared").get("status") == "True" and obj
 
     # the base first: the model prepared second names the one prepared first
     apply(ns, dnn_model("digits", {"zoo": "digits_cnn"}))
@@ -596,21 +601,11 @@ def test_a_trunk_is_detected_without_spec_base_and_shared(ns: Any, operator: Any
 
     apply(ns, _application("cam", "digits"), _application("par", "digits-parity"))
 
-    def shared() -> Any:
-        items = [
-            d
-            for d in get(ns, "deployments", "-l", "edgeai.dev/stage=trunk")["items"]
-            if not d["metadata"].get("deletionTimestamp")
-        ]
-        if len(items) != 1:
-            return None
-        refs = items[0]["metadata"].get("ownerReferences", [])
-        routes = [a for a in _args(items[0]) if a.startswith("--route=")]
-        return len(refs) == 2 and len(routes) == 2 and items[0]
-
     # each member applies the workload with its own owner reference: both owners and
     # both routes once both have applied it
-    workload = wait_for("one trunk Deployment with both applications", shared, 600)
+    workload = wait_for(
+        "one trunk Deployment with both applications", lambda: _trunk_shared_by(ns, 2), 600
+    )
     assert [a for a in _args(workload) if a.startswith("--route=")] == [
         f"--route=digits=http://cam-edge-zone-a.{ns.name}.svc:8080",
         f"--route=digits-parity=http://par-edge-zone-a.{ns.name}.svc:8080",

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,11 +76,36 @@ CLIENTS_USED = {
 Call = Callable[[], np.ndarray]
 
 
-def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[[], Call]:
+def _connection(url: str) -> http.client.HTTPConnection:
     host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=120)
 
+
+def _exchange(
+    connection: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[bytes, http.client.HTTPResponse]:
+    """One request on a kept connection; its body and reply, raising on any status but 200."""
+    connection.request(method, path, body, dict(headers or {}))
+    reply = connection.getresponse()
+    data = reply.read()
+    if reply.status != 200:
+        raise RuntimeError(f"{reply.status}: {data[:300]!r}")
+    return data, reply
+
+
+def _stub(target: str, method: str, deserializer: Callable[[bytes], Any] | None) -> Any:
+    """A plain unary stub on a new channel: requests go as the bytes given."""
+    channel = grpc.insecure_channel(target)
+    return channel.unary_unary(method, request_serializer=None, response_deserializer=deserializer)
+
+
+def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[[], Call]:
     def make() -> Call:
-        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection = _connection(url)
 
         def call() -> np.ndarray:
             request = InferRequest(
@@ -88,11 +113,7 @@ def _rest_caller(url: str, model: str, x: np.ndarray, binary: bool) -> Callable[
                 parameters={"binary_data_output": True} if binary else {},
             )
             body, headers = protocol.encode_request(request, binary=binary)
-            connection.request("POST", f"/v2/models/{model}/infer", body, headers)
-            reply = connection.getresponse()
-            data = reply.read()
-            if reply.status != 200:
-                raise RuntimeError(f"{reply.status}: {data[:300]!r}")
+            data, reply = _exchange(connection, "POST", f"/v2/models/{model}/infer", body, headers)
             length = reply.getheader(protocol.HEADER_LENGTH)
             response = protocol.decode_response(data, int(length) if length else None)
             return response.outputs[0].array
@@ -106,12 +127,7 @@ def _grpc_caller(target: str, model: str, x: np.ndarray) -> Callable[[], Call]:
     def make() -> Call:
         # a plain stub, no client library on top: the request with raw_input_contents
         # as the worker's forwarder writes it, the reply parsed as it reads it
-        channel = grpc.insecure_channel(target)
-        stub = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=None,
-            response_deserializer=parse_infer_response,
-        )
+        stub = _stub(target, "/inference.GRPCInferenceService/ModelInfer", parse_infer_response)
 
         def call() -> np.ndarray:
             request = serialize_infer_request(InferRequest([Tensor.from_numpy("input", x)]), model)
@@ -294,17 +310,11 @@ asyncio.run(main())
 
 
 def _health_caller(url: str) -> Callable[[], Call]:
-    host, port = url.removeprefix("http://").split(":")
-
     def make() -> Call:
-        connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        connection = _connection(url)
 
         def call() -> np.ndarray:
-            connection.request("GET", "/v2/health/live")
-            reply = connection.getresponse()
-            data = reply.read()
-            if reply.status != 200:
-                raise RuntimeError(f"{reply.status}: {data[:300]!r}")
+            _exchange(connection, "GET", "/v2/health/live")
             return np.empty(0)
 
         return call
@@ -314,8 +324,7 @@ def _health_caller(url: str) -> Callable[[], Call]:
 
 def _grpc_empty_caller(target: str, method: str, request: bytes) -> Callable[[], Call]:
     def make() -> Call:
-        channel = grpc.insecure_channel(target)
-        stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        stub = _stub(target, method, None)
 
         def call() -> np.ndarray:
             stub(request, timeout=120)
@@ -333,12 +342,17 @@ def bench_floor(tmp: Path, path: Path, requests: int, rounds: int) -> dict[str, 
     server answers in here."""
     grpc_port = free_port()
     settings = {"model_name": "mlp", "partitions": [str(path)], "grpc_port": grpc_port}
-    noop = subprocess.Popen(
-        [sys.executable, "-c", NOOP_SERVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
+    noop_log = tmp / "noop.err"
+    with noop_log.open("wb") as err:
+        noop = subprocess.Popen(
+            [sys.executable, "-c", NOOP_SERVER], stdout=subprocess.PIPE, stderr=err
+        )
     try:
         assert noop.stdout is not None
-        noop_port = int(noop.stdout.readline())
+        line = noop.stdout.readline()
+        if not line.strip():
+            raise RuntimeError(f"the no-op gRPC server did not start:\n{noop_log.read_text()}")
+        noop_port = int(line)
         bare = Worker(noop, f"grpc://127.0.0.1:{noop_port}", tmp / "noop.log")
         with _worker(tmp, settings) as worker:
             live = pb.ServerLiveRequest().SerializeToString()

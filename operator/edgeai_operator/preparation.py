@@ -360,6 +360,12 @@ def _fp32_profile(profiles: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | 
     return next((p for p in profiles if p.get("build", "fp32") == "fp32"), None)
 
 
+def _fp32_result_profile(result: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The profile of a PrepareResult's fp32 variant (None when it has none)."""
+    variant = next((v for v in result["variants"] if v["kind"] == "fp32"), None)
+    return variant["profile"] if variant else None
+
+
 def _prepared(model: Mapping[str, Any]) -> bool:
     generation = model["metadata"].get("generation")
     return any(
@@ -387,8 +393,8 @@ def check_base(
         return "wait", f"spec.base.modelRef.name: waiting for DNNModel {ref.model} (not found)"
     if not _prepared(base):
         return "wait", f"spec.base.modelRef.name: waiting for DNNModel {ref.model} to be Prepared"
-    variant = next(v for v in result["variants"] if v["kind"] == "fp32")
-    own = variant["profile"]
+    own = _fp32_result_profile(result)
+    assert own is not None  # every preparation builds the fp32 variant
     at = [i for i, c in enumerate(own["cuts"]) if list(c["tensors"]) == [ref.shared_up_to]]
     if not at:
         offered = [c["tensors"][0] for c in own["cuts"][1:-1] if len(c["tensors"]) == 1]
@@ -440,8 +446,7 @@ def detect_trunk(
     name sorts first. Only a base that shares no trunk itself is taken, and the model
     prepared second names the one prepared first, so no two models name each other.
     None when nothing is shared."""
-    variant = next((v for v in result["variants"] if v["kind"] == "fp32"), None)
-    own = variant["profile"] if variant else None
+    own = _fp32_result_profile(result)
     if own is None or "prefixDigests" not in own:
         return None
     found: tuple[int, str, Mapping[str, Any], int] | None = None
