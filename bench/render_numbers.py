@@ -1115,13 +1115,27 @@ def trunks_goal(report: Mapping[str, Any]) -> str:
             + f" ({'met at ' + ', '.join(met) if met else 'not met'})"
         )
 
-    return (
+    text = (
         f"Goal: shared-trunk edge compute per pair of requests <= {goal:g}x two separate "
         f"deployments ({report['date']}, by digits per request). In FLOPs: "
         f"{verdict('flopsPerPair')}. In onnxruntime CPU time: "
         f"{verdict('computeCpuMsPerPair')}. In the stages' measured compute time: "
         f"{verdict('computeMsPerPair')}. In edge process CPU time: {verdict('cpuMsPerPair')}."
     )
+    alone = {b: e["inProcess"] for b, e in report["batches"].items() if "inProcess" in e}
+    if alone:
+        met = [b for b, a in alone.items() if a["ratio"] <= goal]
+        cells = ", ".join(
+            f"{a['ratio']:.3f}x at {b} ({a['separateCpuMsPerPair']:.3f} / "
+            f"{a['sharedCpuMsPerPair']:.3f} ms)"
+            for b, a in alone.items()
+        )
+        text += (
+            " The same onnxruntime runs alone in one process (no HTTP, no other process "
+            f"between calls; separate / shared CPU ms per pair): {cells} "
+            f"({'met at ' + ', '.join(met) if met else 'not met'})."
+        )
+    return text
 
 
 # --- kind end to end (hack/kind/e2e.py) and the demo (hack/kind/demo.py) ---------------

@@ -59,6 +59,7 @@ from edgeai_worker.protocol import (  # noqa: E402
     encode_request,
     parse_header_length,
 )
+from edgeai_worker.runtime import Partition  # noqa: E402
 
 GOAL = 0.6  # shared edge compute per pair <= GOAL x separate
 APPS = ("digits", "parity")
@@ -210,6 +211,45 @@ def _run(
     }
 
 
+def _in_process(paths: dict[str, Any], requests: list[np.ndarray], rounds: int) -> dict[str, Any]:
+    """The same onnxruntime work with nothing around it: every partition in this one
+    process (sessions as the workers open them), the pairs run back to back, CPU time
+    of the calling thread per pair; separate = each application's full model, shared =
+    the trunk once and each head. Set-ups alternate per round; medians."""
+
+    def load(path: Path) -> Partition:
+        part = Partition(path)
+        part.load()
+        return part
+
+    full = {a: load(paths["full"][a]) for a in APPS}
+    trunk = load(paths["trunk"])
+    heads = {a: load(paths["head"][a]) for a in APPS}
+
+    def separate(x: np.ndarray) -> None:
+        for a in APPS:
+            full[a].run({"input": x})
+
+    def shared(x: np.ndarray) -> None:
+        features = trunk.run({"input": x})
+        for a in APPS:
+            heads[a].run(features)
+
+    setups = {"separate": separate, "shared": shared}
+    for run in setups.values():
+        for x in requests[:20]:
+            run(x)
+    per_pair: dict[str, list[float]] = {s: [] for s in setups}
+    for r in range(rounds):
+        for name in sorted(setups, reverse=r % 2 == 1):
+            started = time.thread_time()
+            for x in requests:
+                setups[name](x)
+            per_pair[name].append(1000 * (time.thread_time() - started) / len(requests))
+    sep, sha = (statistics.median(per_pair[s]) for s in ("separate", "shared"))
+    return {"separateCpuMsPerPair": sep, "sharedCpuMsPerPair": sha, "ratio": sha / sep}
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
@@ -292,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
                 for setup, rs in runs.items()
             }
             ratios = {k: summary["shared"][k] / summary["separate"][k] for k in _RATIO_KEYS}
-            report["batches"][str(batch)] = {"summary": summary, "ratios": ratios, "runs": runs}
+            alone = _in_process(paths, requests, args.rounds)
+            print(f"[trunks] batch {batch}: onnxruntime alone, shared / separate: "
+                  f"{alone['ratio']:.3f}", flush=True)  # fmt: skip
+            report["batches"][str(batch)] = {
+                "summary": summary,
+                "ratios": ratios,
+                "inProcess": alone,
+                "runs": runs,
+            }
             for key, ratio in ratios.items():
                 print(f"[trunks] batch {batch}: shared / separate {key}: {ratio:.3f}")
     report["seconds"] = round(time.monotonic() - started, 1)
