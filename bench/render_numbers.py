@@ -1107,13 +1107,13 @@ def trunks_table(report: Mapping[str, Any]) -> str:
 def trunks_goal(report: Mapping[str, Any]) -> str:
     goal = report["goal"]
 
+    def met(ratios: Mapping[str, float]) -> str:
+        at = [b for b, r in ratios.items() if r <= goal]
+        return f"({'met at ' + ', '.join(at) if at else 'not met'})"
+
     def verdict(key: str) -> str:
         ratios = {b: e["ratios"][key] for b, e in report["batches"].items()}
-        met = [b for b, r in ratios.items() if r <= goal]
-        return (
-            ", ".join(f"{r:.3f}x at {b}" for b, r in ratios.items())
-            + f" ({'met at ' + ', '.join(met) if met else 'not met'})"
-        )
+        return ", ".join(f"{r:.3f}x at {b}" for b, r in ratios.items()) + " " + met(ratios)
 
     text = (
         f"Goal: shared-trunk edge compute per pair of requests <= {goal:g}x two separate "
@@ -1124,7 +1124,6 @@ def trunks_goal(report: Mapping[str, Any]) -> str:
     )
     alone = {b: e["inProcess"] for b, e in report["batches"].items() if "inProcess" in e}
     if alone:
-        met = [b for b, a in alone.items() if a["ratio"] <= goal]
         cells = ", ".join(
             f"{a['ratio']:.3f}x at {b} ({a['separateCpuMsPerPair']:.3f} / "
             f"{a['sharedCpuMsPerPair']:.3f} ms)"
@@ -1133,7 +1132,7 @@ def trunks_goal(report: Mapping[str, Any]) -> str:
         text += (
             " The same onnxruntime runs alone in one process (no HTTP, no other process "
             f"between calls; separate / shared CPU ms per pair): {cells} "
-            f"({'met at ' + ', '.join(met) if met else 'not met'})."
+            f"{met({b: a['ratio'] for b, a in alone.items()})}."
         )
     return text
 

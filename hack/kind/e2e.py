@@ -113,6 +113,24 @@ def get(*args: str) -> Any:
     return json.loads(kubectl("get", *args, "-o", "json"))
 
 
+def patch_deployment(name: str, patch: dict[str, Any], *, check: bool = True) -> None:
+    """A merge patch of DNNDeployment `name` in the e2e namespace."""
+    kubectl(
+        "patch", "dnndeployment", name, "-n", NS, "--type=merge", "-p", json.dumps(patch),
+        check=check,
+    )  # fmt: skip
+
+
+def operator_log(keep: Callable[[str], bool], tail: int, limit: int) -> str:
+    """The last `limit` characters of the operator pods' lines (the last `tail` of each,
+    prefixed with the pod) that `keep` selects; empty when the log cannot be read."""
+    text = kubectl(
+        "logs", "-n", OPERATOR_NS, "-l", f"app.kubernetes.io/instance={RELEASE}",
+        f"--tail={tail}", "--prefix", check=False,
+    )  # fmt: skip
+    return "\n".join(line for line in text.splitlines() if keep(line))[-limit:]
+
+
 def helm(*args: str, timeout: float = 600) -> str:
     return run(K8S_BIN / "helm", f"--kubeconfig={KUBECONFIG}", *args, timeout=timeout)
 
@@ -750,16 +768,7 @@ class Run:
         device_pods = _device_pod_uids()
         base = entry_nodeport(DEPLOYMENT, "zone-a")
         with Traffic(base, model, workers=4) as load:
-            kubectl(
-                "patch",
-                "dnndeployment",
-                DEPLOYMENT,
-                "-n",
-                NS,
-                "--type=merge",
-                "-p",
-                json.dumps(tight),
-            )
+            patch_deployment(DEPLOYMENT, tight)
             try:
                 up, up_s = wait_for(
                     "a scale-up", lambda: _scaled(before, _replicas(), up=True), 180, 2
@@ -772,33 +781,12 @@ class Run:
                     seen = json.dumps({k: status.get(k) for k in ("observed", "replicas")})
                 except Exception as exc:  # the timeout is the finding; keep its message
                     seen = f"(not read: {exc})"
-                said = kubectl(
-                    "logs",
-                    "-n",
-                    OPERATOR_NS,
-                    "-l",
-                    f"app.kubernetes.io/instance={RELEASE}",
-                    "--tail=400",
-                    "--prefix",
-                    check=False,
+                said = operator_log(
+                    lambda line: any(w in line for w in (DEPLOYMENT, "Traceback", "Error")),
+                    tail=400,
+                    limit=2500,
                 )
-                said = "\n".join(
-                    line
-                    for line in said.splitlines()
-                    if DEPLOYMENT in line or "Traceback" in line or "Error" in line
-                )[-2500:]
-                restore_slo = {"spec": {"slo": original["slo"]}}
-                kubectl(
-                    "patch",
-                    "dnndeployment",
-                    DEPLOYMENT,
-                    "-n",
-                    NS,
-                    "--type=merge",
-                    "-p",
-                    json.dumps(restore_slo),
-                    check=False,
-                )
+                patch_deployment(DEPLOYMENT, {"spec": {"slo": original["slo"]}}, check=False)
                 raise TimeoutError(
                     f"{error}; status {seen[:1500]}; load {load.summary()}; "
                     f"the operator's log on {DEPLOYMENT}:\n{said}"
@@ -814,16 +802,7 @@ class Run:
                 "autoscaling": {"stableWindowSeconds": 10, "scaleDownDelaySeconds": 10},
             }
         }
-        kubectl(
-            "patch",
-            "dnndeployment",
-            DEPLOYMENT,
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            json.dumps(restore),
-        )
+        patch_deployment(DEPLOYMENT, restore)
         peak = _replicas()
 
         def back_down() -> dict[str, int] | None:
@@ -1070,16 +1049,7 @@ class Run:
         # change on each is observed (status.observedGeneration) by the operator now active.
         for name in (DEPLOYMENT, SAMPLE):
             slo = get("dnndeployment", name, "-n", NS)["spec"]["slo"]
-            kubectl(
-                "patch",
-                "dnndeployment",
-                name,
-                "-n",
-                NS,
-                "--type=merge",
-                "-p",
-                json.dumps({"spec": {"slo": {"latencyP95Ms": slo["latencyP95Ms"] + 1}}}),
-            )
+            patch_deployment(name, {"spec": {"slo": {"latencyP95Ms": slo["latencyP95Ms"] + 1}}})
 
         def observed() -> bool:
             for name in (DEPLOYMENT, SAMPLE):
@@ -1226,25 +1196,10 @@ class Run:
         pc_left = get("priorityclasses", "-l", "app.kubernetes.io/managed-by=edgeai-operator")
         operator_said = ""
         if pc_left["items"]:
-            operator_said = kubectl(
-                "logs",
-                "-n",
-                OPERATOR_NS,
-                "-l",
-                f"app.kubernetes.io/instance={RELEASE}",
-                "--tail=4000",
-                "--prefix",
-                check=False,
+            words = ("PriorityClass", "priority", "Traceback", "paus", "resum")
+            operator_said = operator_log(
+                lambda line: any(w in line for w in words), tail=4000, limit=3000
             )
-            operator_said = "\n".join(
-                line
-                for line in operator_said.splitlines()
-                if "PriorityClass" in line
-                or "priority" in line
-                or "Traceback" in line
-                or "paus" in line
-                or "resum" in line
-            )[-3000:]
         t1 = time.monotonic()
         helm("uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait", "--timeout", "3m")
         uninstall_s = time.monotonic() - t1
