@@ -110,6 +110,11 @@ CASES = [
         "spec.exits[]: output and after name tensors the model computes",
     ),
     (
+        "model: exit trained without data",
+        _with(MODEL, "spec.exits", [{"output": "exit_0", "after": "hidden", "train": True}]),
+        "spec.data is required when spec.exits[].train is true",
+    ),
+    (
         "model: exit output twice",
         _with(
             MODEL,
@@ -530,6 +535,11 @@ DECLARED_EXITS = _with(
     "spec.data",
     {"uri": "configmap://mlp-files/data.npz"},
 )
+TRAINED_EXITS = _with(
+    _with(MODEL, "spec.exits", [{"output": "exit_0", "after": "hidden", "train": True}]),
+    "spec.data",
+    {"uri": "configmap://mlp-files/data.npz"},
+)
 
 
 @pytest.mark.parametrize(
@@ -546,6 +556,7 @@ DECLARED_EXITS = _with(
         EXITS,
         TRUNK,
         DECLARED_EXITS,
+        TRAINED_EXITS,
     ],
     ids=[
         "model",
@@ -559,6 +570,7 @@ DECLARED_EXITS = _with(
         "deployment-exits",
         "model-base",
         "model-exits",
+        "model-trained-exits",
     ],
 )
 def test_valid_base_manifests_accepted(crds: LocalCluster, doc: dict[str, Any]) -> None:

@@ -68,6 +68,8 @@ COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.sharing": {("security", "stageTLS"): "disabled"},
     "spec.privacy.noiseTraining": {("privacy", "featureNoiseStd"): 0.5},
     "spec.privacy.noiseAccuracyFloor": {("privacy", "noiseTraining"): True},
+    # a head is trained from labelled data
+    "spec.exits[0].train": {("data",): {"uri": "pvc://models/data.npz"}},
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}
@@ -358,6 +360,7 @@ def test_the_walk_covers_the_fields_this_test_is_about() -> None:
         ("DNNModel", "spec.base.sharedUpTo"),
         ("DNNModel", "spec.base.modelRef.name"),
         ("DNNModel", "spec.exits[0].after"),
+        ("DNNModel", "spec.exits[0].train"),
     ]:
         assert expected in fields
     assert ("DNNModel", "spec.source.onnx") not in fields  # not built: not offered

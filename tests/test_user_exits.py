@@ -5,6 +5,7 @@ the field, and the plan's stages served by real worker processes on loopback."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +93,27 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _exit_mlp(folder / "mlp.onnx")
     x_val, y_val, x_ho, y_ho = validation_split()
     np.savez(folder / "data.npz", input=x_val, labels=y_val.astype(np.int64))
+    # the same perceptron without its exit: the preparation trains one (spec.exits[].train)
+    from edgeai_worker.offload.declared import DeclaredExit, backbone
+
+    onnx.save(
+        backbone(onnx.load(str(folder / "mlp.onnx")), [DeclaredExit("exit_0", HIDDEN)]),
+        str(folder / "plain.onnx"),
+    )
     return {"root": root, "x_val": x_val, "y_val": y_val, "x_ho": x_ho, "y_ho": y_ho}
 
 
 def _request(
-    exits: tuple[ExitSpec, ...], source: str = "mlp.onnx", data: bool = True
+    exits: tuple[ExitSpec, ...],
+    source: str = "mlp.onnx",
+    data: bool = True,
+    data_file: str = "data.npz",
 ) -> PrepareRequest:
     return PrepareRequest(
         source_uri=f"pvc://models/{source}",
         inputs=(INPUT,),
         artifacts_uri="pvc://models/prepared",
-        data_uri="pvc://models/data.npz" if data else None,
+        data_uri=f"pvc://models/{data_file}" if data else None,
         model_name="mlp",
         exits=exits,
     )
@@ -135,6 +146,133 @@ def test_spec_exits_are_parsed_and_their_errors_name_the_field() -> None:
         parse_model_spec({**base, "exits": twice})
     with pytest.raises(SpecError, match=r"^spec.exits: must be a list"):
         parse_model_spec({**base, "exits": {"output": "exit_0"}})
+
+
+def test_trained_exits_are_parsed_and_passed_to_the_preparation() -> None:
+    from edgeai_operator.cli import build_parser
+    from edgeai_operator.preparation import prepare_args
+
+    base = {"source": {"uri": "pvc://models/plain.onnx"}, "input": {
+        "name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        "data": {"uri": "pvc://models/data.npz"}}  # fmt: skip
+    exits = [{"output": "exit_0", "after": "hidden", "train": True}, {"output": "e", "after": "f"}]
+    spec = parse_model_spec({**base, "exits": exits})
+    assert spec.exits == (ExitSpec("exit_0", "hidden", True), ExitSpec("e", "f"))
+    args = prepare_args(spec, model_name="m", artifacts_uri="pvc://a", result="ns/r")
+    assert [a for a in args if "exit" in a] == ["--train-exit=exit_0=hidden", "--exit=e=f"]
+    parsed = build_parser().parse_args(args)
+    assert parsed.exit == [ExitSpec("exit_0", "hidden", True), ExitSpec("e", "f", False)]
+    with pytest.raises(SpecError, match=r"^spec.exits\[0\].train: must be true or false"):
+        parse_model_spec({**base, "exits": [{**exits[0], "train": "yes"}]})
+    no_data = {k: v for k, v in base.items() if k != "data"}
+    with pytest.raises(SpecError, match=r"^spec.data: is not set, and spec.exits\[0\].train"):
+        parse_model_spec({**no_data, "exits": exits})
+
+
+def test_a_trained_head_is_the_graph_it_is_grafted_as() -> None:
+    """Softmax regression on the digits' pixels learns them; grafted onto a model,
+    onnxruntime computes what numpy does, pooled over H and W for a large 4-D tensor;
+    a name the model has is refused."""
+    from edgeai_worker import zoo
+    from edgeai_worker.offload.trained import graft_heads, head_logits, train_head
+
+    x_train, y_train, x_test, y_test = zoo.digits_split()
+    head = train_head("exit_0", "flat", x_train, y_train, 10)
+    assert not head.pooled
+    assert head.train_accuracy > 0.95
+    assert head.trained_on == len(y_train)
+    model = onnx.load_from_string(_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["output"])],
+        [("output", 10)], {"w": np.zeros((64, 10))},
+    ))  # fmt: skip
+    grafted = graft_heads(model, [head])
+    assert [o.name for o in grafted.graph.output] == ["output", "exit_0"]
+    path = Path(tempfile.mkdtemp()) / "grafted.onnx"
+    onnx.save(grafted, str(path))
+    _, early = run_onnx(path, {"input": x_test})
+    np.testing.assert_allclose(early, head_logits(head, x_test), rtol=1e-4, atol=1e-4)
+    assert np.mean(early.argmax(1) == y_test) > 0.9  # held out: it generalises
+    with pytest.raises(ValueError, match="'output' already names a tensor of the model"):
+        graft_heads(model, [train_head("output", "flat", x_train, y_train, 10)])
+    # a convolution-sized tensor (8x32x32 = 8192 values) is averaged over H, W first
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 64)
+    values = rng.standard_normal((64, 8, 32, 32)).astype(np.float32)
+    values[np.arange(64), labels] += 1.0  # the channel of its class is brighter
+    wide = train_head("exit_w", "r", values, labels, 8)
+    assert wide.pooled
+    assert wide.weight.shape == (8, 8)
+    assert wide.train_accuracy == 1.0
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+         helper.make_node("Flatten", ["g"], ["y"])],
+        "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )  # fmt: skip
+    conv = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = path.with_name("wide.onnx")
+    onnx.save(graft_heads(conv, [wide]), str(path))
+    _, early = run_onnx(path, {"x": values})
+    relu = np.maximum(values, 0)
+    np.testing.assert_allclose(early, head_logits(wide, relu), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_trained_exit_is_added_measured_and_refused_naming_the_field(
+    user: dict[str, Any], tmp_path: Path
+) -> None:
+    """spec.exits[0] with train: true on the perceptron without its exit: the head is
+    trained on the even rows of spec.data, the artefact carries it, the exit is
+    calibrated on the odd rows; what cannot be trained is refused naming the field."""
+    trained = ExitSpec("exit_0", HIDDEN, train=True)
+    result = _prepare(user, _request((trained,), "plain.onnx"), tmp_path)
+    fp32 = result.variant("fp32")
+    assert fp32.ready, fp32.message
+    count = len(user["y_val"])
+    assert f"exit heads trained from spec.data: exit_0 on {(count + 1) // 2} examples" in (
+        fp32.message
+    )
+    assert [o.name for o in result.outputs] == ["output", "exit_0"]
+    profile = fp32.profile
+    assert profile is not None
+    assert all("exit_0" not in c["tensors"] for c in profile["cuts"])
+    (entry,) = profile["offload"]["exits"]
+    assert (entry["output"], entry["after"]) == ("exit_0", HIDDEN)
+    assert entry["trained"]["examples"] == (count + 1) // 2
+    assert entry["headFlops"] == 2 * 32 * 10  # one Gemm, 32 features to 10 classes
+    tables = profile["offload"]["validation"]
+    assert len(tables["final_correct"]) == count // 2  # the odd rows only
+    artefact = user["root"] / "models" / "prepared" / Path(fp32.artifact.uri).name
+    _, early = run_onnx(artefact, {"input": user["x_val"][1::2]})
+    assert tables["exits_correct"] == [
+        (early.argmax(1) == user["y_val"][1::2]).astype(int).tolist()
+    ]
+    # the final output is the model's own; the exit is right on most held-out digits
+    plain_final = run_onnx(user["root"] / "models" / "plain.onnx", {"input": user["x_ho"]})[0]
+    final_ho, early_ho = run_onnx(artefact, {"input": user["x_ho"]})
+    np.testing.assert_allclose(final_ho, plain_final, rtol=1e-5, atol=1e-5)
+    exit_accuracy = float(np.mean(early_ho.argmax(1) == user["y_ho"]))
+    print(f"trained exit_0: held-out accuracy {exit_accuracy:.4f}")
+    assert exit_accuracy >= 0.85
+    folder = user["root"] / "models"
+    np.savez(folder / "few.npz", input=user["x_val"][:19], labels=user["y_val"][:19])
+    np.savez(folder / "ten.npz", input=user["x_val"][:40], labels=user["y_val"][:40] + 5)
+    cases = [
+        ((ExitSpec("output", HIDDEN, True),), "data.npz",
+         r"spec.exits\[0\].output: 'output' already names a tensor of the model"),
+        ((ExitSpec("exit_0", "nowhere", True),), "data.npz",
+         r"spec.exits\[0\].after: 'nowhere' is not a tensor the model computes"),
+        ((trained,), "few.npz", r"spec.data.uri: holds 19 labelled examples, too few"),
+        ((trained,), "ten.npz", r"spec.data.uri: its labels lie in \[5, 14\], the final output "
+         r"'output' scores 10 classes"),
+    ]  # fmt: skip
+    for i, (exits, data_file, message) in enumerate(cases):
+        with pytest.raises(SpecError, match=message):
+            _prepare(user, _request(exits, "plain.onnx", data_file=data_file), tmp_path / str(i))
+    with pytest.raises(SpecError, match=r"^spec.data: is not set, and spec.exits\[0\].train"):
+        _prepare(user, _request((trained,), "plain.onnx", data=False), tmp_path / "nodata")
 
 
 @pytest.mark.slow
@@ -320,18 +458,25 @@ def _profiles(result: PrepareResult) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("trained", [False, True], ids=["declared", "trained"])
 def test_declared_exits_are_planned_and_served_by_worker_processes(
-    user: dict[str, Any], tmp_path: Path
+    user: dict[str, Any], tmp_path: Path, trained: bool
 ) -> None:
     """The planner costs the split with the exit's measured share and the plan carries
     its threshold; the stage computing `hidden` answers when confident; escalations
-    reach the model's own output, the same as the full model's."""
+    reach the model's own output, the same as the full model's. The same for the
+    perceptron without its exit whose head the preparation trains."""
     from edgeai_operator.localworkers import start_local
     from edgeai_operator.partitions import build_partitions, exit_heads, offload_settings
     from edgeai_operator.plandoc import PlanDocument
     from edgeai_operator.planning import plan_zones
 
-    result = _prepare(user, _request((ExitSpec("exit_0", HIDDEN),)), tmp_path / "prepare")
+    request = (
+        _request((ExitSpec("exit_0", HIDDEN, True),), "plain.onnx")
+        if trained
+        else _request((ExitSpec("exit_0", HIDDEN),))
+    )
+    result = _prepare(user, request, tmp_path / "prepare")
     profiles = _profiles(result)
     # a slow device on a slow link: without exits the edge runs everything; with the
     # exit answering most inputs, the device runs the first layer and the exit
@@ -439,11 +584,14 @@ def test_declared_exits_on_the_control_plane(
     ns.kubectl(
         "create", "configmap", "mlp-files", f"--from-file=model.onnx={folder / 'mlp.onnx'}",
         f"--from-file=data.npz={folder / 'data.npz'}",
+        f"--from-file=plain.onnx={folder / 'plain.onnx'}",
     )  # fmt: skip
 
-    def model(name: str, exits: list[dict[str, str]], data: bool = True) -> dict[str, Any]:
+    def model(
+        name: str, exits: list[dict[str, Any]], data: bool = True, source: str = "model.onnx"
+    ) -> dict[str, Any]:
         spec: dict[str, Any] = {
-            "source": {"uri": "configmap://mlp-files/model.onnx"},
+            "source": {"uri": f"configmap://mlp-files/{source}"},
             "input": {"name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
             "exits": exits,
         }
@@ -466,7 +614,9 @@ def test_declared_exits_on_the_control_plane(
         model("mlp", [{"output": "exit_0", "after": HIDDEN}]),
         model("mlp-bad", [{"output": "exit_9", "after": HIDDEN}]),
         model("mlp-nodata", [{"output": "exit_0", "after": HIDDEN}], data=False),
-    )
+        model("mlp-trained", [{"output": "exit_0", "after": HIDDEN, "train": True}],
+              source="plain.onnx"),
+    )  # fmt: skip
     bad = condition(model_condition("mlp-bad", "False", "InvalidModel"), "Prepared")
     assert "spec.exits[0].output: 'exit_9' is not an output of the model" in bad["message"]
     status = model_condition("mlp", "True")["status"]
@@ -475,6 +625,13 @@ def test_declared_exits_on_the_control_plane(
     assert [e["output"] for e in fp32["offload"]["exits"]] == ["exit_0"]
     assert len(fp32["offload"]["validation"]["final_correct"]) == len(user["y_val"])
     model_condition("mlp-nodata", "True")
+    # the head trained by the preparation Job: the artefact has it, calibrated on odd rows
+    trained = model_condition("mlp-trained", "True")["status"]
+    (fp32,) = [p for p in trained["profiles"] if p["variant"] == "fp32"]
+    (entry,) = fp32["offload"]["exits"]
+    assert entry["output"] == "exit_0"
+    assert entry["trained"]["examples"] == (len(user["y_val"]) + 1) // 2
+    assert len(fp32["offload"]["validation"]["final_correct"]) == len(user["y_val"]) // 2
 
     offload = {"exits": {"rule": "maxProb", "targetAccuracy": TARGET}}
     app = deployment("reader", "mlp")

@@ -15,7 +15,7 @@
         - {name: small, distill: {}}
       profile: {tiers: [device, edge, cloud], repeats: 20, idleMs: 100, timeoutSeconds: 300}
       base: {modelRef: {name: digits}, sharedUpTo: features_out}
-      exits: [{output: exit_0, after: features_0}]
+      exits: [{output: exit_0, after: features_0}, {output: exit_1, after: pooled, train: true}]
 
 `spec.source` is `{uri, sha256}` with a URI as `sources.parse_source` accepts it (the
 check the preparation Job and `edgeai fetch` make), or `{zoo: NAME}`, short for
@@ -28,7 +28,9 @@ was wrong and what is accepted; the CRD's CEL rules refuse the same values serve
 the namespace: its graph up to the cut tensor `sharedUpTo` computes what the base's
 graph computes up to one of its cuts, on the same weights (the preparation checks it).
 `spec.exits` declares early exits the model already has: extra outputs (class scores)
-a head computes from the tensor `after` (the preparation checks the graph agrees).
+a head computes from the tensor `after` (the preparation checks the graph agrees); an
+entry with `train: true` names an output the model does not have yet, whose head the
+preparation trains from `spec.data` and adds to the model.
 """
 
 from __future__ import annotations
@@ -170,10 +172,12 @@ class BaseRef:
 @dataclass(frozen=True)
 class ExitSpec:
     """One of `spec.exits`: the model output holding an early exit's class scores and
-    the tensor its head reads."""
+    the tensor its head reads; `train`: the preparation trains the head from
+    `spec.data` and adds `output` to the model (`edgeai_worker.offload.trained`)."""
 
     output: str
     after: str
+    train: bool = False
 
 
 @dataclass(frozen=True)
@@ -453,7 +457,7 @@ def _exits(value: Any, inputs: tuple[InputSpec, ...]) -> tuple[ExitSpec, ...]:
     for i, item in enumerate(value):
         field = f"spec.exits[{i}]"
         data = spec_mapping(item, field, required=True)
-        reject_unknown(data, field, ("output", "after"))
+        reject_unknown(data, field, ("output", "after", "train"))
         output = _tensor_name(
             data.get("output"),
             f"{field}.output",
@@ -478,7 +482,14 @@ def _exits(value: Any, inputs: tuple[InputSpec, ...]) -> tuple[ExitSpec, ...]:
             )
         if any(e.output == output for e in exits):
             raise SpecError(f"{field}.output", f"{output!r} repeats", "distinct outputs")
-        exits.append(ExitSpec(output, after))
+        train = data.get("train", False)
+        if not isinstance(train, bool):
+            raise SpecError(
+                f"{field}.train",
+                f"must be true or false, got {train!r}",
+                "true: the preparation trains the head from spec.data and adds output to the model",
+            )
+        exits.append(ExitSpec(output, after, train))
     return tuple(exits)
 
 
@@ -519,6 +530,16 @@ def parse_model_spec(spec: Any) -> ModelSpec:
                 f"spec.variants[{i}].name", f"{variant.name!r} repeats", "distinct names"
             )
         variants.append(variant)
+    data = _data_file(spec.get("data"), "spec.data")
+    exits = _exits(spec.get("exits"), (model_input, *additional))
+    trained = [i for i, e in enumerate(exits) if e.train]
+    if trained and data is None:
+        raise SpecError(
+            "spec.data",
+            f"is not set, and spec.exits[{trained[0]}].train is true",
+            "labelled data (an .npz of inputs and integer labels) the exit's head is "
+            "trained on, or train: false with a model that has the exit as an output",
+        )
     return ModelSpec(
         source=source,
         input=model_input,
@@ -527,7 +548,7 @@ def parse_model_spec(spec: Any) -> ModelSpec:
         profile=_profile(spec_mapping(spec.get("profile"), "spec.profile")),
         artifacts_uri=_artifacts_uri(spec.get("artifacts")),
         calibration=_data_file(spec.get("calibration"), "spec.calibration"),
-        data=_data_file(spec.get("data"), "spec.data"),
+        data=data,
         base=_base(spec.get("base")),
-        exits=_exits(spec.get("exits"), (model_input, *additional)),
+        exits=exits,
     )

@@ -107,7 +107,7 @@ def prepare_args(spec: ModelSpec, *, model_name: str, artifacts_uri: str, result
     if spec.source.sha256:
         args.append(f"--sha256={spec.source.sha256}")
     args += [_variant_arg(v) for v in spec.variants if v.name != "fp32"]
-    args += [f"--exit={e.output}={e.after}" for e in spec.exits]
+    args += [f"--{'train-exit' if e.train else 'exit'}={e.output}={e.after}" for e in spec.exits]
     for option, ref in (("calibration", spec.calibration), ("data", spec.data)):
         if ref is not None:
             args.append(f"--{option}={ref.uri}")

@@ -27,6 +27,9 @@ against the graph before anything is built (SpecError naming `spec.exits[i]`); e
 variant is then profiled without them (the exits are not planned as outputs that travel
 to the last stage), and with `spec.data` the fp32 profile carries the exits' validation
 tables (`offload`), measured on that data, for planning and serving `spec.offload.exits`.
+An exit with `train: true` gets its head first: trained on the even rows of `spec.data`
+(`edgeai_worker.offload.trained`) and grafted onto the model, whose artefacts then
+carry it; every exit is then calibrated on the odd rows only.
 
 A variant that cannot be built (missing data, a builder failure) is reported with
 `ready: false` and the reason; the others are still built.
@@ -620,6 +623,10 @@ class _Context:
     built_dir: Path
     model_name: str
     final_output: str | None = None  # with declared exits: the output that is no exit
+    # with trained exits: the rows of spec.data the heads were not trained on (their
+    # calibration), and what each head was trained on
+    exit_data: _Examples | None = None
+    trained: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _build(ctx: _Context, index: int | None, variant: VariantRequest) -> Path:
@@ -746,6 +753,122 @@ def check_declared_exits(request: PrepareRequest, model: onnx.ModelProto) -> str
     return final
 
 
+def _check_trainable(request: PrepareRequest, model: onnx.ModelProto) -> None:
+    """SpecError naming `spec.exits[i]` for a trained exit whose output the model
+    already has or whose `after` it does not compute (before any data is fetched)."""
+    graph = model.graph
+    tensors = {t for n in graph.node for t in n.output} | {o.name for o in graph.output}
+    for index, declared in enumerate(request.exits):
+        if not declared.train:
+            continue
+        if declared.output in tensors:
+            raise SpecError(
+                f"spec.exits[{index}].output",
+                f"{declared.output!r} already names a tensor of the model",
+                "with train: true, a new output name the trained head adds to the model",
+            )
+        if declared.after not in {t for n in graph.node for t in n.output}:
+            raise SpecError(
+                f"spec.exits[{index}].after",
+                f"{declared.after!r} is not a tensor the model computes",
+                _EXIT_FORM,
+            )
+
+
+def _rows(examples: _Examples, rows: slice) -> _Examples:
+    labels = examples.labels
+    return _Examples(
+        {k: v[rows] for k, v in examples.inputs.items()},
+        None if labels is None else labels[rows],
+    )
+
+
+def _train_exits(
+    request: PrepareRequest,
+    model: onnx.ModelProto,
+    data: _Examples | None,
+    workdir: Path,
+    progress: Progress,
+) -> tuple[onnx.ModelProto, Path, _Examples, dict[str, dict[str, Any]]]:
+    """Trains the heads of the exits with `train: true` on the even rows of `spec.data`
+    and grafts them onto the model: (the model with them, its file, the odd rows that
+    calibrate every exit, what each head was trained on)."""
+    import onnx
+
+    from edgeai_worker.graph import Partitioner
+    from edgeai_worker.offload.trained import MIN_EXAMPLES, graft_heads, train_head
+
+    first = next(i for i, e in enumerate(request.exits) if e.train)
+    if data is None or data.labels is None:
+        raise SpecError(
+            "spec.data",
+            f"is not set, and spec.exits[{first}].train is true",
+            "labelled data (an .npz of inputs and integer labels) the head is trained on",
+        )
+    count = len(data.labels)
+    if count < MIN_EXAMPLES:
+        raise SpecError(
+            "spec.data.uri",
+            f"holds {count} labelled examples, too few to train spec.exits[{first}]",
+            f"at least {MIN_EXAMPLES}: the even rows train the heads, the odd rows "
+            "calibrate every exit",
+        )
+    train = _rows(data, slice(0, None, 2))
+    declared = {e.output for e in request.exits}
+    final = next(o.name for o in model.graph.output if o.name not in declared)
+    wanted = [e for e in request.exits if e.train]
+    afters = list(dict.fromkeys(e.after for e in wanted))
+    names = [i.name for i in request.inputs]
+    probe = Partitioner(model).extract(names, [final, *afters])
+    session = _session(probe.SerializeToString())
+    runs = [
+        session.run([final, *afters], feed)
+        for feed in _batches(train, _batch_size(model, names[0]))
+    ]
+    if not runs:
+        raise SpecError(
+            "spec.data.uri",
+            f"its {len(train.inputs[names[0]])} training rows fill no batch of the model",
+            "more labelled examples",
+        )
+    outputs = [np.concatenate([r[k] for r in runs]) for k in range(1 + len(afters))]
+    classes = int(outputs[0].reshape(len(outputs[0]), -1).shape[1])
+    assert train.labels is not None
+    labels = train.labels[: len(outputs[0])]
+    low, high = int(data.labels.min()), int(data.labels.max())
+    if low < 0 or high >= classes:
+        raise SpecError(
+            "spec.data.uri",
+            f"its labels lie in [{low}, {high}], the final output "
+            f"{final!r} scores {classes} classes",
+            f"integer labels in [0, {classes})",
+        )
+    values = dict(zip(afters, outputs[1:], strict=True))
+    heads = []
+    for index, declared_exit in enumerate(request.exits):
+        if not declared_exit.train:
+            continue
+        found = values[declared_exit.after]
+        if found.dtype != np.float32:
+            raise SpecError(
+                f"spec.exits[{index}].after",
+                f"{declared_exit.after!r} holds {found.dtype}, a trained head reads float32",
+                "a float32 tensor of the model",
+            )
+        progress(f"training the head of {declared_exit.output} on {declared_exit.after} "
+                 f"{list(found.shape[1:])} over {len(labels)} examples")  # fmt: skip
+        heads.append(train_head(declared_exit.output, declared_exit.after, found, labels, classes))
+    grafted = graft_heads(model, heads)
+    path = workdir / "source-with-exits.onnx"
+    onnx.save(grafted, str(path))
+    trained = {
+        h.output: {"examples": h.trained_on, "trainAccuracy": round(h.train_accuracy, 4),
+                   "pooled": h.pooled}
+        for h in heads
+    }  # fmt: skip
+    return grafted, path, _rows(data, slice(1, None, 2)), trained
+
+
 def _profiled_graph(ctx: _Context, path: Path) -> Path:
     """What is profiled of the built `path`: itself, or without its declared exits."""
     if not ctx.request.exits:
@@ -767,18 +890,19 @@ def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path
     from edgeai_worker import graph
     from edgeai_worker.offload.declared import head_flops, profile_section, validation_tables
 
-    assert ctx.data is not None
-    assert ctx.data.labels is not None
+    data = ctx.exit_data or ctx.data
+    assert data is not None
+    assert data.labels is not None
     assert ctx.final_output
     exits = _declared(ctx.request)
     names = [ctx.final_output, *(e.output for e in exits)]
     session = _session(path)
     runs = [
         session.run(names, feed)
-        for feed in _batches(ctx.data, _batch_size(ctx.model, ctx.request.inputs[0].name))
+        for feed in _batches(data, _batch_size(ctx.model, ctx.request.inputs[0].name))
     ]
     outputs = {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
-    labels = ctx.data.labels[: len(outputs[ctx.final_output])]
+    labels = data.labels[: len(outputs[ctx.final_output])]
     model = onnx.load(str(path))
     dag = graph.analyze(model, _shapes(ctx.request))
     row = outputs[ctx.final_output]
@@ -789,6 +913,9 @@ def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path
         [head_flops(model, e, dag) for e in exits],
         validation_tables(outputs, labels, exits, ctx.final_output),
     )
+    for entry in profile["offload"]["exits"]:
+        if entry["output"] in ctx.trained:
+            entry["trained"] = ctx.trained[entry["output"]]
 
 
 def _prepare_variant(
@@ -852,6 +979,10 @@ def _prepare_variant(
     except (OSError, _oci_error()) as exc:
         return failed(f"storing the artefact failed: {exc}", path)
     measured = "" if accuracy is None else f", accuracy {accuracy:.4f}"
+    if ctx.trained and variant.kind == "fp32":
+        measured += "; exit heads trained from spec.data: " + ", ".join(
+            f"{name} on {t['examples']} examples" for name, t in ctx.trained.items()
+        )
     return VariantResult(
         variant.name,
         variant.kind,
@@ -902,7 +1033,11 @@ def prepare(
     inputs = _tensors(_graph_inputs(model))
     outputs = _tensors(model.graph.output)
     zoo_digits = source.scheme == "zoo" and source.location == _DIGITS
-    final_output = check_declared_exits(request, model) if request.exits else None
+    trains = any(e.train for e in request.exits)
+    if trains:
+        _check_trainable(request, model)
+    # exits to train are checked once their heads exist, after the data is read
+    final_output = check_declared_exits(request, model) if request.exits and not trains else None
 
     calibration = None
     if request.calibration_uri and any(v.kind == "int8-static" for _, v in wanted):
@@ -927,11 +1062,20 @@ def prepare(
         )
         data = _load_examples(got, "spec.data.uri", request.inputs, labelled=True)
 
+    model_file = fetched.path
+    exit_data = None
+    trained: dict[str, dict[str, Any]] = {}
+    if trains:
+        model, model_file, exit_data, trained = _train_exits(
+            request, model, data, workdir, progress
+        )
+        final_output = check_declared_exits(request, model)
+        outputs = _tensors(model.graph.output)  # the artefact's: the trained exits too
     built_dir = workdir / "built"
     built_dir.mkdir(parents=True, exist_ok=True)
     ctx = _Context(
         request,
-        fetched.path,
+        model_file,
         model,
         zoo_digits,
         calibration,
@@ -939,6 +1083,8 @@ def prepare(
         built_dir,
         model_name,
         final_output,
+        exit_data,
+        trained,
     )
     input_spec = _input_dict(request.inputs[0])
     results = []

@@ -55,17 +55,25 @@ def parse_input(text: str) -> InputSpec:
     return InputSpec(name, shape, dtype.upper())
 
 
-def parse_exit(text: str) -> ExitSpec:
-    """`OUTPUT=AFTER` as an ExitSpec; SpecError naming --exit otherwise."""
+def parse_exit(text: str, *, train: bool = False) -> ExitSpec:
+    """`OUTPUT=AFTER` as an ExitSpec; SpecError naming --exit (--train-exit)
+    otherwise."""
     output, eq, after = text.partition("=")
     if not eq or not output or not after:
         raise SpecError(
-            "--exit",
+            "--train-exit" if train else "--exit",
             f"{text!r} is not an exit",
-            "OUTPUT=AFTER: the model output holding the exit's class scores, the tensor "
-            "its head reads",
-        )
-    return ExitSpec(output, after)
+            "OUTPUT=AFTER: the output "
+            + ("the trained head adds to the model" if train else "of the model holding the "
+               "exit's class scores")
+            + ", the tensor its head reads",
+        )  # fmt: skip
+    return ExitSpec(output, after, train)
+
+
+def parse_train_exit(text: str) -> ExitSpec:
+    """`OUTPUT=AFTER` as an ExitSpec whose head is trained from --data."""
+    return parse_exit(text, train=True)
 
 
 def parse_variant(text: str) -> VariantRequest:
@@ -129,6 +137,14 @@ def register(subparsers: Any) -> None:
         default=[],
         type=parse_exit,
         help="an early exit the model declares, repeatable (OUTPUT=AFTER, spec.exits)",
+    )
+    parser.add_argument(
+        "--train-exit",
+        action="append",
+        dest="exit",
+        type=parse_train_exit,
+        help="an early exit whose head is trained from --data and added to the model as "
+        "OUTPUT, reading AFTER; repeatable (OUTPUT=AFTER, spec.exits[] with train: true)",
     )
     parser.add_argument("--calibration", help="an .npz of example inputs (int8-static)")
     parser.add_argument("--calibration-sha256", help="its sha256 (required for http(s))")
