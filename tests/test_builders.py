@@ -349,6 +349,75 @@ def test_a_pvc_artefact_mounts_its_claim_where_fetch_looks_for_it() -> None:
     assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["plan", "model", "tmp"]
 
 
+def test_a_user_models_reusing_stage_fetches_its_labelled_rows_beside_the_model() -> None:
+    """spec.offload.reuse on a prepared model: the first stage after the device (edge
+    here; cloud where the zone has no edge) fetches the plan's reuse data with a second
+    init container from the same claim, and runs with --reuse-data; no other stage."""
+    uri = "pvc://models/prepared/net-fp32-1a2b3c4d5e6f.onnx"
+    data_uri = "pvc://models/prepared/net-data-0a1b2c3d4e5f.npz"
+    data_digest = "sha256:" + "d" * 64
+    reuse = {"maxEntries": 64, "maxAccuracyLoss": 0.01,
+             "data": {"uri": data_uri, "digest": data_digest, "finalOutput": "output"}}  # fmt: skip
+
+    def pods(edge: bool) -> dict[str, dict[str, Any]]:
+        doc = {**artefact_plan(uri).to_dict(), "offload": {"reuse": reuse}}
+        if not edge:
+            doc["stages"] = plan(edge=False, cloud_in="t1").to_dict()["stages"]
+        children = build_children(
+            OWNER, {"z": PlanDocument.from_dict(doc)}, {}, DeploymentOptions()
+        )
+        names = [
+            c["metadata"]["name"] for c in children if c["kind"] in ("Deployment", "DaemonSet")
+        ]
+        return {n: _pod(children, n)["spec"] for n in names}
+
+    with_edge = pods(edge=True)
+    edge = with_edge["cam-edge-z"]
+    fetch, fetch_data = edge["initContainers"]
+    assert fetch["args"][:2] == ["fetch", uri]
+    assert fetch_data["name"] == "fetch-reuse-data"
+    assert fetch_data["args"][:3] == ["fetch", data_uri, "--sha256=" + "d" * 64]
+    assert "--file-name=reuse-data.npz" in fetch_data["args"]
+    assert fetch_data["volumeMounts"][:2] == fetch["volumeMounts"][:2]  # one claim volume
+    assert [v["name"] for v in edge["volumes"]].count("artifacts") == 1
+    assert "--reuse-data=/var/lib/edgeai/model/reuse-data.npz" in edge["containers"][0]["args"]
+    for name in ("cam-cloud", "cam-device-z"):
+        spec = with_edge[name]
+        assert len(spec.get("initContainers", [])) <= 1
+        assert not any(a.startswith("--reuse-data") for a in spec["containers"][0]["args"])
+    without_edge = pods(edge=False)
+    cloud = without_edge["cam-cloud"]
+    assert [c["name"] for c in cloud["initContainers"]] == ["fetch", "fetch-reuse-data"]
+    assert "--reuse-data=/var/lib/edgeai/model/reuse-data.npz" in cloud["containers"][0]["args"]
+
+
+def test_a_user_models_cascade_is_fetched_by_the_device_entry() -> None:
+    """spec.offload.cascade on a prepared model whose plan runs no layer on the device:
+    the device entry fetches only the small models (no model: it runs none of its
+    layers) and runs with --cascade-model for each, in the plan's order."""
+    stages = [{"tier": "edge", "layers": "0-9", "inputs": ["input"], "outputs": ["output"]}]
+    model = {"uri": OCI_URI, "digest": DIGEST, "variant": "fp32", "input": MODEL["input"]}
+    small = [{"uri": f"{OCI_URI}-small{i}", "digest": "sha256:" + str(i) * 64} for i in (1, 2)]
+    cascade = {"rule": "disagreement", "targetAccuracy": 0.9, "models": small,
+               "threshold": 0.8, "finalOutput": "output"}  # fmt: skip
+    doc = {"model": model, "stages": stages, "offload": {"cascade": cascade}}
+    children = build_children(OWNER, {"z": PlanDocument.from_dict(doc)}, {}, DeploymentOptions())
+    entry = _pod(children, "cam-device-z")["spec"]
+    assert [c["name"] for c in entry["initContainers"]] == ["fetch-cascade-0", "fetch-cascade-1"]
+    for init, m, i in zip(entry["initContainers"], small, (0, 1), strict=True):
+        assert init["args"][:3] == ["fetch", m["uri"], "--sha256=" + str(i + 1) * 64]
+        assert f"--file-name=cascade-{i}.onnx" in init["args"]
+    args = entry["containers"][0]["args"]
+    assert "--stage=-1" in args
+    assert not any(a.startswith("--model-file") for a in args)
+    assert [a for a in args if a.startswith("--cascade-model")] == [
+        "--cascade-model=/var/lib/edgeai/model/cascade-0.onnx",
+        "--cascade-model=/var/lib/edgeai/model/cascade-1.onnx",
+    ]
+    edge = _pod(children, "cam-edge-z")["spec"]
+    assert [c["name"] for c in edge["initContainers"]] == ["fetch"]
+
+
 def test_a_shared_edge_stage_fetches_the_artefact_too() -> None:
     edge_last = PlanDocument.from_dict(
         {**artefact_plan().to_dict(), "stages": plan().to_dict()["stages"][:2]}

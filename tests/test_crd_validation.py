@@ -115,6 +115,16 @@ CASES = [
         "spec.data is required when spec.exits[].train is true",
     ),
     (
+        "model: small models without data",
+        _with(MODEL, "spec.smallModels", [{"uri": "configmap://mlp-files/small.onnx"}]),
+        "spec.data is required with spec.smallModels",
+    ),
+    (
+        "model: three small models",
+        _with(MODEL, "spec.smallModels", [{"uri": "configmap://m/s.onnx"}] * 3),
+        "spec.smallModels: Too many",
+    ),
+    (
         "model: exit output twice",
         _with(
             MODEL,

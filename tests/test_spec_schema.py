@@ -70,6 +70,11 @@ COMPANIONS: dict[str, dict[Path_, Any]] = {
     "spec.privacy.noiseAccuracyFloor": {("privacy", "noiseTraining"): True},
     # a head is trained from labelled data
     "spec.exits[0].train": {("data",): {"uri": "pvc://models/data.npz"}},
+    # small models are measured on labelled data
+    **{
+        f"spec.smallModels[0].{leaf}": {("data",): {"uri": "pvc://models/data.npz"}}
+        for leaf in ("uri", "sha256")
+    },
 }
 # Fields that exclude another (a CEL rule): setting the first removes the second.
 EXCLUDES: dict[str, Path_] = {"spec.source.uri": ("source", "zoo")}
@@ -85,6 +90,8 @@ SAMPLES: dict[str, list[Any]] = {
     "spec.artifacts.uri": GOOD_ARTIFACTS[:2],
     "spec.calibration.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
     "spec.data.uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
+    "spec.smallModels[0].uri": [f["uri"] for f in GOOD_DATA_FILES[1:3]],
+    "spec.smallModels[0].sha256": [DIGEST, DIGEST[::-1]],
     **{f"spec.{name}.sha256": [DIGEST, DIGEST[::-1]] for name in ("source", "calibration", "data")},
     # another input than spec.input's (the walk's "a"): names are unique
     "spec.additionalInputs[0].name": ["state", "mask"],
@@ -104,7 +111,7 @@ REFUSED: dict[str, list[Any]] = {
     },
     **{
         f"spec.{name}.{leaf}": [v[leaf] for _, v, named in BAD_DATA_FILES if named == leaf]
-        for name in ("calibration", "data")
+        for name in ("calibration", "data", "smallModels[0]")
         for leaf in ("uri", "sha256")
     },
 }
@@ -361,6 +368,7 @@ def test_the_walk_covers_the_fields_this_test_is_about() -> None:
         ("DNNModel", "spec.base.modelRef.name"),
         ("DNNModel", "spec.exits[0].after"),
         ("DNNModel", "spec.exits[0].train"),
+        ("DNNModel", "spec.smallModels[0].uri"),
     ]:
         assert expected in fields
     assert ("DNNModel", "spec.source.onnx") not in fields  # not built: not offered

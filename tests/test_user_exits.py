@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _worker_support import labelled_infer, metric_value, run_onnx
 from edgeai_operator.errors import SpecError
-from edgeai_operator.modelspec import ExitSpec, InputSpec, parse_model_spec
+from edgeai_operator.modelspec import ExitSpec, InputSpec, SourceRef, parse_model_spec
 from edgeai_operator.prepare import PrepareRequest, PrepareResult, prepare
 
 INPUT = InputSpec("input", (1, 1, 8, 8), "FP32")
@@ -94,13 +94,45 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     x_val, y_val, x_ho, y_ho = validation_split()
     np.savez(folder / "data.npz", input=x_val, labels=y_val.astype(np.int64))
     # the same perceptron without its exit: the preparation trains one (spec.exits[].train)
+    from edgeai_worker import zoo
     from edgeai_worker.offload.declared import DeclaredExit, backbone
+    from edgeai_worker.offload.trained import train_head
 
     onnx.save(
         backbone(onnx.load(str(folder / "mlp.onnx")), [DeclaredExit("exit_0", HIDDEN)]),
         str(folder / "plain.onnx"),
     )
+    # two small models for a cascade: softmax regressions on the digits averaged to 4x4
+    x_train, y_train, _, _ = zoo.digits_split()
+    pooled = x_train.reshape(len(x_train), 1, 4, 2, 4, 2).mean(axis=(3, 5))
+    for name, steps in (("small", 400), ("small2", 60)):
+        head = train_head("output", "flat", pooled, y_train, 10, steps=steps)
+        (folder / f"{name}.onnx").write_bytes(_linear_model(head.weight, head.bias, pool=True))
     return {"root": root, "x_val": x_val, "y_val": y_val, "x_ho": x_ho, "y_ho": y_ho}
+
+
+def _linear_model(
+    weight: np.ndarray,
+    bias: np.ndarray,
+    input_shape: list[Any] | None = None,
+    pool: bool = False,
+) -> bytes:
+    """input [-> AveragePool 2x2] -> Flatten -> Gemm(weight, bias) -> output, for
+    [N, 1, 8, 8] digits."""
+    pooling = [helper.make_node("AveragePool", ["input"], ["small"], kernel_shape=[2, 2],
+                                strides=[2, 2])] if pool else []  # fmt: skip
+    graph = helper.make_graph(
+        [*pooling, helper.make_node("Flatten", ["small" if pool else "input"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w", "b"], ["output"], transB=1)],
+        "small",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape or ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", len(bias)])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w"),
+         numpy_helper.from_array(bias.astype(np.float32), "b")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def _request(
@@ -108,8 +140,10 @@ def _request(
     source: str = "mlp.onnx",
     data: bool = True,
     data_file: str = "data.npz",
+    small: tuple[str, ...] = (),
 ) -> PrepareRequest:
     return PrepareRequest(
+        small_models=tuple(SourceRef(f"pvc://models/{m}") for m in small),
         source_uri=f"pvc://models/{source}",
         inputs=(INPUT,),
         artifacts_uri="pvc://models/prepared",
@@ -167,6 +201,40 @@ def test_trained_exits_are_parsed_and_passed_to_the_preparation() -> None:
     no_data = {k: v for k, v in base.items() if k != "data"}
     with pytest.raises(SpecError, match=r"^spec.data: is not set, and spec.exits\[0\].train"):
         parse_model_spec({**no_data, "exits": exits})
+
+
+def test_small_models_are_parsed_and_passed_to_the_preparation() -> None:
+    from edgeai_operator.cli import build_parser
+    from edgeai_operator.preparation import prepare_args
+
+    base = {"source": {"uri": "pvc://models/plain.onnx"}, "input": {
+        "name": "input", "shape": [1, 1, 8, 8], "dtype": "FP32"},
+        "data": {"uri": "pvc://models/data.npz"}}  # fmt: skip
+    pinned = "a" * 64
+    small = [{"uri": "pvc://models/small.onnx"},
+             {"uri": "https://models.example/s2.onnx", "sha256": pinned}]  # fmt: skip
+    spec = parse_model_spec({**base, "smallModels": small})
+    assert spec.small_models == (
+        SourceRef("pvc://models/small.onnx"),
+        SourceRef("https://models.example/s2.onnx", pinned),
+    )
+    args = prepare_args(spec, model_name="m", artifacts_uri="pvc://a", result="ns/r")
+    assert [a for a in args if a.startswith("--small-model")] == [
+        "--small-model=pvc://models/small.onnx",
+        f"--small-model=https://models.example/s2.onnx,sha256={pinned}",
+    ]
+    assert build_parser().parse_args(args).small_model == list(spec.small_models)
+    refused = [
+        ({**base, "smallModels": small * 2}, r"^spec.smallModels: must be a list of at most 2"),
+        ({**base, "smallModels": [{"uri": "zoo://digits_cnn"}]}, r"^spec.smallModels\[0\].uri"),
+        ({**base, "smallModels": [{"uri": "https://m.example/s.onnx"}]},
+         r"^spec.smallModels\[0\].sha256"),
+        ({k: v for k, v in base.items() if k != "data"} | {"smallModels": small[:1]},
+         r"^spec.data: is not set, and spec.smallModels"),
+    ]  # fmt: skip
+    for doc, message in refused:
+        with pytest.raises(SpecError, match=message):
+            parse_model_spec(doc)
 
 
 def test_a_trained_head_is_the_graph_it_is_grafted_as() -> None:
@@ -256,6 +324,18 @@ def test_a_trained_exit_is_added_measured_and_refused_naming_the_field(
     exit_accuracy = float(np.mean(early_ho.argmax(1) == user["y_ho"]))
     print(f"trained exit_0: held-out accuracy {exit_accuracy:.4f}")
     assert exit_accuracy >= 0.85
+    # the rows the stages calibrate reuse on: the odd ones, stored beside the model
+    stored = profile["reuseData"]
+    assert stored["examples"] == count // 2
+    assert stored["finalOutput"] == "output"
+    rows = user["root"] / "models" / "prepared" / Path(stored["uri"]).name
+    assert stored["uri"].startswith("pvc://models/prepared/mlp-data-")
+    from edgeai_operator.files import file_sha256
+
+    assert file_sha256(rows) == stored["digest"]
+    with np.load(rows) as npz:
+        np.testing.assert_array_equal(npz["input"], user["x_val"][1::2])
+        np.testing.assert_array_equal(npz["labels"], user["y_val"][1::2])
     folder = user["root"] / "models"
     np.savez(folder / "few.npz", input=user["x_val"][:19], labels=user["y_val"][:19])
     np.savez(folder / "ten.npz", input=user["x_val"][:40], labels=user["y_val"][:40] + 5)
@@ -538,7 +618,203 @@ def test_declared_exits_are_planned_and_served_by_worker_processes(
         np.testing.assert_allclose(out["data"], full_out[i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reuse_on_a_users_model_is_calibrated_on_its_stored_rows_and_served(
+    user: dict[str, Any], tmp_path: Path
+) -> None:
+    """spec.offload.reuse on the perceptron without exits: the reusing stage calibrates
+    its distance on the rows the preparation stored (checked against the plan's digest)
+    and, on a locality stream of held-out digits, answers repeats from its cache: every
+    reused answer is an earlier answer of the model, the others are the model's own,
+    and accuracy stays within maxAccuracyLoss of the model's on the same stream."""
+    from edgeai_operator.files import file_sha256
+    from edgeai_operator.partitions import build_partitions, exit_heads, offload_settings
+    from edgeai_operator.planning import plan_zones
+    from edgeai_worker.offload.build import locality_stream
+
+    result = _prepare(user, _request((), "plain.onnx"), tmp_path / "prepare")
+    profiles = _profiles(result)
+    stored = profiles[0]["reuseData"]
+    rows = user["root"] / "models" / "prepared" / Path(stored["uri"]).name
+    assert stored["examples"] == len(user["y_val"])  # no head trained: every row
+    loss = 0.01
+    nodes = [_node("phone", "device", 0.002, 0.8), _node("gateway", "edge", 50.0, None)]
+    spec = _deployment({"reuse": {"maxEntries": 64, "maxAccuracyLoss": loss}})
+    plan = plan_zones(spec, profiles, nodes).plans["zone-a"]
+    assert [s.tier for s in plan.stages] == ["edge"]
+    assert plan.offload is not None
+    assert plan.offload.reuse_data is not None
+    assert plan.offload.reuse_data.digest == file_sha256(rows) == stored["digest"]
+    model = user["root"] / "models" / "prepared" / Path(plan.model.uri or "").name
+    work = tmp_path / "serve"
+    work.mkdir()
+    specs = build_partitions(
+        plan.stages, plan.alternatives, model, work, adaptive=False, exits=exit_heads(plan)
+    )
+    settings = offload_settings(plan, 0, work, model, rows)["offload"]
+    assert settings["reuseEntries"] == 64
+    assert settings["reuseMaxDistance"] > 0
+    with pytest.raises(
+        SpecError,
+        match=r"^--reuse-data: the labelled rows stage 0 calibrates its reuse on: no such file",
+    ):
+        offload_settings(plan, 0, work, model)
+    other = tmp_path / "other.npz"
+    np.savez(other, input=user["x_val"][:3], labels=user["y_val"][:3])
+    with pytest.raises(SpecError, match=r"^--reuse-data: .* has digest .* refusing it"):
+        offload_settings(plan, 0, work, model, other)
+    xs, ys = locality_stream(user["x_ho"], user["y_ho"], 300, seed=2)
+    full = run_onnx(model, {"input": xs})[0]
+    answers, (hits, accuracy) = _served_locally(
+        plan, specs, work, model, xs, ys,
+        ("edgeai_reuse_hits_total", "edgeai_labelled_accuracy"), reuse_data=rows,
+    )  # fmt: skip
+    reused = [bool(a["parameters"].get("edgeai_reused")) for a in answers]
+    outputs = [np.asarray(a["outputs"][0]["data"], dtype=np.float32) for a in answers]
+    print(f"reuse: {sum(reused)} of {len(answers)} answered from the cache, accuracy "
+          f"{accuracy:.4f}, the model alone {np.mean(full.argmax(1) == ys):.4f}")  # fmt: skip
+    assert sum(reused) == hits > 0
+    for i, (was_reused, out) in enumerate(zip(reused, outputs, strict=True)):
+        if was_reused:
+            assert any(np.array_equal(out, outputs[j]) for j in range(i) if not reused[j]), (
+                f"answer {i} reused no earlier answer"
+            )
+        else:
+            np.testing.assert_allclose(out, full[i], rtol=1e-4, atol=1e-4)
+    assert accuracy >= float(np.mean(full.argmax(1) == ys)) - loss
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_cascade_from_a_users_small_models_is_measured_planned_and_served(
+    user: dict[str, Any], tmp_path: Path
+) -> None:
+    """spec.smallModels on the perceptron: the preparation measures them on the data
+    and stores them; a DNNDeployment's spec.offload.cascade (disagreement of the two)
+    is planned with the measured escalation share, the device stage fetches them (the
+    files checked against the plan's digests) and answers confident inputs with the
+    first small model's scores, the rest with the model's own; accuracy holds the
+    target on the held-out digits. What cannot be a cascade is refused naming the field."""
+    from edgeai_operator.files import file_sha256
+    from edgeai_operator.partitions import build_partitions, exit_heads, offload_settings
+    from edgeai_operator.plandoc import PlanDocument
+    from edgeai_operator.planning import plan_zones
+    from edgeai_worker.offload.gate import confidence
+
+    folder = user["root"] / "models"
+    result = _prepare(
+        user, _request((), "plain.onnx", small=("small.onnx", "small2.onnx")), tmp_path / "p"
+    )
+    profiles = _profiles(result)
+    section = profiles[0]["offload"]
+    assert section["exits"] == []
+    assert section["finalOutput"] == "output"
+    assert section["cascade"]["flops"][0] >= 2 * 16 * 10  # a Gemm of 16 features, pooling
+    stored = section["cascade"]["models"]
+    files = [folder / "prepared" / Path(m["uri"]).name for m in stored]
+    for m, f, source in zip(stored, files, ("small.onnx", "small2.onnx"), strict=True):
+        assert f.read_bytes() == (folder / source).read_bytes()
+        assert m["digest"] == file_sha256(f)
+    (small_val,) = run_onnx(folder / "small.onnx", {"input": user["x_val"]})
+    (small2_val,) = run_onnx(folder / "small2.onnx", {"input": user["x_val"]})
+    tables = section["validation"]
+    assert tables["cascade_correct"] == (small_val.argmax(1) == user["y_val"]).astype(int).tolist()
+    np.testing.assert_allclose(
+        tables["cascade_disagreement"],
+        confidence(small_val, "disagreement", small2_val),
+        atol=5e-5,
+    )
+    nodes = [_node("phone", "device", 0.002, 0.8), _node("gateway", "edge", 50.0, None)]
+    spec = _deployment({"cascade": {"rule": "disagreement", "targetAccuracy": TARGET}})
+    plan = plan_zones(spec, profiles, nodes).plans["zone-a"]
+    offload = plan.offload
+    assert offload is not None
+    assert [m.to_dict() for m in offload.cascade_models] == [
+        {"uri": m["uri"], "digest": m["digest"]} for m in stored
+    ]
+    assert offload.cascade_threshold is not None
+    assert 0 < offload.cascade_threshold <= 1
+    assert offload.final_output == "output"
+    assert offload.exit_shares["cascade"] > 0.5
+    assert PlanDocument.from_dict(plan.to_dict()) == plan
+    # the device runs no layer of the model, only the cascade: its entry (stage -1)
+    assert [s.tier for s in plan.stages] == ["edge"]
+    model = folder / "prepared" / Path(plan.model.uri or "").name
+    work = tmp_path / "serve"
+    work.mkdir()
+    specs = build_partitions(
+        plan.stages, plan.alternatives, model, work, adaptive=False, exits=exit_heads(plan)
+    )
+    device = offload_settings(plan, -1, work, cascade_models=files)["offload"]
+    assert device == {
+        "rule": "disagreement",
+        "cascadeModels": [str(f) for f in files],
+        "cascadeThreshold": offload.cascade_threshold,
+        "finalOutput": "output",
+    }
+    with pytest.raises(SpecError, match=r"^--cascade-model: 1 given, the plan's cascade runs 2"):
+        offload_settings(plan, -1, work, cascade_models=files[:1])
+    with pytest.raises(SpecError, match=r"^--cascade-model: .* has digest .* refusing it"):
+        offload_settings(plan, -1, work, cascade_models=files[::-1])
+    x_ho, y_ho = user["x_ho"], user["y_ho"]
+    (full_out,) = run_onnx(model, {"input": x_ho})
+    (small_out,) = run_onnx(files[0], {"input": x_ho})
+    answers, (accuracy,) = _served_locally(
+        plan, specs, work, model, x_ho, y_ho, ("edgeai_labelled_accuracy",), cascade_models=files
+    )
+    _cascaded("cascade", answers, small_out, full_out, accuracy)
+    # one small model cannot disagree; a small model of other classes or input is refused
+    one = _prepare(user, _request((), "plain.onnx", small=("small.onnx",)), tmp_path / "one")
+    with pytest.raises(SpecError, match=r"^spec.offload.cascade.rule: disagreement compares two"):
+        plan_zones(spec, _profiles(one), nodes)
+    maxprob = _deployment({"cascade": {"rule": "maxProb", "targetAccuracy": TARGET}})
+    assert plan_zones(maxprob, _profiles(one), nodes).plans["zone-a"].offload is not None
+    rng = np.random.default_rng(1)
+    (folder / "five.onnx").write_bytes(_linear_model(rng.standard_normal((5, 64)), np.zeros(5)))
+    (folder / "wide.onnx").write_bytes(
+        _linear_model(rng.standard_normal((10, 128)), np.zeros(10), ["N", 2, 8, 8])
+    )
+    for i, (name, message) in enumerate(
+        [("five.onnx", r"spec.smallModels\[0\].uri: scores 5 classes"),
+         ("wide.onnx", r"spec.smallModels\[0\].uri: pvc://models/wide.onnx does not take")]
+    ):  # fmt: skip
+        with pytest.raises(SpecError, match=message):
+            _prepare(user, _request((), "plain.onnx", small=(name,)), tmp_path / f"bad{i}")
+    with pytest.raises(SpecError, match=r"^spec.data: is not set, and spec.smallModels"):
+        _prepare(
+            user, _request((), "plain.onnx", data=False, small=("small.onnx",)), tmp_path / "n"
+        )
+
+
+def _served_locally(
+    plan: Any,
+    specs: Any,
+    work: Path,
+    model: Path,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    metrics: tuple[str, ...],
+    **files: Any,
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """The plan's stages as worker processes (`files`: start_local's reuse data or
+    cascade models): the answers to `xs` sent one by one with their labels, and the
+    entry's `metrics` after them."""
+    from edgeai_operator.localworkers import start_local
+
+    run = start_local(plan, specs, work, model_path=model, **files)
+    try:
+        answers = [
+            labelled_infer(run.entry_url, x[None], int(y), "mlp")
+            for x, y in zip(xs, ys, strict=True)
+        ]
+        return answers, [metric_value(run.entry_url, m) for m in metrics]
+    finally:
+        run.stop()
+
+
 def test_exits_on_a_prepared_model_without_calibration_are_refused() -> None:
+    from edgeai_operator.plandoc import PlanDocument
     from edgeai_operator.planning import plan_zones
 
     profile = {
@@ -559,8 +835,18 @@ def test_exits_on_a_prepared_model_without_calibration_are_refused() -> None:
     cascade = _deployment({"cascade": {"rule": "maxProb", "targetAccuracy": TARGET}})
     with pytest.raises(SpecError, match=r"^spec.offload.cascade: the model has no small models"):
         plan_zones(cascade, [{**profile, "offload": section}], nodes)
-    # without spec.offload.exits the same profile plans
-    assert plan_zones(_deployment({"reuse": {"maxEntries": 8}}), [profile], nodes).plans
+    # reuse on it needs the labelled rows a preparation with spec.data stores
+    reuse = _deployment({"reuse": {"maxEntries": 8}})
+    with pytest.raises(SpecError, match=r"^spec.offload.reuse: the model's profile carries no "):
+        plan_zones(reuse, [profile], nodes)
+    stored = {"uri": "pvc://models/prepared/mlp-data-0.npz", "digest": "sha256:" + "1" * 64,
+              "sizeBytes": 1, "examples": 1, "finalOutput": "output"}  # fmt: skip
+    (planned,) = plan_zones(reuse, [{**profile, "reuseData": stored}], nodes).plans.values()
+    assert planned.offload is not None
+    assert planned.offload.reuse_data is not None
+    assert planned.offload.reuse_data.to_dict() == {
+        "uri": stored["uri"], "digest": stored["digest"], "finalOutput": "output"}  # fmt: skip
+    assert PlanDocument.from_dict(planned.to_dict()) == planned
 
 
 # ------------------------------------------------------------ the real control plane
@@ -579,12 +865,15 @@ def test_declared_exits_on_the_control_plane(
     on a model whose exits have no data are refused naming spec.offload.exits."""
     from _cluster_support import annotated_nodes, apply, condition, get, wait_for
     from _serving import DEVICE, deployment, serving_chain
+    from edgeai_worker.offload.build import locality_stream
 
     folder = user["root"] / "models"
     ns.kubectl(
         "create", "configmap", "mlp-files", f"--from-file=model.onnx={folder / 'mlp.onnx'}",
         f"--from-file=data.npz={folder / 'data.npz'}",
         f"--from-file=plain.onnx={folder / 'plain.onnx'}",
+        f"--from-file=small.onnx={folder / 'small.onnx'}",
+        f"--from-file=small2.onnx={folder / 'small2.onnx'}",
     )  # fmt: skip
 
     def model(
@@ -616,6 +905,10 @@ def test_declared_exits_on_the_control_plane(
         model("mlp-nodata", [{"output": "exit_0", "after": HIDDEN}], data=False),
         model("mlp-trained", [{"output": "exit_0", "after": HIDDEN, "train": True}],
               source="plain.onnx"),
+        {**model("mlp-small", [], source="plain.onnx"), "spec": {
+            **model("mlp-small", [], source="plain.onnx")["spec"],
+            "smallModels": [{"uri": "configmap://mlp-files/small.onnx"},
+                            {"uri": "configmap://mlp-files/small2.onnx"}]}},
     )  # fmt: skip
     bad = condition(model_condition("mlp-bad", "False", "InvalidModel"), "Prepared")
     assert "spec.exits[0].output: 'exit_9' is not an output of the model" in bad["message"]
@@ -641,6 +934,17 @@ def test_declared_exits_on_the_control_plane(
     refused = deployment("reader-nodata", "mlp-nodata")
     refused["spec"]["placement"]["adaptiveSplit"] = False
     refused["spec"]["offload"] = offload
+    # the trained exit and reuse on the same model: the edge calibrates on stored rows
+    loss = 0.01
+    both = deployment("reader-reuse", "mlp-trained")
+    both["spec"]["placement"]["adaptiveSplit"] = False
+    both["spec"]["privacy"] = {}
+    both["spec"]["offload"] = {**offload, "reuse": {"maxEntries": 64, "maxAccuracyLoss": loss}}
+    # a cascade of the two small models in front of the model, all of it on the edge
+    cascade = deployment("reader-cascade", "mlp-small")
+    cascade["spec"]["placement"]["adaptiveSplit"] = False
+    cascade["spec"]["privacy"] = {}
+    cascade["spec"]["offload"] = {"cascade": {"rule": "disagreement", "targetAccuracy": TARGET}}
     x_ho, y_ho = user["x_ho"], user["y_ho"]
     full_out, _ = run_onnx(folder / "mlp.onnx", {"input": x_ho})
     # the unit test's slow device on a slow link, so the exit runs on the device
@@ -664,6 +968,21 @@ def test_declared_exits_on_the_control_plane(
             ]
             accuracy = metric_value(url, "edgeai_labelled_accuracy")
             escalations = metric_value(url, "edgeai_escalations_total")
+        ns.kubectl("delete", "dnnd", "reader", "--wait=true")
+        apply(ns, both)
+        stream, labels = locality_stream(x_ho, y_ho, 300, seed=2)
+        (stream_full,) = run_onnx(folder / "plain.onnx", {"input": stream})
+        reuse_plan, edge_pods, streamed, stream_accuracy = _labelled_stream(
+            ns, "reader-reuse", "mlp-trained", "edge", stream, labels, tmp_path
+        )
+        ns.kubectl("delete", "dnnd", "reader-reuse", "--wait=true")
+        model_condition("mlp-small", "True")
+        apply(ns, cascade)
+        _, device_pods, cascaded, cascade_accuracy = _labelled_stream(
+            ns, "reader-cascade", "mlp-small", "device", x_ho, y_ho, tmp_path, device_layers=False
+        )
+    _cascade_served(device_pods, cascaded, folder, x_ho, cascade_accuracy)
+    _reuse_served(reuse_plan, edge_pods, streamed, stream_full, labels, stream_accuracy, loss)
     assert set(plan["exitShares"]) == {"exit_0", "final"}
     which = [a["parameters"]["edgeai_exit"] for a in answers]
     counts = {w: which.count(w) for w in sorted(set(which))}
@@ -675,3 +994,103 @@ def test_declared_exits_on_the_control_plane(
     for i in finals:
         (out,) = answers[i]["outputs"]
         np.testing.assert_allclose(out["data"], full_out[i], rtol=1e-4, atol=1e-4)
+
+
+def _labelled_stream(
+    ns: Any,
+    name: str,
+    model: str,
+    tier: str,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    tmp_path: Path,
+    device_layers: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], float]:
+    """The deployment `name` served by its pods' processes: its status.plan, its pods
+    of `tier`, the answers to `xs` sent one by one with their labels, and the entry's
+    accuracy on them."""
+    from _cluster_support import get
+    from _serving import serving_chain
+
+    with serving_chain(ns, name, tmp_path / f"pods-{name}", device_layers) as url:
+        plan = get(ns, "dnnd", name)["status"]["plan"]
+        pods = get(ns, "pods", "-l", f"edgeai.dev/deployment={name},edgeai.dev/tier={tier}")
+        answers = [labelled_infer(url, x[None], int(y), model) for x, y in zip(xs, ys, strict=True)]
+        accuracy = metric_value(url, "edgeai_labelled_accuracy")
+    return plan, pods, answers, accuracy
+
+
+def _reuse_served(
+    plan: dict[str, Any],
+    edge_pods: dict[str, Any],
+    answers: list[dict[str, Any]],
+    full: np.ndarray,
+    labels: np.ndarray,
+    accuracy: float,
+    loss: float,
+) -> None:
+    """What the control-plane test asserts of exits and reuse on the trained model: the
+    edge pods fetched the stored rows and served with them; the device answers at the
+    exit, the edge from its cache for some escalations (each an earlier escalation's
+    answer) and with the model for the rest."""
+    assert set(plan["exitShares"]) == {"exit_0", "final"}
+    assert edge_pods["items"]
+    for pod in edge_pods["items"]:
+        spec = pod["spec"]
+        assert [c["name"] for c in spec["initContainers"]] == ["fetch", "fetch-reuse-data"]
+        assert "mlp-trained-data-" in spec["initContainers"][1]["args"][1]
+        assert any(a.startswith("--reuse-data=") for a in spec["containers"][0]["args"])
+    which = [a["parameters"]["edgeai_exit"] for a in answers]
+    reused = [bool(a["parameters"].get("edgeai_reused")) for a in answers]
+    outputs = [np.asarray(a["outputs"][0]["data"], dtype=np.float32) for a in answers]
+    print(f"reader-reuse: answered {({w: which.count(w) for w in sorted(set(which))})}, "
+          f"{sum(reused)} from the edge's cache, accuracy {accuracy:.4f}")  # fmt: skip
+    assert "exit_0" in which
+    assert sum(reused) > 0
+    for i, out in enumerate(outputs):
+        if reused[i]:
+            assert which[i] == "final"
+            assert any(np.array_equal(out, outputs[j]) for j in range(i) if which[j] == "final")
+        elif which[i] == "final":
+            np.testing.assert_allclose(out, full[i], rtol=1e-4, atol=1e-4)
+    assert accuracy >= TARGET - loss
+
+
+def _cascade_served(
+    device_pods: dict[str, Any],
+    answers: list[dict[str, Any]],
+    folder: Path,
+    x_ho: np.ndarray,
+    accuracy: float,
+) -> None:
+    """What the control-plane test asserts of the cascade: the device entry fetched the
+    two small models and ran them; confident answers are the first small model's
+    scores, the others the model's own, and accuracy holds the target."""
+    assert device_pods["items"]
+    for pod in device_pods["items"]:
+        names = [c["name"] for c in pod["spec"]["initContainers"]]
+        assert names == ["fetch-cascade-0", "fetch-cascade-1"]
+    (small_out,) = run_onnx(folder / "small.onnx", {"input": x_ho})
+    (full_out,) = run_onnx(folder / "plain.onnx", {"input": x_ho})
+    _cascaded("reader-cascade", answers, small_out, full_out, accuracy)
+
+
+def _cascaded(
+    label: str,
+    answers: list[dict[str, Any]],
+    small_out: np.ndarray,
+    full_out: np.ndarray,
+    accuracy: float,
+) -> None:
+    """Some answers from the cascade, each the first small model's scores under the
+    model's output name, the others the model's own, and accuracy at the target."""
+    which = [a["parameters"]["edgeai_exit"] for a in answers]
+    print(f"{label}: answered {({w: which.count(w) for w in sorted(set(which))})}, "
+          f"accuracy {accuracy:.4f}")  # fmt: skip
+    assert set(which) == {"cascade", "final"}
+    assert accuracy >= TARGET
+    for i, w in enumerate(which):
+        (out,) = answers[i]["outputs"]
+        assert out["name"] == "output"
+        expected = small_out[i] if w == "cascade" else full_out[i]
+        np.testing.assert_allclose(out["data"], expected, rtol=1e-4, atol=1e-4)

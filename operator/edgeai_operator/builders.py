@@ -49,6 +49,8 @@ DEFAULT_IMAGE = "edgeai-worker:0.1.0"
 # Where a stage pod's init container puts the planned artefact, and under what name.
 MODEL_DIR = "/var/lib/edgeai/model"
 MODEL_FILE_NAME = "model.onnx"
+# The labelled rows a user's model's reusing stage calibrates on, beside the model.
+REUSE_DATA_FILE = "reuse-data.npz"
 # Where the init container mounts the claim of a pvc:// artefact (edgeai fetch --pvc-root).
 PVC_ROOT = "/mnt/pvc"
 MODEL_DIGEST_ANNOTATION = "edgeai.dev/model-digest"
@@ -93,6 +95,23 @@ class Workload:
     # the device answers alone when the next stage cannot (spec.placement.fallback)
     fallback: bool = False
     upstream_tiers: tuple[str, ...] = ()  # the tiers that forward to this stage
+    # (uri, digest) of the labelled rows this stage calibrates result reuse on (the
+    # first stage after the device of a user's model with spec.offload.reuse)
+    reuse_data: tuple[str, str] | None = None
+    # (uri, digest) of the small models a user's model's device stage cascades from
+    cascade_models: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def extra_files(self) -> list[tuple[tuple[str, str], str, str, str]]:
+        """What the pods fetch beside the model: (artefact, init container, file name,
+        the worker's flag)."""
+        extras = [
+            (m, f"fetch-cascade-{i}", f"cascade-{i}.onnx", "--cascade-model")
+            for i, m in enumerate(self.cascade_models)
+        ]
+        if self.reuse_data is not None:
+            extras.append((self.reuse_data, "fetch-reuse-data", REUSE_DATA_FILE, "--reuse-data"))
+        return extras
 
     @property
     def artifact(self) -> tuple[str, str] | None:
@@ -276,7 +295,7 @@ def _pod_spec(
         {"name": "plan", "configMap": {"name": configmap or f"{owner.name}-plan"}}
     ]
     _secure_stage(owner, w, opts, args, ports, mounts, volumes)
-    return _worker_pod(args, ports, mounts, volumes, affinity, opts, w.artifact)
+    return _worker_pod(args, ports, mounts, volumes, affinity, opts, w.artifact, w.extra_files)
 
 
 def _worker_pod(
@@ -287,13 +306,18 @@ def _worker_pod(
     affinity: dict[str, Any],
     opts: DeploymentOptions,
     artifact: tuple[str, str] | None,
+    extras: Sequence[tuple[tuple[str, str], str, str, str]] = (),
 ) -> dict[str, Any]:
     """The pod spec of a worker running `edgeai ARGS`; with an artefact, an init
-    container fetches it and the worker reads it with `--model-file`."""
-    if artifact is not None:
-        args.append(f"--model-file={MODEL_DIR}/{MODEL_FILE_NAME}")
+    container fetches it and the worker reads it with `--model-file`; each of `extras`
+    (`Workload.extra_files`: a user's model's small models, its reuse rows) is fetched
+    beside it by one more and passed with its flag."""
+    if artifact is not None or extras:
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
         volumes.append({"name": "model", "emptyDir": {}})
+    if artifact is not None:
+        args.append(f"--model-file={MODEL_DIR}/{MODEL_FILE_NAME}")
+    args += [f"{flag}={MODEL_DIR}/{file_name}" for _, _, file_name, flag in extras]
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     spec: dict[str, Any] = {
         "affinity": affinity,
@@ -321,8 +345,13 @@ def _worker_pod(
         # The preStop wait, then draining in-flight requests (the worker's shutdown grace).
         "terminationGracePeriodSeconds": DEREGISTER_S + 10,
     }
-    if artifact is not None:
-        spec["initContainers"] = [_fetch_container(artifact, opts, volumes)]
+    inits = [_fetch_container(artifact, opts, volumes)] if artifact is not None else []
+    inits += [
+        _fetch_container(extra, opts, volumes, name, file_name)
+        for extra, name, file_name, _ in extras
+    ]
+    if inits:
+        spec["initContainers"] = inits
     if opts.priority_class:
         spec["priorityClassName"] = opts.priority_class
     return restricted(spec)
@@ -410,21 +439,28 @@ def _secure_stage(
 
 
 def _fetch_container(
-    artifact: tuple[str, str], opts: DeploymentOptions, volumes: list[dict[str, Any]]
+    artifact: tuple[str, str],
+    opts: DeploymentOptions,
+    volumes: list[dict[str, Any]],
+    name: str = "fetch",
+    file_name: str = MODEL_FILE_NAME,
 ) -> dict[str, Any]:
-    """The storage initializer: fetches the artefact into the model emptyDir and checks
-    its digest (the pod's worker starts only once it has). A pvc:// artefact's claim is
-    added to `volumes` and mounted read-only where `edgeai fetch` looks for claims."""
+    """The storage initializer: fetches the artefact into the model emptyDir as
+    `file_name` and checks its digest (the pod's worker starts only once it has). A
+    pvc:// artefact's claim is added to `volumes` (once per claim) and mounted
+    read-only where `edgeai fetch` looks for claims."""
     uri, digest = artifact
     mounts: list[dict[str, Any]] = [{"name": "model", "mountPath": MODEL_DIR}]
     if uri.startswith("pvc://"):
         claim = uri.removeprefix("pvc://").split("/", 1)[0]
-        volumes.append(
-            {"name": "artifacts", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        )
-        mounts.append({"name": "artifacts", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+        source = {"claimName": claim, "readOnly": True}
+        same = [v["name"] for v in volumes if v.get("persistentVolumeClaim") == source]
+        volume = same[0] if same else "artifacts" if name == "fetch" else f"{name}-claim"
+        if not same:
+            volumes.append({"name": volume, "persistentVolumeClaim": source})
+        mounts.append({"name": volume, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
     return {
-        "name": "fetch",
+        "name": name,
         "image": opts.image,
         "command": ["edgeai"],
         "args": [
@@ -432,7 +468,7 @@ def _fetch_container(
             uri,
             f"--sha256={digest.removeprefix('sha256:')}",
             f"--out={MODEL_DIR}",
-            f"--file-name={MODEL_FILE_NAME}",
+            f"--file-name={file_name}",
             f"--pvc-root={PVC_ROOT}",
         ],
         "volumeMounts": mounts,
@@ -804,6 +840,7 @@ def build_children(
                 cloud_name,
                 plan.model,
                 upstream_tiers=("device",),
+                reuse_data=_reuse_data(plan, edge_idx),
             )
             children.append(stage_deployment(owner, w, opts, digest, edge_name))
             children.append(stage_service(owner, w, edge_name, opts.transport, tls=opts.stage_tls))
@@ -820,6 +857,7 @@ def build_children(
                 cloud_replicas,
                 model=plan.model,
                 upstream_tiers=upstream,
+                reuse_data=_reuse_data(plan, cloud_idx),
             )
             children.append(stage_deployment(owner, w, opts, digest, cloud_name))
             children.append(stage_service(owner, w, cloud_name, opts.transport, tls=opts.stage_tls))
@@ -827,9 +865,40 @@ def build_children(
         first_remote = edge_name or cloud_name
         device_stage = device_idx if device_idx is not None else -1
         fallback = plan.fallback == "device" and first_remote is not None
-        w = Workload("device", zone, device_stage, key, 1, first_remote, plan.model, fallback)
+        w = Workload(
+            "device",
+            zone,
+            device_stage,
+            key,
+            1,
+            first_remote,
+            plan.model,
+            fallback,
+            cascade_models=_cascade_models(plan, device_stage),
+        )
         children.append(device_daemonset(owner, w, opts, digest))
     return children
+
+
+def _cascade_models(plan: PlanDocument, stage: int) -> tuple[tuple[str, str], ...]:
+    """(uri, digest) of the small models a user's model's device stage cascades from
+    (also an entry that runs no layers: it runs the cascade)."""
+    offload = plan.offload
+    if offload is None or offload.cascade_rule is None:
+        return ()
+    return tuple((m.uri, m.digest) for m in offload.cascade_models)
+
+
+def _reuse_data(plan: PlanDocument, stage: int) -> tuple[str, str] | None:
+    """(uri, digest) of the labelled rows stage `stage` calibrates its result reuse on:
+    a user's model's plan with reuse data, and the first stage after the device."""
+    offload = plan.offload
+    if offload is None or offload.reuse_data is None or not offload.reuse_entries:
+        return None
+    first_up = next((i for i, s in enumerate(plan.stages) if s.tier != "device"), None)
+    if stage != first_up:
+        return None
+    return offload.reuse_data.uri, offload.reuse_data.digest
 
 
 def _cloud_upstream(

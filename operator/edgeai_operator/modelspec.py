@@ -16,6 +16,7 @@
       profile: {tiers: [device, edge, cloud], repeats: 20, idleMs: 100, timeoutSeconds: 300}
       base: {modelRef: {name: digits}, sharedUpTo: features_out}
       exits: [{output: exit_0, after: features_0}, {output: exit_1, after: pooled, train: true}]
+      smallModels: [{uri: configmap://digits-small/small.onnx}]
 
 `spec.source` is `{uri, sha256}` with a URI as `sources.parse_source` accepts it (the
 check the preparation Job and `edgeai fetch` make), or `{zoo: NAME}`, short for
@@ -30,7 +31,10 @@ graph computes up to one of its cuts, on the same weights (the preparation check
 `spec.exits` declares early exits the model already has: extra outputs (class scores)
 a head computes from the tensor `after` (the preparation checks the graph agrees); an
 entry with `train: true` names an output the model does not have yet, whose head the
-preparation trains from `spec.data` and adds to the model.
+preparation trains from `spec.data` and adds to the model. `spec.smallModels` are the
+small models (same input, same classes; one, or two for the disagreement rule) a
+DNNDeployment's `spec.offload.cascade` runs on the device first, measured on
+`spec.data` by the preparation and stored beside the model's artefacts.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ _MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_MODEL_NAME = 40
 MAX_TENSOR_NAME = 256
 MAX_EXITS = 8
+# spec.smallModels: the cascade's small model, and the second opinion of disagreement.
+MAX_SMALL_MODELS = 2
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,8 @@ class ModelSpec:
     additional_inputs: tuple[InputSpec, ...] = ()
     base: BaseRef | None = None
     exits: tuple[ExitSpec, ...] = ()
+    # spec.smallModels: what a DNNDeployment's spec.offload.cascade runs on the device
+    small_models: tuple[SourceRef, ...] = ()
 
     @property
     def inputs(self) -> tuple[InputSpec, ...]:
@@ -493,6 +501,23 @@ def _exits(value: Any, inputs: tuple[InputSpec, ...]) -> tuple[ExitSpec, ...]:
     return tuple(exits)
 
 
+def _small_models(value: Any) -> tuple[SourceRef, ...]:
+    """spec.smallModels: files to fetch, as spec.data's (any source but zoo://)."""
+    items = _short_list(
+        value,
+        "spec.smallModels",
+        MAX_SMALL_MODELS,
+        "entries {uri, sha256}: a small ONNX model of the same input and classes",
+    )
+    refs = []
+    for i, item in enumerate(items):
+        field = f"spec.smallModels[{i}]"
+        ref = _data_file(spec_mapping(item, field, required=True), field)
+        assert ref is not None
+        refs.append(ref)
+    return tuple(refs)
+
+
 def parse_model_spec(spec: Any) -> ModelSpec:
     """Validates a DNNModel's `spec` (the mapping under `spec:`)."""
     spec = spec_mapping(spec, "spec", required=True)
@@ -510,6 +535,7 @@ def parse_model_spec(spec: Any) -> ModelSpec:
             "profile",
             "base",
             "exits",
+            "smallModels",
         ),
     )
     source = _source(spec.get("source"))
@@ -540,6 +566,13 @@ def parse_model_spec(spec: Any) -> ModelSpec:
             "labelled data (an .npz of inputs and integer labels) the exit's head is "
             "trained on, or train: false with a model that has the exit as an output",
         )
+    small_models = _small_models(spec.get("smallModels"))
+    if small_models and data is None:
+        raise SpecError(
+            "spec.data",
+            "is not set, and spec.smallModels needs labelled data to measure them on",
+            "an .npz of inputs and integer labels",
+        )
     return ModelSpec(
         source=source,
         input=model_input,
@@ -551,4 +584,5 @@ def parse_model_spec(spec: Any) -> ModelSpec:
         data=data,
         base=_base(spec.get("base")),
         exits=exits,
+        small_models=small_models,
     )

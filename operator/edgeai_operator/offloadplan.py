@@ -47,25 +47,48 @@ def check_offload(spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -
     """SpecError naming the field of `spec.offload` the model cannot back: exits on a
     prepared model (its profiles name artefacts) whose profile carries no exit
     calibration (a model that declares no exits, or declares them without labelled data
-    to measure them on), a cascade on a model whose calibration holds only its own exits."""
+    to measure them on), a cascade on a prepared model whose profile measured no small
+    models (DNNModel spec.smallModels) or with the disagreement rule and one of them,
+    reuse on a prepared model other than digits_cnn whose preparation stored no labelled
+    rows (no spec.data)."""
     offload = spec.offload
     if offload is None:
         return
     section = offload_section(profiles)
     prepared = any(p.get("artifact") for p in profiles)
-    if offload.exits_rule is not None and section is None and prepared:
+    no_exits = section is None or not section.get("exits")
+    if offload.exits_rule is not None and no_exits and prepared:
         raise SpecError(
             "spec.offload.exits",
             "the model's profile carries no calibrated exits",
             "a DNNModel whose spec.exits are measured on its labelled spec.data, or the "
             "zoo's digits_cnn",
         )
-    if offload.cascade_rule is not None and section is not None and "cascade" not in section:
+    cascade = (section or {}).get("cascade")
+    digits = cascade is not None and "models" not in cascade  # the zoo's calibration
+    stored = any(p.get("reuseData") for p in profiles)
+    if offload.reuse_entries and prepared and not digits and not stored:
+        raise SpecError(
+            "spec.offload.reuse",
+            "the model's profile carries no labelled data to calibrate the reuse distance on",
+            "a DNNModel with spec.data (its preparation stores rows of it for the stages), "
+            "or the zoo's digits_cnn",
+        )
+    if offload.cascade_rule is None:
+        return
+    if cascade is None and (section is not None or prepared):
         raise SpecError(
             "spec.offload.cascade",
-            "the model has no small models to cascade from (its calibration holds only the "
-            "exits it declares)",
-            "the zoo's digits_cnn, or spec.offload without cascade",
+            "the model has no small models to cascade from (its profile carries no "
+            "measured spec.smallModels)",
+            "a DNNModel with spec.smallModels and spec.data, the zoo's digits_cnn, or "
+            "spec.offload without cascade",
+        )
+    if cascade is not None and offload.cascade_rule == "disagreement" and len(cascade["flops"]) < 2:
+        raise SpecError(
+            "spec.offload.cascade.rule",
+            "disagreement compares two small models, and the model has one",
+            "maxProb or entropy, or a second entry in the DNNModel's spec.smallModels",
         )
 
 

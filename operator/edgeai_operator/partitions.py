@@ -313,7 +313,12 @@ def exit_heads(plan: PlanDocument) -> tuple[ExitPoint, ...]:
 
 
 def offload_settings(
-    plan: PlanDocument, stage: int, workdir: Path, model_path: Path | None = None
+    plan: PlanDocument,
+    stage: int,
+    workdir: Path,
+    model_path: Path | None = None,
+    reuse_data: Path | None = None,
+    cascade_models: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """The worker's `offload` setting for stage `stage` (-1: the device entry) of a
     plan with `offload`: on the device, the cascade (its small models and the
@@ -323,7 +328,11 @@ def offload_settings(
     largest accuracy loss). Empty for the other stages and for plans without offload.
     Models and thresholds come from the prebuilt files (no torch); a reuse key model
     is written to `workdir/offload`; `model_path` is the plan's model, needed when the
-    reusing stage receives features instead of the input."""
+    reusing stage receives features instead of the input. A user's model (exits it
+    declares, reuse calibrated on the labelled rows its preparation stored: the file
+    `reuse_data`, checked against the plan's digest, a cascade from the small models
+    its preparation stored: `cascade_models`, checked likewise, with the plan's
+    threshold) needs no prebuilt files."""
     offload = plan.offload
     if offload is None:
         return {}
@@ -339,10 +348,21 @@ def offload_settings(
     from edgeai_worker.graph import Partitioner
     from edgeai_worker.offload.exits import produced_exits
 
-    source = model_path if model_path is not None else model_file(plan, Path("."))
-    if exits and offload.declared_exits and not cascade and not reuse:
-        declared = _declared_settings(plan, stage, source)
-        return {"offload": declared} if declared["exits"] else {}
+    # the plan's model, read by exits and reuse only (a device entry's cascade needs none)
+    source = model_path or (model_file(plan, Path(".")) if exits or reuse else Path())
+    user = offload.declared_exits or offload.reuse_data is not None or offload.cascade_models
+    if user:
+        own: dict[str, Any] = {}
+        if cascade:
+            own.update(_user_cascade(plan, cascade_models))
+        if exits and offload.declared_exits:
+            declared = _declared_settings(plan, stage, source)
+            if declared["exits"]:
+                own.update(declared)
+        if reuse and offload.reuse_data is not None:
+            assert first_up is not None
+            own.update(_user_reuse(plan, first_up, workdir, source, reuse_data))
+        return {"offload": own} if own else {}
     _digits_only(plan)
     from edgeai_worker.offload.build import calibrate_reuse, prebuild_offload
     from edgeai_worker.offload.exits import calibrated, read_heads
@@ -373,13 +393,7 @@ def offload_settings(
         ).cascade_threshold
     if reuse:
         assert first_up is not None
-        inputs = plan.stages[first_up].inputs
-        prefix: Path | None = None
-        if inputs != (plan.model.input.name,):
-            (workdir / "offload").mkdir(parents=True, exist_ok=True)
-            prefix = workdir / "offload" / f"to-stage{first_up}.onnx"
-            graph = Partitioner(onnx.load(str(source))).extract((plan.model.input.name,), inputs)
-            onnx.save(graph, str(prefix))
+        prefix = _reuse_prefix(plan, first_up, workdir, source)
         distance = calibrate_reuse(
             files, offload.reuse_entries, offload.reuse_max_accuracy_loss, prefix
         )
@@ -388,6 +402,86 @@ def offload_settings(
     if not settings.get("exits") and not cascade and not reuse:
         return {}
     return {"offload": settings}
+
+
+def _checked_file(path: Path | None, digest: str, flag: str, what: str) -> Path:
+    """`path` once it is a file whose sha256 is `digest`; SpecError naming `flag`."""
+    if path is None or not path.is_file():
+        raise SpecError(flag, f"{what}: no such file ({path})", "the file the pod fetched")
+    actual = file_sha256(path)
+    if actual != digest:
+        raise SpecError(flag, f"{path} has digest {actual}, the plan's {digest}; refusing it")
+    return path
+
+
+def _user_cascade(plan: PlanDocument, files: Sequence[Path]) -> dict[str, Any]:
+    """The cascade setting of a user's model's device stage: the small models the plan
+    names (the fetched `files`, in its order, digests checked) and its threshold."""
+    offload = plan.offload
+    assert offload is not None
+    if not offload.cascade_models:
+        _digits_only(plan)  # a cascade on a user's model without small models
+    if len(files) != len(offload.cascade_models):
+        raise SpecError(
+            "--cascade-model",
+            f"{len(files)} given, the plan's cascade runs {len(offload.cascade_models)}",
+            "one file per small model the plan names, in its order",
+        )
+    checked = [
+        str(_checked_file(f, m.digest, "--cascade-model", f"small model {m.uri}"))
+        for f, m in zip(files, offload.cascade_models, strict=True)
+    ]
+    return {
+        "rule": offload.cascade_rule,
+        "cascadeModels": checked,
+        "cascadeThreshold": offload.cascade_threshold,
+        "finalOutput": offload.final_output or "output",
+    }
+
+
+def _reuse_prefix(plan: PlanDocument, stage: int, workdir: Path, source: Path) -> Path | None:
+    """The model from the input to what stage `stage` receives (the reuse cache's
+    keys), written to `workdir/offload`; None when it receives the input."""
+    import onnx
+
+    from edgeai_worker.graph import Partitioner
+
+    inputs = plan.stages[stage].inputs
+    if inputs == (plan.model.input.name,):
+        return None
+    (workdir / "offload").mkdir(parents=True, exist_ok=True)
+    prefix = workdir / "offload" / f"to-stage{stage}.onnx"
+    graph = Partitioner(onnx.load(str(source))).extract((plan.model.input.name,), inputs)
+    onnx.save(graph, str(prefix))
+    return prefix
+
+
+def _user_reuse(
+    plan: PlanDocument, stage: int, workdir: Path, source: Path, data: Path | None
+) -> dict[str, Any]:
+    """The reuse setting of a user's model's first stage after the device: the distance
+    calibrated on the labelled rows its preparation stored (`data`, the plan's digest)."""
+    from edgeai_worker.offload.build import calibrate_reuse_on_data
+
+    offload = plan.offload
+    assert offload is not None
+    assert offload.reuse_data is not None
+    data = _checked_file(
+        data,
+        offload.reuse_data.digest,
+        "--reuse-data",
+        f"the labelled rows stage {stage} calibrates its reuse on",
+    )
+    found = calibrate_reuse_on_data(
+        data,
+        source,
+        plan.model.input.name,
+        offload.reuse_data.final_output,
+        offload.reuse_entries,
+        offload.reuse_max_accuracy_loss,
+        _reuse_prefix(plan, stage, workdir, source),
+    )
+    return {"reuseEntries": offload.reuse_entries, "reuseMaxDistance": found["max_distance"]}
 
 
 def _declared_settings(plan: PlanDocument, stage: int, model_path: Path) -> dict[str, Any]:
@@ -427,10 +521,13 @@ def stage_settings(
     next_urls: Sequence[str] = (),
     model_path: Path | None = None,
     grpc_port: int | None = None,
+    reuse_data: Path | None = None,
+    cascade_models: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """The worker config of one stage (see `edgeai_worker.config.WorkerConfig`):
     its partitions cut into `workdir` from `model_path` (the fetched artefact, checked
-    against the plan's digest) or else `model_file(plan, plan_path)`, the model's
+    against the plan's digest) or else `model_file(plan, plan_path)` (`reuse_data`: the
+    labelled rows a user's model's reusing stage calibrates on), the model's
     identity (digest, variant, uri) for its metadata, the device stage's privacy and
     change detection, and every stage's default request priority. Stage -1 is the device
     entry of a plan that runs nothing on the device: it serves the model name and
@@ -460,6 +557,13 @@ def stage_settings(
         verified_model_file(plan, model_path)
     fallback = tier == "device" and plan.fallback == "device" and bool(next_urls)
     if stage < 0 and not fallback:
+        # an entry that runs no layers still runs the cascade (the small models first,
+        # the raw input forwarded on an escalation)
+        settings.update(
+            offload_settings(
+                plan, stage, workdir, reuse_data=reuse_data, cascade_models=cascade_models
+            )
+        )
         return settings
     source = model_path if model_path is not None else model_file(plan, plan_path)
     if fallback:
@@ -476,7 +580,7 @@ def stage_settings(
         )
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
-        settings.update(offload_settings(plan, stage, workdir, source))
+        settings.update(offload_settings(plan, stage, workdir, source, reuse_data, cascade_models))
     else:
         settings.update(offload_settings(plan, stage, workdir))
     return settings

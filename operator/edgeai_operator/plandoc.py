@@ -177,6 +177,36 @@ def _plan_exit(data: Mapping[str, Any], r: _Reader, _: int) -> PlanExit:
 
 
 @dataclass(frozen=True)
+class PlanArtefact:
+    """A stored file a stage's pods fetch and check: a user's model's small model."""
+
+    uri: str
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "digest": self.digest}
+
+
+def _plan_artefact(data: Mapping[str, Any], r: _Reader, _: int) -> PlanArtefact:
+    return PlanArtefact(r.text(data, "uri"), r.text(data, "digest"))
+
+
+@dataclass(frozen=True)
+class PlanReuseData:
+    """The labelled rows the reusing stage of a user's model calibrates its distance
+    on: stored by the model's preparation beside its artefacts (DNNModel spec.data),
+    fetched by that stage's pods and checked against `digest`; `final_output` is the
+    model output whose answers it reuses."""
+
+    uri: str
+    digest: str
+    final_output: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "digest": self.digest, "finalOutput": self.final_output}
+
+
+@dataclass(frozen=True)
 class PlanOffload:
     """Per-input offloading as the stages run it (spec.offload): the device stage's
     cascade rule and the accuracy its threshold is calibrated for, the early exits'
@@ -197,11 +227,20 @@ class PlanOffload:
     exit_shares: Mapping[str, float] = field(default_factory=dict)
     declared_exits: tuple[PlanExit, ...] = ()
     final_output: str | None = None
+    reuse_data: PlanReuseData | None = None  # reuse on a user's model
+    # a cascade on a user's model: its small models (DNNModel spec.smallModels, stored
+    # by its preparation) and the threshold calibrated for the target accuracy
+    cascade_models: tuple[PlanArtefact, ...] = ()
+    cascade_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
         if self.cascade_rule is not None:
             doc["cascade"] = {"rule": self.cascade_rule, "targetAccuracy": self.target_accuracy}
+            if self.cascade_models:
+                doc["cascade"]["models"] = [m.to_dict() for m in self.cascade_models]
+                doc["cascade"]["threshold"] = self.cascade_threshold
+                doc["cascade"]["finalOutput"] = self.final_output
         if self.exits_rule is not None:
             doc["exits"] = {"rule": self.exits_rule, "targetAccuracy": self.exits_target_accuracy}
             if self.declared_exits:
@@ -212,6 +251,8 @@ class PlanOffload:
                 "maxEntries": self.reuse_entries,
                 "maxAccuracyLoss": self.reuse_max_accuracy_loss,
             }
+            if self.reuse_data is not None:
+                doc["reuse"]["data"] = self.reuse_data.to_dict()
         if self.exit_shares:
             doc["exitShares"] = dict(self.exit_shares)
         return doc
@@ -236,8 +277,18 @@ class PlanOffload:
             exits_target_accuracy=er.number(exits, "targetAccuracy") if exits else None,
             exit_shares=r.numbers(data, "exitShares"),
             declared_exits=er.items(exits, "declared", _plan_exit),
-            final_output=er.optional_text(exits, "finalOutput"),
+            final_output=er.optional_text(exits, "finalOutput")
+            or cr.optional_text(cascade, "finalOutput"),
+            cascade_models=cr.items(cascade, "models", _plan_artefact),
+            cascade_threshold=cr.optional_number(cascade, "threshold"),
+            reuse_data=_reuse_data(reuse, f"{field}.reuse") if reuse and "data" in reuse else None,
         )
+
+
+def _reuse_data(reuse: Mapping[str, Any], field: str) -> PlanReuseData:
+    r = _Reader(f"{field}.data")
+    data = _Reader(field).mapping(reuse, "data")
+    return PlanReuseData(r.text(data, "uri"), r.text(data, "digest"), r.text(data, "finalOutput"))
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,10 @@ def prepare_args(spec: ModelSpec, *, model_name: str, artifacts_uri: str, result
         args.append(f"--sha256={spec.source.sha256}")
     args += [_variant_arg(v) for v in spec.variants if v.name != "fp32"]
     args += [f"--{'train-exit' if e.train else 'exit'}={e.output}={e.after}" for e in spec.exits]
+    args += [
+        f"--small-model={m.uri}" + (f",sha256={m.sha256}" if m.sha256 else "")
+        for m in spec.small_models
+    ]
     for option, ref in (("calibration", spec.calibration), ("data", spec.data)):
         if ref is not None:
             args.append(f"--{option}={ref.uri}")

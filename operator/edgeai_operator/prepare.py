@@ -55,6 +55,7 @@ from edgeai_operator.modelspec import (
     VARIANT_KINDS,
     ExitSpec,
     InputSpec,
+    SourceRef,
     VariantKind,
     VariantRequest,
     check_artifacts_uri,
@@ -105,6 +106,7 @@ class PrepareRequest:
     data_sha256: str | None = None
     model_name: str | None = None
     exits: tuple[ExitSpec, ...] = ()  # spec.exits: early exits the model declares
+    small_models: tuple[SourceRef, ...] = ()  # spec.smallModels: the cascade's
 
 
 @dataclass(frozen=True)
@@ -250,16 +252,24 @@ def _destination(uri: str, pvc_root: Path) -> _Destination:
     return _Destination("pvc", base, pvc_root / claim / directory if slash else pvc_root / claim)
 
 
-def _store(path: Path, digest: str, dest: _Destination, tag: str) -> ArtifactRef:
-    """Pushes or writes the artefact whose sha256 is `digest` (`sha256:<hex>`)."""
+def _store(
+    path: Path, digest: str, dest: _Destination, tag: str, media_type: str | None = None
+) -> ArtifactRef:
+    """Pushes or writes the artefact whose sha256 is `digest` (`sha256:<hex>`): a model,
+    or with `media_type` another file (a claim's copy keeps the file's suffix)."""
     size_bytes = path.stat().st_size
     if dest.scheme == "oci":
         from edgeai_operator import oci
 
-        return ArtifactRef(f"{dest.uri}:{tag}", oci.push(path, f"{dest.uri}:{tag}"), size_bytes)
+        pushed = (
+            oci.push(path, f"{dest.uri}:{tag}")
+            if media_type is None
+            else oci.push(path, f"{dest.uri}:{tag}", media_type=media_type)
+        )
+        return ArtifactRef(f"{dest.uri}:{tag}", pushed, size_bytes)
     assert dest.directory is not None
     dest.directory.mkdir(parents=True, exist_ok=True)
-    target = dest.directory / f"{tag}.onnx"
+    target = dest.directory / f"{tag}{path.suffix if media_type else '.onnx'}"
     with replaced_when_done(target) as out, path.open("rb") as src:
         shutil.copyfileobj(src, out)
     return ArtifactRef(f"{dest.uri}/{target.name}", digest, size_bytes)
@@ -627,6 +637,8 @@ class _Context:
     # calibration), and what each head was trained on
     exit_data: _Examples | None = None
     trained: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # spec.smallModels, fetched and checked: (file, its sha256)
+    small: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _build(ctx: _Context, index: int | None, variant: VariantRequest) -> Path:
@@ -918,6 +930,145 @@ def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path
             entry["trained"] = ctx.trained[entry["output"]]
 
 
+def _fetch_small_models(
+    request: PrepareRequest,
+    data: _Examples | None,
+    workdir: Path,
+    at: _Where,
+    progress: Progress,
+) -> list[tuple[Path, str]]:
+    """spec.smallModels fetched (digest-checked) and loaded, their inputs the model's;
+    SpecError naming `spec.smallModels[i].uri` (or `spec.data`) otherwise."""
+    if not request.small_models:
+        return []
+    if data is None or data.labels is None:
+        raise SpecError(
+            "spec.data",
+            "is not set, and spec.smallModels needs labelled data to measure them on",
+            "an .npz of inputs and integer labels",
+        )
+    fetched = []
+    for i, ref in enumerate(request.small_models):
+        field_name = f"spec.smallModels[{i}].uri"
+        got = _fetch_source(ref.uri, ref.sha256, field_name, workdir / f"small{i}", at, progress)
+        try:
+            check_inputs(request.inputs, _load_checked(got))
+        except SpecError as exc:
+            raise SpecError(
+                field_name,
+                f"{ref.uri} does not take the model's input: {exc}",
+                "a small model of the same input (spec.input) and classes",
+            ) from exc
+        fetched.append((got.path, "sha256:" + got.sha256))
+    return fetched
+
+
+def _logits(
+    path: Path, examples: _Examples, fixed_batch: int | None, output: str | None
+) -> np.ndarray:
+    """`output` (default: the first) on the examples, in batches, one row each."""
+    session = _session(path)
+    runs = [
+        np.asarray(session.run(None if output is None else [output], feed)[0])
+        for feed in _batches(examples, fixed_batch)
+    ]
+    logits = np.concatenate(runs) if runs else np.zeros((0, 0))
+    return logits.reshape(len(logits), -1)
+
+
+def _add_cascade_calibration(ctx: _Context, profile: dict[str, Any], path: Path) -> None:
+    """The small models' tables on the rows the exits are calibrated on (all of
+    `spec.data` without trained heads): the profile's `offload.cascade` (their FLOPs;
+    the stored artefacts are added once stored) and `cascade_correct`,
+    `cascade_<rule>` in its validation tables, in the form the digits profile has.
+    SpecError naming `spec.smallModels[i].uri` for one that scores other classes."""
+    import onnx
+
+    from edgeai_worker import graph
+    from edgeai_worker.offload.gate import RULES, confidence
+
+    data = ctx.exit_data or ctx.data
+    assert data is not None
+    assert data.labels is not None
+    final = ctx.final_output
+    batch = _batch_size(ctx.model, ctx.request.inputs[0].name)
+    model_logits = _logits(path, data, batch, final)
+    labels = data.labels[: len(model_logits)]
+    small = []
+    for i, (small_path, _) in enumerate(ctx.small):
+        logits = _logits(
+            small_path,
+            data,
+            _batch_size(onnx.load(str(small_path)), ctx.request.inputs[0].name),
+            None,
+        )
+        if logits.shape[1:] != model_logits.shape[1:] or len(logits) != len(model_logits):
+            raise SpecError(
+                f"spec.smallModels[{i}].uri",
+                f"scores {logits.shape[1]} classes on {len(logits)} rows of spec.data, the "
+                f"model {model_logits.shape[1]} on {len(model_logits)}",
+                "a small model of the same input and classes (and batch size)",
+            )
+        small.append(logits)
+    section = profile.setdefault(
+        "offload",
+        {
+            "exits": [],
+            "finalOutput": final or ctx.model.graph.output[0].name,
+            "validation": {
+                "final_correct": (model_logits.argmax(1) == labels).astype(int).tolist()
+            },
+        },
+    )
+    tables: dict[str, Any] = {
+        "cascade_correct": (small[0].argmax(1) == labels).astype(int).tolist()
+    }
+    second = small[1] if len(small) > 1 else None
+    for rule in RULES:
+        if rule == "disagreement" and second is None:
+            continue
+        tables[f"cascade_{rule}"] = (
+            np.round(confidence(small[0], rule, second), 4).astype(float).tolist()
+        )
+    section["validation"].update(tables)
+    shapes = _shapes(ctx.request)
+    section["cascade"] = {
+        "flops": [
+            int(sum(n.flops for n in graph.analyze(onnx.load(str(p)), shapes).nodes))
+            for p, _ in ctx.small
+        ]
+    }
+
+
+# At most this many labelled examples are stored for the stages' reuse calibration.
+REUSE_DATA_ROWS = 1024
+NPZ_MEDIA_TYPE = "application/vnd.edgeai.labelled-data.npz"
+
+
+def _store_reuse_data(
+    ctx: _Context, destination: _Destination, progress: Progress
+) -> dict[str, Any] | None:
+    """The labelled rows a stage calibrates its result reuse on (`spec.offload.reuse`
+    of a DNNDeployment), stored beside the model's artefacts: the rows the exits are
+    calibrated on (all of `spec.data` without trained heads), at most
+    `REUSE_DATA_ROWS`, with the model's final output named; None without data."""
+    data = ctx.exit_data or ctx.data
+    if data is None or data.labels is None:
+        return None
+    rows = slice(0, REUSE_DATA_ROWS)
+    kept = _rows(data, rows)
+    assert kept.labels is not None
+    path = ctx.built_dir / "reuse-data.npz"
+    arrays: dict[str, Any] = {**kept.inputs, LABELS_KEY: kept.labels}
+    np.savez(path, **arrays)
+    digest = file_sha256(path)
+    tag = f"{ctx.model_name}-data-{digest[7:19]}"
+    progress(f"reuse calibration data: storing {len(kept.labels)} examples as {tag}")
+    artifact = _store(path, digest, destination, tag, NPZ_MEDIA_TYPE)
+    final = ctx.final_output or (ctx.model.graph.output[0].name)
+    return {**artifact.to_dict(), "examples": len(kept.labels), "finalOutput": final}
+
+
 def _prepare_variant(
     ctx: _Context,
     index: int | None,
@@ -965,6 +1116,11 @@ def _prepare_variant(
             _add_offload_calibration(profile, path, progress)
         if ctx.request.exits and ctx.data is not None and variant.kind == "fp32":
             _add_declared_calibration(ctx, profile, path)
+        if ctx.small and variant.kind == "fp32":
+            _add_cascade_calibration(ctx, profile, path)
+    except SpecError:
+        raise
+
     except GraphError as exc:
         if variant.kind == "fp32":  # the model itself: no variant of it can be planned
             raise UnsupportedGraph(str(exc)) from exc
@@ -978,6 +1134,22 @@ def _prepare_variant(
         artifact = _store(path, digest, destination, tag)
     except (OSError, _oci_error()) as exc:
         return failed(f"storing the artefact failed: {exc}", path)
+    if variant.kind == "fp32" and not ctx.zoo_digits:
+        try:
+            reuse_data = _store_reuse_data(ctx, destination, progress)
+        except (OSError, _oci_error()) as exc:
+            return failed(f"storing the reuse calibration data failed: {exc}", path)
+        if reuse_data is not None:
+            profile["reuseData"] = reuse_data
+        try:
+            stored = [
+                _store(p, d, destination, f"{ctx.model_name}-small{i}-{d[7:19]}").to_dict()
+                for i, (p, d) in enumerate(ctx.small)
+            ]
+        except (OSError, _oci_error()) as exc:
+            return failed(f"storing the small models failed: {exc}", path)
+        if stored:
+            profile["offload"]["cascade"]["models"] = stored
     measured = "" if accuracy is None else f", accuracy {accuracy:.4f}"
     if ctx.trained and variant.kind == "fp32":
         measured += "; exit heads trained from spec.data: " + ", ".join(
@@ -1062,6 +1234,7 @@ def prepare(
         )
         data = _load_examples(got, "spec.data.uri", request.inputs, labelled=True)
 
+    small = _fetch_small_models(request, data, workdir, at, progress)
     model_file = fetched.path
     exit_data = None
     trained: dict[str, dict[str, Any]] = {}
@@ -1085,6 +1258,7 @@ def prepare(
         final_output,
         exit_data,
         trained,
+        small,
     )
     input_spec = _input_dict(request.inputs[0])
     results = []

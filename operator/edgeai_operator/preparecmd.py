@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeai_operator.errors import SpecError
-from edgeai_operator.modelspec import ExitSpec, InputSpec
+from edgeai_operator.modelspec import ExitSpec, InputSpec, SourceRef
 from edgeai_operator.preparation import ERROR_KEY, RESULT_KEY
 from edgeai_operator.prepare import (
     VARIANT_KINDS,
@@ -74,6 +74,20 @@ def parse_exit(text: str, *, train: bool = False) -> ExitSpec:
 def parse_train_exit(text: str) -> ExitSpec:
     """`OUTPUT=AFTER` as an ExitSpec whose head is trained from --data."""
     return parse_exit(text, train=True)
+
+
+def parse_small_model(text: str) -> SourceRef:
+    """`URI` or `URI,sha256=HEX` as a SourceRef; SpecError naming --small-model."""
+    uri, comma, pinned = text.rpartition(",sha256=")
+    if not comma:
+        uri, pinned = text, ""
+    if not uri or (comma and not pinned):
+        raise SpecError(
+            "--small-model",
+            f"{text!r} is not a small model",
+            "URI or URI,sha256=HEX: a small ONNX model of the same input and classes",
+        )
+    return SourceRef(uri, pinned or None)
 
 
 def parse_variant(text: str) -> VariantRequest:
@@ -146,6 +160,14 @@ def register(subparsers: Any) -> None:
         help="an early exit whose head is trained from --data and added to the model as "
         "OUTPUT, reading AFTER; repeatable (OUTPUT=AFTER, spec.exits[] with train: true)",
     )
+    parser.add_argument(
+        "--small-model",
+        action="append",
+        default=[],
+        type=parse_small_model,
+        help="a small model for a cascade (URI or URI,sha256=HEX), repeatable up to twice "
+        "(spec.smallModels); measured on --data and stored beside the artefacts",
+    )
     parser.add_argument("--calibration", help="an .npz of example inputs (int8-static)")
     parser.add_argument("--calibration-sha256", help="its sha256 (required for http(s))")
     parser.add_argument("--data", help="an .npz of inputs and 'labels' (accuracy)")
@@ -215,6 +237,9 @@ def _fetch_field(request: PrepareRequest, uri: str) -> str:
         return "spec.calibration.uri"
     if uri == request.data_uri:
         return "spec.data.uri"
+    for i, small in enumerate(request.small_models):
+        if uri == small.uri:
+            return f"spec.smallModels[{i}].uri"
     return "spec.source.uri"
 
 
@@ -232,6 +257,7 @@ def _cmd(args: argparse.Namespace) -> int:
         data_sha256=args.data_sha256,
         model_name=args.model_name,
         exits=tuple(args.exit),
+        small_models=tuple(args.small_model),
     )
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="edgeai-prepare-") as scratch:

@@ -31,10 +31,12 @@ from edgeai_operator.errors import SpecError, read_yaml_documents
 from edgeai_operator.plandoc import (
     ModelIdentity,
     PlanAlternative,
+    PlanArtefact,
     PlanDocument,
     PlanExit,
     PlanLink,
     PlanOffload,
+    PlanReuseData,
     PlanStage,
     PlanTransfer,
     TensorSpec,
@@ -652,6 +654,40 @@ def declared_exits(
     return exits, str(section["finalOutput"])
 
 
+def cascade_models(
+    spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]
+) -> tuple[tuple[PlanArtefact, ...], float | None, str | None]:
+    """With `spec.offload.cascade` on a user's model, its stored small models (those the
+    rule runs: the first, both for disagreement), the threshold calibrated for the
+    target on its profile's tables and the model's final output; none for digits_cnn
+    (its stages read the prebuilt small models)."""
+    offload = spec.offload
+    section = offload_section(profiles)
+    if offload is None or offload.cascade_rule is None or section is None:
+        return (), None, None
+    stored = section.get("cascade", {}).get("models")
+    if not stored:
+        return (), None, None
+    from edgeai_worker.offload.exits import section_calibration
+
+    found = section_calibration(section, offload.cascade_rule, offload.target_accuracy or 0.0)
+    used = stored[:2] if offload.cascade_rule == "disagreement" else stored[:1]
+    models = tuple(PlanArtefact(str(m["uri"]), str(m["digest"])) for m in used)
+    return models, found.cascade_threshold, str(section["finalOutput"])
+
+
+def reuse_data(spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -> PlanReuseData | None:
+    """With `spec.offload.reuse`, the labelled rows a user's model's preparation stored
+    for calibrating it (a profile's `reuseData`); None otherwise (the zoo's digits_cnn
+    calibrates on its own held-out digits)."""
+    if spec.offload is None or not spec.offload.reuse_entries:
+        return None
+    found = next((p["reuseData"] for p in profiles if p.get("reuseData")), None)
+    if found is None:
+        return None
+    return PlanReuseData(str(found["uri"]), str(found["digest"]), str(found["finalOutput"]))
+
+
 def plan_document(
     spec: DeploymentSpec,
     profiles: list[dict[str, Any]],
@@ -691,6 +727,7 @@ def plan_document(
     )
     host = profile["host"].get("gflops") if method == "measured" else None
     exits, final_output = declared_exits(spec, profiles)
+    cascade = cascade_models(spec, profiles)
     return PlanDocument(
         deployment=spec.name,
         model=model,
@@ -746,7 +783,10 @@ def plan_document(
                 spec.offload.exits_target_accuracy,
                 exit_shares or {},
                 exits,
-                final_output,
+                final_output or cascade[2],
+                reuse_data(spec, profiles),
+                cascade[0],
+                cascade[1],
             )
         ),
     )

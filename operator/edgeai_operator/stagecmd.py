@@ -35,6 +35,8 @@ def _cmd(args: argparse.Namespace) -> int:
         next_urls=args.next or (),
         grpc_port=args.grpc_port,
         model_path=None if args.model_file is None else Path(args.model_file),
+        reuse_data=None if args.reuse_data is None else Path(args.reuse_data),
+        cascade_models=[Path(m) for m in args.cascade_model],
     )
     settings.update(_security_settings(args))
     config = Path(tempfile.mkdtemp(prefix="edgeai-stage-")) / "worker.json"
@@ -78,6 +80,18 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--grpc-port", type=int, help="also serve the protocol over gRPC here")
     parser.add_argument("--workdir", help="where partitions are written (default: a temp dir)")
+    parser.add_argument(
+        "--cascade-model",
+        action="append",
+        default=[],
+        help="a small model the plan's cascade names, fetched by the pod (repeatable, in the "
+        "plan's order): a user's model's device stage answers from them when confident",
+    )
+    parser.add_argument(
+        "--reuse-data",
+        help="the labelled rows (.npz) the plan's reuse data names, fetched by the pod: the "
+        "reuse distance of a user's model is calibrated on them",
+    )
     parser.add_argument(
         "--model-file",
         help="the plan's artefact as fetched (edgeai fetch); its sha256 must be the plan's digest",

@@ -302,12 +302,13 @@ def build_digits_offload(
 
 
 def locality_stream(
-    x: np.ndarray, y: np.ndarray, n: int, seed: int
+    x: np.ndarray, y: np.ndarray, n: int, seed: int, low: float = 0.0, high: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` inputs as a camera or a neighbourhood sends them: 40 % exact repeats and 30 %
-    perturbed repeats (Gaussian noise, sigma 0.03, clipped to [0, 1]) of one of the last
-    20 inputs, the rest new rows of `x` in turn."""
+    perturbed repeats (Gaussian noise, sigma 0.03 of the value range [low, high], clipped
+    to it) of one of the last 20 inputs, the rest new rows of `x` in turn."""
     rng = np.random.default_rng(seed)
+    sigma = 0.03 * (high - low)
     xs: list[np.ndarray] = []
     ys: list[int] = []
     fresh = 0
@@ -317,8 +318,8 @@ def locality_stream(
             j = len(xs) - 1 - int(rng.integers(0, min(20, len(xs))))
             frame = xs[j]
             if draw >= 0.4:
-                noise = rng.normal(scale=0.03, size=frame.shape)
-                frame = np.clip(frame + noise, 0.0, 1.0).astype(np.float32)
+                noise = rng.normal(scale=sigma, size=frame.shape)
+                frame = np.clip(frame + noise, low, high).astype(frame.dtype)
             xs.append(frame)
             ys.append(ys[j])
         else:
@@ -334,14 +335,74 @@ def calibrate_reuse(
     """The reuse distance for the full model's cache of `entries`, calibrated on a
     locality stream of the validation half for at most `max_accuracy_loss`; keys are
     the inputs, or what the model `prefix` makes of them (a stage receiving features)."""
+    x_val, y_val, _, _ = validation_split()
+    stream = locality_stream(x_val, y_val, 600, seed=1)
+    return _calibrate_stream(
+        stream, workdir / "full.onnx", zoo.INPUT_NAME, zoo.OUTPUT_NAME, entries,
+        max_accuracy_loss, prefix,
+    )  # fmt: skip
+
+
+def calibrate_reuse_on_data(
+    data_file: Path,
+    model: Path,
+    input_name: str,
+    final_output: str,
+    entries: int,
+    max_accuracy_loss: float,
+    prefix: Path | None = None,
+) -> dict[str, Any]:
+    """`calibrate_reuse` for any single-input model: the stream is drawn from the
+    labelled rows of `data_file` (arrays by input name and `labels`, what the
+    preparation stores for it), its noise scaled to the rows' value range, and the
+    answers are the model's `final_output`."""
+    with np.load(data_file, allow_pickle=False) as npz:
+        x, y = np.asarray(npz[input_name]), np.asarray(npz["labels"])
+    stream = locality_stream(x, y, 600, seed=1, low=float(x.min()), high=float(x.max()))
+    return _calibrate_stream(
+        stream, model, input_name, final_output, entries, max_accuracy_loss, prefix
+    )
+
+
+def _calibrate_stream(
+    stream: tuple[np.ndarray, np.ndarray],
+    model: Path,
+    input_name: str,
+    output: str,
+    entries: int,
+    max_accuracy_loss: float,
+    prefix: Path | None,
+) -> dict[str, Any]:
     from edgeai_worker.offload.reuse import calibrate_distance
 
-    x_val, y_val, _, _ = validation_split()
-    xs, ys = locality_stream(x_val, y_val, 600, seed=1)
-    predictions = _run(workdir / "full.onnx", xs)[zoo.OUTPUT_NAME].argmax(axis=1)
-    keys = list(xs) if prefix is None else list(next(iter(_run(prefix, xs).values())))
-    found = calibrate_distance(keys, list(predictions), list(ys), entries, max_accuracy_loss)
+    xs, ys = stream
+    answers = _outputs(model, input_name, xs)[output]
+    predictions = answers.reshape(len(answers), -1).argmax(axis=1)
+    keys = xs if prefix is None else next(iter(_outputs(prefix, input_name, xs).values()))
+    found = calibrate_distance(list(keys), list(predictions), list(ys), entries, max_accuracy_loss)
     return asdict(found)
+
+
+def _outputs(path: Path, input_name: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the model at `path` on the rows of `x`, run in the model's
+    fixed batch when it has one (the last batch padded with its own first row)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    first = next(i for i in session.get_inputs() if i.name == input_name).shape[0]
+    batch = first if isinstance(first, int) and first > 0 else len(x)
+    runs = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        pad = batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+        out = session.run(None, {input_name: chunk})
+        runs.append([o[: batch - pad] for o in out])
+    return {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
 
 
 def digits_offload_files(workdir: Path, target_accuracy: float) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def _calibrate(
         else None
     )
     exits = None
-    if rule in EXIT_RULES:
+    if rule in EXIT_RULES and n_exits:
         exits = calibrate_thresholds(
             list(np.asarray(tables[f"exits_{rule}"], dtype=np.float64)),
             list(np.asarray(tables["exits_correct"], dtype=bool)),
