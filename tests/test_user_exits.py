@@ -391,6 +391,15 @@ def test_declared_exits_are_measured_on_the_data_into_the_profile(
     # the artefact is the model as it is, exit included
     artefact = user["root"] / "models" / "prepared" / Path(fp32.artifact.uri).name
     assert [o.name for o in onnx.load(str(artefact)).graph.output] == ["output", "exit_0"]
+    # the profile (in the DNNModel's status) carries at most 2048 rows, 1024 are stored
+    many = user["root"] / "models" / "many.npz"
+    np.savez(many, input=np.tile(user["x_val"], (10, 1, 1, 1)), labels=np.tile(user["y_val"], 10))
+    capped = _prepare(
+        user, _request((ExitSpec("exit_0", HIDDEN),), data_file="many.npz"), tmp_path / "many"
+    ).variant("fp32")
+    assert capped.profile is not None
+    assert len(capped.profile["offload"]["validation"]["final_correct"]) == 2048
+    assert capped.profile["reuseData"]["examples"] == 1024
     # without data the exit is checked but not measured: no offload section
     plain = _prepare(user, _request((ExitSpec("exit_0", HIDDEN),), data=False), tmp_path / "b")
     assert plain.variant("fp32").ready

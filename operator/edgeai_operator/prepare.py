@@ -902,7 +902,7 @@ def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path
     from edgeai_worker import graph
     from edgeai_worker.offload.declared import head_flops, profile_section, validation_tables
 
-    data = ctx.exit_data or ctx.data
+    data = _calibration_rows(ctx)
     assert data is not None
     assert data.labels is not None
     assert ctx.final_output
@@ -987,7 +987,7 @@ def _add_cascade_calibration(ctx: _Context, profile: dict[str, Any], path: Path)
     from edgeai_worker import graph
     from edgeai_worker.offload.gate import RULES, confidence
 
-    data = ctx.exit_data or ctx.data
+    data = _calibration_rows(ctx)
     assert data is not None
     assert data.labels is not None
     final = ctx.final_output
@@ -1040,6 +1040,19 @@ def _add_cascade_calibration(ctx: _Context, profile: dict[str, Any], path: Path)
     }
 
 
+# The profile carries a row per example its exits and small models are measured on (it
+# goes into the DNNModel's status): at most this many.
+CALIBRATION_ROWS = 2048
+
+
+def _calibration_rows(ctx: _Context) -> _Examples | None:
+    """The rows of `spec.data` the exits, the small models and reuse are calibrated
+    on: those no head was trained on (all without trained heads), the first
+    `CALIBRATION_ROWS`."""
+    data = ctx.exit_data or ctx.data
+    return None if data is None else _rows(data, slice(0, CALIBRATION_ROWS))
+
+
 # At most this many labelled examples are stored for the stages' reuse calibration.
 REUSE_DATA_ROWS = 1024
 NPZ_MEDIA_TYPE = "application/vnd.edgeai.labelled-data.npz"
@@ -1052,7 +1065,7 @@ def _store_reuse_data(
     of a DNNDeployment), stored beside the model's artefacts: the rows the exits are
     calibrated on (all of `spec.data` without trained heads), at most
     `REUSE_DATA_ROWS`, with the model's final output named; None without data."""
-    data = ctx.exit_data or ctx.data
+    data = _calibration_rows(ctx)
     if data is None or data.labels is None:
         return None
     rows = slice(0, REUSE_DATA_ROWS)
