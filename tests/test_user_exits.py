@@ -794,6 +794,60 @@ def test_a_cascade_from_a_users_small_models_is_measured_planned_and_served(
         _prepare(
             user, _request((), "plain.onnx", data=False, small=("small.onnx",)), tmp_path / "n"
         )
+    zoo = PrepareRequest(
+        source_uri="zoo://digits_cnn", inputs=(INPUT,), artifacts_uri="pvc://models/prepared",
+        small_models=(SourceRef("pvc://models/small.onnx"),),
+    )  # fmt: skip
+    with pytest.raises(SpecError, match=r"^spec.smallModels: zoo://digits_cnn brings its own"):
+        prepare(zoo, tmp_path / "zoo", pvc_root=user["root"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_prepared_copy_of_digits_cnn_runs_the_zoo_cascade_from_its_device_entry(
+    tmp_path: Path,
+) -> None:
+    """A DNNModel of zoo://digits_cnn is a prepared artefact, not the zoo model: its
+    plan says the calibration is the zoo's (`offload.calibration`), so its stages read
+    the prebuilt small models; with the device too slow to run a layer, the device
+    entry (stage -1) runs the cascade in front of the edge stage."""
+    from edgeai_operator.partitions import build_partitions, stage_settings
+    from edgeai_operator.plandoc import PlanDocument
+    from edgeai_operator.planning import plan_zones
+    from edgeai_worker.offload.build import validation_split
+
+    root = tmp_path / "claims"
+    (root / "models").mkdir(parents=True)
+    request = PrepareRequest(
+        source_uri="zoo://digits_cnn", inputs=(INPUT,), artifacts_uri="pvc://models/prepared",
+        model_name="mlp",
+    )  # fmt: skip
+    profiles = _profiles(prepare(request, tmp_path / "prepare", pvc_root=root))
+    nodes = [_node("phone", "device", 0.002, 0.8), _node("gateway", "edge", 50.0, None)]
+    spec = _deployment({"cascade": {"rule": "maxProb", "targetAccuracy": 0.95}})
+    plan = plan_zones(spec, profiles, nodes).plans["zone-a"]
+    assert plan.model.zoo is None  # the prepared artefact
+    assert plan.offload is not None
+    assert plan.offload.calibration == "digits_cnn"
+    assert PlanDocument.from_dict(plan.to_dict()) == plan
+    assert [s.tier for s in plan.stages] == ["edge"]
+    entry = stage_settings(
+        plan, -1, plan_path=tmp_path / "plan.yaml", workdir=tmp_path, host="127.0.0.1",
+        port=0, next_urls=["http://127.0.0.1:1"],
+    )  # fmt: skip
+    assert entry["partitions"] == []
+    assert entry["offload"]["cascadeModels"]
+    model = root / "models" / "prepared" / Path(plan.model.uri or "").name
+    work = tmp_path / "serve"
+    work.mkdir()
+    specs = build_partitions(plan.stages, plan.alternatives, model, work, adaptive=False)
+    _, _, x_ho, y_ho = validation_split()
+    answers, (accuracy,) = _served_locally(
+        plan, specs, work, model, x_ho, y_ho, ("edgeai_labelled_accuracy",)
+    )
+    which = {a["parameters"]["edgeai_exit"] for a in answers}
+    assert which == {"cascade", "final"}
+    assert accuracy >= 0.95
 
 
 def _served_locally(

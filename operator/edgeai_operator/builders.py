@@ -874,13 +874,13 @@ def build_children(
             first_remote,
             plan.model,
             fallback,
-            cascade_models=_cascade_models(plan, device_stage),
+            cascade_models=_cascade_models(plan),
         )
         children.append(device_daemonset(owner, w, opts, digest))
     return children
 
 
-def _cascade_models(plan: PlanDocument, stage: int) -> tuple[tuple[str, str], ...]:
+def _cascade_models(plan: PlanDocument) -> tuple[tuple[str, str], ...]:
     """(uri, digest) of the small models a user's model's device stage cascades from
     (also an entry that runs no layers: it runs the cascade)."""
     offload = plan.offload

@@ -288,7 +288,10 @@ def noise_trained_model(plan: PlanDocument, stage: int) -> Path | None:
 
 
 def _digits_only(plan: PlanDocument) -> None:
-    if plan.model.zoo != "digits_cnn":
+    """SpecError unless the plan serves the zoo's digits_cnn, as a zoo model or as a
+    prepared copy whose profile carried the zoo's calibration."""
+    calibrated = plan.offload is not None and plan.offload.calibration == "digits_cnn"
+    if plan.model.zoo != "digits_cnn" and not calibrated:
         raise SpecError(
             "spec.offload",
             f"cascades, exits and reuse are built and calibrated for the zoo's digits_cnn, "
@@ -582,5 +585,9 @@ def stage_settings(
         settings["splits"] = specs[stage].splits
         settings.update(offload_settings(plan, stage, workdir, source, reuse_data, cascade_models))
     else:
-        settings.update(offload_settings(plan, stage, workdir))
+        settings.update(
+            offload_settings(
+                plan, stage, workdir, reuse_data=reuse_data, cascade_models=cascade_models
+            )
+        )
     return settings

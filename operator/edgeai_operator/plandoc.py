@@ -232,6 +232,9 @@ class PlanOffload:
     # by its preparation) and the threshold calibrated for the target accuracy
     cascade_models: tuple[PlanArtefact, ...] = ()
     cascade_threshold: float | None = None
+    # "digits_cnn": the model is a prepared copy of the zoo's digits_cnn, whose stages
+    # read the zoo's prebuilt heads, small models and tables (its profile's calibration)
+    calibration: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
@@ -255,6 +258,8 @@ class PlanOffload:
                 doc["reuse"]["data"] = self.reuse_data.to_dict()
         if self.exit_shares:
             doc["exitShares"] = dict(self.exit_shares)
+        if self.calibration is not None:
+            doc["calibration"] = self.calibration
         return doc
 
     @classmethod
@@ -281,6 +286,7 @@ class PlanOffload:
             or cr.optional_text(cascade, "finalOutput"),
             cascade_models=cr.items(cascade, "models", _plan_artefact),
             cascade_threshold=cr.optional_number(cascade, "threshold"),
+            calibration=r.optional_text(data, "calibration"),
             reuse_data=_reuse_data(reuse, f"{field}.reuse") if reuse and "data" in reuse else None,
         )
 

@@ -1133,7 +1133,6 @@ def _prepare_variant(
             _add_cascade_calibration(ctx, profile, path)
     except SpecError:
         raise
-
     except GraphError as exc:
         if variant.kind == "fp32":  # the model itself: no variant of it can be planned
             raise UnsupportedGraph(str(exc)) from exc
@@ -1218,6 +1217,12 @@ def prepare(
     inputs = _tensors(_graph_inputs(model))
     outputs = _tensors(model.graph.output)
     zoo_digits = source.scheme == "zoo" and source.location == _DIGITS
+    if zoo_digits and request.small_models:
+        raise SpecError(
+            "spec.smallModels",
+            f"zoo://{_DIGITS} brings its own small models and calibration",
+            f"no spec.smallModels for zoo://{_DIGITS} (a cascade on it uses the zoo's)",
+        )
     trains = any(e.train for e in request.exits)
     if trains:
         _check_trainable(request, model)

@@ -654,6 +654,14 @@ def declared_exits(
     return exits, str(section["finalOutput"])
 
 
+def zoo_calibration(profiles: Sequence[Mapping[str, Any]]) -> str | None:
+    """ "digits_cnn" when the model's offload calibration is the zoo's prebuilt one (a
+    prepared copy of digits_cnn: its profile's cascade names no stored small models)."""
+    section = offload_section(profiles)
+    cascade = (section or {}).get("cascade")
+    return "digits_cnn" if cascade is not None and "models" not in cascade else None
+
+
 def cascade_models(
     spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]
 ) -> tuple[tuple[PlanArtefact, ...], float | None, str | None]:
@@ -787,6 +795,7 @@ def plan_document(
                 reuse_data(spec, profiles),
                 cascade[0],
                 cascade[1],
+                zoo_calibration(profiles),
             )
         ),
     )
