@@ -121,18 +121,11 @@ def _linear_model(
     [N, 1, 8, 8] digits."""
     pooling = [helper.make_node("AveragePool", ["input"], ["small"], kernel_shape=[2, 2],
                                 strides=[2, 2])] if pool else []  # fmt: skip
-    graph = helper.make_graph(
+    return _graph(
         [*pooling, helper.make_node("Flatten", ["small" if pool else "input"], ["flat"]),
          helper.make_node("Gemm", ["flat", "w", "b"], ["output"], transB=1)],
-        "small",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape or ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", len(bias)])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w"),
-         numpy_helper.from_array(bias.astype(np.float32), "b")],
+        [("output", len(bias))], {"w": weight, "b": bias}, input_shape,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def _request(
@@ -406,11 +399,16 @@ def test_declared_exits_are_measured_on_the_data_into_the_profile(
     assert "offload" not in (plain.variant("fp32").profile or {})
 
 
-def _graph(nodes: list[Any], outputs: list[tuple[str, int]], weights: dict[str, Any]) -> bytes:
+def _graph(
+    nodes: list[Any],
+    outputs: list[tuple[str, int]],
+    weights: dict[str, Any],
+    input_shape: list[Any] | None = None,
+) -> bytes:
     graph = helper.make_graph(
         nodes,
         "declared",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape or ["N", 1, 8, 8])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", k]) for n, k in outputs],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
     )

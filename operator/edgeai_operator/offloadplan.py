@@ -34,7 +34,7 @@ from edgeai_operator.planner.exits import Exit, solve_with_exits
 from edgeai_operator.planner.model import LayerGraph, Tensor, evaluate
 from edgeai_operator.planner.plan import Plan, describe
 from edgeai_operator.planner.solvers import Solution
-from edgeai_operator.problem import offload_section, solve
+from edgeai_operator.problem import offload_section, solve, zoo_calibration
 
 OFF_DEVICE_MS = 1e9  # the cascade's head anywhere but on the device: never chosen
 CASCADE = "cascade"
@@ -65,7 +65,7 @@ def check_offload(spec: DeploymentSpec, profiles: Sequence[Mapping[str, Any]]) -
             "zoo's digits_cnn",
         )
     cascade = (section or {}).get("cascade")
-    digits = cascade is not None and "models" not in cascade  # the zoo's calibration
+    digits = zoo_calibration(profiles) is not None
     stored = any(p.get("reuseData") for p in profiles)
     if offload.reuse_entries and prepared and not digits and not stored:
         raise SpecError(

@@ -559,15 +559,16 @@ def stage_settings(
         # checked even for the entry stage: no stage serves under a wrong artefact
         verified_model_file(plan, model_path)
     fallback = tier == "device" and plan.fallback == "device" and bool(next_urls)
-    if stage < 0 and not fallback:
+    if stage < 0:
         # an entry that runs no layers still runs the cascade (the small models first,
-        # the raw input forwarded on an escalation)
+        # the raw input forwarded on an escalation), with or without the fallback model
         settings.update(
             offload_settings(
                 plan, stage, workdir, reuse_data=reuse_data, cascade_models=cascade_models
             )
         )
-        return settings
+        if not fallback:
+            return settings
     source = model_path if model_path is not None else model_file(plan, plan_path)
     if fallback:
         # the whole model as it is: the device answers alone when the next stage cannot
@@ -584,10 +585,4 @@ def stage_settings(
         settings["partitions"] = [str(p) for p in specs[stage].partitions]
         settings["splits"] = specs[stage].splits
         settings.update(offload_settings(plan, stage, workdir, source, reuse_data, cascade_models))
-    else:
-        settings.update(
-            offload_settings(
-                plan, stage, workdir, reuse_data=reuse_data, cascade_models=cascade_models
-            )
-        )
     return settings

@@ -484,6 +484,21 @@ def _accuracy(
     return round(correct / seen, 4)
 
 
+def _outputs_on(
+    model: Path | bytes, names: Sequence[str] | None, examples: _Examples, fixed_batch: int | None
+) -> list[np.ndarray]:
+    """The model's outputs `names` (None: all, in its order) on the examples, run batch
+    by batch (`_batches`) and concatenated; empty when the examples fill no batch."""
+    session = _session(model)
+    runs = [
+        session.run(None if names is None else list(names), feed)
+        for feed in _batches(examples, fixed_batch)
+    ]
+    if not runs:
+        return []
+    return [np.concatenate([np.asarray(r[k]) for r in runs]) for k in range(len(runs[0]))]
+
+
 # ---------------------------------------------------------------------------
 # Builders for any ONNX model
 
@@ -769,7 +784,8 @@ def _check_trainable(request: PrepareRequest, model: onnx.ModelProto) -> None:
     """SpecError naming `spec.exits[i]` for a trained exit whose output the model
     already has or whose `after` it does not compute (before any data is fetched)."""
     graph = model.graph
-    tensors = {t for n in graph.node for t in n.output} | {o.name for o in graph.output}
+    produced = {t for n in graph.node for t in n.output}
+    tensors = produced | {o.name for o in graph.output}
     for index, declared in enumerate(request.exits):
         if not declared.train:
             continue
@@ -779,7 +795,7 @@ def _check_trainable(request: PrepareRequest, model: onnx.ModelProto) -> None:
                 f"{declared.output!r} already names a tensor of the model",
                 "with train: true, a new output name the trained head adds to the model",
             )
-        if declared.after not in {t for n in graph.node for t in n.output}:
+        if declared.after not in produced:
             raise SpecError(
                 f"spec.exits[{index}].after",
                 f"{declared.after!r} is not a tensor the model computes",
@@ -832,18 +848,15 @@ def _train_exits(
     afters = list(dict.fromkeys(e.after for e in wanted))
     names = [i.name for i in request.inputs]
     probe = Partitioner(model).extract(names, [final, *afters])
-    session = _session(probe.SerializeToString())
-    runs = [
-        session.run([final, *afters], feed)
-        for feed in _batches(train, _batch_size(model, names[0]))
-    ]
-    if not runs:
+    outputs = _outputs_on(
+        probe.SerializeToString(), [final, *afters], train, _batch_size(model, names[0])
+    )
+    if not outputs:
         raise SpecError(
             "spec.data.uri",
             f"its {len(train.inputs[names[0]])} training rows fill no batch of the model",
             "more labelled examples",
         )
-    outputs = [np.concatenate([r[k] for r in runs]) for k in range(1 + len(afters))]
     classes = int(outputs[0].reshape(len(outputs[0]), -1).shape[1])
     assert train.labels is not None
     labels = train.labels[: len(outputs[0])]
@@ -908,12 +921,8 @@ def _add_declared_calibration(ctx: _Context, profile: dict[str, Any], path: Path
     assert ctx.final_output
     exits = _declared(ctx.request)
     names = [ctx.final_output, *(e.output for e in exits)]
-    session = _session(path)
-    runs = [
-        session.run(names, feed)
-        for feed in _batches(data, _batch_size(ctx.model, ctx.request.inputs[0].name))
-    ]
-    outputs = {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+    batch = _batch_size(ctx.model, ctx.request.inputs[0].name)
+    outputs = dict(zip(names, _outputs_on(path, names, data, batch), strict=True))
     labels = data.labels[: len(outputs[ctx.final_output])]
     model = onnx.load(str(path))
     dag = graph.analyze(model, _shapes(ctx.request))
@@ -967,12 +976,8 @@ def _logits(
     path: Path, examples: _Examples, fixed_batch: int | None, output: str | None
 ) -> np.ndarray:
     """`output` (default: the first) on the examples, in batches, one row each."""
-    session = _session(path)
-    runs = [
-        np.asarray(session.run(None if output is None else [output], feed)[0])
-        for feed in _batches(examples, fixed_batch)
-    ]
-    logits = np.concatenate(runs) if runs else np.zeros((0, 0))
+    found = _outputs_on(path, None if output is None else [output], examples, fixed_batch)
+    logits = found[0] if found else np.zeros((0, 0))
     return logits.reshape(len(logits), -1)
 
 
@@ -994,14 +999,14 @@ def _add_cascade_calibration(ctx: _Context, profile: dict[str, Any], path: Path)
     batch = _batch_size(ctx.model, ctx.request.inputs[0].name)
     model_logits = _logits(path, data, batch, final)
     labels = data.labels[: len(model_logits)]
+    shapes = _shapes(ctx.request)
     small = []
+    flops = []
     for i, (small_path, _) in enumerate(ctx.small):
-        logits = _logits(
-            small_path,
-            data,
-            _batch_size(onnx.load(str(small_path)), ctx.request.inputs[0].name),
-            None,
-        )
+        small_model = onnx.load(str(small_path))
+        flops.append(int(sum(n.flops for n in graph.analyze(small_model, shapes).nodes)))
+        batch = _batch_size(small_model, ctx.request.inputs[0].name)
+        logits = _logits(small_path, data, batch, None)
         if logits.shape[1:] != model_logits.shape[1:] or len(logits) != len(model_logits):
             raise SpecError(
                 f"spec.smallModels[{i}].uri",
@@ -1031,13 +1036,7 @@ def _add_cascade_calibration(ctx: _Context, profile: dict[str, Any], path: Path)
             np.round(confidence(small[0], rule, second), 4).astype(float).tolist()
         )
     section["validation"].update(tables)
-    shapes = _shapes(ctx.request)
-    section["cascade"] = {
-        "flops": [
-            int(sum(n.flops for n in graph.analyze(onnx.load(str(p)), shapes).nodes))
-            for p, _ in ctx.small
-        ]
-    }
+    section["cascade"] = {"flops": flops}
 
 
 # The profile carries a row per example its exits and small models are measured on (it

@@ -655,8 +655,9 @@ def declared_exits(
 
 
 def zoo_calibration(profiles: Sequence[Mapping[str, Any]]) -> str | None:
-    """ "digits_cnn" when the model's offload calibration is the zoo's prebuilt one (a
-    prepared copy of digits_cnn: its profile's cascade names no stored small models)."""
+    """The zoo model whose prebuilt calibration the model's offload uses: digits_cnn for
+    a prepared copy of it (its profile's cascade names no stored small models); None
+    otherwise."""
     section = offload_section(profiles)
     cascade = (section or {}).get("cascade")
     return "digits_cnn" if cascade is not None and "models" not in cascade else None

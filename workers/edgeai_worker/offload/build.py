@@ -201,13 +201,8 @@ def export_exits(path: Path, *, progress: bool = True) -> Path:
 
 
 def _run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {zoo.INPUT_NAME: x}), strict=True))
+    """Every output of a digits model at `path` on the rows of `x`."""
+    return _outputs(path, zoo.INPUT_NAME, x)
 
 
 def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
